@@ -1,0 +1,30 @@
+# `make run` and `make test` are the two commands a newcomer needs; both set up .venv first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+CONFIG ?= config/heartbeatd.yaml
+
+.PHONY: run test lint clean
+
+$(STAMP): pyproject.toml twisted_plugins/heartbeatd_plugin.py
+	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "heartbeatd needs Python 3.10+"'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	# Write Twisted's dropin.cache now, so a later unprivileged run never has to.
+	$(BIN)/python -c 'from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/twistd --nodaemon --pidfile= heartbeatd --config $(CONFIG)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check heartbeatd tests twisted_plugins
+	$(BIN)/ruff format --check heartbeatd tests twisted_plugins
+
+clean:
+	rm -rf $(VENV) build dist .pytest_cache .hypothesis

@@ -1,0 +1,142 @@
+"""Dispatch: the registry that maps message types to handlers, and the built-in handlers.
+
+A handler is ``handler(request) -> result``.  The result may be a plain value, a Deferred or a
+coroutine; it becomes the reply's ``data``.  Return `Reply` to answer with another type (as
+``ping`` answers ``pong``), `NO_REPLY` to stay silent, or raise `HandlerError` for a typed
+error frame.  Any other exception is an ``internal_error`` on the wire and a traceback in the
+log.  Applications add types without forking heartbeatd: a module named in ``handlers:``
+defines ``register(registry)``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterable
+from inspect import iscoroutine
+from typing import TYPE_CHECKING, Any, Final
+
+from twisted.internet.defer import Deferred
+
+from heartbeatd.envelope import OMIT
+
+if TYPE_CHECKING:
+    from heartbeatd.protocol import ServerProtocol
+
+__all__ = [
+    "NO_REPLY",
+    "HandlerError",
+    "HandlerRegistry",
+    "Reply",
+    "Request",
+    "call_handler",
+    "default_registry",
+]
+
+
+class _NoReply:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NO_REPLY"
+
+
+#: Return this from a handler to send nothing back (a notification).
+NO_REPLY: Final = _NoReply()
+
+
+class Reply:
+    """A handler result that answers with its own ``type`` (and optional ``data``)."""
+
+    __slots__ = ("data", "type")
+
+    def __init__(self, type: str, data: Any = OMIT) -> None:
+        self.type = type
+        self.data = data
+
+
+class HandlerError(Exception):
+    """Raise from a handler to send ``{"type": "error", "error": {code, message}}``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Request:
+    """One incoming message, as a handler sees it."""
+
+    __slots__ = ("data", "id", "session", "type")
+
+    def __init__(self, type: str, id: str | int | None, data: Any, session: ServerProtocol):
+        self.type = type
+        self.id = id
+        self.data = data
+        #: The client's connection: ``session_id``, ``peer``, ``send()``, ``factory``.
+        self.session = session
+
+
+Handler = Callable[[Request], Any]
+
+
+class HandlerRegistry:
+    """Message type -> handler."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[str, Handler] = {}
+
+    def add(self, type: str, handler: Handler, *, replace: bool = False) -> None:
+        if not isinstance(type, str) or not type:
+            raise ValueError("a message type is a non-empty string")
+        if type in self._handlers and not replace:
+            raise ValueError(f"a handler for {type!r} is already registered")
+        self._handlers[type] = handler
+
+    def handler(self, type: str) -> Callable[[Handler], Handler]:
+        """Decorator form of `add`."""
+
+        def decorate(fn: Handler) -> Handler:
+            self.add(type, fn)
+            return fn
+
+        return decorate
+
+    def get(self, type: str) -> Handler | None:
+        return self._handlers.get(type)
+
+    def types(self) -> list[str]:
+        return sorted(self._handlers)
+
+    def load_module(self, name: str) -> None:
+        """Import ``name`` and call its ``register(registry)``."""
+        module = importlib.import_module(name)
+        register = getattr(module, "register", None)
+        if not callable(register):
+            raise LookupError(f"module {name!r} has no register(registry) function")
+        register(self)
+
+
+def call_handler(handler: Handler, request: Request) -> Any:
+    """Run a handler; a coroutine result is wrapped in a Deferred, anything else returned."""
+    result = handler(request)
+    if iscoroutine(result):
+        return Deferred.fromCoroutine(result)
+    return result
+
+
+def _ping(request: Request) -> Reply:
+    return Reply("pong")
+
+
+def _echo(request: Request) -> Any:
+    return request.data
+
+
+def default_registry(modules: Iterable[str] = ()) -> HandlerRegistry:
+    """The built-in handlers (``ping``, ``echo``) plus those of each module in ``modules``."""
+    registry = HandlerRegistry()
+    registry.add("ping", _ping)
+    registry.add("echo", _echo)
+    for name in modules:
+        registry.load_module(name)
+    return registry

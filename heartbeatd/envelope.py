@@ -1,0 +1,142 @@
+"""The JSON envelope every frame body carries, and its error codes (sans-IO, no Twisted).
+
+An envelope is ``{"type": str, "id": str | int (optional), "data": any (optional)}``.  Replies
+carry the request's ``type`` and ``id``; errors are ``{"type": "error", "id": ..., "error":
+{"code": ..., "message": ...}}``.  Unknown extra keys are ignored, so later versions can add
+fields without breaking older peers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+try:  # orjson is several times faster; PyPy has no build of it, so fall back to the stdlib.
+    import orjson
+
+    _dumps = orjson.dumps
+    _loads = orjson.loads
+    JSON_BACKEND: Final = "orjson"
+except ImportError:  # pragma: no cover - exercised only where orjson is missing
+    import json
+
+    def _reject_constant(name: str) -> Any:
+        raise ValueError(f"{name} is not valid JSON")
+
+    def _dumps(obj: Any) -> bytes:
+        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+    def _loads(body: bytes) -> Any:
+        return json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+
+    JSON_BACKEND: Final = "json"  # type: ignore[misc]
+
+__all__ = [
+    "BAD_FRAME",
+    "BAD_JSON",
+    "BAD_MESSAGE",
+    "FRAME_TOO_LARGE",
+    "INTERNAL_ERROR",
+    "JSON_BACKEND",
+    "OMIT",
+    "TOO_MANY_CONNECTIONS",
+    "UNKNOWN_TYPE",
+    "Message",
+    "ProtocolError",
+    "decode_json",
+    "decode_message",
+    "encode_error",
+    "encode_json",
+    "encode_message",
+]
+
+# Error codes that appear in ``error.code`` on the wire (documented in docs/protocol.md).
+BAD_JSON: Final = "bad_json"
+BAD_MESSAGE: Final = "bad_message"
+UNKNOWN_TYPE: Final = "unknown_type"
+FRAME_TOO_LARGE: Final = "frame_too_large"
+BAD_FRAME: Final = "bad_frame"
+INTERNAL_ERROR: Final = "internal_error"
+TOO_MANY_CONNECTIONS: Final = "too_many_connections"
+
+#: Pass as ``data`` to leave the key out of an envelope entirely.
+OMIT: Final = object()
+
+
+class ProtocolError(Exception):
+    """A message that cannot be handled; becomes an error frame carrying ``code``."""
+
+    def __init__(self, code: str, message: str, id: str | int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.id = id
+
+
+class Message:
+    """One decoded envelope."""
+
+    __slots__ = ("data", "id", "type")
+
+    def __init__(self, type: str, id: str | int | None = None, data: Any = None) -> None:
+        self.type = type
+        self.id = id
+        self.data = data
+
+    def __repr__(self) -> str:
+        return f"Message(type={self.type!r}, id={self.id!r}, data={self.data!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Message):
+            return NotImplemented
+        return (self.type, self.id, self.data) == (other.type, other.id, other.data)
+
+
+def encode_json(value: Any) -> bytes:
+    """Serialise any JSON value to UTF-8 bytes."""
+    return _dumps(value)
+
+
+def decode_json(body: bytes) -> Any:
+    """Parse a UTF-8 JSON body; raise `ProtocolError` (``bad_json``) when it is not JSON."""
+    try:
+        return _loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ProtocolError(BAD_JSON, f"body is not valid UTF-8 JSON: {e}") from None
+
+
+def _valid_id(value: Any) -> bool:
+    # bool is an int subclass, but true/false are not usable request ids.
+    return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
+
+
+def as_message(value: Any) -> Message:
+    """Check that a parsed JSON value is an envelope; raise ``bad_message`` if not."""
+    if not isinstance(value, dict):
+        raise ProtocolError(BAD_MESSAGE, f"expected a JSON object, got {type(value).__name__}")
+    id = value.get("id")
+    if id is not None and not _valid_id(id):
+        raise ProtocolError(BAD_MESSAGE, "'id' must be a string or an integer")
+    type_ = value.get("type")
+    if not isinstance(type_, str) or not type_:
+        raise ProtocolError(BAD_MESSAGE, "'type' must be a non-empty string", id)
+    return Message(type_, id, value.get("data"))
+
+
+def decode_message(body: bytes) -> Message:
+    """Decode one frame body into a `Message`, or raise `ProtocolError`."""
+    return as_message(decode_json(body))
+
+
+def encode_message(type: str, data: Any = OMIT, id: str | int | None = None) -> bytes:
+    """Encode an envelope; ``data`` is omitted when not given, ``id`` when None."""
+    envelope: dict[str, Any] = {"type": type}
+    if id is not None:
+        envelope["id"] = id
+    if data is not OMIT:
+        envelope["data"] = data
+    return _dumps(envelope)
+
+
+def encode_error(code: str, message: str, id: str | int | None = None) -> bytes:
+    """Encode an error envelope; ``id`` is null when the request's id is unknown."""
+    return _dumps({"type": "error", "id": id, "error": {"code": code, "message": message}})

@@ -1,0 +1,241 @@
+"""The server factory: the registry of connected clients, their heartbeat, push and limits.
+
+The factory owns everything that spans connections: the session registry (kept in last-seen
+order for the heartbeat sweep), the `HeartbeatMonitor`, counters, and the connection limit.
+Protocols stay thin and ask the factory for time (`now`), which makes the whole server run on
+an injected clock in tests.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections import Counter, OrderedDict, deque
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
+
+from heartbeatd._version import __version__
+from heartbeatd.config import Config
+from heartbeatd.dispatch import HandlerRegistry, default_registry
+from heartbeatd.envelope import TOO_MANY_CONNECTIONS, encode_error, encode_message
+from heartbeatd.framing import get_framing
+from heartbeatd.heartbeat import HeartbeatMonitor
+from heartbeatd.logs import get_logger
+from heartbeatd.protocol import RefusedProtocol, ServerProtocol
+
+__all__ = ["EvictionRecord", "ServerFactory"]
+
+log = get_logger(__name__)
+
+#: Reasons a close is logged at info level (the client or the operator chose it).
+_ROUTINE_CLOSES = frozenset({"shutdown"})
+
+
+class EvictionRecord:
+    """Why and in what state a client was dropped, kept for operators (`recent_closes`)."""
+
+    __slots__ = ("at", "detail", "last_rtt", "peer", "pings_unanswered", "reason", "session_id")
+
+    def __init__(self, client: ServerProtocol, reason: str, detail: str, at: float) -> None:
+        self.session_id = client.session_id
+        self.peer = client.peer
+        self.reason = reason
+        self.detail = detail
+        self.at = at
+        self.last_rtt = client.last_rtt
+        self.pings_unanswered = client.pings_unanswered
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+def _resolve_clock(clock: IReactorTime | None) -> IReactorTime:
+    if clock is not None:
+        return clock
+    from twisted.internet import reactor  # resolved late: twistd may install another reactor
+
+    return reactor  # type: ignore[return-value]
+
+
+class ServerFactory(Factory):
+    """Builds `ServerProtocol`s, tracks them by session id and runs their heartbeat."""
+
+    protocol = ServerProtocol
+    #: How many close records `recent_closes` keeps.
+    RECENT_CLOSES = 256
+
+    def __init__(
+        self,
+        config: Config,
+        registry: HandlerRegistry | None = None,
+        clock: IReactorTime | None = None,
+    ) -> None:
+        self.config = config
+        self.clock = _resolve_clock(clock)
+        self.framing = get_framing(config.framing)
+        self.registry = registry if registry is not None else default_registry(config.handlers)
+        #: session id -> connection, least recently heard first.
+        self.clients: OrderedDict[str, ServerProtocol] = OrderedDict()
+        self.max_connections = config.effective_max_connections()
+        self.accepted = 0
+        self.refused = 0
+        self.closes: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
+        self.recent_closes: deque[EvictionRecord] = deque(maxlen=self.RECENT_CLOSES)
+        self._empty_waiters: list[Deferred[None]] = []
+        hb = config.heartbeat
+        self.heartbeat = HeartbeatMonitor(
+            self.clients, self.clock, hb.interval, hb.timeout, self.ping_frame, hb.sweep_batch
+        )
+
+    # -- time ---------------------------------------------------------------------------------
+
+    def now(self) -> float:
+        """The alive clock used for last-seen times (stalls excluded)."""
+        return self.clock.seconds() - self.heartbeat.stalled
+
+    # -- Factory hooks ------------------------------------------------------------------------
+
+    def startFactory(self) -> None:
+        self.heartbeat.start()
+
+    def stopFactory(self) -> None:
+        self.heartbeat.stop()
+
+    def buildProtocol(self, addr: IAddress) -> Protocol:
+        if len(self.clients) >= self.max_connections:
+            self.refused += 1
+            log.warn(
+                "Refused a connection from {peer}: {count} clients connected "
+                "(limits.max_connections is {limit})",
+                peer=addr,
+                count=len(self.clients),
+                limit=self.max_connections,
+            )
+            body = encode_error(
+                TOO_MANY_CONNECTIONS,
+                f"the server holds its maximum of {self.max_connections} connections",
+            )
+            refused = RefusedProtocol(self.framing.encode(body))
+            refused.factory = self
+            return refused
+        return super().buildProtocol(addr)
+
+    # -- the registry -------------------------------------------------------------------------
+
+    @staticmethod
+    def new_session_id() -> str:
+        return secrets.token_hex(8)
+
+    def hello_body(self, session_id: str) -> bytes:
+        hb = self.heartbeat
+        return encode_message(
+            "hello",
+            {
+                "server": self.config.name,
+                "version": __version__,
+                "session": session_id,
+                "framing": self.framing.name,
+                "heartbeat": {"interval": hb.interval, "timeout": hb.timeout},
+                "max_frame_bytes": self.config.max_frame_bytes,
+            },
+        )
+
+    def ping_frame(self, sequence: int) -> bytes:
+        """The heartbeat a sweep sends: the framing's bare token, or a ping envelope."""
+        token = self.framing.heartbeat_token
+        if token is not None:
+            return token
+        return self.framing.encode(encode_message("ping", id=f"hb-{sequence}"))
+
+    def client_connected(self, client: ServerProtocol) -> None:
+        self.clients[client.session_id] = client
+        self.accepted += 1
+        log.debug(
+            "Client {session} connected from {peer}", session=client.session_id, peer=client.peer
+        )
+
+    def touch(self, client: ServerProtocol) -> None:
+        """Mark a client as just heard from (keeps `clients` in last-seen order)."""
+        self.clients.move_to_end(client.session_id)
+
+    def client_closing(self, client: ServerProtocol, reason: str, detail: str) -> None:
+        """Record and log why the server is closing a client."""
+        self.closes[reason] += 1
+        record = EvictionRecord(client, reason, detail, self.clock.seconds())
+        self.recent_closes.append(record)
+        emit = log.info if reason in _ROUTINE_CLOSES else log.warn
+        emit(
+            "Closing client {session} ({peer}): {reason}{sep}{detail}; silent {silent:.1f}s, "
+            "last ping round trip {rtt}, unanswered pings {missed}",
+            session=client.session_id,
+            peer=client.peer,
+            reason=reason,
+            sep=": " if detail else "",
+            detail=detail,
+            silent=self.now() - client.last_seen,
+            rtt="n/a" if client.last_rtt is None else f"{client.last_rtt * 1000:.1f}ms",
+            missed=client.pings_unanswered,
+        )
+
+    def client_disconnected(self, client: ServerProtocol, reason: Failure | None) -> None:
+        if self.clients.pop(client.session_id, None) is None:
+            return
+        log.debug(
+            "Client {session} ({peer}) disconnected: {why}",
+            session=client.session_id,
+            peer=client.peer,
+            why=client.close_reason or (reason.getErrorMessage() if reason else "closed"),
+        )
+        if not self.clients and self._empty_waiters:
+            waiters, self._empty_waiters = self._empty_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def count_error(self, code: str) -> None:
+        self.errors[code] += 1
+
+    # -- push ---------------------------------------------------------------------------------
+
+    def send(self, session_id: str, type: str, data: Any = None) -> bool:
+        """Push a message to one client; False when no such client is connected."""
+        client = self.clients.get(session_id)
+        if client is None:
+            return False
+        client.send(type, data)
+        return True
+
+    def broadcast(self, type: str, data: Any = None) -> int:
+        """Push a message to every client, encoding the frame once; returns the count."""
+        frame = self.framing.encode(encode_message(type, data))
+        clients = list(self.clients.values())
+        for client in clients:
+            client.write_frame(frame)
+        return len(clients)
+
+    # -- shutdown -----------------------------------------------------------------------------
+
+    def when_empty(self) -> Deferred[None]:
+        """A Deferred that fires once no client is connected."""
+        if not self.clients:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._empty_waiters.append(waiter)
+        return waiter
+
+    def close_all(self, timeout: float) -> Deferred[None]:
+        """Close every client politely; abort those still open after ``timeout`` seconds."""
+        for client in list(self.clients.values()):
+            client.close("shutdown", "the server is shutting down")
+        done = self.when_empty()
+        if self.clients:
+            force = self.clock.callLater(timeout, self._abort_all)
+            done.addBoth(lambda result: (force.cancel() if force.active() else None, result)[1])
+        return done
+
+    def _abort_all(self) -> None:
+        for client in list(self.clients.values()):
+            client.transport.abortConnection()

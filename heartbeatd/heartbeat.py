@@ -1,0 +1,194 @@
+"""The heartbeat sweep: ping quiet clients, evict silent ones, never blame clients for our stalls.
+
+Cost model, so the sweep holds at 100k connections:
+
+* Clients live in an insertion-ordered dict that each read moves to the end, so the dict is
+  ordered by last-seen time.  A sweep walks it from the front and stops at the first client
+  heard within the interval: it touches only clients that are due, never the busy ones.
+* The due clients are then handled ``sweep_batch`` at a time, yielding to the reactor between
+  batches (``callLater(0)``), so even 100k due clients do not block I/O for long.
+* The ping frame is encoded once per sweep and shared by every client.
+
+Stalls: when the reactor was blocked (a slow handler, swapping, a paused VM), the sweep runs
+late, and the frames clients sent meanwhile are still unread in the sockets, because a
+reactor runs due timers before it polls for I/O.  Evicting then would punish healthy clients
+for the daemon's own stall (socket.io, autobahn and Netty users report exactly this).  So
+silence is measured on an *alive clock* that stops during stalls: every detected stall is
+added to `stalled` and subtracted from the reactor's time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Protocol
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.python.failure import Failure
+
+from heartbeatd.logs import get_logger
+
+__all__ = ["HeartbeatMonitor", "Watched"]
+
+log = get_logger(__name__)
+
+
+class Watched(Protocol):
+    """What the sweep needs of a connection (`heartbeatd.protocol.ServerProtocol` is one)."""
+
+    last_seen: float
+    pings_unanswered: int
+    connected: bool
+    close_reason: str | None
+
+    def send_heartbeat(self, frame: bytes, now: float) -> None: ...
+
+    def evict(self, reason: str, detail: str = "") -> None: ...
+
+
+class HeartbeatMonitor:
+    """Runs the sweep from a `LoopingCall` on an injected clock."""
+
+    #: A sweep later than this fraction of the interval (and at least `MIN_STALL` s) is a stall.
+    STALL_FRACTION = 0.1
+    MIN_STALL = 0.05
+
+    def __init__(
+        self,
+        clients: Mapping[str, Watched],
+        clock: IReactorTime,
+        interval: float,
+        timeout: float,
+        ping_frame: Callable[[int], bytes],
+        batch: int = 1000,
+    ) -> None:
+        self._clients = clients
+        self._clock = clock
+        self.interval = interval
+        self.timeout = timeout
+        self.batch = batch
+        self._ping_frame = ping_frame
+        self._loop: LoopingCall | None = None
+        self._last_due = 0.0
+        self._sequence = 0
+        #: Seconds of detected reactor stall, excluded from every client's silence.
+        self.stalled = 0.0
+        self.stalls = 0
+        self.sweeps = 0
+        self.pings_sent = 0
+        self.evicted = 0
+        #: Reactor seconds the last sweep spent in its batches, and how many clients were due.
+        self.last_sweep_busy = 0.0
+        self.last_sweep_due = 0
+
+    def now(self) -> float:
+        """The alive clock: reactor time minus every stall detected so far."""
+        return self._clock.seconds() - self.stalled
+
+    @property
+    def running(self) -> bool:
+        return self._loop is not None and self._loop.running
+
+    def start(self) -> None:
+        if self.running:
+            return
+        loop = LoopingCall.withCount(self._sweep)
+        loop.clock = self._clock
+        self._loop = loop
+        self._last_due = self._clock.seconds()
+        loop.start(self.interval, now=False).addErrback(self._loop_died)
+
+    def stop(self) -> None:
+        if self.running:
+            assert self._loop is not None
+            self._loop.stop()
+        self._loop = None
+
+    def reconfigure(self, interval: float, timeout: float) -> None:
+        """Apply a new interval/timeout to the running sweep (live reload)."""
+        self.timeout = timeout
+        if interval != self.interval:
+            self.interval = interval
+            if self.running:
+                self.stop()
+                self.start()
+
+    def _loop_died(self, failure: Failure) -> None:
+        log.failure("The heartbeat loop stopped unexpectedly", failure)
+
+    # -- the sweep --------------------------------------------------------------------------
+
+    def _sweep(self, count: int) -> Deferred[None] | None:
+        # Must never raise: an exception would stop the LoopingCall for good.
+        try:
+            self._note_lateness(count)
+            return self._start_sweep()
+        except Exception:
+            log.failure("Heartbeat sweep failed; it will run again next interval")
+            return None
+
+    def _note_lateness(self, count: int) -> None:
+        real_now = self._clock.seconds()
+        lateness = real_now - (self._last_due + self.interval)
+        self._last_due += count * self.interval
+        if lateness > max(self.MIN_STALL, self.STALL_FRACTION * self.interval):
+            self.stalled += lateness
+            self.stalls += 1
+            log.warn(
+                "Reactor stalled: heartbeat sweep ran {lateness:.3f}s late; client deadlines "
+                "extended by the same amount",
+                lateness=lateness,
+            )
+
+    def _start_sweep(self) -> Deferred[None] | None:
+        self.sweeps += 1
+        cutoff = self.now() - self.interval
+        due: list[Watched] = []
+        for client in self._clients.values():  # oldest first: stop at the first fresh one
+            if client.last_seen > cutoff:
+                break
+            due.append(client)
+        self.last_sweep_due = len(due)
+        self.last_sweep_busy = 0.0
+        if not due:
+            return None
+        self._sequence += 1
+        frame = self._ping_frame(self._sequence)
+        done: Deferred[None] = Deferred()
+        self._run_batch(due, 0, frame, done)
+        return done
+
+    def _run_batch(
+        self, due: list[Watched], start: int, frame: bytes, done: Deferred[None]
+    ) -> None:
+        clock = self._clock
+        began = clock.seconds()
+        now = self.now()
+        cutoff = now - self.interval
+        timeout = self.timeout
+        end = min(start + self.batch, len(due))
+        for client in due[start:end]:
+            if not client.connected or client.close_reason is not None:
+                continue
+            if client.last_seen > cutoff:
+                continue  # heard from while earlier batches ran
+            silent = now - client.last_seen
+            try:
+                if silent > timeout and client.pings_unanswered > 0:
+                    self.evicted += 1
+                    client.evict(
+                        "heartbeat_timeout",
+                        f"silent for {silent:.1f}s (timeout {timeout:g}s), "
+                        f"{client.pings_unanswered} ping(s) unanswered",
+                    )
+                else:
+                    self.pings_sent += 1
+                    client.send_heartbeat(frame, began)
+            except Exception:
+                log.failure("Heartbeat of one client failed; the sweep goes on")
+        self.last_sweep_busy += clock.seconds() - began
+        if end < len(due):
+            clock.callLater(0, self._run_batch, due, end, frame, done)
+        else:
+            done.callback(None)

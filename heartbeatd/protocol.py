@@ -1,0 +1,363 @@
+"""The server protocol: a thin adapter from a transport's bytes to the codec and the handlers.
+
+Framing and envelopes are sans-IO (`heartbeatd.framing`, `heartbeatd.envelope`); clients'
+bookkeeping lives in the factory.  What this class adds is what only a connection can do:
+
+* reply in request order, even when a later request finishes first (`_pending` slots);
+* write all replies produced by one read with a single ``writeSequence``;
+* backpressure: stop reading from a peer that does not read our replies, or that has too many
+  requests in flight, and close it (``slow_consumer``) once more than
+  ``limits.max_outbound_buffer_bytes`` wait for it, so no peer can grow our memory unbounded.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IAddress
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+
+from heartbeatd import envelope
+from heartbeatd.dispatch import NO_REPLY, HandlerError, Reply, Request, call_handler
+from heartbeatd.envelope import ProtocolError, decode_message, encode_error, encode_message
+from heartbeatd.framing import HEARTBEAT, FrameDecoder
+from heartbeatd.logs import get_logger
+from heartbeatd.sockopts import configure_socket
+
+if TYPE_CHECKING:
+    from heartbeatd.factory import ServerFactory
+
+__all__ = ["RefusedProtocol", "ServerProtocol", "format_address"]
+
+log = get_logger(__name__)
+
+#: Types a client sends that answer *us*; they are never dispatched to handlers.
+_PONG = "pong"
+_ERROR = "error"
+
+
+def format_address(address: IAddress) -> str:
+    """``host:port`` for IP addresses, ``unix:path`` for UNIX sockets, else the repr."""
+    host = getattr(address, "host", None)
+    port = getattr(address, "port", None)
+    if host is not None and port is not None:
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    name = getattr(address, "name", None)
+    if name is not None:
+        return f"unix:{name.decode() if isinstance(name, bytes) else name}"
+    return str(address)
+
+
+class _Slot:
+    """A reply position; ``frame`` is None until the handler finishes."""
+
+    __slots__ = ("frame",)
+
+    def __init__(self, frame: bytes | None = None) -> None:
+        self.frame = frame
+
+
+class ServerProtocol(Protocol):
+    """One client connection of the daemon."""
+
+    factory: ServerFactory
+
+    def __init__(self) -> None:
+        self.session_id = ""
+        self.peer = ""
+        self.connected = False
+        self.connected_at = 0.0
+        #: Alive-clock time of the last byte received (see `HeartbeatMonitor.now`).
+        self.last_seen = 0.0
+        self.frames_in = 0
+        self.frames_out = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        #: Heartbeat bookkeeping: pings sent since the peer was last heard, and round trips.
+        self.pings_unanswered = 0
+        self.ping_sent_at: float | None = None
+        self.last_rtt: float | None = None
+        self.close_reason: str | None = None
+        self._decoder: FrameDecoder | None = None
+        self._pending: deque[_Slot] = deque()
+        self._batch: list[bytes] | None = None
+        self._write_paused = False
+        self._unsent_bytes = 0
+        self._reading_paused = False
+        self._registered = False
+
+    # -- connection lifecycle -------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        factory = self.factory
+        config = factory.config
+        self.connected = True
+        self.session_id = factory.new_session_id()
+        self.peer = format_address(self.transport.getPeer())
+        self.connected_at = factory.clock.seconds()
+        self.last_seen = factory.now()
+        self._decoder = factory.framing.decoder(config.max_frame_bytes)
+        self._encode = factory.framing.encode
+        self.transport.registerProducer(self, True)
+        self._registered = True
+        configure_socket(self.transport, config.tcp)
+        factory.client_connected(self)
+        self.write_frame(factory.hello_body(self.session_id), encoded=False)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.connected = False
+        self._pending.clear()
+        self.factory.client_disconnected(self, reason)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        factory = self.factory
+        self.bytes_in += len(data)
+        self.last_seen = factory.now()
+        self.pings_unanswered = 0
+        factory.touch(self)
+        decoder = self._decoder
+        assert decoder is not None
+        items = decoder.feed(data)
+        batch: list[bytes] = []
+        self._batch = batch
+        try:
+            for item in items:
+                self._handle_item(item)
+            error = decoder.error
+            if error is not None:
+                self._emit(encode_error(error.code, str(error)))
+        finally:
+            self._batch = None
+        if batch:
+            self._write_many(batch)
+        if decoder.error is not None:
+            self.close(decoder.error.code, str(decoder.error))
+
+    def _handle_item(self, item: bytes | object) -> None:
+        if item is HEARTBEAT:
+            return  # a bare heartbeat token: a sign of life and nothing more
+        self.frames_in += 1
+        try:
+            message = decode_message(item)  # type: ignore[arg-type]
+        except ProtocolError as e:
+            self.factory.count_error(e.code)
+            self._emit(encode_error(e.code, e.message, e.id))
+            return
+        self._dispatch(message)
+
+    def _dispatch(self, message: envelope.Message) -> None:
+        type_ = message.type
+        if type_ == _PONG:
+            if self.ping_sent_at is not None:
+                self.last_rtt = self.factory.clock.seconds() - self.ping_sent_at
+                self.ping_sent_at = None
+            return
+        if type_ == _ERROR:
+            log.debug(
+                "Client {session} ({peer}) reported an error: {data!r}",
+                session=self.session_id,
+                peer=self.peer,
+                data=message.data,
+            )
+            return
+        handler = self.factory.registry.get(type_)
+        if handler is None:
+            self.factory.count_error(envelope.UNKNOWN_TYPE)
+            self._emit(
+                encode_error(envelope.UNKNOWN_TYPE, f"no handler for type {type_!r}", message.id)
+            )
+            return
+        try:
+            result = call_handler(handler, Request(type_, message.id, message.data, self))
+        except Exception:
+            self._emit(self._error_frame(Failure(), message))
+            return
+        if isinstance(result, Deferred):
+            slot = _Slot()
+            self._pending.append(slot)
+            result.addCallbacks(
+                self._async_reply,
+                self._async_error,
+                callbackArgs=(slot, message),
+                errbackArgs=(slot, message),
+            )
+            if len(self._pending) >= self.factory.config.limits.max_pending_requests:
+                self._pause_reading()
+        else:
+            frame = self._reply_frame(message, result)
+            if frame is not None:
+                self._emit(frame)
+
+    # -- building replies -------------------------------------------------------------------
+
+    def _reply_frame(self, message: envelope.Message, result: Any) -> bytes | None:
+        if result is NO_REPLY:
+            return None
+        try:
+            if isinstance(result, Reply):
+                return encode_message(result.type, result.data, message.id)
+            return encode_message(message.type, result, message.id)
+        except Exception:
+            return self._error_frame(Failure(), message)
+
+    def _error_frame(self, failure: Failure, message: envelope.Message) -> bytes:
+        if failure.check(HandlerError):
+            error: HandlerError = failure.value  # type: ignore[assignment]
+            self.factory.count_error(error.code)
+            return encode_error(error.code, error.message, message.id)
+        self.factory.count_error(envelope.INTERNAL_ERROR)
+        log.failure(
+            "Handler for {type!r} failed (client {session}, {peer})",
+            failure,
+            type=message.type,
+            session=self.session_id,
+            peer=self.peer,
+        )
+        return encode_error(envelope.INTERNAL_ERROR, "the handler failed", message.id)
+
+    def _async_reply(self, result: Any, slot: _Slot, message: envelope.Message) -> None:
+        frame = self._reply_frame(message, result)
+        slot.frame = frame if frame is not None else b""
+        self._flush_pending()
+
+    def _async_error(self, failure: Failure, slot: _Slot, message: envelope.Message) -> None:
+        slot.frame = self._error_frame(failure, message)
+        self._flush_pending()
+
+    def _flush_pending(self) -> None:
+        """Send every finished reply at the head of the queue, keeping request order."""
+        if not self.connected:
+            return
+        pending = self._pending
+        ready: list[bytes] = []
+        while pending and pending[0].frame is not None:
+            frame = pending.popleft().frame
+            if frame:
+                ready.append(self._encode(frame))
+        if self._reading_paused and len(pending) < self.factory.config.limits.max_pending_requests:
+            self._resume_reading()
+        if not ready:
+            return
+        if self._batch is not None:
+            self._batch.extend(ready)
+        else:
+            self._write_many(ready)
+
+    def _emit(self, body: bytes) -> None:
+        """Queue a reply body behind any reply still being computed."""
+        if self._pending:
+            self._pending.append(_Slot(body))
+        elif self._batch is not None:
+            self._batch.append(self._encode(body))
+        else:
+            self._write_many([self._encode(body)])
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def send(self, type: str, data: Any = envelope.OMIT) -> None:
+        """Push a message to this client, outside any request/reply order."""
+        self.write_frame(encode_message(type, data), encoded=False)
+
+    def write_frame(self, frame: bytes, *, encoded: bool = True) -> None:
+        """Write one frame (``encoded=False``: a body still to be framed)."""
+        if not self.connected:
+            return
+        self._write_many([frame if encoded else self._encode(frame)])
+
+    def _write_many(self, frames: list[bytes]) -> None:
+        if len(frames) == 1:
+            size = len(frames[0])
+            self.transport.write(frames[0])
+        else:
+            size = sum(map(len, frames))
+            self.transport.writeSequence(frames)
+        self.frames_out += len(frames)
+        self.bytes_out += size
+        if self._write_paused:
+            self._unsent_bytes += size
+            limit = self.factory.config.limits.max_outbound_buffer_bytes
+            if self._unsent_bytes > limit and self.connected:
+                self.evict(
+                    "slow_consumer",
+                    f"more than {limit} bytes are waiting for the client to read them",
+                )
+
+    # -- IPushProducer: the transport tells us when its write buffer is full --------------
+
+    def pauseProducing(self) -> None:
+        self._write_paused = True
+        self._unsent_bytes = 0
+        self._pause_reading()
+
+    def resumeProducing(self) -> None:
+        self._write_paused = False
+        self._unsent_bytes = 0
+        if len(self._pending) < self.factory.config.limits.max_pending_requests:
+            self._resume_reading()
+
+    def stopProducing(self) -> None:
+        pass  # connectionLost follows and does the cleanup
+
+    def _pause_reading(self) -> None:
+        if not self._reading_paused and self.connected and self.close_reason is None:
+            self._reading_paused = True
+            self.transport.pauseProducing()
+
+    def _resume_reading(self) -> None:
+        if (
+            self._reading_paused
+            and not self._write_paused
+            and self.connected
+            and self.close_reason is None
+        ):
+            self._reading_paused = False
+            self.transport.resumeProducing()
+
+    # -- closing -----------------------------------------------------------------------------
+
+    def close(self, reason: str, detail: str = "") -> None:
+        """Flush what is queued, then close politely, recording why."""
+        if not self.connected or self.close_reason is not None:
+            return
+        self.close_reason = reason
+        self.factory.client_closing(self, reason, detail)
+        self._unregister()
+        self.transport.loseConnection()
+
+    def evict(self, reason: str, detail: str = "") -> None:
+        """Drop the connection at once: a dead or hostile peer never acknowledges a close."""
+        if not self.connected or self.close_reason == reason:
+            return
+        self.close_reason = reason
+        self.factory.client_closing(self, reason, detail)
+        self._unregister()
+        self.transport.abortConnection()
+
+    def _unregister(self) -> None:
+        # A paused streaming producer would keep a closing TCP transport from finishing.
+        if self._registered:
+            self._registered = False
+            self.transport.unregisterProducer()
+
+    def send_heartbeat(self, frame: bytes, now: float) -> None:
+        """Called by the heartbeat sweep for a quiet client."""
+        self.pings_unanswered += 1
+        if self.ping_sent_at is None:
+            self.ping_sent_at = now
+        self.write_frame(frame)
+
+
+class RefusedProtocol(Protocol):
+    """Answers a connection over ``limits.max_connections`` with an error frame, then closes."""
+
+    def __init__(self, frame: bytes) -> None:
+        self._frame = frame
+
+    def connectionMade(self) -> None:
+        self.transport.write(self._frame)
+        self.transport.loseConnection()

@@ -1,0 +1,101 @@
+"""The twistd service: listen with the factory, and on shutdown stop listening, then close clients.
+
+Listening happens in ``privilegedStartService`` (before twistd drops privileges and before the
+reactor runs), so a port in use or a bad certificate stops the daemon at once with one clear
+line, instead of leaving a process running that serves nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.python.failure import Failure
+
+from heartbeatd._version import __version__
+from heartbeatd.factory import ServerFactory
+from heartbeatd.logs import get_logger
+from heartbeatd.protocol import format_address
+from heartbeatd.signals import ShutdownSignals
+
+__all__ = ["ServerService", "raise_open_file_limit"]
+
+log = get_logger(__name__)
+
+
+def raise_open_file_limit() -> tuple[int, int]:
+    """Raise the soft open-file limit to the hard one (each client is a file descriptor)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as e:
+            log.warn("Could not raise the open-file limit to {hard}: {error}", hard=hard, error=e)
+    return soft, hard
+
+
+class ServerService(Service):
+    """Binds ``endpoint`` to ``factory`` for as long as the service runs."""
+
+    def __init__(
+        self, endpoint: IStreamServerEndpoint, factory: ServerFactory, reactor: Any = None
+    ) -> None:
+        self.endpoint = endpoint
+        self.factory = factory
+        self.port: IListeningPort | None = None
+        self._reactor = reactor
+
+    def startService(self) -> None:
+        super().startService()
+        if self._reactor is not None:
+            self._reactor.callWhenRunning(self._running)
+
+    def _running(self) -> None:
+        # Runs after the reactor installed its own signal handlers, so ours win.
+        assert self._reactor is not None
+        ShutdownSignals(self._reactor).install()
+        log.info("heartbeatd is ready (pid {pid})", pid=os.getpid())
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        outcome: list[IListeningPort | Failure] = []
+        self.endpoint.listen(self.factory).addBoth(outcome.append)
+        if not outcome:
+            raise SystemExit("heartbeatd: the listen endpoint did not bind synchronously")
+        result = outcome[0]
+        if isinstance(result, Failure):
+            raise SystemExit(
+                f"heartbeatd: cannot listen on {self.factory.config.listen!r}: "
+                f"{result.getErrorMessage()}"
+            )
+        self.port = result
+        config = self.factory.config
+        log.info(
+            "heartbeatd {version} listening on {address} ({framing} framing, heartbeat every "
+            "{interval:g}s, timeout {timeout:g}s, up to {limit} connections)",
+            version=__version__,
+            address=format_address(result.getHost()),
+            framing=config.framing,
+            interval=config.heartbeat.interval,
+            timeout=config.heartbeat.timeout,
+            limit=self.factory.max_connections,
+        )
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        port, self.port = self.port, None
+        stopped = maybeDeferred(port.stopListening) if port is not None else succeed(None)
+        timeout = self.factory.config.shutdown.close_timeout
+
+        def close_clients(_: object) -> Deferred[None]:
+            count = len(self.factory.clients)
+            if count:
+                log.info("Stopped listening; closing {count} client(s)", count=count)
+            return self.factory.close_all(timeout)
+
+        return stopped.addCallback(close_clients)

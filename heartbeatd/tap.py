@@ -1,0 +1,99 @@
+"""``twistd heartbeatd``: command-line options, validation, and the service they build.
+
+Imported only when the subcommand runs (the plugin shim names this module), so
+``twistd --help`` stays fast and cannot be broken by an import error here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+from heartbeatd.config import Config, ConfigError, load_config
+from heartbeatd.dispatch import HandlerRegistry, default_registry
+from heartbeatd.factory import ServerFactory
+from heartbeatd.framing import FRAMINGS
+from heartbeatd.logs import set_level
+from heartbeatd.service import ServerService, raise_open_file_limit
+
+__all__ = ["Options", "makeService"]
+
+
+def _reactor() -> Any:
+    from twisted.internet import reactor  # resolved late: honour ``twistd --reactor``
+
+    return reactor
+
+
+def check_endpoint(description: str, reactor: Any) -> str | None:
+    """Parse a server endpoint string without listening; return an error or None."""
+    from twisted.internet.endpoints import serverFromString
+
+    try:
+        serverFromString(reactor, description)
+    except Exception as e:
+        return f"listen: {description!r} is not a valid server endpoint: {e}"
+    return None
+
+
+def build_registry(config: Config, errors: list[str]) -> HandlerRegistry | None:
+    """Load the built-in handlers plus ``handlers:`` modules, reporting each failure."""
+    registry = default_registry()
+    for index, name in enumerate(config.handlers):
+        try:
+            registry.load_module(name)
+        except Exception as e:
+            errors.append(f"handlers[{index}]: cannot load {name!r}: {type(e).__name__}: {e}")
+    return None if errors else registry
+
+
+class Options(usage.Options):
+    synopsis = "[--config FILE] [--listen ENDPOINT] [--framing NAME]"
+    longdesc = (
+        "Run heartbeatd: long-lived TCP connections carrying framed JSON messages, with "
+        "heartbeats. Command-line options override the YAML file, which overrides defaults."
+    )
+    optParameters = [
+        ["config", "c", None, "YAML configuration file (default: built-in defaults)."],
+        ["listen", "l", None, "Server endpoint string; overrides `listen` (e.g. tcp:9000)."],
+        ["framing", None, None, f"Wire framing; overrides `framing` ({', '.join(FRAMINGS)})."],
+    ]
+
+    config: Config
+    registry: HandlerRegistry
+
+    def postOptions(self) -> None:
+        overrides = {key: self[key] for key in ("listen", "framing") if self[key] is not None}
+        try:
+            config = load_config(self["config"], overrides)
+        except ConfigError as e:
+            self._fail(e.errors)
+        errors: list[str] = []
+        endpoint_error = check_endpoint(config.listen, _reactor())
+        if endpoint_error:
+            errors.append(endpoint_error)
+        registry = build_registry(config, errors)
+        if errors or registry is None:
+            self._fail(errors)
+        self.config = config
+        self.registry = registry
+
+    @staticmethod
+    def _fail(errors: list[str]) -> None:
+        # SystemExit rather than UsageError: twistd would print its whole --help text above
+        # the problem, burying the one line an operator needs.
+        lines = "\n".join(f"  {line}" for line in errors)
+        raise SystemExit(f"heartbeatd: invalid configuration:\n{lines}")
+
+
+def makeService(options: Options) -> IService:
+    config = options.config
+    set_level(config.log.level)
+    raise_open_file_limit()
+    reactor = _reactor()
+    from twisted.internet.endpoints import serverFromString
+
+    factory = ServerFactory(config, options.registry, reactor)
+    return ServerService(serverFromString(reactor, config.listen), factory, reactor)

@@ -1,0 +1,26 @@
+"""Shared fixtures: a Clock, the built-in handler registry, and a factory on that clock."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import make_config
+from twisted.internet.task import Clock
+
+from heartbeatd.dispatch import HandlerRegistry, default_registry
+from heartbeatd.factory import ServerFactory
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def registry() -> HandlerRegistry:
+    return default_registry()
+
+
+@pytest.fixture
+def factory(clock: Clock, registry: HandlerRegistry) -> ServerFactory:
+    config = make_config(heartbeat={"interval": 10, "timeout": 30})
+    return ServerFactory(config, registry, clock)

@@ -1,0 +1,158 @@
+"""Run the real ``twistd -n heartbeatd`` as a subprocess, and talk to it over real sockets.
+
+The daemon listens on port 0; its bound port is read from its log.  Waits are on pipes and
+sockets with deadlines, never sleeps.  Every process and socket opened here is closed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TWISTD = str(Path(sys.executable).parent / "twistd")
+LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
+READY = re.compile(r"heartbeatd is ready \(pid \d+\)")
+
+
+class Daemon:
+    """One heartbeatd process; use as a context manager."""
+
+    def __init__(
+        self, tmp_path: Path, config: dict[str, Any], *args: str, env: dict[str, str] | None = None
+    ) -> None:
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        config = {"listen": "tcp:0:interface=127.0.0.1", **config}
+        self.config_path = tmp_path / "heartbeatd.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.argv = [
+            TWISTD,
+            "--nodaemon",
+            "--pidfile=",
+            "heartbeatd",
+            "--config",
+            str(self.config_path),
+            *args,
+        ]
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self.process: subprocess.Popen[str] | None = None
+        self.port = 0
+
+    def __enter__(self) -> Daemon:
+        self.process = subprocess.Popen(
+            self.argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=self.env,
+        )
+        threading.Thread(target=self._pump, daemon=True).start()
+        match = self.wait_for(LISTENING)
+        self.port = int(match.group(1))
+        self.wait_for(READY)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def _pump(self) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        for line in self.process.stdout:
+            self._queue.put(line.rstrip("\n"))
+        self._queue.put(None)
+
+    def wait_for(self, pattern: re.Pattern[str] | str, timeout: float = 20) -> re.Match[str]:
+        """Block until a log line matches; fail with the log so far if it never does."""
+        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
+        for line in self.lines:
+            if m := regex.search(line):
+                return m
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                line = self._queue.get(timeout=max(0.0, remaining))
+            except queue.Empty:
+                line = None
+                remaining = 0
+            if line is None:
+                log = "\n".join(self.lines)
+                why = "timed out" if remaining <= 0 else "process ended"
+                raise AssertionError(f"{why} waiting for {regex.pattern!r}; log:\n{log}")
+            self.lines.append(line)
+            if m := regex.search(line):
+                return m
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        assert self.process is not None
+        self.process.send_signal(sig)
+        code = self.process.wait(timeout)
+        while (line := self._queue.get(timeout=timeout)) is not None:
+            self.lines.append(line)
+        return code
+
+    @property
+    def log(self) -> str:
+        return "\n".join(self.lines)
+
+
+def run_twistd(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [TWISTD, "--nodaemon", "--pidfile=", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+class RawClient:
+    """A blocking int32-framed JSON client on a real socket, for end-to-end tests."""
+
+    def __init__(self, port: int, timeout: float = 10) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+
+    def __enter__(self) -> RawClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+    def send(self, obj: Any) -> None:
+        body = json.dumps(obj).encode()
+        self.sock.sendall(struct.pack("!I", len(body)) + body)
+
+    def _exactly(self, n: int) -> bytes | None:
+        chunks = []
+        while n:
+            chunk = self.sock.recv(n)
+            if not chunk:
+                return None
+            chunks.append(chunk)
+            n -= len(chunk)
+        return b"".join(chunks)
+
+    def recv(self) -> Any:
+        """The next message, or None at end of stream (or reset)."""
+        try:
+            header = self._exactly(4)
+            if header is None:
+                return None
+            body = self._exactly(struct.unpack("!I", header)[0])
+        except ConnectionResetError:
+            return None
+        return None if body is None else json.loads(body)
