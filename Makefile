@@ -23,8 +23,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check heartbeatd tests twisted_plugins
-	$(BIN)/ruff format --check heartbeatd tests twisted_plugins
+	$(BIN)/ruff check heartbeatd tests twisted_plugins bench
+	$(BIN)/ruff format --check heartbeatd tests twisted_plugins bench
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache .hypothesis

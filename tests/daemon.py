@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 TWISTD = str(Path(sys.executable).parent / "twistd")
-LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
+LISTENING = re.compile(r"listening on (?:127\.0\.0\.1:(\d+)|(unix:\S+))")
 READY = re.compile(r"heartbeatd is ready \(pid \d+\)")
 
 
@@ -61,7 +61,8 @@ class Daemon:
         )
         threading.Thread(target=self._pump, daemon=True).start()
         match = self.wait_for(LISTENING)
-        self.port = int(match.group(1))
+        self.port = int(match.group(1)) if match.group(1) else 0
+        self.address = match.group(0).split("listening on ", 1)[1]
         self.wait_for(READY)
         return self
 
@@ -123,8 +124,13 @@ def run_twistd(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[s
 class RawClient:
     """A blocking int32-framed JSON client on a real socket, for end-to-end tests."""
 
-    def __init__(self, port: int, timeout: float = 10) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    def __init__(self, port: int | str, timeout: float = 10) -> None:
+        if isinstance(port, str):  # a UNIX socket path
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(timeout)
+            self.sock.connect(port)
+        else:
+            self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
 
     def __enter__(self) -> RawClient:
         return self

@@ -70,6 +70,16 @@ def test_listen_on_the_command_line_overrides_the_file(tmp_path: Path) -> None:
         assert daemon.stop() == 0
 
 
+def test_unix_socket_endpoint(tmp_path: Path) -> None:
+    path = tmp_path / "hb.sock"
+    with Daemon(tmp_path, {"listen": f"unix:{path}"}) as daemon, RawClient(str(path)) as client:
+        assert daemon.address == f"unix:{path}"
+        assert client.recv()["type"] == "hello"
+        client.send({"type": "echo", "id": 1, "data": "over unix"})
+        assert client.recv()["data"] == "over unix"
+        assert daemon.stop() == 0
+
+
 def test_bad_config_exits_non_zero_naming_the_key(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text("heartbeat:\n  interval: -1\n  timeot: 5\n")
