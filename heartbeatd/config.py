@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from heartbeatd.framing import FRAMINGS
+from heartbeatd.framings import FRAMINGS
 
 __all__ = [
     "Config",
@@ -26,6 +26,7 @@ __all__ = [
     "HeartbeatConfig",
     "LimitsConfig",
     "LogConfig",
+    "SeedConfig",
     "ShutdownConfig",
     "TcpConfig",
     "load_config",
@@ -168,6 +169,14 @@ class ShutdownConfig:
 
 
 @dataclass(frozen=True)
+class SeedConfig:
+    message_type: str = field(
+        default="message",
+        metadata=_check(non_empty_string, "handler type that receives bare (non-envelope) values"),
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     name: str = field(
         default="heartbeatd", metadata=_check(non_empty_string, "server name sent in hello")
@@ -191,6 +200,7 @@ class Config:
     tcp: TcpConfig = field(default_factory=TcpConfig)
     log: LogConfig = field(default_factory=LogConfig)
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
+    seed: SeedConfig = field(default_factory=SeedConfig)
 
     def effective_max_connections(self) -> int:
         """The connection limit, reading the process's open-file limit when set to 0."""
@@ -211,6 +221,7 @@ _SECTIONS: dict[str, type] = {
     "tcp": TcpConfig,
     "log": LogConfig,
     "shutdown": ShutdownConfig,
+    "seed": SeedConfig,
 }
 
 

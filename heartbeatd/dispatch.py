@@ -133,10 +133,15 @@ def _echo(request: Request) -> Any:
 
 
 def default_registry(modules: Iterable[str] = ()) -> HandlerRegistry:
-    """The built-in handlers (``ping``, ``echo``) plus those of each module in ``modules``."""
+    """The built-ins plus the handlers of each module in ``modules``.
+
+    ``ping`` answers ``pong``; ``echo`` returns its data; ``message`` (where seed framing
+    delivers bare JSON values) echoes the value back, as the seed tutorial's server did.
+    """
     registry = HandlerRegistry()
     registry.add("ping", _ping)
     registry.add("echo", _echo)
+    registry.add("message", _echo)
     for name in modules:
         registry.load_module(name)
     return registry

@@ -73,14 +73,17 @@ class ProtocolError(Exception):
 
 
 class Message:
-    """One decoded envelope."""
+    """One decoded envelope (``bare``: a plain JSON value delivered under a type)."""
 
-    __slots__ = ("data", "id", "type")
+    __slots__ = ("bare", "data", "id", "type")
 
-    def __init__(self, type: str, id: str | int | None = None, data: Any = None) -> None:
+    def __init__(
+        self, type: str, id: str | int | None = None, data: Any = None, bare: bool = False
+    ) -> None:
         self.type = type
         self.id = id
         self.data = data
+        self.bare = bare
 
     def __repr__(self) -> str:
         return f"Message(type={self.type!r}, id={self.id!r}, data={self.data!r})"
@@ -122,9 +125,18 @@ def as_message(value: Any) -> Message:
     return Message(type_, id, value.get("data"))
 
 
-def decode_message(body: bytes) -> Message:
-    """Decode one frame body into a `Message`, or raise `ProtocolError`."""
-    return as_message(decode_json(body))
+def decode_message(body: bytes, bare_type: str | None = None) -> Message:
+    """Decode one frame body into a `Message`, or raise `ProtocolError`.
+
+    With ``bare_type`` (seed framing), a JSON value that is not an envelope, i.e. not an
+    object with a string ``type``, is not an error: it arrives as a bare message of that type.
+    """
+    value = decode_json(body)
+    if bare_type is not None and not (
+        isinstance(value, dict) and isinstance(value.get("type"), str)
+    ):
+        return Message(bare_type, None, value, bare=True)
+    return as_message(value)
 
 
 def encode_message(type: str, data: Any = OMIT, id: str | int | None = None) -> bytes:

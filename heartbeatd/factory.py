@@ -21,7 +21,7 @@ from heartbeatd._version import __version__
 from heartbeatd.config import Config
 from heartbeatd.dispatch import HandlerRegistry, default_registry
 from heartbeatd.envelope import TOO_MANY_CONNECTIONS, encode_error, encode_message
-from heartbeatd.framing import get_framing
+from heartbeatd.framings import get_framing
 from heartbeatd.heartbeat import HeartbeatMonitor
 from heartbeatd.logs import get_logger
 from heartbeatd.protocol import RefusedProtocol, ServerProtocol

@@ -15,7 +15,6 @@ import struct
 from typing import Final, Protocol
 
 __all__ = [
-    "FRAMINGS",
     "HEARTBEAT",
     "FrameDecoder",
     "FrameTooLarge",
@@ -24,7 +23,6 @@ __all__ = [
     "Heartbeat",
     "Int32Decoder",
     "Int32Framing",
-    "get_framing",
 ]
 
 
@@ -92,6 +90,8 @@ class Framing(Protocol):
     name: str
     #: Bytes of an out-of-band heartbeat, or None when heartbeats are ping envelopes.
     heartbeat_token: bytes | None
+    #: True when bodies that are not envelopes are delivered as bare values (seed framing).
+    wraps_bare_values: bool
 
     def encode(self, body: bytes) -> bytes: ...
 
@@ -165,6 +165,7 @@ class Int32Framing:
 
     name: Final = "int32"
     heartbeat_token: Final = None
+    wraps_bare_values: Final = False
 
     @staticmethod
     def encode(body: bytes) -> bytes:
@@ -173,15 +174,3 @@ class Int32Framing:
     @staticmethod
     def decoder(max_frame_bytes: int) -> Int32Decoder:
         return Int32Decoder(max_frame_bytes)
-
-
-#: Framings by their config name; the seed's ASCII framing registers here too.
-FRAMINGS: dict[str, Framing] = {Int32Framing.name: Int32Framing()}
-
-
-def get_framing(name: str) -> Framing:
-    """Look a framing up by its config name (``framing:`` key)."""
-    try:
-        return FRAMINGS[name]
-    except KeyError:
-        raise ValueError(f"unknown framing {name!r}; expected one of {sorted(FRAMINGS)}") from None

@@ -99,8 +99,11 @@ class ServerProtocol(Protocol):
         self.peer = format_address(self.transport.getPeer())
         self.connected_at = factory.clock.seconds()
         self.last_seen = factory.now()
-        self._decoder = factory.framing.decoder(config.max_frame_bytes)
-        self._encode = factory.framing.encode
+        framing = factory.framing
+        self._decoder = framing.decoder(config.max_frame_bytes)
+        self._encode = framing.encode
+        self._bare_type = config.seed.message_type if framing.wraps_bare_values else None
+        self._token = framing.heartbeat_token
         self.transport.registerProducer(self, True)
         self._registered = True
         configure_socket(self.transport, config.tcp)
@@ -140,10 +143,12 @@ class ServerProtocol(Protocol):
 
     def _handle_item(self, item: bytes | object) -> None:
         if item is HEARTBEAT:
-            return  # a bare heartbeat token: a sign of life and nothing more
+            # A bare token (seed framing) is a ping: answer in kind, as ping gets pong.
+            self._answer_token()
+            return
         self.frames_in += 1
         try:
-            message = decode_message(item)  # type: ignore[arg-type]
+            message = decode_message(item, self._bare_type)  # type: ignore[arg-type]
         except ProtocolError as e:
             self.factory.count_error(e.code)
             self._emit(encode_error(e.code, e.message, e.id))
@@ -193,12 +198,27 @@ class ServerProtocol(Protocol):
             if frame is not None:
                 self._emit(frame)
 
+    def _answer_token(self) -> None:
+        token = self._token
+        assert token is not None
+        if self.ping_sent_at is not None:  # our own heartbeat, answered
+            self.last_rtt = self.factory.clock.seconds() - self.ping_sent_at
+            self.ping_sent_at = None
+            return
+        if self._batch is not None:
+            self._batch.append(token)
+        else:
+            self.write_frame(token)
+
     # -- building replies -------------------------------------------------------------------
 
     def _reply_frame(self, message: envelope.Message, result: Any) -> bytes | None:
         if result is NO_REPLY:
             return None
         try:
+            if message.bare:  # a seed peer sent a plain value: answer with a plain value
+                data = result.data if isinstance(result, Reply) else result
+                return envelope.encode_json(None if data is envelope.OMIT else data)
             if isinstance(result, Reply):
                 return encode_message(result.type, result.data, message.id)
             return encode_message(message.type, result, message.id)

@@ -14,7 +14,7 @@ from twisted.python import usage
 from heartbeatd.config import Config, ConfigError, load_config
 from heartbeatd.dispatch import HandlerRegistry, default_registry
 from heartbeatd.factory import ServerFactory
-from heartbeatd.framing import FRAMINGS
+from heartbeatd.framings import FRAMINGS
 from heartbeatd.logs import set_level
 from heartbeatd.service import ServerService, raise_open_file_limit
 
