@@ -122,6 +122,9 @@ def as_message(value: Any) -> Message:
     type_ = value.get("type")
     if not isinstance(type_, str) or not type_:
         raise ProtocolError(BAD_MESSAGE, "'type' must be a non-empty string", id)
+    if type_ == "error" and "data" not in value:
+        # An error frame's payload is its "error" object; expose it where readers look.
+        return Message(type_, id, value.get("error"))
     return Message(type_, id, value.get("data"))
 
 

@@ -74,3 +74,17 @@ class Peer:
 
     def disconnect(self) -> None:
         self.protocol.connectionLost(Failure(ConnectionDone()))
+
+
+def client_server_pair(
+    server_factory: ServerFactory, clock: Any, **client_options: Any
+) -> tuple[Any, ServerProtocol, Any]:
+    """A ClientConnection wired to a ServerFactory's protocol over iosim, on one Clock."""
+    from heartbeatd.client import ClientConnection
+
+    client = ClientConnection(clock, **client_options)
+    server = server_factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    client_transport = iosim.FakeTransport(client, isServer=False)
+    server_transport = iosim.FakeTransport(server, isServer=True)
+    pump = iosim.connect(server, server_transport, client, client_transport, clock=clock)
+    return client, server, pump

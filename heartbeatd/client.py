@@ -1,0 +1,367 @@
+"""The client side of one connection: hello, requests matched by id, pushes, and heartbeats.
+
+Uses the same framing and envelope code as the server.  Every request ends: it fires with the
+reply's ``data`` or fails with a typed `ClientError` (`ServerError` for an error frame,
+`RequestTimeout`, `ConnectionClosed`).  When the connection drops, every pending request fails
+at once.  The heartbeat takes its interval and timeout from the server's hello: the client
+answers pings, pings a quiet server, and aborts a server silent past the timeout, so a
+half-open connection is found from this side too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import LoopingCall
+from twisted.python.failure import Failure
+
+from heartbeatd.envelope import OMIT, ProtocolError, decode_message, encode_message
+from heartbeatd.framing import HEARTBEAT
+from heartbeatd.framings import get_framing
+from heartbeatd.logs import get_logger
+
+__all__ = [
+    "ClientConnection",
+    "ClientError",
+    "ConnectionClosed",
+    "HandshakeTimeout",
+    "RequestTimeout",
+    "ServerError",
+    "connect",
+]
+
+log = get_logger(__name__)
+
+DEFAULT_REQUEST_TIMEOUT = 10.0
+DEFAULT_HELLO_TIMEOUT = 10.0
+DEFAULT_MAX_FRAME_BYTES = 16 * 1024 * 1024
+
+
+class ClientError(Exception):
+    """Base of every failure a request or connection reports."""
+
+
+class ServerError(ClientError):
+    """The server answered with an error frame."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class RequestTimeout(ClientError):
+    """No reply within the request's timeout."""
+
+
+class HandshakeTimeout(ClientError):
+    """The server did not send its hello in time."""
+
+
+class ConnectionClosed(ClientError):
+    """The connection closed before the reply arrived (or before it was ready)."""
+
+
+PushHandler = Callable[[Any, "ClientConnection"], object]
+
+
+class ClientConnection(Protocol):
+    """One connection to a heartbeatd server; a Twisted protocol and the user's handle."""
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        framing: str = "int32",
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+        hello_timeout: float = DEFAULT_HELLO_TIMEOUT,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    ) -> None:
+        self.clock = clock
+        self.framing = get_framing(framing)
+        self.request_timeout = request_timeout
+        self.hello_timeout = hello_timeout
+        self.max_frame_bytes = max_frame_bytes
+        #: The server's hello ``data`` once received.
+        self.hello: dict[str, Any] | None = None
+        self.connected = False
+        self.closed = False
+        #: True once the server sent goaway: finish what is in flight, start nothing new.
+        self.draining = False
+        self.goaway: dict[str, Any] | None = None
+        self.close_reason: Failure | None = None
+        self.last_received = 0.0
+        self.last_rtt: float | None = None
+        self._ready: Deferred[ClientConnection] = Deferred()
+        self._ready_timer: Any = None
+        self._pending: dict[int, tuple[Deferred[Any], Any]] = {}
+        self._next_id = 0
+        self._push_handlers: dict[str, list[PushHandler]] = {}
+        self._close_callbacks: list[Callable[[ClientConnection, Failure], object]] = []
+        self._goaway_callbacks: list[Callable[[ClientConnection, dict[str, Any]], object]] = []
+        self._heartbeat: LoopingCall | None = None
+        self._ping_sent_at: float | None = None
+        self._interval = 0.0
+        self._timeout = 0.0
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.connected = True
+        self.last_received = self.clock.seconds()
+        self._decoder = self.framing.decoder(self.max_frame_bytes)
+        self._ready_timer = self.clock.callLater(self.hello_timeout, self._hello_timed_out)
+
+    def when_ready(self) -> Deferred[ClientConnection]:
+        """Fires with this connection once the server's hello arrived."""
+        if self.hello is not None:
+            d: Deferred[ClientConnection] = Deferred()
+            d.callback(self)
+            return d
+        if self.closed:
+            return fail(ConnectionClosed("the connection closed before the server's hello"))
+        waiter: Deferred[ClientConnection] = Deferred()
+        self._ready.addBoth(lambda result: (waiter.callback(result), result)[1])
+        return waiter
+
+    def _hello_timed_out(self) -> None:
+        self._ready_timer = None
+        self.abort(HandshakeTimeout(f"no hello from the server within {self.hello_timeout}s"))
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.connected = False
+        self.closed = True
+        if self.close_reason is None:
+            self.close_reason = reason
+        why = self.close_reason
+        if self._ready_timer is not None and self._ready_timer.active():
+            self._ready_timer.cancel()
+        if self._heartbeat is not None and self._heartbeat.running:
+            self._heartbeat.stop()
+        message = _describe(why)
+        pending, self._pending = self._pending, {}
+        for d, timer in pending.values():
+            if timer.active():
+                timer.cancel()
+            d.errback(ConnectionClosed(f"connection lost before the reply: {message}"))
+        if not self._ready.called:
+            self._ready.errback(_as_client_failure(why))
+        callbacks, self._close_callbacks = self._close_callbacks, []
+        for callback in callbacks:
+            _call_safely(callback, self, why)
+
+    def abort(self, error: Exception) -> None:
+        """Drop the connection at once, recording ``error`` as the reason."""
+        if self.close_reason is None:
+            self.close_reason = Failure(error)
+        if self.transport is not None and self.connected:
+            self.transport.abortConnection()
+
+    def close(self) -> None:
+        """Close politely; pending requests fail once the connection is gone."""
+        if self.transport is not None and self.connected:
+            self.transport.loseConnection()
+
+    @property
+    def usable(self) -> bool:
+        """Connected, past the handshake, and not asked to go away."""
+        return self.connected and self.hello is not None and not self.draining
+
+    @property
+    def pending_requests(self) -> int:
+        return len(self._pending)
+
+    # -- callbacks -------------------------------------------------------------------------
+
+    def on(self, type: str, handler: PushHandler) -> None:
+        """Call ``handler(data, connection)`` for each pushed message of ``type`` (``*``: all)."""
+        self._push_handlers.setdefault(type, []).append(handler)
+
+    def on_close(self, callback: Callable[[ClientConnection, Failure], object]) -> None:
+        if self.closed:
+            _call_safely(callback, self, self.close_reason)
+        else:
+            self._close_callbacks.append(callback)
+
+    def on_goaway(self, callback: Callable[[ClientConnection, dict[str, Any]], object]) -> None:
+        self._goaway_callbacks.append(callback)
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def request(self, type: str, data: Any = OMIT, timeout: float | None = None) -> Deferred[Any]:
+        """Send a request; fires with the reply's data or fails with a `ClientError`."""
+        if not self.connected:
+            return fail(ConnectionClosed("the connection is closed"))
+        self._next_id += 1
+        request_id = self._next_id
+        seconds = self.request_timeout if timeout is None else timeout
+
+        def cancel(d: Deferred[Any]) -> None:
+            entry = self._pending.pop(request_id, None)
+            if entry is not None and entry[1].active():
+                entry[1].cancel()
+
+        d: Deferred[Any] = Deferred(cancel)
+        timer = self.clock.callLater(seconds, self._timed_out, request_id, type, seconds)
+        self._pending[request_id] = (d, timer)
+        self._write(encode_message(type, data, request_id))
+        return d
+
+    def send(self, type: str, data: Any = OMIT) -> None:
+        """Fire and forget (no id: any reply is ignored)."""
+        if not self.connected:
+            raise ConnectionClosed("the connection is closed")
+        self._write(encode_message(type, data))
+
+    def _write(self, body: bytes) -> None:
+        self.transport.write(self.framing.encode(body))
+
+    def _timed_out(self, request_id: int, type: str, seconds: float) -> None:
+        entry = self._pending.pop(request_id, None)
+        if entry is not None:
+            entry[0].errback(RequestTimeout(f"no reply to {type!r} within {seconds:g}s"))
+
+    # -- receiving -------------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        self.last_received = self.clock.seconds()
+        decoder = self._decoder
+        for item in decoder.feed(data):
+            if item is HEARTBEAT:
+                self._token_received()
+                continue
+            try:
+                message = decode_message(item)  # type: ignore[arg-type]
+            except ProtocolError as e:
+                log.warn("Ignoring a malformed frame from the server: {error}", error=e)
+                continue
+            self._message_received(message)
+            if not self.connected:
+                return
+        if decoder.error is not None:
+            self.abort(ConnectionClosed(f"server sent an unframeable stream: {decoder.error}"))
+
+    def _token_received(self) -> None:
+        if self._ping_sent_at is not None:  # the answer to our own heartbeat
+            self.last_rtt = self.clock.seconds() - self._ping_sent_at
+            self._ping_sent_at = None
+        elif self.framing.heartbeat_token is not None:
+            self.transport.write(self.framing.heartbeat_token)
+
+    def _message_received(self, message: Any) -> None:
+        type_, request_id = message.type, message.id
+        if self.hello is None:
+            if type_ == "hello" and isinstance(message.data, dict):
+                self._hello_received(message.data)
+            elif type_ == "error":  # refused before the hello (e.g. too_many_connections)
+                self.abort(_server_error(message.data))
+            return
+        if request_id is not None and request_id in self._pending:
+            d, timer = self._pending.pop(request_id)
+            if timer.active():
+                timer.cancel()
+            if type_ == "error":
+                d.errback(_server_error(message.data))
+            else:
+                d.callback(message.data)
+            return
+        if type_ == "ping":
+            self._write(encode_message("pong", id=request_id))
+        elif type_ == "pong":
+            if self._ping_sent_at is not None:
+                self.last_rtt = self.clock.seconds() - self._ping_sent_at
+                self._ping_sent_at = None
+        elif type_ == "goaway":
+            self._goaway_received(message.data if isinstance(message.data, dict) else {})
+        else:
+            self._dispatch_push(type_, message.data)
+
+    def _dispatch_push(self, type_: str, data: Any) -> None:
+        for handler in [*self._push_handlers.get(type_, ()), *self._push_handlers.get("*", ())]:
+            _call_safely(handler, data, self)
+
+    def _hello_received(self, hello: dict[str, Any]) -> None:
+        self.hello = hello
+        if self._ready_timer is not None and self._ready_timer.active():
+            self._ready_timer.cancel()
+        self._ready_timer = None
+        heartbeat = hello.get("heartbeat") or {}
+        interval = heartbeat.get("interval")
+        timeout = heartbeat.get("timeout")
+        if isinstance(interval, (int, float)) and interval > 0:
+            self._interval = float(interval)
+            self._timeout = float(timeout) if isinstance(timeout, (int, float)) else interval * 3
+            self._heartbeat = LoopingCall(self._beat)
+            self._heartbeat.clock = self.clock
+            self._heartbeat.start(self._interval, now=False)
+        self._ready.callback(self)
+
+    def _goaway_received(self, data: dict[str, Any]) -> None:
+        self.draining = True
+        self.goaway = data
+        for callback in list(self._goaway_callbacks):
+            _call_safely(callback, self, data)
+
+    # -- heartbeat ---------------------------------------------------------------------------
+
+    def _beat(self) -> None:
+        silent = self.clock.seconds() - self.last_received
+        if silent > self._timeout:
+            self.abort(
+                ConnectionClosed(f"server silent for {silent:.1f}s (timeout {self._timeout:g}s)")
+            )
+        elif silent >= self._interval:
+            if self._ping_sent_at is None:
+                self._ping_sent_at = self.clock.seconds()
+            token = self.framing.heartbeat_token
+            self.transport.write(token if token is not None else self.framing.encode(_PING))
+
+
+_PING = encode_message("ping")
+
+
+def _server_error(error: Any) -> ServerError:
+    """A `ServerError` from an error frame's ``{"code", "message"}`` object."""
+    if not isinstance(error, dict):
+        error = {}
+    return ServerError(str(error.get("code", "unknown")), str(error.get("message", "")))
+
+
+def _describe(failure: Failure | None) -> str:
+    if failure is None:
+        return "closed"
+    return failure.getErrorMessage() or type(failure.value).__name__
+
+
+def _as_client_failure(failure: Failure | None) -> Failure:
+    if failure is not None and isinstance(failure.value, ClientError):
+        return failure
+    return Failure(ConnectionClosed(f"connection lost during the handshake: {_describe(failure)}"))
+
+
+def _call_safely(fn: Callable[..., object], *args: Any) -> None:
+    try:
+        fn(*args)
+    except Exception:
+        log.failure("A client callback failed")
+
+
+def connect(
+    reactor: Any,
+    endpoint: str | IStreamClientEndpoint,
+    *,
+    framing: str = "int32",
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+    hello_timeout: float = DEFAULT_HELLO_TIMEOUT,
+) -> Deferred[ClientConnection]:
+    """Connect to ``endpoint`` (e.g. ``tcp:host=127.0.0.1:port=9000``); fire after the hello."""
+    from twisted.internet.endpoints import clientFromString, connectProtocol
+
+    if isinstance(endpoint, str):
+        endpoint = clientFromString(reactor, endpoint)
+    connection = ClientConnection(reactor, framing, request_timeout, hello_timeout)
+    connecting = connectProtocol(endpoint, connection)
+    return connecting.addCallback(lambda _: connection.when_ready())

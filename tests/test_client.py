@@ -1,0 +1,221 @@
+"""The client connection: handshake, id correlation, typed failures, pushes, heartbeat."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from helpers import client_server_pair, frame, make_config, parse_frames
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+
+from heartbeatd.client import (
+    ClientConnection,
+    ConnectionClosed,
+    HandshakeTimeout,
+    RequestTimeout,
+    ServerError,
+)
+from heartbeatd.dispatch import HandlerRegistry
+from heartbeatd.factory import ServerFactory
+
+HELLO = {"type": "hello", "data": {"session": "s1", "heartbeat": {"interval": 10, "timeout": 30}}}
+
+
+class FakeServer:
+    """The test plays the server over a StringTransport."""
+
+    def __init__(self, clock: Clock, hello: dict | None = HELLO, **options: Any) -> None:
+        self.client = ClientConnection(clock, **options)
+        self.transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 9000))
+        self.client.makeConnection(self.transport)
+        self.ready = self.client.when_ready()
+        if hello is not None:
+            self.send(hello)
+
+    def send(self, *objs: Any) -> None:
+        self.client.dataReceived(b"".join(frame(o) for o in objs))
+
+    def written(self) -> list[Any]:
+        data = self.transport.value()
+        self.transport.clear()
+        return parse_frames(data)
+
+    def drop(self) -> None:
+        self.client.connectionLost(Failure(ConnectionDone("gone")))
+
+
+def test_ready_after_hello_and_requests_round_trip(
+    factory: ServerFactory, clock: Clock, registry: HandlerRegistry
+) -> None:
+    client, _server, pump = client_server_pair(factory, clock)
+    ready = client.when_ready()
+    pump.flush()
+    assert ready.called and client.hello["session"] in factory.clients
+    replies = [client.request("echo", {"n": i}) for i in range(20)]
+    pump.flush()
+    assert [r.result for r in replies] == [{"n": i} for i in range(20)]
+
+
+def test_replies_are_matched_by_id_in_any_order(clock: Clock) -> None:
+    server = FakeServer(clock)
+    first, second = server.client.request("a", 1), server.client.request("b", 2)
+    sent = server.written()
+    assert [(m["type"], m["id"], m["data"]) for m in sent] == [("a", 1, 1), ("b", 2, 2)]
+    server.send({"type": "b", "id": 2, "data": "B"}, {"type": "a", "id": 1, "data": "A"})
+    assert (first.result, second.result) == ("A", "B")
+
+
+def test_error_reply_is_a_server_error_with_code(factory: ServerFactory, clock: Clock) -> None:
+    client, _server, pump = client_server_pair(factory, clock)
+    pump.flush()
+    d = client.request("nope")
+    pump.flush()
+    failure = d.result
+    d.addErrback(lambda f: None)
+    assert isinstance(failure.value, ServerError)
+    assert failure.value.code == "unknown_type"
+    assert "nope" in failure.value.message
+
+
+def test_request_timeout(clock: Clock) -> None:
+    server = FakeServer(clock, request_timeout=5)
+    d = server.client.request("slow")
+    clock.advance(4.9)
+    assert not d.called
+    clock.advance(0.1)
+    with pytest.raises(RequestTimeout, match="no reply to 'slow' within 5s"):
+        d.result.raiseException()
+    d.addErrback(lambda f: None)
+    server.send({"type": "slow", "id": 1, "data": "late"})  # a late reply is ignored
+    assert server.client.pending_requests == 0
+
+
+def test_every_pending_request_fails_at_once_on_loss(clock: Clock) -> None:
+    server = FakeServer(clock)
+    pending = [server.client.request("x", timeout=100) for _ in range(5)]
+    server.drop()
+    for d in pending:
+        assert isinstance(d.result.value, ConnectionClosed)
+        d.addErrback(lambda f: None)
+    assert clock.getDelayedCalls() == []  # every timer was cancelled
+    late = server.client.request("x")
+    assert isinstance(late.result.value, ConnectionClosed)
+    late.addErrback(lambda f: None)
+
+
+def test_cancelling_a_request_frees_it(clock: Clock) -> None:
+    server = FakeServer(clock)
+    d = server.client.request("x")
+    d.cancel()
+    d.addErrback(lambda f: None)
+    assert server.client.pending_requests == 0
+
+
+def test_server_pings_are_answered(clock: Clock) -> None:
+    server = FakeServer(clock)
+    server.send({"type": "ping", "id": "hb-3"})
+    assert server.written() == [{"type": "pong", "id": "hb-3"}]
+
+
+def test_client_pings_a_quiet_server_and_aborts_a_silent_one(clock: Clock) -> None:
+    server = FakeServer(clock)
+    pending = server.client.request("x", timeout=1000)
+    server.written()
+    clock.advance(10)
+    assert server.written() == [{"type": "ping"}]
+    server.send({"type": "pong"})
+    clock.advance(10)
+    assert server.written() == [{"type": "ping"}]
+    clock.pump([10, 10, 10])  # nothing heard for 30s+: the server is dead
+    assert server.transport.disconnected
+    server.drop()
+    assert isinstance(pending.result.value, ConnectionClosed)
+    assert "server silent for" in str(pending.result.value)
+    pending.addErrback(lambda f: None)
+
+
+def test_pushes_reach_handlers_by_type(factory: ServerFactory, clock: Clock) -> None:
+    client, _server, pump = client_server_pair(factory, clock)
+    got: list = []
+    client.on("news", lambda data, conn: got.append(("news", data)))
+    client.on("*", lambda data, conn: got.append(("any", data)))
+    pump.flush()
+    factory.broadcast("news", {"headline": 1})
+    factory.broadcast("other", 2)
+    pump.flush()
+    assert got == [("news", {"headline": 1}), ("any", {"headline": 1}), ("any", 2)]
+
+
+def test_goaway_marks_the_connection_draining(clock: Clock) -> None:
+    server = FakeServer(clock)
+    seen = []
+    server.client.on_goaway(lambda conn, data: seen.append(data))
+    assert server.client.usable
+    server.send({"type": "goaway", "data": {"reason": "restart", "reconnect_after": 5}})
+    assert seen == [{"reason": "restart", "reconnect_after": 5}]
+    assert server.client.draining and not server.client.usable
+
+
+def test_hello_timeout(clock: Clock) -> None:
+    server = FakeServer(clock, hello=None, hello_timeout=3)
+    clock.advance(3)
+    assert server.transport.disconnected
+    server.drop()
+    assert isinstance(server.ready.result.value, HandshakeTimeout)
+    server.ready.addErrback(lambda f: None)
+
+
+def test_refused_connection_reports_the_servers_reason(clock: Clock) -> None:
+    refusal = {"type": "error", "error": {"code": "too_many_connections", "message": "full"}}
+    server = FakeServer(clock, hello=refusal)
+    server.drop()
+    error = server.ready.result.value
+    server.ready.addErrback(lambda f: None)
+    assert isinstance(error, ServerError) and error.code == "too_many_connections"
+
+
+def test_close_callbacks_run_once(clock: Clock) -> None:
+    server = FakeServer(clock)
+    reasons: list = []
+    server.client.on_close(lambda conn, why: reasons.append(why))
+    server.drop()
+    server.client.on_close(lambda conn, why: reasons.append("late"))
+    assert len(reasons) == 2 and reasons[1] == "late"
+
+
+def test_seed_framing_client_against_seed_server(clock: Clock, registry: HandlerRegistry) -> None:
+    config = make_config(framing="seed", heartbeat={"interval": 10, "timeout": 30})
+    factory = ServerFactory(config, registry, clock)
+    client, server, pump = client_server_pair(factory, clock, framing="seed")
+    pump.flush()
+    d = client.request("echo", "via seed")
+    pump.flush()
+    assert d.result == "via seed"
+    clock.advance(10)  # the client pings with the token; the server answers in kind
+    pump.flush()
+    assert client.last_rtt is not None
+    assert server.connected and not client.closed
+
+
+def test_unframeable_stream_aborts(clock: Clock) -> None:
+    server = FakeServer(clock, max_frame_bytes=10)
+    server.client.dataReceived(b"\x00\x00\x01\x00")
+    assert server.transport.disconnected
+    assert isinstance(server.client.close_reason.value, ConnectionClosed)
+
+
+def test_malformed_frames_are_ignored(clock: Clock) -> None:
+    server = FakeServer(clock)
+    d = server.client.request("x")
+    server.client.dataReceived(frame(b"{oops") + frame({"type": "x", "id": 1, "data": 1}))
+    assert d.result == 1
+
+
+def test_send_is_fire_and_forget(clock: Clock) -> None:
+    server = FakeServer(clock)
+    server.client.send("note", [1])
+    assert server.written() == [{"type": "note", "data": [1]}]
