@@ -102,6 +102,7 @@ class ClientConnection(Protocol):
         self._push_handlers: dict[str, list[PushHandler]] = {}
         self._close_callbacks: list[Callable[[ClientConnection, Failure], object]] = []
         self._goaway_callbacks: list[Callable[[ClientConnection, dict[str, Any]], object]] = []
+        self._idle_waiters: list[Deferred[None]] = []
         self._heartbeat: LoopingCall | None = None
         self._ping_sent_at: float | None = None
         self._interval = 0.0
@@ -149,6 +150,7 @@ class ClientConnection(Protocol):
             d.errback(ConnectionClosed(f"connection lost before the reply: {message}"))
         if not self._ready.called:
             self._ready.errback(_as_client_failure(why))
+        self._maybe_idle()
         callbacks, self._close_callbacks = self._close_callbacks, []
         for callback in callbacks:
             _call_safely(callback, self, why)
@@ -203,6 +205,7 @@ class ClientConnection(Protocol):
             entry = self._pending.pop(request_id, None)
             if entry is not None and entry[1].active():
                 entry[1].cancel()
+            self._maybe_idle()
 
         d: Deferred[Any] = Deferred(cancel)
         timer = self.clock.callLater(seconds, self._timed_out, request_id, type, seconds)
@@ -223,6 +226,22 @@ class ClientConnection(Protocol):
         entry = self._pending.pop(request_id, None)
         if entry is not None:
             entry[0].errback(RequestTimeout(f"no reply to {type!r} within {seconds:g}s"))
+        self._maybe_idle()
+
+    def when_idle(self) -> Deferred[None]:
+        """Fires once no request is waiting for its reply (at once if none is)."""
+        d: Deferred[None] = Deferred()
+        if self._pending:
+            self._idle_waiters.append(d)
+        else:
+            d.callback(None)
+        return d
+
+    def _maybe_idle(self) -> None:
+        if not self._pending and self._idle_waiters:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for d in waiters:
+                d.callback(None)
 
     # -- receiving -------------------------------------------------------------------------
 
@@ -267,6 +286,7 @@ class ClientConnection(Protocol):
                 d.errback(_server_error(message.data))
             else:
                 d.callback(message.data)
+            self._maybe_idle()
             return
         if type_ == "ping":
             self._write(encode_message("pong", id=request_id))
