@@ -100,6 +100,7 @@ class ClientConnection(Protocol):
         self._pending: dict[int, tuple[Deferred[Any], Any]] = {}
         self._next_id = 0
         self._push_handlers: dict[str, list[PushHandler]] = {}
+        self._any_handlers: list[Callable[[str, Any, ClientConnection], object]] = []
         self._close_callbacks: list[Callable[[ClientConnection, Failure], object]] = []
         self._goaway_callbacks: list[Callable[[ClientConnection, dict[str, Any]], object]] = []
         self._idle_waiters: list[Deferred[None]] = []
@@ -179,8 +180,12 @@ class ClientConnection(Protocol):
     # -- callbacks -------------------------------------------------------------------------
 
     def on(self, type: str, handler: PushHandler) -> None:
-        """Call ``handler(data, connection)`` for each pushed message of ``type`` (``*``: all)."""
+        """Call ``handler(data, connection)`` for each pushed message of ``type``."""
         self._push_handlers.setdefault(type, []).append(handler)
+
+    def on_any(self, handler: Callable[[str, Any, ClientConnection], object]) -> None:
+        """Call ``handler(type, data, connection)`` for every pushed message."""
+        self._any_handlers.append(handler)
 
     def on_close(self, callback: Callable[[ClientConnection, Failure], object]) -> None:
         if self.closed:
@@ -300,8 +305,10 @@ class ClientConnection(Protocol):
             self._dispatch_push(type_, message.data)
 
     def _dispatch_push(self, type_: str, data: Any) -> None:
-        for handler in [*self._push_handlers.get(type_, ()), *self._push_handlers.get("*", ())]:
+        for handler in self._push_handlers.get(type_, ()):
             _call_safely(handler, data, self)
+        for any_handler in self._any_handlers:
+            _call_safely(any_handler, type_, data, self)
 
     def _hello_received(self, hello: dict[str, Any]) -> None:
         self.hello = hello

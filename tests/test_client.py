@@ -142,12 +142,16 @@ def test_pushes_reach_handlers_by_type(factory: ServerFactory, clock: Clock) -> 
     client, _server, pump = client_server_pair(factory, clock)
     got: list = []
     client.on("news", lambda data, conn: got.append(("news", data)))
-    client.on("*", lambda data, conn: got.append(("any", data)))
+    client.on_any(lambda type_, data, conn: got.append((type_, "any", data)))
     pump.flush()
     factory.broadcast("news", {"headline": 1})
     factory.broadcast("other", 2)
     pump.flush()
-    assert got == [("news", {"headline": 1}), ("any", {"headline": 1}), ("any", 2)]
+    assert got == [
+        ("news", {"headline": 1}),
+        ("news", "any", {"headline": 1}),
+        ("other", "any", 2),
+    ]
 
 
 def test_goaway_marks_the_connection_draining(clock: Clock) -> None:
