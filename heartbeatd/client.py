@@ -10,6 +10,7 @@ half-open connection is found from this side too.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -19,7 +20,13 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
-from heartbeatd.envelope import OMIT, ProtocolError, decode_message, encode_message
+from heartbeatd.envelope import (
+    OMIT,
+    ProtocolError,
+    decode_message,
+    encode_json,
+    encode_message,
+)
 from heartbeatd.framing import HEARTBEAT
 from heartbeatd.framings import get_framing
 from heartbeatd.logs import get_logger
@@ -79,9 +86,19 @@ class ClientConnection(Protocol):
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
         hello_timeout: float = DEFAULT_HELLO_TIMEOUT,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        expect_hello: bool | None = None,
+        heartbeat_interval: float = 10.0,
+        heartbeat_timeout: float = 30.0,
     ) -> None:
         self.clock = clock
         self.framing = get_framing(framing)
+        #: A server of the seed tutorial's kind sends no hello: in seed framing, do not wait.
+        self.expect_hello = (
+            not self.framing.wraps_bare_values if expect_hello is None else expect_hello
+        )
+        self._default_heartbeat = (heartbeat_interval, heartbeat_timeout)
+        self._bare_type = "message" if self.framing.wraps_bare_values else None
+        self._bare_pending: deque[tuple[Deferred[Any], Any]] = deque()
         self.request_timeout = request_timeout
         self.hello_timeout = hello_timeout
         self.max_frame_bytes = max_frame_bytes
@@ -115,11 +132,15 @@ class ClientConnection(Protocol):
         self.connected = True
         self.last_received = self.clock.seconds()
         self._decoder = self.framing.decoder(self.max_frame_bytes)
-        self._ready_timer = self.clock.callLater(self.hello_timeout, self._hello_timed_out)
+        if self.expect_hello:
+            self._ready_timer = self.clock.callLater(self.hello_timeout, self._hello_timed_out)
+        else:
+            self._start_heartbeat(*self._default_heartbeat)
+            self._ready.callback(self)
 
     def when_ready(self) -> Deferred[ClientConnection]:
         """Fires with this connection once the server's hello arrived."""
-        if self.hello is not None:
+        if self._ready.called and not self.closed:
             d: Deferred[ClientConnection] = Deferred()
             d.callback(self)
             return d
@@ -145,7 +166,8 @@ class ClientConnection(Protocol):
             self._heartbeat.stop()
         message = _describe(why)
         pending, self._pending = self._pending, {}
-        for d, timer in pending.values():
+        bare, self._bare_pending = self._bare_pending, deque()
+        for d, timer in [*pending.values(), *bare]:
             if timer.active():
                 timer.cancel()
             d.errback(ConnectionClosed(f"connection lost before the reply: {message}"))
@@ -171,11 +193,11 @@ class ClientConnection(Protocol):
     @property
     def usable(self) -> bool:
         """Connected, past the handshake, and not asked to go away."""
-        return self.connected and self.hello is not None and not self.draining
+        return self.connected and self._ready.called and not self.draining
 
     @property
     def pending_requests(self) -> int:
-        return len(self._pending)
+        return len(self._pending) + len(self._bare_pending)
 
     # -- callbacks -------------------------------------------------------------------------
 
@@ -218,6 +240,28 @@ class ClientConnection(Protocol):
         self._write(encode_message(type, data, request_id))
         return d
 
+    def request_value(self, value: Any, timeout: float | None = None) -> Deferred[Any]:
+        """Seed framing: send a bare JSON value; the next bare value received is its reply.
+
+        A server of the seed tutorial's kind has no ids, so replies are matched in order.
+        """
+        if not self.connected:
+            return fail(ConnectionClosed("the connection is closed"))
+        seconds = self.request_timeout if timeout is None else timeout
+        d: Deferred[Any] = Deferred()
+        entry: tuple[Deferred[Any], Any] = (d, None)
+
+        def timed_out() -> None:
+            if entry in self._bare_pending:
+                self._bare_pending.remove(entry)
+                d.errback(RequestTimeout(f"no reply to a bare value within {seconds:g}s"))
+                self._maybe_idle()
+
+        entry = (d, self.clock.callLater(seconds, timed_out))
+        self._bare_pending.append(entry)
+        self._write(encode_json(value))
+        return d
+
     def send(self, type: str, data: Any = OMIT) -> None:
         """Fire and forget (no id: any reply is ignored)."""
         if not self.connected:
@@ -243,7 +287,7 @@ class ClientConnection(Protocol):
         return d
 
     def _maybe_idle(self) -> None:
-        if not self._pending and self._idle_waiters:
+        if not self._pending and not self._bare_pending and self._idle_waiters:
             waiters, self._idle_waiters = self._idle_waiters, []
             for d in waiters:
                 d.callback(None)
@@ -258,7 +302,7 @@ class ClientConnection(Protocol):
                 self._token_received()
                 continue
             try:
-                message = decode_message(item)  # type: ignore[arg-type]
+                message = decode_message(item, self._bare_type)  # type: ignore[arg-type]
             except ProtocolError as e:
                 log.warn("Ignoring a malformed frame from the server: {error}", error=e)
                 continue
@@ -277,7 +321,19 @@ class ClientConnection(Protocol):
 
     def _message_received(self, message: Any) -> None:
         type_, request_id = message.type, message.id
-        if self.hello is None:
+        if message.bare:
+            if self._bare_pending:
+                d, timer = self._bare_pending.popleft()
+                timer.cancel()
+                d.callback(message.data)
+                self._maybe_idle()
+            else:
+                self._dispatch_push(type_, message.data)
+            return
+        if type_ == "hello" and isinstance(message.data, dict) and not self.expect_hello:
+            self._hello_received(message.data)  # a heartbeatd server in seed framing
+            return
+        if self.hello is None and self.expect_hello:
             if type_ == "hello" and isinstance(message.data, dict):
                 self._hello_received(message.data)
             elif type_ == "error":  # refused before the hello (e.g. too_many_connections)
@@ -319,12 +375,19 @@ class ClientConnection(Protocol):
         interval = heartbeat.get("interval")
         timeout = heartbeat.get("timeout")
         if isinstance(interval, (int, float)) and interval > 0:
-            self._interval = float(interval)
-            self._timeout = float(timeout) if isinstance(timeout, (int, float)) else interval * 3
-            self._heartbeat = LoopingCall(self._beat)
-            self._heartbeat.clock = self.clock
-            self._heartbeat.start(self._interval, now=False)
-        self._ready.callback(self)
+            timeout = float(timeout) if isinstance(timeout, (int, float)) else interval * 3
+            self._start_heartbeat(float(interval), timeout)
+        if not self._ready.called:
+            self._ready.callback(self)
+
+    def _start_heartbeat(self, interval: float, timeout: float) -> None:
+        if self._heartbeat is not None and self._heartbeat.running:
+            self._heartbeat.stop()
+        self._interval = interval
+        self._timeout = timeout
+        self._heartbeat = LoopingCall(self._beat)
+        self._heartbeat.clock = self.clock
+        self._heartbeat.start(interval, now=False)
 
     def _goaway_received(self, data: dict[str, Any]) -> None:
         self.draining = True
@@ -383,12 +446,17 @@ def connect(
     framing: str = "int32",
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
     hello_timeout: float = DEFAULT_HELLO_TIMEOUT,
+    **options: Any,
 ) -> Deferred[ClientConnection]:
-    """Connect to ``endpoint`` (e.g. ``tcp:host=127.0.0.1:port=9000``); fire after the hello."""
+    """Connect to ``endpoint`` (e.g. ``tcp:host=127.0.0.1:port=9000``); fire when ready.
+
+    Ready means after the server's hello, or at once in seed framing, whose servers send
+    none.  ``options`` go to `ClientConnection` (``expect_hello``, ``heartbeat_interval``...).
+    """
     from twisted.internet.endpoints import clientFromString, connectProtocol
 
     if isinstance(endpoint, str):
         endpoint = clientFromString(reactor, endpoint)
-    connection = ClientConnection(reactor, framing, request_timeout, hello_timeout)
+    connection = ClientConnection(reactor, framing, request_timeout, hello_timeout, **options)
     connecting = connectProtocol(endpoint, connection)
     return connecting.addCallback(lambda _: connection.when_ready())

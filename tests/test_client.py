@@ -223,3 +223,29 @@ def test_send_is_fire_and_forget(clock: Clock) -> None:
     server = FakeServer(clock)
     server.client.send("note", [1])
     assert server.written() == [{"type": "note", "data": [1]}]
+
+
+def test_seed_client_needs_no_hello_and_matches_bare_replies_in_order(clock: Clock) -> None:
+    from heartbeatd.seed_framing import SeedFraming
+
+    client = ClientConnection(clock, framing="seed", heartbeat_interval=5, heartbeat_timeout=12)
+    transport = StringTransport()
+    client.makeConnection(transport)
+    assert client.when_ready().called and client.usable  # a seed server sends no hello
+    first, second = client.request_value("a"), client.request_value({"b": 1})
+    assert transport.value() == SeedFraming.encode(b'"a"') + SeedFraming.encode(b'{"b":1}')
+    pushes: list = []
+    client.on("message", lambda data, conn: pushes.append(data))
+    client.dataReceived(SeedFraming.encode(b'"A"') + SeedFraming.encode(b'"B"'))
+    assert (first.result, second.result) == ("A", "B")
+    client.dataReceived(SeedFraming.encode(b'"unsolicited"'))
+    assert pushes == ["unsolicited"]
+    late = client.request_value("c", timeout=2)
+    clock.advance(2)
+    assert isinstance(late.result.value, RequestTimeout)
+    late.addErrback(lambda f: None)
+    transport.clear()
+    clock.advance(3)  # quiet for the default interval: the token heartbeat goes out
+    assert transport.value() == b"HeartBeat"
+    clock.pump([5, 5])  # silent past the 12 s default timeout
+    assert transport.disconnected

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,29 @@ def test_silent_seed_js_client_gets_heartbeats_then_is_evicted(tmp_path: Path) -
         assert all("ECONNRESET" in m for m in errors)  # an abort, not a polite close
         daemon.wait_for(r"Closing client \w+ \(127\.0\.0\.1:\d+\): heartbeat_timeout")
         assert daemon.stop() == 0
+
+
+def test_python_client_and_pool_against_a_seed_js_server() -> None:
+    assert NODE is not None
+    server = subprocess.Popen(
+        [NODE, str(INTEROP / "seed_server.js"), "200"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert server.stdout is not None
+        port = json.loads(server.stdout.readline())["port"]
+        result = subprocess.run(
+            [sys.executable, str(INTEROP / "seed_python_driver.py"), str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout)
+        assert report["first"] == '服务端的数据数据:"Thu, 01 Jan 2026 00:00:00 GMT"'
+        assert report["pipelined_ok"] and report["pooled_ok"]
+        assert report["alive_after_heartbeats"]
+        assert report["after"] == "服务端的数据数据:[1,2]"  # the raw text we sent, compact
+        assert 1 <= report["pool_created"] <= 3
+    finally:
+        server.terminate()
+        server.wait(10)
