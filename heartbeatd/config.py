@@ -165,6 +165,14 @@ class LogConfig:
 
 @dataclass(frozen=True)
 class ShutdownConfig:
+    drain_timeout: float = field(
+        default=10.0,
+        metadata=_check(non_negative_number, "seconds clients get to leave after goaway"),
+    )
+    reconnect_after: float = field(
+        default=5.0,
+        metadata=_check(non_negative_number, "window clients spread their reconnects over"),
+    )
     close_timeout: float = field(
         default=5.0,
         metadata=_check(positive_number, "seconds clients get to close before being aborted"),

@@ -86,6 +86,8 @@ class ServerFactory(Factory):
         self.errors: Counter[str] = Counter()
         self.recent_closes: deque[EvictionRecord] = deque(maxlen=self.RECENT_CLOSES)
         self._empty_waiters: list[Deferred[None]] = []
+        #: True once shutdown began: health checks report it, clients were told goaway.
+        self.draining = False
         hb = config.heartbeat
         self.heartbeat = HeartbeatMonitor(
             self.clients, self.clock, hb.interval, hb.timeout, self.ping_frame, hb.sweep_batch
@@ -225,6 +227,35 @@ class ServerFactory(Factory):
         waiter: Deferred[None] = Deferred()
         self._empty_waiters.append(waiter)
         return waiter
+
+    def drain(self, drain_timeout: float, reconnect_after: float) -> Deferred[None]:
+        """Ask every client to go away, give them ``drain_timeout`` s to leave; fires when empty.
+
+        Clients keep being served meanwhile, so their in-flight requests finish.
+        """
+        self.draining = True
+        if not self.clients:
+            return succeed(None)
+        count = self.broadcast("goaway", {"reason": "shutdown", "reconnect_after": reconnect_after})
+        log.info(
+            "Draining: sent goaway to {count} client(s); waiting up to {timeout:g}s",
+            count=count,
+            timeout=drain_timeout,
+        )
+        done = self.when_empty()
+        if drain_timeout <= 0:
+            return succeed(None)
+        timeout: Deferred[None] = Deferred()
+        timer = self.clock.callLater(drain_timeout, timeout.callback, None)
+
+        def finished(_: object) -> None:
+            if timer.active():
+                timer.cancel()
+            if not timeout.called:
+                timeout.callback(None)
+
+        done.addCallback(finished)
+        return timeout
 
     def close_all(self, timeout: float) -> Deferred[None]:
         """Close every client politely; abort those still open after ``timeout`` seconds."""

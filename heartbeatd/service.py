@@ -14,12 +14,14 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
 from heartbeatd._version import __version__
 from heartbeatd.factory import ServerFactory
 from heartbeatd.logs import get_logger
 from heartbeatd.protocol import format_address
+from heartbeatd.sdnotify import Notifier
 from heartbeatd.signals import ShutdownSignals
 
 __all__ = ["ServerService", "raise_open_file_limit"]
@@ -42,13 +44,22 @@ def raise_open_file_limit() -> tuple[int, int]:
 class ServerService(Service):
     """Binds ``endpoint`` to ``factory`` for as long as the service runs."""
 
+    #: Seconds between STATUS= updates to systemd.
+    STATUS_INTERVAL = 5.0
+
     def __init__(
-        self, endpoint: IStreamServerEndpoint, factory: ServerFactory, reactor: Any = None
+        self,
+        endpoint: IStreamServerEndpoint,
+        factory: ServerFactory,
+        reactor: Any = None,
+        notifier: Notifier | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.factory = factory
         self.port: IListeningPort | None = None
         self._reactor = reactor
+        self.notifier = notifier or Notifier({})
+        self._status_loop: LoopingCall | None = None
 
     def startService(self) -> None:
         super().startService()
@@ -60,6 +71,17 @@ class ServerService(Service):
         assert self._reactor is not None
         ShutdownSignals(self._reactor).install()
         log.info("heartbeatd is ready (pid {pid})", pid=os.getpid())
+        # READY only now: the listener is bound and signals are handled.
+        self.notifier.ready(self._status())
+        self.notifier.start_watchdog(self._reactor)
+        if self.notifier.enabled:
+            self._status_loop = LoopingCall(lambda: self.notifier.status(self._status()))
+            self._status_loop.clock = self._reactor
+            self._status_loop.start(self.STATUS_INTERVAL, now=False)
+
+    def _status(self) -> str:
+        count = len(self.factory.clients)
+        return f"serving {count} client{'s' if count != 1 else ''}"
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
@@ -87,15 +109,23 @@ class ServerService(Service):
         )
 
     def stopService(self) -> Deferred[None]:
+        """Stop listening first (a restarted instance can take new clients), then drain."""
         super().stopService()
+        self.notifier.stopping(f"draining {len(self.factory.clients)} client(s)")
+        self.notifier.stop_watchdog()
+        if self._status_loop is not None and self._status_loop.running:
+            self._status_loop.stop()
         port, self.port = self.port, None
         stopped = maybeDeferred(port.stopListening) if port is not None else succeed(None)
-        timeout = self.factory.config.shutdown.close_timeout
+        shutdown = self.factory.config.shutdown
+
+        def drain(_: object) -> Deferred[None]:
+            return self.factory.drain(shutdown.drain_timeout, shutdown.reconnect_after)
 
         def close_clients(_: object) -> Deferred[None]:
             count = len(self.factory.clients)
             if count:
                 log.info("Stopped listening; closing {count} client(s)", count=count)
-            return self.factory.close_all(timeout)
+            return self.factory.close_all(shutdown.close_timeout)
 
-        return stopped.addCallback(close_clients)
+        return stopped.addCallback(drain).addCallback(close_clients)

@@ -16,6 +16,7 @@ from heartbeatd.dispatch import HandlerRegistry, default_registry
 from heartbeatd.factory import ServerFactory
 from heartbeatd.framings import FRAMINGS
 from heartbeatd.logs import set_level
+from heartbeatd.sdnotify import Notifier
 from heartbeatd.service import ServerService, raise_open_file_limit
 
 __all__ = ["Options", "makeService"]
@@ -96,4 +97,5 @@ def makeService(options: Options) -> IService:
     from twisted.internet.endpoints import serverFromString
 
     factory = ServerFactory(config, options.registry, reactor)
-    return ServerService(serverFromString(reactor, config.listen), factory, reactor)
+    endpoint = serverFromString(reactor, config.listen)
+    return ServerService(endpoint, factory, reactor, Notifier())

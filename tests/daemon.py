@@ -34,7 +34,12 @@ class Daemon:
         self, tmp_path: Path, config: dict[str, Any], *args: str, env: dict[str, str] | None = None
     ) -> None:
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        config = {"listen": "tcp:0:interface=127.0.0.1", **config}
+        # A short drain by default, so tests whose clients stay connected stop quickly.
+        config = {
+            "listen": "tcp:0:interface=127.0.0.1",
+            "shutdown": {"drain_timeout": 0.2},
+            **config,
+        }
         self.config_path = tmp_path / "heartbeatd.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.argv = [

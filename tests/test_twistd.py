@@ -57,7 +57,9 @@ def test_stop_signal_closes_clients_and_exits_zero(tmp_path: Path, sig: int) -> 
     with Daemon(tmp_path, {}) as daemon, RawClient(daemon.port) as client:
         assert client.recv()["type"] == "hello"
         assert daemon.stop(sig) == 0
-        assert client.recv() is None
+        goaway = client.recv()
+        assert goaway == {"type": "goaway", "data": {"reason": "shutdown", "reconnect_after": 5}}
+        assert client.recv() is None  # this client ignored goaway: closed after the drain
         assert "closing 1 client(s)" in daemon.log
         assert f"Received {signal.Signals(sig).name}, shutting down gracefully" in daemon.log
 
@@ -140,3 +142,34 @@ def test_readme_handler_example_works(tmp_path: Path) -> None:
         assert listener.recv() == {"type": "announcement", "data": "hello all"}
         assert client.recv() == {"type": "announcement", "data": "hello all"}
         assert daemon.stop() == 0
+
+
+def test_drain_lets_in_flight_requests_finish_and_exits_early(tmp_path: Path) -> None:
+    (tmp_path / "slow_handlers.py").write_text(SLOW)
+    config = {"handlers": ["slow_handlers"], "shutdown": {"drain_timeout": 30}}
+    env = {"PYTHONPATH": str(tmp_path)}
+    with Daemon(tmp_path, config, env=env) as daemon, RawClient(daemon.port) as client:
+        assert client.recv()["type"] == "hello"
+        client.send({"type": "slow", "id": 1})
+        daemon.wait_for("slow request started")
+        daemon.process.send_signal(signal.SIGTERM)
+        assert client.recv()["type"] == "goaway"
+        assert client.recv() == {"type": "slow", "id": 1, "data": "finished"}
+        client.sock.close()  # the client leaves: the daemon need not wait the full 30 s
+        assert daemon.process.wait(20) == 0
+        daemon.wait_for("Draining: sent goaway to 1 client")
+
+
+SLOW = """
+from twisted.internet import reactor, task
+from twisted.logger import Logger
+
+log = Logger()
+
+
+def register(registry):
+    @registry.handler("slow")
+    def slow(request):
+        log.info("slow request started")
+        return task.deferLater(reactor, 0.5, lambda: "finished")
+"""
