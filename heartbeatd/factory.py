@@ -93,6 +93,13 @@ class ServerFactory(Factory):
             self.clients, self.clock, hb.interval, hb.timeout, self.ping_frame, hb.sweep_batch
         )
 
+    def apply_config(self, config: Config) -> None:
+        """Use a new configuration from now on (live reload); connections stay open."""
+        self.config = config
+        self.max_connections = config.effective_max_connections()
+        self.heartbeat.batch = config.heartbeat.sweep_batch
+        self.heartbeat.reconfigure(config.heartbeat.interval, config.heartbeat.timeout)
+
     # -- time ---------------------------------------------------------------------------------
 
     def now(self) -> float:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import resource
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
@@ -53,12 +54,14 @@ class ServerService(Service):
         factory: ServerFactory,
         reactor: Any = None,
         notifier: Notifier | None = None,
+        on_hangup: Callable[[], object] | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.factory = factory
         self.port: IListeningPort | None = None
         self._reactor = reactor
         self.notifier = notifier or Notifier({})
+        self._on_hangup = on_hangup
         self._status_loop: LoopingCall | None = None
 
     def startService(self) -> None:
@@ -69,7 +72,7 @@ class ServerService(Service):
     def _running(self) -> None:
         # Runs after the reactor installed its own signal handlers, so ours win.
         assert self._reactor is not None
-        ShutdownSignals(self._reactor).install()
+        ShutdownSignals(self._reactor, self._on_hangup).install()
         log.info("heartbeatd is ready (pid {pid})", pid=os.getpid())
         # READY only now: the listener is bound and signals are handled.
         self.notifier.ready(self._status())

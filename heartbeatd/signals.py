@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -20,17 +21,24 @@ log = get_logger(__name__)
 
 
 class ShutdownSignals:
-    """Installs graceful-stop handlers for SIGTERM and SIGINT on a running reactor."""
+    """Installs graceful-stop handlers for SIGTERM and SIGINT, and SIGHUP for reload."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self, reactor: Any) -> None:
+    def __init__(self, reactor: Any, on_hangup: Callable[[], object] | None = None) -> None:
         self._reactor = reactor
+        self._on_hangup = on_hangup
         self.received: list[int] = []
 
     def install(self) -> None:
         for signum in self.SIGNALS:
             signal.signal(signum, self._handle)
+        if self._on_hangup is not None:
+            signal.signal(signal.SIGHUP, self._hangup)
+
+    def _hangup(self, signum: int, frame: FrameType | None) -> None:
+        assert self._on_hangup is not None
+        self._reactor.callFromThread(self._on_hangup)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.received.append(signum)

@@ -16,6 +16,7 @@ from heartbeatd.dispatch import HandlerRegistry, default_registry
 from heartbeatd.factory import ServerFactory
 from heartbeatd.framings import FRAMINGS
 from heartbeatd.logs import set_level
+from heartbeatd.reload import Reloader
 from heartbeatd.sdnotify import Notifier
 from heartbeatd.service import ServerService, raise_open_file_limit
 
@@ -67,6 +68,7 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         overrides = {key: self[key] for key in ("listen", "framing") if self[key] is not None}
+        self.overrides = overrides
         try:
             config = load_config(self["config"], overrides)
         except ConfigError as e:
@@ -98,4 +100,6 @@ def makeService(options: Options) -> IService:
 
     factory = ServerFactory(config, options.registry, reactor)
     endpoint = serverFromString(reactor, config.listen)
-    return ServerService(endpoint, factory, reactor, Notifier())
+    notifier = Notifier()
+    reloader = Reloader(options["config"], options.overrides, factory, notifier)
+    return ServerService(endpoint, factory, reactor, notifier, reloader.reload)

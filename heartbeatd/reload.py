@@ -1,0 +1,99 @@
+"""Live reload (SIGHUP): re-read the YAML file and apply it without dropping a connection.
+
+Heartbeat interval and timeout, limits, log level and the like apply at once, to existing and
+new connections (protocols read the factory's config on use).  Keys that cannot change while
+listening (``listen``, ``framing``, ``handlers``) keep their running value and are reported.
+An invalid file is rejected with the same message as at start; the daemon keeps running on
+the configuration it had.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from heartbeatd.config import Config, ConfigError, load_config
+from heartbeatd.factory import ServerFactory
+from heartbeatd.logs import get_logger, set_level
+from heartbeatd.sdnotify import Notifier
+
+__all__ = ["Reloader", "config_diff"]
+
+log = get_logger(__name__)
+
+#: Keys bound at start: changing them needs a restart.
+FIXED_KEYS = ("listen", "framing", "handlers")
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, inner in value.items():
+            out.update(_flatten(inner, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: value}
+
+
+def config_diff(old: Config, new: Config) -> list[str]:
+    """``key old -> new`` for every key that differs."""
+    before, after = _flatten(old.to_dict()), _flatten(new.to_dict())
+    return [f"{k} {before[k]!r} -> {after[k]!r}" for k in sorted(after) if before[k] != after[k]]
+
+
+class Reloader:
+    """Re-reads ``path`` (plus the command line's overrides) into a running factory."""
+
+    def __init__(
+        self,
+        path: str | None,
+        overrides: Mapping[str, Any],
+        factory: ServerFactory,
+        notifier: Notifier,
+    ) -> None:
+        self.path = path
+        self.overrides = dict(overrides)
+        self.factory = factory
+        self.notifier = notifier
+
+    def reload(self) -> bool:
+        self.notifier.reloading()
+        try:
+            return self._reload()
+        finally:
+            count = len(self.factory.clients)
+            self.notifier.ready(f"serving {count} client{'s' if count != 1 else ''}")
+
+    def _reload(self) -> bool:
+        if self.path is None:
+            log.info("SIGHUP: no --config file to re-read; nothing to do")
+            return False
+        try:
+            new = load_config(self.path, self.overrides)
+        except ConfigError as e:
+            log.error(
+                "Reload rejected; still running on the previous configuration:\n{errors}",
+                errors="\n".join(f"  {line}" for line in e.errors),
+            )
+            return False
+        old = self.factory.config
+        fixed = {
+            key: getattr(old, key) for key in FIXED_KEYS if getattr(new, key) != getattr(old, key)
+        }
+        for key, value in fixed.items():
+            log.warn(
+                "{key} cannot change while running; keeping {old!r} (restart to use {new!r})",
+                key=key,
+                old=value,
+                new=getattr(new, key),
+            )
+        new = dataclasses.replace(new, **fixed)
+        changes = config_diff(old, new)
+        self.factory.apply_config(new)
+        set_level(new.log.level)
+        log.info(
+            "Configuration reloaded from {path}: {changes}",
+            path=self.path,
+            changes="; ".join(changes) if changes else "no changes",
+        )
+        return True
