@@ -24,6 +24,10 @@ import yaml
 
 TWISTD = str(Path(sys.executable).parent / "twistd")
 LISTENING = re.compile(r"listening on (?:127\.0\.0\.1:(\d+)|(unix:\S+))")
+SOCKET_ACTIVATION_SHIM = (
+    "import os, sys; os.environ['LISTEN_PID'] = str(os.getpid()); "
+    "os.execv(sys.argv[1], sys.argv[1:])"
+)
 READY = re.compile(r"heartbeatd is ready \(pid \d+\)")
 
 
@@ -31,8 +35,14 @@ class Daemon:
     """One heartbeatd process; use as a context manager."""
 
     def __init__(
-        self, tmp_path: Path, config: dict[str, Any], *args: str, env: dict[str, str] | None = None
+        self,
+        tmp_path: Path,
+        config: dict[str, Any],
+        *args: str,
+        env: dict[str, str] | None = None,
+        listen_socket: socket.socket | None = None,
     ) -> None:
+        self.listen_socket = listen_socket
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         # A short drain by default, so tests whose clients stay connected stop quickly.
         config = {
@@ -57,12 +67,28 @@ class Daemon:
         self.port = 0
 
     def __enter__(self) -> Daemon:
+        argv, preexec, env = self.argv, None, self.env
+        if self.listen_socket is not None:
+            # Launch as systemd does: the socket on fd 3, LISTEN_FDS=1, LISTEN_PID = our pid
+            # (set by a shim that then exec()s twistd, which keeps the pid).
+            fd = self.listen_socket.fileno()
+            argv = [sys.executable, "-c", SOCKET_ACTIVATION_SHIM, *self.argv]
+            env = {**env, "LISTEN_FDS": "1", "LISTEN_FDNAMES": "heartbeatd.socket"}
+
+            def preexec() -> None:
+                if fd == 3:  # dup2 onto itself would keep the close-on-exec flag
+                    os.set_inheritable(3, True)
+                else:
+                    os.dup2(fd, 3)
+
         self.process = subprocess.Popen(
-            self.argv,
+            argv,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env=self.env,
+            env=env,
+            preexec_fn=preexec,
+            close_fds=self.listen_socket is None,
         )
         threading.Thread(target=self._pump, daemon=True).start()
         match = self.wait_for(LISTENING)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,17 @@ def test_unix_socket_endpoint(tmp_path: Path) -> None:
         client.send({"type": "echo", "id": 1, "data": "over unix"})
         assert client.recv()["data"] == "over unix"
         assert daemon.stop() == 0
+
+
+def test_systemd_socket_activation(tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        config = {"listen": "systemd:domain=INET:index=0"}
+        with Daemon(tmp_path, config, listen_socket=listener) as daemon:
+            assert daemon.port == port  # the inherited socket, not a new one
+            with RawClient(port) as client:
+                assert client.recv()["type"] == "hello"
+            assert daemon.stop() == 0
 
 
 def test_bad_config_exits_non_zero_naming_the_key(tmp_path: Path) -> None:
