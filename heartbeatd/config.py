@@ -21,6 +21,7 @@ import yaml
 from heartbeatd.framings import FRAMINGS
 
 __all__ = [
+    "AdminConfig",
     "Config",
     "ConfigError",
     "HeartbeatConfig",
@@ -180,6 +181,26 @@ class ShutdownConfig:
 
 
 @dataclass(frozen=True)
+class AdminConfig:
+    listen: str = field(
+        default="tcp:9100:interface=127.0.0.1",
+        metadata=_check(
+            lambda v: None if isinstance(v, str) else "a server endpoint string, or '' for off",
+            "admin HTTP API endpoint; empty turns the API off",
+        ),
+    )
+    token: str = field(
+        default="",
+        metadata=_check(
+            lambda v: None if isinstance(v, str) else "a string", "bearer token; empty: none"
+        ),
+    )
+
+    def __repr__(self) -> str:  # never show the token in logs or diffs
+        return f"AdminConfig(listen={self.listen!r}, token={'***' if self.token else ''!r})"
+
+
+@dataclass(frozen=True)
 class SeedConfig:
     message_type: str = field(
         default="message",
@@ -212,6 +233,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
     seed: SeedConfig = field(default_factory=SeedConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
 
     def effective_max_connections(self) -> int:
         """The connection limit, reading the process's open-file limit when set to 0."""
@@ -233,6 +255,7 @@ _SECTIONS: dict[str, type] = {
     "log": LogConfig,
     "shutdown": ShutdownConfig,
     "seed": SeedConfig,
+    "admin": AdminConfig,
 }
 
 

@@ -9,6 +9,7 @@ an injected clock in tests.
 from __future__ import annotations
 
 import secrets
+from bisect import bisect_left
 from collections import Counter, OrderedDict, deque
 from typing import Any
 
@@ -29,6 +30,9 @@ from heartbeatd.protocol import RefusedProtocol, ServerProtocol
 __all__ = ["EvictionRecord", "ServerFactory"]
 
 log = get_logger(__name__)
+
+#: Upper bounds (seconds) of the heartbeat round-trip histogram.
+RTT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 #: Reasons a close is logged at info level (the client or the operator chose it).
 _ROUTINE_CLOSES = frozenset({"shutdown"})
@@ -85,6 +89,12 @@ class ServerFactory(Factory):
         self.closes: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
         self.recent_closes: deque[EvictionRecord] = deque(maxlen=self.RECENT_CLOSES)
+        #: Frame and byte counts of connections already closed (live ones are summed on demand).
+        self.closed_totals = {"frames_in": 0, "frames_out": 0, "bytes_in": 0, "bytes_out": 0}
+        #: Heartbeat round trips, seconds: upper bounds and cumulative-ready counts.
+        self.rtt_buckets = RTT_BUCKETS
+        self.rtt_counts = [0] * (len(RTT_BUCKETS) + 1)
+        self.rtt_sum = 0.0
         self._empty_waiters: list[Deferred[None]] = []
         #: True once shutdown began: health checks report it, clients were told goaway.
         self.draining = False
@@ -190,9 +200,29 @@ class ServerFactory(Factory):
             missed=client.pings_unanswered,
         )
 
+    def record_rtt(self, seconds: float) -> None:
+        """One heartbeat round trip (called per pong, not per frame)."""
+        self.rtt_counts[bisect_left(self.rtt_buckets, seconds)] += 1
+        self.rtt_sum += seconds
+
+    def traffic_totals(self) -> dict[str, int]:
+        """Frames and bytes in and out since start, closed and live connections together."""
+        totals = dict(self.closed_totals)
+        for client in self.clients.values():
+            totals["frames_in"] += client.frames_in
+            totals["frames_out"] += client.frames_out
+            totals["bytes_in"] += client.bytes_in
+            totals["bytes_out"] += client.bytes_out
+        return totals
+
     def client_disconnected(self, client: ServerProtocol, reason: Failure | None) -> None:
         if self.clients.pop(client.session_id, None) is None:
             return
+        totals = self.closed_totals
+        totals["frames_in"] += client.frames_in
+        totals["frames_out"] += client.frames_out
+        totals["bytes_in"] += client.bytes_in
+        totals["bytes_out"] += client.bytes_out
         log.debug(
             "Client {session} ({peer}) disconnected: {why}",
             session=client.session_id,

@@ -81,6 +81,8 @@ class HeartbeatMonitor:
         #: Reactor seconds the last sweep spent in its batches, and how many clients were due.
         self.last_sweep_busy = 0.0
         self.last_sweep_due = 0
+        #: How late the last sweep ran (seconds): the reactor's lag, measured once per interval.
+        self.last_lateness = 0.0
 
     def now(self) -> float:
         """The alive clock: reactor time minus every stall detected so far."""
@@ -132,6 +134,7 @@ class HeartbeatMonitor:
         real_now = self._clock.seconds()
         lateness = real_now - (self._last_due + self.interval)
         self._last_due += count * self.interval
+        self.last_lateness = max(lateness, 0.0)
         if lateness > max(self.MIN_STALL, self.STALL_FRACTION * self.interval):
             self.stalled += lateness
             self.stalls += 1

@@ -161,6 +161,7 @@ class ServerProtocol(Protocol):
             if self.ping_sent_at is not None:
                 self.last_rtt = self.factory.clock.seconds() - self.ping_sent_at
                 self.ping_sent_at = None
+                self.factory.record_rtt(self.last_rtt)
             return
         if type_ == _ERROR:
             log.debug(
@@ -204,6 +205,7 @@ class ServerProtocol(Protocol):
         if self.ping_sent_at is not None:  # our own heartbeat, answered
             self.last_rtt = self.factory.clock.seconds() - self.ping_sent_at
             self.ping_sent_at = None
+            self.factory.record_rtt(self.last_rtt)
             return
         if self._batch is not None:
             self._batch.append(token)

@@ -23,7 +23,7 @@ __all__ = ["Reloader", "config_diff"]
 log = get_logger(__name__)
 
 #: Keys bound at start: changing them needs a restart.
-FIXED_KEYS = ("listen", "framing", "handlers")
+FIXED_KEYS = ("listen", "framing", "handlers", "admin")
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -36,9 +36,16 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_diff(old: Config, new: Config) -> list[str]:
-    """``key old -> new`` for every key that differs."""
+    """``key old -> new`` for every key that differs (secrets shown as ``***``)."""
     before, after = _flatten(old.to_dict()), _flatten(new.to_dict())
-    return [f"{k} {before[k]!r} -> {after[k]!r}" for k in sorted(after) if before[k] != after[k]]
+    lines = []
+    for key in sorted(after):
+        if before[key] != after[key]:
+            if key == "admin.token":
+                lines.append(f"{key} changed")
+            else:
+                lines.append(f"{key} {before[key]!r} -> {after[key]!r}")
+    return lines
 
 
 class Reloader:

@@ -55,6 +55,7 @@ class ServerService(Service):
         reactor: Any = None,
         notifier: Notifier | None = None,
         on_hangup: Callable[[], object] | None = None,
+        admin: tuple[IStreamServerEndpoint, Any] | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.factory = factory
@@ -62,6 +63,8 @@ class ServerService(Service):
         self._reactor = reactor
         self.notifier = notifier or Notifier({})
         self._on_hangup = on_hangup
+        self._admin = admin
+        self.admin_port: IListeningPort | None = None
         self._status_loop: LoopingCall | None = None
 
     def startService(self) -> None:
@@ -88,17 +91,7 @@ class ServerService(Service):
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
-        outcome: list[IListeningPort | Failure] = []
-        self.endpoint.listen(self.factory).addBoth(outcome.append)
-        if not outcome:
-            raise SystemExit("heartbeatd: the listen endpoint did not bind synchronously")
-        result = outcome[0]
-        if isinstance(result, Failure):
-            raise SystemExit(
-                f"heartbeatd: cannot listen on {self.factory.config.listen!r}: "
-                f"{result.getErrorMessage()}"
-            )
-        self.port = result
+        self.port = result = _bind(self.endpoint, self.factory, self.factory.config.listen)
         config = self.factory.config
         log.info(
             "heartbeatd {version} listening on {address} ({framing} framing, heartbeat every "
@@ -110,6 +103,13 @@ class ServerService(Service):
             timeout=config.heartbeat.timeout,
             limit=self.factory.max_connections,
         )
+        if self._admin is not None:
+            endpoint, site = self._admin
+            self.admin_port = _bind(endpoint, site, self.factory.config.admin.listen)
+            log.info(
+                "admin API listening on {address}",
+                address=format_address(self.admin_port.getHost()),
+            )
 
     def stopService(self) -> Deferred[None]:
         """Stop listening first (a restarted instance can take new clients), then drain."""
@@ -131,4 +131,22 @@ class ServerService(Service):
                 log.info("Stopped listening; closing {count} client(s)", count=count)
             return self.factory.close_all(shutdown.close_timeout)
 
-        return stopped.addCallback(drain).addCallback(close_clients)
+        def stop_admin(_: object) -> Any:  # last: /healthz answers 503 during the drain
+            admin, self.admin_port = self.admin_port, None
+            return admin.stopListening() if admin is not None else None
+
+        return stopped.addCallback(drain).addCallback(close_clients).addCallback(stop_admin)
+
+
+def _bind(endpoint: IStreamServerEndpoint, factory: Any, description: str) -> IListeningPort:
+    """Listen now or exit with one clear line (port in use, bad certificate...)."""
+    outcome: list[IListeningPort | Failure] = []
+    endpoint.listen(factory).addBoth(outcome.append)
+    if not outcome:
+        raise SystemExit(f"heartbeatd: {description!r} did not bind synchronously")
+    result = outcome[0]
+    if isinstance(result, Failure):
+        raise SystemExit(
+            f"heartbeatd: cannot listen on {description!r}: {result.getErrorMessage()}"
+        )
+    return result

@@ -77,6 +77,10 @@ class Options(usage.Options):
         endpoint_error = check_endpoint(config.listen, _reactor())
         if endpoint_error:
             errors.append(endpoint_error)
+        if config.admin.listen:
+            admin_error = check_endpoint(config.admin.listen, _reactor())
+            if admin_error:
+                errors.append("admin." + admin_error)
         registry = build_registry(config, errors)
         if errors or registry is None:
             self._fail(errors)
@@ -102,4 +106,12 @@ def makeService(options: Options) -> IService:
     endpoint = serverFromString(reactor, config.listen)
     notifier = Notifier()
     reloader = Reloader(options["config"], options.overrides, factory, notifier)
-    return ServerService(endpoint, factory, reactor, notifier, reloader.reload)
+    admin = None
+    if config.admin.listen:
+        from heartbeatd.admin import admin_site
+
+        admin = (
+            serverFromString(reactor, config.admin.listen),
+            admin_site(factory, config.admin.token),
+        )
+    return ServerService(endpoint, factory, reactor, notifier, reloader.reload, admin)

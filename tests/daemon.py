@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 TWISTD = str(Path(sys.executable).parent / "twistd")
-LISTENING = re.compile(r"listening on (?:127\.0\.0\.1:(\d+)|(unix:\S+))")
+LISTENING = re.compile(r"heartbeatd \S+ listening on (?:127\.0\.0\.1:(\d+)|(unix:\S+))")
 SOCKET_ACTIVATION_SHIM = (
     "import os, sys; os.environ['LISTEN_PID'] = str(os.getpid()); "
     "os.execv(sys.argv[1], sys.argv[1:])"
@@ -44,10 +44,12 @@ class Daemon:
     ) -> None:
         self.listen_socket = listen_socket
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        # A short drain by default, so tests whose clients stay connected stop quickly.
+        # A short drain by default, so tests whose clients stay connected stop quickly; the
+        # admin API is off unless a test turns it on (its default port is fixed).
         config = {
             "listen": "tcp:0:interface=127.0.0.1",
             "shutdown": {"drain_timeout": 0.2},
+            "admin": {"listen": ""},
             **config,
         }
         self.config_path = tmp_path / "heartbeatd.yaml"

@@ -1,0 +1,102 @@
+"""Prometheus metrics, read from the daemon's own counters at scrape time.
+
+Nothing here runs per frame: connections and the factory count in plain integers, and this
+collector turns them into metric families only when ``/metrics`` is scraped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from itertools import accumulate
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from heartbeatd.factory import ServerFactory
+
+__all__ = ["FactoryCollector", "registry_for"]
+
+
+class FactoryCollector(Collector):
+    """Exports a `ServerFactory`'s state as ``heartbeatd_*`` metrics."""
+
+    def __init__(self, factory: ServerFactory) -> None:
+        self.factory = factory
+
+    def collect(self) -> Iterator[object]:
+        f = self.factory
+        hb = f.heartbeat
+        yield GaugeMetricFamily(
+            "heartbeatd_connections", "Clients connected now.", value=len(f.clients)
+        )
+        yield CounterMetricFamily(
+            "heartbeatd_connections_accepted", "Connections accepted.", value=f.accepted
+        )
+        yield CounterMetricFamily(
+            "heartbeatd_connections_refused",
+            "Connections refused at limits.max_connections.",
+            value=f.refused,
+        )
+        evicted = CounterMetricFamily(
+            "heartbeatd_evicted", "Clients closed by the server, by reason.", labels=["reason"]
+        )
+        for reason, count in sorted(f.closes.items()):
+            evicted.add_metric([reason], count)
+        yield evicted
+        errors = CounterMetricFamily(
+            "heartbeatd_errors", "Error frames sent, by code.", labels=["code"]
+        )
+        for code, count in sorted(f.errors.items()):
+            errors.add_metric([code], count)
+        yield errors
+        totals = f.traffic_totals()
+        frames = CounterMetricFamily("heartbeatd_frames", "Frames.", labels=["direction"])
+        frames.add_metric(["in"], totals["frames_in"])
+        frames.add_metric(["out"], totals["frames_out"])
+        yield frames
+        traffic = CounterMetricFamily("heartbeatd_bytes", "Bytes.", labels=["direction"])
+        traffic.add_metric(["in"], totals["bytes_in"])
+        traffic.add_metric(["out"], totals["bytes_out"])
+        yield traffic
+        yield CounterMetricFamily("heartbeatd_heartbeat_sweeps", "Sweeps run.", value=hb.sweeps)
+        yield GaugeMetricFamily(
+            "heartbeatd_heartbeat_sweep_seconds",
+            "Reactor time the last sweep spent in its batches.",
+            value=hb.last_sweep_busy,
+        )
+        yield CounterMetricFamily(
+            "heartbeatd_heartbeat_pings", "Heartbeat pings sent.", value=hb.pings_sent
+        )
+        yield GaugeMetricFamily(
+            "heartbeatd_reactor_lag_seconds",
+            "How late the last heartbeat sweep ran.",
+            value=hb.last_lateness,
+        )
+        yield CounterMetricFamily(
+            "heartbeatd_reactor_stalls", "Reactor stalls detected.", value=hb.stalls
+        )
+        yield CounterMetricFamily(
+            "heartbeatd_reactor_stalled_seconds",
+            "Seconds of stall excluded from client silence.",
+            value=hb.stalled,
+        )
+        cumulative = list(accumulate(f.rtt_counts))
+        buckets = [(repr(bound), cumulative[i]) for i, bound in enumerate(f.rtt_buckets)]
+        buckets.append(("+Inf", cumulative[-1]))
+        yield HistogramMetricFamily(
+            "heartbeatd_ping_rtt_seconds",
+            "Heartbeat ping round-trip time.",
+            buckets=buckets,
+            sum_value=f.rtt_sum,
+        )
+
+
+def registry_for(factory: ServerFactory) -> CollectorRegistry:
+    """A registry holding only this daemon's metrics (no process-global state)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(FactoryCollector(factory))
+    return registry
