@@ -162,6 +162,10 @@ class TcpConfig:
 @dataclass(frozen=True)
 class LogConfig:
     level: str = field(default="info", metadata=_check(one_of(*LOG_LEVELS), "minimum level"))
+    format: str = field(
+        default="text",
+        metadata=_check(one_of("text", "json"), "text, or json: one event per line"),
+    )
 
 
 @dataclass(frozen=True)

@@ -41,9 +41,20 @@ _ROUTINE_CLOSES = frozenset({"shutdown"})
 class EvictionRecord:
     """Why and in what state a client was dropped, kept for operators (`recent_closes`)."""
 
-    __slots__ = ("at", "detail", "last_rtt", "peer", "pings_unanswered", "reason", "session_id")
+    __slots__ = (
+        "at",
+        "detail",
+        "last_rtt",
+        "peer",
+        "pings_unanswered",
+        "reason",
+        "session_id",
+        "silent_for",
+    )
 
-    def __init__(self, client: ServerProtocol, reason: str, detail: str, at: float) -> None:
+    def __init__(
+        self, client: ServerProtocol, reason: str, detail: str, at: float, silent_for: float
+    ) -> None:
         self.session_id = client.session_id
         self.peer = client.peer
         self.reason = reason
@@ -51,6 +62,8 @@ class EvictionRecord:
         self.at = at
         self.last_rtt = client.last_rtt
         self.pings_unanswered = client.pings_unanswered
+        #: Seconds since the client was last heard from (stalls excluded).
+        self.silent_for = round(silent_for, 3)
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -184,7 +197,9 @@ class ServerFactory(Factory):
     def client_closing(self, client: ServerProtocol, reason: str, detail: str) -> None:
         """Record and log why the server is closing a client."""
         self.closes[reason] += 1
-        record = EvictionRecord(client, reason, detail, self.clock.seconds())
+        record = EvictionRecord(
+            client, reason, detail, self.clock.seconds(), self.now() - client.last_seen
+        )
         self.recent_closes.append(record)
         emit = log.info if reason in _ROUTINE_CLOSES else log.warn
         emit(

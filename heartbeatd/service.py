@@ -18,6 +18,7 @@ from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
+from heartbeatd import logs
 from heartbeatd._version import __version__
 from heartbeatd.factory import ServerFactory
 from heartbeatd.logs import get_logger
@@ -76,6 +77,11 @@ class ServerService(Service):
         # Runs after the reactor installed its own signal handlers, so ours win.
         assert self._reactor is not None
         ShutdownSignals(self._reactor, self._on_hangup).install()
+        if self.factory.config.log.format == "json" and not logs.observer_in_use:
+            log.warn(
+                "log.format is json, but twistd was not started with "
+                "--logger heartbeatd.logs.observer; logging as text"
+            )
         log.info("heartbeatd is ready (pid {pid})", pid=os.getpid())
         # READY only now: the listener is bound and signals are handled.
         self.notifier.ready(self._status())

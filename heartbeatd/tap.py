@@ -15,7 +15,7 @@ from heartbeatd.config import Config, ConfigError, load_config
 from heartbeatd.dispatch import HandlerRegistry, default_registry
 from heartbeatd.factory import ServerFactory
 from heartbeatd.framings import FRAMINGS
-from heartbeatd.logs import set_level
+from heartbeatd.logs import set_format, set_level
 from heartbeatd.reload import Reloader
 from heartbeatd.sdnotify import Notifier
 from heartbeatd.service import ServerService, raise_open_file_limit
@@ -98,6 +98,7 @@ class Options(usage.Options):
 def makeService(options: Options) -> IService:
     config = options.config
     set_level(config.log.level)
+    set_format(config.log.format)
     raise_open_file_limit()
     reactor = _reactor()
     from twisted.internet.endpoints import serverFromString

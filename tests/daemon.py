@@ -58,6 +58,7 @@ class Daemon:
             TWISTD,
             "--nodaemon",
             "--pidfile=",
+            "--logger=heartbeatd.logs.observer",
             "heartbeatd",
             "--config",
             str(self.config_path),

@@ -80,6 +80,7 @@ def test_every_endpoint(tmp_path: Path) -> None:
         assert listing["count"] == 0
         (record,) = listing["recent_evictions"]
         assert record["reason"] == "admin" and record["session_id"] == session
+        assert record["silent_for"] >= 0 and record["pings_unanswered"] == 0
         _, final = http(port, "GET", "/metrics")
         assert metric(final, 'heartbeatd_evicted_total{reason="admin"}') == 1
         assert daemon.stop() == 0

@@ -65,3 +65,16 @@ def test_daemon_notifies_ready_watchdog_status_and_stopping(
             assert stopping["STOPPING"] == "1"
             assert stopping["STATUS"] == "draining 1 client(s)"
             assert daemon.process.wait(20) == 0
+
+
+def test_reload_sends_reloading_with_monotonic_usec_then_ready(
+    tmp_path: Path, notify_socket: tuple[socket.socket, str]
+) -> None:
+    sock, path = notify_socket
+    with Daemon(tmp_path, {}, env={"NOTIFY_SOCKET": path}) as daemon:
+        messages(sock, until="READY")
+        daemon.process.send_signal(signal.SIGHUP)
+        reloading = messages(sock, until="RELOADING")[-1]
+        assert reloading["RELOADING"] == "1" and int(reloading["MONOTONIC_USEC"]) > 0
+        assert messages(sock, until="READY")[-1]["READY"] == "1"
+        assert daemon.stop() == 0

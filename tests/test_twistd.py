@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 from pathlib import Path
@@ -185,3 +186,30 @@ def register(registry):
         log.info("slow request started")
         return task.deferLater(reactor, 0.5, lambda: "finished")
 """
+
+
+def test_json_log_format_is_one_event_per_line(tmp_path: Path) -> None:
+    config = {"log": {"format": "json"}, "heartbeat": {"interval": 0.2, "timeout": 0.5}}
+    with Daemon(tmp_path, config) as daemon, RawClient(daemon.port) as silent:
+        assert silent.recv()["type"] == "hello"
+        while silent.recv() is not None:
+            pass
+        daemon.wait_for("heartbeat_timeout")
+        assert daemon.stop() == 0
+    records = [json.loads(line) for line in daemon.lines if line.strip()]
+    (eviction,) = [r for r in records if r.get("reason") == "heartbeat_timeout"]
+    assert eviction["level"] == "warn"
+    assert eviction["namespace"] == "heartbeatd.factory"
+    assert eviction["peer"].startswith("127.0.0.1:") and len(eviction["session"]) == 16
+    assert "heartbeat_timeout" in eviction["text"]
+    assert all({"time", "level", "namespace", "text"} <= r.keys() for r in records)
+
+
+def test_second_signal_exits_at_once(tmp_path: Path) -> None:
+    config = {"shutdown": {"drain_timeout": 60}}
+    with Daemon(tmp_path, config) as daemon, RawClient(daemon.port) as client:
+        assert client.recv()["type"] == "hello"
+        daemon.process.send_signal(signal.SIGTERM)
+        assert client.recv()["type"] == "goaway"  # draining, and would wait 60 s
+        daemon.process.send_signal(signal.SIGTERM)
+        assert daemon.process.wait(10) == 128 + signal.SIGTERM
