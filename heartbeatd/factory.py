@@ -120,6 +120,8 @@ class ServerFactory(Factory):
         """Use a new configuration from now on (live reload); connections stay open."""
         self.config = config
         self.max_connections = config.effective_max_connections()
+        for client in self.clients.values():
+            client.set_max_frame_bytes(config.max_frame_bytes)
         self.heartbeat.batch = config.heartbeat.sweep_batch
         self.heartbeat.reconfigure(config.heartbeat.interval, config.heartbeat.timeout)
 

@@ -199,6 +199,11 @@ class ServerProtocol(Protocol):
             if frame is not None:
                 self._emit(frame)
 
+    def set_max_frame_bytes(self, limit: int) -> None:
+        """Apply a new frame limit (live reload), also to a frame being received."""
+        if self._decoder is not None:
+            self._decoder.max_frame_bytes = limit
+
     def _answer_token(self) -> None:
         token = self._token
         assert token is not None

@@ -182,3 +182,13 @@ def test_reconfigure_applies_to_live_connections(clock: Clock, registry: Handler
     assert len(pings(peer)) == 2
     clock.advance(2)  # silent 6s > 5s
     assert peer.transport.disconnected
+
+
+def test_apply_config_reaches_live_connections(clock: Clock, registry: HandlerRegistry) -> None:
+    factory = started(clock, registry)
+    peer = Peer(factory)
+    factory.apply_config(make_config(max_frame_bytes=16, heartbeat={"interval": 1, "timeout": 2}))
+    peer.send({"type": "echo", "data": "more than sixteen bytes"})
+    (error,) = peer.received()
+    assert error["error"]["code"] == "frame_too_large"
+    assert factory.heartbeat.interval == 1
