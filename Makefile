@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 CONFIG ?= config/heartbeatd.yaml
 
-.PHONY: run test lint clean
+.PHONY: run test lint bench clean
 
 $(STAMP): pyproject.toml twisted_plugins/heartbeatd_plugin.py
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "heartbeatd needs Python 3.10+"'
@@ -26,5 +26,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check heartbeatd tests twisted_plugins bench
 	$(BIN)/ruff format --check heartbeatd tests twisted_plugins bench
 
+# Benchmarks: heartbeatd against plain Twisted, Node.js and C peers (see docs/benchmarks.md).
+bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet 'matplotlib>=3.7'
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
 clean:
-	rm -rf $(VENV) build dist .pytest_cache .hypothesis
+	rm -rf $(VENV) build dist .pytest_cache .hypothesis bench/build

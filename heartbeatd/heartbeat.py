@@ -81,6 +81,8 @@ class HeartbeatMonitor:
         #: Reactor seconds the last sweep spent in its batches, and how many clients were due.
         self.last_sweep_busy = 0.0
         self.last_sweep_due = 0
+        #: The longest single batch of the last sweep: how long it blocked the reactor at once.
+        self.last_sweep_longest_batch = 0.0
         #: How late the last sweep ran (seconds): the reactor's lag, measured once per interval.
         self.last_lateness = 0.0
 
@@ -154,6 +156,7 @@ class HeartbeatMonitor:
             due.append(client)
         self.last_sweep_due = len(due)
         self.last_sweep_busy = 0.0
+        self.last_sweep_longest_batch = 0.0
         if not due:
             return None
         self._sequence += 1
@@ -190,7 +193,9 @@ class HeartbeatMonitor:
                     client.send_heartbeat(frame, began)
             except Exception:
                 log.failure("Heartbeat of one client failed; the sweep goes on")
-        self.last_sweep_busy += clock.seconds() - began
+        spent = clock.seconds() - began
+        self.last_sweep_busy += spent
+        self.last_sweep_longest_batch = max(self.last_sweep_longest_batch, spent)
         if end < len(due):
             clock.callLater(0, self._run_batch, due, end, frame, done)
         else:

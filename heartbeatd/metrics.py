@@ -68,6 +68,11 @@ class FactoryCollector(Collector):
             "Reactor time the last sweep spent in its batches.",
             value=hb.last_sweep_busy,
         )
+        yield GaugeMetricFamily(
+            "heartbeatd_heartbeat_batch_max_seconds",
+            "Longest single batch of the last sweep (the longest the sweep blocked the reactor).",
+            value=hb.last_sweep_longest_batch,
+        )
         yield CounterMetricFamily(
             "heartbeatd_heartbeat_pings", "Heartbeat pings sent.", value=hb.pings_sent
         )
