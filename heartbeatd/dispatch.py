@@ -11,8 +11,9 @@ defines ``register(registry)``.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from inspect import iscoroutine
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final
 
 from twisted.internet.defer import Deferred
@@ -84,6 +85,8 @@ class HandlerRegistry:
 
     def __init__(self) -> None:
         self._handlers: dict[str, Handler] = {}
+        #: Read-only view for the protocol's hot path (type -> handler).
+        self.handlers: Mapping[str, Handler] = MappingProxyType(self._handlers)
 
     def add(self, type: str, handler: Handler, *, replace: bool = False) -> None:
         if not isinstance(type, str) or not type:

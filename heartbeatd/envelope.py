@@ -99,6 +99,10 @@ def encode_json(value: Any) -> bytes:
     return _dumps(value)
 
 
+#: Raw parser for the hot path: raises ValueError on bad input (callers then take the slow path).
+decode_json_unchecked = _loads
+
+
 def decode_json(body: bytes) -> Any:
     """Parse a UTF-8 JSON body; raise `ProtocolError` (``bad_json``) when it is not JSON."""
     try:

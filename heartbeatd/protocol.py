@@ -13,6 +13,7 @@ bookkeeping lives in the factory.  What this class adds is what only a connectio
 from __future__ import annotations
 
 from collections import deque
+from inspect import iscoroutine
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
@@ -21,7 +22,7 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 
 from heartbeatd import envelope
-from heartbeatd.dispatch import NO_REPLY, HandlerError, Reply, Request, call_handler
+from heartbeatd.dispatch import NO_REPLY, HandlerError, Reply, Request
 from heartbeatd.envelope import ProtocolError, decode_message, encode_error, encode_message
 from heartbeatd.framing import HEARTBEAT, FrameDecoder
 from heartbeatd.logs import get_logger
@@ -33,6 +34,9 @@ if TYPE_CHECKING:
 __all__ = ["RefusedProtocol", "ServerProtocol", "format_address"]
 
 log = get_logger(__name__)
+
+#: Handler results that are plain JSON values, answered on the hot path without more checks.
+_PLAIN_RESULTS = frozenset({dict, list, str, int, float, bool, type(None)})
 
 #: Types a client sends that answer *us*; they are never dispatched to handlers.
 _PONG = "pong"
@@ -129,8 +133,11 @@ class ServerProtocol(Protocol):
         batch: list[bytes] = []
         self._batch = batch
         try:
-            for item in items:
-                self._handle_item(item)
+            if self._bare_type is None:
+                self._handle_envelopes(items, batch)
+            else:
+                for item in items:
+                    self._handle_item(item)
             error = decoder.error
             if error is not None:
                 self._emit(encode_error(error.code, str(error)))
@@ -140,6 +147,66 @@ class ServerProtocol(Protocol):
             self._write_many(batch)
         if decoder.error is not None:
             self.close(decoder.error.code, str(decoder.error))
+
+    def _handle_envelopes(self, items: list[Any], batch: list[bytes]) -> None:
+        """The hot path: well-formed envelopes with synchronous JSON results, inlined.
+
+        Anything unusual (a framing token, invalid JSON, a bad envelope, a reserved type, a
+        Deferred or `Reply` result, a failing handler) takes the general path, which alone
+        decides what goes on the wire, so both paths answer identically.
+        """
+        loads = envelope.decode_json_unchecked
+        dumps = envelope.encode_json
+        encode = self._encode
+        handlers = self.factory.registry.handlers
+        pending = self._pending
+        for item in items:
+            if type(item) is not bytes:
+                self._handle_item(item)
+                continue
+            try:
+                value = loads(item)
+            except ValueError:
+                self._handle_item(item)
+                continue
+            if type(value) is not dict:
+                self._handle_item(item)
+                continue
+            type_ = value.get("type")
+            id_ = value.get("id")
+            handler = handlers.get(type_) if type(type_) is str else None
+            if handler is None or (
+                id_ is not None and type(id_) is not str and type(id_) is not int
+            ):
+                self._handle_item(item)
+                continue
+            self.frames_in += 1
+            data = value.get("data")
+            try:
+                result = handler(Request(type_, id_, data, self))
+            except Exception:
+                self._emit(self._error_frame(Failure(), envelope.Message(type_, id_, data)))
+                continue
+            if type(result) in _PLAIN_RESULTS:
+                reply = (
+                    {"type": type_, "id": id_, "data": result}
+                    if id_ is not None
+                    else {
+                        "type": type_,
+                        "data": result,
+                    }
+                )
+                try:
+                    body = dumps(reply)
+                except Exception:
+                    self._emit(self._error_frame(Failure(), envelope.Message(type_, id_, data)))
+                    continue
+                if pending:
+                    self._emit(body)
+                else:
+                    batch.append(encode(body))
+            else:
+                self._handle_result(envelope.Message(type_, id_, data), result)
 
     def _handle_item(self, item: bytes | object) -> None:
         if item is HEARTBEAT:
@@ -179,10 +246,16 @@ class ServerProtocol(Protocol):
             )
             return
         try:
-            result = call_handler(handler, Request(type_, message.id, message.data, self))
+            result = handler(Request(type_, message.id, message.data, self))
         except Exception:
             self._emit(self._error_frame(Failure(), message))
             return
+        self._handle_result(message, result)
+
+    def _handle_result(self, message: envelope.Message, result: Any) -> None:
+        """Reply with a handler's result: a value, `Reply`, `NO_REPLY`, Deferred or coroutine."""
+        if iscoroutine(result):
+            result = Deferred.fromCoroutine(result)
         if isinstance(result, Deferred):
             slot = _Slot()
             self._pending.append(slot)
