@@ -143,6 +143,10 @@ class LimitsConfig:
 @dataclass(frozen=True)
 class TcpConfig:
     nodelay: bool = field(default=True, metadata=_check(boolean, "disable Nagle's algorithm"))
+    direct_write: bool = field(
+        default=True,
+        metadata=_check(boolean, "send replies at once when nothing is queued (faster)"),
+    )
     keepalive: bool = field(default=True, metadata=_check(boolean, "enable TCP keepalive"))
     keepalive_idle: float = field(
         default=60.0, metadata=_check(positive_number, "idle seconds before the first probe")

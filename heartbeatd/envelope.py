@@ -99,6 +99,9 @@ def encode_json(value: Any) -> bytes:
     return _dumps(value)
 
 
+#: Raw serialiser for the hot path (the same function `encode_json` wraps).
+encode_json_unchecked = _dumps
+
 #: Raw parser for the hot path: raises ValueError on bad input (callers then take the slow path).
 decode_json_unchecked = _loads
 

@@ -213,3 +213,33 @@ def test_second_signal_exits_at_once(tmp_path: Path) -> None:
         assert client.recv()["type"] == "goaway"  # draining, and would wait 60 s
         daemon.process.send_signal(signal.SIGTERM)
         assert daemon.process.wait(10) == 128 + signal.SIGTERM
+
+
+def test_large_pipelined_replies_arrive_whole_and_in_order(tmp_path: Path) -> None:
+    """Replies far larger than the socket buffers: the write-through path sends part of each
+    at once and queues the rest; order and content must survive, with backpressure on."""
+    import threading
+
+    payloads = [chr(ord("a") + i % 26) * (300_000 + i) for i in range(12)]
+    with Daemon(tmp_path, {}) as daemon, RawClient(daemon.port, timeout=30) as client:
+        assert client.recv()["type"] == "hello"
+        sender = threading.Thread(
+            target=lambda: [
+                client.send({"type": "echo", "id": i, "data": p}) for i, p in enumerate(payloads)
+            ]
+        )
+        sender.start()  # sending and reading at once, or both sides would block
+        replies = [client.recv() for _ in payloads]
+        sender.join(30)
+        assert [r["id"] for r in replies] == list(range(len(payloads)))
+        assert all(r["data"] == p for r, p in zip(replies, payloads, strict=True))
+        assert daemon.stop() == 0
+
+
+def test_direct_write_is_only_used_on_plain_tcp() -> None:
+    from twisted.internet.testing import StringTransport
+
+    from heartbeatd.fastwrite import direct_writer
+
+    assert direct_writer(StringTransport()) is None
+    assert direct_writer(object()) is None
