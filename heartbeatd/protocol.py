@@ -12,6 +12,7 @@ bookkeeping lives in the factory.  What this class adds is what only a connectio
 
 from __future__ import annotations
 
+import struct
 from collections import deque
 from inspect import iscoroutine
 from typing import TYPE_CHECKING, Any
@@ -25,7 +26,7 @@ from heartbeatd import envelope
 from heartbeatd.dispatch import NO_REPLY, HandlerError, Reply, Request
 from heartbeatd.envelope import ProtocolError, decode_message, encode_error, encode_message
 from heartbeatd.fastwrite import direct_writer
-from heartbeatd.framing import HEARTBEAT, FrameDecoder
+from heartbeatd.framing import HEARTBEAT, FrameDecoder, Int32Framing
 from heartbeatd.logs import get_logger
 from heartbeatd.sockopts import configure_socket
 
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
 __all__ = ["RefusedProtocol", "ServerProtocol", "format_address"]
 
 log = get_logger(__name__)
+
+_INT32_HEADER = struct.Struct("!I").pack
 
 #: Handler results that are plain JSON values, answered on the hot path without more checks.
 _PLAIN_RESULTS = frozenset({dict, list, str, int, float, bool, type(None)})
@@ -161,6 +164,8 @@ class ServerProtocol(Protocol):
         loads = envelope.decode_json_unchecked
         dumps = envelope.encode_json_unchecked
         encode = self._encode
+        header = _INT32_HEADER if self._encode is Int32Framing.encode else None
+        answered = 0
         handlers = self.factory.registry._handlers  # read-only here; a plain dict is fastest
         pending = self._pending
         for item in items:
@@ -183,7 +188,7 @@ class ServerProtocol(Protocol):
             ):
                 self._handle_item(item)
                 continue
-            self.frames_in += 1
+            answered += 1
             data = value.get("data")
             try:
                 result = handler(Request(type_, id_, data, self))
@@ -206,10 +211,13 @@ class ServerProtocol(Protocol):
                     continue
                 if pending:
                     self._emit(body)
+                elif header is not None:
+                    batch.append(header(len(body)) + body)
                 else:
                     batch.append(encode(body))
             else:
                 self._handle_result(envelope.Message(type_, id_, data), result)
+        self.frames_in += answered
 
     def _handle_item(self, item: bytes | object) -> None:
         if item is HEARTBEAT:
