@@ -49,6 +49,7 @@ typedef struct {
     size_t out_len, out_cap;
     double first_ping;     /* idle mode: seconds since start, or -1 */
     int want_writable;
+    int connected;
 } conn_t;
 
 static const char *host = "127.0.0.1";
@@ -137,6 +138,49 @@ static int starts_with(const unsigned char *body, size_t len, const char *prefix
     return len >= p && memcmp(body, prefix, p) == 0;
 }
 
+/* Connect every connection without blocking, at most CONNECT_WINDOW at a time, so a burst
+ * of thousands never overflows the server's accept queue (dropped SYNs would stall a blocking
+ * connect() for seconds of retransmission backoff). Returns how many are connected. */
+#define CONNECT_WINDOW 256
+static int open_all(conn_t *conns, struct sockaddr_in *addr) {
+    int started = 0, done = 0, pending = 0, one = 1;
+    struct epoll_event events[CONNECT_WINDOW];
+    while (done < nconns) {
+        while (pending < CONNECT_WINDOW && started < nconns) {
+            conn_t *c = &conns[started];
+            c->fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+            if (c->fd < 0) return done;  /* out of descriptors: report what we have */
+            setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+            if (connect(c->fd, (struct sockaddr *)addr, sizeof *addr) < 0 && errno != EINPROGRESS)
+                die("connect");
+            c->sent_at = calloc((size_t)depth, sizeof(uint64_t));
+            c->first_ping = -1;
+            struct epoll_event ev = {.events = EPOLLOUT, .data.ptr = c};
+            if (epoll_ctl(epfd, EPOLL_CTL_ADD, c->fd, &ev) < 0) die("epoll_ctl");
+            started++;
+            pending++;
+        }
+        int n = epoll_wait(epfd, events, CONNECT_WINDOW, 30000);
+        if (n == 0) { fprintf(stderr, "connect timed out\n"); exit(3); }
+        for (int e = 0; e < n; e++) {
+            conn_t *c = events[e].data.ptr;
+            /* Only a pending connect's writability counts; an open socket may already be
+             * readable (a server's hello) and is read later, in the main loop. */
+            if (c->connected || !(events[e].events & (EPOLLOUT | EPOLLERR | EPOLLHUP))) continue;
+            int err = 0;
+            socklen_t len = sizeof err;
+            getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &len);
+            if (err) { errno = err; die("connect"); }
+            c->connected = 1;
+            struct epoll_event ev = {.events = EPOLLIN, .data.ptr = c};
+            if (epoll_ctl(epfd, EPOLL_CTL_MOD, c->fd, &ev) < 0) die("epoll_ctl");
+            pending--;
+            done++;
+        }
+    }
+    return done;
+}
+
 int main(int argc, char **argv) {
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -181,21 +225,7 @@ int main(int argc, char **argv) {
     conn_t *conns = calloc((size_t)nconns, sizeof(conn_t));
     struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
     inet_pton(AF_INET, host, &addr.sin_addr);
-    int opened = 0;
-    for (int i = 0; i < nconns; i++) {
-        conn_t *c = &conns[i];
-        c->fd = socket(AF_INET, SOCK_STREAM, 0);
-        if (c->fd < 0) break;  /* out of file descriptors: report how many we got */
-        int one = 1;
-        setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-        if (connect(c->fd, (struct sockaddr *)&addr, sizeof addr) < 0) die("connect");
-        fcntl(c->fd, F_SETFL, O_NONBLOCK);
-        c->sent_at = calloc((size_t)depth, sizeof(uint64_t));
-        c->first_ping = -1;
-        struct epoll_event ev = {.events = EPOLLIN, .data.ptr = c};
-        if (epoll_ctl(epfd, EPOLL_CTL_ADD, c->fd, &ev) < 0) die("epoll_ctl");
-        opened++;
-    }
+    int opened = open_all(conns, &addr);
     uint64_t start = now_ns();  /* idle mode measures from here: every connection is open */
     uint64_t measure_from = start + (uint64_t)(warmup * 1e9);
     uint64_t stop_at = measure_from + (uint64_t)(duration * 1e9);

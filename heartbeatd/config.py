@@ -222,7 +222,7 @@ class Config:
         default="heartbeatd", metadata=_check(non_empty_string, "server name sent in hello")
     )
     listen: str = field(
-        default="tcp:9000:interface=127.0.0.1",
+        default="tcp:9000:interface=127.0.0.1:backlog=1024",
         metadata=_check(non_empty_string, "a Twisted server endpoint string"),
     )
     framing: str = field(

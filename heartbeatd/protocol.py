@@ -90,7 +90,9 @@ class ServerProtocol(Protocol):
         self.last_rtt: float | None = None
         self.close_reason: str | None = None
         self._decoder: FrameDecoder | None = None
-        self._pending: deque[_Slot] = deque()
+        # Created on the first asynchronous reply: most connections never need one, and an
+        # empty deque costs about 760 bytes per connection.
+        self._pending: deque[_Slot] | None = None
         self._batch: list[bytes] | None = None
         self._write_paused = False
         self._unsent_bytes = 0
@@ -122,7 +124,7 @@ class ServerProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.connected = False
-        self._pending.clear()
+        self._pending = None
         self.factory.client_disconnected(self, reason)
 
     # -- reading ---------------------------------------------------------------------------
@@ -167,7 +169,6 @@ class ServerProtocol(Protocol):
         header = _INT32_HEADER if self._encode is Int32Framing.encode else None
         answered = 0
         handlers = self.factory.registry._handlers  # read-only here; a plain dict is fastest
-        pending = self._pending
         for item in items:
             if type(item) is not bytes:
                 self._handle_item(item)
@@ -209,7 +210,7 @@ class ServerProtocol(Protocol):
                 except Exception:
                     self._emit(self._error_frame(Failure(), envelope.Message(type_, id_, data)))
                     continue
-                if pending:
+                if self._pending:  # re-read: a handler in this read may have gone async
                     self._emit(body)
                 elif header is not None:
                     batch.append(header(len(body)) + body)
@@ -269,6 +270,8 @@ class ServerProtocol(Protocol):
             result = Deferred.fromCoroutine(result)
         if isinstance(result, Deferred):
             slot = _Slot()
+            if self._pending is None:
+                self._pending = deque()
             self._pending.append(slot)
             result.addCallbacks(
                 self._async_reply,
@@ -345,6 +348,8 @@ class ServerProtocol(Protocol):
         if not self.connected:
             return
         pending = self._pending
+        if pending is None:
+            return
         ready: list[bytes] = []
         while pending and pending[0].frame is not None:
             frame = pending.popleft().frame
@@ -408,7 +413,7 @@ class ServerProtocol(Protocol):
     def resumeProducing(self) -> None:
         self._write_paused = False
         self._unsent_bytes = 0
-        if len(self._pending) < self.factory.config.limits.max_pending_requests:
+        if len(self._pending or ()) < self.factory.config.limits.max_pending_requests:
             self._resume_reading()
 
     def stopProducing(self) -> None:
