@@ -27,6 +27,7 @@ from heartbeatd.envelope import (
     encode_json,
     encode_message,
 )
+from heartbeatd.fastwrite import direct_writer
 from heartbeatd.framing import HEARTBEAT
 from heartbeatd.framings import get_framing
 from heartbeatd.logs import get_logger
@@ -132,6 +133,7 @@ class ClientConnection(Protocol):
         self.connected = True
         self.last_received = self.clock.seconds()
         self._decoder = self.framing.decoder(self.max_frame_bytes)
+        self._send_now = direct_writer(self.transport) or self.transport.write
         if self.expect_hello:
             self._ready_timer = self.clock.callLater(self.hello_timeout, self._hello_timed_out)
         else:
@@ -269,7 +271,7 @@ class ClientConnection(Protocol):
         self._write(encode_message(type, data))
 
     def _write(self, body: bytes) -> None:
-        self.transport.write(self.framing.encode(body))
+        self._send_now(self.framing.encode(body))
 
     def _timed_out(self, request_id: int, type: str, seconds: float) -> None:
         entry = self._pending.pop(request_id, None)

@@ -24,12 +24,14 @@ from twisted.internet import tcp
 
 __all__ = ["direct_writer"]
 
+#: The transports Twisted's TCP reactor gives server and client protocols.
+_PLAIN_TCP = (tcp.Server, tcp.Client)
 _REQUIRED = ("dataBuffer", "offset", "_tempDataLen", "writeSomeData", "connected", "disconnecting")
 
 
 def direct_writer(transport: Any) -> Callable[[bytes], None] | None:
     """A ``write(data)`` that sends immediately when it safely can, or None if unsupported."""
-    if type(transport) is not tcp.Server or not all(hasattr(transport, a) for a in _REQUIRED):
+    if type(transport) not in _PLAIN_TCP or not all(hasattr(transport, a) for a in _REQUIRED):
         return None
     queue = transport.write
     send = transport.writeSomeData

@@ -12,7 +12,9 @@ swapped before they are fired, so callbacks that re-enter the pool are safe.
 
 from __future__ import annotations
 
+import os
 import random as _random
+import sys
 import traceback
 from collections import deque
 from collections.abc import Callable
@@ -65,10 +67,42 @@ def breaks_connection(failure: Failure) -> bool:
     return bool(error) and error.code in _PROTOCOL_ERROR_CODES  # type: ignore[union-attr]
 
 
+_Frame = tuple[str, int, str]
+
+
+def _caller_frames(limit: int = 8) -> tuple[_Frame, ...]:
+    """Where `acquire` was called from (file, line, function), skipping pool and Deferred code.
+
+    Plain tuples, because this runs on every borrow; they are formatted only for a leak.
+    """
+    frames = []
+    frame = sys._getframe(1)
+    while frame is not None and len(frames) < limit:
+        code = frame.f_code
+        filename = code.co_filename
+        if filename != __file__ and not filename.endswith(_DEFER_MODULE):
+            frames.append((filename, frame.f_lineno, code.co_name))
+        frame = frame.f_back
+    return tuple(reversed(frames))
+
+
+def _format_frames(frames: tuple[_Frame, ...]) -> str:
+    summaries = [traceback.FrameSummary(f, n, name) for f, n, name in frames]
+    return "".join(traceback.format_list(summaries))
+
+
+_DEFER_MODULE = os.path.join("twisted", "internet", "defer.py")
+
+
 class _Lease:
     __slots__ = ("acquired_at", "leak_timer", "stack")
 
-    def __init__(self, acquired_at: float, stack: str, leak_timer: IDelayedCall | None) -> None:
+    def __init__(
+        self,
+        acquired_at: float,
+        stack: tuple[_Frame, ...],
+        leak_timer: IDelayedCall | None,
+    ) -> None:
         self.acquired_at = acquired_at
         self.stack = stack
         self.leak_timer = leak_timer
@@ -171,8 +205,54 @@ class Pool:
         return self.acquire().addCallback(use)
 
     def request(self, type: str, data: Any = None, timeout: float | None = None) -> Deferred[Any]:
-        """One request on a borrowed connection."""
-        return self.run(lambda conn: conn.request(type, data, timeout))
+        """One request/reply, multiplexed over the pool's connections.
+
+        The protocol matches replies by id, so a single request needs a connection only to be
+        *sent*: it goes out on the next idle connection (round robin), which stays available;
+        with none idle it waits for one like `acquire`, sends, and gives it back at once.
+        Use `run` or `connection` when a conversation needs a connection to itself.
+        """
+        if self._closed:
+            return fail(PoolClosed("the pool is closed"))
+        idle = self._idle
+        while idle:
+            conn = idle[0]
+            if not conn.usable or conn in self._retiring:
+                idle.popleft()
+                self._cancel_idle_timer(conn)
+                self._destroy(conn)
+                continue
+            idle.rotate(-1)
+            self._idle_since[conn] = self.clock.seconds()
+            return self._send_shared(conn, type, data, timeout)
+
+        def send(conn: ClientConnection) -> Deferred[Any]:
+            d = self._send_shared(conn, type, data, timeout)
+            self.release(conn)  # back at once: the next borrower may use it while we wait
+            return d
+
+        return self.acquire().addCallback(send)
+
+    def _send_shared(
+        self, conn: ClientConnection, type: str, data: Any, timeout: float | None
+    ) -> Deferred[Any]:
+        def failed(failure: Failure) -> Failure:
+            if breaks_connection(failure):
+                self._broken(conn)
+            return failure
+
+        return conn.request(type, data, timeout).addErrback(failed)
+
+    def _broken(self, conn: ClientConnection) -> None:
+        """A shared request showed ``conn`` is unusable: replace it without pulling it from
+        under an exclusive borrower (who gets it destroyed on release instead)."""
+        if conn in self._idle:
+            self._idle.remove(conn)
+            self._cancel_idle_timer(conn)
+            self._destroy(conn)
+            self._refill()
+        elif conn in self._in_use:
+            self._retiring.add(conn)
 
     def connection(self) -> _Borrowed:
         """``async with pool.connection() as conn:`` — released even if the body raises."""
@@ -225,7 +305,7 @@ class Pool:
         if not window or idle_for < window:
             return succeed(self._lend(conn))
         # Idle long enough to doubt it: one ping before lending (the heartbeat covers the rest).
-        self._in_use[conn] = _Lease(self.clock.seconds(), "", None)
+        self._in_use[conn] = _Lease(self.clock.seconds(), (), None)
 
         def alive(_: object) -> ClientConnection:
             del self._in_use[conn]
@@ -240,7 +320,8 @@ class Pool:
 
     def _lend(self, conn: ClientConnection) -> ClientConnection:
         threshold = self.config.leak_threshold
-        stack = "".join(traceback.format_stack(limit=8)[:-3]) if threshold else ""
+        # Remember where the borrower is as cheap frame references; format only on a leak.
+        stack = _caller_frames() if threshold else ()
         timer = self.clock.callLater(threshold, self._leak, conn) if threshold else None
         self._in_use[conn] = _Lease(self.clock.seconds(), stack, timer)
         return conn
@@ -253,7 +334,7 @@ class Pool:
                 "was it released? Acquired at:\n{stack}",
                 held=self.clock.seconds() - lease.acquired_at,
                 limit=self.config.leak_threshold,
-                stack=lease.stack,
+                stack=_format_frames(lease.stack),
             )
 
     def _offer(self, conn: ClientConnection) -> None:
@@ -421,7 +502,10 @@ class Pool:
 
     def _destroy(self, conn: ClientConnection) -> None:
         self._forget(conn)
-        conn.close()
+        if getattr(conn, "pending_requests", 0):  # shared requests still in flight: let them end
+            conn.when_idle().addCallback(lambda _: conn.close())
+        else:
+            conn.close()
 
     def _forget(self, conn: ClientConnection) -> None:
         timer = self._life_timers.pop(conn, None)

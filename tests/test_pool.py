@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 
@@ -51,6 +51,13 @@ class FakeConn:
         d: Deferred = Deferred()
         self.pings.append(d)
         return d
+
+    @property
+    def pending_requests(self) -> int:
+        return sum(not d.called for d in self.pings)
+
+    def when_idle(self) -> Deferred:
+        return gatherResults([d for d in self.pings if not d.called]).addBoth(lambda _: None)
 
 
 class Harness:
@@ -346,3 +353,64 @@ def test_pool_config_from_yaml(tmp_path) -> None:
         parse_pool_config({"min_idle": 5, "max_size": 2})
     with pytest.raises(ConfigError, match=r"did you mean 'pool\.max_size'"):
         parse_pool_config({"max_sise": 2})
+
+
+def test_request_multiplexes_over_idle_connections(clock: Clock) -> None:
+    h = Harness(clock, min_idle=2, max_size=2)
+    h.pool.start()
+    a, b = h.succeed(0), h.succeed(1)
+    replies = [h.pool.request("echo", n) for n in range(4)]
+    assert [len(a.pings), len(b.pings)] == [2, 2]  # round robin, no borrow, no new connection
+    assert h.pool.stats()["idle"] == 2 and h.pool.stats()["in_use"] == 0
+    for conn in (a, b):
+        for d in conn.pings:
+            d.callback("ok")
+    assert [result(r) for r in replies] == ["ok"] * 4
+
+
+def test_multiplexed_request_that_breaks_its_connection_replaces_it(clock: Clock) -> None:
+    h = Harness(clock, min_idle=1, max_size=1)
+    h.pool.start()
+    conn = h.succeed()
+    d = h.pool.request("echo", 1)
+    conn.pings[0].errback(RequestTimeout("slow"))
+    assert isinstance(result(d).value, RequestTimeout)
+    assert conn.closed and len(h.connects) == 2  # destroyed and replaced
+
+
+def test_idle_connection_with_shared_requests_in_flight_closes_after_them(clock: Clock) -> None:
+    h = Harness(clock, min_idle=0, max_size=1, idle_timeout=10)
+    d = h.pool.acquire()
+    conn = h.succeed()
+    h.pool.release(result(d))
+    pending = h.pool.request("slow")
+    clock.advance(10)  # idle timeout while the shared request is in flight
+    assert not conn.closed
+    conn.pings[0].callback("done")
+    assert result(pending) == "done" and conn.closed
+
+
+def test_request_without_idle_connections_waits_then_shares(clock: Clock) -> None:
+    h = Harness(clock, max_size=1)
+    first, second = h.pool.request("echo", 1), h.pool.request("echo", 2)
+    assert h.pool.stats()["waiting"] == 2
+    conn = h.succeed()
+    # Borrowed only to send: both requests went out on the one connection, which is idle
+    # again while the replies are pending.
+    assert len(conn.pings) == 2
+    assert h.pool.stats() | {} == {**h.pool.stats(), "idle": 1, "in_use": 0, "waiting": 0}
+    conn.pings[1].callback("two")
+    conn.pings[0].callback("one")
+    assert (result(first), result(second)) == ("one", "two")
+
+
+def test_shared_request_breaking_a_borrowed_connection_retires_it(h: Harness) -> None:
+    shared = h.pool.request("echo", 1)
+    conn = h.succeed()
+    exclusive = h.pool.acquire()
+    assert result(exclusive) is conn  # someone borrowed it exclusively meanwhile
+    conn.pings[0].errback(ConnectionClosed("lost"))
+    assert isinstance(result(shared).value, ConnectionClosed)
+    assert not conn.closed  # not pulled from under its borrower...
+    h.pool.release(conn)
+    assert conn.closed  # ...but destroyed when given back
