@@ -26,7 +26,7 @@ __all__ = ["direct_writer"]
 
 #: The transports Twisted's TCP reactor gives server and client protocols.
 _PLAIN_TCP = (tcp.Server, tcp.Client)
-_REQUIRED = ("dataBuffer", "offset", "_tempDataLen", "writeSomeData", "connected", "disconnecting")
+_REQUIRED = ("dataBuffer", "offset", "_tempDataLen", "socket", "connected", "disconnecting")
 
 
 def direct_writer(transport: Any) -> Callable[[bytes], None] | None:
@@ -34,17 +34,23 @@ def direct_writer(transport: Any) -> Callable[[bytes], None] | None:
     if type(transport) not in _PLAIN_TCP or not all(hasattr(transport, a) for a in _REQUIRED):
         return None
     queue = transport.write
-    send = transport.writeSomeData
+    # The socket itself rather than writeSomeData(): that caps a send at Twisted's 128 KiB
+    # SEND_LIMIT (a Windows workaround), and every byte over it would be copied again.
+    send = transport.socket.send
 
     def write(data: bytes) -> None:
         t = transport
         if t._tempDataLen or t.offset != len(t.dataBuffer) or t.disconnecting or not t.connected:
             queue(data)  # bytes are already waiting: keep their order
             return
-        sent = send(data)
-        if type(sent) is not int:
+        try:
+            sent = send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
             queue(data)  # the connection failed; Twisted's own write path reports it
-        elif sent < len(data):
+            return
+        if sent < len(data):
             queue(data[sent:])
 
     return write
