@@ -314,11 +314,18 @@ class ClientConnection(Protocol):
         if decoder.error is not None:
             self.abort(ConnectionClosed(f"server sent an unframeable stream: {decoder.error}"))
 
+    def _heartbeat_answered(self) -> bool:
+        """Record the round trip if our heartbeat was outstanding; False if it was not."""
+        if self._ping_sent_at is None:
+            return False
+        self.last_rtt = self.clock.seconds() - self._ping_sent_at
+        self._ping_sent_at = None
+        return True
+
     def _token_received(self) -> None:
-        if self._ping_sent_at is not None:  # the answer to our own heartbeat
-            self.last_rtt = self.clock.seconds() - self._ping_sent_at
-            self._ping_sent_at = None
-        elif self.framing.heartbeat_token is not None:
+        if self._heartbeat_answered():  # the answer to our own token: not answered again
+            return
+        if self.framing.heartbeat_token is not None:
             self.transport.write(self.framing.heartbeat_token)
 
     def _message_received(self, message: Any) -> None:
@@ -354,9 +361,7 @@ class ClientConnection(Protocol):
         if type_ == "ping":
             self._write(encode_message("pong", id=request_id))
         elif type_ == "pong":
-            if self._ping_sent_at is not None:
-                self.last_rtt = self.clock.seconds() - self._ping_sent_at
-                self._ping_sent_at = None
+            self._heartbeat_answered()
         elif type_ == "goaway":
             self._goaway_received(message.data if isinstance(message.data, dict) else {})
         else:

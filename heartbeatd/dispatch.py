@@ -1,22 +1,18 @@
 """Dispatch: the registry that maps message types to handlers, and the built-in handlers.
 
 A handler is ``handler(request) -> result``.  The result may be a plain value, a Deferred or a
-coroutine; it becomes the reply's ``data``.  Return `Reply` to answer with another type (as
-``ping`` answers ``pong``), `NO_REPLY` to stay silent, or raise `HandlerError` for a typed
-error frame.  Any other exception is an ``internal_error`` on the wire and a traceback in the
-log.  Applications add types without forking heartbeatd: a module named in ``handlers:``
-defines ``register(registry)``.
+coroutine (the protocol turns a coroutine into a Deferred); it becomes the reply's ``data``.
+Return `Reply` to answer with another type (as ``ping`` answers ``pong``), `NO_REPLY` to stay
+silent, or raise `HandlerError` for a typed error frame.  Any other exception is an
+``internal_error`` on the wire and a traceback in the log.  Applications add types without
+forking heartbeatd: a module named in ``handlers:`` defines ``register(registry)``.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterable, Mapping
-from inspect import iscoroutine
-from types import MappingProxyType
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Final
-
-from twisted.internet.defer import Deferred
 
 from heartbeatd.envelope import OMIT
 
@@ -25,13 +21,18 @@ if TYPE_CHECKING:
 
 __all__ = [
     "NO_REPLY",
+    "RESERVED_TYPES",
     "HandlerError",
     "HandlerRegistry",
     "Reply",
     "Request",
-    "call_handler",
     "default_registry",
 ]
+
+
+#: Types a client sends in answer to the server (heartbeat pongs, error reports); the
+#: protocol handles them itself, so they are never dispatched and cannot be registered.
+RESERVED_TYPES: Final = frozenset({"pong", "error"})
 
 
 class _NoReply:
@@ -85,12 +86,15 @@ class HandlerRegistry:
 
     def __init__(self) -> None:
         self._handlers: dict[str, Handler] = {}
-        #: Read-only view for the protocol's hot path (type -> handler).
-        self.handlers: Mapping[str, Handler] = MappingProxyType(self._handlers)
+        #: ``get(type)``: the handler, or None. The dict's own method, so the protocol's hot
+        #: path pays for no extra call.
+        self.get: Callable[[str], Handler | None] = self._handlers.get
 
     def add(self, type: str, handler: Handler, *, replace: bool = False) -> None:
         if not isinstance(type, str) or not type:
             raise ValueError("a message type is a non-empty string")
+        if type in RESERVED_TYPES:
+            raise ValueError(f"{type!r} answers the server itself and cannot have a handler")
         if type in self._handlers and not replace:
             raise ValueError(f"a handler for {type!r} is already registered")
         self._handlers[type] = handler
@@ -104,9 +108,6 @@ class HandlerRegistry:
 
         return decorate
 
-    def get(self, type: str) -> Handler | None:
-        return self._handlers.get(type)
-
     def types(self) -> list[str]:
         return sorted(self._handlers)
 
@@ -117,14 +118,6 @@ class HandlerRegistry:
         if not callable(register):
             raise LookupError(f"module {name!r} has no register(registry) function")
         register(self)
-
-
-def call_handler(handler: Handler, request: Request) -> Any:
-    """Run a handler; a coroutine result is wrapped in a Deferred, anything else returned."""
-    result = handler(request)
-    if iscoroutine(result):
-        return Deferred.fromCoroutine(result)
-    return result
 
 
 def _ping(request: Request) -> Reply:

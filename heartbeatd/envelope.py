@@ -94,13 +94,8 @@ class Message:
         return (self.type, self.id, self.data) == (other.type, other.id, other.data)
 
 
-def encode_json(value: Any) -> bytes:
-    """Serialise any JSON value to UTF-8 bytes."""
-    return _dumps(value)
-
-
-#: Raw serialiser for the hot path (the same function `encode_json` wraps).
-encode_json_unchecked = _dumps
+#: Serialise any JSON value to UTF-8 bytes (the backend's own function: it is on the hot path).
+encode_json = _dumps
 
 #: Raw parser for the hot path: raises ValueError on bad input (callers then take the slow path).
 decode_json_unchecked = _loads

@@ -34,7 +34,8 @@ log = get_logger(__name__)
 #: Upper bounds (seconds) of the heartbeat round-trip histogram.
 RTT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
-#: Reasons a close is logged at info level (the client or the operator chose it).
+#: Closes the operator chose for everyone at once: logged per client at debug only, since
+#: the service logs one summary line (100k "closing" lines would flood the log at shutdown).
 _ROUTINE_CLOSES = frozenset({"shutdown"})
 
 
@@ -203,7 +204,7 @@ class ServerFactory(Factory):
             client, reason, detail, self.clock.seconds(), self.now() - client.last_seen
         )
         self.recent_closes.append(record)
-        emit = log.info if reason in _ROUTINE_CLOSES else log.warn
+        emit = log.debug if reason in _ROUTINE_CLOSES else log.warn
         emit(
             "Closing client {session} ({peer}): {reason}{sep}{detail}; silent {silent:.1f}s, "
             "last ping round trip {rtt}, unanswered pings {missed}",
@@ -250,6 +251,12 @@ class ServerFactory(Factory):
             waiters, self._empty_waiters = self._empty_waiters, []
             for waiter in waiters:
                 waiter.callback(None)
+
+    def status(self) -> str:
+        """One line for systemd's STATUS=: what the daemon is doing."""
+        count = len(self.clients)
+        state = "draining" if self.draining else "serving"
+        return f"{state} {count} client{'s' if count != 1 else ''}"
 
     def count_error(self, code: str) -> None:
         self.errors[code] += 1

@@ -54,14 +54,15 @@ class FactoryCollector(Collector):
             errors.add_metric([code], count)
         yield errors
         totals = f.traffic_totals()
-        frames = CounterMetricFamily("heartbeatd_frames", "Frames.", labels=["direction"])
-        frames.add_metric(["in"], totals["frames_in"])
-        frames.add_metric(["out"], totals["frames_out"])
-        yield frames
-        traffic = CounterMetricFamily("heartbeatd_bytes", "Bytes.", labels=["direction"])
-        traffic.add_metric(["in"], totals["bytes_in"])
-        traffic.add_metric(["out"], totals["bytes_out"])
-        yield traffic
+        for unit in ("frames", "bytes"):
+            family = CounterMetricFamily(
+                f"heartbeatd_{unit}",
+                f"{unit.capitalize()} received and sent.",
+                labels=["direction"],
+            )
+            for direction in ("in", "out"):
+                family.add_metric([direction], totals[f"{unit}_{direction}"])
+            yield family
         yield CounterMetricFamily("heartbeatd_heartbeat_sweeps", "Sweeps run.", value=hb.sweeps)
         yield GaugeMetricFamily(
             "heartbeatd_heartbeat_sweep_seconds",

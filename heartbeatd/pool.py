@@ -502,7 +502,7 @@ class Pool:
 
     def _destroy(self, conn: ClientConnection) -> None:
         self._forget(conn)
-        if getattr(conn, "pending_requests", 0):  # shared requests still in flight: let them end
+        if conn.pending_requests:  # shared requests still in flight: let them end
             conn.when_idle().addCallback(lambda _: conn.close())
         else:
             conn.close()

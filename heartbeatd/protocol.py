@@ -164,11 +164,11 @@ class ServerProtocol(Protocol):
         decides what goes on the wire, so both paths answer identically.
         """
         loads = envelope.decode_json_unchecked
-        dumps = envelope.encode_json_unchecked
+        dumps = envelope.encode_json
         encode = self._encode
         header = _INT32_HEADER if self._encode is Int32Framing.encode else None
         answered = 0
-        handlers = self.factory.registry._handlers  # read-only here; a plain dict is fastest
+        lookup = self.factory.registry.get
         for item in items:
             if type(item) is not bytes:
                 self._handle_item(item)
@@ -183,7 +183,7 @@ class ServerProtocol(Protocol):
                 continue
             type_ = value.get("type")
             id_ = value.get("id")
-            handler = handlers.get(type_) if type(type_) is str else None
+            handler = lookup(type_) if type(type_) is str else None
             if handler is None or (
                 id_ is not None and type(id_) is not str and type(id_) is not int
             ):
@@ -237,10 +237,7 @@ class ServerProtocol(Protocol):
     def _dispatch(self, message: envelope.Message) -> None:
         type_ = message.type
         if type_ == _PONG:
-            if self.ping_sent_at is not None:
-                self.last_rtt = self.factory.clock.seconds() - self.ping_sent_at
-                self.ping_sent_at = None
-                self.factory.record_rtt(self.last_rtt)
+            self._heartbeat_answered()
             return
         if type_ == _ERROR:
             log.debug(
@@ -286,6 +283,15 @@ class ServerProtocol(Protocol):
             if frame is not None:
                 self._emit(frame)
 
+    def _heartbeat_answered(self) -> bool:
+        """Record the round trip if our heartbeat was outstanding; False if it was not."""
+        if self.ping_sent_at is None:
+            return False
+        self.last_rtt = self.factory.clock.seconds() - self.ping_sent_at
+        self.ping_sent_at = None
+        self.factory.record_rtt(self.last_rtt)
+        return True
+
     def set_max_frame_bytes(self, limit: int) -> None:
         """Apply a new frame limit (live reload), also to a frame being received."""
         if self._decoder is not None:
@@ -294,10 +300,7 @@ class ServerProtocol(Protocol):
     def _answer_token(self) -> None:
         token = self._token
         assert token is not None
-        if self.ping_sent_at is not None:  # our own heartbeat, answered
-            self.last_rtt = self.factory.clock.seconds() - self.ping_sent_at
-            self.ping_sent_at = None
-            self.factory.record_rtt(self.last_rtt)
+        if self._heartbeat_answered():
             return
         if self._batch is not None:
             self._batch.append(token)

@@ -68,8 +68,7 @@ class Reloader:
         try:
             return self._reload()
         finally:
-            count = len(self.factory.clients)
-            self.notifier.ready(f"serving {count} client{'s' if count != 1 else ''}")
+            self.notifier.ready(self.factory.status())
 
     def _reload(self) -> bool:
         if self.path is None:

@@ -84,16 +84,12 @@ class ServerService(Service):
             )
         log.info("heartbeatd is ready (pid {pid})", pid=os.getpid())
         # READY only now: the listener is bound and signals are handled.
-        self.notifier.ready(self._status())
+        self.notifier.ready(self.factory.status())
         self.notifier.start_watchdog(self._reactor)
         if self.notifier.enabled:
-            self._status_loop = LoopingCall(lambda: self.notifier.status(self._status()))
+            self._status_loop = LoopingCall(lambda: self.notifier.status(self.factory.status()))
             self._status_loop.clock = self._reactor
             self._status_loop.start(self.STATUS_INTERVAL, now=False)
-
-    def _status(self) -> str:
-        count = len(self.factory.clients)
-        return f"serving {count} client{'s' if count != 1 else ''}"
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()

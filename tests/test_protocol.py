@@ -299,3 +299,13 @@ def test_pong_and_error_from_the_client_are_not_dispatched(factory: ServerFactor
     assert peer.received() == []
     assert proto.last_rtt == pytest.approx(0.25)
     assert proto.pings_unanswered == 0
+
+
+@pytest.mark.parametrize("reserved", ["pong", "error"])
+def test_types_the_protocol_answers_itself_cannot_get_handlers(
+    registry: HandlerRegistry, reserved: str
+) -> None:
+    # Both the hot path and the general path rely on this: a client's pong or error report
+    # is never dispatched.
+    with pytest.raises(ValueError, match="cannot have a handler"):
+        registry.add(reserved, lambda request: None)

@@ -234,12 +234,3 @@ def test_large_pipelined_replies_arrive_whole_and_in_order(tmp_path: Path) -> No
         assert [r["id"] for r in replies] == list(range(len(payloads)))
         assert all(r["data"] == p for r, p in zip(replies, payloads, strict=True))
         assert daemon.stop() == 0
-
-
-def test_direct_write_is_only_used_on_plain_tcp() -> None:
-    from twisted.internet.testing import StringTransport
-
-    from heartbeatd.fastwrite import direct_writer
-
-    assert direct_writer(StringTransport()) is None
-    assert direct_writer(object()) is None
