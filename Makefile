@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml twisted_plugins/heartbeatd_plugin.py
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/twistd --nodaemon --pidfile= --logger=heartbeatd.logs.observer heartbeatd --config $(CONFIG)
+	$(BIN)/twistd --nodaemon --pidfile= --logger=heartbeatd.daemon.logs.observer heartbeatd --config $(CONFIG)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -18,8 +18,8 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from heartbeatd.config import parse_config
-from heartbeatd.dispatch import default_registry
-from heartbeatd.factory import ServerFactory
+from heartbeatd.server.factory import ServerFactory
+from heartbeatd.server.handlers import default_registry
 
 
 class NullTransport(StringTransport):

@@ -16,9 +16,7 @@ from typing import Any
 from twisted.internet import task
 from twisted.internet.defer import DeferredList, ensureDeferred
 
-from heartbeatd.client import connect
-from heartbeatd.config import PoolConfig
-from heartbeatd.pool import Pool
+from heartbeatd.client import Pool, PoolConfig, connect
 
 CALLERS = 50
 POOL_SIZE = 4

@@ -20,8 +20,8 @@ from twisted.internet.task import Clock
 from zope.interface import implementer
 
 from heartbeatd.config import parse_config
-from heartbeatd.dispatch import default_registry
-from heartbeatd.factory import ServerFactory
+from heartbeatd.server.factory import ServerFactory
+from heartbeatd.server.handlers import default_registry
 
 
 @implementer(ITransport)

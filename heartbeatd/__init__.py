@@ -1,22 +1,43 @@
 """heartbeatd: long-lived TCP connections with framed JSON messages and heartbeats, on Twisted.
 
-The public surface is small and listed in ``__all__``; modules not named here are internal.
+The package is four rooms, each for one audience, with imports pointing down only:
+
+* `heartbeatd.wire`: sans-IO framings and the JSON envelope (no Twisted);
+* `heartbeatd.server`: the protocol, the client registry, the heartbeat, the handler API;
+* `heartbeatd.client`: connection, reconnecting client, pool, errors (for applications);
+* `heartbeatd.daemon`: twistd, config file, reload, admin API, metrics, systemd.
+
+The handler API is re-exported here lazily, so ``import heartbeatd.client`` or
+``import heartbeatd.wire`` (which import this module first) stay light.
 """
 
-from heartbeatd._version import __version__
-from heartbeatd.config import Config, ConfigError, load_config
-from heartbeatd.dispatch import NO_REPLY, HandlerError, HandlerRegistry, Reply, Request
-from heartbeatd.factory import ServerFactory
+from __future__ import annotations
 
-__all__ = [
-    "NO_REPLY",
-    "Config",
-    "ConfigError",
-    "HandlerError",
-    "HandlerRegistry",
-    "Reply",
-    "Request",
-    "ServerFactory",
-    "__version__",
-    "load_config",
-]
+from importlib import import_module
+from typing import Any
+
+from heartbeatd._version import __version__
+
+#: Public name -> the module that defines it (imported on first use).
+_LAZY = {
+    "NO_REPLY": "heartbeatd.server.handlers",
+    "HandlerError": "heartbeatd.server.handlers",
+    "HandlerRegistry": "heartbeatd.server.handlers",
+    "Reply": "heartbeatd.server.handlers",
+    "Request": "heartbeatd.server.handlers",
+    "ServerFactory": "heartbeatd.server.factory",
+    "Config": "heartbeatd.config",
+    "ConfigError": "heartbeatd.config",
+    "load_config": "heartbeatd.daemon.config",
+}
+
+__all__ = ["__version__", *sorted(_LAZY)]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'heartbeatd' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value

@@ -6,8 +6,8 @@ import pytest
 from helpers import make_config
 from twisted.internet.task import Clock
 
-from heartbeatd.dispatch import HandlerRegistry, default_registry
-from heartbeatd.factory import ServerFactory
+from heartbeatd.server.factory import ServerFactory
+from heartbeatd.server.handlers import HandlerRegistry, default_registry
 
 
 @pytest.fixture

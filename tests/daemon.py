@@ -58,7 +58,7 @@ class Daemon:
             TWISTD,
             "--nodaemon",
             "--pidfile=",
-            "--logger=heartbeatd.logs.observer",
+            "--logger=heartbeatd.daemon.logs.observer",
             "heartbeatd",
             "--config",
             str(self.config_path),

@@ -16,8 +16,8 @@ from twisted.python.failure import Failure
 from twisted.test import iosim
 
 from heartbeatd.config import Config, parse_config
-from heartbeatd.factory import ServerFactory
-from heartbeatd.protocol import ServerProtocol
+from heartbeatd.server.factory import ServerFactory
+from heartbeatd.server.protocol import ServerProtocol
 
 __all__ = ["Peer", "frame", "iosim", "make_config", "parse_frames"]
 

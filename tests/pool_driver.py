@@ -15,8 +15,7 @@ from typing import Any
 from twisted.internet import task, threads
 from twisted.internet.defer import DeferredList, ensureDeferred
 
-from heartbeatd.config import PoolConfig
-from heartbeatd.pool import Pool
+from heartbeatd.client import Pool, PoolConfig
 
 CALLERS = 50
 

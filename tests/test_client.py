@@ -19,8 +19,8 @@ from heartbeatd.client import (
     RequestTimeout,
     ServerError,
 )
-from heartbeatd.dispatch import HandlerRegistry
-from heartbeatd.factory import ServerFactory
+from heartbeatd.server.factory import ServerFactory
+from heartbeatd.server.handlers import HandlerRegistry
 
 HELLO = {"type": "hello", "data": {"session": "s1", "heartbeat": {"interval": 10, "timeout": 30}}}
 
@@ -226,7 +226,7 @@ def test_send_is_fire_and_forget(clock: Clock) -> None:
 
 
 def test_seed_client_needs_no_hello_and_matches_bare_replies_in_order(clock: Clock) -> None:
-    from heartbeatd.seed_framing import SeedFraming
+    from heartbeatd.wire.seed import SeedFraming
 
     client = ClientConnection(clock, framing="seed", heartbeat_interval=5, heartbeat_timeout=12)
     transport = StringTransport()

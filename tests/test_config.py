@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from heartbeatd.config import Config, ConfigError, load_config, parse_config
+from heartbeatd.config import Config, ConfigError, parse_config
+from heartbeatd.daemon.config import load_config
 
 SHIPPED = Path(__file__).resolve().parent.parent / "config" / "heartbeatd.yaml"
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from heartbeatd.envelope import (
+from heartbeatd.wire.envelope import (
     OMIT,
     Message,
     ProtocolError,

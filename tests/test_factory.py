@@ -10,9 +10,9 @@ from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
 from twisted.protocols.basic import Int32StringReceiver
 
-from heartbeatd.dispatch import HandlerRegistry
-from heartbeatd.factory import ServerFactory
-from heartbeatd.protocol import RefusedProtocol
+from heartbeatd.server.factory import ServerFactory
+from heartbeatd.server.handlers import HandlerRegistry
+from heartbeatd.server.protocol import RefusedProtocol
 
 
 def test_connections_over_the_limit_get_an_error_frame_then_close(

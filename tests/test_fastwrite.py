@@ -11,7 +11,7 @@ from twisted.internet import tcp
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactor, StringTransport
 
-from heartbeatd.fastwrite import direct_writer
+from heartbeatd._direct_write import direct_writer
 
 
 @pytest.fixture

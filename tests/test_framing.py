@@ -8,8 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from heartbeatd.framing import FrameTooLarge, Int32Decoder, Int32Framing
-from heartbeatd.framings import FRAMINGS, get_framing
+from heartbeatd.wire import FRAMINGS, FrameTooLarge, Int32Decoder, Int32Framing, get_framing
 
 ENCODE = Int32Framing.encode
 BODIES = [b'{"type":"ping"}', b"", b"x" * 300, "é€😀".encode(), b"\x00\xff" * 10]

@@ -6,8 +6,8 @@ import pytest
 from helpers import Peer, make_config
 from twisted.internet.task import Clock
 
-from heartbeatd.dispatch import HandlerRegistry
-from heartbeatd.factory import ServerFactory
+from heartbeatd.server.factory import ServerFactory
+from heartbeatd.server.handlers import HandlerRegistry
 
 
 def started(clock: Clock, registry: HandlerRegistry, **hb: float) -> ServerFactory:

@@ -28,7 +28,7 @@ def test_twistd_help_lists_heartbeatd() -> None:
 
 def test_plugin_points_at_the_tap_module() -> None:
     (maker,) = [p for p in getPlugins(IServiceMaker) if p.tapname == "heartbeatd"]
-    assert maker.module == "heartbeatd.tap"
+    assert maker.module == "heartbeatd.daemon.tap"
     assert callable(maker.options) and callable(maker.makeService)
 
 
@@ -75,7 +75,13 @@ def test_wheel_puts_the_shim_where_twisted_scans(wheel: Path) -> None:
     # An __init__.py there would shadow Twisted's own twisted.plugins package.
     assert "twisted/plugins/__init__.py" not in names
     assert "twisted/__init__.py" not in names
-    assert {"heartbeatd/__init__.py", "heartbeatd/tap.py", "heartbeatd/framing.py"} <= names
+    assert {
+        "heartbeatd/__init__.py",
+        "heartbeatd/daemon/tap.py",
+        "heartbeatd/wire/framing.py",
+        "heartbeatd/client/__init__.py",
+        "heartbeatd/server/protocol.py",
+    } <= names
 
 
 def test_wheel_shim_provides_the_service_maker(wheel: Path, tmp_path: Path) -> None:
@@ -87,7 +93,7 @@ def test_wheel_shim_provides_the_service_maker(wheel: Path, tmp_path: Path) -> N
     spec.loader.exec_module(module)
     maker = module.heartbeatd
     assert IPlugin.providedBy(maker) and IServiceMaker.providedBy(maker)
-    assert (maker.tapname, maker.module) == ("heartbeatd", "heartbeatd.tap")
+    assert (maker.tapname, maker.module) == ("heartbeatd", "heartbeatd.daemon.tap")
 
 
 def test_public_exports_exist() -> None:

@@ -9,9 +9,19 @@ from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 
-from heartbeatd.client import ConnectionClosed, RequestTimeout, ServerError
-from heartbeatd.config import ConfigError, PoolConfig, load_pool_config, parse_pool_config
-from heartbeatd.pool import Pool, PoolClosed, PoolExhausted, PoolTimeout
+from heartbeatd.client import (
+    ConnectionClosed,
+    Pool,
+    PoolClosed,
+    PoolConfig,
+    PoolExhausted,
+    PoolTimeout,
+    RequestTimeout,
+    ServerError,
+    load_pool_config,
+    parse_pool_config,
+)
+from heartbeatd.config import ConfigError
 
 
 class FakeConn:

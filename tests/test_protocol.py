@@ -10,8 +10,8 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 
-from heartbeatd.dispatch import NO_REPLY, HandlerError, HandlerRegistry, Reply, Request
-from heartbeatd.factory import ServerFactory
+from heartbeatd.server.factory import ServerFactory
+from heartbeatd.server.handlers import NO_REPLY, HandlerError, HandlerRegistry, Reply, Request
 
 
 @pytest.fixture
@@ -278,7 +278,7 @@ def test_server_push_to_one_and_broadcast_encodes_once(factory: ServerFactory, m
     assert not factory.send("no-such-session", "note", 1)
     assert [p.received() for p in peers] == [[], [{"type": "note", "data": {"k": 1}}], []]
 
-    import heartbeatd.factory as factory_module
+    import heartbeatd.server.factory as factory_module
 
     calls = []
     real = factory_module.encode_message

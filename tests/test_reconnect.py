@@ -13,7 +13,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from heartbeatd.reconnect import ReconnectingClient, full_jitter_backoff
+from heartbeatd.client.reconnect import ReconnectingClient, full_jitter_backoff
 
 HELLO = {"type": "hello", "data": {"session": "s", "heartbeat": {"interval": 10, "timeout": 30}}}
 

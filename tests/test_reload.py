@@ -9,7 +9,7 @@ import yaml
 from daemon import Daemon, RawClient
 from helpers import make_config
 
-from heartbeatd.reload import config_diff
+from heartbeatd.daemon.reload import config_diff
 
 
 def test_config_diff_lists_changed_keys() -> None:

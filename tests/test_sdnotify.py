@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from daemon import Daemon, RawClient
 
-from heartbeatd.sdnotify import Notifier
+from heartbeatd.daemon.sdnotify import Notifier
 
 
 @pytest.fixture

@@ -12,10 +12,10 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from heartbeatd.dispatch import HandlerRegistry
-from heartbeatd.factory import ServerFactory
-from heartbeatd.framing import HEARTBEAT, FrameTooLarge, FramingError
-from heartbeatd.seed_framing import SeedDecoder, SeedFraming
+from heartbeatd.server.factory import ServerFactory
+from heartbeatd.server.handlers import HandlerRegistry
+from heartbeatd.wire import HEARTBEAT, FrameTooLarge, FramingError
+from heartbeatd.wire.seed import SeedDecoder, SeedFraming
 
 ENCODE = SeedFraming.encode
 TOKEN = b"HeartBeat"

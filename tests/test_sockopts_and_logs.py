@@ -10,9 +10,9 @@ from twisted.internet.interfaces import ITCPTransport
 from twisted.logger import LogLevel, globalLogPublisher
 from zope.interface import implementer
 
+from heartbeatd._logging import get_logger, set_level
 from heartbeatd.config import TcpConfig
-from heartbeatd.logs import get_logger, set_level
-from heartbeatd.sockopts import configure_socket
+from heartbeatd.server.sockopts import configure_socket
 
 
 @implementer(ITCPTransport)

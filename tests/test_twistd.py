@@ -199,7 +199,7 @@ def test_json_log_format_is_one_event_per_line(tmp_path: Path) -> None:
     records = [json.loads(line) for line in daemon.lines if line.strip()]
     (eviction,) = [r for r in records if r.get("reason") == "heartbeat_timeout"]
     assert eviction["level"] == "warn"
-    assert eviction["namespace"] == "heartbeatd.factory"
+    assert eviction["namespace"] == "heartbeatd.server.factory"
     assert eviction["peer"].startswith("127.0.0.1:") and len(eviction["session"]) == 16
     assert "heartbeat_timeout" in eviction["text"]
     assert all({"time", "level", "namespace", "text"} <= r.keys() for r in records)

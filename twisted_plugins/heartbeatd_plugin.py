@@ -4,7 +4,7 @@ from twisted.application.service import ServiceMaker
 
 heartbeatd = ServiceMaker(
     "heartbeatd",
-    "heartbeatd.tap",
+    "heartbeatd.daemon.tap",
     "Long-lived TCP connections with framed JSON messages and heartbeats.",
     "heartbeatd",
 )

@@ -12,9 +12,7 @@ from typing import Any
 from twisted.internet import task
 from twisted.internet.defer import ensureDeferred, gatherResults
 
-from heartbeatd.client import connect
-from heartbeatd.config import PoolConfig
-from heartbeatd.pool import Pool
+from heartbeatd.client import Pool, PoolConfig, connect
 
 PREFIX = "服务端的数据数据:"
 

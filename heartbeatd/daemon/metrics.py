@@ -16,7 +16,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from heartbeatd.factory import ServerFactory
+from heartbeatd.server.factory import ServerFactory
 
 __all__ = ["FactoryCollector", "registry_for"]
 

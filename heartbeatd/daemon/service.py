@@ -18,13 +18,13 @@ from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
-from heartbeatd import logs
+from heartbeatd._logging import get_logger
 from heartbeatd._version import __version__
-from heartbeatd.factory import ServerFactory
-from heartbeatd.logs import get_logger
-from heartbeatd.protocol import format_address
-from heartbeatd.sdnotify import Notifier
-from heartbeatd.signals import ShutdownSignals
+from heartbeatd.daemon import logs
+from heartbeatd.daemon.sdnotify import Notifier
+from heartbeatd.daemon.signals import ShutdownSignals
+from heartbeatd.server.factory import ServerFactory
+from heartbeatd.server.protocol import format_address
 
 __all__ = ["ServerService", "raise_open_file_limit"]
 
@@ -80,7 +80,7 @@ class ServerService(Service):
         if self.factory.config.log.format == "json" and not logs.observer_in_use:
             log.warn(
                 "log.format is json, but twistd was not started with "
-                "--logger heartbeatd.logs.observer; logging as text"
+                "--logger heartbeatd.daemon.logs.observer; logging as text"
             )
         log.info("heartbeatd is ready (pid {pid})", pid=os.getpid())
         # READY only now: the listener is bound and signals are handled.

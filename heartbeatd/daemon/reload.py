@@ -13,10 +13,11 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from heartbeatd.config import Config, ConfigError, load_config
-from heartbeatd.factory import ServerFactory
-from heartbeatd.logs import get_logger, set_level
-from heartbeatd.sdnotify import Notifier
+from heartbeatd._logging import get_logger, set_level
+from heartbeatd.config import Config, ConfigError
+from heartbeatd.daemon.config import load_config
+from heartbeatd.daemon.sdnotify import Notifier
+from heartbeatd.server.factory import ServerFactory
 
 __all__ = ["Reloader", "config_diff"]
 

@@ -20,58 +20,32 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
-from heartbeatd.envelope import (
+from heartbeatd._direct_write import direct_writer
+from heartbeatd._logging import get_logger
+from heartbeatd.client.errors import (
+    ClientError,
+    ConnectionClosed,
+    HandshakeTimeout,
+    RequestTimeout,
+    ServerError,
+)
+from heartbeatd.wire import get_framing
+from heartbeatd.wire.envelope import (
     OMIT,
     ProtocolError,
     decode_message,
     encode_json,
     encode_message,
 )
-from heartbeatd.fastwrite import direct_writer
-from heartbeatd.framing import HEARTBEAT
-from heartbeatd.framings import get_framing
-from heartbeatd.logs import get_logger
+from heartbeatd.wire.framing import HEARTBEAT
 
-__all__ = [
-    "ClientConnection",
-    "ClientError",
-    "ConnectionClosed",
-    "HandshakeTimeout",
-    "RequestTimeout",
-    "ServerError",
-    "connect",
-]
+__all__ = ["ClientConnection", "connect"]
 
 log = get_logger(__name__)
 
 DEFAULT_REQUEST_TIMEOUT = 10.0
 DEFAULT_HELLO_TIMEOUT = 10.0
 DEFAULT_MAX_FRAME_BYTES = 16 * 1024 * 1024
-
-
-class ClientError(Exception):
-    """Base of every failure a request or connection reports."""
-
-
-class ServerError(ClientError):
-    """The server answered with an error frame."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-
-
-class RequestTimeout(ClientError):
-    """No reply within the request's timeout."""
-
-
-class HandshakeTimeout(ClientError):
-    """The server did not send its hello in time."""
-
-
-class ConnectionClosed(ClientError):
-    """The connection closed before the reply arrived (or before it was ready)."""
 
 
 PushHandler = Callable[[Any, "ClientConnection"], object]

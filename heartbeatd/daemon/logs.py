@@ -1,7 +1,8 @@
-"""Loggers for heartbeatd's modules, all behind one level filter that ``log.level`` sets.
+"""How the daemon writes its log: text or one JSON object per line, to stdout.
 
-Events still flow to twisted.logger's global publisher, so twistd's own observers (file,
-stdout, syslog, journald) see them; only their minimum level is ours to decide.
+twistd starts its log observer after ``makeService``, so the format chosen in the config is
+applied through ``--logger heartbeatd.daemon.logs.observer`` (as ``make run`` and the systemd
+unit do).  Levels are `heartbeatd._logging`'s business.
 """
 
 from __future__ import annotations
@@ -11,38 +12,15 @@ import sys
 from datetime import datetime, timezone
 from typing import Any, TextIO
 
-from twisted.logger import (
-    FilteringLogObserver,
-    ILogObserver,
-    Logger,
-    LogLevel,
-    LogLevelFilterPredicate,
-    formatEvent,
-    globalLogPublisher,
-    textFileLogObserver,
-)
+from twisted.logger import ILogObserver, formatEvent, textFileLogObserver
 from zope.interface import provider
 
-__all__ = ["get_logger", "json_line", "observer", "set_format", "set_level"]
+__all__ = ["json_line", "observer", "set_format"]
 
 LOG_FORMATS = ("text", "json")
 _format = "text"
-#: Set once twistd has called `observer` (``--logger heartbeatd.logs.observer``).
+#: Set once twistd has called `observer` (``--logger heartbeatd.daemon.logs.observer``).
 observer_in_use = False
-
-_ROOT = "heartbeatd"
-_predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
-_observer = FilteringLogObserver(globalLogPublisher, [_predicate])
-
-
-def get_logger(namespace: str) -> Logger:
-    """A Logger for ``namespace`` (a module's ``__name__``) that honours ``log.level``."""
-    return Logger(namespace=namespace, observer=_observer)
-
-
-def set_level(name: str) -> None:
-    """Set the minimum level (``debug``, ``info``, ``warn``, ``error``, ``critical``)."""
-    _predicate.setLogLevelForNamespace(_ROOT, LogLevel.levelWithName(name))
 
 
 def set_format(name: str) -> None:

@@ -1,6 +1,6 @@
 """The seed tutorial's ASCII framing: `length:` + 13 zero-padded digits + body; bare `HeartBeat`.
 
-Sans-IO like `heartbeatd.framing`.  The tutorial's own parser treated each read as one
+Sans-IO like `heartbeatd.wire.int32`.  The tutorial's own parser treated each read as one
 message, which breaks as soon as TCP splits or coalesces writes; this decoder parses the byte
 stream, so a token or header may arrive split across reads, and several frames and tokens may
 arrive in one.  At a frame boundary only two things are valid: the 20-byte header or the
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from heartbeatd.framing import HEARTBEAT, FrameTooLarge, FramingError, Item
+from heartbeatd.wire.framing import HEARTBEAT, FrameTooLarge, FramingError, Item
 
 __all__ = ["HEADER_LENGTH", "TOKEN", "SeedDecoder", "SeedFraming"]
 
@@ -103,6 +103,10 @@ class SeedFraming:
     heartbeat_token: Final = TOKEN
     #: Bodies that are not envelopes are delivered to handlers under this type.
     wraps_bare_values: Final = True
+
+    @staticmethod
+    def header(length: int) -> bytes:
+        return b"%s%013d" % (PREFIX, length)
 
     @staticmethod
     def encode(body: bytes) -> bytes:

@@ -27,7 +27,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
-from heartbeatd.logs import get_logger
+from heartbeatd._logging import get_logger
 
 __all__ = ["HeartbeatMonitor", "Watched"]
 
@@ -35,7 +35,7 @@ log = get_logger(__name__)
 
 
 class Watched(Protocol):
-    """What the sweep needs of a connection (`heartbeatd.protocol.ServerProtocol` is one)."""
+    """What the sweep needs of a connection (`heartbeatd.server.protocol.ServerProtocol` is one)."""
 
     last_seen: float
     pings_unanswered: int

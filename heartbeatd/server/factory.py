@@ -18,14 +18,14 @@ from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
+from heartbeatd._logging import get_logger
 from heartbeatd._version import __version__
 from heartbeatd.config import Config
-from heartbeatd.dispatch import HandlerRegistry, default_registry
-from heartbeatd.envelope import TOO_MANY_CONNECTIONS, encode_error, encode_message
-from heartbeatd.framings import get_framing
-from heartbeatd.heartbeat import HeartbeatMonitor
-from heartbeatd.logs import get_logger
-from heartbeatd.protocol import RefusedProtocol, ServerProtocol
+from heartbeatd.server.handlers import HandlerRegistry, default_registry
+from heartbeatd.server.heartbeat import HeartbeatMonitor
+from heartbeatd.server.protocol import RefusedProtocol, ServerProtocol
+from heartbeatd.wire import get_framing
+from heartbeatd.wire.envelope import TOO_MANY_CONNECTIONS, encode_error, encode_message
 
 __all__ = ["EvictionRecord", "ServerFactory"]
 

@@ -21,15 +21,14 @@ from twisted.internet import error as twisted_errors
 from twisted.internet import task
 from twisted.internet.defer import Deferred, ensureDeferred
 
-from heartbeatd.client import (
-    ClientConnection,
+from heartbeatd.client.connection import ClientConnection, connect
+from heartbeatd.client.errors import (
     ConnectionClosed,
     HandshakeTimeout,
     RequestTimeout,
     ServerError,
-    connect,
 )
-from heartbeatd.framings import FRAMINGS
+from heartbeatd.wire import FRAMINGS
 
 __all__ = ["main"]
 

@@ -12,8 +12,8 @@ from typing import Any
 
 from twisted.internet.interfaces import ITCPTransport
 
+from heartbeatd._logging import get_logger
 from heartbeatd.config import TcpConfig
-from heartbeatd.logs import get_logger
 
 __all__ = ["configure_socket"]
 

@@ -18,14 +18,14 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 
-from heartbeatd.client import (
+from heartbeatd._logging import get_logger
+from heartbeatd.client.connection import (
     DEFAULT_HELLO_TIMEOUT,
     DEFAULT_REQUEST_TIMEOUT,
     ClientConnection,
     PushHandler,
 )
-from heartbeatd.envelope import OMIT
-from heartbeatd.logs import get_logger
+from heartbeatd.wire.envelope import OMIT
 
 __all__ = ["ReconnectingClient", "full_jitter_backoff"]
 

@@ -14,10 +14,10 @@ import importlib
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Final
 
-from heartbeatd.envelope import OMIT
+from heartbeatd.wire.envelope import OMIT
 
 if TYPE_CHECKING:
-    from heartbeatd.protocol import ServerProtocol
+    from heartbeatd.server.protocol import ServerProtocol
 
 __all__ = [
     "NO_REPLY",

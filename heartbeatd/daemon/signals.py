@@ -13,7 +13,7 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-from heartbeatd.logs import get_logger
+from heartbeatd._logging import get_logger
 
 __all__ = ["ShutdownSignals"]
 

@@ -23,8 +23,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from heartbeatd.factory import ServerFactory
-from heartbeatd.metrics import registry_for
+from heartbeatd.daemon.metrics import registry_for
+from heartbeatd.server.factory import ServerFactory
 
 __all__ = ["AdminRoot", "admin_site"]
 

@@ -11,14 +11,16 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.python import usage
 
-from heartbeatd.config import Config, ConfigError, load_config
-from heartbeatd.dispatch import HandlerRegistry, default_registry
-from heartbeatd.factory import ServerFactory
-from heartbeatd.framings import FRAMINGS
-from heartbeatd.logs import set_format, set_level
-from heartbeatd.reload import Reloader
-from heartbeatd.sdnotify import Notifier
-from heartbeatd.service import ServerService, raise_open_file_limit
+from heartbeatd._logging import set_level
+from heartbeatd.config import Config, ConfigError
+from heartbeatd.daemon.config import load_config
+from heartbeatd.daemon.logs import set_format
+from heartbeatd.daemon.reload import Reloader
+from heartbeatd.daemon.sdnotify import Notifier
+from heartbeatd.daemon.service import ServerService, raise_open_file_limit
+from heartbeatd.server.factory import ServerFactory
+from heartbeatd.server.handlers import HandlerRegistry, default_registry
+from heartbeatd.wire import FRAMINGS
 
 __all__ = ["Options", "makeService"]
 
@@ -109,7 +111,7 @@ def makeService(options: Options) -> IService:
     reloader = Reloader(options["config"], options.overrides, factory, notifier)
     admin = None
     if config.admin.listen:
-        from heartbeatd.admin import admin_site
+        from heartbeatd.daemon.admin import admin_site
 
         admin = (
             serverFromString(reactor, config.admin.listen),

@@ -24,39 +24,24 @@ from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
-from heartbeatd.client import (
-    ClientConnection,
-    ClientError,
+from heartbeatd._logging import get_logger
+from heartbeatd.client.config import PoolConfig
+from heartbeatd.client.connection import ClientConnection, connect
+from heartbeatd.client.errors import (
     ConnectionClosed,
+    PoolClosed,
+    PoolExhausted,
+    PoolTimeout,
     RequestTimeout,
     ServerError,
-    connect,
 )
-from heartbeatd.config import PoolConfig
-from heartbeatd.logs import get_logger
 
-__all__ = ["Pool", "PoolClosed", "PoolError", "PoolExhausted", "PoolTimeout"]
+__all__ = ["Pool"]
 
 log = get_logger(__name__)
 
 #: Server error codes that mean the connection's byte stream itself went wrong.
 _PROTOCOL_ERROR_CODES = frozenset({"bad_json", "bad_message", "bad_frame", "frame_too_large"})
-
-
-class PoolError(ClientError):
-    """Base of the pool's own failures."""
-
-
-class PoolTimeout(PoolError):
-    """No connection became available within ``acquire_timeout``."""
-
-
-class PoolExhausted(PoolError):
-    """``max_waiters`` borrowers are already waiting; failing fast instead of queueing."""
-
-
-class PoolClosed(PoolError):
-    """The pool was closed."""
 
 
 def breaks_connection(failure: Failure) -> bool:

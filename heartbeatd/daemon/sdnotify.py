@@ -16,7 +16,7 @@ from typing import Any
 
 from twisted.internet.task import LoopingCall
 
-from heartbeatd.logs import get_logger
+from heartbeatd._logging import get_logger
 
 __all__ = ["Notifier"]
 

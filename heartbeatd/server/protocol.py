@@ -1,6 +1,6 @@
 """The server protocol: a thin adapter from a transport's bytes to the codec and the handlers.
 
-Framing and envelopes are sans-IO (`heartbeatd.framing`, `heartbeatd.envelope`); clients'
+Framing and envelopes are sans-IO (`heartbeatd.wire.framing`, `heartbeatd.wire.envelope`); clients'
 bookkeeping lives in the factory.  What this class adds is what only a connection can do:
 
 * reply in request order, even when a later request finishes first (`_pending` slots);
@@ -12,7 +12,6 @@ bookkeeping lives in the factory.  What this class adds is what only a connectio
 
 from __future__ import annotations
 
-import struct
 from collections import deque
 from inspect import iscoroutine
 from typing import TYPE_CHECKING, Any
@@ -22,22 +21,20 @@ from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 
-from heartbeatd import envelope
-from heartbeatd.dispatch import NO_REPLY, HandlerError, Reply, Request
-from heartbeatd.envelope import ProtocolError, decode_message, encode_error, encode_message
-from heartbeatd.fastwrite import direct_writer
-from heartbeatd.framing import HEARTBEAT, FrameDecoder, Int32Framing
-from heartbeatd.logs import get_logger
-from heartbeatd.sockopts import configure_socket
+from heartbeatd._direct_write import direct_writer
+from heartbeatd._logging import get_logger
+from heartbeatd.server.handlers import NO_REPLY, HandlerError, Reply, Request
+from heartbeatd.server.sockopts import configure_socket
+from heartbeatd.wire import envelope
+from heartbeatd.wire.envelope import ProtocolError, decode_message, encode_error, encode_message
+from heartbeatd.wire.framing import HEARTBEAT, FrameDecoder
 
 if TYPE_CHECKING:
-    from heartbeatd.factory import ServerFactory
+    from heartbeatd.server.factory import ServerFactory
 
 __all__ = ["RefusedProtocol", "ServerProtocol", "format_address"]
 
 log = get_logger(__name__)
-
-_INT32_HEADER = struct.Struct("!I").pack
 
 #: Handler results that are plain JSON values, answered on the hot path without more checks.
 _PLAIN_RESULTS = frozenset({dict, list, str, int, float, bool, type(None)})
@@ -113,6 +110,7 @@ class ServerProtocol(Protocol):
         framing = factory.framing
         self._decoder = framing.decoder(config.max_frame_bytes)
         self._encode = framing.encode
+        self._header = framing.header
         self._bare_type = config.seed.message_type if framing.wraps_bare_values else None
         self._token = framing.heartbeat_token
         self.transport.registerProducer(self, True)
@@ -165,8 +163,7 @@ class ServerProtocol(Protocol):
         """
         loads = envelope.decode_json_unchecked
         dumps = envelope.encode_json
-        encode = self._encode
-        header = _INT32_HEADER if self._encode is Int32Framing.encode else None
+        header = self._header
         answered = 0
         lookup = self.factory.registry.get
         for item in items:
@@ -212,10 +209,8 @@ class ServerProtocol(Protocol):
                     continue
                 if self._pending:  # re-read: a handler in this read may have gone async
                     self._emit(body)
-                elif header is not None:
-                    batch.append(header(len(body)) + body)
                 else:
-                    batch.append(encode(body))
+                    batch.append(header(len(body)) + body)
             else:
                 self._handle_result(envelope.Message(type_, id_, data), result)
         self.frames_in += answered

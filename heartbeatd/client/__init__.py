@@ -1,0 +1,44 @@
+"""The heartbeatd client library: what an application imports to talk to a heartbeatd server.
+
+    from heartbeatd.client import connect, ReconnectingClient, Pool, PoolConfig, ClientError
+
+It loads neither the server nor the daemon nor YAML (a test checks), so a program that only
+talks to a server gets only the client.  Every failure is a `ClientError`.
+"""
+
+from __future__ import annotations
+
+from heartbeatd.client.config import PoolConfig, load_pool_config, parse_pool_config
+from heartbeatd.client.connection import ClientConnection, connect
+from heartbeatd.client.errors import (
+    ClientError,
+    ConnectionClosed,
+    HandshakeTimeout,
+    PoolClosed,
+    PoolError,
+    PoolExhausted,
+    PoolTimeout,
+    RequestTimeout,
+    ServerError,
+)
+from heartbeatd.client.pool import Pool
+from heartbeatd.client.reconnect import ReconnectingClient
+
+__all__ = [
+    "ClientConnection",
+    "ClientError",
+    "ConnectionClosed",
+    "HandshakeTimeout",
+    "Pool",
+    "PoolClosed",
+    "PoolConfig",
+    "PoolError",
+    "PoolExhausted",
+    "PoolTimeout",
+    "ReconnectingClient",
+    "RequestTimeout",
+    "ServerError",
+    "connect",
+    "load_pool_config",
+    "parse_pool_config",
+]

@@ -1,0 +1,117 @@
+"""A client program's pool settings (`PoolConfig`), checked like the daemon's config."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from heartbeatd._validation import (
+    ConfigError,
+    build,
+    check,
+    int_range,
+    is_number,
+    non_empty_string,
+    non_negative_number,
+    one_of,
+    positive_number,
+)
+from heartbeatd.wire import FRAMINGS
+
+__all__ = ["PoolConfig", "load_pool_config", "parse_pool_config"]
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """A client program's ``pool:`` section (see `heartbeatd.client.pool.Pool`)."""
+
+    endpoint: str = field(
+        default="tcp:host=127.0.0.1:port=9000",
+        metadata=check(non_empty_string, "a Twisted client endpoint string"),
+    )
+    framing: str = field(
+        default="int32", metadata=check(lambda v: one_of(*sorted(FRAMINGS))(v), "wire framing")
+    )
+    min_idle: int = field(
+        default=1, metadata=check(int_range(0, 100_000), "idle connections kept ready")
+    )
+    max_size: int = field(
+        default=8, metadata=check(int_range(1, 100_000), "most connections, idle plus in use")
+    )
+    acquire_timeout: float = field(
+        default=5.0, metadata=check(positive_number, "seconds a borrower waits at most")
+    )
+    max_waiters: int = field(
+        default=1000, metadata=check(int_range(0, 10_000_000), "queued borrowers before failing")
+    )
+    idle_timeout: float = field(
+        default=300.0,
+        metadata=check(non_negative_number, "seconds idle before closing down to min_idle"),
+    )
+    max_lifetime: float = field(
+        default=1800.0,
+        metadata=check(non_negative_number, "seconds before a connection is recycled"),
+    )
+    lifetime_jitter: float = field(
+        default=0.1,
+        metadata=check(
+            lambda v: None if is_number(v) and 0 <= v < 1 else "a fraction 0 <= x < 1",
+            "spread of max_lifetime, so connections do not all expire together",
+        ),
+    )
+    ping_on_borrow_after: float = field(
+        default=0.0,
+        metadata=check(non_negative_number, "ping before lending if idle this long; 0 = never"),
+    )
+    request_timeout: float = field(
+        default=10.0, metadata=check(positive_number, "default seconds a request may take")
+    )
+    connect_timeout: float = field(
+        default=5.0, metadata=check(positive_number, "seconds to connect and receive the hello")
+    )
+    backoff_initial: float = field(
+        default=0.1, metadata=check(positive_number, "first reconnect delay cap, seconds")
+    )
+    backoff_max: float = field(
+        default=10.0, metadata=check(positive_number, "largest reconnect delay, seconds")
+    )
+    leak_threshold: float = field(
+        default=60.0,
+        metadata=check(non_negative_number, "warn when a connection is held longer; 0 = never"),
+    )
+
+
+def parse_pool_config(raw: Any) -> PoolConfig:
+    """Validate a ``pool:`` mapping (from YAML); raise `ConfigError` naming ``pool.<key>``."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError([f"pool: {raw!r} is not allowed; expected a mapping of keys"])
+    errors: list[str] = []
+    config = build(PoolConfig, raw, "pool.", errors)
+    if config is not None and not errors and config.min_idle > config.max_size:
+        errors.append(
+            f"pool.min_idle: {config.min_idle} is not allowed; expected at most "
+            f"pool.max_size ({config.max_size})"
+        )
+    if errors:
+        raise ConfigError(errors)
+    return config
+
+
+def load_pool_config(path: str | Path) -> PoolConfig:
+    """Read the ``pool:`` section of a YAML file."""
+    import yaml  # here, not at module level: `import heartbeatd.client.connection` loads no YAML
+
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError([f"config file {str(p)!r} does not exist"]) from None
+    except yaml.YAMLError as e:
+        raise ConfigError([f"config file {str(p)!r} is not valid YAML: {e}"]) from None
+    if not isinstance(raw, Mapping):
+        raise ConfigError([f"config file {str(p)!r}: expected a mapping of keys"])
+    return parse_pool_config(raw.get("pool"))

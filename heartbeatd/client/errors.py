@@ -1,0 +1,60 @@
+"""Every failure the client library reports: one hierarchy under `ClientError`.
+
+A caller that catches `ClientError` catches everything a request, a connection, a
+reconnecting client or the pool can fail with; the subclasses say which.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ClientError",
+    "ConnectionClosed",
+    "HandshakeTimeout",
+    "PoolClosed",
+    "PoolError",
+    "PoolExhausted",
+    "PoolTimeout",
+    "RequestTimeout",
+    "ServerError",
+]
+
+
+class ClientError(Exception):
+    """Base of every failure a request or connection reports."""
+
+
+class ServerError(ClientError):
+    """The server answered with an error frame."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class RequestTimeout(ClientError):
+    """No reply within the request's timeout."""
+
+
+class HandshakeTimeout(ClientError):
+    """The server did not send its hello in time."""
+
+
+class ConnectionClosed(ClientError):
+    """The connection closed before the reply arrived (or before it was ready)."""
+
+
+class PoolError(ClientError):
+    """Base of the pool's own failures."""
+
+
+class PoolTimeout(PoolError):
+    """No connection became available within ``acquire_timeout``."""
+
+
+class PoolExhausted(PoolError):
+    """``max_waiters`` borrowers are already waiting; failing fast instead of queueing."""
+
+
+class PoolClosed(PoolError):
+    """The pool was closed."""

@@ -1,0 +1,14 @@
+"""The server: what one daemon does with connections.
+
+`ServerFactory` tracks the clients and runs their heartbeat; `ServerProtocol` adapts one
+connection's bytes to the wire codecs and the handlers.  Handlers see the narrow API of
+`heartbeatd.server.handlers` (a `Request` with its session and the server), never these
+classes.
+"""
+
+from __future__ import annotations
+
+from heartbeatd.server.factory import ServerFactory
+from heartbeatd.server.handlers import NO_REPLY, HandlerError, HandlerRegistry, Reply, Request
+
+__all__ = ["NO_REPLY", "HandlerError", "HandlerRegistry", "Reply", "Request", "ServerFactory"]
