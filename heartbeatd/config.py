@@ -30,6 +30,8 @@ from heartbeatd.wire import FRAMINGS
 
 __all__ = [
     "AdminConfig",
+    "ChannelsConfig",
+    "ClusterConfig",
     "Config",
     "ConfigError",
     "HeartbeatConfig",
@@ -155,6 +157,78 @@ class SeedConfig:
     )
 
 
+def _redis_url(value: Any) -> str | None:
+    if value == "":
+        return None
+    ok = isinstance(value, str) and value.startswith("redis://")
+    if ok:
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+            db = parts.path.strip("/")
+            ok = bool(parts.hostname) and (db == "" or db.isdigit())
+        except ValueError:
+            ok = False
+    return None if ok else "'' (one node, no Redis) or redis://host:port/db"
+
+
+def _node_id(value: Any) -> str | None:
+    ok = (
+        isinstance(value, str)
+        and len(value) <= 64
+        and all(c.isalnum() or c in "-_." for c in value)
+    )
+    return None if ok else "'' (generated) or up to 64 letters, digits, '-', '_', '.'"
+
+
+@dataclass(frozen=True)
+class ChannelsConfig:
+    client_publish: bool = field(
+        default=False, metadata=check(boolean, "clients may publish (else only handlers/admin)")
+    )
+    max_per_connection: int = field(
+        default=128, metadata=check(int_range(1, 100_000), "channels one connection may join")
+    )
+    max_name_length: int = field(
+        default=128, metadata=check(int_range(1, 1024), "longest channel name, in characters")
+    )
+    max_publication_bytes: int = field(
+        default=64 * 1024,
+        metadata=check(int_range(16, 2**31), "largest publication (its JSON), in bytes"),
+    )
+    history_size: int = field(
+        default=100,
+        metadata=check(int_range(0, 1_000_000), "publications kept per channel for recovery"),
+    )
+    history_ttl: float = field(
+        default=300.0,
+        metadata=check(non_negative_number, "seconds an idle channel's history is kept"),
+    )
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    redis: str = field(
+        default="", metadata=check(_redis_url, "redis://host:port/db; empty: one node, no Redis")
+    )
+    node_id: str = field(
+        default="", metadata=check(_node_id, "this node's name; empty: hostname + random")
+    )
+    node_timeout: float = field(
+        default=10.0,
+        metadata=check(positive_number, "seconds after which a silent node has left"),
+    )
+    namespace: str = field(
+        default="heartbeatd",
+        metadata=check(_node_id, "prefix of every Redis key, so clusters can share a Redis"),
+    )
+    command_timeout: float = field(
+        default=5.0, metadata=check(positive_number, "seconds a Redis command may take")
+    )
+
+
 @dataclass(frozen=True)
 class Config:
     name: str = field(
@@ -181,6 +255,8 @@ class Config:
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
     seed: SeedConfig = field(default_factory=SeedConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
+    channels: ChannelsConfig = field(default_factory=ChannelsConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def effective_max_connections(self) -> int:
         """The connection limit, reading the process's open-file limit when set to 0."""
@@ -203,6 +279,8 @@ _SECTIONS: dict[str, type] = {
     "shutdown": ShutdownConfig,
     "seed": SeedConfig,
     "admin": AdminConfig,
+    "channels": ChannelsConfig,
+    "cluster": ClusterConfig,
 }
 
 

@@ -20,7 +20,9 @@ from twisted.python.failure import Failure
 
 from heartbeatd._logging import get_logger
 from heartbeatd._version import __version__
+from heartbeatd.cluster.broker import Broker, MemoryBroker
 from heartbeatd.config import Config
+from heartbeatd.server import channels
 from heartbeatd.server.handlers import HandlerRegistry, default_registry
 from heartbeatd.server.heartbeat import HeartbeatMonitor
 from heartbeatd.server.protocol import RefusedProtocol, ServerProtocol
@@ -90,11 +92,18 @@ class ServerFactory(Factory):
         config: Config,
         registry: HandlerRegistry | None = None,
         clock: IReactorTime | None = None,
+        broker: Broker | None = None,
     ) -> None:
         self.config = config
         self.clock = _resolve_clock(clock)
         self.framing = get_framing(config.framing)
         self.registry = registry if registry is not None else default_registry(config.handlers)
+        if broker is None:
+            ch = config.channels
+            broker = MemoryBroker(self.clock, ch.history_size, ch.history_ttl, config.name)
+        #: Channels, presence, and (with a clustered broker) send/broadcast across nodes.
+        self.channels = channels.ChannelHub(self, broker)
+        channels.register(self.registry)
         #: session id -> connection, least recently heard first.
         self.clients: OrderedDict[str, ServerProtocol] = OrderedDict()
         self.max_connections = config.effective_max_connections()
@@ -189,6 +198,7 @@ class ServerFactory(Factory):
     def client_connected(self, client: ServerProtocol) -> None:
         self.clients[client.session_id] = client
         self.accepted += 1
+        self.channels.client_connected(client)
         log.debug(
             "Client {session} connected from {peer}", session=client.session_id, peer=client.peer
         )
@@ -236,6 +246,7 @@ class ServerFactory(Factory):
     def client_disconnected(self, client: ServerProtocol, reason: Failure | None) -> None:
         if self.clients.pop(client.session_id, None) is None:
             return
+        self.channels.client_disconnected(client)
         totals = self.closed_totals
         totals["frames_in"] += client.frames_in
         totals["frames_out"] += client.frames_out
