@@ -93,7 +93,7 @@ def test_handlers_publish_through_the_server(clock: Clock) -> None:
     factory = make_factory(clock)
 
     def announce(request: Any) -> Deferred[Any]:
-        return request.session.factory.channels.publish("news", request.data)
+        return request.server.publish("news", request.data)
 
     factory.registry.add("announce", announce)
     listener, speaker = Peer(factory), Peer(factory, 40001)

@@ -434,6 +434,13 @@ class ChannelHub:
             return succeed(False)
         return self.broker.send(session, type, data).addErrback(_as_unavailable)
 
+    def forward(self, session: str, type: str, data: Any = None) -> bool:
+        """Send to a session of another node without waiting (False on one node)."""
+        if not self.broker.clustered or not self.broker.up:
+            return False
+        self.broker.send(session, type, data).addErrback(_log_failure, "send", session)
+        return True
+
     def broadcast(self, type: str, data: Any = None) -> Deferred[int]:
         """Push to every client of every node; fires with clients (one node) or nodes reached."""
         if not self.broker.clustered:
@@ -470,8 +477,16 @@ def _log_failure(failure: Failure, what: str, channel: str) -> None:
 # -- the built-in handlers -------------------------------------------------------------------
 
 
+# The built-ins need the connection itself (to write publications to it), which application
+# handlers never see: they are part of the server, so they may read Request's private link.
+
+
+def _connection(request: Request) -> ServerProtocol:
+    return request._connection  # type: ignore[no-any-return]
+
+
 def _hub(request: Request) -> ChannelHub:
-    return request.session.factory.channels
+    return _connection(request).factory.channels
 
 
 def _fields(request: Request) -> dict[str, Any]:
@@ -502,12 +517,12 @@ def _subscribe(request: Request) -> Deferred[dict[str, Any]]:
     join_leave = data.get("join_leave", False)
     if not isinstance(join_leave, bool):
         raise HandlerError(BAD_REQUEST, "join_leave is true or false")
-    return hub.subscribe(request.session, channel, since, join_leave)
+    return hub.subscribe(_connection(request), channel, since, join_leave)
 
 
 def _unsubscribe(request: Request) -> dict[str, Any]:
     hub = _hub(request)
-    return hub.unsubscribe(request.session, hub.check_channel(_fields(request).get("channel")))
+    return hub.unsubscribe(_connection(request), hub.check_channel(_fields(request).get("channel")))
 
 
 def _publish(request: Request) -> Deferred[dict[str, Any]]:
