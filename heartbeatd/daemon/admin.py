@@ -23,6 +23,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from heartbeatd.daemon import channels_admin
 from heartbeatd.daemon.metrics import registry_for
 from heartbeatd.server.factory import ServerFactory
 
@@ -167,6 +168,7 @@ class AdminRoot(Resource):
         self.putChild(b"metrics", Metrics(factory))
         self.putChild(b"clients", Clients(factory))
         self.putChild(b"broadcast", Broadcast(factory))
+        channels_admin.mount(self, factory)  # /publish; cluster-wide views with cluster.redis
         self._unauthorized = _Unauthorized(factory)
 
     def getChildWithDefault(self, path: bytes, request: Request) -> Resource:

@@ -70,6 +70,7 @@ class ServerService(Service):
 
     def startService(self) -> None:
         super().startService()
+        self.factory.channels.start()  # the cluster broker connects in the background
         if self._reactor is not None:
             self._reactor.callWhenRunning(self._running)
 
@@ -137,7 +138,15 @@ class ServerService(Service):
             admin, self.admin_port = self.admin_port, None
             return admin.stopListening() if admin is not None else None
 
-        return stopped.addCallback(drain).addCallback(close_clients).addCallback(stop_admin)
+        def stop_broker(_: object) -> Any:  # after the clients: their leaves reach the cluster
+            return self.factory.channels.stop()
+
+        return (
+            stopped.addCallback(drain)
+            .addCallback(close_clients)
+            .addCallback(stop_admin)
+            .addCallback(stop_broker)
+        )
 
 
 def _bind(endpoint: IStreamServerEndpoint, factory: Any, description: str) -> IListeningPort:

@@ -105,7 +105,12 @@ def makeService(options: Options) -> IService:
     reactor = _reactor()
     from twisted.internet.endpoints import serverFromString
 
-    factory = ServerFactory(config, options.registry, reactor)
+    broker = None
+    if config.cluster.redis:  # imported only here: a single daemon never needs Redis
+        from heartbeatd.cluster.redis import RedisBroker
+
+        broker = RedisBroker(reactor, config.cluster, config.channels)
+    factory = ServerFactory(config, options.registry, reactor, broker)
     endpoint = serverFromString(reactor, config.listen)
     notifier = Notifier()
     reloader = Reloader(options["config"], options.overrides, factory, notifier)

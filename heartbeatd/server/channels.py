@@ -399,8 +399,9 @@ class ChannelHub:
             return
         body = encode_message(event, {"channel": channel, **info})
         frame = self.factory.framing.encode(body)
+        session = info.get("session")
         for sub in list(subs.values()):
-            if sub.join_leave and sub.pending is None:
+            if sub.join_leave and sub.pending is None and sub.client.session_id != session:
                 sub.client.write_frame(frame)
 
     def on_message(self, session: str, type: str, data: Any) -> None:
