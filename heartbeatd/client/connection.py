@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 
 from heartbeatd._direct_write import direct_writer
 from heartbeatd._logging import get_logger
+from heartbeatd.client.channels import Subscription, channels_of
 from heartbeatd.client.errors import (
     ClientError,
     ConnectionClosed,
@@ -193,6 +194,17 @@ class ClientConnection(Protocol):
 
     def on_goaway(self, callback: Callable[[ClientConnection, dict[str, Any]], object]) -> None:
         self._goaway_callbacks.append(callback)
+
+    def subscribe(
+        self, channel: str, on_publication: Callable[..., object], **options: Any
+    ) -> Deferred[Subscription]:
+        """Subscribe to a channel: ``on_publication(data, offset, subscription)`` per
+        publication; options: ``on_not_recovered``, ``since``, ``join_leave``, ``on_presence``
+        (see `heartbeatd.client.channels`)."""
+        return channels_of(self).subscribe(channel, on_publication, **options)
+
+    def unsubscribe(self, channel: str) -> Deferred[Any]:
+        return channels_of(self).unsubscribe(channel)
 
     # -- sending ---------------------------------------------------------------------------
 

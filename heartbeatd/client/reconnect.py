@@ -19,6 +19,7 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 
 from heartbeatd._logging import get_logger
+from heartbeatd.client.channels import Subscription, channels_of
 from heartbeatd.client.connection import (
     DEFAULT_HELLO_TIMEOUT,
     DEFAULT_REQUEST_TIMEOUT,
@@ -71,13 +72,14 @@ class ReconnectingClient:
         self._handlers: list[tuple[str, PushHandler]] = []
         self._next_delay: float | None = None
         self._current: ClientConnection | None = None
+        self._subscriptions: list[Subscription] = []
         self.goaways = 0
         self.service = ClientService(
             endpoint,
             Factory.forProtocol(self._build),
             retryPolicy=self._retry_delay,
             clock=reactor,
-            prepareConnection=lambda proxy: proxy.when_ready(),
+            prepareConnection=lambda conn: conn.when_ready().addCallback(self._resubscribe),
         )
 
     def start(self) -> None:
@@ -98,6 +100,42 @@ class ReconnectingClient:
         self._handlers.append((type, handler))
         if self._current is not None and not self._current.closed:
             self._current.on(type, handler)
+
+    def subscribe(
+        self,
+        channel: str,
+        on_publication: Callable[..., object],
+        on_not_recovered: Callable[..., object] | None = None,
+        **options: Any,
+    ) -> Deferred[Subscription]:
+        """Subscribe now and after every reconnect, with ``since``: each publication is
+        delivered exactly once, or ``on_not_recovered(subscription, reason)`` says some were
+        lost (see `heartbeatd.client.channels`)."""
+        sub = Subscription(channel, on_publication, on_not_recovered, **options)
+        self._subscriptions.append(sub)
+        first: Deferred[Subscription] = Deferred()
+        sub.waiters.append(first)
+        conn = self._current
+        if conn is not None and conn.usable:
+            self._attach(conn, sub)
+        return first
+
+    def _attach(self, conn: ClientConnection, sub: Subscription) -> None:
+        def failed(failure: Any) -> None:
+            log.warn(
+                "Subscribing to {channel} failed: {why}",
+                channel=sub.channel,
+                why=failure.getErrorMessage(),
+            )
+
+        channels_of(conn).attach(sub).addErrback(failed)
+
+    def _resubscribe(self, conn: ClientConnection) -> ClientConnection:
+        channels = channels_of(conn)
+        for sub in self._subscriptions:
+            if sub.active and sub.channel not in channels.subscriptions:
+                self._attach(conn, sub)
+        return conn
 
     def _build(self) -> ClientConnection:
         conn = ClientConnection(
