@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 CONFIG ?= config/heartbeatd.yaml
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench clean redis-server
 
 $(STAMP): pyproject.toml twisted_plugins/heartbeatd_plugin.py
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "heartbeatd needs Python 3.10+"'
@@ -19,8 +19,18 @@ $(STAMP): pyproject.toml twisted_plugins/heartbeatd_plugin.py
 run: $(STAMP)
 	$(BIN)/twistd --nodaemon --pidfile= --logger=heartbeatd.daemon.logs.observer heartbeatd --config $(CONFIG)
 
-test: $(STAMP)
+test: $(STAMP) redis-server
 	$(BIN)/python -m pytest -q
+
+# The cluster tests start their own redis-server; install it when missing (as root, Debian).
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  echo "redis-server is missing; installing the Debian package (needs root and apt-get)"; \
+	  (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null 2>&1 || \
+	   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server)) || { \
+	    echo "Could not install redis-server. Install it yourself, e.g."; \
+	    echo "  sudo apt-get install redis-server   (Debian/Ubuntu)"; \
+	    echo "  brew install redis                   (macOS)"; exit 1; }; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check heartbeatd tests twisted_plugins bench
