@@ -83,6 +83,14 @@ class Options(usage.Options):
             admin_error = check_endpoint(config.admin.listen, _reactor())
             if admin_error:
                 errors.append("admin." + admin_error)
+        if config.cluster.redis:
+            try:
+                import txredisapi  # noqa: F401 - only checking that the cluster can run
+            except ImportError:
+                errors.append(
+                    f"cluster.redis: {config.cluster.redis!r} needs the Redis client: "
+                    "pip install 'heartbeatd[cluster]' (txredisapi), or set cluster.redis: ''"
+                )
         registry = build_registry(config, errors)
         if errors or registry is None:
             self._fail(errors)
