@@ -29,14 +29,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from daemon import Daemon  # noqa: E402
-from redis_server import RedisServer  # noqa: E402
-from test_admin import ADMIN, http  # noqa: E402
-from twisted.internet import reactor, task  # noqa: E402
-from twisted.internet.defer import Deferred, ensureDeferred  # noqa: E402
+from daemon import Daemon
+from redis_server import RedisServer
+from test_admin import ADMIN, http
+from twisted.internet import reactor, task
+from twisted.internet.defer import Deferred, ensureDeferred
 
-from heartbeatd.client import connect  # noqa: E402
-from heartbeatd.client.channels import Subscription, channels_of  # noqa: E402
+from heartbeatd.client import connect
+from heartbeatd.client.channels import Subscription, channels_of
 
 NODE_TIMEOUT = 3.0
 
@@ -127,7 +127,7 @@ async def drain(seconds: float = 2.0) -> None:
 async def latency_phase(ports: list[int], rate: int, seconds: float) -> dict[str, Any]:
     channel = f"lat{rate}"
     subs = [Subscriber(f"s{i}", channel) for i in range(len(ports))]
-    for s, port in zip(subs, ports):
+    for s, port in zip(subs, ports, strict=True):
         await s.attach(port)
     pubs = [Publisher(port, channel) for port in ports]
     for p in pubs:
@@ -170,7 +170,7 @@ async def kill_phase(nodes: list[Any], rate: int, seconds: float) -> dict[str, A
     channel = "kill"
     ports = [n.port for n in nodes]
     subs = [Subscriber(f"s{i}", channel) for i in range(len(ports))]
-    for s, port in zip(subs, ports):
+    for s, port in zip(subs, ports, strict=True):
         await s.attach(port)
     pubs = [Publisher(port, channel) for port in ports]
     for p in pubs:
@@ -217,7 +217,7 @@ async def redis_phase(
     channel = "redis"
     ports = [n.port for n in nodes[:2]]
     subs = [Subscriber(f"s{i}", channel) for i in range(len(ports))]
-    for s, port in zip(subs, ports):
+    for s, port in zip(subs, ports, strict=True):
         await s.attach(port)
     pubs = [Publisher(port, channel) for port in ports]
     for p in pubs:
@@ -241,9 +241,9 @@ async def redis_phase(
     lost_after = 0
     for s in subs:
         for o in after:
-            if s.received.get(o) is None or s.epochs.get(o) != s.sub.epoch:
-                if not s.not_recovered:
-                    lost_after += 1
+            missing = s.received.get(o) is None or s.epochs.get(o) != s.sub.epoch
+            if missing and not s.not_recovered:
+                lost_after += 1
     result = {
         "rate": rate,
         "redis_down_s": down,

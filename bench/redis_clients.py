@@ -31,10 +31,10 @@ def percentile(values: list[float], p: float) -> float:
 
 
 def run_txredisapi(port: int, count: int) -> dict[str, float]:
+    import txredisapi
     from twisted.internet import reactor
     from twisted.internet.defer import ensureDeferred, gatherResults
 
-    import txredisapi
     from heartbeatd.cluster.redis import PUBLISH
 
     async def main() -> dict[str, float]:
