@@ -277,8 +277,15 @@ def start_nodes(tmp: Path, redis: RedisServer, count: int = 3) -> list[Node]:
             "channels": {"client_publish": True, "history_size": 100_000},
             "cluster": {"redis": redis.url, "node_id": f"node{i}", "node_timeout": NODE_TIMEOUT},
         }
-        daemon = Daemon(directory, config).__enter__()
-        nodes.append(Node(daemon))
+        daemon = Daemon(directory, config)
+        try:
+            daemon.__enter__()
+            nodes.append(Node(daemon))
+        except BaseException:
+            daemon.__exit__()
+            for node in nodes:
+                node.daemon.__exit__()
+            raise
     return nodes
 
 

@@ -359,3 +359,51 @@ def test_cluster_style_send_broadcast_and_clients_on_one_node(clock: Clock) -> N
     assert out[:3] == [True, False, 2]
     assert {c["session"] for c in out[3]} == {a.protocol.session_id, b.protocol.session_id}
     assert a.received() == [{"type": "note", "data": 1}, {"type": "all", "data": 2}]
+
+
+class ClusteredBroker(MemoryBroker):
+    """A one-process stand-in for a cluster: records what would cross to other nodes."""
+
+    clustered = True
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__(clock)
+        self.sent: list[tuple[str, str, Any]] = []
+        self.registered: dict[str, dict[str, Any]] = {}
+
+    def send(self, session: str, type: str, data: Any) -> Deferred[bool]:
+        self.sent.append((session, type, data))
+        return Deferred.fromCoroutine(_true())
+
+    def client_connected(self, session: str, info: dict[str, Any]) -> None:
+        self.registered[session] = info
+
+    def client_disconnected(self, session: str) -> None:
+        del self.registered[session]
+
+
+async def _true() -> bool:
+    return True
+
+
+def test_handlers_send_reaches_sessions_of_other_nodes(clock: Clock) -> None:
+    broker = ClusteredBroker(clock)
+    factory = make_factory(clock, broker)
+
+    def tell(request: Any) -> bool:
+        return request.server.send(request.data, "note", "hi")
+
+    factory.registry.add("tell", tell)
+    local, other = Peer(factory), Peer(factory, 40001)
+    assert set(broker.registered) == {local.protocol.session_id, other.protocol.session_id}
+    assert broker.registered[local.protocol.session_id]["node"] == broker.node_id
+    local.send({"type": "tell", "id": 1, "data": other.protocol.session_id})
+    assert other.received() == [{"type": "note", "data": "hi"}]  # on this node: direct
+    local.send({"type": "tell", "id": 2, "data": "elsewhere"})
+    assert local.received()[-1] == {"type": "tell", "id": 2, "data": True}
+    assert broker.sent == [("elsewhere", "note", "hi")]  # forwarded to its node
+    broker.up = False
+    local.send({"type": "tell", "id": 3, "data": "elsewhere"})
+    assert local.received()[-1] == {"type": "tell", "id": 3, "data": False}
+    other.disconnect()
+    assert set(broker.registered) == {local.protocol.session_id}

@@ -298,6 +298,8 @@ class _Subscriber(txredisapi.SubscriberProtocol):
 
 
 class _ProtocolFactory(Factory):
+    noisy = False  # ClientService logs each retry already; no start/stop lines per attempt
+
     def __init__(self, broker: RedisBroker, cls: type, dbid: int, timeout: float | None) -> None:
         self.broker = broker
         self.cls = cls
