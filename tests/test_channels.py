@@ -146,17 +146,28 @@ def test_recovery_fails_explicitly_when_history_or_epoch_is_gone(clock: Clock) -
         ({"epoch": "other", "offset": 5}, False),
         ({"epoch": epoch, "offset": 9}, False),  # ahead of the stream
     ]
+    others = []
     for n, (since, recovered) in enumerate(cases):
         p = Peer(factory, 40001 + n)
+        others.append(p)
         answer = subscribe(p, since=since)
         assert answer["recovered"] is recovered, since
         assert answer["offset"] == 5
         backlog = [f["data"]["offset"] for f in p.backlog]
         assert backlog == ([4, 5] if recovered else [])
-    clock.advance(61)  # idle past history_ttl: the stream and its epoch are gone
-    answer = subscribe(Peer(factory, 40100), since={"epoch": epoch, "offset": 5})
-    assert answer["recovered"] is False
-    assert answer["epoch"] != epoch and answer["offset"] == 0
+    clock.advance(61)  # no publication for history_ttl: the history is dropped...
+    late = Peer(factory, 40100)
+    answer = subscribe(late, since={"epoch": epoch, "offset": 4})
+    assert (answer["recovered"], answer["epoch"], answer["offset"]) == (False, epoch, 5)
+    # ...but while subscribers watch, nothing was lost for them: same epoch and offset.
+    later = Peer(factory, 40101)
+    assert subscribe(later, since={"epoch": epoch, "offset": 5})["recovered"] is True
+    for p in (peer, late, later, *others):
+        p.disconnect()
+    assert factory.channels.subscription_count() == 0
+    clock.advance(61)  # an unwatched channel idle past history_ttl starts a new epoch
+    answer = subscribe(Peer(factory, 40200), since={"epoch": epoch, "offset": 5})
+    assert answer["recovered"] is False and answer["epoch"] != epoch
 
 
 class SlowBroker(MemoryBroker):

@@ -150,6 +150,7 @@ class MemoryBroker:
         self.listener: BrokerListener | None = None
         self._streams: dict[str, _Stream] = {}
         self._presence: dict[str, dict[str, dict[str, Any]]] = {}
+        self._listening: set[str] = set()
 
     def start(self) -> Deferred[None]:
         return succeed(None)
@@ -158,15 +159,26 @@ class MemoryBroker:
         return succeed(None)
 
     def _stream(self, channel: str) -> _Stream:
+        """The channel's stream; its history is dropped ``history_ttl`` after the last publish.
+
+        While this node listens to the channel, the epoch and offset stay (nothing was lost:
+        live subscribers saw everything); an unwatched idle channel starts a new epoch.
+        """
         now = self.clock.seconds()
         stream = self._streams.get(channel)
-        if stream is None or (self.history_ttl and now - stream.last_used > self.history_ttl):
+        if stream is None:
             stream = self._streams[channel] = _Stream(now)
-        stream.last_used = now
+        elif self.history_ttl and now - stream.last_used > self.history_ttl:
+            if channel in self._listening:
+                stream.entries.clear()
+                stream.last_used = now
+            else:
+                stream = self._streams[channel] = _Stream(now)
         return stream
 
     def publish(self, channel: str, data: str) -> Deferred[Position]:
         stream = self._stream(channel)
+        stream.last_used = self.clock.seconds()
         stream.offset += 1
         if self.history_size:
             stream.entries.append(data)
@@ -190,9 +202,13 @@ class MemoryBroker:
         return succeed(History(position, entries))
 
     def subscribe(self, channel: str) -> Deferred[None]:
+        if channel not in self._listening and channel in self._streams:
+            self._stream(channel)  # expire an idle unwatched stream before watching it
+        self._listening.add(channel)
         return succeed(None)
 
     def unsubscribe(self, channel: str) -> None:
+        self._listening.discard(channel)
         self._unused(channel)
 
     def _unused(self, channel: str) -> None:

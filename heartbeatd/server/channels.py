@@ -55,12 +55,14 @@ MAX_BUFFERED = 10_000
 class _Sub:
     """One connection's subscription to one channel."""
 
-    __slots__ = ("channel", "client", "epoch", "join_leave", "offset", "pending")
+    __slots__ = ("channel", "client", "epoch", "join_leave", "joined", "offset", "pending")
 
     def __init__(self, client: ServerProtocol, channel: str, join_leave: bool) -> None:
         self.client = client
         self.channel = channel
         self.join_leave = join_leave
+        #: True once its presence entry was written (so a removal must announce a leave).
+        self.joined = False
         self.epoch = ""
         #: The offset last delivered (or known to the client).
         self.offset = 0
@@ -263,6 +265,7 @@ class ChannelHub:
         }
 
     def _join(self, sub: _Sub) -> None:
+        sub.joined = True
         self.broker.join(sub.channel, self._info(sub.client)).addErrback(
             _log_failure, "presence join", sub.channel
         )
@@ -282,7 +285,7 @@ class ChannelHub:
         if not local:
             del self._subs[channel]
             self.broker.unsubscribe(channel)
-        if sub.pending is None:  # it had joined
+        if sub.joined:
             self.broker.leave(channel, session).addErrback(_log_failure, "presence leave", channel)
 
     # -- connections -------------------------------------------------------------------------
