@@ -233,7 +233,7 @@ def test_per_event_log_lines_are_rate_limited_and_counters_stay_exact(
     factory.log_limiter.lines = 3
     factory.log_limiter.window = 10
     Peer(factory)
-    for i in range(50):
+    for _ in range(50):
         factory.buildProtocol(None)  # refused: over max_connections
     refusals = [e for e in log_events if "Refused a connection" in e.get("log_format", "")]
     assert len(refusals) == 3
