@@ -225,6 +225,9 @@ def test_redis_down_is_unavailable_and_nothing_is_lost_silently(tmp_path: Path) 
             assert (status, error["code"]) == (503, "unavailable")
             reply = publisher.request("publish", {"channel": "news", "data": 5})
             assert reply["type"] == "error" and reply["error"]["code"] == "unavailable"
+            reply = publisher.request("subscribe", {"channel": "other"})
+            assert reply["type"] == "error" and reply["error"]["code"] == "unavailable"
+            assert nodes[0].http("GET", "/clients")[0] == 503
             status, health = nodes[0].http("GET", "/healthz")
             assert (status, health["status"], health["broker"]) == (200, "degraded", "down")
             _, text = nodes[0].http("GET", "/metrics")
@@ -241,6 +244,10 @@ def test_redis_down_is_unavailable_and_nothing_is_lost_silently(tmp_path: Path) 
             assert resync["epoch"] != epoch
             offset = nodes[1].publish("news", 6)
             assert listener.publications(1) == [(offset, 6)]
+            # The empty Redis learnt the nodes' clients and presence again from the nodes.
+            presence = publisher.request("presence", {"channel": "news"})["data"]["clients"]
+            assert [p["session"] for p in presence] == [listener.session]
+            assert nodes[1].http("GET", "/clients")[1]["count"] == 2
             _, text = nodes[0].http("GET", "/metrics")
             assert metric(text, "heartbeatd_broker_up") == 1
             assert metric(text, "heartbeatd_channel_resyncs_total") == 1
