@@ -256,7 +256,7 @@ class ClusterConfig:
         metadata=check(_node_id, "prefix of every Redis key, so clusters can share a Redis"),
     )
     command_timeout: float = field(
-        default=5.0, metadata=check(positive_number, "seconds a Redis command may take")
+        default=5.0, metadata=check(positive_number, "seconds Redis gets to answer a heartbeat")
     )
 
 

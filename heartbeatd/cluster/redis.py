@@ -49,6 +49,11 @@ from heartbeatd.cluster.broker import (
 )
 from heartbeatd.config import ChannelsConfig, ClusterConfig
 
+try:  # hiredis encodes commands in C (3 us instead of txredisapi's 30 us per publish)
+    from hiredis import pack_command as _pack_command
+except ImportError:  # pragma: no cover - hiredis is part of heartbeatd[cluster]
+    _pack_command = None
+
 __all__ = ["RedisBroker", "parse_redis_url"]
 
 log = get_logger(__name__)
@@ -278,7 +283,16 @@ def default_node_id() -> str:
     return f"{host[:40]}-{os.urandom(3).hex()}"
 
 
-class _Commands(txredisapi.RedisProtocol):
+class _FastEncoding:
+    """Encode commands with hiredis when it is installed (replies already parse with it)."""
+
+    if _pack_command is not None:
+
+        def _build_command(self, *args: Any, **kwargs: Any) -> bytes:
+            return _pack_command(args)  # type: ignore[misc]
+
+
+class _Commands(_FastEncoding, txredisapi.RedisProtocol):
     broker: RedisBroker
 
     def connectionLost(self, why: Failure) -> None:
@@ -286,7 +300,7 @@ class _Commands(txredisapi.RedisProtocol):
         self.broker._lost(self)
 
 
-class _Subscriber(txredisapi.SubscriberProtocol):
+class _Subscriber(_FastEncoding, txredisapi.SubscriberProtocol):
     broker: RedisBroker
 
     def messageReceived(self, pattern: Any, channel: str, message: str) -> None:
@@ -300,19 +314,15 @@ class _Subscriber(txredisapi.SubscriberProtocol):
 class _ProtocolFactory(Factory):
     noisy = False  # ClientService logs each retry already; no start/stop lines per attempt
 
-    def __init__(self, broker: RedisBroker, cls: type, dbid: int, timeout: float | None) -> None:
+    def __init__(self, broker: RedisBroker, cls: type, dbid: int) -> None:
         self.broker = broker
         self.cls = cls
         self.dbid = dbid
-        self.timeout = timeout
 
     def buildProtocol(self, addr: Any) -> Any:
-        proto = self.cls(
-            charset="utf-8",
-            replyTimeout=self.timeout,
-            dbid=self.dbid or None,
-            convertNumbers=False,
-        )
+        # No per-command reply timeout (a timer per publish): the heartbeat's watchdog
+        # aborts a connection that stops answering, which fails every waiting command.
+        proto = self.cls(charset="utf-8", dbid=self.dbid or None, convertNumbers=False)
         proto.factory = self
         proto.broker = self.broker
         return proto
@@ -357,11 +367,11 @@ class RedisBroker:
             name: hashlib.sha1(text.encode()).hexdigest() for name, text in _SCRIPTS.items()
         }
         policy = backoffPolicy(initialDelay=0.05, maxDelay=RECONNECT_MAX_DELAY, factor=2.0)
-        timeout = cluster.command_timeout
+        self.command_timeout = timeout = cluster.command_timeout
         self._services = [
             ClientService(
                 TCP4ClientEndpoint(reactor, host, port, timeout=timeout),
-                _ProtocolFactory(self, cls, db, timeout if cls is _Commands else None),
+                _ProtocolFactory(self, cls, db),
                 retryPolicy=policy,
                 clock=reactor,
                 prepareConnection=prepare,
@@ -513,6 +523,24 @@ class RedisBroker:
 
         d = self._heartbeat_now().addCallback(lambda _: self._eval("REAP")).addCallback(reaped)
         d.addErrback(lambda f: log.debug("Cluster heartbeat failed: {why}", why=f))
+        self._watch(self._cmd, d)
+        sub = self._sub
+        if sub is not None and sub.connected:  # a half-open pub/sub link is found here too
+            self._watch(sub, maybeDeferred(sub.execute_command, "PING").addErrback(_ignore))
+
+    def _watch(self, proto: Any, d: Deferred[Any]) -> None:
+        """Abort ``proto``'s connection unless ``d`` fires within ``command_timeout``."""
+
+        def stuck() -> None:
+            log.warn(
+                "Redis did not answer within {timeout:g}s (cluster.command_timeout); reconnecting",
+                timeout=self.command_timeout,
+            )
+            if proto.transport is not None:
+                proto.transport.abortConnection()
+
+        timer = self.reactor.callLater(self.command_timeout, stuck)
+        d.addBoth(lambda result: (timer.cancel() if timer.active() else None, result)[1])
 
     def _register(self) -> Deferred[Any]:
         presence = {c: dict(members) for c, members in self._presence.items()}
