@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import tempfile
@@ -44,6 +45,12 @@ NODE_TIMEOUT = 3.0
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(len(ordered) * p))] if ordered else float("nan")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def sleep(seconds: float) -> Deferred[None]:
@@ -124,7 +131,9 @@ async def drain(seconds: float = 2.0) -> None:
     await sleep(seconds)
 
 
-async def latency_phase(ports: list[int], rate: int, seconds: float) -> dict[str, Any]:
+async def latency_phase(nodes: list[Any], rate: int, seconds: float) -> dict[str, Any]:
+    ports = [n.port for n in nodes]
+    pids = [n.daemon.process.pid for n in nodes]
     channel = f"lat{rate}"
     subs = [Subscriber(f"s{i}", channel) for i in range(len(ports))]
     for s, port in zip(subs, ports, strict=True):
@@ -132,8 +141,11 @@ async def latency_phase(ports: list[int], rate: int, seconds: float) -> dict[str
     pubs = [Publisher(port, channel) for port in ports]
     for p in pubs:
         await p.start()
+    cpu_before = [cpu_seconds(pid) for pid in pids] + [cpu_seconds(os.getpid())]
     await load(pubs, rate, seconds)
     await drain()
+    cpu = [cpu_seconds(pid) for pid in pids] + [cpu_seconds(os.getpid())]
+    cpu = [after - before for after, before in zip(cpu, cpu_before, strict=True)]
     acked: dict[int, float] = {}
     for p in pubs:
         acked.update({o: t for o, (_, t) in p.acked.items()})
@@ -151,6 +163,10 @@ async def latency_phase(ports: list[int], rate: int, seconds: float) -> dict[str
         "p50_ms": round(percentile(latencies, 0.5) * 1000, 2),
         "p99_ms": round(percentile(latencies, 0.99) * 1000, 2),
         "not_delivered": len(acked) - len(latencies),
+        # CPU per publication: each daemon (publish + fan-out to its subscriber), and the
+        # driver (publishers and all subscribers); capacity on one core = 1e6 / these.
+        "daemon_cpu_us_per_pub": [round(c * 1e6 / max(1, len(acked)), 1) for c in cpu[:-1]],
+        "driver_cpu_us_per_pub": round(cpu[-1] * 1e6 / max(1, len(acked)), 1),
         "errors": {k: v for p in pubs for k, v in p.errors.items()},
     }
 
@@ -297,9 +313,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             await sleep(1)
             for rate in args.rates:
-                results["latency"].append(
-                    await latency_phase([n.port for n in nodes], rate, args.seconds)
-                )
+                results["latency"].append(await latency_phase(nodes, rate, args.seconds))
                 print(json.dumps(results["latency"][-1]), flush=True)
             results["kill"] = await kill_phase(nodes, args.kill_rate, args.seconds)
             print(json.dumps(results["kill"]), flush=True)
