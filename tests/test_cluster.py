@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -265,3 +268,24 @@ def test_cluster_redis_url_is_checked_before_listening(tmp_path: Path) -> None:
     assert out.returncode != 0
     assert "cluster.redis: 'http://nope' is not allowed" in out.stderr + out.stdout
     assert "cluster.node_id: 'has space' is not allowed" in out.stderr + out.stdout
+
+
+def test_client_library_fails_over_and_recovers_exactly_once(tmp_path: Path) -> None:
+    driver = Path(__file__).resolve().parent / "channels_driver.py"
+    with RedisServer(tmp_path / "redis") as redis, cluster(tmp_path, redis, 2) as nodes:
+        victim, other = nodes[1], nodes[0]
+        out = subprocess.run(
+            [
+                sys.executable,
+                str(driver),
+                str(victim.port),
+                str(victim.daemon.process.pid),
+                str(other.port),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        assert result == {"received": [1, 2, 3, 4, 5, 6], "lost": []}, out.stderr[-2000:]
