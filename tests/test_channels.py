@@ -418,3 +418,24 @@ def test_handlers_send_reaches_sessions_of_other_nodes(clock: Clock) -> None:
     assert local.received()[-1] == {"type": "tell", "id": 3, "data": False}
     other.disconnect()
     assert set(broker.registered) == {local.protocol.session_id}
+
+
+def test_a_full_set_up_buffer_loses_nothing(clock: Clock, monkeypatch) -> None:
+    from heartbeatd.server import channels
+
+    monkeypatch.setattr(channels, "MAX_BUFFERED", 2)
+    broker = SlowBroker(clock)
+    factory = make_factory(clock, broker)
+    peer = Peer(factory)
+    peer.send({"type": "subscribe", "id": 1, "data": {"channel": "news"}})
+    broker.release()  # fan-out ready; the position lookup (synchronous here) follows
+    # Five publications while the subscription is not live yet: two fit the buffer.
+    sub = factory.channels._subs["news"][peer.protocol.session_id]
+    sub.pending = []
+    sub.offset = 0
+    for i in range(1, 6):
+        broker.publish("news", str(i))
+    factory.channels._go_live(sub, [])
+    broker.release()  # the history read for what overflowed
+    offsets = [f["data"]["offset"] for f in peer.received() if f["type"] == "publication"]
+    assert offsets == [1, 2, 3, 4, 5]

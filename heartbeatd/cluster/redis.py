@@ -39,7 +39,7 @@ from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
-from heartbeatd._logging import get_logger
+from heartbeatd._logging import LogLimiter, get_logger
 from heartbeatd.cluster.broker import (
     BrokerListener,
     BrokerUnavailable,
@@ -383,7 +383,9 @@ class RedisBroker:
         ]
         self._beat = LoopingCall(self._heartbeat)
         self._beat.clock = reactor
-        self._logged_down = False
+        #: Bad pub/sub messages are logged a few times per window, never once each.
+        self.log_limiter = LogLimiter(reactor)
+        self.bad_messages = 0
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -632,7 +634,9 @@ class RedisBroker:
                 body = json.loads(message)
                 listener.on_message(body["s"], body["t"], body.get("d"))
         except Exception:
-            log.failure("Bad cluster message on {key}", key=key)
+            self.bad_messages += 1
+            if self.log_limiter.allow("bad_cluster_message"):
+                log.failure("Bad cluster message on {key}", key=key)
 
     # -- presence and clients -------------------------------------------------------------------
 

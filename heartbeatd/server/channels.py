@@ -55,7 +55,16 @@ MAX_BUFFERED = 10_000
 class _Sub:
     """One connection's subscription to one channel."""
 
-    __slots__ = ("channel", "client", "epoch", "join_leave", "joined", "offset", "pending")
+    __slots__ = (
+        "channel",
+        "client",
+        "epoch",
+        "join_leave",
+        "joined",
+        "offset",
+        "overflowed",
+        "pending",
+    )
 
     def __init__(self, client: ServerProtocol, channel: str, join_leave: bool) -> None:
         self.client = client
@@ -68,6 +77,8 @@ class _Sub:
         self.offset = 0
         #: Not None while setting up or catching up: publications wait here, in order.
         self.pending: list[tuple[str, int, str]] | None = []
+        #: Publications were dropped from a full ``pending``: read them from the history.
+        self.overflowed = False
 
 
 def publication_body(channel: str, offset: int, data: str) -> bytes:
@@ -325,6 +336,8 @@ class ChannelHub:
         if pending is not None:
             if len(pending) < MAX_BUFFERED:
                 pending.append((epoch, offset, data))
+            else:
+                sub.overflowed = True  # not lost: fetched from the history when live again
             return
         if epoch != sub.epoch:
             # The stream was lost and started again: what came before cannot be recovered.
@@ -352,6 +365,9 @@ class ChannelHub:
             self._deliver(sub, sub.epoch, first + i, data)
         for epoch, offset, data in pending:
             self._deliver(sub, epoch, offset, data)
+        if sub.overflowed and sub.pending is None:
+            sub.overflowed = False
+            self.catch_up(sub)
 
     def catch_up(self, sub: _Sub, first: tuple[str, int, str] | None = None) -> None:
         """Fill the gap after ``sub.offset`` from the history, or tell the client it can't."""
