@@ -150,6 +150,12 @@ def test_one_service_across_three_nodes(tmp_path: Path) -> None:
                 assert c.expect("all")["data"] == 1
             status, health = nodes[2].http("GET", "/healthz")
             assert (status, health["broker"], health["node"]) == (200, "up", "node2")
+
+            assert nodes[2].daemon.stop(signal.SIGTERM) == 0  # a clean stop leaves at once
+            leave = clients[0].expect("leave")["data"]
+            assert (leave["session"], leave["node"]) == (clients[2].session, "node2")
+            _, listing = nodes[0].http("GET", "/clients")
+            assert {c["node"] for c in listing["clients"]} == {"node0", "node1"}
         finally:
             for c in clients:
                 c.close()
