@@ -24,8 +24,9 @@ from heartbeatd.config import Config
 from heartbeatd.server.handlers import HandlerRegistry, default_registry
 from heartbeatd.server.heartbeat import HeartbeatMonitor
 from heartbeatd.server.protocol import RefusedProtocol, ServerProtocol
+from heartbeatd.server.session import Server
 from heartbeatd.wire import get_framing
-from heartbeatd.wire.envelope import TOO_MANY_CONNECTIONS, encode_error, encode_message
+from heartbeatd.wire.envelope import OMIT, TOO_MANY_CONNECTIONS, encode_error, encode_message
 
 __all__ = ["EvictionRecord", "ServerFactory"]
 
@@ -95,6 +96,8 @@ class ServerFactory(Factory):
         self.clock = _resolve_clock(clock)
         self.framing = get_framing(config.framing)
         self.registry = registry if registry is not None else default_registry(config.handlers)
+        #: What handlers reach as ``request.server``.
+        self.server = Server(self)
         #: session id -> connection, least recently heard first.
         self.clients: OrderedDict[str, ServerProtocol] = OrderedDict()
         self.max_connections = config.effective_max_connections()
@@ -263,7 +266,10 @@ class ServerFactory(Factory):
 
     # -- push ---------------------------------------------------------------------------------
 
-    def send(self, session_id: str, type: str, data: Any = None) -> bool:
+    def client_count(self) -> int:
+        return len(self.clients)
+
+    def send(self, session_id: str, type: str, data: Any = OMIT) -> bool:
         """Push a message to one client; False when no such client is connected."""
         client = self.clients.get(session_id)
         if client is None:
@@ -271,7 +277,7 @@ class ServerFactory(Factory):
         client.send(type, data)
         return True
 
-    def broadcast(self, type: str, data: Any = None) -> int:
+    def broadcast(self, type: str, data: Any = OMIT) -> int:
         """Push a message to every client, encoding the frame once; returns the count."""
         frame = self.framing.encode(encode_message(type, data))
         clients = list(self.clients.values())

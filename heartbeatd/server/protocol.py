@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import deque
 from inspect import iscoroutine
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress
@@ -24,13 +24,12 @@ from twisted.python.failure import Failure
 from heartbeatd._direct_write import direct_writer
 from heartbeatd._logging import get_logger
 from heartbeatd.server.handlers import NO_REPLY, HandlerError, Reply, Request
+from heartbeatd.server.registry import ClientRegistry
+from heartbeatd.server.session import Session
 from heartbeatd.server.sockopts import configure_socket
 from heartbeatd.wire import envelope
 from heartbeatd.wire.envelope import ProtocolError, decode_message, encode_error, encode_message
 from heartbeatd.wire.framing import HEARTBEAT, FrameDecoder
-
-if TYPE_CHECKING:
-    from heartbeatd.server.factory import ServerFactory
 
 __all__ = ["RefusedProtocol", "ServerProtocol", "format_address"]
 
@@ -68,11 +67,17 @@ class _Slot:
 class ServerProtocol(Protocol):
     """One client connection of the daemon."""
 
-    factory: ServerFactory
+    factory: ClientRegistry
+    #: Answer plain, synchronous requests on the inlined hot path (`_handle_envelopes`).
+    #: False sends everything through the general path; a test checks both write the same bytes.
+    fast_path = True
 
     def __init__(self) -> None:
         self.session_id = ""
         self.peer = ""
+        #: Who the client authenticated as (None when authentication is off).
+        self.identity: str | None = None
+        self._session: Session | None = None
         self.connected = False
         self.connected_at = 0.0
         #: Alive-clock time of the last byte received (see `HeartbeatMonitor.now`).
@@ -125,6 +130,14 @@ class ServerProtocol(Protocol):
         self._pending = None
         self.factory.client_disconnected(self, reason)
 
+    @property
+    def session(self) -> Session:
+        """The handlers' view of this connection (created on first use)."""
+        session = self._session
+        if session is None:
+            session = self._session = Session(self)
+        return session
+
     # -- reading ---------------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
@@ -139,7 +152,7 @@ class ServerProtocol(Protocol):
         batch: list[bytes] = []
         self._batch = batch
         try:
-            if self._bare_type is None:
+            if self._bare_type is None and self.fast_path:
                 self._handle_envelopes(items, batch)
             else:
                 for item in items:
