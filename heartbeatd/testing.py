@@ -32,6 +32,7 @@ from heartbeatd.client.connection import ClientConnection
 from heartbeatd.config import Config
 from heartbeatd.server.factory import ServerFactory
 from heartbeatd.server.handlers import HandlerRegistry, default_registry
+from heartbeatd.server.session import Server
 from heartbeatd.wire.envelope import OMIT
 
 __all__ = ["ServerClientPair"]
@@ -79,7 +80,7 @@ class ServerClientPair:
             registry = default_registry(self.config.handlers)
         _register_all(registry, handlers)
         self.registry = registry
-        #: The server.  Handlers never see it; a test may read its counters.
+        #: The server's factory.  Handlers never see it; a test may read its counters.
         self.factory = ServerFactory(self.config, registry, self.clock)
         self.factory.doStart()
         self._client_options = client_options
@@ -154,9 +155,14 @@ class ServerClientPair:
         self.flush()
 
     @property
+    def server(self) -> Server:
+        """The `Server` handlers see as ``request.server``: ``send``, ``broadcast``, ``clients``."""
+        return self.factory.server
+
+    @property
     def clients(self) -> int:
         """How many clients the server holds now."""
-        return len(self.factory.clients)
+        return self.server.clients
 
     def close(self) -> None:
         """Close every client, flush, and stop the server's heartbeat."""

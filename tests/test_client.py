@@ -129,8 +129,8 @@ def test_pushes_reach_handlers_by_type() -> None:
         got: list = []
         pair.client.on("news", lambda data, conn: got.append(("news", data)))
         pair.client.on_any(lambda type_, data, conn: got.append((type_, "any", data)))
-        pair.factory.broadcast("news", {"headline": 1})
-        pair.factory.broadcast("other", 2)
+        pair.server.broadcast("news", {"headline": 1})
+        pair.server.broadcast("other", 2)
         pair.flush()
     assert got == [
         ("news", {"headline": 1}),

@@ -141,7 +141,7 @@ def test_more_clients_see_pushes_from_the_server() -> None:
         seen: list[tuple[str, Any]] = []
         for client in (pair.client, other):
             client.on("news", lambda data, conn: seen.append((conn.hello["session"], data)))
-        assert pair.factory.broadcast("news", "hi") == 2
+        assert pair.server.broadcast("news", "hi") == 2
         pair.flush()
         assert sorted(seen) == sorted((c.hello["session"], "hi") for c in (pair.client, other))
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from daemon import Daemon, RawClient, run_twistd
+from docs_examples import example
 
 
 def test_hello_echo_ping_and_errors(tmp_path: Path) -> None:
@@ -133,9 +134,8 @@ def test_port_in_use_fails_at_once(tmp_path: Path) -> None:
 
 
 def test_readme_handler_example_works(tmp_path: Path) -> None:
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    block = readme.split("<!-- test: readme-handler -->\n```python\n", 1)[1].split("```", 1)[0]
-    (tmp_path / "myapp_handlers.py").write_text(block)
+    # tests/test_docs.py checks what it does in memory; here the real daemon loads it by name.
+    (tmp_path / "myapp_handlers.py").write_text(example("readme-handler"))
     config = {"handlers": ["myapp_handlers"]}
     env = {"PYTHONPATH": str(tmp_path)}
     with (
