@@ -10,7 +10,7 @@ The server is heartbeatd's own (`ServerFactory`, its protocol, its heartbeat) an
 a real `heartbeatd.client.ClientConnection`; the bytes between them go through Twisted's
 in-memory transports instead of sockets, and every timer runs on `pair.clock`, a
 `twisted.internet.task.Clock`.  Nothing happens until you say so: `flush()` moves bytes until
-both sides are quiet, `advance(seconds)` moves time and then flushes.  So a test needs no
+both sides are quiet, `advance(seconds)` moves time timer by timer, flushing between.  So a test needs no
 network, no port and no sleep, and sees exactly what a real client would.
 
 ``twisted.test.iosim`` is private Twisted API: this module is the one place heartbeatd
@@ -133,12 +133,23 @@ class ServerClientPair:
         ]
 
     def advance(self, seconds: float) -> None:
-        """Move the clock forward by ``seconds`` (one step) and flush.
+        """Move the clock forward by ``seconds``, as a real network would see that time pass.
 
-        One step fires a `LoopingCall` (the heartbeat) once, however long it is; step through
-        an interval with several calls, e.g. ``for _ in range(3): pair.advance(10)``.
+        Every timer due in that span runs at its own time, in order, and the bytes it causes
+        are delivered before the next one (a ping is answered before the deadline it would
+        meet).  So a heartbeat `LoopingCall` fires once per interval, never coalesced.
         """
-        self.clock.advance(seconds)
+        clock = self.clock
+        target = clock.seconds() + seconds
+        for _ in range(self.MAX_FLUSH_ROUNDS):
+            due = [c.getTime() for c in clock.getDelayedCalls() if c.getTime() <= target]
+            if not due:
+                break
+            clock.advance(max(0.0, min(due) - clock.seconds()))
+            self.flush()
+        else:
+            raise RuntimeError(f"timers still due after {self.MAX_FLUSH_ROUNDS} steps")
+        clock.advance(max(0.0, target - clock.seconds()))
         self.flush()
 
     # -- conveniences -------------------------------------------------------------------------

@@ -162,6 +162,7 @@ def test_a_client_that_stops_reading_is_evicted_by_the_heartbeat() -> None:
     with ServerClientPair(config=config) as pair:
         closed: list[Any] = []
         pair.client.on_close(lambda conn, why: closed.append(why))
+        assert successResultOf(pair.request("echo", 1)) == 1  # heard from at least once
         # The network now loses everything this client sends; it still hears the server's
         # pings, so its own heartbeat keeps the connection, and only the server can act.
         pair.client.transport.getOutBuffer = lambda: b""  # type: ignore[attr-defined]
