@@ -10,8 +10,8 @@ The server is heartbeatd's own (`ServerFactory`, its protocol, its heartbeat) an
 a real `heartbeatd.client.ClientConnection`; the bytes between them go through Twisted's
 in-memory transports instead of sockets, and every timer runs on `pair.clock`, a
 `twisted.internet.task.Clock`.  Nothing happens until you say so: `flush()` moves bytes until
-both sides are quiet, `advance(seconds)` moves time timer by timer, flushing between.  So a test needs no
-network, no port and no sleep, and sees exactly what a real client would.
+both sides are quiet, `advance(seconds)` moves time timer by timer, flushing between.  So a
+test needs no network, no port and no sleep, and sees exactly what a real client would.
 
 ``twisted.test.iosim`` is private Twisted API: this module is the one place heartbeatd
 imports it.
