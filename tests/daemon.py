@@ -102,9 +102,12 @@ class Daemon:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.process is not None and self.process.poll() is None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
             self.process.kill()
             self.process.wait(10)
+        self.read_to_end()  # so `log` after the block holds all the daemon wrote
 
     def _pump(self) -> None:
         assert self.process is not None and self.process.stdout is not None
@@ -152,13 +155,14 @@ class Daemon:
 
     @property
     def log(self) -> str:
-        """The whole log, once the process has ended and `stop` or `read_to_end` read it.
+        """The whole log, once the process has ended and `stop`, `read_to_end` or the end of
+        the ``with`` block read it.
 
         While the daemon runs, lines it has written may still be unread, so an assertion
         that something is *not* in the log could not fail: wait for a line with `wait_for`.
         """
         if not self._complete:
-            raise AssertionError("the log is incomplete until stop() or read_to_end()")
+            raise AssertionError("the log is incomplete until stop(), read_to_end() or exit")
         return "\n".join(self.lines)
 
 
