@@ -131,14 +131,20 @@ class _Member:
 class _Waiter:
     """A borrower queued for a connection."""
 
-    __slots__ = ("d", "queued_at", "stack", "timer")
+    __slots__ = ("attempts_before", "d", "queued_at", "stack", "timer")
 
     def __init__(
-        self, d: Deferred[ClientConnection], queued_at: float, stack: tuple[_Frame, ...]
+        self,
+        d: Deferred[ClientConnection],
+        queued_at: float,
+        stack: tuple[_Frame, ...],
+        attempts_before: int,
     ) -> None:
         self.d = d
         self.queued_at = queued_at
         self.stack = stack
+        #: Connection attempts the pool had started when this waiter arrived.
+        self.attempts_before = attempts_before
         self.timer: IDelayedCall | None = None
 
 
@@ -195,7 +201,7 @@ class Pool:
         self._failed_rounds = 0
         self._epoch = 0
         self._last_error: str | None = None
-        self._last_attempt_at = float("-inf")
+        self._attempts_started = 0
         self._retry: IDelayedCall | None = None
         self._retry_busy_at = 0.0  # when the pending retry is due if callers are asking
         self._asked = False  # a fail_fast caller asked since the last attempt started
@@ -341,7 +347,12 @@ class Pool:
             return fail(
                 PoolExhausted(f"{self.config.max_waiters} waiters already; {self._state()}")
             )
-        waiter = _Waiter(Deferred(lambda _: self._drop_waiter(waiter)), self.clock.seconds(), stack)
+        waiter = _Waiter(
+            Deferred(lambda _: self._drop_waiter(waiter)),
+            self.clock.seconds(),
+            stack,
+            self._attempts_started,
+        )
         waiter.timer = self.clock.callLater(
             self.config.acquire_timeout, self._waiter_timed_out, waiter
         )
@@ -527,7 +538,7 @@ class Pool:
         attempt = _Attempt(self._epoch)
         self._attempts.add(attempt)
         self._asked = False
-        self._last_attempt_at = self.clock.seconds()
+        self._attempts_started += 1
         try:
             connecting = self.connect_fn()
         except Exception:
@@ -647,7 +658,7 @@ class Pool:
     def _last_chance(self) -> float | None:
         """When the first waiter that has seen no attempt start must get one."""
         for waiter in self._waiters:
-            if waiter.queued_at > self._last_attempt_at:
+            if waiter.attempts_before == self._attempts_started:
                 return waiter.queued_at + self.LAST_CHANCE * self.config.acquire_timeout
         return None
 
@@ -657,7 +668,7 @@ class Pool:
         if retry is None or not retry.active():
             return
         at = self._retry_busy_at
-        if waiter is not None and waiter.queued_at > self._last_attempt_at:
+        if waiter is not None and waiter.attempts_before == self._attempts_started:
             at = min(at, waiter.queued_at + self.LAST_CHANCE * self.config.acquire_timeout)
         now = self.clock.seconds()
         if at < retry.getTime():
