@@ -139,17 +139,16 @@ def test_fail_fast_fails_at_once_while_the_server_is_known_down(clock: Clock) ->
     h = Harness(clock, fail_fast=True, backoff_initial=1, backoff_max=8)
     first = h.pool.request("echo")  # not known down yet: it waits for the connect
     assertNoResult(first)
-    h.refuse()
+    h.refuse()  # now it is known: the waiter is failed too, not left to time out
+    assert "the server is down" in str(failureResultOf(first, PoolUnavailable).value)
     error = failureResultOf(h.pool.acquire(), PoolUnavailable).value
     assert isinstance(error, ClientError)
     assert "the server is down; down for 0.00s, 1 failed attempts, next attempt in" in str(error)
     failureResultOf(h.pool.request("echo"), PoolUnavailable)
-    assert_stats(h.pool, unavailable=2, waiting=1)  # only the caller from before the outage
+    assert_stats(h.pool, unavailable=3, waiting=0, timeouts=0)
     clock.advance(h.pool.stats()["next_retry_in"])
-    assert len(h.connects) == 2  # the probe goes on, only the earlier caller waits for it
+    assert len(h.connects) == 2  # the probe goes on, though nobody waits for it
     conn = h.succeed()
-    assert len(conn.pings) == 1  # that caller's request went out on it
-    assertNoResult(first)
     assert successResultOf(h.pool.acquire()) is conn
 
 

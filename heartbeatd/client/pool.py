@@ -612,10 +612,12 @@ class Pool:
             # The first failure of a round counts; its siblings, started before it, do not:
             # max_size refused connects are one step of backoff, not max_size steps.
             self._epoch += 1
+            self._failed_rounds += 1
             if not self._down:
                 self._down = True
                 self._down_since = self.clock.seconds()
-            self._failed_rounds += 1
+                if self.config.fail_fast:
+                    self._fail_waiters()
             self._schedule_retry()
             rounds = self._failed_rounds
             if rounds & (rounds - 1) == 0:  # attempts 1, 2, 4, 8...: an outage logs O(log n)
@@ -654,6 +656,15 @@ class Pool:
             at = min(at, max(last_chance, now))
         _cancel(self._retry)
         self._retry = self.clock.callLater(at - now, self._retry_now)
+
+    def _fail_waiters(self) -> None:
+        """fail_fast: the server just went down; nobody keeps waiting for it."""
+        waiters, self._waiters = self._waiters, deque()
+        error = f"the server is down; {self._recovery_text()}"
+        for waiter in waiters:
+            _cancel(waiter.timer)
+            self.unavailable += 1
+            waiter.d.errback(PoolUnavailable(error))
 
     def _last_chance(self) -> float | None:
         """When the first waiter that has seen no attempt start must get one."""
