@@ -404,3 +404,18 @@ def test_over_iosim_fail_fast_then_recovery() -> None:
     reply = net.pool.request("echo", 1)
     net.flush()
     assert successResultOf(reply) == 1
+
+
+def test_a_connection_told_to_go_away_during_its_borrow_ping_is_not_lent(clock: Clock) -> None:
+    h = Harness(clock, ping_on_borrow_after=30)
+    first = h.pool.acquire()
+    conn = h.succeed()
+    h.pool.release(successResultOf(first))
+    clock.advance(31)
+    borrowed = h.pool.acquire()
+    (ping,) = conn.pings
+    conn.goaway()  # the server starts draining while our ping is in flight
+    ping.callback(None)  # the ping is still answered...
+    assert conn.closed and len(h.connects) == 2  # ...but the connection is replaced
+    fresh = h.succeed()
+    assert successResultOf(borrowed) is fresh

@@ -215,3 +215,14 @@ def test_failed_handshakes_count_toward_fail_after(clock: Clock) -> None:
     assert "no hello from the server within 1s" in str(error)
     assert len(endpoint.attempts) == 3  # and the client keeps trying in the background
     client.stop()
+
+
+def test_request_on_a_live_connection_needs_no_wait(clock: Clock) -> None:
+    client, endpoint = make(clock)
+    _proto, transport = endpoint.accept()
+    transport.clear()
+    d = client.request("echo", timeout=3)
+    (sent,) = parse_frames(transport.value())
+    assert sent["type"] == "echo" and "data" not in sent  # omitted, not null
+    clock.advance(3)
+    failureResultOf(d, RequestTimeout)  # the caller's timeout, on the request itself

@@ -396,6 +396,9 @@ class Pool:
         def alive(_: object) -> Deferred[ClientConnection]:
             if member.state is not CHECKING:  # removed meanwhile (the pool was closed)
                 return self._acquire(stack)
+            if member.retiring or not conn.usable:  # goaway or expiry during the ping
+                self._remove(member)
+                return self._acquire(stack)
             return succeed(self._lend(member, stack))
 
         def dead(failure: Failure) -> Deferred[ClientConnection]:

@@ -167,6 +167,9 @@ class ReconnectingClient:
     def request(self, type: str, data: Any = OMIT, timeout: float | None = None) -> Deferred[Any]:
         """Send a request once connected; ``timeout`` covers the wait for a connection too."""
         seconds = self._request_timeout if timeout is None else timeout
+        current = self._current
+        if current is not None and current.usable:  # the common case: no wait at all
+            return current.request(type, data, seconds)
         started = self._reactor.seconds()
 
         def send(conn: ClientConnection) -> Deferred[Any]:
