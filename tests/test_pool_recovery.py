@@ -419,3 +419,24 @@ def test_a_connection_told_to_go_away_during_its_borrow_ping_is_not_lent(clock: 
     assert conn.closed and len(h.connects) == 2  # ...but the connection is replaced
     fresh = h.succeed()
     assert successResultOf(borrowed) is fresh
+
+
+def test_cancelling_connect_while_awaiting_the_hello_drops_the_socket() -> None:
+    from twisted.internet.defer import CancelledError
+    from twisted.internet.protocol import Factory, Protocol
+
+    from heartbeatd.client import connect
+
+    reactor = MemoryReactorClock()
+    completer = iosim.ConnectionCompleter(reactor)
+    silent = Factory.forProtocol(Protocol)  # accepts, never says hello
+    reactor.listenTCP(9000, silent)
+    d = connect(reactor, "tcp:host=127.0.0.1:port=9000", hello_timeout=60)
+    pump = completer.succeedOnce()
+    assert pump is not None
+    pump.flush()
+    assertNoResult(d)  # connected, waiting for the hello
+    d.cancel()  # e.g. the pool's connect_timeout
+    failureResultOf(d, CancelledError)
+    pump.flush()
+    assert pump.clientIO.disconnected and pump.serverIO.disconnected  # no socket left behind

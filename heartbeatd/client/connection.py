@@ -448,7 +448,12 @@ def connect(
         ready: Deferred[ClientConnection] = Deferred(
             lambda _: connection.abort(ConnectionClosed("connect cancelled"))
         )
-        connection.when_ready().chainDeferred(ready)
+
+        def relay(result: Any) -> None:
+            if not ready.called:  # else the caller cancelled: the outcome is nobody's
+                ready.callback(result)
+
+        connection.when_ready().addBoth(relay)
         return ready
 
     return connectProtocol(endpoint, connection).addCallback(wait_for_hello)
