@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from helpers import iosim, make_config, parse_frames
-from test_pool import Harness, assert_stats
+from test_pool import FakeConn, Harness, assert_stats
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -440,3 +440,20 @@ def test_cancelling_connect_while_awaiting_the_hello_drops_the_socket() -> None:
     failureResultOf(d, CancelledError)
     pump.flush()
     assert pump.clientIO.disconnected and pump.serverIO.disconnected  # no socket left behind
+
+
+def test_connections_made_at_once_still_respect_max_size(clock: Clock) -> None:
+    from twisted.internet.defer import succeed
+
+    made: list[FakeConn] = []
+
+    def connect_now() -> Deferred:
+        made.append(FakeConn(f"c{len(made)}"))
+        return succeed(made[-1])
+
+    pool = Pool(clock, PoolConfig(min_idle=4, max_size=4), connect_now)
+    pool.start()
+    assert len(made) == 4 and pool.stats()["idle"] == 4
+    borrowed = [successResultOf(pool.acquire()) for _ in range(4)]
+    assertNoResult(pool.acquire())
+    assert len(made) == 4 and sorted(map(repr, borrowed)) == ["c0", "c1", "c2", "c3"]

@@ -524,17 +524,19 @@ class Pool:
         """Create connections for waiters and for ``min_idle``, within ``max_size``.
 
         While the server is down, only a single probe, once the backoff delay has passed.
+        The need is recounted before each connect, because a connect may complete at once
+        (and re-enter through the connection's waiter).
         """
-        if self._closed:
-            return
-        wanted = len(self._waiters) + max(self.config.min_idle - len(self._idle), 0)
-        room = self.config.max_size - self._active()
-        if self._down:
-            due = self._retry is None or not self._retry.active()
-            if due and not self._attempts and (wanted or self._asked) and room > 0:
-                self._create()
-            return
-        for _ in range(min(wanted - len(self._attempts), room)):
+        while not self._closed:
+            wanted = len(self._waiters) + max(self.config.min_idle - len(self._idle), 0)
+            if self.config.max_size - self._active() <= 0:
+                return
+            if self._down:
+                due = self._retry is None or not self._retry.active()
+                if not (due and not self._attempts and (wanted or self._asked)):
+                    return
+            elif wanted <= len(self._attempts):
+                return
             self._create()
 
     def _create(self) -> None:
