@@ -52,6 +52,9 @@ class FakeConn:
 
     die = close  # the peer went away: same callbacks
 
+    def abort(self, error: Exception) -> None:
+        self.close()
+
     def goaway(self) -> None:
         self.usable = False
         for cb in self._goaway:

@@ -457,3 +457,34 @@ def test_connections_made_at_once_still_respect_max_size(clock: Clock) -> None:
     borrowed = [successResultOf(pool.acquire()) for _ in range(4)]
     assertNoResult(pool.acquire())
     assert len(made) == 4 and sorted(map(repr, borrowed)) == ["c0", "c1", "c2", "c3"]
+
+
+def test_close_aborts_connections_that_do_not_close_in_time(clock: Clock) -> None:
+    class Stuck(FakeConn):
+        def close(self) -> None:  # a polite close that never completes (peer reads nothing)
+            pass
+
+        def abort(self, error: Exception) -> None:
+            FakeConn.close(self)
+
+    h = Harness(clock, connect_timeout=3)
+    d = h.pool.acquire()
+    stuck = Stuck("stuck")
+    h.connects[0].callback(stuck)
+    successResultOf(d)
+    closed = h.pool.close()
+    clock.advance(2.9)
+    assertNoResult(closed)
+    clock.advance(0.1)
+    successResultOf(closed)
+    assert stuck.closed and clock.getDelayedCalls() == []
+
+
+def test_new_errors_are_typed_and_exported() -> None:
+    import heartbeatd.client as front
+    from heartbeatd.client import ConnectionFailed, NotConnected
+
+    for name in ("ConnectionFailed", "NotConnected", "PoolUnavailable"):
+        assert name in front.__all__
+    assert issubclass(NotConnected, ConnectionFailed) and issubclass(ConnectionFailed, ClientError)
+    assert issubclass(PoolUnavailable, PoolError)

@@ -195,6 +195,7 @@ class Pool:
         self._attempts: set[_Attempt] = set()
         self._closed = False
         self._close_waiters: list[Deferred[None]] = []
+        self._close_timer: IDelayedCall | None = None
         # Recovery: the server is "down" from the first failed round to the next success.
         self._down = False
         self._down_since = 0.0
@@ -326,6 +327,12 @@ class Pool:
                     attempt.connecting.cancel()
             for member in list(self._members.values()):
                 member.conn.close()
+            if self._members:
+                # A polite close waits for our unsent bytes; a peer that reads nothing would
+                # keep it waiting, so after connect_timeout the rest are aborted.
+                self._close_timer = self.clock.callLater(
+                    self.config.connect_timeout, self._abort_remaining
+                )
         if not self._members and not self._attempts:
             return succeed(None)
         d: Deferred[None] = Deferred()
@@ -742,7 +749,15 @@ class Pool:
         self._refill()
         self._check_closed()
 
+    def _abort_remaining(self) -> None:
+        self._close_timer = None
+        for member in list(self._members.values()):
+            member.conn.abort(ConnectionClosed("the pool was closed"))
+
     def _check_closed(self) -> None:
+        if self._closed and not self._members and not self._attempts:
+            _cancel(self._close_timer)
+            self._close_timer = None
         if self._closed and not self._members and not self._attempts and self._close_waiters:
             waiters, self._close_waiters = self._close_waiters, []
             for d in waiters:
