@@ -226,3 +226,19 @@ def test_request_on_a_live_connection_needs_no_wait(clock: Clock) -> None:
     assert sent["type"] == "echo" and "data" not in sent  # omitted, not null
     clock.advance(3)
     failureResultOf(d, RequestTimeout)  # the caller's timeout, on the request itself
+
+
+def test_a_server_refusing_before_the_hello_is_backed_off_from(clock: Clock) -> None:
+    client, endpoint = make(clock)
+    delays = []
+    for _ in range(4):
+        proto, _transport = endpoint.accept(hello=False)
+        busy = {"type": "error", "error": {"code": "too_many_connections", "message": "full"}}
+        proto.dataReceived(frame(busy))
+        proto.connectionLost(Failure(ConnectionDone()))
+        (call,) = clock.getDelayedCalls()
+        delays.append(call.getTime() - clock.seconds())
+        clock.advance(delays[-1])
+    assert delays == [1.0, 2.0, 2.0, 2.0]  # grows (0.5 * cap 2, 4, 4...), not 0.5 forever
+    assert client.last_error == "too_many_connections: full"
+    client.stop()

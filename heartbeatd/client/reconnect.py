@@ -81,6 +81,7 @@ class ReconnectingClient:
         self._handlers: list[tuple[str, PushHandler]] = []
         self._next_delay: float | None = None
         self._current: ClientConnection | None = None
+        self._handshakes_failed = 0
         self.goaways = 0
         #: Why the last connection attempt failed (None once connected).
         self.last_error: str | None = None
@@ -206,9 +207,11 @@ class ReconnectingClient:
 
     def _handshake_done(self, conn: ClientConnection) -> None:
         self.last_error = None
+        self._handshakes_failed = 0
 
     def _handshake_failed(self, failure: Failure) -> None:
         self._attempt_failed(failure)  # recorded; the failure ends here
+        self._handshakes_failed += 1
 
     def _build(self) -> ClientConnection:
         conn = ClientConnection(
@@ -225,7 +228,10 @@ class ReconnectingClient:
         if self._next_delay is not None:
             delay, self._next_delay = self._next_delay, None
             return delay
-        return self._backoff(attempt)
+        # ClientService counts failed connects since the last TCP connect; a server that
+        # accepts and then refuses (too_many_connections) or never says hello must back
+        # off as well, so failed handshakes since the last good one count too.
+        return self._backoff(attempt + self._handshakes_failed)
 
     def _goaway(self, conn: ClientConnection, data: dict[str, Any]) -> None:
         self.goaways += 1
