@@ -82,6 +82,7 @@ class ReconnectingClient:
         self._next_delay: float | None = None
         self._current: ClientConnection | None = None
         self._handshakes_failed = 0
+        self._in_service = 0  # > 0 while ClientService is calling us back
         self.goaways = 0
         #: Why the last connection attempt failed (None once connected).
         self.last_error: str | None = None
@@ -136,15 +137,33 @@ class ReconnectingClient:
             if how == "cancelled":
                 return  # Deferred.cancel fails ``outer`` with CancelledError itself
             if isinstance(result, Failure):
-                outer.errback(self._typed(result, how, timeout))
+                result = self._typed(result, how, timeout)
+            if self._in_service:
+                # Fired from inside ClientService's state machine: the caller's code must
+                # not run there (a when_connected() or stop() of theirs would re-enter it
+                # and raise), so it gets the outcome a moment later.
+                self._reactor.callLater(0, outer.callback, result)
             else:
                 outer.callback(result)
+
+        def from_service(callback: Callable[..., None]) -> Callable[..., None]:
+            def marked(result: Any) -> None:
+                self._in_service += 1
+                try:
+                    callback(result)
+                finally:
+                    self._in_service -= 1
+
+            return marked
 
         def wait() -> None:
             left = None if fail_after is None else fail_after - handshakes_failed
             connected = self.service.whenConnected(failAfterFailures=left)
             pending[:] = [connected]
-            connected.addCallbacks(handshake, finish)
+            if connected.called:  # already connected: our callbacks run here, not in it
+                connected.addCallbacks(handshake, finish)
+            else:
+                connected.addCallbacks(from_service(handshake), from_service(finish))
 
         def handshake(conn: ClientConnection) -> None:
             # ClientService's "connected" is TCP; ours is after the hello.
