@@ -110,11 +110,9 @@ class ServerClientPair:
         self._pumps.append(pump)
         ready = client.when_ready()
         self.flush()
-        # A refused client's failure is in its close_reason.  when_ready() passes the failure
-        # on down its own internal Deferred too, which would otherwise be logged as an
-        # "Unhandled error in Deferred" (and fail a trial test): consume both here.
+        # A refused client's failure is in its close_reason; consumed here, it is not logged
+        # as an "Unhandled error in Deferred" (which would fail a trial test).
         ready.addErrback(lambda failure: None)
-        client._ready.addErrback(lambda failure: None)
         return client
 
     def flush(self) -> None:
