@@ -151,6 +151,11 @@ def check_client_reconnecting(code: str, daemon: Daemon, tmp_path: Path) -> None
     assert out[1] == "echo: hi"
 
 
+def check_client_channels(code: str, daemon: Daemon, tmp_path: Path) -> None:
+    out = run_client_script(code, daemon, tmp_path).splitlines()
+    assert out == ["subscribed at offset 0", "news #1: hi", "published at offset 1"]
+
+
 def check_client_pool(code: str, daemon: Daemon, tmp_path: Path) -> None:
     out = run_client_script(code, daemon, tmp_path).splitlines()
     assert out[0].startswith("pool: 100 replies; {") and out[1:] == ["borrowed: None"]
@@ -167,6 +172,7 @@ AGAINST_A_DAEMON: dict[str, Callable[[str, Daemon, Path], None]] = {
     "readme-client": check_readme_client,
     "client-reconnecting": check_client_reconnecting,
     "client-pool": check_client_pool,
+    "client-channels": check_client_channels,
 }
 CHECKS = {**IN_MEMORY, **AGAINST_A_DAEMON}
 
@@ -199,7 +205,8 @@ def test_in_memory_example(
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    with Daemon(tmp_path_factory.mktemp("daemon"), {}) as running:
+    config = {"channels": {"client_publish": True}}  # for the channels example
+    with Daemon(tmp_path_factory.mktemp("daemon"), config) as running:
         yield running
         assert running.stop() == 0
 

@@ -17,22 +17,33 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.python.failure import Failure
 
 from heartbeatd._logging import get_logger
 from heartbeatd.cluster.broker import Broker, BrokerUnavailable, History, Position
+from heartbeatd.config import ChannelsConfig, Config
 from heartbeatd.server.handlers import HandlerError, HandlerRegistry, Request
+from heartbeatd.server.protocol import ServerProtocol
 from heartbeatd.wire.envelope import encode_json, encode_message
 
-if TYPE_CHECKING:
-    from heartbeatd.config import ChannelsConfig
-    from heartbeatd.server.factory import ServerFactory
-    from heartbeatd.server.protocol import ServerProtocol
-
 __all__ = ["CHANNEL_TYPES", "ChannelHub", "register"]
+
+
+class _Factory(Protocol):
+    """What the hub uses of the server factory (which owns the hub: no import back)."""
+
+    config: Config
+    framing: Any
+    clock: Any
+    clients: dict[str, ServerProtocol]
+
+    def send(self, session_id: str, type: str, data: Any = ...) -> bool: ...
+
+    def broadcast(self, type: str, data: Any = ...) -> int: ...
+
 
 log = get_logger(__name__)
 
@@ -93,7 +104,7 @@ def publication_body(channel: str, offset: int, data: str) -> bytes:
 class ChannelHub:
     """Channels of one daemon, on top of a `Broker` (see the module docstring)."""
 
-    def __init__(self, factory: ServerFactory, broker: Broker) -> None:
+    def __init__(self, factory: _Factory, broker: Broker) -> None:
         self.factory = factory
         self.broker = broker
         broker.listener = self
