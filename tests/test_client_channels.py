@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from helpers import client_server_pair, iosim, make_config
+from helpers import iosim, make_config
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IStreamClientEndpoint
@@ -13,6 +13,7 @@ from zope.interface import implementer
 
 from heartbeatd.client.reconnect import ReconnectingClient
 from heartbeatd.server.factory import ServerFactory
+from heartbeatd.testing import ServerClientPair
 
 
 def server(clock: Clock, **channels: Any) -> ServerFactory:
@@ -24,41 +25,37 @@ def publish(factory: ServerFactory, *items: Any) -> None:
         factory.channels.publish("news", item)
 
 
-def test_subscribe_delivers_each_publication_once(clock: Clock) -> None:
-    factory = server(clock)
-    client, _server, pump = client_server_pair(factory, clock)
-    pump.flush()
-    got: list[tuple[Any, int]] = []
-    d = client.subscribe("news", lambda data, offset, sub: got.append((data, offset)))
-    pump.flush()
-    clock.advance(0)
-    pump.flush()
-    sub = d.result
-    assert (sub.channel, sub.offset) == ("news", 0) and sub.epoch
-    publish(factory, "a", "b")
-    pump.flush()
-    assert got == [("a", 1), ("b", 2)]
-    factory.channels.on_publication("news", sub.epoch, 2, '"b"')  # a repeat is not delivered
-    pump.flush()
-    assert got == [("a", 1), ("b", 2)] and sub.offset == 2
+def test_subscribe_delivers_each_publication_once() -> None:
+    with ServerClientPair() as pair:
+        client, factory = pair.client, pair.factory
+        got: list[tuple[Any, int]] = []
+        d = client.subscribe("news", lambda data, offset, sub: got.append((data, offset)))
+        pair.flush()
+        pair.advance(0)
+        sub = d.result
+        assert (sub.channel, sub.offset) == ("news", 0) and sub.epoch
+        publish(factory, "a", "b")
+        pair.flush()
+        assert got == [("a", 1), ("b", 2)]
+        factory.channels.on_publication("news", sub.epoch, 2, '"b"')  # a repeat: not delivered
+        pair.flush()
+        assert got == [("a", 1), ("b", 2)] and sub.offset == 2
 
-    d = client.unsubscribe("news")
-    pump.flush()
-    assert d.result == {"channel": "news"}
-    publish(factory, "c")
-    pump.flush()
-    assert len(got) == 2
+        d = client.unsubscribe("news")
+        pair.flush()
+        assert d.result == {"channel": "news"}
+        publish(factory, "c")
+        pair.flush()
+        assert len(got) == 2
 
 
-def test_subscribe_errors_are_typed(clock: Clock) -> None:
-    factory = server(clock)
-    client, _server, pump = client_server_pair(factory, clock)
-    pump.flush()
-    d = client.subscribe("bad name", lambda *a: None)
-    pump.flush()
-    failure = d.result
-    d.addErrback(lambda f: None)
-    assert failure.value.code == "bad_channel"
+def test_subscribe_errors_are_typed() -> None:
+    with ServerClientPair() as pair:
+        d = pair.client.subscribe("bad name", lambda *a: None)
+        pair.flush()
+        failure = d.result
+        d.addErrback(lambda f: None)
+        assert failure.value.code == "bad_channel"
 
 
 @implementer(IStreamClientEndpoint)
