@@ -439,3 +439,29 @@ def test_a_full_set_up_buffer_loses_nothing(clock: Clock, monkeypatch) -> None:
     broker.release()  # the history read for what overflowed
     offsets = [f["data"]["offset"] for f in peer.received() if f["type"] == "publication"]
     assert offsets == [1, 2, 3, 4, 5]
+
+
+class CountingBroker(MemoryBroker):
+    def __init__(self, clock: Clock) -> None:
+        super().__init__(clock)
+        self.history_calls = 0
+
+    def history(self, channel: str, epoch: str, since: int) -> Deferred[Any]:
+        self.history_calls += 1
+        return super().history(channel, epoch, since)
+
+
+def test_link_back_catches_up_once_per_channel_position(clock: Clock) -> None:
+    broker = CountingBroker(clock)
+    factory = make_factory(clock, broker)
+    peers = [Peer(factory, 40000 + i) for i in range(5)]
+    for p in peers:
+        subscribe(p)
+    stream = broker._stream("news")
+    stream.offset += 1  # one publication the fan-out lost while the link was down
+    stream.entries.append('"missed"')
+    factory.channels.on_link(False)
+    factory.channels.on_link(True)
+    assert broker.history_calls == 1
+    for p in peers:
+        assert [f["data"]["data"] for f in p.received()] == ["missed"]
