@@ -465,3 +465,16 @@ def test_link_back_catches_up_once_per_channel_position(clock: Clock) -> None:
     assert broker.history_calls == 1
     for p in peers:
         assert [f["data"]["data"] for f in p.received()] == ["missed"]
+
+
+def test_reload_applies_channel_limits_and_history(clock: Clock) -> None:
+    factory = make_factory(clock, max_per_connection=1)
+    peer = Peer(factory)
+    subscribe(peer, "a")
+    for i in range(5):
+        publish(factory, "a", i)
+    peer.received()
+    factory.apply_config(make_config(channels={"max_per_connection": 2, "history_size": 2}))
+    subscribe(peer, "b", id=2)  # the new limit applies to live connections
+    broker = factory.channels.broker
+    assert broker.history_size == 2 and list(broker._stream("a").entries) == ["3", "4"]

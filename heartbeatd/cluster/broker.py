@@ -86,6 +86,9 @@ class Broker(Protocol):
 
     def stop(self) -> Deferred[None]: ...
 
+    def configure_history(self, size: int, ttl: float) -> None:
+        """New ``channels.history_size`` / ``history_ttl`` (live reload)."""
+
     def publish(self, channel: str, data: str) -> Deferred[Position]: ...
 
     def position(self, channel: str) -> Deferred[Position]: ...
@@ -157,6 +160,13 @@ class MemoryBroker:
 
     def stop(self) -> Deferred[None]:
         return succeed(None)
+
+    def configure_history(self, size: int, ttl: float) -> None:
+        self.history_size = size
+        self.history_ttl = ttl
+        for stream in self._streams.values():
+            while len(stream.entries) > size:
+                stream.entries.popleft()
 
     def _stream(self, channel: str) -> _Stream:
         """The channel's stream; its history is dropped ``history_ttl`` after the last publish.

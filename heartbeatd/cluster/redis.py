@@ -347,8 +347,7 @@ class RedisBroker:
         self.node_id = cluster.node_id or default_node_id()
         self.prefix = cluster.namespace
         self.node_timeout = cluster.node_timeout
-        self.history_size = channels.history_size
-        self.history_ttl = int(channels.history_ttl + 0.999) if channels.history_ttl else 0
+        self.configure_history(channels.history_size, channels.history_ttl)
         self.listener: BrokerListener | None = None
         self.url = cluster.redis
         host, port, db = parse_redis_url(cluster.redis)
@@ -386,6 +385,11 @@ class RedisBroker:
         #: Bad pub/sub messages are logged a few times per window, never once each.
         self.log_limiter = LogLimiter(reactor)
         self.bad_messages = 0
+
+    def configure_history(self, size: int, ttl: float) -> None:
+        """Applies from the next publication (XADD trims with the new size)."""
+        self.history_size = size
+        self.history_ttl = int(ttl + 0.999) if ttl else 0  # EXPIRE takes whole seconds
 
     # -- lifecycle ------------------------------------------------------------------------------
 

@@ -153,6 +153,9 @@ class ServerFactory(Factory):
         for client in self.clients.values():
             client.set_max_frame_bytes(config.max_frame_bytes)
         self.heartbeat.batch = config.heartbeat.sweep_batch
+        self.channels.broker.configure_history(
+            config.channels.history_size, config.channels.history_ttl
+        )
         self.heartbeat.frame_timeout = config.limits.frame_timeout
         self.heartbeat.reconfigure(
             config.heartbeat.interval,
