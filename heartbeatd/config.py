@@ -259,6 +259,17 @@ class ClusterConfig:
         default=5.0, metadata=check(positive_number, "seconds Redis gets to answer a heartbeat")
     )
 
+    def __repr__(self) -> str:  # a password in the URL never reaches logs or diffs
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(self.redis)
+        redis = self.redis.replace(f":{parts.password}@", ":***@") if parts.password else self.redis
+        return (
+            f"ClusterConfig(redis={redis!r}, node_id={self.node_id!r}, "
+            f"node_timeout={self.node_timeout!r}, namespace={self.namespace!r}, "
+            f"command_timeout={self.command_timeout!r})"
+        )
+
 
 @dataclass(frozen=True)
 class Config:

@@ -39,7 +39,8 @@ def _free_port() -> int:
 class RedisServer:
     """``with RedisServer(tmp_path) as redis:`` ... ``redis.url``; `stop`/`start` to restart."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *extra: str) -> None:
+        self.extra = extra
         self.binary = require_redis()
         self.directory = directory
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -67,6 +68,7 @@ class RedisServer:
                 str(self.directory),
                 "--daemonize",
                 "no",
+                *self.extra,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -85,7 +87,8 @@ class RedisServer:
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
                 s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
+                answer = s.recv(64)
+                return answer.startswith(b"+PONG") or answer.startswith(b"-NOAUTH")
         except OSError:
             return False
 

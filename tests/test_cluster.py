@@ -295,3 +295,17 @@ def test_client_library_fails_over_and_recovers_exactly_once(tmp_path: Path) -> 
         assert out.returncode == 0, out.stderr
         result = json.loads(out.stdout.strip().splitlines()[-1])
         assert result == {"received": [1, 2, 3, 4, 5, 6], "lost": []}, out.stderr[-2000:]
+
+
+def test_redis_with_a_password(tmp_path: Path) -> None:
+    with RedisServer(tmp_path / "redis", "--requirepass", "s3cret") as redis:
+        url = f"redis://:s3cret@127.0.0.1:{redis.port}/2"
+        config = {"cluster": {"redis": url, "node_id": "n"}, "log": {"level": "debug"}}
+        with Daemon(tmp_path, config) as daemon, RawClient(daemon.port) as raw:
+            daemon.wait_for(LINK_UP)
+            raw.recv()  # hello
+            raw.send({"type": "subscribe", "id": 1, "data": {"channel": "news"}})
+            assert raw.recv()["data"]["offset"] == 0
+            raw.sock.close()
+            assert daemon.stop() == 0
+            assert "s3cret" not in daemon.log

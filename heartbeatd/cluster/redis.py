@@ -29,7 +29,7 @@ import json
 import os
 import socket
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import txredisapi
 from twisted.application.internet import ClientService, backoffPolicy
@@ -270,11 +270,12 @@ return out
 )
 
 
-def parse_redis_url(url: str) -> tuple[str, int, int]:
-    """``redis://host:port/db`` -> (host, port, db); port 6379 and db 0 by default."""
+def parse_redis_url(url: str) -> tuple[str, int, int, str | None]:
+    """``redis://[:password@]host:port/db`` -> (host, port, db, password); port 6379, db 0."""
     parts = urlsplit(url)
     db = parts.path.strip("/")
-    return parts.hostname or "127.0.0.1", parts.port or 6379, int(db) if db else 0
+    password = unquote(parts.password) if parts.password else None
+    return parts.hostname or "127.0.0.1", parts.port or 6379, int(db) if db else 0, password
 
 
 def default_node_id() -> str:
@@ -314,15 +315,21 @@ class _Subscriber(_FastEncoding, txredisapi.SubscriberProtocol):
 class _ProtocolFactory(Factory):
     noisy = False  # ClientService logs each retry already; no start/stop lines per attempt
 
-    def __init__(self, broker: RedisBroker, cls: type, dbid: int) -> None:
+    def __init__(self, broker: RedisBroker, cls: type, dbid: int, password: str | None) -> None:
         self.broker = broker
         self.cls = cls
         self.dbid = dbid
+        self.password = password
 
     def buildProtocol(self, addr: Any) -> Any:
         # No per-command reply timeout (a timer per publish): the heartbeat's watchdog
         # aborts a connection that stops answering, which fails every waiting command.
-        proto = self.cls(charset="utf-8", dbid=self.dbid or None, convertNumbers=False)
+        proto = self.cls(
+            charset="utf-8",
+            dbid=self.dbid or None,
+            password=self.password,
+            convertNumbers=False,
+        )
         proto.factory = self
         proto.broker = self.broker
         return proto
@@ -350,7 +357,8 @@ class RedisBroker:
         self.configure_history(channels.history_size, channels.history_ttl)
         self.listener: BrokerListener | None = None
         self.url = cluster.redis
-        host, port, db = parse_redis_url(cluster.redis)
+        host, port, db, password = parse_redis_url(cluster.redis)
+        self.url = f"redis://{host}:{port}/{db}"  # for logs: never the password
         self._cmd: _Commands | None = None
         self._sub: _Subscriber | None = None
         #: Channels with local subscribers, and those whose SUBSCRIBE Redis acknowledged.
@@ -370,7 +378,7 @@ class RedisBroker:
         self._services = [
             ClientService(
                 TCP4ClientEndpoint(reactor, host, port, timeout=timeout),
-                _ProtocolFactory(self, cls, db),
+                _ProtocolFactory(self, cls, db, password),
                 retryPolicy=policy,
                 clock=reactor,
                 prepareConnection=prepare,
