@@ -156,3 +156,23 @@ def test_resync_push_reaches_the_not_recovered_callback(clock: Clock) -> None:
     endpoint.flush()
     assert lost == ["epoch_changed"]
     assert got == [5]
+
+
+def test_reconnecting_client_unsubscribe_is_kept_across_reconnects(clock: Clock) -> None:
+    factory = server(clock)
+    client, endpoint = reconnecting(factory, clock)
+    got: list[int] = []
+    client.subscribe("news", lambda data, offset, sub: got.append(offset))
+    endpoint.flush()
+    publish(factory, 1)
+    endpoint.flush()
+    client.unsubscribe("news")
+    endpoint.flush()
+    publish(factory, 2)
+    drop(endpoint, clock)
+    clock.advance(1)
+    endpoint.flush()
+    publish(factory, 3)
+    endpoint.flush()
+    assert got == [1]
+    assert factory.channels.subscription_count() == 0

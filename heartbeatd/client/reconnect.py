@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application.internet import ClientService
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
@@ -239,6 +239,16 @@ class ReconnectingClient:
         if conn is not None and conn.usable:
             self._attach(conn, sub)
         return first
+
+    def unsubscribe(self, channel: str) -> Deferred[Any]:
+        """Stop a subscription here and on every future connection."""
+        for sub in [s for s in self._subscriptions if s.channel == channel]:
+            sub.active = False
+            self._subscriptions.remove(sub)
+        conn = self._current
+        if conn is not None and conn.usable and channel in channels_of(conn).subscriptions:
+            return channels_of(conn).unsubscribe(channel)
+        return succeed(None)
 
     def _attach(self, conn: ClientConnection, sub: Subscription) -> None:
         def failed(failure: Any) -> None:
