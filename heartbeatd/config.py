@@ -47,6 +47,10 @@ __all__ = [
 LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
 #: File descriptors kept back from the connection limit for listeners, logs and the admin API.
 FD_RESERVE = 64
+#: Most worker processes (``workers``); far more than cores is never useful.
+MAX_WORKERS = 256
+#: Listeners a worker can adopt from its supervisor: plain stream sockets (see workers.py).
+WORKER_LISTEN_PREFIXES = ("tcp:", "tcp6:", "systemd:")
 
 
 # -- the schema ----------------------------------------------------------------------------
@@ -290,6 +294,12 @@ class Config:
     handlers: tuple[str, ...] = field(
         default=(), metadata=check(module_names, "modules whose register(registry) is called")
     )
+    workers: int = field(
+        default=1,
+        metadata=check(
+            int_range(1, MAX_WORKERS), "processes serving the listener; > 1 needs cluster.redis"
+        ),
+    )
     heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     tcp: TcpConfig = field(default_factory=TcpConfig)
@@ -332,6 +342,38 @@ def _cross_checks(config: Config, errors: list[str]) -> None:
         errors.append(
             f"heartbeat.timeout: {hb.timeout:g} is not allowed; expected a number greater than "
             f"heartbeat.interval ({hb.interval:g}), so a client is pinged before eviction"
+        )
+    if config.workers > 1:
+        _worker_checks(config, errors)
+
+
+def worker_node_id(base: str, index: int) -> str:
+    """The cluster node id of worker ``index``: stable, so a replacement takes over its slot."""
+    return f"{base}-w{index}"
+
+
+def _worker_checks(config: Config, errors: list[str]) -> None:
+    n = config.workers
+    if not config.cluster.redis:
+        errors.append(
+            f"workers: {n} is not allowed without cluster.redis; expected 1, or set "
+            "cluster.redis (redis://host:port/db) so the workers form a cluster "
+            "(push, broadcast, presence and channels span them)"
+        )
+    listen = config.listen
+    if not listen.startswith(WORKER_LISTEN_PREFIXES) or (
+        listen.startswith("systemd:") and "domain=UNIX" in listen
+    ):
+        errors.append(
+            f"listen: {listen!r} is not allowed with workers: {n}; expected a tcp:, tcp6: or "
+            "systemd:domain=INET/INET6 endpoint (workers share one plain TCP socket)"
+        )
+    longest = worker_node_id(config.cluster.node_id, n - 1)
+    if config.cluster.node_id and len(longest) > 64:
+        errors.append(
+            f"cluster.node_id: {config.cluster.node_id!r} is too long for workers: {n}; "
+            f"expected at most {64 - len(longest) + len(config.cluster.node_id)} characters "
+            f"(workers add -w0 .. -w{n - 1})"
         )
 
 

@@ -41,8 +41,10 @@ class Daemon:
         *args: str,
         env: dict[str, str] | None = None,
         listen_socket: socket.socket | None = None,
+        ready: re.Pattern[str] = READY,
     ) -> None:
         self.listen_socket = listen_socket
+        self.ready = ready  # workers: the supervisor's line, not the first worker's
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         # A short drain by default, so tests whose clients stay connected stop quickly; the
         # admin API is off unless a test turns it on (its default port is fixed).
@@ -98,7 +100,7 @@ class Daemon:
         match = self.wait_for(LISTENING)
         self.port = int(match.group(1)) if match.group(1) else 0
         self.address = match.group(0).split("listening on ", 1)[1]
-        self.wait_for(READY)
+        self.wait_for(self.ready)
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -6,6 +6,7 @@ Imported only when the subcommand runs (the plugin shim names this module), so
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from twisted.application.service import IService
@@ -18,6 +19,16 @@ from heartbeatd.daemon.logs import set_format
 from heartbeatd.daemon.reload import Reloader
 from heartbeatd.daemon.sdnotify import Notifier
 from heartbeatd.daemon.service import ServerService, raise_open_file_limit
+from heartbeatd.daemon.workers import (
+    ADMIN_FD,
+    LISTEN_FD,
+    STATUS_FD,
+    PipeNotifier,
+    Supervisor,
+    WorkerLink,
+    adopted_endpoint,
+    worker_settings,
+)
 from heartbeatd.server.factory import ServerFactory
 from heartbeatd.server.handlers import HandlerRegistry, default_registry
 from heartbeatd.wire import FRAMINGS
@@ -54,7 +65,7 @@ def build_registry(config: Config, errors: list[str]) -> HandlerRegistry | None:
 
 
 class Options(usage.Options):
-    synopsis = "[--config FILE] [--listen ENDPOINT] [--framing NAME]"
+    synopsis = "[--config FILE] [--listen ENDPOINT] [--framing NAME] [--workers N]"
     longdesc = (
         "Run heartbeatd: long-lived TCP connections carrying framed JSON messages, with "
         "heartbeats. Command-line options override the YAML file, which overrides defaults."
@@ -63,23 +74,36 @@ class Options(usage.Options):
         ["config", "c", None, "YAML configuration file (default: built-in defaults)."],
         ["listen", "l", None, "Server endpoint string; overrides `listen` (e.g. tcp:9000)."],
         ["framing", None, None, f"Wire framing; overrides `framing` ({', '.join(FRAMINGS)})."],
+        ["workers", None, None, "Worker processes sharing the listener; overrides `workers`."],
     ]
 
     config: Config
     registry: HandlerRegistry
 
     def postOptions(self) -> None:
-        overrides = {key: self[key] for key in ("listen", "framing") if self[key] is not None}
+        overrides: dict[str, object] = {
+            key: self[key] for key in ("listen", "framing") if self[key] is not None
+        }
+        if self["workers"] is not None:  # a non-number is reported by the config check
+            workers = self["workers"]
+            overrides["workers"] = int(workers) if workers.strip().isdigit() else workers
         self.overrides = overrides
+        # In a worker, the supervisor's settings complete the command line (workers.py).
+        self.worker = worker_settings()
+        if self.worker is not None:
+            overrides = {**overrides, **self.worker.config_overrides()}
         try:
             config = load_config(self["config"], overrides)
         except ConfigError as e:
             self._fail(e.errors)
+        if self.worker is not None:
+            self.overrides = overrides
         errors: list[str] = []
-        endpoint_error = check_endpoint(config.listen, _reactor())
+        # A worker serves sockets its supervisor bound after checking these endpoints.
+        endpoint_error = None if self.worker else check_endpoint(config.listen, _reactor())
         if endpoint_error:
             errors.append(endpoint_error)
-        if config.admin.listen:
+        if config.admin.listen and self.worker is None:
             admin_error = check_endpoint(config.admin.listen, _reactor())
             if admin_error:
                 errors.append("admin." + admin_error)
@@ -113,21 +137,35 @@ def makeService(options: Options) -> IService:
     reactor = _reactor()
     from twisted.internet.endpoints import serverFromString
 
+    if config.workers > 1:
+        return Supervisor(config, options["config"], options.overrides, reactor, Notifier())
     broker = None
     if config.cluster.redis:  # imported only here: a single daemon never needs Redis
         from heartbeatd.cluster.redis import RedisBroker
 
         broker = RedisBroker(reactor, config.cluster, config.channels)
     factory = ServerFactory(config, options.registry, reactor, broker)
-    endpoint = serverFromString(reactor, config.listen)
-    notifier = Notifier()
+    worker = options.worker
+    if worker is None:
+        endpoint = serverFromString(reactor, config.listen)
+        notifier: Notifier = Notifier()
+    else:  # the supervisor's socket, and a notifier that reports to the supervisor
+        from twisted.internet.stdio import StandardIO
+
+        os.setpgid(0, 0)  # a terminal's Ctrl-C reaches the supervisor, which stops us in order
+        endpoint = adopted_endpoint(reactor, LISTEN_FD)
+        link = WorkerLink(reactor, lambda: reloader.reload())
+        StandardIO(link, stdin=0, stdout=STATUS_FD, reactor=reactor)
+        notifier = PipeNotifier(link)
     reloader = Reloader(options["config"], options.overrides, factory, notifier)
     admin = None
-    if config.admin.listen:
+    if config.admin.listen and (worker is None or worker.admin):
         from heartbeatd.daemon.admin import admin_site
 
-        admin = (
-            serverFromString(reactor, config.admin.listen),
-            admin_site(factory, config.admin.token),
+        admin_endpoint = (
+            serverFromString(reactor, config.admin.listen)
+            if worker is None
+            else adopted_endpoint(reactor, ADMIN_FD)
         )
+        admin = (admin_endpoint, admin_site(factory, config.admin.token))
     return ServerService(endpoint, factory, reactor, notifier, reloader.reload, admin)

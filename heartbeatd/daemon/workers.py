@@ -1,0 +1,559 @@
+"""``workers: N``: one listening socket served by N worker processes under a supervisor.
+
+With ``workers > 1`` the twistd process is a **supervisor**: it binds the listening socket (or
+adopts systemd's) and the admin socket itself, never accepts on them, and spawns N workers
+with `spawnProcess`.  Each worker is a full heartbeatd server (``twistd heartbeatd`` again)
+that adopts the inherited socket (``adoptStreamPort``) and joins the cluster through Redis as
+node ``{cluster.node_id}-w{index}``, so push, broadcast, presence and channels span them.
+
+Why one inherited socket rather than SO_REUSEPORT: the socket outlives every worker, so a
+worker that dies or is replaced drops no queued connection (with SO_REUSEPORT the kernel
+resets those in the dead socket's queue), it works unchanged with systemd socket activation
+(one fd), and no other process of the same user can bind into the group.  The price: the
+kernel does not balance accepts evenly (whichever worker wakes first accepts).
+
+The supervisor talks to each worker over pipes: it writes ``stop``/``reload`` lines to the
+worker's stdin (a worker whose stdin closes, because the supervisor died, drains and exits),
+the worker writes its sd_notify messages (READY, STATUS, RELOADING) as JSON lines on fd 5,
+and its log events as JSON lines on stdout, which the supervisor writes out in its own
+``log.format`` with the worker's index.  The supervisor sends READY to systemd once every
+worker serves, replaces a worker that exits (with backoff, so a crash loop does not spin),
+turns SIGTERM into ``stop`` for all (exit 0 when all have exited) and SIGHUP into ``reload``.
+
+The admin API is served by worker 0 on the supervisor's admin socket (so a replacement worker
+0 serves it again with no gap in binding): with ``cluster.redis`` its ``/clients``,
+``/clients/{id}/send``, ``/broadcast`` and ``/publish`` already answer for every node, hence
+for every worker.  ``/healthz`` and ``/metrics`` describe worker 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import socket
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.application.internet import backoffPolicy
+from twisted.application.service import Service
+from twisted.internet import protocol
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IHalfCloseableProtocol, IListeningPort
+from twisted.internet.task import LoopingCall
+from twisted.logger import ILogObserver, LogLevel
+from twisted.python.failure import Failure
+from zope.interface import implementer, provider
+
+from heartbeatd._logging import get_logger
+from heartbeatd._version import __version__
+from heartbeatd.config import Config, worker_node_id
+from heartbeatd.daemon import logs
+from heartbeatd.daemon.sdnotify import Notifier
+from heartbeatd.daemon.signals import ShutdownSignals
+from heartbeatd.server.protocol import format_address
+
+__all__ = [
+    "PipeNotifier",
+    "Supervisor",
+    "WorkerLink",
+    "WorkerSettings",
+    "adopted_endpoint",
+    "worker_observer",
+    "worker_settings",
+]
+
+log = get_logger(__name__)
+
+#: The environment variable that makes ``twistd heartbeatd`` a worker (JSON settings).
+WORKER_ENV = "HEARTBEATD_WORKER"
+#: File descriptors in a worker: the shared listener, the admin socket (worker 0), status out.
+LISTEN_FD, ADMIN_FD, STATUS_FD = 3, 4, 5
+#: Environment only the supervisor may act on (systemd talks to the main process only).
+_SUPERVISOR_ONLY = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
+_TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
+#: Longest line read from a worker pipe; a longer one is cut (a bound on every buffer).
+MAX_LINE = 256 * 1024
+
+
+# -- the worker's side ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What the supervisor tells a worker (through `WORKER_ENV`)."""
+
+    index: int
+    node_id: str
+    admin: bool
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def config_overrides(self) -> dict[str, Any]:
+        """The supervisor's command-line overrides, plus what makes this process one worker."""
+        return {**self.overrides, "workers": 1, "cluster.node_id": self.node_id}
+
+
+def worker_settings(environ: Mapping[str, str] | None = None) -> WorkerSettings | None:
+    """The settings when this process is a worker, else None."""
+    raw = (os.environ if environ is None else environ).get(WORKER_ENV)
+    if not raw:
+        return None
+    value = json.loads(raw)
+    return WorkerSettings(
+        int(value["index"]), str(value["node_id"]), bool(value["admin"]), value["overrides"]
+    )
+
+
+def adopted_endpoint(reactor: Any, fd: int) -> Any:
+    """An endpoint serving the inherited listening socket ``fd`` (its family read from it)."""
+    from twisted.internet.endpoints import AdoptedStreamServerEndpoint
+
+    sock = socket.socket(fileno=fd)
+    try:
+        family = sock.family
+    finally:
+        sock.detach()  # the endpoint owns the fd; it dups it and closes this one
+    return AdoptedStreamServerEndpoint(reactor, fd, family)
+
+
+@implementer(IHalfCloseableProtocol)
+class WorkerLink(protocol.Protocol):
+    """A worker's end of the pipes: commands in on stdin, status lines out on `STATUS_FD`."""
+
+    def __init__(self, reactor: Any, on_reload: Callable[[], object]) -> None:
+        self._reactor = reactor
+        self._on_reload = on_reload
+        self._buffer = b""
+        self.stopping = False
+
+    def dataReceived(self, data: bytes) -> None:
+        self._buffer += data
+        *lines, self._buffer = self._buffer.split(b"\n")
+        self._buffer = self._buffer[-MAX_LINE:]
+        for line in lines:
+            if line == b"reload":
+                self._on_reload()
+            elif line == b"stop":
+                self._stop("the supervisor asked")
+
+    def readConnectionLost(self) -> None:
+        self._stop("the supervisor is gone (stdin closed)")
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def _stop(self, why: str) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        log.info("Worker stopping: {why}", why=why)
+        if self._reactor.running:
+            self._reactor.stop()
+
+    def send_status(self, fields: Mapping[str, Any]) -> None:
+        if self.transport is not None and not self.stopping:
+            self.transport.write(json.dumps(dict(fields)).encode() + b"\n")
+
+
+class PipeNotifier(Notifier):
+    """A worker's sd_notify: the messages go to the supervisor, which speaks for all."""
+
+    def __init__(self, link: WorkerLink) -> None:
+        super().__init__({})
+        self.link = link
+        self.address = b"supervisor"  # enabled: the STATUS loop runs too
+
+    def send(self, **fields: Any) -> None:
+        self.link.send_status(fields)
+
+
+def worker_observer() -> ILogObserver:
+    """twistd's ``--logger`` in a worker: one JSON event per line, for the supervisor."""
+    logs.observer_in_use = True  # the supervisor writes them in the configured format
+    out = sys.stdout
+
+    @provider(ILogObserver)
+    def write(event: dict[str, Any]) -> None:
+        out.write(logs.json_line(event) + "\n")
+        out.flush()
+
+    return write
+
+
+# -- the supervisor ------------------------------------------------------------------------
+
+
+class _SharedSocket(protocol.Factory):
+    """The supervisor binds with this but never accepts (it stops reading); workers do."""
+
+    noisy = False
+
+    def buildProtocol(self, addr: Any) -> None:
+        return None
+
+
+class WorkerProcess(protocol.ProcessProtocol):
+    """The supervisor's view of one worker: its pipes and its state."""
+
+    def __init__(self, supervisor: Supervisor, index: int) -> None:
+        self.supervisor = supervisor
+        self.index = index
+        self.pid: int | None = None
+        self.ready_at: float | None = None
+        self.status = "starting"
+        self.ended = False
+        self._buffers: dict[int, bytes] = {}
+
+    def connectionMade(self) -> None:
+        self.pid = self.transport.pid
+
+    def command(self, line: bytes) -> None:
+        if not self.ended and self.transport is not None:
+            self.transport.write(line + b"\n")
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        buffer = self._buffers.get(childFD, b"") + data
+        *lines, rest = buffer.split(b"\n")
+        if len(rest) > MAX_LINE:  # a line without end: pass on what we have, keep no more
+            lines.append(rest[:MAX_LINE])
+            rest = b""
+        self._buffers[childFD] = rest
+        for line in lines:
+            text = line.decode("utf-8", "replace").rstrip("\r")
+            if not text:
+                continue
+            if childFD == STATUS_FD:
+                self.supervisor.worker_status(self, text)
+            else:
+                self.supervisor.relay(self, text)
+
+    def processEnded(self, reason: Failure) -> None:
+        self.ended = True
+        for fd, rest in self._buffers.items():
+            if rest and fd != STATUS_FD:
+                self.supervisor.relay(self, rest.decode("utf-8", "replace"))
+        self._buffers.clear()
+        self.supervisor.worker_ended(self, reason)
+
+
+def _describe_exit(reason: Failure) -> str:
+    """ "exit status 3" or "killed by signal 9", for a worker's end."""
+    value: Any = reason.value
+    sig = getattr(value, "signal", None)
+    if sig:
+        return f"killed by signal {sig}"
+    return f"exit status {getattr(value, 'exitCode', None) or 0}"
+
+
+class Supervisor(Service):
+    """Binds the sockets, runs ``config.workers`` workers on them, and speaks for them all."""
+
+    #: A worker that served this long has its crash count reset.
+    STABLE_AFTER = 10.0
+    #: Seconds between STATUS= updates to systemd.
+    STATUS_INTERVAL = 5.0
+    #: Seconds workers get to report a reload before the supervisor reports READY anyway.
+    RELOAD_TIMEOUT = 30.0
+    #: Seconds beyond the drain and close timeouts before remaining workers are killed.
+    STOP_MARGIN = 10.0
+
+    def __init__(
+        self,
+        config: Config,
+        config_path: str | None,
+        overrides: Mapping[str, Any],
+        reactor: Any,
+        notifier: Notifier | None = None,
+        executable: str = sys.executable,
+    ) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.overrides = dict(overrides)
+        self._reactor = reactor
+        self.notifier = notifier or Notifier({})
+        self.executable = executable
+        if config.cluster.node_id:
+            self.node_base = config.cluster.node_id
+        else:  # one random base per start, as a single daemon gets
+            from heartbeatd.cluster.redis import default_node_id
+
+            self.node_base = default_node_id()
+        self.count = config.workers
+        self.workers: dict[int, WorkerProcess] = {}
+        self.port: IListeningPort | None = None
+        self.admin_port: IListeningPort | None = None
+        self.restarts = 0
+        self.stopping = False
+        self._failures = [0] * self.count
+        self._pending: dict[int, Any] = {}  # index -> the delayed call that respawns it
+        self._policy = backoffPolicy(
+            initialDelay=0.2, maxDelay=30.0, factor=2.0, jitter=lambda: random.uniform(0, 0.1)
+        )
+        self._all_ready = False
+        self._reloading: set[int] = set()
+        self._reload_timer: Any = None
+        self._all_exited: list[Deferred[None]] = []
+        self._status_loop: LoopingCall | None = None
+
+    # -- sockets -----------------------------------------------------------------------------
+
+    def privilegedStartService(self) -> None:
+        from twisted.internet.endpoints import serverFromString
+
+        from heartbeatd.daemon.service import _bind
+
+        super().privilegedStartService()
+        config = self.config
+        endpoint = serverFromString(self._reactor, config.listen)
+        self.port = _bind(endpoint, _SharedSocket(), config.listen)
+        self.port.stopReading()  # type: ignore[attr-defined]
+        log.info(
+            "heartbeatd {version} listening on {address} ({count} workers, {framing} framing)",
+            version=__version__,
+            address=format_address(self.port.getHost()),
+            count=self.count,
+            framing=config.framing,
+        )
+        if config.admin.listen:
+            endpoint = serverFromString(self._reactor, config.admin.listen)
+            self.admin_port = _bind(endpoint, _SharedSocket(), config.admin.listen)
+            self.admin_port.stopReading()  # type: ignore[attr-defined]
+            log.info(
+                "admin API listening on {address} (served by worker 0)",
+                address=format_address(self.admin_port.getHost()),
+            )
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._reactor.callWhenRunning(self._running)
+
+    def _running(self) -> None:
+        ShutdownSignals(self._reactor, self.reload).install()
+        log.info(
+            "Supervisor (pid {pid}) starting {count} workers, cluster nodes {first} .. {last}",
+            pid=os.getpid(),
+            count=self.count,
+            first=worker_node_id(self.node_base, 0),
+            last=worker_node_id(self.node_base, self.count - 1),
+        )
+        for index in range(self.count):
+            self._spawn(index)
+        self.notifier.start_watchdog(self._reactor)
+        if self.notifier.enabled:
+            self._status_loop = LoopingCall(lambda: self.notifier.status(self.status()))
+            self._status_loop.clock = self._reactor
+            self._status_loop.start(self.STATUS_INTERVAL, now=False)
+
+    def _spawn(self, index: int) -> None:
+        self._pending.pop(index, None)
+        if self.stopping or self.port is None:
+            return
+        settings = {
+            "index": index,
+            "node_id": worker_node_id(self.node_base, index),
+            "admin": index == 0 and self.admin_port is not None,
+            "overrides": self.overrides,
+        }
+        env = {k: v for k, v in os.environ.items() if k not in _SUPERVISOR_ONLY}
+        env[WORKER_ENV] = json.dumps(settings)
+        child_fds: dict[int, Any] = {0: "w", 1: "r", 2: "r", STATUS_FD: "r"}
+        child_fds[LISTEN_FD] = self.port.fileno()  # type: ignore[attr-defined]
+        if settings["admin"]:
+            assert self.admin_port is not None
+            child_fds[ADMIN_FD] = self.admin_port.fileno()  # type: ignore[attr-defined]
+        argv = [
+            self.executable,
+            "-c",
+            _TWISTD,
+            "--nodaemon",
+            "--pidfile=",
+            "--logger=heartbeatd.daemon.workers.worker_observer",
+            "heartbeatd",
+        ]
+        if self.config_path is not None:
+            argv += ["--config", self.config_path]
+        worker = WorkerProcess(self, index)
+        self.workers[index] = worker
+        self._reactor.spawnProcess(worker, self.executable, argv, env=env, childFDs=child_fds)
+        log.info("Worker {index} started (pid {pid})", index=index, pid=worker.pid)
+
+    def worker_ended(self, worker: WorkerProcess, reason: Failure) -> None:
+        if self.workers.get(worker.index) is worker:
+            del self.workers[worker.index]
+        self._reloading.discard(worker.index)
+        how = _describe_exit(reason)
+        if self.stopping:
+            log.info(
+                "Worker {index} (pid {pid}) exited: {how}",
+                index=worker.index,
+                pid=worker.pid,
+                how=how,
+            )
+            if not self.workers:
+                waiters, self._all_exited = self._all_exited, []
+                for d in waiters:
+                    d.callback(None)
+            return
+        now = self._reactor.seconds()
+        if worker.ready_at is not None and now - worker.ready_at >= self.STABLE_AFTER:
+            self._failures[worker.index] = 0
+        delay = self._policy(self._failures[worker.index])
+        self._failures[worker.index] += 1
+        self.restarts += 1
+        log.warn(
+            "Worker {index} (pid {pid}) exited unexpectedly ({how}); replacing it in {delay:.2f}s",
+            index=worker.index,
+            pid=worker.pid,
+            how=how,
+            delay=delay,
+        )
+        self._pending[worker.index] = self._reactor.callLater(delay, self._spawn, worker.index)
+
+    def stopService(self) -> Deferred[None]:
+        """Tell every worker to stop (each drains its clients), then close the sockets."""
+        super().stopService()
+        self.stopping = True
+        for call in self._pending.values():
+            if call.active():
+                call.cancel()
+        self._pending.clear()
+        self.notifier.stopping(f"stopping {len(self.workers)} worker(s)")
+        self.notifier.stop_watchdog()
+        if self._status_loop is not None and self._status_loop.running:
+            self._status_loop.stop()
+        if self._reload_timer is not None and self._reload_timer.active():
+            self._reload_timer.cancel()
+        exited: Deferred[None] = succeed(None)
+        if self.workers:
+            log.info("Stopping {count} worker(s)", count=len(self.workers))
+            exited = Deferred()
+            self._all_exited.append(exited)
+            for worker in list(self.workers.values()):
+                worker.command(b"stop")
+            shutdown = self.config.shutdown
+            deadline = shutdown.drain_timeout + shutdown.close_timeout + self.STOP_MARGIN
+            killer = self._reactor.callLater(deadline, self._kill_remaining)
+            exited.addBoth(lambda r: (killer.cancel() if killer.active() else None, r)[1])
+
+        def close_sockets(_: object) -> None:
+            for port in (self.port, self.admin_port):
+                if port is not None:
+                    port.stopListening()
+            self.port = self.admin_port = None
+            log.info("All workers stopped")
+
+        return exited.addCallback(close_sockets)
+
+    def _kill_remaining(self) -> None:
+        for worker in list(self.workers.values()):
+            log.warn(
+                "Worker {index} (pid {pid}) did not stop in time; killing it",
+                index=worker.index,
+                pid=worker.pid,
+            )
+            with contextlib.suppress(Exception):  # already gone: processEnded follows
+                worker.transport.signalProcess("KILL")
+
+    # -- reload and readiness ----------------------------------------------------------------
+
+    def reload(self) -> None:
+        """SIGHUP: every worker re-reads the file; READY again once all have."""
+        if self.stopping or not self.workers:
+            return
+        log.info("SIGHUP: reloading {count} worker(s)", count=len(self.workers))
+        self.notifier.reloading()
+        self._reloading = set(self.workers)
+        for worker in self.workers.values():
+            worker.command(b"reload")
+        if self._reload_timer is not None and self._reload_timer.active():
+            self._reload_timer.cancel()
+        self._reload_timer = self._reactor.callLater(self.RELOAD_TIMEOUT, self._reload_done)
+
+    def _reload_done(self) -> None:
+        if self._reloading:
+            late = sorted(self._reloading)
+            log.warn("Workers {indexes} did not report their reload", indexes=late)
+        self._reloading.clear()
+        if self._reload_timer is not None and self._reload_timer.active():
+            self._reload_timer.cancel()
+        self._reload_timer = None
+        self.notifier.ready(self.status())
+
+    def worker_status(self, worker: WorkerProcess, line: str) -> None:
+        try:
+            fields = json.loads(line)
+        except ValueError:
+            fields = None
+        if not isinstance(fields, dict):
+            log.warn(
+                "Worker {index} sent a bad status line {line!r}",
+                index=worker.index,
+                line=line[:200],
+            )
+            return
+        if "STATUS" in fields:
+            worker.status = str(fields["STATUS"])
+        if str(fields.get("READY")) != "1":
+            return
+        first = worker.ready_at is None
+        if first:
+            worker.ready_at = self._reactor.seconds()
+            if self._all_ready:
+                log.info(
+                    "Worker {index} (pid {pid}) serving again", index=worker.index, pid=worker.pid
+                )
+        if not self._all_ready and self.ready_count() == self.count:
+            self._all_ready = True
+            log.info(
+                "heartbeatd is ready: {count} workers serving (supervisor pid {pid})",
+                count=self.count,
+                pid=os.getpid(),
+            )
+            self.notifier.ready(self.status())
+        elif not first and worker.index in self._reloading:
+            self._reloading.discard(worker.index)
+            if not self._reloading:
+                log.info("Reload done in every worker")
+                self._reload_done()
+
+    def ready_count(self) -> int:
+        return sum(1 for w in self.workers.values() if w.ready_at is not None)
+
+    def status(self) -> str:
+        """One line for systemd's STATUS=: the workers, and what each reported."""
+        parts = [f"w{i}: {self.workers[i].status}" for i in sorted(self.workers)]
+        return f"{self.ready_count()}/{self.count} workers serving; " + ", ".join(parts)
+
+    # -- logs --------------------------------------------------------------------------------
+
+    def relay(self, worker: WorkerProcess, line: str) -> None:
+        """Write a worker's log event out through our observer, with its index and pid."""
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or "text" not in record:
+            # Not an event: output before logging started, or an interpreter crash.
+            log.warn("[worker {worker}] {text}", worker=worker.index, text=line)
+            return
+        try:
+            level = LogLevel.levelWithName(str(record.get("level", "info")))
+        except Exception:
+            level = LogLevel.info
+        text = str(record["text"])
+        if "traceback" in record:
+            text += "\n" + str(record["traceback"])
+        fields = {
+            k: v
+            for k, v in record.items()
+            if k not in ("time", "level", "text", "traceback", "format")
+        }
+        fields["worker_namespace"] = fields.pop("namespace", "")
+        fields["worker_pid"] = worker.pid
+        fields.update(worker=worker.index, text=text)
+        log.emit(level, "[worker {worker}] {text}", **fields)

@@ -1,0 +1,232 @@
+"""``workers: N``: a supervisor, real worker processes on one port, a real redis-server.
+
+See heartbeatd/daemon/workers.py and docs/deployment.md#workers.  Every worker pid a test
+learns from the log is checked gone (or killed) before the test ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from daemon import Daemon, RawClient, run_twistd
+from redis_server import RedisServer
+from test_admin import ADMIN, http
+from test_cluster import Client, wait_until
+from test_sdnotify import messages
+
+from heartbeatd.config import ConfigError, parse_config
+
+ALL_READY = re.compile(r"heartbeatd is ready: (\d+) workers serving \(supervisor pid (\d+)\)")
+STARTED = re.compile(r"Worker (\d+) started \(pid (\d+)\)")
+
+
+# -- the configuration ---------------------------------------------------------------------
+
+
+def test_workers_default_to_one_process() -> None:
+    assert parse_config({}).workers == 1
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ({"workers": 2}, "workers: 2 is not allowed without cluster.redis; expected 1, or set"),
+        ({"workers": 0}, "workers: 0 is not allowed; expected an integer 1..256"),
+        ({"workers": "x"}, "workers: 'x' is not allowed; expected an integer 1..256"),
+        (
+            {"workers": 2, "listen": "unix:/tmp/x.sock", "cluster": {"redis": "redis://h:1/0"}},
+            "listen: 'unix:/tmp/x.sock' is not allowed with workers: 2; expected a tcp:",
+        ),
+        (
+            {"workers": 3, "cluster": {"redis": "redis://h:1/0", "node_id": "n" * 63}},
+            "cluster.node_id: '" + "n" * 63 + "' is too long for workers: 3; expected at most 61",
+        ),
+    ],
+)
+def test_bad_workers_settings_name_key_value_and_what_is_allowed(
+    raw: dict[str, Any], expected: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw)
+    assert any(line.startswith(expected) for line in info.value.errors), info.value.errors
+
+
+def test_workers_without_redis_stop_twistd_before_anything_listens(tmp_path: Path) -> None:
+    # A port we hold: had the daemon tried to listen, it would fail with "address in use".
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        config = tmp_path / "c.yaml"
+        port = held.getsockname()[1]
+        config.write_text(yaml.safe_dump({"listen": f"tcp:{port}:interface=127.0.0.1"}))
+        result = run_twistd("heartbeatd", "--config", str(config), "--workers", "2")
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "invalid configuration" in output
+    assert "workers: 2 is not allowed without cluster.redis" in output
+    assert "listening" not in output and "in use" not in output
+
+
+# -- real workers ----------------------------------------------------------------------------
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie child of a dead supervisor is reaped by init; /proc says whether it still runs.
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    return True
+
+
+@contextlib.contextmanager
+def workers(
+    tmp_path: Path, redis: RedisServer, count: int, env: dict[str, str] | None = None
+) -> Iterator[Daemon]:
+    """A supervisor with ``count`` workers; afterwards no worker it started is left running."""
+    config = {
+        "workers": count,
+        "admin": {"listen": "tcp:0:interface=127.0.0.1"},
+        "channels": {"client_publish": True},
+        "cluster": {"redis": redis.url, "node_id": "wk", "node_timeout": 2.0},
+    }
+    daemon = Daemon(tmp_path, config, env=env, ready=ALL_READY)
+    pids: set[int] = set()
+    try:
+        with daemon:
+            daemon.admin = int(daemon.wait_for(ADMIN).group(1))  # type: ignore[attr-defined]
+            yield daemon
+    finally:
+        pids = {int(m.group(2)) for line in daemon.lines if (m := STARTED.search(line))}
+        try:
+            wait_until(lambda: not any(_alive(p) for p in pids), 20, "the workers to exit")
+        finally:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+def worker_pids(daemon: Daemon) -> dict[int, int]:
+    """index -> pid of the latest start of each worker, from the supervisor's log so far."""
+    found: dict[int, int] = {}
+    for line in daemon.lines:
+        if m := STARTED.search(line):
+            found[int(m.group(1))] = int(m.group(2))
+    return found
+
+
+def nodes_of(daemon: Daemon, clients: list[Client]) -> dict[str, str]:
+    """session -> cluster node, from the admin API (worker 0, cluster-wide view)."""
+    wanted = {c.session for c in clients}
+
+    def listed() -> dict[str, str] | None:
+        status, body = http(daemon.admin, "GET", "/clients")  # type: ignore[attr-defined]
+        found = {c["session"]: c["node"] for c in body["clients"]} if status == 200 else {}
+        return found if wanted <= set(found) else None
+
+    return wait_until(listed, 15, "every client in GET /clients")
+
+
+def test_workers_share_one_port_publish_and_broadcast_reach_all_and_sigterm_drains(
+    tmp_path: Path,
+) -> None:
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify_path = str(tmp_path / "notify.sock")
+    notify.bind(notify_path)
+    notify.settimeout(20)
+    clients: list[Client] = []
+    with (
+        notify,
+        RedisServer(tmp_path / "redis") as redis,
+        workers(tmp_path, redis, 3, env={"NOTIFY_SOCKET": notify_path}) as daemon,
+    ):
+        ready = messages(notify, until="READY")[-1]
+        assert ready["STATUS"].startswith("3/3 workers serving")
+        before = daemon.lines[: next(i for i, x in enumerate(daemon.lines) if ALL_READY.search(x))]
+        workers_ready = {re.search(r"\[worker (\d)\] heartbeatd is ready", x) for x in before}
+        assert {m.group(1) for m in workers_ready if m} == {"0", "1", "2"}  # all before READY
+        try:
+            # Connections land on different workers: keep connecting until two nodes hold some.
+            for _ in range(10):
+                clients += [Client(daemon.port) for _ in range(6)]
+                sessions = nodes_of(daemon, clients)
+                if len(set(sessions.values())) >= 2:
+                    break
+            nodes = set(sessions.values())
+            assert len(nodes) >= 2 and nodes <= {"wk-w0", "wk-w1", "wk-w2"}, nodes
+
+            for client in clients:
+                client.request("subscribe", {"channel": "news"})
+            status, answer = http(
+                daemon.admin,  # type: ignore[attr-defined]
+                "POST",
+                "/publish",
+                {"channel": "news", "data": "hi"},
+            )
+            assert (status, answer) == (200, {"channel": "news", "offset": 1})
+            for client in clients:
+                assert client.publications(1) == [(1, "hi")]
+
+            status, answer = http(
+                daemon.admin,  # type: ignore[attr-defined]
+                "POST",
+                "/broadcast",
+                {"type": "notice", "data": 7},
+            )
+            assert status == 200 and answer["nodes"] >= 3
+            for client in clients:
+                assert client.expect("notice")["data"] == 7
+
+            daemon.process.send_signal(signal.SIGTERM)
+            # Each worker drains: its clients are told to go away, then closed.
+            for client in clients:
+                assert client.expect("goaway")
+            assert daemon.process.wait(30) == 0
+        finally:
+            for client in clients:
+                client.close()
+        daemon.read_to_end()
+        for index in range(3):
+            assert f"Worker {index} (pid" in daemon.log
+        assert daemon.log.count(") exited: exit status 0") == 3
+        assert "All workers stopped" in daemon.log
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", daemon.port), timeout=2).close()
+
+
+def test_a_killed_worker_is_replaced_sighup_reloads_all_and_orphans_stop(tmp_path: Path) -> None:
+    with RedisServer(tmp_path / "redis") as redis, workers(tmp_path, redis, 2) as daemon:
+        victim = worker_pids(daemon)[1]
+        os.kill(victim, signal.SIGKILL)
+        daemon.wait_for(rf"Worker 1 \(pid {victim}\) exited unexpectedly \(killed by signal 9\)")
+        replaced = daemon.wait_for(r"Worker 1 \(pid (\d+)\) serving again")
+        assert int(replaced.group(1)) != victim
+        # The port never stopped serving, and the new worker takes connections too.
+        for _ in range(20):
+            with RawClient(daemon.port) as raw:
+                assert raw.recv()["type"] == "hello"
+
+        config = yaml.safe_load(daemon.config_path.read_text())
+        config["heartbeat"] = {"interval": 4, "timeout": 12}
+        daemon.config_path.write_text(yaml.safe_dump(config))
+        daemon.process.send_signal(signal.SIGHUP)
+        daemon.wait_for("Reload done in every worker")
+        for index in range(2):
+            daemon.wait_for(rf"\[worker {index}\] Configuration reloaded .*heartbeat.interval")
+
+        # A supervisor that dies without a word: its workers see their stdin close and stop.
+        pids = list(worker_pids(daemon).values())
+        daemon.process.kill()
+        daemon.process.wait(10)
+        wait_until(lambda: not any(_alive(p) for p in pids), 20, "orphaned workers to stop")
