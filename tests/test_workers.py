@@ -22,8 +22,13 @@ from redis_server import RedisServer
 from test_admin import ADMIN, http
 from test_cluster import Client, wait_until
 from test_sdnotify import messages
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 
 from heartbeatd.config import ConfigError, parse_config
+from heartbeatd.daemon.workers import ADMIN_FD, LISTEN_FD, STATUS_FD, Supervisor, WorkerProcess
 
 ALL_READY = re.compile(r"heartbeatd is ready: (\d+) workers serving \(supervisor pid (\d+)\)")
 STARTED = re.compile(r"Worker (\d+) started \(pid (\d+)\)")
@@ -92,10 +97,15 @@ def _alive(pid: int) -> bool:
 
 @contextlib.contextmanager
 def workers(
-    tmp_path: Path, redis: RedisServer, count: int, env: dict[str, str] | None = None
+    tmp_path: Path,
+    redis: RedisServer,
+    count: int,
+    env: dict[str, str] | None = None,
+    **extra: Any,
 ) -> Iterator[Daemon]:
     """A supervisor with ``count`` workers; afterwards no worker it started is left running."""
     config = {
+        **extra,
         "workers": count,
         "admin": {"listen": "tcp:0:interface=127.0.0.1"},
         "channels": {"client_publish": True},
@@ -115,6 +125,15 @@ def workers(
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+
+
+def seen(daemon: Daemon, pattern: str) -> bool:
+    """Whether the log (read so far, plus what is ready now) has a line matching ``pattern``."""
+    try:
+        daemon.wait_for(pattern, timeout=0.05)
+    except AssertionError:
+        return False
+    return True
 
 
 def worker_pids(daemon: Daemon) -> dict[int, int]:
@@ -230,3 +249,89 @@ def test_a_killed_worker_is_replaced_sighup_reloads_all_and_orphans_stop(tmp_pat
         daemon.process.kill()
         daemon.process.wait(10)
         wait_until(lambda: not any(_alive(p) for p in pids), 20, "orphaned workers to stop")
+
+
+def test_a_full_worker_stops_accepting_so_another_takes_the_client(tmp_path: Path) -> None:
+    with (
+        RedisServer(tmp_path / "redis") as redis,
+        workers(tmp_path, redis, 2, limits={"max_connections": 20}) as daemon,
+    ):
+        clients: list[Client] = []
+        try:
+            # One at a time, each waiting for its hello, until both workers paused (at 18 of
+            # 20, or 19-20 when the accept loop took one more): none is ever refused.
+            while not all(seen(daemon, rf"\[worker {i}\] Worker full") for i in range(2)):
+                assert len(clients) < 40, "both workers should have paused by now"
+                clients.append(Client(daemon.port))
+            held = list(nodes_of(daemon, clients).values())
+            assert held.count("wk-w0") + held.count("wk-w1") == len(clients) >= 36
+            assert max(held.count("wk-w0"), held.count("wk-w1")) <= 20
+        finally:
+            for client in clients:
+                client.close()
+        daemon.wait_for(r"\[worker \d\] Worker accepting again")
+
+
+class _FakeProcessReactor(Clock):
+    """A Clock that records spawnProcess calls and hands each a pid (no process is started)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[tuple[WorkerProcess, dict[int, Any]]] = []
+
+    def spawnProcess(self, proto: Any, executable: str, argv: Any, env: Any, childFDs: Any) -> Any:
+        transport = StringTransport()
+        transport.pid = 1000 + len(self.spawned)  # type: ignore[attr-defined]
+        proto.makeConnection(transport)
+        self.spawned.append((proto, childFDs))
+        return transport
+
+
+class _Port:
+    closed = False
+
+    def fileno(self) -> int:
+        return 42
+
+    def stopListening(self) -> None:
+        self.closed = True
+
+
+def test_a_crash_loop_backs_off_and_a_stable_worker_starts_afresh() -> None:
+    config = parse_config(
+        {"workers": 2, "cluster": {"redis": "redis://127.0.0.1:1/0", "node_id": "n"}}
+    )
+    reactor = _FakeProcessReactor()
+    supervisor = Supervisor(config, "c.yaml", {}, reactor)
+    supervisor._policy = lambda attempt: 0.5 * 2**attempt  # no jitter: exact delays
+    supervisor.port = port = _Port()  # type: ignore[assignment]
+    supervisor._spawn(0)
+    supervisor._spawn(1)
+    first, fds = reactor.spawned[1]
+    assert fds[LISTEN_FD] == 42 and ADMIN_FD not in fds
+    crash = Failure(ProcessTerminated(exitCode=1))
+    delays = []
+    worker = first
+    for _ in range(4):  # dies at once, every time: 0.5, 1, 2, 4 s
+        before = len(reactor.spawned)
+        worker.processEnded(crash)
+        delay = reactor.getDelayedCalls()[0].getTime() - reactor.seconds()
+        delays.append(delay)
+        reactor.advance(delay)
+        assert len(reactor.spawned) == before + 1
+        worker = reactor.spawned[-1][0]
+        assert worker.index == 1 and supervisor.workers[1] is worker
+    assert delays == [0.5, 1.0, 2.0, 4.0]
+    # A worker that served for STABLE_AFTER seconds before dying is replaced at once again.
+    worker.childDataReceived(STATUS_FD, b'{"READY": 1, "STATUS": "serving 0 clients"}\n')
+    reactor.advance(Supervisor.STABLE_AFTER)
+    worker.processEnded(crash)
+    assert reactor.getDelayedCalls()[0].getTime() - reactor.seconds() == 0.5
+    assert supervisor.restarts == 5
+    # Stopping cancels the pending replacement and asks every live worker to stop.
+    d = supervisor.stopService()
+    assert not reactor.getDelayedCalls()[1:] and len(supervisor.workers) == 1
+    zero = supervisor.workers[0]
+    assert zero.transport.value() == b"stop\n"  # type: ignore[attr-defined]
+    zero.processEnded(Failure(ProcessDone(0)))
+    assert d.called and port.closed

@@ -25,6 +25,7 @@ from heartbeatd.daemon.workers import (
     STATUS_FD,
     PipeNotifier,
     Supervisor,
+    WorkerFactory,
     WorkerLink,
     adopted_endpoint,
     worker_settings,
@@ -144,8 +145,9 @@ def makeService(options: Options) -> IService:
         from heartbeatd.cluster.redis import RedisBroker
 
         broker = RedisBroker(reactor, config.cluster, config.channels)
-    factory = ServerFactory(config, options.registry, reactor, broker)
     worker = options.worker
+    factory_type = ServerFactory if worker is None else WorkerFactory
+    factory = factory_type(config, options.registry, reactor, broker)
     if worker is None:
         endpoint = serverFromString(reactor, config.listen)
         notifier: Notifier = Notifier()
@@ -168,4 +170,7 @@ def makeService(options: Options) -> IService:
             else adopted_endpoint(reactor, ADMIN_FD)
         )
         admin = (admin_endpoint, admin_site(factory, config.admin.token))
-    return ServerService(endpoint, factory, reactor, notifier, reloader.reload, admin)
+    service = ServerService(endpoint, factory, reactor, notifier, reloader.reload, admin)
+    if isinstance(factory, WorkerFactory):
+        factory.service = service  # a full worker pauses the shared port
+    return service

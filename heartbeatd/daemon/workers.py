@@ -54,11 +54,13 @@ from heartbeatd.config import Config, worker_node_id
 from heartbeatd.daemon import logs
 from heartbeatd.daemon.sdnotify import Notifier
 from heartbeatd.daemon.signals import ShutdownSignals
+from heartbeatd.server.factory import ServerFactory
 from heartbeatd.server.protocol import format_address
 
 __all__ = [
     "PipeNotifier",
     "Supervisor",
+    "WorkerFactory",
     "WorkerLink",
     "WorkerSettings",
     "adopted_endpoint",
@@ -168,6 +170,52 @@ class PipeNotifier(Notifier):
 
     def send(self, **fields: Any) -> None:
         self.link.send_status(fields)
+
+
+class WorkerFactory(ServerFactory):
+    """A worker's factory: when nearly full, it stops accepting, so another worker takes over.
+
+    A single daemon at ``limits.max_connections`` accepts and refuses (``too_many_connections``);
+    a worker doing that would refuse clients its idle siblings could serve, because the shared
+    socket gives each connection to whichever worker accepts first.  It pauses a little below
+    the limit, because the reactor's accept loop may still take the connections that arrived
+    meanwhile (those are served, up to the limit), and resumes a little below where it paused.
+    When every worker is paused, new connections wait in the listen backlog.
+    """
+
+    #: Most places kept free for connections accepted after the pause (10% of the limit, less).
+    PAUSE_MARGIN = 64
+    #: The service whose ``port`` this factory serves (set by the tap once it exists).
+    service: Any = None
+    accepting = True
+
+    def pause_at(self) -> int:
+        return self.max_connections - min(self.PAUSE_MARGIN, self.max_connections // 10)
+
+    def resume_below(self) -> int:
+        return self.pause_at() - max(1, self.max_connections // 100)
+
+    def client_connected(self, client: Any) -> None:
+        super().client_connected(client)
+        if self.accepting and len(self.clients) >= self.pause_at():
+            port = getattr(self.service, "port", None)
+            if port is not None:
+                port.stopReading()
+                self.accepting = False
+                log.info(
+                    "Worker full ({count} clients): not accepting until below {resume}",
+                    count=len(self.clients),
+                    resume=self.resume_below(),
+                )
+
+    def client_disconnected(self, client: Any, reason: Any) -> None:
+        super().client_disconnected(client, reason)
+        if not self.accepting and len(self.clients) < self.resume_below():
+            self.accepting = True
+            port = getattr(self.service, "port", None)
+            if port is not None:  # None: draining, the port is closed
+                port.startReading()
+                log.info("Worker accepting again ({count} clients)", count=len(self.clients))
 
 
 def worker_observer() -> ILogObserver:
