@@ -7,6 +7,7 @@ learns from the log is checked gone (or killed) before the test ends.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -101,6 +102,7 @@ def workers(
     redis: RedisServer,
     count: int,
     env: dict[str, str] | None = None,
+    listen_socket: socket.socket | None = None,
     **extra: Any,
 ) -> Iterator[Daemon]:
     """A supervisor with ``count`` workers; afterwards no worker it started is left running."""
@@ -111,7 +113,7 @@ def workers(
         "channels": {"client_publish": True},
         "cluster": {"redis": redis.url, "node_id": "wk", "node_timeout": 2.0},
     }
-    daemon = Daemon(tmp_path, config, env=env, ready=ALL_READY)
+    daemon = Daemon(tmp_path, config, env=env, ready=ALL_READY, listen_socket=listen_socket)
     pids: set[int] = set()
     try:
         with daemon:
@@ -335,3 +337,31 @@ def test_a_crash_loop_backs_off_and_a_stable_worker_starts_afresh() -> None:
     assert zero.transport.value() == b"stop\n"  # type: ignore[attr-defined]
     zero.processEnded(Failure(ProcessDone(0)))
     assert d.called and port.closed
+
+
+def test_workers_serve_a_socket_systemd_passed_to_the_supervisor(tmp_path: Path) -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        port = listener.getsockname()[1]
+        with (
+            RedisServer(tmp_path / "redis") as redis,
+            workers(
+                tmp_path,
+                redis,
+                2,
+                listen="systemd:domain=INET:index=0",
+                listen_socket=listener,
+                log={"format": "json"},
+            ) as daemon,
+        ):
+            assert daemon.port == port
+            # Worker events come out as the supervisor's JSON lines, with the worker's fields.
+            line = daemon.wait_for(r'"text": "\[worker 1\] heartbeatd is ready').string
+            record = json.loads(line)
+            assert record["worker"] == 1 and record["worker_namespace"].startswith("heartbeatd")
+            assert record["level"] == "info" and record["worker_pid"] > 0
+            for _ in range(10):
+                with RawClient(port) as raw:
+                    assert raw.recv()["type"] == "hello"
+            assert daemon.stop() == 0
