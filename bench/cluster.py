@@ -127,6 +127,10 @@ async def load(publishers: list[Publisher], rate: int, seconds: float) -> None:
         await sleep(0.005)
 
 
+#: Publisher connections per node in the latency phases (each server connection has at most
+#: limits.max_pending_requests publishes in flight, so one connection caps the rate).
+PUBLISHERS_PER_NODE = 4
+
 #: Seconds to wait for in-flight publications after a phase (``--quick`` shortens it).
 DRAIN = 2.0
 
@@ -142,7 +146,7 @@ async def latency_phase(nodes: list[Any], rate: int, seconds: float) -> dict[str
     subs = [Subscriber(f"s{i}", channel) for i in range(len(ports))]
     for s, port in zip(subs, ports, strict=True):
         await s.attach(port)
-    pubs = [Publisher(port, channel) for port in ports]
+    pubs = [Publisher(port, channel) for port in ports for _ in range(PUBLISHERS_PER_NODE)]
     for p in pubs:
         await p.start()
     cpu_before = [cpu_seconds(pid) for pid in pids] + [cpu_seconds(os.getpid())]
