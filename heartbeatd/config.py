@@ -8,6 +8,7 @@ Overrides from the command line are dotted keys (``heartbeat.interval``).
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import resource
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ __all__ = [
     "SeedConfig",
     "ShutdownConfig",
     "TcpConfig",
+    "endpoint_is_loopback",
     "parse_config",
 ]
 
@@ -127,6 +129,10 @@ class ShutdownConfig:
     )
 
 
+def _string(v: Any) -> str | None:
+    return None if isinstance(v, str) else "a string"
+
+
 @dataclass(frozen=True)
 class AdminConfig:
     listen: str = field(
@@ -136,15 +142,32 @@ class AdminConfig:
             "admin HTTP API endpoint; empty turns the API off",
         ),
     )
-    token: str = field(
+    token: str = field(default="", metadata=check(_string, "bearer token; empty: none"))
+    token_file: str = field(
         default="",
-        metadata=check(
-            lambda v: None if isinstance(v, str) else "a string", "bearer token; empty: none"
-        ),
+        metadata=check(_string, "file holding the bearer token (systemd credentials); empty: none"),
+    )
+    allow_unauthenticated: bool = field(
+        default=False,
+        metadata=check(boolean, "allow a non-loopback admin listener without a token"),
+    )
+    health_public: bool = field(
+        default=True, metadata=check(boolean, "GET /healthz needs no token (load balancers)")
+    )
+    max_body_bytes: int = field(
+        default=1024 * 1024,
+        metadata=check(int_range(2, 2**31), "largest request body accepted, in bytes"),
+    )
+    access_log: bool = field(
+        default=False, metadata=check(boolean, "log one line per admin request")
     )
 
     def __repr__(self) -> str:  # never show the token in logs or diffs
-        return f"AdminConfig(listen={self.listen!r}, token={'***' if self.token else ''!r})"
+        shown = ", ".join(
+            f"{f.name}={'***' if f.name == 'token' and self.token else getattr(self, f.name)!r}"
+            for f in dataclasses.fields(self)
+        )
+        return f"AdminConfig({shown})"
 
 
 @dataclass(frozen=True)
@@ -207,12 +230,69 @@ _SECTIONS: dict[str, type] = {
 
 
 def _cross_checks(config: Config, errors: list[str]) -> None:
+    _admin_checks(config.admin, errors)
     hb = config.heartbeat
     if hb.timeout <= hb.interval:
         errors.append(
             f"heartbeat.timeout: {hb.timeout:g} is not allowed; expected a number greater than "
             f"heartbeat.interval ({hb.interval:g}), so a client is pinged before eviction"
         )
+
+
+def _admin_checks(admin: AdminConfig, errors: list[str]) -> None:
+    if admin.token and admin.token_file:
+        errors.append(
+            f"admin.token_file: {admin.token_file!r} is not allowed together with admin.token; "
+            "expected one of the two"
+        )
+    if not admin.listen or admin.token or admin.token_file or admin.allow_unauthenticated:
+        return
+    if not endpoint_is_loopback(admin.listen):
+        errors.append(
+            f"admin.listen: {admin.listen!r} is not allowed without a token; expected a "
+            "loopback interface (e.g. tcp:9100:interface=127.0.0.1), a UNIX socket, "
+            "admin.token or admin.token_file, or admin.allow_unauthenticated: true"
+        )
+
+
+def _split_endpoint(description: str) -> list[str]:
+    """Split a Twisted endpoint string on ``:`` the way Twisted does (``\\:`` is escaped)."""
+    parts, current, chars = [], [], iter(description)
+    for ch in chars:
+        if ch == "\\":
+            current.append(next(chars, ""))
+        elif ch == ":":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    parts.append("".join(current))
+    return parts
+
+
+def endpoint_is_loopback(description: str) -> bool:
+    """True when a server endpoint string can only be reached from this host.
+
+    ``unix:`` sockets are local (their file mode guards them); ``tcp``/``tcp6``/``ssl``
+    endpoints are local only with a loopback ``interface=`` (no interface means all of them).
+    Anything else (``systemd:``, plugins) cannot be told from the string: not loopback.
+    """
+    parts = _split_endpoint(description.strip())
+    kind = parts[0].lower()
+    if kind == "unix":
+        return True
+    if kind not in ("tcp", "tcp6", "ssl") or len(parts) < 2:
+        return False
+    interface = ""
+    for part in parts[1:]:
+        if part.startswith("interface="):
+            interface = part[len("interface=") :]
+    if interface == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(interface).is_loopback
+    except ValueError:
+        return False
 
 
 def parse_config(raw: Any, overrides: Mapping[str, Any] | None = None) -> Config:

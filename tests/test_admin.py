@@ -79,7 +79,8 @@ def test_every_endpoint(tmp_path: Path) -> None:
         status, listing = http(port, "GET", "/clients?recent_evictions=5")
         assert listing["count"] == 0
         (record,) = listing["recent_evictions"]
-        assert record["reason"] == "admin" and record["session_id"] == session
+        assert record["reason"] == "admin" and record["session"] == session
+        assert "session_id" not in record  # one name for one thing, as in /clients
         assert record["silent_for"] >= 0 and record["pings_unanswered"] == 0
         _, final = http(port, "GET", "/metrics")
         assert metric(final, 'heartbeatd_evicted_total{reason="admin"}') == 1
@@ -90,9 +91,10 @@ def test_bearer_token_is_required_and_never_logged(tmp_path: Path) -> None:
     config = {"admin": {"listen": "tcp:0:interface=127.0.0.1", "token": "s3cret-t0ken"}}
     with Daemon(tmp_path, config) as daemon:
         port = int(daemon.wait_for(ADMIN).group(1))
-        assert http(port, "GET", "/healthz")[0] == 401
+        assert http(port, "GET", "/healthz")[0] == 200  # public: probes call it bare
+        assert http(port, "GET", "/metrics")[0] == 401
         assert http(port, "GET", "/metrics", token="wrong")[0] == 401
-        assert http(port, "GET", "/healthz", token="s3cret-t0ken")[0] == 200
+        assert http(port, "GET", "/clients", token="s3cret-t0ken")[0] == 200
         daemon.process.send_signal(signal.SIGHUP)  # a reload logs a diff: still no token
         daemon.wait_for("Configuration reloaded")
         assert daemon.stop() == 0

@@ -6,6 +6,7 @@ Imported only when the subcommand runs (the plugin shim names this module), so
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from twisted.application.service import IService
@@ -53,6 +54,22 @@ def build_registry(config: Config, errors: list[str]) -> HandlerRegistry | None:
     return None if errors else registry
 
 
+def read_admin_token(config: Config, errors: list[str]) -> str:
+    """The admin token: ``admin.token``, or the contents of ``admin.token_file``."""
+    path = config.admin.token_file
+    if not path:
+        return config.admin.token
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        reason = getattr(e, "strerror", None) or str(e)
+        errors.append(f"admin.token_file: {path!r} cannot be read: {reason}")
+        return ""
+    if not token:
+        errors.append(f"admin.token_file: {path!r} is empty; expected the bearer token")
+    return token
+
+
 class Options(usage.Options):
     synopsis = "[--config FILE] [--listen ENDPOINT] [--framing NAME]"
     longdesc = (
@@ -67,6 +84,7 @@ class Options(usage.Options):
 
     config: Config
     registry: HandlerRegistry
+    admin_token: str = ""
 
     def postOptions(self) -> None:
         overrides = {key: self[key] for key in ("listen", "framing") if self[key] is not None}
@@ -83,6 +101,7 @@ class Options(usage.Options):
             admin_error = check_endpoint(config.admin.listen, _reactor())
             if admin_error:
                 errors.append("admin." + admin_error)
+        self.admin_token = read_admin_token(config, errors)
         registry = build_registry(config, errors)
         if errors or registry is None:
             self._fail(errors)
@@ -106,6 +125,7 @@ def makeService(options: Options) -> IService:
     from twisted.internet.endpoints import serverFromString
 
     factory = ServerFactory(config, options.registry, reactor)
+    factory.noisy = False  # no "Starting factory <...ServerFactory object at 0x...>" lines
     endpoint = serverFromString(reactor, config.listen)
     notifier = Notifier()
     reloader = Reloader(options["config"], options.overrides, factory, notifier)
@@ -115,6 +135,6 @@ def makeService(options: Options) -> IService:
 
         admin = (
             serverFromString(reactor, config.admin.listen),
-            admin_site(factory, config.admin.token),
+            admin_site(factory, config.admin, options.admin_token),
         )
     return ServerService(endpoint, factory, reactor, notifier, reloader.reload, admin)
