@@ -340,7 +340,7 @@ class AdminRoot(JsonResource):
         super().__init__()
         self.policy = policy or AdminPolicy()
         self.putChild(b"healthz", Health(factory))
-        self.putChild(b"metrics", Metrics(factory, refused))
+        self.putChild(b"metrics", Metrics(factory, Counter() if refused is None else refused))
         self.putChild(b"clients", Clients(factory))
         self.putChild(b"broadcast", Broadcast(factory))
         self._unauthorized = _Unauthorized(factory)
