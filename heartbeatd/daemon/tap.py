@@ -38,6 +38,13 @@ def check_endpoint(description: str, reactor: Any) -> str | None:
 
     try:
         serverFromString(reactor, description)
+    except (KeyError, IndexError) as e:
+        if description.strip().lower().startswith("systemd:"):
+            return (
+                f"listen: {description!r} names a socket systemd did not pass ({e}); expected "
+                "heartbeatd.socket to be active (socket activation), or a tcp: endpoint"
+            )
+        return f"listen: {description!r} is not a valid server endpoint: {e!r}"
     except Exception as e:
         return f"listen: {description!r} is not a valid server endpoint: {e}"
     return None
