@@ -72,7 +72,7 @@ ANNOUNCE = """
 def register(registry):
     @registry.handler("announce")
     def announce(request):
-        return request.session.factory.broadcast("announcement", request.data)
+        return request.server.broadcast("announcement", request.data)
 """
 
 

@@ -18,14 +18,15 @@ from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
-from heartbeatd._logging import get_logger
+from heartbeatd._logging import LogLimiter, get_logger
 from heartbeatd._version import __version__
 from heartbeatd.config import Config
 from heartbeatd.server.handlers import HandlerRegistry, default_registry
 from heartbeatd.server.heartbeat import HeartbeatMonitor
-from heartbeatd.server.protocol import RefusedProtocol, ServerProtocol
+from heartbeatd.server.protocol import RefusedProtocol, ServerProtocol, format_address
+from heartbeatd.server.session import Server
 from heartbeatd.wire import get_framing
-from heartbeatd.wire.envelope import TOO_MANY_CONNECTIONS, encode_error, encode_message
+from heartbeatd.wire.envelope import OMIT, TOO_MANY_CONNECTIONS, encode_error, encode_message
 
 __all__ = ["EvictionRecord", "ServerFactory"]
 
@@ -95,6 +96,8 @@ class ServerFactory(Factory):
         self.clock = _resolve_clock(clock)
         self.framing = get_framing(config.framing)
         self.registry = registry if registry is not None else default_registry(config.handlers)
+        #: What handlers reach as ``request.server``.
+        self.server = Server(self)
         #: session id -> connection, least recently heard first.
         self.clients: OrderedDict[str, ServerProtocol] = OrderedDict()
         self.max_connections = config.effective_max_connections()
@@ -102,6 +105,15 @@ class ServerFactory(Factory):
         self.refused = 0
         self.closes: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
+        #: Connections refused, by reason (``max_connections``, ...).
+        self.refusals: Counter[str] = Counter()
+        #: Connections that spoke another protocol, by kind (``http``, ``tls``, ...).
+        self.foreign: Counter[str] = Counter()
+        #: Bytes held by all connections' unfinished frames (``limits.max_partial_frame_bytes``).
+        self.partial_bytes = 0
+        self.log_limiter = LogLimiter(
+            self.clock, config.log.rate_limit_lines, config.log.rate_limit_window
+        )
         self.recent_closes: deque[EvictionRecord] = deque(maxlen=self.RECENT_CLOSES)
         #: Frame and byte counts of connections already closed (live ones are summed on demand).
         self.closed_totals = {"frames_in": 0, "frames_out": 0, "bytes_in": 0, "bytes_out": 0}
@@ -114,7 +126,15 @@ class ServerFactory(Factory):
         self.draining = False
         hb = config.heartbeat
         self.heartbeat = HeartbeatMonitor(
-            self.clients, self.clock, hb.interval, hb.timeout, self.ping_frame, hb.sweep_batch
+            self.clients,
+            self.clock,
+            hb.interval,
+            hb.timeout,
+            self.ping_frame,
+            hb.sweep_batch,
+            frame_timeout=config.limits.frame_timeout,
+            first_frame_timeout=config.limits.first_frame_timeout,
+            on_sweep=self.log_limiter.flush,
         )
 
     def apply_config(self, config: Config) -> None:
@@ -124,7 +144,14 @@ class ServerFactory(Factory):
         for client in self.clients.values():
             client.set_max_frame_bytes(config.max_frame_bytes)
         self.heartbeat.batch = config.heartbeat.sweep_batch
-        self.heartbeat.reconfigure(config.heartbeat.interval, config.heartbeat.timeout)
+        self.heartbeat.frame_timeout = config.limits.frame_timeout
+        self.heartbeat.reconfigure(
+            config.heartbeat.interval,
+            config.heartbeat.timeout,
+            first_frame_timeout=config.limits.first_frame_timeout,
+        )
+        self.log_limiter.lines = config.log.rate_limit_lines
+        self.log_limiter.window = config.log.rate_limit_window
 
     # -- time ---------------------------------------------------------------------------------
 
@@ -143,13 +170,15 @@ class ServerFactory(Factory):
     def buildProtocol(self, addr: IAddress) -> Protocol:
         if len(self.clients) >= self.max_connections:
             self.refused += 1
-            log.warn(
-                "Refused a connection from {peer}: {count} clients connected "
-                "(limits.max_connections is {limit})",
-                peer=addr,
-                count=len(self.clients),
-                limit=self.max_connections,
-            )
+            self.refusals["max_connections"] += 1
+            if self.log_limiter.allow("refused"):
+                log.warn(
+                    "Refused a connection from {peer}: {count} clients connected "
+                    "(limits.max_connections is {limit})",
+                    peer=format_address(addr),
+                    count=len(self.clients),
+                    limit=self.max_connections,
+                )
             body = encode_error(
                 TOO_MANY_CONNECTIONS,
                 f"the server holds its maximum of {self.max_connections} connections",
@@ -189,6 +218,7 @@ class ServerFactory(Factory):
     def client_connected(self, client: ServerProtocol) -> None:
         self.clients[client.session_id] = client
         self.accepted += 1
+        self.heartbeat.watch_newcomer(client)
         log.debug(
             "Client {session} connected from {peer}", session=client.session_id, peer=client.peer
         )
@@ -197,14 +227,21 @@ class ServerFactory(Factory):
         """Mark a client as just heard from (keeps `clients` in last-seen order)."""
         self.clients.move_to_end(client.session_id)
 
-    def client_closing(self, client: ServerProtocol, reason: str, detail: str) -> None:
-        """Record and log why the server is closing a client."""
+    def client_closing(
+        self, client: ServerProtocol, reason: str, detail: str, *, quiet: bool = False
+    ) -> None:
+        """Record and log (rate-limited per reason) why the server is closing a client."""
         self.closes[reason] += 1
         record = EvictionRecord(
             client, reason, detail, self.clock.seconds(), self.now() - client.last_seen
         )
         self.recent_closes.append(record)
-        emit = log.debug if reason in _ROUTINE_CLOSES else log.warn
+        if reason in _ROUTINE_CLOSES:
+            emit = log.debug
+        elif quiet or not self.log_limiter.allow("close:" + reason):
+            return
+        else:
+            emit = log.warn
         emit(
             "Closing client {session} ({peer}): {reason}{sep}{detail}; silent {silent:.1f}s, "
             "last ping round trip {rtt}, unanswered pings {missed}",
@@ -261,9 +298,19 @@ class ServerFactory(Factory):
     def count_error(self, code: str) -> None:
         self.errors[code] += 1
 
+    def count_foreign(self, kind: str) -> None:
+        self.foreign[kind] += 1
+
+    def log_allowed(self, cause: str) -> bool:
+        """Whether a per-event log line for ``cause`` may be written now (rate limit)."""
+        return self.log_limiter.allow(cause)
+
     # -- push ---------------------------------------------------------------------------------
 
-    def send(self, session_id: str, type: str, data: Any = None) -> bool:
+    def client_count(self) -> int:
+        return len(self.clients)
+
+    def send(self, session_id: str, type: str, data: Any = OMIT) -> bool:
         """Push a message to one client; False when no such client is connected."""
         client = self.clients.get(session_id)
         if client is None:
@@ -271,7 +318,7 @@ class ServerFactory(Factory):
         client.send(type, data)
         return True
 
-    def broadcast(self, type: str, data: Any = None) -> int:
+    def broadcast(self, type: str, data: Any = OMIT) -> int:
         """Push a message to every client, encoding the frame once; returns the count."""
         frame = self.framing.encode(encode_message(type, data))
         clients = list(self.clients.values())

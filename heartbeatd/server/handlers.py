@@ -1,4 +1,4 @@
-"""Dispatch: the registry that maps message types to handlers, and the built-in handlers.
+"""The handler API: what application code registers and what it sees of the server.
 
 A handler is ``handler(request) -> result``.  The result may be a plain value, a Deferred or a
 coroutine (the protocol turns a coroutine into a Deferred); it becomes the reply's ``data``.
@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
+from heartbeatd.server.session import Server, Session
 from heartbeatd.wire.envelope import OMIT
-
-if TYPE_CHECKING:
-    from heartbeatd.server.protocol import ServerProtocol
 
 __all__ = [
     "NO_REPLY",
@@ -26,6 +24,8 @@ __all__ = [
     "HandlerRegistry",
     "Reply",
     "Request",
+    "Server",
+    "Session",
     "default_registry",
 ]
 
@@ -66,16 +66,32 @@ class HandlerError(Exception):
 
 
 class Request:
-    """One incoming message, as a handler sees it."""
+    """One incoming message, as a handler sees it.
 
-    __slots__ = ("data", "id", "session", "type")
+    ``session`` is the client that sent it (`Session`: ``session_id``, ``peer``,
+    ``identity``, ``send()``, ``close()``); ``server`` reaches every client (`Server`:
+    ``send()``, ``broadcast()``).  Neither exposes the protocol or the factory.
+    """
 
-    def __init__(self, type: str, id: str | int | None, data: Any, session: ServerProtocol):
+    __slots__ = ("_connection", "data", "id", "type")
+
+    def __init__(self, type: str, id: str | int | None, data: Any, connection: Any) -> None:
         self.type = type
         self.id = id
         self.data = data
-        #: The client's connection: ``session_id``, ``peer``, ``send()``, ``factory``.
-        self.session = session
+        # Built per message on the hot path, so the facades are looked up only when used.
+        self._connection = connection
+
+    @property
+    def session(self) -> Session:
+        return self._connection.session
+
+    @property
+    def server(self) -> Server:
+        return self._connection.factory.server
+
+    def __repr__(self) -> str:
+        return f"Request(type={self.type!r}, id={self.id!r}, data={self.data!r})"
 
 
 Handler = Callable[[Request], Any]

@@ -1,0 +1,94 @@
+"""The two narrow views a handler gets: its client (`Session`) and the server (`Server`).
+
+Handlers used to receive the protocol itself and reached through it to the factory, which
+tied application code to internals.  These facades are the whole surface: what they do not
+offer, a handler cannot depend on.  Both hold one reference and are created lazily (a
+`Session` on a connection's first use, a `Server` once per factory).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from heartbeatd.wire.envelope import OMIT
+
+__all__ = ["Server", "Session"]
+
+
+class _Connection(Protocol):
+    session_id: str
+    peer: str
+    identity: str | None
+    connected: bool
+
+    def send(self, type: str, data: Any = OMIT) -> None: ...
+
+    def close(self, reason: str, detail: str = "") -> None: ...
+
+
+class _Clients(Protocol):
+    def send(self, session_id: str, type: str, data: Any = OMIT) -> bool: ...
+
+    def broadcast(self, type: str, data: Any = OMIT) -> int: ...
+
+    def client_count(self) -> int: ...
+
+
+class Session:
+    """One client, as a handler sees it."""
+
+    __slots__ = ("_connection",)
+
+    def __init__(self, connection: _Connection) -> None:
+        self._connection = connection
+
+    @property
+    def session_id(self) -> str:
+        return self._connection.session_id
+
+    @property
+    def peer(self) -> str:
+        """``host:port`` (or ``unix:path``) of the client."""
+        return self._connection.peer
+
+    @property
+    def identity(self) -> str | None:
+        """Who the client authenticated as; None when authentication is off."""
+        return self._connection.identity
+
+    @property
+    def connected(self) -> bool:
+        return self._connection.connected
+
+    def send(self, type: str, data: Any = OMIT) -> None:
+        """Push a message to this client, outside request/reply order."""
+        self._connection.send(type, data)
+
+    def close(self, reason: str = "closed_by_handler", detail: str = "") -> None:
+        """Flush what is queued for this client, then close it, recording ``reason``."""
+        self._connection.close(reason, detail)
+
+    def __repr__(self) -> str:
+        return f"Session({self.session_id!r}, peer={self.peer!r})"
+
+
+class Server:
+    """Every client of this daemon, as a handler sees them."""
+
+    __slots__ = ("_clients",)
+
+    def __init__(self, clients: _Clients) -> None:
+        self._clients = clients
+
+    def send(self, session_id: str, type: str, data: Any = OMIT) -> bool:
+        """Push a message to one client; False when no such client is connected."""
+        return self._clients.send(session_id, type, data)
+
+    def broadcast(self, type: str, data: Any = OMIT) -> int:
+        """Push a message to every client (encoded once); returns how many were sent it."""
+        return self._clients.broadcast(type, data)
+
+    @property
+    def clients(self) -> int:
+        """How many clients are connected."""
+        return self._clients.client_count()
