@@ -33,10 +33,14 @@ __all__ = ["ERROR_CODES", "EVICTION_REASONS", "FactoryCollector", "registry_for"
 EVICTION_REASONS = (
     "admin",
     "bad_frame",
-    "frame_too_large",
+    "first_frame_timeout",
+    envelope.FRAME_TIMEOUT,
+    envelope.FRAME_TOO_LARGE,
     "heartbeat_timeout",
+    envelope.OVERLOADED,
     "shutdown",
     "slow_consumer",
+    envelope.WRONG_PROTOCOL,
 )
 #: The protocol's own error codes (``heartbeatd_errors_total{code}``), shown from zero;
 #: handlers' own codes appear once used.
@@ -44,10 +48,14 @@ ERROR_CODES = (
     envelope.BAD_FRAME,
     envelope.BAD_JSON,
     envelope.BAD_MESSAGE,
+    envelope.FRAME_TIMEOUT,
     envelope.FRAME_TOO_LARGE,
     envelope.INTERNAL_ERROR,
+    envelope.OVERLOADED,
+    envelope.TOO_DEEP,
     envelope.TOO_MANY_CONNECTIONS,
     envelope.UNKNOWN_TYPE,
+    envelope.WRONG_PROTOCOL,
 )
 #: Admin requests refused before their body was read, by HTTP status.
 ADMIN_REFUSALS = ("401", "413")
