@@ -348,3 +348,24 @@ def test_the_cli_loads_neither_server_nor_daemon_nor_yaml() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
     )
     assert result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
+def test_a_closed_output_pipe_ends_the_command_quietly(tmp_path: Path) -> None:
+    with Daemon(tmp_path, {}) as daemon:
+        ping = subprocess.Popen(
+            [HEARTBEAT, "ping", f"127.0.0.1:{daemon.port}", "-c", "0", "-i", "0.01"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert ping.stdout is not None and ping.stderr is not None
+            assert ping.stdout.readline().startswith("pong from")  # like `| head -1`
+            ping.stdout.close()
+            assert ping.wait(20) == 0
+            assert ping.stderr.read() == ""  # no traceback, no "Exception ignored"
+        finally:
+            if ping.poll() is None:
+                ping.kill()
+                ping.wait(10)
+        assert daemon.stop() == 0

@@ -410,10 +410,19 @@ class Context:
         self.out = out
         self.err = err
         self.interrupt = interrupt
+        self.broken_pipe = False
 
     def print(self, line: str) -> None:
-        self.out.write(line + "\n")
-        self.out.flush()
+        """Write one line; a closed pipe (``heartbeat watch | head -1``) ends the command."""
+        if self.broken_pipe:
+            return
+        try:
+            self.out.write(line + "\n")
+            self.out.flush()
+        except BrokenPipeError:
+            self.broken_pipe = True
+            _silence(self.out)
+            self.interrupt.fire()
 
     def note(self, line: str) -> None:
         self.err.write(f"heartbeat: {line}\n")
@@ -443,6 +452,17 @@ class Context:
         if interrupted:
             raise CliError(EXIT_INTERRUPTED, "interrupted")
         return conn  # type: ignore[no-any-return]
+
+
+def _silence(stream: TextIO) -> None:
+    """Point a closed pipe's descriptor at /dev/null, so the interpreter's final flush of it
+    does not print "Exception ignored ... BrokenPipeError"."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # not a real file (tests' StringIO)
+        pass
 
 
 def connect_failure(e: BaseException, target: str) -> CliError:
@@ -650,10 +670,12 @@ def main(argv: list[str] | None = None) -> None:
     """The ``heartbeat`` console script."""
     try:
         args = parse_args(argv)
+        from twisted.internet import task
     except CliError as e:
         sys.stderr.write(f"heartbeat: {e.message}\n")
         raise SystemExit(e.code) from None
-    from twisted.internet import task
+    except KeyboardInterrupt:  # Ctrl-C before the reactor (and our handler) started
+        raise SystemExit(EXIT_INTERRUPTED) from None
 
     def start(reactor: Any) -> Deferred[None]:
         interrupt = Interrupt()
