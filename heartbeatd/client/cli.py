@@ -12,6 +12,7 @@ import random
 import re
 import signal
 import sys
+import textwrap
 from collections.abc import Callable, Coroutine
 from typing import Any, NoReturn, TextIO
 
@@ -187,9 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = _Parser(
         prog="heartbeat",
-        description="Talk to a heartbeatd server (ping, request, watch) and to its admin "
+        description="Talk to a heartbeatd server (ping, request, watch) and to its admin\n"
         "API (clients, send, broadcast, kick).",
-        epilog=f"ENDPOINT is {ENDPOINT_HELP}.\n\n{EXIT_CODES}",
+        epilog=f"{textwrap.fill(f'ENDPOINT is {ENDPOINT_HELP}.', 78)}\n\n{EXIT_CODES}",
         formatter_class=formatter,
         parents=[conn],
     )
@@ -198,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.required = True
 
     def command(name: str, parents: list[argparse.ArgumentParser], **kw: Any) -> Any:
+        kw["description"] = textwrap.fill(kw["description"], 78)
         return commands.add_parser(
             name, parents=parents, formatter_class=formatter, epilog=EXIT_CODES, **kw
         )
@@ -666,6 +668,20 @@ async def run(
         return EXIT_BUG
 
 
+def _leave_if_a_lookup_hangs(reactor: Any, code: int) -> None:
+    """Exit now if a host name lookup still runs in the reactor's thread pool.
+
+    getaddrinfo cannot be cancelled, and the reactor's shutdown joins its threads: after a
+    connect timed out on a slow resolver, ``heartbeat`` would hang for the resolver's whole
+    timeout.  The command is over and its connections closed, so nothing is lost.
+    """
+    pool = getattr(reactor, "threadpool", None)
+    if pool is not None and pool.working:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
     """The ``heartbeat`` console script."""
     try:
@@ -683,6 +699,7 @@ def main(argv: list[str] | None = None) -> None:
 
         async def command() -> None:
             code = await run(reactor, args, interrupt=interrupt)
+            _leave_if_a_lookup_hangs(reactor, code)
             if code:
                 raise SystemExit(code)
 
