@@ -117,6 +117,7 @@ def test_metrics_have_process_build_info_and_zero_labels(factory: ServerFactory)
         'heartbeatd_evicted_total{reason="slow_consumer"} 0.0',
         'heartbeatd_errors_total{code="bad_json"} 0.0',
         'heartbeatd_admin_refused_total{status="413"} 0.0',
+        'heartbeatd_foreign_protocol_total{kind="http"} 0.0',
     ):
         assert line in text.splitlines()
     assert 'heartbeatd_build_info{python="' in text and 'version="' in text

@@ -25,7 +25,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from heartbeatd._version import __version__
 from heartbeatd.server.factory import ServerFactory
-from heartbeatd.wire import envelope
+from heartbeatd.wire import envelope, sniff
 
 __all__ = ["ERROR_CODES", "EVICTION_REASONS", "FactoryCollector", "registry_for"]
 
@@ -110,7 +110,7 @@ class FactoryCollector(Collector):
             "Connections whose first bytes were another protocol's, by kind.",
             labels=["kind"],
         )
-        for kind, count in sorted(f.foreign.items()):
+        for kind, count in _with_zeros(f.foreign, sniff.DESCRIPTIONS):
             foreign.add_metric([kind], count)
         yield foreign
         yield GaugeMetricFamily(
