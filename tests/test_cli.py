@@ -22,11 +22,12 @@ from typing import Any
 import pytest
 from daemon import Daemon
 from test_admin import ADMIN, http
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.error import DNSLookupError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
+from heartbeatd.client import RequestTimeout
 from heartbeatd.client.cli import Interrupt, main, parse_args, run
 
 HEARTBEAT = str(Path(sys.executable).parent / "heartbeat")
@@ -148,6 +149,44 @@ def test_a_lost_connection_is_not_cannot_reach() -> None:
     assert result == [3]
     assert "connection to 127.0.0.1:9000 lost" in err.getvalue()
     assert "cannot reach" not in err.getvalue()
+
+
+def test_interrupt_until_success_failure_and_ctrl_c() -> None:
+    interrupt = Interrupt()
+    work: Deferred[int] = Deferred()
+    outcome: list[Any] = []
+    interrupt.until(work).addBoth(outcome.append)
+    work.callback(7)
+    assert outcome == [(False, 7)]
+
+    failing: Deferred[int] = Deferred()
+    interrupt.until(failing).addBoth(outcome.append)
+    failing.errback(RequestTimeout("late"))  # a failure is raised at once, not swallowed
+    assert isinstance(outcome[-1], Failure) and outcome[-1].check(RequestTimeout)
+
+    cancelled: list[bool] = []
+    pending: Deferred[int] = Deferred(lambda d: cancelled.append(True))
+    interrupt.until(pending).addBoth(outcome.append)
+    interrupt.fire()
+    assert outcome[-1] == (True, None) and cancelled == [True]
+    interrupt.until(Deferred()).addBoth(outcome.append)  # after Ctrl-C: at once
+    assert outcome[-1] == (True, None)
+
+
+def test_ctrl_c_during_a_request_is_130() -> None:
+    reactor = MemoryReactorClock()
+    out, err = io.StringIO(), io.StringIO()
+    interrupt = Interrupt()
+    result: list[Any] = []
+    args = parse_args(["request", "127.0.0.1:9000", "echo"])
+    ensureDeferred(run(reactor, args, out, err, interrupt)).addBoth(result.append)
+    ((_h, _p, factory, _t, _b),) = reactor.tcpClients
+    protocol = factory.buildProtocol(None)
+    protocol.makeConnection(StringTransport())
+    protocol.dataReceived(frame(HELLO))
+    assert result == []  # the request is in flight
+    interrupt.fire()
+    assert result == [130] and err.getvalue() == "heartbeat: interrupted\n"
 
 
 # -- the real command against a real daemon -------------------------------------------------------
