@@ -19,7 +19,7 @@ from twisted.internet.defer import CancelledError, ensureDeferred
 from twisted.web.client import Agent, FileBodyProducer, ResponseFailed, readBody
 from twisted.web.http_headers import Headers
 
-from heartbeatd.client.cli import (
+from heartbeatd.client._cli_common import (
     EXIT_CONNECTION,
     EXIT_INTERRUPTED,
     EXIT_OK,
