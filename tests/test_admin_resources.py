@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import select
 import socket
 from collections.abc import Iterator
 from typing import Any
@@ -164,6 +165,8 @@ class Wire:
     def read(self) -> None:
         """One readable event, as the reactor would deliver it (if still reading)."""
         if self.transport in self.reactor.getReaders():
+            readable, _, _ = select.select([self.transport.socket], [], [], 10)
+            assert readable, "nothing arrived within 10 s"
             why = self.transport.doRead()
             if why is not None:
                 self._lost(why)
