@@ -199,37 +199,33 @@ class Command:
         self.process = subprocess.Popen(
             [HEARTBEAT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
-        self.lines: queue.Queue[tuple[str, str | None]] = queue.Queue()
+        # One queue per stream: lines of stdout and stderr have no order between them.
+        self.queues: dict[str, queue.Queue[str | None]] = {
+            "stdout": queue.Queue(),
+            "stderr": queue.Queue(),
+        }
         self.out: list[str] = []
         self.err: list[str] = []
-        for name in ("stdout", "stderr"):
+        for name in self.queues:
             threading.Thread(target=self._pump, args=(name,), daemon=True).start()
 
     def _pump(self, name: str) -> None:
         stream = getattr(self.process, name)
         for line in stream:
-            self.lines.put((name, line.rstrip("\n")))
-        self.lines.put((name, None))
+            self.queues[name].put(line.rstrip("\n"))
+        self.queues[name].put(None)
 
     def next_line(self, stream: str = "stdout", timeout: float = 20) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            name, line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
-            if line is not None:
-                (self.out if name == "stdout" else self.err).append(line)
-            if name == stream:
-                assert line is not None, f"{stream} ended; stderr: {self.err}"
-                return line
+        line = self.queues[stream].get(timeout=timeout)
+        assert line is not None, f"{stream} ended; stderr so far: {self.err}"
+        (self.out if stream == "stdout" else self.err).append(line)
+        return line
 
     def finish(self, timeout: float = 20) -> int:
         code = self.process.wait(timeout)
-        ended = 0
-        while ended < 2:
-            name, line = self.lines.get(timeout=timeout)
-            if line is None:
-                ended += 1
-            else:
-                (self.out if name == "stdout" else self.err).append(line)
+        for name, lines in (("stdout", self.out), ("stderr", self.err)):
+            while (line := self.queues[name].get(timeout=timeout)) is not None:
+                lines.append(line)
         return code
 
     def __enter__(self) -> Command:
