@@ -168,11 +168,16 @@ class ServerService(Service):
                 seconds=clock.seconds() - began,
             )
 
+        def failed(failure: Failure) -> None:
+            # twistd would drop a failure here without a word; say what went wrong.
+            log.failure("A shutdown step failed; stopping anyway", failure)
+
         return (
             stopped.addCallback(drain)
             .addCallback(close_clients)
             .addCallback(stop_admin)
             .addCallback(done)
+            .addErrback(failed)
         )
 
 
