@@ -17,7 +17,13 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.python.failure import Failure
 
 from heartbeatd.client.connection import ClientConnection, connect
-from heartbeatd.client.errors import ClientError, ConnectionClosed, HandshakeTimeout, ServerError
+from heartbeatd.client.errors import (
+    ClientError,
+    ConnectionClosed,
+    ConnectionFailed,
+    HandshakeTimeout,
+    ServerError,
+)
 
 EXIT_OK, EXIT_SERVER_ERROR, EXIT_USAGE, EXIT_CONNECTION, EXIT_TIMEOUT = 0, 1, 2, 3, 4
 EXIT_BUG, EXIT_INTERRUPTED = 5, 130
@@ -173,6 +179,8 @@ def _silence(stream: TextIO) -> None:
 
 def connect_failure(e: BaseException, target: str) -> CliError:
     """Why a connection could not be made, as one line and an exit status."""
+    if isinstance(e, ConnectionFailed) and e.__cause__ is not None:
+        e = e.__cause__  # the library's typed wrapper: sort by what actually happened
     if isinstance(e, twisted_errors.DNSLookupError):
         host = target.rsplit(":", 1)[0] if ":" in target else target
         return CliError(EXIT_CONNECTION, f"cannot resolve host of {host!r}: {e}")

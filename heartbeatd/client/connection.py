@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import LoopingCall
@@ -25,6 +25,7 @@ from heartbeatd._logging import get_logger
 from heartbeatd.client.errors import (
     ClientError,
     ConnectionClosed,
+    ConnectionFailed,
     HandshakeTimeout,
     RequestTimeout,
     ServerError,
@@ -456,4 +457,14 @@ def connect(
         connection.when_ready().addBoth(relay)
         return ready
 
-    return connectProtocol(endpoint, connection).addCallback(wait_for_hello)
+    return connectProtocol(endpoint, connection).addCallbacks(wait_for_hello, _typed)
+
+
+def _typed(failure: Failure) -> Failure:
+    """Twisted's connect errors (refused, DNS, timeout) become `ConnectionFailed`, with the
+    original as ``__cause__``; our own errors and a caller's cancel pass through."""
+    if failure.check(ClientError, CancelledError):
+        return failure
+    error = ConnectionFailed(failure.getErrorMessage() or type(failure.value).__name__)
+    error.__cause__ = failure.value
+    return Failure(error)
