@@ -28,6 +28,7 @@ from heartbeatd.client.errors import (
     RequestTimeout,
     ServerError,
 )
+from heartbeatd.client.tls import ClientTLS, read_token
 from heartbeatd.wire import FRAMINGS
 
 __all__ = ["main"]
@@ -51,6 +52,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--timeout", type=float, default=5.0, help="seconds to wait for a reply (default 5)"
     )
+    parser.add_argument("--token-file", help="file whose first line is the auth token to send")
+    parser.add_argument("--tls-ca", help="connect with TLS; PEM CA file to verify the server")
+    parser.add_argument("--tls-cert", help="PEM client certificate (mutual TLS)")
+    parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    parser.add_argument("--tls-hostname", help="name the server certificate must carry")
     commands = parser.add_subparsers(dest="command", required=True)
     ping = commands.add_parser("ping", help="measure round-trip times")
     ping.add_argument("endpoint")
@@ -76,13 +82,31 @@ def _fail(code: int, message: str) -> SystemExit:
     return SystemExit(code)
 
 
+def _credentials(args: argparse.Namespace) -> tuple[ClientTLS | None, str | None]:
+    """TLS settings and the token from the command line (usage errors exit 2)."""
+    tls = token = None
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise _fail(EXIT_USAGE, "--tls-cert and --tls-key go together")
+    if args.tls_ca or args.tls_cert:
+        tls = ClientTLS(args.tls_ca, args.tls_cert, args.tls_key, args.tls_hostname)
+    if args.token_file:
+        try:
+            token = read_token(args.token_file)
+        except (OSError, ValueError) as e:
+            raise _fail(EXIT_USAGE, f"--token-file: {e}") from None
+    return tls, token
+
+
 async def _connect(reactor: Any, args: argparse.Namespace) -> ClientConnection:
+    tls, token = _credentials(args)
     return await connect(
         reactor,
         endpoint_string(args.endpoint),
         framing=args.framing,
         request_timeout=args.timeout,
         hello_timeout=args.timeout,
+        tls=tls,
+        token=token,
     )
 
 
@@ -144,6 +168,8 @@ async def _run(reactor: Any, args: argparse.Namespace) -> None:
         raise _fail(EXIT_TIMEOUT, f"timed out: {e}") from None
     except (ConnectionClosed, twisted_errors.ConnectError, twisted_errors.ConnectionLost) as e:
         raise _fail(EXIT_CONNECTION, f"cannot reach {args.endpoint}: {e}") from None
+    except (OSError, ValueError, ImportError) as e:  # unreadable CA/key files, missing extra
+        raise _fail(EXIT_USAGE, f"TLS settings: {e}") from None
 
 
 def main(argv: list[str] | None = None) -> None:

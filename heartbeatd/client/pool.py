@@ -35,6 +35,7 @@ from heartbeatd.client.errors import (
     RequestTimeout,
     ServerError,
 )
+from heartbeatd.client.tls import client_tls, read_token
 
 __all__ = ["Pool"]
 
@@ -105,6 +106,7 @@ class Pool:
     ) -> None:
         self.clock = reactor
         self.config = config = config or PoolConfig()
+        token = read_token(config.token_file) if config.token_file else None
         #: Makes one new connection; tests replace it.
         self.connect_fn = connect_fn or (
             lambda: connect(
@@ -113,6 +115,8 @@ class Pool:
                 framing=config.framing,
                 request_timeout=config.request_timeout,
                 hello_timeout=config.connect_timeout,
+                tls=client_tls(config),
+                token=token,
             )
         )
         self._random = random

@@ -18,6 +18,8 @@ from heartbeatd.daemon.logs import set_format
 from heartbeatd.daemon.reload import Reloader
 from heartbeatd.daemon.sdnotify import Notifier
 from heartbeatd.daemon.service import ServerService, raise_open_file_limit
+from heartbeatd.daemon.tls import ServerTLS, load_server_tls
+from heartbeatd.server.auth import Authenticator, load_authenticator
 from heartbeatd.server.factory import ServerFactory
 from heartbeatd.server.handlers import HandlerRegistry, default_registry
 from heartbeatd.wire import FRAMINGS
@@ -53,6 +55,27 @@ def build_registry(config: Config, errors: list[str]) -> HandlerRegistry | None:
     return None if errors else registry
 
 
+def check_security(
+    config: Config, errors: list[str]
+) -> tuple[ServerTLS | None, Authenticator | None]:
+    """Load ``tls:`` (certificates) and ``auth:`` (tokens, authenticator), or say why not."""
+    tls = authenticator = None
+    if config.tls.enabled and config.listen.split(":", 1)[0].lower() in ("ssl", "tls"):
+        errors.append(
+            f"listen: {config.listen!r} is not allowed with tls.certificate set; expected a "
+            "plain endpoint (tcp:..., unix:...): tls.* puts TLS on it"
+        )
+    try:
+        tls = load_server_tls(config.tls)
+    except ConfigError as e:
+        errors.extend(e.errors)
+    try:
+        authenticator = load_authenticator(config.auth)
+    except ConfigError as e:
+        errors.extend(e.errors)
+    return tls, authenticator
+
+
 class Options(usage.Options):
     synopsis = "[--config FILE] [--listen ENDPOINT] [--framing NAME]"
     longdesc = (
@@ -67,6 +90,8 @@ class Options(usage.Options):
 
     config: Config
     registry: HandlerRegistry
+    tls: ServerTLS | None
+    authenticator: Authenticator | None
 
     def postOptions(self) -> None:
         overrides = {key: self[key] for key in ("listen", "framing") if self[key] is not None}
@@ -84,10 +109,13 @@ class Options(usage.Options):
             if admin_error:
                 errors.append("admin." + admin_error)
         registry = build_registry(config, errors)
+        tls, authenticator = check_security(config, errors)
         if errors or registry is None:
             self._fail(errors)
         self.config = config
         self.registry = registry
+        self.tls = tls
+        self.authenticator = authenticator
 
     @staticmethod
     def _fail(errors: list[str]) -> None:
@@ -106,9 +134,12 @@ def makeService(options: Options) -> IService:
     from twisted.internet.endpoints import serverFromString
 
     factory = ServerFactory(config, options.registry, reactor)
+    factory.authenticator = options.authenticator
     endpoint = serverFromString(reactor, config.listen)
+    if options.tls is not None:
+        endpoint = options.tls.wrap(endpoint, reactor)
     notifier = Notifier()
-    reloader = Reloader(options["config"], options.overrides, factory, notifier)
+    reloader = Reloader(options["config"], options.overrides, factory, notifier, options.tls)
     admin = None
     if config.admin.listen:
         from heartbeatd.daemon.admin import admin_site
