@@ -82,7 +82,7 @@ class TokenTable:
             if not line or line.startswith("#"):
                 continue
             identity, sep, secret = line.partition(":")
-            identity = identity.strip()
+            identity, secret = identity.strip(), secret.strip()
             if not sep or not identity or not secret:
                 # Never echo the line: it may hold a token.
                 errors.append(
