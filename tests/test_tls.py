@@ -334,3 +334,76 @@ def test_tls_frames_are_framed_like_plain_ones(tmp_path: Path, certs: Certs) -> 
             client.sock.sendall(struct.pack("!I", len(big)) + big)
             assert client.recv()["data"] == "y" * 200_000
         assert daemon.stop() == 0
+
+
+def test_a_client_that_never_shakes_hands_is_dropped(tmp_path: Path, certs: Certs) -> None:
+    config = tls_config(certs, handshake_timeout=0.5)
+    with Daemon(tmp_path, config) as daemon:
+        with RawClient(daemon.port) as silent:  # plain TCP: never sends a ClientHello
+            assert silent.recv() is None  # closed by the server, no hello in clear
+        daemon.wait_for("tls_handshake_timeout: no TLS handshake within 0.5s")
+        assert daemon.stop() == 0
+
+
+POOL_SCRIPT = """
+import json, sys
+from twisted.internet import task
+from twisted.internet.defer import ensureDeferred
+from heartbeatd.client import ClientTLS, Pool, PoolConfig, ReconnectingClient
+
+port, ca, token_file = sys.argv[1], sys.argv[2], sys.argv[3]
+
+async def main(reactor):
+    config = PoolConfig(
+        endpoint=f"tcp:host=127.0.0.1:port={port}", min_idle=2, max_size=2,
+        tls_ca=ca, tls_hostname="localhost", token_file=token_file,
+    )
+    pool = Pool(reactor, config)
+    pool.start()
+    answers = [await pool.request("whoami") for _ in range(4)]
+    created = pool.stats()["created"]
+    await pool.close()
+    token = open(token_file).read().strip()
+    client = ReconnectingClient(
+        reactor, f"tcp:host=localhost:port={port}", tls=ClientTLS(ca_file=ca), token=token
+    )
+    client.start()
+    answers.append(await client.request("whoami"))
+    await client.stop()
+    print(json.dumps({"answers": answers, "created": created}))
+
+task.react(lambda reactor: ensureDeferred(main(reactor)))
+"""
+
+
+def test_pool_and_reconnecting_client_speak_tls_and_send_the_token(
+    tmp_path: Path, certs: Certs
+) -> None:
+    (tmp_path / "whoami_handlers.py").write_text(WHOAMI)
+    (tmp_path / "tokens").write_text("pool-user:pool-token\n")
+    (tmp_path / "pool.token").write_text("pool-token\n")
+    config = {
+        **tls_config(certs),
+        "handlers": ["whoami_handlers"],
+        "auth": {"mode": "token", "tokens_file": str(tmp_path / "tokens")},
+    }
+    with Daemon(tmp_path, config, env={"PYTHONPATH": str(tmp_path)}) as daemon:
+        run = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                POOL_SCRIPT,
+                str(daemon.port),
+                str(certs.ca_file),
+                str(tmp_path / "pool.token"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert run.returncode == 0, run.stderr
+        result = json.loads(run.stdout.strip().splitlines()[-1])
+        assert result["answers"] == ["pool-user"] * 5
+        assert result["created"] == 2  # the token went with each new connection
+        assert daemon.stop() == 0
+    assert daemon.log.count("authenticated as pool-user") == 3
