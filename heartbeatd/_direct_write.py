@@ -27,7 +27,7 @@ from typing import Any
 
 from twisted.internet import tcp
 
-__all__ = ["direct_writer"]
+__all__ = ["direct_writer", "unsent_bytes"]
 
 #: The transports Twisted's TCP reactor gives server and client protocols.
 _PLAIN_TCP = (tcp.Server, tcp.Client)
@@ -75,3 +75,24 @@ def direct_writer(transport: Any) -> Callable[[bytes], None] | None:
             queue(data[sent:])
 
     return write
+
+
+def unsent_bytes(transport: Any) -> int | None:
+    """Bytes written to ``transport`` that the peer has not taken yet, or None if unknown.
+
+    Exact for Twisted's TCP transports and for its TLS layer over them (plaintext waiting
+    for the handshake plus ciphertext in the socket's queue); None for anything else.
+    """
+    if type(transport) in _PLAIN_TCP:
+        try:
+            return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+        except AttributeError:
+            return None
+    pending = getattr(transport, "_appSendBuffer", None)
+    lower = getattr(transport, "transport", None)
+    if pending is None or lower is None:
+        return None
+    below = unsent_bytes(lower)
+    if below is None:
+        return None
+    return below + sum(len(chunk) for chunk in pending)

@@ -29,6 +29,7 @@ from heartbeatd._validation import (
     string,
 )
 from heartbeatd.wire import FRAMINGS
+from heartbeatd.wire.envelope import DEFAULT_MAX_JSON_DEPTH
 
 __all__ = [
     "AdminConfig",
@@ -90,6 +91,26 @@ class LimitsConfig:
         default=256,
         metadata=check(int_range(1, 1_000_000), "unanswered requests before reading pauses"),
     )
+    frame_timeout: float = field(
+        default=60.0,
+        metadata=check(positive_number, "seconds a frame may take to arrive once it began"),
+    )
+    first_frame_timeout: float = field(
+        default=10.0,
+        metadata=check(
+            non_negative_number, "seconds a new connection has to send a frame; 0 = no limit"
+        ),
+    )
+    max_partial_frame_bytes: int = field(
+        default=256 * 1024 * 1024,
+        metadata=check(
+            int_range(1024, 2**40), "bytes all connections' unfinished frames may hold together"
+        ),
+    )
+    max_json_depth: int = field(
+        default=DEFAULT_MAX_JSON_DEPTH,
+        metadata=check(int_range(1, 250), "deepest nesting of arrays/objects accepted"),
+    )
     # -- per-address admission (heartbeatd.server.admission) --
     max_connections_per_address: int = field(
         default=4096,
@@ -138,6 +159,16 @@ class LogConfig:
     format: str = field(
         default="text",
         metadata=check(one_of("text", "json"), "text, or json: one event per line"),
+    )
+    rate_limit_lines: int = field(
+        default=10,
+        metadata=check(
+            int_range(1, 1_000_000), "lines per cause and window for per-event log lines"
+        ),
+    )
+    rate_limit_window: float = field(
+        default=10.0,
+        metadata=check(positive_number, "seconds; then one 'N more suppressed' line per cause"),
     )
 
 

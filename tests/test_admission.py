@@ -109,7 +109,7 @@ def test_factory_refuses_with_an_error_frame_and_counts_by_reason(clock: Clock) 
     assert refusal["error"]["code"] == "too_many_connections"
     assert "per-address limit" in refusal["error"]["message"]
     assert second.transport.disconnecting
-    assert factory.refused_by_reason == {"per_address_connections": 1}
+    assert factory.refusals == {"per_address_connections": 1}
     first.disconnect()  # its slot is released
     assert isinstance(Peer(factory, 40002).protocol, ServerProtocol)
 

@@ -11,8 +11,14 @@ from heartbeatd.server.handlers import HandlerRegistry
 
 
 def started(clock: Clock, registry: HandlerRegistry, **hb: float) -> ServerFactory:
+    # The periodic sweep alone: new connections' first-frame deadline has tests of its own
+    # (test_liveness.py), and these peers answer only what a test step tells them to.
     factory = ServerFactory(
-        make_config(heartbeat={"interval": 10, "timeout": 30, **hb}), registry, clock
+        make_config(
+            heartbeat={"interval": 10, "timeout": 30, **hb}, limits={"first_frame_timeout": 0}
+        ),
+        registry,
+        clock,
     )
     factory.doStart()
     return factory

@@ -173,6 +173,7 @@ def test_token_heartbeats_both_ways(seed_factory: ServerFactory, clock: Clock) -
 
 def test_silent_seed_client_is_evicted(seed_factory: ServerFactory, clock: Clock) -> None:
     peer = SeedPeer(seed_factory)
+    peer.protocol.dataReceived(TOKEN)  # heard once, then silent: the sweep's business
     clock.pump([10] * 4)
     assert peer.transport.disconnected
     assert peer.protocol.close_reason == "heartbeat_timeout"

@@ -47,7 +47,7 @@ class FactoryCollector(Collector):
             "per_address_rate).",
             labels=["reason"],
         )
-        for reason, count in sorted(f.refused_by_reason.items()):
+        for reason, count in sorted(f.refusals.items()):
             refused.add_metric([reason], count)
         yield refused
         evicted = CounterMetricFamily(

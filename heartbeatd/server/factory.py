@@ -18,14 +18,14 @@ from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
-from heartbeatd._logging import get_logger
+from heartbeatd._logging import LogLimiter, get_logger
 from heartbeatd._version import __version__
 from heartbeatd.config import Config
 from heartbeatd.server.admission import Admission
 from heartbeatd.server.auth import Authenticator
 from heartbeatd.server.handlers import HandlerRegistry, default_registry
 from heartbeatd.server.heartbeat import HeartbeatMonitor
-from heartbeatd.server.protocol import RefusedProtocol, ServerProtocol
+from heartbeatd.server.protocol import RefusedProtocol, ServerProtocol, format_address
 from heartbeatd.server.session import Server
 from heartbeatd.wire import get_framing
 from heartbeatd.wire.envelope import OMIT, TOO_MANY_CONNECTIONS, encode_error, encode_message
@@ -107,8 +107,6 @@ class ServerFactory(Factory):
         self.max_connections = config.effective_max_connections()
         self.accepted = 0
         self.refused = 0
-        #: Refused connections by reason: max_connections, per_address_connections, ...
-        self.refused_by_reason: Counter[str] = Counter()
         #: Per-address connection counts and accept rates (limits.*_per_address).
         self.admission = Admission(config.limits, self.clock)
         #: Checks clients' tokens when ``auth.mode`` is not none; the daemon sets it (it reads
@@ -116,6 +114,15 @@ class ServerFactory(Factory):
         self.authenticator: Authenticator | None = None
         self.closes: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
+        #: Connections refused, by reason (``max_connections``, ...).
+        self.refusals: Counter[str] = Counter()
+        #: Connections that spoke another protocol, by kind (``http``, ``tls``, ...).
+        self.foreign: Counter[str] = Counter()
+        #: Bytes held by all connections' unfinished frames (``limits.max_partial_frame_bytes``).
+        self.partial_bytes = 0
+        self.log_limiter = LogLimiter(
+            self.clock, config.log.rate_limit_lines, config.log.rate_limit_window
+        )
         self.recent_closes: deque[EvictionRecord] = deque(maxlen=self.RECENT_CLOSES)
         #: Frame and byte counts of connections already closed (live ones are summed on demand).
         self.closed_totals = {"frames_in": 0, "frames_out": 0, "bytes_in": 0, "bytes_out": 0}
@@ -128,7 +135,15 @@ class ServerFactory(Factory):
         self.draining = False
         hb = config.heartbeat
         self.heartbeat = HeartbeatMonitor(
-            self.clients, self.clock, hb.interval, hb.timeout, self.ping_frame, hb.sweep_batch
+            self.clients,
+            self.clock,
+            hb.interval,
+            hb.timeout,
+            self.ping_frame,
+            hb.sweep_batch,
+            frame_timeout=config.limits.frame_timeout,
+            first_frame_timeout=config.limits.first_frame_timeout,
+            on_sweep=self.log_limiter.flush,
         )
 
     def apply_config(self, config: Config) -> None:
@@ -139,7 +154,14 @@ class ServerFactory(Factory):
         for client in self.clients.values():
             client.set_max_frame_bytes(config.max_frame_bytes)
         self.heartbeat.batch = config.heartbeat.sweep_batch
-        self.heartbeat.reconfigure(config.heartbeat.interval, config.heartbeat.timeout)
+        self.heartbeat.frame_timeout = config.limits.frame_timeout
+        self.heartbeat.reconfigure(
+            config.heartbeat.interval,
+            config.heartbeat.timeout,
+            first_frame_timeout=config.limits.first_frame_timeout,
+        )
+        self.log_limiter.lines = config.log.rate_limit_lines
+        self.log_limiter.window = config.log.rate_limit_window
 
     # -- time ---------------------------------------------------------------------------------
 
@@ -158,14 +180,15 @@ class ServerFactory(Factory):
     def buildProtocol(self, addr: IAddress) -> Protocol:
         if len(self.clients) >= self.max_connections:
             self.refused += 1
-            self.refused_by_reason["max_connections"] += 1
-            log.warn(
-                "Refused a connection from {peer}: {count} clients connected "
-                "(limits.max_connections is {limit})",
-                peer=addr,
-                count=len(self.clients),
-                limit=self.max_connections,
-            )
+            self.refusals["max_connections"] += 1
+            if self.log_limiter.allow("refused"):
+                log.warn(
+                    "Refused a connection from {peer}: {count} clients connected "
+                    "(limits.max_connections is {limit})",
+                    peer=format_address(addr),
+                    count=len(self.clients),
+                    limit=self.max_connections,
+                )
             body = encode_error(
                 TOO_MANY_CONNECTIONS,
                 f"the server holds its maximum of {self.max_connections} connections",
@@ -183,8 +206,13 @@ class ServerFactory(Factory):
 
     def _refuse_per_address(self, addr: IAddress, reason: str, message: str) -> Protocol:
         self.refused += 1
-        self.refused_by_reason[reason] += 1
-        log.warn("Refused a connection from {peer}: {message}", peer=addr, message=message)
+        self.refusals[reason] += 1
+        if self.log_limiter.allow("refused:" + reason):
+            log.warn(
+                "Refused a connection from {peer}: {message}",
+                peer=format_address(addr),
+                message=message,
+            )
         body = encode_error(TOO_MANY_CONNECTIONS, message)
         refused = RefusedProtocol(self.framing.encode(body))
         refused.factory = self
@@ -220,6 +248,7 @@ class ServerFactory(Factory):
     def client_connected(self, client: ServerProtocol) -> None:
         self.clients[client.session_id] = client
         self.accepted += 1
+        self.heartbeat.watch_newcomer(client)
         log.debug(
             "Client {session} connected from {peer}", session=client.session_id, peer=client.peer
         )
@@ -228,14 +257,21 @@ class ServerFactory(Factory):
         """Mark a client as just heard from (keeps `clients` in last-seen order)."""
         self.clients.move_to_end(client.session_id)
 
-    def client_closing(self, client: ServerProtocol, reason: str, detail: str) -> None:
-        """Record and log why the server is closing a client."""
+    def client_closing(
+        self, client: ServerProtocol, reason: str, detail: str, *, quiet: bool = False
+    ) -> None:
+        """Record and log (rate-limited per reason) why the server is closing a client."""
         self.closes[reason] += 1
         record = EvictionRecord(
             client, reason, detail, self.clock.seconds(), self.now() - client.last_seen
         )
         self.recent_closes.append(record)
-        emit = log.debug if reason in _ROUTINE_CLOSES else log.warn
+        if reason in _ROUTINE_CLOSES:
+            emit = log.debug
+        elif quiet or not self.log_limiter.allow("close:" + reason):
+            return
+        else:
+            emit = log.warn
         emit(
             "Closing client {session} ({peer}{who}): {reason}{sep}{detail}; silent {silent:.1f}s, "
             "last ping round trip {rtt}, unanswered pings {missed}",
@@ -294,6 +330,13 @@ class ServerFactory(Factory):
 
     def count_error(self, code: str) -> None:
         self.errors[code] += 1
+
+    def count_foreign(self, kind: str) -> None:
+        self.foreign[kind] += 1
+
+    def log_allowed(self, cause: str) -> bool:
+        """Whether a per-event log line for ``cause`` may be written now (rate limit)."""
+        return self.log_limiter.allow(cause)
 
     # -- push ---------------------------------------------------------------------------------
 

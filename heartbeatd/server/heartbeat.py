@@ -9,6 +9,13 @@ Cost model, so the sweep holds at 100k connections:
   batches (``callLater(0)``), so even 100k due clients do not block I/O for long.
 * The ping frame is encoded once per sweep and shared by every client.
 
+Liveness is a complete frame: `last_seen` moves only when one arrives.  A frame that is still
+arriving protects its client from the silence rule for up to ``frame_timeout`` seconds after
+it began (a large frame on a slow link gets through), and no longer: a peer that trickles a
+frame it never finishes is closed with ``frame_timeout``.  New connections get
+``first_frame_timeout`` seconds to send their first frame; a client that only listens is
+pinged halfway through, and its pong counts.
+
 Stalls: when the reactor was blocked (a slow handler, swapping, a paused VM), the sweep runs
 late, and the frames clients sent meanwhile are still unread in the sockets, because a
 reactor runs due timers before it polls for I/O.  Evicting then would punish healthy clients
@@ -19,6 +26,7 @@ added to `stalled` and subtracted from the reactor's time.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
@@ -38,6 +46,8 @@ class Watched(Protocol):
     """What the sweep needs of a connection (`heartbeatd.server.protocol.ServerProtocol` is one)."""
 
     last_seen: float
+    frame_started: float | None
+    awaiting_first_frame: bool
     pings_unanswered: int
     connected: bool
     close_reason: str | None
@@ -62,6 +72,10 @@ class HeartbeatMonitor:
         timeout: float,
         ping_frame: Callable[[int], bytes],
         batch: int = 1000,
+        *,
+        frame_timeout: float = 60.0,
+        first_frame_timeout: float = 0.0,
+        on_sweep: Callable[[], object] | None = None,
     ) -> None:
         self._clients = clients
         self._clock = clock
@@ -69,7 +83,13 @@ class HeartbeatMonitor:
         self.timeout = timeout
         self.batch = batch
         self._ping_frame = ping_frame
+        self.frame_timeout = frame_timeout
+        self.first_frame_timeout = first_frame_timeout
+        self._on_sweep = on_sweep
         self._loop: LoopingCall | None = None
+        #: Connections that have not sent a frame yet, oldest first, with their start time.
+        self._newcomers: deque[tuple[float, Watched]] = deque()
+        self._newcomer_loop: LoopingCall | None = None
         self._last_due = 0.0
         self._sequence = 0
         #: Seconds of detected reactor stall, excluded from every client's silence.
@@ -102,21 +122,80 @@ class HeartbeatMonitor:
         self._loop = loop
         self._last_due = self._clock.seconds()
         loop.start(self.interval, now=False).addErrback(self._loop_died)
+        if self.first_frame_timeout > 0:
+            newcomers = LoopingCall(self._check_newcomers)
+            newcomers.clock = self._clock
+            self._newcomer_loop = newcomers
+            # A quarter period: a newcomer is pinged between 1/2 and 3/4 of its time and
+            # closed by 5/4 of it at the latest.
+            newcomers.start(self.first_frame_timeout / 4, now=False).addErrback(self._loop_died)
 
     def stop(self) -> None:
         if self.running:
             assert self._loop is not None
             self._loop.stop()
         self._loop = None
+        if self._newcomer_loop is not None and self._newcomer_loop.running:
+            self._newcomer_loop.stop()
+        self._newcomer_loop = None
 
-    def reconfigure(self, interval: float, timeout: float) -> None:
-        """Apply a new interval/timeout to the running sweep (live reload)."""
+    def reconfigure(
+        self, interval: float, timeout: float, *, first_frame_timeout: float | None = None
+    ) -> None:
+        """Apply a new interval/timeouts to the running sweep (live reload)."""
         self.timeout = timeout
-        if interval != self.interval:
-            self.interval = interval
-            if self.running:
-                self.stop()
-                self.start()
+        restart = interval != self.interval
+        if first_frame_timeout is not None and first_frame_timeout != self.first_frame_timeout:
+            self.first_frame_timeout = first_frame_timeout
+            restart = True
+        self.interval = interval
+        if restart and self.running:
+            self.stop()
+            self.start()
+
+    # -- new connections ----------------------------------------------------------------------
+
+    def watch_newcomer(self, client: Watched) -> None:
+        """Track a new connection until its first frame (``first_frame_timeout``)."""
+        if self.first_frame_timeout > 0:
+            self._newcomers.append((self.now(), client))
+
+    def _check_newcomers(self) -> None:
+        # Must never raise (it runs in a LoopingCall).  Newcomers are in arrival order, so
+        # the walk stops at the first one too young to need anything.
+        try:
+            now = self.now()
+            limit = self.first_frame_timeout
+            newcomers = self._newcomers
+            keep: list[tuple[float, Watched]] = []
+            frame: bytes | None = None
+            while newcomers:
+                since, client = newcomers[0]
+                if not client.awaiting_first_frame or not client.connected:
+                    newcomers.popleft()
+                    continue
+                age = now - since
+                if age < limit / 2:
+                    break
+                newcomers.popleft()
+                if age >= limit:
+                    if client.close_reason is None:
+                        client.evict(
+                            "first_frame_timeout",
+                            f"no complete frame within {limit:g}s of connecting "
+                            "(limits.first_frame_timeout)",
+                        )
+                    continue
+                if client.pings_unanswered == 0:
+                    if frame is None:
+                        self._sequence += 1
+                        frame = self._ping_frame(self._sequence)
+                    self.pings_sent += 1
+                    client.send_heartbeat(frame, self._clock.seconds())
+                keep.append((since, client))
+            newcomers.extendleft(reversed(keep))
+        except Exception:
+            log.failure("Checking new connections failed; the check runs again")
 
     def _loop_died(self, failure: Failure) -> None:
         log.failure("The heartbeat loop stopped unexpectedly", failure)
@@ -127,6 +206,8 @@ class HeartbeatMonitor:
         # Must never raise: an exception would stop the LoopingCall for good.
         try:
             self._note_lateness(count)
+            if self._on_sweep is not None:
+                self._on_sweep()
             return self._start_sweep()
         except Exception:
             log.failure("Heartbeat sweep failed; it will run again next interval")
@@ -173,6 +254,7 @@ class HeartbeatMonitor:
         now = self.now()
         cutoff = now - self.interval
         timeout = self.timeout
+        frame_timeout = self.frame_timeout
         end = min(start + self.batch, len(due))
         for client in due[start:end]:
             if not client.connected or client.close_reason is not None:
@@ -180,8 +262,18 @@ class HeartbeatMonitor:
             if client.last_seen > cutoff:
                 continue  # heard from while earlier batches ran
             silent = now - client.last_seen
+            started = client.frame_started
             try:
-                if silent > timeout and client.pings_unanswered > 0:
+                if started is not None and now - started > frame_timeout:
+                    self.evicted += 1
+                    client.evict(
+                        "frame_timeout",
+                        f"a frame began {now - started:.1f}s ago and is still incomplete "
+                        f"(limits.frame_timeout is {frame_timeout:g}s)",
+                    )
+                elif started is not None:
+                    continue  # a frame is still arriving: not silent, not yet too slow
+                elif silent > timeout and client.pings_unanswered > 0:
                     self.evicted += 1
                     client.evict(
                         "heartbeat_timeout",

@@ -22,7 +22,7 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from heartbeatd._direct_write import direct_writer
+from heartbeatd._direct_write import direct_writer, unsent_bytes
 from heartbeatd._logging import get_logger
 from heartbeatd.server.auth import peer_certificate_identity
 from heartbeatd.server.handlers import NO_REPLY, HandlerError, Reply, Request
@@ -32,6 +32,7 @@ from heartbeatd.server.sockopts import configure_socket
 from heartbeatd.wire import envelope
 from heartbeatd.wire.envelope import ProtocolError, decode_message, encode_error, encode_message
 from heartbeatd.wire.framing import HEARTBEAT, FrameDecoder
+from heartbeatd.wire.sniff import DESCRIPTIONS, SNIFF_BYTES, identify
 
 __all__ = ["RefusedProtocol", "ServerProtocol", "format_address"]
 
@@ -88,8 +89,13 @@ class ServerProtocol(Protocol):
         self._session: Session | None = None
         self.connected = False
         self.connected_at = 0.0
-        #: Alive-clock time of the last byte received (see `HeartbeatMonitor.now`).
+        #: Alive-clock time of the last complete frame received (see `HeartbeatMonitor.now`):
+        #: a frame is the sign of life, a byte is not.
         self.last_seen = 0.0
+        #: Alive-clock time the unfinished frame being received began; None between frames.
+        self.frame_started: float | None = None
+        #: True until the first complete frame arrives (`limits.first_frame_timeout`).
+        self.awaiting_first_frame = True
         self.frames_in = 0
         self.frames_out = 0
         self.bytes_in = 0
@@ -105,7 +111,13 @@ class ServerProtocol(Protocol):
         self._pending: deque[_Slot] | None = None
         self._batch: list[bytes] | None = None
         self._write_paused = False
-        self._unsent_bytes = 0
+        # Bytes written since the transport last asked us to pause: the backlog estimate
+        # for transports whose queue we cannot read (`unsent_bytes` is None).
+        self._written_while_paused = 0
+        # Bytes our decoder holds for an unfinished frame (counted in the registry's total).
+        self._held = 0
+        # The connection's first bytes, while they may still be a foreign protocol's.
+        self._sniff_head: bytes | None = b""
         self._reading_paused = False
         self._registered = False
         self._direct_write: Any = None
@@ -132,6 +144,7 @@ class ServerProtocol(Protocol):
         self._header = framing.header
         self._bare_type = config.seed.message_type if framing.wraps_bare_values else None
         self._token = framing.heartbeat_token
+        self._max_depth = config.limits.max_json_depth
         self.transport.registerProducer(self, True)
         self._registered = True
         configure_socket(self.transport, config.tcp)
@@ -204,6 +217,7 @@ class ServerProtocol(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.connected = False
         self._pending = None
+        self._release_partial()
         if self._auth is not None:
             self._auth.stop()
         if self._handshake_timer is not None and self._handshake_timer.active():
@@ -223,12 +237,27 @@ class ServerProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         factory = self.factory
         self.bytes_in += len(data)
-        self.last_seen = factory.now()
-        self.pings_unanswered = 0
-        factory.touch(self)
+        if self._sniff_head is not None and self._sniffed_foreign(data):
+            return
         decoder = self._decoder
         assert decoder is not None
         items = decoder.feed(data)
+        held = decoder.buffered
+        if items:
+            now = factory.now()
+            self.last_seen = now
+            self.pings_unanswered = 0
+            self.awaiting_first_frame = False
+            factory.touch(self)
+            self.frame_started = now if held else None
+        elif held and self.frame_started is None:
+            self.frame_started = factory.now()
+        if held != self._held:
+            grew = held > self._held
+            factory.partial_bytes += held - self._held
+            self._held = held
+            if grew and factory.partial_bytes > factory.config.limits.max_partial_frame_bytes:
+                self._overloaded()
         batch: list[bytes] = []
         self._batch = batch
         try:
@@ -247,6 +276,61 @@ class ServerProtocol(Protocol):
         if decoder.error is not None:
             self.close(decoder.error.code, str(decoder.error))
 
+    def _sniffed_foreign(self, data: bytes) -> bool:
+        """Answer and close a peer whose first bytes are another protocol's; True if so."""
+        head = self._sniff_head + data[:SNIFF_BYTES]  # type: ignore[operator]
+        kind = identify(head)
+        if not kind:
+            self._sniff_head = head if kind == "" and len(head) < SNIFF_BYTES else None
+            return False
+        self._sniff_head = None
+        what = DESCRIPTIONS[kind]
+        self.factory.count_foreign(kind)
+        if self.factory.log_allowed("wrong_protocol"):
+            log.warn(
+                "Closing {peer}: it sent {what}; this listener speaks heartbeatd's "
+                "{framing} framing",
+                peer=self.peer,
+                what=what,
+                framing=self.factory.framing.name,
+            )
+        self.factory.count_error(envelope.WRONG_PROTOCOL)
+        self.write_frame(
+            encode_error(
+                envelope.WRONG_PROTOCOL,
+                f"this port speaks heartbeatd's {self.factory.framing.name} framing "
+                f"(docs/protocol.md); the first bytes look like {what}",
+            ),
+            encoded=False,
+        )
+        self.close(envelope.WRONG_PROTOCOL, what, quiet=True)
+        return True
+
+    def _overloaded(self) -> None:
+        """Unfinished frames of all clients hold more than allowed: this read tipped it."""
+        limit = self.factory.config.limits.max_partial_frame_bytes
+        self._release_partial()
+        self.factory.count_error(envelope.OVERLOADED)
+        self.write_frame(
+            encode_error(
+                envelope.OVERLOADED,
+                f"the server holds its maximum of {limit} bytes of unfinished frames",
+            ),
+            encoded=False,
+        )
+        self.close(envelope.OVERLOADED, "limits.max_partial_frame_bytes reached")
+
+    def _release_partial(self) -> None:
+        """Drop an unfinished frame and its share of the registry's partial-byte total."""
+        if self._held:
+            self.factory.partial_bytes -= self._held
+            self._held = 0
+            decoder = self._decoder
+            if decoder is not None:
+                self._decoder = self.factory.framing.decoder(decoder.max_frame_bytes)
+                self._decoder.error = decoder.error
+        self.frame_started = None
+
     def _handle_envelopes(self, items: list[Any], batch: list[bytes]) -> None:
         """The hot path: well-formed envelopes with synchronous JSON results, inlined.
 
@@ -259,9 +343,10 @@ class ServerProtocol(Protocol):
         header = self._header
         answered = 0
         lookup = self.factory.registry.get
+        max_depth = self._max_depth
         for item in items:
-            if type(item) is not bytes:
-                self._handle_item(item)
+            if type(item) is not bytes or item.count(b"[") + item.count(b"{") > max_depth:
+                self._handle_item(item)  # a token, or maybe too deep: the general path checks
                 continue
             try:
                 value = loads(item)
@@ -315,7 +400,7 @@ class ServerProtocol(Protocol):
             return
         self.frames_in += 1
         try:
-            message = decode_message(item, self._bare_type)  # type: ignore[arg-type]
+            message = decode_message(item, self._bare_type, self._max_depth)  # type: ignore[arg-type]
         except ProtocolError as e:
             self.factory.count_error(e.code)
             self._emit(encode_error(e.code, e.message, e.id))
@@ -418,13 +503,14 @@ class ServerProtocol(Protocol):
             self.factory.count_error(error.code)
             return encode_error(error.code, error.message, message.id)
         self.factory.count_error(envelope.INTERNAL_ERROR)
-        log.failure(
-            "Handler for {type!r} failed (client {session}, {peer})",
-            failure,
-            type=message.type,
-            session=self.session_id,
-            peer=self.peer,
-        )
+        if self.factory.log_allowed("handler_failed"):
+            log.failure(
+                "Handler for {type!r} failed (client {session}, {peer})",
+                failure,
+                type=message.type,
+                session=self.session_id,
+                peer=self.peer,
+            )
         return encode_error(envelope.INTERNAL_ERROR, "the handler failed", message.id)
 
     def _async_reply(self, result: Any, slot: _Slot, message: envelope.Message) -> None:
@@ -479,6 +565,8 @@ class ServerProtocol(Protocol):
         self._write_many([frame if encoded else self._encode(frame)])
 
     def _write_many(self, frames: list[bytes]) -> None:
+        if self._write_paused and self._slow_consumer():
+            return
         data = frames[0] if len(frames) == 1 else b"".join(frames)
         size = len(data)
         if self._direct_write is not None:
@@ -488,24 +576,42 @@ class ServerProtocol(Protocol):
         self.frames_out += len(frames)
         self.bytes_out += size
         if self._write_paused:
-            self._unsent_bytes += size
-            limit = self.factory.config.limits.max_outbound_buffer_bytes
-            if self._unsent_bytes > limit and self.connected:
-                self.evict(
-                    "slow_consumer",
-                    f"more than {limit} bytes are waiting for the client to read them",
-                )
+            self._written_while_paused += size
+
+    def _slow_consumer(self) -> bool:
+        """Close a client whose unread backlog passed the limit; True if it was closed.
+
+        Checked *before* a write while the transport says its buffer is full, against the
+        bytes still unsent (not the frame about to go), so one frame larger than the limit
+        reaches a client that reads, and a client that does not read holds at most the
+        limit plus one frame.
+        """
+        backlog = unsent_bytes(self.transport)
+        if backlog is None:
+            backlog = self._written_while_paused
+        limit = self.factory.config.limits.max_outbound_buffer_bytes
+        if backlog <= limit or not self.connected:
+            return False
+        self.evict(
+            "slow_consumer",
+            f"{backlog} bytes are waiting for the client to read them "
+            f"(limits.max_outbound_buffer_bytes is {limit})",
+        )
+        return True
 
     # -- IPushProducer: the transport tells us when its write buffer is full --------------
 
     def pauseProducing(self) -> None:
-        self._write_paused = True
-        self._unsent_bytes = 0
+        # Twisted calls this on every write while its buffer is full: only the first call
+        # of a paused period starts the count.
+        if not self._write_paused:
+            self._write_paused = True
+            self._written_while_paused = 0
         self._pause_reading()
 
     def resumeProducing(self) -> None:
         self._write_paused = False
-        self._unsent_bytes = 0
+        self._written_while_paused = 0
         if len(self._pending or ()) < self.factory.config.limits.max_pending_requests:
             self._resume_reading()
 
@@ -536,12 +642,13 @@ class ServerProtocol(Protocol):
 
     # -- closing -----------------------------------------------------------------------------
 
-    def close(self, reason: str, detail: str = "") -> None:
-        """Flush what is queued, then close politely, recording why."""
+    def close(self, reason: str, detail: str = "", *, quiet: bool = False) -> None:
+        """Flush what is queued, then close politely, recording why (``quiet``: already
+        logged by the caller)."""
         if not self.connected or self.close_reason is not None:
             return
         self.close_reason = reason
-        self.factory.client_closing(self, reason, detail)
+        self.factory.client_closing(self, reason, detail, quiet=quiet)
         self._unregister()
         self.transport.loseConnection()
 

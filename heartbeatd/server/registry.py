@@ -30,6 +30,8 @@ class ClientRegistry(Protocol):
     registry: HandlerRegistry
     #: The facade handlers reach as ``request.server``.
     server: Server
+    #: Bytes held by every connection's unfinished frame together.
+    partial_bytes: int
 
     def now(self) -> float:
         """The alive clock for last-seen times (reactor stalls excluded)."""
@@ -47,12 +49,20 @@ class ClientRegistry(Protocol):
         """``client`` was just heard from (a complete frame arrived)."""
         ...
 
-    def client_closing(self, client: Any, reason: str, detail: str) -> None:
+    def client_closing(self, client: Any, reason: str, detail: str, *, quiet: bool = False) -> None:
         """The server decided to close ``client``: record and log why."""
         ...
 
     def client_disconnected(self, client: Any, reason: Failure | None) -> None: ...
 
     def count_error(self, code: str) -> None: ...
+
+    def count_foreign(self, kind: str) -> None:
+        """A peer spoke another protocol (``http``, ``tls``...)."""
+        ...
+
+    def log_allowed(self, cause: str) -> bool:
+        """Rate limit for log lines a peer can trigger at will."""
+        ...
 
     def record_rtt(self, seconds: float) -> None: ...

@@ -34,12 +34,17 @@ __all__ = [
     "BAD_FRAME",
     "BAD_JSON",
     "BAD_MESSAGE",
+    "DEFAULT_MAX_JSON_DEPTH",
+    "FRAME_TIMEOUT",
     "FRAME_TOO_LARGE",
     "INTERNAL_ERROR",
     "JSON_BACKEND",
     "OMIT",
+    "OVERLOADED",
+    "TOO_DEEP",
     "TOO_MANY_CONNECTIONS",
     "UNKNOWN_TYPE",
+    "WRONG_PROTOCOL",
     "Message",
     "ProtocolError",
     "decode_json",
@@ -47,6 +52,7 @@ __all__ = [
     "encode_error",
     "encode_json",
     "encode_message",
+    "nesting_exceeds",
 ]
 
 # Error codes that appear in ``error.code`` on the wire (documented in docs/protocol.md).
@@ -57,6 +63,15 @@ FRAME_TOO_LARGE: Final = "frame_too_large"
 BAD_FRAME: Final = "bad_frame"
 INTERNAL_ERROR: Final = "internal_error"
 TOO_MANY_CONNECTIONS: Final = "too_many_connections"
+TOO_DEEP: Final = "too_deep"
+WRONG_PROTOCOL: Final = "wrong_protocol"
+FRAME_TIMEOUT: Final = "frame_timeout"
+OVERLOADED: Final = "overloaded"
+
+#: Deepest JSON nesting accepted (arrays and objects).  orjson parses up to 1024 levels but
+#: encodes only about 254, so anything deeper than what we can echo back is refused at the
+#: door with ``too_deep`` instead of failing later inside a handler or the reply encoder.
+DEFAULT_MAX_JSON_DEPTH: Final = 64
 
 #: Pass as ``data`` to leave the key out of an envelope entirely.
 OMIT: Final = object()
@@ -101,12 +116,51 @@ encode_json = _dumps
 decode_json_unchecked = _loads
 
 
-def decode_json(body: bytes) -> Any:
-    """Parse a UTF-8 JSON body; raise `ProtocolError` (``bad_json``) when it is not JSON."""
+def may_be_deeper_than(body: bytes, limit: int) -> bool:
+    """Cheap, exact-enough pre-check: nesting deeper than ``limit`` needs more brackets.
+
+    Counts at C speed; only bodies that pass it need `nesting_exceeds`.
+    """
+    return body.count(b"[") + body.count(b"{") > limit
+
+
+def nesting_exceeds(value: Any, limit: int) -> bool:
+    """True when ``value`` nests arrays/objects more than ``limit`` levels deep."""
+    level: list[Any] = [value]
+    depth = 0
+    while level:
+        depth += 1
+        if depth > limit:
+            return True
+        nested: list[Any] = []
+        for container in level:
+            items = container.values() if type(container) is dict else container
+            nested.extend(x for x in items if type(x) is dict or type(x) is list)
+        level = nested
+    return False
+
+
+def decode_json(body: bytes, max_depth: int = DEFAULT_MAX_JSON_DEPTH) -> Any:
+    """Parse a UTF-8 JSON body; raise `ProtocolError` when it is not JSON (``bad_json``) or
+    nests deeper than ``max_depth`` (``too_deep``)."""
     try:
-        return _loads(body)
+        value = _loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise ProtocolError(BAD_JSON, f"body is not valid UTF-8 JSON: {e}") from None
+    if (
+        type(value) in (dict, list)
+        and may_be_deeper_than(body, max_depth)
+        and nesting_exceeds(value, max_depth)
+    ):
+        raise ProtocolError(
+            TOO_DEEP, f"JSON nests deeper than {max_depth} levels (the limit)", _id_of(value)
+        )
+    return value
+
+
+def _id_of(value: Any) -> str | int | None:
+    id = value.get("id") if isinstance(value, dict) else None
+    return id if id is not None and _valid_id(id) else None
 
 
 def _valid_id(value: Any) -> bool:
@@ -130,13 +184,15 @@ def as_message(value: Any) -> Message:
     return Message(type_, id, value.get("data"))
 
 
-def decode_message(body: bytes, bare_type: str | None = None) -> Message:
+def decode_message(
+    body: bytes, bare_type: str | None = None, max_depth: int = DEFAULT_MAX_JSON_DEPTH
+) -> Message:
     """Decode one frame body into a `Message`, or raise `ProtocolError`.
 
     With ``bare_type`` (seed framing), a JSON value that is not an envelope, i.e. not an
     object with a string ``type``, is not an error: it arrives as a bare message of that type.
     """
-    value = decode_json(body)
+    value = decode_json(body, max_depth)
     if bare_type is not None and not (
         isinstance(value, dict) and isinstance(value.get("type"), str)
     ):
