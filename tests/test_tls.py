@@ -407,3 +407,20 @@ def test_pool_and_reconnecting_client_speak_tls_and_send_the_token(
         assert result["created"] == 2  # the token went with each new connection
         assert daemon.stop() == 0
     assert daemon.log.count("authenticated as pool-user") == 3
+
+
+def test_refusals_over_tls_are_readable_and_bounded(tmp_path: Path, certs: Certs) -> None:
+    config = {
+        **tls_config(certs, handshake_timeout=0.5),
+        "limits": {"max_connections_per_address": 1, "per_address_exempt": []},
+    }
+    with Daemon(tmp_path, config) as daemon:
+        with TlsClient(daemon.port, client_context(certs)) as first:
+            assert first.recv()["type"] == "hello"
+            with TlsClient(daemon.port, client_context(certs)) as refused:
+                refusal = refused.recv()  # the error frame, after the handshake
+                assert refusal["error"]["code"] == "too_many_connections"
+                assert "per-address limit" in refusal["error"]["message"]
+            with RawClient(daemon.port) as silent:  # refused, and never shakes hands
+                assert silent.recv() is None  # dropped after tls.handshake_timeout
+        assert daemon.stop() == 0

@@ -680,7 +680,18 @@ class RefusedProtocol(Protocol):
 
     def __init__(self, frame: bytes) -> None:
         self._frame = frame
+        self._abort: Any = None
 
     def connectionMade(self) -> None:
         self.transport.write(self._frame)
         self.transport.loseConnection()
+        factory = getattr(self, "factory", None)
+        if factory is not None and is_tls(self.transport):
+            # Over TLS the frame waits for a handshake the peer may never do: bound the wait.
+            self._abort = factory.clock.callLater(
+                factory.config.tls.handshake_timeout, self.transport.abortConnection
+            )
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if self._abort is not None and self._abort.active():
+            self._abort.cancel()
