@@ -301,17 +301,11 @@ class AuthGate:
 
 def peer_certificate_identity(transport: Any) -> str | None:
     """The subject of a TLS client's certificate (``CN=alice,O=Example``), or None."""
-    get = getattr(transport, "getPeerCertificate", None)
-    if get is None:
-        return None
     try:
-        cert = get()
-    except Exception:
+        handle = transport.getHandle()
+        cert = handle.get_peer_certificate(as_cryptography=True)
+    except Exception:  # not a pyOpenSSL connection (no TLS), or no certificate
         return None
     if cert is None:
         return None
-    try:
-        return str(cert.to_cryptography().subject.rfc4514_string())
-    except Exception:
-        components = cert.get_subject().get_components()
-        return ",".join(f"{k.decode()}={v.decode()}" for k, v in components) or None
+    return str(cert.subject.rfc4514_string()) or None
