@@ -279,3 +279,37 @@ def test_seed_framing_bare_values_need_auth_too(clock: Clock, table: TokenTable)
     protocol.dataReceived(b'length:0000000000003"x"')
     assert b"unauthenticated" in transport.value()
     assert protocol.close_reason == "unauthenticated"
+
+
+# -- the client library's side -------------------------------------------------------------------
+
+
+def test_client_sends_its_token_and_is_ready_once_accepted(
+    secured: ServerFactory, clock: Clock
+) -> None:
+    from helpers import client_server_pair
+
+    client, server, pump = client_server_pair(secured, clock, token="alice-secret")
+    ready = client.when_ready()
+    pump.flush()
+    assert client.identity == "alice" and server.identity == "alice"
+    assert ready.result is client
+    answer = client.request("echo", 5)
+    pump.flush()
+    assert answer.result == 5
+
+
+def test_client_with_a_wrong_token_or_none_fails_typed(
+    secured: ServerFactory, clock: Clock
+) -> None:
+    from helpers import client_server_pair
+
+    from heartbeatd.client import ServerError
+
+    for token, code in (("bad", "auth_failed"), (None, "unauthenticated")):
+        client, _, pump = client_server_pair(secured, clock, token=token)  # pumps the hello
+        pump.flush()
+        ready = client._ready  # what connect() returns chains on it (it fires before close)
+        failure = ready.result
+        ready.addErrback(lambda f: None)
+        assert failure.check(ServerError) and failure.value.code == code

@@ -106,7 +106,9 @@ class Pool:
     ) -> None:
         self.clock = reactor
         self.config = config = config or PoolConfig()
+        # Read once, so a missing file or a half TLS setting fails here, not at each connect.
         token = read_token(config.token_file) if config.token_file else None
+        tls = client_tls(config)
         #: Makes one new connection; tests replace it.
         self.connect_fn = connect_fn or (
             lambda: connect(
@@ -115,7 +117,7 @@ class Pool:
                 framing=config.framing,
                 request_timeout=config.request_timeout,
                 hello_timeout=config.connect_timeout,
-                tls=client_tls(config),
+                tls=tls,
                 token=token,
             )
         )
