@@ -424,3 +424,32 @@ def test_refusals_over_tls_are_readable_and_bounded(tmp_path: Path, certs: Certs
             with RawClient(daemon.port) as silent:  # refused, and never shakes hands
                 assert silent.recv() is None  # dropped after tls.handshake_timeout
         assert daemon.stop() == 0
+
+
+def test_tcp_options_reach_the_socket_under_tls(tmp_path: Path, certs: Certs) -> None:
+    """keepalive timings and TCP_USER_TIMEOUT are set on the socket below the TLS layer."""
+    from twisted.internet import tcp
+    from twisted.internet.protocol import Factory, Protocol
+    from twisted.internet.testing import MemoryReactorClock
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    from heartbeatd.daemon.tls import ServerTLS
+    from heartbeatd.server.sockopts import configure_socket
+
+    config = parse_config({**tls_config(certs), "tcp": {"user_timeout": 42}})
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        peer = socket.create_connection(listener.getsockname())
+        accepted, address = listener.accept()
+    reactor = MemoryReactorClock()
+    wrapper = TLSMemoryBIOFactory(ServerTLS(config.tls), False, Factory.forProtocol(Protocol))
+    tls_protocol = wrapper.buildProtocol(address)
+    transport = tcp.Server(accepted, tls_protocol, address, None, 1, reactor)
+    try:
+        tls_protocol.makeConnection(transport)
+        configure_socket(tls_protocol, config.tcp)
+        user_timeout = accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)
+        assert user_timeout == 42_000
+        assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        peer.close()
+        accepted.close()
