@@ -253,11 +253,13 @@ def test_a_failing_authenticator_is_auth_failed_not_a_crash(
 def test_custom_authenticator_from_config(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clock: Clock
 ) -> None:
-    (tmp_path / "my_auth.py").write_text(
+    (tmp_path / "custom_check_mod.py").write_text(
         "def check(token, peer):\n    return 'svc-' + token if token.startswith('ok') else None\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    config = make_config(auth={"mode": "custom", "authenticator": "my_auth:check", "timeout": 2})
+    config = make_config(
+        auth={"mode": "custom", "authenticator": "custom_check_mod:check", "timeout": 2}
+    )
     factory = ServerFactory(config, clock=clock)
     factory.authenticator = load_authenticator(config.auth)
     peer = Peer(factory)

@@ -41,9 +41,9 @@ def test_yaml_examples_are_valid_config() -> None:
 
 def test_custom_authenticator_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     source = next(b for b in blocks("python") if b.startswith("# my_auth.py"))
-    (tmp_path / "my_auth.py").write_text(source)
+    (tmp_path / "security_doc_auth.py").write_text(source)
     monkeypatch.syspath_prepend(str(tmp_path))
-    config = parse_config({"auth": {"mode": "custom", "authenticator": "my_auth:check"}})
+    config = parse_config({"auth": {"mode": "custom", "authenticator": "security_doc_auth:check"}})
     authenticator = load_authenticator(config.auth)
     assert authenticator is not None
     assert authenticator.check("svc-billing", "10.0.0.1:5000").result == "billing"

@@ -52,6 +52,9 @@ class FakeConn:
 
     die = close  # the peer went away: same callbacks
 
+    def abort(self, error: Exception) -> None:
+        self.close()
+
     def goaway(self) -> None:
         self.usable = False
         for cb in self._goaway:
@@ -218,15 +221,15 @@ def test_refill_backs_off_while_the_server_is_down(clock: Clock) -> None:
     for _ in range(5):
         h.refuse()
         before = len(h.connects)
-        call = h.pool._retry
-        assert call is not None
-        delays.append(round(call.getTime() - clock.seconds(), 3))
+        stats = h.pool.stats()
+        assert stats["server_down"] and stats["next_retry_in"] is not None
+        delays.append(round(stats["next_retry_in"], 3))
         clock.advance(delays[-1])
         assert len(h.connects) == before + 1  # exactly one new attempt per retry
     # random() is 0.5: half of the cap 1, 2, 4, 4, 4 (capped)
     assert delays == [0.5, 1.0, 2.0, 2.0, 2.0]
     h.succeed()
-    assert h.pool.stats()["idle"] == 1 and h.pool._failures == 0
+    assert_stats(h.pool, idle=1, attempt=0, server_down=False)
 
 
 def test_waiter_during_outage_times_out_with_the_connect_error(clock: Clock) -> None:
@@ -258,8 +261,9 @@ def test_run_always_releases_and_destroys_broken_connections(h: Harness) -> None
     def protocol_error(conn: FakeConn) -> None:
         raise ServerError("bad_json", "x")
 
-    h.pool.run(protocol_error)
+    broken = h.pool.run(protocol_error)
     h.succeed()
+    assert isinstance(result(broken).value, ServerError)
     assert h.pool.stats()["destroyed"] == 2
 
 

@@ -5,15 +5,29 @@ from __future__ import annotations
 from typing import Any
 
 from helpers import frame, parse_frames
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
+from heartbeatd.client import (
+    ClientError,
+    ConnectionFailed,
+    NotConnected,
+    RequestTimeout,
+)
 from heartbeatd.client.reconnect import ReconnectingClient, full_jitter_backoff
+
+_sync = SynchronousTestCase()
+successResultOf, failureResultOf, assertNoResult = (
+    _sync.successResultOf,
+    _sync.failureResultOf,
+    _sync.assertNoResult,
+)
 
 HELLO = {"type": "hello", "data": {"session": "s", "heartbeat": {"interval": 10, "timeout": 30}}}
 
@@ -28,13 +42,14 @@ class FakeEndpoint:
         self.attempts.append((factory, d))
         return d
 
-    def accept(self) -> tuple[Any, StringTransport]:
+    def accept(self, hello: bool = True) -> tuple[Any, StringTransport]:
         factory, d = self.attempts[-1]
         proto = factory.buildProtocol(None)
         transport = StringTransport()
         proto.makeConnection(transport)
         d.callback(proto)
-        proto.dataReceived(frame(HELLO))
+        if hello:
+            proto.dataReceived(frame(HELLO))
         return proto, transport
 
     def refuse(self) -> None:
@@ -72,9 +87,10 @@ def test_first_failure_is_reported_fast(clock: Clock) -> None:
     client, endpoint = make(clock)
     d = client.when_connected(fail_after=1)
     endpoint.refuse()
-    assert d.called
-    assert d.result.check(ConnectionRefusedError)
-    d.addErrback(lambda f: None)
+    clock.advance(0)  # delivered outside ClientService's state machine
+    # Our own type, never Twisted's ConnectionRefusedError; its text and cause are kept.
+    error = failureResultOf(d, ConnectionFailed).value
+    assert "refused" in str(error) and isinstance(error.__cause__, ConnectionRefusedError)
 
 
 def test_connected_after_hello_and_handlers_survive_reconnects(clock: Clock) -> None:
@@ -122,3 +138,122 @@ def test_stop_is_clean(clock: Clock) -> None:
     proto.connectionLost(Failure(ConnectionDone()))
     assert stopped.called
     assert clock.getDelayedCalls() == []
+
+
+def test_request_timeout_covers_waiting_for_a_connection(clock: Clock) -> None:
+    client, endpoint = make(clock)
+    d = client.request("echo", 1, timeout=1)
+    endpoint.refuse()  # down: retries keep failing
+    clock.advance(0.5)
+    endpoint.refuse()
+    clock.advance(0.49)
+    assertNoResult(d)
+    clock.advance(0.01)
+    error = failureResultOf(d, NotConnected).value
+    assert isinstance(error, ClientError)
+    assert str(error) == (
+        "not connected within 1s (last attempt: Connection was refused by other side: refused.)"
+    )
+
+
+def test_request_timeout_is_one_budget_for_connecting_and_the_reply(clock: Clock) -> None:
+    client, endpoint = make(clock)
+    d = client.request("echo", 1, timeout=1)
+    clock.advance(0.6)
+    endpoint.accept()  # connected after 0.6 s: 0.4 s left for the reply
+    clock.advance(0.39)
+    assertNoResult(d)
+    clock.advance(0.01)
+    failureResultOf(d, RequestTimeout)
+
+
+def test_when_connected_timeout_and_a_failed_handshake_are_typed(clock: Clock) -> None:
+    endpoint = FakeEndpoint()
+    client = ReconnectingClient(
+        clock, endpoint, hello_timeout=2, backoff_initial=1, random=lambda: 0.5
+    )
+    client.start()
+    d = client.when_connected(timeout=3)
+    proto, transport = endpoint.accept(hello=False)  # connected; the server never says hello
+    clock.advance(2)
+    assert transport.disconnecting  # aborted by the hello timeout
+    proto.connectionLost(Failure(ConnectionDone()))
+    assert client.last_error is not None and "no hello" in client.last_error
+    clock.advance(1)
+    error = failureResultOf(d, NotConnected).value
+    assert "within 3s" in str(error) and "no hello" in str(error)
+    with_failures = client.when_connected(fail_after=1)
+    endpoint.refuse()
+    clock.advance(0)
+    failureResultOf(with_failures, ConnectionFailed)
+
+
+def test_when_connected_after_stop_or_cancel(clock: Clock) -> None:
+    client, _endpoint = make(clock)
+    waiting = client.when_connected()
+    cancelled = client.when_connected(timeout=5)
+    cancelled.cancel()
+    failureResultOf(cancelled, CancelledError)  # the caller's own cancel stays a cancel
+    client.stop()
+    clock.advance(0)
+    error = failureResultOf(waiting, NotConnected).value
+    assert "stopped" in str(error)
+    assert clock.getDelayedCalls() == []
+
+
+def test_failed_handshakes_count_toward_fail_after(clock: Clock) -> None:
+    endpoint = FakeEndpoint()
+    client = ReconnectingClient(clock, endpoint, hello_timeout=1, random=lambda: 0.0)
+    client.start()
+    d = client.when_connected(fail_after=2)
+    for _ in range(2):
+        proto, _transport = endpoint.accept(hello=False)
+        clock.advance(1)  # no hello: the connection aborts itself
+        proto.connectionLost(Failure(ConnectionDone()))
+        clock.advance(0)  # the service's immediate retry (random 0)
+    error = failureResultOf(d, ConnectionFailed).value
+    assert "no hello from the server within 1s" in str(error)
+    assert len(endpoint.attempts) == 3  # and the client keeps trying in the background
+    client.stop()
+
+
+def test_request_on_a_live_connection_needs_no_wait(clock: Clock) -> None:
+    client, endpoint = make(clock)
+    _proto, transport = endpoint.accept()
+    transport.clear()
+    d = client.request("echo", timeout=3)
+    (sent,) = parse_frames(transport.value())
+    assert sent["type"] == "echo" and "data" not in sent  # omitted, not null
+    clock.advance(3)
+    failureResultOf(d, RequestTimeout)  # the caller's timeout, on the request itself
+
+
+def test_a_server_refusing_before_the_hello_is_backed_off_from(clock: Clock) -> None:
+    client, endpoint = make(clock)
+    delays = []
+    for _ in range(4):
+        proto, _transport = endpoint.accept(hello=False)
+        busy = {"type": "error", "error": {"code": "too_many_connections", "message": "full"}}
+        proto.dataReceived(frame(busy))
+        proto.connectionLost(Failure(ConnectionDone()))
+        (call,) = clock.getDelayedCalls()
+        delays.append(call.getTime() - clock.seconds())
+        clock.advance(delays[-1])
+    assert delays == [1.0, 2.0, 2.0, 2.0]  # grows (0.5 * cap 2, 4, 4...), not 0.5 forever
+    assert client.last_error == "too_many_connections: full"
+    client.stop()
+
+
+def test_callers_may_use_the_client_again_from_their_callbacks(clock: Clock) -> None:
+    client, endpoint = make(clock)
+    again: list[Deferred] = []
+    failed = client.when_connected(fail_after=1)
+    failed.addErrback(lambda _: again.append(client.when_connected()))
+    endpoint.refuse()
+    clock.advance(0)  # no RuntimeError from re-entering ClientService's state machine
+    (retry,) = again
+    clock.advance(0.5)
+    endpoint.accept()
+    clock.advance(0)
+    assert successResultOf(retry).hello["session"] == "s"
+    client.stop()

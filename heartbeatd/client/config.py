@@ -9,6 +9,7 @@ from typing import Any
 
 from heartbeatd._validation import (
     ConfigError,
+    boolean,
     build,
     check,
     int_range,
@@ -78,6 +79,20 @@ class PoolConfig:
     backoff_max: float = field(
         default=10.0, metadata=check(positive_number, "largest reconnect delay, seconds")
     )
+    probe_interval: float = field(
+        default=0.5,
+        metadata=check(
+            non_negative_number,
+            "while the server is down and callers ask for connections, the longest wait "
+            "between probes (full jitter below it); 0 = backoff_max only",
+        ),
+    )
+    fail_fast: bool = field(
+        default=False,
+        metadata=check(
+            boolean, "while the server is known down, fail at once with PoolUnavailable"
+        ),
+    )
     leak_threshold: float = field(
         default=60.0,
         metadata=check(non_negative_number, "warn when a connection is held longer; 0 = never"),
@@ -110,6 +125,11 @@ def parse_pool_config(raw: Any) -> PoolConfig:
         errors.append(
             f"pool.min_idle: {config.min_idle} is not allowed; expected at most "
             f"pool.max_size ({config.max_size})"
+        )
+    if config is not None and not errors and config.backoff_initial > config.backoff_max:
+        errors.append(
+            f"pool.backoff_initial: {config.backoff_initial} is not allowed; expected at most "
+            f"pool.backoff_max ({config.backoff_max})"
         )
     if errors:
         raise ConfigError(errors)

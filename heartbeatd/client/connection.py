@@ -156,6 +156,8 @@ class ClientConnection(Protocol):
             d.errback(ConnectionClosed(f"connection lost before the reply: {message}"))
         if not self._ready.called:
             self._ready.errback(_as_client_failure(why))
+            # Its waiters have had it; unobserved, it would log "Unhandled error" when freed.
+            self._ready.addErrback(lambda _: None)
         self._maybe_idle()
         callbacks, self._close_callbacks = self._close_callbacks, []
         for callback in callbacks:
@@ -475,5 +477,19 @@ def connect(
     if isinstance(endpoint, str):
         endpoint = clientFromString(reactor, endpoint)
     connection = ClientConnection(reactor, framing, request_timeout, hello_timeout, **options)
-    connecting = connectProtocol(endpoint, connection)
-    return connecting.addCallback(lambda _: connection.when_ready())
+
+    def wait_for_hello(_: object) -> Deferred[ClientConnection]:
+        # Cancelling while the hello is awaited drops the connection, so a caller that gave
+        # up (a pool's connect_timeout) leaves no socket behind.
+        ready: Deferred[ClientConnection] = Deferred(
+            lambda _: connection.abort(ConnectionClosed("connect cancelled"))
+        )
+
+        def relay(result: Any) -> None:
+            if not ready.called:  # else the caller cancelled: the outcome is nobody's
+                ready.callback(result)
+
+        connection.when_ready().addBoth(relay)
+        return ready
+
+    return connectProtocol(endpoint, connection).addCallback(wait_for_hello)

@@ -9,11 +9,14 @@ from __future__ import annotations
 __all__ = [
     "ClientError",
     "ConnectionClosed",
+    "ConnectionFailed",
     "HandshakeTimeout",
+    "NotConnected",
     "PoolClosed",
     "PoolError",
     "PoolExhausted",
     "PoolTimeout",
+    "PoolUnavailable",
     "RequestTimeout",
     "ServerError",
 ]
@@ -44,6 +47,18 @@ class ConnectionClosed(ClientError):
     """The connection closed before the reply arrived (or before it was ready)."""
 
 
+class ConnectionFailed(ClientError):
+    """A connection could not be made (refused, unreachable, timed out, no hello).
+
+    Raised in place of Twisted's own errors (``ConnectionRefusedError``...), whose text it
+    keeps, so one ``except ClientError`` covers connecting too.
+    """
+
+
+class NotConnected(ConnectionFailed):
+    """No connection was ready within the wait's deadline (or the client was stopped)."""
+
+
 class PoolError(ClientError):
     """Base of the pool's own failures."""
 
@@ -58,3 +73,7 @@ class PoolExhausted(PoolError):
 
 class PoolClosed(PoolError):
     """The pool was closed."""
+
+
+class PoolUnavailable(PoolError):
+    """``fail_fast``: the pool knows the server is down, so it fails at once instead of waiting."""

@@ -1,10 +1,15 @@
 """A client that stays connected: Twisted's ClientService plus heartbeatd's handshake and goaway.
 
-Reconnects with exponential backoff and *full jitter* (each delay drawn from
-0..min(cap, base * 2^n)), so clients that lost the same server do not return in lockstep.
-Push handlers are kept across reconnects.  When the server says ``goaway`` (it is draining),
-the client lets its in-flight requests finish, closes, and reconnects after a random delay
-within the server's ``reconnect_after`` window instead of treating it as an error.
+Reconnects with exponential backoff and *full jitter* (`heartbeatd.client.backoff`), so
+clients that lost the same server do not return in lockstep.  Push handlers are kept across
+reconnects.  When the server says ``goaway`` (it is draining), the client lets its in-flight
+requests finish, closes, and reconnects after a random delay within the server's
+``reconnect_after`` window instead of treating it as an error.
+
+Every wait has a deadline and every failure is a `ClientError`: ``request(timeout=N)`` spends
+at most N seconds in all, waiting for a connection included, and fails with `NotConnected`
+while the server is down; ``when_connected`` fails with `ConnectionFailed` or `NotConnected`,
+never with Twisted's own connection errors.
 """
 
 from __future__ import annotations
@@ -14,17 +19,21 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application.internet import ClientService
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from heartbeatd._logging import get_logger
+from heartbeatd.client.backoff import full_jitter_backoff
 from heartbeatd.client.connection import (
     DEFAULT_HELLO_TIMEOUT,
     DEFAULT_REQUEST_TIMEOUT,
     ClientConnection,
     PushHandler,
 )
+from heartbeatd.client.errors import ClientError, ConnectionFailed, NotConnected
 from heartbeatd.client.tls import ClientTLS, wrap_client_endpoint
 from heartbeatd.wire.envelope import OMIT
 
@@ -33,15 +42,16 @@ __all__ = ["ReconnectingClient", "full_jitter_backoff"]
 log = get_logger(__name__)
 
 
-def full_jitter_backoff(
-    initial: float = 0.1, maximum: float = 30.0, random: Callable[[], float] = _random.random
-) -> Callable[[int], float]:
-    """A ClientService retry policy: attempt n waits random(0..min(maximum, initial*2^(n-1)))."""
+@implementer(IStreamClientEndpoint)
+class _RecordingEndpoint:
+    """Remembers why the last connection attempt failed, for the errors we raise."""
 
-    def policy(attempt: int) -> float:
-        return random() * min(maximum, initial * 2 ** max(attempt - 1, 0))
+    def __init__(self, endpoint: IStreamClientEndpoint, client: ReconnectingClient) -> None:
+        self._endpoint = endpoint
+        self._client = client
 
-    return policy
+    def connect(self, factory: Any) -> Deferred[Any]:
+        return self._endpoint.connect(factory).addErrback(self._client._attempt_failed)
 
 
 class ReconnectingClient:
@@ -77,13 +87,16 @@ class ReconnectingClient:
         self._handlers: list[tuple[str, PushHandler]] = []
         self._next_delay: float | None = None
         self._current: ClientConnection | None = None
+        self._handshakes_failed = 0
+        self._in_service = 0  # > 0 while ClientService is calling us back
         self.goaways = 0
+        #: Why the last connection attempt failed (None once connected).
+        self.last_error: str | None = None
         self.service = ClientService(
-            endpoint,
+            _RecordingEndpoint(endpoint, self),
             Factory.forProtocol(self._build),
             retryPolicy=self._retry_delay,
             clock=reactor,
-            prepareConnection=lambda proxy: proxy.when_ready(),
         )
 
     def start(self) -> None:
@@ -92,18 +105,138 @@ class ReconnectingClient:
     def stop(self) -> Deferred[None]:
         return self.service.stopService()
 
-    def when_connected(self, fail_after: int | None = None) -> Deferred[ClientConnection]:
-        """The current connection, once connected; ``fail_after`` failed attempts fail it."""
-        return self.service.whenConnected(failAfterFailures=fail_after)
+    def when_connected(
+        self, fail_after: int | None = None, timeout: float | None = None
+    ) -> Deferred[ClientConnection]:
+        """The current connection, once connected and past the server's hello.
+
+        Fails with `ConnectionFailed` after ``fail_after`` failed attempts (refused, or no
+        hello), with `NotConnected` after ``timeout`` seconds or when the client is stopped.
+        With neither, it waits for as long as it takes (`request` always has a deadline).
+        """
+        finished: list[str] = []  # set once: "done", "timeout" or "cancelled"
+        pending: list[Any] = []  # what we wait on now: a Deferred or a delayed call
+        handshakes_failed = 0
+
+        def stop_waiting() -> None:
+            for item in pending:
+                if isinstance(item, Deferred) or item.active():
+                    item.cancel()
+
+        def cancel(_: Deferred[ClientConnection]) -> None:
+            finish(Failure(CancelledError()), "cancelled")
+
+        outer: Deferred[ClientConnection] = Deferred(cancel)
+        timer = None
+        if timeout is not None:
+            timer = self._reactor.callLater(
+                timeout, lambda: finish(Failure(CancelledError()), "timeout")
+            )
+
+        def finish(result: Any, how: str = "done") -> None:
+            if finished:
+                return
+            finished.append(how)
+            if timer is not None and timer.active():
+                timer.cancel()
+            stop_waiting()
+            if how == "cancelled":
+                return  # Deferred.cancel fails ``outer`` with CancelledError itself
+            if isinstance(result, Failure):
+                result = self._typed(result, how, timeout)
+            if self._in_service:
+                # Fired from inside ClientService's state machine: the caller's code must
+                # not run there (a when_connected() or stop() of theirs would re-enter it
+                # and raise), so it gets the outcome a moment later.
+                self._reactor.callLater(0, outer.callback, result)
+            else:
+                outer.callback(result)
+
+        def from_service(callback: Callable[..., None]) -> Callable[..., None]:
+            def marked(result: Any) -> None:
+                self._in_service += 1
+                try:
+                    callback(result)
+                finally:
+                    self._in_service -= 1
+
+            return marked
+
+        def wait() -> None:
+            left = None if fail_after is None else fail_after - handshakes_failed
+            connected = self.service.whenConnected(failAfterFailures=left)
+            pending[:] = [connected]
+            if connected.called:  # already connected: our callbacks run here, not in it
+                connected.addCallbacks(handshake, finish)
+            else:
+                connected.addCallbacks(from_service(handshake), from_service(finish))
+
+        def handshake(conn: ClientConnection) -> None:
+            # ClientService's "connected" is TCP; ours is after the hello.
+            ready = conn.when_ready()
+            pending[:] = [ready]
+            ready.addCallbacks(finish, handshake_failed)
+
+        def handshake_failed(failure: Failure) -> None:
+            nonlocal handshakes_failed
+            if finished:
+                return
+            handshakes_failed += 1
+            if fail_after is not None and handshakes_failed >= fail_after:
+                finish(failure, "handshake")
+            else:  # the service reconnects; wait for that (after it saw this loss)
+                pending[:] = [self._reactor.callLater(0, wait)]
+
+        wait()
+        return outer
 
     def request(self, type: str, data: Any = OMIT, timeout: float | None = None) -> Deferred[Any]:
-        return self.when_connected().addCallback(lambda conn: conn.request(type, data, timeout))
+        """Send a request once connected; ``timeout`` covers the wait for a connection too."""
+        seconds = self._request_timeout if timeout is None else timeout
+        current = self._current
+        if current is not None and current.usable:  # the common case: no wait at all
+            return current.request(type, data, seconds)
+        started = self._reactor.seconds()
+
+        def send(conn: ClientConnection) -> Deferred[Any]:
+            left = max(seconds - (self._reactor.seconds() - started), 0.0)
+            return conn.request(type, data, left)
+
+        return self.when_connected(timeout=seconds).addCallback(send)
+
+    def _typed(self, failure: Failure, how: str, timeout: float | None) -> Failure:
+        """Our error for a failed wait: never Twisted's ConnectionRefusedError and kin."""
+        last = f" (last attempt: {self.last_error})" if self.last_error else ""
+        if how == "timeout":
+            error: ClientError = NotConnected(f"not connected within {timeout:g}s{last}")
+        elif failure.check(CancelledError):
+            error = NotConnected(f"the client was stopped before it connected{last}")
+        elif how == "handshake" or not isinstance(failure.value, ClientError):
+            message = failure.getErrorMessage() or type(failure.value).__name__
+            error = ConnectionFailed(f"could not connect: {message}")
+        else:
+            return failure
+        error.__cause__ = failure.value
+        return Failure(error)
 
     def on(self, type: str, handler: PushHandler) -> None:
         """Register a push handler on this and every future connection."""
         self._handlers.append((type, handler))
         if self._current is not None and not self._current.closed:
             self._current.on(type, handler)
+
+    def _attempt_failed(self, failure: Failure) -> Failure:
+        """Remember why (for our errors) and pass the failure on."""
+        self.last_error = failure.getErrorMessage() or type(failure.value).__name__
+        return failure
+
+    def _handshake_done(self, conn: ClientConnection) -> None:
+        self.last_error = None
+        self._handshakes_failed = 0
+
+    def _handshake_failed(self, failure: Failure) -> None:
+        self._attempt_failed(failure)  # recorded; the failure ends here
+        self._handshakes_failed += 1
 
     def _build(self) -> ClientConnection:
         conn = ClientConnection(
@@ -116,6 +249,7 @@ class ReconnectingClient:
         for type_, handler in self._handlers:
             conn.on(type_, handler)
         conn.on_goaway(self._goaway)
+        conn.when_ready().addCallbacks(self._handshake_done, self._handshake_failed)
         self._current = conn
         return conn
 
@@ -123,7 +257,10 @@ class ReconnectingClient:
         if self._next_delay is not None:
             delay, self._next_delay = self._next_delay, None
             return delay
-        return self._backoff(attempt)
+        # ClientService counts failed connects since the last TCP connect; a server that
+        # accepts and then refuses (too_many_connections) or never says hello must back
+        # off as well, so failed handshakes since the last good one count too.
+        return self._backoff(attempt + self._handshakes_failed)
 
     def _goaway(self, conn: ClientConnection, data: dict[str, Any]) -> None:
         self.goaways += 1

@@ -247,9 +247,11 @@ class ServerProtocol(Protocol):
             now = factory.now()
             self.last_seen = now
             self.pings_unanswered = 0
-            self.awaiting_first_frame = False
             factory.touch(self)
-            self.frame_started = now if held else None
+            if held or self.frame_started is not None:
+                self.frame_started = now if held else None
+            if self.awaiting_first_frame:
+                self.awaiting_first_frame = False
         elif held and self.frame_started is None:
             self.frame_started = factory.now()
         if held != self._held:
@@ -344,8 +346,13 @@ class ServerProtocol(Protocol):
         answered = 0
         lookup = self.factory.registry.get
         max_depth = self._max_depth
+        # Nesting deeper than max_depth takes at least 2 * (max_depth + 1) bytes, so short
+        # bodies (most of them) skip even the bracket count.
+        deep_enough = 2 * max_depth + 2
         for item in items:
-            if type(item) is not bytes or item.count(b"[") + item.count(b"{") > max_depth:
+            if type(item) is not bytes or (
+                len(item) >= deep_enough and item.count(b"[") + item.count(b"{") > max_depth
+            ):
                 self._handle_item(item)  # a token, or maybe too deep: the general path checks
                 continue
             try:

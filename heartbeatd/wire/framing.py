@@ -72,13 +72,10 @@ class FrameDecoder(Protocol):
     """
 
     error: FramingError | None
+    #: Bytes held while waiting for the rest of a frame.
+    buffered: int
 
     def feed(self, data: bytes) -> list[Item]: ...
-
-    @property
-    def buffered(self) -> int:
-        """Bytes held while waiting for the rest of a frame."""
-        ...
 
 
 class Framing(Protocol):

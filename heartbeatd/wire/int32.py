@@ -19,7 +19,7 @@ _UINT32 = struct.Struct("!I")
 class Int32Decoder:
     """Decoder for a 4-byte big-endian unsigned length followed by the body."""
 
-    __slots__ = ("_buffer", "_needed", "error", "max_frame_bytes")
+    __slots__ = ("_buffer", "_needed", "buffered", "error", "max_frame_bytes")
 
     prefix_length: Final = 4
 
@@ -30,10 +30,8 @@ class Int32Decoder:
         # Total bytes the buffered frame needs; lets a large body arrive in many reads without
         # re-parsing its header each time.
         self._needed = 0
-
-    @property
-    def buffered(self) -> int:
-        return len(self._buffer)
+        #: Bytes held for an unfinished frame (a plain attribute: read after every feed).
+        self.buffered = 0
 
     def feed(self, data: bytes) -> list[Item]:
         if self.error is not None:
@@ -42,16 +40,20 @@ class Int32Decoder:
         if buffer:
             buffer += data
             if len(buffer) < self._needed:
+                self.buffered = len(buffer)
                 return []
             with memoryview(buffer) as view:
                 frames, offset = self._parse(view, len(buffer))
             del buffer[:offset]
+            self.buffered = len(buffer)
         else:
             frames, offset = self._parse(data, len(data))
             if offset < len(data):
                 buffer += memoryview(data)[offset:]
+                self.buffered = len(buffer)
         if self.error is not None:
             buffer.clear()
+            self.buffered = 0
         return frames
 
     def _parse(self, view: bytes | memoryview, end: int) -> tuple[list[Item], int]:

@@ -26,16 +26,14 @@ _DIGIT_BYTES: Final = frozenset(b"0123456789")
 class SeedDecoder:
     """Stateful decoder for `SeedFraming`; same contract as `Int32Decoder`."""
 
-    __slots__ = ("_buffer", "error", "max_frame_bytes")
+    __slots__ = ("_buffer", "buffered", "error", "max_frame_bytes")
 
     def __init__(self, max_frame_bytes: int) -> None:
         self.max_frame_bytes = max_frame_bytes
         self.error: FramingError | None = None
         self._buffer = bytearray()
-
-    @property
-    def buffered(self) -> int:
-        return len(self._buffer)
+        #: Bytes held for an unfinished frame or token.
+        self.buffered = 0
 
     def feed(self, data: bytes) -> list[Item]:
         if self.error is not None:
@@ -80,6 +78,7 @@ class SeedDecoder:
             buffer.clear()
         else:
             del buffer[:offset]
+        self.buffered = len(buffer)
         return items
 
     @staticmethod
