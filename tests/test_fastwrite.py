@@ -86,17 +86,21 @@ def _nothing_arrives(peer: socket.socket, marker: bytes) -> bool:
     return not readable or marker not in peer.recv(1 << 16)
 
 
-def test_never_bypasses_tls_started_later(pair) -> None:
+def test_never_bypasses_tls_started_later(pair, tmp_path) -> None:
     """startTLS on a plain tcp.Server: from then on the socket only gets Twisted's TLS bytes."""
     import trustme
-    from twisted.internet import ssl
+
+    from heartbeatd.config import parse_config
+    from heartbeatd.daemon.tls import ServerTLS
 
     transport, peer = pair
     write = direct_writer(transport)
     assert write is not None  # plain TCP when the writer was made
-    ca = trustme.CA()
-    pem = ca.issue_cert("localhost").private_key_and_cert_chain_pem.bytes()
-    transport.startTLS(ssl.PrivateCertificate.loadPEM(pem).options())
+    cert = trustme.CA().issue_cert("localhost")
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    tls = {"certificate": str(tmp_path / "cert.pem"), "private_key": str(tmp_path / "key.pem")}
+    transport.startTLS(ServerTLS(parse_config({"tls": tls}).tls))
     write(b"PLAINTEXT-MARKER")
     assert _nothing_arrives(peer, b"PLAINTEXT-MARKER")
 

@@ -22,6 +22,7 @@ def test_sighup_rereads_the_tokens_file(tmp_path: Path) -> None:
     tokens.write_text("alice:alice-1\n")
     config = {"auth": {"mode": "token", "tokens_file": str(tokens)}}
     with Daemon(tmp_path, config) as daemon:
+        daemon.wait_for(r"Clients must authenticate \(auth\.mode token: 1 token\(s\)\)")
         assert login(daemon.port, "alice-1")["data"] == {"identity": "alice"}
         with RawClient(daemon.port) as staying:
             staying.recv()

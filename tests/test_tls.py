@@ -188,6 +188,9 @@ def test_mutual_tls_identity_reaches_handlers_and_clients_list(
     }
     with Daemon(tmp_path, config, env={"PYTHONPATH": str(tmp_path)}) as daemon:
         admin = int(daemon.wait_for(ADMIN).group(1))
+        daemon.wait_for(
+            r"TLS on tcp:0:interface=127\.0\.0\.1: TLS 1\.2\+, clients need a certificate"
+        )
         # No client certificate: the handshake is refused, no hello is ever sent.
         try:
             anonymous = TlsClient(daemon.port, client_context(certs))

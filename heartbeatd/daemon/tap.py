@@ -11,7 +11,7 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.python import usage
 
-from heartbeatd._logging import set_level
+from heartbeatd._logging import get_logger, set_level
 from heartbeatd.config import Config, ConfigError
 from heartbeatd.daemon.config import load_config
 from heartbeatd.daemon.logs import set_format
@@ -25,6 +25,8 @@ from heartbeatd.server.handlers import HandlerRegistry, default_registry
 from heartbeatd.wire import FRAMINGS
 
 __all__ = ["Options", "makeService"]
+
+log = get_logger(__name__)
 
 
 def _reactor() -> Any:
@@ -138,6 +140,18 @@ def makeService(options: Options) -> IService:
     endpoint = serverFromString(reactor, config.listen)
     if options.tls is not None:
         endpoint = options.tls.wrap(endpoint, reactor)
+        log.info(
+            "TLS on {listen}: {what}, certificate {certificate}",
+            listen=config.listen,
+            what=options.tls.describe(),
+            certificate=config.tls.certificate,
+        )
+    if options.authenticator is not None:
+        log.info(
+            "Clients must authenticate (auth.mode {mode}: {what})",
+            mode=config.auth.mode,
+            what=options.authenticator.description,
+        )
     notifier = Notifier()
     reloader = Reloader(options["config"], options.overrides, factory, notifier, options.tls)
     admin = None
