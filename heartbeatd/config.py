@@ -124,6 +124,10 @@ class LimitsConfig:
         default=500,
         metadata=check(int_range(1, 10_000_000), "connections one address may open at once"),
     )
+    ipv6_prefix_per_address: int = field(
+        default=64,
+        metadata=check(int_range(1, 128), "IPv6 clients are counted per network of this size"),
+    )
     per_address_exempt: tuple[str, ...] = field(
         default=("127.0.0.1", "::1"),
         metadata=check(ip_networks, "addresses/networks the per-address limits skip"),

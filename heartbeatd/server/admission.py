@@ -52,7 +52,9 @@ class Admission:
         self._exempt_networks: tuple[Network, ...] = tuple(
             ipaddress.ip_network(str(n), strict=False) for n in limits.per_address_exempt
         )
-        self._exempt_cache: dict[str, bool] = {}
+        self.ipv6_prefix = limits.ipv6_prefix_per_address
+        #: host -> the key it is counted under (None: exempt, or not an IP address).
+        self._keys: dict[str, str | None] = {}
 
     @property
     def enabled(self) -> bool:
@@ -62,24 +64,41 @@ class Admission:
         """Addresses held in memory now."""
         return len(self._addresses)
 
-    def _exempt(self, host: str) -> bool:
-        cached = self._exempt_cache.get(host)
-        if cached is None:
-            try:
-                address = ipaddress.ip_address(host.split("%", 1)[0])
-            except ValueError:
-                cached = True  # not an IP (UNIX socket...): nothing to count per address
-            else:
-                cached = any(address in n for n in self._exempt_networks)
-            if len(self._exempt_cache) > 4096:
-                self._exempt_cache.clear()
-            self._exempt_cache[host] = cached
-        return cached
-
-    def admit(self, host: str | None) -> tuple[str, str] | None:
-        """None to accept (and count) a connection from ``host``; else (reason, message)."""
-        if host is None or not self.enabled or self._exempt(host):
+    def key(self, host: str | None) -> str | None:
+        """What a connection from ``host`` is counted under: the IPv4 address, the IPv6
+        network of ``limits.ipv6_prefix_per_address`` bits (one host is given a whole /64), or
+        None when it is not limited (exempt, not an IP address, limits off)."""
+        if host is None or not self.enabled:
             return None
+        try:
+            return self._keys[host]
+        except KeyError:
+            pass
+        try:
+            address = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            key = None  # not an IP (UNIX socket...): nothing to count per address
+        else:
+            mapped = getattr(address, "ipv4_mapped", None)  # IPv4 on a dual-stack listener
+            if mapped is not None:
+                address = mapped
+            if any(address in n for n in self._exempt_networks):
+                key = None
+            elif address.version == 6 and self.ipv6_prefix < 128:
+                key = str(ipaddress.ip_network(f"{address}/{self.ipv6_prefix}", strict=False))
+            else:
+                key = str(address)
+        if len(self._keys) > 4096:
+            self._keys.clear()
+        self._keys[host] = key
+        return key
+
+    def admit(self, key: str | None) -> tuple[str, str] | None:
+        """None to accept (and count) a connection counted under ``key`` (see `key`); else
+        (reason, message)."""
+        if key is None:
+            return None
+        host = key
         now = self.clock.seconds()
         self._forget_idle(now)
         entry = self._addresses.get(host)
@@ -108,11 +127,11 @@ class Admission:
         entry.connections += 1
         return None
 
-    def release(self, host: str | None) -> None:
-        """A connection that `admit` counted has closed."""
-        if host is None:
+    def release(self, key: str | None) -> None:
+        """A connection that `admit` counted under ``key`` has closed."""
+        if key is None:
             return
-        entry = self._addresses.get(host)
+        entry = self._addresses.get(key)
         if entry is not None and entry.connections > 0:
             entry.connections -= 1
 

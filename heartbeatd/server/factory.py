@@ -197,11 +197,12 @@ class ServerFactory(Factory):
             refused.factory = self
             return refused
         host = getattr(addr, "host", None)
-        refusal = self.admission.admit(host)
+        key = self.admission.key(host)
+        refusal = self.admission.admit(key)
         if refusal is not None:
             return self._refuse_per_address(addr, *refusal)
         protocol = super().buildProtocol(addr)
-        protocol.admitted_host = host  # type: ignore[union-attr]
+        protocol.admitted_host = key  # type: ignore[union-attr]
         return protocol  # type: ignore[return-value]
 
     def _refuse_per_address(self, addr: IAddress, reason: str, message: str) -> Protocol:
