@@ -248,6 +248,11 @@ def test_a_failing_authenticator_is_auth_failed_not_a_crash(
     assert error_code(reply) == "auth_failed"
     assert reply["error"]["message"] == "the token could not be checked"
     assert any(e.get("log_failure") is not None for e in logged)
+    for port in range(40001, 40101):  # a hundred more logins while the directory is down
+        Peer(factory, port).send({"type": "auth", "id": 1, "data": {"token": "t"}})
+    tracebacks = [e for e in logged if e.get("log_failure") is not None]
+    assert len(tracebacks) == factory.log_limiter.lines  # the rest are counted, not logged
+    assert factory.errors["auth_failed"] == 101  # the counters stay exact
 
 
 def test_custom_authenticator_from_config(

@@ -273,13 +273,16 @@ class AuthGate:
     def _check_failed(self, failure: Failure, message: Message) -> None:
         conn = self._connection
         # The authenticator's own failure: logged for the operator (the token is not in it
-        # unless the application put it there), answered as a refusal on the wire.
-        log.failure(
-            "auth.authenticator failed for client {session} ({peer})",
-            failure,
-            session=conn.session_id,
-            peer=conn.peer,
-        )
+        # unless the application put it there), answered as a refusal on the wire.  Rate
+        # limited: a directory that is down would otherwise log a traceback per login.
+        limiter = getattr(getattr(conn, "factory", None), "log_limiter", None)
+        if limiter is None or limiter.allow("auth.authenticator"):
+            log.failure(
+                "auth.authenticator failed for client {session} ({peer})",
+                failure,
+                session=conn.session_id,
+                peer=conn.peer,
+            )
         if conn.connected and self._state == "checking":
             self._refuse(AUTH_FAILED, "the token could not be checked", message.id)
 
