@@ -225,12 +225,20 @@ class TlsConfig:
         metadata=check(string, "PEM file of CAs: clients must present a certificate (mTLS)"),
     )
     min_version: str = field(
-        default="1.2", metadata=check(one_of(*TLS_VERSIONS), "oldest TLS version accepted")
+        default="1.2",
+        metadata=check(
+            # YAML reads an unquoted 1.2 as a number: accept it as the version it means.
+            lambda v: one_of(*TLS_VERSIONS)(str(v) if isinstance(v, float) else v),
+            "oldest TLS version accepted",
+        ),
     )
     handshake_timeout: float = field(
         default=10.0,
         metadata=check(positive_number, "seconds a client gets to finish the TLS handshake"),
     )
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "min_version", str(self.min_version))
 
     @property
     def enabled(self) -> bool:

@@ -1,47 +1,57 @@
-"""Every code example in docs/security.md runs: the test CA commands, the YAML, the CLI line,
-the Python client and the custom authenticator, against the real daemon."""
+"""docs/security.md's examples: the test CA commands and the CLI line run here, against a real
+TLS daemon made from those very certificates; its two Python blocks are registered in
+`tests/test_docs.py` (``security-client``, ``security-authenticator``) through the checks
+below."""
 
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
-import yaml
 from daemon import Daemon
+from docs_examples import ROOT, blocks
 
 from heartbeatd.config import parse_config
 from heartbeatd.daemon.tls import check_tls
 from heartbeatd.server.auth import load_authenticator
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "security.md"
+PAGE = "docs/security.md"
 HEARTBEAT = str(Path(sys.executable).parent / "heartbeat")
+needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
 
 
-def blocks(language: str) -> list[str]:
-    return re.findall(rf"```{language}\n(.*?)```", DOC.read_text(), re.S)
+def sh_blocks() -> list[str]:
+    return [b.code for b in blocks([ROOT / PAGE]) if b.language == "sh"]
 
 
-def test_every_block_is_known() -> None:
-    assert len(blocks("yaml")) == 2
-    assert len(blocks("sh")) == 2
-    assert len(blocks("python")) == 2
-    assert len(re.findall(r"```", DOC.read_text())) == 2 * 6
+def make_test_ca(folder: Path) -> dict[str, str]:
+    """Run the page's "Making a test CA" commands in ``folder``; the daemon's tls: section."""
+    subprocess.run(["bash", "-euc", sh_blocks()[0]], cwd=folder, check=True, capture_output=True)
+    return {
+        "certificate": str(folder / "server.pem"),
+        "private_key": str(folder / "server.key"),
+        "client_ca": str(folder / "ca.pem"),
+    }
 
 
-def test_yaml_examples_are_valid_config() -> None:
-    tls_block, auth_block = (yaml.safe_load(b) for b in blocks("yaml"))
-    config = parse_config({**tls_block, **auth_block})
-    assert config.tls.client_ca and config.auth.mode == "token"
+def tls_daemon(folder: Path) -> Daemon:
+    """A daemon with the test CA's certificates, mutual TLS, and the token alice-token."""
+    (folder / "tokens").write_text("alice:alice-token\n")
+    (folder / "alice.token").write_text("alice-token\n")
+    auth = {"mode": "token", "tokens_file": str(folder / "tokens")}
+    return Daemon(folder, {"tls": make_test_ca(folder), "auth": auth})
 
 
-def test_custom_authenticator_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    source = next(b for b in blocks("python") if b.startswith("# my_auth.py"))
-    (tmp_path / "security_doc_auth.py").write_text(source)
+# -- checks for tests/test_docs.py ----------------------------------------------------------------
+
+
+def check_security_authenticator(code: str, tmp_path: Path, monkeypatch: Any) -> None:
+    (tmp_path / "security_doc_auth.py").write_text(code)
     monkeypatch.syspath_prepend(str(tmp_path))
     config = parse_config({"auth": {"mode": "custom", "authenticator": "security_doc_auth:check"}})
     authenticator = load_authenticator(config.auth)
@@ -50,31 +60,12 @@ def test_custom_authenticator_example(tmp_path: Path, monkeypatch: pytest.Monkey
     assert authenticator.check("nope", "10.0.0.1:5000") is None
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
-def test_test_ca_cli_and_python_client_examples(tmp_path: Path) -> None:
-    make_ca, cli = blocks("sh")
-    subprocess.run(["bash", "-euc", make_ca], cwd=tmp_path, check=True, capture_output=True)
-    tls = {
-        "certificate": str(tmp_path / "server.pem"),
-        "private_key": str(tmp_path / "server.key"),
-        "client_ca": str(tmp_path / "ca.pem"),
-    }
-    assert check_tls(parse_config({"tls": tls}).tls) == []
-    (tmp_path / "tokens").write_text("alice:alice-token\n")
-    (tmp_path / "alice.token").write_text("alice-token\n")
-    config = {"tls": tls, "auth": {"mode": "token", "tokens_file": str(tmp_path / "tokens")}}
-    with Daemon(tmp_path, config) as daemon:
-        port = str(daemon.port)
-        command = cli.replace("heartbeat ", f"{HEARTBEAT} ", 1).replace("9443", port)
-        result = subprocess.run(
-            ["bash", "-euc", command], cwd=tmp_path, capture_output=True, text=True, timeout=60
-        )
-        assert result.returncode == 0, result.stderr
-        assert json.loads(result.stdout) == "hi"
-
-        client = next(b for b in blocks("python") if "ClientTLS" in b)
+def check_security_client(code: str, _plain: Daemon, tmp_path: Path) -> None:
+    if shutil.which("openssl") is None:
+        pytest.skip("needs openssl for the page's test CA")
+    with tls_daemon(tmp_path) as daemon:
         run = subprocess.run(
-            [sys.executable, "-c", client.replace("9443", port)],
+            [sys.executable, "-c", code.replace("9443", str(daemon.port))],
             cwd=tmp_path,
             capture_output=True,
             text=True,
@@ -83,4 +74,29 @@ def test_test_ca_cli_and_python_client_examples(tmp_path: Path) -> None:
         assert run.returncode == 0, run.stderr
         assert run.stdout.strip() == "alice hi"
         assert daemon.stop() == 0
+
+
+# -- the shell blocks ---------------------------------------------------------------------------
+
+
+def test_the_page_has_the_blocks_these_tests_run() -> None:
+    assert len(sh_blocks()) == 2
+    python = [b.marker for b in blocks([ROOT / PAGE]) if b.language == "python"]
+    assert python == ["security-client", "security-authenticator"]
+
+
+@needs_openssl
+def test_test_ca_commands_and_cli_line(tmp_path: Path) -> None:
+    with tls_daemon(tmp_path) as daemon:
+        (tmp_path / "again").mkdir()
+        assert check_tls(parse_config({"tls": make_test_ca(tmp_path / "again")}).tls) == []
+        cli = sh_blocks()[1]
+        command = cli.replace("heartbeat ", f"{HEARTBEAT} ", 1).replace("9443", str(daemon.port))
+        result = subprocess.run(
+            ["bash", "-euc", command], cwd=tmp_path, capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout) == "hi"
+        assert daemon.stop() == 0
     assert "authenticated as alice" in daemon.log
+    assert "alice-token" not in daemon.log
