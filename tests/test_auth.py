@@ -291,11 +291,29 @@ def test_seed_framing_bare_values_need_auth_too(clock: Clock, table: TokenTable)
 # -- the client library's side -------------------------------------------------------------------
 
 
+def client_server_pair(factory: ServerFactory, clock: Clock, **options: Any) -> tuple[Any, ...]:
+    """A ClientConnection wired to the factory's protocol over iosim (hello not yet sent)."""
+    from twisted.internet.address import IPv4Address
+
+    from heartbeatd.client import ClientConnection
+    from heartbeatd.testing import iosim
+
+    client = ClientConnection(clock, **options)
+    server = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    pump = iosim.connect(
+        server,
+        iosim.FakeTransport(server, isServer=True),
+        client,
+        iosim.FakeTransport(client, isServer=False),
+        greet=False,
+        clock=clock,
+    )
+    return client, server, pump
+
+
 def test_client_sends_its_token_and_is_ready_once_accepted(
     secured: ServerFactory, clock: Clock
 ) -> None:
-    from helpers import client_server_pair
-
     client, server, pump = client_server_pair(secured, clock, token="alice-secret")
     ready = client.when_ready()
     pump.flush()
@@ -309,14 +327,12 @@ def test_client_sends_its_token_and_is_ready_once_accepted(
 def test_client_with_a_wrong_token_or_none_fails_typed(
     secured: ServerFactory, clock: Clock
 ) -> None:
-    from helpers import client_server_pair
-
     from heartbeatd.client import ServerError
 
     for token, code in (("bad", "auth_failed"), (None, "unauthenticated")):
-        client, _, pump = client_server_pair(secured, clock, token=token)  # pumps the hello
+        client, _, pump = client_server_pair(secured, clock, token=token)
+        ready = client.when_ready()
         pump.flush()
-        ready = client._ready  # what connect() returns chains on it (it fires before close)
         failure = ready.result
         ready.addErrback(lambda f: None)
         assert failure.check(ServerError) and failure.value.code == code

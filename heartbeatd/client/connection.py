@@ -371,11 +371,15 @@ class ClientConnection(Protocol):
             self._authenticate(self._token)
             return
         if hello.get("auth") == "required" and not self._ready.called:
-            self._ready.errback(ServerError("unauthenticated", "the server requires a token"))
+            self._fail_ready(Failure(ServerError("unauthenticated", "the server requires a token")))
             self.close()
             return
         if not self._ready.called:
             self._ready.callback(self)
+
+    def _fail_ready(self, failure: Failure) -> None:
+        self._ready.errback(failure)
+        self._ready.addErrback(lambda _: None)  # its waiters have it; do not log it as unhandled
 
     def _authenticate(self, token: str) -> None:
         """Send the token; ready fires once the server accepted it, or fails with its error."""
@@ -388,7 +392,7 @@ class ClientConnection(Protocol):
 
         def refused(failure: Failure) -> None:
             if not self._ready.called:
-                self._ready.errback(failure)
+                self._fail_ready(failure)
 
         self.request("auth", {"token": token}, timeout=self.hello_timeout).addCallbacks(
             accepted, refused

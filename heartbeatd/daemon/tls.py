@@ -53,7 +53,6 @@ def _read(key: str, path: str) -> bytes:
 def build_context(config: TlsConfig) -> Any:
     """An ``OpenSSL.SSL.Context`` for the server; `ConfigError` names the key at fault."""
     SSL = _openssl()
-    from cryptography import x509
 
     errors: list[str] = []
     context = SSL.Context(SSL.TLS_SERVER_METHOD)
@@ -92,7 +91,8 @@ def build_context(config: TlsConfig) -> Any:
     if config.client_ca:
         pem = _read("tls.client_ca", config.client_ca)
         try:
-            x509.load_pem_x509_certificates(pem)  # ValueError: no or bad PEM
+            if b"-----BEGIN CERTIFICATE-----" not in pem:
+                raise ValueError("no PEM certificate in the file")
             context.load_verify_locations(config.client_ca.encode())
             context.load_client_ca(config.client_ca.encode())  # the CAs named to clients
         except (SSL.Error, ValueError) as e:

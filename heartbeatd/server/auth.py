@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import importlib
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -306,8 +307,17 @@ def peer_certificate_identity(transport: Any) -> str | None:
     """The subject of a TLS client's certificate (``CN=alice,O=Example``), or None."""
     try:
         handle = transport.getHandle()
-        cert = handle.get_peer_certificate(as_cryptography=True)
-    except Exception:  # not a pyOpenSSL connection (no TLS), or no certificate
+        get = handle.get_peer_certificate
+    except Exception:  # not a pyOpenSSL connection: no TLS here
+        return None
+    try:
+        cert = get(as_cryptography=True)
+    except TypeError:  # pyOpenSSL before 24.3: convert its X509 ourselves
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            x509 = get()
+            cert = x509.to_cryptography() if x509 is not None else None
+    except Exception:
         return None
     if cert is None:
         return None
