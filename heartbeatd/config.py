@@ -20,18 +20,21 @@ from heartbeatd._validation import (
     build,
     check,
     int_range,
+    ip_networks,
     module_names,
     non_empty_string,
     non_negative_int,
     non_negative_number,
     one_of,
     positive_number,
+    string,
 )
 from heartbeatd.wire import FRAMINGS
 from heartbeatd.wire.envelope import DEFAULT_MAX_JSON_DEPTH
 
 __all__ = [
     "AdminConfig",
+    "AuthConfig",
     "Config",
     "ConfigError",
     "HeartbeatConfig",
@@ -40,13 +43,23 @@ __all__ = [
     "SeedConfig",
     "ShutdownConfig",
     "TcpConfig",
+    "TlsConfig",
     "endpoint_is_loopback",
     "parse_config",
 ]
 
 LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
+TLS_VERSIONS = ("1.2", "1.3")
+AUTH_MODES = ("none", "token", "custom")
 #: File descriptors kept back from the connection limit for listeners, logs and the admin API.
 FD_RESERVE = 64
+
+
+def _is_entry_point(value: object) -> bool:
+    if not isinstance(value, str) or value.count(":") != 1:
+        return False
+    module, name = value.split(":")
+    return all(p.isidentifier() for p in module.split(".")) and name.isidentifier()
 
 
 # -- the schema ----------------------------------------------------------------------------
@@ -99,6 +112,27 @@ class LimitsConfig:
     max_json_depth: int = field(
         default=DEFAULT_MAX_JSON_DEPTH,
         metadata=check(int_range(1, 250), "deepest nesting of arrays/objects accepted"),
+    )
+    # -- per-address admission (heartbeatd.server.admission) --
+    max_connections_per_address: int = field(
+        default=4096,
+        metadata=check(non_negative_int, "connections one client address may hold; 0 = no limit"),
+    )
+    accepts_per_second_per_address: float = field(
+        default=100.0,
+        metadata=check(non_negative_number, "new connections per second from one address"),
+    )
+    accept_burst_per_address: int = field(
+        default=500,
+        metadata=check(int_range(1, 10_000_000), "connections one address may open at once"),
+    )
+    ipv6_prefix_per_address: int = field(
+        default=64,
+        metadata=check(int_range(1, 128), "IPv6 clients are counted per network of this size"),
+    )
+    per_address_exempt: tuple[str, ...] = field(
+        default=("127.0.0.1", "::1"),
+        metadata=check(ip_networks, "addresses/networks the per-address limits skip"),
     )
 
 
@@ -202,6 +236,59 @@ class AdminConfig:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """TLS on every ``listen`` endpoint when ``certificate`` is set (heartbeatd.daemon.tls)."""
+
+    certificate: str = field(
+        default="", metadata=check(string, "PEM file: the server certificate (+ chain)")
+    )
+    private_key: str = field(default="", metadata=check(string, "PEM file: its private key"))
+    client_ca: str = field(
+        default="",
+        metadata=check(string, "PEM file of CAs: clients must present a certificate (mTLS)"),
+    )
+    min_version: str = field(
+        default="1.2",
+        metadata=check(
+            # YAML reads an unquoted 1.2 as a number: accept it as the version it means.
+            lambda v: one_of(*TLS_VERSIONS)(str(v) if isinstance(v, float) else v),
+            "oldest TLS version accepted",
+        ),
+    )
+    handshake_timeout: float = field(
+        default=10.0,
+        metadata=check(positive_number, "seconds a client gets to finish the TLS handshake"),
+    )
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "min_version", str(self.min_version))
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.certificate)
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """Client authentication in the first frame (heartbeatd.server.auth)."""
+
+    mode: str = field(default="none", metadata=check(one_of(*AUTH_MODES), "how clients log in"))
+    tokens_file: str = field(
+        default="", metadata=check(string, "file of identity:token lines (mode token)")
+    )
+    timeout: float = field(
+        default=5.0, metadata=check(positive_number, "seconds a client gets to authenticate")
+    )
+    authenticator: str = field(
+        default="",
+        metadata=check(
+            lambda v: None if v == "" or _is_entry_point(v) else "'module:function'",
+            "mode custom: function(token, peer) -> identity, None or a Deferred",
+        ),
+    )
+
+
+@dataclass(frozen=True)
 class SeedConfig:
     message_type: str = field(
         default="message",
@@ -235,6 +322,8 @@ class Config:
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
     seed: SeedConfig = field(default_factory=SeedConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
 
     def effective_max_connections(self) -> int:
         """The connection limit, reading the process's open-file limit when set to 0."""
@@ -257,6 +346,8 @@ _SECTIONS: dict[str, type] = {
     "shutdown": ShutdownConfig,
     "seed": SeedConfig,
     "admin": AdminConfig,
+    "tls": TlsConfig,
+    "auth": AuthConfig,
 }
 
 
@@ -267,6 +358,28 @@ def _cross_checks(config: Config, errors: list[str]) -> None:
         errors.append(
             f"heartbeat.timeout: {hb.timeout:g} is not allowed; expected a number greater than "
             f"heartbeat.interval ({hb.interval:g}), so a client is pinged before eviction"
+        )
+    tls = config.tls
+    if bool(tls.certificate) != bool(tls.private_key):
+        key, other = ("tls.private_key", "tls.certificate")
+        if not tls.certificate:
+            key, other = other, key
+        errors.append(f"{key}: '' is not allowed; expected a PEM file path when {other} is set")
+    if tls.client_ca and not tls.certificate:
+        errors.append(
+            f"tls.client_ca: {tls.client_ca!r} is not allowed without tls.certificate; "
+            "expected '' or also set tls.certificate and tls.private_key"
+        )
+    auth = config.auth
+    if auth.mode == "token" and not auth.tokens_file:
+        errors.append(
+            "auth.tokens_file: '' is not allowed with auth.mode token; expected the path of a "
+            "file of identity:token lines"
+        )
+    if auth.mode == "custom" and not auth.authenticator:
+        errors.append(
+            "auth.authenticator: '' is not allowed with auth.mode custom; expected "
+            "'module:function'"
         )
 
 

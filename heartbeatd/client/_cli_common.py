@@ -24,6 +24,7 @@ from heartbeatd.client.errors import (
     HandshakeTimeout,
     ServerError,
 )
+from heartbeatd.client.tls import ClientTLS, read_token
 
 EXIT_OK, EXIT_SERVER_ERROR, EXIT_USAGE, EXIT_CONNECTION, EXIT_TIMEOUT = 0, 1, 2, 3, 4
 EXIT_BUG, EXIT_INTERRUPTED = 5, 130
@@ -148,13 +149,19 @@ class Context:
     async def connect(self, endpoint: IStreamClientEndpoint) -> ClientConnection:
         """Connect and await the hello, with a deadline; every failure a `CliError`."""
         args = self.args
-        connecting = connect(
-            self.reactor,
-            endpoint,
-            framing=args.framing,
-            request_timeout=args.timeout,
-            hello_timeout=args.timeout,
-        )
+        tls, token = credentials(args)
+        try:
+            connecting = connect(
+                self.reactor,
+                endpoint,
+                framing=args.framing,
+                request_timeout=args.timeout,
+                hello_timeout=args.timeout,
+                tls=tls,
+                token=token,
+            )
+        except (OSError, ValueError, ImportError) as e:  # unreadable or bad TLS files
+            raise CliError(EXIT_USAGE, f"TLS options: {message(e)}") from None
         # Twisted's TCP endpoints wait 30 s by default; ours is --timeout (plus the hello's).
         connecting.addTimeout(args.timeout * 2, self.reactor)
         try:
@@ -164,6 +171,24 @@ class Context:
         if interrupted:
             raise CliError(EXIT_INTERRUPTED, "interrupted")
         return conn  # type: ignore[no-any-return]
+
+
+def credentials(args: Any) -> tuple[ClientTLS | None, str | None]:
+    """TLS settings and the auth token from the command line (usage errors exit 2)."""
+    tls = token = None
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise CliError(EXIT_USAGE, "--tls-cert and --tls-key go together")
+    if args.tls_ca or args.tls_cert:
+        try:
+            tls = ClientTLS(args.tls_ca, args.tls_cert, args.tls_key, args.tls_hostname)
+        except (OSError, ValueError) as e:
+            raise CliError(EXIT_USAGE, f"TLS options: {e}") from None
+    if args.auth_token_file:
+        try:
+            token = read_token(args.auth_token_file)
+        except (OSError, ValueError) as e:
+            raise CliError(EXIT_USAGE, f"--token-file: {e}") from None
+    return tls, token
 
 
 def _silence(stream: TextIO) -> None:

@@ -153,6 +153,21 @@ def _connection_options() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="seconds to wait for the connection, the hello and each reply (default 5)",
     )
+    secure = common.add_argument_group("TLS and authentication (see docs/security.md)")
+    for flag, help_text in (
+        ("--tls-ca", "connect with TLS; PEM CA file to verify the server"),
+        ("--tls-cert", "PEM client certificate (mutual TLS; with --tls-key)"),
+        ("--tls-key", "PEM private key of --tls-cert"),
+        ("--tls-hostname", "name the server certificate must carry (default: its host)"),
+    ):
+        secure.add_argument(flag, default=argparse.SUPPRESS, metavar="FILE", help=help_text)
+    secure.add_argument(
+        "--token-file",
+        dest="auth_token_file",
+        default=argparse.SUPPRESS,
+        metavar="FILE",
+        help="file whose first line is the token to authenticate with (auth.mode on the server)",
+    )
     return common
 
 
@@ -318,6 +333,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.framing = "int32"
     if not hasattr(args, "timeout"):
         args.timeout = 5.0
+    for name in ("tls_ca", "tls_cert", "tls_key", "tls_hostname", "auth_token_file"):
+        if not hasattr(args, name):
+            setattr(args, name, None)
     if hasattr(args, "endpoint"):
         client_endpoint(None, args.endpoint)  # a malformed one fails now, before any reactor
     return args

@@ -263,6 +263,7 @@ class Clients(JsonResource):
             {
                 "session": c.session_id,
                 "peer": c.peer,
+                "identity": c.identity,
                 "connected_at": c.connected_at,
                 "last_seen_ago": round(alive_now - c.last_seen, 3),
                 "last_rtt": c.last_rtt,

@@ -90,9 +90,18 @@ class FactoryCollector(Collector):
         )
         yield CounterMetricFamily(
             "heartbeatd_connections_refused",
-            "Connections refused at limits.max_connections.",
+            "Connections refused at any limit (see _by_reason).",
             value=f.refused,
         )
+        refused = CounterMetricFamily(
+            "heartbeatd_connections_refused_by_reason",
+            "Connections refused, by limit (max_connections, per_address_connections, "
+            "per_address_rate).",
+            labels=["reason"],
+        )
+        for reason, count in sorted(f.refusals.items()):
+            refused.add_metric([reason], count)
+        yield refused
         evicted = CounterMetricFamily(
             "heartbeatd_evicted", "Clients closed by the server, by reason.", labels=["reason"]
         )
