@@ -127,8 +127,16 @@ async def load(publishers: list[Publisher], rate: int, seconds: float) -> None:
         await sleep(0.005)
 
 
-async def drain(seconds: float = 2.0) -> None:
-    await sleep(seconds)
+#: Publisher connections per node in the latency phases (each server connection has at most
+#: limits.max_pending_requests publishes in flight, so one connection caps the rate).
+PUBLISHERS_PER_NODE = 4
+
+#: Seconds to wait for in-flight publications after a phase (``--quick`` shortens it).
+DRAIN = 2.0
+
+
+async def drain() -> None:
+    await sleep(DRAIN)
 
 
 async def latency_phase(nodes: list[Any], rate: int, seconds: float) -> dict[str, Any]:
@@ -138,7 +146,7 @@ async def latency_phase(nodes: list[Any], rate: int, seconds: float) -> dict[str
     subs = [Subscriber(f"s{i}", channel) for i in range(len(ports))]
     for s, port in zip(subs, ports, strict=True):
         await s.attach(port)
-    pubs = [Publisher(port, channel) for port in ports]
+    pubs = [Publisher(port, channel) for port in ports for _ in range(PUBLISHERS_PER_NODE)]
     for p in pubs:
         await p.start()
     cpu_before = [cpu_seconds(pid) for pid in pids] + [cpu_seconds(os.getpid())]
@@ -239,14 +247,14 @@ async def redis_phase(
     for p in pubs:
         await p.start()
     before: dict[int, Any] = {}
-    await load(pubs, rate, 2)
+    await load(pubs, rate, min(2.0, down))
     for p in pubs:
         before.update(p.acked)
         p.acked.clear()
     redis.stop()
     await load(pubs, rate, down)
     redis.start()
-    await load(pubs, rate, 3)
+    await load(pubs, rate, min(3.0, down))
     await drain()
     after: dict[int, Any] = {}
     for p in pubs:
@@ -334,7 +342,12 @@ def main() -> None:
     parser.add_argument("--kill-rate", type=int, default=1000)
     parser.add_argument("--redis-down", type=float, default=5.0)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--quick", action="store_true", help="tiny run, for the smoke test")
     args = parser.parse_args()
+    if args.quick:
+        global DRAIN
+        DRAIN = 1.5
+        args.rates, args.seconds, args.kill_rate, args.redis_down = [100], 1.0, 100, 0.5
     out: dict[str, Any] = {}
 
     def finished(result: Any) -> None:

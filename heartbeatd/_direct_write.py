@@ -13,6 +13,11 @@ connections, which are implementation details: `direct_writer` checks the transp
 class and those attributes, and returns None (use ``transport.write``) for anything else,
 such as TLS, UNIX sockets, in-memory test transports, or a Twisted that changed them.
 ``tcp.direct_write: false`` turns it off.
+
+TLS can also start *later* on a plain ``tcp.Server`` (``startTLS`` sets ``transport.TLS``), and
+a half-closed transport (``loseWriteConnection``) must send nothing more: both are checked at
+every write, not once, because sending to the socket there would put plaintext on the wire
+(or bytes after a FIN).
 """
 
 from __future__ import annotations
@@ -26,7 +31,16 @@ __all__ = ["direct_writer", "unsent_bytes"]
 
 #: The transports Twisted's TCP reactor gives server and client protocols.
 _PLAIN_TCP = (tcp.Server, tcp.Client)
-_REQUIRED = ("dataBuffer", "offset", "_tempDataLen", "socket", "connected", "disconnecting")
+_REQUIRED = (
+    "dataBuffer",
+    "offset",
+    "_tempDataLen",
+    "socket",
+    "connected",
+    "disconnecting",
+    "TLS",
+    "_writeDisconnected",
+)
 
 
 def direct_writer(transport: Any) -> Callable[[bytes], None] | None:
@@ -40,8 +54,15 @@ def direct_writer(transport: Any) -> Callable[[bytes], None] | None:
 
     def write(data: bytes) -> None:
         t = transport
-        if t._tempDataLen or t.offset != len(t.dataBuffer) or t.disconnecting or not t.connected:
-            queue(data)  # bytes are already waiting: keep their order
+        if (
+            t._tempDataLen
+            or t.offset != len(t.dataBuffer)
+            or t.disconnecting
+            or not t.connected
+            or t.TLS  # startTLS happened: only Twisted's write encrypts
+            or t._writeDisconnected
+        ):
+            queue(data)  # bytes are already waiting, or this is not plain TCP: Twisted's path
             return
         try:
             sent = send(data)

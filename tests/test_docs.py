@@ -34,6 +34,7 @@ import yaml
 from daemon import Daemon
 from docs_examples import ROOT, blocks, example
 from helpers import failureResultOf, successResultOf
+from test_docs_security import check_security_authenticator, check_security_client
 
 from heartbeatd.client import ClientConnection, PoolConfig, ServerError
 from heartbeatd.config import _SECTIONS, Config, parse_config
@@ -167,12 +168,14 @@ IN_MEMORY: dict[str, Callable[..., None]] = {
     "handlers-session": check_handlers_session,
     "handlers-testing": check_handlers_testing,
     "pool-config": check_pool_config,
+    "security-authenticator": check_security_authenticator,
 }
 AGAINST_A_DAEMON: dict[str, Callable[[str, Daemon, Path], None]] = {
     "readme-client": check_readme_client,
     "client-reconnecting": check_client_reconnecting,
     "client-pool": check_client_pool,
     "client-channels": check_client_channels,
+    "security-client": check_security_client,  # starts its own TLS daemon
 }
 CHECKS = {**IN_MEMORY, **AGAINST_A_DAEMON}
 

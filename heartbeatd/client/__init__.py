@@ -27,10 +27,12 @@ from heartbeatd.client.errors import (
 )
 from heartbeatd.client.pool import Pool
 from heartbeatd.client.reconnect import ReconnectingClient
+from heartbeatd.client.tls import ClientTLS
 
 __all__ = [
     "ClientConnection",
     "ClientError",
+    "ClientTLS",
     "ConnectionClosed",
     "ConnectionFailed",
     "HandshakeTimeout",

@@ -35,6 +35,7 @@ from heartbeatd.client.connection import (
     PushHandler,
 )
 from heartbeatd.client.errors import ClientError, ConnectionFailed, NotConnected
+from heartbeatd.client.tls import ClientTLS, wrap_client_endpoint
 from heartbeatd.wire.envelope import OMIT
 
 __all__ = ["ReconnectingClient", "full_jitter_backoff"]
@@ -68,7 +69,12 @@ class ReconnectingClient:
         backoff_initial: float = 0.1,
         backoff_max: float = 30.0,
         random: Callable[[], float] = _random.random,
+        tls: ClientTLS | None = None,
+        token: str | None = None,
     ) -> None:
+        if tls is not None:  # TLS under every connection; the token is sent on each
+            endpoint = wrap_client_endpoint(reactor, endpoint, tls)
+        self._token = token
         if isinstance(endpoint, str):
             from twisted.internet.endpoints import clientFromString
 
@@ -282,7 +288,11 @@ class ReconnectingClient:
 
     def _build(self) -> ClientConnection:
         conn = ClientConnection(
-            self._reactor, self._framing, self._request_timeout, self._hello_timeout
+            self._reactor,
+            self._framing,
+            self._request_timeout,
+            self._hello_timeout,
+            token=self._token,
         )
         for type_, handler in self._handlers:
             conn.on(type_, handler)

@@ -33,7 +33,7 @@ from urllib.parse import unquote, urlsplit
 
 import txredisapi
 from twisted.application.internet import ClientService, backoffPolicy
-from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, fail, gatherResults, maybeDeferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
@@ -423,8 +423,6 @@ class RedisBroker:
             d.addErrback(lambda f: log.warn("Leaving the cluster: {why}", why=f.getErrorMessage()))
 
         def stop_services(_: object) -> Deferred[Any]:
-            from twisted.internet.defer import gatherResults
-
             return gatherResults([s.stopService() for s in self._services])
 
         return d.addCallback(stop_services).addCallback(lambda _: None)
@@ -454,7 +452,10 @@ class RedisBroker:
             self._acked.clear()
             names = [self._node_channel(self.node_id), f"{self.prefix}:all"]
             names += [self._channel_key(c) for c in sorted(self._wanted)]
-            return proto.subscribe(names)
+            # One SUBSCRIBE per channel: txredisapi matches each acknowledgement to one
+            # waiting command, so a many-channel SUBSCRIBE would leave stray acknowledgements
+            # that a later command (a PING, another SUBSCRIBE) would take for its own answer.
+            return gatherResults([proto.subscribe(name) for name in names])
 
         def subscribed(_: object) -> None:
             self._acked = set(self._wanted)

@@ -23,6 +23,8 @@ from heartbeatd._version import __version__
 from heartbeatd.cluster.broker import Broker, MemoryBroker
 from heartbeatd.config import Config
 from heartbeatd.server import channels
+from heartbeatd.server.admission import Admission
+from heartbeatd.server.auth import Authenticator
 from heartbeatd.server.handlers import HandlerRegistry, default_registry
 from heartbeatd.server.heartbeat import HeartbeatMonitor
 from heartbeatd.server.protocol import RefusedProtocol, ServerProtocol, format_address
@@ -48,6 +50,7 @@ class EvictionRecord:
     __slots__ = (
         "at",
         "detail",
+        "identity",
         "last_rtt",
         "peer",
         "pings_unanswered",
@@ -61,6 +64,7 @@ class EvictionRecord:
     ) -> None:
         self.session_id = client.session_id
         self.peer = client.peer
+        self.identity = client.identity
         self.reason = reason
         self.detail = detail
         self.at = at
@@ -112,6 +116,11 @@ class ServerFactory(Factory):
         self.max_connections = config.effective_max_connections()
         self.accepted = 0
         self.refused = 0
+        #: Per-address connection counts and accept rates (limits.*_per_address).
+        self.admission = Admission(config.limits, self.clock)
+        #: Checks clients' tokens when ``auth.mode`` is not none; the daemon sets it (it reads
+        #: the tokens file, at start and on SIGHUP).
+        self.authenticator: Authenticator | None = None
         self.closes: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
         #: Connections refused, by reason (``max_connections``, ...).
@@ -150,6 +159,7 @@ class ServerFactory(Factory):
         """Use a new configuration from now on (live reload); connections stay open."""
         self.config = config
         self.max_connections = config.effective_max_connections()
+        self.admission.configure(config.limits)
         for client in self.clients.values():
             client.set_max_frame_bytes(config.max_frame_bytes)
         self.heartbeat.batch = config.heartbeat.sweep_batch
@@ -198,7 +208,28 @@ class ServerFactory(Factory):
             refused = RefusedProtocol(self.framing.encode(body))
             refused.factory = self
             return refused
-        return super().buildProtocol(addr)
+        host = getattr(addr, "host", None)
+        key = self.admission.key(host)
+        refusal = self.admission.admit(key)
+        if refusal is not None:
+            return self._refuse_per_address(addr, *refusal)
+        protocol = super().buildProtocol(addr)
+        protocol.admitted_host = key  # type: ignore[union-attr]
+        return protocol  # type: ignore[return-value]
+
+    def _refuse_per_address(self, addr: IAddress, reason: str, message: str) -> Protocol:
+        self.refused += 1
+        self.refusals[reason] += 1
+        if self.log_limiter.allow("refused:" + reason):
+            log.warn(
+                "Refused a connection from {peer}: {message}",
+                peer=format_address(addr),
+                message=message,
+            )
+        body = encode_error(TOO_MANY_CONNECTIONS, message)
+        refused = RefusedProtocol(self.framing.encode(body))
+        refused.factory = self
+        return refused
 
     # -- the registry -------------------------------------------------------------------------
 
@@ -208,17 +239,17 @@ class ServerFactory(Factory):
 
     def hello_body(self, session_id: str) -> bytes:
         hb = self.heartbeat
-        return encode_message(
-            "hello",
-            {
-                "server": self.config.name,
-                "version": __version__,
-                "session": session_id,
-                "framing": self.framing.name,
-                "heartbeat": {"interval": hb.interval, "timeout": hb.timeout},
-                "max_frame_bytes": self.config.max_frame_bytes,
-            },
-        )
+        hello = {
+            "server": self.config.name,
+            "version": __version__,
+            "session": session_id,
+            "framing": self.framing.name,
+            "heartbeat": {"interval": hb.interval, "timeout": hb.timeout},
+            "max_frame_bytes": self.config.max_frame_bytes,
+        }
+        if self.authenticator is not None:
+            hello["auth"] = "required"
+        return encode_message("hello", hello)
 
     def ping_frame(self, sequence: int) -> bytes:
         """The heartbeat a sweep sends: the framing's bare token, or a ping envelope."""
@@ -256,10 +287,12 @@ class ServerFactory(Factory):
         else:
             emit = log.warn
         emit(
-            "Closing client {session} ({peer}): {reason}{sep}{detail}; silent {silent:.1f}s, "
+            "Closing client {session} ({peer}{who}): {reason}{sep}{detail}; silent {silent:.1f}s, "
             "last ping round trip {rtt}, unanswered pings {missed}",
             session=client.session_id,
             peer=client.peer,
+            who=f", {client.identity}" if client.identity else "",
+            identity=client.identity,
             reason=reason,
             sep=": " if detail else "",
             detail=detail,
@@ -287,6 +320,7 @@ class ServerFactory(Factory):
         if self.clients.pop(client.session_id, None) is None:
             return
         self.channels.client_disconnected(client)
+        self.admission.release(getattr(client, "admitted_host", None))
         totals = self.closed_totals
         totals["frames_in"] += client.frames_in
         totals["frames_out"] += client.frames_out

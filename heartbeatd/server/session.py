@@ -57,7 +57,8 @@ class Session:
 
     @property
     def identity(self) -> str | None:
-        """Who the client authenticated as; None when authentication is off."""
+        """Who the client is: its token's identity (``auth.mode``), else the subject of its
+        TLS client certificate (``tls.client_ca``); None when neither is in use."""
         return self._connection.identity
 
     @property
