@@ -42,6 +42,7 @@ from twisted.application.internet import backoffPolicy
 from twisted.application.service import Service
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import ReactorNotRunning
 from twisted.internet.interfaces import IHalfCloseableProtocol, IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.logger import ILogObserver, LogLevel
@@ -152,7 +153,8 @@ class WorkerLink(protocol.Protocol):
             return
         self.stopping = True
         log.info("Worker stopping: {why}", why=why)
-        if self._reactor.running:
+        # Already stopping when a signal reached us too (systemd's KillMode=control-group).
+        with contextlib.suppress(ReactorNotRunning):
             self._reactor.stop()
 
     def send_status(self, fields: Mapping[str, Any]) -> None:
