@@ -119,6 +119,9 @@ def poll(condition: Any, timeout: float, every: float = 1.0) -> Any:
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     interval = args.interval
     config = {
+        # A deep backlog: with a full one, the kernel answers with SYN cookies and drops the
+        # client's last ACK, and a client that never sends stays "connected" to nothing.
+        "listen": "tcp:0:interface=127.0.0.1:backlog=4096",
         "workers": args.workers,
         "admin": {"listen": "tcp:0:interface=127.0.0.1"},
         "heartbeat": {"interval": interval, "timeout": interval * 3},
