@@ -82,7 +82,10 @@ def main() -> None:
         kind = message.get("type")
         if kind == "ping":
             pong = json.dumps({"type": "pong", "id": message.get("id")}).encode()
-            socks[fd].send(struct.pack("!I", len(pong)) + pong)
+            try:
+                socks[fd].send(struct.pack("!I", len(pong)) + pong)
+            except OSError:
+                return  # closed by the server: the next read says so
             if state.marked and fd not in pinged:
                 now = time.monotonic()
                 pinged.add(fd)
