@@ -153,7 +153,9 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 done = poll(all_hello, args.connect_timeout)
                 result["connect_s"] = round(time.monotonic() - start, 1)
                 reports = gens.reports()
-                result["connected"] = sum(r["hello"] for r in reports)
+                result["hello"] = sum(r["hello"] for r in reports)
+                # Connections still open (some may have been closed since their hello).
+                result["connected"] = sum(r["connections"] for r in reports)
                 result["failed"] = sum(r["failed"] for r in reports)
                 result["all_connected"] = bool(done)
                 result["per_worker_fds"] = [open_fds(p) for p in pids]

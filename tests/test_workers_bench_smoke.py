@@ -24,7 +24,7 @@ def test_quick_workers_bench(tmp_path: Path) -> None:
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert result["connected"] == 300 and result["failed"] == 0
+    assert result["connected"] == result["hello"] == 300 and result["failed"] == 0
     assert result["pinged"] == 300
     assert result["broadcast_status"] == 200 and result["broadcast_delivered"] == 300
     assert result["supervisor_exit"] == 0
