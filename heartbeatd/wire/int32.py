@@ -26,7 +26,9 @@ class Int32Decoder:
     def __init__(self, max_frame_bytes: int) -> None:
         self.max_frame_bytes = max_frame_bytes
         self.error: FramingError | None = None
-        self._buffer = bytearray()
+        # Allocated when a read ends inside a frame (an empty bytearray costs 56 bytes, and
+        # most connections' reads end on a frame boundary).
+        self._buffer: bytearray | None = None
         # Total bytes the buffered frame needs; lets a large body arrive in many reads without
         # re-parsing its header each time.
         self._needed = 0
@@ -49,10 +51,12 @@ class Int32Decoder:
         else:
             frames, offset = self._parse(data, len(data))
             if offset < len(data):
+                if buffer is None:
+                    buffer = self._buffer = bytearray()
                 buffer += memoryview(data)[offset:]
                 self.buffered = len(buffer)
         if self.error is not None:
-            buffer.clear()
+            self._buffer = None
             self.buffered = 0
         return frames
 
