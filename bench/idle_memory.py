@@ -62,15 +62,22 @@ def settle(seconds: float) -> None:
         reactor.doIteration(0.01)
 
 
-def measure(conns: int, trace: bool, top: int) -> dict[str, float]:
+def measure(conns: int, trace: bool, top: int, stock: bool = False) -> dict[str, float]:
     # A long heartbeat and no first-frame limit: nothing is pinged until we say so.
-    config = {
+    config: dict[str, Any] = {
         "heartbeat": {"interval": 3600, "timeout": 7200},
         "limits": {"first_frame_timeout": 0},
     }
-    factory = ServerFactory(parse_config(config), default_registry(), reactor)
+    if stock:
+        config["tcp"] = {"lean_transport": False}
+    parsed = parse_config(config)
+    factory = ServerFactory(parsed, default_registry(), reactor)
     factory.startFactory()
     port = reactor.listenTCP(0, factory, interface="127.0.0.1", backlog=1024)
+    if getattr(parsed.tcp, "lean_transport", False):  # as the daemon does; older trees lack it
+        from heartbeatd.server import leantcp
+
+        leantcp.adopt(port)
     settle(0.2)
     gc.collect()
     if trace:
@@ -120,8 +127,9 @@ def main() -> None:
     parser.add_argument("--conns", type=int, default=10_000)
     parser.add_argument("--trace", action="store_true", help="list allocation sites")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--stock", action="store_true", help="tcp.lean_transport: false")
     args = parser.parse_args()
-    result = measure(args.conns, args.trace, args.top)
+    result = measure(args.conns, args.trace, args.top, args.stock)
     print(
         f"{result['connections']:,} idle connections: {result['before_ping']:,.0f} B/conn "
         f"before any ping, {result['after_ping']:,.0f} B/conn after one ping each (RSS)"

@@ -33,6 +33,8 @@ def test_quick_benchmark_run(tmp_path: Path) -> None:
     assert {"heartbeatd", "twisted", "c"} <= set(table["W1"])
     idle = report["idle"]["heartbeatd"]
     assert idle["pinged"] == idle["connections"] == 50
+    assert idle["bytes_per_conn_before_ping"] > 0
     assert report["pool"]["pool_rps"] > 0 and report["pool"]["connect_rps"] > 0
     markdown = (tmp_path / "latest.md").read_text()
     assert "| W2 msgs/s |" in markdown and "heartbeatd / plain Twisted + json" in markdown
+    assert "bytes/conn before any ping" in markdown
