@@ -3,9 +3,12 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+# The same install on the oldest dependency releases pyproject.toml claims (its floors).
+OLDEST := .venv-oldest
+OLDEST_STAMP := $(OLDEST)/.installed-stamp
 CONFIG ?= config/heartbeatd.yaml
 
-.PHONY: run test lint bench clean
+.PHONY: run test test-newest test-oldest lint bench clean
 
 $(STAMP): pyproject.toml twisted_plugins/heartbeatd_plugin.py
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "heartbeatd needs Python 3.10+"'
@@ -19,8 +22,23 @@ $(STAMP): pyproject.toml twisted_plugins/heartbeatd_plugin.py
 run: $(STAMP)
 	$(BIN)/twistd --nodaemon --pidfile= --logger=heartbeatd.daemon.logs.observer heartbeatd --config $(CONFIG)
 
-test: $(STAMP)
+$(OLDEST_STAMP): pyproject.toml twisted_plugins/heartbeatd_plugin.py tests/oldest-constraints.txt
+	$(PYTHON) -m venv $(OLDEST)
+	$(OLDEST)/bin/python -m pip install --quiet --upgrade pip
+	$(OLDEST)/bin/python -m pip install --quiet -c tests/oldest-constraints.txt -e '.[test]'
+	$(OLDEST)/bin/python -c 'from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))'
+	touch $(OLDEST_STAMP)
+
+# The whole suite on the newest releases, then again on the oldest ones we claim to support
+# (tests/oldest-constraints.txt), less what does not depend on them (lint, the bench harness).
+test: test-newest test-oldest
+
+test-newest: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+test-oldest: $(OLDEST_STAMP)
+	HEARTBEATD_OLDEST=1 $(OLDEST)/bin/python -m pytest -q -p no:cacheprovider \
+		--ignore=tests/test_lint.py --ignore=tests/test_bench_smoke.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check heartbeatd tests twisted_plugins bench
@@ -32,4 +50,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) build dist .pytest_cache .hypothesis bench/build
+	rm -rf $(VENV) $(OLDEST) build dist .pytest_cache .hypothesis bench/build

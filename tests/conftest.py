@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from helpers import make_config
 from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
 
 from heartbeatd.server.factory import ServerFactory
 from heartbeatd.server.handlers import HandlerRegistry, default_registry
@@ -24,3 +27,12 @@ def registry() -> HandlerRegistry:
 def factory(clock: Clock, registry: HandlerRegistry) -> ServerFactory:
     config = make_config(heartbeat={"interval": 10, "timeout": 30})
     return ServerFactory(config, registry, clock)
+
+
+@pytest.fixture
+def log_events() -> Any:
+    """Every log event emitted during the test."""
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)

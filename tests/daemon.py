@@ -71,6 +71,7 @@ class Daemon:
             *args,
         ]
         self.lines: list[str] = []
+        self._complete = False  # True once the log has been read to the process's end
         self._queue: queue.Queue[str | None] = queue.Queue()
         self.process: subprocess.Popen[str] | None = None
         self.port = 0
@@ -107,9 +108,12 @@ class Daemon:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.process is not None and self.process.poll() is None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
             self.process.kill()
             self.process.wait(10)
+        self.read_to_end()  # so `log` after the block holds all the daemon wrote
 
     def _pump(self) -> None:
         assert self.process is not None and self.process.stdout is not None
@@ -143,12 +147,28 @@ class Daemon:
         assert self.process is not None
         self.process.send_signal(sig)
         code = self.process.wait(timeout)
-        while (line := self._queue.get(timeout=timeout)) is not None:
-            self.lines.append(line)
+        self.read_to_end(timeout)
         return code
+
+    def read_to_end(self, timeout: float = 20) -> None:
+        """Read the rest of the log, up to the (ended) process's end of output."""
+        while not self._complete:
+            line = self._queue.get(timeout=timeout)
+            if line is None:
+                self._complete = True
+            else:
+                self.lines.append(line)
 
     @property
     def log(self) -> str:
+        """The whole log, once the process has ended and `stop`, `read_to_end` or the end of
+        the ``with`` block read it.
+
+        While the daemon runs, lines it has written may still be unread, so an assertion
+        that something is *not* in the log could not fail: wait for a line with `wait_for`.
+        """
+        if not self._complete:
+            raise AssertionError("the log is incomplete until stop(), read_to_end() or exit")
         return "\n".join(self.lines)
 
 

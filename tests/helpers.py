@@ -1,6 +1,9 @@
-"""Test helpers: in-memory connections on a Clock, frame parsing, and iosim.
+"""Test helpers: in-memory connections on a Clock, frame parsing, Deferred assertions, iosim.
 
-``twisted.test.iosim`` is private Twisted API, so it is imported here and nowhere else.
+``twisted.test.iosim`` is private Twisted API: `heartbeatd.testing` is the one module that
+imports it, and tests take it from here.  ``successResultOf``, ``failureResultOf`` and
+``assertNoResult`` are trial's synchronous Deferred assertions, for plain pytest functions:
+they read a Deferred's state without reaching into ``d.result``, and consume a failure.
 """
 
 from __future__ import annotations
@@ -13,13 +16,28 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-from twisted.test import iosim
+from twisted.trial.unittest import SynchronousTestCase
 
 from heartbeatd.config import Config, parse_config
 from heartbeatd.server.factory import ServerFactory
 from heartbeatd.server.protocol import ServerProtocol
+from heartbeatd.testing import iosim
 
-__all__ = ["Peer", "frame", "iosim", "make_config", "parse_frames"]
+__all__ = [
+    "Peer",
+    "assertNoResult",
+    "failureResultOf",
+    "frame",
+    "iosim",
+    "make_config",
+    "parse_frames",
+    "successResultOf",
+]
+
+_case = SynchronousTestCase()
+successResultOf = _case.successResultOf
+failureResultOf = _case.failureResultOf
+assertNoResult = _case.assertNoResult
 
 
 def frame(obj: Any) -> bytes:
@@ -74,17 +92,3 @@ class Peer:
 
     def disconnect(self) -> None:
         self.protocol.connectionLost(Failure(ConnectionDone()))
-
-
-def client_server_pair(
-    server_factory: ServerFactory, clock: Any, **client_options: Any
-) -> tuple[Any, ServerProtocol, Any]:
-    """A ClientConnection wired to a ServerFactory's protocol over iosim, on one Clock."""
-    from heartbeatd.client import ClientConnection
-
-    client = ClientConnection(clock, **client_options)
-    server = server_factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
-    client_transport = iosim.FakeTransport(client, isServer=False)
-    server_transport = iosim.FakeTransport(server, isServer=True)
-    pump = iosim.connect(server, server_transport, client, client_transport, clock=clock)
-    return client, server, pump

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
-from helpers import client_server_pair, frame, make_config, parse_frames
+from helpers import failureResultOf, frame, make_config, parse_frames, successResultOf
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
@@ -19,8 +18,7 @@ from heartbeatd.client import (
     RequestTimeout,
     ServerError,
 )
-from heartbeatd.server.factory import ServerFactory
-from heartbeatd.server.handlers import HandlerRegistry
+from heartbeatd.testing import ServerClientPair
 
 HELLO = {"type": "hello", "data": {"session": "s1", "heartbeat": {"interval": 10, "timeout": 30}}}
 
@@ -48,16 +46,13 @@ class FakeServer:
         self.client.connectionLost(Failure(ConnectionDone("gone")))
 
 
-def test_ready_after_hello_and_requests_round_trip(
-    factory: ServerFactory, clock: Clock, registry: HandlerRegistry
-) -> None:
-    client, _server, pump = client_server_pair(factory, clock)
-    ready = client.when_ready()
-    pump.flush()
-    assert ready.called and client.hello["session"] in factory.clients
-    replies = [client.request("echo", {"n": i}) for i in range(20)]
-    pump.flush()
-    assert [r.result for r in replies] == [{"n": i} for i in range(20)]
+def test_ready_after_hello_and_requests_round_trip() -> None:
+    with ServerClientPair() as pair:
+        assert successResultOf(pair.client.when_ready()) is pair.client
+        assert pair.client.hello["session"] in pair.factory.clients
+        replies = [pair.client.request("echo", {"n": i}) for i in range(20)]
+        pair.flush()
+        assert [successResultOf(r) for r in replies] == [{"n": i} for i in range(20)]
 
 
 def test_replies_are_matched_by_id_in_any_order(clock: Clock) -> None:
@@ -66,17 +61,12 @@ def test_replies_are_matched_by_id_in_any_order(clock: Clock) -> None:
     sent = server.written()
     assert [(m["type"], m["id"], m["data"]) for m in sent] == [("a", 1, 1), ("b", 2, 2)]
     server.send({"type": "b", "id": 2, "data": "B"}, {"type": "a", "id": 1, "data": "A"})
-    assert (first.result, second.result) == ("A", "B")
+    assert (successResultOf(first), successResultOf(second)) == ("A", "B")
 
 
-def test_error_reply_is_a_server_error_with_code(factory: ServerFactory, clock: Clock) -> None:
-    client, _server, pump = client_server_pair(factory, clock)
-    pump.flush()
-    d = client.request("nope")
-    pump.flush()
-    failure = d.result
-    d.addErrback(lambda f: None)
-    assert isinstance(failure.value, ServerError)
+def test_error_reply_is_a_server_error_with_code() -> None:
+    with ServerClientPair() as pair:
+        failure = failureResultOf(pair.request("nope"), ServerError)
     assert failure.value.code == "unknown_type"
     assert "nope" in failure.value.message
 
@@ -87,9 +77,8 @@ def test_request_timeout(clock: Clock) -> None:
     clock.advance(4.9)
     assert not d.called
     clock.advance(0.1)
-    with pytest.raises(RequestTimeout, match="no reply to 'slow' within 5s"):
-        d.result.raiseException()
-    d.addErrback(lambda f: None)
+    failure = failureResultOf(d, RequestTimeout)
+    assert "no reply to 'slow' within 5s" in str(failure.value)
     server.send({"type": "slow", "id": 1, "data": "late"})  # a late reply is ignored
     assert server.client.pending_requests == 0
 
@@ -99,12 +88,10 @@ def test_every_pending_request_fails_at_once_on_loss(clock: Clock) -> None:
     pending = [server.client.request("x", timeout=100) for _ in range(5)]
     server.drop()
     for d in pending:
-        assert isinstance(d.result.value, ConnectionClosed)
-        d.addErrback(lambda f: None)
+        failureResultOf(d, ConnectionClosed)
     assert clock.getDelayedCalls() == []  # every timer was cancelled
     late = server.client.request("x")
-    assert isinstance(late.result.value, ConnectionClosed)
-    late.addErrback(lambda f: None)
+    failureResultOf(late, ConnectionClosed)
 
 
 def test_cancelling_a_request_frees_it(clock: Clock) -> None:
@@ -133,20 +120,18 @@ def test_client_pings_a_quiet_server_and_aborts_a_silent_one(clock: Clock) -> No
     clock.pump([10, 10, 10])  # nothing heard for 30s+: the server is dead
     assert server.transport.disconnected
     server.drop()
-    assert isinstance(pending.result.value, ConnectionClosed)
-    assert "server silent for" in str(pending.result.value)
-    pending.addErrback(lambda f: None)
+    failure = failureResultOf(pending, ConnectionClosed)
+    assert "server silent for" in str(failure.value)
 
 
-def test_pushes_reach_handlers_by_type(factory: ServerFactory, clock: Clock) -> None:
-    client, _server, pump = client_server_pair(factory, clock)
-    got: list = []
-    client.on("news", lambda data, conn: got.append(("news", data)))
-    client.on_any(lambda type_, data, conn: got.append((type_, "any", data)))
-    pump.flush()
-    factory.broadcast("news", {"headline": 1})
-    factory.broadcast("other", 2)
-    pump.flush()
+def test_pushes_reach_handlers_by_type() -> None:
+    with ServerClientPair() as pair:
+        got: list = []
+        pair.client.on("news", lambda data, conn: got.append(("news", data)))
+        pair.client.on_any(lambda type_, data, conn: got.append((type_, "any", data)))
+        pair.server.broadcast("news", {"headline": 1})
+        pair.server.broadcast("other", 2)
+        pair.flush()
     assert got == [
         ("news", {"headline": 1}),
         ("news", "any", {"headline": 1}),
@@ -169,16 +154,14 @@ def test_hello_timeout(clock: Clock) -> None:
     clock.advance(3)
     assert server.transport.disconnected
     server.drop()
-    assert isinstance(server.ready.result.value, HandshakeTimeout)
-    server.ready.addErrback(lambda f: None)
+    failureResultOf(server.ready, HandshakeTimeout)
 
 
 def test_refused_connection_reports_the_servers_reason(clock: Clock) -> None:
     refusal = {"type": "error", "error": {"code": "too_many_connections", "message": "full"}}
     server = FakeServer(clock, hello=refusal)
     server.drop()
-    error = server.ready.result.value
-    server.ready.addErrback(lambda f: None)
+    error = failureResultOf(server.ready, ServerError).value
     assert isinstance(error, ServerError) and error.code == "too_many_connections"
 
 
@@ -191,18 +174,14 @@ def test_close_callbacks_run_once(clock: Clock) -> None:
     assert len(reasons) == 2 and reasons[1] == "late"
 
 
-def test_seed_framing_client_against_seed_server(clock: Clock, registry: HandlerRegistry) -> None:
+def test_seed_framing_client_against_seed_server() -> None:
     config = make_config(framing="seed", heartbeat={"interval": 10, "timeout": 30})
-    factory = ServerFactory(config, registry, clock)
-    client, server, pump = client_server_pair(factory, clock, framing="seed")
-    pump.flush()
-    d = client.request("echo", "via seed")
-    pump.flush()
-    assert d.result == "via seed"
-    clock.advance(10)  # the client pings with the token; the server answers in kind
-    pump.flush()
-    assert client.last_rtt is not None
-    assert server.connected and not client.closed
+    with ServerClientPair(config=config) as pair:
+        assert pair.client.framing.name == "seed"
+        assert successResultOf(pair.request("echo", "via seed")) == "via seed"
+        pair.advance(10)  # the client pings with the token; the server answers in kind
+        assert pair.client.last_rtt is not None
+        assert pair.clients == 1 and not pair.client.closed
 
 
 def test_unframeable_stream_aborts(clock: Clock) -> None:
@@ -216,7 +195,7 @@ def test_malformed_frames_are_ignored(clock: Clock) -> None:
     server = FakeServer(clock)
     d = server.client.request("x")
     server.client.dataReceived(frame(b"{oops") + frame({"type": "x", "id": 1, "data": 1}))
-    assert d.result == 1
+    assert successResultOf(d) == 1
 
 
 def test_send_is_fire_and_forget(clock: Clock) -> None:
@@ -237,13 +216,12 @@ def test_seed_client_needs_no_hello_and_matches_bare_replies_in_order(clock: Clo
     pushes: list = []
     client.on("message", lambda data, conn: pushes.append(data))
     client.dataReceived(SeedFraming.encode(b'"A"') + SeedFraming.encode(b'"B"'))
-    assert (first.result, second.result) == ("A", "B")
+    assert (successResultOf(first), successResultOf(second)) == ("A", "B")
     client.dataReceived(SeedFraming.encode(b'"unsolicited"'))
     assert pushes == ["unsolicited"]
     late = client.request_value("c", timeout=2)
     clock.advance(2)
-    assert isinstance(late.result.value, RequestTimeout)
-    late.addErrback(lambda f: None)
+    failureResultOf(late, RequestTimeout)
     transport.clear()
     clock.advance(3)  # quiet for the default interval: the token heartbeat goes out
     assert transport.value() == b"HeartBeat"

@@ -214,6 +214,19 @@ def test_foreign_protocols_get_a_clear_answer_whatever_the_frame_limit(tmp_path:
             daemon.wait_for(logged)
 
 
+def test_foreign_protocols_are_counted_by_kind(tmp_path: Path) -> None:
+    with Daemon(tmp_path, {"admin": {"listen": "tcp:0:interface=127.0.0.1"}}) as daemon:
+        admin = int(daemon.wait_for(ADMIN).group(1))
+        for first_bytes in (b"GET / HTTP/1.0\r\n\r\n", b"POST /x HTTP/1.1\r\n", b"SSH-2.0-x\r\n"):
+            with RawClient(daemon.port) as client:
+                client.recv()
+                client.sock.sendall(first_bytes)
+                assert client.recv()["error"]["code"] == "wrong_protocol"
+        metrics = get_text(admin, "/metrics")
+    assert 'heartbeatd_foreign_protocol_total{kind="http"} 2.0' in metrics
+    assert 'heartbeatd_foreign_protocol_total{kind="ssh"} 1.0' in metrics
+
+
 def test_refusals_do_not_flood_the_log_and_are_counted_exactly(tmp_path: Path) -> None:
     config = {
         "limits": {"max_connections": 1},
@@ -231,4 +244,5 @@ def test_refusals_do_not_flood_the_log_and_are_counted_exactly(tmp_path: Path) -
         daemon.wait_for(r"55 more 'refused' log lines suppressed")
         metrics = get_text(admin, "/metrics")
     assert re.search(r"^heartbeatd_connections_refused_total 60\.0$", metrics, re.MULTILINE)
+    assert re.search(r"^heartbeatd_log_lines_suppressed_total 55\.0$", metrics, re.MULTILINE)
     assert daemon.log.count("Refused a connection") == 5

@@ -37,8 +37,9 @@ def test_seed_js_client_against_the_daemon(tmp_path: Path) -> None:
         assert data == [f"Thu, 01 Jan 2026 00:00:{i:02d} GMT" for i in range(20)]
         assert events[-1] == {"event": "close"}
         assert not [e for e in events if e["event"] == "error"]
-        assert "bad_frame" not in daemon.log and "heartbeat_timeout" not in daemon.log
-        assert daemon.stop() == 0
+        assert daemon.stop() == 0  # reads the log to its end
+    assert "Received SIGTERM, shutting down gracefully" in daemon.log  # read past the session
+    assert "bad_frame" not in daemon.log and "heartbeat_timeout" not in daemon.log
 
 
 def test_silent_seed_js_client_gets_heartbeats_then_is_evicted(tmp_path: Path) -> None:

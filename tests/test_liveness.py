@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 from helpers import Peer, frame, make_config
 from twisted.internet.task import Clock
-from twisted.logger import globalLogPublisher
 
 from heartbeatd._logging import LogLimiter
 from heartbeatd.server.factory import ServerFactory
@@ -27,14 +26,6 @@ def started(clock: Clock, registry: HandlerRegistry, **limits: Any) -> ServerFac
     factory = ServerFactory(config, registry, clock)
     factory.doStart()
     return factory
-
-
-@pytest.fixture
-def log_events() -> Any:
-    events: list[dict] = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
 
 
 def header(length: int) -> bytes:

@@ -122,23 +122,3 @@ def test_cli_ping_request_watch_and_exit_codes(tmp_path: Path) -> None:
         [HEARTBEAT, "ping", target, "-c", "1"], capture_output=True, text=True, timeout=30
     )
     assert refused.returncode == 3 and "cannot reach" in refused.stderr
-
-
-def test_readme_client_example_runs(tmp_path: Path) -> None:
-    readme = (HERE.parent / "README.md").read_text()
-    code = readme.split("<!-- client-example -->\n```python\n", 1)[1].split("```", 1)[0]
-    script = tmp_path / "example.py"
-    script.write_text(code)
-    with Daemon(tmp_path, {}) as daemon:
-        result = subprocess.run(
-            [sys.executable, str(script), str(daemon.port)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert result.returncode == 0, result.stderr
-        assert "echo: {'x': 1}" in result.stdout
-        assert "error code: unknown_type" in result.stdout
-        assert "pool: 100 replies;" in result.stdout
-        assert "borrowed: None" in result.stdout
-        assert daemon.stop() == 0

@@ -8,18 +8,9 @@ import pytest
 from helpers import Peer, frame, make_config
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
-from twisted.logger import globalLogPublisher
 
 from heartbeatd.server.factory import ServerFactory
 from heartbeatd.server.handlers import NO_REPLY, HandlerError, HandlerRegistry, Reply, Request
-
-
-@pytest.fixture
-def log_events() -> Any:
-    events: list[dict] = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
 
 
 def test_hello_announces_session_heartbeat_and_limits(factory: ServerFactory) -> None:

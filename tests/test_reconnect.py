@@ -99,7 +99,7 @@ def test_connected_after_hello_and_handlers_survive_reconnects(clock: Clock) -> 
     client.on("news", lambda data, conn: pushes.append(data))
     ready = client.when_connected()
     proto, _ = endpoint.accept()
-    assert ready.called and ready.result.hello["session"] == "s"
+    assert successResultOf(ready).hello["session"] == "s"
     proto.dataReceived(frame({"type": "news", "data": 1}))
     proto.connectionLost(Failure(ConnectionDone()))
     clock.advance(0.5)  # first retry after a lost connection: 0.5 * min(4, 1)
@@ -111,7 +111,7 @@ def test_connected_after_hello_and_handlers_survive_reconnects(clock: Clock) -> 
 def test_goaway_finishes_in_flight_then_reconnects_within_the_window(clock: Clock) -> None:
     client, endpoint = make(clock)
     proto, transport = endpoint.accept()
-    conn = client.when_connected().result
+    conn = successResultOf(client.when_connected())
     pending = conn.request("work")
     proto.dataReceived(
         frame({"type": "goaway", "data": {"reason": "deploy", "reconnect_after": 6}})
@@ -119,7 +119,7 @@ def test_goaway_finishes_in_flight_then_reconnects_within_the_window(clock: Cloc
     assert not transport.disconnecting  # the request is still in flight
     (sent,) = parse_frames(transport.value())
     proto.dataReceived(frame({"type": "work", "id": sent["id"], "data": "done"}))
-    assert pending.result == "done"
+    assert successResultOf(pending) == "done"
     assert transport.disconnecting
     proto.connectionLost(Failure(ConnectionDone()))
     before = len(endpoint.attempts)

@@ -53,6 +53,24 @@ class FactoryCollector(Collector):
         for code, count in sorted(f.errors.items()):
             errors.add_metric([code], count)
         yield errors
+        foreign = CounterMetricFamily(
+            "heartbeatd_foreign_protocol",
+            "Connections whose first bytes were another protocol's, by kind.",
+            labels=["kind"],
+        )
+        for kind, count in sorted(f.foreign.items()):
+            foreign.add_metric([kind], count)
+        yield foreign
+        yield GaugeMetricFamily(
+            "heartbeatd_partial_frame_bytes",
+            "Bytes held by all clients' unfinished frames (limits.max_partial_frame_bytes).",
+            value=f.partial_bytes,
+        )
+        yield CounterMetricFamily(
+            "heartbeatd_log_lines_suppressed",
+            "Per-event log lines left out by the rate limit (log.rate_limit_*).",
+            value=sum(f.log_limiter.suppressed.values()),
+        )
         totals = f.traffic_totals()
         for unit in ("frames", "bytes"):
             family = CounterMetricFamily(
