@@ -79,6 +79,12 @@ class Server:
                 "log": {"level": "info"},  # start/stop lines only; per-client logs are debug
                 "heartbeat": {"interval": heartbeat or 30, "timeout": (heartbeat or 30) * 20},
             }
+            if heartbeat:
+                # The idle load generator never answers: without these, its clients would be
+                # closed first_frame_timeout (10 s) after connecting, or heartbeat.timeout after
+                # that if opening 19,900 connections is slow (a busy machine), mid-measurement.
+                config["limits"] = {"first_frame_timeout": 0}
+                config["heartbeat"] = {"interval": heartbeat, "timeout": 3600}
             if quiet:  # no ping at all: no sweep within the run, no early ping of newcomers
                 config["heartbeat"] = {"interval": 3600, "timeout": 7200}
                 config["limits"] = {"first_frame_timeout": 0}
