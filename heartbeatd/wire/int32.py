@@ -66,6 +66,9 @@ class Int32Decoder:
         offset = 0
         limit = self.max_frame_bytes
         unpack = _UINT32.unpack_from
+        # Slicing bytes already copies; only a memoryview's slice needs bytes() (W2: one call
+        # less per frame).
+        copy = type(view) is not bytes
         while end - offset >= 4:
             (length,) = unpack(view, offset)
             if length > limit:
@@ -75,7 +78,8 @@ class Int32Decoder:
             if stop > end:
                 self._needed = stop - offset
                 return frames, offset
-            frames.append(bytes(view[offset + 4 : stop]))
+            body = view[offset + 4 : stop]
+            frames.append(bytes(body) if copy else body)  # type: ignore[arg-type]
             offset = stop
         self._needed = 4
         return frames, offset
