@@ -3,10 +3,11 @@
 Two costs of Twisted's TCP server path are per connection or per event and buy heartbeatd
 nothing (profile and figures in docs/benchmarks.md):
 
-* Memory. ``tcp.Server`` stores, per connection, a log prefix and a repr string and a bound
-  ``socket.fileno`` method (~230 bytes), and a fresh host string per peer address.
-  `LeanServer` formats the strings when asked, looks ``fileno`` up on its socket, and
-  interns the host (thousands of clients share a few addresses).
+* Memory. ``tcp.Server`` stores, per connection, a log prefix and a repr string, a bound
+  ``socket.fileno`` method and an empty write-queue list (~290 bytes), and a fresh host
+  string per peer address. `LeanServer` formats the strings when asked, looks ``fileno`` up
+  on its socket, keeps the queue list only while it holds data, and interns the host
+  (thousands of clients share a few addresses).
 * Time. The epoll reactor wraps every I/O event in ``log.callWithLogger``: it asks the
   transport for its log prefix and pushes a copy of the log context, so that legacy
   ``log.msg`` calls made during the event are tagged with it. heartbeatd logs through
@@ -41,9 +42,9 @@ def _closed_fileno() -> int:
 class LeanServer(tcp.Server):
     """``tcp.Server`` without the per-connection strings and bound method.
 
-    Twisted's ``__init__`` assigns ``logstr``, ``repstr`` and ``fileno`` on the instance;
-    here they are properties whose setters drop the value, so nothing is stored and the
-    getters compute the same answers on demand.
+    Twisted's ``__init__`` assigns ``logstr``, ``repstr``, ``fileno`` and
+    ``_tempDataBuffer`` on the instance; here they are properties whose setters drop the
+    value (or an empty queue), so nothing is stored and the getters give the same answers.
     """
 
     def __init__(
@@ -79,6 +80,19 @@ class LeanServer(tcp.Server):
     @repstr.setter
     def repstr(self, value: str) -> None:
         pass  # formatted on demand
+
+    # Twisted queues writes in a list made per connection (56 bytes even when empty); with
+    # direct writes most connections never queue, so the list exists only while it holds data.
+    @property
+    def _tempDataBuffer(self) -> list[bytes]:
+        queue = self.__dict__.get("_lean_queue")
+        if queue is None:
+            queue = self.__dict__["_lean_queue"] = []
+        return queue
+
+    @_tempDataBuffer.setter
+    def _tempDataBuffer(self, value: list[bytes]) -> None:
+        self.__dict__["_lean_queue"] = value or None
 
     @property  # type: ignore[override]
     def fileno(self) -> Any:
