@@ -46,7 +46,7 @@ def rss() -> int:
     return int(re.search(r"VmRSS:\s+(\d+) kB", text).group(1)) * 1024  # type: ignore[union-attr]
 
 
-def spin_until(done: Any, seconds: float = 120) -> None:
+def spin_until(done: Any, seconds: float = 900) -> None:
     deadline = time.monotonic() + seconds
     while not done():
         if time.monotonic() > deadline:
