@@ -160,8 +160,8 @@ def test_lean_transport_answers_like_twisteds() -> None:
         assert tl.fileno() == tl.socket.fileno() > 0
         assert tl.getPeer() == p_lean.transport.getPeer()
         # Nothing of the three is stored per connection, and hosts are shared.
+        assert tl._lean_queue is None  # no empty write-queue list kept
         assert not {"logstr", "repstr", "fileno", "_tempDataBuffer"} & set(vars(tl))
-        assert vars(tl)["_lean_queue"] is None  # no empty write-queue list kept
         _, p_lean2 = lean.connect()
         assert p_lean2.transport.hostname is tl.hostname
         s = lean.clients[0]

@@ -47,6 +47,10 @@ class LeanServer(tcp.Server):
     value (or an empty queue), so nothing is stored and the getters give the same answers.
     """
 
+    # Attributes are read with getattr, never through ``self.__dict__``: touching that makes
+    # CPython build a dict object for the instance (64 bytes) beside its inline values.
+    _lean_queue: list[bytes] | None = None
+
     def __init__(
         self,
         sock: Any,
@@ -61,7 +65,7 @@ class LeanServer(tcp.Server):
         super().__init__(sock, protocol, client, server, sessionno, reactor)
 
     def _protocol_name(self) -> str:
-        protocol = self.__dict__.get("protocol")  # deleted once the connection is lost
+        protocol = getattr(self, "protocol", None)  # deleted once the connection is lost
         return self._getLogPrefix(protocol) if protocol is not None else "closed"
 
     @property  # type: ignore[override]
@@ -85,18 +89,18 @@ class LeanServer(tcp.Server):
     # direct writes most connections never queue, so the list exists only while it holds data.
     @property
     def _tempDataBuffer(self) -> list[bytes]:
-        queue = self.__dict__.get("_lean_queue")
+        queue = self._lean_queue
         if queue is None:
-            queue = self.__dict__["_lean_queue"] = []
+            queue = self._lean_queue = []
         return queue
 
     @_tempDataBuffer.setter
     def _tempDataBuffer(self, value: list[bytes]) -> None:
-        self.__dict__["_lean_queue"] = value or None
+        self._lean_queue = value or None
 
     @property  # type: ignore[override]
     def fileno(self) -> Any:
-        sock = self.__dict__.get("socket")
+        sock = getattr(self, "socket", None)  # deleted once the connection is lost
         return sock.fileno if sock is not None else _closed_fileno
 
     @fileno.setter
