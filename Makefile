@@ -8,7 +8,7 @@ OLDEST := .venv-oldest
 OLDEST_STAMP := $(OLDEST)/.installed-stamp
 CONFIG ?= config/heartbeatd.yaml
 
-.PHONY: run test test-newest test-oldest lint bench clean
+.PHONY: run test test-newest test-oldest lint bench clean redis-server
 
 $(STAMP): pyproject.toml twisted_plugins/heartbeatd_plugin.py
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "heartbeatd needs Python 3.10+"'
@@ -33,12 +33,23 @@ $(OLDEST_STAMP): pyproject.toml twisted_plugins/heartbeatd_plugin.py tests/oldes
 # (tests/oldest-constraints.txt), less what does not depend on them (lint, the bench harness).
 test: test-newest test-oldest
 
-test-newest: $(STAMP)
+test-newest: $(STAMP) redis-server
 	$(BIN)/python -m pytest -q
 
-test-oldest: $(OLDEST_STAMP)
+test-oldest: $(OLDEST_STAMP) redis-server
 	HEARTBEATD_OLDEST=1 $(OLDEST)/bin/python -m pytest -q -p no:cacheprovider \
-		--ignore=tests/test_lint.py --ignore=tests/test_bench_smoke.py
+		--ignore=tests/test_lint.py --ignore=tests/test_bench_smoke.py \
+		--ignore=tests/test_cluster_bench_smoke.py
+
+# The cluster tests start their own redis-server; install it when missing (as root, Debian).
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  echo "redis-server is missing; installing the Debian package (needs root and apt-get)"; \
+	  (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null 2>&1 || \
+	   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server)) || { \
+	    echo "Could not install redis-server. Install it yourself, e.g."; \
+	    echo "  sudo apt-get install redis-server   (Debian/Ubuntu)"; \
+	    echo "  brew install redis                   (macOS)"; exit 1; }; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check heartbeatd tests twisted_plugins bench

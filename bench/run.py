@@ -204,6 +204,8 @@ def run_throughput(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 for key in ("msgs_per_s", "mb_per_s", "p50_ms", "p99_ms", "p999_ms")
             }
             table[workload][name]["replies"] = [r["replies"] for r in results]
+            if table[workload][name]["msgs_per_s"]["median"] == 0:
+                table[workload][name]["zero_reason"] = zero_reason(results, args.duration)
     return {"runs": runs, "table": table}
 
 
@@ -319,6 +321,26 @@ def available(name: str) -> bool:
     return name != "node" or shutil.which("node") is not None
 
 
+def ratio(ours: float, theirs: float, who: str, why: str = "") -> str:
+    """``ours / theirs`` as ``1.23x``; a zero is reported as a zero, with the reason, never
+    divided by (a loaded machine can leave a short run with no reply in its window)."""
+    if theirs > 0:
+        return f"{ours / theirs:.2f}x"
+    return f"n/a ({who} measured 0{': ' + why if why else ''})"
+
+
+def zero_reason(results: list[dict[str, Any]], duration: float) -> str:
+    """Why a server's median is 0, from its runs' own counts."""
+    if all(r.get("replies", 0) == 0 for r in results):
+        unanswered = sum(r.get("unanswered", 0) for r in results)
+        return (
+            f"no reply inside the {duration:g} s measuring window"
+            + (f", {unanswered} request(s) unanswered" if unanswered else "")
+            + "; machine busy or peer stalled"
+        )
+    return "most runs had no reply inside the measuring window"
+
+
 def fmt(s: dict[str, float], unit: str = "", digits: int = 0) -> str:
     return f"{s['median']:,.{digits}f}{unit} ({s['min']:,.{digits}f}-{s['max']:,.{digits}f})"
 
@@ -342,7 +364,11 @@ def markdown(report: dict[str, Any]) -> str:
         key, unit, digits = ("mb_per_s", " MB/s", 0) if workload == "W3" else ("msgs_per_s", "", 0)
         cells = [fmt(by_server[n][key], unit, digits) for n in names]
         ours = by_server["heartbeatd"][key]["median"]
-        ratios = [f"{ours / by_server[n][key]['median']:.2f}x" for n in names if n != "heartbeatd"]
+        ratios = [
+            ratio(ours, by_server[n][key]["median"], LABELS[n], by_server[n].get("zero_reason", ""))
+            for n in names
+            if n != "heartbeatd"
+        ]
         lines.append(
             f"| {workload} {'MB/s' if workload == 'W3' else 'msgs/s'} | "
             + " | ".join(cells)
@@ -379,7 +405,7 @@ def markdown(report: dict[str, Any]) -> str:
             "|---|---|",
             f"| pool of {p['pool_size']} | {p['pool_rps']:,.0f} |",
             f"| new connection per request | {p['connect_rps']:,.0f} |",
-            f"| ratio | {p['pool_rps'] / p['connect_rps']:.1f}x |",
+            f"| ratio | {ratio(p['pool_rps'], p['connect_rps'], 'connect per request')} |",
         ]
     return "\n".join(lines) + "\n"
 

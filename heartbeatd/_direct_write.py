@@ -14,6 +14,11 @@ transport's class (Twisted's TCP connections and their subclasses) and those att
 is False (use ``transport.write``) for anything else, such as TLS, UNIX sockets, in-memory
 test transports, or a Twisted that changed them.
 ``tcp.direct_write: false`` turns it off.
+
+TLS can also start *later* on a plain ``tcp.Server`` (``startTLS`` sets ``transport.TLS``), and
+a half-closed transport (``loseWriteConnection``) must send nothing more: both are checked at
+every write, not once, because sending to the socket there would put plaintext on the wire
+(or bytes after a FIN).
 """
 
 from __future__ import annotations
@@ -27,7 +32,16 @@ __all__ = ["direct_writer", "supports_direct_write", "unsent_bytes", "write_dire
 
 #: The transports Twisted's TCP reactor gives server and client protocols.
 _PLAIN_TCP = (tcp.Server, tcp.Client)
-_REQUIRED = ("dataBuffer", "offset", "_tempDataLen", "socket", "connected", "disconnecting")
+_REQUIRED = (
+    "dataBuffer",
+    "offset",
+    "_tempDataLen",
+    "socket",
+    "connected",
+    "disconnecting",
+    "TLS",
+    "_writeDisconnected",
+)
 
 
 def supports_direct_write(transport: Any) -> bool:
@@ -43,8 +57,15 @@ def write_direct(t: Any, data: bytes) -> None:
     thousands of idle connections, and a closure with its cells costs ~470 bytes each.
     Only for transports `supports_direct_write` accepted.
     """
-    if t._tempDataLen or t.offset != len(t.dataBuffer) or t.disconnecting or not t.connected:
-        t.write(data)  # bytes are already waiting: keep their order
+    if (
+        t._tempDataLen
+        or t.offset != len(t.dataBuffer)
+        or t.disconnecting
+        or not t.connected
+        or t.TLS  # startTLS happened: only Twisted's write encrypts
+        or t._writeDisconnected
+    ):
+        t.write(data)  # bytes are already waiting, or this is not plain TCP: Twisted's path
         return
     try:
         # The socket itself rather than writeSomeData(): that caps a send at Twisted's 128 KiB

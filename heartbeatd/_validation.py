@@ -78,6 +78,24 @@ def module_names(value: Any) -> str | None:
     return None if ok else "a list of dotted module names, e.g. [mypkg.handlers]"
 
 
+def string(value: Any) -> str | None:
+    return None if isinstance(value, str) else "a string ('' for none)"
+
+
+def ip_networks(value: Any) -> str | None:
+    """A list of IP addresses or CIDR networks (``10.0.0.0/8``, ``::1``)."""
+    import ipaddress
+
+    if not isinstance(value, list):
+        return "a list of IP addresses or networks, e.g. [127.0.0.1, 10.0.0.0/8]"
+    for item in value:
+        try:
+            ipaddress.ip_network(str(item), strict=False)
+        except ValueError:
+            return f"a list of IP addresses or networks ({item!r} is neither)"
+    return None
+
+
 def check(fn: Callable[[Any], str | None], doc: str) -> dict[str, Any]:
     return {"check": fn, "doc": doc}
 

@@ -8,6 +8,7 @@ Overrides from the command line are dotted keys (``heartbeat.interval``).
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import resource
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,18 +20,23 @@ from heartbeatd._validation import (
     build,
     check,
     int_range,
+    ip_networks,
     module_names,
     non_empty_string,
     non_negative_int,
     non_negative_number,
     one_of,
     positive_number,
+    string,
 )
 from heartbeatd.wire import FRAMINGS
 from heartbeatd.wire.envelope import DEFAULT_MAX_JSON_DEPTH
 
 __all__ = [
     "AdminConfig",
+    "AuthConfig",
+    "ChannelsConfig",
+    "ClusterConfig",
     "Config",
     "ConfigError",
     "HeartbeatConfig",
@@ -39,12 +45,23 @@ __all__ = [
     "SeedConfig",
     "ShutdownConfig",
     "TcpConfig",
+    "TlsConfig",
+    "endpoint_is_loopback",
     "parse_config",
 ]
 
 LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
+TLS_VERSIONS = ("1.2", "1.3")
+AUTH_MODES = ("none", "token", "custom")
 #: File descriptors kept back from the connection limit for listeners, logs and the admin API.
 FD_RESERVE = 64
+
+
+def _is_entry_point(value: object) -> bool:
+    if not isinstance(value, str) or value.count(":") != 1:
+        return False
+    module, name = value.split(":")
+    return all(p.isidentifier() for p in module.split(".")) and name.isidentifier()
 
 
 # -- the schema ----------------------------------------------------------------------------
@@ -97,6 +114,27 @@ class LimitsConfig:
     max_json_depth: int = field(
         default=DEFAULT_MAX_JSON_DEPTH,
         metadata=check(int_range(1, 250), "deepest nesting of arrays/objects accepted"),
+    )
+    # -- per-address admission (heartbeatd.server.admission) --
+    max_connections_per_address: int = field(
+        default=4096,
+        metadata=check(non_negative_int, "connections one client address may hold; 0 = no limit"),
+    )
+    accepts_per_second_per_address: float = field(
+        default=100.0,
+        metadata=check(non_negative_number, "new connections per second from one address"),
+    )
+    accept_burst_per_address: int = field(
+        default=500,
+        metadata=check(int_range(1, 10_000_000), "connections one address may open at once"),
+    )
+    ipv6_prefix_per_address: int = field(
+        default=64,
+        metadata=check(int_range(1, 128), "IPv6 clients are counted per network of this size"),
+    )
+    per_address_exempt: tuple[str, ...] = field(
+        default=("127.0.0.1", "::1"),
+        metadata=check(ip_networks, "addresses/networks the per-address limits skip"),
     )
 
 
@@ -164,6 +202,10 @@ class ShutdownConfig:
     )
 
 
+def _string(v: Any) -> str | None:
+    return None if isinstance(v, str) else "a string"
+
+
 @dataclass(frozen=True)
 class AdminConfig:
     listen: str = field(
@@ -173,15 +215,85 @@ class AdminConfig:
             "admin HTTP API endpoint; empty turns the API off",
         ),
     )
-    token: str = field(
+    token: str = field(default="", metadata=check(_string, "bearer token; empty: none"))
+    token_file: str = field(
         default="",
-        metadata=check(
-            lambda v: None if isinstance(v, str) else "a string", "bearer token; empty: none"
-        ),
+        metadata=check(_string, "file holding the bearer token (systemd credentials); empty: none"),
+    )
+    allow_unauthenticated: bool = field(
+        default=False,
+        metadata=check(boolean, "allow a non-loopback admin listener without a token"),
+    )
+    health_public: bool = field(
+        default=True, metadata=check(boolean, "GET /healthz needs no token (load balancers)")
+    )
+    max_body_bytes: int = field(
+        default=1024 * 1024,
+        metadata=check(int_range(2, 2**31), "largest request body accepted, in bytes"),
+    )
+    access_log: bool = field(
+        default=False, metadata=check(boolean, "log one line per admin request")
     )
 
     def __repr__(self) -> str:  # never show the token in logs or diffs
-        return f"AdminConfig(listen={self.listen!r}, token={'***' if self.token else ''!r})"
+        shown = ", ".join(
+            f"{f.name}={'***' if f.name == 'token' and self.token else getattr(self, f.name)!r}"
+            for f in dataclasses.fields(self)
+        )
+        return f"AdminConfig({shown})"
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """TLS on every ``listen`` endpoint when ``certificate`` is set (heartbeatd.daemon.tls)."""
+
+    certificate: str = field(
+        default="", metadata=check(string, "PEM file: the server certificate (+ chain)")
+    )
+    private_key: str = field(default="", metadata=check(string, "PEM file: its private key"))
+    client_ca: str = field(
+        default="",
+        metadata=check(string, "PEM file of CAs: clients must present a certificate (mTLS)"),
+    )
+    min_version: str = field(
+        default="1.2",
+        metadata=check(
+            # YAML reads an unquoted 1.2 as a number: accept it as the version it means.
+            lambda v: one_of(*TLS_VERSIONS)(str(v) if isinstance(v, float) else v),
+            "oldest TLS version accepted",
+        ),
+    )
+    handshake_timeout: float = field(
+        default=10.0,
+        metadata=check(positive_number, "seconds a client gets to finish the TLS handshake"),
+    )
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "min_version", str(self.min_version))
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.certificate)
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """Client authentication in the first frame (heartbeatd.server.auth)."""
+
+    mode: str = field(default="none", metadata=check(one_of(*AUTH_MODES), "how clients log in"))
+    tokens_file: str = field(
+        default="", metadata=check(string, "file of identity:token lines (mode token)")
+    )
+    timeout: float = field(
+        default=5.0, metadata=check(positive_number, "seconds a client gets to authenticate")
+    )
+    authenticator: str = field(
+        default="",
+        metadata=check(
+            lambda v: None if v == "" or _is_entry_point(v) else "'module:function'",
+            "mode custom: function(token, peer) -> identity, None or a Deferred",
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -190,6 +302,89 @@ class SeedConfig:
         default="message",
         metadata=check(non_empty_string, "handler type that receives bare (non-envelope) values"),
     )
+
+
+def _redis_url(value: Any) -> str | None:
+    if value == "":
+        return None
+    ok = isinstance(value, str) and value.startswith("redis://")
+    if ok:
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+            db = parts.path.strip("/")
+            ok = bool(parts.hostname) and (db == "" or db.isdigit())
+        except ValueError:
+            ok = False
+    return None if ok else "'' (one node, no Redis) or redis://host:port/db"
+
+
+def _node_id(value: Any) -> str | None:
+    ok = (
+        isinstance(value, str)
+        and len(value) <= 64
+        and all(c.isalnum() or c in "-_." for c in value)
+    )
+    return None if ok else "'' (generated) or up to 64 letters, digits, '-', '_', '.'"
+
+
+@dataclass(frozen=True)
+class ChannelsConfig:
+    client_publish: bool = field(
+        default=False, metadata=check(boolean, "clients may publish (else only handlers/admin)")
+    )
+    max_per_connection: int = field(
+        default=128, metadata=check(int_range(1, 100_000), "channels one connection may join")
+    )
+    max_name_length: int = field(
+        default=128, metadata=check(int_range(1, 1024), "longest channel name, in characters")
+    )
+    max_publication_bytes: int = field(
+        default=64 * 1024,
+        metadata=check(int_range(16, 2**31), "largest publication (its JSON), in bytes"),
+    )
+    history_size: int = field(
+        default=100,
+        metadata=check(int_range(0, 1_000_000), "publications kept per channel for recovery"),
+    )
+    history_ttl: float = field(
+        default=300.0,
+        metadata=check(non_negative_number, "seconds an idle channel's history is kept"),
+    )
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    redis: str = field(
+        default="", metadata=check(_redis_url, "redis://host:port/db; empty: one node, no Redis")
+    )
+    node_id: str = field(
+        default="", metadata=check(_node_id, "this node's name; empty: hostname + random")
+    )
+    node_timeout: float = field(
+        default=10.0,
+        metadata=check(positive_number, "seconds after which a silent node has left"),
+    )
+    namespace: str = field(
+        default="heartbeatd",
+        metadata=check(_node_id, "prefix of every Redis key, so clusters can share a Redis"),
+    )
+    command_timeout: float = field(
+        default=5.0, metadata=check(positive_number, "seconds Redis gets to answer a heartbeat")
+    )
+
+    def __repr__(self) -> str:  # a password in the URL never reaches logs or diffs
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(self.redis)
+        redis = self.redis.replace(f":{parts.password}@", ":***@") if parts.password else self.redis
+        return (
+            f"ClusterConfig(redis={redis!r}, node_id={self.node_id!r}, "
+            f"node_timeout={self.node_timeout!r}, namespace={self.namespace!r}, "
+            f"command_timeout={self.command_timeout!r})"
+        )
 
 
 @dataclass(frozen=True)
@@ -218,6 +413,10 @@ class Config:
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
     seed: SeedConfig = field(default_factory=SeedConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
+    channels: ChannelsConfig = field(default_factory=ChannelsConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
 
     def effective_max_connections(self) -> int:
         """The connection limit, reading the process's open-file limit when set to 0."""
@@ -240,16 +439,99 @@ _SECTIONS: dict[str, type] = {
     "shutdown": ShutdownConfig,
     "seed": SeedConfig,
     "admin": AdminConfig,
+    "channels": ChannelsConfig,
+    "cluster": ClusterConfig,
+    "tls": TlsConfig,
+    "auth": AuthConfig,
 }
 
 
 def _cross_checks(config: Config, errors: list[str]) -> None:
+    _admin_checks(config.admin, errors)
     hb = config.heartbeat
     if hb.timeout <= hb.interval:
         errors.append(
             f"heartbeat.timeout: {hb.timeout:g} is not allowed; expected a number greater than "
             f"heartbeat.interval ({hb.interval:g}), so a client is pinged before eviction"
         )
+    tls = config.tls
+    if bool(tls.certificate) != bool(tls.private_key):
+        key, other = ("tls.private_key", "tls.certificate")
+        if not tls.certificate:
+            key, other = other, key
+        errors.append(f"{key}: '' is not allowed; expected a PEM file path when {other} is set")
+    if tls.client_ca and not tls.certificate:
+        errors.append(
+            f"tls.client_ca: {tls.client_ca!r} is not allowed without tls.certificate; "
+            "expected '' or also set tls.certificate and tls.private_key"
+        )
+    auth = config.auth
+    if auth.mode == "token" and not auth.tokens_file:
+        errors.append(
+            "auth.tokens_file: '' is not allowed with auth.mode token; expected the path of a "
+            "file of identity:token lines"
+        )
+    if auth.mode == "custom" and not auth.authenticator:
+        errors.append(
+            "auth.authenticator: '' is not allowed with auth.mode custom; expected "
+            "'module:function'"
+        )
+
+
+def _admin_checks(admin: AdminConfig, errors: list[str]) -> None:
+    if admin.token and admin.token_file:
+        errors.append(
+            f"admin.token_file: {admin.token_file!r} is not allowed together with admin.token; "
+            "expected one of the two"
+        )
+    if not admin.listen or admin.token or admin.token_file or admin.allow_unauthenticated:
+        return
+    if not endpoint_is_loopback(admin.listen):
+        errors.append(
+            f"admin.listen: {admin.listen!r} is not allowed without a token; expected a "
+            "loopback interface (e.g. tcp:9100:interface=127.0.0.1), a UNIX socket, "
+            "admin.token or admin.token_file, or admin.allow_unauthenticated: true"
+        )
+
+
+def _split_endpoint(description: str) -> list[str]:
+    """Split a Twisted endpoint string on ``:`` the way Twisted does (``\\:`` is escaped)."""
+    parts, current, chars = [], [], iter(description)
+    for ch in chars:
+        if ch == "\\":
+            current.append(next(chars, ""))
+        elif ch == ":":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    parts.append("".join(current))
+    return parts
+
+
+def endpoint_is_loopback(description: str) -> bool:
+    """True when a server endpoint string can only be reached from this host.
+
+    ``unix:`` sockets are local (their file mode guards them); ``tcp``/``tcp6``/``ssl``
+    endpoints are local only with a loopback ``interface=`` (no interface means all of them).
+    Anything else (``systemd:``, plugins) cannot be told from the string: not loopback.
+    """
+    parts = _split_endpoint(description.strip())
+    kind = parts[0].lower()
+    if kind == "unix":
+        return True
+    if kind not in ("tcp", "tcp6", "ssl") or len(parts) < 2:
+        return False
+    interface = ""
+    for part in parts[1:]:
+        if part.startswith("interface="):
+            interface = part[len("interface=") :]
+    if interface == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(interface).is_loopback
+    except ValueError:
+        return False
 
 
 def parse_config(raw: Any, overrides: Mapping[str, Any] | None = None) -> Config:

@@ -101,10 +101,17 @@ class Daemon:
             close_fds=self.listen_socket is None,
         )
         threading.Thread(target=self._pump, daemon=True).start()
-        match = self.wait_for(LISTENING)
-        self.port = int(match.group(1)) if match.group(1) else 0
-        self.address = match.group(0).split("listening on ", 1)[1]
-        self.wait_for(READY)
+        try:
+            match = self.wait_for(LISTENING)
+            self.port = int(match.group(1)) if match.group(1) else 0
+            self.address = match.group(0).split("listening on ", 1)[1]
+            self.wait_for(READY)
+        except BaseException:
+            # __exit__ does not run when __enter__ fails: never leave the process behind.
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait(10)
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import re
 import signal
+import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from daemon import Daemon, RawClient
+import pytest
+from daemon import Daemon, RawClient, run_twistd
 
 ADMIN = re.compile(r"admin API listening on 127\.0\.0\.1:(\d+)")
 
@@ -79,7 +81,8 @@ def test_every_endpoint(tmp_path: Path) -> None:
         status, listing = http(port, "GET", "/clients?recent_evictions=5")
         assert listing["count"] == 0
         (record,) = listing["recent_evictions"]
-        assert record["reason"] == "admin" and record["session_id"] == session
+        assert record["reason"] == "admin" and record["session"] == session
+        assert "session_id" not in record  # one name for one thing, as in /clients
         assert record["silent_for"] >= 0 and record["pings_unanswered"] == 0
         _, final = http(port, "GET", "/metrics")
         assert metric(final, 'heartbeatd_evicted_total{reason="admin"}') == 1
@@ -90,9 +93,10 @@ def test_bearer_token_is_required_and_never_logged(tmp_path: Path) -> None:
     config = {"admin": {"listen": "tcp:0:interface=127.0.0.1", "token": "s3cret-t0ken"}}
     with Daemon(tmp_path, config) as daemon:
         port = int(daemon.wait_for(ADMIN).group(1))
-        assert http(port, "GET", "/healthz")[0] == 401
+        assert http(port, "GET", "/healthz")[0] == 200  # public: probes call it bare
+        assert http(port, "GET", "/metrics")[0] == 401
         assert http(port, "GET", "/metrics", token="wrong")[0] == 401
-        assert http(port, "GET", "/healthz", token="s3cret-t0ken")[0] == 200
+        assert http(port, "GET", "/clients", token="s3cret-t0ken")[0] == 200
         daemon.process.send_signal(signal.SIGHUP)  # a reload logs a diff: still no token
         daemon.wait_for("Configuration reloaded")
         assert daemon.stop() == 0
@@ -109,3 +113,86 @@ def test_healthz_reports_draining(tmp_path: Path) -> None:
         assert http(port, "GET", "/healthz") == (503, {"status": "draining"})
         client.sock.close()
         assert daemon.process.wait(20) == 0
+
+
+def test_unauthenticated_huge_post_is_refused_before_the_body(tmp_path: Path) -> None:
+    token_file = tmp_path / "admin-token"
+    token_file.write_text("from-a-file\n")
+    config = {"admin": {"listen": "tcp:0:interface=127.0.0.1", "token_file": str(token_file)}}
+    with Daemon(tmp_path, config) as daemon:
+        port = int(daemon.wait_for(ADMIN).group(1))
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"POST /broadcast HTTP/1.1\r\nHost: x\r\nContent-Length: 67108864\r\n\r\n")
+            response = b""
+            while chunk := sock.recv(65536):  # answered and closed without a body byte sent
+                response += chunk
+            assert response.startswith(b"HTTP/1.1 401 ") and b"Connection: close" in response
+            sent = 0
+            with pytest.raises(OSError):  # the 64 MiB cannot go into a closed connection
+                while sent < 64 * 1024 * 1024:
+                    sock.sendall(b"x" * 65536)
+                    sent += 65536
+            assert sent < 32 * 1024 * 1024
+        assert http(port, "GET", "/clients", token="from-a-file")[0] == 200
+        _, text = http(port, "GET", "/metrics", token="from-a-file")
+        assert metric(text, 'heartbeatd_admin_refused_total{status="401"}') == 1
+        assert daemon.stop() == 0
+        assert "from-a-file" not in daemon.log
+
+
+def test_operator_log_is_quiet_and_ordered(tmp_path: Path) -> None:
+    config = {**ADMIN_ON, "shutdown": {"drain_timeout": 5}}
+    with Daemon(tmp_path, config) as daemon, RawClient(daemon.port) as client:
+        port = int(daemon.wait_for(ADMIN).group(1))
+        assert client.recv()["type"] == "hello"
+        for _ in range(3):
+            assert http(port, "GET", "/healthz")[0] == 200
+        assert http(port, "GET", "/nope")[0] == 404
+        daemon.process.send_signal(signal.SIGTERM)
+        assert client.recv()["type"] == "goaway"
+        client.sock.close()
+        daemon.wait_for("Server Shut Down")
+        assert daemon.process.wait(20) == 0
+    log = daemon.log
+    assert "Handlers: built-in; message types: echo, message, ping" in log
+    for noise in (r"starting on \d+", "Starting factory", r"\(TCP Port \d+ Closed\)", "/healthz"):
+        assert re.search(noise, log) is None, noise  # Twisted's stock lines, no access log
+    order = [
+        "Received SIGTERM",
+        "Stopped listening on 127.0.0.1:",
+        "Draining: sent goaway to 1 client(s)",
+        "Drain over; every client has left",
+        "Admin API closed",
+        "heartbeatd stopped after",
+    ]
+    positions = [log.index(line) for line in order]
+    assert positions == sorted(positions), log
+
+
+def test_access_log_when_asked(tmp_path: Path) -> None:
+    config = {"admin": {"listen": "tcp:0:interface=127.0.0.1", "access_log": True}}
+    with Daemon(tmp_path, config) as daemon:
+        port = int(daemon.wait_for(ADMIN).group(1))
+        assert http(port, "GET", "/healthz")[0] == 200
+        daemon.wait_for(r"admin GET /healthz 200 \d+ bytes from 127\.0\.0\.1:\d+")
+        assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("admin", "message"),
+    [
+        (
+            {"listen": "tcp:0:interface=0.0.0.0"},
+            "admin.listen: 'tcp:0:interface=0.0.0.0' is not allowed without a token",
+        ),
+        ({"token_file": "/nonexistent/admin-token"}, "admin.token_file: '/nonexistent/"),
+        ({"token": "a", "token_file": "b"}, "admin.token_file: 'b' is not allowed together"),
+    ],
+)
+def test_admin_config_errors_stop_the_daemon(tmp_path: Path, admin: dict, message: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(json.dumps({"listen": "tcp:0:interface=127.0.0.1", "admin": admin}))
+    result = run_twistd("heartbeatd", "--config", str(path))
+    assert result.returncode != 0
+    assert message in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr + result.stdout

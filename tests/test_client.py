@@ -227,3 +227,20 @@ def test_seed_client_needs_no_hello_and_matches_bare_replies_in_order(clock: Clo
     assert transport.value() == b"HeartBeat"
     clock.pump([5, 5])  # silent past the 12 s default timeout
     assert transport.disconnected
+
+
+def test_connect_failures_are_typed_with_the_cause_kept() -> None:
+    """A refused connect is a ClientError (ConnectionFailed), never Twisted's own type."""
+    from twisted.internet.error import ConnectionRefusedError
+    from twisted.internet.testing import MemoryReactorClock
+
+    from heartbeatd.client import ClientError, ConnectionFailed, connect
+
+    reactor = MemoryReactorClock()
+    d = connect(reactor, "tcp:host=127.0.0.1:port=9")
+    (_host, _port, factory, _timeout, _bind) = reactor.tcpClients[0]
+    factory.clientConnectionFailed(None, Failure(ConnectionRefusedError("refused")))
+    failure = failureResultOf(d, ConnectionFailed)
+    assert isinstance(failure.value, ClientError)
+    assert isinstance(failure.value.__cause__, ConnectionRefusedError)
+    assert "refused" in str(failure.value)

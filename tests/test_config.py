@@ -123,3 +123,31 @@ def test_max_connections_zero_reads_the_open_file_limit() -> None:
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     assert Config().effective_max_connections() == soft - 64
     assert parse_config({"limits": {"max_connections": 7}}).effective_max_connections() == 7
+
+
+@pytest.mark.parametrize(
+    ("listen", "local"),
+    [
+        ("tcp:9100:interface=127.0.0.1", True),
+        ("tcp:9100:interface=127.0.0.2", True),
+        ("tcp6:9100:interface=\\:\\:1", True),
+        ("ssl:9100:interface=localhost:privateKey=k.pem", True),
+        ("unix:/run/heartbeatd/admin.sock", True),
+        ("tcp:9100", False),
+        ("tcp:9100:interface=0.0.0.0", False),
+        ("tcp6:9100:interface=\\:\\:", False),
+        ("tcp:9100:interface=10.0.0.5", False),
+        ("systemd:domain=INET:index=1", False),
+    ],
+)
+def test_admin_listener_needs_a_token_off_loopback(listen: str, local: bool) -> None:
+    from heartbeatd.config import endpoint_is_loopback
+
+    assert endpoint_is_loopback(listen) is local
+    if local:
+        parse_config({"admin": {"listen": listen}})
+    else:
+        (error,) = errors_of({"admin": {"listen": listen}})
+        assert error.startswith(f"admin.listen: {listen!r} is not allowed without a token")
+    for fine in ({"token": "x"}, {"token_file": "/f"}, {"allow_unauthenticated": True}):
+        parse_config({"admin": {"listen": listen, **fine}})

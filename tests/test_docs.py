@@ -34,6 +34,7 @@ import yaml
 from daemon import Daemon
 from docs_examples import ROOT, blocks, example
 from helpers import failureResultOf, successResultOf
+from test_docs_security import check_security_authenticator, check_security_client
 
 from heartbeatd.client import ClientConnection, PoolConfig, ServerError
 from heartbeatd.config import _SECTIONS, Config, parse_config
@@ -151,6 +152,11 @@ def check_client_reconnecting(code: str, daemon: Daemon, tmp_path: Path) -> None
     assert out[1] == "echo: hi"
 
 
+def check_client_channels(code: str, daemon: Daemon, tmp_path: Path) -> None:
+    out = run_client_script(code, daemon, tmp_path).splitlines()
+    assert out == ["subscribed at offset 0", "news #1: hi", "published at offset 1"]
+
+
 def check_client_pool(code: str, daemon: Daemon, tmp_path: Path) -> None:
     out = run_client_script(code, daemon, tmp_path).splitlines()
     assert out[0].startswith("pool: 100 replies; {") and out[1:] == ["borrowed: None"]
@@ -162,11 +168,14 @@ IN_MEMORY: dict[str, Callable[..., None]] = {
     "handlers-session": check_handlers_session,
     "handlers-testing": check_handlers_testing,
     "pool-config": check_pool_config,
+    "security-authenticator": check_security_authenticator,
 }
 AGAINST_A_DAEMON: dict[str, Callable[[str, Daemon, Path], None]] = {
     "readme-client": check_readme_client,
     "client-reconnecting": check_client_reconnecting,
     "client-pool": check_client_pool,
+    "client-channels": check_client_channels,
+    "security-client": check_security_client,  # starts its own TLS daemon
 }
 CHECKS = {**IN_MEMORY, **AGAINST_A_DAEMON}
 
@@ -199,7 +208,8 @@ def test_in_memory_example(
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    with Daemon(tmp_path_factory.mktemp("daemon"), {}) as running:
+    config = {"channels": {"client_publish": True}}  # for the channels example
+    with Daemon(tmp_path_factory.mktemp("daemon"), config) as running:
         yield running
         assert running.stop() == 0
 

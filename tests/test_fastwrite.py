@@ -75,3 +75,42 @@ def test_what_the_kernel_does_not_take_is_queued_in_order(pair) -> None:
 def test_not_used_for_other_transports() -> None:
     assert direct_writer(StringTransport()) is None
     assert direct_writer(object()) is None
+
+
+def _nothing_arrives(peer: socket.socket, marker: bytes) -> bool:
+    """True when ``marker`` is not readable at ``peer`` (a loopback send() would already be).
+
+    Waits up to one second for bytes, as an event with a deadline, and reads what came.
+    """
+    readable, _, _ = select.select([peer], [], [], 1.0)
+    return not readable or marker not in peer.recv(1 << 16)
+
+
+def test_never_bypasses_tls_started_later(pair, tmp_path) -> None:
+    """startTLS on a plain tcp.Server: from then on the socket only gets Twisted's TLS bytes."""
+    import trustme
+
+    from heartbeatd.config import parse_config
+    from heartbeatd.daemon.tls import ServerTLS
+
+    transport, peer = pair
+    write = direct_writer(transport)
+    assert write is not None  # plain TCP when the writer was made
+    cert = trustme.CA().issue_cert("localhost")
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    tls = {"certificate": str(tmp_path / "cert.pem"), "private_key": str(tmp_path / "key.pem")}
+    transport.startTLS(ServerTLS(parse_config({"tls": tls}).tls))
+    write(b"PLAINTEXT-MARKER")
+    assert _nothing_arrives(peer, b"PLAINTEXT-MARKER")
+
+
+def test_sends_nothing_after_a_half_close(pair) -> None:
+    transport, peer = pair
+    write = direct_writer(transport)
+    assert write is not None
+    transport.loseWriteConnection()
+    transport.doWrite()  # what the reactor does next: the buffer is empty, so the FIN goes
+    assert transport._writeDisconnected
+    write(b"AFTER-FIN")  # no send() on a shut-down socket, no error either
+    assert _nothing_arrives(peer, b"AFTER-FIN")

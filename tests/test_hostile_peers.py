@@ -9,6 +9,7 @@ only by luck, and every refusal wrote a log line.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import selectors
@@ -171,7 +172,9 @@ def test_unfinished_frames_cannot_pin_unbounded_memory(tmp_path: Path) -> None:
         peers = [socket.create_connection(("127.0.0.1", daemon.port)) for _ in range(40)]
         try:
             for peer in peers:  # 40 frames of 1 MiB, each one byte short of complete
-                peer.sendall(struct.pack("!I", MiB) + b"u" * (MiB - 1))
+                # The daemon may close a peer (overloaded) before it has sent it all.
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    peer.sendall(struct.pack("!I", MiB) + b"u" * (MiB - 1))
             closed = wait_closed(peers, want=36, deadline=time.monotonic() + 30)
             growth = rss_bytes(daemon.process.pid) - before
         finally:

@@ -99,3 +99,67 @@ def test_wheel_shim_provides_the_service_maker(wheel: Path, tmp_path: Path) -> N
 def test_public_exports_exist() -> None:
     for name in heartbeatd.__all__:
         assert getattr(heartbeatd, name) is not None, name
+
+
+SHIPPED = (
+    "heartbeatd.yaml",
+    "heartbeatd.service",
+    "heartbeatd.socket",
+    "heartbeatd.service.d/socket-activation.conf",
+)
+
+
+def test_wheel_carries_the_config_and_units_as_in_config(wheel: Path, tmp_path: Path) -> None:
+    from heartbeatd.daemon.files import FILES
+
+    assert set(FILES) == set(SHIPPED)
+    archive = zipfile.ZipFile(wheel)
+    for name in SHIPPED:  # config/ is the one copy; the wheel's are made from it
+        packaged = archive.read(f"heartbeatd/daemon/data/{name}").decode()
+        assert packaged == (ROOT / "config" / name).read_text(), name
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in archive.namelist())
+
+    # From the installed wheel (no checkout around it), the documented command serves them.
+    site = tmp_path / "site"
+    archive.extractall(site)
+    command = [sys.executable, "-m", "heartbeatd.daemon.files"]
+    env = {"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}
+    shown = subprocess.run(
+        [*command, "show", "heartbeatd.yaml"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout == (ROOT / "config" / "heartbeatd.yaml").read_text()
+    where = subprocess.run(
+        [sys.executable, "-c", "import heartbeatd.daemon.files as f; print(f.data_dir())"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert where.stdout.strip().startswith(str(site)), where.stdout + where.stderr
+
+    etc = tmp_path / "etc"
+    written = subprocess.run(
+        [*command, "write", str(etc)], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert written.returncode == 0, written.stderr
+    for name in SHIPPED:
+        assert (etc / name).read_text() == (ROOT / "config" / name).read_text()
+    again = subprocess.run(
+        [*command, "write", str(etc)], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert again.returncode == 1 and "--force" in again.stderr  # never overwrites silently
+
+
+def test_license_file_is_mit() -> None:
+    text = (ROOT / "LICENSE").read_text()
+    assert (
+        text.startswith("MIT License")
+        and 'license = "MIT"' in (ROOT / "pyproject.toml").read_text()
+    )

@@ -8,6 +8,7 @@ talks to a server gets only the client.  Every failure is a `ClientError`.
 
 from __future__ import annotations
 
+from heartbeatd.client.channels import Subscription
 from heartbeatd.client.config import PoolConfig, load_pool_config, parse_pool_config
 from heartbeatd.client.connection import ClientConnection, connect
 from heartbeatd.client.errors import (
@@ -26,10 +27,12 @@ from heartbeatd.client.errors import (
 )
 from heartbeatd.client.pool import Pool
 from heartbeatd.client.reconnect import ReconnectingClient
+from heartbeatd.client.tls import ClientTLS
 
 __all__ = [
     "ClientConnection",
     "ClientError",
+    "ClientTLS",
     "ConnectionClosed",
     "ConnectionFailed",
     "HandshakeTimeout",
@@ -44,6 +47,7 @@ __all__ = [
     "ReconnectingClient",
     "RequestTimeout",
     "ServerError",
+    "Subscription",
     "connect",
     "load_pool_config",
     "parse_pool_config",

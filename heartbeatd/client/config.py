@@ -18,6 +18,7 @@ from heartbeatd._validation import (
     non_negative_number,
     one_of,
     positive_number,
+    string,
 )
 from heartbeatd.wire import FRAMINGS
 
@@ -95,6 +96,20 @@ class PoolConfig:
     leak_threshold: float = field(
         default=60.0,
         metadata=check(non_negative_number, "warn when a connection is held longer; 0 = never"),
+    )
+    # -- TLS and authentication (heartbeatd.client.tls); '' = not used --
+    tls_ca: str = field(
+        default="", metadata=check(string, "PEM CA file: connect with TLS, verify the server")
+    )
+    tls_certificate: str = field(
+        default="", metadata=check(string, "PEM client certificate for mutual TLS")
+    )
+    tls_private_key: str = field(default="", metadata=check(string, "PEM key of tls_certificate"))
+    tls_hostname: str = field(
+        default="", metadata=check(string, "name the server certificate must carry")
+    )
+    token_file: str = field(
+        default="", metadata=check(string, "file holding the token sent on each connection")
     )
 
 

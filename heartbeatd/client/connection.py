@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import LoopingCall
@@ -22,13 +22,16 @@ from twisted.python.failure import Failure
 
 from heartbeatd._direct_write import direct_writer
 from heartbeatd._logging import get_logger
+from heartbeatd.client.channels import Subscription, channels_of
 from heartbeatd.client.errors import (
     ClientError,
     ConnectionClosed,
+    ConnectionFailed,
     HandshakeTimeout,
     RequestTimeout,
     ServerError,
 )
+from heartbeatd.client.tls import ClientTLS, wrap_client_endpoint
 from heartbeatd.wire import get_framing
 from heartbeatd.wire.envelope import (
     OMIT,
@@ -64,8 +67,14 @@ class ClientConnection(Protocol):
         expect_hello: bool | None = None,
         heartbeat_interval: float = 10.0,
         heartbeat_timeout: float = 30.0,
+        token: str | None = None,
     ) -> None:
         self.clock = clock
+        #: Sent as ``{"type": "auth", "data": {"token": ...}}`` after the hello; ready waits
+        #: for the server's answer.  Never logged.
+        self._token = token
+        #: Who the server says we are, once authenticated.
+        self.identity: str | None = None
         self.framing = get_framing(framing)
         #: A server of the seed tutorial's kind sends no hello: in seed framing, do not wait.
         self.expect_hello = (
@@ -195,6 +204,17 @@ class ClientConnection(Protocol):
 
     def on_goaway(self, callback: Callable[[ClientConnection, dict[str, Any]], object]) -> None:
         self._goaway_callbacks.append(callback)
+
+    def subscribe(
+        self, channel: str, on_publication: Callable[..., object], **options: Any
+    ) -> Deferred[Subscription]:
+        """Subscribe to a channel: ``on_publication(data, offset, subscription)`` per
+        publication; options: ``on_not_recovered``, ``since``, ``join_leave``, ``on_presence``
+        (see `heartbeatd.client.channels`)."""
+        return channels_of(self).subscribe(channel, on_publication, **options)
+
+    def unsubscribe(self, channel: str) -> Deferred[Any]:
+        return channels_of(self).unsubscribe(channel)
 
     # -- sending ---------------------------------------------------------------------------
 
@@ -360,8 +380,36 @@ class ClientConnection(Protocol):
         if isinstance(interval, (int, float)) and interval > 0:
             timeout = float(timeout) if isinstance(timeout, (int, float)) else interval * 3
             self._start_heartbeat(float(interval), timeout)
+        if self._token is not None and not self._ready.called:
+            self._authenticate(self._token)
+            return
+        if hello.get("auth") == "required" and not self._ready.called:
+            self._fail_ready(Failure(ServerError("unauthenticated", "the server requires a token")))
+            self.close()
+            return
         if not self._ready.called:
             self._ready.callback(self)
+
+    def _fail_ready(self, failure: Failure) -> None:
+        self._ready.errback(failure)
+        self._ready.addErrback(lambda _: None)  # its waiters have it; do not log it as unhandled
+
+    def _authenticate(self, token: str) -> None:
+        """Send the token; ready fires once the server accepted it, or fails with its error."""
+
+        def accepted(data: Any) -> None:
+            if isinstance(data, dict) and isinstance(data.get("identity"), str):
+                self.identity = data["identity"]
+            if not self._ready.called:
+                self._ready.callback(self)
+
+        def refused(failure: Failure) -> None:
+            if not self._ready.called:
+                self._fail_ready(failure)
+
+        self.request("auth", {"token": token}, timeout=self.hello_timeout).addCallbacks(
+            accepted, refused
+        )
 
     def _start_heartbeat(self, interval: float, timeout: float) -> None:
         if self._heartbeat is not None and self._heartbeat.running:
@@ -429,15 +477,20 @@ def connect(
     framing: str = "int32",
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
     hello_timeout: float = DEFAULT_HELLO_TIMEOUT,
+    tls: ClientTLS | None = None,
     **options: Any,
 ) -> Deferred[ClientConnection]:
     """Connect to ``endpoint`` (e.g. ``tcp:host=127.0.0.1:port=9000``); fire when ready.
 
-    Ready means after the server's hello, or at once in seed framing, whose servers send
-    none.  ``options`` go to `ClientConnection` (``expect_hello``, ``heartbeat_interval``...).
+    Ready means after the server's hello (and, with ``token=``, its acceptance of the token),
+    or at once in seed framing, whose servers send none.  ``tls`` puts TLS under the
+    connection (`ClientTLS`).  ``options`` go to `ClientConnection` (``token``,
+    ``expect_hello``, ``heartbeat_interval``...).
     """
     from twisted.internet.endpoints import clientFromString, connectProtocol
 
+    if tls is not None:
+        endpoint = wrap_client_endpoint(reactor, endpoint, tls)
     if isinstance(endpoint, str):
         endpoint = clientFromString(reactor, endpoint)
     connection = ClientConnection(reactor, framing, request_timeout, hello_timeout, **options)
@@ -456,4 +509,14 @@ def connect(
         connection.when_ready().addBoth(relay)
         return ready
 
-    return connectProtocol(endpoint, connection).addCallback(wait_for_hello)
+    return connectProtocol(endpoint, connection).addCallbacks(wait_for_hello, _typed)
+
+
+def _typed(failure: Failure) -> Failure:
+    """Twisted's connect errors (refused, DNS, timeout) become `ConnectionFailed`, with the
+    original as ``__cause__``; our own errors and a caller's cancel pass through."""
+    if failure.check(ClientError, CancelledError):
+        return failure
+    error = ConnectionFailed(failure.getErrorMessage() or type(failure.value).__name__)
+    error.__cause__ = failure.value
+    return Failure(error)

@@ -45,6 +45,7 @@ from heartbeatd.client.errors import (
     RequestTimeout,
     ServerError,
 )
+from heartbeatd.client.tls import client_tls, read_token
 from heartbeatd.wire.envelope import OMIT
 
 __all__ = ["Pool"]
@@ -178,6 +179,9 @@ class Pool:
     ) -> None:
         self.clock = reactor
         self.config = config = config or PoolConfig()
+        # Read once, so a missing file or a half TLS setting fails here, not at each connect.
+        token = read_token(config.token_file) if config.token_file else None
+        tls = client_tls(config)
         #: Makes one new connection; tests replace it.
         self.connect_fn = connect_fn or (
             lambda: connect(
@@ -186,6 +190,8 @@ class Pool:
                 framing=config.framing,
                 request_timeout=config.request_timeout,
                 hello_timeout=config.connect_timeout,
+                tls=tls,
+                token=token,
             )
         )
         self._random = random

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application.internet import ClientService
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
@@ -27,6 +27,7 @@ from zope.interface import implementer
 
 from heartbeatd._logging import get_logger
 from heartbeatd.client.backoff import full_jitter_backoff
+from heartbeatd.client.channels import Subscription, channels_of
 from heartbeatd.client.connection import (
     DEFAULT_HELLO_TIMEOUT,
     DEFAULT_REQUEST_TIMEOUT,
@@ -34,6 +35,7 @@ from heartbeatd.client.connection import (
     PushHandler,
 )
 from heartbeatd.client.errors import ClientError, ConnectionFailed, NotConnected
+from heartbeatd.client.tls import ClientTLS, wrap_client_endpoint
 from heartbeatd.wire.envelope import OMIT
 
 __all__ = ["ReconnectingClient", "full_jitter_backoff"]
@@ -67,7 +69,12 @@ class ReconnectingClient:
         backoff_initial: float = 0.1,
         backoff_max: float = 30.0,
         random: Callable[[], float] = _random.random,
+        tls: ClientTLS | None = None,
+        token: str | None = None,
     ) -> None:
+        if tls is not None:  # TLS under every connection; the token is sent on each
+            endpoint = wrap_client_endpoint(reactor, endpoint, tls)
+        self._token = token
         if isinstance(endpoint, str):
             from twisted.internet.endpoints import clientFromString
 
@@ -81,6 +88,7 @@ class ReconnectingClient:
         self._handlers: list[tuple[str, PushHandler]] = []
         self._next_delay: float | None = None
         self._current: ClientConnection | None = None
+        self._subscriptions: list[Subscription] = []
         self._handshakes_failed = 0
         self._in_service = 0  # > 0 while ClientService is calling us back
         self.goaways = 0
@@ -219,6 +227,51 @@ class ReconnectingClient:
         if self._current is not None and not self._current.closed:
             self._current.on(type, handler)
 
+    def subscribe(
+        self,
+        channel: str,
+        on_publication: Callable[..., object],
+        on_not_recovered: Callable[..., object] | None = None,
+        **options: Any,
+    ) -> Deferred[Subscription]:
+        """Subscribe now and after every reconnect, with ``since``: each publication is
+        delivered exactly once, or ``on_not_recovered(subscription, reason)`` says some were
+        lost (see `heartbeatd.client.channels`)."""
+        sub = Subscription(channel, on_publication, on_not_recovered, **options)
+        self._subscriptions.append(sub)
+        first: Deferred[Subscription] = Deferred()
+        sub.waiters.append(first)
+        conn = self._current
+        if conn is not None and conn.usable:
+            self._attach(conn, sub)
+        return first
+
+    def unsubscribe(self, channel: str) -> Deferred[Any]:
+        """Stop a subscription here and on every future connection."""
+        for sub in [s for s in self._subscriptions if s.channel == channel]:
+            sub.active = False
+            self._subscriptions.remove(sub)
+        conn = self._current
+        if conn is not None and conn.usable and channel in channels_of(conn).subscriptions:
+            return channels_of(conn).unsubscribe(channel)
+        return succeed(None)
+
+    def _attach(self, conn: ClientConnection, sub: Subscription) -> None:
+        def failed(failure: Any) -> None:
+            log.warn(
+                "Subscribing to {channel} failed: {why}",
+                channel=sub.channel,
+                why=failure.getErrorMessage(),
+            )
+
+        channels_of(conn).attach(sub).addErrback(failed)
+
+    def _resubscribe(self, conn: ClientConnection) -> None:
+        channels = channels_of(conn)
+        for sub in self._subscriptions:
+            if sub.active and sub.channel not in channels.subscriptions:
+                self._attach(conn, sub)
+
     def _attempt_failed(self, failure: Failure) -> Failure:
         """Remember why (for our errors) and pass the failure on."""
         self.last_error = failure.getErrorMessage() or type(failure.value).__name__
@@ -227,6 +280,7 @@ class ReconnectingClient:
     def _handshake_done(self, conn: ClientConnection) -> None:
         self.last_error = None
         self._handshakes_failed = 0
+        self._resubscribe(conn)
 
     def _handshake_failed(self, failure: Failure) -> None:
         self._attempt_failed(failure)  # recorded; the failure ends here
@@ -234,7 +288,11 @@ class ReconnectingClient:
 
     def _build(self) -> ClientConnection:
         conn = ClientConnection(
-            self._reactor, self._framing, self._request_timeout, self._hello_timeout
+            self._reactor,
+            self._framing,
+            self._request_timeout,
+            self._hello_timeout,
+            token=self._token,
         )
         for type_, handler in self._handlers:
             conn.on(type_, handler)

@@ -2,5 +2,5 @@
 
 The twistd plugin (``twistd heartbeatd``) enters at `heartbeatd.daemon.tap`; the rest is
 the service and its stop order, the YAML file, live reload, the admin API and its metrics,
-sd_notify, signals and the log format.
+sd_notify, signals, the log format, and the files an installation needs (`files`).
 """

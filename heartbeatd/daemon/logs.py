@@ -8,6 +8,7 @@ unit do).  Levels are `heartbeatd._logging`'s business.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from datetime import datetime, timezone
 from typing import Any, TextIO
@@ -15,7 +16,13 @@ from typing import Any, TextIO
 from twisted.logger import ILogObserver, formatEvent, textFileLogObserver
 from zope.interface import provider
 
-__all__ = ["json_line", "observer", "set_format"]
+__all__ = ["is_twisted_chatter", "json_line", "observer", "set_format"]
+
+#: Twisted's stock lines about ports and factories ("ServerFactory starting on 9000",
+#: "(TCP Port 9000 Closed)", "Starting factory <...object at 0x...>"): they repeat what our
+#: own start-up and shutdown lines say, in words an operator cannot act on.
+_CHATTER = re.compile(r"^(?:[\w.]+ starting on \S+|\(\w+ Port \S+ Closed\))$")
+_FACTORY_FORMATS = ("Starting factory {factory!r}", "Stopping factory {factory!r}")
 
 LOG_FORMATS = ("text", "json")
 _format = "text"
@@ -53,6 +60,14 @@ def json_line(event: dict[str, Any]) -> str:
     return json.dumps(record, ensure_ascii=False)
 
 
+def is_twisted_chatter(event: dict[str, Any]) -> bool:
+    """True for Twisted's stock port/factory lines (a legacy ``log.msg`` or a factory's)."""
+    if event.get("log_format") in _FACTORY_FORMATS:
+        return True
+    text = event.get("log_text")
+    return isinstance(text, str) and _CHATTER.match(text) is not None
+
+
 def _json_observer(stream: TextIO) -> ILogObserver:
     @provider(ILogObserver)
     def write(event: dict[str, Any]) -> None:
@@ -62,10 +77,19 @@ def _json_observer(stream: TextIO) -> ILogObserver:
     return write
 
 
+def _without_chatter(inner: ILogObserver) -> ILogObserver:
+    @provider(ILogObserver)
+    def write(event: dict[str, Any]) -> None:
+        if not is_twisted_chatter(event):
+            inner(event)
+
+    return write
+
+
 def observer() -> ILogObserver:
     """twistd's ``--logger`` factory: writes to stdout in the configured ``log.format``."""
     global observer_in_use
     observer_in_use = True
     if _format == "json":
-        return _json_observer(sys.stdout)
-    return textFileLogObserver(sys.stdout)
+        return _without_chatter(_json_observer(sys.stdout))
+    return _without_chatter(textFileLogObserver(sys.stdout))

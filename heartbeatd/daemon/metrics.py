@@ -1,35 +1,87 @@
 """Prometheus metrics, read from the daemon's own counters at scrape time.
 
 Nothing here runs per frame: connections and the factory count in plain integers, and this
-collector turns them into metric families only when ``/metrics`` is scraped.
+collector turns them into metric families only when ``/metrics`` is scraped.  Labelled
+counters list every known label value from the start (at zero), so a dashboard's
+``rate()`` has a series before the first event; the standard ``process_*`` metrics and a
+``heartbeatd_build_info`` come along.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import platform
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from itertools import accumulate
 
+import twisted
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
 )
+from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from heartbeatd._version import __version__
 from heartbeatd.server.factory import ServerFactory
+from heartbeatd.wire import envelope, sniff
 
-__all__ = ["FactoryCollector", "registry_for"]
+__all__ = ["ERROR_CODES", "EVICTION_REASONS", "FactoryCollector", "registry_for"]
+
+#: Why the server closes a client (``heartbeatd_evicted_total{reason}``), shown from zero.
+EVICTION_REASONS = (
+    "admin",
+    "bad_frame",
+    "first_frame_timeout",
+    envelope.FRAME_TIMEOUT,
+    envelope.FRAME_TOO_LARGE,
+    "heartbeat_timeout",
+    envelope.OVERLOADED,
+    "shutdown",
+    "slow_consumer",
+    envelope.WRONG_PROTOCOL,
+)
+#: The protocol's own error codes (``heartbeatd_errors_total{code}``), shown from zero;
+#: handlers' own codes appear once used.
+ERROR_CODES = (
+    envelope.BAD_FRAME,
+    envelope.BAD_JSON,
+    envelope.BAD_MESSAGE,
+    envelope.FRAME_TIMEOUT,
+    envelope.FRAME_TOO_LARGE,
+    envelope.INTERNAL_ERROR,
+    envelope.OVERLOADED,
+    envelope.TOO_DEEP,
+    envelope.TOO_MANY_CONNECTIONS,
+    envelope.UNKNOWN_TYPE,
+    envelope.WRONG_PROTOCOL,
+)
+#: Admin requests refused before their body was read, by HTTP status.
+ADMIN_REFUSALS = ("401", "413")
+
+
+def _with_zeros(counts: Counter[str], known: Iterable[str]) -> list[tuple[str, int]]:
+    return sorted({**dict.fromkeys(known, 0), **counts}.items())
 
 
 class FactoryCollector(Collector):
     """Exports a `ServerFactory`'s state as ``heartbeatd_*`` metrics."""
 
-    def __init__(self, factory: ServerFactory) -> None:
+    def __init__(self, factory: ServerFactory, admin_refused: Counter[str] | None = None) -> None:
         self.factory = factory
+        self.admin_refused = admin_refused
 
     def collect(self) -> Iterator[object]:
         f = self.factory
         hb = f.heartbeat
+        info = GaugeMetricFamily(
+            "heartbeatd_build_info",
+            "Versions this daemon runs (the value is always 1).",
+            labels=["version", "python", "twisted"],
+        )
+        info.add_metric([__version__, platform.python_version(), twisted.__version__], 1)
+        yield info
         yield GaugeMetricFamily(
             "heartbeatd_connections", "Clients connected now.", value=len(f.clients)
         )
@@ -38,19 +90,28 @@ class FactoryCollector(Collector):
         )
         yield CounterMetricFamily(
             "heartbeatd_connections_refused",
-            "Connections refused at limits.max_connections.",
+            "Connections refused at any limit (see _by_reason).",
             value=f.refused,
         )
+        refused = CounterMetricFamily(
+            "heartbeatd_connections_refused_by_reason",
+            "Connections refused, by limit (max_connections, per_address_connections, "
+            "per_address_rate).",
+            labels=["reason"],
+        )
+        for reason, count in sorted(f.refusals.items()):
+            refused.add_metric([reason], count)
+        yield refused
         evicted = CounterMetricFamily(
             "heartbeatd_evicted", "Clients closed by the server, by reason.", labels=["reason"]
         )
-        for reason, count in sorted(f.closes.items()):
+        for reason, count in _with_zeros(f.closes, EVICTION_REASONS):
             evicted.add_metric([reason], count)
         yield evicted
         errors = CounterMetricFamily(
             "heartbeatd_errors", "Error frames sent, by code.", labels=["code"]
         )
-        for code, count in sorted(f.errors.items()):
+        for code, count in _with_zeros(f.errors, ERROR_CODES):
             errors.add_metric([code], count)
         yield errors
         foreign = CounterMetricFamily(
@@ -58,7 +119,7 @@ class FactoryCollector(Collector):
             "Connections whose first bytes were another protocol's, by kind.",
             labels=["kind"],
         )
-        for kind, count in sorted(f.foreign.items()):
+        for kind, count in _with_zeros(f.foreign, sniff.DESCRIPTIONS):
             foreign.add_metric([kind], count)
         yield foreign
         yield GaugeMetricFamily(
@@ -117,10 +178,26 @@ class FactoryCollector(Collector):
             buckets=buckets,
             sum_value=f.rtt_sum,
         )
+        if self.admin_refused is not None:
+            refused = CounterMetricFamily(
+                "heartbeatd_admin_refused",
+                "Admin requests refused before their body was read, by HTTP status.",
+                labels=["status"],
+            )
+            for status, count in _with_zeros(self.admin_refused, ADMIN_REFUSALS):
+                refused.add_metric([status], count)
+            yield refused
 
 
-def registry_for(factory: ServerFactory) -> CollectorRegistry:
-    """A registry holding only this daemon's metrics (no process-global state)."""
+def registry_for(
+    factory: ServerFactory, admin_refused: Counter[str] | None = None
+) -> CollectorRegistry:
+    """A registry holding this daemon's metrics and the process's (CPU, memory, fds, start).
+
+    Our own registry rather than prometheus-client's global one: nothing process-global, so
+    tests can build several.
+    """
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(FactoryCollector(factory))
+    registry.register(FactoryCollector(factory, admin_refused))
+    ProcessCollector(registry=registry)
     return registry

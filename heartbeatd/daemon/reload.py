@@ -17,6 +17,8 @@ from heartbeatd._logging import get_logger, set_level
 from heartbeatd.config import Config, ConfigError
 from heartbeatd.daemon.config import load_config
 from heartbeatd.daemon.sdnotify import Notifier
+from heartbeatd.daemon.tls import ServerTLS
+from heartbeatd.server.auth import load_authenticator
 from heartbeatd.server.factory import ServerFactory
 
 __all__ = ["Reloader", "config_diff"]
@@ -24,7 +26,7 @@ __all__ = ["Reloader", "config_diff"]
 log = get_logger(__name__)
 
 #: Keys bound at start: changing them needs a restart.
-FIXED_KEYS = ("listen", "framing", "handlers", "admin")
+FIXED_KEYS = ("listen", "framing", "handlers", "admin", "cluster")
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -58,11 +60,14 @@ class Reloader:
         overrides: Mapping[str, Any],
         factory: ServerFactory,
         notifier: Notifier,
+        tls: ServerTLS | None = None,
     ) -> None:
         self.path = path
         self.overrides = dict(overrides)
         self.factory = factory
         self.notifier = notifier
+        #: The listener's TLS, whose certificate and key are re-read on every reload.
+        self.tls = tls
 
     def reload(self) -> bool:
         self.notifier.reloading()
@@ -95,6 +100,14 @@ class Reloader:
                 new=getattr(new, key),
             )
         new = dataclasses.replace(new, **fixed)
+        try:
+            new = self._reload_security(old, new)
+        except ConfigError as e:
+            log.error(
+                "Reload rejected; still running on the previous configuration:\n{errors}",
+                errors="\n".join(f"  {line}" for line in e.errors),
+            )
+            return False
         changes = config_diff(old, new)
         self.factory.apply_config(new)
         set_level(new.log.level)
@@ -104,3 +117,21 @@ class Reloader:
             changes="; ".join(changes) if changes else "no changes",
         )
         return True
+
+    def _reload_security(self, old: Config, new: Config) -> Config:
+        """Re-read the tokens file and the certificates; all or nothing (`ConfigError`)."""
+        if new.tls.enabled != old.tls.enabled:
+            log.warn(
+                "tls.certificate cannot switch TLS on or off while running; keeping TLS {state} "
+                "(restart to change it)",
+                state="on" if old.tls.enabled else "off",
+            )
+            new = dataclasses.replace(new, tls=old.tls)
+        authenticator = load_authenticator(new.auth)  # raises before anything changed
+        if self.tls is not None and new.tls.enabled:
+            self.tls.reload(new.tls)
+            log.info("TLS certificate and key re-read from {path}", path=new.tls.certificate)
+        self.factory.authenticator = authenticator
+        if authenticator is not None:
+            log.info("auth: {what} loaded", what=authenticator.description)
+        return new

@@ -71,6 +71,7 @@ class ServerService(Service):
 
     def startService(self) -> None:
         super().startService()
+        self.factory.channels.start()  # the cluster broker connects in the background
         if self._reactor is not None:
             self._reactor.callWhenRunning(self._running)
 
@@ -108,6 +109,11 @@ class ServerService(Service):
             timeout=config.heartbeat.timeout,
             limit=self.factory.max_connections,
         )
+        log.info(
+            "Handlers: built-in{modules}; message types: {types}",
+            modules="".join(f", {name}" for name in config.handlers),
+            types=", ".join(self.factory.registry.types()),
+        )
         if self._admin is not None:
             endpoint, site = self._admin
             self.admin_port = _bind(endpoint, site, self.factory.config.admin.listen)
@@ -117,30 +123,70 @@ class ServerService(Service):
             )
 
     def stopService(self) -> Deferred[None]:
-        """Stop listening first (a restarted instance can take new clients), then drain."""
+        """Stop listening first (a restarted instance can take new clients), then drain.
+
+        Each step logs one line as it completes, so the log reads in the order things
+        happened: stopped listening, draining (goaway), closing the rest, admin API closed,
+        stopped.
+        """
         super().stopService()
+        clock = self._reactor or self.factory.clock
+        began = clock.seconds()
         self.notifier.stopping(f"draining {len(self.factory.clients)} client(s)")
         self.notifier.stop_watchdog()
         if self._status_loop is not None and self._status_loop.running:
             self._status_loop.stop()
         port, self.port = self.port, None
+        address = format_address(port.getHost()) if port is not None else ""
         stopped = maybeDeferred(port.stopListening) if port is not None else succeed(None)
         shutdown = self.factory.config.shutdown
 
         def drain(_: object) -> Deferred[None]:
+            if port is not None:
+                log.info(
+                    "Stopped listening on {address}; {count} client(s) connected",
+                    address=address,
+                    count=len(self.factory.clients),
+                )
             return self.factory.drain(shutdown.drain_timeout, shutdown.reconnect_after)
 
         def close_clients(_: object) -> Deferred[None]:
             count = len(self.factory.clients)
             if count:
-                log.info("Stopped listening; closing {count} client(s)", count=count)
+                log.info("Drain over; closing {count} client(s)", count=count)
+            else:
+                log.info("Drain over; every client has left")
             return self.factory.close_all(shutdown.close_timeout)
 
         def stop_admin(_: object) -> Any:  # last: /healthz answers 503 during the drain
             admin, self.admin_port = self.admin_port, None
-            return admin.stopListening() if admin is not None else None
+            if admin is None:
+                return None
+            return maybeDeferred(admin.stopListening).addCallback(
+                lambda _: log.info("Admin API closed")
+            )
 
-        return stopped.addCallback(drain).addCallback(close_clients).addCallback(stop_admin)
+        def stop_broker(_: object) -> Any:  # after the clients: their leaves reach the cluster
+            return self.factory.channels.stop()
+
+        def done(_: object) -> None:
+            log.info(
+                "heartbeatd stopped after {seconds:.1f}s of shutdown",
+                seconds=clock.seconds() - began,
+            )
+
+        def failed(failure: Failure) -> None:
+            # twistd would drop a failure here without a word; say what went wrong.
+            log.failure("A shutdown step failed; stopping anyway", failure)
+
+        return (
+            stopped.addCallback(drain)
+            .addCallback(close_clients)
+            .addCallback(stop_admin)
+            .addCallback(stop_broker)
+            .addCallback(done)
+            .addErrback(failed)
+        )
 
 
 def _bind(endpoint: IStreamServerEndpoint, factory: Any, description: str) -> IListeningPort:

@@ -6,23 +6,28 @@ Imported only when the subcommand runs (the plugin shim names this module), so
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from twisted.application.service import IService
 from twisted.python import usage
 
-from heartbeatd._logging import set_level
+from heartbeatd._logging import get_logger, set_level
 from heartbeatd.config import Config, ConfigError
 from heartbeatd.daemon.config import load_config
 from heartbeatd.daemon.logs import set_format
 from heartbeatd.daemon.reload import Reloader
 from heartbeatd.daemon.sdnotify import Notifier
 from heartbeatd.daemon.service import ServerService, raise_open_file_limit
+from heartbeatd.daemon.tls import ServerTLS, load_server_tls
+from heartbeatd.server.auth import Authenticator, load_authenticator
 from heartbeatd.server.factory import ServerFactory
 from heartbeatd.server.handlers import HandlerRegistry, default_registry
 from heartbeatd.wire import FRAMINGS
 
 __all__ = ["Options", "makeService"]
+
+log = get_logger(__name__)
 
 
 def _reactor() -> Any:
@@ -37,6 +42,13 @@ def check_endpoint(description: str, reactor: Any) -> str | None:
 
     try:
         serverFromString(reactor, description)
+    except (KeyError, IndexError) as e:
+        if description.strip().lower().startswith("systemd:"):
+            return (
+                f"listen: {description!r} names a socket systemd did not pass ({e}); expected "
+                "heartbeatd.socket to be active (socket activation), or a tcp: endpoint"
+            )
+        return f"listen: {description!r} is not a valid server endpoint: {e!r}"
     except Exception as e:
         return f"listen: {description!r} is not a valid server endpoint: {e}"
     return None
@@ -53,6 +65,43 @@ def build_registry(config: Config, errors: list[str]) -> HandlerRegistry | None:
     return None if errors else registry
 
 
+def read_admin_token(config: Config, errors: list[str]) -> str:
+    """The admin token: ``admin.token``, or the contents of ``admin.token_file``."""
+    path = config.admin.token_file
+    if not path:
+        return config.admin.token
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        reason = getattr(e, "strerror", None) or str(e)
+        errors.append(f"admin.token_file: {path!r} cannot be read: {reason}")
+        return ""
+    if not token:
+        errors.append(f"admin.token_file: {path!r} is empty; expected the bearer token")
+    return token
+
+
+def check_security(
+    config: Config, errors: list[str]
+) -> tuple[ServerTLS | None, Authenticator | None]:
+    """Load ``tls:`` (certificates) and ``auth:`` (tokens, authenticator), or say why not."""
+    tls = authenticator = None
+    if config.tls.enabled and config.listen.split(":", 1)[0].lower() in ("ssl", "tls"):
+        errors.append(
+            f"listen: {config.listen!r} is not allowed with tls.certificate set; expected a "
+            "plain endpoint (tcp:..., unix:...): tls.* puts TLS on it"
+        )
+    try:
+        tls = load_server_tls(config.tls)
+    except ConfigError as e:
+        errors.extend(e.errors)
+    try:
+        authenticator = load_authenticator(config.auth)
+    except ConfigError as e:
+        errors.extend(e.errors)
+    return tls, authenticator
+
+
 class Options(usage.Options):
     synopsis = "[--config FILE] [--listen ENDPOINT] [--framing NAME]"
     longdesc = (
@@ -67,6 +116,9 @@ class Options(usage.Options):
 
     config: Config
     registry: HandlerRegistry
+    admin_token: str = ""
+    tls: ServerTLS | None
+    authenticator: Authenticator | None
 
     def postOptions(self) -> None:
         overrides = {key: self[key] for key in ("listen", "framing") if self[key] is not None}
@@ -83,11 +135,23 @@ class Options(usage.Options):
             admin_error = check_endpoint(config.admin.listen, _reactor())
             if admin_error:
                 errors.append("admin." + admin_error)
+        if config.cluster.redis:
+            try:
+                import txredisapi  # noqa: F401 - only checking that the cluster can run
+            except ImportError:
+                errors.append(
+                    f"cluster.redis: {config.cluster.redis!r} needs the Redis client: "
+                    "pip install 'heartbeatd[cluster]' (txredisapi), or set cluster.redis: ''"
+                )
+        self.admin_token = read_admin_token(config, errors)
         registry = build_registry(config, errors)
+        tls, authenticator = check_security(config, errors)
         if errors or registry is None:
             self._fail(errors)
         self.config = config
         self.registry = registry
+        self.tls = tls
+        self.authenticator = authenticator
 
     @staticmethod
     def _fail(errors: list[str]) -> None:
@@ -105,16 +169,37 @@ def makeService(options: Options) -> IService:
     reactor = _reactor()
     from twisted.internet.endpoints import serverFromString
 
-    factory = ServerFactory(config, options.registry, reactor)
+    broker = None
+    if config.cluster.redis:  # imported only here: a single daemon never needs Redis
+        from heartbeatd.cluster.redis import RedisBroker
+
+        broker = RedisBroker(reactor, config.cluster, config.channels)
+    factory = ServerFactory(config, options.registry, reactor, broker)
+    factory.noisy = False  # no "Starting factory <...ServerFactory object at 0x...>" lines
+    factory.authenticator = options.authenticator
     endpoint = serverFromString(reactor, config.listen)
+    if options.tls is not None:
+        endpoint = options.tls.wrap(endpoint, reactor)
+        log.info(
+            "TLS on {listen}: {what}, certificate {certificate}",
+            listen=config.listen,
+            what=options.tls.describe(),
+            certificate=config.tls.certificate,
+        )
+    if options.authenticator is not None:
+        log.info(
+            "Clients must authenticate (auth.mode {mode}: {what})",
+            mode=config.auth.mode,
+            what=options.authenticator.description,
+        )
     notifier = Notifier()
-    reloader = Reloader(options["config"], options.overrides, factory, notifier)
+    reloader = Reloader(options["config"], options.overrides, factory, notifier, options.tls)
     admin = None
     if config.admin.listen:
         from heartbeatd.daemon.admin import admin_site
 
         admin = (
             serverFromString(reactor, config.admin.listen),
-            admin_site(factory, config.admin.token),
+            admin_site(factory, config.admin, options.admin_token),
         )
     return ServerService(endpoint, factory, reactor, notifier, reloader.reload, admin)

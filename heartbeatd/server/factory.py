@@ -20,7 +20,11 @@ from twisted.python.failure import Failure
 
 from heartbeatd._logging import LogLimiter, get_logger
 from heartbeatd._version import __version__
+from heartbeatd.cluster.broker import Broker, MemoryBroker
 from heartbeatd.config import Config
+from heartbeatd.server import channels
+from heartbeatd.server.admission import Admission
+from heartbeatd.server.auth import Authenticator
 from heartbeatd.server.handlers import HandlerRegistry, default_registry
 from heartbeatd.server.heartbeat import HeartbeatMonitor
 from heartbeatd.server.protocol import RefusedProtocol, ServerProtocol, format_address
@@ -46,6 +50,7 @@ class EvictionRecord:
     __slots__ = (
         "at",
         "detail",
+        "identity",
         "last_rtt",
         "peer",
         "pings_unanswered",
@@ -59,6 +64,7 @@ class EvictionRecord:
     ) -> None:
         self.session_id = client.session_id
         self.peer = client.peer
+        self.identity = client.identity
         self.reason = reason
         self.detail = detail
         self.at = at
@@ -91,6 +97,7 @@ class ServerFactory(Factory):
         config: Config,
         registry: HandlerRegistry | None = None,
         clock: IReactorTime | None = None,
+        broker: Broker | None = None,
     ) -> None:
         self.config = config
         self.clock = _resolve_clock(clock)
@@ -98,11 +105,22 @@ class ServerFactory(Factory):
         self.registry = registry if registry is not None else default_registry(config.handlers)
         #: What handlers reach as ``request.server``.
         self.server = Server(self)
+        if broker is None:
+            ch = config.channels
+            broker = MemoryBroker(self.clock, ch.history_size, ch.history_ttl, config.name)
+        #: Channels, presence, and (with a clustered broker) send/broadcast across nodes.
+        self.channels = channels.ChannelHub(self, broker)
+        channels.register(self.registry)
         #: session id -> connection, least recently heard first.
         self.clients: OrderedDict[str, ServerProtocol] = OrderedDict()
         self.max_connections = config.effective_max_connections()
         self.accepted = 0
         self.refused = 0
+        #: Per-address connection counts and accept rates (limits.*_per_address).
+        self.admission = Admission(config.limits, self.clock)
+        #: Checks clients' tokens when ``auth.mode`` is not none; the daemon sets it (it reads
+        #: the tokens file, at start and on SIGHUP).
+        self.authenticator: Authenticator | None = None
         self.closes: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
         #: Connections refused, by reason (``max_connections``, ...).
@@ -141,9 +159,13 @@ class ServerFactory(Factory):
         """Use a new configuration from now on (live reload); connections stay open."""
         self.config = config
         self.max_connections = config.effective_max_connections()
+        self.admission.configure(config.limits)
         for client in self.clients.values():
             client.set_max_frame_bytes(config.max_frame_bytes)
         self.heartbeat.batch = config.heartbeat.sweep_batch
+        self.channels.broker.configure_history(
+            config.channels.history_size, config.channels.history_ttl
+        )
         self.heartbeat.frame_timeout = config.limits.frame_timeout
         self.heartbeat.reconfigure(
             config.heartbeat.interval,
@@ -186,7 +208,28 @@ class ServerFactory(Factory):
             refused = RefusedProtocol(self.framing.encode(body))
             refused.factory = self
             return refused
-        return super().buildProtocol(addr)
+        host = getattr(addr, "host", None)
+        key = self.admission.key(host)
+        refusal = self.admission.admit(key)
+        if refusal is not None:
+            return self._refuse_per_address(addr, *refusal)
+        protocol = super().buildProtocol(addr)
+        protocol.admitted_host = key  # type: ignore[union-attr]
+        return protocol  # type: ignore[return-value]
+
+    def _refuse_per_address(self, addr: IAddress, reason: str, message: str) -> Protocol:
+        self.refused += 1
+        self.refusals[reason] += 1
+        if self.log_limiter.allow("refused:" + reason):
+            log.warn(
+                "Refused a connection from {peer}: {message}",
+                peer=format_address(addr),
+                message=message,
+            )
+        body = encode_error(TOO_MANY_CONNECTIONS, message)
+        refused = RefusedProtocol(self.framing.encode(body))
+        refused.factory = self
+        return refused
 
     # -- the registry -------------------------------------------------------------------------
 
@@ -196,17 +239,17 @@ class ServerFactory(Factory):
 
     def hello_body(self, session_id: str) -> bytes:
         hb = self.heartbeat
-        return encode_message(
-            "hello",
-            {
-                "server": self.config.name,
-                "version": __version__,
-                "session": session_id,
-                "framing": self.framing.name,
-                "heartbeat": {"interval": hb.interval, "timeout": hb.timeout},
-                "max_frame_bytes": self.config.max_frame_bytes,
-            },
-        )
+        hello = {
+            "server": self.config.name,
+            "version": __version__,
+            "session": session_id,
+            "framing": self.framing.name,
+            "heartbeat": {"interval": hb.interval, "timeout": hb.timeout},
+            "max_frame_bytes": self.config.max_frame_bytes,
+        }
+        if self.authenticator is not None:
+            hello["auth"] = "required"
+        return encode_message("hello", hello)
 
     def ping_frame(self, sequence: int) -> bytes:
         """The heartbeat a sweep sends: the framing's bare token, or a ping envelope."""
@@ -219,6 +262,7 @@ class ServerFactory(Factory):
         self.clients[client.session_id] = client
         self.accepted += 1
         self.heartbeat.watch_newcomer(client)
+        self.channels.client_connected(client)
         log.debug(
             "Client {session} connected from {peer}", session=client.session_id, peer=client.peer
         )
@@ -243,10 +287,12 @@ class ServerFactory(Factory):
         else:
             emit = log.warn
         emit(
-            "Closing client {session} ({peer}): {reason}{sep}{detail}; silent {silent:.1f}s, "
+            "Closing client {session} ({peer}{who}): {reason}{sep}{detail}; silent {silent:.1f}s, "
             "last ping round trip {rtt}, unanswered pings {missed}",
             session=client.session_id,
             peer=client.peer,
+            who=f", {client.identity}" if client.identity else "",
+            identity=client.identity,
             reason=reason,
             sep=": " if detail else "",
             detail=detail,
@@ -273,6 +319,8 @@ class ServerFactory(Factory):
     def client_disconnected(self, client: ServerProtocol, reason: Failure | None) -> None:
         if self.clients.pop(client.session_id, None) is None:
             return
+        self.channels.client_disconnected(client)
+        self.admission.release(getattr(client, "admitted_host", None))
         totals = self.closed_totals
         totals["frames_in"] += client.frames_in
         totals["frames_out"] += client.frames_out
@@ -317,6 +365,14 @@ class ServerFactory(Factory):
             return False
         client.send(type, data)
         return True
+
+    def publish(self, channel: str, data: Any) -> Deferred[int]:
+        """Publish to a channel (see `ChannelHub.publish`)."""
+        return self.channels.publish(channel, data)
+
+    def forward(self, session_id: str, type: str, data: Any = OMIT) -> bool:
+        """Send to a session of another node of the cluster; False when there is none."""
+        return self.channels.forward(session_id, type, data)
 
     def broadcast(self, type: str, data: Any = OMIT) -> int:
         """Push a message to every client, encoding the frame once; returns the count."""

@@ -17,12 +17,14 @@ from inspect import iscoroutine
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IAddress
+from twisted.internet.interfaces import IAddress, IHandshakeListener, ISSLTransport
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from heartbeatd._direct_write import supports_direct_write, unsent_bytes, write_direct
 from heartbeatd._logging import get_logger
+from heartbeatd.server.auth import peer_certificate_identity
 from heartbeatd.server.handlers import NO_REPLY, HandlerError, Reply, Request
 from heartbeatd.server.registry import ClientRegistry
 from heartbeatd.server.session import Session
@@ -65,6 +67,12 @@ class _Slot:
         self.frame = frame
 
 
+def is_tls(transport: Any) -> bool:
+    """True for a TLS transport: a TLS wrapper, ``ssl:`` listeners, or after ``startTLS``."""
+    return ISSLTransport.providedBy(transport) or getattr(transport, "TLS", False) is True
+
+
+@implementer(IHandshakeListener)
 class ServerProtocol(Protocol):
     """One client connection of the daemon.
 
@@ -77,11 +85,14 @@ class ServerProtocol(Protocol):
     """
 
     __slots__ = (
+        "_auth",
         "_bare_type",
         "_batch",
         "_decoder",
         "_direct_write",
         "_encode",
+        "_handshake_timer",
+        "_handshaking",
         "_header",
         "_held",
         "_max_depth",
@@ -94,6 +105,7 @@ class ServerProtocol(Protocol):
         "_token",
         "_write_paused",
         "_written_while_paused",
+        "admitted_host",
         "awaiting_first_frame",
         "bytes_in",
         "bytes_out",
@@ -167,6 +179,14 @@ class ServerProtocol(Protocol):
         self._bare_type: str | None = None
         self._token: bytes | None = None
         self._max_depth = 0
+        # -- security (heartbeatd.server.auth, docs/security.md) --
+        #: An `AuthGate` while the client must still authenticate, else None.
+        self._auth: Any = None
+        #: True from connect until the TLS handshake completed (TLS transports only).
+        self._handshaking = False
+        self._handshake_timer: Any = None
+        #: The address key the factory's admission counted this connection under.
+        self.admitted_host: str | None = None
 
     # -- connection lifecycle -------------------------------------------------------------
 
@@ -191,12 +211,78 @@ class ServerProtocol(Protocol):
         configure_socket(self.transport, config.tcp)
         self._direct_write = config.tcp.direct_write and supports_direct_write(self.transport)
         factory.client_connected(self)
-        self.write_frame(factory.hello_body(self.session_id), encoded=False)
+        # -- security hooks (heartbeatd.server.auth; TLS, docs/security.md) ------------------
+        authenticator = getattr(factory, "authenticator", None)
+        if authenticator is not None:
+            self._auth = authenticator.gate(self, factory.clock)
+        if is_tls(self.transport):
+            # The hello waits for the handshake: written now, it would sit in the TLS layer,
+            # which pauses us as a producer, and a paused reader never reads the handshake.
+            self._handshaking = True
+            self._handshake_timer = factory.clock.callLater(
+                config.tls.handshake_timeout, self._handshake_timed_out
+            )
+        else:
+            self._send_hello()
+
+    def _send_hello(self) -> None:
+        self.write_frame(self.factory.hello_body(self.session_id), encoded=False)
+
+    # -- TLS (IHandshakeListener) -----------------------------------------------------------
+
+    def handshakeCompleted(self) -> None:
+        """The TLS handshake finished: learn the client's certificate, then say hello."""
+        self._handshaking = False
+        timer, self._handshake_timer = self._handshake_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        if not self.connected or self.close_reason is not None:
+            return
+        subject = peer_certificate_identity(self.transport)
+        if subject is not None:
+            self.identity = subject
+        self._send_hello()
+        if self._write_paused:  # the TLS layer is still flushing: now backpressure may apply
+            self._pause_reading()
+
+    def _handshake_timed_out(self) -> None:
+        self._handshake_timer = None
+        timeout = self.factory.config.tls.handshake_timeout
+        self.evict("tls_handshake_timeout", f"no TLS handshake within {timeout:g}s")
+
+    # -- authentication (the gate in heartbeatd.server.auth calls these) --------------------
+
+    def auth_succeeded(self, identity: str, reply: bytes, held: list[envelope.Message]) -> None:
+        """The token was accepted: answer, open the fast path, then run what was held."""
+        self.identity = identity
+        self._auth = None
+        self._emit(reply)
+        for message in held:
+            if not self.connected or self.close_reason is not None:
+                return
+            self._dispatch(message)
+
+    def auth_refused(self, code: str, text: str, id: Any, reason: str) -> None:
+        """Answer a typed error, send it with any replies before it, then close."""
+        if not self.connected or self.close_reason is not None:
+            return
+        self.factory.count_error(code)
+        self._emit(encode_error(code, text, id))
+        batch = self._batch
+        if batch:  # inside dataReceived: flush now, since close() comes before its write
+            ready = batch[:]
+            batch.clear()
+            self._write_many(ready)
+        self.close(reason, text)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.connected = False
         self._pending = None
         self._release_partial()
+        if self._auth is not None:
+            self._auth.stop()
+        if self._handshake_timer is not None and self._handshake_timer.active():
+            self._handshake_timer.cancel()
         self.factory.client_disconnected(self, reason)
 
     @property
@@ -256,7 +342,7 @@ class ServerProtocol(Protocol):
         batch: list[bytes] = []
         self._batch = batch
         try:
-            if self._bare_type is None and self.fast_path:
+            if self._bare_type is None and self.fast_path and self._auth is None:
                 self._handle_envelopes(items, batch)
             else:
                 for item in items:
@@ -408,6 +494,8 @@ class ServerProtocol(Protocol):
         self._dispatch(message)
 
     def _dispatch(self, message: envelope.Message) -> None:
+        if self._auth is not None and self._auth.intercept(message):
+            return  # unauthenticated: the gate answered, held or refused it
         type_ = message.type
         if type_ == _PONG:
             self._heartbeat_answered()
@@ -619,7 +707,14 @@ class ServerProtocol(Protocol):
         pass  # connectionLost follows and does the cleanup
 
     def _pause_reading(self) -> None:
-        if not self._reading_paused and self.connected and self.close_reason is None:
+        # Never during a TLS handshake: the TLS layer pauses us while it cannot write, and it
+        # cannot write until it has read the peer's handshake.
+        if (
+            not self._reading_paused
+            and self.connected
+            and self.close_reason is None
+            and not self._handshaking
+        ):
             self._reading_paused = True
             self.transport.pauseProducing()
 
@@ -673,7 +768,18 @@ class RefusedProtocol(Protocol):
 
     def __init__(self, frame: bytes) -> None:
         self._frame = frame
+        self._abort: Any = None
 
     def connectionMade(self) -> None:
         self.transport.write(self._frame)
         self.transport.loseConnection()
+        factory = getattr(self, "factory", None)
+        if factory is not None and is_tls(self.transport):
+            # Over TLS the frame waits for a handshake the peer may never do: bound the wait.
+            self._abort = factory.clock.callLater(
+                factory.config.tls.handshake_timeout, self.transport.abortConnection
+            )
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if self._abort is not None and self._abort.active():
+            self._abort.cancel()

@@ -33,6 +33,10 @@ class _Clients(Protocol):
 
     def client_count(self) -> int: ...
 
+    def publish(self, channel: str, data: Any) -> Any: ...
+
+    def forward(self, session_id: str, type: str, data: Any = OMIT) -> bool: ...
+
 
 class Session:
     """One client, as a handler sees it."""
@@ -53,7 +57,8 @@ class Session:
 
     @property
     def identity(self) -> str | None:
-        """Who the client authenticated as; None when authentication is off."""
+        """Who the client is: its token's identity (``auth.mode``), else the subject of its
+        TLS client certificate (``tls.client_ca``); None when neither is in use."""
         return self._connection.identity
 
     @property
@@ -81,8 +86,22 @@ class Server:
         self._clients = clients
 
     def send(self, session_id: str, type: str, data: Any = OMIT) -> bool:
-        """Push a message to one client; False when no such client is connected."""
-        return self._clients.send(session_id, type, data)
+        """Push a message to one client; False when no such client is connected.
+
+        In a cluster, a session of another node is reached through the broker (True then
+        means forwarded; a client that left meanwhile does not get it).
+        """
+        return self._clients.send(session_id, type, data) or self._clients.forward(
+            session_id, type, data
+        )
+
+    def publish(self, channel: str, data: Any) -> Any:
+        """Publish to a channel (on every node); a Deferred firing with the offset.
+
+        It fails with `HandlerError` (``bad_channel``, ``publication_too_large``,
+        ``unavailable``), so a handler may return it as is.
+        """
+        return self._clients.publish(channel, data)
 
     def broadcast(self, type: str, data: Any = OMIT) -> int:
         """Push a message to every client (encoded once); returns how many were sent it."""

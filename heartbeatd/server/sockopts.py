@@ -32,6 +32,11 @@ def configure_socket(transport: Any, tcp: TcpConfig) -> None:
         get_handle = getattr(transport, "getHandle", None)  # in-memory transports lack it
         handle = get_handle() if get_handle is not None else None
         if not isinstance(handle, socket.socket):
+            # A TLS layer's handle is its OpenSSL connection: the socket is one level down.
+            inner = getattr(transport, "transport", None)
+            get_handle = getattr(inner, "getHandle", None)
+            handle = get_handle() if get_handle is not None else None
+        if not isinstance(handle, socket.socket):
             return
         if tcp.keepalive:
             _set(handle, "TCP_KEEPIDLE", max(1, int(tcp.keepalive_idle)))

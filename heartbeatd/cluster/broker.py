@@ -1,0 +1,265 @@
+"""The `Broker` interface, and `MemoryBroker`: one node's channels, history and presence.
+
+A broker stores each channel's publications under consecutive offsets within an *epoch* (a
+random name for one life of the channel's stream: when the stream is lost, a new epoch starts
+and old positions cannot be recovered), keeps a bounded history for recovery, fans
+publications out to the nodes that asked for a channel, and tracks presence.  It never sees a
+connection: the server's `ChannelHub` is its `BrokerListener`.
+
+Publication data crosses the broker as JSON text, encoded once by the publisher.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections import deque
+from typing import Any, NamedTuple, Protocol
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
+
+__all__ = [
+    "Broker",
+    "BrokerListener",
+    "BrokerUnavailable",
+    "History",
+    "MemoryBroker",
+    "Position",
+    "new_epoch",
+]
+
+
+class BrokerUnavailable(Exception):
+    """The broker cannot take the operation now (Redis unreachable): ``unavailable``."""
+
+
+class Position(NamedTuple):
+    """Where a channel's stream stands: its epoch and the offset of its latest publication."""
+
+    epoch: str
+    offset: int
+
+
+class History(NamedTuple):
+    """The answer to a recovery: the stream's position and, when recoverable, what follows.
+
+    ``entries`` is None when the publications after ``since`` are gone (trimmed, expired, or a
+    new epoch); else the JSON texts of offsets ``since + 1 .. position.offset``, in order.
+    """
+
+    position: Position
+    entries: list[str] | None
+
+
+def new_epoch() -> str:
+    return secrets.token_hex(4)
+
+
+class BrokerListener(Protocol):
+    """What a broker tells its node (the server's channel hub implements this)."""
+
+    def on_publication(self, channel: str, epoch: str, offset: int, data: str) -> None: ...
+
+    def on_presence(self, channel: str, event: str, info: dict[str, Any]) -> None:
+        """``event`` is ``join`` or ``leave``; ``info`` is the session's presence info."""
+
+    def on_message(self, session: str, type: str, data: Any) -> None:
+        """A `send` from any node for a session of this node."""
+
+    def on_broadcast(self, type: str, data: Any) -> None: ...
+
+    def on_link(self, up: bool) -> None:
+        """The broker's link went down or came back (after which subscribers catch up)."""
+
+
+class Broker(Protocol):
+    """The small interface between one daemon and the storage/fan-out of all daemons."""
+
+    node_id: str
+    #: True when other nodes exist (send/broadcast/clients go through the broker).
+    clustered: bool
+    #: False while the broker cannot serve (Redis unreachable); health and metrics show it.
+    up: bool
+    listener: BrokerListener | None
+
+    def start(self) -> Deferred[None]: ...
+
+    def stop(self) -> Deferred[None]: ...
+
+    def configure_history(self, size: int, ttl: float) -> None:
+        """New ``channels.history_size`` / ``history_ttl`` (live reload)."""
+
+    def publish(self, channel: str, data: str) -> Deferred[Position]: ...
+
+    def position(self, channel: str) -> Deferred[Position]: ...
+
+    def history(self, channel: str, epoch: str, since: int) -> Deferred[History]: ...
+
+    def subscribe(self, channel: str) -> Deferred[None]:
+        """Deliver this channel's publications to this node from now on (first local sub)."""
+
+    def unsubscribe(self, channel: str) -> None: ...
+
+    def join(self, channel: str, info: dict[str, Any]) -> Deferred[None]: ...
+
+    def leave(self, channel: str, session: str) -> Deferred[None]: ...
+
+    def presence(self, channel: str) -> Deferred[list[dict[str, Any]]]: ...
+
+    def client_connected(self, session: str, info: dict[str, Any]) -> None: ...
+
+    def client_disconnected(self, session: str) -> None: ...
+
+    def clients(self) -> Deferred[list[dict[str, Any]]]:
+        """Every node's clients (their info dicts, each with ``node``)."""
+
+    def send(self, session: str, type: str, data: Any) -> Deferred[bool]: ...
+
+    def broadcast(self, type: str, data: Any) -> Deferred[int]:
+        """Push to every node's clients; fires with the number of nodes reached."""
+
+
+class _Stream:
+    __slots__ = ("entries", "epoch", "last_used", "offset")
+
+    def __init__(self, now: float) -> None:
+        self.epoch = new_epoch()
+        self.offset = 0
+        self.entries: deque[str] = deque()
+        self.last_used = now
+
+
+class MemoryBroker:
+    """The embedded broker: this process is the whole cluster.
+
+    History is a bounded deque per channel; an idle channel's history (and epoch) is dropped
+    after ``history_ttl`` seconds, checked when the channel is next used.
+    """
+
+    up = True
+    clustered = False
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        history_size: int = 100,
+        history_ttl: float = 300.0,
+        node_id: str = "local",
+    ) -> None:
+        self.clock = clock
+        self.node_id = node_id
+        self.history_size = history_size
+        self.history_ttl = history_ttl
+        self.listener: BrokerListener | None = None
+        self._streams: dict[str, _Stream] = {}
+        self._presence: dict[str, dict[str, dict[str, Any]]] = {}
+        self._listening: set[str] = set()
+
+    def start(self) -> Deferred[None]:
+        return succeed(None)
+
+    def stop(self) -> Deferred[None]:
+        return succeed(None)
+
+    def configure_history(self, size: int, ttl: float) -> None:
+        self.history_size = size
+        self.history_ttl = ttl
+        for stream in self._streams.values():
+            while len(stream.entries) > size:
+                stream.entries.popleft()
+
+    def _stream(self, channel: str) -> _Stream:
+        """The channel's stream; its history is dropped ``history_ttl`` after the last publish.
+
+        While this node listens to the channel, the epoch and offset stay (nothing was lost:
+        live subscribers saw everything); an unwatched idle channel starts a new epoch.
+        """
+        now = self.clock.seconds()
+        stream = self._streams.get(channel)
+        if stream is None:
+            stream = self._streams[channel] = _Stream(now)
+        elif self.history_ttl and now - stream.last_used > self.history_ttl:
+            if channel in self._listening:
+                stream.entries.clear()
+                stream.last_used = now
+            else:
+                stream = self._streams[channel] = _Stream(now)
+        return stream
+
+    def publish(self, channel: str, data: str) -> Deferred[Position]:
+        stream = self._stream(channel)
+        stream.last_used = self.clock.seconds()
+        stream.offset += 1
+        if self.history_size:
+            stream.entries.append(data)
+            if len(stream.entries) > self.history_size:
+                stream.entries.popleft()
+        if self.listener is not None:
+            self.listener.on_publication(channel, stream.epoch, stream.offset, data)
+        return succeed(Position(stream.epoch, stream.offset))
+
+    def position(self, channel: str) -> Deferred[Position]:
+        stream = self._stream(channel)
+        return succeed(Position(stream.epoch, stream.offset))
+
+    def history(self, channel: str, epoch: str, since: int) -> Deferred[History]:
+        stream = self._stream(channel)
+        position = Position(stream.epoch, stream.offset)
+        missed = stream.offset - since
+        if epoch != stream.epoch or missed < 0 or missed > len(stream.entries):
+            return succeed(History(position, None))
+        entries = list(stream.entries)[len(stream.entries) - missed :] if missed else []
+        return succeed(History(position, entries))
+
+    def subscribe(self, channel: str) -> Deferred[None]:
+        if channel not in self._listening and channel in self._streams:
+            self._stream(channel)  # expire an idle unwatched stream before watching it
+        self._listening.add(channel)
+        return succeed(None)
+
+    def unsubscribe(self, channel: str) -> None:
+        self._listening.discard(channel)
+        self._unused(channel)
+
+    def _unused(self, channel: str) -> None:
+        # Without history, a channel nobody listens to needs no memory at all.
+        if not self.history_size and not self._presence.get(channel):
+            self._streams.pop(channel, None)
+
+    def join(self, channel: str, info: dict[str, Any]) -> Deferred[None]:
+        self._presence.setdefault(channel, {})[info["session"]] = info
+        if self.listener is not None:
+            self.listener.on_presence(channel, "join", info)
+        return succeed(None)
+
+    def leave(self, channel: str, session: str) -> Deferred[None]:
+        members = self._presence.get(channel)
+        info = members.pop(session, None) if members else None
+        if members is not None and not members:
+            del self._presence[channel]
+        if info is not None and self.listener is not None:
+            self.listener.on_presence(channel, "leave", info)
+        return succeed(None)
+
+    def presence(self, channel: str) -> Deferred[list[dict[str, Any]]]:
+        return succeed(list(self._presence.get(channel, {}).values()))
+
+    # One node: the server's own registry answers for its clients, so nothing is kept here.
+
+    def client_connected(self, session: str, info: dict[str, Any]) -> None:
+        pass
+
+    def client_disconnected(self, session: str) -> None:
+        pass
+
+    def clients(self) -> Deferred[list[dict[str, Any]]]:
+        return succeed([])
+
+    def send(self, session: str, type: str, data: Any) -> Deferred[bool]:
+        return succeed(False)
+
+    def broadcast(self, type: str, data: Any) -> Deferred[int]:
+        if self.listener is None:
+            return fail(BrokerUnavailable("no listener"))
+        self.listener.on_broadcast(type, data)
+        return succeed(1)

@@ -1,0 +1,730 @@
+"""`RedisBroker`: channels, history, presence and node-to-node messages shared through Redis.
+
+Imported only when ``cluster.redis`` is set.  What lives in Redis (``P`` is
+``cluster.namespace``; docs/cluster.md has the full picture):
+
+* ``P:ch:{c}:m`` hash ``{e: epoch, s: latest offset}`` and ``P:ch:{c}:x`` stream (entry id
+  ``{offset}-0``, field ``d`` = the publication's JSON), trimmed with ``MAXLEN ~ history_size``
+  and expiring ``history_ttl`` after the last publication.  One Lua script increments the
+  offset, appends to the stream and PUBLISHes to ``P:ch:{c}``, atomically, so every node
+  receives a channel's publications in offset order.
+* fan-out: Redis pub/sub.  A node SUBSCRIBEs to ``P:ch:{c}`` only while it has a local
+  subscriber of ``c`` (nothing is polled), plus ``P:node:{id}`` (send) and ``P:all``
+  (broadcast).
+* presence: ``P:ch:{c}:p`` hash session -> info; nodes in the sorted set ``P:nodes`` scored by
+  the Redis-clock time at which they count as dead; a node's clients in ``P:node:{id}:clients``
+  and the session -> node map ``P:sessions``.  Every node reaps dead nodes (an atomic script,
+  so exactly one reaper publishes each ``leave``).
+
+Pub/sub loses what is published while a node's link is down; the hub notices the gap by offset
+(or by the link coming back) and fills it from the stream, or tells the client it cannot.
+
+txredisapi is the client (native Twisted; see docs/cluster.md for the comparison).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import txredisapi
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.internet.defer import Deferred, fail, gatherResults, maybeDeferred, succeed
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.protocol import Factory
+from twisted.internet.task import LoopingCall
+from twisted.python.failure import Failure
+
+from heartbeatd._logging import LogLimiter, get_logger
+from heartbeatd.cluster.broker import (
+    BrokerListener,
+    BrokerUnavailable,
+    History,
+    Position,
+    new_epoch,
+)
+from heartbeatd.config import ChannelsConfig, ClusterConfig
+
+try:  # hiredis encodes commands in C (3 us instead of txredisapi's 30 us per publish)
+    from hiredis import pack_command as _pack_command
+except ImportError:  # pragma: no cover - hiredis is part of heartbeatd[cluster]
+    _pack_command = None
+
+__all__ = ["RedisBroker", "parse_redis_url"]
+
+log = get_logger(__name__)
+
+#: Most seconds between reconnect attempts to Redis (loopback or LAN: retry fast).
+RECONNECT_MAX_DELAY = 1.0
+
+# -- Lua scripts (atomic on the Redis side; keys are built from ARGV[1], the namespace) -------
+
+_INIT = """
+local m, x = P..':ch:'..c..':m', P..':ch:'..c..':x'
+local e = redis.call('HGET', m, 'e')
+local s = 0
+if not e then
+  e = cand
+  redis.call('DEL', x)
+  redis.call('HSET', m, 'e', e, 's', 0)
+else
+  s = tonumber(redis.call('HGET', m, 's'))
+end
+"""
+
+PUBLISH = (
+    "local P, c, data, cand = ARGV[1], ARGV[2], ARGV[3], ARGV[4]\n"
+    + _INIT
+    + """
+s = redis.call('HINCRBY', m, 's', 1)
+local size, ttl = tonumber(ARGV[5]), tonumber(ARGV[6])
+if size > 0 then
+  redis.call('XADD', x, 'MAXLEN', '~', size, s .. '-0', 'd', data)
+  if ttl > 0 then redis.call('EXPIRE', x, ttl) end
+end
+redis.call('PUBLISH', P..':ch:'..c, 'p'..e..' '..s..' '..data)
+return {e, s}
+"""
+)
+
+POSITION = "local P, c, cand = ARGV[1], ARGV[2], ARGV[3]\n" + _INIT + "return {e, s}\n"
+
+HISTORY = (
+    "local P, c, cand = ARGV[1], ARGV[2], ARGV[3]\n"
+    + _INIT
+    + """
+local since, limit = tonumber(ARGV[5]), tonumber(ARGV[6])
+if e ~= ARGV[4] or since > s or s - since > limit then return {e, s, 0} end
+if since == s then return {e, s, 1} end
+local entries = redis.call('XRANGE', x, string.format('%d', since + 1), string.format('%d', s))
+if #entries ~= s - since then return {e, s, 0} end
+local out = {e, s, 1}
+for _, entry in ipairs(entries) do out[#out + 1] = entry[2][2] end
+return out
+"""
+)
+
+_NOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+JOIN = """
+local P, c, n, s, info = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+redis.call('HSET', P..':ch:'..c..':p', s, info)
+redis.call('SADD', P..':node:'..n..':channels', c)
+redis.call('PUBLISH', P..':ch:'..c, 'j'..info)
+return 1
+"""
+
+LEAVE = """
+local P, c, s = ARGV[1], ARGV[2], ARGV[3]
+local p = P..':ch:'..c..':p'
+local info = redis.call('HGET', p, s)
+if info then
+  redis.call('HDEL', p, s)
+  redis.call('PUBLISH', P..':ch:'..c, 'l'..info)
+end
+return 1
+"""
+
+PRESENCE = (
+    "local P, c = ARGV[1], ARGV[2]\n"
+    + _NOW
+    + """
+local all = redis.call('HGETALL', P..':ch:'..c..':p')
+local alive, out = {}, {}
+for i = 1, #all, 2 do
+  local ok, info = pcall(cjson.decode, all[i + 1])
+  if ok then
+    local n = info['node']
+    if alive[n] == nil then
+      local score = redis.call('ZSCORE', P..':nodes', n)
+      alive[n] = score ~= false and tonumber(score) > now
+    end
+    if alive[n] then out[#out + 1] = all[i + 1] end
+  end
+end
+return out
+"""
+)
+
+HEARTBEAT = (
+    "local P, n, expire = ARGV[1], ARGV[2], tonumber(ARGV[3])\n"
+    + _NOW
+    + "return redis.call('ZADD', P..':nodes', now + expire, n)\n"
+)
+
+REAP = (
+    "local P = ARGV[1]\n"
+    + _NOW
+    + """
+local dead = redis.call('ZRANGEBYSCORE', P..':nodes', '-inf', now)
+for _, n in ipairs(dead) do
+  local chk = P..':node:'..n..':channels'
+  for _, c in ipairs(redis.call('SMEMBERS', chk)) do
+    local p = P..':ch:'..c..':p'
+    local all = redis.call('HGETALL', p)
+    for i = 1, #all, 2 do
+      local ok, info = pcall(cjson.decode, all[i + 1])
+      if ok and info['node'] == n then
+        redis.call('HDEL', p, all[i])
+        redis.call('PUBLISH', P..':ch:'..c, 'l'..all[i + 1])
+      end
+    end
+  end
+  redis.call('DEL', chk)
+  local ck = P..':node:'..n..':clients'
+  for _, s in ipairs(redis.call('HKEYS', ck)) do
+    if redis.call('HGET', P..':sessions', s) == n then redis.call('HDEL', P..':sessions', s) end
+  end
+  redis.call('DEL', ck)
+  redis.call('ZREM', P..':nodes', n)
+end
+return dead
+"""
+)
+
+# Make Redis match this node's own record of its clients and presence (after a reconnect,
+# or after other nodes reaped us while we were cut off): stale entries leave, missing join.
+REGISTER = """
+local P, n = ARGV[1], ARGV[2]
+local clients, pres = cjson.decode(ARGV[3]), cjson.decode(ARGV[4])
+local ck = P..':node:'..n..':clients'
+for _, s in ipairs(redis.call('HKEYS', ck)) do
+  if clients[s] == nil then
+    redis.call('HDEL', ck, s)
+    if redis.call('HGET', P..':sessions', s) == n then redis.call('HDEL', P..':sessions', s) end
+  end
+end
+for s, info in pairs(clients) do
+  redis.call('HSET', ck, s, info)
+  redis.call('HSET', P..':sessions', s, n)
+end
+local chk = P..':node:'..n..':channels'
+for _, c in ipairs(redis.call('SMEMBERS', chk)) do
+  local p = P..':ch:'..c..':p'
+  local want = pres[c] or {}
+  local all = redis.call('HGETALL', p)
+  for i = 1, #all, 2 do
+    local ok, info = pcall(cjson.decode, all[i + 1])
+    if ok and info['node'] == n and want[all[i]] == nil then
+      redis.call('HDEL', p, all[i])
+      redis.call('PUBLISH', P..':ch:'..c, 'l'..all[i + 1])
+    end
+  end
+  if next(want) == nil then redis.call('SREM', chk, c) end
+end
+for c, members in pairs(pres) do
+  local p = P..':ch:'..c..':p'
+  redis.call('SADD', chk, c)
+  for s, info in pairs(members) do
+    if redis.call('HSET', p, s, info) == 1 then redis.call('PUBLISH', P..':ch:'..c, 'j'..info) end
+  end
+end
+return 1
+"""
+
+CLIENT_ADD = """
+local P, n, s, info = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+redis.call('HSET', P..':node:'..n..':clients', s, info)
+redis.call('HSET', P..':sessions', s, n)
+return 1
+"""
+
+CLIENT_REMOVE = """
+local P, n, s = ARGV[1], ARGV[2], ARGV[3]
+redis.call('HDEL', P..':node:'..n..':clients', s)
+if redis.call('HGET', P..':sessions', s) == n then redis.call('HDEL', P..':sessions', s) end
+return 1
+"""
+
+SEND = (
+    "local P, s, payload = ARGV[1], ARGV[2], ARGV[3]\n"
+    + _NOW
+    + """
+local n = redis.call('HGET', P..':sessions', s)
+if not n then return 0 end
+local score = redis.call('ZSCORE', P..':nodes', n)
+if score == false or tonumber(score) <= now then return 0 end
+return redis.call('PUBLISH', P..':node:'..n, payload)
+"""
+)
+
+CLIENTS = (
+    "local P = ARGV[1]\n"
+    + _NOW
+    + """
+local out = {}
+for _, n in ipairs(redis.call('ZRANGEBYSCORE', P..':nodes', '(' .. now, '+inf')) do
+  for _, info in ipairs(redis.call('HVALS', P..':node:'..n..':clients')) do
+    out[#out + 1] = info
+  end
+end
+return out
+"""
+)
+
+
+def parse_redis_url(url: str) -> tuple[str, int, int, str | None]:
+    """``redis://[:password@]host:port/db`` -> (host, port, db, password); port 6379, db 0."""
+    parts = urlsplit(url)
+    db = parts.path.strip("/")
+    password = unquote(parts.password) if parts.password else None
+    return parts.hostname or "127.0.0.1", parts.port or 6379, int(db) if db else 0, password
+
+
+def default_node_id() -> str:
+    """Host name plus a random suffix: a restarted daemon is a new node."""
+    host = "".join(c if c.isalnum() or c in "-_." else "-" for c in socket.gethostname())
+    return f"{host[:40]}-{os.urandom(3).hex()}"
+
+
+class _FastEncoding:
+    """Encode commands with hiredis when it is installed (replies already parse with it)."""
+
+    if _pack_command is not None:
+
+        def _build_command(self, *args: Any, **kwargs: Any) -> bytes:
+            return _pack_command(args)  # type: ignore[misc]
+
+
+class _Commands(_FastEncoding, txredisapi.RedisProtocol):
+    broker: RedisBroker
+
+    def connectionLost(self, why: Failure) -> None:
+        super().connectionLost(why)
+        self.broker._lost(self)
+
+
+class _Subscriber(_FastEncoding, txredisapi.SubscriberProtocol):
+    broker: RedisBroker
+
+    def messageReceived(self, pattern: Any, channel: str, message: str) -> None:
+        self.broker._message(channel, message)
+
+    def connectionLost(self, why: Failure) -> None:
+        super().connectionLost(why)
+        self.broker._lost(self)
+
+
+class _ProtocolFactory(Factory):
+    noisy = False  # ClientService logs each retry already; no start/stop lines per attempt
+
+    def __init__(self, broker: RedisBroker, cls: type, dbid: int, password: str | None) -> None:
+        self.broker = broker
+        self.cls = cls
+        self.dbid = dbid
+        self.password = password
+
+    def buildProtocol(self, addr: Any) -> Any:
+        # No per-command reply timeout (a timer per publish): the heartbeat's watchdog
+        # aborts a connection that stops answering, which fails every waiting command.
+        proto = self.cls(
+            charset="utf-8",
+            dbid=self.dbid or None,
+            password=self.password,
+            convertNumbers=False,
+        )
+        proto.factory = self
+        proto.broker = self.broker
+        return proto
+
+    # txredisapi calls these when AUTH/SELECT fail; ClientService keeps retrying instead.
+    def stopTrying(self) -> None:
+        pass
+
+    def connectionError(self, message: str) -> None:
+        log.error("Redis: {message}", message=message)
+
+    isLazy = False
+
+
+class RedisBroker:
+    """The `Broker` of a cluster: see the module docstring."""
+
+    clustered = True
+
+    def __init__(self, reactor: Any, cluster: ClusterConfig, channels: ChannelsConfig) -> None:
+        self.reactor = reactor
+        self.node_id = cluster.node_id or default_node_id()
+        self.prefix = cluster.namespace
+        self.node_timeout = cluster.node_timeout
+        self.configure_history(channels.history_size, channels.history_ttl)
+        self.listener: BrokerListener | None = None
+        self.url = cluster.redis
+        host, port, db, password = parse_redis_url(cluster.redis)
+        self.url = f"redis://{host}:{port}/{db}"  # for logs: never the password
+        self._cmd: _Commands | None = None
+        self._sub: _Subscriber | None = None
+        #: Channels with local subscribers, and those whose SUBSCRIBE Redis acknowledged.
+        self._wanted: set[str] = set()
+        self._acked: set[str] = set()
+        self._waiters: dict[str, list[Deferred[None]]] = {}
+        self._clients: dict[str, str] = {}
+        self._presence: dict[str, dict[str, str]] = {}
+        self.up = False
+        self.link_changes = 0
+        self.reaped = 0
+        self._shas = {
+            name: hashlib.sha1(text.encode()).hexdigest() for name, text in _SCRIPTS.items()
+        }
+        policy = backoffPolicy(initialDelay=0.05, maxDelay=RECONNECT_MAX_DELAY, factor=2.0)
+        self.command_timeout = timeout = cluster.command_timeout
+        self._services = [
+            ClientService(
+                TCP4ClientEndpoint(reactor, host, port, timeout=timeout),
+                _ProtocolFactory(self, cls, db, password),
+                retryPolicy=policy,
+                clock=reactor,
+                prepareConnection=prepare,
+            )
+            for cls, prepare in (
+                (_Commands, self._prepare_commands),
+                (_Subscriber, self._prepare_sub),
+            )
+        ]
+        self._beat = LoopingCall(self._heartbeat)
+        self._beat.clock = reactor
+        #: Bad pub/sub messages are logged a few times per window, never once each.
+        self.log_limiter = LogLimiter(reactor)
+        self.bad_messages = 0
+
+    def configure_history(self, size: int, ttl: float) -> None:
+        """Applies from the next publication (XADD trims with the new size)."""
+        self.history_size = size
+        self.history_ttl = int(ttl + 0.999) if ttl else 0  # EXPIRE takes whole seconds
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> Deferred[None]:
+        log.info("Cluster node {node} joining through {url}", node=self.node_id, url=self.url)
+        for service in self._services:
+            service.startService()
+        self._beat.start(self.node_timeout / 4, now=False)
+        return succeed(None)
+
+    def stop(self) -> Deferred[None]:
+        """Leave the cluster cleanly (our entries go at once, not after node_timeout)."""
+        if self._beat.running:
+            self._beat.stop()
+        d: Deferred[Any] = succeed(None)
+        if self._cmd is not None and self._cmd.connected:
+            self._clients.clear()
+            self._presence.clear()
+            d = self._register().addCallback(
+                lambda _: self._eval("HEARTBEAT", self.node_id, -10_000_000)
+            )
+            d.addCallback(lambda _: self._eval("REAP"))
+            d.addErrback(lambda f: log.warn("Leaving the cluster: {why}", why=f.getErrorMessage()))
+
+        def stop_services(_: object) -> Deferred[Any]:
+            return gatherResults([s.stopService() for s in self._services])
+
+        return d.addCallback(stop_services).addCallback(lambda _: None)
+
+    # ClientService hands prepareConnection a proxy of the protocol; txredisapi's whenConnected
+    # fires with the protocol itself, which is what connectionLost will report.
+
+    def _prepare_commands(self, proxy: Any) -> Deferred[Any]:
+        def ready(proto: _Commands) -> Deferred[Any]:
+            self._cmd = proto
+            return self._heartbeat_now().addCallback(lambda _: self._register())
+
+        d = proxy.whenConnected().addCallback(ready).addCallback(lambda _: self._link())
+        return d.addErrback(self._prepare_failed, "commands")
+
+    def _prepare_failed(self, failure: Failure, which: str) -> Failure:
+        log.warn(
+            "Redis {which} connection set-up failed: {why}",
+            which=which,
+            why=failure.getErrorMessage(),
+        )
+        return failure
+
+    def _prepare_sub(self, proxy: Any) -> Deferred[Any]:
+        def ready(proto: _Subscriber) -> Deferred[Any]:
+            self._sub = proto
+            self._acked.clear()
+            names = [self._node_channel(self.node_id), f"{self.prefix}:all"]
+            names += [self._channel_key(c) for c in sorted(self._wanted)]
+            # One SUBSCRIBE per channel: txredisapi matches each acknowledgement to one
+            # waiting command, so a many-channel SUBSCRIBE would leave stray acknowledgements
+            # that a later command (a PING, another SUBSCRIBE) would take for its own answer.
+            return gatherResults([proto.subscribe(name) for name in names])
+
+        def subscribed(_: object) -> None:
+            self._acked = set(self._wanted)
+            for channel in list(self._acked):
+                self._fire_waiters(channel, None)
+
+        d = proxy.whenConnected().addCallback(ready).addCallback(subscribed)
+        return d.addCallback(lambda _: self._link()).addErrback(self._prepare_failed, "pub/sub")
+
+    def _link(self) -> None:
+        up = (
+            self._cmd is not None
+            and self._cmd.connected
+            and self._sub is not None
+            and self._sub.connected
+        )
+        if up == self.up:
+            return
+        self.up = up
+        self.link_changes += 1
+        if up:
+            log.info("Redis link up ({url})", url=self.url)
+        if self.listener is not None:
+            self.listener.on_link(up)
+
+    def _lost(self, proto: Any) -> None:
+        if proto is self._cmd:
+            self._cmd = None
+        elif proto is self._sub:
+            self._sub = None
+            self._acked.clear()
+            for channel in list(self._waiters):
+                self._fire_waiters(channel, BrokerUnavailable("the Redis link was lost"))
+        else:
+            return
+        if self.up:
+            log.warn("Redis link down ({url}); reconnecting", url=self.url)
+        self._link()
+
+    # -- commands ---------------------------------------------------------------------------
+
+    def _eval(self, name: str, *args: Any) -> Deferred[Any]:
+        proto = self._cmd
+        if proto is None or not proto.connected:
+            return fail(BrokerUnavailable("Redis is unreachable"))
+        argv = [self.prefix, *args]
+
+        def evalsha() -> Deferred[Any]:
+            return proto.execute_command("EVALSHA", self._shas[name], 0, *argv)
+
+        def retry(failure: Failure) -> Any:
+            if "NOSCRIPT" in str(failure.value):
+                return proto.execute_command("EVAL", _SCRIPTS[name], 0, *argv)
+            return failure
+
+        d = maybeDeferred(evalsha).addErrback(retry)
+        return d.addErrback(_unavailable)
+
+    def _heartbeat_now(self) -> Deferred[Any]:
+        expire_ms = int(self.node_timeout * 1000 / 2)
+        d = self._eval("HEARTBEAT", self.node_id, expire_ms)
+
+        def beat(added: Any) -> Any:
+            if int(added) == 1 and self._cmd is not None:
+                log.info("Cluster node {node} registered", node=self.node_id)
+                return self._register()
+            return None
+
+        return d.addCallback(beat)
+
+    def _heartbeat(self) -> None:
+        """Every node_timeout/4: renew our lease, and reap nodes whose lease ran out."""
+        if self._cmd is None:
+            return
+
+        def reaped(dead: Any) -> None:
+            if dead:
+                self.reaped += len(dead)
+                log.warn("Cluster nodes gone (their sessions left): {nodes}", nodes=dead)
+
+        d = self._heartbeat_now().addCallback(lambda _: self._eval("REAP")).addCallback(reaped)
+        d.addErrback(lambda f: log.debug("Cluster heartbeat failed: {why}", why=f))
+        self._watch(self._cmd, d)
+        sub = self._sub
+        if sub is not None and sub.connected:  # a half-open pub/sub link is found here too
+            self._watch(sub, maybeDeferred(sub.execute_command, "PING").addErrback(_ignore))
+
+    def _watch(self, proto: Any, d: Deferred[Any]) -> None:
+        """Abort ``proto``'s connection unless ``d`` fires within ``command_timeout``."""
+
+        def stuck() -> None:
+            log.warn(
+                "Redis did not answer within {timeout:g}s (cluster.command_timeout); reconnecting",
+                timeout=self.command_timeout,
+            )
+            if proto.transport is not None:
+                proto.transport.abortConnection()
+
+        timer = self.reactor.callLater(self.command_timeout, stuck)
+        d.addBoth(lambda result: (timer.cancel() if timer.active() else None, result)[1])
+
+    def _register(self) -> Deferred[Any]:
+        presence = {c: dict(members) for c, members in self._presence.items()}
+        return self._eval(
+            "REGISTER", self.node_id, json.dumps(self._clients), json.dumps(presence or {})
+        )
+
+    # -- channels -------------------------------------------------------------------------------
+
+    def _channel_key(self, channel: str) -> str:
+        return f"{self.prefix}:ch:{channel}"
+
+    def _node_channel(self, node: str) -> str:
+        return f"{self.prefix}:node:{node}"
+
+    def publish(self, channel: str, data: str) -> Deferred[Position]:
+        d = self._eval("PUBLISH", channel, data, new_epoch(), self.history_size, self.history_ttl)
+        return d.addCallback(lambda r: Position(r[0], int(r[1])))
+
+    def position(self, channel: str) -> Deferred[Position]:
+        d = self._eval("POSITION", channel, new_epoch())
+        return d.addCallback(lambda r: Position(r[0], int(r[1])))
+
+    def history(self, channel: str, epoch: str, since: int) -> Deferred[History]:
+        d = self._eval("HISTORY", channel, new_epoch(), epoch, since, self.history_size)
+
+        def parsed(r: list[Any]) -> History:
+            position = Position(r[0], int(r[1]))
+            return History(position, list(r[3:]) if int(r[2]) == 1 else None)
+
+        return d.addCallback(parsed)
+
+    def subscribe(self, channel: str) -> Deferred[None]:
+        self._wanted.add(channel)
+        if channel in self._acked:
+            return succeed(None)
+        proto = self._sub
+        if proto is None or not proto.connected:
+            return fail(BrokerUnavailable("Redis is unreachable"))
+        waiter: Deferred[None] = Deferred()
+        first = channel not in self._waiters
+        self._waiters.setdefault(channel, []).append(waiter)
+        if first:
+
+            def acked(_: object) -> None:
+                if channel in self._wanted and self._sub is proto:
+                    self._acked.add(channel)
+                    self._fire_waiters(channel, None)
+
+            def failed(failure: Failure) -> None:
+                self._fire_waiters(channel, BrokerUnavailable(failure.getErrorMessage()))
+
+            maybeDeferred(proto.subscribe, self._channel_key(channel)).addCallbacks(acked, failed)
+        return waiter
+
+    def _fire_waiters(self, channel: str, error: Exception | None) -> None:
+        for waiter in self._waiters.pop(channel, []):
+            if error is None:
+                waiter.callback(None)
+            else:
+                waiter.errback(error)
+
+    def unsubscribe(self, channel: str) -> None:
+        self._wanted.discard(channel)
+        self._acked.discard(channel)
+        proto = self._sub
+        if proto is not None and proto.connected:
+            proto.unsubscribe(self._channel_key(channel)).addErrback(lambda f: None)
+
+    def _message(self, key: str, message: str) -> None:
+        listener = self.listener
+        if listener is None:
+            return
+        try:
+            prefix = f"{self.prefix}:ch:"
+            if key.startswith(prefix):
+                channel, kind = key[len(prefix) :], message[:1]
+                if kind == "p":
+                    epoch, offset, data = message[1:].split(" ", 2)
+                    listener.on_publication(channel, epoch, int(offset), data)
+                elif kind in ("j", "l"):
+                    listener.on_presence(
+                        channel, "join" if kind == "j" else "leave", json.loads(message[1:])
+                    )
+            elif key == f"{self.prefix}:all":
+                body = json.loads(message)
+                listener.on_broadcast(body["t"], body.get("d"))
+            else:
+                body = json.loads(message)
+                listener.on_message(body["s"], body["t"], body.get("d"))
+        except Exception:
+            self.bad_messages += 1
+            if self.log_limiter.allow("bad_cluster_message"):
+                log.failure("Bad cluster message on {key}", key=key)
+
+    # -- presence and clients -------------------------------------------------------------------
+
+    def join(self, channel: str, info: dict[str, Any]) -> Deferred[None]:
+        text = json.dumps(info)
+        self._presence.setdefault(channel, {})[info["session"]] = text
+        return self._eval("JOIN", channel, self.node_id, info["session"], text)
+
+    def leave(self, channel: str, session: str) -> Deferred[None]:
+        members = self._presence.get(channel)
+        if members is not None:
+            members.pop(session, None)
+            if not members:
+                del self._presence[channel]
+        return self._eval("LEAVE", channel, session)
+
+    def presence(self, channel: str) -> Deferred[list[dict[str, Any]]]:
+        d = self._eval("PRESENCE", channel)
+        return d.addCallback(lambda items: [json.loads(i) for i in items or ()])
+
+    def client_connected(self, session: str, info: dict[str, Any]) -> None:
+        text = json.dumps(info)
+        self._clients[session] = text
+        if self._cmd is not None:
+            self._eval("CLIENT_ADD", self.node_id, session, text).addErrback(_ignore)
+
+    def client_disconnected(self, session: str) -> None:
+        self._clients.pop(session, None)
+        if self._cmd is not None:
+            self._eval("CLIENT_REMOVE", self.node_id, session).addErrback(_ignore)
+
+    def clients(self) -> Deferred[list[dict[str, Any]]]:
+        d = self._eval("CLIENTS")
+        return d.addCallback(lambda items: [json.loads(i) for i in items or ()])
+
+    def send(self, session: str, type: str, data: Any) -> Deferred[bool]:
+        payload = json.dumps({"s": session, "t": type, "d": data})
+        return self._eval("SEND", session, payload).addCallback(lambda n: int(n) > 0)
+
+    def broadcast(self, type: str, data: Any) -> Deferred[int]:
+        proto = self._cmd
+        if proto is None or not proto.connected:
+            return fail(BrokerUnavailable("Redis is unreachable"))
+        payload = json.dumps({"t": type, "d": data})
+        d = maybeDeferred(proto.execute_command, "PUBLISH", f"{self.prefix}:all", payload)
+        return d.addCallbacks(int, _unavailable)
+
+
+_SCRIPTS = {
+    "PUBLISH": PUBLISH,
+    "POSITION": POSITION,
+    "HISTORY": HISTORY,
+    "JOIN": JOIN,
+    "LEAVE": LEAVE,
+    "PRESENCE": PRESENCE,
+    "HEARTBEAT": HEARTBEAT,
+    "REAP": REAP,
+    "REGISTER": REGISTER,
+    "CLIENT_ADD": CLIENT_ADD,
+    "CLIENT_REMOVE": CLIENT_REMOVE,
+    "SEND": SEND,
+    "CLIENTS": CLIENTS,
+}
+
+
+def _unavailable(failure: Failure) -> Failure:
+    if failure.check(BrokerUnavailable):
+        return failure
+    if failure.check(txredisapi.ConnectionError, ConnectionError, txredisapi.TimeoutError):
+        return Failure(BrokerUnavailable(f"Redis: {failure.getErrorMessage()}"))
+    if failure.check(txredisapi.ResponseError):
+        log.error("Redis refused a command: {why}", why=failure.getErrorMessage())
+        return Failure(BrokerUnavailable(f"Redis: {failure.getErrorMessage()}"))
+    return failure
+
+
+def _ignore(failure: Failure) -> None:
+    log.debug("Redis write failed (repaired on reconnect): {why}", why=failure.getErrorMessage())

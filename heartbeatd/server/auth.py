@@ -1,0 +1,324 @@
+"""Who a client is: token authentication in the first frame, a custom check, or its certificate.
+
+With ``auth.mode: token`` or ``custom`` the hello says ``"auth": "required"`` and a client must
+send ``{"type": "auth", "id": ..., "data": {"token": "..."}}`` within ``auth.timeout`` seconds.
+Until then it may only ``ping`` (and answer our pings): anything else is answered
+``unauthenticated`` and the connection closed; a wrong token gets ``auth_failed`` and a close.
+The protocol holds an `AuthGate` only while the client is unauthenticated, so an authenticated
+connection pays one ``is None`` test per read for all this.
+
+Tokens are compared in constant time and never logged; the identity they map to is (it is on
+the session, in ``/clients`` and in the close log lines).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import importlib
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from twisted.internet.defer import maybeDeferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.python.failure import Failure
+
+from heartbeatd._logging import get_logger
+from heartbeatd._validation import ConfigError
+from heartbeatd.wire.envelope import Message, encode_message
+
+__all__ = [
+    "AUTH_FAILED",
+    "AUTH_TIMEOUT",
+    "UNAUTHENTICATED",
+    "AuthGate",
+    "Authenticator",
+    "TokenTable",
+    "load_authenticator",
+    "peer_certificate_identity",
+]
+
+log = get_logger(__name__)
+
+# Error codes on the wire (docs/protocol.md, docs/security.md).
+UNAUTHENTICATED = "unauthenticated"
+AUTH_FAILED = "auth_failed"
+AUTH_TIMEOUT = "auth_timeout"
+
+#: What an unauthenticated client may send besides ``auth``: a ping, and the answers to ours.
+_ALLOWED_BEFORE_AUTH = frozenset({"ping", "pong", "error"})
+#: Messages held while an asynchronous authenticator decides (the rest of a pipelined read).
+MAX_HELD = 64
+#: Longest token looked at: a bound on what we hash and compare.
+MAX_TOKEN_BYTES = 4096
+
+CheckFn = Callable[[str, str], Any]
+
+
+# -- tokens -----------------------------------------------------------------------------------
+
+
+class TokenTable:
+    """``identity:token`` lines (or ``identity:sha256:<hex>``), checked in constant time.
+
+    Every entry is compared, whether or not an earlier one matched, so the time taken does not
+    tell which entry (or how much of a token) was right.
+    """
+
+    def __init__(self, entries: list[tuple[str, bytes]]) -> None:
+        #: (identity, sha256 digest of the token)
+        self._entries = entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @classmethod
+    def parse(cls, text: str, source: str = "auth.tokens_file") -> TokenTable:
+        entries: list[tuple[str, bytes]] = []
+        errors: list[str] = []
+        for number, raw in enumerate(text.splitlines(), 1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            identity, sep, secret = line.partition(":")
+            identity, secret = identity.strip(), secret.strip()
+            if not sep or not identity or not secret:
+                # Never echo the line: it may hold a token.
+                errors.append(
+                    f"{source}: line {number} is not allowed; expected 'identity:token' or "
+                    "'identity:sha256:<64 hex digits>'"
+                )
+                continue
+            if secret.startswith("sha256:"):
+                digest_hex = secret[len("sha256:") :]
+                try:
+                    digest = bytes.fromhex(digest_hex)
+                except ValueError:
+                    digest = b""
+                if len(digest) != 32:
+                    errors.append(
+                        f"{source}: line {number} ({identity}) is not allowed; expected "
+                        "sha256: followed by 64 hex digits"
+                    )
+                    continue
+            else:
+                digest = hashlib.sha256(secret.encode()).digest()
+            entries.append((identity, digest))
+        if errors:
+            raise ConfigError(errors)
+        if not entries:
+            raise ConfigError([f"{source}: no identity:token entries; expected at least one"])
+        return cls(entries)
+
+    @classmethod
+    def load(cls, path: str) -> TokenTable:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(
+                [f"auth.tokens_file: {path!r} cannot be read: {e.strerror or e}"]
+            ) from None
+        except UnicodeDecodeError:
+            raise ConfigError([f"auth.tokens_file: {path!r} is not UTF-8 text"]) from None
+        return cls.parse(text, f"auth.tokens_file {path!r}")
+
+    def identify(self, token: str, peer: str = "") -> str | None:
+        """The identity whose token this is, or None."""
+        offered = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+        found: str | None = None
+        for identity, digest in self._entries:
+            if hmac.compare_digest(offered, digest) and found is None:
+                found = identity
+        return found
+
+
+# -- the authenticator (one per factory) -------------------------------------------------------
+
+
+class Authenticator:
+    """Checks tokens: ``check(token, peer)`` returns an identity, None, or a Deferred of either."""
+
+    def __init__(self, check: CheckFn, timeout: float, description: str) -> None:
+        self.check = check
+        self.timeout = timeout
+        self.description = description
+
+    def gate(self, connection: _Guarded, clock: IReactorTime) -> AuthGate:
+        return AuthGate(self, connection, clock)
+
+
+def _import_function(spec: str) -> CheckFn:
+    module_name, _, name = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+        function = getattr(module, name)
+    except Exception as e:
+        raise ConfigError(
+            [f"auth.authenticator: {spec!r} cannot be loaded: {type(e).__name__}: {e}"]
+        ) from None
+    if not callable(function):
+        raise ConfigError([f"auth.authenticator: {spec!r} is not callable"])
+    return function  # type: ignore[no-any-return]
+
+
+def load_authenticator(auth: Any) -> Authenticator | None:
+    """The `Authenticator` for an ``auth:`` config section (None for ``mode: none``).
+
+    Reads the tokens file now (at start and on SIGHUP), so a bad file is a config error and
+    never a surprise on the first connection.
+    """
+    if auth.mode == "token":
+        table = TokenTable.load(auth.tokens_file)
+        return Authenticator(table.identify, auth.timeout, f"{len(table)} token(s)")
+    if auth.mode == "custom":
+        return Authenticator(_import_function(auth.authenticator), auth.timeout, auth.authenticator)
+    return None
+
+
+# -- one connection's gate -------------------------------------------------------------------
+
+
+class _Guarded(Protocol):
+    """What the gate needs of a server connection (`ServerProtocol`)."""
+
+    session_id: str
+    peer: str
+    identity: str | None
+    connected: bool
+    close_reason: str | None
+
+    def auth_succeeded(self, identity: str, reply: bytes, held: list[Message]) -> None: ...
+
+    def auth_refused(self, code: str, message: str, id: Any, reason: str) -> None: ...
+
+
+class AuthGate:
+    """Stands between an unauthenticated connection and the handlers."""
+
+    __slots__ = ("_authenticator", "_connection", "_held", "_state", "_timer")
+
+    def __init__(
+        self, authenticator: Authenticator, connection: _Guarded, clock: IReactorTime
+    ) -> None:
+        self._authenticator = authenticator
+        self._connection = connection
+        self._held: list[Message] | None = None  # a list while an async check runs
+        self._state = "waiting"  # waiting | checking | refused
+        self._timer: IDelayedCall | None = clock.callLater(authenticator.timeout, self._timed_out)
+
+    def stop(self) -> None:
+        """The connection is gone or authenticated: no timer may fire for it."""
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def intercept(self, message: Message) -> bool:
+        """True when the gate dealt with ``message``; False lets it through (ping, pong)."""
+        if self._state == "refused":
+            return True
+        if self._state == "checking":
+            held = self._held
+            assert held is not None
+            if len(held) >= MAX_HELD:
+                self._refuse(
+                    UNAUTHENTICATED,
+                    f"more than {MAX_HELD} messages sent while authentication was checked",
+                    message.id,
+                )
+            else:
+                held.append(message)
+            return True
+        if message.type in _ALLOWED_BEFORE_AUTH:
+            return False
+        if message.type != "auth":
+            self._refuse(
+                UNAUTHENTICATED,
+                f"authenticate first: {message.type!r} is not allowed before 'auth'",
+                message.id,
+            )
+            return True
+        data = message.data
+        token = data.get("token") if isinstance(data, dict) else None
+        if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_BYTES:
+            self._refuse(AUTH_FAILED, 'expected data {"token": "<token>"}', message.id)
+            return True
+        self._state = "checking"
+        self._held = []
+        peer = self._connection.peer
+        result = maybeDeferred(self._authenticator.check, token, peer)
+        result.addCallbacks(self._checked, self._check_failed, (message,), None, (message,))
+        return True
+
+    def _checked(self, identity: Any, message: Message) -> None:
+        conn = self._connection
+        if not conn.connected or self._state != "checking":
+            return
+        if not isinstance(identity, str) or not identity:
+            self._refuse(AUTH_FAILED, "the token was not accepted", message.id)
+            return
+        self.stop()
+        held, self._held = self._held or [], None
+        self._state = "done"
+        log.info(
+            "Client {session} ({peer}) authenticated as {identity}",
+            session=conn.session_id,
+            peer=conn.peer,
+            identity=identity,
+        )
+        conn.auth_succeeded(
+            identity, encode_message("auth", {"identity": identity}, message.id), held
+        )
+
+    def _check_failed(self, failure: Failure, message: Message) -> None:
+        conn = self._connection
+        # The authenticator's own failure: logged for the operator (the token is not in it
+        # unless the application put it there), answered as a refusal on the wire.  Rate
+        # limited: a directory that is down would otherwise log a traceback per login.
+        limiter = getattr(getattr(conn, "factory", None), "log_limiter", None)
+        if limiter is None or limiter.allow("auth.authenticator"):
+            log.failure(
+                "auth.authenticator failed for client {session} ({peer})",
+                failure,
+                session=conn.session_id,
+                peer=conn.peer,
+            )
+        if conn.connected and self._state == "checking":
+            self._refuse(AUTH_FAILED, "the token could not be checked", message.id)
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if self._state in ("waiting", "checking"):
+            self._refuse(
+                AUTH_TIMEOUT,
+                f"no successful auth within auth.timeout ({self._authenticator.timeout:g}s)",
+                None,
+            )
+
+    def _refuse(self, code: str, text: str, id: Any) -> None:
+        self._state = "refused"
+        self._held = None
+        self.stop()
+        self._connection.auth_refused(code, text, id, code)
+
+
+def peer_certificate_identity(transport: Any) -> str | None:
+    """The subject of a TLS client's certificate (``CN=alice,O=Example``), or None."""
+    try:
+        handle = transport.getHandle()
+        get = handle.get_peer_certificate
+    except Exception:  # not a pyOpenSSL connection: no TLS here
+        return None
+    try:
+        cert = get(as_cryptography=True)
+    except TypeError:  # pyOpenSSL before 24.3: convert its X509 ourselves
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            x509 = get()
+            cert = x509.to_cryptography() if x509 is not None else None
+    except Exception:
+        return None
+    if cert is None:
+        return None
+    return str(cert.subject.rfc4514_string()) or None

@@ -1,0 +1,602 @@
+"""Channels on one daemon: subscriptions per connection, limits, delivery and recovery.
+
+The `ChannelHub` is the server half of channels; storage, history and fan-out across nodes are
+the `Broker`'s (`heartbeatd.cluster`).  It keeps, per local subscription, the epoch and the
+offset last delivered, which is what makes delivery exactly-once and gap-free:
+
+* a publication whose offset is not the next one is either a duplicate (dropped) or the sign of
+  a gap (the broker's link blipped), which is filled from the history before anything newer is
+  delivered; when the history no longer holds it, the client gets ``resync`` (not recovered);
+* while a subscription is being set up (or catching up), publications arriving meanwhile are
+  buffered (bounded) and delivered after the backlog, so nothing overtakes and nothing repeats.
+
+Publication frames are built once per publication and written to every local subscriber.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.python.failure import Failure
+
+from heartbeatd._logging import get_logger
+from heartbeatd.cluster.broker import Broker, BrokerUnavailable, History, Position
+from heartbeatd.config import ChannelsConfig, Config
+from heartbeatd.server.handlers import HandlerError, HandlerRegistry, Request
+from heartbeatd.server.protocol import ServerProtocol
+from heartbeatd.wire.envelope import encode_json, encode_message
+
+__all__ = ["CHANNEL_TYPES", "ChannelHub", "register"]
+
+
+class _Factory(Protocol):
+    """What the hub uses of the server factory (which owns the hub: no import back)."""
+
+    config: Config
+    framing: Any
+    clock: Any
+    clients: dict[str, ServerProtocol]
+
+    def send(self, session_id: str, type: str, data: Any = ...) -> bool: ...
+
+    def broadcast(self, type: str, data: Any = ...) -> int: ...
+
+
+log = get_logger(__name__)
+
+#: Error codes of channel requests (documented in docs/protocol.md).
+BAD_REQUEST = "bad_request"
+BAD_CHANNEL = "bad_channel"
+FORBIDDEN = "forbidden"
+UNAVAILABLE = "unavailable"
+TOO_MANY_CHANNELS = "too_many_channels"
+PUBLICATION_TOO_LARGE = "publication_too_large"
+ALREADY_SUBSCRIBED = "already_subscribed"
+NOT_SUBSCRIBED = "not_subscribed"
+
+_NAME = re.compile(r"[A-Za-z0-9_.:@/-]+")
+
+#: Publications buffered for one subscription while it catches up; beyond, it resyncs.
+MAX_BUFFERED = 10_000
+
+
+class _Sub:
+    """One connection's subscription to one channel."""
+
+    __slots__ = (
+        "channel",
+        "client",
+        "epoch",
+        "join_leave",
+        "joined",
+        "offset",
+        "overflowed",
+        "pending",
+    )
+
+    def __init__(self, client: ServerProtocol, channel: str, join_leave: bool) -> None:
+        self.client = client
+        self.channel = channel
+        self.join_leave = join_leave
+        #: True once its presence entry was written (so a removal must announce a leave).
+        self.joined = False
+        self.epoch = ""
+        #: The offset last delivered (or known to the client).
+        self.offset = 0
+        #: Not None while setting up or catching up: publications wait here, in order.
+        self.pending: list[tuple[str, int, str]] | None = []
+        #: Publications were dropped from a full ``pending``: read them from the history.
+        self.overflowed = False
+
+
+def publication_body(channel: str, offset: int, data: str) -> bytes:
+    """The publication envelope, with ``data`` spliced in as the JSON text it already is."""
+    return b'{"type":"publication","data":{"channel":%s,"offset":%d,"data":%s}}' % (
+        encode_json(channel),
+        offset,
+        data.encode(),
+    )
+
+
+class ChannelHub:
+    """Channels of one daemon, on top of a `Broker` (see the module docstring)."""
+
+    def __init__(self, factory: _Factory, broker: Broker) -> None:
+        self.factory = factory
+        self.broker = broker
+        broker.listener = self
+        #: channel -> session id -> subscription (local subscribers only).
+        self._subs: dict[str, dict[str, _Sub]] = {}
+        #: session id -> channel -> subscription.
+        self._by_client: dict[str, dict[str, _Sub]] = {}
+        # Counters for metrics.
+        self.published = 0
+        self.delivered = 0
+        self.recoveries = {"recovered": 0, "not_recovered": 0}
+        self.resyncs = 0
+        self.gaps_filled = 0
+        #: Subscriptions whose catch-up failed (broker down): retried when the link returns.
+        self._stale: set[_Sub] = set()
+
+    @property
+    def config(self) -> ChannelsConfig:
+        return self.factory.config.channels
+
+    def start(self) -> Deferred[None]:
+        return self.broker.start()
+
+    def stop(self) -> Deferred[None]:
+        return self.broker.stop()
+
+    def subscription_count(self) -> int:
+        return sum(len(subs) for subs in self._by_client.values())
+
+    def channel_count(self) -> int:
+        return len(self._subs)
+
+    def channels_of(self, session: str) -> list[str]:
+        return sorted(self._by_client.get(session, ()))
+
+    # -- checks ------------------------------------------------------------------------------
+
+    def check_channel(self, channel: Any) -> str:
+        limit = self.config.max_name_length
+        if not isinstance(channel, str) or not _NAME.fullmatch(channel):
+            raise HandlerError(
+                BAD_CHANNEL,
+                "a channel name is a non-empty string of letters, digits and - _ . : @ /",
+            )
+        if len(channel) > limit:
+            raise HandlerError(BAD_CHANNEL, f"a channel name has at most {limit} characters")
+        return channel
+
+    def _encode_publication(self, data: Any) -> str:
+        try:
+            text = encode_json(data)
+        except Exception:
+            raise HandlerError(BAD_REQUEST, "the publication's data is not valid JSON") from None
+        limit = self.config.max_publication_bytes
+        if len(text) > limit:
+            raise HandlerError(
+                PUBLICATION_TOO_LARGE, f"a publication has at most {limit} bytes of JSON"
+            )
+        return text.decode()
+
+    # -- publish -----------------------------------------------------------------------------
+
+    def publish(self, channel: str, data: Any) -> Deferred[int]:
+        """Publish ``data`` to ``channel`` on every node; fires with its offset.
+
+        Fails with `HandlerError` (``bad_channel``, ``publication_too_large``, ``unavailable``),
+        so a handler can simply return it.
+        """
+        try:
+            self.check_channel(channel)
+            text = self._encode_publication(data)
+        except HandlerError as e:
+            return fail(e)
+        if not self.broker.up:
+            return fail(_unavailable())
+        d = self.broker.publish(channel, text)
+
+        def done(position: Position) -> int:
+            self.published += 1
+            return position.offset
+
+        return d.addCallbacks(done, _as_unavailable)
+
+    # -- subscribe ---------------------------------------------------------------------------
+
+    def subscribe(
+        self,
+        client: ServerProtocol,
+        channel: str,
+        since: tuple[str, int] | None = None,
+        join_leave: bool = False,
+    ) -> Deferred[dict[str, Any]]:
+        """Subscribe ``client``; fires with the reply, after which the backlog is delivered."""
+        session = client.session_id
+        mine = self._by_client.get(session, {})
+        if channel in mine:
+            return fail(HandlerError(ALREADY_SUBSCRIBED, f"already subscribed to {channel!r}"))
+        limit = self.config.max_per_connection
+        if len(mine) >= limit:
+            return fail(
+                HandlerError(TOO_MANY_CHANNELS, f"a connection may join at most {limit} channels")
+            )
+        if not self.broker.up:
+            return fail(_unavailable())
+        sub = _Sub(client, channel, join_leave)
+        self._by_client.setdefault(session, {})[channel] = sub
+        self._subs.setdefault(channel, {})[session] = sub
+        reply: Deferred[dict[str, Any]] = Deferred()
+        returned = False  # set once the caller holds ``reply`` (and waits on it)
+
+        def locate(_: object) -> Deferred[Any]:
+            if since is None:
+                return self.broker.position(channel)
+            return self.broker.history(channel, since[0], since[1])
+
+        def located(result: Position | History) -> None:
+            if not self._is_current(sub):
+                reply.errback(HandlerError(NOT_SUBSCRIBED, "unsubscribed meanwhile"))
+                return
+            backlog: list[str] = []
+            if isinstance(result, History):
+                position, entries = result
+                recovered = entries is not None
+                self.recoveries["recovered" if recovered else "not_recovered"] += 1
+            else:
+                position, recovered, entries = result, False, None
+            sub.epoch = position.epoch
+            sub.offset = position.offset
+            answer: dict[str, Any] = {
+                "channel": channel,
+                "epoch": position.epoch,
+                "offset": position.offset,
+            }
+            if since is not None:
+                answer["recovered"] = recovered
+                if entries is not None:
+                    backlog = entries
+                    sub.offset = since[1]
+            # The reply goes out before any publication: when the protocol is already waiting
+            # on ``reply`` it writes it during callback(); when everything was synchronous
+            # (the handler has not even returned), the backlog waits one reactor turn, and
+            # publications meanwhile queue in ``sub.pending``.
+            reply.callback(answer)
+            if returned:
+                self._live(sub, backlog)
+            else:
+                self.factory.clock.callLater(0, self._live, sub, backlog)
+
+        def failed(failure: Failure) -> None:
+            self._remove(sub)
+            reply.errback(_as_unavailable(failure))
+
+        self.broker.subscribe(channel).addCallback(locate).addCallbacks(located, failed)
+        returned = True
+        return reply
+
+    def unsubscribe(self, client: ServerProtocol, channel: str) -> dict[str, Any]:
+        sub = self._by_client.get(client.session_id, {}).get(channel)
+        if sub is None:
+            raise HandlerError(NOT_SUBSCRIBED, f"not subscribed to {channel!r}")
+        self._remove(sub)
+        return {"channel": channel}
+
+    def presence(self, channel: str) -> Deferred[dict[str, Any]]:
+        if not self.broker.up:
+            return fail(_unavailable())
+        d = self.broker.presence(channel)
+        return d.addCallbacks(
+            lambda members: {"channel": channel, "clients": members}, _as_unavailable
+        )
+
+    def _is_current(self, sub: _Sub) -> bool:
+        return self._subs.get(sub.channel, {}).get(sub.client.session_id) is sub
+
+    def _info(self, client: ServerProtocol) -> dict[str, Any]:
+        return {
+            "session": client.session_id,
+            "node": self.broker.node_id,
+            "identity": getattr(client, "identity", None),
+        }
+
+    def _join(self, sub: _Sub) -> None:
+        sub.joined = True
+        self.broker.join(sub.channel, self._info(sub.client)).addErrback(
+            _log_failure, "presence join", sub.channel
+        )
+
+    def _remove(self, sub: _Sub) -> None:
+        """Forget a subscription; the last local one of a channel stops its fan-out here."""
+        session, channel = sub.client.session_id, sub.channel
+        local = self._subs.get(channel)
+        if local is None or local.get(session) is not sub:
+            return
+        del local[session]
+        mine = self._by_client.get(session)
+        if mine is not None:
+            mine.pop(channel, None)
+            if not mine:
+                del self._by_client[session]
+        if not local:
+            del self._subs[channel]
+            self.broker.unsubscribe(channel)
+        if sub.joined:
+            self.broker.leave(channel, session).addErrback(_log_failure, "presence leave", channel)
+
+    # -- connections -------------------------------------------------------------------------
+
+    def client_connected(self, client: ServerProtocol) -> None:
+        if self.broker.clustered:
+            info = self._info(client)
+            info["peer"] = client.peer
+            info["connected_at"] = client.connected_at
+            self.broker.client_connected(client.session_id, info)
+
+    def client_disconnected(self, client: ServerProtocol) -> None:
+        mine = self._by_client.get(client.session_id)
+        if mine:
+            for sub in list(mine.values()):
+                self._remove(sub)
+        if self.broker.clustered:
+            self.broker.client_disconnected(client.session_id)
+
+    # -- delivery (BrokerListener) -----------------------------------------------------------
+
+    def on_publication(self, channel: str, epoch: str, offset: int, data: str) -> None:
+        subs = self._subs.get(channel)
+        if not subs:
+            return
+        frame = self.factory.framing.encode(publication_body(channel, offset, data))
+        for sub in list(subs.values()):
+            if sub.pending is None and sub.offset + 1 == offset and sub.epoch == epoch:
+                sub.offset = offset
+                sub.client.write_frame(frame)
+                self.delivered += 1
+            else:
+                self._deliver(sub, epoch, offset, data)
+
+    def _deliver(self, sub: _Sub, epoch: str, offset: int, data: str) -> None:
+        pending = sub.pending
+        if pending is not None:
+            if len(pending) < MAX_BUFFERED:
+                pending.append((epoch, offset, data))
+            else:
+                sub.overflowed = True  # not lost: fetched from the history when live again
+            return
+        if epoch != sub.epoch:
+            # The stream was lost and started again: what came before cannot be recovered.
+            self._resync(sub, Position(epoch, offset - 1), "epoch_changed")
+        if offset <= sub.offset:
+            return  # already delivered
+        if offset > sub.offset + 1:
+            self.catch_up(sub, (epoch, offset, data))
+            return
+        sub.offset = offset
+        sub.client.write_frame(
+            self.factory.framing.encode(publication_body(sub.channel, offset, data))
+        )
+        self.delivered += 1
+
+    def _live(self, sub: _Sub, backlog: list[str]) -> None:
+        if self._is_current(sub):
+            self._go_live(sub, backlog)
+            self._join(sub)
+
+    def _go_live(self, sub: _Sub, backlog: list[str]) -> None:
+        pending, sub.pending = sub.pending or [], None
+        first = sub.offset + 1
+        for i, data in enumerate(backlog):
+            self._deliver(sub, sub.epoch, first + i, data)
+        for epoch, offset, data in pending:
+            self._deliver(sub, epoch, offset, data)
+        if sub.overflowed and sub.pending is None:
+            sub.overflowed = False
+            self.catch_up(sub)
+
+    def catch_up(self, sub: _Sub, first: tuple[str, int, str] | None = None) -> None:
+        """Fill the gap after ``sub.offset`` from the history, or tell the client it can't."""
+        if sub.pending is not None:
+            if first is not None:
+                sub.pending.append(first)
+            return
+        sub.pending = [first] if first is not None else []
+        self._fetch_gap(sub)
+
+    def _fetch_gap(self, sub: _Sub) -> None:
+        self._fetch_gaps(sub.channel, sub.epoch, sub.offset, [sub])
+
+    def _fetch_gaps(self, channel: str, epoch: str, offset: int, subs: list[_Sub]) -> None:
+        """One history read for subscriptions (buffering) that all stand at the same place."""
+
+        def got(history: History) -> None:
+            for sub in subs:
+                if not self._is_current(sub) or sub.pending is None or sub.offset != offset:
+                    continue
+                entries = history.entries
+                if entries is None:
+                    self._resync(sub, history.position, "history_lost")
+                    entries = []
+                elif entries:
+                    self.gaps_filled += 1
+                self._go_live(sub, entries)
+
+        def failed(failure: Failure) -> None:
+            # Still down: keep buffering; the broker's on_link(True) tries again.
+            log.debug("Catch-up of {channel} failed: {why}", channel=channel, why=failure)
+            self._stale.update(sub for sub in subs if self._is_current(sub))
+
+        self.broker.history(channel, epoch, offset).addCallbacks(got, failed)
+
+    def _resync(self, sub: _Sub, position: Position, reason: str) -> None:
+        self.resyncs += 1
+        sub.epoch, sub.offset = position
+        sub.client.send(
+            "resync",
+            {
+                "channel": sub.channel,
+                "epoch": position.epoch,
+                "offset": position.offset,
+                "recovered": False,
+                "reason": reason,
+            },
+        )
+
+    def on_presence(self, channel: str, event: str, info: dict[str, Any]) -> None:
+        subs = self._subs.get(channel)
+        if not subs:
+            return
+        body = encode_message(event, {"channel": channel, **info})
+        frame = self.factory.framing.encode(body)
+        session = info.get("session")
+        for sub in list(subs.values()):
+            if sub.join_leave and sub.pending is None and sub.client.session_id != session:
+                sub.client.write_frame(frame)
+
+    def on_message(self, session: str, type: str, data: Any) -> None:
+        self.factory.send(session, type, data)
+
+    def on_broadcast(self, type: str, data: Any) -> None:
+        self.factory.broadcast(type, data)
+
+    def on_link(self, up: bool) -> None:
+        """After the broker's link returns, every subscription checks for a gap.
+
+        Subscriptions of one channel at the same position share one history read (after a
+        Redis blip, a node with 10,000 subscribers of a channel asks once, not 10,000 times).
+        """
+        if not up:
+            log.warn("The cluster broker is unreachable; publish answers unavailable")
+            return
+        log.info("The cluster broker is reachable again; subscribers catch up")
+        groups: dict[tuple[str, str, int], list[_Sub]] = {}
+        stale, self._stale = self._stale, set()
+        for sub in stale:
+            if self._is_current(sub) and sub.pending is not None:
+                groups.setdefault((sub.channel, sub.epoch, sub.offset), []).append(sub)
+        for subs in list(self._subs.values()):
+            for sub in list(subs.values()):
+                if sub.pending is None:
+                    sub.pending = []
+                    groups.setdefault((sub.channel, sub.epoch, sub.offset), []).append(sub)
+        for (channel, epoch, offset), members in groups.items():
+            self._fetch_gaps(channel, epoch, offset, members)
+
+    # -- across nodes --------------------------------------------------------------------------
+
+    def send(self, session: str, type: str, data: Any = None) -> Deferred[bool]:
+        """Push to a session on any node; fires False when no node has it."""
+        if self.factory.send(session, type, data):
+            return succeed(True)
+        if not self.broker.clustered:
+            return succeed(False)
+        return self.broker.send(session, type, data).addErrback(_as_unavailable)
+
+    def forward(self, session: str, type: str, data: Any = None) -> bool:
+        """Send to a session of another node without waiting (False on one node)."""
+        if not self.broker.clustered or not self.broker.up:
+            return False
+        self.broker.send(session, type, data).addErrback(_log_failure, "send", session)
+        return True
+
+    def broadcast(self, type: str, data: Any = None) -> Deferred[int]:
+        """Push to every client of every node; fires with clients (one node) or nodes reached."""
+        if not self.broker.clustered:
+            return succeed(self.factory.broadcast(type, data))
+        return self.broker.broadcast(type, data).addErrback(_as_unavailable)
+
+    def clients(self) -> Deferred[list[dict[str, Any]]]:
+        """Every client of the cluster, each with its ``node``."""
+        if not self.broker.clustered:
+            node = self.broker.node_id
+            return succeed(
+                [
+                    {"session": c.session_id, "node": node, "peer": c.peer}
+                    for c in self.factory.clients.values()
+                ]
+            )
+        return self.broker.clients().addErrback(_as_unavailable)
+
+
+def _unavailable() -> HandlerError:
+    return HandlerError(UNAVAILABLE, "the cluster broker is unreachable; try again")
+
+
+def _as_unavailable(failure: Failure) -> Failure:
+    if failure.check(BrokerUnavailable):
+        return Failure(HandlerError(UNAVAILABLE, str(failure.value) or "broker unreachable"))
+    return failure
+
+
+def _log_failure(failure: Failure, what: str, channel: str) -> None:
+    log.debug("{what} for {channel} failed: {why}", what=what, channel=channel, why=failure)
+
+
+# -- the built-in handlers -------------------------------------------------------------------
+
+
+# The built-ins need the connection itself (to write publications to it), which application
+# handlers never see: they are part of the server, so they may read Request's private link.
+
+
+def _connection(request: Request) -> ServerProtocol:
+    return request._connection  # type: ignore[no-any-return]
+
+
+def _hub(request: Request) -> ChannelHub:
+    return _connection(request).factory.channels
+
+
+def _fields(request: Request) -> dict[str, Any]:
+    data = request.data
+    if not isinstance(data, dict):
+        raise HandlerError(BAD_REQUEST, 'expected data {"channel": "..."}')
+    return data
+
+
+def _since(value: Any) -> tuple[str, int] | None:
+    if value is None:
+        return None
+    if (
+        isinstance(value, dict)
+        and isinstance(value.get("epoch"), str)
+        and type(value.get("offset")) is int
+        and 0 <= value["offset"] < 2**63
+    ):
+        return value["epoch"], value["offset"]
+    raise HandlerError(BAD_REQUEST, 'since is {"epoch": "...", "offset": <integer >= 0>}')
+
+
+def _subscribe(request: Request) -> Deferred[dict[str, Any]]:
+    hub = _hub(request)
+    data = _fields(request)
+    channel = hub.check_channel(data.get("channel"))
+    since = _since(data.get("since"))
+    join_leave = data.get("join_leave", False)
+    if not isinstance(join_leave, bool):
+        raise HandlerError(BAD_REQUEST, "join_leave is true or false")
+    return hub.subscribe(_connection(request), channel, since, join_leave)
+
+
+def _unsubscribe(request: Request) -> dict[str, Any]:
+    hub = _hub(request)
+    return hub.unsubscribe(_connection(request), hub.check_channel(_fields(request).get("channel")))
+
+
+def _publish(request: Request) -> Deferred[dict[str, Any]]:
+    hub = _hub(request)
+    if not hub.config.client_publish:
+        raise HandlerError(FORBIDDEN, "clients may not publish here (channels.client_publish)")
+    data = _fields(request)
+    channel = hub.check_channel(data.get("channel"))
+    if "data" not in data:
+        raise HandlerError(BAD_REQUEST, 'expected data {"channel": "...", "data": ...}')
+    d = hub.publish(channel, data["data"])
+    return d.addCallback(lambda offset: {"channel": channel, "offset": offset})
+
+
+def _presence(request: Request) -> Deferred[dict[str, Any]]:
+    hub = _hub(request)
+    return hub.presence(hub.check_channel(_fields(request).get("channel")))
+
+
+#: The channel message types and their handlers.
+CHANNEL_TYPES: dict[str, Callable[[Request], Any]] = {
+    "subscribe": _subscribe,
+    "unsubscribe": _unsubscribe,
+    "publish": _publish,
+    "presence": _presence,
+}
+
+
+def register(registry: HandlerRegistry) -> None:
+    """Add the channel handlers to ``registry`` (types an application defined are kept)."""
+    for type_, handler in CHANNEL_TYPES.items():
+        if registry.get(type_) is None:
+            registry.add(type_, handler)

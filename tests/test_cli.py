@@ -1,0 +1,406 @@
+"""The ``heartbeat`` command: usage errors, exit codes, Ctrl-C, watch across a restart, admin.
+
+Argument errors run in-process (they fail before the reactor starts); name resolution is
+driven on a MemoryReactorClock (no DNS query leaves the machine); the rest runs the real
+console script against a real daemon on loopback.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from daemon import Daemon
+from test_admin import ADMIN, http
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.error import DNSLookupError
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+
+from heartbeatd.client import RequestTimeout
+from heartbeatd.client.cli import Interrupt, main, parse_args, run
+
+HEARTBEAT = str(Path(sys.executable).parent / "heartbeat")
+
+
+# -- arguments, in-process -------------------------------------------------------------------
+
+
+def usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("heartbeat: "), err  # one line
+    return err
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["ping", "nonsense"], "invalid endpoint 'nonsense'; expected host:port"),
+        (["ping", "127.0.0.1:99999"], "invalid port '99999' in '127.0.0.1:99999'"),
+        (["ping", "127.0.0.1:0"], "invalid port '0'"),
+        (["ping", "tcp:host=x:port=abc"], "invalid endpoint 'tcp:host=x:port=abc'"),
+        (["ping", "nope:1:2:3"], "invalid endpoint 'nope:1:2:3'"),
+        (["request", "127.0.0.1:1", "echo", "{bad"], "'{bad' is not valid JSON"),
+        (["ping", "127.0.0.1:1", "-c", "-1"], "argument -c/--count"),
+        (["ping", "127.0.0.1:1", "--timeout", "0"], "is not a number > 0"),
+        (["ping"], "required: ENDPOINT"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+        ([], "required: COMMAND"),
+        (["send", "s1", "t", "x"], "'x' is not valid JSON"),
+    ],
+)
+def test_usage_errors_are_one_line_exit_2(
+    argv: list[str], expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert expected in usage_error(argv, capsys)
+
+
+def test_endpoint_errors_after_parsing_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert "invalid endpoint 'tcp:host=x'" in usage_error(["ping", "tcp:host=x"], capsys)
+    assert "'port'" in usage_error(["watch", "tcp:host=x"], capsys)
+
+
+def test_options_after_the_subcommand_and_before_it() -> None:
+    after = parse_args(["request", "127.0.0.1:9000", "echo", "--timeout", "1", "--framing", "seed"])
+    before = parse_args(["--timeout", "2", "request", "127.0.0.1:9000", "echo"])
+    default = parse_args(["ping", "127.0.0.1:9000"])
+    assert (after.timeout, after.framing) == (1.0, "seed")
+    assert (before.timeout, before.framing) == (2.0, "int32")
+    assert (default.timeout, default.count, default.interval) == (5.0, 4, 1.0)
+
+
+def test_version_and_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert re.fullmatch(r"heartbeat \d+\.\d+\.\d+\S*\n", capsys.readouterr().out)
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    for word in ("ping", "request", "watch", "clients", "send", "broadcast", "kick"):
+        assert word in text
+    assert "exit status:" in text and "3    could not connect" in text
+    with pytest.raises(SystemExit):
+        main(["watch", "--help"])
+    text = capsys.readouterr().out
+    assert "--exit-on-goaway" in text and "exit status:" in text and "--timeout" in text
+
+
+# -- connecting, in-process on a MemoryReactorClock --------------------------------------------
+
+
+def start(argv: list[str]) -> tuple[MemoryReactorClock, Any, io.StringIO, io.StringIO, Any]:
+    reactor = MemoryReactorClock()
+    out, err = io.StringIO(), io.StringIO()
+    result: list[Any] = []
+    ensureDeferred(run(reactor, parse_args(argv), out, err, Interrupt())).addBoth(result.append)
+    return reactor, result, out, err, reactor.tcpClients
+
+
+def test_unresolvable_host_is_exit_3_in_one_line() -> None:
+    reactor, result, _out, err, attempts = start(["ping", "no-such-host.invalid:9000"])
+    ((host, port, factory, _timeout, _bind),) = attempts
+    assert (host, port) == ("no-such-host.invalid", 9000)
+    reason = Failure(DNSLookupError("address 'no-such-host.invalid' not found"))
+    factory.clientConnectionFailed(reactor.connectors[0], reason)
+    assert result == [3]
+    assert err.getvalue().count("\n") == 1
+    assert err.getvalue().startswith("heartbeat: cannot resolve host of 'no-such-host.invalid'")
+
+
+def test_connect_deadline_is_exit_4() -> None:
+    reactor, result, _out, err, _attempts = start(["ping", "127.0.0.1:9", "--timeout", "1"])
+    reactor.advance(1.9)
+    assert result == []
+    reactor.advance(0.2)
+    assert result == [4] and "timed out connecting to 127.0.0.1:9" in err.getvalue()
+
+
+HELLO = {"type": "hello", "data": {"session": "s1", "heartbeat": {"interval": 10, "timeout": 30}}}
+
+
+def frame(obj: Any) -> bytes:
+    body = json.dumps(obj).encode()
+    return len(body).to_bytes(4, "big") + body
+
+
+def test_a_lost_connection_is_not_cannot_reach() -> None:
+    _reactor, result, _out, err, attempts = start(["watch", "127.0.0.1:9000"])
+    ((_h, _p, factory, _t, _b),) = attempts
+    protocol = factory.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(frame(HELLO))
+    protocol.dataReceived(frame({"type": "news", "data": 1}))
+    protocol.connectionLost(Failure(ConnectionResetError("reset by peer")))
+    assert result == [3]
+    assert "connection to 127.0.0.1:9000 lost" in err.getvalue()
+    assert "cannot reach" not in err.getvalue()
+
+
+def test_interrupt_until_success_failure_and_ctrl_c() -> None:
+    interrupt = Interrupt()
+    work: Deferred[int] = Deferred()
+    outcome: list[Any] = []
+    interrupt.until(work).addBoth(outcome.append)
+    work.callback(7)
+    assert outcome == [(False, 7)]
+
+    failing: Deferred[int] = Deferred()
+    interrupt.until(failing).addBoth(outcome.append)
+    failing.errback(RequestTimeout("late"))  # a failure is raised at once, not swallowed
+    assert isinstance(outcome[-1], Failure) and outcome[-1].check(RequestTimeout)
+
+    cancelled: list[bool] = []
+    pending: Deferred[int] = Deferred(lambda d: cancelled.append(True))
+    interrupt.until(pending).addBoth(outcome.append)
+    interrupt.fire()
+    assert outcome[-1] == (True, None) and cancelled == [True]
+    interrupt.until(Deferred()).addBoth(outcome.append)  # after Ctrl-C: at once
+    assert outcome[-1] == (True, None)
+
+
+def test_ctrl_c_during_a_request_is_130() -> None:
+    reactor = MemoryReactorClock()
+    out, err = io.StringIO(), io.StringIO()
+    interrupt = Interrupt()
+    result: list[Any] = []
+    args = parse_args(["request", "127.0.0.1:9000", "echo"])
+    ensureDeferred(run(reactor, args, out, err, interrupt)).addBoth(result.append)
+    ((_h, _p, factory, _t, _b),) = reactor.tcpClients
+    protocol = factory.buildProtocol(None)
+    protocol.makeConnection(StringTransport())
+    protocol.dataReceived(frame(HELLO))
+    assert result == []  # the request is in flight
+    interrupt.fire()
+    assert result == [130] and err.getvalue() == "heartbeat: interrupted\n"
+
+
+# -- the real command against a real daemon -------------------------------------------------------
+
+
+class Command:
+    """``heartbeat ...`` as a subprocess whose output lines are read with deadlines."""
+
+    def __init__(self, *args: str) -> None:
+        self.process = subprocess.Popen(
+            [HEARTBEAT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        # One queue per stream: lines of stdout and stderr have no order between them.
+        self.queues: dict[str, queue.Queue[str | None]] = {
+            "stdout": queue.Queue(),
+            "stderr": queue.Queue(),
+        }
+        self.out: list[str] = []
+        self.err: list[str] = []
+        for name in self.queues:
+            threading.Thread(target=self._pump, args=(name,), daemon=True).start()
+
+    def _pump(self, name: str) -> None:
+        stream = getattr(self.process, name)
+        for line in stream:
+            self.queues[name].put(line.rstrip("\n"))
+        self.queues[name].put(None)
+
+    def next_line(self, stream: str = "stdout", timeout: float = 20) -> str:
+        line = self.queues[stream].get(timeout=timeout)
+        assert line is not None, f"{stream} ended; stderr so far: {self.err}"
+        (self.out if stream == "stdout" else self.err).append(line)
+        return line
+
+    def finish(self, timeout: float = 20) -> int:
+        code = self.process.wait(timeout)
+        for name, lines in (("stdout", self.out), ("stderr", self.err)):
+            while (line := self.queues[name].get(timeout=timeout)) is not None:
+                lines.append(line)
+        return code
+
+    def __enter__(self) -> Command:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+
+def wait_until(predicate: Any, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)  # polling a condition with a deadline, not a timed assertion
+
+
+def clients_of(admin_port: int) -> int:
+    return int(http(admin_port, "GET", "/healthz")[1]["clients"])
+
+
+ADMIN_ON = {"listen": "tcp:0:interface=127.0.0.1", "admin": {"listen": "tcp:0:interface=127.0.0.1"}}
+
+
+def test_ping_stopped_with_ctrl_c_prints_the_summary_and_exits_0(tmp_path: Path) -> None:
+    with (
+        Daemon(tmp_path, {}) as daemon,
+        Command("ping", f"127.0.0.1:{daemon.port}", "-c", "1000", "-i", "0.05") as ping,
+    ):
+        assert ping.next_line().startswith(f"pong from 127.0.0.1:{daemon.port}: seq=1 ")
+        ping.process.send_signal(signal.SIGINT)
+        assert ping.finish() == 0
+        assert ping.out[-3] == f"--- 127.0.0.1:{daemon.port} ping statistics ---"
+        assert re.match(r"\d+ pings sent, \d+ pongs received, 0% loss", ping.out[-2])
+        assert ping.out[-1].startswith("rtt min/avg/max/mdev = ")
+        assert ping.err == []
+        assert daemon.stop() == 0
+
+
+def test_watch_follows_a_restart_through_goaway(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    config = {**ADMIN_ON, "shutdown": {"drain_timeout": 10, "reconnect_after": 1}}
+    with Daemon(tmp_path / "a", config) as first:
+        port = first.port
+        with Command("watch", f"127.0.0.1:{port}") as watch:
+            admin = int(first.wait_for(ADMIN).group(1))
+            wait_until(lambda: clients_of(admin) == 1)
+            first.process.send_signal(signal.SIGTERM)
+            goaway = json.loads(watch.next_line())
+            assert goaway == {
+                "type": "goaway",
+                "data": {"reason": "shutdown", "reconnect_after": 1},
+            }
+            assert "reconnecting in" in watch.next_line("stderr")
+            assert first.process.wait(20) == 0  # the watcher left: no need for the full drain
+
+            listen = f"tcp:{port}:interface=127.0.0.1"
+            with Daemon(tmp_path / "b", {**config, "listen": listen}) as second:
+                admin = int(second.wait_for(ADMIN).group(1))
+                assert watch.next_line("stderr").startswith(
+                    f"heartbeat: reconnected to 127.0.0.1:{port}"
+                )
+                assert http(admin, "POST", "/broadcast", {"type": "news", "data": 2})[1] == {
+                    "sent": 1
+                }
+                assert json.loads(watch.next_line()) == {"type": "news", "data": 2}
+                watch.process.send_signal(signal.SIGINT)
+                assert watch.finish() == 0
+                assert second.stop() == 0
+
+
+def test_watch_exit_on_goaway(tmp_path: Path) -> None:
+    config = {**ADMIN_ON, "shutdown": {"drain_timeout": 10, "reconnect_after": 3}}
+    with (
+        Daemon(tmp_path, config) as daemon,
+        Command("watch", "--exit-on-goaway", f"127.0.0.1:{daemon.port}") as watch,
+    ):
+        admin = int(daemon.wait_for(ADMIN).group(1))
+        wait_until(lambda: clients_of(admin) == 1)
+        daemon.process.send_signal(signal.SIGTERM)
+        assert watch.finish() == 0
+        assert json.loads(watch.out[0])["type"] == "goaway"
+        assert daemon.process.wait(20) == 0
+
+
+def test_watch_when_the_server_dies(tmp_path: Path) -> None:
+    with (
+        Daemon(tmp_path, ADMIN_ON) as daemon,
+        Command("watch", f"127.0.0.1:{daemon.port}") as watch,
+    ):
+        admin = int(daemon.wait_for(ADMIN).group(1))
+        wait_until(lambda: clients_of(admin) == 1)
+        daemon.process.kill()
+        assert watch.finish() == 3
+        (line,) = watch.err
+        assert line.startswith(f"heartbeat: connection to 127.0.0.1:{daemon.port} lost")
+
+
+def test_admin_subcommands(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("tok\n")
+    config = {"admin": {"listen": "tcp:0:interface=127.0.0.1", "token": "tok"}}
+    with Daemon(tmp_path, config) as daemon, Command("watch", f"127.0.0.1:{daemon.port}") as watch:
+        url = f"http://127.0.0.1:{int(daemon.wait_for(ADMIN).group(1))}"
+
+        def cli(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [HEARTBEAT, *args, "--admin", url, "--token-file", str(token)],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+
+        wait_until(lambda: "1 client(s)" in cli("clients").stdout)
+        listing = json.loads(cli("clients", "--json").stdout)
+        session = listing["clients"][0]["session"]
+        table = cli("clients").stdout.splitlines()
+        assert table[0].split()[:2] == ["SESSION", "PEER"] and table[1].startswith(session)
+
+        sent = cli("send", session, "note", '{"n": 1}')
+        assert (sent.returncode, sent.stdout) == (0, f"sent note to {session}\n")
+        assert json.loads(watch.next_line()) == {"type": "note", "data": {"n": 1}}
+        assert cli("broadcast", "all", '"x"').stdout == "sent all to 1 client(s)\n"
+        assert json.loads(watch.next_line()) == {"type": "all", "data": "x"}
+
+        missing = cli("send", "nobody", "note")
+        assert missing.returncode == 1 and "404" in missing.stderr and "nobody" in missing.stderr
+
+        kicked = cli("kick", session)
+        assert (kicked.returncode, kicked.stdout) == (0, f"disconnected {session}\n")
+        assert watch.finish() == 3  # kicked: the watcher's connection was lost
+        evictions = cli("clients", "--evictions", "1").stdout
+        assert "admin" in evictions and session in evictions
+
+        unauthenticated = subprocess.run(
+            [HEARTBEAT, "clients", "--admin", url], capture_output=True, text=True, timeout=30
+        )
+        assert unauthenticated.returncode == 1
+        assert (
+            unauthenticated.stderr.count("\n") == 1
+            and "give --token-file" in unauthenticated.stderr
+        )
+        assert daemon.stop() == 0
+
+
+def test_the_cli_loads_neither_server_nor_daemon_nor_yaml() -> None:
+    code = (
+        "import sys, heartbeatd.client.cli, heartbeatd.client._admin_cli; "
+        "bad = [m for m in sys.modules if m.startswith(('heartbeatd.server', "
+        "'heartbeatd.daemon', 'yaml'))]; print(bad)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
+def test_a_closed_output_pipe_ends_the_command_quietly(tmp_path: Path) -> None:
+    with Daemon(tmp_path, {}) as daemon:
+        ping = subprocess.Popen(
+            [HEARTBEAT, "ping", f"127.0.0.1:{daemon.port}", "-c", "0", "-i", "0.01"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert ping.stdout is not None and ping.stderr is not None
+            assert ping.stdout.readline().startswith("pong from")  # like `| head -1`
+            ping.stdout.close()
+            assert ping.wait(20) == 0
+            assert ping.stderr.read() == ""  # no traceback, no "Exception ignored"
+        finally:
+            if ping.poll() is None:
+                ping.kill()
+                ping.wait(10)
+        assert daemon.stop() == 0

@@ -1,0 +1,178 @@
+"""The client's channel API over iosim: subscribe, dedupe, and re-subscribe after a reconnect."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from helpers import iosim, make_config
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.task import Clock
+from zope.interface import implementer
+
+from heartbeatd.client.reconnect import ReconnectingClient
+from heartbeatd.server.factory import ServerFactory
+from heartbeatd.testing import ServerClientPair
+
+
+def server(clock: Clock, **channels: Any) -> ServerFactory:
+    return ServerFactory(make_config(channels=channels), clock=clock)
+
+
+def publish(factory: ServerFactory, *items: Any) -> None:
+    for item in items:
+        factory.channels.publish("news", item)
+
+
+def test_subscribe_delivers_each_publication_once() -> None:
+    with ServerClientPair() as pair:
+        client, factory = pair.client, pair.factory
+        got: list[tuple[Any, int]] = []
+        d = client.subscribe("news", lambda data, offset, sub: got.append((data, offset)))
+        pair.flush()
+        pair.advance(0)
+        sub = d.result
+        assert (sub.channel, sub.offset) == ("news", 0) and sub.epoch
+        publish(factory, "a", "b")
+        pair.flush()
+        assert got == [("a", 1), ("b", 2)]
+        factory.channels.on_publication("news", sub.epoch, 2, '"b"')  # a repeat: not delivered
+        pair.flush()
+        assert got == [("a", 1), ("b", 2)] and sub.offset == 2
+
+        d = client.unsubscribe("news")
+        pair.flush()
+        assert d.result == {"channel": "news"}
+        publish(factory, "c")
+        pair.flush()
+        assert len(got) == 2
+
+
+def test_subscribe_errors_are_typed() -> None:
+    with ServerClientPair() as pair:
+        d = pair.client.subscribe("bad name", lambda *a: None)
+        pair.flush()
+        failure = d.result
+        d.addErrback(lambda f: None)
+        assert failure.value.code == "bad_channel"
+
+
+@implementer(IStreamClientEndpoint)
+class IosimEndpoint:
+    """Connects a client factory to a ServerFactory through iosim, one pump per connection."""
+
+    def __init__(self, target: ServerFactory, clock: Clock) -> None:
+        self.target = target
+        self.clock = clock
+        self.pumps: list[Any] = []
+
+    def connect(self, factory: Any) -> Deferred[Any]:
+        client = factory.buildProtocol(None)
+        srv = self.target.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        client_transport = iosim.FakeTransport(client, isServer=False)
+        server_transport = iosim.FakeTransport(srv, isServer=True)
+        pump = iosim.connect(
+            srv, server_transport, client, client_transport, clock=self.clock, greet=True
+        )
+        self.pumps.append(pump)
+        return succeed(client)
+
+    def flush(self) -> None:
+        for _ in range(3):
+            for pump in self.pumps:
+                pump.flush()
+            self.clock.advance(0)
+
+
+def reconnecting(factory: ServerFactory, clock: Clock) -> tuple[ReconnectingClient, Any]:
+    endpoint = IosimEndpoint(factory, clock)
+    client = ReconnectingClient(
+        clock, endpoint, backoff_initial=1, backoff_max=1, random=lambda: 0.5
+    )
+    client.start()
+    endpoint.flush()
+    return client, endpoint
+
+
+def drop(endpoint: IosimEndpoint, clock: Clock) -> None:
+    """Break the current connection, then let the client reconnect."""
+    endpoint.pumps[-1].clientIO.abortConnection()
+    endpoint.flush()
+
+
+def test_reconnecting_client_recovers_what_it_missed_exactly_once(clock: Clock) -> None:
+    factory = server(clock)
+    client, endpoint = reconnecting(factory, clock)
+    got: list[int] = []
+    lost: list[str] = []
+    d = client.subscribe(
+        "news", lambda data, offset, sub: got.append(offset), lambda sub, why: lost.append(why)
+    )
+    endpoint.flush()
+    assert d.called
+    publish(factory, 1)
+    endpoint.flush()
+    drop(endpoint, clock)
+    publish(factory, 2, 3)  # while the client is away
+    clock.advance(1)  # the backoff delay: it reconnects and re-subscribes with since
+    endpoint.flush()
+    publish(factory, 4)
+    endpoint.flush()
+    assert got == [1, 2, 3, 4]
+    assert lost == []
+    assert factory.channels.recoveries == {"recovered": 1, "not_recovered": 0}
+
+
+def test_reconnecting_client_is_told_when_history_is_gone(clock: Clock) -> None:
+    factory = server(clock, history_size=1)
+    client, endpoint = reconnecting(factory, clock)
+    got: list[int] = []
+    lost: list[tuple[str, int]] = []
+    client.subscribe(
+        "news",
+        lambda data, offset, sub: got.append(offset),
+        lambda sub, why: lost.append((why, sub.offset)),
+    )
+    endpoint.flush()
+    drop(endpoint, clock)
+    publish(factory, 1, 2, 3)
+    clock.advance(1)
+    endpoint.flush()
+    publish(factory, 4)
+    endpoint.flush()
+    assert lost == [("not_recovered", 3)]
+    assert got == [4]
+
+
+def test_resync_push_reaches_the_not_recovered_callback(clock: Clock) -> None:
+    factory = server(clock)
+    client, endpoint = reconnecting(factory, clock)
+    lost: list[str] = []
+    got: list[int] = []
+    client.subscribe("news", lambda d, o, s: got.append(o), lambda sub, why: lost.append(why))
+    endpoint.flush()
+    factory.channels.on_publication("news", "new-epoch", 5, "5")
+    endpoint.flush()
+    assert lost == ["epoch_changed"]
+    assert got == [5]
+
+
+def test_reconnecting_client_unsubscribe_is_kept_across_reconnects(clock: Clock) -> None:
+    factory = server(clock)
+    client, endpoint = reconnecting(factory, clock)
+    got: list[int] = []
+    client.subscribe("news", lambda data, offset, sub: got.append(offset))
+    endpoint.flush()
+    publish(factory, 1)
+    endpoint.flush()
+    client.unsubscribe("news")
+    endpoint.flush()
+    publish(factory, 2)
+    drop(endpoint, clock)
+    clock.advance(1)
+    endpoint.flush()
+    publish(factory, 3)
+    endpoint.flush()
+    assert got == [1]
+    assert factory.channels.subscription_count() == 0

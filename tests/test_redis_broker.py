@@ -1,0 +1,82 @@
+"""RedisBroker pieces that need no Redis: URL parsing, pub/sub message decoding, bad input.
+
+Everything that talks to Redis is tested against a real redis-server in test_cluster.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from helpers import make_config
+from twisted.internet.testing import MemoryReactorClock
+
+from heartbeatd.cluster.redis import RedisBroker, parse_redis_url
+
+
+class Listener:
+    def __init__(self) -> None:
+        self.events: list[tuple[Any, ...]] = []
+
+    def on_publication(self, channel: str, epoch: str, offset: int, data: str) -> None:
+        self.events.append(("pub", channel, epoch, offset, data))
+
+    def on_presence(self, channel: str, event: str, info: dict[str, Any]) -> None:
+        self.events.append((event, channel, info["session"]))
+
+    def on_message(self, session: str, type: str, data: Any) -> None:
+        self.events.append(("send", session, type, data))
+
+    def on_broadcast(self, type: str, data: Any) -> None:
+        self.events.append(("all", type, data))
+
+    def on_link(self, up: bool) -> None:
+        self.events.append(("link", up))
+
+
+def make_broker(**cluster: Any) -> RedisBroker:
+    config = make_config(cluster={"redis": "redis://127.0.0.1:1/0", **cluster})
+    return RedisBroker(MemoryReactorClock(), config.cluster, config.channels)
+
+
+def test_parse_redis_url() -> None:
+    assert parse_redis_url("redis://10.0.0.5:6380/3") == ("10.0.0.5", 6380, 3, None)
+    assert parse_redis_url("redis://h") == ("h", 6379, 0, None)
+    assert parse_redis_url("redis://:p%40ss@h:1/0") == ("h", 1, 0, "p@ss")
+
+
+def test_pub_sub_messages_reach_the_listener_and_garbage_does_not_crash() -> None:
+    broker = make_broker(namespace="ns", node_id="me")
+    listener = Listener()
+    broker.listener = listener
+    broker._message("ns:ch:a:b/c", 'pe1 7 {"x": "y z"}')
+    broker._message("ns:ch:news", 'j{"session": "s1", "node": "n"}')
+    broker._message("ns:ch:news", 'l{"session": "s1", "node": "n"}')
+    broker._message("ns:node:me", '{"s": "s2", "t": "note", "d": [1]}')
+    broker._message("ns:all", '{"t": "all", "d": null}')
+    for garbage in ("p", "pe1 x y", "j{", "", "q123"):
+        broker._message("ns:ch:news", garbage)
+    broker._message("ns:node:me", "not json")
+    assert listener.events == [
+        ("pub", "a:b/c", "e1", 7, '{"x": "y z"}'),
+        ("join", "news", "s1"),
+        ("leave", "news", "s1"),
+        ("send", "s2", "note", [1]),
+        ("all", "all", None),
+    ]
+    assert broker.bad_messages == 4  # "" and "q123" are ignored kinds, not errors
+
+
+def test_node_id_defaults_to_host_plus_random_and_is_down_until_connected() -> None:
+    a, b = make_broker(), make_broker()
+    assert a.node_id != b.node_id and a.node_id.rsplit("-", 1)[0] == b.node_id.rsplit("-", 1)[0]
+    assert a.up is False
+    failure: list[Any] = []
+    a.publish("news", "1").addErrback(failure.append)
+    assert failure[0].type.__name__ == "BrokerUnavailable"
+
+
+def test_the_password_is_not_in_the_broker_url_or_config_repr() -> None:
+    broker = make_broker(redis="redis://:hunter2@127.0.0.1:6379/1")
+    assert "hunter2" not in broker.url
+    config = make_config(cluster={"redis": "redis://:hunter2@127.0.0.1:6379/1"})
+    assert "hunter2" not in repr(config)
