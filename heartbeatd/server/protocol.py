@@ -554,10 +554,12 @@ class ServerProtocol(Protocol):
         return True
 
     def set_max_frame_bytes(self, limit: int) -> None:
-        """Apply a new frame limit (live reload), also to a frame being received."""
-        if self._decoder is None:
-            self._decoder = self.factory.framing.decoder(limit)
-        else:
+        """Apply a new frame limit (live reload), also to a frame being received.
+
+        A connection that has received nothing yet has no decoder: it gets one from the
+        factory's config, which the reload has already replaced, when its first bytes come.
+        """
+        if self._decoder is not None:
             self._decoder.max_frame_bytes = limit
 
     def _answer_token(self) -> None:
