@@ -176,3 +176,37 @@ def test_reconnecting_client_unsubscribe_is_kept_across_reconnects(clock: Clock)
     endpoint.flush()
     assert got == [1]
     assert factory.channels.subscription_count() == 0
+
+
+def test_pool_subscriptions_reconnect_and_recover_exactly_once(clock: Clock) -> None:
+    from heartbeatd.client import Pool, PoolConfig
+
+    factory = server(clock)
+    endpoint = IosimEndpoint(factory, clock)
+    pool = Pool(clock, PoolConfig(min_idle=0))
+    pool.subscriber_fn = lambda: ReconnectingClient(
+        clock, endpoint, backoff_initial=1, backoff_max=1, random=lambda: 0.5
+    )
+    got: list[int] = []
+    lost: list[str] = []
+    d = pool.subscribe(
+        "news", lambda data, offset, sub: got.append(offset), lambda sub, why: lost.append(why)
+    )
+    endpoint.flush()
+    assert d.called
+    publish(factory, 1)
+    endpoint.flush()
+    drop(endpoint, clock)
+    publish(factory, 2, 3)  # while the pool's subscriber connection is away
+    clock.advance(1)
+    endpoint.flush()
+    publish(factory, 4)
+    endpoint.flush()
+    assert got == [1, 2, 3, 4] and lost == []
+    assert len(factory.clients) == 1  # one connection for subscriptions, none lent
+
+    pool.close()
+    endpoint.flush()
+    publish(factory, 5)
+    endpoint.flush()
+    assert got == [1, 2, 3, 4]

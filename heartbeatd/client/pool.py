@@ -45,6 +45,7 @@ from heartbeatd.client.errors import (
     RequestTimeout,
     ServerError,
 )
+from heartbeatd.client.reconnect import ReconnectingClient
 from heartbeatd.client.tls import client_tls, read_token
 from heartbeatd.wire.envelope import OMIT
 
@@ -195,6 +196,19 @@ class Pool:
             )
         )
         self._random = random
+        #: Makes the reconnecting connection subscriptions live on; tests replace it.
+        self.subscriber_fn: Callable[[], ReconnectingClient] = lambda: ReconnectingClient(
+            reactor,
+            config.endpoint,
+            framing=config.framing,
+            request_timeout=config.request_timeout,
+            hello_timeout=config.connect_timeout,
+            backoff_initial=config.backoff_initial,
+            backoff_max=config.backoff_max,
+            tls=tls,
+            token=token,
+        )
+        self._subscriber: ReconnectingClient | None = None
         self._members: dict[ClientConnection, _Member] = {}
         self._idle: deque[_Member] = deque()  # oldest first; request() rotates it
         self._waiters: deque[_Waiter] = deque()
@@ -319,8 +333,38 @@ class Pool:
             "oldest_waiter": now - self._waiters[0].queued_at if self._waiters else 0.0,
         }
 
+    def subscribe(
+        self,
+        channel: str,
+        on_publication: Callable[..., object],
+        on_not_recovered: Callable[..., object] | None = None,
+        **options: Any,
+    ) -> Deferred[Any]:
+        """Subscribe to ``channel``: each publication exactly once, or ``on_not_recovered``.
+
+        Subscriptions do not ride on lent connections (a borrower could close one, and a
+        held one would look like a leak): they share one extra, long-lived connection the
+        pool keeps for them, which reconnects with backoff and re-subscribes with ``since``
+        (`ReconnectingClient.subscribe`).  It is not counted in ``max_size``.
+        """
+        if self._closed:
+            return fail(PoolClosed("the pool is closed"))
+        if self._subscriber is None:
+            self._subscriber = self.subscriber_fn()
+            self._subscriber.start()
+        return self._subscriber.subscribe(channel, on_publication, on_not_recovered, **options)
+
+    def unsubscribe(self, channel: str) -> Deferred[Any]:
+        """Stop a subscription made with `subscribe`."""
+        if self._subscriber is None:
+            return succeed(None)
+        return self._subscriber.unsubscribe(channel)
+
     def close(self) -> Deferred[None]:
         """Fail every waiter, stop every connect, close every connection; fires once done."""
+        if self._subscriber is not None:
+            subscriber, self._subscriber = self._subscriber, None
+            subscriber.stop()
         if not self._closed:
             self._closed = True
             _cancel(self._retry)
