@@ -66,7 +66,9 @@ def build() -> None:
 class Server:
     """One server under test, started pinned; knows its port and PID."""
 
-    def __init__(self, name: str, workdir: Path, heartbeat: float | None = None) -> None:
+    def __init__(
+        self, name: str, workdir: Path, heartbeat: float | None = None, quiet: bool = False
+    ) -> None:
         self.name = name
         self.admin_port = 0
         self.lines: list[str] = []
@@ -77,7 +79,16 @@ class Server:
                 "log": {"level": "info"},  # start/stop lines only; per-client logs are debug
                 "heartbeat": {"interval": heartbeat or 30, "timeout": (heartbeat or 30) * 20},
             }
-            path = workdir / f"heartbeatd-{heartbeat}.yaml"
+            if heartbeat:
+                # The idle load generator never answers: without these, its clients would be
+                # closed first_frame_timeout (10 s) after connecting, or heartbeat.timeout after
+                # that if opening 19,900 connections is slow (a busy machine), mid-measurement.
+                config["limits"] = {"first_frame_timeout": 0}
+                config["heartbeat"] = {"interval": heartbeat, "timeout": 3600}
+            if quiet:  # no ping at all: no sweep within the run, no early ping of newcomers
+                config["heartbeat"] = {"interval": 3600, "timeout": 7200}
+                config["limits"] = {"first_frame_timeout": 0}
+            path = workdir / f"heartbeatd-{heartbeat}-{quiet}.yaml"
             path.write_text(json.dumps(config))  # JSON is YAML
             argv = [
                 str(BIN / "twistd"),
@@ -213,12 +224,32 @@ def sample_rss(server: Server, peak: list[int], stop: threading.Event) -> None:
         stop.wait(0.05)
 
 
+def idle_before_ping(name: str, args: argparse.Namespace, workdir: Path) -> float:
+    """RSS per connection once every idle connection is open, with no ping sent yet."""
+    server = Server(name, workdir, quiet=True)
+    try:
+        time.sleep(0.5)
+        base = server.rss()
+        peak = [base]
+        stop = threading.Event()
+        sampler = threading.Thread(target=sample_rss, args=(server, peak, stop), daemon=True)
+        sampler.start()
+        measured = loadgen(server.port, mode="idle", conns=args.idle_conns, settle=0, duration=1.5)
+        stop.set()
+        sampler.join()
+        peak.append(server.rss())
+        return (max(peak) - base) / max(1, measured["connections"])
+    finally:
+        server.stop()
+
+
 def run_idle(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     results: dict[str, Any] = {}
     interval = args.idle_interval
     for name in ("heartbeatd", "twisted", "node"):
         if not available(name):
             continue
+        before_ping = idle_before_ping(name, args, workdir)
         server = Server(name, workdir, heartbeat=interval)
         try:
             time.sleep(0.5)
@@ -241,6 +272,7 @@ def run_idle(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 "connections": measured["connections"],
                 "pinged": measured["pinged"],
                 "bytes_per_conn": (max(peak) - base) / max(1, measured["connections"]),
+                "bytes_per_conn_before_ping": before_ping,
                 "ping_spread_ms": measured["ping_spread_s"] * 1000,
             }
             if name == "heartbeatd":
@@ -351,15 +383,17 @@ def markdown(report: dict[str, Any]) -> str:
             "",
             f"IDLE ({report['idle_interval']} s heartbeat):",
             "",
-            "| server | connections | bytes/conn | reactor time of one sweep | longest "
-            "blocking slice | first to last ping |",
-            "|---|---|---|---|---|---|",
+            "| server | connections | bytes/conn before any ping | bytes/conn after pings "
+            "| reactor time of one sweep | longest blocking slice | first to last ping |",
+            "|---|---|---|---|---|---|---|",
         ]
         for name, e in report["idle"].items():
             busy = "n/a" if e["sweep_busy_ms"] is None else f"{e['sweep_busy_ms']:.1f} ms"
             longest = "n/a" if e["longest_batch_ms"] is None else f"{e['longest_batch_ms']:.1f} ms"
+            before = e.get("bytes_per_conn_before_ping")
             lines.append(
                 f"| {LABELS[name]} | {e['connections']:,} ({e['pinged']:,} pinged) | "
+                f"{'n/a' if before is None else f'{before:,.0f}'} | "
                 f"{e['bytes_per_conn']:,.0f} | {busy} | {longest} | "
                 f"{e['ping_spread_ms']:.0f} ms |"
             )

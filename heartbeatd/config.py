@@ -149,6 +149,12 @@ class TcpConfig:
         default=True,
         metadata=check(boolean, "send replies at once when nothing is queued (faster)"),
     )
+    lean_transport: bool = field(
+        default=True,
+        metadata=check(
+            boolean, "accept into heartbeatd's leaner TCP transport and read dispatch (faster)"
+        ),
+    )
     keepalive: bool = field(default=True, metadata=check(boolean, "enable TCP keepalive"))
     keepalive_idle: float = field(
         default=60.0, metadata=check(positive_number, "idle seconds before the first probe")

@@ -34,6 +34,10 @@ READY = re.compile(r"heartbeatd is ready \(pid \d+\)")
 class Daemon:
     """One heartbeatd process; use as a context manager."""
 
+    #: ``tcp`` keys every daemon of a test gets unless its config sets ``tcp`` itself (tests
+    #: that must pass on both read paths set ``lean_transport`` here, see test_hostile_peers).
+    tcp_defaults: dict[str, Any] = {}
+
     def __init__(
         self,
         tmp_path: Path,
@@ -54,6 +58,8 @@ class Daemon:
             "admin": {"listen": ""},
             **config,
         }
+        if self.tcp_defaults:
+            config["tcp"] = {**self.tcp_defaults, **config.get("tcp", {})}
         self.config_path = tmp_path / "heartbeatd.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.argv = [

@@ -50,9 +50,11 @@ def test_quick_benchmark_run(tmp_path: Path) -> None:
                 assert table[workload][server]["zero_reason"]  # a zero says why
     idle = report["idle"]["heartbeatd"]
     assert idle["connections"] == 50 and 0 <= idle["pinged"] <= 50
+    assert idle["bytes_per_conn_before_ping"] > 0
     assert report["pool"]["pool_rps"] >= 0 and report["pool"]["connect_rps"] >= 0
     markdown = (tmp_path / "latest.md").read_text()
     assert "| W2 msgs/s |" in markdown and "heartbeatd / plain Twisted + json" in markdown
+    assert "bytes/conn before any ping" in markdown
 
 
 def test_a_zero_is_reported_with_its_reason_not_divided_by() -> None:

@@ -20,10 +20,18 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pytest
 from daemon import Daemon, RawClient
 
 ADMIN = re.compile(r"admin API listening on 127\.0\.0\.1:(\d+)")
 MiB = 1024 * 1024
+
+
+@pytest.fixture(autouse=True, params=[True, False], ids=["lean", "stock"])
+def read_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Every test here runs on the lean TCP transport and on Twisted's stock one."""
+    monkeypatch.setattr(Daemon, "tcp_defaults", {"lean_transport": request.param})
+    return bool(request.param)
 
 
 def rss_bytes(pid: int) -> int:

@@ -23,6 +23,7 @@ from heartbeatd._version import __version__
 from heartbeatd.daemon import logs
 from heartbeatd.daemon.sdnotify import Notifier
 from heartbeatd.daemon.signals import ShutdownSignals
+from heartbeatd.server import leantcp
 from heartbeatd.server.factory import ServerFactory
 from heartbeatd.server.protocol import format_address
 
@@ -96,6 +97,8 @@ class ServerService(Service):
         super().privilegedStartService()
         self.port = result = _bind(self.endpoint, self.factory, self.factory.config.listen)
         config = self.factory.config
+        if config.tcp.lean_transport and leantcp.adopt(result):
+            log.info("Accepting into the lean TCP transport (tcp.lean_transport)")
         log.info(
             "heartbeatd {version} listening on {address} ({framing} framing, heartbeat every "
             "{interval:g}s, timeout {timeout:g}s, up to {limit} connections)",

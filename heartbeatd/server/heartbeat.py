@@ -87,8 +87,10 @@ class HeartbeatMonitor:
         self.first_frame_timeout = first_frame_timeout
         self._on_sweep = on_sweep
         self._loop: LoopingCall | None = None
-        #: Connections that have not sent a frame yet, oldest first, with their start time.
-        self._newcomers: deque[tuple[float, Watched]] = deque()
+        #: Connections that have not sent a frame yet, oldest first.  Their start is their
+        #: ``last_seen`` (set on connect, and moved only by a frame, which ends the wait), so
+        #: no (time, client) tuple is kept per connection: ~90 bytes each, for 10 s.
+        self._newcomers: deque[Watched] = deque()
         self._newcomer_loop: LoopingCall | None = None
         self._last_due = 0.0
         self._sequence = 0
@@ -158,7 +160,7 @@ class HeartbeatMonitor:
     def watch_newcomer(self, client: Watched) -> None:
         """Track a new connection until its first frame (``first_frame_timeout``)."""
         if self.first_frame_timeout > 0:
-            self._newcomers.append((self.now(), client))
+            self._newcomers.append(client)
 
     def _check_newcomers(self) -> None:
         # Must never raise (it runs in a LoopingCall).  Newcomers are in arrival order, so
@@ -167,14 +169,14 @@ class HeartbeatMonitor:
             now = self.now()
             limit = self.first_frame_timeout
             newcomers = self._newcomers
-            keep: list[tuple[float, Watched]] = []
+            keep: list[Watched] = []
             frame: bytes | None = None
             while newcomers:
-                since, client = newcomers[0]
+                client = newcomers[0]
                 if not client.awaiting_first_frame or not client.connected:
                     newcomers.popleft()
                     continue
-                age = now - since
+                age = now - client.last_seen
                 if age < limit / 2:
                     break
                 newcomers.popleft()
@@ -192,7 +194,7 @@ class HeartbeatMonitor:
                         frame = self._ping_frame(self._sequence)
                     self.pings_sent += 1
                     client.send_heartbeat(frame, self._clock.seconds())
-                keep.append((since, client))
+                keep.append(client)
             newcomers.extendleft(reversed(keep))
         except Exception:
             log.failure("Checking new connections failed; the check runs again")

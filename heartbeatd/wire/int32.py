@@ -26,7 +26,9 @@ class Int32Decoder:
     def __init__(self, max_frame_bytes: int) -> None:
         self.max_frame_bytes = max_frame_bytes
         self.error: FramingError | None = None
-        self._buffer = bytearray()
+        # Allocated when a read ends inside a frame (an empty bytearray costs 56 bytes, and
+        # most connections' reads end on a frame boundary).
+        self._buffer: bytearray | None = None
         # Total bytes the buffered frame needs; lets a large body arrive in many reads without
         # re-parsing its header each time.
         self._needed = 0
@@ -49,10 +51,12 @@ class Int32Decoder:
         else:
             frames, offset = self._parse(data, len(data))
             if offset < len(data):
+                if buffer is None:
+                    buffer = self._buffer = bytearray()
                 buffer += memoryview(data)[offset:]
                 self.buffered = len(buffer)
         if self.error is not None:
-            buffer.clear()
+            self._buffer = None
             self.buffered = 0
         return frames
 
@@ -62,6 +66,9 @@ class Int32Decoder:
         offset = 0
         limit = self.max_frame_bytes
         unpack = _UINT32.unpack_from
+        # Slicing bytes already copies; only a memoryview's slice needs bytes() (W2: one call
+        # less per frame).
+        copy = type(view) is not bytes
         while end - offset >= 4:
             (length,) = unpack(view, offset)
             if length > limit:
@@ -71,7 +78,8 @@ class Int32Decoder:
             if stop > end:
                 self._needed = stop - offset
                 return frames, offset
-            frames.append(bytes(view[offset + 4 : stop]))
+            body = view[offset + 4 : stop]
+            frames.append(bytes(body) if copy else body)  # type: ignore[arg-type]
             offset = stop
         self._needed = 4
         return frames, offset
