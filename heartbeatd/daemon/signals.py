@@ -13,6 +13,8 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
+from twisted.internet.error import ReactorNotRunning
+
 from heartbeatd._logging import get_logger
 
 __all__ = ["ShutdownSignals"]
@@ -52,4 +54,7 @@ class ShutdownSignals:
     def _stop(self, name: str) -> None:
         log.info("Received {signal}, shutting down gracefully", signal=name)
         if self._reactor.running:
-            self._reactor.stop()
+            try:
+                self._reactor.stop()
+            except ReactorNotRunning:
+                pass  # a shutdown begun elsewhere (a supervisor's stop) is already under way
