@@ -7,6 +7,7 @@ exit status 0.  These handlers replace the reactor's once it runs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from collections.abc import Callable
@@ -53,8 +54,7 @@ class ShutdownSignals:
 
     def _stop(self, name: str) -> None:
         log.info("Received {signal}, shutting down gracefully", signal=name)
+        # A shutdown begun elsewhere (a supervisor's stop) may already be under way.
         if self._reactor.running:
-            try:
+            with contextlib.suppress(ReactorNotRunning):
                 self._reactor.stop()
-            except ReactorNotRunning:
-                pass  # a shutdown begun elsewhere (a supervisor's stop) is already under way
