@@ -130,12 +130,19 @@ class Daemon:
             self._queue.put(line.rstrip("\n"))
         self._queue.put(None)
 
-    def wait_for(self, pattern: re.Pattern[str] | str, timeout: float = 20) -> re.Match[str]:
-        """Block until a log line matches; fail with the log so far if it never does."""
+    def wait_for(
+        self, pattern: re.Pattern[str] | str, timeout: float = 20, *, count: int = 1
+    ) -> re.Match[str]:
+        """Block until ``count`` log lines match (the last match is returned); fail with the
+        log so far if they never do.  ``count`` waits for a repeated event, e.g. the second
+        "link up" after a link went down."""
         regex = re.compile(pattern) if isinstance(pattern, str) else pattern
+        seen = 0
         for line in self.lines:
             if m := regex.search(line):
-                return m
+                seen += 1
+                if seen >= count:
+                    return m
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
@@ -150,7 +157,9 @@ class Daemon:
                 raise AssertionError(f"{why} waiting for {regex.pattern!r}; log:\n{log}")
             self.lines.append(line)
             if m := regex.search(line):
-                return m
+                seen += 1
+                if seen >= count:
+                    return m
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
         assert self.process is not None

@@ -10,7 +10,7 @@ import os
 import shutil
 import socket
 import subprocess
-import time
+import threading
 from pathlib import Path
 
 import pytest
@@ -52,7 +52,7 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        log = open(self.directory / "redis.log", "ab")  # noqa: SIM115 - closed with the process
+        """Start redis-server and return once it says it accepts connections."""
         self.process = subprocess.Popen(
             [
                 self.binary,
@@ -70,18 +70,28 @@ class RedisServer:
                 "no",
                 *self.extra,
             ],
-            stdout=log,
+            stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )
-        log.close()
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"redis-server exited: {self.log()}")
-            if self.ping():
-                return
-            time.sleep(0.02)  # polling a condition with a deadline (the server's readiness)
-        raise AssertionError(f"redis-server did not answer within 20s: {self.log()}")
+        ready = threading.Event()
+        threading.Thread(target=self._pump, args=(self.process, ready), daemon=True).start()
+        # Readiness is an event (redis-server's own "Ready to accept connections" line, or
+        # its exit), waited for with a deadline: no polling.
+        if not ready.wait(20):
+            raise AssertionError(f"redis-server was not ready within 20s: {self.log()}")
+        if self.process.poll() is not None or not self.ping():
+            raise AssertionError(f"redis-server did not start: {self.log()}")
+
+    def _pump(self, process: subprocess.Popen[bytes], ready: threading.Event) -> None:
+        """Copy the server's output to redis.log; set ``ready`` when it accepts, or ends."""
+        assert process.stdout is not None
+        with open(self.directory / "redis.log", "ab") as log:
+            for line in process.stdout:
+                log.write(line)
+                log.flush()
+                if b"Ready to accept connections" in line:
+                    ready.set()
+        ready.set()  # it exited: start() reports why
 
     def ping(self) -> bool:
         try:

@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -237,18 +236,15 @@ class Command:
             self.process.wait(10)
 
 
-def wait_until(predicate: Any, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)  # polling a condition with a deadline, not a timed assertion
+#: The daemon's (debug) log line for an accepted client: the event tests wait for.
+CONNECTED = r"Client \S+ connected from"
 
 
-def clients_of(admin_port: int) -> int:
-    return int(http(admin_port, "GET", "/healthz")[1]["clients"])
-
-
-ADMIN_ON = {"listen": "tcp:0:interface=127.0.0.1", "admin": {"listen": "tcp:0:interface=127.0.0.1"}}
+ADMIN_ON = {
+    "listen": "tcp:0:interface=127.0.0.1",
+    "admin": {"listen": "tcp:0:interface=127.0.0.1"},
+    "log": {"level": "debug"},  # for the CONNECTED line
+}
 
 
 def test_ping_stopped_with_ctrl_c_prints_the_summary_and_exits_0(tmp_path: Path) -> None:
@@ -273,8 +269,7 @@ def test_watch_follows_a_restart_through_goaway(tmp_path: Path) -> None:
     with Daemon(tmp_path / "a", config) as first:
         port = first.port
         with Command("watch", f"127.0.0.1:{port}") as watch:
-            admin = int(first.wait_for(ADMIN).group(1))
-            wait_until(lambda: clients_of(admin) == 1)
+            first.wait_for(CONNECTED)
             first.process.send_signal(signal.SIGTERM)
             goaway = json.loads(watch.next_line())
             assert goaway == {
@@ -305,8 +300,7 @@ def test_watch_exit_on_goaway(tmp_path: Path) -> None:
         Daemon(tmp_path, config) as daemon,
         Command("watch", "--exit-on-goaway", f"127.0.0.1:{daemon.port}") as watch,
     ):
-        admin = int(daemon.wait_for(ADMIN).group(1))
-        wait_until(lambda: clients_of(admin) == 1)
+        daemon.wait_for(CONNECTED)
         daemon.process.send_signal(signal.SIGTERM)
         assert watch.finish() == 0
         assert json.loads(watch.out[0])["type"] == "goaway"
@@ -318,8 +312,7 @@ def test_watch_when_the_server_dies(tmp_path: Path) -> None:
         Daemon(tmp_path, ADMIN_ON) as daemon,
         Command("watch", f"127.0.0.1:{daemon.port}") as watch,
     ):
-        admin = int(daemon.wait_for(ADMIN).group(1))
-        wait_until(lambda: clients_of(admin) == 1)
+        daemon.wait_for(CONNECTED)
         daemon.process.kill()
         assert watch.finish() == 3
         (line,) = watch.err
@@ -329,7 +322,10 @@ def test_watch_when_the_server_dies(tmp_path: Path) -> None:
 def test_admin_subcommands(tmp_path: Path) -> None:
     token = tmp_path / "token"
     token.write_text("tok\n")
-    config = {"admin": {"listen": "tcp:0:interface=127.0.0.1", "token": "tok"}}
+    config = {
+        "admin": {"listen": "tcp:0:interface=127.0.0.1", "token": "tok"},
+        "log": {"level": "debug"},  # for the CONNECTED line
+    }
     with Daemon(tmp_path, config) as daemon, Command("watch", f"127.0.0.1:{daemon.port}") as watch:
         url = f"http://127.0.0.1:{int(daemon.wait_for(ADMIN).group(1))}"
 
@@ -341,7 +337,8 @@ def test_admin_subcommands(tmp_path: Path) -> None:
                 timeout=30,
             )
 
-        wait_until(lambda: "1 client(s)" in cli("clients").stdout)
+        daemon.wait_for(CONNECTED)
+        assert "1 client(s)" in cli("clients").stdout
         listing = json.loads(cli("clients", "--json").stdout)
         session = listing["clients"][0]["session"]
         table = cli("clients").stdout.splitlines()

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,17 +18,7 @@ from test_admin import ADMIN, http, metric
 
 NODE_TIMEOUT = 2.0
 LINK_UP = r"Redis link up"
-
-
-def wait_until(condition: Callable[[], Any], timeout: float = 15, what: str = "") -> Any:
-    """Poll ``condition`` until it is truthy, failing after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = condition()
-        if result:
-            return result
-        time.sleep(0.05)  # polling a condition with a deadline, not waiting for time to pass
-    raise AssertionError(f"timed out waiting for {what or condition}")
+LINK_DOWN = r"Redis link down"
 
 
 class Node:
@@ -214,22 +204,17 @@ def test_redis_down_is_unavailable_and_nothing_is_lost_silently(tmp_path: Path) 
             # A broken link with Redis still up (its pub/sub connection killed): whatever was
             # published meanwhile is filled in from the stream, with no resync.
             redis.cli("CLIENT", "KILL", "TYPE", "pubsub")
+            for node in nodes:  # each node saw its link go down, then come back
+                node.daemon.wait_for(LINK_UP, count=2)
             for i in (2, 3, 4):
-                wait_until(
-                    lambda i=i: (
-                        nodes[1].http("POST", "/publish", {"channel": "news", "data": i})[0] == 200
-                    ),
-                    what="publish",
-                )
+                assert nodes[1].http("POST", "/publish", {"channel": "news", "data": i})[0] == 200
             assert listener.publications(3) == [(2, 2), (3, 3), (4, 4)]
             assert not [m for m in listener.inbox if m["type"] == "resync"]
 
             redis.stop()  # Redis gone: its data (no persistence) with it
             for node in nodes:
-                wait_until(
-                    lambda node=node: node.http("GET", "/healthz")[1]["broker"] == "down",
-                    what="broker down",
-                )
+                node.daemon.wait_for(LINK_DOWN, count=2)
+                assert node.http("GET", "/healthz")[1]["broker"] == "down"
             status, error = nodes[1].http("POST", "/publish", {"channel": "news", "data": 5})
             assert (status, error["code"]) == (503, "unavailable")
             reply = publisher.request("publish", {"channel": "news", "data": 5})
@@ -244,10 +229,8 @@ def test_redis_down_is_unavailable_and_nothing_is_lost_silently(tmp_path: Path) 
 
             redis.start()  # back, empty: the stream is lost, so the listener must be told
             for node in nodes:
-                wait_until(
-                    lambda node=node: node.http("GET", "/healthz")[1]["broker"] == "up",
-                    what="broker up",
-                )
+                node.daemon.wait_for(LINK_UP, count=3)
+                assert node.http("GET", "/healthz")[1]["broker"] == "up"
             resync = listener.expect("resync")["data"]
             assert resync["channel"] == "news" and resync["recovered"] is False
             assert resync["epoch"] != epoch

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from daemon import Daemon
 from test_admin import ADMIN, http
-from test_cli import Command, wait_until
+from test_cli import CONNECTED, Command
 
 from heartbeatd.config import parse_config
 
@@ -59,10 +59,13 @@ def run_lines(block: str, replace: dict[str, str], env: dict[str, str]) -> None:
 def test_cli_and_admin_examples(tmp_path: Path) -> None:
     token = tmp_path / "admin-token"
     token.write_text(TOKEN + "\n")
-    config = {"admin": {"listen": "tcp:0:interface=127.0.0.1", "token_file": str(token)}}
+    config = {
+        "admin": {"listen": "tcp:0:interface=127.0.0.1", "token_file": str(token)},
+        "log": {"level": "debug"},  # for the CONNECTED line
+    }
     with Daemon(tmp_path, config) as daemon, Command("watch", f"127.0.0.1:{daemon.port}") as watch:
         admin = int(daemon.wait_for(ADMIN).group(1))
-        wait_until(lambda: http(admin, "GET", "/healthz")[1]["clients"] == 1)
+        daemon.wait_for(CONNECTED)
         (client,) = http(admin, "GET", "/clients", token=TOKEN)[1]["clients"]
         replace = {
             "http://127.0.0.1:9100": f"http://127.0.0.1:{admin}",

@@ -10,8 +10,10 @@ import contextlib
 import json
 import os
 import re
+import select
 import signal
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ import yaml
 from daemon import Daemon, RawClient, run_twistd
 from redis_server import RedisServer
 from test_admin import ADMIN, http
-from test_cluster import Client, wait_until
+from test_cluster import Client
 from test_sdnotify import messages
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock
@@ -85,15 +87,23 @@ def test_workers_without_redis_stop_twistd_before_anything_listens(tmp_path: Pat
 # -- real workers ----------------------------------------------------------------------------
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie child of a dead supervisor is reaped by init; /proc says whether it still runs.
-    with contextlib.suppress(OSError):
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    return True
+def wait_exited(pids: list[int] | set[int], timeout: float, what: str) -> None:
+    """Wait for processes we did not start (the supervisor's workers) to exit.
+
+    A pidfd becomes readable when its process ends: an event waited for with a deadline.
+    """
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue  # gone already
+        try:
+            remaining = max(0.0, deadline - time.monotonic())
+            readable, _, _ = select.select([fd], [], [], remaining)
+            assert readable, f"timed out waiting for {what} (pid {pid})"
+        finally:
+            os.close(fd)
 
 
 @contextlib.contextmanager
@@ -122,7 +132,7 @@ def workers(
     finally:
         pids = {int(m.group(2)) for line in daemon.lines if (m := STARTED.search(line))}
         try:
-            wait_until(lambda: not any(_alive(p) for p in pids), 20, "the workers to exit")
+            wait_exited(pids, 20, "the workers to exit")
         finally:
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError):
@@ -150,13 +160,15 @@ def worker_pids(daemon: Daemon) -> dict[int, int]:
 def nodes_of(daemon: Daemon, clients: list[Client]) -> dict[str, str]:
     """session -> cluster node, from the admin API (worker 0, cluster-wide view)."""
     wanted = {c.session for c in clients}
-
-    def listed() -> dict[str, str] | None:
-        status, body = http(daemon.admin, "GET", "/clients")  # type: ignore[attr-defined]
-        found = {c["session"]: c["node"] for c in body["clients"]} if status == 200 else {}
-        return found if wanted <= set(found) else None
-
-    return wait_until(listed, 15, "every client in GET /clients")
+    # A node writes a new client to Redis on its one command connection; a presence
+    # request goes through that same connection, so its answer means the write is done.
+    for client in clients:
+        assert client.request("presence", {"channel": "sync"})["type"] == "presence"
+    status, body = http(daemon.admin, "GET", "/clients")  # type: ignore[attr-defined]
+    assert status == 200
+    found = {c["session"]: c["node"] for c in body["clients"]}
+    assert wanted <= set(found)
+    return found
 
 
 def test_workers_share_one_port_publish_and_broadcast_reach_all_and_sigterm_drains(
@@ -250,7 +262,7 @@ def test_a_killed_worker_is_replaced_sighup_reloads_all_and_orphans_stop(tmp_pat
         pids = list(worker_pids(daemon).values())
         daemon.process.kill()
         daemon.process.wait(10)
-        wait_until(lambda: not any(_alive(p) for p in pids), 20, "orphaned workers to stop")
+        wait_exited(pids, 20, "orphaned workers to stop")
 
 
 def test_a_full_worker_stops_accepting_so_another_takes_the_client(tmp_path: Path) -> None:
