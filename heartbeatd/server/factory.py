@@ -263,9 +263,9 @@ class ServerFactory(Factory):
         self.accepted += 1
         self.heartbeat.watch_newcomer(client)
         self.channels.client_connected(client)
-        log.debug(
-            "Client {session} connected from {peer}", session=client.session_id, peer=client.peer
-        )
+        # The client itself, not its peer string: the line is rendered (and the lazy peer
+        # string built) only when debug logging is on.
+        log.debug("Client {client.session_id} connected from {client.peer}", client=client)
 
     def touch(self, client: ServerProtocol) -> None:
         """Mark a client as just heard from (keeps `clients` in last-seen order)."""
