@@ -31,6 +31,7 @@ from heartbeatd.server.factory import ServerFactory
 from heartbeatd.server.handlers import default_registry
 
 reactor: Any = _reactor
+HERE = Path(__file__).resolve().parent
 
 CLIENTS = r"""
 import socket, sys
@@ -62,7 +63,14 @@ def settle(seconds: float) -> None:
         reactor.doIteration(0.01)
 
 
-def measure(conns: int, trace: bool, top: int, stock: bool = False) -> dict[str, float]:
+def measure(
+    conns: int,
+    trace: bool,
+    top: int,
+    stock: bool = False,
+    redis: str | None = None,
+    answer: bool = False,
+) -> dict[str, float]:
     # A long heartbeat and no first-frame limit: nothing is pinged until we say so.
     config: dict[str, Any] = {
         "heartbeat": {"interval": 3600, "timeout": 7200},
@@ -70,9 +78,19 @@ def measure(conns: int, trace: bool, top: int, stock: bool = False) -> dict[str,
     }
     if stock:
         config["tcp"] = {"lean_transport": False}
+    broker = None
+    if redis:  # a cluster node, as each worker is: its clients are registered with Redis
+        from heartbeatd.cluster.redis import RedisBroker
+
+        config["cluster"] = {"redis": redis, "node_id": "idle-memory"}
     parsed = parse_config(config)
-    factory = ServerFactory(parsed, default_registry(), reactor)
+    if redis:
+        broker = RedisBroker(reactor, parsed.cluster, parsed.channels)
+    factory = ServerFactory(parsed, default_registry(), reactor, broker)
     factory.startFactory()
+    if broker is not None:
+        factory.channels.start()
+        spin_until(lambda: broker.up, 30)
     port = reactor.listenTCP(0, factory, interface="127.0.0.1", backlog=1024)
     if getattr(parsed.tcp, "lean_transport", False):  # as the daemon does; older trees lack it
         from heartbeatd.server import leantcp
@@ -84,14 +102,15 @@ def measure(conns: int, trace: bool, top: int, stock: bool = False) -> dict[str,
         tracemalloc.start(4)
         first = tracemalloc.take_snapshot()
     base = rss()
-    child = subprocess.Popen(
-        [sys.executable, "-c", CLIENTS, str(port.getHost().port), str(conns)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    argv = [sys.executable, "-c", CLIENTS, str(port.getHost().port), str(conns)]
+    if answer:  # clients that answer pings, as bench/workers_idle.py's do
+        argv = [sys.executable, str(HERE / "idle_clients.py"), "--port", argv[3]]
+        argv += ["--conns", str(conns), "--source", "127.0.0.1"]
+    child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         spin_until(lambda: len(factory.clients) >= conns)
+        if broker is not None:  # every registration answered by Redis
+            spin_until(lambda: not broker._cmd.replyQueue.waiting, 60)  # type: ignore[union-attr]
         settle(0.5)
         gc.collect()
         before = (rss() - base) / conns
@@ -110,6 +129,8 @@ def measure(conns: int, trace: bool, top: int, stock: bool = False) -> dict[str,
         now = reactor.seconds()
         for client in list(factory.clients.values()):
             client.send_heartbeat(frame, now)
+        if answer:
+            spin_until(lambda: all(c.pings_unanswered == 0 for c in factory.clients.values()))
         settle(0.5)
         gc.collect()
         after = (rss() - base) / conns
@@ -119,6 +140,10 @@ def measure(conns: int, trace: bool, top: int, stock: bool = False) -> dict[str,
     spin_until(lambda: not factory.clients)
     port.stopListening()
     factory.stopFactory()
+    if broker is not None:
+        stopped: list[object] = []
+        factory.channels.stop().addBoth(stopped.append)
+        spin_until(lambda: stopped, 30)
     return {"connections": conns, "before_ping": before, "after_ping": after}
 
 
@@ -128,8 +153,12 @@ def main() -> None:
     parser.add_argument("--trace", action="store_true", help="list allocation sites")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--stock", action="store_true", help="tcp.lean_transport: false")
+    parser.add_argument("--redis", metavar="URL", help="a cluster node (cluster.redis: URL)")
+    parser.add_argument(
+        "--answer", action="store_true", help="clients answer the ping (bench/idle_clients.py)"
+    )
     args = parser.parse_args()
-    result = measure(args.conns, args.trace, args.top, args.stock)
+    result = measure(args.conns, args.trace, args.top, args.stock, args.redis, args.answer)
     print(
         f"{result['connections']:,} idle connections: {result['before_ping']:,.0f} B/conn "
         f"before any ping, {result['after_ping']:,.0f} B/conn after one ping each (RSS)"

@@ -71,6 +71,13 @@ class BrokerListener(Protocol):
     def on_link(self, up: bool) -> None:
         """The broker's link went down or came back (after which subscribers catch up)."""
 
+    def local_clients(self) -> dict[str, dict[str, Any]]:
+        """Every client of this node now, session -> info (as given to `client_connected`).
+
+        A clustered broker registers them again after its link returns, so it need not keep a
+        copy of each client's info for as long as the client is connected.
+        """
+
 
 class Broker(Protocol):
     """The small interface between one daemon and the storage/fan-out of all daemons."""
@@ -106,7 +113,8 @@ class Broker(Protocol):
 
     def presence(self, channel: str) -> Deferred[list[dict[str, Any]]]: ...
 
-    def client_connected(self, session: str, info: dict[str, Any]) -> None: ...
+    def client_connected(self, session: str, info: dict[str, Any]) -> None:
+        """Tell the other nodes (a clustered broker may batch it with others, in order)."""
 
     def client_disconnected(self, session: str) -> None: ...
 

@@ -229,17 +229,20 @@ end
 return 1
 """
 
-CLIENT_ADD = """
-local P, n, s, info = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-redis.call('HSET', P..':node:'..n..':clients', s, info)
-redis.call('HSET', P..':sessions', s, n)
-return 1
-"""
-
-CLIENT_REMOVE = """
-local P, n, s = ARGV[1], ARGV[2], ARGV[3]
-redis.call('HDEL', P..':node:'..n..':clients', s)
-if redis.call('HGET', P..':sessions', s) == n then redis.call('HDEL', P..':sessions', s) end
+# Clients that connected (session, info) or left (session, "") since the last batch, in order.
+CLIENTS_UPDATE = """
+local P, n = ARGV[1], ARGV[2]
+local ck = P..':node:'..n..':clients'
+for i = 3, #ARGV, 2 do
+  local s, info = ARGV[i], ARGV[i + 1]
+  if info == '' then
+    redis.call('HDEL', ck, s)
+    if redis.call('HGET', P..':sessions', s) == n then redis.call('HDEL', P..':sessions', s) end
+  else
+    redis.call('HSET', ck, s, info)
+    redis.call('HSET', P..':sessions', s, n)
+  end
+end
 return 1
 """
 
@@ -365,7 +368,11 @@ class RedisBroker:
         self._wanted: set[str] = set()
         self._acked: set[str] = set()
         self._waiters: dict[str, list[Deferred[None]]] = {}
-        self._clients: dict[str, str] = {}
+        # Client arrivals (session -> info JSON) and departures (session -> None) not yet
+        # sent to Redis: one CLIENTS_UPDATE per reactor turn carries them all.  The clients
+        # themselves are not recorded here: re-registration asks the listener for them.
+        self._client_updates: dict[str, str | None] = {}
+        self._client_flush: Any = None
         self._presence: dict[str, dict[str, str]] = {}
         self.up = False
         self.link_changes = 0
@@ -413,10 +420,11 @@ class RedisBroker:
         if self._beat.running:
             self._beat.stop()
         d: Deferred[Any] = succeed(None)
+        self._cancel_client_flush()
+        self._client_updates.clear()
         if self._cmd is not None and self._cmd.connected:
-            self._clients.clear()
             self._presence.clear()
-            d = self._register().addCallback(
+            d = self._register(leaving=True).addCallback(
                 lambda _: self._eval("HEARTBEAT", self.node_id, -10_000_000)
             )
             d.addCallback(lambda _: self._eval("REAP"))
@@ -557,11 +565,16 @@ class RedisBroker:
         timer = self.reactor.callLater(self.command_timeout, stuck)
         d.addBoth(lambda result: (timer.cancel() if timer.active() else None, result)[1])
 
-    def _register(self) -> Deferred[Any]:
+    def _register(self, leaving: bool = False) -> Deferred[Any]:
+        """Make Redis hold exactly this node's clients and presence (none when leaving)."""
+        clients: dict[str, str] = {}
+        if not leaving and self.listener is not None:
+            # Built now from the live connections (the updates queued before are included).
+            self._client_updates.clear()
+            self._cancel_client_flush()
+            clients = {s: json.dumps(info) for s, info in self.listener.local_clients().items()}
         presence = {c: dict(members) for c, members in self._presence.items()}
-        return self._eval(
-            "REGISTER", self.node_id, json.dumps(self._clients), json.dumps(presence or {})
-        )
+        return self._eval("REGISTER", self.node_id, json.dumps(clients), json.dumps(presence))
 
     # -- channels -------------------------------------------------------------------------------
 
@@ -670,22 +683,55 @@ class RedisBroker:
         d = self._eval("PRESENCE", channel)
         return d.addCallback(lambda items: [json.loads(i) for i in items or ()])
 
+    #: Most arrivals and departures in one CLIENTS_UPDATE (Redis runs a script alone: a
+    #: bounded batch keeps it from stalling other commands).
+    CLIENT_BATCH = 512
+
     def client_connected(self, session: str, info: dict[str, Any]) -> None:
-        text = json.dumps(info)
-        self._clients[session] = text
-        if self._cmd is not None:
-            self._eval("CLIENT_ADD", self.node_id, session, text).addErrback(_ignore)
+        self._queue_client(session, json.dumps(info))
 
     def client_disconnected(self, session: str) -> None:
-        self._clients.pop(session, None)
-        if self._cmd is not None:
-            self._eval("CLIENT_REMOVE", self.node_id, session).addErrback(_ignore)
+        self._queue_client(session, None)
+
+    def _queue_client(self, session: str, info: str | None) -> None:
+        """Queue an arrival or departure for this turn's CLIENTS_UPDATE.
+
+        Batched because a ramp of thousands of connections a second would otherwise cost a
+        script call (and a Deferred, kept until Redis answers) each, and per turn because a
+        command this process sends to Redis later (``clients``, ``send``, another node's
+        request answered after ours) must see them.
+        """
+        if self._cmd is None:
+            return  # the registration after the link returns reads the live clients
+        updates = self._client_updates
+        updates[session] = info
+        if len(updates) >= self.CLIENT_BATCH:
+            self._flush_clients()
+        elif self._client_flush is None:
+            self._client_flush = self.reactor.callLater(0, self._flush_clients)
+
+    def _cancel_client_flush(self) -> None:
+        call, self._client_flush = self._client_flush, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def _flush_clients(self) -> None:
+        self._cancel_client_flush()
+        updates, self._client_updates = self._client_updates, {}
+        if not updates or self._cmd is None:
+            return  # down: the registration after the link returns reads the live clients
+        argv: list[str] = []
+        for session, info in updates.items():
+            argv += (session, info or "")
+        self._eval("CLIENTS_UPDATE", self.node_id, *argv).addErrback(_ignore)
 
     def clients(self) -> Deferred[list[dict[str, Any]]]:
+        self._flush_clients()  # our own latest arrivals are listed too
         d = self._eval("CLIENTS")
         return d.addCallback(lambda items: [json.loads(i) for i in items or ()])
 
     def send(self, session: str, type: str, data: Any) -> Deferred[bool]:
+        self._flush_clients()
         payload = json.dumps({"s": session, "t": type, "d": data})
         return self._eval("SEND", session, payload).addCallback(lambda n: int(n) > 0)
 
@@ -708,8 +754,7 @@ _SCRIPTS = {
     "HEARTBEAT": HEARTBEAT,
     "REAP": REAP,
     "REGISTER": REGISTER,
-    "CLIENT_ADD": CLIENT_ADD,
-    "CLIENT_REMOVE": CLIENT_REMOVE,
+    "CLIENTS_UPDATE": CLIENTS_UPDATE,
     "SEND": SEND,
     "CLIENTS": CLIENTS,
 }

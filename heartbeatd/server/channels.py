@@ -312,12 +312,19 @@ class ChannelHub:
 
     # -- connections -------------------------------------------------------------------------
 
+    def _client_info(self, client: ServerProtocol) -> dict[str, Any]:
+        info = self._info(client)
+        info["peer"] = client.peer
+        info["connected_at"] = client.connected_at
+        return info
+
     def client_connected(self, client: ServerProtocol) -> None:
         if self.broker.clustered:
-            info = self._info(client)
-            info["peer"] = client.peer
-            info["connected_at"] = client.connected_at
-            self.broker.client_connected(client.session_id, info)
+            self.broker.client_connected(client.session_id, self._client_info(client))
+
+    def local_clients(self) -> dict[str, dict[str, Any]]:
+        """Every connected client with its info (the broker re-registers them after a blip)."""
+        return {s: self._client_info(c) for s, c in self.factory.clients.items()}
 
     def client_disconnected(self, client: ServerProtocol) -> None:
         mine = self._by_client.get(client.session_id)
