@@ -1,4 +1,4 @@
-"""RedisBroker pieces that need no Redis: URL parsing, pub/sub message decoding, bad input.
+"""RedisBroker pieces that need no Redis: URL parsing, pub/sub decoding, bad input, what it sends.
 
 Everything that talks to Redis is tested against a real redis-server in test_cluster.py.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from helpers import make_config
+from twisted.internet.defer import succeed
 from twisted.internet.testing import MemoryReactorClock
 
 from heartbeatd.cluster.redis import RedisBroker, parse_redis_url
@@ -80,3 +81,88 @@ def test_the_password_is_not_in_the_broker_url_or_config_repr() -> None:
     assert "hunter2" not in broker.url
     config = make_config(cluster={"redis": "redis://:hunter2@127.0.0.1:6379/1"})
     assert "hunter2" not in repr(config)
+
+
+class Commands:
+    """Stands in for the Redis command connection: records what would be sent."""
+
+    connected = True
+
+    def __init__(self, broker: RedisBroker) -> None:
+        self.names = {sha: name for name, sha in broker._shas.items()}
+        self.sent: list[tuple[str, tuple[Any, ...]]] = []
+
+    def execute_command(self, command: str, sha: str, keys: int, *argv: Any) -> Any:
+        assert command == "EVALSHA" and keys == 0
+        name = self.names[sha]
+        self.sent.append((name, argv[1:]))  # argv[0] is the namespace
+        return succeed(0 if name == "SEND" else [])
+
+
+class ClientsListener(Listener):
+    def __init__(self) -> None:
+        super().__init__()
+        self.clients: dict[str, dict[str, Any]] = {}
+
+    def local_clients(self) -> dict[str, dict[str, Any]]:
+        return self.clients
+
+
+def connected_broker() -> tuple[RedisBroker, Commands, ClientsListener]:
+    broker = make_broker(node_id="n1")
+    commands = Commands(broker)
+    broker._cmd = commands  # type: ignore[assignment]
+    broker.listener = listener = ClientsListener()
+    return broker, commands, listener
+
+
+def test_arrivals_and_departures_of_one_turn_reach_redis_in_one_update_in_order() -> None:
+    broker, commands, _ = connected_broker()
+    broker.client_connected("a", {"session": "a"})
+    broker.client_connected("b", {"session": "b"})
+    broker.client_disconnected("a")
+    broker.client_disconnected("z")
+    assert commands.sent == []  # sent at the end of the reactor turn
+    broker.reactor.advance(0)  # type: ignore[attr-defined]
+    assert commands.sent == [("CLIENTS_UPDATE", ("n1", "a", "", "b", '{"session": "b"}', "z", ""))]
+    broker.reactor.advance(1)  # type: ignore[attr-defined]
+    assert len(commands.sent) == 1
+
+
+def test_a_full_batch_goes_at_once_and_a_read_sends_what_is_queued_first() -> None:
+    broker, commands, _ = connected_broker()
+    for i in range(broker.CLIENT_BATCH + 1):
+        broker.client_connected(f"s{i}", {"session": f"s{i}"})
+    assert [(name, len(argv)) for name, argv in commands.sent] == [
+        ("CLIENTS_UPDATE", 1 + 2 * broker.CLIENT_BATCH)
+    ]
+    broker.clients()  # our own newest client is listed: its update goes before the read
+    broker.send("s0", "note", 1)
+    assert [name for name, _ in commands.sent] == [
+        "CLIENTS_UPDATE",
+        "CLIENTS_UPDATE",
+        "CLIENTS",
+        "SEND",
+    ]
+    assert commands.sent[1][1] == (
+        "n1",
+        f"s{broker.CLIENT_BATCH}",
+        f'{{"session": "s{broker.CLIENT_BATCH}"}}',
+    )
+    broker.reactor.advance(0)  # type: ignore[attr-defined]
+    assert len(commands.sent) == 4
+
+
+def test_registration_sends_the_live_clients_and_nothing_is_queued_while_down() -> None:
+    broker, commands, listener = connected_broker()
+    broker.client_connected("gone", {"session": "gone"})
+    listener.clients = {"a": {"session": "a", "node": "n1"}}
+    broker._register()  # the link came back: Redis learns exactly the live clients
+    broker.reactor.advance(0)  # type: ignore[attr-defined]
+    assert commands.sent == [
+        ("REGISTER", ("n1", '{"a": "{\\"session\\": \\"a\\", \\"node\\": \\"n1\\"}"}', "{}"))
+    ]
+    broker._cmd = None  # down: the next registration covers what happens meanwhile
+    broker.client_connected("b", {"session": "b"})
+    broker.reactor.advance(0)  # type: ignore[attr-defined]
+    assert len(commands.sent) == 1
