@@ -189,6 +189,9 @@ def test_workers_share_one_port_publish_and_broadcast_reach_all_and_sigterm_drai
         before = daemon.lines[: next(i for i, x in enumerate(daemon.lines) if ALL_READY.search(x))]
         workers_ready = {re.search(r"\[worker (\d)\] heartbeatd is ready", x) for x in before}
         assert {m.group(1) for m in workers_ready if m} == {"0", "1", "2"}  # all before READY
+        # The inherited socket is a plain TCP port: workers accept into the lean transport.
+        lean = {re.search(r"\[worker (\d)\] Accepting into the lean TCP", x) for x in before}
+        assert {m.group(1) for m in lean if m} == {"0", "1", "2"}
         try:
             # Connections land on different workers: keep connecting until two nodes hold some.
             for _ in range(10):
