@@ -5,7 +5,16 @@ together exceed one address's ephemeral ports) to ``--port``, answers every ping
 and reads commands on stdin, answering with one JSON line on stdout:
 
     mark     forget the pings seen so far (the sweep timing starts now)
-    report   {"connections", "hello", "pinged", "first_ping", "last_ping", "bench", "last_bench"}
+    report   {"connections", "hello", "pinged", "first_ping", "last_ping", "pinged_twice",
+             "max_gap", "bench",
+             "last_bench", "failed", "closes", "errors"}
+
+``closes`` counts how connections ended, as this side saw it: ``connect_failed`` (refused or
+reset before connecting), ``reset`` (the server aborted it: an eviction), ``eof`` (closed in
+order), each split by whether its hello had arrived (``reset_after_hello``...); ``errors``
+counts the server's error frames by code.  ``max_gap`` is the longest time between two pings
+of one client since the mark: at most about one heartbeat interval when every sweep reaches
+every client in time.
 
 Times are ``time.monotonic()`` (CLOCK_MONOTONIC, shared by every process on the machine), so
 the driver can compare them with its own.  A ``{"type": "bench"}`` message is counted as the
@@ -36,6 +45,9 @@ class State:
         self.bench = 0
         self.last_bench = 0.0
         self.marked = False
+        self.max_gap = 0.0
+        self.closes: dict[str, int] = {}
+        self.errors: dict[str, int] = {}
 
 
 def main() -> None:
@@ -50,6 +62,10 @@ def main() -> None:
     socks: dict[int, socket.socket] = {}
     buffers: dict[int, bytearray] = {}
     pinged: set[int] = set()
+    #: fd -> when it was last pinged since the mark (for the longest gap between two pings).
+    last_pinged: dict[int, float] = {}
+    greeted: set[int] = set()
+    twice: set[int] = set()  # pinged at least twice since the mark
     connecting: set[int] = set()
     state = State()
     opened = failed = 0
@@ -69,6 +85,7 @@ def main() -> None:
             opened += 1
             if code not in (0, errno.EINPROGRESS):
                 failed += 1
+                state.closes["connect_failed"] = state.closes.get("connect_failed", 0) + 1
                 s.close()
                 continue
             fd = s.fileno()
@@ -86,30 +103,49 @@ def main() -> None:
                 socks[fd].send(struct.pack("!I", len(pong)) + pong)
             except OSError:
                 return  # closed by the server: the next read says so
-            if state.marked and fd not in pinged:
+            if state.marked:
                 now = time.monotonic()
-                pinged.add(fd)
-                state.first_ping = state.first_ping or now
-                state.last_ping = now
+                previous = last_pinged.get(fd)
+                last_pinged[fd] = now
+                if previous is not None:
+                    state.max_gap = max(state.max_gap, now - previous)
+                    twice.add(fd)
+                if fd not in pinged:
+                    pinged.add(fd)
+                    state.first_ping = state.first_ping or now
+                    state.last_ping = now
         elif kind == "hello":
             state.hello += 1
+            greeted.add(fd)
+        elif kind == "error":
+            code = str((message.get("error") or {}).get("code", "?"))
+            state.errors[code] = state.errors.get(code, 0) + 1
         elif kind == "bench":
             state.bench += 1
             state.last_bench = time.monotonic()
 
-    def close(fd: int) -> None:
+    def close(fd: int, how: str) -> None:
         nonlocal failed
         failed += 1
+        if how != "connect_failed":
+            how += "_after_hello" if fd in greeted else "_before_hello"
+        state.closes[how] = state.closes.get(how, 0) + 1
         ep.unregister(fd)
         socks.pop(fd).close()
         buffers.pop(fd, None)
         connecting.discard(fd)
+        greeted.discard(fd)
+        pinged.discard(fd)
+        twice.discard(fd)
+        last_pinged.pop(fd, None)
 
     def command(line: bytes) -> None:
         if line == b"mark":
             pinged.clear()
+            twice.clear()
+            last_pinged.clear()
             state.marked = True
-            state.first_ping = state.last_ping = 0.0
+            state.first_ping = state.last_ping = state.max_gap = 0.0
             return
         report = {
             "connections": len(socks),
@@ -118,8 +154,12 @@ def main() -> None:
             "pinged": len(pinged),
             "first_ping": state.first_ping,
             "last_ping": state.last_ping,
+            "pinged_twice": len(twice),
+            "max_gap": state.max_gap,
             "bench": state.bench,
             "last_bench": state.last_bench,
+            "closes": state.closes,
+            "errors": state.errors,
         }
         sys.stdout.write(json.dumps(report) + "\n")
         sys.stdout.flush()
@@ -138,7 +178,7 @@ def main() -> None:
                 continue
             if fd in connecting:
                 if events & (select.EPOLLERR | select.EPOLLHUP):
-                    close(fd)
+                    close(fd, "connect_failed")
                     continue
                 if events & select.EPOLLOUT:
                     connecting.discard(fd)
@@ -148,9 +188,10 @@ def main() -> None:
             try:
                 data = socks[fd].recv(65536)
             except OSError:
-                data = b""
+                close(fd, "reset")
+                continue
             if not data:
-                close(fd)
+                close(fd, "eof")
                 continue
             buffer = buffers[fd]
             buffer += data

@@ -7,7 +7,10 @@ each figure is the median with its min-max. Ratios are only ever taken between f
 invocation.
 
     python bench/run.py [--repeat 3] [--duration 5] [--idle-conns N] [--quick] [--out DIR]
-                        [--before CHECKOUT]
+                        [--before CHECKOUT] [--workers 2] [--workers-conns 10000]
+
+The workers phase (``workers: N`` with Redis, idle clients from 127.0.0.2.., bench/workers_idle.py)
+runs unpinned; ``--skip workers`` leaves it out.
 
 ``--before`` adds another heartbeatd, an older checkout with its own ``.venv`` (made by its
 ``make test`` or ``make run``), to every phase, so before/after figures come from one run.
@@ -341,6 +344,28 @@ def run_pool(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     return outcome
 
 
+def run_workers(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """``workers: N`` holding idle clients: bench/workers_idle.py's run, sized by the options.
+
+    Not pinned: the workers, Redis and the load generators share every core, as they would.
+    """
+    sys.path.insert(0, str(BENCH))
+    import workers_idle  # imported here: it needs redis-server, which other phases do not
+
+    directory = workdir / "workers"
+    directory.mkdir()
+    result = workers_idle.measure(
+        directory,
+        args.workers,
+        args.workers_conns,
+        args.workers_interval,
+        generators=max(2, args.workers),  # several source addresses even for a small run
+        say=lambda text: print(f"WORKERS: {text}", flush=True),
+    )
+    print(f"WORKERS: {result}", flush=True)
+    return result
+
+
 def available(name: str) -> bool:
     if name == "before":
         return BEFORE is not None
@@ -423,6 +448,8 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{e['bytes_per_conn']:,.0f} | {busy} | {longest} | "
                 f"{e['ping_spread_ms']:.0f} ms |"
             )
+    if report.get("workers"):
+        lines += ["", *workers_markdown(report["workers"])]
     if report.get("pool"):
         p = report["pool"]
         lines += [
@@ -434,6 +461,43 @@ def markdown(report: dict[str, Any]) -> str:
             f"| ratio | {ratio(p['pool_rps'], p['connect_rps'], 'connect per request')} |",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v:,}" for k, v in sorted(counts.items())) or "none"
+
+
+def workers_markdown(w: dict[str, Any]) -> list[str]:
+    """The workers phase as a table (bench/workers_idle.py's figures)."""
+    per_worker = " / ".join(f"{n:,}" for n in w["per_worker_conns"])
+    closes = [f"w{i}: {_counts(c)}" for i, c in enumerate(w["server_closes"]) if c]
+    refusals = [f"w{i}: {_counts(c)}" for i, c in enumerate(w["server_refusals"]) if c]
+    gap = w.get("longest_ping_gap_s")
+    return [
+        f"WORKERS ({w['workers']} workers, {w['conns']:,} idle clients, heartbeat "
+        f"{w['interval']:g} s; workers, Redis and clients share every core):",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| connections held | {w['connected']:,} of {w['conns']:,} "
+        f"({w['hello']:,} greeted in {w['connect_s']} s); per worker {per_worker} |",
+        f"| closed by the server, by reason | {'; '.join(closes) or 'none'} |",
+        f"| refused by the server | {'; '.join(refusals) or 'none'} |",
+        f"| ended, as the clients saw it | {_counts(w['client_closes'])} |",
+        f"| RSS per connection: connected / after a sweep | {w['bytes_per_conn_connected']:,} B"
+        f" / {w['bytes_per_conn_after_ping']:,} B (per worker "
+        + " / ".join(f"{b:,}" for b in w["per_worker_bytes_per_conn_after_ping"])
+        + ") |",
+        f"| sweep: every client pinged within two intervals | "
+        f"{'yes' if w['all_pinged_within_two_intervals'] else 'NO'} ({w['pinged']:,} pinged), "
+        f"first to last ping {w['ping_first_to_last_s']} s, longest gap between two pings "
+        f"of one client {'n/a' if gap is None else f'{gap} s'} |",
+        f"| worker 0's sweep: busy / longest batch | {w['worker0_sweep_ms']} ms / "
+        f"{w['worker0_longest_batch_ms']} ms |",
+        f"| `POST /broadcast`: answered / last client reached | {w['broadcast_answer_ms']} ms / "
+        f"{w['broadcast_to_last_ms']} ms ({w['broadcast_delivered']:,} delivered) |",
+        f"| SIGTERM to exit (all drained) | {w['stop_s']} s (exit {w['supervisor_exit']}) |",
+    ]
 
 
 def chart(report: dict[str, Any], path: Path) -> bool:
@@ -480,7 +544,17 @@ def main() -> None:
     parser.add_argument("--idle-conns", type=int, default=idle_connections_allowed())
     parser.add_argument("--idle-interval", type=float, default=3.0)
     parser.add_argument("--pool-seconds", type=float, default=5.0)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["throughput", "idle", "pool"])
+    parser.add_argument("--workers", type=int, default=2, help="workers phase: worker count")
+    parser.add_argument(
+        "--workers-conns",
+        type=int,
+        default=10_000,
+        help="workers phase: idle clients (bench/workers_idle.py --conns 99000 for the full size)",
+    )
+    parser.add_argument("--workers-interval", type=float, default=5.0)
+    parser.add_argument(
+        "--skip", nargs="*", default=[], choices=["throughput", "idle", "pool", "workers"]
+    )
     parser.add_argument("--quick", action="store_true", help="tiny run, for the smoke test")
     parser.add_argument("--out", type=Path, default=BENCH / "results")
     parser.add_argument(
@@ -494,6 +568,7 @@ def main() -> None:
     if args.quick:
         args.repeat, args.duration, args.warmup = 1, 0.3, 0.1
         args.idle_conns, args.idle_interval, args.pool_seconds = 50, 0.5, 0.5
+        args.workers, args.workers_conns, args.workers_interval = 2, 200, 1.0
     build()
     report: dict[str, Any] = {
         "machine": f"{os.cpu_count()} cores, {os.uname().machine}, Python {sys.version.split()[0]}",
@@ -511,6 +586,8 @@ def main() -> None:
             report["idle"] = run_idle(args, workdir)
         if "pool" not in args.skip:
             report["pool"] = run_pool(args, workdir)
+        if "workers" not in args.skip:
+            report["workers"] = run_workers(args, workdir)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latest.json").write_text(json.dumps(report, indent=1))
     text = markdown(report)

@@ -52,7 +52,12 @@ def test_quick_benchmark_run(tmp_path: Path) -> None:
     assert idle["connections"] == 50 and 0 <= idle["pinged"] <= 50
     assert idle["bytes_per_conn_before_ping"] > 0
     assert report["pool"]["pool_rps"] >= 0 and report["pool"]["connect_rps"] >= 0
+    workers = report["workers"]
+    assert workers["workers"] == 2 and workers["hello"] == 200
+    assert workers["broadcast_status"] == 200 and workers["supervisor_exit"] == 0
     markdown = (tmp_path / "latest.md").read_text()
+    assert "WORKERS (2 workers, 200 idle clients" in markdown
+    assert "| closed by the server, by reason |" in markdown
     assert "| W2 msgs/s |" in markdown and "heartbeatd / plain Twisted + json" in markdown
     assert "bytes/conn before any ping" in markdown
 
