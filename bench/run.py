@@ -483,6 +483,7 @@ def workers_markdown(w: dict[str, Any]) -> list[str]:
         f"({w['hello']:,} greeted in {w['connect_s']} s); per worker {per_worker} |",
         f"| closed by the server, by reason | {'; '.join(closes) or 'none'} |",
         f"| refused by the server | {'; '.join(refusals) or 'none'} |",
+        f"| workers that died (replaced) | {len(w['worker_exits'])} |",
         f"| ended, as the clients saw it | {_counts(w['client_closes'])} |",
         f"| RSS per connection: connected / after a sweep | {w['bytes_per_conn_connected']:,} B"
         f" / {w['bytes_per_conn_after_ping']:,} B (per worker "

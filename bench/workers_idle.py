@@ -93,14 +93,22 @@ if os.environ.get("HEARTBEATD_WORKER"):
 
 
 def rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+    """The process's resident memory; 0 once it is gone (a worker that died is reported)."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    for line in text.splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     return 0
 
 
 def open_fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return 0
 
 
 class Generators:
@@ -400,6 +408,7 @@ def measure(
         by_worker = closes_by_reason(daemon.lines, workers)
         result["server_closes"] = [w["closes"] for w in by_worker]
         result["server_refusals"] = [w["refusals"] for w in by_worker]
+        result["worker_exits"] = [x for x in daemon.lines if "exited unexpectedly" in x]
         result["redis_stalls"] = sum("Redis did not answer" in x for x in daemon.lines)
         result["reactor_stalls"] = sum("Reactor stalled" in x for x in daemon.lines)
     return result

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import yaml
 from daemon import Daemon, RawClient, run_twistd
+from helpers import Peer, make_config
 from redis_server import RedisServer
 from test_admin import ADMIN, http
 from test_cluster import Client
@@ -31,7 +32,14 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from heartbeatd.config import ConfigError, parse_config
-from heartbeatd.daemon.workers import ADMIN_FD, LISTEN_FD, STATUS_FD, Supervisor, WorkerProcess
+from heartbeatd.daemon.workers import (
+    ADMIN_FD,
+    LISTEN_FD,
+    STATUS_FD,
+    Supervisor,
+    WorkerFactory,
+    WorkerProcess,
+)
 
 ALL_READY = re.compile(r"heartbeatd is ready: (\d+) workers serving \(supervisor pid (\d+)\)")
 STARTED = re.compile(r"Worker (\d+) started \(pid (\d+)\)")
@@ -287,6 +295,35 @@ def test_a_full_worker_stops_accepting_so_another_takes_the_client(tmp_path: Pat
             for client in clients:
                 client.close()
         daemon.wait_for(r"\[worker \d\] Worker accepting again")
+
+
+class _AcceptingPort:
+    """What a worker's factory touches of its listening port."""
+
+    numberAccepts = 500  # what Twisted's accept loop grows to under a long ramp
+    reading = True
+
+    def stopReading(self) -> None:
+        self.reading = False
+
+    def startReading(self) -> None:
+        self.reading = True
+
+
+def test_a_worker_keeps_the_accept_batch_within_its_pause_margin() -> None:
+    factory = WorkerFactory(make_config(limits={"max_connections": 1000}), clock=Clock())
+    port = _AcceptingPort()
+    factory.service = type("Service", (), {"port": port})()
+    peers = [Peer(factory, 40000 + i) for i in range(factory.pause_at() - 1)]
+    # The loop that runs on after the pause takes at most one batch (+20 as it grows).
+    assert port.numberAccepts == factory.ACCEPT_BATCH
+    assert factory.max_connections - factory.pause_at() >= factory.ACCEPT_BATCH + 20
+    assert port.reading
+    peers.append(Peer(factory, 39999))
+    assert not port.reading and len(factory.clients) == factory.pause_at()
+    for peer in peers[: factory.pause_at() - factory.resume_below() + 1]:
+        peer.disconnect()
+    assert port.reading
 
 
 class _FakeProcessReactor(Clock):

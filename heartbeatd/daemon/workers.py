@@ -181,12 +181,16 @@ class WorkerFactory(ServerFactory):
     a worker doing that would refuse clients its idle siblings could serve, because the shared
     socket gives each connection to whichever worker accepts first.  It pauses a little below
     the limit, because the reactor's accept loop may still take the connections that arrived
-    meanwhile (those are served, up to the limit), and resumes a little below where it paused.
+    meanwhile (those are served, up to the limit; the loop's batch is capped to fit), and
+    resumes a little below where it paused.
     When every worker is paused, new connections wait in the listen backlog.
     """
 
     #: Most places kept free for connections accepted after the pause (10% of the limit, less).
     PAUSE_MARGIN = 64
+    #: Cap on Twisted's accept batch (``Port.numberAccepts``, which grows by 20 after every
+    #: full batch, without limit): one batch, at most this plus 20, then fits in the margin.
+    ACCEPT_BATCH = PAUSE_MARGIN - 20
     #: The service whose ``port`` this factory serves (set by the tap once it exists).
     service: Any = None
     accepting = True
@@ -199,16 +203,20 @@ class WorkerFactory(ServerFactory):
 
     def client_connected(self, client: Any) -> None:
         super().client_connected(client)
-        if self.accepting and len(self.clients) >= self.pause_at():
-            port = getattr(self.service, "port", None)
-            if port is not None:
-                port.stopReading()
-                self.accepting = False
-                log.info(
-                    "Worker full ({count} clients): not accepting until below {resume}",
-                    count=len(self.clients),
-                    resume=self.resume_below(),
-                )
+        port = getattr(self.service, "port", None)
+        # Under a long ramp the batch would outgrow the margin, and the accept loop, which
+        # runs on after the pause, would take clients past max_connections: refused, where
+        # a sibling worker would have served them.
+        if getattr(port, "numberAccepts", 0) > self.ACCEPT_BATCH:
+            port.numberAccepts = self.ACCEPT_BATCH  # type: ignore[union-attr]
+        if self.accepting and len(self.clients) >= self.pause_at() and port is not None:
+            port.stopReading()
+            self.accepting = False
+            log.info(
+                "Worker full ({count} clients): not accepting until below {resume}",
+                count=len(self.clients),
+                resume=self.resume_below(),
+            )
 
     def client_disconnected(self, client: Any, reason: Any) -> None:
         super().client_disconnected(client, reason)
