@@ -15,7 +15,8 @@ address (127.0.0.2, 127.0.0.3, ...), so no address runs out of ephemeral ports. 
    and its longest batch: the longest stall);
 4. ``POST /broadcast`` (through Redis to every worker): the time from the request to the
    last client's delivery, counted at every client;
-5. SIGTERM: the time until the supervisor exits (every worker drained);
+5. SIGTERM with every client connected: the time until the supervisor exits (every worker
+   drained its clients and left the cluster);
 6. every connection that ended early: per worker, the server's closes and refusals by reason
    (from its log: each line, plus the rate limiter's "N more suppressed" counts), and per
    load generator, how it ended (reset, end of file, connect failure; before or after hello).
@@ -400,11 +401,15 @@ def measure(
                 result["broadcast_to_last_ms"] = round((last - t0) * 1000, 1) if last else None
                 result["client_closes"] = merge_counts(reports, "closes")
                 result["client_errors"] = merge_counts(reports, "errors")
+
+                # SIGTERM with every client still connected: each worker tells its clients to
+                # go away, closes the rest after shutdown.drain_timeout, and leaves the cluster.
+                say("SIGTERM")
+                stop_start = time.monotonic()
+                result["supervisor_exit"] = daemon.stop(timeout=120)
+                result["stop_s"] = round(time.monotonic() - stop_start, 1)
             finally:
                 gens.close()
-            stop_start = time.monotonic()
-            result["supervisor_exit"] = daemon.stop(timeout=120)
-            result["stop_s"] = round(time.monotonic() - stop_start, 1)
         by_worker = closes_by_reason(daemon.lines, workers)
         result["server_closes"] = [w["closes"] for w in by_worker]
         result["server_refusals"] = [w["refusals"] for w in by_worker]
