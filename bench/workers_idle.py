@@ -401,6 +401,15 @@ def measure(
                 result["broadcast_to_last_ms"] = round((last - t0) * 1000, 1) if last else None
                 result["client_closes"] = merge_counts(reports, "closes")
                 result["client_errors"] = merge_counts(reports, "errors")
+                # Worker 0's own counters, to check the count read from the log against.
+                _, metrics = http(admin, "GET", "/metrics")
+                result["worker0_evicted_metric"] = {
+                    m.group(1): int(float(m.group(2)))
+                    for m in re.finditer(
+                        r'^heartbeatd_evicted_total\{reason="([^"]+)"\} (\S+)$', metrics, re.M
+                    )
+                    if float(m.group(2))
+                }
 
                 # SIGTERM with every client still connected: each worker tells its clients to
                 # go away, closes the rest after shutdown.drain_timeout, and leaves the cluster.
