@@ -281,6 +281,7 @@ def measure(
     generators: int | None = None,
     inspect: bool = False,
     say: Callable[[str], None] = note,
+    log_path: Path | None = None,
 ) -> dict[str, Any]:
     """Run the whole measurement once (see the module docstring); the figures as a dict."""
     config: dict[str, Any] = {
@@ -419,6 +420,8 @@ def measure(
                 result["stop_s"] = round(time.monotonic() - stop_start, 1)
             finally:
                 gens.close()
+        if log_path is not None:
+            log_path.write_text("\n".join(daemon.lines) + "\n")
         by_worker = closes_by_reason(daemon.lines, workers)
         result["server_closes"] = [w["closes"] for w in by_worker]
         result["server_refusals"] = [w["refusals"] for w in by_worker]
@@ -441,6 +444,7 @@ def main() -> None:
         "--inspect", action="store_true", help="allocator statistics from each worker"
     )
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--log", type=Path, help="write the daemon's whole log here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         result = measure(
@@ -451,6 +455,7 @@ def main() -> None:
             connect_timeout=args.connect_timeout,
             generators=args.generators,
             inspect=args.inspect,
+            log_path=args.log,
         )
     print(json.dumps(result, indent=2))
     if args.json:
