@@ -195,7 +195,14 @@ def makeService(options: Options) -> IService:
     from twisted.internet.endpoints import serverFromString
 
     if config.workers > 1:
-        return Supervisor(config, options["config"], options.overrides, reactor, Notifier())
+        return Supervisor(
+            config,
+            options["config"],
+            options.overrides,
+            reactor,
+            Notifier(),
+            admin_token=options.admin_token,
+        )
     broker = None
     if config.cluster.redis:  # imported only here: a single daemon never needs Redis
         from heartbeatd.cluster.redis import RedisBroker
