@@ -19,10 +19,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis_server import RedisServer
 from test_admin import http
 from test_cluster import Client
-from test_workers import nodes_of, worker_pids, workers
+from test_workers import _FakeProcessReactor, _Port, nodes_of, worker_pids, workers
+from twisted.internet.error import ProcessTerminated
+from twisted.python.failure import Failure
 
+from heartbeatd.config import parse_config
 from heartbeatd.daemon.supervisor_admin import daemon_health, exposition, supervisor_families
 from heartbeatd.daemon.worker_metrics import MetricsMerger, WorkerAnswer, parse
+from heartbeatd.daemon.workers import STATUS_FD, Supervisor
 
 # -- the aggregation, without processes ------------------------------------------------------
 
@@ -146,6 +150,27 @@ def test_health_broker_down_degrades_none_serving_and_stopping_answer_503() -> N
     assert (code, body["status"], body["serving"]) == (503, "unavailable", 0)
     code, body = daemon_health(2, states, {0: {"status": "draining"}, 1: SERVING}, stopping=True)
     assert (code, body["status"], body["missing"]) == (503, "draining", {"0": "draining"})
+
+
+def test_worker_states_follow_a_crash_and_the_replacement() -> None:
+    config = parse_config(
+        {"workers": 2, "cluster": {"redis": "redis://127.0.0.1:1/0", "node_id": "n"}}
+    )
+    reactor = _FakeProcessReactor()
+    supervisor = Supervisor(config, "c.yaml", {}, reactor)
+    supervisor.port = _Port()  # type: ignore[assignment]
+    supervisor._spawn(0)
+    supervisor._spawn(1)
+    assert supervisor.worker_states() == {0: "starting", 1: "starting"}
+    for worker, _ in reactor.spawned:
+        worker.childDataReceived(STATUS_FD, b'{"READY": 1}\n')
+    assert supervisor.worker_states() == {0: "serving", 1: "serving"}
+    reactor.spawned[1][0].processEnded(Failure(ProcessTerminated(exitCode=1)))
+    assert supervisor.worker_states() == {0: "serving", 1: "restarting"}
+    assert supervisor.worker_pid(1) is None and supervisor.admin_socket(1) is None
+    reactor.advance(60)
+    assert supervisor.worker_states() == {0: "serving", 1: "starting"}
+    assert supervisor.worker_pid(1) == 1002
 
 
 # -- real workers ----------------------------------------------------------------------------
@@ -285,6 +310,7 @@ def test_sighup_changing_workers_warns_that_a_restart_is_needed(tmp_path: Path) 
     with RedisServer(tmp_path / "redis") as redis, workers(tmp_path, redis, 2) as daemon:
         config = yaml.safe_load(daemon.config_path.read_text())
         config["workers"] = 3
+        config["listen"] = "tcp:1:interface=127.0.0.1"
         config["heartbeat"] = {"interval": 4, "timeout": 12}
         daemon.config_path.write_text(yaml.safe_dump(config))
         daemon.process.send_signal(signal.SIGHUP)
@@ -292,6 +318,8 @@ def test_sighup_changing_workers_warns_that_a_restart_is_needed(tmp_path: Path) 
         assert line.group(1) == "2" and "restart to use 3" in line.string
         daemon.wait_for("Reload done in every worker")  # the rest applied as usual
         for index in range(2):
+            # Each worker says what it keeps, as a single daemon does.
+            daemon.wait_for(rf"\[worker {index}\] listen cannot change while running; keeping")
             daemon.wait_for(rf"\[worker {index}\] Configuration reloaded .*heartbeat.interval")
         assert health(daemon)[1]["workers"] == 2
         assert not re.search(r"Worker 2 started", "\n".join(daemon.lines))

@@ -230,6 +230,8 @@ def worker_observer() -> ILogObserver:
 
     @provider(ILogObserver)
     def write(event: dict[str, Any]) -> None:
+        if logs.is_twisted_chatter(event):  # as the supervisor's own observer leaves out
+            return
         out.write(logs.json_line(event) + "\n")
         out.flush()
 
