@@ -6,10 +6,13 @@ real supervisor, real workers and a real redis-server, as in test_workers.py.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import time
+from collections import Counter
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +23,21 @@ from redis_server import RedisServer
 from test_admin import http
 from test_cluster import Client
 from test_workers import _FakeProcessReactor, _Port, nodes_of, worker_pids, workers
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessTerminated
+from twisted.internet.task import Clock
 from twisted.python.failure import Failure
+from twisted.web.test.requesthelper import DummyRequest
 
 from heartbeatd.config import parse_config
-from heartbeatd.daemon.supervisor_admin import daemon_health, exposition, supervisor_families
+from heartbeatd.daemon.admin import AdminPolicy
+from heartbeatd.daemon.supervisor_admin import (
+    Reply,
+    SupervisorAdmin,
+    daemon_health,
+    exposition,
+    supervisor_families,
+)
 from heartbeatd.daemon.worker_metrics import MetricsMerger, WorkerAnswer, parse
 from heartbeatd.daemon.workers import STATUS_FD, Supervisor
 
@@ -171,6 +184,103 @@ def test_worker_states_follow_a_crash_and_the_replacement() -> None:
     reactor.advance(60)
     assert supervisor.worker_states() == {0: "serving", 1: "starting"}
     assert supervisor.worker_pid(1) == 1002
+
+
+class FakeSupervisor:
+    count = 2
+    restarts = 0
+    stopping = False
+    node_base = "n"
+
+    def __init__(self, states: dict[int, str]) -> None:
+        self.states = states
+
+    def worker_states(self) -> dict[int, str]:
+        return dict(self.states)
+
+    def worker_pid(self, index: int) -> int | None:
+        return 100 + index
+
+    def admin_socket(self, index: int) -> str | None:
+        return f"w{index}.sock"
+
+
+class FakeChannel:
+    """Records each question; the test answers it by firing its Deferred."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[str, bytes, bytes, Deferred[Reply]]] = []
+
+    def request(self, path: str, method: bytes, uri: bytes, timeout: float, **kw: Any) -> Any:
+        d: Deferred[Reply] = Deferred()
+        self.asked.append((path, method, uri, d))
+        return d
+
+
+def admin_request(method: bytes, uri: bytes) -> DummyRequest:
+    request = DummyRequest(uri.split(b"/")[1:])
+    request.method, request.uri, request.path = method, uri, uri.split(b"?")[0]
+    request.content = BytesIO(b"")
+    request._disconnected = False
+    return request
+
+
+def admin_for(states: dict[int, str]) -> tuple[SupervisorAdmin, FakeChannel]:
+    channel = FakeChannel()
+    admin = SupervisorAdmin(
+        FakeSupervisor(states),  # type: ignore[arg-type]
+        channel,  # type: ignore[arg-type]
+        AdminPolicy(),
+        Counter(),
+        Clock(),
+    )
+    return admin, channel
+
+
+def answer(request: DummyRequest) -> tuple[int, Any]:
+    assert request.finished
+    return request.responseCode or 200, json.loads(b"".join(request.written))
+
+
+def test_concurrent_probes_share_one_question_per_worker_and_a_late_one_is_named() -> None:
+    admin, channel = admin_for({0: "serving", 1: "serving"})
+    first, second = admin_request(b"GET", b"/healthz"), admin_request(b"GET", b"/healthz")
+    admin.render(first)
+    admin.render(second)
+    assert [(path, uri) for path, _, uri, _ in channel.asked] == [
+        ("w0.sock", b"/healthz"),
+        ("w1.sock", b"/healthz"),
+    ]
+    assert not first.finished
+    channel.asked[0][3].callback(Reply(200, {}, json.dumps(SERVING).encode()))
+    channel.asked[1][3].errback(TimeoutError("no answer within 2s"))
+    for request in (first, second):
+        code, body = answer(request)
+        assert code == 200 and body["missing"] == {"1": "not answering"}
+
+
+def test_kick_asks_every_serving_worker_and_the_holder_answers() -> None:
+    admin, channel = admin_for({0: "serving", 1: "serving"})
+    request = admin_request(b"DELETE", b"/clients/abc")
+    admin.render(request)
+    assert [(m, u) for _, m, u, _ in channel.asked] == [(b"DELETE", b"/clients/abc")] * 2
+    channel.asked[0][3].callback(Reply(404, {}, b'{"error": "no client"}'))
+    channel.asked[1][3].callback(Reply(200, {}, b'{"disconnected": "abc"}'))
+    assert answer(request) == (200, {"disconnected": "abc", "worker": 1})
+
+
+def test_with_no_worker_serving_requests_get_503_and_only_healthz_asks_nobody() -> None:
+    admin, channel = admin_for({0: "restarting", 1: "starting"})
+    for method, uri in [(b"GET", b"/clients"), (b"DELETE", b"/clients/x"), (b"GET", b"/healthz")]:
+        request = admin_request(method, uri)
+        admin.render(request)
+        code, body = answer(request)
+        assert code == 503, (uri, body)
+    assert body["status"] == "unavailable" and body["missing"] == {
+        "0": "restarting",
+        "1": "starting",
+    }
+    assert channel.asked == []
 
 
 # -- real workers ----------------------------------------------------------------------------

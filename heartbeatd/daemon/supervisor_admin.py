@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Any, Protocol
@@ -340,6 +340,7 @@ class SupervisorAdmin(Resource):
         self.policy = policy
         self.refused = refused
         self.merger = MetricsMerger()
+        self._waiters: dict[str, list[Deferred[Any]]] = {}
         self._limiter = LogLimiter(clock, lines=1, window=60.0)
         self._own = CollectorRegistry(auto_describe=False)
         ProcessCollector(registry=self._own)
@@ -351,14 +352,38 @@ class SupervisorAdmin(Resource):
         path = request.path.rstrip(b"/")
         method = request.method
         if method in (b"GET", b"HEAD") and path == b"/healthz":
-            health = self.health().addCallback(lambda cb: _json(request, cb[1], cb[0]))
-            return self._later(request, health)
+            health = self._shared("health", self.health)
+            return self._later(request, health.addCallback(lambda c: _json(request, c[1], c[0])))
         if method in (b"GET", b"HEAD") and path == b"/metrics":
-            return self._later(request, self.metrics(request))
+            request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
+            return self._later(request, self._shared("metrics", self.metrics))
         parts = path.split(b"/")
         if method == b"DELETE" and len(parts) == 3 and parts[1] == b"clients" and parts[2]:
             return self._later(request, self.disconnect(request, parts[2]))
         return self._later(request, self.forward(request))
+
+    def _shared(self, what: str, start: Callable[[], Deferred[Any]]) -> Deferred[Any]:
+        """One round of questions at a time per endpoint: requests meanwhile share its answer.
+
+        A burst of scrapes or probes (``/healthz`` may be public) costs the workers one
+        question each, not one per request.
+        """
+        waiter: Deferred[Any] = Deferred()
+        waiters = self._waiters.get(what)
+        if waiters is not None:
+            waiters.append(waiter)
+            return waiter
+        self._waiters[what] = [waiter]
+
+        def fire(result: Any) -> None:
+            for d in self._waiters.pop(what):  # swapped out first: a waiter may ask again
+                if isinstance(result, Failure):
+                    d.errback(result)
+                else:
+                    d.callback(result)
+
+        start().addBoth(fire)
+        return waiter
 
     def _later(self, request: Request, d: Deferred[bytes]) -> Any:
         def failed(failure: Failure) -> bytes:
@@ -415,7 +440,7 @@ class SupervisorAdmin(Resource):
 
         return d.addCallback(answer)
 
-    def metrics(self, request: Request) -> Deferred[bytes]:
+    def metrics(self) -> Deferred[bytes]:
         sup = self.supervisor
         serving = self._serving()
         d = self._ask_all(serving, b"GET", b"/metrics", self.METRICS_TIMEOUT)
@@ -446,7 +471,6 @@ class SupervisorAdmin(Resource):
                 self.refused,
             )
             merged = self.merger.merge(answers, own, skip=_SUPERVISOR_FAMILIES)
-            request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
             return exposition(merged)
 
         return d.addCallback(answer)
