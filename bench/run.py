@@ -7,6 +7,10 @@ each figure is the median with its min-max. Ratios are only ever taken between f
 invocation.
 
     python bench/run.py [--repeat 3] [--duration 5] [--idle-conns N] [--quick] [--out DIR]
+                        [--before CHECKOUT]
+
+``--before`` adds another heartbeatd, an older checkout with its own ``.venv`` (made by its
+``make test`` or ``make run``), to every phase, so before/after figures come from one run.
 
 Writes DIR/latest.json, DIR/latest.md and DIR/latest.png (if matplotlib is installed).
 """
@@ -48,6 +52,23 @@ LABELS = {
     "node": "Node.js net",
     "c": "C reframe only",
 }
+#: An older checkout of heartbeatd to measure beside this one (``--before``), or None.
+BEFORE: Path | None = None
+
+
+def use_before(checkout: Path) -> None:
+    """Measure ``checkout`` (an older tree with its own ``.venv``) as the server "before"."""
+    global BEFORE
+    if not (checkout / ".venv/bin/twistd").exists():
+        raise SystemExit(f"--before {checkout}: no .venv/bin/twistd (run `make test` there)")
+    BEFORE = checkout.resolve()
+    commit = subprocess.run(
+        ["git", "-C", str(BEFORE), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    LABELS["before"] = f"heartbeatd before ({commit or checkout.name})"
+    PEERS.insert(1, "before")
 
 
 def pinned(core: str, argv: list[str]) -> list[str]:
@@ -72,8 +93,8 @@ class Server:
         self.name = name
         self.admin_port = 0
         self.lines: list[str] = []
-        if name == "heartbeatd":
-            config = {
+        if name in ("heartbeatd", "before"):
+            config: dict[str, Any] = {
                 "listen": "tcp:0:interface=127.0.0.1:backlog=1024",
                 "admin": {"listen": "tcp:0:interface=127.0.0.1"},
                 "log": {"level": "info"},  # start/stop lines only; per-client logs are debug
@@ -88,10 +109,13 @@ class Server:
             if quiet:  # no ping at all: no sweep within the run, no early ping of newcomers
                 config["heartbeat"] = {"interval": 3600, "timeout": 7200}
                 config["limits"] = {"first_frame_timeout": 0}
-            path = workdir / f"heartbeatd-{heartbeat}-{quiet}.yaml"
+            if name == "before":
+                config.pop("limits", None)  # older trees may not know every limit
+            path = workdir / f"{name}-{heartbeat}-{quiet}.yaml"
             path.write_text(json.dumps(config))  # JSON is YAML
+            twistd = BIN / "twistd" if name == "heartbeatd" else BEFORE / ".venv/bin/twistd"  # type: ignore[operator]
             argv = [
-                str(BIN / "twistd"),
+                str(twistd),
                 "--nodaemon",
                 "--pidfile=",
                 "heartbeatd",
@@ -246,7 +270,7 @@ def idle_before_ping(name: str, args: argparse.Namespace, workdir: Path) -> floa
 def run_idle(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     results: dict[str, Any] = {}
     interval = args.idle_interval
-    for name in ("heartbeatd", "twisted", "node"):
+    for name in ("heartbeatd", "before", "twisted", "node"):
         if not available(name):
             continue
         before_ping = idle_before_ping(name, args, workdir)
@@ -275,7 +299,7 @@ def run_idle(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 "bytes_per_conn_before_ping": before_ping,
                 "ping_spread_ms": measured["ping_spread_s"] * 1000,
             }
-            if name == "heartbeatd":
+            if name in ("heartbeatd", "before"):
                 entry["sweep_busy_ms"] = server.metric("heartbeatd_heartbeat_sweep_seconds") * 1000
                 entry["longest_batch_ms"] = (
                     server.metric("heartbeatd_heartbeat_batch_max_seconds") * 1000
@@ -318,6 +342,8 @@ def run_pool(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 
 def available(name: str) -> bool:
+    if name == "before":
+        return BEFORE is not None
     return name != "node" or shutil.which("node") is not None
 
 
@@ -457,7 +483,14 @@ def main() -> None:
     parser.add_argument("--skip", nargs="*", default=[], choices=["throughput", "idle", "pool"])
     parser.add_argument("--quick", action="store_true", help="tiny run, for the smoke test")
     parser.add_argument("--out", type=Path, default=BENCH / "results")
+    parser.add_argument(
+        "--before",
+        type=Path,
+        help="an older heartbeatd checkout with its own .venv, measured beside this one",
+    )
     args = parser.parse_args()
+    if args.before:
+        use_before(args.before)
     if args.quick:
         args.repeat, args.duration, args.warmup = 1, 0.3, 0.1
         args.idle_conns, args.idle_interval, args.pool_seconds = 50, 0.5, 0.5
@@ -468,6 +501,7 @@ def main() -> None:
         "duration": args.duration,
         "idle_interval": args.idle_interval,
         "workloads": {k: WORKLOADS[k]["what"] for k in args.workloads},
+        "labels": {name: LABELS[name] for name in PEERS},
     }
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)

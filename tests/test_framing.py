@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import struct
+import tracemalloc
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from heartbeatd.wire import FRAMINGS, FrameTooLarge, Int32Decoder, Int32Framing, get_framing
+from heartbeatd.wire.int32 import LARGE_BODY
 
 ENCODE = Int32Framing.encode
 BODIES = [b'{"type":"ping"}', b"", b"x" * 300, "é€😀".encode(), b"\x00\xff" * 10]
@@ -86,11 +88,13 @@ def test_framing_registry() -> None:
         get_framing("nope")
 
 
-@given(st.lists(st.binary(max_size=200), max_size=20), st.data())
-def test_any_split_of_valid_frames_decodes_to_the_same_frames(bodies, data) -> None:
+@pytest.mark.parametrize("large_body", [LARGE_BODY, 1], ids=["buffered", "gathered"])
+@given(bodies=st.lists(st.binary(max_size=200), max_size=20), data=st.data())
+def test_any_split_of_valid_frames_decodes_to_the_same_frames(large_body, bodies, data) -> None:
+    """Both ways of holding an unfinished body: the buffer, and gathered reads joined once."""
     stream = b"".join(map(ENCODE, bodies))
     cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=8)))
-    decoder = Int32Decoder(200)
+    decoder = Int32Decoder(200, large_body)
     got = []
     last = 0
     for cut in [*cuts, len(stream)]:
@@ -114,3 +118,42 @@ def test_any_byte_stream_decodes_or_fails_cleanly(stream, limit) -> None:
     else:
         assert isinstance(decoder.error, FrameTooLarge)
         assert decoder.buffered == 0
+
+
+PATTERN = bytes(range(256)) * 1300  # 332,800 bytes, no two neighbouring windows alike
+
+
+@given(
+    sizes=st.lists(st.sampled_from([0, 5, 70_000, 100_000, 300_000]), min_size=1, max_size=4),
+    data=st.data(),
+)
+def test_large_bodies_split_anywhere_decode_exactly(sizes, data) -> None:
+    """Large bodies are gathered read by read (short reads into one bytearray) and joined."""
+    bodies = [PATTERN[i : i + n] for i, n in enumerate(sizes)]
+    stream = b"".join(map(ENCODE, bodies))
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=12)))
+    decoder = Int32Decoder(len(PATTERN))
+    got = []
+    last = 0
+    for cut in [*cuts, len(stream)]:
+        got += decoder.feed(stream[last:cut])
+        last = cut
+        assert decoder.buffered == len(stream[:last]) - len(b"".join(map(ENCODE, got)))
+    assert got == bodies
+    assert decoder.buffered == 0
+
+
+def test_a_large_body_trickled_a_byte_at_a_time_costs_its_bytes_not_an_object_per_read() -> None:
+    body = PATTERN[:200_000]
+    stream = ENCODE(body)
+    decoder = Int32Decoder(len(body))
+    tracemalloc.start()
+    try:
+        got = [f for i in range(len(stream)) for f in decoder.feed(stream[i : i + 1])]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert got == [body]
+    # The body, joined, and its bytearray while gathered: about twice its size. One object
+    # per one-byte read would be about 40 times.
+    assert peak < 3 * len(body)

@@ -12,12 +12,14 @@ from typing import Any
 
 import pytest
 from helpers import Peer, frame, make_config
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.task import Clock
 
 from heartbeatd._logging import LogLimiter
 from heartbeatd.server.factory import ServerFactory
 from heartbeatd.server.handlers import HandlerRegistry
-from heartbeatd.wire.envelope import nesting_exceeds
+from heartbeatd.wire.envelope import exceeds_depth, nesting_exceeds
 from heartbeatd.wire.sniff import identify
 
 
@@ -175,6 +177,43 @@ def test_nesting_check_counts_levels_exactly() -> None:
     assert nesting_exceeds(nested(4), 3)
     assert nesting_exceeds({"a": [{"b": {}}]}, 2)
     assert not nesting_exceeds([[], {}, [1, 2]], 2)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=40),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4)
+    ),
+    max_leaves=60,
+)
+
+
+@settings(max_examples=300, derandomize=True, deadline=None)
+@given(
+    value=st.lists(json_values, max_size=4)
+    | st.dictionaries(st.text(max_size=5), json_values, max_size=4),
+    limit=st.integers(min_value=0, max_value=8),
+)
+def test_depth_check_short_cuts_agree_with_the_walk(value: Any, limit: int) -> None:
+    """`exceeds_depth` skips the walk (and the byte count) where it can; never the answer.
+
+    (Bodies reach the depth check only when they parsed to an object or an array.)
+    """
+    body = json.dumps(value).encode()
+    assert exceeds_depth(value, body, limit) == nesting_exceeds(value, limit)
+
+
+def test_a_long_string_body_is_not_scanned_for_brackets() -> None:
+    """A 1 MiB string of brackets in ``data`` is depth 1: answered from the parsed value."""
+    value = {"type": "echo", "data": "[{" * 512 * 1024}
+    body = json.dumps(value).encode()
+    assert not exceeds_depth(value, body, 4)
+    # Many members: past the walk's budget the bracket count decides first, then the walk.
+    long_flat = [1] * 1000
+    assert not exceeds_depth(long_flat, json.dumps(long_flat).encode(), 4)
+    deep_at_the_end = [*long_flat, nested(5)]
+    assert exceeds_depth(deep_at_the_end, json.dumps(deep_at_the_end).encode(), 4)
+    assert exceeds_depth({"type": "echo", "data": nested(5)}, json.dumps(nested(5)).encode() * 2, 4)
 
 
 # -- foreign protocols -----------------------------------------------------------------------

@@ -30,7 +30,13 @@ from heartbeatd.server.registry import ClientRegistry
 from heartbeatd.server.session import Session
 from heartbeatd.server.sockopts import configure_socket
 from heartbeatd.wire import envelope
-from heartbeatd.wire.envelope import ProtocolError, decode_message, encode_error, encode_message
+from heartbeatd.wire.envelope import (
+    ProtocolError,
+    decode_message,
+    encode_error,
+    encode_message,
+    exceeds_depth,
+)
 from heartbeatd.wire.framing import HEARTBEAT, FrameDecoder
 from heartbeatd.wire.sniff import DESCRIPTIONS, SNIFF_BYTES, identify
 
@@ -426,21 +432,21 @@ class ServerProtocol(Protocol):
         lookup = self.factory.registry.get
         max_depth = self._max_depth
         # Nesting deeper than max_depth takes at least 2 * (max_depth + 1) bytes, so short
-        # bodies (most of them) skip even the bracket count.
+        # bodies (most of them) skip the depth check altogether.
         deep_enough = 2 * max_depth + 2
         for item in items:
-            if type(item) is not bytes or (
-                len(item) >= deep_enough and item.count(b"[") + item.count(b"{") > max_depth
-            ):
-                self._handle_item(item)  # a token, or maybe too deep: the general path checks
+            if type(item) is not bytes:
+                self._handle_item(item)  # a framing token
                 continue
             try:
                 value = loads(item)
             except ValueError:
                 self._handle_item(item)
                 continue
-            if type(value) is not dict:
-                self._handle_item(item)
+            if type(value) is not dict or (
+                len(item) >= deep_enough and exceeds_depth(value, item, max_depth)
+            ):
+                self._handle_item(item)  # not an object, or too deep: the general path answers
                 continue
             type_ = value.get("type")
             id_ = value.get("id")
