@@ -248,7 +248,10 @@ def makeService(options: Options) -> IService:
             if worker is None
             else adopted_endpoint(reactor, ADMIN_FD)
         )
-        admin = (admin_endpoint, admin_site(factory, config.admin, options.admin_token))
+        site = admin_site(factory, config.admin, options.admin_token)
+        if worker is not None:  # the supervisor logs the operator's requests, not its own
+            site.access_log = False
+        admin = (admin_endpoint, site)
     service = ServerService(endpoint, factory, reactor, notifier, reloader.reload, admin)
     if isinstance(factory, WorkerFactory):
         factory.service = service  # a full worker pauses the shared port
