@@ -313,6 +313,11 @@ def test_watch_when_the_server_dies(tmp_path: Path) -> None:
         Command("watch", f"127.0.0.1:{daemon.port}") as watch,
     ):
         daemon.wait_for(CONNECTED)
+        # The server logs the accept before the client has read its hello: wait until watch
+        # prints a push, so the kill lands after the handshake (else "cannot reach").
+        admin = int(daemon.wait_for(ADMIN).group(1))
+        assert http(admin, "POST", "/broadcast", {"type": "news", "data": 1})[1] == {"sent": 1}
+        assert json.loads(watch.next_line())["type"] == "news"
         daemon.process.kill()
         assert watch.finish() == 3
         (line,) = watch.err
