@@ -27,6 +27,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 from heartbeatd.client import RequestTimeout
+from heartbeatd.client._admin_cli import broadcast_summary
 from heartbeatd.client.cli import Interrupt, main, parse_args, run
 
 HEARTBEAT = str(Path(sys.executable).parent / "heartbeat")
@@ -406,3 +407,10 @@ def test_a_closed_output_pipe_ends_the_command_quietly(tmp_path: Path) -> None:
                 ping.kill()
                 ping.wait(10)
         assert daemon.stop() == 0
+
+
+def test_broadcast_summary_counts_clients_on_one_daemon_and_nodes_in_a_cluster() -> None:
+    # One daemon answers {"sent": clients}; a cluster's broadcast goes out through the
+    # broker and answers {"nodes": N}, without a client count (docs/admin.md).
+    assert broadcast_summary("all", {"sent": 3}) == "sent all to 3 client(s)"
+    assert broadcast_summary("all", {"nodes": 2}) == "sent all to every client of 2 node(s)"
