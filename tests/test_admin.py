@@ -30,8 +30,10 @@ def http(port: int, method: str, path: str, body: Any = None, token: str = "") -
     return status, json.loads(raw) if "json" in kind else raw.decode()
 
 
-def metric(text: str, name: str) -> float:
-    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+def metric(text: str, name: str, worker: str = "0") -> float:
+    """``name``'s value; with workers (every series labelled), worker ``worker``'s."""
+    labels = rf'(?:\{{worker="{re.escape(worker)}"\}})?'
+    match = re.search(rf"^{re.escape(name)}{labels} (\S+)$", text, re.MULTILINE)
     assert match, f"{name} not in metrics"
     return float(match.group(1))
 

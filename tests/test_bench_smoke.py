@@ -88,3 +88,17 @@ def test_a_zero_is_reported_with_its_reason_not_divided_by() -> None:
     assert f"n/a (plain Twisted + json measured 0: {reason})" in text
     assert "| ratio | n/a (connect per request measured 0) |" in text
     assert run.ratio(2.0, 1.0, "x") == "2.00x"
+
+
+def test_hotpath_measures_every_shape() -> None:
+    """bench/hotpath.py (W1, W2 and W3 through dataReceived, no sockets) runs and reports."""
+    result = subprocess.run(
+        [sys.executable, str(BENCH / "hotpath.py"), "--messages", "64"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == ["W1", "W2", "W3"]
+    assert all(float(line.split(": ")[1].split()[0]) > 0 for line in lines)

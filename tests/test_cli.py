@@ -27,6 +27,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 from heartbeatd.client import RequestTimeout
+from heartbeatd.client._admin_cli import broadcast_summary
 from heartbeatd.client.cli import Interrupt, main, parse_args, run
 
 HEARTBEAT = str(Path(sys.executable).parent / "heartbeat")
@@ -313,6 +314,11 @@ def test_watch_when_the_server_dies(tmp_path: Path) -> None:
         Command("watch", f"127.0.0.1:{daemon.port}") as watch,
     ):
         daemon.wait_for(CONNECTED)
+        # The server logs the accept before the client has read its hello: wait until watch
+        # prints a push, so the kill lands after the handshake (else "cannot reach").
+        admin = int(daemon.wait_for(ADMIN).group(1))
+        assert http(admin, "POST", "/broadcast", {"type": "news", "data": 1})[1] == {"sent": 1}
+        assert json.loads(watch.next_line())["type"] == "news"
         daemon.process.kill()
         assert watch.finish() == 3
         (line,) = watch.err
@@ -401,3 +407,10 @@ def test_a_closed_output_pipe_ends_the_command_quietly(tmp_path: Path) -> None:
                 ping.kill()
                 ping.wait(10)
         assert daemon.stop() == 0
+
+
+def test_broadcast_summary_counts_clients_on_one_daemon_and_nodes_in_a_cluster() -> None:
+    # One daemon answers {"sent": clients}; a cluster's broadcast goes out through the
+    # broker and answers {"nodes": N}, without a client count (docs/admin.md).
+    assert broadcast_summary("all", {"sent": 3}) == "sent all to 3 client(s)"
+    assert broadcast_summary("all", {"nodes": 2}) == "sent all to every client of 2 node(s)"

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from helpers import frame, make_config
 from twisted.internet import tcp
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 
@@ -210,3 +211,46 @@ def test_only_plain_tcp_ports_and_the_epoll_reactor_are_adopted() -> None:
     assert leantcp.install_dispatch(reactor)  # twice is once
     leantcp.uninstall_dispatch(reactor)
     assert "doIteration" not in vars(reactor)
+
+
+def test_a_read_that_raises_closes_that_connection_only(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception out of ``dataReceived`` is logged and closes its connection (as
+    Twisted's ``_doReadOrWrite`` does), on the lean read path as on the stock one."""
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        s, protocol = server.connect()
+        survivor, _ = server.connect()
+
+        def broken(data: bytes) -> None:
+            raise RuntimeError("a handler bug")
+
+        monkeypatch.setattr(protocol, "dataReceived", broken)
+        s.send(frame({"type": "echo", "id": 1, "data": "boom"}))
+        spin_until(lambda: protocol.session_id not in server.factory.clients)
+        (logged,) = [e for e in events if e.get("isError")]
+        assert logged["failure"].check(RuntimeError)
+        s.setblocking(True)
+        s.settimeout(10)
+        assert s.recv(1 << 16) == b""  # closed by the server
+        survivor.send(frame({"type": "echo", "id": 2, "data": "still here"}))
+        assert read_frames(survivor, 1)[0]["data"] == "still here"
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+
+
+def test_end_of_stream_is_a_clean_close(server: Server) -> None:
+    s, protocol = server.connect()
+    reasons: list[Any] = []
+    original = protocol.connectionLost
+
+    def record(reason: Any = None) -> None:
+        reasons.append(reason)
+        original(reason)
+
+    protocol.connectionLost = record  # type: ignore[method-assign]
+    s.shutdown(socket.SHUT_WR)
+    spin_until(lambda: bool(reasons))
+    assert reasons[0].check(ConnectionDone)

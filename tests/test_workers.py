@@ -127,7 +127,7 @@ def workers(
     config = {
         **extra,
         "workers": count,
-        "admin": {"listen": "tcp:0:interface=127.0.0.1"},
+        "admin": {"listen": "tcp:0:interface=127.0.0.1", **extra.get("admin", {})},
         "channels": {"client_publish": True},
         "cluster": {"redis": redis.url, "node_id": "wk", "node_timeout": 2.0},
     }

@@ -212,8 +212,15 @@ async def send(ctx: Context) -> int:
 
 async def broadcast(ctx: Context) -> int:
     answer = await call(ctx, "POST", "/broadcast", _message(ctx.args))
-    ctx.print(f"sent {ctx.args.type} to {answer.get('sent', 0)} client(s)")
+    ctx.print(broadcast_summary(ctx.args.type, answer))
     return EXIT_OK
+
+
+def broadcast_summary(type: str, answer: dict[str, Any]) -> str:
+    """One daemon counts the clients it wrote to; a cluster only the nodes it reached."""
+    if "nodes" in answer:
+        return f"sent {type} to every client of {answer['nodes']} node(s)"
+    return f"sent {type} to {answer.get('sent', 0)} client(s)"
 
 
 async def kick(ctx: Context) -> int:

@@ -36,7 +36,14 @@ from heartbeatd.daemon import channels_admin
 from heartbeatd.daemon.metrics import registry_for
 from heartbeatd.server.factory import EvictionRecord, ServerFactory
 
-__all__ = ["AdminChannel", "AdminPolicy", "AdminRoot", "AdminSite", "admin_site"]
+__all__ = [
+    "AdminChannel",
+    "AdminPolicy",
+    "AdminRoot",
+    "AdminSite",
+    "admin_policy",
+    "admin_site",
+]
 
 log = get_logger(__name__)
 
@@ -370,11 +377,16 @@ class AdminSite(Site):
     displayTracebacks = False
 
     def __init__(
-        self, factory: ServerFactory, policy: AdminPolicy, access_log: bool = False, **kw: Any
+        self,
+        root: Resource,
+        policy: AdminPolicy,
+        access_log: bool = False,
+        refused: Counter[str] | None = None,
+        **kw: Any,
     ) -> None:
         #: Requests refused before their body, by status code (exported as a metric).
-        self.refused: Counter[str] = Counter()
-        super().__init__(AdminRoot(factory, policy, self.refused), **kw)
+        self.refused: Counter[str] = Counter() if refused is None else refused
+        super().__init__(root, **kw)
         self.policy = policy
         self.access_log = access_log
 
@@ -394,5 +406,11 @@ class AdminSite(Site):
 
 def admin_site(factory: ServerFactory, config: AdminConfig, token: str = "") -> AdminSite:
     """The admin API for ``factory``; ``token`` is the resolved secret (file or inline)."""
-    policy = AdminPolicy(token or config.token, config.health_public, config.max_body_bytes)
-    return AdminSite(factory, policy, config.access_log)
+    policy = admin_policy(config, token)
+    refused: Counter[str] = Counter()
+    return AdminSite(AdminRoot(factory, policy, refused), policy, config.access_log, refused)
+
+
+def admin_policy(config: AdminConfig, token: str = "") -> AdminPolicy:
+    """The token, public /healthz and body limit ``admin.*`` asks for."""
+    return AdminPolicy(token or config.token, config.health_public, config.max_body_bytes)

@@ -195,7 +195,14 @@ def makeService(options: Options) -> IService:
     from twisted.internet.endpoints import serverFromString
 
     if config.workers > 1:
-        return Supervisor(config, options["config"], options.overrides, reactor, Notifier())
+        return Supervisor(
+            config,
+            options["config"],
+            options.overrides,
+            reactor,
+            Notifier(),
+            admin_token=options.admin_token,
+        )
     broker = None
     if config.cluster.redis:  # imported only here: a single daemon never needs Redis
         from heartbeatd.cluster.redis import RedisBroker
@@ -241,7 +248,10 @@ def makeService(options: Options) -> IService:
             if worker is None
             else adopted_endpoint(reactor, ADMIN_FD)
         )
-        admin = (admin_endpoint, admin_site(factory, config.admin, options.admin_token))
+        site = admin_site(factory, config.admin, options.admin_token)
+        if worker is not None:  # the supervisor logs the operator's requests, not its own
+            site.access_log = False
+        admin = (admin_endpoint, site)
     service = ServerService(endpoint, factory, reactor, notifier, reloader.reload, admin)
     if isinstance(factory, WorkerFactory):
         factory.service = service  # a full worker pauses the shared port

@@ -20,10 +20,10 @@ and its log events as JSON lines on stdout, which the supervisor writes out in i
 worker serves, replaces a worker that exits (with backoff, so a crash loop does not spin),
 turns SIGTERM into ``stop`` for all (exit 0 when all have exited) and SIGHUP into ``reload``.
 
-The admin API is served by worker 0 on the supervisor's admin socket (so a replacement worker
-0 serves it again with no gap in binding): with ``cluster.redis`` its ``/clients``,
-``/clients/{id}/send``, ``/broadcast`` and ``/publish`` already answer for every node, hence
-for every worker.  ``/healthz`` and ``/metrics`` describe worker 0.
+The supervisor serves the admin API itself, for the whole daemon
+(`heartbeatd.daemon.supervisor_admin`): each worker serves its own admin API on a private UNIX
+socket the supervisor binds (a fresh one per worker process, in a directory only our user can
+enter) and passes as fd 4; the supervisor asks them, each request with a deadline.
 """
 
 from __future__ import annotations
@@ -32,8 +32,10 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import socket
 import sys
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,8 +53,9 @@ from zope.interface import implementer, provider
 
 from heartbeatd._logging import get_logger
 from heartbeatd._version import __version__
-from heartbeatd.config import Config, worker_node_id
+from heartbeatd.config import Config, ConfigError, worker_node_id
 from heartbeatd.daemon import logs
+from heartbeatd.daemon.config import load_config
 from heartbeatd.daemon.sdnotify import Notifier
 from heartbeatd.daemon.signals import ShutdownSignals
 from heartbeatd.server.factory import ServerFactory
@@ -73,7 +76,7 @@ log = get_logger(__name__)
 
 #: The environment variable that makes ``twistd heartbeatd`` a worker (JSON settings).
 WORKER_ENV = "HEARTBEATD_WORKER"
-#: File descriptors in a worker: the shared listener, the admin socket (worker 0), status out.
+#: File descriptors in a worker: the shared listener, its private admin socket, status out.
 LISTEN_FD, ADMIN_FD, STATUS_FD = 3, 4, 5
 #: Environment only the supervisor may act on (systemd talks to the main process only).
 _SUPERVISOR_ONLY = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
@@ -235,6 +238,8 @@ def worker_observer() -> ILogObserver:
 
     @provider(ILogObserver)
     def write(event: dict[str, Any]) -> None:
+        if logs.is_twisted_chatter(event):  # as the supervisor's own observer leaves out
+            return
         out.write(logs.json_line(event) + "\n")
         out.flush()
 
@@ -326,8 +331,10 @@ class Supervisor(Service):
         reactor: Any,
         notifier: Notifier | None = None,
         executable: str = sys.executable,
+        admin_token: str = "",
     ) -> None:
         self.config = config
+        self.admin_token = admin_token
         self.config_path = config_path
         self.overrides = dict(overrides)
         self._reactor = reactor
@@ -355,6 +362,10 @@ class Supervisor(Service):
         self._reload_timer: Any = None
         self._all_exited: list[Deferred[None]] = []
         self._status_loop: LoopingCall | None = None
+        #: The private directory of the workers' admin sockets, and each index's current one.
+        self._admin_dir: str | None = None
+        self._admin_sockets: dict[int, str] = {}
+        self._admin_serial = 0
 
     # -- sockets -----------------------------------------------------------------------------
 
@@ -376,13 +387,59 @@ class Supervisor(Service):
             framing=config.framing,
         )
         if config.admin.listen:
-            endpoint = serverFromString(self._reactor, config.admin.listen)
-            self.admin_port = _bind(endpoint, _SharedSocket(), config.admin.listen)
-            self.admin_port.stopReading()  # type: ignore[attr-defined]
-            log.info(
-                "admin API listening on {address} (served by worker 0)",
-                address=format_address(self.admin_port.getHost()),
+            from heartbeatd.daemon.admin import admin_policy
+            from heartbeatd.daemon.supervisor_admin import supervisor_site
+
+            site = supervisor_site(
+                self,
+                self._reactor,
+                self.admin_token or config.admin.token,
+                admin_policy(config.admin, self.admin_token),
+                config.admin.access_log,
             )
+            endpoint = serverFromString(self._reactor, config.admin.listen)
+            self.admin_port = _bind(endpoint, site, config.admin.listen)
+            log.info(
+                "admin API listening on {address} (answering for all {count} workers)",
+                address=format_address(self.admin_port.getHost()),
+                count=self.count,
+            )
+
+    def _admin_socket_for(self, index: int) -> socket.socket | None:
+        """A new listening UNIX socket for worker ``index``'s private admin API.
+
+        A fresh path per worker process: Twisted unlinks a UNIX port's path when the port
+        stops, so a replacement cannot reuse its predecessor's.
+        """
+        try:
+            if self._admin_dir is None:  # made after twistd dropped privileges: ours
+                self._admin_dir = tempfile.mkdtemp(prefix="heartbeatd-admin-")
+            self._admin_serial += 1
+            path = os.path.join(self._admin_dir, f"w{index}-{self._admin_serial}.sock")
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.bind(path)
+                sock.listen(64)
+            except OSError:
+                sock.close()
+                raise
+        except OSError as e:
+            log.error(
+                "Worker {index}: cannot make its private admin socket ({error}); the admin "
+                "API will not reach it",
+                index=index,
+                error=e,
+            )
+            return None
+        self._forget_admin_socket(index)
+        self._admin_sockets[index] = path
+        return sock
+
+    def _forget_admin_socket(self, index: int) -> None:
+        path = self._admin_sockets.pop(index, None)
+        if path is not None:
+            with contextlib.suppress(OSError):  # a worker that stopped cleanly removed it
+                os.unlink(path)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -411,19 +468,19 @@ class Supervisor(Service):
         self._pending.pop(index, None)
         if self.stopping or self.port is None:
             return
+        admin = self._admin_socket_for(index) if self.admin_port is not None else None
         settings = {
             "index": index,
             "node_id": worker_node_id(self.node_base, index),
-            "admin": index == 0 and self.admin_port is not None,
+            "admin": admin is not None,
             "overrides": self.overrides,
         }
         env = {k: v for k, v in os.environ.items() if k not in _SUPERVISOR_ONLY}
         env[WORKER_ENV] = json.dumps(settings)
         child_fds: dict[int, Any] = {0: "w", 1: "r", 2: "r", STATUS_FD: "r"}
         child_fds[LISTEN_FD] = self.port.fileno()  # type: ignore[attr-defined]
-        if settings["admin"]:
-            assert self.admin_port is not None
-            child_fds[ADMIN_FD] = self.admin_port.fileno()  # type: ignore[attr-defined]
+        if admin is not None:
+            child_fds[ADMIN_FD] = admin.fileno()
         argv = [
             self.executable,
             "-c",
@@ -437,12 +494,17 @@ class Supervisor(Service):
             argv += ["--config", self.config_path]
         worker = WorkerProcess(self, index)
         self.workers[index] = worker
-        self._reactor.spawnProcess(worker, self.executable, argv, env=env, childFDs=child_fds)
+        try:
+            self._reactor.spawnProcess(worker, self.executable, argv, env=env, childFDs=child_fds)
+        finally:
+            if admin is not None:  # the worker has its copy; the path stays for connecting
+                admin.close()
         log.info("Worker {index} started (pid {pid})", index=index, pid=worker.pid)
 
     def worker_ended(self, worker: WorkerProcess, reason: Failure) -> None:
         if self.workers.get(worker.index) is worker:
             del self.workers[worker.index]
+            self._forget_admin_socket(worker.index)
         self._reloading.discard(worker.index)
         how = _describe_exit(reason)
         if self.stopping:
@@ -503,6 +565,10 @@ class Supervisor(Service):
                 if port is not None:
                     port.stopListening()
             self.port = self.admin_port = None
+            if self._admin_dir is not None:
+                shutil.rmtree(self._admin_dir, ignore_errors=True)
+                self._admin_dir = None
+                self._admin_sockets.clear()
             log.info("All workers stopped")
 
         return exited.addCallback(close_sockets)
@@ -524,6 +590,7 @@ class Supervisor(Service):
         if self.stopping or not self.workers:
             return
         log.info("SIGHUP: reloading {count} worker(s)", count=len(self.workers))
+        self._check_restart_keys()
         self.notifier.reloading()
         self._reloading = set(self.workers)
         for worker in self.workers.values():
@@ -531,6 +598,26 @@ class Supervisor(Service):
         if self._reload_timer is not None and self._reload_timer.active():
             self._reload_timer.cancel()
         self._reload_timer = self._reactor.callLater(self.RELOAD_TIMEOUT, self._reload_done)
+
+    def _check_restart_keys(self) -> None:
+        """Say so when the file changes ``workers``: it applies at the next start only.
+
+        The workers re-read the rest and report what they keep (``listen``, ``admin``, ...),
+        as a single daemon does; they run with ``workers: 1`` and cannot see this key.
+        """
+        if self.config_path is None:
+            return
+        try:
+            new = load_config(self.config_path, self.overrides)
+        except ConfigError:
+            return  # every worker rejects the file and says why
+        if new.workers != self.count:
+            log.warn(
+                "{key} cannot change while running; keeping {old!r} (restart to use {new!r})",
+                key="workers",
+                old=self.count,
+                new=new.workers,
+            )
 
     def _reload_done(self) -> None:
         if self._reloading:
@@ -578,6 +665,25 @@ class Supervisor(Service):
             if not self._reloading:
                 log.info("Reload done in every worker")
                 self._reload_done()
+
+    def worker_states(self) -> dict[int, str]:
+        """Each index's state: serving, starting, restarting (waiting to respawn) or stopped."""
+        states = {}
+        for index in range(self.count):
+            worker = self.workers.get(index)
+            if worker is None:
+                states[index] = "restarting" if index in self._pending else "stopped"
+            else:
+                states[index] = "starting" if worker.ready_at is None else "serving"
+        return states
+
+    def worker_pid(self, index: int) -> int | None:
+        worker = self.workers.get(index)
+        return None if worker is None else worker.pid
+
+    def admin_socket(self, index: int) -> str | None:
+        """The path of worker ``index``'s private admin socket, when it has one."""
+        return self._admin_sockets.get(index) if index in self.workers else None
 
     def ready_count(self) -> int:
         return sum(1 for w in self.workers.values() if w.ready_at is not None)

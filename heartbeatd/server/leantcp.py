@@ -15,7 +15,8 @@ nothing (profile and figures in docs/benchmarks.md):
   as our own handling of a small request. `install_dispatch` gives the reactor a poll loop
   that calls Twisted's own ``_doReadOrWrite`` directly for `LeanServer` connections (every
   other descriptor still goes through ``callWithLogger``), and logs what escapes it the
-  same way.
+  same way. A plain read event, the commonest by far, takes the same steps one call
+  shorter (`_read`, and `LeanServer.doRead` with Twisted's ``_dataReceived`` inlined).
 
 Both are switched by ``tcp.lean_transport`` (on by default). They apply only where they are
 known to fit: a plain ``tcp.Port`` whose transport class is Twisted's ``tcp.Server``, and
@@ -25,11 +26,13 @@ Twisted's ``EPollReactor``; anything else keeps the stock path.
 from __future__ import annotations
 
 import errno
+import select
 import sys
 import types
-from typing import Any
+from typing import Any, Final
 
 from twisted.internet import tcp
+from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 from twisted.python import log as legacy_log
 
 __all__ = ["LeanServer", "adopt", "install_dispatch", "uninstall_dispatch"]
@@ -98,6 +101,18 @@ class LeanServer(tcp.Server):
     def _tempDataBuffer(self, value: list[bytes]) -> None:
         self._lean_queue = value or None
 
+    def doRead(self) -> Any:
+        """``tcp.Connection.doRead`` with its ``_dataReceived`` step inlined (one call less
+        per read event); the same answers: None, or why the connection is done."""
+        try:
+            data = self.socket.recv(self.bufferSize)
+        except OSError as e:
+            return None if e.args[0] == errno.EWOULDBLOCK else CONNECTION_LOST
+        if not data:
+            return CONNECTION_DONE
+        self.protocol.dataReceived(data)
+        return None
+
     @property  # type: ignore[override]
     def fileno(self) -> Any:
         sock = getattr(self, "socket", None)  # deleted once the connection is lost
@@ -164,10 +179,33 @@ def _lean_do_poll(self: Any, timeout: float | None) -> None:
             # this catches what escapes it (a connectionLost that raised), as
             # callWithLogger does, so one connection cannot stop the reactor.
             try:
-                handle(selectable, fd, event)
+                if event == _EPOLLIN:
+                    _read(self, selectable)
+                else:
+                    handle(selectable, fd, event)
             except KeyboardInterrupt:
                 raise
             except BaseException:
                 legacy_log.err(system=selectable.logPrefix())
         else:
             legacy_log.callWithLogger(selectable, handle, selectable, fd, event)
+
+
+_EPOLLIN: Final = select.EPOLLIN if hasattr(select, "EPOLLIN") else 1
+
+
+def _read(reactor: Any, connection: LeanServer) -> None:
+    """``_doReadOrWrite`` for a plain read event (no hang-up, error or write bit) on a
+    `LeanServer`: the same steps, one Python call and its flag tests fewer.
+
+    It skips Twisted's ``fileno() == -1`` check, which guards against descriptors that
+    closed without telling the reactor: a `LeanServer` loses its socket only in
+    ``connectionLost``, after the reactor has forgotten it.
+    """
+    try:
+        why = connection.doRead()
+    except BaseException:
+        why = sys.exc_info()[1]
+        legacy_log.err()
+    if why:
+        reactor._disconnectSelectable(connection, why, True)

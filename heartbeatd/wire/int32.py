@@ -14,6 +14,7 @@ from heartbeatd.wire.framing import FrameTooLarge, FramingError, Item
 __all__ = ["Int32Decoder", "Int32Framing"]
 
 _UINT32 = struct.Struct("!I")
+_unpack_head = _UINT32.unpack_from
 
 
 #: Bodies at least this long are gathered as a list of reads and joined once, instead of
@@ -79,8 +80,15 @@ class Int32Decoder:
                 del buffer[:offset]
             self.buffered = tail
         else:
-            frames, offset = self._parse(data, len(data))
-            tail = len(data) - offset
+            size = len(data)
+            if size >= 4:
+                # The commonest read (one request, one reply): exactly one whole frame.
+                (length,) = _unpack_head(data)
+                if length + 4 == size and length <= self.max_frame_bytes:
+                    self._needed = 4
+                    return [data[4:]]
+            frames, offset = self._parse(data, size)
+            tail = size - offset
             if tail:
                 if tail >= 4 and self._needed - 4 >= self.large_body:
                     self._chunks = [memoryview(data)[offset + 4 :]]
