@@ -18,7 +18,8 @@ address (127.0.0.2, 127.0.0.3, ...), so no address runs out of ephemeral ports. 
 5. SIGTERM with every client connected: the time until the supervisor exits (every worker
    drained its clients and left the cluster);
 6. every connection that ended early: per worker, the server's closes and refusals by reason
-   (from its log: each line, plus the rate limiter's "N more suppressed" counts), and per
+   (from its log: each line, plus the rate limiter's "N more suppressed" counts; and from
+   ``heartbeatd_evicted_total`` in ``/metrics``, labelled by worker), and per
    load generator, how it ended (reset, end of file, connect failure; before or after hello).
 
 ``--inspect`` also has each worker write, at each step, CPython's allocator statistics
@@ -196,6 +197,21 @@ def closes_by_reason(lines: list[str], workers: int) -> list[dict[str, dict[str,
             else:
                 out[index]["refusals"][f"(suppressed lines: {cause})"] += count
     return [{k: dict(v) for k, v in worker.items()} for worker in out]
+
+
+EVICTED = re.compile(
+    r'^heartbeatd_evicted_total\{reason="([^"]+)"(?:,worker="(\d+)")?\} (\S+)$', re.MULTILINE
+)
+
+
+def evicted_by_worker(metrics: str, workers: int) -> list[dict[str, int]]:
+    """``heartbeatd_evicted_total`` per worker and reason, zeros left out."""
+    out: list[dict[str, int]] = [{} for _ in range(workers)]
+    for m in EVICTED.finditer(metrics):
+        index, count = int(m.group(2) or 0), int(float(m.group(3)))
+        if count and index < workers:
+            out[index][m.group(1)] = count
+    return out
 
 
 def merge_counts(reports: list[dict[str, Any]], key: str) -> dict[str, int]:
@@ -402,15 +418,10 @@ def measure(
                 result["broadcast_to_last_ms"] = round((last - t0) * 1000, 1) if last else None
                 result["client_closes"] = merge_counts(reports, "closes")
                 result["client_errors"] = merge_counts(reports, "errors")
-                # Worker 0's own counters, to check the count read from the log against.
+                # Each worker's own counters (/metrics labels every series with its worker),
+                # to check the count read from the log against.
                 _, metrics = http(admin, "GET", "/metrics")
-                result["worker0_evicted_metric"] = {
-                    m.group(1): int(float(m.group(2)))
-                    for m in re.finditer(
-                        r'^heartbeatd_evicted_total\{reason="([^"]+)"\} (\S+)$', metrics, re.M
-                    )
-                    if float(m.group(2))
-                }
+                result["evicted_metric"] = evicted_by_worker(metrics, workers)
 
                 # SIGTERM with every client still connected: each worker tells its clients to
                 # go away, closes the rest after shutdown.drain_timeout, and leaves the cluster.

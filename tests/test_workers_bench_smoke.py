@@ -39,6 +39,7 @@ def test_quick_workers_bench(tmp_path: Path) -> None:
     assert result["broadcast_status"] == 200 and result["broadcast_delivered"] == 300
     assert result["supervisor_exit"] == 0
     assert result["server_closes"] == [{}, {}] and result["client_closes"] == {}
+    assert result["evicted_metric"] == [{}, {}]
     assert sum(result["per_worker_conns"]) >= 300  # each worker's descriptors beyond its own
 
 
@@ -55,6 +56,11 @@ def test_closes_are_counted_per_worker_and_reason_from_the_log() -> None:
         "127.0.0.2:5000: too many connections from 127.0.0.2",
         "t [heartbeatd.daemon.workers#info] [worker 0] Worker full (19872 clients)",
     ]
+    metrics = (
+        'heartbeatd_evicted_total{reason="heartbeat_timeout",worker="1"} 41.0\n'
+        'heartbeatd_evicted_total{reason="slow_consumer",worker="0"} 0.0\n'
+    )
+    assert bench.evicted_by_worker(metrics, 2) == [{}, {"heartbeat_timeout": 41}]
     by_worker = bench.closes_by_reason(lines, 2)
     assert by_worker[1]["closes"] == {"heartbeat_timeout": 41, "slow_reader": 1}
     assert by_worker[0]["closes"] == {}
