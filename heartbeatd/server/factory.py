@@ -31,6 +31,7 @@ from heartbeatd.server.protocol import RefusedProtocol, ServerProtocol, format_a
 from heartbeatd.server.session import Server
 from heartbeatd.wire import get_framing
 from heartbeatd.wire.envelope import OMIT, TOO_MANY_CONNECTIONS, encode_error, encode_message
+from heartbeatd.wire.framing import FrameDecoder
 
 __all__ = ["EvictionRecord", "ServerFactory"]
 
@@ -102,6 +103,9 @@ class ServerFactory(Factory):
         self.config = config
         self.clock = _resolve_clock(clock)
         self.framing = get_framing(config.framing)
+        #: An empty frame decoder that connections borrow for a read and keep only while a
+        #: frame is unfinished (`ServerProtocol.dataReceived`): idle connections hold none.
+        self.spare_decoder: FrameDecoder | None = None
         self.registry = registry if registry is not None else default_registry(config.handlers)
         #: What handlers reach as ``request.server``.
         self.server = Server(self)
@@ -160,6 +164,7 @@ class ServerFactory(Factory):
         self.config = config
         self.max_connections = config.effective_max_connections()
         self.admission.configure(config.limits)
+        self.spare_decoder = None  # the next one is made with the new max_frame_bytes
         for client in self.clients.values():
             client.set_max_frame_bytes(config.max_frame_bytes)
         self.heartbeat.batch = config.heartbeat.sweep_batch

@@ -323,11 +323,28 @@ class ServerProtocol(Protocol):
         self.bytes_in += len(data)
         if self._sniff_head is not None and self._sniffed_foreign(data):
             return
+        # Between frames a connection holds no decoder (an idle one would cost ~100 bytes
+        # each): it borrows the factory's empty one and keeps it only while a frame is
+        # unfinished or the stream is broken; an emptied one goes back as the spare.
         decoder = self._decoder
         if decoder is None:
-            decoder = self._decoder = factory.framing.decoder(factory.config.max_frame_bytes)
-        items = decoder.feed(data)
-        held = decoder.buffered
+            decoder = factory.spare_decoder
+            if decoder is None:
+                decoder = factory.spare_decoder = factory.framing.decoder(
+                    factory.config.max_frame_bytes
+                )
+            items = decoder.feed(data)
+            held = decoder.buffered
+            if held or decoder.error is not None:
+                self._decoder = decoder
+                factory.spare_decoder = None
+        else:
+            items = decoder.feed(data)
+            held = decoder.buffered
+            if not held and decoder.error is None:
+                self._decoder = None
+                if factory.spare_decoder is None:
+                    factory.spare_decoder = decoder
         if items:
             now = factory.now()
             self.last_seen = now
@@ -562,8 +579,8 @@ class ServerProtocol(Protocol):
     def set_max_frame_bytes(self, limit: int) -> None:
         """Apply a new frame limit (live reload), also to a frame being received.
 
-        A connection that has received nothing yet has no decoder: it gets one from the
-        factory's config, which the reload has already replaced, when its first bytes come.
+        A connection between frames has no decoder: it borrows the factory's, which the
+        reload has already replaced, when its next bytes come.
         """
         if self._decoder is not None:
             self._decoder.max_frame_bytes = limit

@@ -69,6 +69,9 @@ class FrameDecoder(Protocol):
     `feed` returns the items completed by this chunk, in order.  When the stream turns invalid,
     the items completed before the fault are still returned, `error` is set, and every later
     `feed` returns nothing: the caller processes what it got, then reports `error` and closes.
+
+    A decoder whose `buffered` is 0 and `error` None holds no state of any stream, so one
+    such decoder may serve many connections in turn (the server's connections borrow one).
     """
 
     error: FramingError | None
