@@ -18,11 +18,14 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from redis_server import RedisServer
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -132,33 +135,9 @@ def main() -> None:
         run = run_txredisapi if args.client == "txredisapi" else run_redis_py
         print(json.dumps(run(args.port, args.count)))
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    directory = tempfile.mkdtemp()
-    server = subprocess.Popen(
-        [
-            shutil.which("redis-server") or "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            directory,
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    try:
-        for _ in range(200):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.05)
+    directory = Path(tempfile.mkdtemp())
+    with RedisServer(directory / "redis") as server:
+        port = server.port
         results = {}
         for client in ("txredisapi", "redis-py"):
             out = subprocess.run(
@@ -182,10 +161,7 @@ def main() -> None:
                 else out.stderr[-500:]
             )
         print(json.dumps(results, indent=2))
-    finally:
-        server.kill()
-        server.wait()
-        shutil.rmtree(directory, ignore_errors=True)
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 if __name__ == "__main__":

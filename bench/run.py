@@ -255,19 +255,28 @@ def idle_before_ping(name: str, args: argparse.Namespace, workdir: Path) -> floa
     """RSS per connection once every idle connection is open, with no ping sent yet."""
     server = Server(name, workdir, quiet=True)
     try:
-        time.sleep(0.5)
-        base = server.rss()
-        peak = [base]
-        stop = threading.Event()
-        sampler = threading.Thread(target=sample_rss, args=(server, peak, stop), daemon=True)
-        sampler.start()
-        measured = loadgen(server.port, mode="idle", conns=args.idle_conns, settle=0, duration=1.5)
-        stop.set()
-        sampler.join()
-        peak.append(server.rss())
-        return (max(peak) - base) / max(1, measured["connections"])
+        measured, growth = idle_clients_rss(server, conns=args.idle_conns, settle=0, duration=1.5)
+        return growth / max(1, measured["connections"])
     finally:
         server.stop()
+
+
+def idle_clients_rss(server: Server, **options: Any) -> tuple[dict[str, Any], int]:
+    """Run the idle load generator against ``server`` while sampling the server's RSS;
+    return the generator's report and the peak RSS growth."""
+    time.sleep(0.5)  # let the freshly started server settle
+    base = server.rss()
+    peak = [base]
+    stop = threading.Event()
+    sampler = threading.Thread(target=sample_rss, args=(server, peak, stop), daemon=True)
+    sampler.start()
+    try:
+        result = loadgen(server.port, mode="idle", **options)
+    finally:
+        stop.set()
+        sampler.join()
+    peak.append(server.rss())
+    return result, max(peak) - base
 
 
 def run_idle(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -279,26 +288,14 @@ def run_idle(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         before_ping = idle_before_ping(name, args, workdir)
         server = Server(name, workdir, heartbeat=interval)
         try:
-            time.sleep(0.5)
-            base = server.rss()
-            peak = [base]
-            stop = threading.Event()
-            sampler = threading.Thread(target=sample_rss, args=(server, peak, stop), daemon=True)
-            sampler.start()
             # Settle one interval, so every connection is open before the sweep we time.
-            measured = loadgen(
-                server.port,
-                mode="idle",
-                conns=args.idle_conns,
-                settle=interval * 1.1,
-                duration=interval * 4,
+            measured, growth = idle_clients_rss(
+                server, conns=args.idle_conns, settle=interval * 1.1, duration=interval * 4
             )
-            stop.set()
-            sampler.join()
             entry: dict[str, Any] = {
                 "connections": measured["connections"],
                 "pinged": measured["pinged"],
-                "bytes_per_conn": (max(peak) - base) / max(1, measured["connections"]),
+                "bytes_per_conn": growth / max(1, measured["connections"]),
                 "bytes_per_conn_before_ping": before_ping,
                 "ping_spread_ms": measured["ping_spread_s"] * 1000,
             }

@@ -19,6 +19,7 @@ from twisted.internet.task import Clock
 from heartbeatd._logging import LogLimiter
 from heartbeatd.server.factory import ServerFactory
 from heartbeatd.server.handlers import HandlerRegistry
+from heartbeatd.wire import envelope
 from heartbeatd.wire.envelope import exceeds_depth, nesting_exceeds
 from heartbeatd.wire.sniff import identify
 
@@ -203,16 +204,27 @@ def test_depth_check_short_cuts_agree_with_the_walk(value: Any, limit: int) -> N
     assert exceeds_depth(value, body, limit) == nesting_exceeds(value, limit)
 
 
-def test_a_long_string_body_is_not_scanned_for_brackets() -> None:
-    """A 1 MiB string of brackets in ``data`` is depth 1: answered from the parsed value."""
+def test_a_long_string_body_is_not_scanned_for_brackets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 1 MiB string of brackets in ``data`` is depth 1: answered from the parsed value,
+    without the byte scan; a value with many members is scanned first, then walked."""
+    scans: list[int] = []
+    count = envelope.may_be_deeper_than
+
+    def counted(body: bytes, limit: int) -> bool:
+        scans.append(len(body))
+        return count(body, limit)
+
+    monkeypatch.setattr(envelope, "may_be_deeper_than", counted)
     value = {"type": "echo", "data": "[{" * 512 * 1024}
     body = json.dumps(value).encode()
     assert not exceeds_depth(value, body, 4)
+    assert scans == []
     # Many members: past the walk's budget the bracket count decides first, then the walk.
     long_flat = [1] * 1000
     assert not exceeds_depth(long_flat, json.dumps(long_flat).encode(), 4)
     deep_at_the_end = [*long_flat, nested(5)]
     assert exceeds_depth(deep_at_the_end, json.dumps(deep_at_the_end).encode(), 4)
+    assert len(scans) == 2
     assert exceeds_depth({"type": "echo", "data": nested(5)}, json.dumps(nested(5)).encode() * 2, 4)
 
 

@@ -128,6 +128,12 @@ def may_be_deeper_than(body: bytes, limit: int) -> bool:
 
 def nesting_exceeds(value: Any, limit: int) -> bool:
     """True when ``value`` nests arrays/objects more than ``limit`` levels deep."""
+    return bool(_walk_deeper_than(value, limit, None))
+
+
+def _walk_deeper_than(value: Any, limit: int, budget: int | None) -> bool | None:
+    """Walk ``value`` level by level: True past ``limit`` levels, False if it ends first,
+    None once more than ``budget`` members were looked at (no budget: walk it all)."""
     level: list[Any] = [value]
     depth = 0
     while level:
@@ -136,8 +142,12 @@ def nesting_exceeds(value: Any, limit: int) -> bool:
             return True
         nested: list[Any] = []
         for container in level:
-            items = container.values() if type(container) is dict else container
-            nested.extend(x for x in items if type(x) is dict or type(x) is list)
+            members = container.values() if type(container) is dict else container
+            if budget is not None:
+                budget -= len(members)
+                if budget < 0:
+                    return None
+            nested += [m for m in members if type(m) is dict or type(m) is list]
         level = nested
     return False
 
@@ -156,22 +166,10 @@ def exceeds_depth(value: Any, body: bytes, limit: int) -> bool:
     """
     if len(body) < 2 * limit + 2 or (type(value) is not dict and type(value) is not list):
         return False
-    budget = _WALK_BUDGET
-    level: list[Any] = [value]
-    depth = 0
-    while level:
-        depth += 1
-        if depth > limit:
-            return True
-        nested: list[Any] = []
-        for container in level:
-            members = container.values() if type(container) is dict else container
-            budget -= len(members)
-            if budget < 0:
-                return may_be_deeper_than(body, limit) and nesting_exceeds(value, limit)
-            nested += [m for m in members if type(m) is dict or type(m) is list]
-        level = nested
-    return False
+    deeper = _walk_deeper_than(value, limit, _WALK_BUDGET)
+    if deeper is None:
+        return may_be_deeper_than(body, limit) and nesting_exceeds(value, limit)
+    return deeper
 
 
 def decode_json(body: bytes, max_depth: int = DEFAULT_MAX_JSON_DEPTH) -> Any:
