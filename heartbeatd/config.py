@@ -210,6 +210,13 @@ def _string(v: Any) -> str | None:
     return None if isinstance(v, str) else "a string"
 
 
+def _host_names(value: Any) -> str | None:
+    ok = isinstance(value, list) and all(
+        isinstance(v, str) and v.strip() and not any(c in v for c in "/ @\t\r\n") for v in value
+    )
+    return None if ok else "a list of host names or addresses, e.g. [admin.internal]"
+
+
 @dataclass(frozen=True)
 class AdminConfig:
     listen: str = field(
@@ -237,6 +244,13 @@ class AdminConfig:
     )
     access_log: bool = field(
         default=False, metadata=check(boolean, "log one line per admin request")
+    )
+    allowed_hosts: tuple[str, ...] = field(
+        default=(),
+        metadata=check(
+            _host_names,
+            "Host names the admin API answers besides loopback and its own address",
+        ),
     )
 
     def __repr__(self) -> str:  # never show the token in logs or diffs
