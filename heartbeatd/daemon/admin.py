@@ -35,7 +35,7 @@ from heartbeatd.config import AdminConfig
 from heartbeatd.daemon import channels_admin
 from heartbeatd.daemon.admin_guard import AdminGuard
 from heartbeatd.daemon.metrics import registry_for
-from heartbeatd.server.factory import EvictionRecord, ServerFactory
+from heartbeatd.server.factory import EvictionRecord, NotAuthenticated, ServerFactory
 
 __all__ = [
     "AdminChannel",
@@ -50,7 +50,7 @@ log = get_logger(__name__)
 
 _REASONS = {401: b"Unauthorized", 404: b"Not Found", 405: b"Method Not Allowed"}
 _REASONS.update({413: b"Payload Too Large", 400: b"Bad Request", 403: b"Forbidden"})
-_REASONS.update({415: b"Unsupported Media Type", 421: b"Misdirected Request"})
+_REASONS.update({415: b"Unsupported Media Type", 421: b"Misdirected Request", 409: b"Conflict"})
 
 
 def _json_body(value: Any) -> bytes:
@@ -349,7 +349,11 @@ class SendToClient(_Leaf):
         message = _read_message(request)
         if isinstance(message, bytes):
             return message
-        if not self.factory.send(self.session, *message):
+        try:
+            sent = self.factory.send(self.session, *message)
+        except NotAuthenticated as e:
+            return _json(request, {"error": e.message, "code": e.code}, 409)
+        if not sent:
             return _json(request, {"error": f"no client {self.session!r}"}, 404)
         return _json(request, {"sent": 1})
 

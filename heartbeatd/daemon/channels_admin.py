@@ -61,7 +61,7 @@ def _answer(request: Request, d: Deferred[Any], shape: Any) -> int:
             return
         if failure.check(HandlerError):
             error: HandlerError = failure.value  # type: ignore[assignment]
-            code = 503 if error.code == UNAVAILABLE else 400
+            code = {UNAVAILABLE: 503, "not_authenticated": 409}.get(error.code, 400)
             body = {"error": error.message, "code": error.code}
         else:
             code, body = 500, {"error": "internal error", "code": "internal_error"}

@@ -447,7 +447,10 @@ class ChannelHub:
                 sub.client.write_frame(frame)
 
     def on_message(self, session: str, type: str, data: Any) -> None:
-        self.factory.send(session, type, data)
+        try:
+            self.factory.send(session, type, data)
+        except HandlerError:  # not authenticated yet: dropped, like a send to nobody
+            pass
 
     def on_broadcast(self, type: str, data: Any) -> None:
         self.factory.broadcast(type, data)
@@ -479,8 +482,11 @@ class ChannelHub:
 
     def send(self, session: str, type: str, data: Any = None) -> Deferred[bool]:
         """Push to a session on any node; fires False when no node has it."""
-        if self.factory.send(session, type, data):
-            return succeed(True)
+        try:
+            if self.factory.send(session, type, data):
+                return succeed(True)
+        except HandlerError as e:  # the session has not authenticated: not_authenticated
+            return fail(e)
         if not self.broker.clustered:
             return succeed(False)
         return self.broker.send(session, type, data).addErrback(_as_unavailable)

@@ -25,7 +25,7 @@ from heartbeatd.config import Config
 from heartbeatd.server import channels
 from heartbeatd.server.admission import Admission
 from heartbeatd.server.auth import Authenticator
-from heartbeatd.server.handlers import HandlerRegistry, default_registry
+from heartbeatd.server.handlers import HandlerError, HandlerRegistry, default_registry
 from heartbeatd.server.heartbeat import HeartbeatMonitor
 from heartbeatd.server.protocol import RefusedProtocol, ServerProtocol, format_address
 from heartbeatd.server.session import Server
@@ -33,7 +33,15 @@ from heartbeatd.wire import get_framing
 from heartbeatd.wire.envelope import OMIT, TOO_MANY_CONNECTIONS, encode_error, encode_message
 from heartbeatd.wire.framing import FrameDecoder
 
-__all__ = ["EvictionRecord", "ServerFactory"]
+__all__ = ["NOT_AUTHENTICATED", "EvictionRecord", "NotAuthenticated", "ServerFactory"]
+
+#: The error code of a push to a connection that has not authenticated.
+NOT_AUTHENTICATED = "not_authenticated"
+
+
+class NotAuthenticated(HandlerError):
+    """A direct send named a connection still in its auth gate; nothing was sent."""
+
 
 log = get_logger(__name__)
 
@@ -92,6 +100,9 @@ class ServerFactory(Factory):
     protocol = ServerProtocol
     #: How many close records `recent_closes` keeps.
     RECENT_CLOSES = 256
+    #: Connections whose auth gate is still pending: pushes skip them (0 with auth off, so
+    #: `broadcast` takes its unfiltered path).
+    gated = 0
 
     def __init__(
         self,
@@ -364,10 +375,18 @@ class ServerFactory(Factory):
         return len(self.clients)
 
     def send(self, session_id: str, type: str, data: Any = OMIT) -> bool:
-        """Push a message to one client; False when no such client is connected."""
+        """Push a message to one client; False when no such client is connected.
+
+        Raises `NotAuthenticated` when the client has not authenticated yet: before auth, a
+        connection hears nothing but its hello and pongs (docs/security.md).
+        """
         client = self.clients.get(session_id)
         if client is None:
             return False
+        if client._auth is not None:
+            raise NotAuthenticated(
+                NOT_AUTHENTICATED, f"client {session_id!r} has not authenticated yet"
+            )
         client.send(type, data)
         return True
 
@@ -379,10 +398,16 @@ class ServerFactory(Factory):
         """Send to a session of another node of the cluster; False when there is none."""
         return self.channels.forward(session_id, type, data)
 
-    def broadcast(self, type: str, data: Any = OMIT) -> int:
-        """Push a message to every client, encoding the frame once; returns the count."""
+    def broadcast(self, type: str, data: Any = OMIT, *, everyone: bool = False) -> int:
+        """Push a message to every authenticated client, encoding the frame once; the count.
+
+        Connections still in their auth gate are skipped (``everyone``: the shutdown goaway).
+        """
         frame = self.framing.encode(encode_message(type, data))
-        clients = list(self.clients.values())
+        if self.gated and not everyone:
+            clients = [c for c in self.clients.values() if c._auth is None]
+        else:
+            clients = list(self.clients.values())
         for client in clients:
             client.write_frame(frame)
         return len(clients)
@@ -405,7 +430,9 @@ class ServerFactory(Factory):
         self.draining = True
         if not self.clients:
             return succeed(None)
-        count = self.broadcast("goaway", {"reason": "shutdown", "reconnect_after": reconnect_after})
+        count = self.broadcast(
+            "goaway", {"reason": "shutdown", "reconnect_after": reconnect_after}, everyone=True
+        )
         log.info(
             "Draining: sent goaway to {count} client(s); waiting up to {timeout:g}s",
             count=count,

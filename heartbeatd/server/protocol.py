@@ -221,6 +221,7 @@ class ServerProtocol(Protocol):
         authenticator = getattr(factory, "authenticator", None)
         if authenticator is not None:
             self._auth = authenticator.gate(self, factory.clock)
+            factory.gated += 1  # pushes skip it until it authenticates (ServerFactory.broadcast)
         if is_tls(self.transport):
             # The hello waits for the handshake: written now, it would sit in the TLS layer,
             # which pauses us as a producer, and a paused reader never reads the handshake.
@@ -261,7 +262,9 @@ class ServerProtocol(Protocol):
     def auth_succeeded(self, identity: str, reply: bytes, held: list[envelope.Message]) -> None:
         """The token was accepted: answer, open the fast path, then run what was held."""
         self.identity = identity
-        self._auth = None
+        if self._auth is not None:
+            self._auth = None
+            self.factory.gated -= 1
         self._emit(reply)
         for message in held:
             if not self.connected or self.close_reason is not None:
@@ -287,6 +290,8 @@ class ServerProtocol(Protocol):
         self._release_partial()
         if self._auth is not None:
             self._auth.stop()
+            self._auth = None
+            self.factory.gated -= 1
         if self._handshake_timer is not None and self._handshake_timer.active():
             self._handshake_timer.cancel()
         self.factory.client_disconnected(self, reason)

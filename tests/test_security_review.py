@@ -1,0 +1,84 @@
+"""Regression tests for the security review of issue 22 (findings 2 to 6), in memory.
+
+The admin API's cross-site checks (finding 1) are in test_admin_crosssite.py; what needs a
+daemon or Redis is in test_security_daemon.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from helpers import Peer
+from twisted.internet.defer import Deferred
+
+from heartbeatd.server.auth import Authenticator, TokenTable
+from heartbeatd.server.factory import NotAuthenticated, ServerFactory
+from heartbeatd.server.handlers import HandlerError
+
+
+@pytest.fixture
+def secured(factory: ServerFactory) -> ServerFactory:
+    table = TokenTable.parse("alice:alice-secret\nbob:bob-secret\n")
+    factory.authenticator = Authenticator(table.identify, 5.0, "test tokens")
+    return factory
+
+
+def authenticated(factory: ServerFactory, token: str = "alice-secret") -> Peer:
+    peer = Peer(factory)
+    peer.send({"type": "auth", "id": "a", "data": {"token": token}})
+    assert peer.received()[0]["type"] == "auth"
+    return peer
+
+
+# -- finding 2: unauthenticated connections hear no pushes -------------------------------------
+
+
+def test_broadcast_skips_connections_still_in_their_auth_gate(secured: ServerFactory) -> None:
+    pending, alice = Peer(secured), authenticated(secured)
+    assert secured.gated == 1
+    assert secured.server.broadcast("news", 1) == 1
+    assert alice.received() == [{"type": "news", "data": 1}]
+    assert pending.received() == []
+    secured.channels.on_broadcast("cluster-news", 2)  # a broadcast from another node
+    assert pending.received() == [] and alice.received()[0]["type"] == "cluster-news"
+
+
+def test_direct_send_to_an_unauthenticated_session_is_a_typed_error(
+    secured: ServerFactory,
+) -> None:
+    pending = Peer(secured)
+    session = pending.protocol.session_id
+    with pytest.raises(NotAuthenticated) as caught:
+        secured.server.send(session, "secret", 1)
+    assert isinstance(caught.value, HandlerError) and caught.value.code == "not_authenticated"
+    secured.channels.on_message(session, "secret", 2)  # a node message: dropped
+    failure = secured.channels.send(session, "secret", 3)
+    assert isinstance(failure, Deferred)
+    failure.addErrback(lambda f: f.trap(NotAuthenticated))
+    assert pending.received() == []
+    pending.send({"type": "auth", "id": 1, "data": {"token": "bob-secret"}})
+    pending.received()
+    assert secured.gated == 0
+    assert secured.server.send(session, "hello-bob", 4) is True
+    assert pending.received() == [{"type": "hello-bob", "data": 4}]
+
+
+def test_the_gate_count_follows_disconnects(secured: ServerFactory) -> None:
+    peers = [Peer(secured) for _ in range(3)]
+    assert secured.gated == 3
+    for peer in peers:
+        peer.disconnect()
+    assert secured.gated == 0
+
+
+def test_shutdown_goaway_still_reaches_everyone(secured: ServerFactory) -> None:
+    pending = Peer(secured)
+    secured.drain(0, 1.0)
+    assert pending.received()[0]["type"] == "goaway"
+
+
+def test_auth_off_broadcast_reaches_everyone(factory: ServerFactory) -> None:
+    peers = [Peer(factory) for _ in range(3)]
+    assert factory.gated == 0 and factory.server.broadcast("x") == 3
+    assert all(p.received() == [{"type": "x"}] for p in peers)
