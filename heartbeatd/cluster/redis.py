@@ -41,10 +41,15 @@ from twisted.python.failure import Failure
 
 from heartbeatd._logging import LogLimiter, get_logger
 from heartbeatd.cluster.broker import (
+    BadBrokerMessage,
     BrokerListener,
     BrokerUnavailable,
     History,
     Position,
+    checked_data,
+    checked_epoch,
+    checked_presence,
+    checked_push,
     new_epoch,
 )
 from heartbeatd.config import ChannelsConfig, ClusterConfig
@@ -596,8 +601,9 @@ class RedisBroker:
         d = self._eval("HISTORY", channel, new_epoch(), epoch, since, self.history_size)
 
         def parsed(r: list[Any]) -> History:
-            position = Position(r[0], int(r[1]))
-            return History(position, list(r[3:]) if int(r[2]) == 1 else None)
+            position = Position(checked_epoch(r[0]), int(r[1]))
+            entries = [checked_data(e) for e in r[3:]] if int(r[2]) == 1 else None
+            return History(position, entries)
 
         return d.addCallback(parsed)
 
@@ -644,21 +650,35 @@ class RedisBroker:
             return
         try:
             prefix = f"{self.prefix}:ch:"
+            # Nothing from Redis is trusted (a shared Redis, docs/security.md): every field
+            # is checked, and data spliced into frames must be exactly one JSON value.
             if key.startswith(prefix):
                 channel, kind = key[len(prefix) :], message[:1]
                 if kind == "p":
                     epoch, offset, data = message[1:].split(" ", 2)
-                    listener.on_publication(channel, epoch, int(offset), data)
-                elif kind in ("j", "l"):
-                    listener.on_presence(
-                        channel, "join" if kind == "j" else "leave", json.loads(message[1:])
+                    number = int(offset)
+                    if number < 1 or not offset.isdigit():
+                        raise BadBrokerMessage("bad offset")
+                    listener.on_publication(
+                        channel, checked_epoch(epoch), number, checked_data(data)
                     )
+                elif kind in ("j", "l"):
+                    info = checked_presence(json.loads(message[1:]))
+                    listener.on_presence(channel, "join" if kind == "j" else "leave", info)
+                else:
+                    raise BadBrokerMessage(f"unknown channel message kind {kind!r}")
             elif key == f"{self.prefix}:all":
                 body = json.loads(message)
-                listener.on_broadcast(body["t"], body.get("d"))
+                listener.on_broadcast(checked_push(body["t"]), body.get("d"))
             else:
                 body = json.loads(message)
-                listener.on_message(body["s"], body["t"], body.get("d"))
+                if not isinstance(body["s"], str):
+                    raise BadBrokerMessage("bad session")
+                listener.on_message(body["s"], checked_push(body["t"]), body.get("d"))
+        except BadBrokerMessage as e:
+            self.bad_messages += 1
+            if self.log_limiter.allow("bad_cluster_message"):
+                log.warn("Dropped a bad cluster message on {key}: {why}", key=key, why=e)
         except Exception:
             self.bad_messages += 1
             if self.log_limiter.allow("bad_cluster_message"):
