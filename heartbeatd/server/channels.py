@@ -15,6 +15,8 @@ Publication frames are built once per publication and written to every local sub
 
 from __future__ import annotations
 
+import contextlib
+
 import re
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -447,10 +449,8 @@ class ChannelHub:
                 sub.client.write_frame(frame)
 
     def on_message(self, session: str, type: str, data: Any) -> None:
-        try:
+        with contextlib.suppress(HandlerError):  # not authenticated yet: dropped
             self.factory.send(session, type, data)
-        except HandlerError:  # not authenticated yet: dropped, like a send to nobody
-            pass
 
     def on_broadcast(self, type: str, data: Any) -> None:
         self.factory.broadcast(type, data)
