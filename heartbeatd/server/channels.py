@@ -16,7 +16,6 @@ Publication frames are built once per publication and written to every local sub
 from __future__ import annotations
 
 import contextlib
-
 import re
 from collections.abc import Callable
 from typing import Any, Protocol
