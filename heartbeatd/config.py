@@ -371,6 +371,14 @@ class ChannelsConfig:
         default=300.0,
         metadata=check(non_negative_number, "seconds an idle channel's history is kept"),
     )
+    subscribe_rate: float = field(
+        default=10.0,
+        metadata=check(positive_number, "subscribes per second one connection may sustain"),
+    )
+    subscribe_burst: int = field(
+        default=100,
+        metadata=check(int_range(1, 1_000_000), "subscribes one connection may make at once"),
+    )
 
 
 @dataclass(frozen=True)

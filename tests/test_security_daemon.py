@@ -9,7 +9,7 @@ from typing import Any
 from daemon import Daemon, RawClient
 from redis_server import RedisServer
 from test_admin import ADMIN, http
-from test_cluster import Client, cluster
+from test_cluster import LINK_UP, Client, Node, cluster
 
 
 def token_config(tmp_path: Path, **extra: Any) -> dict[str, Any]:
@@ -76,3 +76,47 @@ def test_forged_redis_payloads_reach_no_client(tmp_path: Path) -> None:
         assert watcher.inbox == []  # nothing forged arrived before the real publication
         stranger.raw.send({"type": "ping", "id": "p"})
         assert stranger.raw.recv() == {"type": "pong", "id": "p"}
+
+
+# -- finding 4: Redis does not grow with channels nobody uses -----------------------------
+
+
+def test_subscribe_unsubscribe_pairs_leave_no_keys_in_redis(tmp_path: Path) -> None:
+    with RedisServer(tmp_path / "redis") as redis:
+        config = {
+            "admin": {"listen": "tcp:0:interface=127.0.0.1"},
+            "channels": {"subscribe_rate": 10_000, "subscribe_burst": 10_000},
+            "cluster": {"redis": redis.url, "node_id": "node0"},
+        }
+        with Daemon(tmp_path, config) as daemon:
+            node = Node(daemon)
+            daemon.wait_for(LINK_UP)
+            client = Client(node.port)
+            client.request("subscribe", {"channel": "warmup"})
+            client.request("unsubscribe", {"channel": "warmup"})
+            before = int(redis.cli("DBSIZE"))
+            for i in range(300):
+                assert client.request("subscribe", {"channel": f"c{i}"})["type"] == "subscribe"
+                assert client.request("unsubscribe", {"channel": f"c{i}"})["type"] == (
+                    "unsubscribe"
+                )
+            node.publish("kept", 1)  # a channel with history keeps it (history_ttl bounds it)
+            client.request("subscribe", {"channel": "kept"})
+            client.request("unsubscribe", {"channel": "kept"})
+            keys = redis.cli("KEYS", "*").split()
+            assert int(redis.cli("DBSIZE")) <= before + 2, keys  # kept's :m and :x
+            assert redis.cli("SMEMBERS", "heartbeatd:node:node0:channels") == ""
+            assert 0 < int(redis.cli("TTL", "heartbeatd:ch:kept:m")) <= 300
+
+
+def test_new_channel_subscriptions_are_rate_limited(tmp_path: Path) -> None:
+    config = {"channels": {"subscribe_rate": 0.01, "subscribe_burst": 10}}
+    with Daemon(tmp_path, config) as daemon:
+        client = Client(daemon.port)
+        for i in range(10):
+            client.request("subscribe", {"channel": f"c{i}"})
+            client.request("unsubscribe", {"channel": f"c{i}"})
+        answer = client.request("subscribe", {"channel": "one-too-many"})
+        assert answer["type"] == "error" and answer["error"]["code"] == "rate_limited"
+        client.raw.send({"type": "ping", "id": "still-open"})
+        assert client.raw.recv() == {"type": "pong", "id": "still-open"}

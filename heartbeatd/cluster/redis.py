@@ -76,6 +76,8 @@ if not e then
   e = cand
   redis.call('DEL', x)
   redis.call('HSET', m, 'e', e, 's', 0)
+  -- bounded until someone joins (JOIN persists it) or publishes (the history's TTL)
+  redis.call('EXPIRE', m, 3600)
 else
   s = tonumber(redis.call('HGET', m, 's'))
 end
@@ -90,6 +92,9 @@ local size, ttl = tonumber(ARGV[5]), tonumber(ARGV[6])
 if size > 0 then
   redis.call('XADD', x, 'MAXLEN', '~', size, s .. '-0', 'd', data)
   if ttl > 0 then redis.call('EXPIRE', x, ttl) end
+end
+if ttl > 0 and redis.call('EXISTS', P..':ch:'..c..':p') == 0 then
+  redis.call('EXPIRE', m, ttl)  -- nobody subscribed: the stream's record goes with its history
 end
 redis.call('PUBLISH', P..':ch:'..c, 'p'..e..' '..s..' '..data)
 return {e, s}
@@ -121,21 +126,39 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 JOIN = """
 local P, c, n, s, info = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 redis.call('HSET', P..':ch:'..c..':p', s, info)
+redis.call('PERSIST', P..':ch:'..c..':m')
 redis.call('SADD', P..':node:'..n..':channels', c)
 redis.call('PUBLISH', P..':ch:'..c, 'j'..info)
 return 1
 """
 
-LEAVE = """
-local P, c, s = ARGV[1], ARGV[2], ARGV[3]
+# When a channel's last member leaves, its offset record (``:m``) goes with its history:
+# at once when there is none, else when the history expires (Redis never keeps a record per
+# channel name anyone ever subscribed to; issue 22).
+_TIDY = """
+local function tidy(P, c)
+  if redis.call('EXISTS', P..':ch:'..c..':p') == 0 then
+    local m, left = P..':ch:'..c..':m', redis.call('PTTL', P..':ch:'..c..':x')
+    if left == -2 then redis.call('DEL', m) elseif left > 0 then redis.call('PEXPIRE', m, left) end
+  end
+end
+"""
+
+LEAVE = (
+    _TIDY
+    + """
+local P, c, s, n, last = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local p = P..':ch:'..c..':p'
 local info = redis.call('HGET', p, s)
 if info then
   redis.call('HDEL', p, s)
   redis.call('PUBLISH', P..':ch:'..c, 'l'..info)
 end
+if last == '1' then redis.call('SREM', P..':node:'..n..':channels', c) end
+tidy(P, c)
 return 1
 """
+)
 
 PRESENCE = (
     "local P, c = ARGV[1], ARGV[2]\n"
@@ -165,7 +188,8 @@ HEARTBEAT = (
 )
 
 REAP = (
-    "local P = ARGV[1]\n"
+    _TIDY
+    + "local P = ARGV[1]\n"
     + _NOW
     + """
 local dead = redis.call('ZRANGEBYSCORE', P..':nodes', '-inf', now)
@@ -181,6 +205,7 @@ for _, n in ipairs(dead) do
         redis.call('PUBLISH', P..':ch:'..c, 'l'..all[i + 1])
       end
     end
+    tidy(P, c)
   end
   redis.call('DEL', chk)
   local ck = P..':node:'..n..':clients'
@@ -697,7 +722,8 @@ class RedisBroker:
             members.pop(session, None)
             if not members:
                 del self._presence[channel]
-        return self._eval("LEAVE", channel, session)
+        last = "0" if self._presence.get(channel) else "1"  # drop it from our channel set
+        return self._eval("LEAVE", channel, session, self.node_id, last)
 
     def presence(self, channel: str) -> Deferred[list[dict[str, Any]]]:
         d = self._eval("PRESENCE", channel)
