@@ -19,6 +19,7 @@ from heartbeatd._validation import (
     boolean,
     build,
     check,
+    hidden,
     int_range,
     ip_networks,
     module_names,
@@ -27,6 +28,8 @@ from heartbeatd._validation import (
     non_negative_number,
     one_of,
     positive_number,
+    redact_url,
+    shown_url,
     string,
 )
 from heartbeatd.wire import FRAMINGS
@@ -226,7 +229,9 @@ class AdminConfig:
             "admin HTTP API endpoint; empty turns the API off",
         ),
     )
-    token: str = field(default="", metadata=check(_string, "bearer token; empty: none"))
+    token: str = field(
+        default="", metadata=check(_string, "bearer token; empty: none", shown=hidden)
+    )
     token_file: str = field(
         default="",
         metadata=check(_string, "file holding the bearer token (systemd credentials); empty: none"),
@@ -384,7 +389,10 @@ class ChannelsConfig:
 @dataclass(frozen=True)
 class ClusterConfig:
     redis: str = field(
-        default="", metadata=check(_redis_url, "redis://host:port/db; empty: one node, no Redis")
+        default="",
+        metadata=check(
+            _redis_url, "redis://host:port/db; empty: one node, no Redis", shown=shown_url
+        ),
     )
     node_id: str = field(
         default="", metadata=check(_node_id, "this node's name; empty: hostname + random")
@@ -405,7 +413,7 @@ class ClusterConfig:
         from urllib.parse import urlsplit
 
         parts = urlsplit(self.redis)
-        redis = self.redis.replace(f":{parts.password}@", ":***@") if parts.password else self.redis
+        redis = redact_url(self.redis) if parts.password else self.redis
         return (
             f"ClusterConfig(redis={redis!r}, node_id={self.node_id!r}, "
             f"node_timeout={self.node_timeout!r}, namespace={self.namespace!r}, "

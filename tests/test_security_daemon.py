@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 from typing import Any
 
-from daemon import Daemon, RawClient
+import yaml
+from daemon import Daemon, RawClient, run_twistd
 from redis_server import RedisServer
 from test_admin import ADMIN, http
 from test_cluster import LINK_UP, Client, Node, cluster
@@ -120,3 +122,45 @@ def test_new_channel_subscriptions_are_rate_limited(tmp_path: Path) -> None:
         assert answer["type"] == "error" and answer["error"]["code"] == "rate_limited"
         client.raw.send({"type": "ping", "id": "still-open"})
         assert client.raw.recv() == {"type": "pong", "id": "still-open"}
+
+
+# -- finding 5: config errors never echo a secret -------------------------------------------
+
+SECRET = "hunter2-s3cret"
+BAD_SECRETS = {
+    "admin": {"listen": "tcp:0:interface=127.0.0.1", "token": 987654321},
+    "cluster": {"redis": f"redis://:{SECRET}@127.0.0.1:notaport/0"},
+}
+
+
+def test_start_up_errors_do_not_echo_secrets(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(BAD_SECRETS))
+    result = run_twistd("heartbeatd", "--config", str(path))
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "cluster.redis" in output and "admin.token" in output
+    assert SECRET not in output and "987654321" not in output, output
+    assert "redis://:***@127.0.0.1:notaport/0" in output
+
+
+def test_missing_extra_error_redacts_the_url() -> None:
+    from heartbeatd._validation import redact_url
+
+    assert redact_url(f"redis://:{SECRET}@h:6379/0") == "redis://:***@h:6379/0"
+    assert redact_url(f"redis://user:{SECRET}@h/0") == "redis://user:***@h/0"
+    assert redact_url("redis://h:6379/0") == "redis://h:6379/0"
+
+
+def test_reload_errors_and_diffs_do_not_echo_secrets(tmp_path: Path) -> None:
+    with Daemon(tmp_path, {"admin": {"listen": "tcp:0:interface=127.0.0.1"}}) as daemon:
+        daemon.wait_for(ADMIN)
+        config = yaml.safe_load(daemon.config_path.read_text())
+        daemon.config_path.write_text(yaml.safe_dump({**config, **BAD_SECRETS}))
+        daemon.process.send_signal(signal.SIGHUP)
+        daemon.wait_for("cluster.redis")
+        good = {**config, "cluster": {"redis": f"redis://:{SECRET}@127.0.0.1:1/0"}}
+        daemon.config_path.write_text(yaml.safe_dump(good))
+        daemon.process.send_signal(signal.SIGHUP)
+        daemon.wait_for(r"Configuration reloaded|cluster\.redis.*restart|cluster.redis")
+        assert daemon.stop() == 0
+        assert SECRET not in daemon.log and "987654321" not in daemon.log, daemon.log

@@ -44,7 +44,7 @@ def config_diff(old: Config, new: Config) -> list[str]:
     lines = []
     for key in sorted(after):
         if before[key] != after[key]:
-            if key == "admin.token":
+            if key in ("admin.token", "cluster.redis"):  # secrets, or URLs holding one
                 lines.append(f"{key} changed")
             else:
                 lines.append(f"{key} {before[key]!r} -> {after[key]!r}")

@@ -14,6 +14,7 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from heartbeatd._logging import get_logger, set_level
+from heartbeatd._validation import redact_url
 from heartbeatd.config import Config, ConfigError
 from heartbeatd.daemon.config import load_config
 from heartbeatd.daemon.logs import set_format
@@ -165,7 +166,7 @@ class Options(usage.Options):
                 import txredisapi  # noqa: F401 - only checking that the cluster can run
             except ImportError:
                 errors.append(
-                    f"cluster.redis: {config.cluster.redis!r} needs the Redis client: "
+                    f"cluster.redis: {redact_url(config.cluster.redis)!r} needs the Redis client: "
                     "pip install 'heartbeatd[cluster]' (txredisapi), or set cluster.redis: ''"
                 )
         self.admin_token = read_admin_token(config, errors)
