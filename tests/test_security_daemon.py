@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import signal
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -164,3 +166,34 @@ def test_reload_errors_and_diffs_do_not_echo_secrets(tmp_path: Path) -> None:
         daemon.wait_for(r"Configuration reloaded|cluster\.redis.*restart|cluster.redis")
         assert daemon.stop() == 0
         assert SECRET not in daemon.log and "987654321" not in daemon.log, daemon.log
+
+
+# -- finding 6 -------------------------------------------------------------------------------
+
+
+def test_deeply_nested_admin_body_is_a_typed_400(tmp_path: Path) -> None:
+    deep = b'{"type": "x", "data": ' + b"[" * 200_000 + b"]" * 200_000 + b"}"
+    with Daemon(tmp_path, {"admin": {"listen": "tcp:0:interface=127.0.0.1"}}) as daemon:
+        port = int(daemon.wait_for(ADMIN).group(1))
+        for path in ("/broadcast", "/publish", "/clients/nobody/send"):
+            status, answer = raw_post(port, path, deep)
+            assert status == 400, (path, answer)
+            assert answer["code"] == "too_deep", (path, answer)
+        assert daemon.stop() == 0
+        assert "Traceback" not in daemon.log
+
+
+def raw_post(port: int, path: str, body: bytes) -> tuple[int, Any]:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}",
+        data=body,
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        raw = e.read()
+        kind = e.headers["content-type"] or ""
+        return e.code, json.loads(raw) if "json" in kind else raw.decode()

@@ -33,7 +33,7 @@ from twisted.web.server import Request, Site
 from heartbeatd._logging import get_logger
 from heartbeatd.config import AdminConfig
 from heartbeatd.daemon import channels_admin
-from heartbeatd.daemon.admin_guard import AdminGuard
+from heartbeatd.daemon.admin_guard import AdminGuard, BadBody, parse_body
 from heartbeatd.daemon.metrics import registry_for
 from heartbeatd.server.factory import EvictionRecord, NotAuthenticated, ServerFactory
 
@@ -200,9 +200,9 @@ def _peer(address: Any) -> str:
 def _read_message(request: Request) -> tuple[str, Any] | bytes:
     """The ``{"type", "data"}`` body of a push, or an error response already set."""
     try:
-        body = json.loads(request.content.read() or b"null")
-    except ValueError:
-        return _json(request, {"error": "the body is not valid JSON"}, 400)
+        body = parse_body(request.content.read())
+    except BadBody as e:
+        return _json(request, {"error": e.message, "code": e.code}, 400)
     if not isinstance(body, dict) or not isinstance(body.get("type"), str) or not body["type"]:
         return _json(request, {"error": 'expected {"type": "...", "data": ...}'}, 400)
     return body["type"], body.get("data")

@@ -26,7 +26,9 @@ from typing import Any
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.web.http import Headers
 
-__all__ = ["LOOPBACK_NAMES", "AdminGuard"]
+from heartbeatd.wire.envelope import DEFAULT_MAX_JSON_DEPTH, ProtocolError, decode_json
+
+__all__ = ["LOOPBACK_NAMES", "AdminGuard", "BadBody", "parse_body"]
 
 #: Host names that always mean this machine (RFC 6761 reserves ``localhost`` and its subdomains).
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
@@ -102,3 +104,30 @@ class AdminGuard:
                     ("unsupported_media_type"),
                 )
         return None
+
+
+class BadBody(ValueError):
+    """An admin request body that is not JSON, or nests too deep: a typed 400."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def parse_body(data: bytes) -> Any:
+    """An admin request's JSON body (empty: None), parsed with the protocol's depth bound.
+
+    ``admin.max_body_bytes`` bounds its size before it is read; a body nesting deeper than
+    the wire's limit is refused as ``too_deep`` instead of exhausting the parser's stack.
+    """
+    if not data:
+        return None
+    try:
+        return decode_json(data, DEFAULT_MAX_JSON_DEPTH)
+    except ProtocolError as e:
+        if not any(w in e.message.lower() for w in ("recursion", "depth")):  # orjson: nesting
+            raise BadBody(e.code, e.message.split(":", 1)[0]) from None
+    except RecursionError:
+        pass
+    raise BadBody("too_deep", f"the body nests deeper than {DEFAULT_MAX_JSON_DEPTH} levels")
