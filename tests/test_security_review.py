@@ -80,3 +80,48 @@ def test_auth_off_broadcast_reaches_everyone(factory: ServerFactory) -> None:
     peers = [Peer(factory) for _ in range(3)]
     assert factory.gated == 0 and factory.server.broadcast("x") == 3
     assert all(p.received() == [{"type": "x"}] for p in peers)
+
+
+# -- finding 6: client error frames in the debug log -----------------------------------------
+
+
+@pytest.fixture
+def debug_log() -> Any:
+    from twisted.logger import globalLogPublisher
+
+    from heartbeatd._logging import set_level
+
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    set_level("debug")
+    yield events
+    set_level("info")
+    globalLogPublisher.removeObserver(events.append)
+
+
+def _error_lines(events: list[dict[str, Any]]) -> list[str]:
+    from twisted.logger import formatEvent
+
+    return [formatEvent(e) for e in events if "reported an error" in str(e.get("log_format"))]
+
+
+def test_client_error_frames_are_rate_limited_and_hidden_before_auth(
+    secured: ServerFactory, debug_log: list[dict[str, Any]]
+) -> None:
+    pending = Peer(secured)
+    for _ in range(200):
+        pending.send({"type": "error", "data": "SECRET-payload\\nforged line"})
+    lines = _error_lines(debug_log)
+    limit = secured.config.log.rate_limit_lines
+    assert 0 < len(lines) <= limit
+    assert not any("SECRET" in line for line in lines)
+    secured.log_limiter.flush()
+
+
+def test_client_error_payload_is_bounded_after_auth(
+    factory: ServerFactory, debug_log: list[dict[str, Any]]
+) -> None:
+    peer = Peer(factory)
+    peer.send({"type": "error", "data": "x" * 100_000})
+    (line,) = _error_lines(debug_log)
+    assert len(line) < 400 and "chars)" in line

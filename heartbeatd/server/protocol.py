@@ -521,6 +521,27 @@ class ServerProtocol(Protocol):
             return
         self._dispatch(message)
 
+    #: Most characters of a client's ``error`` frame a debug log line shows.
+    MAX_LOGGED_ERROR = 200
+
+    def _client_error(self, message: envelope.Message) -> None:
+        """A client reported an error: a debug line, rate-limited, bounded, and without the
+        payload before auth (a stranger may not write into our log)."""
+        if not self.factory.log_allowed("client_error"):
+            return
+        if self._auth is not None:
+            shown = "(not shown before auth)"
+        else:
+            shown = repr(message.data)
+            if len(shown) > self.MAX_LOGGED_ERROR:
+                shown = shown[: self.MAX_LOGGED_ERROR] + f"... ({len(shown)} chars)"
+        log.debug(
+            "Client {session} ({peer}) reported an error: {data}",
+            session=self.session_id,
+            peer=self.peer,
+            data=shown,
+        )
+
     def _dispatch(self, message: envelope.Message) -> None:
         if self._auth is not None and self._auth.intercept(message):
             return  # unauthenticated: the gate answered, held or refused it
@@ -529,12 +550,7 @@ class ServerProtocol(Protocol):
             self._heartbeat_answered()
             return
         if type_ == _ERROR:
-            log.debug(
-                "Client {session} ({peer}) reported an error: {data!r}",
-                session=self.session_id,
-                peer=self.peer,
-                data=message.data,
-            )
+            self._client_error(message)
             return
         handler = self.factory.registry.get(type_)
         if handler is None:
