@@ -532,7 +532,7 @@ def _admin_checks(admin: AdminConfig, errors: list[str]) -> None:
     if not endpoint_is_loopback(admin.listen):
         errors.append(
             f"admin.listen: {admin.listen!r} is not allowed without a token; expected a "
-            "loopback interface (e.g. tcp:9100:interface=127.0.0.1), a UNIX socket, "
+            "loopback interface (e.g. tcp:9100:interface=127.0.0.1), a UNIX socket (mode 600), "
             "admin.token or admin.token_file, or admin.allow_unauthenticated: true"
         )
 
@@ -555,14 +555,20 @@ def _split_endpoint(description: str) -> list[str]:
 def endpoint_is_loopback(description: str) -> bool:
     """True when a server endpoint string can only be reached from this host.
 
-    ``unix:`` sockets are local (their file mode guards them); ``tcp``/``tcp6``/``ssl``
+    ``unix:`` sockets count only when only their owner may connect (`private_unix_endpoint`
+    makes them ``mode=600`` unless a ``mode=`` says otherwise; one open to the group or others
+    is reachable by other local users); ``tcp``/``tcp6``/``ssl``
     endpoints are local only with a loopback ``interface=`` (no interface means all of them).
     Anything else (``systemd:``, plugins) cannot be told from the string: not loopback.
     """
     parts = _split_endpoint(description.strip())
     kind = parts[0].lower()
     if kind == "unix":
-        return True
+        modes = [p[len("mode=") :] for p in parts[1:] if p.startswith("mode=")]
+        try:
+            return not modes or int(modes[-1], 8) & 0o077 == 0
+        except ValueError:
+            return False
     if kind not in ("tcp", "tcp6", "ssl") or len(parts) < 2:
         return False
     interface = ""
@@ -575,6 +581,15 @@ def endpoint_is_loopback(description: str) -> bool:
         return ipaddress.ip_address(interface).is_loopback
     except ValueError:
         return False
+
+
+def private_unix_endpoint(description: str) -> str:
+    """A ``unix:`` server endpoint with ``mode=600`` unless it names a mode (Twisted's default
+    is 0666: any local user could call the admin API without a token)."""
+    parts = _split_endpoint(description.strip())
+    if parts[0].lower() != "unix" or any(p.startswith("mode=") for p in parts[1:]):
+        return description
+    return description.rstrip() + ":mode=600"
 
 
 def worker_node_id(base: str, index: int) -> str:

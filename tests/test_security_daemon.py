@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
+import stat
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -197,3 +199,14 @@ def raw_post(port: int, path: str, body: bytes) -> tuple[int, Any]:
         raw = e.read()
         kind = e.headers["content-type"] or ""
         return e.code, json.loads(raw) if "json" in kind else raw.decode()
+
+
+def test_unix_admin_socket_is_private_and_a_wider_mode_needs_a_token(tmp_path: Path) -> None:
+    path = tmp_path / "admin.sock"
+    with Daemon(tmp_path, {"admin": {"listen": f"unix:{path}"}}) as daemon:
+        daemon.wait_for(r"admin API listening")
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    wide = tmp_path / "bad.yaml"
+    wide.write_text(yaml.safe_dump({"admin": {"listen": f"unix:{tmp_path / 'w.sock'}:mode=666"}}))
+    result = run_twistd("heartbeatd", "--config", str(wide))
+    assert result.returncode != 0 and "is not allowed without a token" in result.stderr

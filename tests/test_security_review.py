@@ -6,6 +6,8 @@ daemon or Redis is in test_security_daemon.py.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from helpers import Peer
 from twisted.internet.defer import Deferred
