@@ -6,12 +6,14 @@ daemon or Redis is in test_security_daemon.py.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import pytest
 from helpers import Peer
 from twisted.internet.defer import Deferred
 
+from heartbeatd._validation import ConfigError
 from heartbeatd.server.auth import Authenticator, TokenTable
 from heartbeatd.server.factory import NotAuthenticated, ServerFactory
 from heartbeatd.server.handlers import HandlerError
@@ -127,3 +129,34 @@ def test_client_error_payload_is_bounded_after_auth(
     peer.send({"type": "error", "data": "x" * 100_000})
     (line,) = _error_lines(debug_log)
     assert len(line) < 400 and "chars)" in line
+
+
+# -- finding 6: identities and the tokens file -------------------------------------------------
+
+
+def test_custom_authenticator_identity_with_a_newline_is_refused(factory: ServerFactory) -> None:
+    identities = {"nl": "eve\n2026-01-01 [forged] admin logged in", "long": "a" * 300, "ok": "bob"}
+    factory.authenticator = Authenticator(lambda token, peer: identities[token], 5.0, "custom")
+    for token in ("nl", "long"):
+        peer = Peer(factory)
+        peer.send({"type": "auth", "id": 1, "data": {"token": token}})
+        (answer,) = peer.received()
+        assert answer["error"]["code"] == "bad_identity"
+        assert peer.protocol.identity is None and peer.transport.disconnecting
+    assert authenticated(factory, "ok").protocol.identity == "bob"
+
+
+def test_tokens_file_bom_is_stripped() -> None:
+    table = TokenTable.parse("\ufeffalice:alice-secret\n")
+    assert table.identify("alice-secret") == "alice"
+
+
+def test_tokens_file_same_token_twice_names_both_identities() -> None:
+    with pytest.raises(ConfigError) as caught:
+        TokenTable.parse("alice:shared-secret\n# c\nbob:shared-secret\n")
+    (error,) = caught.value.errors
+    assert "line 3 (bob)" in error and "line 1 (alice)" in error
+    assert "shared-secret" not in error
+    digest = hashlib.sha256(b"shared-secret").hexdigest()
+    with pytest.raises(ConfigError, match="same token"):
+        TokenTable.parse(f"alice:shared-secret\nbob:sha256:{digest}\n")

@@ -32,6 +32,7 @@ from heartbeatd.wire.envelope import Message, encode_message
 __all__ = [
     "AUTH_FAILED",
     "AUTH_TIMEOUT",
+    "BAD_IDENTITY",
     "UNAUTHENTICATED",
     "AuthGate",
     "Authenticator",
@@ -46,6 +47,7 @@ log = get_logger(__name__)
 UNAUTHENTICATED = "unauthenticated"
 AUTH_FAILED = "auth_failed"
 AUTH_TIMEOUT = "auth_timeout"
+BAD_IDENTITY = "bad_identity"
 
 #: What an unauthenticated client may send besides ``auth``: a ping, and the answers to ours.
 _ALLOWED_BEFORE_AUTH = frozenset({"ping", "pong", "error"})
@@ -53,6 +55,19 @@ _ALLOWED_BEFORE_AUTH = frozenset({"ping", "pong", "error"})
 MAX_HELD = 64
 #: Longest token looked at: a bound on what we hash and compare.
 MAX_TOKEN_BYTES = 4096
+#: Longest identity accepted (from the tokens file or an authenticator): it is logged and
+#: listed, so it is bounded and printable (a newline in one would forge a log line).
+MAX_IDENTITY_CHARS = 256
+
+
+def valid_identity(identity: object) -> bool:
+    """A non-empty printable string of at most `MAX_IDENTITY_CHARS` characters."""
+    return (
+        isinstance(identity, str)
+        and 0 < len(identity) <= MAX_IDENTITY_CHARS
+        and identity.isprintable()
+    )
+
 
 CheckFn = Callable[[str, str], Any]
 
@@ -78,6 +93,8 @@ class TokenTable:
     def parse(cls, text: str, source: str = "auth.tokens_file") -> TokenTable:
         entries: list[tuple[str, bytes]] = []
         errors: list[str] = []
+        seen: dict[bytes, tuple[int, str]] = {}  # digest -> (line, identity)
+        text = text.removeprefix("\ufeff")  # a BOM from an editor is not part of an identity
         for number, raw in enumerate(text.splitlines(), 1):
             line = raw.strip()
             if not line or line.startswith("#"):
@@ -105,6 +122,20 @@ class TokenTable:
                     continue
             else:
                 digest = hashlib.sha256(secret.encode()).digest()
+            if not valid_identity(identity):
+                errors.append(
+                    f"{source}: line {number} is not allowed; expected an identity of at most "
+                    f"{MAX_IDENTITY_CHARS} printable characters"
+                )
+                continue
+            if digest in seen:
+                first, other = seen[digest]
+                errors.append(
+                    f"{source}: line {number} ({identity}) has the same token as line {first} "
+                    f"({other}); expected one identity per token"
+                )
+                continue
+            seen[digest] = (number, identity)
             entries.append((identity, digest))
         if errors:
             raise ConfigError(errors)
@@ -257,6 +288,23 @@ class AuthGate:
             return
         if not isinstance(identity, str) or not identity:
             self._refuse(AUTH_FAILED, "the token was not accepted", message.id)
+            return
+        if not valid_identity(identity):
+            limiter = getattr(getattr(conn, "factory", None), "log_limiter", None)
+            if limiter is None or limiter.allow("auth.bad_identity"):
+                log.warn(
+                    "auth.authenticator returned an identity that is not allowed for client "
+                    "{session} ({peer}): {length} characters, printable: {printable}; refused",
+                    session=conn.session_id,
+                    peer=conn.peer,
+                    length=len(identity),
+                    printable=identity.isprintable(),
+                )
+            self._refuse(
+                BAD_IDENTITY,
+                f"the identity is not allowed (at most {MAX_IDENTITY_CHARS} printable characters)",
+                message.id,
+            )
             return
         self.stop()
         held, self._held = self._held or [], None
