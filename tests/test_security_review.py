@@ -160,3 +160,35 @@ def test_tokens_file_same_token_twice_names_both_identities() -> None:
     digest = hashlib.sha256(b"shared-secret").hexdigest()
     with pytest.raises(ConfigError, match="same token"):
         TokenTable.parse(f"alice:shared-secret\nbob:sha256:{digest}\n")
+
+
+# -- finding 6: a token removed by a reload --------------------------------------------------
+
+
+def test_reload_closes_connections_whose_token_was_removed(factory: ServerFactory) -> None:
+    from helpers import make_config
+
+    from heartbeatd.server.auth import load_authenticator
+
+    def use(tokens: str) -> None:
+        path.write_text(tokens)
+        factory.authenticator = load_authenticator(
+            make_config(auth={"mode": "token", "tokens_file": str(path)}).auth
+        )
+
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "tokens"
+        use("alice:alice-1\nbob:bob-1\ncarol:carol-1\n")
+        alice, bob, carol = (authenticated(factory, f"{n}-1") for n in ("alice", "bob", "carol"))
+        use("alice:alice-1\nbob:bob-2\n")  # bob rotated, carol removed
+        assert factory.revalidate() == 2
+        assert alice.received() == [] and not alice.transport.disconnecting
+        for peer in (bob, carol):
+            (goaway,) = peer.received()
+            assert goaway["type"] == "goaway" and goaway["data"]["reason"] == "token_revoked"
+            assert peer.transport.disconnecting
+            peer.disconnect()
+        assert set(factory.credentials) == {alice.protocol.session_id}

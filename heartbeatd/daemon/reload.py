@@ -134,4 +134,10 @@ class Reloader:
         self.factory.authenticator = authenticator
         if authenticator is not None:
             log.info("auth: {what} loaded", what=authenticator.description)
+            revoked = self.factory.revalidate()
+            if revoked:
+                log.warn(
+                    "auth: closed {count} connection(s) whose token was removed",
+                    count=revoked,
+                )
         return new

@@ -155,6 +155,14 @@ class TokenTable:
             raise ConfigError([f"auth.tokens_file: {path!r} is not UTF-8 text"]) from None
         return cls.parse(text, f"auth.tokens_file {path!r}")
 
+    def holds(self, identity: str, digest: bytes) -> bool:
+        """Whether ``identity`` still has the token whose SHA-256 is ``digest`` (reload)."""
+        found = False
+        for entry_identity, entry_digest in self._entries:
+            if hmac.compare_digest(digest, entry_digest) and entry_identity == identity:
+                found = True
+        return found
+
     def identify(self, token: str, peer: str = "") -> str | None:
         """The identity whose token this is, or None."""
         offered = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
@@ -171,10 +179,19 @@ class TokenTable:
 class Authenticator:
     """Checks tokens: ``check(token, peer)`` returns an identity, None, or a Deferred of either."""
 
-    def __init__(self, check: CheckFn, timeout: float, description: str) -> None:
+    def __init__(
+        self,
+        check: CheckFn,
+        timeout: float,
+        description: str,
+        holds: Callable[[str, bytes], bool] | None = None,
+    ) -> None:
         self.check = check
         self.timeout = timeout
         self.description = description
+        #: ``holds(identity, token_digest)``: whether a connection authenticated earlier is
+        #: still valid (the tokens file after a reload); None when it cannot be told (custom).
+        self.holds = holds
 
     def gate(self, connection: _Guarded, clock: IReactorTime) -> AuthGate:
         return AuthGate(self, connection, clock)
@@ -202,7 +219,7 @@ def load_authenticator(auth: Any) -> Authenticator | None:
     """
     if auth.mode == "token":
         table = TokenTable.load(auth.tokens_file)
-        return Authenticator(table.identify, auth.timeout, f"{len(table)} token(s)")
+        return Authenticator(table.identify, auth.timeout, f"{len(table)} token(s)", table.holds)
     if auth.mode == "custom":
         return Authenticator(_import_function(auth.authenticator), auth.timeout, auth.authenticator)
     return None
@@ -220,7 +237,9 @@ class _Guarded(Protocol):
     connected: bool
     close_reason: str | None
 
-    def auth_succeeded(self, identity: str, reply: bytes, held: list[Message]) -> None: ...
+    def auth_succeeded(
+        self, identity: str, reply: bytes, held: list[Message], digest: bytes = b""
+    ) -> None: ...
 
     def auth_refused(self, code: str, message: str, id: Any, reason: str) -> None: ...
 
@@ -228,7 +247,7 @@ class _Guarded(Protocol):
 class AuthGate:
     """Stands between an unauthenticated connection and the handlers."""
 
-    __slots__ = ("_authenticator", "_connection", "_held", "_state", "_timer")
+    __slots__ = ("_authenticator", "_connection", "_digest", "_held", "_state", "_timer")
 
     def __init__(
         self, authenticator: Authenticator, connection: _Guarded, clock: IReactorTime
@@ -236,6 +255,7 @@ class AuthGate:
         self._authenticator = authenticator
         self._connection = connection
         self._held: list[Message] | None = None  # a list while an async check runs
+        self._digest = b""  # SHA-256 of the token offered (re-checked on reload)
         self._state = "waiting"  # waiting | checking | refused
         self._timer: IDelayedCall | None = clock.callLater(authenticator.timeout, self._timed_out)
 
@@ -277,6 +297,8 @@ class AuthGate:
             return True
         self._state = "checking"
         self._held = []
+        if self._authenticator.holds is not None:
+            self._digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
         peer = self._connection.peer
         result = maybeDeferred(self._authenticator.check, token, peer)
         result.addCallbacks(self._checked, self._check_failed, (message,), None, (message,))
@@ -316,7 +338,10 @@ class AuthGate:
             identity=identity,
         )
         conn.auth_succeeded(
-            identity, encode_message("auth", {"identity": identity}, message.id), held
+            identity,
+            encode_message("auth", {"identity": identity}, message.id),
+            held,
+            self._digest,
         )
 
     def _check_failed(self, failure: Failure, message: Message) -> None:

@@ -37,6 +37,8 @@ __all__ = ["NOT_AUTHENTICATED", "EvictionRecord", "NotAuthenticated", "ServerFac
 
 #: The error code of a push to a connection that has not authenticated.
 NOT_AUTHENTICATED = "not_authenticated"
+#: Why a connection is closed when a reload removed its token.
+TOKEN_REVOKED = "token_revoked"
 
 
 class NotAuthenticated(HandlerError):
@@ -136,6 +138,9 @@ class ServerFactory(Factory):
         #: Checks clients' tokens when ``auth.mode`` is not none; the daemon sets it (it reads
         #: the tokens file, at start and on SIGHUP).
         self.authenticator: Authenticator | None = None
+        #: session id -> (identity, SHA-256 of its token), for connections that authenticated
+        #: with the tokens file: `revalidate` closes those whose token a reload removed.
+        self.credentials: dict[str, tuple[str, bytes]] = {}
         self.closes: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
         #: Connections refused, by reason (``max_connections``, ...).
@@ -335,6 +340,8 @@ class ServerFactory(Factory):
     def client_disconnected(self, client: ServerProtocol, reason: Failure | None) -> None:
         if self.clients.pop(client.session_id, None) is None:
             return
+        if self.credentials:
+            self.credentials.pop(client.session_id, None)
         self.channels.client_disconnected(client)
         self.admission.release(getattr(client, "admitted_host", None))
         totals = self.closed_totals
@@ -368,6 +375,28 @@ class ServerFactory(Factory):
     def log_allowed(self, cause: str) -> bool:
         """Whether a per-event log line for ``cause`` may be written now (rate limit)."""
         return self.log_limiter.allow(cause)
+
+    def revalidate(self) -> int:
+        """After a reload: close connections whose token the new tokens file no longer holds
+        for their identity (``token_revoked``); the count closed.
+
+        Only what can be told is checked: connections of a custom authenticator or a client
+        certificate stay, and with ``auth.mode: none`` everyone stays.
+        """
+        holds = self.authenticator.holds if self.authenticator is not None else None
+        if holds is None or not self.credentials:
+            return 0
+        revoked = [s for s, (who, digest) in self.credentials.items() if not holds(who, digest)]
+        for session in revoked:
+            del self.credentials[session]
+            client = self.clients.get(session)
+            if client is not None:
+                client.send(
+                    "goaway",
+                    {"reason": TOKEN_REVOKED, "detail": "the token was removed by a reload"},
+                )
+                client.close(TOKEN_REVOKED, "its token was removed from auth.tokens_file")
+        return len(revoked)
 
     # -- push ---------------------------------------------------------------------------------
 

@@ -259,9 +259,13 @@ class ServerProtocol(Protocol):
 
     # -- authentication (the gate in heartbeatd.server.auth calls these) --------------------
 
-    def auth_succeeded(self, identity: str, reply: bytes, held: list[envelope.Message]) -> None:
+    def auth_succeeded(
+        self, identity: str, reply: bytes, held: list[envelope.Message], digest: bytes = b""
+    ) -> None:
         """The token was accepted: answer, open the fast path, then run what was held."""
         self.identity = identity
+        if digest:  # re-checked when the tokens file is reloaded (ServerFactory.revalidate)
+            self.factory.credentials[self.session_id] = (identity, digest)
         if self._auth is not None:
             self._auth = None
             self.factory.gated -= 1
