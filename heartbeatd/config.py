@@ -56,6 +56,8 @@ __all__ = [
 LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
 TLS_VERSIONS = ("1.2", "1.3")
 AUTH_MODES = ("none", "token", "custom")
+#: What a client certificate's identity is made of (tls.client_identity).
+CLIENT_IDENTITIES = ("subject", "issuer_and_subject")
 #: File descriptors kept back from the connection limit for listeners, logs and the admin API.
 FD_RESERVE = 64
 #: Most worker processes (``workers``); far more than cores is never useful.
@@ -289,6 +291,18 @@ class TlsConfig:
     handshake_timeout: float = field(
         default=10.0,
         metadata=check(positive_number, "seconds a client gets to finish the TLS handshake"),
+    )
+    client_identity: str = field(
+        default="subject",
+        metadata=check(
+            one_of(*CLIENT_IDENTITIES),
+            "a client certificate's identity: its subject, or issuer_and_subject "
+            "('<subject>;issuer=<issuer>', needed when client_ca holds several root CAs)",
+        ),
+    )
+    client_crl: str = field(
+        default="",
+        metadata=check(string, "PEM file of CRLs: revoked client certificates are refused"),
     )
 
     def __post_init__(self) -> None:

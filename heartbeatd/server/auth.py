@@ -376,8 +376,12 @@ class AuthGate:
         self._connection.auth_refused(code, text, id, code)
 
 
-def peer_certificate_identity(transport: Any) -> str | None:
-    """The subject of a TLS client's certificate (``CN=alice,O=Example``), or None."""
+def peer_certificate_identity(transport: Any, with_issuer: bool = False) -> str | None:
+    """The subject of a TLS client's certificate (``CN=alice,O=Example``), or None.
+
+    ``with_issuer`` (``tls.client_identity: issuer_and_subject``) appends the issuer:
+    ``CN=alice,O=Example;issuer=CN=Example CA`` (RFC 4514 escapes ``;`` inside values).
+    """
     try:
         handle = transport.getHandle()
         get = handle.get_peer_certificate
@@ -394,4 +398,7 @@ def peer_certificate_identity(transport: Any) -> str | None:
         return None
     if cert is None:
         return None
-    return str(cert.subject.rfc4514_string()) or None
+    subject = str(cert.subject.rfc4514_string())
+    if not subject:
+        return None
+    return f"{subject};issuer={cert.issuer.rfc4514_string()}" if with_issuer else subject

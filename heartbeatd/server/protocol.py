@@ -245,7 +245,10 @@ class ServerProtocol(Protocol):
             timer.cancel()
         if not self.connected or self.close_reason is not None:
             return
-        subject = peer_certificate_identity(self.transport)
+        subject = peer_certificate_identity(
+            self.transport,
+            self.factory.config.tls.client_identity == "issuer_and_subject",
+        )
         if subject is not None:
             self.identity = subject
         self._send_hello()
