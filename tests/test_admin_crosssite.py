@@ -26,6 +26,12 @@ def raw_http(port: int, request: bytes) -> tuple[int, Any]:
             chunks.append(chunk)
     head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1])
+    if b"transfer-encoding: chunked" in head.lower():
+        body, rest = b"", body
+        while rest:
+            size, _, rest = rest.partition(b"\r\n")
+            n = int(size, 16)
+            body, rest = body + rest[:n], rest[n + 2 :]
     return status, json.loads(body) if b"application/json" in head.lower() else body.decode()
 
 
@@ -137,3 +143,28 @@ def test_browser_page_cannot_broadcast(admin: Any) -> None:
         )
         assert raw_http(port, legit) == (200, {"sent": 1})
         assert client.recv()["type"] == "ok"  # the first push to arrive: not "evil"
+
+
+def test_the_workers_supervisor_admin_is_guarded_too(tmp_path: Path) -> None:
+    """workers: N serves admin.listen from the supervisor: the same guard, and it forwards."""
+    from redis_server import RedisServer
+    from test_workers import workers
+
+    with RedisServer(tmp_path / "redis") as redis, workers(tmp_path, redis, 2) as daemon:
+        port = daemon.admin  # type: ignore[attr-defined]
+        assert raw_http(port, request("GET", "/clients", "rebind.evil.example"))[0] == 421
+        host = f"127.0.0.1:{port}"
+        origin = request(
+            "POST",
+            "/broadcast",
+            host,
+            BROADCAST,
+            Origin="http://evil.example",
+            Content_Type="application/json",
+        )
+        assert raw_http(port, origin)[1]["code"] == "forbidden_origin"
+        plain = request("POST", "/broadcast", host, BROADCAST, Content_Type="text/plain")
+        assert raw_http(port, plain)[0] == 415
+        ok = request("POST", "/broadcast", host, BROADCAST, Content_Type="application/json")
+        assert raw_http(port, ok)[0] == 200  # forwarded to a worker over its private socket
+        assert raw_http(port, request("GET", "/clients", host))[0] == 200
