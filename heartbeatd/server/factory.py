@@ -31,7 +31,7 @@ from heartbeatd.server.protocol import RefusedProtocol, ServerProtocol, format_a
 from heartbeatd.server.session import Server
 from heartbeatd.wire import get_framing
 from heartbeatd.wire.envelope import OMIT, TOO_MANY_CONNECTIONS, encode_error, encode_message
-from heartbeatd.wire.framing import FrameDecoder
+from heartbeatd.wire.framing import FrameDecoder, SharedFrame
 
 __all__ = ["EvictionRecord", "ServerFactory"]
 
@@ -242,13 +242,14 @@ class ServerFactory(Factory):
     def new_session_id() -> str:
         return secrets.token_hex(8)
 
-    def hello_body(self, session_id: str) -> bytes:
+    def hello_body(self, session_id: str, framing: str | None = None) -> bytes:
+        """The hello envelope; ``framing``: the name of the connection's own framing."""
         hb = self.heartbeat
         hello = {
             "server": self.config.name,
             "version": __version__,
             "session": session_id,
-            "framing": self.framing.name,
+            "framing": framing or self.framing.name,
             "heartbeat": {"interval": hb.interval, "timeout": hb.timeout},
             "max_frame_bytes": self.config.max_frame_bytes,
         }
@@ -256,12 +257,9 @@ class ServerFactory(Factory):
             hello["auth"] = "required"
         return encode_message("hello", hello)
 
-    def ping_frame(self, sequence: int) -> bytes:
-        """The heartbeat a sweep sends: the framing's bare token, or a ping envelope."""
-        token = self.framing.heartbeat_token
-        if token is not None:
-            return token
-        return self.framing.encode(encode_message("ping", id=f"hb-{sequence}"))
+    def ping_frame(self, sequence: int) -> SharedFrame:
+        """The heartbeat a sweep sends: a ping envelope, or the framing's bare token."""
+        return SharedFrame(encode_message("ping", id=f"hb-{sequence}"), ping=True)
 
     def client_connected(self, client: ServerProtocol) -> None:
         self.clients[client.session_id] = client
@@ -380,11 +378,11 @@ class ServerFactory(Factory):
         return self.channels.forward(session_id, type, data)
 
     def broadcast(self, type: str, data: Any = OMIT) -> int:
-        """Push a message to every client, encoding the frame once; returns the count."""
-        frame = self.framing.encode(encode_message(type, data))
+        """Push a message to every client, framing it once per framing; returns the count."""
+        frame = SharedFrame(encode_message(type, data))
         clients = list(self.clients.values())
         for client in clients:
-            client.write_frame(frame)
+            client.write_shared(frame)
         return len(clients)
 
     # -- shutdown -----------------------------------------------------------------------------
