@@ -184,11 +184,8 @@ def serve(name: str, args: argparse.Namespace) -> dict[str, float]:
 
     def run_clients() -> None:
         for depth in (1, 32):
-            proc = subprocess.Popen(
-                [sys.executable, __file__, "--client", str(port.getHost().port), str(depth)]
-                + ["--seconds", str(args.seconds)],
-                stdout=subprocess.PIPE,
-            )
+            argv = [sys.executable, __file__, "--client", str(port.getHost().port), str(depth)]
+            proc = subprocess.Popen([*argv, "--seconds", str(args.seconds)], stdout=subprocess.PIPE)
             while proc.poll() is None:
                 reactor.iterate(0.01)
             results[f"depth {depth}"] = int(proc.stdout.read())

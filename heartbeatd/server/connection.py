@@ -199,14 +199,19 @@ class Connection(Protocol):
 
     # -- lifecycle (the adapter calls these) -------------------------------------------------
 
-    def _open(self, framing: Framing) -> None:
-        """The transport carries messages now: register with the server, start the gate."""
+    def _open(self, framing: Framing, since: float | None = None) -> None:
+        """The transport carries messages now: register with the server, start the gate.
+
+        ``since``: the alive-clock time liveness counts from, when the transport's own
+        handshake came first (``first_frame_timeout`` includes it); else now.
+        """
         factory = self.factory
         config = factory.config
         self.connected = True
         self.session_id = factory.new_session_id()
         at = factory.clock.seconds()
-        self.last_seen = now = factory.now()
+        now = factory.now()
+        self.last_seen = now if since is None else since
         # Until a reactor stall is recorded (>= 50 ms) the two clocks agree, to the
         # microseconds between these reads: one float for both, 24 bytes per connection.
         self.connected_at = now if abs(at - now) < 0.001 else at
