@@ -36,19 +36,22 @@ def handshake_request(
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
+def header(opcode: int, n: int, *, fin: bool = True, mask: bool = True, rsv: int = 0) -> bytes:
+    """A frame header announcing ``n`` bytes (without the masking key)."""
+    first = (0x80 if fin else 0) | (rsv << 4) | opcode
+    bit = 0x80 if mask else 0
+    if n < 126:
+        return struct.pack("!BB", first, bit | n)
+    if n < 65536:
+        return struct.pack("!BBH", first, bit | 126, n)
+    return struct.pack("!BBQ", first, bit | 127, n)
+
+
 def frame(
     opcode: int, payload: bytes, *, fin: bool = True, mask: bool = True, rsv: int = 0
 ) -> bytes:
     """One client frame (masked unless ``mask=False``); ``rsv``: the RSV bits (0-7)."""
-    first = (0x80 if fin else 0) | (rsv << 4) | opcode
-    n = len(payload)
-    bit = 0x80 if mask else 0
-    if n < 126:
-        head = struct.pack("!BB", first, bit | n)
-    elif n < 65536:
-        head = struct.pack("!BBH", first, bit | 126, n)
-    else:
-        head = struct.pack("!BBQ", first, bit | 127, n)
+    head = header(opcode, len(payload), fin=fin, mask=mask, rsv=rsv)
     if not mask:
         return head + payload
     key = os.urandom(4)
@@ -68,8 +71,10 @@ class WSClient:
         headers: dict[str, str] | None = None,
         tls: ssl.SSLContext | None = None,
         handshake: bool = True,
+        sock: socket.socket | None = None,
     ) -> None:
-        sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        if sock is None:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
         self.sock = tls.wrap_socket(sock, server_hostname="localhost") if tls else sock
         self._buffer = b""
         self.status = 0
