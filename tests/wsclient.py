@@ -62,6 +62,9 @@ def frame(
 class WSClient:
     """A WebSocket connection to the daemon, with `RawClient`'s envelope interface."""
 
+    #: `recv` passes over the server's heartbeat pings (without answering them).
+    skip_pings = False
+
     def __init__(
         self,
         port: int,
@@ -160,7 +163,10 @@ class WSClient:
                 return None
             opcode, payload, _ = got
             if opcode == TEXT:
-                return json.loads(payload)
+                message = json.loads(payload)
+                if self.skip_pings and message.get("type") == "ping":
+                    continue
+                return message
             if opcode == CLOSE:
                 code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1005
                 self.close_code = (code, payload[2:].decode("utf-8", "replace"))
