@@ -268,12 +268,24 @@ def test_compression_is_negotiated_and_bounded(tmp_path: Path) -> None:
             assert b"permessage-deflate" in ws.response_head
             assert ws.recv()["type"] == "hello"
             ws.send({"type": "echo", "id": 1, "data": "y" * 1000})
-            assert ws.recv()["data"] == "y" * 1000  # small replies stay uncompressed
+            assert ws.recv()["data"] == "y" * 1000  # compressed, and inflated by the client
             # A 60-byte compressed frame that inflates far past max_frame_bytes.
             bomb = zlib.compressobj(9, zlib.DEFLATED, -12)
             data = bomb.compress(b'"' + b"z" * 100_000) + bomb.flush(zlib.Z_SYNC_FLUSH)
             ws.send_frame(TEXT, data[:-4], rsv=4)
             assert ws.wait_closed()[0] == 1009
+        # A client that cannot shrink its window compresses with 32 KiB: inflated with it.
+        headers = {"Sec-WebSocket-Extensions": "permessage-deflate"}
+        with WSClient(daemon.ws_port, path="/ws", headers=headers) as ws:
+            assert ws.recv()["type"] == "hello"
+            text = b'{"type":"echo","id":2,"data":"' + b"ab" * 1500 + b'"}'
+            deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+            data = deflate.compress(text) + deflate.flush(zlib.Z_SYNC_FLUSH)
+            ws.send_frame(TEXT, data[:-4], rsv=4)
+            _, payload, first = ws.recv_frame()
+            assert first & 0x40  # a large reply comes compressed
+            inflated = zlib.decompressobj(-15).decompress(payload + b"\x00\x00\xff\xff")
+            assert json.loads(inflated)["data"] == "ab" * 1500
 
 
 def test_the_tcp_listener_is_unaffected(daemon: Daemon) -> None:

@@ -15,6 +15,7 @@ import os
 import socket
 import ssl
 import struct
+import zlib
 from typing import Any
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -161,8 +162,10 @@ class WSClient:
             got = self.recv_frame()
             if got is None:
                 return None
-            opcode, payload, _ = got
+            opcode, payload, first = got
             if opcode == TEXT:
+                if first & 0x40:  # permessage-deflate; the server takes no context over
+                    payload = zlib.decompressobj(-15).decompress(payload + b"\x00\x00\xff\xff")
                 message = json.loads(payload)
                 if self.skip_pings and message.get("type") == "ping":
                     continue

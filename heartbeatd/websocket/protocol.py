@@ -103,6 +103,12 @@ class BoundedDeflate(PerMessageDeflate):
         self.limit = limit
         self._inflated = 0
 
+    def accept(self, offer: str) -> bool | str | None:
+        # A smaller window than 15 bits only when the client said it can compress with one.
+        if "client_max_window_bits" not in offer:
+            self.client_max_window_bits = 15
+        return super().accept(offer)
+
     def frame_inbound_payload_data(self, proto: Any, data: bytes) -> bytes | CloseReason:
         if not self._inbound_compressed or not self._inbound_is_compressible:
             return data
@@ -269,6 +275,8 @@ class WebSocketProtocol(Connection):
         accept = self._ws.send(AcceptConnection(extensions=extensions))
         if extensions and deflate.enabled():
             framing = site.deflate_framing(deflate.server_max_window_bits)
+            # The hot path writes header + body as they are; the general path compresses.
+            self.fast_path = False
         trailing = getattr(self._ws, "_h11_connection", None)
         trailing = trailing.trailing_data[0] if trailing is not None else b""
         self._ws = self._ws.connection

@@ -76,8 +76,9 @@ class WebSocketFraming:
 class DeflateFraming(WebSocketFraming):
     """Text messages compressed by permessage-deflate (RFC 7692) from ``threshold`` bytes on.
 
-    `header` stays the uncompressed one: a message sent uncompressed is valid on a connection
-    that negotiated compression, which lets the hot path frame its small replies as usual.
+    `header` is the uncompressed one (a message sent uncompressed is valid on a connection
+    that negotiated compression); a connection that uses this framing answers on the general
+    path, which frames with `encode`.
     """
 
     def __init__(self, window_bits: int = 15, threshold: int = 256, level: int = 6) -> None:
