@@ -130,7 +130,7 @@ def test_one_service_across_three_nodes(tmp_path: Path) -> None:
             assert (status, sent) == (200, {"sent": 1})
             assert clients[2].expect("note")["data"] == 7
             status, missing = nodes[0].http("POST", "/clients/nobody/send", {"type": "x"})
-            assert status == 400 and missing["code"] == "not_found"
+            assert status == 404 and missing["code"] == "not_found"
 
             assert nodes[1].http("POST", "/broadcast", {"type": "all", "data": 1}) == (
                 200,

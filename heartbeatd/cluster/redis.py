@@ -658,7 +658,10 @@ class RedisBroker:
                 listener.on_broadcast(body["t"], body.get("d"))
             else:
                 body = json.loads(message)
-                listener.on_message(body["s"], body["t"], body.get("d"))
+                if "k" in body:  # a kick, not a message
+                    listener.on_kick(body["s"])
+                else:
+                    listener.on_message(body["s"], body["t"], body.get("d"))
         except Exception:
             self.bad_messages += 1
             if self.log_limiter.allow("bad_cluster_message"):
@@ -733,6 +736,12 @@ class RedisBroker:
     def send(self, session: str, type: str, data: Any) -> Deferred[bool]:
         self._flush_clients()
         payload = json.dumps({"s": session, "t": type, "d": data})
+        return self._eval("SEND", session, payload).addCallback(lambda n: int(n) > 0)
+
+    def kick(self, session: str) -> Deferred[bool]:
+        """Through the holder's node channel, as `send`: its node disconnects it."""
+        self._flush_clients()
+        payload = json.dumps({"s": session, "k": 1})
         return self._eval("SEND", session, payload).addCallback(lambda n: int(n) > 0)
 
     def broadcast(self, type: str, data: Any) -> Deferred[int]:

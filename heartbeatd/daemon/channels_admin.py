@@ -8,10 +8,12 @@ With ``cluster.redis`` set, these answer for the whole cluster instead of this n
     GET  /healthz                 adds "node" and "broker": "up"/"down" (status "degraded")
     GET  /clients                 every node's clients, each with its "node"
     POST /clients/{id}/send       reaches the session on whichever node holds it
+    DELETE /clients/{id}          disconnects it on whichever node holds it (``?scope=local``:
+                                  this node only, which a supervisor asks of each worker)
     POST /broadcast               reaches every node's clients; answers {"nodes": N}
 
-Errors are JSON with the channel error code: 400 for bad input, 503 ``unavailable`` while the
-broker is unreachable.
+Errors are JSON with the channel error code: 400 for bad input, 404 ``not_found`` for a session
+no node holds, 503 ``unavailable`` while the broker is unreachable.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ from heartbeatd.server.factory import ServerFactory
 from heartbeatd.server.handlers import HandlerError
 
 __all__ = ["ChannelsCollector", "mount"]
+
+#: The error code of a session no node holds (answered 404, as on one node).
+NOT_FOUND = "not_found"
 
 
 def _json(request: Request, value: Any, code: int = 200) -> bytes:
@@ -61,7 +66,7 @@ def _answer(request: Request, d: Deferred[Any], shape: Any) -> int:
             return
         if failure.check(HandlerError):
             error: HandlerError = failure.value  # type: ignore[assignment]
-            code = 503 if error.code == UNAVAILABLE else 400
+            code = {UNAVAILABLE: 503, NOT_FOUND: 404}.get(error.code, 400)
             body = {"error": error.message, "code": error.code}
         else:
             code, body = 500, {"error": "internal error", "code": "internal_error"}
@@ -144,12 +149,19 @@ class ClusterClient(Resource):
             return ClusterSend(self.hub, self.session)
         return super().getChild(path, request)
 
-    def render_DELETE(self, request: Request) -> bytes:
-        client = self.hub.factory.clients.get(self.session)
-        if client is None:
-            return _json(request, {"error": f"no client {self.session!r} on this node"}, 404)
-        client.evict("admin", "disconnected through the admin API")
-        return _json(request, {"disconnected": self.session})
+    def render_DELETE(self, request: Request) -> Any:
+        if request.args.get(b"scope") == [b"local"]:
+            if not self.hub.kick_local(self.session):
+                return _json(request, {"error": f"no client {self.session!r} on this node"}, 404)
+            return _json(request, {"disconnected": self.session})
+
+        def kicked(found: bool) -> Any:
+            if not found:
+                raise HandlerError(NOT_FOUND, f"no client {self.session!r} in the cluster")
+            return {"disconnected": self.session}
+
+        d = self.hub.kick(self.session).addCallback(kicked)
+        return _answer(request, d, lambda result: result)
 
 
 class ClusterSend(_HubLeaf):
@@ -165,7 +177,7 @@ class ClusterSend(_HubLeaf):
 
         def sent(found: bool) -> Any:
             if not found:
-                raise HandlerError("not_found", f"no client {self.session!r} in the cluster")
+                raise HandlerError(NOT_FOUND, f"no client {self.session!r} in the cluster")
             return {"sent": 1}
 
         return _answer(request, d.addCallback(sent), lambda result: result)

@@ -9,7 +9,8 @@ by that much at most and is named in it.
 
     GET    /healthz             the supervisor's view of every worker, plus each one's own
     GET    /metrics             every worker's series with worker="N", and supervisor gauges
-    DELETE /clients/{session}   asked of every serving worker: whichever holds it closes it
+    DELETE /clients/{session}   asked of every serving worker: whichever holds it closes it;
+                                held by none, forwarded (another node of the cluster may hold it)
     anything else               forwarded to the first serving worker (with cluster.redis,
                                 /clients, send, /broadcast and /publish span every worker)
 """
@@ -520,16 +521,22 @@ class SupervisorAdmin(Resource):
         return d.addCallbacks(answered, failed)
 
     def disconnect(self, request: Request, session: bytes) -> Deferred[bytes]:
-        """DELETE /clients/{session}: every serving worker is asked; the holder closes it."""
+        """DELETE /clients/{session}: every serving worker is asked for its own clients
+        (``?scope=local``) and the holder closes it; when none holds it, the first serving
+        worker is asked to find it on another node of the cluster."""
         serving = self._serving()
         if not serving:
             return succeed(self._unavailable(request, "no worker is serving"))
         d = self._ask_all(
-            serving, b"DELETE", request.uri, self.FORWARD_TIMEOUT, headers=self._headers(request)
+            serving,
+            b"DELETE",
+            request.path + b"?scope=local",
+            self.FORWARD_TIMEOUT,
+            headers=self._headers(request),
         )
         name = session.decode("utf-8", "replace")
 
-        def answer(replies: dict[int, Reply | Failure]) -> bytes:
+        def answer(replies: dict[int, Reply | Failure]) -> bytes | Deferred[bytes]:
             for index, reply in sorted(replies.items()):
                 if isinstance(reply, Reply) and reply.code == 200:
                     return _json(request, {"disconnected": name, "worker": index})
@@ -548,7 +555,7 @@ class SupervisorAdmin(Resource):
                     f"no client {name!r} on the workers that answered; "
                     f"workers {sorted(failures)} did not answer",
                 )
-            return _json(request, {"error": f"no client {name!r} on any worker"}, 404)
+            return self.forward(request)  # on another node, or nowhere (404)
 
         return d.addCallback(answer)
 

@@ -452,6 +452,9 @@ class ChannelHub:
     def on_broadcast(self, type: str, data: Any) -> None:
         self.factory.broadcast(type, data)
 
+    def on_kick(self, session: str) -> None:
+        self.kick_local(session)
+
     def on_link(self, up: bool) -> None:
         """After the broker's link returns, every subscription checks for a gap.
 
@@ -484,6 +487,22 @@ class ChannelHub:
         if not self.broker.clustered:
             return succeed(False)
         return self.broker.send(session, type, data).addErrback(_as_unavailable)
+
+    def kick_local(self, session: str) -> bool:
+        """Disconnect a client of this node (eviction reason ``admin``); False if not here."""
+        client = self.factory.clients.get(session)
+        if client is None:
+            return False
+        client.evict("admin", "disconnected through the admin API")
+        return True
+
+    def kick(self, session: str) -> Deferred[bool]:
+        """Disconnect a session on any node; fires False when no node has it."""
+        if self.kick_local(session):
+            return succeed(True)
+        if not self.broker.clustered:
+            return succeed(False)
+        return self.broker.kick(session).addErrback(_as_unavailable)
 
     def forward(self, session: str, type: str, data: Any = None) -> bool:
         """Send to a session of another node without waiting (False on one node)."""
