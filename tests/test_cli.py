@@ -22,7 +22,7 @@ import pytest
 from daemon import Daemon
 from test_admin import ADMIN, http
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.error import DNSLookupError
+from twisted.internet.error import ConnectionDone, DNSLookupError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
@@ -414,3 +414,70 @@ def test_broadcast_summary_counts_clients_on_one_daemon_and_nodes_in_a_cluster()
     # broker and answers {"nodes": N}, without a client count (docs/admin.md).
     assert broadcast_summary("all", {"sent": 3}) == "sent all to 3 client(s)"
     assert broadcast_summary("all", {"nodes": 2}) == "sent all to every client of 2 node(s)"
+
+
+# -- request --no-reply ------------------------------------------------------------------------
+
+
+def test_request_no_reply_sends_without_an_id_and_exits_0_once_written() -> None:
+    reactor, result, out, err, _attempts = start(
+        ["request", "127.0.0.1:9000", "announce", '"hi"', "--no-reply"]
+    )
+    ((_h, _p, factory, _t, _b),) = reactor.tcpClients
+    protocol = factory.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(frame(HELLO))
+    (length,) = [int.from_bytes(transport.value()[:4], "big")]
+    assert json.loads(transport.value()[4 : 4 + length]) == {"type": "announce", "data": "hi"}
+    assert transport.disconnecting  # closing: Twisted writes what is buffered first
+    assert result == []
+    protocol.connectionLost(Failure(ConnectionDone()))
+    assert result == [0] and out.getvalue() == err.getvalue() == ""
+
+
+def test_request_no_reply_that_cannot_be_written_in_time_is_exit_4() -> None:
+    reactor, result, _out, err, _attempts = start(
+        ["request", "127.0.0.1:9000", "announce", "--no-reply", "--timeout", "2"]
+    )
+    ((_h, _p, factory, _t, _b),) = reactor.tcpClients
+    protocol = factory.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(frame(HELLO))
+    assert json.loads(transport.value()[4:]) == {"type": "announce"}
+    reactor.advance(2)  # the peer never reads: the close never completes
+    assert result == [4]
+    assert err.getvalue() == "heartbeat: could not write the message to 127.0.0.1:9000 within 2s\n"
+
+
+def test_request_no_reply_to_a_handler_that_answers_nothing(tmp_path: Path) -> None:
+    from docs_examples import example
+
+    (tmp_path / "myapp_handlers.py").write_text(example("readme-handler"))
+    config = {"handlers": ["myapp_handlers"], "log": {"level": "debug"}}
+    with (
+        Daemon(tmp_path, config, env={"PYTHONPATH": str(tmp_path)}) as daemon,
+        Command("watch", f"127.0.0.1:{daemon.port}") as watch,
+    ):
+        daemon.wait_for(CONNECTED)
+        target = f"127.0.0.1:{daemon.port}"
+        sent = subprocess.run(
+            [HEARTBEAT, "request", "--no-reply", target, "announce", '"hello all"'],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert (sent.returncode, sent.stdout, sent.stderr) == (0, "", "")
+        assert json.loads(watch.next_line()) == {"type": "announcement", "data": "hello all"}
+        # Without --no-reply, the same request waits for a reply that never comes.
+        waited = subprocess.run(
+            [HEARTBEAT, "request", target, "announce", "--timeout", "0.5"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert waited.returncode == 4 and "no reply within 0.5s" in waited.stderr
+        watch.process.send_signal(signal.SIGINT)
+        assert watch.finish() == 0
+        assert daemon.stop() == 0

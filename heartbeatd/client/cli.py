@@ -15,7 +15,9 @@ import textwrap
 from collections.abc import Callable, Coroutine
 from typing import Any, NoReturn, TextIO
 
+from twisted.internet import error as twisted_errors
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.interfaces import IStreamClientEndpoint
 
 from heartbeatd._version import __version__
@@ -246,12 +248,19 @@ def build_parser() -> argparse.ArgumentParser:
         "request",
         [conn],
         help="send one request and print the reply's data",
-        description="Send one request and print the reply's data as JSON.",
+        description="Send one request and print the reply's data as JSON (with --no-reply: "
+        "send the message, expect no reply).",
     )
     request.add_argument("endpoint", metavar="ENDPOINT", help="the server")
     request.add_argument("type", metavar="TYPE", help="message type, e.g. echo")
     request.add_argument(
         "data", metavar="DATA", nargs="?", type=_json_value, help="JSON data (default: none)"
+    )
+    request.add_argument(
+        "--no-reply",
+        action="store_true",
+        help="send the message without an id (for a handler that answers nothing) and exit 0 "
+        "once it is written; print nothing",
     )
 
     watch = command(
@@ -391,6 +400,8 @@ async def ping(ctx: Context) -> int:
 async def request(ctx: Context) -> int:
     args = ctx.args
     conn = await ctx.connect(client_endpoint(ctx.reactor, args.endpoint))
+    if args.no_reply:
+        return await _send_only(ctx, conn)
     try:
         data = () if args.data is None else (args.data,)
         interrupted, reply = await ctx.interrupt.until(conn.request(args.type, *data))
@@ -405,6 +416,35 @@ async def request(ctx: Context) -> int:
     if interrupted:
         raise CliError(EXIT_INTERRUPTED, "interrupted")
     ctx.print(json.dumps(reply, ensure_ascii=False))
+    return EXIT_OK
+
+
+async def _send_only(ctx: Context, conn: ClientConnection) -> int:
+    """Send without an id and close: the close completes once what we wrote is handed to the
+    kernel (Twisted flushes its buffer before it shuts the socket), so exit 0 means written."""
+    args = ctx.args
+    closed: Deferred[None] = Deferred()
+    conn.on_close(lambda conn, why: closed.called or closed.callback(None))
+    try:
+        if args.data is None:
+            conn.send(args.type)
+        else:
+            conn.send(args.type, args.data)
+    except ConnectionClosed as e:
+        raise lost(e, args.endpoint) from None
+    conn.close()
+    closed.addTimeout(args.timeout, ctx.reactor)
+    try:
+        interrupted, _ = await ctx.interrupt.until(closed)
+    except (twisted_errors.TimeoutError, DeferredTimeout):
+        # The bytes may still sit in our buffer (the peer does not read): not written.
+        conn.abort(ConnectionClosed("not written in time"))
+        raise CliError(
+            EXIT_TIMEOUT, f"could not write the message to {args.endpoint} within {args.timeout:g}s"
+        ) from None
+    if interrupted:
+        conn.abort(ConnectionClosed("interrupted"))
+        raise CliError(EXIT_INTERRUPTED, "interrupted")
     return EXIT_OK
 
 
