@@ -53,6 +53,15 @@ def usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
         (["ping", "127.0.0.1:0"], "invalid port '0'"),
         (["ping", "tcp:host=x:port=abc"], "invalid endpoint 'tcp:host=x:port=abc'"),
         (["ping", "nope:1:2:3"], "invalid endpoint 'nope:1:2:3'"),
+        (["ping", "tcp:host=127.0.0.1"], "invalid endpoint 'tcp:host=127.0.0.1': missing port=..."),
+        (["ping", "tcp:port=9000"], "invalid endpoint 'tcp:port=9000': missing host=..."),
+        (
+            ["ping", "xyz:foo=bar"],
+            "invalid endpoint 'xyz:foo=bar': unknown endpoint type 'xyz'; expected host:port or "
+            "one of ",
+        ),
+        (["clients", "--admin", "ftp://x"], "expected http://HOST:PORT or HOST:PORT"),
+        (["clients", "--admin", "127.0.0.1:abc"], "invalid port in --admin URL"),
         (["request", "127.0.0.1:1", "echo", "{bad"], "'{bad' is not valid JSON"),
         (["ping", "127.0.0.1:1", "-c", "-1"], "argument -c/--count"),
         (["ping", "127.0.0.1:1", "--timeout", "0"], "is not a number > 0"),
@@ -70,7 +79,7 @@ def test_usage_errors_are_one_line_exit_2(
 
 def test_endpoint_errors_after_parsing_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert "invalid endpoint 'tcp:host=x'" in usage_error(["ping", "tcp:host=x"], capsys)
-    assert "'port'" in usage_error(["watch", "tcp:host=x"], capsys)
+    assert "missing port=..." in usage_error(["watch", "tcp:host=x"], capsys)
 
 
 def test_options_after_the_subcommand_and_before_it() -> None:
@@ -97,6 +106,7 @@ def test_version_and_help(capsys: pytest.CaptureFixture[str]) -> None:
         main(["watch", "--help"])
     text = capsys.readouterr().out
     assert "--exit-on-goaway" in text and "exit status:" in text and "--timeout" in text
+    assert "--tls-hostname NAME" in text and "--tls-ca FILE" in text
 
 
 # -- connecting, in-process on a MemoryReactorClock --------------------------------------------
@@ -323,6 +333,26 @@ def test_watch_when_the_server_dies(tmp_path: Path) -> None:
         assert watch.finish() == 3
         (line,) = watch.err
         assert line.startswith(f"heartbeat: connection to 127.0.0.1:{daemon.port} lost")
+
+
+def test_admin_timeout_is_exit_4_and_admin_takes_host_port() -> None:
+    """A listener that accepts and never answers: the deadline, not "the response failed"."""
+    import socket
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        result = subprocess.run(
+            [HEARTBEAT, "clients", "--admin", f"127.0.0.1:{port}", "--timeout", "0.5"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert result.returncode == 4
+    assert result.stderr == (
+        f"heartbeat: no answer from http://127.0.0.1:{port}/clients within 0.5s\n"
+    )
 
 
 def test_admin_subcommands(tmp_path: Path) -> None:

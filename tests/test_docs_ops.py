@@ -107,6 +107,16 @@ def test_curl_examples(tmp_path: Path) -> None:
         (block,) = blocks("admin.md", "curl")
         run_lines(block, replace, dict(os.environ))
         assert daemon.stop() == 0
+    # What the page says of the last line without a token: a bad request, not 401.
+    (tmp_path / "open").mkdir()
+    config = {"admin": {"listen": "tcp:0:interface=127.0.0.1"}}
+    with Daemon(tmp_path / "open", config) as daemon:
+        admin = int(daemon.wait_for(ADMIN).group(1))
+        last = block.strip().splitlines()[-1].split("  #", 1)[0]
+        line = last.replace("127.0.0.1:9100", f"127.0.0.1:{admin}")
+        result = subprocess.run(["bash", "-c", line], capture_output=True, text=True, timeout=60)
+        assert 400 <= int(result.stdout) < 500 and int(result.stdout) != 401, result.stdout
+        assert daemon.stop() == 0
 
 
 def test_packaged_files_examples(tmp_path: Path) -> None:

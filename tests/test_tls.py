@@ -456,3 +456,30 @@ def test_tcp_options_reach_the_socket_under_tls(tmp_path: Path, certs: Certs) ->
     finally:
         peer.close()
         accepted.close()
+
+
+def test_a_plain_cli_against_a_tls_port_is_told_to_give_tls_ca(
+    tmp_path: Path, certs: Certs
+) -> None:
+    with Daemon(tmp_path, tls_config(certs)) as daemon:
+        plain = subprocess.run(
+            [HEARTBEAT, "ping", f"127.0.0.1:{daemon.port}", "-c", "1", "--timeout", "0.5"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert plain.returncode == 4
+        assert plain.stderr == (
+            f"heartbeat: timed out connecting to 127.0.0.1:{daemon.port}: no hello from the "
+            "server within 0.5s; is it a TLS port? give --tls-ca\n"
+        )
+        secure = subprocess.run(
+            [HEARTBEAT, "ping", f"localhost:{daemon.port}", "-c", "1", f"--tls-ca={certs.ca_file}"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert secure.returncode == 0, secure.stderr
+        assert daemon.stop() == 0
+    # Twisted's stock port lines are left out of the log, TLS ones too (docs/admin.md).
+    assert re.search(r"starting on|Port \d+ Closed", daemon.log) is None, daemon.log

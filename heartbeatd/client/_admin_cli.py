@@ -16,6 +16,7 @@ from urllib.parse import quote, urlsplit
 
 from twisted.internet import error as twisted_errors
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, FileBodyProducer, ResponseDone, ResponseFailed
@@ -116,9 +117,14 @@ def read_token(path: str | None) -> str:
 
 
 def base_url(text: str) -> str:
+    """``--admin``: a URL, or ``host:port`` as the wire commands take it (plain HTTP)."""
+    if "://" not in text:
+        text = f"http://{text}"
     parts = urlsplit(text)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise CliError(EXIT_USAGE, f"invalid --admin URL {text!r}; expected http://HOST:PORT")
+        raise CliError(
+            EXIT_USAGE, f"invalid --admin URL {text!r}; expected http://HOST:PORT or HOST:PORT"
+        )
     try:
         parts.port  # noqa: B018 - raises ValueError for a bad port
     except ValueError:
@@ -152,15 +158,22 @@ async def call(ctx: Context, method: str, path: str, body: Any = None) -> Any:
         raise
     except AnswerTooLarge as e:
         raise CliError(EXIT_SERVER_ERROR, f"{args.admin}: {e}") from None
-    except (twisted_errors.TimeoutError, CancelledError):
+    except (twisted_errors.TimeoutError, DeferredTimeout, CancelledError):
         raise CliError(EXIT_TIMEOUT, f"no answer from {url} within {args.timeout:g}s") from None
+    except ResponseFailed as e:
+        # Our deadline cancels the request: Agent reports that as a failed response.
+        if any(r.check(CancelledError) for r in e.reasons):
+            raise CliError(EXIT_TIMEOUT, f"no answer from {url} within {args.timeout:g}s") from None
+        raise CliError(
+            EXIT_CONNECTION, f"cannot reach the admin API at {args.admin}: {_why(e)}"
+        ) from None
     except twisted_errors.DNSLookupError as e:
         raise CliError(EXIT_CONNECTION, f"cannot resolve the host of {args.admin}: {e}") from None
     except twisted_errors.ConnectionRefusedError:
         raise CliError(
             EXIT_CONNECTION, f"cannot reach the admin API at {args.admin}: connection refused"
         ) from None
-    except (twisted_errors.ConnectError, ResponseFailed, OSError) as e:
+    except (twisted_errors.ConnectError, OSError) as e:
         raise CliError(
             EXIT_CONNECTION, f"cannot reach the admin API at {args.admin}: {_why(e)}"
         ) from None

@@ -167,7 +167,7 @@ class Context:
         try:
             interrupted, conn = await self.interrupt.until(connecting)
         except Exception as e:
-            raise connect_failure(e, args.endpoint) from None
+            raise connect_failure(e, args.endpoint, tls_hint=tls is None) from None
         if interrupted:
             raise CliError(EXIT_INTERRUPTED, "interrupted")
         return conn  # type: ignore[no-any-return]
@@ -202,8 +202,18 @@ def _silence(stream: TextIO) -> None:
         pass
 
 
-def connect_failure(e: BaseException, target: str) -> CliError:
-    """Why a connection could not be made, as one line and an exit status."""
+#: Said when a plaintext client heard no hello: a TLS server says nothing until the client's
+#: ClientHello, so a plain client and a TLS port wait on each other in silence.
+TLS_HINT = "is it a TLS port? give --tls-ca"
+
+
+def connect_failure(e: BaseException, target: str, tls_hint: bool = False) -> CliError:
+    """Why a connection could not be made, as one line and an exit status.
+
+    ``tls_hint``: the connection was plaintext, so a silent server may be a TLS one.
+    """
+    if isinstance(e, HandshakeTimeout) and tls_hint:
+        return CliError(EXIT_TIMEOUT, f"timed out connecting to {target}: {e}; {TLS_HINT}")
     if isinstance(e, ConnectionFailed) and e.__cause__ is not None:
         e = e.__cause__  # the library's typed wrapper: sort by what actually happened
     if isinstance(e, twisted_errors.DNSLookupError):

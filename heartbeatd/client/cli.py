@@ -74,8 +74,8 @@ def endpoint_string(text: str) -> str:
     Raises `CliError` (usage) for a ``host:port`` whose port is not 1..65535.
     """
     match = _HOST_PORT.fullmatch(text)
-    if match is None or match["host"].lower() in _ENDPOINT_TYPES:
-        return text
+    if match is None or match["host"].lower() in _ENDPOINT_TYPES or "=" in match["port"]:
+        return text  # ``xyz:foo=bar`` is an endpoint string of an unknown type, not a port
     port = match["port"]
     if not port.isdigit() or not 1 <= int(port) <= 65535:
         raise CliError(EXIT_USAGE, f"invalid port {port!r} in {text!r}; expected 1..65535")
@@ -83,13 +83,42 @@ def endpoint_string(text: str) -> str:
     return f"tcp:host={host}:port={int(port)}"
 
 
+def _endpoint_types() -> list[str]:
+    """The client endpoint types Twisted knows here (built in, and from plugins)."""
+    from twisted.internet import endpoints
+    from twisted.internet.interfaces import IStreamClientEndpointStringParserWithReactor
+    from twisted.plugin import getPlugins
+
+    names = {name.lower() for name in endpoints._clientParsers}
+    try:
+        plugins = getPlugins(IStreamClientEndpointStringParserWithReactor)
+        names.update(str(p.prefix).lower() for p in plugins)
+    except Exception:  # a broken plugin must not hide the user's mistake
+        pass
+    return sorted(names)
+
+
+#: Twisted's message for a missing endpoint argument: "... missing 1 required positional
+#: argument: 'port'" (or "arguments: 'host' and 'port'").
+_MISSING = re.compile(r"missing \d+ required (?:positional |keyword-only )?arguments?: (.*)")
+
+
 def client_endpoint(reactor: Any, text: str) -> IStreamClientEndpoint:
     """Parse ENDPOINT without connecting; a malformed one is a one-line usage error."""
     from twisted.internet.endpoints import clientFromString
 
     description = endpoint_string(text)
-    if _ENDPOINT_KINDS.match(description) is None:
+    kind = _ENDPOINT_KINDS.match(description)
+    if kind is None:
         raise CliError(EXIT_USAGE, f"invalid endpoint {text!r}; expected {ENDPOINT_HELP}")
+    known = _endpoint_types()
+    name = kind.group(0)[:-1].lower()
+    if name not in known:
+        raise CliError(
+            EXIT_USAGE,
+            f"invalid endpoint {text!r}: unknown endpoint type {name!r}; expected host:port "
+            f"or one of {', '.join(f'{k}:' for k in known)}",
+        )
     try:
         return clientFromString(reactor, description)
     except (ImportError, NameError):  # Twisted's TLS endpoints without pyOpenSSL
@@ -97,6 +126,11 @@ def client_endpoint(reactor: Any, text: str) -> IStreamClientEndpoint:
             EXIT_USAGE, f"endpoint {text!r} needs TLS support: pip install 'twisted[tls]'"
         ) from None
     except Exception as e:  # Twisted raises ValueError, KeyError, TypeError... for bad strings
+        missing = _MISSING.search(str(e))
+        if missing is not None:
+            names = re.findall(r"'(\w+)'", missing.group(1))
+            wanted = " and ".join(f"{n}=..." for n in names) or missing.group(1)
+            raise CliError(EXIT_USAGE, f"invalid endpoint {text!r}: missing {wanted}") from None
         detail = str(e) or type(e).__name__
         raise CliError(EXIT_USAGE, f"invalid endpoint {text!r}: {detail}") from None
 
@@ -162,7 +196,8 @@ def _connection_options() -> argparse.ArgumentParser:
         ("--tls-key", "PEM private key of --tls-cert"),
         ("--tls-hostname", "name the server certificate must carry (default: its host)"),
     ):
-        secure.add_argument(flag, default=argparse.SUPPRESS, metavar="FILE", help=help_text)
+        metavar = "NAME" if flag == "--tls-hostname" else "FILE"
+        secure.add_argument(flag, default=argparse.SUPPRESS, metavar=metavar, help=help_text)
     secure.add_argument(
         "--token-file",
         dest="auth_token_file",
@@ -180,7 +215,8 @@ def _admin_options() -> argparse.ArgumentParser:
         "--admin",
         default=os.environ.get("HEARTBEAT_ADMIN", "http://127.0.0.1:9100"),
         metavar="URL",
-        help="the daemon's admin API (default $HEARTBEAT_ADMIN or http://127.0.0.1:9100)",
+        help="the daemon's admin API, http://HOST:PORT or HOST:PORT "
+        "(default $HEARTBEAT_ADMIN or http://127.0.0.1:9100)",
     )
     group.add_argument(
         "--token-file",
@@ -347,6 +383,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, name, None)
     if hasattr(args, "endpoint"):
         client_endpoint(None, args.endpoint)  # a malformed one fails now, before any reactor
+    if args.command in ADMIN_COMMANDS:
+        from heartbeatd.client._admin_cli import base_url
+
+        base_url(args.admin)  # likewise a malformed --admin
     return args
 
 

@@ -376,6 +376,8 @@ class RedisBroker:
         self._presence: dict[str, dict[str, str]] = {}
         self.up = False
         self.link_changes = 0
+        #: Set by `stop`: the links closing then are ours, not an outage (nothing is logged).
+        self.stopping = False
         self.reaped = 0
         self._shas = {
             name: hashlib.sha1(text.encode()).hexdigest() for name, text in _SCRIPTS.items()
@@ -417,6 +419,7 @@ class RedisBroker:
 
     def stop(self) -> Deferred[None]:
         """Leave the cluster cleanly (our entries go at once, not after node_timeout)."""
+        self.stopping = True
         if self._beat.running:
             self._beat.stop()
         d: Deferred[Any] = succeed(None)
@@ -483,6 +486,8 @@ class RedisBroker:
         if up == self.up:
             return
         self.up = up
+        if self.stopping:
+            return  # an orderly stop closes the links: no outage to report or recover from
         self.link_changes += 1
         if up:
             log.info("Redis link up ({url})", url=self.url)
@@ -499,7 +504,7 @@ class RedisBroker:
                 self._fire_waiters(channel, BrokerUnavailable("the Redis link was lost"))
         else:
             return
-        if self.up:
+        if self.up and not self.stopping:
             log.warn("Redis link down ({url}); reconnecting", url=self.url)
         self._link()
 

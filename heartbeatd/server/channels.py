@@ -120,6 +120,8 @@ class ChannelHub:
         self.gaps_filled = 0
         #: Subscriptions whose catch-up failed (broker down): retried when the link returns.
         self._stale: set[_Sub] = set()
+        #: The link has been down since start: its return is news, its first coming up is not.
+        self._link_was_down = False
 
     @property
     def config(self) -> ChannelsConfig:
@@ -462,9 +464,11 @@ class ChannelHub:
         Redis blip, a node with 10,000 subscribers of a channel asks once, not 10,000 times).
         """
         if not up:
+            self._link_was_down = True
             log.warn("The cluster broker is unreachable; publish answers unavailable")
             return
-        log.info("The cluster broker is reachable again; subscribers catch up")
+        if self._link_was_down:
+            log.info("The cluster broker is reachable again; subscribers catch up")
         groups: dict[tuple[str, str, int], list[_Sub]] = {}
         stale, self._stale = self._stale, set()
         for sub in stale:
