@@ -99,7 +99,7 @@ def test_version_and_help(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["--help"])
     text = capsys.readouterr().out
-    for word in ("ping", "request", "watch", "clients", "send", "broadcast", "kick"):
+    for word in ("ping", "request", "watch", "subscribe", "publish", "presence", "clients", "kick"):
         assert word in text
     assert "exit status:" in text and "3    could not connect" in text
     with pytest.raises(SystemExit):

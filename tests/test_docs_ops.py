@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from daemon import Daemon
+from daemon import Daemon, RawClient
 from test_admin import ADMIN, http
 from test_cli import CONNECTED, Command
 
@@ -89,6 +89,21 @@ def test_cli_and_admin_examples(tmp_path: Path) -> None:
             {"type": "maintenance", "data": "in 5 minutes"},
         ]
         assert watch.finish() == 3  # the last example kicked it
+        assert daemon.stop() == 0
+
+
+def test_channel_examples(tmp_path: Path) -> None:
+    config = {"channels": {"client_publish": True}}
+    with Daemon(tmp_path, config) as daemon, RawClient(daemon.port) as probe:
+        assert probe.recv()["type"] == "hello"
+        probe.send({"type": "subscribe", "id": 1, "data": {"channel": "news"}})
+        epoch = probe.recv()["data"]["epoch"]
+        env = dict(os.environ)
+        env.update(PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '/usr/bin:/bin')}")
+        env["EPOCH"] = epoch
+        (block,) = blocks("cli.md", "channels")
+        run_lines(block, {"127.0.0.1:9000": f"127.0.0.1:{daemon.port}"}, env)
+        assert probe.recv()["data"] == {"channel": "news", "offset": 1, "data": {"title": "hello"}}
         assert daemon.stop() == 0
 
 

@@ -157,6 +157,15 @@ def _count(text: str) -> int:
     return int(text)
 
 
+def _position(text: str) -> tuple[str, int]:
+    epoch, _, offset = text.rpartition(":")
+    if not epoch or not offset.isdigit():
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not EPOCH:OFFSET (as subscribe prints them, e.g. 5e1f0c2a:12)"
+        )
+    return epoch, int(offset)
+
+
 def _json_value(text: str) -> Any:
     try:
         return json.loads(text)
@@ -239,8 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = _Parser(
         prog="heartbeat",
-        description="Talk to a heartbeatd server (ping, request, watch) and to its admin\n"
-        "API (clients, send, broadcast, kick).",
+        description="Talk to a heartbeatd server (ping, request, watch; subscribe, publish,\n"
+        "presence on channels) and to its admin API (clients, send, broadcast, kick).",
         epilog=f"{textwrap.fill(f'ENDPOINT is {ENDPOINT_HELP}.', 78)}\n\n{EXIT_CODES}",
         formatter_class=formatter,
         parents=[conn],
@@ -324,6 +333,56 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="after a goaway, give up (exit 3) if no reconnect succeeded by then (default 60)",
     )
+
+    sub = command(
+        "subscribe",
+        [conn],
+        help="print a channel's publications as JSON lines",
+        description="Subscribe to CHANNEL and print each publication as one JSON line "
+        '({"channel", "epoch", "offset", "data"}). After a lost connection or a goaway it '
+        "reconnects and subscribes again from the last publication printed, so none is "
+        "missed or printed twice; when the server cannot give back what was missed, stderr "
+        "says so and printing goes on from the current position. Ctrl-C stops it (exit 0).",
+    )
+    sub.add_argument("endpoint", metavar="ENDPOINT", help="the server")
+    sub.add_argument("channel", metavar="CHANNEL", help="channel name")
+    sub.add_argument(
+        "--since",
+        type=_position,
+        metavar="EPOCH:OFFSET",
+        help="start after this publication (an epoch and offset printed before): the ones "
+        "after it are printed first, or stderr says they are gone",
+    )
+    sub.add_argument(
+        "-n", "--count", type=_count, default=0, metavar="N", help="stop after N (0: never)"
+    )
+    sub.add_argument(
+        "--reconnect-timeout",
+        type=_positive,
+        default=60.0,
+        metavar="SECONDS",
+        help="give up (exit 3) if no reconnect succeeded by then (default 60)",
+    )
+    pub = command(
+        "publish",
+        [conn],
+        help="publish to a channel",
+        description="Publish DATA (JSON) to CHANNEL and print the answer, "
+        '{"channel", "offset"}. The server must allow it (channels.client_publish); '
+        "operators can also publish through the admin API (POST /publish).",
+    )
+    pub.add_argument("endpoint", metavar="ENDPOINT", help="the server")
+    pub.add_argument("channel", metavar="CHANNEL", help="channel name")
+    pub.add_argument("data", metavar="DATA", type=_json_value, help="JSON data")
+    who = command(
+        "presence",
+        [conn],
+        help="list a channel's subscribers",
+        description='Print who is subscribed to CHANNEL: {"channel", "clients": [{"session", '
+        '"node", "identity"}, ...]}.',
+    )
+    who.add_argument("endpoint", metavar="ENDPOINT", help="the server")
+    who.add_argument("channel", metavar="CHANNEL", help="channel name")
 
     clients = command(
         "clients",
@@ -532,12 +591,15 @@ async def watch(ctx: Context) -> int:
 
 
 async def _reconnect(
-    ctx: Context, endpoint: IStreamClientEndpoint, window: float
+    ctx: Context,
+    endpoint: IStreamClientEndpoint,
+    window: float,
+    why: str = "server going away",
 ) -> ClientConnection | None:
     """Reconnect at a random moment within ``window`` s, retrying until the deadline."""
     args = ctx.args
     delay = random.uniform(0, window)
-    ctx.note(f"server going away; reconnecting in {delay:.1f}s (window {window:g}s)")
+    ctx.note(f"{why}; reconnecting in {delay:.1f}s (window {window:g}s)")
     deadline = ctx.reactor.seconds() + delay + args.reconnect_timeout
     retry = 0.25
     while True:
@@ -562,10 +624,148 @@ async def _reconnect(
         return conn
 
 
+async def _ask(ctx: Context, type: str, data: Any) -> Any:
+    """One request on a fresh connection; its reply's data, or a `CliError`."""
+    args = ctx.args
+    conn = await ctx.connect(client_endpoint(ctx.reactor, args.endpoint))
+    try:
+        interrupted, reply = await ctx.interrupt.until(conn.request(type, data))
+    except ServerError as e:
+        raise CliError(EXIT_SERVER_ERROR, f"server error {e.code}: {e.message}") from None
+    except RequestTimeout:
+        raise CliError(EXIT_TIMEOUT, f"no reply within {args.timeout:g}s") from None
+    except ConnectionClosed as e:
+        raise lost(e, args.endpoint) from None
+    finally:
+        conn.close()
+    if interrupted:
+        raise CliError(EXIT_INTERRUPTED, "interrupted")
+    return reply
+
+
+async def publish(ctx: Context) -> int:
+    args = ctx.args
+    answer = await _ask(ctx, "publish", {"channel": args.channel, "data": args.data})
+    ctx.print(json.dumps(answer, ensure_ascii=False))
+    return EXIT_OK
+
+
+async def presence(ctx: Context) -> int:
+    answer = await _ask(ctx, "presence", {"channel": ctx.args.channel})
+    ctx.print(json.dumps(answer, ensure_ascii=False))
+    return EXIT_OK
+
+
+#: Pause before asking again when a re-subscribe is answered ``unavailable`` (a cluster whose
+#: Redis is coming back), doubled up to the cap.
+RESUBSCRIBE_RETRY = (0.5, 5.0)
+
+
+async def subscribe(ctx: Context) -> int:
+    """Print a channel's publications; after a reconnect, subscribe again from the last one
+    printed (``since``), so none is printed twice and a lost one is said on stderr."""
+    from heartbeatd.client.channels import Subscription, channels_of
+
+    args = ctx.args
+    endpoint = client_endpoint(ctx.reactor, args.endpoint)
+    channel = args.channel
+    ended: list[Deferred[str]] = []  # the current connection's end: count, lost or goaway
+    printed = 0
+
+    def publication(data: Any, offset: int, sub: Subscription) -> None:
+        nonlocal printed
+        line = {"channel": channel, "epoch": sub.epoch, "offset": offset, "data": data}
+        ctx.print(json.dumps(line, ensure_ascii=False))
+        printed += 1
+        if args.count and printed >= args.count and ended and not ended[-1].called:
+            ended[-1].callback("count")
+
+    lost_before: list[str] = []
+
+    def not_recovered(sub: Subscription, reason: str) -> None:
+        lost_before.append(reason)
+        ctx.note(
+            f"{channel}: publications were lost ({reason}); recovery failed, continuing "
+            f"from {sub.epoch}:{sub.offset}"
+        )
+
+    sub = Subscription(channel, publication, not_recovered)
+    if args.since is not None:
+        sub.epoch, sub.offset = args.since
+    conn = await ctx.connect(endpoint)
+    first, retry = True, RESUBSCRIBE_RETRY[0]
+    while True:
+        end: Deferred[str] = Deferred()
+        ended.append(end)
+        conn.on_close(lambda c, why, end=end: end.called or end.callback("lost"))
+        conn.on_goaway(lambda c, data, end=end: end.called or end.callback("goaway"))
+        asked = f"{sub.epoch}:{sub.offset}" if sub.epoch else None
+        lost_before.clear()
+        try:
+            interrupted, _ = await ctx.interrupt.until(channels_of(conn).attach(sub))
+        except ServerError as e:
+            if first or e.code != "unavailable":
+                conn.close()
+                raise CliError(EXIT_SERVER_ERROR, f"server error {e.code}: {e.message}") from None
+            ctx.note(f"subscribing to {channel} again: {e.message}; retrying in {retry:g}s")
+            interrupted, _ = await ctx.interrupt.until(ctx.sleep(retry))
+            retry = min(retry * 2, RESUBSCRIBE_RETRY[1])
+            if interrupted:
+                conn.close()
+                return EXIT_OK
+            if conn.usable:
+                continue
+            interrupted = False  # the connection went meanwhile: reconnect below
+        except RequestTimeout:
+            if first:
+                conn.close()
+                raise CliError(EXIT_TIMEOUT, f"no reply within {args.timeout:g}s") from None
+            conn.abort(ConnectionClosed("no answer to subscribe"))
+        except ConnectionClosed as e:
+            if first:
+                raise lost(e, args.endpoint) from None
+        else:
+            if interrupted:
+                conn.close()
+                return EXIT_OK
+            retry = RESUBSCRIBE_RETRY[0]
+            where = f"{sub.epoch}:{sub.offset}"
+            if asked is None:
+                ctx.note(f"subscribed to {channel} at {where}")
+            elif not lost_before:
+                ctx.note(f"subscribed to {channel} from {asked} (recovered)")
+            else:
+                ctx.note(f"subscribed to {channel} at {where}")
+            first = False
+            if args.count and printed >= args.count:  # the recovered backlog was enough
+                conn.close()
+                return EXIT_OK
+        interrupted, outcome = await ctx.interrupt.until(end)
+        if interrupted or outcome == "count":
+            conn.close()
+            return EXIT_OK
+        if outcome == "goaway":
+            window = (conn.goaway or {}).get("reconnect_after", 5)
+            ok = isinstance(window, (int, float)) and window >= 0
+            conn.close()
+            next_conn = await _reconnect(ctx, endpoint, float(window) if ok else 5.0)
+        else:
+            why = message(conn.close_reason.value) if conn.close_reason else "closed"
+            next_conn = await _reconnect(
+                ctx, endpoint, 0.0, f"connection to {args.endpoint} lost ({why})"
+            )
+        if next_conn is None:
+            return EXIT_OK  # Ctrl-C while waiting to reconnect
+        conn = next_conn
+
+
 COMMANDS: dict[str, Callable[[Context], Coroutine[Any, Any, int]]] = {
     "ping": ping,
     "request": request,
     "watch": watch,
+    "subscribe": subscribe,
+    "publish": publish,
+    "presence": presence,
 }
 ADMIN_COMMANDS = ("clients", "send", "broadcast", "kick")
 
