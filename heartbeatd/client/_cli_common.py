@@ -146,9 +146,13 @@ class Context:
         call = self.reactor.callLater(seconds, d.callback, None)
         return d
 
-    async def connect(self, endpoint: IStreamClientEndpoint) -> ClientConnection:
-        """Connect and await the hello, with a deadline; every failure a `CliError`."""
+    async def connect(
+        self, endpoint: IStreamClientEndpoint, target: str | None = None
+    ) -> ClientConnection:
+        """Connect and await the hello, with a deadline; every failure a `CliError`
+        (naming ``target``, the endpoint as the user wrote it; default ENDPOINT)."""
         args = self.args
+        target = args.endpoint if target is None else target
         tls, token = credentials(args)
         try:
             connecting = connect(
@@ -167,7 +171,7 @@ class Context:
         try:
             interrupted, conn = await self.interrupt.until(connecting)
         except Exception as e:
-            raise connect_failure(e, args.endpoint, tls_hint=tls is None) from None
+            raise connect_failure(e, target, tls_hint=tls is None) from None
         if interrupted:
             raise CliError(EXIT_INTERRUPTED, "interrupted")
         return conn  # type: ignore[no-any-return]

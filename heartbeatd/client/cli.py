@@ -59,6 +59,11 @@ ENDPOINT_HELP = (
     "host:port (e.g. 127.0.0.1:9000, [::1]:9000) or a Twisted client endpoint string "
     "(tcp:host=H:port=P, unix:path=/run/heartbeatd.sock, tls:host=H:port=P)"
 )
+SEVERAL_HELP = (
+    "Several, separated by commas (the nodes of a cluster: 10.0.0.1:9000,10.0.0.2:9000), "
+    "are tried in turn: a command connects to the first that answers, and watch and "
+    "subscribe move to the next one when a connection fails."
+)
 _HOST_PORT = re.compile(r"(?P<host>[\w.\-]+|\[[0-9A-Fa-f:.]+\]):(?P<port>[^:]*)")
 #: Twisted client endpoint types a ``word:...`` may name (``unix:`` is not host "unix").
 _ENDPOINT_TYPES = frozenset({"tcp", "tcp6", "unix", "tls", "ssl", "hostname", "tor", "onion"})
@@ -133,6 +138,44 @@ def client_endpoint(reactor: Any, text: str) -> IStreamClientEndpoint:
             raise CliError(EXIT_USAGE, f"invalid endpoint {text!r}: missing {wanted}") from None
         detail = str(e) or type(e).__name__
         raise CliError(EXIT_USAGE, f"invalid endpoint {text!r}: {detail}") from None
+
+
+class Targets:
+    """ENDPOINT: one endpoint, or several separated by commas, tried in turn."""
+
+    def __init__(self, reactor: Any, text: str) -> None:
+        self.texts = [piece.strip() for piece in text.split(",")]
+        if not all(self.texts):
+            raise CliError(EXIT_USAGE, f"invalid endpoint list {text!r}: an empty entry")
+        self.endpoints = [client_endpoint(reactor, piece) for piece in self.texts]
+        #: The endpoint connected to, or to try first.
+        self.current = 0
+
+    @property
+    def name(self) -> str:
+        return self.texts[self.current]
+
+
+async def connect_any(ctx: Context, targets: Targets, start: int | None = None) -> ClientConnection:
+    """Try each endpoint once, from ``start`` (default: the current one) on; the first that
+    connects becomes current.  All failing: one `CliError` naming each failure."""
+    count = len(targets.endpoints)
+    first = targets.current if start is None else start % count
+    failures: list[CliError] = []
+    for step in range(count):
+        index = (first + step) % count
+        try:
+            conn = await ctx.connect(targets.endpoints[index], targets.texts[index])
+        except CliError as e:
+            if e.code == EXIT_INTERRUPTED or count == 1:
+                raise
+            failures.append(e)
+            continue
+        targets.current = index
+        return conn
+    codes = {e.code for e in failures}
+    code = codes.pop() if len(codes) == 1 else EXIT_CONNECTION
+    raise CliError(code, "; ".join(e.message for e in failures))
 
 
 def _positive(text: str) -> float:
@@ -250,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="heartbeat",
         description="Talk to a heartbeatd server (ping, request, watch; subscribe, publish,\n"
         "presence on channels) and to its admin API (clients, send, broadcast, kick).",
-        epilog=f"{textwrap.fill(f'ENDPOINT is {ENDPOINT_HELP}.', 78)}\n\n{EXIT_CODES}",
+        epilog=f"{textwrap.fill(f'ENDPOINT is {ENDPOINT_HELP}. {SEVERAL_HELP}', 78)}\n\n"
+        f"{EXIT_CODES}",
         formatter_class=formatter,
         parents=[conn],
     )
@@ -441,7 +485,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if not hasattr(args, name):
             setattr(args, name, None)
     if hasattr(args, "endpoint"):
-        client_endpoint(None, args.endpoint)  # a malformed one fails now, before any reactor
+        Targets(None, args.endpoint)  # a malformed one fails now, before any reactor
     if args.command in ADMIN_COMMANDS:
         from heartbeatd.client._admin_cli import base_url
 
@@ -451,7 +495,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 async def ping(ctx: Context) -> int:
     args = ctx.args
-    conn = await ctx.connect(client_endpoint(ctx.reactor, args.endpoint))
+    targets = Targets(ctx.reactor, args.endpoint)
+    conn = await connect_any(ctx, targets)
+    name = targets.name
     started = ctx.reactor.seconds()
     sent, times, failure = 0, [], None
     try:
@@ -465,21 +511,21 @@ async def ping(ctx: Context) -> int:
             try:
                 interrupted, _ = await ctx.interrupt.until(conn.request("ping"))
             except RequestTimeout:
-                ctx.print(f"no pong from {args.endpoint}: seq={sent} (timed out)")
+                ctx.print(f"no pong from {name}: seq={sent} (timed out)")
                 continue
             except ConnectionClosed as e:
-                failure = lost(e, args.endpoint)
+                failure = lost(e, name)
                 break
             if interrupted:
                 sent -= 1  # not answered because we stopped, not lost
                 break
             times.append((ctx.reactor.seconds() - before) * 1000)
-            ctx.print(f"pong from {args.endpoint}: seq={sent} time={times[-1]:.3f} ms")
+            ctx.print(f"pong from {name}: seq={sent} time={times[-1]:.3f} ms")
     finally:
         conn.close()
     elapsed = (ctx.reactor.seconds() - started) * 1000
     loss = 100.0 * (sent - len(times)) / sent if sent else 0.0
-    ctx.print(f"--- {args.endpoint} ping statistics ---")
+    ctx.print(f"--- {name} ping statistics ---")
     ctx.print(
         f"{sent} pings sent, {len(times)} pongs received, {loss:.0f}% loss, time {elapsed:.0f} ms"
     )
@@ -498,7 +544,9 @@ async def ping(ctx: Context) -> int:
 
 async def request(ctx: Context) -> int:
     args = ctx.args
-    conn = await ctx.connect(client_endpoint(ctx.reactor, args.endpoint))
+    targets = Targets(ctx.reactor, args.endpoint)
+    conn = await connect_any(ctx, targets)
+    args.endpoint = targets.name  # for the messages below: the one connected to
     if args.no_reply:
         return await _send_only(ctx, conn)
     try:
@@ -549,8 +597,8 @@ async def _send_only(ctx: Context, conn: ClientConnection) -> int:
 
 async def watch(ctx: Context) -> int:
     args = ctx.args
-    endpoint = client_endpoint(ctx.reactor, args.endpoint)
-    conn = await ctx.connect(endpoint)
+    targets = Targets(ctx.reactor, args.endpoint)
+    conn = await connect_any(ctx, targets)
     seen = 0
     while True:
         done: Deferred[str] = Deferred()
@@ -577,14 +625,14 @@ async def watch(ctx: Context) -> int:
         try:
             interrupted, outcome = await ctx.interrupt.until(done)
         except ConnectionClosed as e:
-            raise lost(e, args.endpoint) from None
+            raise lost(e, targets.name) from None
         if interrupted or outcome == "count" or args.exit_on_goaway:
             conn.close()
             return EXIT_OK
         window = (conn.goaway or {}).get("reconnect_after", 5)
         window = float(window) if isinstance(window, (int, float)) and window >= 0 else 5.0
         conn.close()
-        conn_or_none = await _reconnect(ctx, endpoint, window)
+        conn_or_none = await _reconnect(ctx, targets, window)
         if conn_or_none is None:
             return EXIT_OK  # Ctrl-C while waiting to reconnect
         conn = conn_or_none
@@ -592,22 +640,27 @@ async def watch(ctx: Context) -> int:
 
 async def _reconnect(
     ctx: Context,
-    endpoint: IStreamClientEndpoint,
+    targets: Targets,
     window: float,
     why: str = "server going away",
 ) -> ClientConnection | None:
-    """Reconnect at a random moment within ``window`` s, retrying until the deadline."""
+    """Reconnect at a random moment within ``window`` s, retrying until the deadline.
+
+    With several endpoints, it starts with the one after the server it left and tries each
+    in turn; only a full round of failures waits (0.25 s, doubling up to 5 s).
+    """
     args = ctx.args
     delay = random.uniform(0, window)
     ctx.note(f"{why}; reconnecting in {delay:.1f}s (window {window:g}s)")
     deadline = ctx.reactor.seconds() + delay + args.reconnect_timeout
     retry = 0.25
+    start = targets.current + 1 if len(targets.endpoints) > 1 else 0
     while True:
         interrupted, _ = await ctx.interrupt.until(ctx.sleep(delay))
         if interrupted:
             return None
         try:
-            conn = await ctx.connect(endpoint)
+            conn = await connect_any(ctx, targets, start)
         except CliError as e:
             if e.code in (EXIT_INTERRUPTED,):
                 return None
@@ -620,14 +673,15 @@ async def _reconnect(
             delay, retry = retry, min(retry * 2, 5.0)
             continue
         session = (conn.hello or {}).get("session", "?")
-        ctx.note(f"reconnected to {args.endpoint} (session {session})")
+        ctx.note(f"reconnected to {targets.name} (session {session})")
         return conn
 
 
 async def _ask(ctx: Context, type: str, data: Any) -> Any:
     """One request on a fresh connection; its reply's data, or a `CliError`."""
     args = ctx.args
-    conn = await ctx.connect(client_endpoint(ctx.reactor, args.endpoint))
+    targets = Targets(ctx.reactor, args.endpoint)
+    conn = await connect_any(ctx, targets)
     try:
         interrupted, reply = await ctx.interrupt.until(conn.request(type, data))
     except ServerError as e:
@@ -635,7 +689,7 @@ async def _ask(ctx: Context, type: str, data: Any) -> Any:
     except RequestTimeout:
         raise CliError(EXIT_TIMEOUT, f"no reply within {args.timeout:g}s") from None
     except ConnectionClosed as e:
-        raise lost(e, args.endpoint) from None
+        raise lost(e, targets.name) from None
     finally:
         conn.close()
     if interrupted:
@@ -667,7 +721,7 @@ async def subscribe(ctx: Context) -> int:
     from heartbeatd.client.channels import Subscription, channels_of
 
     args = ctx.args
-    endpoint = client_endpoint(ctx.reactor, args.endpoint)
+    targets = Targets(ctx.reactor, args.endpoint)
     channel = args.channel
     ended: list[Deferred[str]] = []  # the current connection's end: count, lost or goaway
     printed = 0
@@ -692,7 +746,7 @@ async def subscribe(ctx: Context) -> int:
     sub = Subscription(channel, publication, not_recovered)
     if args.since is not None:
         sub.epoch, sub.offset = args.since
-    conn = await ctx.connect(endpoint)
+    conn = await connect_any(ctx, targets)
     first, retry = True, RESUBSCRIBE_RETRY[0]
     while True:
         end: Deferred[str] = Deferred()
@@ -723,7 +777,7 @@ async def subscribe(ctx: Context) -> int:
             conn.abort(ConnectionClosed("no answer to subscribe"))
         except ConnectionClosed as e:
             if first:
-                raise lost(e, args.endpoint) from None
+                raise lost(e, targets.name) from None
         else:
             if interrupted:
                 conn.close()
@@ -748,11 +802,11 @@ async def subscribe(ctx: Context) -> int:
             window = (conn.goaway or {}).get("reconnect_after", 5)
             ok = isinstance(window, (int, float)) and window >= 0
             conn.close()
-            next_conn = await _reconnect(ctx, endpoint, float(window) if ok else 5.0)
+            next_conn = await _reconnect(ctx, targets, float(window) if ok else 5.0)
         else:
             why = message(conn.close_reason.value) if conn.close_reason else "closed"
             next_conn = await _reconnect(
-                ctx, endpoint, 0.0, f"connection to {args.endpoint} lost ({why})"
+                ctx, targets, 0.0, f"connection to {targets.name} lost ({why})"
             )
         if next_conn is None:
             return EXIT_OK  # Ctrl-C while waiting to reconnect
