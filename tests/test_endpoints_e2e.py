@@ -109,3 +109,33 @@ def test_subscribe_moves_to_another_node_and_recovers(tmp_path: Path) -> None:
             sub.process.terminate()
             sub.finish()
         assert nodes[1].daemon.stop() == 0
+
+
+def test_subscribe_retries_while_the_cluster_broker_is_down(tmp_path: Path) -> None:
+    with RedisServer(tmp_path / "redis") as redis, cluster(tmp_path, redis, 2) as nodes:
+        listed = ",".join(f"127.0.0.1:{node.port}" for node in nodes)
+        with Command("subscribe", listed, "news", "--reconnect-timeout", "20") as sub:
+            assert sub.next_line("stderr").startswith("heartbeat: subscribed to news at ")
+            redis.stop()
+            for node in nodes:
+                node.daemon.wait_for("Redis link down")
+            nodes[0].daemon.process.kill()
+            nodes[0].daemon.process.wait(10)
+            assert "lost" in sub.next_line("stderr")
+            assert sub.next_line("stderr").startswith("heartbeat: reconnected to")
+            # Node 1 cannot subscribe anyone while Redis is away: said, and retried.
+            retry = sub.next_line("stderr")
+            assert (
+                retry.startswith("heartbeat: subscribing to news again: ") and "retrying" in retry
+            )
+            redis.start()  # back, empty: the stream is gone, and the subscriber is told
+            line = sub.next_line("stderr")
+            while line.startswith("heartbeat: subscribing to news again"):
+                line = sub.next_line("stderr")
+            assert line.startswith("heartbeat: news: publications were lost")
+            assert sub.next_line("stderr").startswith("heartbeat: subscribed to news at ")
+            nodes[1].publish("news", "after")
+            assert json.loads(sub.next_line())["data"] == "after"
+            sub.process.terminate()
+            sub.finish()
+        assert nodes[1].daemon.stop() == 0
