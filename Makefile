@@ -35,11 +35,14 @@ $(OLDEST_STAMP): pyproject.toml twisted_plugins/heartbeatd_plugin.py tests/oldes
 # (tests/oldest-constraints.txt), less what does not depend on them (lint, the bench harness).
 test: test-newest test-oldest
 
+# Four pytest workers (pytest-xdist): the tests mostly wait on sockets and subprocesses.
+PYTEST_WORKERS ?= 4
+
 test-newest: $(STAMP) redis-server
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS)
 
 test-oldest: $(OLDEST_STAMP) redis-server
-	HEARTBEATD_OLDEST=1 $(OLDEST)/bin/python -m pytest -q -p no:cacheprovider \
+	HEARTBEATD_OLDEST=1 $(OLDEST)/bin/python -m pytest -q -n $(PYTEST_WORKERS) -p no:cacheprovider \
 		--ignore=tests/test_lint.py --ignore=tests/test_bench_smoke.py \
 		--ignore=tests/test_cluster_bench_smoke.py --ignore=tests/test_workers_bench_smoke.py
 
