@@ -61,8 +61,8 @@ ENDPOINT_HELP = (
 )
 SEVERAL_HELP = (
     "Several, separated by commas (the nodes of a cluster: 10.0.0.1:9000,10.0.0.2:9000), "
-    "are tried in turn: a command connects to the first that answers, and watch and "
-    "subscribe move to the next one when a connection fails."
+    "are tried in turn: a command connects to the first that answers; subscribe moves to "
+    "the next one when its connection is lost, and watch and subscribe after a goaway."
 )
 _HOST_PORT = re.compile(r"(?P<host>[\w.\-]+|\[[0-9A-Fa-f:.]+\]):(?P<port>[^:]*)")
 #: Twisted client endpoint types a ``word:...`` may name (``unix:`` is not host "unix").
@@ -94,7 +94,9 @@ def _endpoint_types() -> list[str]:
     from twisted.internet.interfaces import IStreamClientEndpointStringParserWithReactor
     from twisted.plugin import getPlugins
 
-    names = {name.lower() for name in endpoints._clientParsers}
+    # Twisted's built-in parsers (a private table: read with a fallback of its contents).
+    builtin = getattr(endpoints, "_clientParsers", None) or {"tcp": 0, "ssl": 0, "unix": 0}
+    names = {str(name).lower() for name in builtin}
     try:
         plugins = getPlugins(IStreamClientEndpointStringParserWithReactor)
         names.update(str(p.prefix).lower() for p in plugins)
