@@ -237,6 +237,14 @@ def admin_for(states: dict[int, str]) -> tuple[SupervisorAdmin, FakeChannel]:
     return admin, channel
 
 
+def render(admin: SupervisorAdmin, request: DummyRequest) -> None:
+    """As twisted.web does: an answer rendered at once is written and the request finished."""
+    result = admin.render(request)
+    if isinstance(result, bytes):
+        request.write(result)
+        request.finish()
+
+
 def answer(request: DummyRequest) -> tuple[int, Any]:
     assert request.finished
     return request.responseCode or 200, json.loads(b"".join(request.written))
@@ -245,8 +253,8 @@ def answer(request: DummyRequest) -> tuple[int, Any]:
 def test_concurrent_probes_share_one_question_per_worker_and_a_late_one_is_named() -> None:
     admin, channel = admin_for({0: "serving", 1: "serving"})
     first, second = admin_request(b"GET", b"/healthz"), admin_request(b"GET", b"/healthz")
-    admin.render(first)
-    admin.render(second)
+    render(admin, first)
+    render(admin, second)
     assert [(path, uri) for path, _, uri, _ in channel.asked] == [
         ("w0.sock", b"/healthz"),
         ("w1.sock", b"/healthz"),
@@ -262,7 +270,7 @@ def test_concurrent_probes_share_one_question_per_worker_and_a_late_one_is_named
 def test_kick_asks_every_serving_worker_and_the_holder_answers() -> None:
     admin, channel = admin_for({0: "serving", 1: "serving"})
     request = admin_request(b"DELETE", b"/clients/abc")
-    admin.render(request)
+    render(admin, request)
     assert [(m, u) for _, m, u, _ in channel.asked] == [
         (b"DELETE", b"/clients/abc?scope=local")
     ] * 2
@@ -274,7 +282,7 @@ def test_kick_asks_every_serving_worker_and_the_holder_answers() -> None:
 def test_kick_held_by_no_worker_is_forwarded_to_find_it_on_another_node() -> None:
     admin, channel = admin_for({0: "serving", 1: "serving"})
     request = admin_request(b"DELETE", b"/clients/abc")
-    admin.render(request)
+    render(admin, request)
     for asked in channel.asked[:2]:
         asked[3].callback(Reply(404, {}, b'{"error": "no client on this node"}'))
     # Held by none: the first worker is asked without ?scope=local (the whole cluster).
@@ -290,7 +298,7 @@ def test_with_no_worker_serving_requests_get_503_and_only_healthz_asks_nobody() 
     admin, channel = admin_for({0: "restarting", 1: "starting"})
     for method, uri in [(b"GET", b"/clients"), (b"DELETE", b"/clients/x"), (b"GET", b"/healthz")]:
         request = admin_request(method, uri)
-        admin.render(request)
+        render(admin, request)
         code, body = answer(request)
         assert code == 503, (uri, body)
     assert body["status"] == "unavailable" and body["missing"] == {
