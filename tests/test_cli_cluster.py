@@ -130,6 +130,12 @@ def test_admin_verbs_against_a_two_node_cluster(tmp_path: Path) -> None:
             # A client of the other node: kicked through the cluster, answered 200.
             assert ok(a0, "kick", there.session) == f"disconnected {there.session}\n"
             closed(there)
+            # Its close is recorded where it was held (closes are each node's own).
+            records = json.loads(ok(a1, "clients", "--json", "--evictions", "1"))
+            assert [(r["session"], r["reason"]) for r in records["recent_evictions"]] == [
+                (there.session, "admin")
+            ]
+            assert "admin" in ok(a1, "clients", "--evictions", "1")
             missing = fails(a0, "kick", "nobody")
             assert "404" in missing and "no client 'nobody' in the cluster" in missing
             # And one of its own node.

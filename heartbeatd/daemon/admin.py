@@ -249,15 +249,22 @@ class LocalBackend:
             for c in f.clients.values()
         ]
         result: dict[str, Any] = {"now": now, "count": len(clients), "clients": clients}
-        recent = call.query("recent_evictions")
-        if recent:
-            try:
-                n = max(0, int(recent))
-            except ValueError:
-                raise ApiError(400, "recent_evictions must be an integer") from None
-            records = list(f.recent_closes)[-n:] if n else []
-            result["recent_evictions"] = [eviction(r) for r in records]
+        recent = self.recent_evictions(call)
+        if recent is not None:
+            result["recent_evictions"] = recent
         return Answer(result)
+
+    def recent_evictions(self, call: Call) -> list[dict[str, Any]] | None:
+        """This daemon's last N closes for ``?recent_evictions=N``, or None when not asked."""
+        recent = call.query("recent_evictions")
+        if not recent:
+            return None
+        try:
+            n = max(0, int(recent))
+        except ValueError:
+            raise ApiError(400, "recent_evictions must be an integer") from None
+        records = list(self.factory.recent_closes)[-n:] if n else []
+        return [eviction(r) for r in records]
 
     def send(self, call: Call) -> Answer:
         session = call.params["session"]

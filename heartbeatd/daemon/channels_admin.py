@@ -3,7 +3,8 @@
 The routes (`heartbeatd.daemon.admin_routes`) answer for the whole cluster instead of this node:
 
     GET    /healthz               adds "node" and "broker": "up"/"down" (status "degraded")
-    GET    /clients               every node's clients, each with its "node"
+    GET    /clients               every node's clients, each with its "node" (and this node's
+                                  recent closes for ?recent_evictions=N)
     POST   /clients/{id}/send     reaches the session on whichever node holds it
     DELETE /clients/{id}          disconnects it on whichever node holds it (``?scope=local``:
                                   this node only, which a supervisor asks of each worker)
@@ -45,6 +46,8 @@ class _Local(Protocol):
 
     def publish(self, call: Call) -> Deferred[Answer]: ...
 
+    def recent_evictions(self, call: Call) -> list[dict[str, Any]] | None: ...
+
 
 class ClusterBackend:
     """The routes on a node of a cluster: clients, send, kick and broadcast span every node."""
@@ -76,8 +79,15 @@ class ClusterBackend:
         return Answer(body)
 
     def clients(self, call: Call) -> Deferred[Answer]:
-        d = self.hub.clients()
-        return d.addCallback(lambda found: Answer({"count": len(found), "clients": found}))
+        recent = self.local.recent_evictions(call)  # this node's: closes are not shared
+
+        def listed(found: list[dict[str, Any]]) -> Answer:
+            body: dict[str, Any] = {"count": len(found), "clients": found}
+            if recent is not None:
+                body["recent_evictions"] = recent
+            return Answer(body)
+
+        return self.hub.clients().addCallback(listed)
 
     def send(self, call: Call) -> Deferred[Answer]:
         session = call.params["session"]
