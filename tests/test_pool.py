@@ -496,6 +496,10 @@ def test_new_connections_spread_over_the_endpoints(clock: Clock) -> None:
     h.pool.release(conns[1], broken=True)
     h.pool.acquire()
     assert h.targets()[-1] == "b"
+    h.refuse()  # and a failed attempt is not counted as a connection
+    assert h.per_endpoint()["b"] == (1, True)
+    h.pool.close()
+    assert h.per_endpoint() == {"a": (0, False), "b": (0, True), "c": (0, False)}
 
 
 def test_a_failed_endpoint_is_skipped_until_its_own_backoff_passes(clock: Clock) -> None:

@@ -105,10 +105,12 @@ def _cancel(timer: IDelayedCall | None) -> None:
 class _Target:
     """One endpoint of the pool and how it has fared."""
 
-    __slots__ = ("down", "endpoint", "failures", "retry_at")
+    __slots__ = ("down", "endpoint", "failures", "load", "retry_at")
 
     def __init__(self, endpoint: Any) -> None:
         self.endpoint = endpoint
+        #: The pool's connections to it, made or being made (counted, not recounted).
+        self.load = 0
         #: Its last connect failed; tried again (while others serve) from ``retry_at``.
         self.down = False
         self.failures = 0
@@ -633,10 +635,9 @@ class Pool:
                 return
             self._create()
 
-    def _load(self, target: _Target) -> int:
-        """The pool's connections to ``target``, made or being made (retiring ones aside)."""
-        members = sum(m.target is target and not m.retiring for m in self._members.values())
-        return members + sum(a.target is target for a in self._attempts)
+    @staticmethod
+    def _load(target: _Target) -> int:
+        return target.load
 
     def _pick_target(self) -> _Target:
         """Where the next connection goes: the least loaded endpoint that is up (or due for
@@ -658,6 +659,7 @@ class Pool:
         target = self._pick_target()
         attempt = _Attempt(self._epoch, target)
         self._attempts.add(attempt)
+        target.load += 1
         self._asked = False
         self._attempts_started += 1
         try:
@@ -688,6 +690,7 @@ class Pool:
         _cancel(attempt.timer)
         self.created += 1
         if self._closed:
+            attempt.target.load -= 1
             conn.close()
             self._check_closed()
             return
@@ -726,6 +729,7 @@ class Pool:
 
     def _create_failed(self, failure: Failure, attempt: _Attempt) -> None:
         self._attempts.discard(attempt)
+        attempt.target.load -= 1
         _cancel(attempt.timer)
         self.errors += 1
         if attempt.timed_out:
@@ -876,6 +880,7 @@ class Pool:
         """The one way out of the pool: forget, stop its timers, close it, refill."""
         if self._members.pop(member.conn, None) is None:
             return
+        member.target.load -= 1
         if member.state is IDLE:
             self._idle.remove(member)
         member.state = GONE

@@ -64,15 +64,20 @@ class _RecordingEndpoint:
 Endpoints = str | IStreamClientEndpoint | Sequence[str | IStreamClientEndpoint]
 
 
-def endpoint_list(reactor: Any, endpoints: Endpoints) -> list[IStreamClientEndpoint]:
-    """One endpoint, or a list of them (strings or objects), as a non-empty list of objects."""
+def endpoint_list(
+    reactor: Any, endpoints: Endpoints, tls: ClientTLS | None = None
+) -> list[IStreamClientEndpoint]:
+    """One endpoint, or a list of them (strings or objects), as a non-empty list of objects;
+    with ``tls``, each under TLS (its name taken from the string as written)."""
     if isinstance(endpoints, str) or not isinstance(endpoints, Sequence):
         endpoints = [endpoints]
     if not endpoints:
         raise ValueError("no endpoint given")
     out = []
     for endpoint in endpoints:
-        if isinstance(endpoint, str):
+        if tls is not None:
+            endpoint = wrap_client_endpoint(reactor, endpoint, tls)
+        elif isinstance(endpoint, str):
             from twisted.internet.endpoints import clientFromString
 
             endpoint = clientFromString(reactor, endpoint)
@@ -97,9 +102,8 @@ class ReconnectingClient:
         tls: ClientTLS | None = None,
         token: str | None = None,
     ) -> None:
-        endpoints = endpoint_list(reactor, endpoint)
-        if tls is not None:  # TLS under every connection; the token is sent on each
-            endpoints = [wrap_client_endpoint(reactor, e, tls) for e in endpoints]
+        # TLS under every connection; the token is sent on each.
+        endpoints = endpoint_list(reactor, endpoint, tls)
         #: The endpoints tried in turn, and the index of the one connected to (or tried next).
         self.endpoints: list[IStreamClientEndpoint] = endpoints
         self.current = 0
