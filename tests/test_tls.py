@@ -266,6 +266,14 @@ def test_cli_speaks_tls_with_a_client_certificate_and_a_token(tmp_path: Path, ce
         )
         assert ok.returncode == 0, ok.stderr
         assert json.loads(ok.stdout) == "bob"  # the token's identity wins over the subject
+        # The channel verbs take the same options.
+        who = subprocess.run(
+            [HEARTBEAT, *tls_args, f"--token-file={token_file}", "presence", address, "news"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert (who.returncode, json.loads(who.stdout)) == (0, {"channel": "news", "clients": []})
 
         token_file.write_text("n0t-the-t0ken\n")
         refused = subprocess.run(
