@@ -19,8 +19,10 @@ $(STAMP): pyproject.toml twisted_plugins/heartbeatd_plugin.py
 	$(BIN)/python -c 'from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))'
 	touch $(STAMP)
 
+# The directory make runs in is on the daemon's PYTHONPATH, so a handler module saved there
+# (README: myapp_handlers.py) is found; `make run CONFIG=my.yaml` serves your own config.
 run: $(STAMP)
-	$(BIN)/twistd --nodaemon --pidfile= --logger=heartbeatd.daemon.logs.observer heartbeatd --config $(CONFIG)
+	PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" $(BIN)/twistd --nodaemon --pidfile= --logger=heartbeatd.daemon.logs.observer heartbeatd --config $(CONFIG)
 
 $(OLDEST_STAMP): pyproject.toml twisted_plugins/heartbeatd_plugin.py tests/oldest-constraints.txt
 	$(PYTHON) -m venv $(OLDEST)

@@ -123,6 +123,8 @@ class ChannelHub:
         self.gaps_filled = 0
         #: Subscriptions whose catch-up failed (broker down): retried when the link returns.
         self._stale: set[_Sub] = set()
+        #: The link has been down since start: its return is news, its first coming up is not.
+        self._link_was_down = False
         #: session id -> (tokens, when) of its subscribe rate limit (channels.subscribe_rate).
         self._subscribe_buckets: dict[str, tuple[float, float]] = {}
 
@@ -478,6 +480,9 @@ class ChannelHub:
     def on_broadcast(self, type: str, data: Any) -> None:
         self.factory.broadcast(type, data)
 
+    def on_kick(self, session: str) -> None:
+        self.kick_local(session)
+
     def on_link(self, up: bool) -> None:
         """After the broker's link returns, every subscription checks for a gap.
 
@@ -485,9 +490,11 @@ class ChannelHub:
         Redis blip, a node with 10,000 subscribers of a channel asks once, not 10,000 times).
         """
         if not up:
+            self._link_was_down = True
             log.warn("The cluster broker is unreachable; publish answers unavailable")
             return
-        log.info("The cluster broker is reachable again; subscribers catch up")
+        if self._link_was_down:
+            log.info("The cluster broker is reachable again; subscribers catch up")
         groups: dict[tuple[str, str, int], list[_Sub]] = {}
         stale, self._stale = self._stale, set()
         for sub in stale:
@@ -513,6 +520,22 @@ class ChannelHub:
         if not self.broker.clustered:
             return succeed(False)
         return self.broker.send(session, type, data).addErrback(_as_unavailable)
+
+    def kick_local(self, session: str) -> bool:
+        """Disconnect a client of this node (eviction reason ``admin``); False if not here."""
+        client = self.factory.clients.get(session)
+        if client is None:
+            return False
+        client.evict("admin", "disconnected through the admin API")
+        return True
+
+    def kick(self, session: str) -> Deferred[bool]:
+        """Disconnect a session on any node; fires False when no node has it."""
+        if self.kick_local(session):
+            return succeed(True)
+        if not self.broker.clustered:
+            return succeed(False)
+        return self.broker.kick(session).addErrback(_as_unavailable)
 
     def forward(self, session: str, type: str, data: Any = None) -> bool:
         """Send to a session of another node without waiting (False on one node)."""
