@@ -69,8 +69,7 @@ export class Client extends Emitter {
     this.state = 'idle';
     /** The current Connection (also while it drains after a goaway), or null. */
     this.connection = null;
-    /** The hello of the current (or last) connection. */
-    this.hello = null;
+    this._hello = null;
     /** The identity the server gave our token, on the current connection. */
     this.identity = null;
     /** Why the last attempt or connection failed (an Error), or null. */
@@ -96,6 +95,11 @@ export class Client extends Emitter {
     const waiting = new Promise((resolve, reject) => this._openWaiters.push({ resolve, reject }));
     if (this.state === 'idle') this._attempt();
     return waiting;
+  }
+
+  /** The hello of the current (or last) connection; null before one (a seed server sends none). */
+  get hello() {
+    return this.connection?.hello ?? this._hello;
   }
 
   get connected() {
@@ -322,7 +326,6 @@ export class Client extends Emitter {
     this._attempts = 0;
     this.lastError = null;
     this.state = 'connected';
-    this.hello = conn.hello;
     this.identity = conn.identity;
     for (const sub of this._subs.values()) if (sub.active) this._attach(conn, sub);
     this._flushQueue(conn);
@@ -348,6 +351,7 @@ export class Client extends Emitter {
     if (!conn.ready && !conn.draining) return; // a failed attempt: _attempt handles it
     if (this.connection !== conn) return;
     this.connection = null;
+    this._hello = conn.hello;
     if (this.state === 'closed') return;
     this.state = 'disconnected';
     this.lastError = reason;
