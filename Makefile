@@ -8,7 +8,7 @@ OLDEST := .venv-oldest
 OLDEST_STAMP := $(OLDEST)/.installed-stamp
 CONFIG ?= config/heartbeatd.yaml
 
-.PHONY: run test test-newest test-oldest lint bench clean redis-server
+.PHONY: run test test-newest test-oldest lint bench clean redis-server js-deps chromium
 
 $(STAMP): pyproject.toml twisted_plugins/heartbeatd_plugin.py
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "heartbeatd needs Python 3.10+"'
@@ -33,13 +33,14 @@ $(OLDEST_STAMP): pyproject.toml twisted_plugins/heartbeatd_plugin.py tests/oldes
 # (tests/oldest-constraints.txt), less what does not depend on them (lint, the bench harness).
 test: test-newest test-oldest
 
-test-newest: $(STAMP) redis-server
+test-newest: $(STAMP) redis-server js-deps chromium
 	$(BIN)/python -m pytest -q
 
 test-oldest: $(OLDEST_STAMP) redis-server
 	HEARTBEATD_OLDEST=1 $(OLDEST)/bin/python -m pytest -q -p no:cacheprovider \
 		--ignore=tests/test_lint.py --ignore=tests/test_bench_smoke.py \
-		--ignore=tests/test_cluster_bench_smoke.py --ignore=tests/test_workers_bench_smoke.py
+		--ignore=tests/test_cluster_bench_smoke.py --ignore=tests/test_workers_bench_smoke.py \
+		--ignore=tests/test_js_client.py --ignore=tests/test_js_browser.py
 
 # The cluster tests start their own redis-server; install it when missing (as root, Debian).
 redis-server:
@@ -51,6 +52,30 @@ redis-server:
 	    echo "  sudo apt-get install redis-server   (Debian/Ubuntu)"; \
 	    echo "  brew install redis                   (macOS)"; exit 1; }; }
 
+# The JavaScript client (js/): Node.js 18+ and npm (Debian's packages when missing), then its
+# dev dependencies from js/package-lock.json. Its tests run in test-newest only: they test the
+# client, not the Python dependency floors.
+JS_STAMP := js/node_modules/.installed-stamp
+
+js-deps: $(JS_STAMP)
+
+$(JS_STAMP): js/package.json js/package-lock.json
+	@command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || { \
+	  echo "node/npm are missing; installing the Debian packages (needs root and apt-get)"; \
+	  (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null 2>&1 || \
+	   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm)) || { \
+	    echo "Could not install Node.js; install Node.js 18+ and npm yourself"; exit 1; }; }
+	cd js && npm ci --no-audit --no-fund --loglevel=error
+	touch $(JS_STAMP)
+
+# The real-browser test (tests/test_js_browser.py) drives Debian's headless chromium.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "chromium is missing; installing the Debian package (needs root and apt-get)"; \
+	  (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 || \
+	   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)) || { \
+	    echo "Could not install chromium; install it yourself (apt-get install chromium)"; exit 1; }; }
+
 lint: $(STAMP)
 	$(BIN)/ruff check heartbeatd tests twisted_plugins bench
 	$(BIN)/ruff format --check heartbeatd tests twisted_plugins bench
@@ -61,4 +86,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) $(OLDEST) build dist .pytest_cache .hypothesis bench/build
+	rm -rf $(VENV) $(OLDEST) build dist .pytest_cache .hypothesis bench/build js/node_modules
