@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
@@ -24,8 +24,8 @@ from heartbeatd.daemon import logs
 from heartbeatd.daemon.sdnotify import Notifier
 from heartbeatd.daemon.signals import ShutdownSignals
 from heartbeatd.server import leantcp
+from heartbeatd.server.connection import format_address
 from heartbeatd.server.factory import ServerFactory
-from heartbeatd.server.protocol import format_address
 
 __all__ = ["ServerService", "raise_open_file_limit"]
 
@@ -58,6 +58,7 @@ class ServerService(Service):
         notifier: Notifier | None = None,
         on_hangup: Callable[[], object] | None = None,
         admin: tuple[IStreamServerEndpoint, Any] | None = None,
+        websocket: tuple[list[tuple[str, IStreamServerEndpoint]], Any] | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.factory = factory
@@ -67,6 +68,9 @@ class ServerService(Service):
         self._on_hangup = on_hangup
         self._admin = admin
         self.admin_port: IListeningPort | None = None
+        #: ([(description, endpoint)], the `WebSocketSite`) of the WebSocket listener, if on.
+        self._websocket = websocket
+        self.websocket_ports: list[IListeningPort] = []
         self._status_loop: LoopingCall | None = None
 
     def startService(self) -> None:
@@ -109,6 +113,17 @@ class ServerService(Service):
             timeout=config.heartbeat.timeout,
             limit=self.factory.max_connections,
         )
+        if self._websocket is not None:
+            endpoints, site = self._websocket
+            for description, endpoint in endpoints:
+                port = _bind(endpoint, site, description)
+                self.websocket_ports.append(port)
+                log.info(
+                    "heartbeatd {version} WebSocket listening on {address} (path {path})",
+                    version=__version__,
+                    address=format_address(port.getHost()),
+                    path=config.websocket.path,
+                )
         log.info(
             "Handlers: built-in{modules}; message types: {types}",
             modules="".join(f", {name}" for name in config.handlers),
@@ -139,6 +154,12 @@ class ServerService(Service):
         port, self.port = self.port, None
         address = format_address(port.getHost()) if port is not None else ""
         stopped = maybeDeferred(port.stopListening) if port is not None else succeed(None)
+        ws_ports, self.websocket_ports = self.websocket_ports, []
+        if ws_ports:
+            stopped = DeferredList(
+                [stopped, *(maybeDeferred(p.stopListening) for p in ws_ports)],
+                consumeErrors=True,
+            )
         shutdown = self.factory.config.shutdown
 
         def drain(_: object) -> Deferred[None]:

@@ -168,6 +168,15 @@ class Options(usage.Options):
                     f"cluster.redis: {config.cluster.redis!r} needs the Redis client: "
                     "pip install 'heartbeatd[cluster]' (txredisapi), or set cluster.redis: ''"
                 )
+        for index, description in enumerate(config.websocket.endpoints):
+            ws_error = check_endpoint(description, _reactor())
+            if ws_error:
+                errors.append(f"websocket.{ws_error}" + (f" (item {index})" if index else ""))
+        if config.websocket.endpoints:
+            from heartbeatd.websocket import MISSING_EXTRA, available
+
+            if not available():
+                errors.append(f"websocket.listen: {config.websocket.listen!r}: {MISSING_EXTRA}")
         self.admin_token = read_admin_token(config, errors)
         registry = build_registry(config, errors)
         tls, authenticator = check_security(config, errors)
@@ -252,7 +261,18 @@ def makeService(options: Options) -> IService:
         if worker is not None:  # the supervisor logs the operator's requests, not its own
             site.access_log = False
         admin = (admin_endpoint, site)
-    service = ServerService(endpoint, factory, reactor, notifier, reloader.reload, admin)
+    websocket = None
+    if config.websocket.endpoints and worker is None:
+        from heartbeatd.websocket.protocol import WebSocketSite
+
+        ws_endpoints = []
+        for description in config.websocket.endpoints:
+            ws_endpoint = serverFromString(reactor, description)
+            if options.tls is not None:  # the same tls.* keys make it wss://
+                ws_endpoint = options.tls.wrap(ws_endpoint, reactor)
+            ws_endpoints.append((description, ws_endpoint))
+        websocket = (ws_endpoints, WebSocketSite(factory))
+    service = ServerService(endpoint, factory, reactor, notifier, reloader.reload, admin, websocket)
     if isinstance(factory, WorkerFactory):
         factory.service = service  # a full worker pauses the shared port
     return service

@@ -25,9 +25,10 @@ from twisted.python.failure import Failure
 from heartbeatd._logging import get_logger
 from heartbeatd.cluster.broker import Broker, BrokerUnavailable, History, Position
 from heartbeatd.config import ChannelsConfig, Config
+from heartbeatd.server.connection import Connection
 from heartbeatd.server.handlers import HandlerError, HandlerRegistry, Request
-from heartbeatd.server.protocol import ServerProtocol
 from heartbeatd.wire.envelope import encode_json, encode_message
+from heartbeatd.wire.framing import SharedFrame
 
 __all__ = ["CHANNEL_TYPES", "ChannelHub", "register"]
 
@@ -38,7 +39,7 @@ class _Factory(Protocol):
     config: Config
     framing: Any
     clock: Any
-    clients: dict[str, ServerProtocol]
+    clients: dict[str, Connection]
 
     def send(self, session_id: str, type: str, data: Any = ...) -> bool: ...
 
@@ -77,7 +78,7 @@ class _Sub:
         "pending",
     )
 
-    def __init__(self, client: ServerProtocol, channel: str, join_leave: bool) -> None:
+    def __init__(self, client: Connection, channel: str, join_leave: bool) -> None:
         self.client = client
         self.channel = channel
         self.join_leave = join_leave
@@ -192,7 +193,7 @@ class ChannelHub:
 
     def subscribe(
         self,
-        client: ServerProtocol,
+        client: Connection,
         channel: str,
         since: tuple[str, int] | None = None,
         join_leave: bool = False,
@@ -261,7 +262,7 @@ class ChannelHub:
         returned = True
         return reply
 
-    def unsubscribe(self, client: ServerProtocol, channel: str) -> dict[str, Any]:
+    def unsubscribe(self, client: Connection, channel: str) -> dict[str, Any]:
         sub = self._by_client.get(client.session_id, {}).get(channel)
         if sub is None:
             raise HandlerError(NOT_SUBSCRIBED, f"not subscribed to {channel!r}")
@@ -279,7 +280,7 @@ class ChannelHub:
     def _is_current(self, sub: _Sub) -> bool:
         return self._subs.get(sub.channel, {}).get(sub.client.session_id) is sub
 
-    def _info(self, client: ServerProtocol) -> dict[str, Any]:
+    def _info(self, client: Connection) -> dict[str, Any]:
         return {
             "session": client.session_id,
             "node": self.broker.node_id,
@@ -312,13 +313,13 @@ class ChannelHub:
 
     # -- connections -------------------------------------------------------------------------
 
-    def _client_info(self, client: ServerProtocol) -> dict[str, Any]:
+    def _client_info(self, client: Connection) -> dict[str, Any]:
         info = self._info(client)
         info["peer"] = client.peer
         info["connected_at"] = client.connected_at
         return info
 
-    def client_connected(self, client: ServerProtocol) -> None:
+    def client_connected(self, client: Connection) -> None:
         if self.broker.clustered:
             self.broker.client_connected(client.session_id, self._client_info(client))
 
@@ -326,7 +327,7 @@ class ChannelHub:
         """Every connected client with its info (the broker re-registers them after a blip)."""
         return {s: self._client_info(c) for s, c in self.factory.clients.items()}
 
-    def client_disconnected(self, client: ServerProtocol) -> None:
+    def client_disconnected(self, client: Connection) -> None:
         mine = self._by_client.get(client.session_id)
         if mine:
             for sub in list(mine.values()):
@@ -340,11 +341,11 @@ class ChannelHub:
         subs = self._subs.get(channel)
         if not subs:
             return
-        frame = self.factory.framing.encode(publication_body(channel, offset, data))
+        frame = SharedFrame(publication_body(channel, offset, data))
         for sub in list(subs.values()):
             if sub.pending is None and sub.offset + 1 == offset and sub.epoch == epoch:
                 sub.offset = offset
-                sub.client.write_frame(frame)
+                sub.client.write_shared(frame)
                 self.delivered += 1
             else:
                 self._deliver(sub, epoch, offset, data)
@@ -366,9 +367,7 @@ class ChannelHub:
             self.catch_up(sub, (epoch, offset, data))
             return
         sub.offset = offset
-        sub.client.write_frame(
-            self.factory.framing.encode(publication_body(sub.channel, offset, data))
-        )
+        sub.client.write_frame(publication_body(sub.channel, offset, data), encoded=False)
         self.delivered += 1
 
     def _live(self, sub: _Sub, backlog: list[str]) -> None:
@@ -440,11 +439,11 @@ class ChannelHub:
         if not subs:
             return
         body = encode_message(event, {"channel": channel, **info})
-        frame = self.factory.framing.encode(body)
+        frame = SharedFrame(body)
         session = info.get("session")
         for sub in list(subs.values()):
             if sub.join_leave and sub.pending is None and sub.client.session_id != session:
-                sub.client.write_frame(frame)
+                sub.client.write_shared(frame)
 
     def on_message(self, session: str, type: str, data: Any) -> None:
         self.factory.send(session, type, data)
@@ -532,7 +531,7 @@ def _log_failure(failure: Failure, what: str, channel: str) -> None:
 # handlers never see: they are part of the server, so they may read Request's private link.
 
 
-def _connection(request: Request) -> ServerProtocol:
+def _connection(request: Request) -> Connection:
     return request._connection  # type: ignore[no-any-return]
 
 
