@@ -226,21 +226,21 @@ export interface FrameDecoder {
   readonly maxFrameBytes: number;
   readonly error: FramingError | null;
   readonly buffered: number;
-  feed(chunk: Uint8Array | ArrayUint8Array): FrameItem[];
+  feed(chunk: Uint8Array | ArrayBuffer): FrameItem[];
 }
 export class Int32Decoder implements FrameDecoder {
   constructor(maxFrameBytes: number);
   readonly maxFrameBytes: number;
   readonly error: FramingError | null;
   readonly buffered: number;
-  feed(chunk: Uint8Array | ArrayUint8Array): FrameItem[];
+  feed(chunk: Uint8Array | ArrayBuffer): FrameItem[];
 }
 export class SeedDecoder implements FrameDecoder {
   constructor(maxFrameBytes: number);
   readonly maxFrameBytes: number;
   readonly error: FramingError | null;
   readonly buffered: number;
-  feed(chunk: Uint8Array | ArrayUint8Array): FrameItem[];
+  feed(chunk: Uint8Array | ArrayBuffer): FrameItem[];
 }
 export function encodeInt32(body: string | Uint8Array): Uint8Array;
 export function encodeSeed(body: string | Uint8Array): Uint8Array;

@@ -93,7 +93,8 @@ export class Client extends Emitter {
     if (this.state === 'closed') return Promise.reject(new ConnectionError('the client is closed'));
     if (this.state === 'connected') return Promise.resolve(this);
     const waiting = new Promise((resolve, reject) => this._openWaiters.push({ resolve, reject }));
-    if (this.state === 'idle') this._attempt();
+    // Idle, or disconnected with no retry planned (reconnect: false): start an attempt.
+    if (this.state === 'idle' || (this.state === 'disconnected' && this._retryTimer === null)) this._attempt();
     return waiting;
   }
 
