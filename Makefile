@@ -77,8 +77,8 @@ chromium:
 	    echo "Could not install chromium; install it yourself (apt-get install chromium)"; exit 1; }; }
 
 lint: $(STAMP)
-	$(BIN)/ruff check heartbeatd tests twisted_plugins bench
-	$(BIN)/ruff format --check heartbeatd tests twisted_plugins bench
+	$(BIN)/ruff check heartbeatd tests twisted_plugins bench examples js/test/fixtures
+	$(BIN)/ruff format --check heartbeatd tests twisted_plugins bench examples js/test/fixtures
 
 # Benchmarks: heartbeatd against plain Twisted, Node.js and C peers (see docs/benchmarks.md).
 bench: $(STAMP)

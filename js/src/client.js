@@ -27,6 +27,15 @@ export const DEFAULTS = Object.freeze({
 /** Events the client emits itself; a push of one of these types reaches `onPush` only. */
 export const CLIENT_EVENTS = Object.freeze(['connecting', 'connected', 'disconnected', 'goaway', 'error']);
 
+/** A request's timeout in ms, or a RangeError: setTimeout fires at once past 2^31 - 1. */
+function timeoutOf(timeout, fallback) {
+  const ms = timeout ?? fallback;
+  if (typeof ms !== 'number' || !(ms > 0) || ms > 2_147_483_647) {
+    throw new RangeError(`a timeout is a number of ms in 1..2147483647, not ${ms}`);
+  }
+  return ms;
+}
+
 function checkOptions(options) {
   const o = { ...DEFAULTS };
   for (const [key, value] of Object.entries(options ?? {})) {
@@ -132,7 +141,12 @@ export class Client extends Emitter {
    * ConnectionError (lost before the reply, or the client closed) or QueueFullError.
    */
   request(type, data, { timeout } = {}) {
-    const ms = timeout ?? this.options.timeout;
+    let ms;
+    try {
+      ms = timeoutOf(timeout, this.options.timeout);
+    } catch (error) {
+      return Promise.reject(error);
+    }
     if (typeof type !== 'string' || type === '') {
       return Promise.reject(new TypeError('a message type is a non-empty string'));
     }
@@ -143,7 +157,12 @@ export class Client extends Emitter {
 
   /** Seed framing: send a bare JSON value; resolves with the next bare value received. */
   requestValue(value, { timeout } = {}) {
-    const ms = timeout ?? this.options.timeout;
+    let ms;
+    try {
+      ms = timeoutOf(timeout, this.options.timeout);
+    } catch (error) {
+      return Promise.reject(error);
+    }
     const conn = this.connection;
     if (conn !== null && conn.usable) return conn.requestValue(value, { timeout: ms });
     return this._enqueue((c, left) => c.requestValue(value, { timeout: left }), ms);

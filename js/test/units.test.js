@@ -95,6 +95,19 @@ test('urls: tcp, tls, ws, wss; anything else is a TypeError', () => {
   assert.throws(() => new Client('tcp://h:1', { timeout: 0 }), RangeError);
   assert.throws(() => new Client('tcp://h:1', { framing: 'xml' }), RangeError);
   assert.throws(() => new Client('tcp://h:1', { maxReconnectDelay: 1, minReconnectDelay: 2 }), RangeError);
+  assert.throws(() => new Client('tcp://h:1', { maxQueuedRequests: 1.5 }), RangeError);
+  assert.throws(() => new Client('tcp://h:1', { getToken: 'token' }), TypeError);
+});
+
+test('request timeouts are checked before anything is queued or sent', async () => {
+  const client = new Client('tcp://127.0.0.1:1');
+  for (const timeout of [0, -1, NaN, 2 ** 31, 'soon']) {
+    await assert.rejects(client.request('echo', 1, { timeout }), RangeError);
+    await assert.rejects(client.requestValue(1, { timeout }), RangeError);
+  }
+  await assert.rejects(client.request('', 1), TypeError);
+  assert.equal(client.state, 'idle'); // nothing was started
+  await client.close();
 });
 
 function subscription(options) {
