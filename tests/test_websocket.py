@@ -8,13 +8,17 @@ most tests (module scope); tests that need their own limits start their own.
 
 from __future__ import annotations
 
+import json
 import selectors
+import signal
 import socket
 import struct
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.request import urlopen
 
 import pytest
 from daemon import Daemon, RawClient
@@ -43,6 +47,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
 def client(daemon: Daemon, **options: Any) -> WSClient:
     options.setdefault("path", "/ws")
     ws = WSClient(daemon.ws_port, **options)
+    ws.skip_pings = True  # the daemon pings every 0.25 s: tests here look past them
     assert ws.status == 101, ws.response_head
     assert ws.recv()["type"] == "hello"
     return ws
@@ -86,8 +91,9 @@ def test_fragmented_message_with_a_ping_in_between(daemon: Daemon) -> None:
         ws.send_frame(PING, b"mid")
         ws.send_frame(CONTINUATION, body[10:20], fin=False)
         ws.send_frame(CONTINUATION, body[20:])
-        opcode, payload, _ = ws.recv_frame()
-        assert (opcode, payload) == (PONG, b"mid")
+        while (got := ws.recv_frame())[0] == TEXT:  # past any heartbeat ping of ours
+            pass
+        assert got[:2] == (PONG, b"mid")
         assert ws.recv() == {"type": "echo", "id": 7, "data": "abcdef"}
 
 
@@ -165,7 +171,9 @@ def test_a_close_from_the_client_is_answered_with_its_code(daemon: Daemon) -> No
 def test_a_ping_frame_gets_a_pong_with_its_payload(daemon: Daemon) -> None:
     with client(daemon) as ws:
         ws.send_frame(PING, b"12345")
-        assert ws.recv_frame()[:2] == (PONG, b"12345")
+        while (got := ws.recv_frame())[0] == TEXT:
+            pass
+        assert got[:2] == (PONG, b"12345")
 
 
 def test_a_handshake_that_never_finishes_is_dropped_by_its_deadline(daemon: Daemon) -> None:
@@ -260,17 +268,38 @@ def test_compression_is_negotiated_and_bounded(tmp_path: Path) -> None:
             assert b"permessage-deflate" in ws.response_head
             assert ws.recv()["type"] == "hello"
             ws.send({"type": "echo", "id": 1, "data": "y" * 1000})
-            assert ws.recv()["data"] == "y" * 1000  # small replies stay uncompressed
+            assert ws.recv()["data"] == "y" * 1000  # compressed, and inflated by the client
             # A 60-byte compressed frame that inflates far past max_frame_bytes.
             bomb = zlib.compressobj(9, zlib.DEFLATED, -12)
             data = bomb.compress(b'"' + b"z" * 100_000) + bomb.flush(zlib.Z_SYNC_FLUSH)
             ws.send_frame(TEXT, data[:-4], rsv=4)
             assert ws.wait_closed()[0] == 1009
+        # A client that cannot shrink its window compresses with 32 KiB: inflated with it.
+        headers = {"Sec-WebSocket-Extensions": "permessage-deflate"}
+        with WSClient(daemon.ws_port, path="/ws", headers=headers) as ws:
+            assert ws.recv()["type"] == "hello"
+            text = b'{"type":"echo","id":2,"data":"' + b"ab" * 1500 + b'"}'
+            deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+            data = deflate.compress(text) + deflate.flush(zlib.Z_SYNC_FLUSH)
+            ws.send_frame(TEXT, data[:-4], rsv=4)
+            _, payload, first = ws.recv_frame()
+            assert first & 0x40  # a large reply comes compressed
+            inflated = zlib.decompressobj(-15).decompress(payload + b"\x00\x00\xff\xff")
+            assert json.loads(inflated)["data"] == "ab" * 1500
 
 
 def test_the_tcp_listener_is_unaffected(daemon: Daemon) -> None:
     with RawClient(daemon.port) as tcp:
         assert tcp.recv()["data"]["framing"] == "int32"
+
+
+def recv_type(ws: WSClient, type_: str) -> dict[str, Any]:
+    """The next message of ``type_`` (heartbeat pings skipped)."""
+    while True:
+        message = ws.recv()
+        assert message is not None, f"closed while waiting for {type_}"
+        if message["type"] == type_:
+            return message
 
 
 def read_all(s: socket.socket) -> bytes:
@@ -283,3 +312,85 @@ def read_all(s: socket.socket) -> bytes:
         if not chunk:
             return data
         data += chunk
+
+
+def test_websocket_without_the_extra_is_a_config_error_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from heartbeatd.daemon.tap import Options
+
+    monkeypatch.setitem(sys.modules, "wsproto", None)  # as if wsproto were not installed
+    path = tmp_path / "c.yaml"
+    path.write_text(json.dumps({"websocket": {"listen": "tcp:0"}}))
+    with pytest.raises(SystemExit) as raised:
+        Options().parseOptions(["--config", str(path)])
+    assert "websocket.listen: 'tcp:0': " in str(raised.value)
+    assert "pip install 'heartbeatd[websocket]'" in str(raised.value)
+
+
+def test_bad_websocket_keys_are_config_errors(tmp_path: Path) -> None:
+    from daemon import run_twistd
+
+    path = tmp_path / "c.yaml"
+    bad = {"listen": ["tcp:0", "nonsense:1"], "path": "ws", "allowed_origins": ["example.org"]}
+    path.write_text(json.dumps({"websocket": bad}))
+    result = run_twistd("heartbeatd", "--config", str(path))
+    out = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "websocket.path: 'ws' is not allowed; expected a URL path starting with /" in out
+    assert "websocket.allowed_origins: ['example.org'] is not allowed" in out
+
+
+def test_trusted_proxies_name_the_client_for_limits_and_logs(tmp_path: Path) -> None:
+    config = {
+        **CONFIG,
+        "websocket": {**CONFIG["websocket"], "trusted_proxies": ["127.0.0.1"]},
+        "limits": {"max_connections_per_address": 1, "per_address_exempt": []},
+        "admin": {"listen": "tcp:0:interface=127.0.0.1"},
+    }
+    with Daemon(tmp_path, config) as daemon:
+        via = {"X-Forwarded-For": "198.51.100.7, 127.0.0.1"}  # client, then a proxy of ours
+        with client(daemon, headers=via) as first:
+            first.send({"type": "echo", "id": 1})
+            assert first.recv()["id"] == 1
+            # The same client again through the proxy: over its per-address limit.
+            with WSClient(daemon.ws_port, path="/ws", headers=via) as second:
+                assert second.status == 429
+                assert b"198.51.100.7 holds 1 connections" in second.read_rest()
+            # Another client through the same proxy is a different address.
+            other = {"X-Forwarded-For": "203.0.113.9"}
+            with client(daemon, headers=other):
+                admin = int(daemon.wait_for(r"admin API listening on 127\.0\.0\.1:(\d+)")[1])
+                clients = json.loads(urlopen(f"http://127.0.0.1:{admin}/clients").read())
+        peers = sorted(c["peer"] for c in clients["clients"])
+        assert peers[0].startswith("198.51.100.7 (via 127.0.0.1:")
+        assert peers[1].startswith("203.0.113.9 (via 127.0.0.1:")
+
+
+def test_wss_with_the_tls_keys_and_a_client_certificate(tmp_path: Path) -> None:
+    from test_tls import WHOAMI, Certs, client_context, tls_config
+
+    certs = Certs(tmp_path / "certs")
+    (tmp_path / "whoami.py").write_text(WHOAMI)
+    config = {**CONFIG, **tls_config(certs, client_ca=str(certs.ca_file)), "handlers": ["whoami"]}
+    with Daemon(tmp_path, config, env={"PYTHONPATH": str(tmp_path)}) as daemon:
+        context = client_context(certs, True)
+        with client(daemon, tls=context) as ws:
+            ws.send({"type": "whoami", "id": 1})
+            assert "CN=alice" in ws.recv()["data"]
+        with socket.create_connection(("127.0.0.1", daemon.ws_port), timeout=10) as s:
+            s.sendall(handshake_request("/ws"))  # plain text at a wss:// port
+            assert b"HTTP/1.1 101" not in read_all(s)
+
+
+def test_shutdown_says_goaway_and_closes_with_1001(tmp_path: Path) -> None:
+    config = {**CONFIG, "shutdown": {"drain_timeout": 0.5, "close_timeout": 5}}
+    with Daemon(tmp_path, config) as daemon, client(daemon) as ws, client(daemon) as stays:
+        daemon.process.send_signal(signal.SIGTERM)
+        goaway = recv_type(ws, "goaway")
+        assert goaway["data"]["reason"] == "shutdown"
+        ws.send_frame(CLOSE, struct.pack("!H", 1000))  # leaves as asked
+        assert ws.wait_closed() == (1000, "")
+        recv_type(stays, "goaway")
+        assert stays.wait_closed() == (1001, "shutdown")  # the drain is over
+        assert daemon.process.wait(20) == 0

@@ -15,6 +15,7 @@ import os
 import socket
 import ssl
 import struct
+import zlib
 from typing import Any
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -36,19 +37,22 @@ def handshake_request(
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
+def header(opcode: int, n: int, *, fin: bool = True, mask: bool = True, rsv: int = 0) -> bytes:
+    """A frame header announcing ``n`` bytes (without the masking key)."""
+    first = (0x80 if fin else 0) | (rsv << 4) | opcode
+    bit = 0x80 if mask else 0
+    if n < 126:
+        return struct.pack("!BB", first, bit | n)
+    if n < 65536:
+        return struct.pack("!BBH", first, bit | 126, n)
+    return struct.pack("!BBQ", first, bit | 127, n)
+
+
 def frame(
     opcode: int, payload: bytes, *, fin: bool = True, mask: bool = True, rsv: int = 0
 ) -> bytes:
     """One client frame (masked unless ``mask=False``); ``rsv``: the RSV bits (0-7)."""
-    first = (0x80 if fin else 0) | (rsv << 4) | opcode
-    n = len(payload)
-    bit = 0x80 if mask else 0
-    if n < 126:
-        head = struct.pack("!BB", first, bit | n)
-    elif n < 65536:
-        head = struct.pack("!BBH", first, bit | 126, n)
-    else:
-        head = struct.pack("!BBQ", first, bit | 127, n)
+    head = header(opcode, len(payload), fin=fin, mask=mask, rsv=rsv)
     if not mask:
         return head + payload
     key = os.urandom(4)
@@ -59,6 +63,9 @@ def frame(
 class WSClient:
     """A WebSocket connection to the daemon, with `RawClient`'s envelope interface."""
 
+    #: `recv` passes over the server's heartbeat pings (without answering them).
+    skip_pings = False
+
     def __init__(
         self,
         port: int,
@@ -68,8 +75,10 @@ class WSClient:
         headers: dict[str, str] | None = None,
         tls: ssl.SSLContext | None = None,
         handshake: bool = True,
+        sock: socket.socket | None = None,
     ) -> None:
-        sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        if sock is None:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
         self.sock = tls.wrap_socket(sock, server_hostname="localhost") if tls else sock
         self._buffer = b""
         self.status = 0
@@ -153,9 +162,14 @@ class WSClient:
             got = self.recv_frame()
             if got is None:
                 return None
-            opcode, payload, _ = got
+            opcode, payload, first = got
             if opcode == TEXT:
-                return json.loads(payload)
+                if first & 0x40:  # permessage-deflate; the server takes no context over
+                    payload = zlib.decompressobj(-15).decompress(payload + b"\x00\x00\xff\xff")
+                message = json.loads(payload)
+                if self.skip_pings and message.get("type") == "ping":
+                    continue
+                return message
             if opcode == CLOSE:
                 code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1005
                 self.close_code = (code, payload[2:].decode("utf-8", "replace"))

@@ -47,7 +47,13 @@ from heartbeatd.server.connection import Connection, format_address, is_tls
 from heartbeatd.server.protocol import RefusedProtocol
 from heartbeatd.wire import envelope
 from heartbeatd.wire.framing import FrameTooLarge
-from heartbeatd.wire.websocket import CLOSE_CODES, DeflateFraming, WebSocketFraming, close_frame
+from heartbeatd.wire.websocket import (
+    CLOSE_CODES,
+    DeflateFraming,
+    WebSocketFraming,
+    close_frame,
+    read_text_frames,
+)
 
 __all__ = ["WebSocketProtocol", "WebSocketSite", "http_response"]
 
@@ -102,6 +108,12 @@ class BoundedDeflate(PerMessageDeflate):
         super().__init__(client_max_window_bits=12, server_no_context_takeover=True)
         self.limit = limit
         self._inflated = 0
+
+    def accept(self, offer: str) -> bool | str | None:
+        # A smaller window than 15 bits only when the client said it can compress with one.
+        if "client_max_window_bits" not in offer:
+            self.client_max_window_bits = 15
+        return super().accept(offer)
 
     def frame_inbound_payload_data(self, proto: Any, data: bytes) -> bytes | CloseReason:
         if not self._inbound_compressed or not self._inbound_is_compressible:
@@ -178,6 +190,10 @@ class WebSocketProtocol(Connection):
     """One client connection of the WebSocket listener (see the module docstring)."""
 
     __slots__ = ("_message", "_site", "_ws")
+
+    #: Read whole text messages without wsproto when they come one frame each
+    #: (`read_text_frames`); False sends every byte through wsproto (a test compares both).
+    frame_fast_path = True
 
     def __init__(self, site: WebSocketSite) -> None:
         super().__init__()
@@ -269,6 +285,8 @@ class WebSocketProtocol(Connection):
         accept = self._ws.send(AcceptConnection(extensions=extensions))
         if extensions and deflate.enabled():
             framing = site.deflate_framing(deflate.server_max_window_bits)
+            # The hot path writes header + body as they are; the general path compresses.
+            self.fast_path = False
         trailing = getattr(self._ws, "_h11_connection", None)
         trailing = trailing.trailing_data[0] if trailing is not None else b""
         self._ws = self._ws.connection
@@ -321,13 +339,26 @@ class WebSocketProtocol(Connection):
 
     def _receive(self, data: bytes) -> None:
         ws = self._ws
+        limit = self.factory.config.max_frame_bytes
+        message = self._message
+        if message is None and self.frame_fast_path and self.fast_path:
+            # Whole text messages at the front of the read, while wsproto holds nothing of
+            # the stream: read here; wsproto reads from the first other frame on.
+            decoder = ws._proto._frame_decoder
+            if decoder.header is None and not len(decoder.buffer) and self.close_reason is None:
+                items, used = read_text_frames(data, limit)
+                if used == len(data):
+                    self._deliver(items, 0)
+                    return
+                data = data[used:]
+            else:
+                items = []
+        else:
+            items = []
         try:
             ws.receive_data(data)
         except LocalProtocolError:
             return  # closed already: what the peer adds is of no interest
-        limit = self.factory.config.max_frame_bytes
-        message = self._message
-        items: list[bytes] = []
         control: list[bytes] = []
         error: FrameTooLarge | None = None
         ended: Any = None
