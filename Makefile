@@ -52,6 +52,15 @@ redis-server:
 	    echo "  sudo apt-get install redis-server   (Debian/Ubuntu)"; \
 	    echo "  brew install redis                   (macOS)"; exit 1; }; }
 
+# The browser tests (tests/browser.py) run headless Chromium; install it when missing.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  echo "chromium is missing; installing the Debian package (needs root and apt-get)"; \
+	  (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 || \
+	   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)) || { \
+	    echo "Could not install chromium. Install it yourself, e.g."; \
+	    echo "  sudo apt-get install chromium   (Debian/Ubuntu)"; exit 1; }; }
+
 # The JavaScript client (js/): Node.js 18+ and npm (Debian's packages when missing), then its
 # dev dependencies from js/package-lock.json. Its tests run in test-newest only: they test the
 # client, not the Python dependency floors.
@@ -67,14 +76,6 @@ $(JS_STAMP): js/package.json js/package-lock.json
 	    echo "Could not install Node.js; install Node.js 18+ and npm yourself"; exit 1; }; }
 	cd js && npm ci --no-audit --no-fund --loglevel=error
 	touch $(JS_STAMP)
-
-# The real-browser test (tests/test_js_browser.py) drives Debian's headless chromium.
-chromium:
-	@command -v chromium >/dev/null 2>&1 || { \
-	  echo "chromium is missing; installing the Debian package (needs root and apt-get)"; \
-	  (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 || \
-	   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)) || { \
-	    echo "Could not install chromium; install it yourself (apt-get install chromium)"; exit 1; }; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check heartbeatd tests twisted_plugins bench examples js/test/fixtures

@@ -1,30 +1,36 @@
-"""Headless Chromium for tests, driven over the DevTools protocol: open a page, evaluate JS.
+"""A real browser for tests: headless Chromium loading a page, and a server for such pages.
 
-Debian's ``chromium`` (`make test` installs it) runs with a throwaway profile and
-``--remote-debugging-port=0``; its DevTools address is read from its stderr (never a fixed
-port), and the protocol's WebSocket is `wsclient.WSClient`.  Every wait has a deadline; the
-browser is always killed.  In CI (``CI`` set) a missing chromium is a failure, never a skip.
+One place starts Chromium, so every browser test (the admin API's cross-site test, the
+WebSocket client's) runs it with the same flags.  ``make test`` installs the Debian package
+``chromium`` when it is missing.
+
+`dump_dom` loads a page and returns its DOM; `DevToolsBrowser` keeps Chromium running and
+drives it over the DevTools protocol (``--remote-debugging-port=0``, the address read from its
+stderr, the protocol's WebSocket through `wsclient.WSClient`), for tests that act on a page
+while it runs: evaluate JavaScript in it (promises awaited), read its console, screenshot it.
 """
 
 from __future__ import annotations
 
 import base64
-import os
 import queue
 import re
 import shutil
 import subprocess
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import pytest
 from wsclient import WSClient
 
-CHROMIUM = shutil.which("chromium")
-DEVTOOLS = re.compile(r"DevTools listening on ws://127\.0\.0\.1:(\d+)(/devtools/browser/\S+)")
-FLAGS = [
+__all__ = ["BrowserError", "DevToolsBrowser", "Page", "chromium", "dump_dom", "serve_page"]
+
+FLAGS = (
     "--headless",
     "--no-sandbox",
     "--disable-gpu",
@@ -33,18 +39,72 @@ FLAGS = [
     "--disable-background-networking",
     "--disable-component-update",
     "--disable-sync",
-    "--remote-debugging-address=127.0.0.1",
-    "--remote-debugging-port=0",
-]
+    "--disable-dev-shm-usage",
+)
 
 
-def require_chromium() -> str:
-    if CHROMIUM is None:
-        message = "chromium is not installed: run `make chromium` (apt-get install chromium)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return CHROMIUM
+def chromium() -> str:
+    """The Chromium binary; fails (never skips) when missing: `make test` installs it."""
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    raise AssertionError(
+        "chromium is not installed; run `make chromium` (Debian: apt-get install chromium)"
+    )
+
+
+def dump_dom(url: str, budget_ms: int = 5000, timeout: float = 60) -> str:
+    """Load ``url`` in headless Chromium, let the page run ``budget_ms`` of virtual time, and
+    return the resulting DOM."""
+    with tempfile.TemporaryDirectory(prefix="hb-chromium-") as profile:
+        result = subprocess.run(
+            [
+                chromium(),
+                *FLAGS,
+                f"--user-data-dir={profile}",
+                f"--virtual-time-budget={budget_ms}",
+                "--dump-dom",
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+@contextmanager
+def serve_page(html: str) -> Iterator[str]:
+    """Serve ``html`` at ``/`` on a fresh loopback port (another origin); yields its URL."""
+    body = html.encode()
+
+    class Page(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+DEVTOOLS = re.compile(r"DevTools listening on ws://127\.0\.0\.1:(\d+)(/devtools/browser/\S+)")
+DEVTOOLS_FLAGS = ("--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0")
 
 
 class BrowserError(AssertionError):
@@ -54,7 +114,7 @@ class BrowserError(AssertionError):
 class Page:
     """One tab: `evaluate` JavaScript in it (promises awaited), `screenshot` it."""
 
-    def __init__(self, browser: Chromium, session: str) -> None:
+    def __init__(self, browser: DevToolsBrowser, session: str) -> None:
         self.browser = browser
         self.session = session
 
@@ -78,8 +138,8 @@ class Page:
         path.write_bytes(base64.b64decode(data))
 
 
-class Chromium:
-    """``with Chromium(profile_dir) as browser: page = browser.open(url)``."""
+class DevToolsBrowser:
+    """``with DevToolsBrowser(profile_dir) as browser: page = browser.open(url)``."""
 
     def __init__(self, profile: Path, timeout: float = 30) -> None:
         self.profile = profile
@@ -90,11 +150,11 @@ class Chromium:
         self._events: list[dict[str, Any]] = []
         self._stderr: list[str] = []
 
-    def __enter__(self) -> Chromium:
-        binary = require_chromium()
+    def __enter__(self) -> DevToolsBrowser:
+        binary = chromium()
         self.profile.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
-            [binary, *FLAGS, f"--user-data-dir={self.profile}", "about:blank"],
+            [binary, *FLAGS, *DEVTOOLS_FLAGS, f"--user-data-dir={self.profile}", "about:blank"],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

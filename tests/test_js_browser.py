@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from browser import Chromium
+from browser import DevToolsBrowser
 from daemon import Daemon, RawClient
 from redis_server import RedisServer
 
@@ -77,7 +77,7 @@ def test_the_example_page_recovers_across_a_daemon_restart_in_chromium(tmp_path:
     with (
         RedisServer(tmp_path / "redis") as redis,
         static_server(ROOT) as http_port,
-        Chromium(tmp_path / "profile") as browser,
+        DevToolsBrowser(tmp_path / "profile") as browser,
     ):
         origin = f"http://127.0.0.1:{http_port}"
         config_b = node_config(redis.url, origin, "node-b")
