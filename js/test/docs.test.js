@@ -1,5 +1,6 @@
-// docs/js-client.md is tested: every `js` block runs against a real daemon (the `<!-- js: KIND
-// -->` line above it names which), and prints what its `// prints:` comments say.  The
+// docs/js-client.md (and js/README.md) are tested: every `js` block runs against a real daemon
+// (the `<!-- js: KIND -->` line above it names which), and prints what its `// prints:`
+// comments say.  The
 // options table matches DEFAULTS and index.d.ts, and index.d.ts declares every export.
 
 import assert from 'node:assert/strict';
@@ -26,7 +27,7 @@ export function blocks(text) {
     const open = /^```(\w*)\s*$/.exec(lines[i]);
     if (!open) continue;
     const end = lines.findIndex((l, j) => j > i && l.trim() === '```');
-    assert.ok(end > i, `docs/js-client.md:${i + 1}: unclosed block`);
+    assert.ok(end > i, `line ${i + 1}: unclosed block`);
     const marker = /^<!-- js: (\w+) -->$/.exec(lines[i - 1]?.trim() ?? '');
     found.push({ language: open[1], line: i + 1, marker: marker?.[1] ?? null, code: lines.slice(i + 1, end).join('\n') + '\n' });
     i = end;
@@ -35,15 +36,19 @@ export function blocks(text) {
 }
 
 const page = readFileSync(PAGE, 'utf8');
-const examples = blocks(page).filter((b) => b.language === 'js');
+const PAGES = { 'docs/js-client.md': page, 'js/README.md': readFileSync(join(JS, 'README.md'), 'utf8') };
+const examples = Object.entries(PAGES).flatMap(([name, text]) =>
+  blocks(text).filter((b) => b.language === 'js').map((b) => ({ ...b, page: name })),
+);
 
-it('every js block of docs/js-client.md says which daemon it runs against', () => {
-  assert.ok(examples.length >= 9);
+it('every js block of the pages says which daemon it runs against', () => {
+  assert.ok(examples.length >= 10);
   for (const block of examples) {
-    assert.ok(KINDS.includes(block.marker), `docs/js-client.md:${block.line}: <!-- js: ${KINDS.join('|')} --> above the block`);
+    assert.ok(KINDS.includes(block.marker), `${block.page}:${block.line}: <!-- js: ${KINDS.join('|')} --> above the block`);
   }
-  const stray = blocks(page).filter((b) => b.marker !== null && b.language !== 'js');
-  assert.deepEqual(stray, []);
+  for (const text of Object.values(PAGES)) {
+    assert.deepEqual(blocks(text).filter((b) => b.marker !== null && b.language !== 'js'), []);
+  }
 });
 
 describe('the examples of docs/js-client.md', { skip: WEBSOCKET ? false : 'no WebSocket listener here yet' }, () => {
@@ -85,8 +90,8 @@ describe('the examples of docs/js-client.md', { skip: WEBSOCKET ? false : 'no We
   }
 
   for (const block of examples) {
-    it(`docs/js-client.md:${block.line} (${block.marker})`, async () => {
-      const file = join(scratch, `block-${block.line}.mjs`);
+    it(`${block.page}:${block.line} (${block.marker})`, async () => {
+      const file = join(scratch, `${block.page.replace(/\W/g, '-')}-${block.line}.mjs`);
       writeFileSync(file, prepare(block));
       const { stdout } = await run(process.execPath, [file], { cwd: JS, timeout: 20_000 });
       const expected = [...block.code.matchAll(/\/\/ prints: (.*)$/gm)].map((m) => m[1]);
