@@ -6,7 +6,7 @@
 // the default is the repository's .venv/bin/twistd.
 
 import { spawn, spawnSync } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
@@ -23,12 +23,9 @@ const WS_LISTENING = /WebSocket listening on 127\.0\.0\.1:(\d+)/;
 const READY = /heartbeatd is ready \(pid \d+\)/;
 let daemons = 0; // names each daemon's config file: several may share a folder
 
-/** True when this heartbeatd has the WebSocket listener (its config documents `websocket:`). */
+/** True when this checkout's heartbeatd has the WebSocket listener (heartbeatd/websocket/). */
 export function hasWebSocket() {
-  const result = spawnSync(PYTHON, ['-c', 'import heartbeatd.config as c; print("websocket" in c._SECTIONS)'], {
-    encoding: 'utf8',
-  });
-  return result.stdout.trim() === 'True';
+  return existsSync(join(REPO, 'heartbeatd', 'websocket', '__init__.py'));
 }
 
 /** A fresh temporary folder, removed by `cleanup()`. */
