@@ -8,7 +8,7 @@ OLDEST := .venv-oldest
 OLDEST_STAMP := $(OLDEST)/.installed-stamp
 CONFIG ?= config/heartbeatd.yaml
 
-.PHONY: run test test-newest test-oldest lint bench clean redis-server chromium
+.PHONY: run test test-newest test-oldest lint bench clean redis-server js-deps chromium
 
 $(STAMP): pyproject.toml twisted_plugins/heartbeatd_plugin.py
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "heartbeatd needs Python 3.10+"'
@@ -38,13 +38,14 @@ test: test-newest test-oldest
 # Four pytest workers (pytest-xdist): the tests mostly wait on sockets and subprocesses.
 PYTEST_WORKERS ?= 4
 
-test-newest: $(STAMP) redis-server chromium
+test-newest: $(STAMP) redis-server js-deps chromium
 	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS)
 
 test-oldest: $(OLDEST_STAMP) redis-server chromium
 	HEARTBEATD_OLDEST=1 $(OLDEST)/bin/python -m pytest -q -n $(PYTEST_WORKERS) -p no:cacheprovider \
 		--ignore=tests/test_lint.py --ignore=tests/test_bench_smoke.py \
-		--ignore=tests/test_cluster_bench_smoke.py --ignore=tests/test_workers_bench_smoke.py
+		--ignore=tests/test_cluster_bench_smoke.py --ignore=tests/test_workers_bench_smoke.py \
+		--ignore=tests/test_js_client.py --ignore=tests/test_js_browser.py
 
 # The cluster tests start their own redis-server; install it when missing (as root, Debian).
 redis-server:
@@ -65,9 +66,25 @@ chromium:
 	    echo "Could not install chromium. Install it yourself, e.g."; \
 	    echo "  sudo apt-get install chromium   (Debian/Ubuntu)"; exit 1; }; }
 
+# The JavaScript client (js/): Node.js 18+ and npm (Debian's packages when missing), then its
+# dev dependencies from js/package-lock.json. Its tests run in test-newest only: they test the
+# client, not the Python dependency floors.
+JS_STAMP := js/node_modules/.installed-stamp
+
+js-deps: $(JS_STAMP)
+
+$(JS_STAMP): js/package.json js/package-lock.json
+	@command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || { \
+	  echo "node/npm are missing; installing the Debian packages (needs root and apt-get)"; \
+	  (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null 2>&1 || \
+	   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm)) || { \
+	    echo "Could not install Node.js; install Node.js 18+ and npm yourself"; exit 1; }; }
+	cd js && npm ci --no-audit --no-fund --loglevel=error
+	touch $(JS_STAMP)
+
 lint: $(STAMP)
-	$(BIN)/ruff check heartbeatd tests twisted_plugins bench
-	$(BIN)/ruff format --check heartbeatd tests twisted_plugins bench
+	$(BIN)/ruff check heartbeatd tests twisted_plugins bench examples js/test/fixtures
+	$(BIN)/ruff format --check heartbeatd tests twisted_plugins bench examples js/test/fixtures
 
 # Benchmarks: heartbeatd against plain Twisted, Node.js and C peers (see docs/benchmarks.md).
 bench: $(STAMP)
@@ -75,4 +92,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) $(OLDEST) build dist .pytest_cache .hypothesis bench/build
+	rm -rf $(VENV) $(OLDEST) build dist .pytest_cache .hypothesis bench/build js/node_modules
