@@ -2,7 +2,9 @@
 
 Listening happens in ``privilegedStartService`` (before twistd drops privileges and before the
 reactor runs), so a port in use or a bad certificate stops the daemon at once with one clear
-line, instead of leaving a process running that serves nothing.
+line, instead of leaving a process running that serves nothing.  The failure is a
+`StartupError`, which twistd reports to the process that launched a daemon (and removes the
+pidfile): see `heartbeatd.daemon.startup`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from heartbeatd._version import __version__
 from heartbeatd.daemon import logs
 from heartbeatd.daemon.sdnotify import Notifier
 from heartbeatd.daemon.signals import ShutdownSignals
+from heartbeatd.daemon.startup import LaunchStderr, StartupError
 from heartbeatd.server import leantcp
 from heartbeatd.server.factory import ServerFactory
 from heartbeatd.server.protocol import format_address
@@ -58,8 +61,11 @@ class ServerService(Service):
         notifier: Notifier | None = None,
         on_hangup: Callable[[], object] | None = None,
         admin: tuple[IStreamServerEndpoint, Any] | None = None,
+        startup: LaunchStderr | None = None,
     ) -> None:
         self.endpoint = endpoint
+        #: Where a start-up failure is written besides the log (the launching stderr).
+        self.startup = startup
         self.factory = factory
         self.port: IListeningPort | None = None
         self._reactor = reactor
@@ -95,7 +101,9 @@ class ServerService(Service):
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
-        self.port = result = _bind(self.endpoint, self.factory, self.factory.config.listen)
+        self.port = result = _bind(
+            self.endpoint, self.factory, self.factory.config.listen, self.startup
+        )
         config = self.factory.config
         if config.tcp.lean_transport and leantcp.adopt(result):
             log.info("Accepting into the lean TCP transport (tcp.lean_transport)")
@@ -116,11 +124,13 @@ class ServerService(Service):
         )
         if self._admin is not None:
             endpoint, site = self._admin
-            self.admin_port = _bind(endpoint, site, self.factory.config.admin.listen)
+            self.admin_port = _bind(endpoint, site, self.factory.config.admin.listen, self.startup)
             log.info(
                 "admin API listening on {address}",
                 address=format_address(self.admin_port.getHost()),
             )
+        if self.startup is not None:  # started: let go of the launching stderr
+            self.startup.close()
 
     def stopService(self) -> Deferred[None]:
         """Stop listening first (a restarted instance can take new clients), then drain.
@@ -189,15 +199,25 @@ class ServerService(Service):
         )
 
 
-def _bind(endpoint: IStreamServerEndpoint, factory: Any, description: str) -> IListeningPort:
-    """Listen now or exit with one clear line (port in use, bad certificate...)."""
+def _bind(
+    endpoint: IStreamServerEndpoint,
+    factory: Any,
+    description: str,
+    startup: LaunchStderr | None = None,
+) -> IListeningPort:
+    """Listen now, or raise `StartupError` with one clear line (port in use, bad certificate).
+
+    Not SystemExit: twistd reports only an Exception to a daemon's waiting parent.
+    """
     outcome: list[IListeningPort | Failure] = []
     endpoint.listen(factory).addBoth(outcome.append)
+    message = None
     if not outcome:
-        raise SystemExit(f"heartbeatd: {description!r} did not bind synchronously")
-    result = outcome[0]
-    if isinstance(result, Failure):
-        raise SystemExit(
-            f"heartbeatd: cannot listen on {description!r}: {result.getErrorMessage()}"
-        )
-    return result
+        message = f"heartbeatd: {description!r} did not bind synchronously"
+    elif isinstance(outcome[0], Failure):
+        message = f"heartbeatd: cannot listen on {description!r}: {outcome[0].getErrorMessage()}"
+    if message is not None:
+        if startup is not None:
+            raise startup.fail(message)
+        raise StartupError(message)
+    return outcome[0]  # type: ignore[return-value]

@@ -16,10 +16,11 @@ from twisted.python import usage
 from heartbeatd._logging import get_logger, set_level
 from heartbeatd.config import Config, ConfigError
 from heartbeatd.daemon.config import load_config
-from heartbeatd.daemon.logs import set_format
+from heartbeatd.daemon.logs import set_destination, set_format
 from heartbeatd.daemon.reload import Reloader
 from heartbeatd.daemon.sdnotify import Notifier
 from heartbeatd.daemon.service import ServerService, raise_open_file_limit
+from heartbeatd.daemon.startup import LaunchStderr, install_excepthook
 from heartbeatd.daemon.tls import ServerTLS, load_server_tls
 from heartbeatd.daemon.workers import (
     ADMIN_FD,
@@ -190,10 +191,17 @@ def makeService(options: Options) -> IService:
     config = options.config
     set_level(config.log.level)
     set_format(config.log.format)
+    parent = getattr(options, "parent", None)  # twistd's own options (--logfile, -n)
+    if parent is not None and options.worker is None:
+        set_destination(parent.get("logfile"), daemon=not parent.get("nodaemon"))
     raise_open_file_limit()
     reactor = _reactor()
     from twisted.internet.endpoints import serverFromString
 
+    # Kept before twistd forks (it does so after makeService): a daemon's start-up failure
+    # is written to the stderr it was launched with, besides the log.
+    startup = LaunchStderr() if options.worker is None else None
+    install_excepthook()
     if config.workers > 1:
         return Supervisor(
             config,
@@ -202,6 +210,7 @@ def makeService(options: Options) -> IService:
             reactor,
             Notifier(),
             admin_token=options.admin_token,
+            startup=startup,
         )
     broker = None
     if config.cluster.redis:  # imported only here: a single daemon never needs Redis
@@ -252,7 +261,9 @@ def makeService(options: Options) -> IService:
         if worker is not None:  # the supervisor logs the operator's requests, not its own
             site.access_log = False
         admin = (admin_endpoint, site)
-    service = ServerService(endpoint, factory, reactor, notifier, reloader.reload, admin)
+    service = ServerService(
+        endpoint, factory, reactor, notifier, reloader.reload, admin, startup=startup
+    )
     if isinstance(factory, WorkerFactory):
         factory.service = service  # a full worker pauses the shared port
     return service

@@ -332,8 +332,11 @@ class Supervisor(Service):
         notifier: Notifier | None = None,
         executable: str = sys.executable,
         admin_token: str = "",
+        startup: Any = None,
     ) -> None:
         self.config = config
+        #: Where a start-up failure is written besides the log (a `LaunchStderr`).
+        self.startup = startup
         self.admin_token = admin_token
         self.config_path = config_path
         self.overrides = dict(overrides)
@@ -377,7 +380,7 @@ class Supervisor(Service):
         super().privilegedStartService()
         config = self.config
         endpoint = serverFromString(self._reactor, config.listen)
-        self.port = _bind(endpoint, _SharedSocket(), config.listen)
+        self.port = _bind(endpoint, _SharedSocket(), config.listen, self.startup)
         self.port.stopReading()  # type: ignore[attr-defined]
         log.info(
             "heartbeatd {version} listening on {address} ({count} workers, {framing} framing)",
@@ -398,12 +401,14 @@ class Supervisor(Service):
                 config.admin.access_log,
             )
             endpoint = serverFromString(self._reactor, config.admin.listen)
-            self.admin_port = _bind(endpoint, site, config.admin.listen)
+            self.admin_port = _bind(endpoint, site, config.admin.listen, self.startup)
             log.info(
                 "admin API listening on {address} (answering for all {count} workers)",
                 address=format_address(self.admin_port.getHost()),
                 count=self.count,
             )
+        if self.startup is not None:  # started: let go of the launching stderr
+            self.startup.close()
 
     def _admin_socket_for(self, index: int) -> socket.socket | None:
         """A new listening UNIX socket for worker ``index``'s private admin API.
