@@ -57,6 +57,15 @@ ERROR_CODES = (
     envelope.UNKNOWN_TYPE,
     envelope.WRONG_PROTOCOL,
 )
+#: Why a connection was refused (``heartbeatd_connections_refused_by_reason_total{reason}``).
+REFUSAL_REASONS = (
+    "file_descriptors",
+    "max_connections",
+    "per_address_connections",
+    "per_address_rate",
+)
+#: accept() errors (``heartbeatd_accept_errors_total{error}``).
+ACCEPT_ERRORS = ("EMFILE", "ENFILE", "ENOBUFS", "ENOMEM")
 #: Admin requests refused before their body was read, by HTTP status.
 ADMIN_REFUSALS = ("401", "413")
 
@@ -96,12 +105,26 @@ class FactoryCollector(Collector):
         refused = CounterMetricFamily(
             "heartbeatd_connections_refused_by_reason",
             "Connections refused, by limit (max_connections, per_address_connections, "
-            "per_address_rate).",
+            "per_address_rate; file_descriptors: closed unanswered on EMFILE).",
             labels=["reason"],
         )
-        for reason, count in sorted(f.refusals.items()):
+        for reason, count in _with_zeros(f.refusals, REFUSAL_REASONS):
             refused.add_metric([reason], count)
         yield refused
+        yield GaugeMetricFamily(
+            "heartbeatd_connection_limit",
+            "Connections this process may hold: limits.max_connections, capped by the "
+            "open-file limit.",
+            value=f.max_connections,
+        )
+        accept_errors = CounterMetricFamily(
+            "heartbeatd_accept_errors",
+            "accept() failures, by errno (EMFILE: out of file descriptors).",
+            labels=["error"],
+        )
+        for error, count in _with_zeros(f.accept_errors, ACCEPT_ERRORS):
+            accept_errors.add_metric([error], count)
+        yield accept_errors
         evicted = CounterMetricFamily(
             "heartbeatd_evicted", "Clients closed by the server, by reason.", labels=["reason"]
         )

@@ -10,7 +10,6 @@ pidfile): see `heartbeatd.daemon.startup`.
 from __future__ import annotations
 
 import os
-import resource
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +22,7 @@ from twisted.python.failure import Failure
 from heartbeatd._logging import get_logger
 from heartbeatd._version import __version__
 from heartbeatd.daemon import logs
+from heartbeatd.daemon.fdlimit import AcceptGuard, describe_limit
 from heartbeatd.daemon.sdnotify import Notifier
 from heartbeatd.daemon.signals import ShutdownSignals
 from heartbeatd.daemon.startup import LaunchStderr, StartupError
@@ -30,21 +30,9 @@ from heartbeatd.server import leantcp
 from heartbeatd.server.factory import ServerFactory
 from heartbeatd.server.protocol import format_address
 
-__all__ = ["ServerService", "raise_open_file_limit"]
+__all__ = ["ServerService"]
 
 log = get_logger(__name__)
-
-
-def raise_open_file_limit() -> tuple[int, int]:
-    """Raise the soft open-file limit to the hard one (each client is a file descriptor)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError) as e:
-            log.warn("Could not raise the open-file limit to {hard}: {error}", hard=hard, error=e)
-    return soft, hard
 
 
 class ServerService(Service):
@@ -74,6 +62,7 @@ class ServerService(Service):
         self._admin = admin
         self.admin_port: IListeningPort | None = None
         self._status_loop: LoopingCall | None = None
+        self.accept_guard: AcceptGuard | None = None
 
     def startService(self) -> None:
         super().startService()
@@ -107,16 +96,22 @@ class ServerService(Service):
         config = self.factory.config
         if config.tcp.lean_transport and leantcp.adopt(result):
             log.info("Accepting into the lean TCP transport (tcp.lean_transport)")
+        if hasattr(result, "numberAccepts"):  # a stream port: accept only what fits
+            self.accept_guard = AcceptGuard(result, self.factory)
+        limit, why, capped = describe_limit(config)
         log.info(
             "heartbeatd {version} listening on {address} ({framing} framing, heartbeat every "
-            "{interval:g}s, timeout {timeout:g}s, up to {limit} connections)",
+            "{interval:g}s, timeout {timeout:g}s, up to {limit} connections ({why}))",
             version=__version__,
             address=format_address(result.getHost()),
             framing=config.framing,
             interval=config.heartbeat.interval,
             timeout=config.heartbeat.timeout,
-            limit=self.factory.max_connections,
+            limit=limit,
+            why=why,
         )
+        if capped:
+            log.warn("Connection limit {limit}: {why}", limit=limit, why=why)
         log.info(
             "Handlers: built-in{modules}; message types: {types}",
             modules="".join(f", {name}" for name in config.handlers),

@@ -16,10 +16,11 @@ from twisted.python import usage
 from heartbeatd._logging import get_logger, set_level
 from heartbeatd.config import Config, ConfigError
 from heartbeatd.daemon.config import load_config
+from heartbeatd.daemon.fdlimit import raise_open_file_limit
 from heartbeatd.daemon.logs import set_destination, set_format
 from heartbeatd.daemon.reload import Reloader
 from heartbeatd.daemon.sdnotify import Notifier
-from heartbeatd.daemon.service import ServerService, raise_open_file_limit
+from heartbeatd.daemon.service import ServerService
 from heartbeatd.daemon.startup import LaunchStderr, install_excepthook
 from heartbeatd.daemon.tls import ServerTLS, load_server_tls
 from heartbeatd.daemon.workers import (

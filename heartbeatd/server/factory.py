@@ -120,6 +120,14 @@ class ServerFactory(Factory):
         self.max_connections = config.effective_max_connections()
         self.accepted = 0
         self.refused = 0
+        #: Refused connections still open (their error frame not yet written): each holds a
+        #: file descriptor, as a client does.
+        self.refusing = 0
+        #: accept() failures, by errno name (EMFILE...), counted by the daemon's accept guard.
+        self.accept_errors: Counter[str] = Counter()
+        #: Called when a connection's file descriptor is released (the daemon's accept guard
+        #: resumes accepting); None when nothing waits for room.
+        self.on_room: Any = None
         #: Per-address connection counts and accept rates (limits.*_per_address).
         self.admission = Admission(config.limits, self.clock)
         #: Checks clients' tokens when ``auth.mode`` is not none; the daemon sets it (it reads
@@ -324,6 +332,8 @@ class ServerFactory(Factory):
     def client_disconnected(self, client: ServerProtocol, reason: Failure | None) -> None:
         if self.clients.pop(client.session_id, None) is None:
             return
+        if self.on_room is not None:
+            self.on_room()
         self.channels.client_disconnected(client)
         self.admission.release(getattr(client, "admitted_host", None))
         totals = self.closed_totals
