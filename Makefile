@@ -8,7 +8,7 @@ OLDEST := .venv-oldest
 OLDEST_STAMP := $(OLDEST)/.installed-stamp
 CONFIG ?= config/heartbeatd.yaml
 
-.PHONY: run test test-newest test-oldest lint bench clean redis-server
+.PHONY: run test test-newest test-oldest lint bench clean redis-server promtool
 
 $(STAMP): pyproject.toml twisted_plugins/heartbeatd_plugin.py
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "heartbeatd needs Python 3.10+"'
@@ -33,10 +33,10 @@ $(OLDEST_STAMP): pyproject.toml twisted_plugins/heartbeatd_plugin.py tests/oldes
 # (tests/oldest-constraints.txt), less what does not depend on them (lint, the bench harness).
 test: test-newest test-oldest
 
-test-newest: $(STAMP) redis-server
+test-newest: $(STAMP) redis-server promtool
 	$(BIN)/python -m pytest -q
 
-test-oldest: $(OLDEST_STAMP) redis-server
+test-oldest: $(OLDEST_STAMP) redis-server promtool
 	HEARTBEATD_OLDEST=1 $(OLDEST)/bin/python -m pytest -q -p no:cacheprovider \
 		--ignore=tests/test_lint.py --ignore=tests/test_bench_smoke.py \
 		--ignore=tests/test_cluster_bench_smoke.py --ignore=tests/test_workers_bench_smoke.py
@@ -51,6 +51,21 @@ redis-server:
 	    echo "  sudo apt-get install redis-server   (Debian/Ubuntu)"; \
 	    echo "  brew install redis                   (macOS)"; exit 1; }; }
 
+# tests/test_monitoring.py runs `promtool check rules` and `promtool test rules` on the
+# shipped Prometheus rules. When promtool is missing, only the binary is taken from Debian's
+# prometheus package (apt-get download + dpkg-deb -x into .tools/): the service is not
+# installed. The test finds it on PATH or in .tools/.
+promtool:
+	@command -v promtool >/dev/null 2>&1 || test -x .tools/promtool || { \
+	  echo "promtool is missing; extracting it from Debian's prometheus package into .tools/"; \
+	  rm -rf .tools/deb && mkdir -p .tools/deb && cd .tools/deb && \
+	  { apt-get download prometheus >/dev/null 2>&1 || \
+	    { apt-get update -qq && apt-get download prometheus >/dev/null; }; } && \
+	  dpkg-deb -x prometheus_*.deb x && cp x/usr/bin/promtool ../promtool && \
+	  cd .. && rm -rf deb || { \
+	    echo "Could not get promtool. Install it yourself, e.g."; \
+	    echo "  sudo apt-get install prometheus   (Debian/Ubuntu; ships promtool)"; exit 1; }; }
+
 lint: $(STAMP)
 	$(BIN)/ruff check heartbeatd tests twisted_plugins bench
 	$(BIN)/ruff format --check heartbeatd tests twisted_plugins bench
@@ -61,4 +76,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) $(OLDEST) build dist .pytest_cache .hypothesis bench/build
+	rm -rf $(VENV) $(OLDEST) build dist .pytest_cache .hypothesis bench/build .tools

@@ -24,6 +24,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from heartbeatd._version import __version__
+from heartbeatd.server.channels import UNAVAILABLE
 from heartbeatd.server.factory import ServerFactory
 from heartbeatd.wire import envelope, sniff
 
@@ -56,6 +57,7 @@ ERROR_CODES = (
     envelope.TOO_MANY_CONNECTIONS,
     envelope.UNKNOWN_TYPE,
     envelope.WRONG_PROTOCOL,
+    UNAVAILABLE,  # a publish (or presence) while the cluster broker is unreachable
 )
 #: Why a connection was refused (``heartbeatd_connections_refused_by_reason_total{reason}``).
 REFUSAL_REASONS = (
@@ -166,6 +168,16 @@ class FactoryCollector(Collector):
                 family.add_metric([direction], totals[f"{unit}_{direction}"])
             yield family
         yield CounterMetricFamily("heartbeatd_heartbeat_sweeps", "Sweeps run.", value=hb.sweeps)
+        yield GaugeMetricFamily(
+            "heartbeatd_heartbeat_interval_seconds",
+            "heartbeat.interval: seconds between sweeps (a sweep must take far less).",
+            value=hb.interval,
+        )
+        yield GaugeMetricFamily(
+            "heartbeatd_heartbeat_timeout_seconds",
+            "heartbeat.timeout: silence after which a client is evicted.",
+            value=hb.timeout,
+        )
         yield GaugeMetricFamily(
             "heartbeatd_heartbeat_sweep_seconds",
             "Reactor time the last sweep spent in its batches.",
