@@ -79,8 +79,15 @@ def main() -> None:
             )
         )
         daemon = subprocess.Popen(
-            [TWISTD, "-n", "--pidfile=", "--logger=heartbeatd.daemon.logs.observer"]
-            + ["heartbeatd", "--config", str(config)],
+            [
+                TWISTD,
+                "-n",
+                "--pidfile=",
+                "--logger=heartbeatd.daemon.logs.observer",
+                "heartbeatd",
+                "--config",
+                str(config),
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -99,8 +106,14 @@ def main() -> None:
             before = metrics(admin)
             slab_before = meminfo("Slab")
             generator = subprocess.Popen(
-                [sys.executable, str(ROOT / "bench" / "idle_clients.py")]
-                + ["--port", str(port), "--conns", str(args.conns)],
+                [
+                    sys.executable,
+                    str(ROOT / "bench" / "idle_clients.py"),
+                    "--port",
+                    str(port),
+                    "--conns",
+                    str(args.conns),
+                ],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 text=True,
