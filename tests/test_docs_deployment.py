@@ -1,0 +1,122 @@
+"""docs/deployment.md's "Without systemd" and "Monitoring" examples, run as written.
+
+The daemonized twistd commands run with the documented paths moved under tmp_path; the
+logrotate snippet's ``postrotate`` script runs after the file was renamed, as logrotate does,
+and the daemon must then write a new file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from test_docs_ops import EXPECT, blocks
+from test_monitoring import promtool
+
+
+def free_port() -> int:
+    # Two daemons must ask for the same port (the second one fails): a concrete one.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(condition: object, what: str, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)  # files another process writes: nothing to wait on but the file
+
+
+def run(
+    line: str, replace: dict[str, str], env: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
+    match = EXPECT.search(line)
+    command = line[: match.start()] if match else line
+    for old, new in replace.items():
+        command = command.replace(old, new)
+    result = subprocess.run(
+        ["bash", "-c", command], capture_output=True, text=True, timeout=30, env=env
+    )
+    expected = int(match.group(1)) if match and match.group(1) else 0
+    assert result.returncode == expected, (line, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    return result
+
+
+def test_without_systemd_start_fail_reload_rotate_stop(tmp_path: Path) -> None:
+    (run_dir := tmp_path / "run").mkdir()
+    (log_dir := tmp_path / "log").mkdir()
+    config = tmp_path / "heartbeatd.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "listen": f"tcp:{free_port()}:interface=127.0.0.1",
+                "admin": {"listen": ""},
+                "shutdown": {"drain_timeout": 0.2},
+            }
+        )
+    )
+    replace = {
+        "/run/heartbeatd": str(run_dir),
+        "/var/log/heartbeatd": str(log_dir),
+        "/etc/heartbeatd/heartbeatd.yaml": str(config),
+    }
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    (block,) = blocks("deployment.md", "nosystemd")
+    start, second, reload, reopen, stop = [
+        line for line in block.splitlines() if line.strip() and not line.startswith("#")
+    ]
+    log = log_dir / "heartbeatd.log"
+    pidfile = run_dir / "heartbeatd.pid"
+    run(start, replace, env)
+    try:
+        assert pidfile.exists()
+        wait_until(lambda: "heartbeatd is ready" in log.read_text(), "the ready line")
+        failed = run(second, replace, env)
+        assert "cannot listen on" in failed.stderr.splitlines()[0]
+        assert "Address already in use" in failed.stderr.splitlines()[0]
+        assert not (run_dir / "second.pid").exists()
+
+        run(reload, replace, env)
+        wait_until(lambda: "Configuration reloaded" in log.read_text(), "the reload line")
+
+        # logrotate: rename, then the snippet's postrotate script.
+        (snippet,) = blocks("deployment.md", "logrotate")
+        assert snippet.startswith("/var/log/heartbeatd/heartbeatd.log {")
+        script = re.search(r"postrotate\n(.*?)\n\s*endscript", snippet, re.DOTALL)
+        assert script is not None
+        log.rename(log_dir / "heartbeatd.log.1")
+        run(script.group(1).strip(), replace, env)
+        wait_until(log.exists, "a new log file")
+        run(reload, replace, env)
+        wait_until(lambda: "Configuration reloaded" in log.read_text(), "a line in the new file")
+        run(reopen, replace, env)
+    finally:
+        if pidfile.exists():
+            run(stop, replace, env)
+    wait_until(lambda: not pidfile.exists(), "the pidfile to go")
+    assert "stopped after" in log.read_text()
+    assert "Configuration reloaded" in (log_dir / "heartbeatd.log.1").read_text()
+
+
+def test_monitoring_example(tmp_path: Path) -> None:
+    (etc := tmp_path / "prometheus").mkdir()
+    replace = {
+        "/opt/heartbeatd/bin/python": sys.executable,
+        "/etc/prometheus": str(etc),
+        "/tmp/heartbeatd-dashboard.json": str(tmp_path / "dashboard.json"),
+        "promtool ": f"{promtool()} ",
+    }
+    (block,) = blocks("deployment.md", "monitoring")
+    for line in block.splitlines():
+        if line.strip():
+            run(line, replace, dict(os.environ))
+    assert (tmp_path / "dashboard.json").read_text().startswith("{")
