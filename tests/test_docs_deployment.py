@@ -120,3 +120,28 @@ def test_monitoring_example(tmp_path: Path) -> None:
         if line.strip():
             run(line, replace, dict(os.environ))
     assert (tmp_path / "dashboard.json").read_text().startswith("{")
+
+
+def test_tuning_doctor_example(tmp_path: Path) -> None:
+    config = tmp_path / "heartbeatd.yaml"
+    config.write_text(yaml.safe_dump({"limits": {"max_connections": 1000}}))
+    replace = {"/etc/heartbeatd/heartbeatd.yaml": str(config)}
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    (block,) = blocks("tuning.md", "doctor")
+    outputs = [run(line, replace, env) for line in block.splitlines() if line.strip()]
+    assert "Nothing would break the daemon" in outputs[0].stdout
+    assert "FAIL  open files" in outputs[1].stdout and "cap it to 192" in outputs[1].stdout
+    assert "open-file limit 65,536" in outputs[2].stdout
+
+
+def test_tuning_lists_the_shipped_sysctl_values() -> None:
+    root = Path(__file__).resolve().parents[1]
+    shipped = {}
+    for line in (root / "config" / "sysctl.d" / "60-heartbeatd.conf").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            shipped[key.strip()] = value.strip()
+    rows = re.findall(
+        r"^\| `([a-z0-9_.-]+)` \| `([^`]+)` \|", (root / "docs" / "tuning.md").read_text(), re.M
+    )
+    assert dict(rows) == shipped
