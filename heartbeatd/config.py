@@ -19,6 +19,7 @@ from heartbeatd._validation import (
     boolean,
     build,
     check,
+    hidden,
     int_range,
     ip_networks,
     module_names,
@@ -27,6 +28,8 @@ from heartbeatd._validation import (
     non_negative_number,
     one_of,
     positive_number,
+    redact_url,
+    shown_url,
     string,
 )
 from heartbeatd.wire import FRAMINGS
@@ -53,6 +56,8 @@ __all__ = [
 LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
 TLS_VERSIONS = ("1.2", "1.3")
 AUTH_MODES = ("none", "token", "custom")
+#: What a client certificate's identity is made of (tls.client_identity).
+CLIENT_IDENTITIES = ("subject", "issuer_and_subject")
 #: File descriptors kept back from the connection limit: listeners, logs, the admin API and
 #: its connections, Redis, the reactor's own, and refused connections still being answered.
 FD_RESERVE = 64
@@ -211,6 +216,13 @@ def _string(v: Any) -> str | None:
     return None if isinstance(v, str) else "a string"
 
 
+def _host_names(value: Any) -> str | None:
+    ok = isinstance(value, list) and all(
+        isinstance(v, str) and v.strip() and not any(c in v for c in "/ @\t\r\n") for v in value
+    )
+    return None if ok else "a list of host names or addresses, e.g. [admin.internal]"
+
+
 @dataclass(frozen=True)
 class AdminConfig:
     listen: str = field(
@@ -220,7 +232,9 @@ class AdminConfig:
             "admin HTTP API endpoint; empty turns the API off",
         ),
     )
-    token: str = field(default="", metadata=check(_string, "bearer token; empty: none"))
+    token: str = field(
+        default="", metadata=check(_string, "bearer token; empty: none", shown=hidden)
+    )
     token_file: str = field(
         default="",
         metadata=check(_string, "file holding the bearer token (systemd credentials); empty: none"),
@@ -238,6 +252,13 @@ class AdminConfig:
     )
     access_log: bool = field(
         default=False, metadata=check(boolean, "log one line per admin request")
+    )
+    allowed_hosts: tuple[str, ...] = field(
+        default=(),
+        metadata=check(
+            _host_names,
+            "Host names the admin API answers besides loopback and its own address",
+        ),
     )
 
     def __repr__(self) -> str:  # never show the token in logs or diffs
@@ -271,6 +292,18 @@ class TlsConfig:
     handshake_timeout: float = field(
         default=10.0,
         metadata=check(positive_number, "seconds a client gets to finish the TLS handshake"),
+    )
+    client_identity: str = field(
+        default="subject",
+        metadata=check(
+            one_of(*CLIENT_IDENTITIES),
+            "a client certificate's identity: its subject, or issuer_and_subject "
+            "('<subject>;issuer=<issuer>', needed when client_ca holds several root CAs)",
+        ),
+    )
+    client_crl: str = field(
+        default="",
+        metadata=check(string, "PEM file of CRLs: revoked client certificates are refused"),
     )
 
     def __post_init__(self) -> None:
@@ -358,12 +391,23 @@ class ChannelsConfig:
         default=300.0,
         metadata=check(non_negative_number, "seconds an idle channel's history is kept"),
     )
+    subscribe_rate: float = field(
+        default=10.0,
+        metadata=check(positive_number, "subscribes per second one connection may sustain"),
+    )
+    subscribe_burst: int = field(
+        default=100,
+        metadata=check(int_range(1, 1_000_000), "subscribes one connection may make at once"),
+    )
 
 
 @dataclass(frozen=True)
 class ClusterConfig:
     redis: str = field(
-        default="", metadata=check(_redis_url, "redis://host:port/db; empty: one node, no Redis")
+        default="",
+        metadata=check(
+            _redis_url, "redis://host:port/db; empty: one node, no Redis", shown=shown_url
+        ),
     )
     node_id: str = field(
         default="", metadata=check(_node_id, "this node's name; empty: hostname + random")
@@ -384,7 +428,7 @@ class ClusterConfig:
         from urllib.parse import urlsplit
 
         parts = urlsplit(self.redis)
-        redis = self.redis.replace(f":{parts.password}@", ":***@") if parts.password else self.redis
+        redis = redact_url(self.redis) if parts.password else self.redis
         return (
             f"ClusterConfig(redis={redis!r}, node_id={self.node_id!r}, "
             f"node_timeout={self.node_timeout!r}, namespace={self.namespace!r}, "
@@ -506,7 +550,7 @@ def _admin_checks(admin: AdminConfig, errors: list[str]) -> None:
     if not endpoint_is_loopback(admin.listen):
         errors.append(
             f"admin.listen: {admin.listen!r} is not allowed without a token; expected a "
-            "loopback interface (e.g. tcp:9100:interface=127.0.0.1), a UNIX socket, "
+            "loopback interface (e.g. tcp:9100:interface=127.0.0.1), a UNIX socket (mode 600), "
             "admin.token or admin.token_file, or admin.allow_unauthenticated: true"
         )
 
@@ -529,14 +573,20 @@ def _split_endpoint(description: str) -> list[str]:
 def endpoint_is_loopback(description: str) -> bool:
     """True when a server endpoint string can only be reached from this host.
 
-    ``unix:`` sockets are local (their file mode guards them); ``tcp``/``tcp6``/``ssl``
+    ``unix:`` sockets count only when only their owner may connect (`private_unix_endpoint`
+    makes them ``mode=600`` unless a ``mode=`` says otherwise; one open to the group or others
+    is reachable by other local users); ``tcp``/``tcp6``/``ssl``
     endpoints are local only with a loopback ``interface=`` (no interface means all of them).
     Anything else (``systemd:``, plugins) cannot be told from the string: not loopback.
     """
     parts = _split_endpoint(description.strip())
     kind = parts[0].lower()
     if kind == "unix":
-        return True
+        modes = [p[len("mode=") :] for p in parts[1:] if p.startswith("mode=")]
+        try:
+            return not modes or int(modes[-1], 8) & 0o077 == 0
+        except ValueError:
+            return False
     if kind not in ("tcp", "tcp6", "ssl") or len(parts) < 2:
         return False
     interface = ""
@@ -549,6 +599,15 @@ def endpoint_is_loopback(description: str) -> bool:
         return ipaddress.ip_address(interface).is_loopback
     except ValueError:
         return False
+
+
+def private_unix_endpoint(description: str) -> str:
+    """A ``unix:`` server endpoint with ``mode=600`` unless it names a mode (Twisted's default
+    is 0666: any local user could call the admin API without a token)."""
+    parts = _split_endpoint(description.strip())
+    if parts[0].lower() != "unix" or any(p.startswith("mode=") for p in parts[1:]):
+        return description
+    return description.rstrip() + ":mode=600"
 
 
 def worker_node_id(base: str, index: int) -> str:

@@ -69,7 +69,7 @@ REFUSAL_REASONS = (
 #: accept() errors (``heartbeatd_accept_errors_total{error}``).
 ACCEPT_ERRORS = ("EMFILE", "ENFILE", "ENOBUFS", "ENOMEM")
 #: Admin requests refused before their body was read, by HTTP status.
-ADMIN_REFUSALS = ("401", "413")
+ADMIN_REFUSALS = ("401", "403", "413", "415", "421")
 
 
 def _with_zeros(counts: Counter[str], known: Iterable[str]) -> list[tuple[str, int]]:

@@ -14,7 +14,8 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from heartbeatd._logging import get_logger, set_level
-from heartbeatd.config import Config, ConfigError
+from heartbeatd._validation import redact_url
+from heartbeatd.config import Config, ConfigError, private_unix_endpoint
 from heartbeatd.daemon.config import load_config
 from heartbeatd.daemon.fdlimit import raise_open_file_limit
 from heartbeatd.daemon.logs import set_destination, set_format
@@ -167,7 +168,7 @@ class Options(usage.Options):
                 import txredisapi  # noqa: F401 - only checking that the cluster can run
             except ImportError:
                 errors.append(
-                    f"cluster.redis: {config.cluster.redis!r} needs the Redis client: "
+                    f"cluster.redis: {redact_url(config.cluster.redis)!r} needs the Redis client: "
                     "pip install 'heartbeatd[cluster]' (txredisapi), or set cluster.redis: ''"
                 )
         self.admin_token = read_admin_token(config, errors)
@@ -254,7 +255,7 @@ def makeService(options: Options) -> IService:
         from heartbeatd.daemon.admin import admin_site
 
         admin_endpoint = (
-            serverFromString(reactor, config.admin.listen)
+            serverFromString(reactor, private_unix_endpoint(config.admin.listen))
             if worker is None
             else adopted_endpoint(reactor, ADMIN_FD)
         )
