@@ -166,3 +166,22 @@ def test_guard_counts_emfile_recovery_as_unanswered_refusals(monkeypatch) -> Non
     port._logger.info("Could not accept new connection ({acceptError})", acceptError="ENFILE")
     assert factory.accept_errors == {"EMFILE": 1, "ENFILE": 1}
     assert factory.refusals["file_descriptors"] == 3 and factory.refused == 3
+
+
+def test_raising_the_soft_limit_is_said(monkeypatch) -> None:
+    from twisted.logger import globalLogPublisher
+
+    from heartbeatd.daemon import fdlimit
+
+    limits = [(256, 4096)]
+    monkeypatch.setattr(fdlimit.resource, "getrlimit", lambda _which: limits[-1])
+    monkeypatch.setattr(fdlimit.resource, "setrlimit", lambda _which, new: limits.append(new))
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        assert fdlimit.raise_open_file_limit() == (4096, 4096)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert limits[-1] == (4096, 4096)
+    (event,) = [e for e in events if e.get("log_namespace") == "heartbeatd.daemon.fdlimit"]
+    assert event["soft"] == 256 and event["hard"] == 4096
