@@ -12,10 +12,10 @@ import re
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
+from test_daemonized import wait_exit
 from test_docs_ops import EXPECT, blocks
 from test_monitoring import promtool
 
@@ -25,14 +25,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def wait_until(condition: object, what: str, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)  # files another process writes: nothing to wait on but the file
 
 
 def run(
@@ -54,11 +46,12 @@ def run(
 def test_without_systemd_start_fail_reload_rotate_stop(tmp_path: Path) -> None:
     (run_dir := tmp_path / "run").mkdir()
     (log_dir := tmp_path / "log").mkdir()
+    port = free_port()
     config = tmp_path / "heartbeatd.yaml"
     config.write_text(
         yaml.safe_dump(
             {
-                "listen": f"tcp:{free_port()}:interface=127.0.0.1",
+                "listen": f"tcp:{port}:interface=127.0.0.1",
                 "admin": {"listen": ""},
                 "shutdown": {"drain_timeout": 0.2},
             }
@@ -74,37 +67,34 @@ def test_without_systemd_start_fail_reload_rotate_stop(tmp_path: Path) -> None:
     start, second, reload, reopen, stop = [
         line for line in block.splitlines() if line.strip() and not line.startswith("#")
     ]
+    (snippet,) = blocks("deployment.md", "logrotate")
+    assert snippet.startswith("/var/log/heartbeatd/heartbeatd.log {")
+    postrotate = re.search(r"postrotate\n(.*?)\n\s*endscript", snippet, re.DOTALL)
+    assert postrotate is not None
     log = log_dir / "heartbeatd.log"
     pidfile = run_dir / "heartbeatd.pid"
     run(start, replace, env)
+    pid = int(pidfile.read_text())
     try:
-        assert pidfile.exists()
-        wait_until(lambda: "heartbeatd is ready" in log.read_text(), "the ready line")
+        with socket.create_connection(("127.0.0.1", port), timeout=15) as client:
+            assert client.recv(4)  # the hello: the reactor runs, signals are handled
         failed = run(second, replace, env)
         assert "cannot listen on" in failed.stderr.splitlines()[0]
         assert "Address already in use" in failed.stderr.splitlines()[0]
         assert not (run_dir / "second.pid").exists()
-
         run(reload, replace, env)
-        wait_until(lambda: "Configuration reloaded" in log.read_text(), "the reload line")
-
         # logrotate: rename, then the snippet's postrotate script.
-        (snippet,) = blocks("deployment.md", "logrotate")
-        assert snippet.startswith("/var/log/heartbeatd/heartbeatd.log {")
-        script = re.search(r"postrotate\n(.*?)\n\s*endscript", snippet, re.DOTALL)
-        assert script is not None
         log.rename(log_dir / "heartbeatd.log.1")
-        run(script.group(1).strip(), replace, env)
-        wait_until(log.exists, "a new log file")
-        run(reload, replace, env)
-        wait_until(lambda: "Configuration reloaded" in log.read_text(), "a line in the new file")
+        run(postrotate.group(1).strip(), replace, env)
         run(reopen, replace, env)
     finally:
-        if pidfile.exists():
-            run(stop, replace, env)
-    wait_until(lambda: not pidfile.exists(), "the pidfile to go")
+        run(stop, replace, env)  # after the SIGUSR1s: the shutdown goes to the new file
+        wait_exit(pid)
+    assert not pidfile.exists()
+    rotated = (log_dir / "heartbeatd.log.1").read_text()
+    assert "heartbeatd is ready" in rotated and "stopped after" not in rotated
     assert "stopped after" in log.read_text()
-    assert "Configuration reloaded" in (log_dir / "heartbeatd.log.1").read_text()
+    assert "Configuration reloaded" in rotated + log.read_text()
 
 
 def test_monitoring_example(tmp_path: Path) -> None:
