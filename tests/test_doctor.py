@@ -7,6 +7,7 @@ than the machine has; the rest drives `diagnose` with a made-up machine.
 
 from __future__ import annotations
 
+import json
 import resource
 import subprocess
 import sys
@@ -165,3 +166,28 @@ def test_growing_drop_counters_warn(monkeypatch) -> None:
     checks = module.check_kernel_drops(parse_config({}), machine(netstat=readings), 0.01)
     assert [c.level for c in checks] == [OK, WARN]
     assert "ListenOverflows +4" in checks[1].text
+
+
+def test_the_heartbeat_command_hands_doctor_over_without_loading_the_daemon() -> None:
+    """The layout holds: ``heartbeat doctor`` execs ``python -m heartbeatd.daemon.doctor``,
+    and the ``heartbeat`` process itself never loads the daemon's room or YAML."""
+    code = (
+        "import json, os, sys\n"
+        "from heartbeatd.client import cli\n"
+        "def execv(exe, argv):\n"
+        "    print(json.dumps({'argv': argv[1:], 'modules': sorted(sys.modules)}))\n"
+        "    raise SystemExit(0)\n"
+        "os.execv = execv\n"
+        "cli.main(['doctor', '--config', 'x.yaml'])\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout)
+    assert seen["argv"] == ["-m", "heartbeatd.daemon.doctor", "--config", "x.yaml"]
+    loaded = seen["modules"]
+    assert "heartbeatd.client.cli" in loaded
+    assert [
+        m for m in loaded if m.startswith(("heartbeatd.daemon", "heartbeatd.server", "yaml"))
+    ] == []
