@@ -179,3 +179,26 @@ def test_daemonized_start_with_twistd_logger_writes_logfile(tmp_path: Path) -> N
 
 if sys.platform != "linux":  # pragma: no cover - twistd daemonizes on every Unix we test
     pytestmark = pytest.mark.skip("Linux only")
+
+
+def test_an_unwritable_logfile_is_one_line_and_no_pidfile(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    result = subprocess.run(
+        [
+            TWISTD,
+            "--pidfile=hb.pid",
+            f"--logfile={tmp_path}/no/such/dir/hb.log",
+            OUR_LOGGER,
+            "heartbeatd",
+            "--config",
+            str(config),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+    )
+    assert result.returncode != 0
+    assert "heartbeatd: cannot open the log file" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "hb.pid").exists()

@@ -156,7 +156,14 @@ def observer() -> ILogObserver:
     observer_in_use = True
     stream: Any = sys.stdout
     if _path is not None:
-        stream = ReopeningFile(_path)
+        try:
+            stream = ReopeningFile(_path)
+        except OSError as e:
+            # twistd starts its logger before it forks or writes the pidfile: exiting here
+            # is the clean way out, with one line rather than a traceback.
+            raise SystemExit(
+                f"heartbeatd: cannot open the log file {_path!r}: {e.strerror or e}"
+            ) from None
         stream.install_reopen_signal()
     if _format == "json":
         return _without_chatter(_json_observer(stream))
