@@ -49,6 +49,7 @@ __all__ = [
     "ShutdownConfig",
     "TcpConfig",
     "TlsConfig",
+    "WebSocketConfig",
     "endpoint_is_loopback",
     "parse_config",
 ]
@@ -334,6 +335,63 @@ class AuthConfig:
     )
 
 
+def _endpoints(value: Any) -> str | None:
+    ok = isinstance(value, str) or (
+        isinstance(value, list | tuple) and all(isinstance(v, str) and v for v in value)
+    )
+    return None if ok else "a server endpoint string, a list of them, or '' for off"
+
+
+def _origins(value: Any) -> str | None:
+    ok = isinstance(value, list) and all(
+        isinstance(v, str) and (v == "*" or "://" in v) for v in value
+    )
+    return None if ok else "a list of origins such as http://127.0.0.1:8000, or ['*'] for any"
+
+
+def _path(value: Any) -> str | None:
+    ok = isinstance(value, str) and value.startswith("/") and " " not in value
+    return None if ok else "a URL path starting with /"
+
+
+@dataclass(frozen=True)
+class WebSocketConfig:
+    """The WebSocket listener (heartbeatd.websocket, docs/websocket.md)."""
+
+    listen: str | tuple[str, ...] = field(
+        default="",
+        metadata=check(_endpoints, "endpoint string or list of them; empty: no WebSocket"),
+    )
+    path: str = field(default="/", metadata=check(_path, "the URL path clients connect to"))
+    allowed_origins: tuple[str, ...] = field(
+        default=(),
+        metadata=check(_origins, "browser Origins allowed; other browsers get 403"),
+    )
+    trusted_proxies: tuple[str, ...] = field(
+        default=(),
+        metadata=check(ip_networks, "proxies whose X-Forwarded-For names the client"),
+    )
+    handshake_timeout: float = field(
+        default=10.0,
+        metadata=check(positive_number, "seconds to finish the (TLS and) WebSocket handshake"),
+    )
+    compression: bool = field(
+        default=False, metadata=check(boolean, "accept permessage-deflate (RFC 7692)")
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.listen, list):
+            object.__setattr__(self, "listen", tuple(self.listen))
+
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        """The listen endpoints as a tuple (none when off)."""
+        listen = self.listen
+        if isinstance(listen, str):
+            return (listen,) if listen.strip() else ()
+        return tuple(listen)
+
+
 @dataclass(frozen=True)
 class SeedConfig:
     message_type: str = field(
@@ -472,6 +530,7 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    websocket: WebSocketConfig = field(default_factory=WebSocketConfig)
 
     def effective_max_connections(self) -> int:
         """The connection limit: ``limits.max_connections`` (0: no number of its own), capped
@@ -501,6 +560,7 @@ _SECTIONS: dict[str, type] = {
     "cluster": ClusterConfig,
     "tls": TlsConfig,
     "auth": AuthConfig,
+    "websocket": WebSocketConfig,
 }
 
 
@@ -537,6 +597,11 @@ def _cross_checks(config: Config, errors: list[str]) -> None:
 
     if config.workers > 1:
         _worker_checks(config, errors)
+        if config.websocket.endpoints:
+            errors.append(
+                f"websocket.listen: {config.websocket.listen!r} is not allowed with workers: "
+                f"{config.workers}; expected '' (the WebSocket listener runs in a single process)"
+            )
 
 
 def _admin_checks(admin: AdminConfig, errors: list[str]) -> None:

@@ -30,6 +30,8 @@ SOCKET_ACTIVATION_SHIM = (
     "os.execv(sys.argv[1], sys.argv[1:])"
 )
 READY = re.compile(r"heartbeatd is ready \(pid \d+\)")
+#: The WebSocket listener's line (the JS client's tests parse the same one).
+WS_LISTENING = re.compile(r"WebSocket listening on 127\.0\.0\.1:(\d+)")
 
 
 class Daemon:
@@ -81,6 +83,9 @@ class Daemon:
         self._queue: queue.Queue[str | None] = queue.Queue()
         self.process: subprocess.Popen[str] | None = None
         self.port = 0
+        #: The WebSocket listener's port, when the config turns it on.
+        self.ws_port = 0
+        self._websocket = bool((config.get("websocket") or {}).get("listen"))
 
     def __enter__(self) -> Daemon:
         argv, preexec, env = self.argv, None, self.env
@@ -119,6 +124,8 @@ class Daemon:
             match = self.wait_for(LISTENING)
             self.port = int(match.group(1)) if match.group(1) else 0
             self.address = match.group(0).split("listening on ", 1)[1]
+            if self._websocket:
+                self.ws_port = int(self.wait_for(WS_LISTENING).group(1))
             self.wait_for(self.ready)
         except BaseException:
             # __exit__ does not run when __enter__ fails: never leave the process behind.

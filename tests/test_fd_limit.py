@@ -14,6 +14,7 @@ from pathlib import Path
 
 from daemon import Daemon
 from test_admin import ADMIN, http, metric
+from twisted.internet.task import Clock
 
 from heartbeatd.config import FD_RESERVE
 
@@ -103,6 +104,8 @@ def test_reload_says_which_limit_applies(tmp_path: Path) -> None:
 class FakePort:
     """What `AcceptGuard` touches on a ``tcp.Port``."""
 
+    # (the reactor is a Clock: the guard's re-check while paused is a delayed call)
+
     def __init__(self) -> None:
         from twisted.logger import Logger
 
@@ -112,6 +115,7 @@ class FakePort:
         self.disconnecting = False
         self.batches: list[int] = []
         self._logger = Logger(namespace="twisted.internet.tcp.Port")
+        self.reactor = Clock()
 
     def doRead(self) -> None:
         self.batches.append(self.numberAccepts)
@@ -125,7 +129,6 @@ class FakePort:
 
 def guarded(nofile: int, monkeypatch: object) -> tuple[object, FakePort, object]:
     from helpers import make_config
-    from twisted.internet.task import Clock
 
     from heartbeatd.daemon import fdlimit
     from heartbeatd.server.factory import ServerFactory
@@ -133,7 +136,7 @@ def guarded(nofile: int, monkeypatch: object) -> tuple[object, FakePort, object]
     monkeypatch.setattr(fdlimit, "open_file_limit", lambda: (nofile, nofile))  # type: ignore[attr-defined]
     factory = ServerFactory(make_config(), clock=Clock())
     port = FakePort()
-    return fdlimit.AcceptGuard(port, factory), port, factory
+    return fdlimit.AcceptGuard(factory, [port]), port, factory
 
 
 def test_guard_caps_the_batch_to_the_descriptors_left_and_pauses_at_none(monkeypatch) -> None:
@@ -150,6 +153,13 @@ def test_guard_caps_the_batch_to_the_descriptors_left_and_pauses_at_none(monkeyp
     factory.refusing -= 1
     factory.on_room()
     assert port.reading and not guard.paused
+    # Descriptors freed where the factory does not hear of it: the re-check finds them.
+    factory.refusing += 1
+    port.doRead()
+    assert not port.reading
+    factory.refusing -= 1  # without on_room
+    port.reactor.advance(guard.RECHECK)
+    assert port.reading and not guard.paused and not port.reactor.getDelayedCalls()
     port.disconnecting = True  # shutting down: never resumes a closed port
     factory.refusing += 1
     port.doRead()

@@ -406,6 +406,8 @@ class RedisBroker:
         self._presence: dict[str, dict[str, str]] = {}
         self.up = False
         self.link_changes = 0
+        #: Set by `stop`: the links closing then are ours, not an outage (nothing is logged).
+        self.stopping = False
         self.reaped = 0
         self._shas = {
             name: hashlib.sha1(text.encode()).hexdigest() for name, text in _SCRIPTS.items()
@@ -447,6 +449,7 @@ class RedisBroker:
 
     def stop(self) -> Deferred[None]:
         """Leave the cluster cleanly (our entries go at once, not after node_timeout)."""
+        self.stopping = True
         if self._beat.running:
             self._beat.stop()
         d: Deferred[Any] = succeed(None)
@@ -513,6 +516,8 @@ class RedisBroker:
         if up == self.up:
             return
         self.up = up
+        if self.stopping:
+            return  # an orderly stop closes the links: no outage to report or recover from
         self.link_changes += 1
         if up:
             log.info("Redis link up ({url})", url=self.url)
@@ -529,7 +534,7 @@ class RedisBroker:
                 self._fire_waiters(channel, BrokerUnavailable("the Redis link was lost"))
         else:
             return
-        if self.up:
+        if self.up and not self.stopping:
             log.warn("Redis link down ({url}); reconnecting", url=self.url)
         self._link()
 
@@ -699,7 +704,10 @@ class RedisBroker:
                 body = json.loads(message)
                 if not isinstance(body["s"], str):
                     raise BadBrokerMessage("bad session")
-                listener.on_message(body["s"], checked_push(body["t"]), body.get("d"))
+                if "k" in body:  # a kick, not a message
+                    listener.on_kick(body["s"])
+                else:
+                    listener.on_message(body["s"], checked_push(body["t"]), body.get("d"))
         except BadBrokerMessage as e:
             self.bad_messages += 1
             if self.log_limiter.allow("bad_cluster_message"):
@@ -779,6 +787,12 @@ class RedisBroker:
     def send(self, session: str, type: str, data: Any) -> Deferred[bool]:
         self._flush_clients()
         payload = json.dumps({"s": session, "t": type, "d": data})
+        return self._eval("SEND", session, payload).addCallback(lambda n: int(n) > 0)
+
+    def kick(self, session: str) -> Deferred[bool]:
+        """Through the holder's node channel, as `send`: its node disconnects it."""
+        self._flush_clients()
+        payload = json.dumps({"s": session, "k": 1})
         return self._eval("SEND", session, payload).addCallback(lambda n: int(n) > 0)
 
     def broadcast(self, type: str, data: Any) -> Deferred[int]:

@@ -89,35 +89,56 @@ def describe_limit(config: Config) -> tuple[int, str, bool]:
 
 
 class AcceptGuard:
-    """Accepts on ``port`` only as many connections as there are file descriptors for."""
+    """Accepts on its ports only as many connections as there are file descriptors for.
 
-    def __init__(self, port: Any, factory: Any) -> None:
-        self.port = port
+    One guard per factory, watching each of its listeners (the stream port, WebSocket ports):
+    they share the factory's connections and the process's descriptors.
+    """
+
+    #: Seconds between checks for room while paused: descriptors freed where the factory does
+    #: not hear of it (an admin connection, a refused WebSocket upgrade) still resume accepting.
+    RECHECK = 1.0
+
+    def __init__(self, factory: Any, ports: Any = ()) -> None:
         self.factory = factory
-        self.paused = False
+        self.ports: list[Any] = []
+        #: The ports paused for lack of descriptors.
+        self.paused: set[Any] = set()
         #: Times accepting paused for lack of descriptors.
         self.pauses = 0
-        self._accept = port.doRead
-        port.doRead = self.doRead  # an instance attribute: the reactor calls it
+        self._recheck: Any = None
         factory.on_room = self.room_freed
+        for port in ports:
+            self.watch(port)
+
+    def watch(self, port: Any) -> None:
+        accept = port.doRead
+
+        def doRead() -> Any:  # an instance attribute: the reactor calls it
+            return self._read(port, accept)
+
+        port.doRead = doRead
         # Twisted logs accept() errors through the port's own logger: count them there.
         inner = port._logger
         port._logger = Logger(namespace=inner.namespace, observer=self._observe)
+        self.ports.append(port)
 
     def room(self) -> int:
-        """Descriptors left for connections (clients and refusals in flight)."""
+        """Descriptors left for connections (clients, handshakes and refusals in flight)."""
         soft, _hard = open_file_limit()
         if soft == resource.RLIM_INFINITY:
             return 1 << 30
-        used = len(self.factory.clients) + self.factory.refusing
+        f = self.factory
+        used = len(f.clients) + f.refusing + getattr(f, "handshaking", 0)
         return soft - (FD_RESERVE - REFUSAL_ROOM) - used
 
-    def doRead(self) -> Any:
+    def _read(self, port: Any, accept: Any) -> Any:
         room = self.room()
         if room <= 0:
-            self.port.stopReading()
-            self.paused = True
-            self.pauses += 1
+            port.stopReading()
+            if port not in self.paused:
+                self.paused.add(port)
+                self.pauses += 1
             if self.factory.log_allowed("fd_pause"):
                 log.warn(
                     "Not accepting for now: {count} connections hold every file descriptor "
@@ -125,21 +146,36 @@ class AcceptGuard:
                     "wait in the listen backlog",
                     count=len(self.factory.clients) + self.factory.refusing,
                 )
+            self._schedule_recheck(port)
             return None
-        if getattr(self.port, "numberAccepts", 0) > room:
-            self.port.numberAccepts = room
-        return self._accept()
+        if getattr(port, "numberAccepts", 0) > room:
+            port.numberAccepts = room
+        return accept()
+
+    def _schedule_recheck(self, port: Any) -> None:
+        reactor = getattr(port, "reactor", None)
+        if self._recheck is None and reactor is not None:
+            self._recheck = reactor.callLater(self.RECHECK, self._recheck_room)
+
+    def _recheck_room(self) -> None:
+        self._recheck = None
+        self.room_freed()
+        for port in self.paused:
+            self._schedule_recheck(port)
+            break
 
     def room_freed(self) -> None:
         if not self.paused or self.room() <= 0:
             return
-        port = self.port
-        if not getattr(port, "connected", False) or getattr(port, "disconnecting", False):
-            return  # stopped listening (shutdown)
         if not getattr(self.factory, "accepting", True):
             return  # a full worker paused on purpose; it resumes by itself
-        self.paused = False
-        port.startReading()
+        for port in list(self.paused):
+            self.paused.discard(port)
+            if getattr(port, "connected", False) and not getattr(port, "disconnecting", False):
+                port.startReading()  # else: stopped listening (shutdown)
+        if self._recheck is not None and self._recheck.active():
+            self._recheck.cancel()
+        self._recheck = None
 
     def _observe(self, event: dict[str, Any]) -> None:
         text = event.get("log_format") or ""

@@ -33,9 +33,10 @@ __all__ = [
 ]
 
 #: Twisted's stock lines about ports and factories ("ServerFactory starting on 9000",
-#: "(TCP Port 9000 Closed)", "Starting factory <...object at 0x...>"): they repeat what our
-#: own start-up and shutdown lines say, in words an operator cannot act on.
-_CHATTER = re.compile(r"^(?:[\w.]+ starting on \S+|\(\w+ Port \S+ Closed\))$")
+#: "ServerFactory (TLS) starting on 9000", "(TCP Port 9000 Closed)", "Starting factory
+#: <...object at 0x...>"): they repeat what our own start-up and shutdown lines say, in words
+#: an operator cannot act on.
+_CHATTER = re.compile(r"^(?:[\w.]+(?: \(TLS\))? starting on \S+|\(\w+ Port \S+ Closed\))$")
 _FACTORY_FORMATS = ("Starting factory {factory!r}", "Stopping factory {factory!r}")
 
 LOG_FORMATS = ("text", "json")

@@ -27,7 +27,7 @@ __all__ = ["Reloader", "config_diff"]
 log = get_logger(__name__)
 
 #: Keys bound at start: changing them needs a restart.
-FIXED_KEYS = ("listen", "framing", "handlers", "admin", "cluster", "workers")
+FIXED_KEYS = ("listen", "framing", "handlers", "admin", "cluster", "workers", "websocket")
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
@@ -27,8 +27,8 @@ from heartbeatd.daemon.sdnotify import Notifier
 from heartbeatd.daemon.signals import ShutdownSignals
 from heartbeatd.daemon.startup import LaunchStderr, StartupError
 from heartbeatd.server import leantcp
+from heartbeatd.server.connection import format_address
 from heartbeatd.server.factory import ServerFactory
-from heartbeatd.server.protocol import format_address
 
 __all__ = ["ServerService"]
 
@@ -49,6 +49,7 @@ class ServerService(Service):
         notifier: Notifier | None = None,
         on_hangup: Callable[[], object] | None = None,
         admin: tuple[IStreamServerEndpoint, Any] | None = None,
+        websocket: tuple[list[tuple[str, IStreamServerEndpoint]], Any] | None = None,
         startup: LaunchStderr | None = None,
     ) -> None:
         self.endpoint = endpoint
@@ -61,6 +62,9 @@ class ServerService(Service):
         self._on_hangup = on_hangup
         self._admin = admin
         self.admin_port: IListeningPort | None = None
+        #: ([(description, endpoint)], the `WebSocketSite`) of the WebSocket listener, if on.
+        self._websocket = websocket
+        self.websocket_ports: list[IListeningPort] = []
         self._status_loop: LoopingCall | None = None
         self.accept_guard: AcceptGuard | None = None
 
@@ -96,8 +100,10 @@ class ServerService(Service):
         config = self.factory.config
         if config.tcp.lean_transport and leantcp.adopt(result):
             log.info("Accepting into the lean TCP transport (tcp.lean_transport)")
-        if hasattr(result, "numberAccepts"):  # a stream port: accept only what fits
-            self.accept_guard = AcceptGuard(result, self.factory)
+        # Every listener accepts only what the open-file limit leaves room for.
+        self.accept_guard = guard = AcceptGuard(self.factory)
+        if hasattr(result, "numberAccepts"):  # a stream port
+            guard.watch(result)
         limit, why, capped = describe_limit(config)
         log.info(
             "heartbeatd {version} listening on {address} ({framing} framing, heartbeat every "
@@ -112,6 +118,19 @@ class ServerService(Service):
         )
         if capped:
             log.warn("Connection limit {limit}: {why}", limit=limit, why=why)
+        if self._websocket is not None:
+            endpoints, site = self._websocket
+            for description, endpoint in endpoints:
+                port = _bind(endpoint, site, description, self.startup)
+                self.websocket_ports.append(port)
+                if hasattr(port, "numberAccepts"):
+                    guard.watch(port)
+                log.info(
+                    "heartbeatd {version} WebSocket listening on {address} (path {path})",
+                    version=__version__,
+                    address=format_address(port.getHost()),
+                    path=config.websocket.path,
+                )
         log.info(
             "Handlers: built-in{modules}; message types: {types}",
             modules="".join(f", {name}" for name in config.handlers),
@@ -144,6 +163,12 @@ class ServerService(Service):
         port, self.port = self.port, None
         address = format_address(port.getHost()) if port is not None else ""
         stopped = maybeDeferred(port.stopListening) if port is not None else succeed(None)
+        ws_ports, self.websocket_ports = self.websocket_ports, []
+        if ws_ports:
+            stopped = DeferredList(
+                [stopped, *(maybeDeferred(p.stopListening) for p in ws_ports)],
+                consumeErrors=True,
+            )
         shutdown = self.factory.config.shutdown
 
         def drain(_: object) -> Deferred[None]:

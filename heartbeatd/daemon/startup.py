@@ -19,6 +19,7 @@ import contextlib
 import os
 import sys
 from types import TracebackType
+from typing import Any
 
 from heartbeatd._logging import get_logger
 
@@ -32,20 +33,35 @@ class StartupError(Exception):
 
 
 class LaunchStderr:
-    """The stderr twistd was launched with, kept across daemonizing until start-up is over."""
+    """The stderr twistd was launched with, kept across daemonizing until start-up is over.
 
-    def __init__(self, fd: int | None = None) -> None:
+    ``twistd_options`` are twistd's own (``--pidfile``): on a failure the pidfile is removed
+    before twistd tells the waiting parent, which twistd itself does only after, so a script
+    that sees the command fail never sees the pidfile.
+    """
+
+    def __init__(self, fd: int | None = None, twistd_options: Any = None) -> None:
         # os.dup's copy is not inherited by children (workers), only kept by us.
         self._fd: int | None = os.dup(2) if fd is None else fd
+        self._twistd_options = twistd_options
 
     def fail(self, message: str) -> StartupError:
         """Log ``message``, write it to the launching stderr, and return the error to raise."""
         log.error("{message}", message=message)
+        self._remove_pidfile()
         if self._fd is not None:
             with contextlib.suppress(OSError):  # a closed terminal: the log has it
                 os.write(self._fd, message.encode("utf-8", "backslashreplace") + b"\n")
         self.close()
         return StartupError(message)
+
+    def _remove_pidfile(self) -> None:
+        options = self._twistd_options
+        path = options.get("pidfile") if options is not None else None
+        if path:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            options["pidfile"] = ""  # twistd's own removal, next, has nothing left to do
 
     def close(self) -> None:
         fd, self._fd = self._fd, None

@@ -173,6 +173,15 @@ class Options(usage.Options):
                     f"cluster.redis: {redact_url(config.cluster.redis)!r} needs the Redis client: "
                     "pip install 'heartbeatd[cluster]' (txredisapi), or set cluster.redis: ''"
                 )
+        for index, description in enumerate(config.websocket.endpoints):
+            ws_error = check_endpoint(description, _reactor())
+            if ws_error:
+                errors.append(f"websocket.{ws_error}" + (f" (item {index})" if index else ""))
+        if config.websocket.endpoints:
+            from heartbeatd.websocket import MISSING_EXTRA, available
+
+            if not available():
+                errors.append(f"websocket.listen: {config.websocket.listen!r}: {MISSING_EXTRA}")
         self.admin_token = read_admin_token(config, errors)
         registry = build_registry(config, errors)
         tls, authenticator = check_security(config, errors)
@@ -206,7 +215,7 @@ def makeService(options: Options) -> IService:
         set_destination(parent.get("logfile"), daemon=not parent.get("nodaemon"))
     # Kept before twistd forks (it does so after makeService): a daemon's start-up failure
     # is written to the stderr it was launched with, besides the log.
-    startup = LaunchStderr()
+    startup = LaunchStderr(twistd_options=parent)
     if config.workers > 1:
         return supervisor_service(options, reactor, startup)
     return single_service(options, reactor, startup)
@@ -227,8 +236,26 @@ def single_service(options: Options, reactor: Any, startup: LaunchStderr) -> Ser
 
         admin_endpoint = serverFromString(reactor, private_unix_endpoint(config.admin.listen))
         admin = (admin_endpoint, admin_site(factory, config.admin, options.admin_token))
+    websocket = None
+    if config.websocket.endpoints:
+        from heartbeatd.websocket.protocol import WebSocketSite
+
+        ws_endpoints = []
+        for description in config.websocket.endpoints:
+            ws_endpoint = serverFromString(reactor, description)
+            if options.tls is not None:  # the same tls.* keys make it wss://
+                ws_endpoint = options.tls.wrap(ws_endpoint, reactor)
+            ws_endpoints.append((description, ws_endpoint))
+        websocket = (ws_endpoints, WebSocketSite(factory))
     return ServerService(
-        endpoint, factory, reactor, notifier, reloader.reload, admin, startup=startup
+        endpoint,
+        factory,
+        reactor,
+        notifier,
+        reloader.reload,
+        admin,
+        websocket,
+        startup=startup,
     )
 
 

@@ -39,7 +39,7 @@ class ClientRegistry(Protocol):
 
     def new_session_id(self) -> str: ...
 
-    def hello_body(self, session_id: str) -> bytes:
+    def hello_body(self, session_id: str, framing: str | None = None) -> bytes:
         """The envelope a new connection is greeted with."""
         ...
 

@@ -1,0 +1,38 @@
+"""The JavaScript client's own suite (js/test/, `node --test`) against this checkout's daemon.
+
+The Node tests start their own daemons (this venv's twistd, through HEARTBEATD_TWISTD),
+redis-server and fake servers, over TCP, TLS and, where the daemon has it, WebSocket; this
+test runs them all and fails with their report.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from js_tools import JS, require_node
+
+TWISTD = str(Path(sys.executable).parent / "twistd")
+
+
+def test_the_javascript_client_suite_passes() -> None:
+    node = require_node()
+    files = sorted(str(p.relative_to(JS)) for p in (JS / "test").glob("*.test.js"))
+    assert len(files) >= 7, files
+    env = {**os.environ, "HEARTBEATD_TWISTD": TWISTD}
+    result = subprocess.run(
+        [node, "--test", "--test-reporter=tap", *files],
+        cwd=JS,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    report = result.stdout + result.stderr
+    assert result.returncode == 0, report[-20000:]
+    counts = dict(re.findall(r"^# (pass|fail|cancelled) (\d+)$", report, re.MULTILINE))
+    assert counts.get("fail") == "0" and counts.get("cancelled") == "0", report[-5000:]
+    assert int(counts["pass"]) >= 50, report[-5000:]
