@@ -19,10 +19,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from daemon import Daemon
+from daemon import Daemon, RawClient
 from redis_server import RedisServer
 from test_admin import ADMIN, http
 from test_workers import workers
+from wsclient import WSClient
 
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "config" / "heartbeatd.rules.yml"
@@ -106,7 +107,7 @@ def test_dashboard_is_grafana_json_with_the_asked_panels() -> None:
     dashboard = json.loads(DASHBOARD.read_text())
     titles = " | ".join(p["title"] for p in dashboard["panels"]).lower()
     for topic in (
-        "connections by worker",
+        "connections by listener and worker",
         "refusals",
         "evictions",
         "messages",
@@ -151,13 +152,27 @@ def missing(text: str, allowed_absent: set[str]) -> list[str]:
 
 
 def test_every_series_named_is_exported_by_a_single_daemon(tmp_path: Path) -> None:
-    config = {"admin": {"listen": "tcp:0:interface=127.0.0.1"}}
-    with Daemon(tmp_path, config) as daemon:
+    config = {
+        "admin": {"listen": "tcp:0:interface=127.0.0.1"},
+        "websocket": {"listen": "tcp:0:interface=127.0.0.1", "path": "/ws"},
+    }
+    with (
+        Daemon(tmp_path, config) as daemon,
+        RawClient(daemon.port) as plain,
+        WSClient(daemon.ws_port, path="/ws") as ws,  # type: ignore[attr-defined]
+    ):
+        assert plain.recv()["type"] == "hello" and ws.recv()["type"] == "hello"
         port = int(daemon.wait_for(ADMIN).group(1))
         status, text = http(port, "GET", "/metrics")
         assert status == 200
-        assert daemon.stop() == 0
     assert missing(text, WORKERS_ONLY) == []
+    by_listener = {
+        labels["listener"]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("heartbeatd_connections_by_listener{")
+        for labels in [dict(EXACT_LABEL.findall(line))]
+    }
+    assert by_listener == {"tcp": 1, "tls": 0, "websocket": 1, "websocket+tls": 0}
 
 
 def test_every_series_named_is_exported_by_workers(tmp_path: Path) -> None:

@@ -59,6 +59,8 @@ ERROR_CODES = (
     envelope.WRONG_PROTOCOL,
     UNAVAILABLE,  # a publish (or presence) while the cluster broker is unreachable
 )
+#: The listeners a client can come through (``heartbeatd_connections_by_listener``).
+LISTENERS = ("tcp", "tls", "websocket", "websocket+tls")
 #: Why a connection was refused (``heartbeatd_connections_refused_by_reason_total{reason}``).
 REFUSAL_REASONS = (
     "file_descriptors",
@@ -96,6 +98,16 @@ class FactoryCollector(Collector):
         yield GaugeMetricFamily(
             "heartbeatd_connections", "Clients connected now.", value=len(f.clients)
         )
+        # One pass over the clients per scrape (as traffic_totals), never per frame.
+        by_listener = GaugeMetricFamily(
+            "heartbeatd_connections_by_listener",
+            "Clients connected now, by listener (tcp, tls, websocket, websocket+tls).",
+            labels=["listener"],
+        )
+        counts = Counter(client.listener for client in f.clients.values())
+        for listener, count in _with_zeros(counts, LISTENERS):
+            by_listener.add_metric([listener], count)
+        yield by_listener
         yield CounterMetricFamily(
             "heartbeatd_connections_accepted", "Connections accepted.", value=f.accepted
         )
