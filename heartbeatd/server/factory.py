@@ -134,6 +134,14 @@ class ServerFactory(Factory):
         self.max_connections = config.effective_max_connections()
         self.accepted = 0
         self.refused = 0
+        #: Refused connections still open (their error frame not yet written): each holds a
+        #: file descriptor, as a client does.
+        self.refusing = 0
+        #: accept() failures, by errno name (EMFILE...), counted by the daemon's accept guard.
+        self.accept_errors: Counter[str] = Counter()
+        #: Called when a connection's file descriptor is released (the daemon's accept guard
+        #: resumes accepting); None when nothing waits for room.
+        self.on_room: Any = None
         #: Connections accepted whose transport handshake (WebSocket) is not done yet: not in
         #: `clients`, but counted against ``limits.max_connections``.
         self.handshaking = 0
@@ -341,6 +349,8 @@ class ServerFactory(Factory):
     def client_disconnected(self, client: Connection, reason: Failure | None) -> None:
         if self.clients.pop(client.session_id, None) is None:
             return
+        if self.on_room is not None:
+            self.on_room()
         if self.credentials:
             self.credentials.pop(client.session_id, None)
         self.channels.client_disconnected(client)
