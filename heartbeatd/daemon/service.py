@@ -118,6 +118,8 @@ class ServerService(Service):
             for description, endpoint in endpoints:
                 port = _bind(endpoint, site, description)
                 self.websocket_ports.append(port)
+                if config.tcp.lean_transport:
+                    leantcp.adopt(port)
                 log.info(
                     "heartbeatd {version} WebSocket listening on {address} (path {path})",
                     version=__version__,

@@ -409,9 +409,9 @@ class WebSocketProtocol(Connection):
                 self._peer_closed(ended)
 
     def _fail(self, code: int, reason: str, detail: str) -> None:
-        """Close for a fault of the peer's WebSocket framing (not of its envelopes)."""
+        """Close for a fault of the peer's WebSocket framing (not of its envelopes): counted
+        among the closes by reason, with no error envelope (the close code says it)."""
         self._message = None
-        self.factory.count_error(reason)
         if self.connected and self.close_reason is None:
             self.close_reason = reason
             self.factory.client_closing(self, reason, detail)
