@@ -22,7 +22,17 @@ from urllib.request import urlopen
 
 import pytest
 from daemon import Daemon, RawClient
-from wsclient import BINARY, CLOSE, CONTINUATION, PING, PONG, TEXT, WSClient, handshake_request
+from wsclient import (
+    BINARY,
+    CLOSE,
+    CONTINUATION,
+    PING,
+    PONG,
+    TEXT,
+    WSClient,
+    frame,
+    handshake_request,
+)
 
 ORIGIN = "http://127.0.0.1:8000"
 CONFIG = {
@@ -286,6 +296,24 @@ def test_compression_is_negotiated_and_bounded(tmp_path: Path) -> None:
             assert first & 0x40  # a large reply comes compressed
             inflated = zlib.decompressobj(-15).decompress(payload + b"\x00\x00\xff\xff")
             assert json.loads(inflated)["data"] == "ab" * 1500
+
+
+def test_a_frame_sent_with_the_handshake_is_answered_after_the_hello(daemon: Daemon) -> None:
+    with socket.create_connection(("127.0.0.1", daemon.ws_port), timeout=10) as s:
+        ws = WSClient(daemon.ws_port, handshake=False, sock=s)
+        request = handshake_request("/ws")
+        s.sendall(request + frame(TEXT, b'{"type":"echo","id":1,"data":"early"}'))
+        while b"\r\n\r\n" not in ws._buffer:
+            ws._buffer += s.recv(4096)
+        ws._buffer = ws._buffer.split(b"\r\n\r\n", 1)[1]
+        assert ws.recv()["type"] == "hello"
+        assert ws.recv() == {"type": "echo", "id": 1, "data": "early"}
+
+
+def test_another_protocol_at_the_websocket_port_gets_400(daemon: Daemon) -> None:
+    with socket.create_connection(("127.0.0.1", daemon.ws_port), timeout=10) as s:
+        s.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\0" * 64)  # a TLS hello
+        assert read_all(s).startswith(b"HTTP/1.1 400 ")
 
 
 def test_the_tcp_listener_is_unaffected(daemon: Daemon) -> None:
