@@ -52,6 +52,9 @@ CONFIG = {
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     with Daemon(tmp_path_factory.mktemp("ws"), CONFIG) as daemon:
         yield daemon
+        assert daemon.stop() == 0
+    # No hostile peer of this module made the daemon fail.
+    assert "Traceback" not in daemon.log and "Unhandled" not in daemon.log
 
 
 def client(daemon: Daemon, **options: Any) -> WSClient:
@@ -88,6 +91,8 @@ def test_a_browser_from_an_allowed_origin_is_accepted_others_get_403(daemon: Dae
 def test_wrong_path_is_404_and_a_plain_get_is_426(daemon: Daemon) -> None:
     with WSClient(daemon.ws_port, path="/other") as ws:
         assert ws.status == 404
+        ws.send_frame(TEXT, b"{}")  # after the refusal: ignored, never a traceback
+        ws.read_rest()
     with socket.create_connection(("127.0.0.1", daemon.ws_port), timeout=10) as s:
         s.sendall(b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n")
         answer = read_all(s)

@@ -336,11 +336,11 @@ class WebSocketProtocol(Connection):
 
     def dataReceived(self, data: bytes) -> None:
         self.bytes_in += len(data)
-        if self._handshaking:
-            if self.close_reason is None:
-                self._handshake(data)
-            return
-        self._receive(data)
+        if self.session_id:  # opened: messages
+            self._receive(data)
+        elif self._handshaking:
+            self._handshake(data)
+        # else the handshake was refused: what the peer still sends is of no interest
 
     def _receive(self, data: bytes) -> None:
         ws = self._ws
