@@ -395,6 +395,11 @@ def test_trusted_proxies_name_the_client_for_limits_and_logs(tmp_path: Path) -> 
             with client(daemon, headers=other):
                 admin = int(daemon.wait_for(r"admin API listening on 127\.0\.0\.1:(\d+)")[1])
                 clients = json.loads(urlopen(f"http://127.0.0.1:{admin}/clients").read())
+                with RawClient(daemon.port) as tcp:
+                    tcp.recv()
+                    metrics = urlopen(f"http://127.0.0.1:{admin}/metrics").read().decode()
+        assert 'heartbeatd_connections_by_listener{listener="websocket"} 2.0' in metrics
+        assert 'heartbeatd_connections_by_listener{listener="tcp"} 1.0' in metrics
         peers = sorted(c["peer"] for c in clients["clients"])
         assert peers[0].startswith("198.51.100.7 (via 127.0.0.1:")
         assert peers[1].startswith("203.0.113.9 (via 127.0.0.1:")

@@ -85,6 +85,14 @@ class FactoryCollector(Collector):
         yield GaugeMetricFamily(
             "heartbeatd_connections", "Clients connected now.", value=len(f.clients)
         )
+        by_listener = GaugeMetricFamily(
+            "heartbeatd_connections_by_listener",
+            "Clients connected now, by listener (tcp, tls, websocket, websocket+tls).",
+            labels=["listener"],
+        )
+        for listener, count in sorted(getattr(f, "by_listener", {}).items()):
+            by_listener.add_metric([listener], count)
+        yield by_listener
         yield CounterMetricFamily(
             "heartbeatd_connections_accepted", "Connections accepted.", value=f.accepted
         )

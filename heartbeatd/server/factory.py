@@ -121,6 +121,8 @@ class ServerFactory(Factory):
         self.max_connections = config.effective_max_connections()
         self.accepted = 0
         self.refused = 0
+        #: Clients connected now by listener (``tcp``, ``tls``, ``websocket``, ``websocket+tls``).
+        self.by_listener: Counter[str] = Counter()
         #: Connections accepted whose transport handshake (WebSocket) is not done yet: not in
         #: `clients`, but counted against ``limits.max_connections``.
         self.handshaking = 0
@@ -267,6 +269,7 @@ class ServerFactory(Factory):
     def client_connected(self, client: Connection) -> None:
         self.clients[client.session_id] = client
         self.accepted += 1
+        self.by_listener[getattr(client, "listener", "stream")] += 1
         self.heartbeat.watch_newcomer(client)
         self.channels.client_connected(client)
         # The client itself, not its peer string: the line is rendered (and the lazy peer
@@ -325,6 +328,7 @@ class ServerFactory(Factory):
     def client_disconnected(self, client: Connection, reason: Failure | None) -> None:
         if self.clients.pop(client.session_id, None) is None:
             return
+        self.by_listener[getattr(client, "listener", "stream")] -= 1
         self.channels.client_disconnected(client)
         self.admission.release(getattr(client, "admitted_host", None))
         totals = self.closed_totals
