@@ -98,14 +98,12 @@ class FactoryCollector(Collector):
         yield GaugeMetricFamily(
             "heartbeatd_connections", "Clients connected now.", value=len(f.clients)
         )
-        # One pass over the clients per scrape (as traffic_totals), never per frame.
         by_listener = GaugeMetricFamily(
             "heartbeatd_connections_by_listener",
             "Clients connected now, by listener (tcp, tls, websocket, websocket+tls).",
             labels=["listener"],
         )
-        counts = Counter(client.listener for client in f.clients.values())
-        for listener, count in _with_zeros(counts, LISTENERS):
+        for listener, count in _with_zeros(f.by_listener, LISTENERS):
             by_listener.add_metric([listener], count)
         yield by_listener
         yield CounterMetricFamily(

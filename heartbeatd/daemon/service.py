@@ -123,6 +123,8 @@ class ServerService(Service):
             for description, endpoint in endpoints:
                 port = _bind(endpoint, site, description, self.startup)
                 self.websocket_ports.append(port)
+                if config.tcp.lean_transport:
+                    leantcp.adopt(port)
                 if hasattr(port, "numberAccepts"):
                     guard.watch(port)
                 log.info(

@@ -142,6 +142,8 @@ class ServerFactory(Factory):
         #: Called when a connection's file descriptor is released (the daemon's accept guard
         #: resumes accepting); None when nothing waits for room.
         self.on_room: Any = None
+        #: Clients connected now by listener (``tcp``, ``tls``, ``websocket``, ``websocket+tls``).
+        self.by_listener: Counter[str] = Counter()
         #: Connections accepted whose transport handshake (WebSocket) is not done yet: not in
         #: `clients`, but counted against ``limits.max_connections``.
         self.handshaking = 0
@@ -291,6 +293,7 @@ class ServerFactory(Factory):
     def client_connected(self, client: Connection) -> None:
         self.clients[client.session_id] = client
         self.accepted += 1
+        self.by_listener[getattr(client, "listener", "stream")] += 1
         self.heartbeat.watch_newcomer(client)
         self.channels.client_connected(client)
         # The client itself, not its peer string: the line is rendered (and the lazy peer
@@ -353,6 +356,7 @@ class ServerFactory(Factory):
             self.on_room()
         if self.credentials:
             self.credentials.pop(client.session_id, None)
+        self.by_listener[getattr(client, "listener", "stream")] -= 1
         self.channels.client_disconnected(client)
         self.admission.release(getattr(client, "admitted_host", None))
         totals = self.closed_totals
