@@ -326,6 +326,7 @@ class WebSocketProtocol(Connection):
         if status:
             self.transport.write(http_response(status, text, extra))
             self.transport.loseConnection()
+            self._close_deadline()
         else:
             self.transport.abortConnection()
 
@@ -420,6 +421,7 @@ class WebSocketProtocol(Connection):
             self._unregister()
             self.transport.write(close_frame(code, reason))
             self.transport.loseConnection()
+            self._close_deadline()
 
     def _peer_closed(self, event: CloseConnection) -> None:
         ws = self._ws
@@ -433,6 +435,7 @@ class WebSocketProtocol(Connection):
             self._unregister()
             self.transport.write(ws.send(event.response()))
             self.transport.loseConnection()
+            self._close_deadline()
 
     def set_max_frame_bytes(self, limit: int) -> None:
         """A new ``max_frame_bytes`` (reload) is read per message: nothing to do."""
@@ -457,6 +460,7 @@ class WebSocketProtocol(Connection):
         if self._handshaking or not self.session_id:
             # Never became a client: only the handshake's share of the limits to give back.
             self._end_handshake()
+            self._cancel_close_deadline()
             self.connected = False
             self.factory.admission.release(self.admitted_host)
             self.admitted_host = None
