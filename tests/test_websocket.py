@@ -303,6 +303,54 @@ def test_compression_is_negotiated_and_bounded(tmp_path: Path) -> None:
             assert json.loads(inflated)["data"] == "ab" * 1500
 
 
+@pytest.mark.parametrize(
+    "offer",
+    [
+        "client_max_window_bits=abc",
+        "client_max_window_bits=",
+        "client_max_window_bits=0x0f",
+        'client_max_window_bits="10"',
+        "server_max_window_bits=x",
+    ],
+)
+def test_a_malformed_deflate_offer_gets_400_not_a_traceback(tmp_path: Path, offer: str) -> None:
+    # wsproto parses the window bits with int(): each of these raised from the upgrade, an
+    # unhandled traceback per handshake and no answer.
+    config = {**CONFIG, "websocket": {**CONFIG["websocket"], "compression": True}}
+    with Daemon(tmp_path, config) as daemon:
+        headers = {"Sec-WebSocket-Extensions": "permessage-deflate; " + offer}
+        with WSClient(daemon.ws_port, path="/ws", headers=headers) as ws:
+            assert ws.status == 400
+            assert b"malformed permessage-deflate offer" in ws.read_rest()
+        with client(daemon) as ws:  # the listener goes on
+            ws.send({"type": "echo", "id": 1, "data": 1})
+            assert ws.recv()["data"] == 1
+        assert daemon.stop() == 0
+    assert "Traceback" not in daemon.log and "Unhandled" not in daemon.log
+    assert "websocket_bad_extension" in daemon.log or "malformed permessage" in daemon.log
+
+
+def test_peer_text_in_refusals_is_escaped_and_bounded(daemon: Daemon) -> None:
+    # A long path was echoed whole into the 404 body and the log line; raw bytes and
+    # U+0085 (a line break to some log readers) in Origin were logged as they came.
+    with socket.create_connection(("127.0.0.1", daemon.ws_port), timeout=10) as s:
+        s.sendall(handshake_request("/" + "p" * 10_000))
+        answer = read_all(s)
+    assert answer.startswith(b"HTTP/1.1 404 ") and len(answer) < 1000
+    assert b"... (10001 characters)" in answer
+    line = daemon.wait_for(r"no WebSocket at /p+\.\.\. \(10001 characters\)").string
+    assert len(line) < 1000
+    request = handshake_request("/ws", {"Origin": "http://x"})
+    request = request.replace(b"http://x", b"http://x\x80\xff\xc2\x85y")
+    with socket.create_connection(("127.0.0.1", daemon.ws_port), timeout=10) as s:
+        s.sendall(request)
+        answer = read_all(s)
+    assert answer.startswith(b"HTTP/1.1 403 ")
+    assert b"origin http://x\\x80\\xff\\xc2\\x85y is not" in answer
+    line = daemon.wait_for(r"origin http://x.*y is not in").string
+    assert "http://x\\x80\\xff\\xc2\\x85y" in line and "\x85" not in line
+
+
 def test_a_frame_sent_with_the_handshake_is_answered_after_the_hello(daemon: Daemon) -> None:
     with socket.create_connection(("127.0.0.1", daemon.ws_port), timeout=10) as s:
         ws = WSClient(daemon.ws_port, handshake=False, sock=s)

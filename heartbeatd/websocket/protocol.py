@@ -55,7 +55,7 @@ from heartbeatd.wire.websocket import (
     read_text_frames,
 )
 
-__all__ = ["WebSocketProtocol", "WebSocketSite", "http_response"]
+__all__ = ["WebSocketProtocol", "WebSocketSite", "http_response", "shown"]
 
 log = get_logger(__name__)
 
@@ -82,6 +82,22 @@ _STATUS = {
     429: "Too Many Requests",
     503: "Service Unavailable",
 }
+
+
+#: Most characters of a peer's text (path, origin, header) that a log line or answer shows.
+MAX_SHOWN = 200
+
+
+def shown(text: str | bytes, limit: int = MAX_SHOWN) -> str:
+    """A peer's text as a log line or an answer may show it: ASCII, non-printable and
+    non-ASCII characters escaped (``\\x85``, ``\\u2028``), at most ``limit`` characters of
+    it, and its length when cut."""
+    if isinstance(text, bytes):
+        text = text.decode("latin-1")
+    out = text[:limit].encode("unicode_escape").decode("ascii")
+    if len(text) > limit:
+        out += f"... ({len(text)} characters)"
+    return out
 
 
 def http_response(status: int, text: str, extra: bytes = b"") -> bytes:
@@ -244,7 +260,7 @@ class WebSocketProtocol(Connection):
                     b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n",
                 )
             else:
-                self._refuse_upgrade(400, "bad_handshake", f"bad HTTP request: {e}")
+                self._refuse_upgrade(400, "bad_handshake", f"bad HTTP request: {shown(str(e))}")
 
     def _upgrade(self, request: Request) -> None:
         site = self._site
@@ -252,7 +268,9 @@ class WebSocketProtocol(Connection):
         headers = {name.lower(): value for name, value in request.extra_headers}
         path = request.target.split("?", 1)[0]
         if path != config.path:
-            self._refuse_upgrade(404, "bad_path", f"no WebSocket at {path}; try {config.path}")
+            self._refuse_upgrade(
+                404, "bad_path", f"no WebSocket at {shown(path)}; try {config.path}"
+            )
             return
         origin = headers.get(b"origin")
         if origin is not None:
@@ -260,7 +278,9 @@ class WebSocketProtocol(Connection):
             allowed = config.allowed_origins
             if "*" not in allowed and text not in allowed:
                 self._refuse_upgrade(
-                    403, "origin_refused", f"origin {text} is not in websocket.allowed_origins"
+                    403,
+                    "origin_refused",
+                    f"origin {shown(text)} is not in websocket.allowed_origins",
                 )
                 return
         peer = self.transport.getPeer()
@@ -277,10 +297,25 @@ class WebSocketProtocol(Connection):
             self.admitted_host = key
         extensions = []
         framing = site.framing
-        if config.compression and any(
-            offer.split(";", 1)[0].strip() == "permessage-deflate" for offer in request.extensions
-        ):
+        offers = [
+            offer
+            for offer in request.extensions
+            if offer.split(";", 1)[0].strip() == "permessage-deflate"
+        ]
+        if config.compression and offers:
             deflate = BoundedDeflate(self.factory.config.max_frame_bytes)
+            for offer in offers:
+                # wsproto parses an offer's window bits with int() and raises on anything
+                # else (``client_max_window_bits=abc``): refuse such a handshake here.
+                try:
+                    BoundedDeflate(0)._parse_params(offer)
+                except ValueError:
+                    self._refuse_upgrade(
+                        400,
+                        "bad_extension",
+                        f"malformed permessage-deflate offer {shown(offer)}",
+                    )
+                    return
             extensions.append(deflate)
         accept = self._ws.send(AcceptConnection(extensions=extensions))
         if extensions and deflate.enabled():
