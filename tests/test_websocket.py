@@ -177,6 +177,52 @@ def test_oversized_handshake_head_gets_400(daemon: Daemon) -> None:
     assert answer.startswith(b"HTTP/1.1 400 ")
 
 
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param({"X-Junk": "x" * 20_000}, id="one-long-header"),
+        pytest.param({f"X-H{i}": "v" for i in range(3000)}, id="3000-headers"),
+    ],
+)
+def test_a_whole_oversized_head_in_one_read_gets_400(
+    daemon: Daemon, headers: dict[str, str]
+) -> None:
+    # h11 bounds only a head still incomplete after a read: one that came whole in one
+    # read (up to 64 KiB) was accepted.
+    request = handshake_request("/ws", headers)
+    assert 16 * 1024 < len(request) < 60_000
+    with socket.create_connection(("127.0.0.1", daemon.ws_port), timeout=10) as s:
+        s.sendall(request)
+        answer = read_all(s)
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"request head over 16384 bytes" in answer
+
+
+def test_a_head_just_under_the_limit_with_a_message_behind_it_is_accepted(
+    daemon: Daemon,
+) -> None:
+    request = handshake_request("/ws", {"X-Pad": "p" * 15_000})
+    message = frame(TEXT, b'{"type":"echo","id":1,"data":"' + b"m" * 3000 + b'"}')
+    with socket.create_connection(("127.0.0.1", daemon.ws_port), timeout=10) as s:
+        ws = WSClient(daemon.ws_port, handshake=False, sock=s)
+        s.sendall(request + message)
+        while b"\r\n\r\n" not in ws._buffer:
+            ws._buffer += s.recv(4096)
+        head, ws._buffer = ws._buffer.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 101 ")
+        assert ws.recv()["type"] == "hello"
+        assert ws.recv()["data"] == "m" * 3000
+
+
+@pytest.mark.parametrize("key", [b"not base64 at all!", b"c2hvcnQ=", b"%%%%%%%%%%%%%%%%%%%%%%=="])
+def test_a_key_that_is_not_16_bytes_of_base64_gets_400(daemon: Daemon, key: bytes) -> None:
+    request = handshake_request("/ws")
+    good = request.split(b"Sec-WebSocket-Key: ", 1)[1].split(b"\r\n", 1)[0]
+    with socket.create_connection(("127.0.0.1", daemon.ws_port), timeout=10) as s:
+        s.sendall(request.replace(good, key))
+        answer = read_all(s)
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"Sec-WebSocket-Key" in answer
+
+
 def test_a_close_from_the_client_is_answered_with_its_code(daemon: Daemon) -> None:
     with client(daemon) as ws:
         ws.send_frame(CLOSE, struct.pack("!H", 1000) + b"bye")

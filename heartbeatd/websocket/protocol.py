@@ -1,7 +1,8 @@
 """The WebSocket adapter: an HTTP upgrade, then RFC 6455 text messages into the connection core.
 
-A connection first speaks HTTP/1.1 (parsed by h11 through wsproto's ``H11Handshake``, which
-bounds a request's head at 16 KiB).  The upgrade is refused with a short HTTP answer when the
+A connection first speaks HTTP/1.1 (parsed by h11 through wsproto's ``H11Handshake``); a
+request head is bounded at 16 KiB here, before h11 sees it (h11 bounds only a head still
+incomplete after a read).  The upgrade is refused with a short HTTP answer when the
 path is not ``websocket.path`` (404), a browser's ``Origin`` is not in
 ``websocket.allowed_origins`` (403), the request is not an upgrade (426), it is malformed
 (400), or the per-address limits refuse the client (429) once ``X-Forwarded-For`` from a
@@ -20,7 +21,10 @@ server's frames are unmasked: header plus body); control frames go through wspro
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
+import re
 import zlib
 from collections import deque
 from typing import Any
@@ -83,6 +87,12 @@ _STATUS = {
     503: "Service Unavailable",
 }
 
+
+#: The most bytes a handshake's request head may have (h11's own bound, which h11 applies
+#: only to a head still incomplete after a read): ``400`` past it.
+MAX_HEAD_BYTES = 16 * 1024
+#: Where a request head ends (h11 accepts a bare LF as a line end).
+_HEAD_END = re.compile(rb"\n\r?\n")
 
 #: Most characters of a peer's text (path, origin, header) that a log line or answer shows.
 MAX_SHOWN = 200
@@ -245,6 +255,16 @@ class WebSocketProtocol(Connection):
 
     def _handshake(self, data: bytes) -> None:
         handshake = self._ws
+        # h11 bounds only a head still incomplete after a read: a whole head in one read
+        # (64 KiB, thousands of headers) went through.  Measure it here, before h11 parses.
+        h11 = getattr(handshake, "_h11_connection", None)
+        buffered = getattr(getattr(h11, "_receive_buffer", None), "_data", b"")
+        tail = bytes(buffered[-3:])
+        end = _HEAD_END.search(tail + data)
+        head = len(buffered) - len(tail) + (end.end() if end else len(tail) + len(data))
+        if head > MAX_HEAD_BYTES:
+            self._refuse_upgrade(400, "head_too_large", f"request head over {MAX_HEAD_BYTES} bytes")
+            return
         try:
             handshake.receive_data(data)
             for event in handshake.events():
@@ -261,6 +281,8 @@ class WebSocketProtocol(Connection):
                 )
             else:
                 self._refuse_upgrade(400, "bad_handshake", f"bad HTTP request: {shown(str(e))}")
+        except (UnicodeError, ValueError) as e:  # e.g. a Host that is not IDNA
+            self._refuse_upgrade(400, "bad_handshake", f"bad HTTP request: {shown(str(e))}")
 
     def _upgrade(self, request: Request) -> None:
         site = self._site
@@ -270,6 +292,11 @@ class WebSocketProtocol(Connection):
         if path != config.path:
             self._refuse_upgrade(
                 404, "bad_path", f"no WebSocket at {shown(path)}; try {config.path}"
+            )
+            return
+        if not _valid_key(headers.get(b"sec-websocket-key", b"")):
+            self._refuse_upgrade(
+                400, "bad_handshake", "Sec-WebSocket-Key is not 16 bytes in base64 (RFC 6455)"
             )
             return
         origin = headers.get(b"origin")
@@ -502,6 +529,14 @@ class WebSocketProtocol(Connection):
             return
         self._closed()
         self.factory.client_disconnected(self, reason)
+
+
+def _valid_key(key: bytes) -> bool:
+    """RFC 6455: the key is 16 random bytes, base64-encoded."""
+    try:
+        return len(base64.b64decode(key.strip(), validate=True)) == 16
+    except (binascii.Error, ValueError):
+        return False
 
 
 def _forwarded_client(header: bytes, site: WebSocketSite) -> str | None:
