@@ -499,6 +499,48 @@ def test_trusted_proxies_name_the_client_for_limits_and_logs(tmp_path: Path) -> 
         assert peers[1].startswith("203.0.113.9 (via 127.0.0.1:")
 
 
+def test_forwarded_for_with_ports_repeated_headers_and_junk(tmp_path: Path) -> None:
+    # ip:port and [v6]:port fell back to the proxy's (exempt) address, repeated headers
+    # kept only the last, and junk lifted the per-address limits: now ports are read,
+    # repeated headers are one list in order, and what names no client gets 400.
+    config = {
+        **CONFIG,
+        "websocket": {**CONFIG["websocket"], "trusted_proxies": ["127.0.0.1"]},
+        "limits": {"max_connections_per_address": 1, "per_address_exempt": ["127.0.0.1"]},
+    }
+
+    def request(*forwarded: str) -> bytes:
+        lines = "".join(f"X-Forwarded-For: {value}\r\n" for value in forwarded)
+        return handshake_request("/ws").replace(b"\r\n\r\n", b"\r\n" + lines.encode() + b"\r\n")
+
+    def status(sock: socket.socket) -> int:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = sock.recv(4096)
+            assert chunk, head
+            head += chunk
+        return int(head.split(b" ", 2)[1])
+
+    cases = [
+        (("198.51.100.7:4711",), ("198.51.100.7",)),
+        (("[2001:db8::1]:443",), ("2001:db8::1, 127.0.0.1",)),
+        (("203.0.113.5", "127.0.0.1"), ("203.0.113.5",)),  # repeated: one list
+    ]
+    with Daemon(tmp_path, config) as daemon:
+        for first, second in cases:
+            with socket.create_connection(("127.0.0.1", daemon.ws_port), timeout=10) as held:
+                held.sendall(request(*first))
+                assert status(held) == 101
+                with socket.create_connection(("127.0.0.1", daemon.ws_port), timeout=10) as s:
+                    s.sendall(request(*second))
+                    assert status(s) == 429, (first, second)
+        for junk in ("unknown", "198.51.100.7:http", "[2001:db8::1", "", "198.51.100.7 x"):
+            with socket.create_connection(("127.0.0.1", daemon.ws_port), timeout=10) as s:
+                s.sendall(request(junk))
+                answer = read_all(s)
+            assert answer.startswith(b"HTTP/1.1 400 ") and b"names no client" in answer, junk
+
+
 def test_wss_with_the_tls_keys_and_a_client_certificate(tmp_path: Path) -> None:
     from test_tls import WHOAMI, Certs, client_context, tls_config
 

@@ -312,9 +312,20 @@ class WebSocketProtocol(Connection):
                 return
         peer = self.transport.getPeer()
         host = getattr(peer, "host", None)
-        forwarded = headers.get(b"x-forwarded-for")
         if site.trusted(host):
+            # Repeated headers are one list, in order (RFC 7230 section 3.2.2).
+            forwarded = [v for n, v in request.extra_headers if n.lower() == b"x-forwarded-for"]
             client = _forwarded_client(forwarded, site) if forwarded else None
+            if forwarded and client is None:
+                # Falling back to the proxy's own (often exempt) address would lift the
+                # per-address limits for this client: refuse instead.
+                self._refuse_upgrade(
+                    400,
+                    "bad_forwarded_for",
+                    "X-Forwarded-For from a trusted proxy names no client address: "
+                    + shown(b", ".join(forwarded)),
+                )
+                return
             if client is not None:
                 self._peer = f"{client} (via {format_address(peer)})"
             refusal, key = self.factory.admit(self.peer, client or host, limit_total=False)
@@ -539,15 +550,41 @@ def _valid_key(key: bytes) -> bool:
         return False
 
 
-def _forwarded_client(header: bytes, site: WebSocketSite) -> str | None:
-    """The client named by ``X-Forwarded-For``: the last address that is not a trusted proxy
-    (each proxy appends the address it heard from)."""
-    hops = [h.strip() for h in header.decode("latin-1").split(",") if h.strip()]
+def _hop_address(hop: str) -> str | None:
+    """One ``X-Forwarded-For`` element as an address: ``ip``, ``ip:port``, ``[v6]`` or
+    ``[v6]:port``; None if it is none of those."""
+    if hop.startswith("["):
+        end = hop.find("]")
+        rest = hop[end + 1 :] if end > 0 else "x"
+        if rest and not _is_port(rest[1:] if rest[0] == ":" else "x"):
+            return None
+        hop = hop[1:end]
+    elif hop.count(":") == 1:  # IPv4 with a port (an IPv6 address has more colons)
+        hop, _, port = hop.partition(":")
+        if not _is_port(port):
+            return None
+    try:
+        return str(ipaddress.ip_address(hop))
+    except ValueError:
+        return None
+
+
+def _is_port(text: str) -> bool:
+    return 0 < len(text) <= 5 and text.isascii() and text.isdigit()
+
+
+def _forwarded_client(values: list[bytes], site: WebSocketSite) -> str | None:
+    """The client named by ``X-Forwarded-For`` (its headers' values, in order): the last
+    address that is not a trusted proxy (each proxy appends the address it heard from).
+    None when an element read before the client's is not an address, or there is none:
+    the caller refuses the handshake rather than trust the proxy's own address."""
+    hops = [h.strip() for value in values for h in value.decode("latin-1").split(",")]
+    hops = [h for h in hops if h]
+    address = None
     for hop in reversed(hops):
-        try:
-            ipaddress.ip_address(hop)
-        except ValueError:
-            return None  # not an address: trust nothing from this header
-        if not site.trusted(hop):
-            return hop
-    return hops[0] if hops else None
+        address = _hop_address(hop)
+        if address is None:
+            return None
+        if not site.trusted(address):
+            return address
+    return address  # every hop is a trusted proxy: the first of them
