@@ -334,7 +334,18 @@ def test_compression_is_negotiated_and_bounded(tmp_path: Path) -> None:
             bomb = zlib.compressobj(9, zlib.DEFLATED, -12)
             data = bomb.compress(b'"' + b"z" * 100_000) + bomb.flush(zlib.Z_SYNC_FLUSH)
             ws.send_frame(TEXT, data[:-4], rsv=4)
+            # As for a message whose header announces too much: the envelope, then 1009.
+            assert ws.recv()["error"] == {
+                "code": "frame_too_large",
+                "message": "message inflates past the limit of 4096 bytes",
+            }
             assert ws.wait_closed()[0] == 1009
+        # Data that does not inflate is closed 1007 under its own reason, not invalid_utf8.
+        with WSClient(daemon.ws_port, path="/ws", headers=headers) as ws:
+            assert ws.recv()["type"] == "hello"
+            ws.send_frame(TEXT, b"\xff\xff\xff\xff garbage", rsv=4)
+            assert ws.wait_closed()[0] == 1007
+        daemon.wait_for(r"Closing client .*: bad_deflate")
         # A client that cannot shrink its window compresses with 32 KiB: inflated with it.
         headers = {"Sec-WebSocket-Extensions": "permessage-deflate"}
         with WSClient(daemon.ws_port, path="/ws", headers=headers) as ws:

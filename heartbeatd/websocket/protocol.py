@@ -134,6 +134,9 @@ class BoundedDeflate(PerMessageDeflate):
         super().__init__(client_max_window_bits=12, server_no_context_takeover=True)
         self.limit = limit
         self._inflated = 0
+        #: Why this extension failed the connection (``bad_deflate``, ``frame_too_large``):
+        #: wsproto reports both only as close codes (1007, 1009).
+        self.fault: str | None = None
 
     def accept(self, offer: str) -> bool | str | None:
         # A smaller window than 15 bits only when the client said it can compress with one.
@@ -148,9 +151,11 @@ class BoundedDeflate(PerMessageDeflate):
         try:
             out = self._decompressor.decompress(bytes(data), self.limit - self._inflated + 1)
         except zlib.error:
+            self.fault = "bad_deflate"
             return CloseReason.INVALID_FRAME_PAYLOAD_DATA
         self._inflated += len(out)
         if self._decompressor.unconsumed_tail or self._inflated > self.limit:
+            self.fault = "frame_too_large"
             return CloseReason.MESSAGE_TOO_BIG
         return out
 
@@ -159,6 +164,15 @@ class BoundedDeflate(PerMessageDeflate):
         if fin:
             self._inflated = 0
         return result
+
+
+class _InflatedTooLarge(FrameTooLarge):
+    """A compressed message that inflates past ``max_frame_bytes``."""
+
+    def __init__(self, limit: int) -> None:
+        Exception.__init__(self, f"message inflates past the limit of {limit} bytes")
+        self.length = limit + 1
+        self.limit = limit
 
 
 class WebSocketSite(Factory):
@@ -501,6 +515,14 @@ class WebSocketProtocol(Connection):
         if ws.state is not ConnectionState.REMOTE_CLOSING:
             # wsproto refused a frame (bad UTF-8, reserved bits, unmasked, ...).
             reason = _REASON_BY_CODE.get(event.code, "protocol_error")
+            for extension in getattr(ws._proto, "extensions", ()):
+                if isinstance(extension, BoundedDeflate) and extension.fault is not None:
+                    reason = extension.fault
+                    if reason == "frame_too_large":
+                        # A compression bomb: the error envelope, then 1009, as for a
+                        # message whose header announces too much.
+                        self._message = None
+                        return self._deliver([], 0, _InflatedTooLarge(extension.limit))
             return self._fail(int(event.code), reason, event.reason or "")
         self._message = None
         if self.close_reason is None:
