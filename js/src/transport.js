@@ -211,6 +211,10 @@ function openWebSocket(target, options, sink) {
       }
     };
     ws.onerror = (event) => {
+      if (event?.error?.code === 'WS_ERR_UNSUPPORTED_MESSAGE_LENGTH') {
+        // ws's maxPayload: the same report as a message found too large on arrival.
+        failure ??= new ConnectionError(`the server sent a message over ${options.maxFrameBytes} bytes`);
+      }
       failure ??= new ConnectionError(event?.message || event?.error?.message || 'WebSocket error');
     };
     ws.onclose = (event) => {
