@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import re
 import resource
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ __all__ = [
     "HeartbeatConfig",
     "LimitsConfig",
     "LogConfig",
+    "NamespaceConfig",
     "SeedConfig",
     "ShutdownConfig",
     "TcpConfig",
@@ -425,6 +427,110 @@ def _node_id(value: Any) -> str | None:
     return None if ok else "'' (generated) or up to 64 letters, digits, '-', '_', '.'"
 
 
+#: Who may do something on a namespace's channels (docs/security.md#channels).
+PERMISSIONS = ("none", "any", "authenticated", "authorizer")
+#: ``subscribe`` may also ask for a channel token (a JWT naming the channel).
+SUBSCRIBE_PERMISSIONS = (*PERMISSIONS, "token")
+#: Most namespaces under ``channels.namespaces`` (a bound on what every request looks up).
+MAX_NAMESPACES = 1000
+
+
+def _optional(inner: Any) -> Any:
+    def check_optional(value: Any) -> str | None:
+        if value is None:
+            return None
+        expected = inner(value)
+        return None if expected is None else f"null (the channels.* value) or {expected}"
+
+    return check_optional
+
+
+def _publish_permission(value: Any) -> str | None:
+    return (
+        None
+        if value in ("", *PERMISSIONS)
+        else "'' (channels.client_publish), " + ", ".join(PERMISSIONS)
+    )
+
+
+@dataclass(frozen=True)
+class NamespaceConfig:
+    """Who may do what on one namespace's channels, and its history and size bounds."""
+
+    subscribe: str = field(
+        default="any",
+        metadata=check(one_of(*SUBSCRIBE_PERMISSIONS), "who may subscribe"),
+    )
+    publish: str = field(
+        default="",
+        metadata=check(
+            _publish_permission,
+            "who may publish; '' follows channels.client_publish (any if true, else none)",
+        ),
+    )
+    presence: str = field(
+        default="any",
+        metadata=check(one_of(*PERMISSIONS), "who may read presence and get join/leave"),
+    )
+    history: str = field(
+        default="any",
+        metadata=check(one_of(*PERMISSIONS), "who may subscribe with since (read history)"),
+    )
+    history_size: int | None = field(
+        default=None,
+        metadata=check(_optional(int_range(0, 1_000_000)), "null: channels.history_size"),
+    )
+    history_ttl: float | None = field(
+        default=None,
+        metadata=check(_optional(non_negative_number), "null: channels.history_ttl"),
+    )
+    max_publication_bytes: int | None = field(
+        default=None,
+        metadata=check(_optional(int_range(16, 2**31)), "null: channels.max_publication_bytes"),
+    )
+
+
+def _namespace_section(value: Any, path: str, errors: list[str]) -> NamespaceConfig:
+    if value is None:
+        return NamespaceConfig()
+    if not isinstance(value, Mapping):
+        errors.append(f"{path}: {value!r} is not allowed; expected a mapping of keys")
+        return NamespaceConfig()
+    built = build(NamespaceConfig, value, path + ".", errors)
+    if isinstance(built, NamespaceConfig) and built.history_ttl is not None:
+        built = dataclasses.replace(built, history_ttl=float(built.history_ttl))
+    return built if built is not None else NamespaceConfig()
+
+
+def _namespaces(value: Any, path: str, errors: list[str]) -> dict[str, NamespaceConfig]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        errors.append(
+            f"{path}: {value!r} is not allowed; expected a mapping of namespace name to "
+            "its settings"
+        )
+        return {}
+    if len(value) > MAX_NAMESPACES:
+        errors.append(
+            f"{path}: {len(value)} namespaces is not allowed; expected at most {MAX_NAMESPACES}"
+        )
+        return {}
+    out: dict[str, NamespaceConfig] = {}
+    for name, settings in value.items():
+        if not isinstance(name, str) or not _NAMESPACE_NAME.fullmatch(name):
+            errors.append(
+                f"{path}.{name}: {name!r} is not allowed as a namespace name; expected up to "
+                "64 letters, digits, '-', '_', '.'"
+            )
+            continue
+        out[name] = _namespace_section(settings, f"{path}.{name}", errors)
+    return out
+
+
+_NAMESPACE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
 @dataclass(frozen=True)
 class ChannelsConfig:
     client_publish: bool = field(
@@ -455,6 +561,27 @@ class ChannelsConfig:
     subscribe_burst: int = field(
         default=100,
         metadata=check(int_range(1, 1_000_000), "subscribes one connection may make at once"),
+    )
+    # -- who may hear what (heartbeatd.server.permissions, docs/security.md#channels) --
+    default: NamespaceConfig = field(
+        default_factory=NamespaceConfig,
+        metadata={
+            "check": lambda v: None,
+            "doc": "permissions of channels outside any namespace",
+            "build": _namespace_section,
+        },
+    )
+    namespaces: dict[str, NamespaceConfig] = field(
+        default_factory=dict,
+        metadata={
+            "check": lambda v: None,
+            "doc": "namespace name -> permissions of its channels ('name:...')",
+            "build": _namespaces,
+        },
+    )
+    authorize_timeout: float = field(
+        default=5.0,
+        metadata=check(positive_number, "seconds the application's authorizer gets to answer"),
     )
 
 

@@ -322,6 +322,11 @@ def schema_defaults(cls: type, prefix: str = "") -> dict[str, Any]:
             out.update(schema_defaults(_SECTIONS[f.name], f"{f.name}."))
             continue
         default = f.default
+        if default is dataclasses.MISSING and f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+            if dataclasses.is_dataclass(default):  # a nested section (channels.default)
+                out.update(schema_defaults(type(default), f"{prefix}{f.name}."))
+                continue
         out[prefix + f.name] = list(default) if isinstance(default, tuple) else default
     return out
 

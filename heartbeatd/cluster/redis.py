@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import socket
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -389,6 +390,7 @@ class RedisBroker:
         self.node_timeout = cluster.node_timeout
         self.configure_history(channels.history_size, channels.history_ttl)
         self.listener: BrokerListener | None = None
+        self.history_of: Callable[[str], tuple[int, float]] | None = None
         self.url = cluster.redis
         host, port, db, password = parse_redis_url(cluster.redis)
         self.url = f"redis://{host}:{port}/{db}"  # for logs: never the password
@@ -619,8 +621,16 @@ class RedisBroker:
     def _node_channel(self, node: str) -> str:
         return f"{self.prefix}:node:{node}"
 
+    def _history(self, channel: str) -> tuple[int, int]:
+        policy = self.history_of
+        if policy is None:
+            return self.history_size, self.history_ttl
+        size, ttl = policy(channel)
+        return size, int(ttl + 0.999) if ttl else 0  # EXPIRE takes whole seconds
+
     def publish(self, channel: str, data: str) -> Deferred[Position]:
-        d = self._eval("PUBLISH", channel, data, new_epoch(), self.history_size, self.history_ttl)
+        size, ttl = self._history(channel)
+        d = self._eval("PUBLISH", channel, data, new_epoch(), size, ttl)
         return d.addCallback(lambda r: Position(r[0], int(r[1])))
 
     def position(self, channel: str) -> Deferred[Position]:
@@ -628,7 +638,7 @@ class RedisBroker:
         return d.addCallback(lambda r: Position(r[0], int(r[1])))
 
     def history(self, channel: str, epoch: str, since: int) -> Deferred[History]:
-        d = self._eval("HISTORY", channel, new_epoch(), epoch, since, self.history_size)
+        d = self._eval("HISTORY", channel, new_epoch(), epoch, since, self._history(channel)[0])
 
         def parsed(r: list[Any]) -> History:
             position = Position(checked_epoch(r[0]), int(r[1]))

@@ -28,6 +28,7 @@ from heartbeatd.cluster.broker import Broker, BrokerUnavailable, History, Positi
 from heartbeatd.config import ChannelsConfig, Config
 from heartbeatd.server.connection import Connection
 from heartbeatd.server.handlers import HandlerError, HandlerRegistry, Request
+from heartbeatd.server.permissions import Permissions, valid_personal
 from heartbeatd.wire.envelope import encode_json, encode_message
 from heartbeatd.wire.framing import SharedFrame
 
@@ -41,6 +42,11 @@ class _Factory(Protocol):
     framing: Any
     clock: Any
     clients: dict[str, Connection]
+    registry: HandlerRegistry
+
+    def log_allowed(self, cause: str) -> bool: ...
+
+    def count_error(self, code: str) -> None: ...
 
     def send(self, session_id: str, type: str, data: Any = ...) -> bool: ...
 
@@ -60,7 +66,7 @@ ALREADY_SUBSCRIBED = "already_subscribed"
 NOT_SUBSCRIBED = "not_subscribed"
 RATE_LIMITED = "rate_limited"
 
-_NAME = re.compile(r"[A-Za-z0-9_.:@/-]+")
+_NAME = re.compile(r"[A-Za-z0-9_.:@/#,-]+")
 
 #: Publications buffered for one subscription while it catches up; beyond, it resyncs.
 MAX_BUFFERED = 10_000
@@ -127,6 +133,14 @@ class ChannelHub:
         self._link_was_down = False
         #: session id -> (tokens, when) of its subscribe rate limit (channels.subscribe_rate).
         self._subscribe_buckets: dict[str, tuple[float, float]] = {}
+        #: Who may do what on which channel (namespaces, personal channels, the authorizer).
+        self.permissions: Permissions
+        self.reconfigure()
+
+    def reconfigure(self) -> None:
+        """Read ``channels.*`` again (live reload): permissions and per-namespace history."""
+        self.permissions = Permissions(self.config, self.factory)
+        self.broker.history_of = self.permissions.history_of if self.config.namespaces else None
 
     @property
     def config(self) -> ChannelsConfig:
@@ -154,18 +168,22 @@ class ChannelHub:
         if not isinstance(channel, str) or not _NAME.fullmatch(channel):
             raise HandlerError(
                 BAD_CHANNEL,
-                "a channel name is a non-empty string of letters, digits and - _ . : @ /",
+                "a channel name is a non-empty string of letters, digits and - _ . : @ / # ,",
+            )
+        if not valid_personal(channel):
+            raise HandlerError(
+                BAD_CHANNEL, "after '#' come identities separated by ',' (user#alice, dm#a,b)"
             )
         if len(channel) > limit:
             raise HandlerError(BAD_CHANNEL, f"a channel name has at most {limit} characters")
         return channel
 
-    def _encode_publication(self, data: Any) -> str:
+    def _encode_publication(self, channel: str, data: Any) -> str:
+        limit = self.permissions.rule(channel).max_publication_bytes or 0
         try:
             text = encode_json(data)
         except Exception:
             raise HandlerError(BAD_REQUEST, "the publication's data is not valid JSON") from None
-        limit = self.config.max_publication_bytes
         if len(text) > limit:
             raise HandlerError(
                 PUBLICATION_TOO_LARGE, f"a publication has at most {limit} bytes of JSON"
@@ -177,12 +195,12 @@ class ChannelHub:
     def publish(self, channel: str, data: Any) -> Deferred[int]:
         """Publish ``data`` to ``channel`` on every node; fires with its offset.
 
-        Fails with `HandlerError` (``bad_channel``, ``publication_too_large``, ``unavailable``),
-        so a handler can simply return it.
+        Fails with `HandlerError` (``bad_channel``, ``unknown_namespace``,
+        ``publication_too_large``, ``unavailable``), so a handler can simply return it.
         """
         try:
             self.check_channel(channel)
-            text = self._encode_publication(data)
+            text = self._encode_publication(channel, data)
         except HandlerError as e:
             return fail(e)
         if not self.broker.up:
@@ -206,6 +224,9 @@ class ChannelHub:
     ) -> Deferred[dict[str, Any]]:
         """Subscribe ``client``; fires with the reply, after which the backlog is delivered."""
         session = client.session_id
+        if not client.connected or client.close_reason is not None:
+            # The authorizer answered after the client left: nothing to set up.
+            return fail(HandlerError(NOT_SUBSCRIBED, "the connection is closing"))
         mine = self._by_client.get(session, {})
         if channel in mine:
             return fail(HandlerError(ALREADY_SUBSCRIBED, f"already subscribed to {channel!r}"))
@@ -620,7 +641,16 @@ def _subscribe(request: Request) -> Deferred[dict[str, Any]]:
     join_leave = data.get("join_leave", False)
     if not isinstance(join_leave, bool):
         raise HandlerError(BAD_REQUEST, "join_leave is true or false")
-    return hub.subscribe(_connection(request), channel, since, join_leave)
+    client = _connection(request)
+    actions = ["subscribe"]
+    if since is not None:
+        actions.append("history")
+    if join_leave:
+        actions.append("presence")
+    checked = hub.permissions.check_all(client, actions, channel, data)
+    if checked is None:
+        return hub.subscribe(client, channel, since, join_leave)
+    return checked.addCallback(lambda _: hub.subscribe(client, channel, since, join_leave))
 
 
 def _unsubscribe(request: Request) -> dict[str, Any]:
@@ -630,19 +660,26 @@ def _unsubscribe(request: Request) -> dict[str, Any]:
 
 def _publish(request: Request) -> Deferred[dict[str, Any]]:
     hub = _hub(request)
-    if not hub.config.client_publish:
-        raise HandlerError(FORBIDDEN, "clients may not publish here (channels.client_publish)")
     data = _fields(request)
     channel = hub.check_channel(data.get("channel"))
     if "data" not in data:
         raise HandlerError(BAD_REQUEST, 'expected data {"channel": "...", "data": ...}')
-    d = hub.publish(channel, data["data"])
-    return d.addCallback(lambda offset: {"channel": channel, "offset": offset})
+    checked = hub.permissions.check(_connection(request), "publish", channel, data["data"])
+
+    def publish(_: object = None) -> Deferred[dict[str, Any]]:
+        d = hub.publish(channel, data["data"])
+        return d.addCallback(lambda offset: {"channel": channel, "offset": offset})
+
+    return publish() if checked is None else checked.addCallback(publish)
 
 
 def _presence(request: Request) -> Deferred[dict[str, Any]]:
     hub = _hub(request)
-    return hub.presence(hub.check_channel(_fields(request).get("channel")))
+    channel = hub.check_channel(_fields(request).get("channel"))
+    checked = hub.permissions.check(_connection(request), "presence", channel)
+    if checked is None:
+        return hub.presence(channel)
+    return checked.addCallback(lambda _: hub.presence(channel))
 
 
 #: The channel message types and their handlers.

@@ -191,6 +191,7 @@ class ServerFactory(Factory):
         self.channels.broker.configure_history(
             config.channels.history_size, config.channels.history_ttl
         )
+        self.channels.reconfigure()
         self.heartbeat.frame_timeout = config.limits.frame_timeout
         self.heartbeat.reconfigure(
             config.heartbeat.interval,
