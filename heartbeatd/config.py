@@ -44,6 +44,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "HeartbeatConfig",
+    "JwtConfig",
     "LimitsConfig",
     "LogConfig",
     "NamespaceConfig",
@@ -58,7 +59,7 @@ __all__ = [
 
 LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
 TLS_VERSIONS = ("1.2", "1.3")
-AUTH_MODES = ("none", "token", "custom")
+AUTH_MODES = ("none", "token", "custom", "jwt")
 #: What a client certificate's identity is made of (tls.client_identity).
 CLIENT_IDENTITIES = ("subject", "issuer_and_subject")
 #: File descriptors kept back from the connection limit for listeners, logs and the admin API.
@@ -317,6 +318,44 @@ class TlsConfig:
 
 
 @dataclass(frozen=True)
+class JwtConfig:
+    """Signed tokens (JWT, PyJWT): connect tokens (``auth.mode: jwt``) and channel tokens."""
+
+    hmac_secret_file: str = field(
+        default="",
+        metadata=check(string, "file holding the HS256 secret (at least 32 bytes)"),
+    )
+    public_key_file: str = field(
+        default="",
+        metadata=check(string, "PEM public key (RSA: RS256, EC P-256: ES256) or a JWKS file"),
+    )
+    audience: str = field(
+        default="", metadata=check(string, "the aud claim required; '' checks none")
+    )
+    issuer: str = field(
+        default="", metadata=check(string, "the iss claim required; '' checks none")
+    )
+    refresh_before: float = field(
+        default=30.0,
+        metadata=check(positive_number, "seconds before exp the server asks for a new token"),
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.hmac_secret_file or self.public_key_file)
+
+
+def _jwt_section(value: Any, path: str, errors: list[str]) -> JwtConfig:
+    if value is None:
+        return JwtConfig()
+    if not isinstance(value, Mapping):
+        errors.append(f"{path}: {value!r} is not allowed; expected a mapping of keys")
+        return JwtConfig()
+    built = build(JwtConfig, value, path + ".", errors)
+    return built if built is not None else JwtConfig()
+
+
+@dataclass(frozen=True)
 class AuthConfig:
     """Client authentication in the first frame (heartbeatd.server.auth)."""
 
@@ -333,6 +372,14 @@ class AuthConfig:
             lambda v: None if v == "" or _is_entry_point(v) else "'module:function'",
             "mode custom: function(token, peer) -> identity, None or a Deferred",
         ),
+    )
+    jwt: JwtConfig = field(
+        default_factory=JwtConfig,
+        metadata={
+            "check": lambda v: None,
+            "doc": "keys and claims of signed tokens (mode jwt, subscribe: token)",
+            "build": _jwt_section,
+        },
     )
 
 
@@ -711,6 +758,32 @@ def _cross_checks(config: Config, errors: list[str]) -> None:
         errors.append(
             "auth.tokens_file: '' is not allowed with auth.mode token; expected the path of a "
             "file of identity:token lines"
+        )
+    jwt = auth.jwt
+    if jwt.hmac_secret_file and jwt.public_key_file:
+        errors.append(
+            f"auth.jwt.public_key_file: {jwt.public_key_file!r} is not allowed together with "
+            "auth.jwt.hmac_secret_file; expected one of the two"
+        )
+    if auth.mode == "jwt" and not jwt.enabled:
+        errors.append(
+            "auth.jwt.hmac_secret_file: '' is not allowed with auth.mode jwt; expected the path "
+            "of a file holding the HS256 secret, or set auth.jwt.public_key_file"
+        )
+    token_namespaces = [
+        name
+        for name, ns in [("default", config.channels.default), *config.channels.namespaces.items()]
+        if ns.subscribe == "token"
+    ]
+    if token_namespaces and not jwt.enabled:
+        key = (
+            "channels.default.subscribe"
+            if token_namespaces[0] == "default"
+            else f"channels.namespaces.{token_namespaces[0]}.subscribe"
+        )
+        errors.append(
+            f"{key}: 'token' is not allowed without auth.jwt.hmac_secret_file or "
+            "auth.jwt.public_key_file; expected a key to check channel tokens with"
         )
     if auth.mode == "custom" and not auth.authenticator:
         errors.append(

@@ -22,7 +22,7 @@ from heartbeatd._logging import LogLimiter, get_logger
 from heartbeatd._version import __version__
 from heartbeatd.cluster.broker import Broker, MemoryBroker
 from heartbeatd.config import Config
-from heartbeatd.server import channels
+from heartbeatd.server import channels, signed_tokens
 from heartbeatd.server.admission import Admission
 from heartbeatd.server.auth import Authenticator
 from heartbeatd.server.connection import Connection, format_address
@@ -30,6 +30,7 @@ from heartbeatd.server.handlers import HandlerError, HandlerRegistry, default_re
 from heartbeatd.server.heartbeat import HeartbeatMonitor
 from heartbeatd.server.protocol import RefusedProtocol, ServerProtocol
 from heartbeatd.server.session import Server
+from heartbeatd.server.signed_tokens import JwtVerifier
 from heartbeatd.wire import get_framing
 from heartbeatd.wire.envelope import OMIT, TOO_MANY_CONNECTIONS, encode_error, encode_message
 from heartbeatd.wire.framing import FrameDecoder, SharedFrame
@@ -129,6 +130,7 @@ class ServerFactory(Factory):
         #: Channels, presence, and (with a clustered broker) send/broadcast across nodes.
         self.channels = channels.ChannelHub(self, broker)
         channels.register(self.registry)
+        signed_tokens.register(self.registry)
         #: session id -> connection, least recently heard first.
         self.clients: OrderedDict[str, Connection] = OrderedDict()
         self.max_connections = config.effective_max_connections()
@@ -145,6 +147,11 @@ class ServerFactory(Factory):
         #: session id -> (identity, SHA-256 of its token), for connections that authenticated
         #: with the tokens file: `revalidate` closes those whose token a reload removed.
         self.credentials: dict[str, tuple[str, bytes]] = {}
+        #: Checks signed tokens (``auth.jwt``: mode jwt, ``subscribe: token``); the daemon
+        #: sets it (it reads the key file, at start and on SIGHUP).
+        self.token_verifier: JwtVerifier | None = None
+        #: Refresh and expiry timers of connections that logged in with a JWT.
+        self.lifetimes = signed_tokens.Lifetimes(self)
         self.closes: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
         #: Connections refused, by reason (``max_connections``, ...).
@@ -344,6 +351,8 @@ class ServerFactory(Factory):
             return
         if self.credentials:
             self.credentials.pop(client.session_id, None)
+        if self.lifetimes:
+            self.lifetimes.forget(client.session_id)
         self.channels.client_disconnected(client)
         self.admission.release(getattr(client, "admitted_host", None))
         totals = self.closed_totals

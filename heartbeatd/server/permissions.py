@@ -150,13 +150,9 @@ class Permissions:
         """May ``client`` do ``action`` on ``channel``?  None: yes; raises `HandlerError`: no;
         a Deferred: the authorizer decides (it fires None or fails with `HandlerError`)."""
         rule = self.rule(channel)
-        if "#" in channel:
-            allowed = personal_identities(channel)
-            if allowed is not None and client.identity not in allowed:
-                self._refused(client, action, channel, FORBIDDEN, "personal channel")
-                raise HandlerError(
-                    FORBIDDEN, f"{channel!r} is a personal channel of other identities"
-                )
+        if "#" in channel and not self.personal_allows(client, channel):
+            self._refused(client, action, channel, FORBIDDEN, "personal channel")
+            raise HandlerError(FORBIDDEN, f"{channel!r} is a personal channel of other identities")
         permission: str = getattr(rule, action)
         if permission == "any":
             return None
@@ -168,10 +164,24 @@ class Permissions:
         if permission == "authorizer":
             return self._ask(client, action, channel, data)
         if permission == "token" and action == "subscribe":
-            # Checked by the subscribe handler itself (the request carries the token).
+            verifier = getattr(self.host, "token_verifier", None)
+            token = data.get("token") if isinstance(data, dict) else None
+            try:
+                if verifier is None:
+                    raise HandlerError(FORBIDDEN, "channel tokens are not configured (auth.jwt)")
+                verifier.check_channel(token, channel, client.identity)
+            except HandlerError as e:
+                self._refused(client, action, channel, e.code, e.message)
+                raise
             return None
         self._refused(client, action, channel, FORBIDDEN, "namespace permission none")
         raise HandlerError(FORBIDDEN, f"{action} is not allowed on {channel!r}")
+
+    @staticmethod
+    def personal_allows(client: _Client, channel: str) -> bool:
+        """False when ``channel`` is personal (``#``) and not ``client``'s."""
+        allowed = personal_identities(channel)
+        return allowed is None or client.identity in allowed
 
     def check_all(
         self, client: _Client, actions: list[str], channel: str, data: Any = None
