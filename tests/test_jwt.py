@@ -261,3 +261,54 @@ def test_config_checks(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_authenticator(config.auth)
     assert "is not a PEM public key or a JWKS" in str(info.value)
+
+
+# -- the Python client: get_token on connect and on refresh ------------------------------
+
+
+def test_the_client_calls_get_token_on_connect_and_on_refresh(tmp_path: Path) -> None:
+    from helpers import successResultOf
+    from twisted.internet.defer import succeed
+
+    from heartbeatd.testing import ServerClientPair
+
+    key = tmp_path / "key"
+    key.write_text(SECRET)
+    config = make_config(
+        auth={"mode": "jwt", "jwt": {"hmac_secret_file": str(key), "refresh_before": 30}}
+    )
+    now = int(time.time())
+    issued: list[int] = []
+
+    def get_token() -> Any:
+        issued.append(now + 60 * (len(issued) + 1))
+        return succeed(token(exp=issued[-1]))
+
+    with ServerClientPair(config=config) as pair:
+        pair.factory.authenticator = load_authenticator(config.auth)
+        pair.factory.token_verifier = load_token_verifier(config.auth)
+        client = pair.connect(get_token=get_token)
+        assert successResultOf(client.when_ready()).identity == "alice"
+        assert len(issued) == 1
+        pair.advance(40)  # 20 s before the first exp: the server asks, the client answers
+        assert len(issued) == 2
+        pair.advance(50)  # past the first exp
+        assert client.connected and not client.closed
+        pair.advance(60)  # the second token is refreshed the same way
+        assert len(issued) == 3 and client.connected
+
+
+def test_a_client_without_get_token_is_closed_at_expiry(tmp_path: Path) -> None:
+    from heartbeatd.testing import ServerClientPair
+
+    key = tmp_path / "key"
+    key.write_text(SECRET)
+    config = make_config(auth={"mode": "jwt", "jwt": {"hmac_secret_file": str(key)}})
+    with ServerClientPair(config=config) as pair:
+        pair.factory.authenticator = load_authenticator(config.auth)
+        pair.factory.token_verifier = load_token_verifier(config.auth)
+        client = pair.connect(token=token(exp=int(time.time()) + 40))
+        assert client.identity == "alice"
+        pair.advance(45)
+        assert client.closed
+        assert pair.factory.closes["token_expired"] == 1

@@ -257,7 +257,8 @@ def _connection_options() -> argparse.ArgumentParser:
         dest="auth_token_file",
         default=argparse.SUPPRESS,
         metavar="FILE",
-        help="file whose first line is the token to authenticate with (auth.mode on the server)",
+        help="file whose first line is the token (or JWT) to authenticate with (auth.mode on "
+        "the server); read again when the server asks for a refresh",
     )
     return common
 
