@@ -259,7 +259,7 @@ class Permissions:
 
     def _refused(self, client: _Client, action: str, channel: str, code: str, why: str) -> None:
         """One log line per refusal cause and window (``log.rate_limit_*``)."""
-        if self.host.log_allowed("channel_refused:" + code):
+        if self.host.log_allowed(f"channel_refused:{action}:{code}"):
             log.info(
                 "Refused {action} of {channel} for {identity} ({peer}, session {session}): "
                 "{code} ({why})",
