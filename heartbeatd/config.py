@@ -145,6 +145,13 @@ class LimitsConfig:
         default=64,
         metadata=check(int_range(1, 128), "IPv6 clients are counted per network of this size"),
     )
+    max_connections_per_identity: int = field(
+        default=0,
+        metadata=check(
+            non_negative_int,
+            "connections one identity may hold (cluster-wide with cluster.redis); 0 = no limit",
+        ),
+    )
     per_address_exempt: tuple[str, ...] = field(
         default=("127.0.0.1", "::1"),
         metadata=check(ip_networks, "addresses/networks the per-address limits skip"),

@@ -181,6 +181,9 @@ class Broker(Protocol):
     def clients(self) -> Deferred[list[dict[str, Any]]]:
         """Every node's clients (their info dicts, each with ``node``)."""
 
+    def identity_sessions(self, identity: str) -> Deferred[list[str]]:
+        """The sessions of ``identity`` on every node (clustered brokers only)."""
+
     def send(self, session: str, type: str, data: Any) -> Deferred[bool]: ...
 
     def kick(self, session: str) -> Deferred[bool]:
@@ -337,6 +340,9 @@ class MemoryBroker:
 
     def kick(self, session: str) -> Deferred[bool]:
         return succeed(False)
+
+    def identity_sessions(self, identity: str) -> Deferred[list[str]]:
+        return succeed([])  # one node: the hub counts its own clients
 
     def broadcast(self, type: str, data: Any) -> Deferred[int]:
         if self.listener is None:

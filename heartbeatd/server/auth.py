@@ -383,7 +383,12 @@ class AuthGate:
             self._digest,
         )
         after_login = self._authenticator.after_login
-        if verified is not None and after_login is not None and conn.connected:
+        if (
+            verified is not None
+            and after_login is not None
+            and conn.connected
+            and conn.close_reason is None
+        ):
             after_login(conn, verified)
 
     def _check_failed(self, failure: Failure, message: Message) -> None:

@@ -20,7 +20,7 @@ import re
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.python.failure import Failure
 
 from heartbeatd._logging import get_logger
@@ -45,6 +45,8 @@ class _Factory(Protocol):
     registry: HandlerRegistry
 
     def log_allowed(self, cause: str) -> bool: ...
+
+    def refuse_identity(self, client: Connection, limit: int) -> None: ...
 
     def count_error(self, code: str) -> None: ...
 
@@ -371,6 +373,45 @@ class ChannelHub:
         if self.broker.clustered:
             self.broker.client_connected(client.session_id, self._client_info(client))
 
+    def client_identified(self, client: Connection, limit: int) -> None:
+        """``client`` logged in: the cluster learns its identity; with ``limit``
+        (``limits.max_connections_per_identity``) its connections on every node are counted,
+        and this one is closed if they are too many (two logging in at once on two nodes may
+        both be: the limit is never exceeded)."""
+        if not self.broker.clustered:
+            return
+        self.broker.client_connected(client.session_id, self._client_info(client))
+        identity = client.identity
+        if not limit or identity is None:
+            return
+
+        def counted(sessions: list[str]) -> None:
+            if len(sessions) > limit and client.connected and client.close_reason is None:
+                self.factory.refuse_identity(client, limit)
+
+        self.broker.identity_sessions(identity).addCallbacks(
+            counted, _log_failure, errbackArgs=("identity count", identity)
+        )
+
+    def kick_identity(self, identity: str) -> Deferred[int]:
+        """Disconnect every session of ``identity`` on every node (eviction reason ``admin``);
+        fires with how many were disconnected."""
+        local = [c for c in self.factory.clients.values() if c.identity == identity]
+        for client in local:
+            client.evict("admin", f"every session of {identity!r} was disconnected (admin API)")
+        if not self.broker.clustered:
+            return succeed(len(local))
+        mine = {c.session_id for c in local}
+
+        def kick_others(sessions: list[str]) -> Deferred[int]:
+            others = [s for s in sessions if s not in mine]
+            kicks = [self.broker.kick(s) for s in others]
+            d = gatherResults(kicks, consumeErrors=True) if kicks else succeed([])
+            return d.addCallback(lambda found: len(local) + sum(1 for f in found if f))
+
+        d = self.broker.identity_sessions(identity).addCallback(kick_others)
+        return d.addErrback(_as_unavailable)
+
     def local_clients(self) -> dict[str, dict[str, Any]]:
         """Every connected client with its info (the broker re-registers them after a blip)."""
         return {s: self._client_info(c) for s, c in self.factory.clients.items()}
@@ -571,17 +612,21 @@ class ChannelHub:
             return succeed(self.factory.broadcast(type, data))
         return self.broker.broadcast(type, data).addErrback(_as_unavailable)
 
-    def clients(self) -> Deferred[list[dict[str, Any]]]:
-        """Every client of the cluster, each with its ``node``."""
+    def clients(self, identity: str | None = None) -> Deferred[list[dict[str, Any]]]:
+        """Every client of the cluster (of ``identity`` only, when given), with its ``node``."""
         if not self.broker.clustered:
             node = self.broker.node_id
             return succeed(
                 [
-                    {"session": c.session_id, "node": node, "peer": c.peer}
+                    {"session": c.session_id, "node": node, "peer": c.peer, "identity": c.identity}
                     for c in self.factory.clients.values()
+                    if identity is None or c.identity == identity
                 ]
             )
-        return self.broker.clients().addErrback(_as_unavailable)
+        d = self.broker.clients()
+        if identity is not None:
+            d.addCallback(lambda found: [c for c in found if c.get("identity") == identity])
+        return d.addErrback(_as_unavailable)
 
 
 def _unavailable() -> HandlerError:

@@ -152,6 +152,10 @@ class ServerFactory(Factory):
         self.token_verifier: JwtVerifier | None = None
         #: Refresh and expiry timers of connections that logged in with a JWT.
         self.lifetimes = signed_tokens.Lifetimes(self)
+        #: identity -> its connections here that logged in (``auth.mode``), and session ->
+        #: the identity it was counted under (limits.max_connections_per_identity).
+        self.identities: Counter[str] = Counter()
+        self._identity_of: dict[str, str] = {}
         self.closes: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
         #: Connections refused, by reason (``max_connections``, ...).
@@ -297,6 +301,45 @@ class ServerFactory(Factory):
         # string built) only when debug logging is on.
         log.debug("Client {client.session_id} connected from {client.peer}", client=client)
 
+    def client_identified(self, client: Connection) -> bool:
+        """A client logged in as ``client.identity``: count it, refuse it past
+        ``limits.max_connections_per_identity`` (False: it is being closed), and tell the
+        cluster who it is (``GET /clients?identity=``, ``DELETE /identities/{identity}``)."""
+        identity = client.identity
+        if identity is None:
+            return True
+        session = client.session_id
+        self._uncount_identity(session)  # a second login of the same connection
+        limit = self.config.limits.max_connections_per_identity
+        if limit and self.identities[identity] >= limit:
+            self.refuse_identity(client, limit)
+            return False
+        self.identities[identity] += 1
+        self._identity_of[session] = identity
+        self.channels.client_identified(client, limit)
+        return True
+
+    def refuse_identity(self, client: Connection, limit: int) -> None:
+        """Close a connection that would pass ``limits.max_connections_per_identity``."""
+        self.refused += 1
+        self.refusals["max_connections_per_identity"] += 1
+        self.count_error(TOO_MANY_CONNECTIONS)
+        text = (
+            f"{client.identity!r} already holds its maximum of {limit} connections "
+            "(limits.max_connections_per_identity)"
+        )
+        client.write_frame(encode_error(TOO_MANY_CONNECTIONS, text), encoded=False)
+        client.close(TOO_MANY_CONNECTIONS, text)
+
+    def _uncount_identity(self, session: str) -> None:
+        identity = self._identity_of.pop(session, None)
+        if identity is not None:
+            left = self.identities[identity] - 1
+            if left > 0:
+                self.identities[identity] = left
+            else:
+                del self.identities[identity]
+
     def touch(self, client: Connection) -> None:
         """Mark a client as just heard from (keeps `clients` in last-seen order)."""
         self.clients.move_to_end(client.session_id)
@@ -353,6 +396,8 @@ class ServerFactory(Factory):
             self.credentials.pop(client.session_id, None)
         if self.lifetimes:
             self.lifetimes.forget(client.session_id)
+        if self._identity_of:
+            self._uncount_identity(client.session_id)
         self.channels.client_disconnected(client)
         self.admission.release(getattr(client, "admitted_host", None))
         totals = self.closed_totals
