@@ -8,7 +8,7 @@ OLDEST := .venv-oldest
 OLDEST_STAMP := $(OLDEST)/.installed-stamp
 CONFIG ?= config/heartbeatd.yaml
 
-.PHONY: run test test-newest test-oldest lint bench clean redis-server js-deps chromium
+.PHONY: run test test-newest test-oldest lint bench clean redis-server js-deps chromium promtool
 
 $(STAMP): pyproject.toml twisted_plugins/heartbeatd_plugin.py
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "heartbeatd needs Python 3.10+"'
@@ -38,10 +38,10 @@ test: test-newest test-oldest
 # Four pytest workers (pytest-xdist): the tests mostly wait on sockets and subprocesses.
 PYTEST_WORKERS ?= 4
 
-test-newest: $(STAMP) redis-server js-deps chromium
+test-newest: $(STAMP) redis-server js-deps chromium promtool
 	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS)
 
-test-oldest: $(OLDEST_STAMP) redis-server chromium
+test-oldest: $(OLDEST_STAMP) redis-server chromium promtool
 	HEARTBEATD_OLDEST=1 $(OLDEST)/bin/python -m pytest -q -n $(PYTEST_WORKERS) -p no:cacheprovider \
 		--ignore=tests/test_lint.py --ignore=tests/test_bench_smoke.py \
 		--ignore=tests/test_cluster_bench_smoke.py --ignore=tests/test_workers_bench_smoke.py \
@@ -82,6 +82,21 @@ $(JS_STAMP): js/package.json js/package-lock.json
 	cd js && npm ci --no-audit --no-fund --loglevel=error
 	touch $(JS_STAMP)
 
+# tests/test_monitoring.py runs `promtool check rules` and `promtool test rules` on the
+# shipped Prometheus rules. When promtool is missing, only the binary is taken from Debian's
+# prometheus package (apt-get download + dpkg-deb -x into .tools/): the service is not
+# installed. The test finds it on PATH or in .tools/.
+promtool:
+	@command -v promtool >/dev/null 2>&1 || test -x .tools/promtool || { \
+	  echo "promtool is missing; extracting it from Debian's prometheus package into .tools/"; \
+	  rm -rf .tools/deb && mkdir -p .tools/deb && cd .tools/deb && \
+	  { apt-get download prometheus >/dev/null 2>&1 || \
+	    { apt-get update -qq && apt-get download prometheus >/dev/null; }; } && \
+	  dpkg-deb -x prometheus_*.deb x && cp x/usr/bin/promtool ../promtool && \
+	  cd .. && rm -rf deb || { \
+	    echo "Could not get promtool. Install it yourself, e.g."; \
+	    echo "  sudo apt-get install prometheus   (Debian/Ubuntu; ships promtool)"; exit 1; }; }
+
 lint: $(STAMP)
 	$(BIN)/ruff check heartbeatd tests twisted_plugins bench examples js/test/fixtures
 	$(BIN)/ruff format --check heartbeatd tests twisted_plugins bench examples js/test/fixtures
@@ -92,4 +107,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) $(OLDEST) build dist .pytest_cache .hypothesis bench/build js/node_modules
+	rm -rf $(VENV) $(OLDEST) build dist .pytest_cache .hypothesis bench/build js/node_modules .tools

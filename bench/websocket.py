@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -85,9 +86,8 @@ class Peer:
         else:
             raise RuntimeError(f"{name} did not start:\n{''.join(lines)}")
         # Keep reading its output so a full pipe never blocks it.
-        self._reader = subprocess.Popen(
-            ["cat"], stdin=self.process.stdout, stdout=subprocess.DEVNULL
-        )
+        self._reader = threading.Thread(target=self.process.stdout.read, daemon=True)
+        self._reader.start()
 
     def rss(self) -> int:
         text = Path(f"/proc/{self.process.pid}/status").read_text()
@@ -125,18 +125,23 @@ def idle_bytes(peer: Peer, count: int) -> float:
     base = peer.rss()
     socks = []
     try:
-        for _ in range(count):
-            s = socket.create_connection(("127.0.0.1", peer.port), timeout=30)
-            s.sendall(HANDSHAKE)
-            socks.append(s)
-        for s in socks:
-            head = b""
-            while b"\r\n\r\n" not in head:
-                chunk = s.recv(4096)
-                if not chunk:
-                    raise RuntimeError(f"{peer.name} closed an idle connection")
-                head += chunk
-            assert head.startswith(b"HTTP/1.1 101"), head[:80]
+        # In batches a listen backlog holds (Node's is 511): an overflowing accept queue
+        # drops handshakes, which then wait for TCP's retransmissions.
+        while len(socks) < count:
+            batch = []
+            for _ in range(min(100, count - len(socks))):
+                s = socket.create_connection(("127.0.0.1", peer.port), timeout=30)
+                s.sendall(HANDSHAKE)
+                batch.append(s)
+            for s in batch:
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    chunk = s.recv(4096)
+                    if not chunk:
+                        raise RuntimeError(f"{peer.name} closed an idle connection")
+                    head += chunk
+                assert head.startswith(b"HTTP/1.1 101"), head[:80]
+            socks.extend(batch)
         time.sleep(1.0)
         return (peer.rss() - base) / count
     finally:
@@ -160,8 +165,10 @@ def main() -> None:
     runs: dict[str, dict[str, list[float]]] = {s: {n: [] for n in names} for s in SHAPES}
     idle: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as workdir:
-        peers = {name: Peer(name, Path(workdir)) for name in names}
+        peers: dict[str, Peer] = {}
         try:
+            for name in names:
+                peers[name] = Peer(name, Path(workdir))
             for round_ in range(args.repeat):
                 for shape, (conns, depth) in SHAPES.items():
                     for name, peer in peers.items():
@@ -175,7 +182,10 @@ def main() -> None:
                 idle[name] = idle_bytes(peer, args.idle)
         finally:
             for peer in peers.values():
-                peer.stop()
+                try:
+                    peer.stop()
+                except Exception as e:  # stop the others whatever happens to one
+                    print(f"stopping {peer.name} failed: {e!r}", file=sys.stderr)
     print()
     print("| WebSocket echo, 64 B, 50 conns | heartbeatd | Node.js ws |")
     print("|---|---|---|")

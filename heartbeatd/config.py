@@ -62,7 +62,8 @@ TLS_VERSIONS = ("1.2", "1.3")
 AUTH_MODES = ("none", "token", "custom", "jwt")
 #: What a client certificate's identity is made of (tls.client_identity).
 CLIENT_IDENTITIES = ("subject", "issuer_and_subject")
-#: File descriptors kept back from the connection limit for listeners, logs and the admin API.
+#: File descriptors kept back from the connection limit: listeners, logs, the admin API and
+#: its connections, Redis, the reactor's own, and refused connections still being answered.
 FD_RESERVE = 64
 #: Most worker processes (``workers``); far more than cores is never useful.
 MAX_WORKERS = 256
@@ -713,13 +714,16 @@ class Config:
     websocket: WebSocketConfig = field(default_factory=WebSocketConfig)
 
     def effective_max_connections(self) -> int:
-        """The connection limit, reading the process's open-file limit when set to 0."""
-        if self.limits.max_connections:
-            return self.limits.max_connections
+        """The connection limit: ``limits.max_connections`` (0: no number of its own), capped
+        by the process's open-file limit less `FD_RESERVE`.
+
+        Each client is a file descriptor: a limit above the open-file limit would let
+        ``accept()`` fail with EMFILE, and Twisted then closes clients without a word.
+        """
         soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft == resource.RLIM_INFINITY:
-            return 1_000_000
-        return max(1, soft - FD_RESERVE)
+        room = 1_000_000 if soft == resource.RLIM_INFINITY else max(1, soft - FD_RESERVE)
+        configured = self.limits.max_connections
+        return min(configured, room) if configured else room
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

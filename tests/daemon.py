@@ -10,6 +10,7 @@ import json
 import os
 import queue
 import re
+import resource
 import signal
 import socket
 import struct
@@ -48,8 +49,11 @@ class Daemon:
         env: dict[str, str] | None = None,
         listen_socket: socket.socket | None = None,
         ready: re.Pattern[str] = READY,
+        nofile: int | None = None,
     ) -> None:
         self.listen_socket = listen_socket
+        #: The open-file limit (soft and hard) the daemon starts with, when a test sets one.
+        self.nofile = nofile
         self.ready = ready  # workers: the supervisor's line, not the first worker's
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         # A short drain by default, so tests whose clients stay connected stop quickly; the
@@ -97,6 +101,14 @@ class Daemon:
                     os.set_inheritable(3, True)
                 else:
                     os.dup2(fd, 3)
+
+        if self.nofile is not None:
+            nofile, inner = self.nofile, preexec
+
+            def preexec() -> None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+                if inner is not None:
+                    inner()
 
         self.process = subprocess.Popen(
             argv,

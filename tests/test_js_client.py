@@ -1,8 +1,9 @@
 """The JavaScript client's own suite (js/test/, `node --test`) against this checkout's daemon.
 
 The Node tests start their own daemons (this venv's twistd, through HEARTBEATD_TWISTD),
-redis-server and fake servers, over TCP, TLS and, where the daemon has it, WebSocket; this
-test runs them all and fails with their report.
+redis-server and fake servers, over TCP, TLS and, where the daemon has it, WebSocket. Each
+test file runs as its own pytest test, so pytest-xdist spreads them over its workers (one
+`node --test` run of them all takes over a minute on one core); each fails with its report.
 """
 
 from __future__ import annotations
@@ -13,18 +14,23 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from js_tools import JS, require_node
 
 TWISTD = str(Path(sys.executable).parent / "twistd")
+FILES = sorted(str(p.relative_to(JS)) for p in (JS / "test").glob("*.test.js"))
 
 
-def test_the_javascript_client_suite_passes() -> None:
+def test_every_test_file_is_collected() -> None:
+    assert len(FILES) >= 11, FILES
+
+
+@pytest.mark.parametrize("test_file", FILES)
+def test_the_javascript_client_suite_passes(test_file: str) -> None:
     node = require_node()
-    files = sorted(str(p.relative_to(JS)) for p in (JS / "test").glob("*.test.js"))
-    assert len(files) >= 7, files
     env = {**os.environ, "HEARTBEATD_TWISTD": TWISTD}
     result = subprocess.run(
-        [node, "--test", "--test-reporter=tap", *files],
+        [node, "--test", "--test-reporter=tap", test_file],
         cwd=JS,
         env=env,
         capture_output=True,
@@ -35,4 +41,4 @@ def test_the_javascript_client_suite_passes() -> None:
     assert result.returncode == 0, report[-20000:]
     counts = dict(re.findall(r"^# (pass|fail|cancelled) (\d+)$", report, re.MULTILINE))
     assert counts.get("fail") == "0" and counts.get("cancelled") == "0", report[-5000:]
-    assert int(counts["pass"]) >= 50, report[-5000:]
+    assert int(counts["pass"]) >= 1, report[-5000:]

@@ -175,6 +175,9 @@ def standard(
     }
     with Server(tmp_path_factory.mktemp(transport), transport, certs, config) as server:
         yield server
+        assert server.daemon.stop() == 0
+    # The only tracebacks are the failing handler's (internal_error): nothing unhandled.
+    assert "Unhandled Error" not in server.daemon.log
 
 
 @contextlib.contextmanager

@@ -22,7 +22,17 @@ from urllib.request import urlopen
 
 import pytest
 from daemon import Daemon, RawClient
-from wsclient import BINARY, CLOSE, CONTINUATION, PING, PONG, TEXT, WSClient, handshake_request
+from wsclient import (
+    BINARY,
+    CLOSE,
+    CONTINUATION,
+    PING,
+    PONG,
+    TEXT,
+    WSClient,
+    frame,
+    handshake_request,
+)
 
 ORIGIN = "http://127.0.0.1:8000"
 CONFIG = {
@@ -42,6 +52,9 @@ CONFIG = {
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     with Daemon(tmp_path_factory.mktemp("ws"), CONFIG) as daemon:
         yield daemon
+        assert daemon.stop() == 0
+    # No hostile peer of this module made the daemon fail.
+    assert "Traceback" not in daemon.log and "Unhandled" not in daemon.log
 
 
 def client(daemon: Daemon, **options: Any) -> WSClient:
@@ -78,6 +91,8 @@ def test_a_browser_from_an_allowed_origin_is_accepted_others_get_403(daemon: Dae
 def test_wrong_path_is_404_and_a_plain_get_is_426(daemon: Daemon) -> None:
     with WSClient(daemon.ws_port, path="/other") as ws:
         assert ws.status == 404
+        ws.send_frame(TEXT, b"{}")  # after the refusal: ignored, never a traceback
+        ws.read_rest()
     with socket.create_connection(("127.0.0.1", daemon.ws_port), timeout=10) as s:
         s.sendall(b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n")
         answer = read_all(s)
@@ -288,6 +303,24 @@ def test_compression_is_negotiated_and_bounded(tmp_path: Path) -> None:
             assert json.loads(inflated)["data"] == "ab" * 1500
 
 
+def test_a_frame_sent_with_the_handshake_is_answered_after_the_hello(daemon: Daemon) -> None:
+    with socket.create_connection(("127.0.0.1", daemon.ws_port), timeout=10) as s:
+        ws = WSClient(daemon.ws_port, handshake=False, sock=s)
+        request = handshake_request("/ws")
+        s.sendall(request + frame(TEXT, b'{"type":"echo","id":1,"data":"early"}'))
+        while b"\r\n\r\n" not in ws._buffer:
+            ws._buffer += s.recv(4096)
+        ws._buffer = ws._buffer.split(b"\r\n\r\n", 1)[1]
+        assert ws.recv()["type"] == "hello"
+        assert ws.recv() == {"type": "echo", "id": 1, "data": "early"}
+
+
+def test_another_protocol_at_the_websocket_port_gets_400(daemon: Daemon) -> None:
+    with socket.create_connection(("127.0.0.1", daemon.ws_port), timeout=10) as s:
+        s.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\0" * 64)  # a TLS hello
+        assert read_all(s).startswith(b"HTTP/1.1 400 ")
+
+
 def test_the_tcp_listener_is_unaffected(daemon: Daemon) -> None:
     with RawClient(daemon.port) as tcp:
         assert tcp.recv()["data"]["framing"] == "int32"
@@ -362,6 +395,11 @@ def test_trusted_proxies_name_the_client_for_limits_and_logs(tmp_path: Path) -> 
             with client(daemon, headers=other):
                 admin = int(daemon.wait_for(r"admin API listening on 127\.0\.0\.1:(\d+)")[1])
                 clients = json.loads(urlopen(f"http://127.0.0.1:{admin}/clients").read())
+                with RawClient(daemon.port) as tcp:
+                    tcp.recv()
+                    metrics = urlopen(f"http://127.0.0.1:{admin}/metrics").read().decode()
+        assert 'heartbeatd_connections_by_listener{listener="websocket"} 2.0' in metrics
+        assert 'heartbeatd_connections_by_listener{listener="tcp"} 1.0' in metrics
         peers = sorted(c["peer"] for c in clients["clients"])
         assert peers[0].startswith("198.51.100.7 (via 127.0.0.1:")
         assert peers[1].startswith("203.0.113.9 (via 127.0.0.1:")

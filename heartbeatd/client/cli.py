@@ -486,6 +486,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="IDENTITY",
         help="disconnect every session of this identity instead (on every node of a cluster)",
     )
+    # Listed here for --help; `main` hands `heartbeat doctor ...` to the daemon's program.
+    doctor = commands.add_parser(
+        "doctor",
+        help="check this machine against a daemon config (open files, backlog, memory, "
+        "kernel drops, Redis)",
+        description="Run python -m heartbeatd.daemon.doctor: see heartbeat doctor --help.",
+    )
+    doctor.add_argument("--config", "-c", metavar="FILE", help="the daemon's YAML file")
+    doctor.add_argument("--limit-nofile", metavar="N", help="the unit's LimitNOFILE=")
+    doctor.add_argument("--sample", metavar="SECONDS", help="read drop counters twice")
     return parser
 
 
@@ -877,10 +887,31 @@ def _leave_if_a_lookup_hangs(reactor: Any, code: int) -> None:
         os._exit(code)
 
 
+#: ``heartbeat doctor`` reads the daemon's YAML, which the client never loads: it is the
+#: daemon's program, run in its own interpreter (same exit status, same output).
+DOCTOR = ("-m", "heartbeatd.daemon.doctor")
+
+
+def run_doctor(argv: list[str]) -> NoReturn:
+    os.execv(sys.executable, [sys.executable, *DOCTOR, *argv])
+
+
 def main(argv: list[str] | None = None) -> None:
     """The ``heartbeat`` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["doctor"]:
+        run_doctor(argv[1:])
     try:
         args = parse_args(argv)
+        if args.command == "doctor":  # options came before the word
+            options = ("config", "limit_nofile", "sample")
+            run_doctor(
+                [
+                    f"--{name.replace('_', '-')}={getattr(args, name)}"
+                    for name in options
+                    if getattr(args, name) is not None
+                ]
+            )
         from twisted.internet import task
     except CliError as e:
         sys.stderr.write(f"heartbeat: {e.message}\n")

@@ -75,7 +75,7 @@ SERVING = "serving"
 
 
 class Supervised(Protocol):
-    """What the admin API needs of the supervisor (`heartbeatd.daemon.workers.Supervisor`)."""
+    """What the admin API needs of the supervisor (`heartbeatd.daemon.supervisor.Supervisor`)."""
 
     count: int
     restarts: int

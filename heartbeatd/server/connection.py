@@ -6,7 +6,7 @@ writes with its framing (``_framing``: ``header``/``encode``).  Two adapters exi
 stream one (`heartbeatd.server.protocol.ServerProtocol`: int32 or seed framing, TCP, TLS,
 UNIX sockets) and the WebSocket one (`heartbeatd.websocket.protocol`).  What the core does:
 
-* dispatch: a hot path for plain synchronous requests (`_handle_envelopes`) and a general
+* dispatch: a hot path for plain synchronous requests (inlined in `_deliver`) and a general
   path (`_handle_item`) that alone decides what goes on the wire for anything unusual, so
   both answer identically (tests/test_protocol_paths.py);
 * reply in request order, even when a later request finishes first (`_pending` slots), and
@@ -139,7 +139,7 @@ class Connection(Protocol):
     )
 
     factory: ClientRegistry
-    #: Answer plain, synchronous requests on the inlined hot path (`_handle_envelopes`).
+    #: Answer plain, synchronous requests on the hot path inlined in `_deliver`.
     #: False sends everything through the general path; a test checks both write the same bytes.
     fast_path = True
     #: Which kind of listener accepted the connection (admin API, logs).
@@ -277,7 +277,74 @@ class Connection(Protocol):
         self._batch = batch
         try:
             if self._bare_type is None and self.fast_path and self._auth is None:
-                self._handle_envelopes(items, batch)
+                # The hot path, inlined (one call less per read): well-formed envelopes with
+                # synchronous JSON results.  Anything unusual (a framing token, invalid JSON, a
+                # bad envelope, a reserved type, a Deferred or `Reply` result, a failing
+                # handler) takes the general path (`_handle_item`), which alone decides what
+                # goes on the wire, so both paths answer identically.
+                loads = envelope.decode_json_unchecked
+                dumps = envelope.encode_json
+                header = self._framing.header
+                answered = 0
+                lookup = self.factory.registry.get
+                max_depth = self._max_depth
+                # Nesting deeper than max_depth takes at least 2 * (max_depth + 1) bytes, so
+                # short bodies (most of them) skip the depth check altogether.
+                deep_enough = 2 * max_depth + 2
+                for item in items:
+                    if type(item) is not bytes:
+                        self._handle_item(item)  # a framing token
+                        continue
+                    try:
+                        value = loads(item)
+                    except ValueError:
+                        self._handle_item(item)
+                        continue
+                    if type(value) is not dict or (
+                        len(item) >= deep_enough and exceeds_depth(value, item, max_depth)
+                    ):
+                        self._handle_item(
+                            item
+                        )  # not an object, or too deep: the general path answers
+                        continue
+                    type_ = value.get("type")
+                    id_ = value.get("id")
+                    handler = lookup(type_) if type(type_) is str else None
+                    if handler is None or (
+                        id_ is not None and type(id_) is not str and type(id_) is not int
+                    ):
+                        self._handle_item(item)
+                        continue
+                    answered += 1
+                    data = value.get("data")
+                    try:
+                        result = handler(Request(type_, id_, data, self))
+                    except Exception:
+                        self._emit(self._error_frame(Failure(), envelope.Message(type_, id_, data)))
+                        continue
+                    if type(result) in _PLAIN_RESULTS:
+                        reply = (
+                            {"type": type_, "id": id_, "data": result}
+                            if id_ is not None
+                            else {
+                                "type": type_,
+                                "data": result,
+                            }
+                        )
+                        try:
+                            body = dumps(reply)
+                        except Exception:
+                            self._emit(
+                                self._error_frame(Failure(), envelope.Message(type_, id_, data))
+                            )
+                            continue
+                        if self._pending:  # re-read: a handler in this read may have gone async
+                            self._emit(body)
+                        else:
+                            batch.append(header(len(body)) + body)
+                    else:
+                        self._handle_result(envelope.Message(type_, id_, data), result)
+                self.frames_in += answered
             else:
                 for item in items:
                     self._handle_item(item)
@@ -376,73 +443,6 @@ class Connection(Protocol):
         return session
 
     # -- dispatch --------------------------------------------------------------------------
-
-    def _handle_envelopes(self, items: list[Any], batch: list[bytes]) -> None:
-        """The hot path: well-formed envelopes with synchronous JSON results, inlined.
-
-        Anything unusual (a framing token, invalid JSON, a bad envelope, a reserved type, a
-        Deferred or `Reply` result, a failing handler) takes the general path, which alone
-        decides what goes on the wire, so both paths answer identically.
-        """
-        loads = envelope.decode_json_unchecked
-        dumps = envelope.encode_json
-        header = self._framing.header
-        answered = 0
-        lookup = self.factory.registry.get
-        max_depth = self._max_depth
-        # Nesting deeper than max_depth takes at least 2 * (max_depth + 1) bytes, so short
-        # bodies (most of them) skip the depth check altogether.
-        deep_enough = 2 * max_depth + 2
-        for item in items:
-            if type(item) is not bytes:
-                self._handle_item(item)  # a framing token
-                continue
-            try:
-                value = loads(item)
-            except ValueError:
-                self._handle_item(item)
-                continue
-            if type(value) is not dict or (
-                len(item) >= deep_enough and exceeds_depth(value, item, max_depth)
-            ):
-                self._handle_item(item)  # not an object, or too deep: the general path answers
-                continue
-            type_ = value.get("type")
-            id_ = value.get("id")
-            handler = lookup(type_) if type(type_) is str else None
-            if handler is None or (
-                id_ is not None and type(id_) is not str and type(id_) is not int
-            ):
-                self._handle_item(item)
-                continue
-            answered += 1
-            data = value.get("data")
-            try:
-                result = handler(Request(type_, id_, data, self))
-            except Exception:
-                self._emit(self._error_frame(Failure(), envelope.Message(type_, id_, data)))
-                continue
-            if type(result) in _PLAIN_RESULTS:
-                reply = (
-                    {"type": type_, "id": id_, "data": result}
-                    if id_ is not None
-                    else {
-                        "type": type_,
-                        "data": result,
-                    }
-                )
-                try:
-                    body = dumps(reply)
-                except Exception:
-                    self._emit(self._error_frame(Failure(), envelope.Message(type_, id_, data)))
-                    continue
-                if self._pending:  # re-read: a handler in this read may have gone async
-                    self._emit(body)
-                else:
-                    batch.append(header(len(body)) + body)
-            else:
-                self._handle_result(envelope.Message(type_, id_, data), result)
-        self.frames_in += answered
 
     def _handle_item(self, item: bytes | object) -> None:
         if item is HEARTBEAT:

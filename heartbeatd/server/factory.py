@@ -136,6 +136,16 @@ class ServerFactory(Factory):
         self.max_connections = config.effective_max_connections()
         self.accepted = 0
         self.refused = 0
+        #: Refused connections still open (their error frame not yet written): each holds a
+        #: file descriptor, as a client does.
+        self.refusing = 0
+        #: accept() failures, by errno name (EMFILE...), counted by the daemon's accept guard.
+        self.accept_errors: Counter[str] = Counter()
+        #: Called when a connection's file descriptor is released (the daemon's accept guard
+        #: resumes accepting); None when nothing waits for room.
+        self.on_room: Any = None
+        #: Clients connected now by listener (``tcp``, ``tls``, ``websocket``, ``websocket+tls``).
+        self.by_listener: Counter[str] = Counter()
         #: Connections accepted whose transport handshake (WebSocket) is not done yet: not in
         #: `clients`, but counted against ``limits.max_connections``.
         self.handshaking = 0
@@ -295,6 +305,7 @@ class ServerFactory(Factory):
     def client_connected(self, client: Connection) -> None:
         self.clients[client.session_id] = client
         self.accepted += 1
+        self.by_listener[getattr(client, "listener", "stream")] += 1
         self.heartbeat.watch_newcomer(client)
         self.channels.client_connected(client)
         # The client itself, not its peer string: the line is rendered (and the lazy peer
@@ -392,12 +403,15 @@ class ServerFactory(Factory):
     def client_disconnected(self, client: Connection, reason: Failure | None) -> None:
         if self.clients.pop(client.session_id, None) is None:
             return
+        if self.on_room is not None:
+            self.on_room()
         if self.credentials:
             self.credentials.pop(client.session_id, None)
         if self.lifetimes:
             self.lifetimes.forget(client.session_id)
         if self._identity_of:
             self._uncount_identity(client.session_id)
+        self.by_listener[getattr(client, "listener", "stream")] -= 1
         self.channels.client_disconnected(client)
         self.admission.release(getattr(client, "admitted_host", None))
         totals = self.closed_totals

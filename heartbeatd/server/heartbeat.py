@@ -43,7 +43,7 @@ log = get_logger(__name__)
 
 
 class Watched(Protocol):
-    """What the sweep needs of a connection (`heartbeatd.server.protocol.ServerProtocol` is one)."""
+    """What the sweep needs of a connection (`heartbeatd.server.connection.Connection`)."""
 
     last_seen: float
     frame_started: float | None

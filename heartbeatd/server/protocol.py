@@ -181,6 +181,8 @@ class RefusedProtocol(Protocol):
         self.transport.write(self._frame)
         self.transport.loseConnection()
         factory = getattr(self, "factory", None)
+        if factory is not None:
+            factory.refusing += 1  # a file descriptor until the frame is out
         if factory is not None and is_tls(self.transport):
             # Over TLS the frame waits for a handshake the peer may never do: bound the wait.
             self._abort = factory.clock.callLater(
@@ -190,3 +192,8 @@ class RefusedProtocol(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         if self._abort is not None and self._abort.active():
             self._abort.cancel()
+        factory = getattr(self, "factory", None)
+        if factory is not None:
+            factory.refusing -= 1
+            if factory.on_room is not None:
+                factory.on_room()

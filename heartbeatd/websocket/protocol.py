@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ipaddress
 import zlib
+from collections import deque
 from typing import Any
 
 from twisted.internet.protocol import Factory
@@ -288,7 +289,11 @@ class WebSocketProtocol(Connection):
             self.fast_path = False
         trailing = getattr(self._ws, "_h11_connection", None)
         trailing = trailing.trailing_data[0] if trailing is not None else b""
-        self._ws = self._ws.connection
+        self._ws = connection = self._ws.connection
+        # wsproto queues events in a deque of its own only for receive_data(None), which we
+        # never call: an empty deque is 760 bytes, a third of an idle connection.
+        if type(getattr(connection, "_events", None)) is deque and not connection._events:
+            connection._events = ()
         self._end_handshake()
         self.transport.write(accept)
         if is_tls(self.transport):
@@ -328,11 +333,11 @@ class WebSocketProtocol(Connection):
 
     def dataReceived(self, data: bytes) -> None:
         self.bytes_in += len(data)
-        if self._handshaking:
-            if self.close_reason is None:
-                self._handshake(data)
-            return
-        self._receive(data)
+        if self.session_id:  # opened: messages
+            self._receive(data)
+        elif self._handshaking:
+            self._handshake(data)
+        # else the handshake was refused: what the peer still sends is of no interest
 
     def _receive(self, data: bytes) -> None:
         ws = self._ws
@@ -406,9 +411,9 @@ class WebSocketProtocol(Connection):
                 self._peer_closed(ended)
 
     def _fail(self, code: int, reason: str, detail: str) -> None:
-        """Close for a fault of the peer's WebSocket framing (not of its envelopes)."""
+        """Close for a fault of the peer's WebSocket framing (not of its envelopes): counted
+        among the closes by reason, with no error envelope (the close code says it)."""
         self._message = None
-        self.factory.count_error(reason)
         if self.connected and self.close_reason is None:
             self.close_reason = reason
             self.factory.client_closing(self, reason, detail)
