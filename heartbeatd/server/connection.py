@@ -400,6 +400,8 @@ class Connection(Protocol):
         if self._auth is not None:
             self._auth = None
             self.factory.gated -= 1
+        if not self.factory.client_identified(self):  # limits.max_connections_per_identity
+            return
         self._emit(reply)
         for message in held:
             if not self.connected or self.close_reason is not None:
