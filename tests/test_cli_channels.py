@@ -120,3 +120,26 @@ def test_subscribe_follows_a_restart_and_says_what_could_not_be_recovered(
                 sub.process.send_signal(signal.SIGINT)
                 assert sub.finish() == 0
                 assert second.stop() == 0
+
+
+def test_watch_prints_the_pushes_of_a_jwt_channels_claim(tmp_path: Path) -> None:
+    """The claim's ``subscribed``/``subscribe_refused`` come right after the auth reply; the
+    CLI used to lose them (written before the reply, read before ``connect`` resolved)."""
+    import time
+
+    import jwt
+
+    secret = "watch-claim-secret-" + "q" * 40
+    (tmp_path / "secret").write_text(secret)
+    body = {"sub": "alice", "exp": int(time.time()) + 300, "channels": ["news", "user#bob"]}
+    (tmp_path / "token").write_text(jwt.encode(body, secret, algorithm="HS256"))
+    config = {"auth": {"mode": "jwt", "jwt": {"hmac_secret_file": str(tmp_path / "secret")}}}
+    with Daemon(tmp_path, config) as daemon:
+        run = heartbeat(
+            "watch", f"127.0.0.1:{daemon.port}", "--token-file", str(tmp_path / "token"), "-n", "2"
+        )
+        assert run.returncode == 0, run.stderr
+        pushes = [json.loads(line) for line in run.stdout.splitlines()]
+        assert [p["type"] for p in pushes] == ["subscribed", "subscribe_refused"]
+        assert pushes[0]["data"]["channel"] == "news"
+        assert pushes[1]["data"] == {"channel": "user#bob", "code": "forbidden"}

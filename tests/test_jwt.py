@@ -241,6 +241,19 @@ def test_the_channels_claim_goes_through_namespace_permissions(
     assert set(factory.channels.channels_of(peer.protocol.session_id)) == subscribed
 
 
+def test_claim_pushes_follow_the_auth_reply_on_the_wire(clock: Clock, tmp_path: Path) -> None:
+    """A client that waits for the auth reply (Python ``connect``) then reads the pushes;
+    they used to be written before the reply, batched in the same read."""
+    factory = jwt_factory(clock, tmp_path)
+    peer = Peer(factory, 40000)
+    peer.received()  # the hello
+    auth = {"type": "auth", "id": 1, "data": {"token": token(channels=["news", "user#bob"])}}
+    peer.send(auth, {"type": "ping", "id": 2})  # one read: the replies are batched
+    clock.advance(0)
+    types = [f["type"] for f in peer.received()]
+    assert types == ["auth", "subscribed", "subscribe_refused", "pong"]
+
+
 def channel_token_factory(clock: Clock, tmp_path: Path) -> ServerFactory:
     return jwt_factory(
         clock, tmp_path, channels={"namespaces": {"private": {"subscribe": "token"}}}
