@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from urllib.parse import unquote_to_bytes
 from typing import Any, Protocol
+from urllib.parse import unquote_to_bytes
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
