@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon import Daemon
+from test_admin import ADMIN, http
 from test_cli import HEARTBEAT, Command
 
 CHANNELS = {
@@ -143,3 +144,23 @@ def test_watch_prints_the_pushes_of_a_jwt_channels_claim(tmp_path: Path) -> None
         assert [p["type"] for p in pushes] == ["subscribed", "subscribe_refused"]
         assert pushes[0]["data"]["channel"] == "news"
         assert pushes[1]["data"] == {"channel": "user#bob", "code": "forbidden"}
+
+
+def test_sigterm_stops_watch_and_subscribe_cleanly(tmp_path: Path) -> None:
+    """SIGTERM (``kill``, a service manager) ends them as Ctrl-C does: exit 0, nothing on
+    stderr; the reactor's own SIGTERM handler used to stop it as a lost connection (exit 3)."""
+    config = {**CHANNELS, "admin": {"listen": "tcp:0:interface=127.0.0.1"}}
+    with Daemon(tmp_path, config) as daemon:
+        admin = int(daemon.wait_for(ADMIN).group(1))
+        target = f"127.0.0.1:{daemon.port}"
+        with Command("watch", target) as watch, Command("subscribe", target, "news") as sub:
+            assert SUBSCRIBED.match(sub.next_line("stderr"))
+            # watch is connected (past its hello) once it prints a broadcast
+            assert http(admin, "POST", "/broadcast", {"type": "news", "data": 1})[0] == 200
+            assert json.loads(watch.next_line()) == {"type": "news", "data": 1}
+            for command in (watch, sub):
+                command.process.send_signal(signal.SIGTERM)
+                assert command.finish() == 0, command.err
+            assert watch.err == [] and len(watch.out) == 1
+            assert len(sub.err) == 1 and sub.out == []
+        assert daemon.stop() == 0
