@@ -149,14 +149,21 @@ def test_watch_prints_the_pushes_of_a_jwt_channels_claim(tmp_path: Path) -> None
 def test_sigterm_stops_watch_and_subscribe_cleanly(tmp_path: Path) -> None:
     """SIGTERM (``kill``, a service manager) ends them as Ctrl-C does: exit 0, nothing on
     stderr; the reactor's own SIGTERM handler used to stop it as a lost connection (exit 3)."""
-    config = {**CHANNELS, "admin": {"listen": "tcp:0:interface=127.0.0.1"}}
+    config = {
+        **CHANNELS,
+        "admin": {"listen": "tcp:0:interface=127.0.0.1"},
+        "log": {"level": "debug"},  # for the "connected" lines
+    }
     with Daemon(tmp_path, config) as daemon:
         admin = int(daemon.wait_for(ADMIN).group(1))
         target = f"127.0.0.1:{daemon.port}"
         with Command("watch", target) as watch, Command("subscribe", target, "news") as sub:
             assert SUBSCRIBED.match(sub.next_line("stderr"))
-            # watch is connected (past its hello) once it prints a broadcast
-            assert http(admin, "POST", "/broadcast", {"type": "news", "data": 1})[0] == 200
+            # Both are registered (the hello is sent with the "connected" line), so watch
+            # hears the broadcast, and is past its connect once it prints it.
+            daemon.wait_for(r"Client \S+ connected from", count=2)
+            sent = http(admin, "POST", "/broadcast", {"type": "news", "data": 1})
+            assert sent == (200, {"sent": 2})
             assert json.loads(watch.next_line()) == {"type": "news", "data": 1}
             for command in (watch, sub):
                 command.process.send_signal(signal.SIGTERM)
