@@ -12,10 +12,12 @@ offset last delivered, which is what makes delivery exactly-once and gap-free:
 
 Publication frames are built once per publication and written to every local subscriber.
 
-Fairness: a channel with more local subscribers than ``channels.fanout_batch`` is not written
-in one go (10,000 subscribers held the reactor ~90 ms).  Its publication joins the hub's
-delivery queue, which writes ``fanout_batch`` deliveries per reactor turn (``callLater(0)``,
-as the heartbeat sweep does), so other connections are served between batches.  The queue is
+Fairness: fan-out is not written in one go (10,000 subscribers held the reactor ~90 ms, and a
+burst of publications from one client starved every other client for seconds).  A publication
+is written at once only while the queue is empty and the deliveries written since the last
+batch stay within ``channels.fanout_batch``; any other joins the hub's delivery queue, which
+writes ``fanout_batch`` deliveries per reactor turn (``callLater(0)``, as the heartbeat sweep
+does), so other connections are served between batches.  The queue is
 first in, first out, and a publication arriving while it is not empty queues behind it (even
 for a small channel), so every subscriber gets publications in offset order, with no gap and
 none twice: a fan-out reads its channel's subscribers when it starts, a subscription removed
@@ -183,6 +185,8 @@ class ChannelHub:
         #: Fan-out batches run (for metrics and tests).
         self.fanout_batches = 0
         self._batch = 1000
+        #: Deliveries written at once since the last batch (bounded by ``_batch`` too).
+        self._spent = 0
         self.reconfigure()
 
     def reconfigure(self) -> None:
@@ -497,8 +501,11 @@ class ChannelHub:
         if not subs:
             return
         frame = SharedFrame(publication_body(channel, offset, data))
-        if not self._fanouts and len(subs) <= self._batch:
-            # A small channel and nothing queued: written now, as it always was.
+        count = len(subs)
+        if not self._fanouts and self._spent + count <= self._batch:
+            # Nothing queued and this turn's budget not spent (a small channel, now and then):
+            # written now, as it always was.
+            self._spent += count
             for sub in list(subs.values()):
                 if sub.pending is None and sub.offset + 1 == offset and sub.epoch == epoch:
                     sub.offset = offset
@@ -507,11 +514,10 @@ class ChannelHub:
                 else:
                     self._deliver(sub, epoch, offset, data)
             return
-        self._fanouts.append(_Fanout(channel, epoch, offset, data, frame, len(subs)))
-        self.queued += len(subs)
-        if len(self._fanouts) == 1:
-            # The queue was empty: the first batch goes now, the rest on the next turns.
-            self._run_batch()
+        self._fanouts.append(_Fanout(channel, epoch, offset, data, frame, count))
+        self.queued += count
+        if self._drain_call is None:
+            self._drain_call = self.factory.clock.callLater(0, self._run_batch)
 
     def _run_batch(self) -> None:
         """Write up to ``fanout_batch`` queued deliveries; schedule the rest for next turn."""
@@ -549,6 +555,9 @@ class ChannelHub:
                 if not done:
                     budget -= 1  # an empty fan-out still costs a little: always progress
         self.delivered += delivered
+        # What is left of this turn's budget goes to publications written at once (a
+        # publication that finds it spent queues, and the next batch starts a new budget).
+        self._spent = self._batch - budget
         if fanouts:
             self._drain_call = self.factory.clock.callLater(0, self._run_batch)
         if self._backlog_waiters and not self.backlogged():
