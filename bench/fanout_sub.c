@@ -10,7 +10,10 @@
  * ("out_of_order": a subscriber saw an offset not above its previous one: 0 for a correct
  * server).  Pings from the server ({"type":"ping"}) are answered with a pong.
  *
- *   fanout_sub --port P [--host 127.0.0.1] [--conns 1000] [--channel bench]
+ * With --proto nats it speaks NATS instead (SUB CHANNEL, then PING: the PONG means subscribed)
+ * and a message's payload is "SEQ SENT_NS": SEQ stands for the offset.
+ *
+ *   fanout_sub --port P [--host 127.0.0.1] [--conns 1000] [--channel bench] [--proto nats]
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -44,6 +47,19 @@ typedef struct {
 static uint32_t counts[MAX_OFFSETS];
 static uint64_t sent_at[MAX_OFFSETS], last_at[MAX_OFFSETS];
 static uint64_t deliveries, out_of_order;
+static int nats;
+static uint64_t now_ns(void);
+
+static void record(conn_t *c, long long offset, uint64_t sent) {
+    if (offset <= c->last_offset) out_of_order++;
+    c->last_offset = offset;
+    deliveries++;
+    if (offset >= 0 && offset < MAX_OFFSETS) {
+        counts[offset]++;
+        sent_at[offset] = sent;
+        last_at[offset] = now_ns();
+    }
+}
 
 static uint64_t now_ns(void) {
     struct timespec ts;
@@ -83,15 +99,7 @@ static int on_frame(conn_t *c, char *body, size_t len) {
         if (o) {
             long long offset = strtoll(o + 9, NULL, 10);
             char *d = strstr(o, "\"data\":");
-            uint64_t sent = d ? strtoull(d + 7, NULL, 10) : 0;
-            if (offset <= c->last_offset) out_of_order++;
-            c->last_offset = offset;
-            deliveries++;
-            if (offset >= 0 && offset < MAX_OFFSETS) {
-                counts[offset]++;
-                sent_at[offset] = sent;
-                last_at[offset] = now_ns();
-            }
+            record(c, offset, d ? strtoull(d + 7, NULL, 10) : 0);
         }
     } else if (strstr(body, "\"type\":\"subscribe\"")) {
         if (!c->subscribed) subscribed = 1;
@@ -103,6 +111,38 @@ static int on_frame(conn_t *c, char *body, size_t len) {
     return subscribed;
 }
 
+/* NATS: consume what is complete in c->in from `at`; returns the new `at`. */
+static size_t nats_parse(conn_t *c, size_t at, int *ready) {
+    for (;;) {
+        char *line = (char *)c->in + at;
+        char *end = memmem(line, c->in_len - at, "\r\n", 2);
+        if (!end) return at;
+        size_t line_len = (size_t)(end - line) + 2;
+        if (!strncmp(line, "MSG ", 4)) {
+            char *space = end;
+            while (space > line && space[-1] != ' ') space--;
+            size_t n = strtoul(space, NULL, 10);
+            if (c->in_len - at < line_len + n + 2) return at;
+            char *payload = line + line_len;
+            char saved = payload[n];
+            payload[n] = 0;
+            char *rest;
+            long long seq = strtoll(payload, &rest, 10);
+            record(c, seq, strtoull(rest, NULL, 10));
+            payload[n] = saved;
+            at += line_len + n + 2;
+            continue;
+        }
+        if (!strncmp(line, "PONG", 4)) {
+            if (!c->subscribed) (*ready)++;
+            c->subscribed = 1;
+        } else if (!strncmp(line, "PING", 4)) {
+            write_all(c->fd, "PONG\r\n", 6);
+        }
+        at += line_len;
+    }
+}
+
 int main(int argc, char **argv) {
     const char *host = "127.0.0.1", *channel = "bench";
     int port = 0, nconns = 1000;
@@ -111,6 +151,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--host")) host = argv[i + 1];
         else if (!strcmp(argv[i], "--conns")) nconns = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--channel")) channel = argv[i + 1];
+        else if (!strcmp(argv[i], "--proto")) nats = !strcmp(argv[i + 1], "nats");
     }
     struct rlimit rl;
     if (getrlimit(RLIMIT_NOFILE, &rl) == 0) {
@@ -134,7 +175,16 @@ int main(int argc, char **argv) {
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
         conns[i].fd = fd;
         conns[i].last_offset = -1;
-        send_frame(fd, subscribe);
+        if (nats) {
+            char sub[256];
+            int n = snprintf(sub, sizeof sub,
+                             "CONNECT {\"verbose\":false,\"pedantic\":false}\r\n"
+                             "SUB %s 1\r\nPING\r\n",
+                             channel);
+            write_all(fd, sub, (size_t)n);
+        } else {
+            send_frame(fd, subscribe);
+        }
         fcntl(fd, F_SETFL, O_NONBLOCK);
         struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &conns[i]};
         epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev);
@@ -165,7 +215,8 @@ int main(int argc, char **argv) {
                 }
                 c->in_len += (size_t)got;
                 size_t at = 0;
-                while (c->in_len - at >= 4) {
+                if (nats) at = nats_parse(c, 0, &ready);
+                while (!nats && c->in_len - at >= 4) {
                     unsigned char *h = c->in + at;
                     size_t len = ((size_t)h[0] << 24) | ((size_t)h[1] << 16) |
                                  ((size_t)h[2] << 8) | h[3];
