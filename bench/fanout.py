@@ -117,7 +117,7 @@ class Reader:
 class Server:
     """One server under test, pinned to the server core."""
 
-    def __init__(self, name: str, workdir: Path, before: Path | None) -> None:
+    def __init__(self, name: str, workdir: Path, before: Path | None, batch: int = 0) -> None:
         self.name = name
         env = dict(os.environ)
         if name in ("heartbeatd", "before"):
@@ -127,6 +127,8 @@ class Server:
                 "heartbeat": {"interval": 3600, "timeout": 7200},
                 "channels": {"client_publish": True},
             }
+            if name == "heartbeatd" and batch:
+                config["channels"]["fanout_batch"] = batch  # type: ignore[index]
             path = workdir / f"{name}.yaml"
             path.write_text(json.dumps(config))  # JSON is YAML
             argv = [str(BIN / "twistd"), "--nodaemon", "--pidfile=", "heartbeatd"]
@@ -371,7 +373,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def one_run(name: str, subs: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    server = Server(name, workdir, args.before)
+    server = Server(name, workdir, args.before, args.fanout_batch)
     client = None
     try:
         time.sleep(0.3)
@@ -474,6 +476,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--burst", type=int, default=200)
     parser.add_argument("--reps", type=int, default=1)
+    parser.add_argument(
+        "--fanout-batch", type=int, default=0, help="channels.fanout_batch for heartbeatd"
+    )
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for the smoke test")
     args = parser.parse_args()
