@@ -619,7 +619,7 @@ class ChannelsConfig:
     )
     # -- fan-out fairness (heartbeatd.server.channels, docs/benchmarks.md#fan-out) --
     fanout_batch: int = field(
-        default=1000,
+        default=250,
         metadata=check(int_range(1, 1_000_000), "publication deliveries written per reactor turn"),
     )
     fanout_backlog: int = field(

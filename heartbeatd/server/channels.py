@@ -184,7 +184,7 @@ class ChannelHub:
         self._backlog_waiters: list[Deferred[None]] = []
         #: Fan-out batches run (for metrics and tests).
         self.fanout_batches = 0
-        self._batch = 1000
+        self._batch = 250
         #: Deliveries written at once since the last batch (bounded by ``_batch`` too).
         self._spent = 0
         self.reconfigure()
