@@ -149,6 +149,8 @@ class ServerFactory(Factory):
         #: Connections accepted whose transport handshake (WebSocket) is not done yet: not in
         #: `clients`, but counted against ``limits.max_connections``.
         self.handshaking = 0
+        #: Polite closes aborted after ``shutdown.close_timeout``: the peer did not read them.
+        self.close_timeouts = 0
         #: Per-address connection counts and accept rates (limits.*_per_address).
         self.admission = Admission(config.limits, self.clock)
         #: Checks clients' tokens when ``auth.mode`` is not none; the daemon sets it (it reads
