@@ -254,6 +254,9 @@ class Publisher:
         )
         self.sock.sendall(data)
 
+    def close(self) -> None:
+        self.sock.close()
+
     def wait_answers(self, count: int, timeout: float) -> list[int]:
         offsets = []
         deadline = time.monotonic() + timeout
@@ -340,6 +343,9 @@ class NatsPublisher:
             self.sent.append(self.seq)
         self.nats.sock.sendall(b"".join(out))
 
+    def close(self) -> None:
+        self.nats.sock.close()
+
     def wait_answers(self, count: int, timeout: float) -> list[int]:
         self.nats.ping(timeout)
         offsets, self.sent = self.sent, []
@@ -412,6 +418,7 @@ def one_run(name: str, subs: int, args: argparse.Namespace, workdir: Path) -> di
         wait_idle(server, 120)
         t2, cpu2 = time.monotonic_ns(), server.cpu()
         control.stop()
+        publisher.close()  # else heartbeatd's graceful stop waits for it to leave
         client.stdin.write("stop\n")
         client.stdin.flush()
         out, _err = client.communicate(timeout=60)
@@ -483,7 +490,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for the smoke test")
     args = parser.parse_args()
     if args.quick:
-        args.subs, args.seconds, args.burst = "50", 1.0, 20
+        args.subs, args.seconds, args.burst = "50", 0.5, 20
     servers = [s for s in args.servers.split(",") if s != "node" or shutil.which("node")]
     if args.before is not None:
         servers.insert(1, "before")
