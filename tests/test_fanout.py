@@ -1,0 +1,246 @@
+"""Fan-out fairness: large channels are delivered in batches, one per reactor turn.
+
+Driven in memory (StringTransport peers on a Clock). `one_turn` runs the calls that were due
+when it started, as a reactor turn does (``Clock.advance(0)`` would also run the ``callLater(0)``
+those calls make), and ``hub.delivered`` counts the deliveries written, so "each turn is
+bounded" is exact.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from helpers import Peer, make_config
+from twisted.internet.task import Clock
+
+from heartbeatd.server.factory import ServerFactory
+from heartbeatd.server.handlers import default_registry
+
+
+class FastClock(Clock):
+    """A Clock that keeps its calls sorted without re-sorting all of them on every callLater
+    (10,000 connections' timers made Clock's sort the test's whole cost)."""
+
+    def _sortCalls(self) -> None:
+        calls = self.calls
+        if len(calls) < 2 or calls[-1].getTime() >= calls[-2].getTime():
+            return
+        calls.sort(key=lambda call: call.getTime())
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return FastClock()
+
+
+def one_turn(clock: Clock) -> None:
+    """Run the calls due now, but not the ones they schedule (the next turn's)."""
+    due = [c for c in clock.getDelayedCalls() if c.getTime() <= clock.seconds()]
+    for call in due:
+        if call.active():
+            clock.calls.remove(call)
+            call.called = 1
+            call.func(*call.args, **call.kw)
+
+
+def make_factory(clock: Clock, **channels: Any) -> ServerFactory:
+    config = make_config(channels={"client_publish": True, **channels})
+    return ServerFactory(config, default_registry(), clock)
+
+
+def subscribers(factory: ServerFactory, n: int, channel: str = "news") -> list[Peer]:
+    peers = []
+    for i in range(n):
+        peer = Peer(factory, port=20000 + i)
+        peer.send({"type": "subscribe", "id": 1, "data": {"channel": channel}})
+        peers.append(peer)
+    factory.clock.advance(0)  # type: ignore[attr-defined]
+    for peer in peers:
+        assert peer.received()[0]["type"] == "subscribe"
+    return peers
+
+
+def publish_frame(id: int, data: Any, channel: str = "news") -> dict[str, Any]:
+    return {"type": "publish", "id": id, "data": {"channel": channel, "data": data}}
+
+
+def offsets(peer: Peer) -> list[int]:
+    frames = peer.received()
+    assert all(f["type"] == "publication" for f in frames), frames
+    return [f["data"]["offset"] for f in frames]
+
+
+def turns(clock: Clock, hub: Any, limit: int = 10_000) -> list[int]:
+    """Run reactor turns until the queue is empty; the deliveries each wrote."""
+    written = []
+    for _ in range(limit):
+        if not hub._fanouts:
+            return written
+        before = hub.delivered
+        one_turn(clock)
+        written.append(hub.delivered - before)
+    raise AssertionError("the delivery queue never drained")
+
+
+def test_ten_thousand_subscribers_are_served_in_bounded_batches_in_order(clock: Clock) -> None:
+    factory = make_factory(clock, fanout_batch=1000)
+    hub = factory.channels
+    peers = subscribers(factory, 10_000)
+    for i in range(3):
+        hub.publish("news", i)
+    # Too many for one turn: queued, then written one batch per turn, never more.
+    assert hub.delivered == 0
+    assert hub.queued == 30_000
+    written = turns(clock, hub)
+    assert written == [1000] * 30
+    assert hub.queued == 0
+    for peer in peers:
+        assert offsets(peer) == [1, 2, 3]
+
+
+def test_a_small_channel_is_written_at_once_as_before(clock: Clock) -> None:
+    factory = make_factory(clock, fanout_batch=10)
+    peers = subscribers(factory, 10)
+    factory.channels.publish("news", "x")
+    assert not factory.channels._fanouts
+    for peer in peers:
+        assert offsets(peer) == [1]
+
+
+def test_a_small_channel_queues_behind_a_large_fan_out(clock: Clock) -> None:
+    """A subscriber of both channels gets them in publication order."""
+    factory = make_factory(clock, fanout_batch=10)
+    hub = factory.channels
+    big = subscribers(factory, 30, "big")
+    both = big[-1]
+    both.send({"type": "subscribe", "id": 2, "data": {"channel": "small"}})
+    clock.advance(0)
+    assert both.received()[0]["type"] == "subscribe"
+    hub.publish("big", 1)
+    hub.publish("small", 2)
+    turns(clock, hub)
+    frames = both.received()
+    assert [f["data"]["channel"] for f in frames] == ["big", "small"]
+
+
+def test_a_publishing_burst_does_not_delay_another_clients_reply(clock: Clock) -> None:
+    factory = make_factory(clock, fanout_batch=100, fanout_backlog=1000)
+    hub = factory.channels
+    peers = subscribers(factory, 500)
+    publisher, control = Peer(factory, 1), Peer(factory, 2)
+    # 200 pipelined publishes in one read: the work they start in this turn is one batch.
+    publisher.send(*(publish_frame(i, i) for i in range(200)))
+    assert hub.delivered <= 100
+    # Another client's request is answered in the next turn, after at most one batch.
+    before = hub.delivered
+    one_turn(clock)
+    control.send({"type": "ping", "id": 7})
+    assert hub.delivered - before <= 100
+    assert control.received() == [{"type": "pong", "id": 7}]
+    written = turns(clock, hub)
+    assert max(written) <= 100
+    # Nothing dropped, every subscriber in order; every publish answered, in order.
+    for peer in peers[:3] + peers[-3:]:
+        assert offsets(peer) == list(range(1, 201))
+    replies = publisher.received()
+    assert [r["data"]["offset"] for r in replies] == list(range(1, 201))
+
+
+def test_backpressure_stops_reading_a_publisher_until_the_queue_drains(clock: Clock) -> None:
+    factory = make_factory(clock, fanout_batch=100, fanout_backlog=1000)
+    factory.config = make_config(
+        channels={"client_publish": True, "fanout_batch": 100, "fanout_backlog": 1000},
+        limits={"max_pending_requests": 4},
+    )
+    hub = factory.channels
+    hub.reconfigure()
+    subscribers(factory, 500)
+    publisher = Peer(factory, 1)
+    publisher.send(*(publish_frame(i, i) for i in range(10)))
+    # More than fanout_backlog queued: replies wait, and past max_pending_requests the
+    # publisher's transport is paused.
+    assert hub.backlogged()
+    assert publisher.transport.producerState == "paused"
+    early = publisher.received()  # answered while the queue was still short
+    assert len(early) < 4
+    turns(clock, hub)
+    assert not hub.backlogged()
+    assert publisher.transport.producerState == "producing"
+    replies = early + publisher.received()
+    assert [r["data"]["offset"] for r in replies] == list(range(1, 11))
+
+
+def test_unsubscribe_and_disconnect_mid_fan_out_are_safe(clock: Clock) -> None:
+    factory = make_factory(clock, fanout_batch=10)
+    hub = factory.channels
+    peers = subscribers(factory, 50)
+    hub.publish("news", 1)
+    hub.publish("news", 2)
+    leaver, gone = peers[-1], peers[-2]
+    leaver.send({"type": "unsubscribe", "id": 9, "data": {"channel": "news"}})
+    assert leaver.received() == [{"type": "unsubscribe", "id": 9, "data": {"channel": "news"}}]
+    gone.disconnect()
+    turns(clock, hub)
+    assert leaver.received() == []
+    for peer in peers[:10]:
+        assert offsets(peer) == [1, 2]
+    for peer in peers[10:-2]:
+        assert offsets(peer) == [1, 2]
+
+
+def test_subscribing_mid_fan_out_gets_no_duplicate_and_no_gap(clock: Clock) -> None:
+    factory = make_factory(clock, fanout_batch=10)
+    hub = factory.channels
+    subscribers(factory, 50)
+    hub.publish("news", 1)
+    hub.publish("news", 2)
+    late = Peer(factory, 3)
+    late.send({"type": "subscribe", "id": 1, "data": {"channel": "news"}})
+    hub.publish("news", 3)
+    turns(clock, hub)
+    frames = late.received()
+    assert frames[0]["data"]["offset"] == 2
+    assert [f["data"]["offset"] for f in frames[1:]] == [3]
+    # Recovering from offset 0 mid-fan-out: exactly 1..4, once each, in order.
+    hub.publish("news", 4)
+    recovering = Peer(factory, 4)
+    epoch = frames[0]["data"]["epoch"]
+    recovering.send(
+        {
+            "type": "subscribe",
+            "id": 1,
+            "data": {"channel": "news", "since": {"epoch": epoch, "offset": 0}},
+        }
+    )
+    hub.publish("news", 5)
+    turns(clock, hub)
+    clock.advance(0)
+    frames = recovering.received()
+    assert frames[0]["data"]["recovered"] is True
+    assert [f["data"]["offset"] for f in frames[1:]] == [1, 2, 3, 4, 5]
+
+
+def test_many_small_publications_in_one_turn_are_bounded_too(clock: Clock) -> None:
+    """A burst to a channel smaller than a batch: the turn's budget, not the channel's size."""
+    factory = make_factory(clock, fanout_batch=100)
+    hub = factory.channels
+    peers = subscribers(factory, 40)
+    publisher = Peer(factory, 1)
+    publisher.send(*(publish_frame(i, i) for i in range(50)))
+    assert hub.delivered <= 100
+    written = turns(clock, hub)
+    assert max(written) <= 100
+    assert hub.delivered == 50 * 40
+    for peer in peers:
+        assert offsets(peer) == list(range(1, 51))
+
+
+def test_fan_out_tunables_reload(clock: Clock) -> None:
+    factory = make_factory(clock, fanout_batch=10)
+    factory.config = make_config(channels={"fanout_batch": 50})
+    factory.channels.reconfigure()
+    peers = subscribers(factory, 50)
+    factory.channels.publish("news", 1)
+    assert not factory.channels._fanouts
+    assert offsets(peers[0]) == [1]
