@@ -160,13 +160,14 @@ class Options(usage.Options):
             admin_error = check_endpoint(config.admin.listen, _reactor())
             if admin_error:
                 errors.append("admin." + admin_error)
-        if config.cluster.redis:
+        if config.cluster.enabled:
             try:
                 import txredisapi  # noqa: F401 - only checking that the cluster can run
             except ImportError:
+                key = "cluster.redis" if config.cluster.redis else "cluster.sentinel.addresses"
                 errors.append(
-                    f"cluster.redis: {config.cluster.redis!r} needs the Redis client: "
-                    "pip install 'heartbeatd[cluster]' (txredisapi), or set cluster.redis: ''"
+                    f"{key} is set, which needs the Redis client: "
+                    f"pip install 'heartbeatd[cluster]' (txredisapi), or leave {key} empty"
                 )
         self.admin_token = read_admin_token(config, errors)
         registry = build_registry(config, errors)
@@ -204,7 +205,7 @@ def makeService(options: Options) -> IService:
             admin_token=options.admin_token,
         )
     broker = None
-    if config.cluster.redis:  # imported only here: a single daemon never needs Redis
+    if config.cluster.enabled:  # imported only here: a single daemon never needs Redis
         from heartbeatd.cluster.redis import RedisBroker
 
         broker = RedisBroker(reactor, config.cluster, config.channels)
