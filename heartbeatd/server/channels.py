@@ -403,16 +403,26 @@ class ChannelHub:
         """One history read for subscriptions (buffering) that all stand at the same place."""
 
         def got(history: History) -> None:
+            position = history.position
+            new_epoch: list[_Sub] = []
             for sub in subs:
                 if not self._is_current(sub) or sub.pending is None or sub.offset != offset:
                     continue
                 entries = history.entries
+                if entries is None and position.epoch != epoch and position.offset:
+                    # A new epoch (Redis lost the stream, or a failover): the old one is gone,
+                    # but the new one's publications so far may all be in its history.
+                    self._resync(sub, Position(position.epoch, 0), "epoch_changed")
+                    new_epoch.append(sub)
+                    continue
                 if entries is None:
-                    self._resync(sub, history.position, "history_lost")
+                    self._resync(sub, position, "history_lost")
                     entries = []
                 elif entries:
                     self.gaps_filled += 1
                 self._go_live(sub, entries)
+            if new_epoch:
+                self._fetch_gaps(channel, position.epoch, 0, new_epoch)
 
         def failed(failure: Failure) -> None:
             # Still down: keep buffering; the broker's on_link(True) tries again.

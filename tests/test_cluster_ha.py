@@ -1,0 +1,138 @@
+"""Failover and partition behaviour of the broker and the hub, in memory (deterministic time).
+
+The same behaviours with real processes: test_sentinel.py (a Sentinel failover) and
+test_partition.py (a node cut off from Redis).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from helpers import Peer
+from test_channels import make_factory, subscribe
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+
+from heartbeatd.cluster.broker import MemoryBroker, _Stream
+from heartbeatd.config import ClusterConfig
+
+
+def test_after_a_new_epoch_the_new_epochs_history_is_delivered(clock: Clock) -> None:
+    """Redis came back with a new epoch (failover, or restarted empty) and publications in it
+    that this node's pub/sub missed: the subscriber is told the old epoch is gone
+    (``resync``, offset 0 of the new one) and then gets the new epoch's publications."""
+    broker = MemoryBroker(clock)
+    factory = make_factory(clock, broker)
+    peer = Peer(factory)
+    old = subscribe(peer)["epoch"]
+    hub = factory.channels
+    broker.listener = None  # the link is down: the fan-out misses what follows
+    hub.on_link(False)
+    broker._streams["news"] = stream = _Stream(clock.seconds())
+    for data in ('"a"', '"b"'):
+        broker.publish("news", data)
+    broker.listener = hub
+    hub.on_link(True)
+    frames = peer.received()
+    assert frames == [
+        {
+            "type": "resync",
+            "data": {
+                "channel": "news",
+                "epoch": stream.epoch,
+                "offset": 0,
+                "recovered": False,
+                "reason": "epoch_changed",
+            },
+        },
+        {"type": "publication", "data": {"channel": "news", "offset": 1, "data": "a"}},
+        {"type": "publication", "data": {"channel": "news", "offset": 2, "data": "b"}},
+    ]
+    assert stream.epoch != old
+    broker.publish("news", '"c"')
+    assert [f["data"]["offset"] for f in peer.received()] == [3]
+
+
+def test_a_new_epoch_beyond_the_history_is_one_resync_at_its_position(clock: Clock) -> None:
+    broker = MemoryBroker(clock, history_size=1)
+    factory = make_factory(clock, broker)
+    peer = Peer(factory)
+    subscribe(peer)
+    hub = factory.channels
+    broker.listener = None
+    broker._streams["news"] = stream = _Stream(clock.seconds())
+    for data in ('"a"', '"b"', '"c"'):
+        broker.publish("news", data)
+    broker.listener = hub
+    hub.on_link(True)
+    resyncs = [f["data"] for f in peer.received()]
+    # First told the old epoch is gone, then that the new one's start is gone too.
+    assert [(r["epoch"], r["offset"], r["reason"]) for r in resyncs] == [
+        (stream.epoch, 0, "epoch_changed"),
+        (stream.epoch, 3, "history_lost"),
+    ]
+    broker.publish("news", '"d"')
+    assert [f["data"]["offset"] for f in peer.received()] == [4]
+
+
+# -- the per-connection command deadline ----------------------------------------------------
+
+
+class _Broker:
+    """What a protocol of the Redis broker uses of it."""
+
+    def __init__(self, clock: Clock, timeout: float) -> None:
+        self.reactor = clock
+        self.command_timeout = timeout
+        self.timeouts = 0
+        self.lost: list[Any] = []
+
+    def _lost(self, proto: Any) -> None:
+        self.lost.append(proto)
+
+
+def commands(clock: Clock, timeout: float = 2.0) -> tuple[Any, StringTransport, _Broker]:
+    from heartbeatd.cluster.redis import _Commands, _ProtocolFactory
+
+    broker = _Broker(clock, timeout)
+    factory = _ProtocolFactory(broker, _Commands, 0, None)  # type: ignore[arg-type]
+    proto = factory.buildProtocol(None)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    return proto, transport, broker
+
+
+def test_an_unanswered_command_resets_the_link_after_command_timeout(clock: Clock) -> None:
+    proto, transport, broker = commands(clock)
+    first = proto.execute_command("PING")
+    clock.advance(1.5)
+    second = proto.execute_command("PING")
+    proto.dataReceived(b"+PONG\r\n")  # the first is answered in time
+    assert first.called and not second.called
+    clock.advance(1.9)  # 3.4 s since the first, 1.9 since the second: still in time
+    assert not transport.disconnecting
+    clock.advance(0.2)
+    assert broker.timeouts == 1
+    assert transport.disconnecting  # aborted: every waiting command fails with it
+    proto.connectionLost(Failure(ConnectionError("aborted")))
+    failures: list[Failure] = []
+    second.addErrback(failures.append)
+    assert failures and broker.lost == [proto]
+    assert not clock.getDelayedCalls()  # no timer left behind
+
+
+def test_an_idle_connection_holds_no_timer(clock: Clock) -> None:
+    proto, transport, broker = commands(clock)
+    d: Deferred[Any] = proto.execute_command("PING")
+    proto.dataReceived(b"+PONG\r\n")
+    assert d.called
+    clock.advance(10)
+    assert not clock.getDelayedCalls() and broker.timeouts == 0
+    assert not transport.disconnecting
+
+
+def test_cluster_enabled_by_either_key() -> None:
+    assert ClusterConfig(redis="redis://h:1/0").enabled
+    assert not ClusterConfig().enabled
