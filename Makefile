@@ -39,7 +39,8 @@ test-newest: $(STAMP) redis-server
 test-oldest: $(OLDEST_STAMP) redis-server
 	HEARTBEATD_OLDEST=1 $(OLDEST)/bin/python -m pytest -q -p no:cacheprovider \
 		--ignore=tests/test_lint.py --ignore=tests/test_bench_smoke.py \
-		--ignore=tests/test_cluster_bench_smoke.py --ignore=tests/test_workers_bench_smoke.py
+		--ignore=tests/test_cluster_bench_smoke.py --ignore=tests/test_workers_bench_smoke.py \
+		--ignore=tests/test_soak_smoke.py
 
 # The cluster tests start their own redis-server (and, for failover, redis-sentinel); install
 # them when missing (as root, Debian).
