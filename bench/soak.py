@@ -169,6 +169,7 @@ class Client(protocol.Protocol):
         self.ending = False  # we started the close
         self.hello = False
         self.told: str | None = None  # the last error code the server sent
+        self.resumed = False
         self.timers: list[Any] = []
 
     def connectionMade(self) -> None:
@@ -230,6 +231,12 @@ class Client(protocol.Protocol):
 
     def end(self) -> None:
         if self.ending or not self.transport.connected:
+            return
+        if self.kind == "slow" and not self.resumed:
+            # Read again first: a paused reader would not see that the server closed it.
+            self.resumed = True
+            self.transport.resumeProducing()
+            self.timers.append(reactor.callLater(1.0, self.end))
             return
         self.ending = True
         if self.kind == "rst":
@@ -448,7 +455,13 @@ async def kill_worker(
     soak.killing = True
     os.kill(pids["worker1"], signal.SIGKILL)
     lost_before = soak.stats.fates["lost_with_killed_worker"]
+    paused = [c for c in soak.clients if c.kind == "slow" and not c.resumed]
+    for client in paused:  # so that they see the reset now
+        client.transport.resumeProducing()
     await sleep(1.0)
+    for client in paused:
+        if client.transport.connected and not client.resumed:
+            client.transport.pauseProducing()
     soak.killing = False
     result["events"].append(
         {
