@@ -170,6 +170,7 @@ class Client(protocol.Protocol):
         self.hello = False
         self.told: str | None = None  # the last error code the server sent
         self.resumed = False
+        self.session: str | None = None
         self.timers: list[Any] = []
 
     def connectionMade(self) -> None:
@@ -210,6 +211,7 @@ class Client(protocol.Protocol):
         stats = self.soak.stats
         if kind == "hello":
             self.hello = True
+            self.session = m.get("data", {}).get("session")
         elif kind == "ping":
             body = json.dumps({"type": "pong", "id": m.get("id")}).encode()
             self.transport.write(struct.pack("!I", len(body)) + body)
@@ -222,6 +224,8 @@ class Client(protocol.Protocol):
             stats.publications += 1
         elif kind == "bench":
             stats.broadcasts += 1
+        elif kind == "pong" and m.get("id") == "last":
+            self.end()  # the server still had us: closing is ours
         elif kind == "echo":
             sent = self.sent.pop(m.get("id"), None)
             if sent is not None:
@@ -233,10 +237,13 @@ class Client(protocol.Protocol):
         if self.ending or not self.transport.connected:
             return
         if self.kind == "slow" and not self.resumed:
-            # Read again first: a paused reader would not see that the server closed it.
+            # Read again first, and close once the server answers a ping: a paused reader
+            # would not see that the server closed it (perhaps still flushing to it).
             self.resumed = True
             self.transport.resumeProducing()
-            self.timers.append(reactor.callLater(1.0, self.end))
+            body = json.dumps({"type": "ping", "id": "last"}).encode()
+            self.transport.write(struct.pack("!I", len(body)) + body)
+            self.timers.append(reactor.callLater(20.0, self.end))
             return
         self.ending = True
         if self.kind == "rst":
@@ -255,7 +262,7 @@ class Client(protocol.Protocol):
         self.soak.clients.discard(self)
         if self.ending:
             stats.fates[f"closed_by_us:{self.kind}"] += 1
-        elif self.soak.killing:
+        elif self.session in self.soak.killed_sessions:
             stats.fates["lost_with_killed_worker"] += 1
         else:
             stats.fates[f"closed_by_server:{self.kind}:{self.told or 'no_error_frame'}"] += 1
@@ -311,7 +318,8 @@ class Soak:
         self.stats = Stats()
         self.clients: set[Client] = set()
         self.publishers: set[Publisher] = set()
-        self.killing = False
+        #: Sessions of the worker that was killed -9 (their resets are not evictions).
+        self.killed_sessions: set[str | None] = set()
         self.paused = False
         self.finishing = False
 
@@ -452,17 +460,11 @@ async def kill_worker(
     # last scrape of it: scrape now, with no connection starting, so none is missed.
     metrics = await deferToThread(http_get, admin, "/metrics")
     before = server_counts(metrics).get("1", Counter())
-    soak.killing = True
+    listing = json.loads(await deferToThread(http_get, admin, "/clients"))
+    soak.killed_sessions = {c["session"] for c in listing["clients"] if c["node"] == "soak-w1"}
     os.kill(pids["worker1"], signal.SIGKILL)
     lost_before = soak.stats.fates["lost_with_killed_worker"]
-    paused = [c for c in soak.clients if c.kind == "slow" and not c.resumed]
-    for client in paused:  # so that they see the reset now
-        client.transport.resumeProducing()
     await sleep(1.0)
-    for client in paused:
-        if client.transport.connected and not client.resumed:
-            client.transport.pauseProducing()
-    soak.killing = False
     result["events"].append(
         {
             "t": round(elapsed, 1),
