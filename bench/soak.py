@@ -430,7 +430,8 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             if soak.stats.open == 0:
                 break
             await sleep(0.1)
-        for client in list(soak.clients):  # a paused slow reader may not notice: abort it
+        for client in list(soak.clients):  # still waiting for its last pong: abort it
+            client.ending = True
             client.transport.abortConnection()
         await sleep(2)
         final = await take_sample(soak, admin, pids(), redis, last_errors)
