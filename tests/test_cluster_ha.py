@@ -6,9 +6,11 @@ test_partition.py (a node cut off from Redis).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from helpers import Peer
+from redis_server import RedisServer
 from test_channels import make_factory, subscribe
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
@@ -136,3 +138,27 @@ def test_an_idle_connection_holds_no_timer(clock: Clock) -> None:
 def test_cluster_enabled_by_either_key() -> None:
     assert ClusterConfig(redis="redis://h:1/0").enabled
     assert not ClusterConfig().enabled
+
+
+# -- the data generation (FENCE) on a real redis-server ---------------------------------------
+
+
+def test_a_new_replication_id_gives_every_channel_a_new_epoch(tmp_path: Path) -> None:
+    from heartbeatd.cluster.redis import FENCE, POSITION, PUBLISH
+
+    with RedisServer(tmp_path / "redis") as redis:
+
+        def run(script: str, *argv: object) -> list[str]:
+            return redis.cli("EVAL", script, "0", "hb", *map(str, argv)).splitlines()
+
+        assert run(FENCE, "id-1") == ["0"]  # a new data set: recorded, nothing to fence
+        assert run(PUBLISH, "news", '"a"', "e1", 10, 0) == ["e1", "1"]
+        assert run(PUBLISH, "news", '"b"', "e2", 10, 0) == ["e1", "2"]  # same epoch
+        assert run(FENCE, "id-1") == ["0"]  # the same server again: nothing changes
+        assert run(POSITION, "news", "e3") == ["e1", "2"]
+
+        assert run(FENCE, "id-2") == ["1"]  # promoted replica: generation 1
+        assert run(FENCE, "id-2") == ["0"]  # the second node to see it
+        assert run(POSITION, "news", "e4") == ["e4", "0"]  # a new epoch, from offset 0
+        assert run(PUBLISH, "news", '"c"', "e5", 10, 0) == ["e4", "1"]
+        assert redis.cli("XLEN", "hb:ch:news:x") == "1"  # the old epoch's stream is gone
