@@ -8,7 +8,7 @@ OLDEST := .venv-oldest
 OLDEST_STAMP := $(OLDEST)/.installed-stamp
 CONFIG ?= config/heartbeatd.yaml
 
-.PHONY: run test test-newest test-oldest lint bench clean redis-server
+.PHONY: run test test-newest test-oldest lint bench clean redis-server chromium
 
 $(STAMP): pyproject.toml twisted_plugins/heartbeatd_plugin.py
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "heartbeatd needs Python 3.10+"'
@@ -33,11 +33,14 @@ $(OLDEST_STAMP): pyproject.toml twisted_plugins/heartbeatd_plugin.py tests/oldes
 # (tests/oldest-constraints.txt), less what does not depend on them (lint, the bench harness).
 test: test-newest test-oldest
 
-test-newest: $(STAMP) redis-server
-	$(BIN)/python -m pytest -q
+# Four pytest workers (pytest-xdist): the tests mostly wait on sockets and subprocesses.
+PYTEST_WORKERS ?= 4
 
-test-oldest: $(OLDEST_STAMP) redis-server
-	HEARTBEATD_OLDEST=1 $(OLDEST)/bin/python -m pytest -q -p no:cacheprovider \
+test-newest: $(STAMP) redis-server chromium
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS)
+
+test-oldest: $(OLDEST_STAMP) redis-server chromium
+	HEARTBEATD_OLDEST=1 $(OLDEST)/bin/python -m pytest -q -n $(PYTEST_WORKERS) -p no:cacheprovider \
 		--ignore=tests/test_lint.py --ignore=tests/test_bench_smoke.py \
 		--ignore=tests/test_cluster_bench_smoke.py --ignore=tests/test_workers_bench_smoke.py \
 		--ignore=tests/test_soak_smoke.py
@@ -52,6 +55,15 @@ redis-server:
 	    echo "Could not install redis-server and redis-sentinel. Install them yourself, e.g."; \
 	    echo "  sudo apt-get install redis-server redis-sentinel   (Debian/Ubuntu)"; \
 	    echo "  brew install redis                                 (macOS)"; exit 1; }; }
+
+# The browser tests (tests/browser.py) run headless Chromium; install it when missing.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  echo "chromium is missing; installing the Debian package (needs root and apt-get)"; \
+	  (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 || \
+	   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)) || { \
+	    echo "Could not install chromium. Install it yourself, e.g."; \
+	    echo "  sudo apt-get install chromium   (Debian/Ubuntu)"; exit 1; }; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check heartbeatd tests twisted_plugins bench

@@ -14,7 +14,7 @@ import difflib
 from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["ConfigError", "build", "check"]
+__all__ = ["ConfigError", "build", "check", "hidden", "redact_url"]
 
 
 class ConfigError(Exception):
@@ -96,8 +96,33 @@ def ip_networks(value: Any) -> str | None:
     return None
 
 
-def check(fn: Callable[[Any], str | None], doc: str) -> dict[str, Any]:
-    return {"check": fn, "doc": doc}
+def check(
+    fn: Callable[[Any], str | None], doc: str, shown: Callable[[Any], str] = repr
+) -> dict[str, Any]:
+    """A field's check and doc; ``shown`` renders a bad value in the error (secrets: `hidden`)."""
+    return {"check": fn, "doc": doc, "shown": shown}
+
+
+def hidden(value: Any) -> str:
+    """How a secret's bad value appears in an error: its type, never the value."""
+    return f"<a {type(value).__name__}, not shown>"
+
+
+def redact_url(value: Any) -> str:
+    """A URL with its password replaced by ``***`` (``redis://:***@host:6379/0``)."""
+    text = str(value)
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        return text
+    userinfo, at, host = rest.rpartition("@")
+    if not at or ":" not in userinfo:
+        return text
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"
+
+
+def shown_url(value: Any) -> str:
+    return repr(redact_url(value)) if isinstance(value, str) else hidden(value)
 
 
 def build(
@@ -133,7 +158,8 @@ def build(
             continue
         expected = f.metadata["check"](value)
         if expected is not None:
-            errors.append(f"{path}: {value!r} is not allowed; expected {expected}")
+            shown = f.metadata.get("shown", repr)(value)
+            errors.append(f"{path}: {shown} is not allowed; expected {expected}")
             continue
         if isinstance(value, list) and isinstance(f.default, tuple):
             value = tuple(value)

@@ -19,6 +19,7 @@ from heartbeatd._validation import (
     boolean,
     build,
     check,
+    hidden,
     int_range,
     ip_networks,
     module_names,
@@ -27,6 +28,8 @@ from heartbeatd._validation import (
     non_negative_number,
     one_of,
     positive_number,
+    redact_url,
+    shown_url,
     string,
 )
 from heartbeatd.wire import FRAMINGS
@@ -54,6 +57,8 @@ __all__ = [
 LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
 TLS_VERSIONS = ("1.2", "1.3")
 AUTH_MODES = ("none", "token", "custom")
+#: What a client certificate's identity is made of (tls.client_identity).
+CLIENT_IDENTITIES = ("subject", "issuer_and_subject")
 #: File descriptors kept back from the connection limit for listeners, logs and the admin API.
 FD_RESERVE = 64
 #: Most worker processes (``workers``); far more than cores is never useful.
@@ -211,6 +216,13 @@ def _string(v: Any) -> str | None:
     return None if isinstance(v, str) else "a string"
 
 
+def _host_names(value: Any) -> str | None:
+    ok = isinstance(value, list) and all(
+        isinstance(v, str) and v.strip() and not any(c in v for c in "/ @\t\r\n") for v in value
+    )
+    return None if ok else "a list of host names or addresses, e.g. [admin.internal]"
+
+
 @dataclass(frozen=True)
 class AdminConfig:
     listen: str = field(
@@ -220,7 +232,9 @@ class AdminConfig:
             "admin HTTP API endpoint; empty turns the API off",
         ),
     )
-    token: str = field(default="", metadata=check(_string, "bearer token; empty: none"))
+    token: str = field(
+        default="", metadata=check(_string, "bearer token; empty: none", shown=hidden)
+    )
     token_file: str = field(
         default="",
         metadata=check(_string, "file holding the bearer token (systemd credentials); empty: none"),
@@ -238,6 +252,13 @@ class AdminConfig:
     )
     access_log: bool = field(
         default=False, metadata=check(boolean, "log one line per admin request")
+    )
+    allowed_hosts: tuple[str, ...] = field(
+        default=(),
+        metadata=check(
+            _host_names,
+            "Host names the admin API answers besides loopback and its own address",
+        ),
     )
 
     def __repr__(self) -> str:  # never show the token in logs or diffs
@@ -271,6 +292,18 @@ class TlsConfig:
     handshake_timeout: float = field(
         default=10.0,
         metadata=check(positive_number, "seconds a client gets to finish the TLS handshake"),
+    )
+    client_identity: str = field(
+        default="subject",
+        metadata=check(
+            one_of(*CLIENT_IDENTITIES),
+            "a client certificate's identity: its subject, or issuer_and_subject "
+            "('<subject>;issuer=<issuer>', needed when client_ca holds several root CAs)",
+        ),
+    )
+    client_crl: str = field(
+        default="",
+        metadata=check(string, "PEM file of CRLs: revoked client certificates are refused"),
     )
 
     def __post_init__(self) -> None:
@@ -326,17 +359,6 @@ def _redis_url(value: Any) -> str | None:
     return None if ok else "'' (one node, no Redis) or redis://host:port/db"
 
 
-def _shown_url(url: str) -> str:
-    """A Redis URL fit for logs and error messages: its password masked."""
-    from urllib.parse import urlsplit
-
-    try:
-        password = urlsplit(url).password
-    except ValueError:
-        return url
-    return url.replace(f":{password}@", ":***@") if password else url
-
-
 def _node_id(value: Any) -> str | None:
     ok = (
         isinstance(value, str)
@@ -368,6 +390,14 @@ class ChannelsConfig:
     history_ttl: float = field(
         default=300.0,
         metadata=check(non_negative_number, "seconds an idle channel's history is kept"),
+    )
+    subscribe_rate: float = field(
+        default=10.0,
+        metadata=check(positive_number, "subscribes per second one connection may sustain"),
+    )
+    subscribe_burst: int = field(
+        default=100,
+        metadata=check(int_range(1, 1_000_000), "subscribes one connection may make at once"),
     )
 
 
@@ -401,10 +431,12 @@ class SentinelConfig:
     )
     db: int = field(default=0, metadata=check(int_range(0, 1_000_000), "database number"))
     password: str = field(
-        default="", metadata=check(string, "the master's (and replicas') password; '' for none")
+        default="",
+        metadata=check(string, "the master's (and replicas') password; '' for none", shown=hidden),
     )
     sentinel_password: str = field(
-        default="", metadata=check(string, "the sentinels' own password; '' for none")
+        default="",
+        metadata=check(string, "the sentinels' own password; '' for none", shown=hidden),
     )
 
     def __repr__(self) -> str:  # passwords never reach logs or diffs
@@ -418,7 +450,10 @@ class SentinelConfig:
 @dataclass(frozen=True)
 class ClusterConfig:
     redis: str = field(
-        default="", metadata=check(_redis_url, "redis://host:port/db; empty: one node, no Redis")
+        default="",
+        metadata=check(
+            _redis_url, "redis://host:port/db; empty: one node, no Redis", shown=shown_url
+        ),
     )
     node_id: str = field(
         default="", metadata=check(_node_id, "this node's name; empty: hostname + random")
@@ -445,7 +480,7 @@ class ClusterConfig:
 
     def __repr__(self) -> str:  # a password in the URL never reaches logs or diffs
         return (
-            f"ClusterConfig(redis={_shown_url(self.redis)!r}, node_id={self.node_id!r}, "
+            f"ClusterConfig(redis={redact_url(self.redis)!r}, node_id={self.node_id!r}, "
             f"node_timeout={self.node_timeout!r}, namespace={self.namespace!r}, "
             f"command_timeout={self.command_timeout!r}, sentinel={self.sentinel!r})"
         )
@@ -563,7 +598,7 @@ def _admin_checks(admin: AdminConfig, errors: list[str]) -> None:
     if not endpoint_is_loopback(admin.listen):
         errors.append(
             f"admin.listen: {admin.listen!r} is not allowed without a token; expected a "
-            "loopback interface (e.g. tcp:9100:interface=127.0.0.1), a UNIX socket, "
+            "loopback interface (e.g. tcp:9100:interface=127.0.0.1), a UNIX socket (mode 600), "
             "admin.token or admin.token_file, or admin.allow_unauthenticated: true"
         )
 
@@ -586,14 +621,20 @@ def _split_endpoint(description: str) -> list[str]:
 def endpoint_is_loopback(description: str) -> bool:
     """True when a server endpoint string can only be reached from this host.
 
-    ``unix:`` sockets are local (their file mode guards them); ``tcp``/``tcp6``/``ssl``
+    ``unix:`` sockets count only when only their owner may connect (`private_unix_endpoint`
+    makes them ``mode=600`` unless a ``mode=`` says otherwise; one open to the group or others
+    is reachable by other local users); ``tcp``/``tcp6``/``ssl``
     endpoints are local only with a loopback ``interface=`` (no interface means all of them).
     Anything else (``systemd:``, plugins) cannot be told from the string: not loopback.
     """
     parts = _split_endpoint(description.strip())
     kind = parts[0].lower()
     if kind == "unix":
-        return True
+        modes = [p[len("mode=") :] for p in parts[1:] if p.startswith("mode=")]
+        try:
+            return not modes or int(modes[-1], 8) & 0o077 == 0
+        except ValueError:
+            return False
     if kind not in ("tcp", "tcp6", "ssl") or len(parts) < 2:
         return False
     interface = ""
@@ -612,7 +653,7 @@ def _cluster_checks(cluster: ClusterConfig, errors: list[str]) -> None:
     sentinel = cluster.sentinel
     if cluster.redis and sentinel.addresses:
         errors.append(
-            f"cluster.redis: {_shown_url(cluster.redis)!r} is not allowed "
+            f"cluster.redis: {redact_url(cluster.redis)!r} is not allowed "
             "with cluster.sentinel.addresses; expected one of them: cluster.redis for one "
             "Redis server, cluster.sentinel for Redis with Sentinel failover"
         )
@@ -626,6 +667,15 @@ def _cluster_checks(cluster: ClusterConfig, errors: list[str]) -> None:
             f"cluster.sentinel.service: {sentinel.service!r} is not allowed without "
             "cluster.sentinel.addresses; expected '' or also list the sentinels (host:port)"
         )
+
+
+def private_unix_endpoint(description: str) -> str:
+    """A ``unix:`` server endpoint with ``mode=600`` unless it names a mode (Twisted's default
+    is 0666: any local user could call the admin API without a token)."""
+    parts = _split_endpoint(description.strip())
+    if parts[0].lower() != "unix" or any(p.startswith("mode=") for p in parts[1:]):
+        return description
+    return description.rstrip() + ":mode=600"
 
 
 def worker_node_id(base: str, index: int) -> str:

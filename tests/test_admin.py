@@ -20,6 +20,8 @@ ADMIN = re.compile(r"admin API listening on 127\.0\.0\.1:(\d+)")
 def http(port: int, method: str, path: str, body: Any = None, token: str = "") -> tuple[int, Any]:
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method)
+    if data is not None:  # the admin API refuses other body types (cross-site guard)
+        request.add_header("Content-Type", "application/json")
     if token:
         request.add_header("Authorization", f"Bearer {token}")
     try:
@@ -124,7 +126,10 @@ def test_unauthenticated_huge_post_is_refused_before_the_body(tmp_path: Path) ->
     with Daemon(tmp_path, config) as daemon:
         port = int(daemon.wait_for(ADMIN).group(1))
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-            sock.sendall(b"POST /broadcast HTTP/1.1\r\nHost: x\r\nContent-Length: 67108864\r\n\r\n")
+            sock.sendall(
+                b"POST /broadcast HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 67108864\r\n\r\n"
+            )
             response = b""
             while chunk := sock.recv(65536):  # answered and closed without a body byte sent
                 response += chunk

@@ -214,7 +214,11 @@ HUGE = 64 * 1024 * 1024
 def test_unauthenticated_64_mib_post_is_refused_before_its_body(factory, wire) -> None:
     site = admin_site(factory, make_config(admin={"token": TOKEN}).admin)
     w = wire(site)
-    head = b"POST /broadcast HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % HUGE
+    head = (
+        b"POST /broadcast HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % HUGE
+    )
     w.peer.sendall(head)
     w.read()
     assert w.read_bytes == len(head)  # headers only: not one body byte was read
@@ -234,7 +238,9 @@ def test_oversized_content_length_gets_413_even_with_the_token(factory, wire) ->
     site = admin_site(factory, make_config(admin={"token": TOKEN, "max_body_bytes": 100}).admin)
     w = wire(site)
     head = (
-        b"POST /broadcast HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+        b"POST /broadcast HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/json\r\n"
+        b"Authorization: Bearer %s\r\n"
         b"Expect: 100-continue\r\nContent-Length: 101\r\n\r\n" % TOKEN.encode()
     )
     w.peer.sendall(head)
@@ -249,7 +255,11 @@ def test_oversized_content_length_gets_413_even_with_the_token(factory, wire) ->
 def test_chunked_body_over_the_cap_is_refused(factory, wire) -> None:
     site = admin_site(factory, make_config(admin={"max_body_bytes": 100}).admin)
     w = wire(site)
-    w.peer.sendall(b"POST /broadcast HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+    w.peer.sendall(
+        b"POST /broadcast HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
     w.read()
     w.peer.sendall(b"%x\r\n%s\r\n" % (150, b"x" * 150))
     w.read()
@@ -265,7 +275,9 @@ def test_a_body_within_the_cap_is_served(factory, wire) -> None:
     w = wire(site)
     body = json.dumps({"type": "news", "data": "x"}).encode()
     w.peer.sendall(
-        b"POST /broadcast HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"POST /broadcast HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/json\r\n"
+        b"Connection: close\r\n"
         b"Authorization: Bearer %s\r\nContent-Length: %d\r\n\r\n%s"
         % (TOKEN.encode(), len(body), body)
     )

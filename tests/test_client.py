@@ -244,3 +244,14 @@ def test_connect_failures_are_typed_with_the_cause_kept() -> None:
     assert isinstance(failure.value, ClientError)
     assert isinstance(failure.value.__cause__, ConnectionRefusedError)
     assert "refused" in str(failure.value)
+
+
+def test_a_tiny_heartbeat_interval_from_the_server_is_clamped(clock: Clock) -> None:
+    """Issue 22: a server saying interval 1e-6 made the client send 1.6 MB of pings in 2 s."""
+    hello = {"type": "hello", "data": {"session": "s", "heartbeat": {"interval": 1e-6}}}
+    server = FakeServer(clock, hello)
+    server.written()
+    clock.pump([0.01] * 200)  # 2 s
+    assert len(server.transport.value()) < 200  # at most two pings
+    custom = FakeServer(Clock(), hello, min_heartbeat_interval=5.0)
+    assert custom.client._interval == 5.0 and custom.client._timeout >= 15.0

@@ -64,7 +64,7 @@ def test_pub_sub_messages_reach_the_listener_and_garbage_does_not_crash() -> Non
         ("send", "s2", "note", [1]),
         ("all", "all", None),
     ]
-    assert broker.bad_messages == 4  # "" and "q123" are ignored kinds, not errors
+    assert broker.bad_messages == 6  # unknown kinds ("", "q123") are counted too (issue 22)
 
 
 def test_node_id_defaults_to_host_plus_random_and_is_down_until_connected() -> None:

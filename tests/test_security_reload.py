@@ -41,7 +41,10 @@ def test_sighup_rereads_the_tokens_file(tmp_path: Path) -> None:
             assert login(daemon.port, "alice-1")["error"]["code"] == "auth_failed"
             assert login(daemon.port, "dave-2")["data"] == {"identity": "dave"}
 
-            staying.send({"type": "echo", "id": 2, "data": "still in"})
-            assert staying.recv() == {"type": "echo", "id": 2, "data": "still in"}
+            # Issue 22: a connection whose token the reload removed is told and closed.
+            goaway = staying.recv()
+            assert goaway["type"] == "goaway" and goaway["data"]["reason"] == "token_revoked"
+            assert staying.recv() is None
+            daemon.wait_for(r"closed 1 connection\(s\) whose token was removed")
         assert daemon.stop() == 0
     assert "alice-1" not in daemon.log and "dave-2" not in daemon.log

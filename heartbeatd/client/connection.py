@@ -54,6 +54,10 @@ DEFAULT_MAX_FRAME_BYTES = 16 * 1024 * 1024
 PushHandler = Callable[[Any, "ClientConnection"], object]
 
 
+#: The longest heartbeat interval (and timeout) taken from a hello: a day.
+MAX_HEARTBEAT_INTERVAL = 86400.0
+
+
 class ClientConnection(Protocol):
     """One connection to a heartbeatd server; a Twisted protocol and the user's handle."""
 
@@ -68,8 +72,12 @@ class ClientConnection(Protocol):
         heartbeat_interval: float = 10.0,
         heartbeat_timeout: float = 30.0,
         token: str | None = None,
+        min_heartbeat_interval: float = 1.0,
     ) -> None:
         self.clock = clock
+        #: The shortest heartbeat interval taken from a server's hello (a server saying 1e-6
+        #: would otherwise make us send pings as fast as the socket takes them).
+        self.min_heartbeat_interval = min_heartbeat_interval
         #: Sent as ``{"type": "auth", "data": {"token": ...}}`` after the hello; ready waits
         #: for the server's answer.  Never logged.
         self._token = token
@@ -377,9 +385,12 @@ class ClientConnection(Protocol):
         heartbeat = hello.get("heartbeat") or {}
         interval = heartbeat.get("interval")
         timeout = heartbeat.get("timeout")
-        if isinstance(interval, (int, float)) and interval > 0:
+        if isinstance(interval, (int, float)) and 0 < interval < MAX_HEARTBEAT_INTERVAL:
             timeout = float(timeout) if isinstance(timeout, (int, float)) else interval * 3
-            self._start_heartbeat(float(interval), timeout)
+            if interval < self.min_heartbeat_interval:  # clamped, and the timeout with it
+                interval = self.min_heartbeat_interval
+                timeout = max(timeout, interval * 3)
+            self._start_heartbeat(float(interval), min(timeout, MAX_HEARTBEAT_INTERVAL))
         if self._token is not None and not self._ready.called:
             self._authenticate(self._token)
             return

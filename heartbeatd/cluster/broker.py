@@ -11,6 +11,7 @@ Publication data crosses the broker as JSON text, encoded once by the publisher.
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections import deque
 from typing import Any, NamedTuple, Protocol
@@ -19,6 +20,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 
 __all__ = [
+    "BadBrokerMessage",
     "Broker",
     "BrokerListener",
     "BrokerUnavailable",
@@ -53,6 +55,56 @@ class History(NamedTuple):
 
 def new_epoch() -> str:
     return secrets.token_hex(4)
+
+
+# -- what a node accepts from the broker (a shared Redis is not trusted, issue 22) -----------
+
+#: Types only the server itself may send: a broadcast or send from another node with one of
+#: these is dropped (a forged ``goaway``, ``auth`` or ``publication`` would mislead clients).
+RESERVED_TYPES = frozenset(
+    {"hello", "auth", "goaway", "ping", "pong", "error", "publication", "join", "leave", "resync"}
+)
+#: The keys of a presence entry (`ChannelHub._info`), and nothing else.
+PRESENCE_KEYS = frozenset({"session", "node", "identity"})
+
+
+class BadBrokerMessage(ValueError):
+    """What came from the broker is not something a node sends: dropped and counted."""
+
+
+def _no_constant(name: str) -> Any:
+    raise BadBrokerMessage(f"{name} is not JSON")
+
+
+def checked_data(text: str) -> str:
+    """``text`` if it is exactly one JSON value (it is spliced into frames as is)."""
+    json.loads(text, parse_constant=_no_constant)  # "Extra data" for 1,"type":"goaway"
+    return text
+
+
+def checked_epoch(text: str) -> str:
+    if not (0 < len(text) <= 64 and text.isascii() and text.isalnum()):
+        raise BadBrokerMessage("bad epoch")
+    return text
+
+
+def checked_presence(info: Any) -> dict[str, Any]:
+    """A join/leave entry with only the keys a node writes, each a short string (or None)."""
+    if not isinstance(info, dict) or not isinstance(info.get("session"), str):
+        raise BadBrokerMessage("a presence entry is an object with a session")
+    out = {}
+    for key, value in info.items():
+        if key not in PRESENCE_KEYS or not (value is None or isinstance(value, str)):
+            raise BadBrokerMessage(f"unexpected presence field {key!r}")
+        out[key] = value
+    return out
+
+
+def checked_push(type: Any) -> str:
+    """The type of a broadcast or send from another node: a string the server does not own."""
+    if not isinstance(type, str) or not type or type in RESERVED_TYPES:
+        raise BadBrokerMessage(f"type {type!r} may not come from another node")
+    return type
 
 
 class BrokerListener(Protocol):

@@ -53,10 +53,15 @@ from twisted.python.failure import Failure
 
 from heartbeatd._logging import LogLimiter, get_logger
 from heartbeatd.cluster.broker import (
+    BadBrokerMessage,
     BrokerListener,
     BrokerUnavailable,
     History,
     Position,
+    checked_data,
+    checked_epoch,
+    checked_presence,
+    checked_push,
     new_epoch,
 )
 from heartbeatd.config import ChannelsConfig, ClusterConfig
@@ -86,6 +91,8 @@ if not e or (meta[3] or '0') ~= g then
   e = cand
   redis.call('DEL', x)
   redis.call('HSET', m, 'e', e, 's', 0, 'g', g)
+  -- bounded until someone joins (JOIN persists it) or publishes (the history's TTL)
+  redis.call('EXPIRE', m, 3600)
 else
   s = tonumber(meta[2])
 end
@@ -100,6 +107,9 @@ local size, ttl = tonumber(ARGV[5]), tonumber(ARGV[6])
 if size > 0 then
   redis.call('XADD', x, 'MAXLEN', '~', size, s .. '-0', 'd', data)
   if ttl > 0 then redis.call('EXPIRE', x, ttl) end
+end
+if ttl > 0 and redis.call('EXISTS', P..':ch:'..c..':p') == 0 then
+  redis.call('EXPIRE', m, ttl)  -- nobody subscribed: the stream's record goes with its history
 end
 redis.call('PUBLISH', P..':ch:'..c, 'p'..e..' '..s..' '..data)
 return {e, s}
@@ -131,21 +141,39 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 JOIN = """
 local P, c, n, s, info = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 redis.call('HSET', P..':ch:'..c..':p', s, info)
+redis.call('PERSIST', P..':ch:'..c..':m')
 redis.call('SADD', P..':node:'..n..':channels', c)
 redis.call('PUBLISH', P..':ch:'..c, 'j'..info)
 return 1
 """
 
-LEAVE = """
-local P, c, s = ARGV[1], ARGV[2], ARGV[3]
+# When a channel's last member leaves, its offset record (``:m``) goes with its history:
+# at once when there is none, else when the history expires (Redis never keeps a record per
+# channel name anyone ever subscribed to; issue 22).
+_TIDY = """
+local function tidy(P, c)
+  if redis.call('EXISTS', P..':ch:'..c..':p') == 0 then
+    local m, left = P..':ch:'..c..':m', redis.call('PTTL', P..':ch:'..c..':x')
+    if left == -2 then redis.call('DEL', m) elseif left > 0 then redis.call('PEXPIRE', m, left) end
+  end
+end
+"""
+
+LEAVE = (
+    _TIDY
+    + """
+local P, c, s, n, last = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local p = P..':ch:'..c..':p'
 local info = redis.call('HGET', p, s)
 if info then
   redis.call('HDEL', p, s)
   redis.call('PUBLISH', P..':ch:'..c, 'l'..info)
 end
+if last == '1' then redis.call('SREM', P..':node:'..n..':channels', c) end
+tidy(P, c)
 return 1
 """
+)
 
 PRESENCE = (
     "local P, c = ARGV[1], ARGV[2]\n"
@@ -175,7 +203,8 @@ HEARTBEAT = (
 )
 
 REAP = (
-    "local P = ARGV[1]\n"
+    _TIDY
+    + "local P = ARGV[1]\n"
     + _NOW
     + """
 local dead = redis.call('ZRANGEBYSCORE', P..':nodes', '-inf', now)
@@ -191,6 +220,7 @@ for _, n in ipairs(dead) do
         redis.call('PUBLISH', P..':ch:'..c, 'l'..all[i + 1])
       end
     end
+    tidy(P, c)
   end
   redis.call('DEL', chk)
   local ck = P..':node:'..n..':clients'
@@ -750,8 +780,9 @@ class RedisBroker:
         d = self._eval("HISTORY", channel, new_epoch(), epoch, since, self.history_size)
 
         def parsed(r: list[Any]) -> History:
-            position = Position(r[0], int(r[1]))
-            return History(position, list(r[3:]) if int(r[2]) == 1 else None)
+            position = Position(checked_epoch(r[0]), int(r[1]))
+            entries = [checked_data(e) for e in r[3:]] if int(r[2]) == 1 else None
+            return History(position, entries)
 
         return d.addCallback(parsed)
 
@@ -798,21 +829,35 @@ class RedisBroker:
             return
         try:
             prefix = f"{self.prefix}:ch:"
+            # Nothing from Redis is trusted (a shared Redis, docs/security.md): every field
+            # is checked, and data spliced into frames must be exactly one JSON value.
             if key.startswith(prefix):
                 channel, kind = key[len(prefix) :], message[:1]
                 if kind == "p":
                     epoch, offset, data = message[1:].split(" ", 2)
-                    listener.on_publication(channel, epoch, int(offset), data)
-                elif kind in ("j", "l"):
-                    listener.on_presence(
-                        channel, "join" if kind == "j" else "leave", json.loads(message[1:])
+                    number = int(offset)
+                    if number < 1 or not offset.isdigit():
+                        raise BadBrokerMessage("bad offset")
+                    listener.on_publication(
+                        channel, checked_epoch(epoch), number, checked_data(data)
                     )
+                elif kind in ("j", "l"):
+                    info = checked_presence(json.loads(message[1:]))
+                    listener.on_presence(channel, "join" if kind == "j" else "leave", info)
+                else:
+                    raise BadBrokerMessage(f"unknown channel message kind {kind!r}")
             elif key == f"{self.prefix}:all":
                 body = json.loads(message)
-                listener.on_broadcast(body["t"], body.get("d"))
+                listener.on_broadcast(checked_push(body["t"]), body.get("d"))
             else:
                 body = json.loads(message)
-                listener.on_message(body["s"], body["t"], body.get("d"))
+                if not isinstance(body["s"], str):
+                    raise BadBrokerMessage("bad session")
+                listener.on_message(body["s"], checked_push(body["t"]), body.get("d"))
+        except BadBrokerMessage as e:
+            self.bad_messages += 1
+            if self.log_limiter.allow("bad_cluster_message"):
+                log.warn("Dropped a bad cluster message on {key}: {why}", key=key, why=e)
         except Exception:
             self.bad_messages += 1
             if self.log_limiter.allow("bad_cluster_message"):
@@ -831,7 +876,8 @@ class RedisBroker:
             members.pop(session, None)
             if not members:
                 del self._presence[channel]
-        return self._eval("LEAVE", channel, session)
+        last = "0" if self._presence.get(channel) else "1"  # drop it from our channel set
+        return self._eval("LEAVE", channel, session, self.node_id, last)
 
     def presence(self, channel: str) -> Deferred[list[dict[str, Any]]]:
         d = self._eval("PRESENCE", channel)

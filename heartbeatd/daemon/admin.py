@@ -33,8 +33,9 @@ from twisted.web.server import Request, Site
 from heartbeatd._logging import get_logger
 from heartbeatd.config import AdminConfig
 from heartbeatd.daemon import channels_admin
+from heartbeatd.daemon.admin_guard import AdminGuard, BadBody, parse_body
 from heartbeatd.daemon.metrics import registry_for
-from heartbeatd.server.factory import EvictionRecord, ServerFactory
+from heartbeatd.server.factory import EvictionRecord, NotAuthenticated, ServerFactory
 
 __all__ = [
     "AdminChannel",
@@ -48,7 +49,8 @@ __all__ = [
 log = get_logger(__name__)
 
 _REASONS = {401: b"Unauthorized", 404: b"Not Found", 405: b"Method Not Allowed"}
-_REASONS.update({413: b"Payload Too Large", 400: b"Bad Request"})
+_REASONS.update({413: b"Payload Too Large", 400: b"Bad Request", 403: b"Forbidden"})
+_REASONS.update({415: b"Unsupported Media Type", 421: b"Misdirected Request", 409: b"Conflict"})
 
 
 def _json_body(value: Any) -> bytes:
@@ -64,10 +66,18 @@ def _json(request: Request, value: Any, code: int = 200) -> bytes:
 class AdminPolicy:
     """Who may call what, and how big a body may be; checked before a body is read."""
 
-    def __init__(self, token: str = "", health_public: bool = True, max_body: int = 1 << 20):
+    def __init__(
+        self,
+        token: str = "",
+        health_public: bool = True,
+        max_body: int = 1 << 20,
+        allowed_hosts: tuple[str, ...] = (),
+    ):
         self.token = token.encode()
         self.health_public = health_public
         self.max_body = max_body
+        #: Cross-site checks (Host, Origin, Content-Type); `admin_guard`.
+        self.guard = AdminGuard(allowed_hosts)
 
     def is_public(self, method: bytes, path: bytes) -> bool:
         path = path.split(b"?", 1)[0].rstrip(b"/")
@@ -80,9 +90,20 @@ class AdminPolicy:
         return hmac.compare_digest(offered.removeprefix(b"Bearer "), self.token)
 
     def refusal(
-        self, method: bytes, path: bytes, headers: Headers, length: int | None
-    ) -> tuple[int, str] | None:
-        """``(status, message)`` when the request must be refused, else None."""
+        self,
+        method: bytes,
+        path: bytes,
+        headers: Headers,
+        length: int | None,
+        listener: Any = None,
+    ) -> tuple[int, str] | tuple[int, str, str] | None:
+        """``(status, message[, code])`` when the request must be refused, else None.
+
+        ``listener`` is the address the request came in on (``transport.getHost()``).
+        """
+        refused = self.guard.refusal(method, headers, length, listener)
+        if refused is not None:
+            return refused
         if not self.authorized(method, path, headers):
             return 401, "missing or wrong bearer token"
         if length is not None and length > self.max_body:
@@ -106,14 +127,18 @@ class AdminChannel(HTTPChannel):
     def allHeadersReceived(self) -> None:
         request = self.requests[-1]
         refusal = self.site.policy.refusal(
-            self._command, self._path, request.requestHeaders, self.length
+            self._command,
+            self._path,
+            request.requestHeaders,
+            self.length,
+            self.transport.getHost(),
         )
         if refusal is not None:
             self.refuse(*refusal)
             return
         super().allHeadersReceived()
 
-    def refuse(self, code: int, message: str) -> None:
+    def refuse(self, code: int, message: str, error_code: str = "") -> None:
         """Answer ``code`` with a JSON error, stop reading and close."""
         if self._refused:
             return
@@ -127,7 +152,9 @@ class AdminChannel(HTTPChannel):
                 code=code,
                 peer=_peer(self.transport.getPeer()),
             )
-        body = _json_body({"error": message})
+        body = _json_body(
+            {"error": message, "code": error_code} if error_code else {"error": message}
+        )
         extra = b'WWW-Authenticate: Bearer realm="heartbeatd"\r\n' if code == 401 else b""
         self.transport.write(
             b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
@@ -173,9 +200,9 @@ def _peer(address: Any) -> str:
 def _read_message(request: Request) -> tuple[str, Any] | bytes:
     """The ``{"type", "data"}`` body of a push, or an error response already set."""
     try:
-        body = json.loads(request.content.read() or b"null")
-    except ValueError:
-        return _json(request, {"error": "the body is not valid JSON"}, 400)
+        body = parse_body(request.content.read())
+    except BadBody as e:
+        return _json(request, {"error": e.message, "code": e.code}, 400)
     if not isinstance(body, dict) or not isinstance(body.get("type"), str) or not body["type"]:
         return _json(request, {"error": 'expected {"type": "...", "data": ...}'}, 400)
     return body["type"], body.get("data")
@@ -322,7 +349,11 @@ class SendToClient(_Leaf):
         message = _read_message(request)
         if isinstance(message, bytes):
             return message
-        if not self.factory.send(self.session, *message):
+        try:
+            sent = self.factory.send(self.session, *message)
+        except NotAuthenticated as e:
+            return _json(request, {"error": e.message, "code": e.code}, 409)
+        if not sent:
             return _json(request, {"error": f"no client {self.session!r}"}, 404)
         return _json(request, {"sent": 1})
 
@@ -413,4 +444,6 @@ def admin_site(factory: ServerFactory, config: AdminConfig, token: str = "") -> 
 
 def admin_policy(config: AdminConfig, token: str = "") -> AdminPolicy:
     """The token, public /healthz and body limit ``admin.*`` asks for."""
-    return AdminPolicy(token or config.token, config.health_public, config.max_body_bytes)
+    return AdminPolicy(
+        token or config.token, config.health_public, config.max_body_bytes, config.allowed_hosts
+    )

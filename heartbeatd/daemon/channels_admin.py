@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from heartbeatd.daemon.admin_guard import BadBody, parse_body
 from heartbeatd.server.channels import UNAVAILABLE, ChannelHub
 from heartbeatd.server.factory import ServerFactory
 from heartbeatd.server.handlers import HandlerError
@@ -40,12 +41,13 @@ def _json(request: Request, value: Any, code: int = 200) -> bytes:
     return json.dumps(value).encode() + b"\n"
 
 
-def _body(request: Request) -> dict[str, Any] | None:
+def _body(request: Request) -> dict[str, Any] | bytes:
+    """The JSON object a request carries ({} for anything else), or a typed 400 already set."""
     try:
-        body = json.loads(request.content.read() or b"null")
-    except ValueError:
-        return None
-    return body if isinstance(body, dict) else None
+        body = parse_body(request.content.read())
+    except BadBody as e:
+        return _json(request, {"error": e.message, "code": e.code}, 400)
+    return body if isinstance(body, dict) else {}
 
 
 def _answer(request: Request, d: Deferred[Any], shape: Any) -> int:
@@ -61,7 +63,7 @@ def _answer(request: Request, d: Deferred[Any], shape: Any) -> int:
             return
         if failure.check(HandlerError):
             error: HandlerError = failure.value  # type: ignore[assignment]
-            code = 503 if error.code == UNAVAILABLE else 400
+            code = {UNAVAILABLE: 503, "not_authenticated": 409}.get(error.code, 400)
             body = {"error": error.message, "code": error.code}
         else:
             code, body = 500, {"error": "internal error", "code": "internal_error"}
@@ -83,7 +85,9 @@ class _HubLeaf(Resource):
 class Publish(_HubLeaf):
     def render_POST(self, request: Request) -> Any:
         body = _body(request)
-        if body is None or "data" not in body:
+        if isinstance(body, bytes):
+            return body
+        if "data" not in body:
             return _json(request, {"error": 'expected {"channel": "...", "data": ...}'}, 400)
         channel = body.get("channel")
         d = self.hub.publish(channel, body["data"])  # type: ignore[arg-type]
@@ -109,7 +113,9 @@ class ClusterHealth(_HubLeaf):
 class ClusterBroadcast(_HubLeaf):
     def render_POST(self, request: Request) -> Any:
         body = _body(request)
-        if body is None or not isinstance(body.get("type"), str) or not body["type"]:
+        if isinstance(body, bytes):
+            return body
+        if not isinstance(body.get("type"), str) or not body["type"]:
             return _json(request, {"error": 'expected {"type": "...", "data": ...}'}, 400)
         d = self.hub.broadcast(body["type"], body.get("data"))
         return _answer(request, d, lambda nodes: {"nodes": nodes})
@@ -159,7 +165,9 @@ class ClusterSend(_HubLeaf):
 
     def render_POST(self, request: Request) -> Any:
         body = _body(request)
-        if body is None or not isinstance(body.get("type"), str) or not body["type"]:
+        if isinstance(body, bytes):
+            return body
+        if not isinstance(body.get("type"), str) or not body["type"]:
             return _json(request, {"error": 'expected {"type": "...", "data": ...}'}, 400)
         d = self.hub.send(self.session, body["type"], body.get("data"))
 

@@ -58,7 +58,7 @@ ERROR_CODES = (
     envelope.WRONG_PROTOCOL,
 )
 #: Admin requests refused before their body was read, by HTTP status.
-ADMIN_REFUSALS = ("401", "413")
+ADMIN_REFUSALS = ("401", "403", "413", "415", "421")
 
 
 def _with_zeros(counts: Counter[str], known: Iterable[str]) -> list[tuple[str, int]]:

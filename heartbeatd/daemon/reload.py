@@ -44,7 +44,7 @@ def config_diff(old: Config, new: Config) -> list[str]:
     lines = []
     for key in sorted(after):
         if before[key] != after[key]:
-            if key == "admin.token":
+            if key in ("admin.token", "cluster.redis"):  # secrets, or URLs holding one
                 lines.append(f"{key} changed")
             else:
                 lines.append(f"{key} {before[key]!r} -> {after[key]!r}")
@@ -134,4 +134,10 @@ class Reloader:
         self.factory.authenticator = authenticator
         if authenticator is not None:
             log.info("auth: {what} loaded", what=authenticator.description)
+            revoked = self.factory.revalidate()
+            if revoked:
+                log.warn(
+                    "auth: closed {count} connection(s) whose token was removed",
+                    count=revoked,
+                )
         return new

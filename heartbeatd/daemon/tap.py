@@ -14,7 +14,7 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from heartbeatd._logging import get_logger, set_level
-from heartbeatd.config import Config, ConfigError
+from heartbeatd.config import Config, ConfigError, private_unix_endpoint
 from heartbeatd.daemon.config import load_config
 from heartbeatd.daemon.logs import set_format
 from heartbeatd.daemon.reload import Reloader
@@ -245,7 +245,7 @@ def makeService(options: Options) -> IService:
         from heartbeatd.daemon.admin import admin_site
 
         admin_endpoint = (
-            serverFromString(reactor, config.admin.listen)
+            serverFromString(reactor, private_unix_endpoint(config.admin.listen))
             if worker is None
             else adopted_endpoint(reactor, ADMIN_FD)
         )

@@ -100,14 +100,60 @@ def build_context(config: TlsConfig) -> Any:
                 f"tls.client_ca: {config.client_ca!r} is not allowed; expected PEM CA "
                 f"certificates ({_describe(e)})"
             )
+        errors.extend(_ambiguous_roots(config, pem))
+        if config.client_crl:
+            errors.extend(_load_crls(SSL, context, config.client_crl))
         context.set_verify(
             SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, lambda *args: bool(args[-1])
         )
+    elif config.client_crl:
+        errors.append(f"tls.client_crl: {config.client_crl!r} is not allowed without tls.client_ca")
     if errors:
         raise ConfigError(errors)
     # Session resumption (tickets) spares returning clients a full handshake.
     context.set_session_id(b"heartbeatd")
     return context
+
+
+def _ambiguous_roots(config: TlsConfig, pem: bytes) -> list[str]:
+    """With several root CAs in client_ca, a subject alone does not say who a client is: any
+    of them may issue ``CN=alice`` (issue 22). Such a file needs issuer_and_subject."""
+    if config.client_identity != "subject":
+        return []
+    from cryptography import x509
+
+    roots = []
+    marker = b"-----BEGIN CERTIFICATE-----"
+    for chunk in pem.split(marker)[1:]:
+        try:
+            cert = x509.load_pem_x509_certificate(marker + chunk)
+        except ValueError:
+            continue
+        if cert.issuer == cert.subject:
+            roots.append(cert.subject.rfc4514_string())
+    if len(roots) < 2:
+        return []
+    return [
+        f"tls.client_identity: 'subject' is not allowed with {len(roots)} root CAs in "
+        f"tls.client_ca ({'; '.join(roots)}): each could issue any subject; expected "
+        "issuer_and_subject (or one CA per daemon)"
+    ]
+
+
+def _load_crls(SSL: Any, context: Any, path: str) -> list[str]:
+    """Add the CRLs in ``path`` to the verify store and check every client against them."""
+    from OpenSSL.crypto import X509StoreFlags
+
+    pem = _read("tls.client_crl", path)
+    if b"-----BEGIN X509 CRL-----" not in pem:
+        return [f"tls.client_crl: {path!r} is not allowed; expected PEM CRLs (no X509 CRL in it)"]
+    try:
+        context.load_verify_locations(path.encode())  # OpenSSL reads the CRLs of a PEM file
+    except SSL.Error as e:
+        return [f"tls.client_crl: {path!r} is not allowed; expected PEM CRLs ({_describe(e)})"]
+    # The leaf's issuer must have a CRL in the file: a CA without one refuses its clients.
+    context.get_cert_store().set_flags(X509StoreFlags.CRL_CHECK)
+    return []
 
 
 def _not_its_key(config: TlsConfig) -> str:
@@ -147,6 +193,8 @@ class ServerTLS:
 
     def describe(self) -> str:
         mutual = ", clients need a certificate from tls.client_ca" if self.config.client_ca else ""
+        if self.config.client_crl:
+            mutual += " (checked against tls.client_crl)"
         return f"TLS {self.config.min_version}+{mutual}"
 
 

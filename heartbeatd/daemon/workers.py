@@ -53,7 +53,7 @@ from zope.interface import implementer, provider
 
 from heartbeatd._logging import get_logger
 from heartbeatd._version import __version__
-from heartbeatd.config import Config, ConfigError, worker_node_id
+from heartbeatd.config import Config, ConfigError, private_unix_endpoint, worker_node_id
 from heartbeatd.daemon import logs
 from heartbeatd.daemon.config import load_config
 from heartbeatd.daemon.sdnotify import Notifier
@@ -397,7 +397,7 @@ class Supervisor(Service):
                 admin_policy(config.admin, self.admin_token),
                 config.admin.access_log,
             )
-            endpoint = serverFromString(self._reactor, config.admin.listen)
+            endpoint = serverFromString(self._reactor, private_unix_endpoint(config.admin.listen))
             self.admin_port = _bind(endpoint, site, config.admin.listen)
             log.info(
                 "admin API listening on {address} (answering for all {count} workers)",

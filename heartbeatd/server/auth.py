@@ -32,6 +32,7 @@ from heartbeatd.wire.envelope import Message, encode_message
 __all__ = [
     "AUTH_FAILED",
     "AUTH_TIMEOUT",
+    "BAD_IDENTITY",
     "UNAUTHENTICATED",
     "AuthGate",
     "Authenticator",
@@ -46,6 +47,7 @@ log = get_logger(__name__)
 UNAUTHENTICATED = "unauthenticated"
 AUTH_FAILED = "auth_failed"
 AUTH_TIMEOUT = "auth_timeout"
+BAD_IDENTITY = "bad_identity"
 
 #: What an unauthenticated client may send besides ``auth``: a ping, and the answers to ours.
 _ALLOWED_BEFORE_AUTH = frozenset({"ping", "pong", "error"})
@@ -53,6 +55,19 @@ _ALLOWED_BEFORE_AUTH = frozenset({"ping", "pong", "error"})
 MAX_HELD = 64
 #: Longest token looked at: a bound on what we hash and compare.
 MAX_TOKEN_BYTES = 4096
+#: Longest identity accepted (from the tokens file or an authenticator): it is logged and
+#: listed, so it is bounded and printable (a newline in one would forge a log line).
+MAX_IDENTITY_CHARS = 256
+
+
+def valid_identity(identity: object) -> bool:
+    """A non-empty printable string of at most `MAX_IDENTITY_CHARS` characters."""
+    return (
+        isinstance(identity, str)
+        and 0 < len(identity) <= MAX_IDENTITY_CHARS
+        and identity.isprintable()
+    )
+
 
 CheckFn = Callable[[str, str], Any]
 
@@ -78,6 +93,8 @@ class TokenTable:
     def parse(cls, text: str, source: str = "auth.tokens_file") -> TokenTable:
         entries: list[tuple[str, bytes]] = []
         errors: list[str] = []
+        seen: dict[bytes, tuple[int, str]] = {}  # digest -> (line, identity)
+        text = text.removeprefix("\ufeff")  # a BOM from an editor is not part of an identity
         for number, raw in enumerate(text.splitlines(), 1):
             line = raw.strip()
             if not line or line.startswith("#"):
@@ -105,6 +122,20 @@ class TokenTable:
                     continue
             else:
                 digest = hashlib.sha256(secret.encode()).digest()
+            if not valid_identity(identity):
+                errors.append(
+                    f"{source}: line {number} is not allowed; expected an identity of at most "
+                    f"{MAX_IDENTITY_CHARS} printable characters"
+                )
+                continue
+            if digest in seen:
+                first, other = seen[digest]
+                errors.append(
+                    f"{source}: line {number} ({identity}) has the same token as line {first} "
+                    f"({other}); expected one identity per token"
+                )
+                continue
+            seen[digest] = (number, identity)
             entries.append((identity, digest))
         if errors:
             raise ConfigError(errors)
@@ -124,6 +155,14 @@ class TokenTable:
             raise ConfigError([f"auth.tokens_file: {path!r} is not UTF-8 text"]) from None
         return cls.parse(text, f"auth.tokens_file {path!r}")
 
+    def holds(self, identity: str, digest: bytes) -> bool:
+        """Whether ``identity`` still has the token whose SHA-256 is ``digest`` (reload)."""
+        found = False
+        for entry_identity, entry_digest in self._entries:
+            if hmac.compare_digest(digest, entry_digest) and entry_identity == identity:
+                found = True
+        return found
+
     def identify(self, token: str, peer: str = "") -> str | None:
         """The identity whose token this is, or None."""
         offered = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
@@ -140,10 +179,19 @@ class TokenTable:
 class Authenticator:
     """Checks tokens: ``check(token, peer)`` returns an identity, None, or a Deferred of either."""
 
-    def __init__(self, check: CheckFn, timeout: float, description: str) -> None:
+    def __init__(
+        self,
+        check: CheckFn,
+        timeout: float,
+        description: str,
+        holds: Callable[[str, bytes], bool] | None = None,
+    ) -> None:
         self.check = check
         self.timeout = timeout
         self.description = description
+        #: ``holds(identity, token_digest)``: whether a connection authenticated earlier is
+        #: still valid (the tokens file after a reload); None when it cannot be told (custom).
+        self.holds = holds
 
     def gate(self, connection: _Guarded, clock: IReactorTime) -> AuthGate:
         return AuthGate(self, connection, clock)
@@ -171,7 +219,7 @@ def load_authenticator(auth: Any) -> Authenticator | None:
     """
     if auth.mode == "token":
         table = TokenTable.load(auth.tokens_file)
-        return Authenticator(table.identify, auth.timeout, f"{len(table)} token(s)")
+        return Authenticator(table.identify, auth.timeout, f"{len(table)} token(s)", table.holds)
     if auth.mode == "custom":
         return Authenticator(_import_function(auth.authenticator), auth.timeout, auth.authenticator)
     return None
@@ -189,7 +237,9 @@ class _Guarded(Protocol):
     connected: bool
     close_reason: str | None
 
-    def auth_succeeded(self, identity: str, reply: bytes, held: list[Message]) -> None: ...
+    def auth_succeeded(
+        self, identity: str, reply: bytes, held: list[Message], digest: bytes = b""
+    ) -> None: ...
 
     def auth_refused(self, code: str, message: str, id: Any, reason: str) -> None: ...
 
@@ -197,7 +247,7 @@ class _Guarded(Protocol):
 class AuthGate:
     """Stands between an unauthenticated connection and the handlers."""
 
-    __slots__ = ("_authenticator", "_connection", "_held", "_state", "_timer")
+    __slots__ = ("_authenticator", "_connection", "_digest", "_held", "_state", "_timer")
 
     def __init__(
         self, authenticator: Authenticator, connection: _Guarded, clock: IReactorTime
@@ -205,6 +255,7 @@ class AuthGate:
         self._authenticator = authenticator
         self._connection = connection
         self._held: list[Message] | None = None  # a list while an async check runs
+        self._digest = b""  # SHA-256 of the token offered (re-checked on reload)
         self._state = "waiting"  # waiting | checking | refused
         self._timer: IDelayedCall | None = clock.callLater(authenticator.timeout, self._timed_out)
 
@@ -246,6 +297,8 @@ class AuthGate:
             return True
         self._state = "checking"
         self._held = []
+        if self._authenticator.holds is not None:
+            self._digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
         peer = self._connection.peer
         result = maybeDeferred(self._authenticator.check, token, peer)
         result.addCallbacks(self._checked, self._check_failed, (message,), None, (message,))
@@ -258,6 +311,23 @@ class AuthGate:
         if not isinstance(identity, str) or not identity:
             self._refuse(AUTH_FAILED, "the token was not accepted", message.id)
             return
+        if not valid_identity(identity):
+            limiter = getattr(getattr(conn, "factory", None), "log_limiter", None)
+            if limiter is None or limiter.allow("auth.bad_identity"):
+                log.warn(
+                    "auth.authenticator returned an identity that is not allowed for client "
+                    "{session} ({peer}): {length} characters, printable: {printable}; refused",
+                    session=conn.session_id,
+                    peer=conn.peer,
+                    length=len(identity),
+                    printable=identity.isprintable(),
+                )
+            self._refuse(
+                BAD_IDENTITY,
+                f"the identity is not allowed (at most {MAX_IDENTITY_CHARS} printable characters)",
+                message.id,
+            )
+            return
         self.stop()
         held, self._held = self._held or [], None
         self._state = "done"
@@ -268,7 +338,10 @@ class AuthGate:
             identity=identity,
         )
         conn.auth_succeeded(
-            identity, encode_message("auth", {"identity": identity}, message.id), held
+            identity,
+            encode_message("auth", {"identity": identity}, message.id),
+            held,
+            self._digest,
         )
 
     def _check_failed(self, failure: Failure, message: Message) -> None:
@@ -303,8 +376,12 @@ class AuthGate:
         self._connection.auth_refused(code, text, id, code)
 
 
-def peer_certificate_identity(transport: Any) -> str | None:
-    """The subject of a TLS client's certificate (``CN=alice,O=Example``), or None."""
+def peer_certificate_identity(transport: Any, with_issuer: bool = False) -> str | None:
+    """The subject of a TLS client's certificate (``CN=alice,O=Example``), or None.
+
+    ``with_issuer`` (``tls.client_identity: issuer_and_subject``) appends the issuer:
+    ``CN=alice,O=Example;issuer=CN=Example CA`` (RFC 4514 escapes ``;`` inside values).
+    """
     try:
         handle = transport.getHandle()
         get = handle.get_peer_certificate
@@ -321,4 +398,7 @@ def peer_certificate_identity(transport: Any) -> str | None:
         return None
     if cert is None:
         return None
-    return str(cert.subject.rfc4514_string()) or None
+    subject = str(cert.subject.rfc4514_string())
+    if not subject:
+        return None
+    return f"{subject};issuer={cert.issuer.rfc4514_string()}" if with_issuer else subject

@@ -15,6 +15,7 @@ Publication frames are built once per publication and written to every local sub
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -56,6 +57,7 @@ TOO_MANY_CHANNELS = "too_many_channels"
 PUBLICATION_TOO_LARGE = "publication_too_large"
 ALREADY_SUBSCRIBED = "already_subscribed"
 NOT_SUBSCRIBED = "not_subscribed"
+RATE_LIMITED = "rate_limited"
 
 _NAME = re.compile(r"[A-Za-z0-9_.:@/-]+")
 
@@ -120,6 +122,8 @@ class ChannelHub:
         self.gaps_filled = 0
         #: Subscriptions whose catch-up failed (broker down): retried when the link returns.
         self._stale: set[_Sub] = set()
+        #: session id -> (tokens, when) of its subscribe rate limit (channels.subscribe_rate).
+        self._subscribe_buckets: dict[str, tuple[float, float]] = {}
 
     @property
     def config(self) -> ChannelsConfig:
@@ -207,6 +211,15 @@ class ChannelHub:
             return fail(
                 HandlerError(TOO_MANY_CHANNELS, f"a connection may join at most {limit} channels")
             )
+        if not self._take_subscribe_token(session):
+            rate = self.config.subscribe_rate
+            return fail(
+                HandlerError(
+                    RATE_LIMITED,
+                    f"too many subscribes: at most {rate:g} per second "
+                    f"(channels.subscribe_rate, burst channels.subscribe_burst)",
+                )
+            )
         if not self.broker.up:
             return fail(_unavailable())
         sub = _Sub(client, channel, join_leave)
@@ -292,6 +305,18 @@ class ChannelHub:
             _log_failure, "presence join", sub.channel
         )
 
+    def _take_subscribe_token(self, session: str) -> bool:
+        """A token bucket per connection: every subscribe may create Redis state (issue 22)."""
+        now = self.factory.clock.seconds()
+        config = self.config
+        tokens, last = self._subscribe_buckets.get(session, (float(config.subscribe_burst), now))
+        tokens = min(float(config.subscribe_burst), tokens + (now - last) * config.subscribe_rate)
+        if tokens < 1.0:
+            self._subscribe_buckets[session] = (tokens, now)
+            return False
+        self._subscribe_buckets[session] = (tokens - 1.0, now)
+        return True
+
     def _remove(self, sub: _Sub) -> None:
         """Forget a subscription; the last local one of a channel stops its fan-out here."""
         session, channel = sub.client.session_id, sub.channel
@@ -327,6 +352,7 @@ class ChannelHub:
         return {s: self._client_info(c) for s, c in self.factory.clients.items()}
 
     def client_disconnected(self, client: ServerProtocol) -> None:
+        self._subscribe_buckets.pop(client.session_id, None)
         mine = self._by_client.get(client.session_id)
         if mine:
             for sub in list(mine.values()):
@@ -457,7 +483,8 @@ class ChannelHub:
                 sub.client.write_frame(frame)
 
     def on_message(self, session: str, type: str, data: Any) -> None:
-        self.factory.send(session, type, data)
+        with contextlib.suppress(HandlerError):  # not authenticated yet: dropped
+            self.factory.send(session, type, data)
 
     def on_broadcast(self, type: str, data: Any) -> None:
         self.factory.broadcast(type, data)
@@ -489,8 +516,11 @@ class ChannelHub:
 
     def send(self, session: str, type: str, data: Any = None) -> Deferred[bool]:
         """Push to a session on any node; fires False when no node has it."""
-        if self.factory.send(session, type, data):
-            return succeed(True)
+        try:
+            if self.factory.send(session, type, data):
+                return succeed(True)
+        except HandlerError as e:  # the session has not authenticated: not_authenticated
+            return fail(e)
         if not self.broker.clustered:
             return succeed(False)
         return self.broker.send(session, type, data).addErrback(_as_unavailable)

@@ -25,7 +25,7 @@ from heartbeatd.config import Config
 from heartbeatd.server import channels
 from heartbeatd.server.admission import Admission
 from heartbeatd.server.auth import Authenticator
-from heartbeatd.server.handlers import HandlerRegistry, default_registry
+from heartbeatd.server.handlers import HandlerError, HandlerRegistry, default_registry
 from heartbeatd.server.heartbeat import HeartbeatMonitor
 from heartbeatd.server.protocol import RefusedProtocol, ServerProtocol, format_address
 from heartbeatd.server.session import Server
@@ -33,7 +33,17 @@ from heartbeatd.wire import get_framing
 from heartbeatd.wire.envelope import OMIT, TOO_MANY_CONNECTIONS, encode_error, encode_message
 from heartbeatd.wire.framing import FrameDecoder
 
-__all__ = ["EvictionRecord", "ServerFactory"]
+__all__ = ["NOT_AUTHENTICATED", "EvictionRecord", "NotAuthenticated", "ServerFactory"]
+
+#: The error code of a push to a connection that has not authenticated.
+NOT_AUTHENTICATED = "not_authenticated"
+#: Why a connection is closed when a reload removed its token.
+TOKEN_REVOKED = "token_revoked"
+
+
+class NotAuthenticated(HandlerError):
+    """A direct send named a connection still in its auth gate; nothing was sent."""
+
 
 log = get_logger(__name__)
 
@@ -92,6 +102,9 @@ class ServerFactory(Factory):
     protocol = ServerProtocol
     #: How many close records `recent_closes` keeps.
     RECENT_CLOSES = 256
+    #: Connections whose auth gate is still pending: pushes skip them (0 with auth off, so
+    #: `broadcast` takes its unfiltered path).
+    gated = 0
 
     def __init__(
         self,
@@ -125,6 +138,9 @@ class ServerFactory(Factory):
         #: Checks clients' tokens when ``auth.mode`` is not none; the daemon sets it (it reads
         #: the tokens file, at start and on SIGHUP).
         self.authenticator: Authenticator | None = None
+        #: session id -> (identity, SHA-256 of its token), for connections that authenticated
+        #: with the tokens file: `revalidate` closes those whose token a reload removed.
+        self.credentials: dict[str, tuple[str, bytes]] = {}
         self.closes: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
         #: Connections refused, by reason (``max_connections``, ...).
@@ -324,6 +340,8 @@ class ServerFactory(Factory):
     def client_disconnected(self, client: ServerProtocol, reason: Failure | None) -> None:
         if self.clients.pop(client.session_id, None) is None:
             return
+        if self.credentials:
+            self.credentials.pop(client.session_id, None)
         self.channels.client_disconnected(client)
         self.admission.release(getattr(client, "admitted_host", None))
         totals = self.closed_totals
@@ -358,16 +376,46 @@ class ServerFactory(Factory):
         """Whether a per-event log line for ``cause`` may be written now (rate limit)."""
         return self.log_limiter.allow(cause)
 
+    def revalidate(self) -> int:
+        """After a reload: close connections whose token the new tokens file no longer holds
+        for their identity (``token_revoked``); the count closed.
+
+        Only what can be told is checked: connections of a custom authenticator or a client
+        certificate stay, and with ``auth.mode: none`` everyone stays.
+        """
+        holds = self.authenticator.holds if self.authenticator is not None else None
+        if holds is None or not self.credentials:
+            return 0
+        revoked = [s for s, (who, digest) in self.credentials.items() if not holds(who, digest)]
+        for session in revoked:
+            del self.credentials[session]
+            client = self.clients.get(session)
+            if client is not None:
+                client.send(
+                    "goaway",
+                    {"reason": TOKEN_REVOKED, "detail": "the token was removed by a reload"},
+                )
+                client.close(TOKEN_REVOKED, "its token was removed from auth.tokens_file")
+        return len(revoked)
+
     # -- push ---------------------------------------------------------------------------------
 
     def client_count(self) -> int:
         return len(self.clients)
 
     def send(self, session_id: str, type: str, data: Any = OMIT) -> bool:
-        """Push a message to one client; False when no such client is connected."""
+        """Push a message to one client; False when no such client is connected.
+
+        Raises `NotAuthenticated` when the client has not authenticated yet: before auth, a
+        connection hears nothing but its hello and pongs (docs/security.md).
+        """
         client = self.clients.get(session_id)
         if client is None:
             return False
+        if client._auth is not None:
+            raise NotAuthenticated(
+                NOT_AUTHENTICATED, f"client {session_id!r} has not authenticated yet"
+            )
         client.send(type, data)
         return True
 
@@ -379,10 +427,16 @@ class ServerFactory(Factory):
         """Send to a session of another node of the cluster; False when there is none."""
         return self.channels.forward(session_id, type, data)
 
-    def broadcast(self, type: str, data: Any = OMIT) -> int:
-        """Push a message to every client, encoding the frame once; returns the count."""
+    def broadcast(self, type: str, data: Any = OMIT, *, everyone: bool = False) -> int:
+        """Push a message to every authenticated client, encoding the frame once; the count.
+
+        Connections still in their auth gate are skipped (``everyone``: the shutdown goaway).
+        """
         frame = self.framing.encode(encode_message(type, data))
-        clients = list(self.clients.values())
+        if self.gated and not everyone:
+            clients = [c for c in self.clients.values() if c._auth is None]
+        else:
+            clients = list(self.clients.values())
         for client in clients:
             client.write_frame(frame)
         return len(clients)
@@ -405,7 +459,9 @@ class ServerFactory(Factory):
         self.draining = True
         if not self.clients:
             return succeed(None)
-        count = self.broadcast("goaway", {"reason": "shutdown", "reconnect_after": reconnect_after})
+        count = self.broadcast(
+            "goaway", {"reason": "shutdown", "reconnect_after": reconnect_after}, everyone=True
+        )
         log.info(
             "Draining: sent goaway to {count} client(s); waiting up to {timeout:g}s",
             count=count,

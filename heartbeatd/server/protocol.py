@@ -221,6 +221,7 @@ class ServerProtocol(Protocol):
         authenticator = getattr(factory, "authenticator", None)
         if authenticator is not None:
             self._auth = authenticator.gate(self, factory.clock)
+            factory.gated += 1  # pushes skip it until it authenticates (ServerFactory.broadcast)
         if is_tls(self.transport):
             # The hello waits for the handshake: written now, it would sit in the TLS layer,
             # which pauses us as a producer, and a paused reader never reads the handshake.
@@ -244,7 +245,10 @@ class ServerProtocol(Protocol):
             timer.cancel()
         if not self.connected or self.close_reason is not None:
             return
-        subject = peer_certificate_identity(self.transport)
+        subject = peer_certificate_identity(
+            self.transport,
+            self.factory.config.tls.client_identity == "issuer_and_subject",
+        )
         if subject is not None:
             self.identity = subject
         self._send_hello()
@@ -258,10 +262,16 @@ class ServerProtocol(Protocol):
 
     # -- authentication (the gate in heartbeatd.server.auth calls these) --------------------
 
-    def auth_succeeded(self, identity: str, reply: bytes, held: list[envelope.Message]) -> None:
+    def auth_succeeded(
+        self, identity: str, reply: bytes, held: list[envelope.Message], digest: bytes = b""
+    ) -> None:
         """The token was accepted: answer, open the fast path, then run what was held."""
         self.identity = identity
-        self._auth = None
+        if digest:  # re-checked when the tokens file is reloaded (ServerFactory.revalidate)
+            self.factory.credentials[self.session_id] = (identity, digest)
+        if self._auth is not None:
+            self._auth = None
+            self.factory.gated -= 1
         self._emit(reply)
         for message in held:
             if not self.connected or self.close_reason is not None:
@@ -287,6 +297,8 @@ class ServerProtocol(Protocol):
         self._release_partial()
         if self._auth is not None:
             self._auth.stop()
+            self._auth = None
+            self.factory.gated -= 1
         if self._handshake_timer is not None and self._handshake_timer.active():
             self._handshake_timer.cancel()
         self.factory.client_disconnected(self, reason)
@@ -516,6 +528,27 @@ class ServerProtocol(Protocol):
             return
         self._dispatch(message)
 
+    #: Most characters of a client's ``error`` frame a debug log line shows.
+    MAX_LOGGED_ERROR = 200
+
+    def _client_error(self, message: envelope.Message) -> None:
+        """A client reported an error: a debug line, rate-limited, bounded, and without the
+        payload before auth (a stranger may not write into our log)."""
+        if not self.factory.log_allowed("client_error"):
+            return
+        if self._auth is not None:
+            shown = "(not shown before auth)"
+        else:
+            shown = repr(message.data)
+            if len(shown) > self.MAX_LOGGED_ERROR:
+                shown = shown[: self.MAX_LOGGED_ERROR] + f"... ({len(shown)} chars)"
+        log.debug(
+            "Client {session} ({peer}) reported an error: {data}",
+            session=self.session_id,
+            peer=self.peer,
+            data=shown,
+        )
+
     def _dispatch(self, message: envelope.Message) -> None:
         if self._auth is not None and self._auth.intercept(message):
             return  # unauthenticated: the gate answered, held or refused it
@@ -524,12 +557,7 @@ class ServerProtocol(Protocol):
             self._heartbeat_answered()
             return
         if type_ == _ERROR:
-            log.debug(
-                "Client {session} ({peer}) reported an error: {data!r}",
-                session=self.session_id,
-                peer=self.peer,
-                data=message.data,
-            )
+            self._client_error(message)
             return
         handler = self.factory.registry.get(type_)
         if handler is None:
