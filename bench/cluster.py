@@ -335,7 +335,11 @@ class Node:
         self.admin = int(daemon.wait_for(ADMIN).group(1))
 
 
-def start_nodes(tmp: Path, redis: RedisServer, count: int = 3) -> list[Node]:
+def start_nodes(
+    tmp: Path, redis: RedisServer, count: int = 3, profile: Path | None = None
+) -> list[Node]:
+    """Start the daemons; with ``profile``, node0 runs under cProfile (twistd --profile) and
+    writes its statistics there when it stops."""
     nodes = []
     for i in range(count):
         directory = tmp / f"node{i}"
@@ -347,6 +351,8 @@ def start_nodes(tmp: Path, redis: RedisServer, count: int = 3) -> list[Node]:
             "cluster": {"redis": redis.url, "node_id": f"node{i}", "node_timeout": NODE_TIMEOUT},
         }
         daemon = Daemon(directory, config)
+        if profile is not None and i == 0:
+            daemon.argv[1:1] = [f"--profile={profile}", "--profiler=cprofile", "--savestats"]
         try:
             daemon.__enter__()
             nodes.append(Node(daemon))
@@ -362,7 +368,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp())
     results: dict[str, Any] = {"latency": []}
     with RedisServer(tmp / "redis") as redis:
-        nodes = start_nodes(tmp, redis, args.nodes)
+        nodes = start_nodes(tmp, redis, args.nodes, args.profile)
         try:
             if args.pin:
                 results["pinned"] = pin(args.pin, nodes, redis)
@@ -382,6 +388,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             )
             print(json.dumps(results["redis_restart"]), flush=True)
         finally:
+            if args.profile is not None:  # a clean stop writes the statistics
+                nodes[0].daemon.stop(signal.SIGTERM)
             for n in nodes:
                 n.daemon.__exit__()
     return results
@@ -397,6 +405,7 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=3)
     parser.add_argument("--pin", default="", help="e.g. nodes=0,redis=1,driver=1")
     parser.add_argument("--latency-only", action="store_true")
+    parser.add_argument("--profile", type=Path, help="node0's cProfile statistics go here")
     parser.add_argument("--quick", action="store_true", help="tiny run, for the smoke test")
     args = parser.parse_args()
     if args.quick:
