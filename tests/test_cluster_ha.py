@@ -162,3 +162,28 @@ def test_a_new_replication_id_gives_every_channel_a_new_epoch(tmp_path: Path) ->
         assert run(POSITION, "news", "e4") == ["e4", "0"]  # a new epoch, from offset 0
         assert run(PUBLISH, "news", '"c"', "e5", 10, 0) == ["e4", "1"]
         assert redis.cli("XLEN", "hb:ch:news:x") == "1"  # the old epoch's stream is gone
+
+
+def test_pub_sub_messages_take_the_fast_path_and_replies_the_usual_one(clock: Clock) -> None:
+    from heartbeatd.cluster.redis import _ProtocolFactory, _Subscriber
+
+    broker = _Broker(clock, 2.0)
+    messages: list[tuple[str, str]] = []
+    bad: list[str] = []
+    broker._message = lambda key, text: messages.append((key, text))  # type: ignore[attr-defined]
+    broker._bad_message = bad.append  # type: ignore[attr-defined]
+    proto = _ProtocolFactory(broker, _Subscriber, 0, None).buildProtocol(None)  # type: ignore[arg-type]
+    proto.makeConnection(StringTransport())
+    acked = proto.subscribe("hb:ch:news")
+    wire = (
+        b"*3\r\n$9\r\nsubscribe\r\n$10\r\nhb:ch:news\r\n:1\r\n"
+        b'*3\r\n$7\r\nmessage\r\n$10\r\nhb:ch:news\r\n$13\r\npe1 1 "\xc3\xa9t\xc3\xa9"\r\n'
+        b"*3\r\n$7\r\nmessage\r\n$10\r\nhb:ch:news\r\n$2\r\n\xff\xfe\r\n"
+    )
+    for i in range(len(wire)):  # byte by byte: the reader keeps what is unfinished
+        proto.dataReceived(wire[i : i + 1])
+    assert acked.called
+    assert messages == [("hb:ch:news", 'pe1 1 "été"')]
+    assert bad == ["not UTF-8"]
+    clock.advance(5)  # the SUBSCRIBE was answered: its deadline passes harmlessly
+    assert broker.timeouts == 0 and not proto.transport.disconnecting
