@@ -127,6 +127,12 @@ class BrokerListener(Protocol):
     def on_link(self, up: bool) -> None:
         """The broker's link went down or came back (after which subscribers catch up)."""
 
+    def begin_batch(self) -> None:
+        """Several events follow at once (one read from Redis): writes may be coalesced."""
+
+    def end_batch(self) -> None:
+        """The events of the batch are over: write what was held back."""
+
     def local_clients(self) -> dict[str, dict[str, Any]]:
         """Every client of this node now, session -> info (as given to `client_connected`).
 

@@ -424,16 +424,23 @@ class _Subscriber(_Deadlines, _FastEncoding, txredisapi.SubscriberProtocol):
         if data:
             reader.feed(data)
         deliver = self.broker._message
-        while (reply := reader.gets()) is not False:
-            if type(reply) is list and len(reply) == 3 and reply[0] == b"message":
-                try:
-                    deliver(reply[1].decode(), reply[2].decode())
-                except UnicodeDecodeError:
-                    self.broker._bad_message("not UTF-8")
-                continue
-            if isinstance(reply, (str, bytes, list)):
-                reply = self.tryConvertData(reply)
-            self.replyReceived(reply)
+        listener = self.broker.listener
+        if listener is not None:  # one read may hold many publications: one write per client
+            listener.begin_batch()
+        try:
+            while (reply := reader.gets()) is not False:
+                if type(reply) is list and len(reply) == 3 and reply[0] == b"message":
+                    try:
+                        deliver(reply[1].decode(), reply[2].decode())
+                    except UnicodeDecodeError:
+                        self.broker._bad_message("not UTF-8")
+                    continue
+                if isinstance(reply, (str, bytes, list)):
+                    reply = self.tryConvertData(reply)
+                self.replyReceived(reply)
+        finally:
+            if listener is not None:
+                listener.end_batch()
 
     def messageReceived(self, pattern: Any, channel: str, message: str) -> None:
         self.broker._message(channel, message)

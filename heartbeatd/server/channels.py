@@ -122,6 +122,10 @@ class ChannelHub:
         self.gaps_filled = 0
         #: Subscriptions whose catch-up failed (broker down): retried when the link returns.
         self._stale: set[_Sub] = set()
+        #: While the broker delivers a batch (one read from Redis): the publication frames
+        #: each client is owed, written with one write per client at the end.  Anything else
+        #: that writes first flushes the batch, so every client's order stays as sent.
+        self._batch: dict[ServerProtocol, list[bytes]] | None = None
         #: session id -> (tokens, when) of its subscribe rate limit (channels.subscribe_rate).
         self._subscribe_buckets: dict[str, tuple[float, float]] = {}
 
@@ -367,13 +371,37 @@ class ChannelHub:
         if not subs:
             return
         frame = self.factory.framing.encode(publication_body(channel, offset, data))
+        batch = self._batch
         for sub in list(subs.values()):
             if sub.pending is None and sub.offset + 1 == offset and sub.epoch == epoch:
                 sub.offset = offset
-                sub.client.write_frame(frame)
+                if batch is None:
+                    sub.client.write_frame(frame)
+                else:
+                    held = batch.get(sub.client)
+                    if held is None:
+                        batch[sub.client] = [frame]
+                    else:
+                        held.append(frame)
                 self.delivered += 1
             else:
+                self._flush_batch()
                 self._deliver(sub, epoch, offset, data)
+
+    def begin_batch(self) -> None:
+        self._flush_batch()
+        self._batch = {}
+
+    def end_batch(self) -> None:
+        self._flush_batch()
+        self._batch = None
+
+    def _flush_batch(self) -> None:
+        batch = self._batch
+        if batch:
+            self._batch = {}
+            for client, frames in batch.items():
+                client.write_frames(frames)
 
     def _deliver(self, sub: _Sub, epoch: str, offset: int, data: str) -> None:
         pending = sub.pending
@@ -472,6 +500,7 @@ class ChannelHub:
         )
 
     def on_presence(self, channel: str, event: str, info: dict[str, Any]) -> None:
+        self._flush_batch()
         subs = self._subs.get(channel)
         if not subs:
             return
@@ -483,10 +512,12 @@ class ChannelHub:
                 sub.client.write_frame(frame)
 
     def on_message(self, session: str, type: str, data: Any) -> None:
+        self._flush_batch()
         with contextlib.suppress(HandlerError):  # not authenticated yet: dropped
             self.factory.send(session, type, data)
 
     def on_broadcast(self, type: str, data: Any) -> None:
+        self._flush_batch()
         self.factory.broadcast(type, data)
 
     def on_link(self, up: bool) -> None:
@@ -495,6 +526,7 @@ class ChannelHub:
         Subscriptions of one channel at the same position share one history read (after a
         Redis blip, a node with 10,000 subscribers of a channel asks once, not 10,000 times).
         """
+        self._flush_batch()
         if not up:
             log.warn("The cluster broker is unreachable; publish answers unavailable")
             return

@@ -705,6 +705,11 @@ class ServerProtocol(Protocol):
             return
         self._write_many([frame if encoded else self._encode(frame)])
 
+    def write_frames(self, frames: list[bytes]) -> None:
+        """Write several encoded frames with one write (the order is kept)."""
+        if self.connected and frames:
+            self._write_many(frames)
+
     def _write_many(self, frames: list[bytes]) -> None:
         if self._write_paused and self._slow_consumer():
             return
