@@ -8,7 +8,7 @@ OLDEST := .venv-oldest
 OLDEST_STAMP := $(OLDEST)/.installed-stamp
 CONFIG ?= config/heartbeatd.yaml
 
-.PHONY: run test test-newest test-oldest lint bench clean redis-server chromium
+.PHONY: run test test-newest test-oldest lint bench clean redis-server js-deps chromium promtool
 
 $(STAMP): pyproject.toml twisted_plugins/heartbeatd_plugin.py
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "heartbeatd needs Python 3.10+"'
@@ -19,8 +19,10 @@ $(STAMP): pyproject.toml twisted_plugins/heartbeatd_plugin.py
 	$(BIN)/python -c 'from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))'
 	touch $(STAMP)
 
+# The directory make runs in is on the daemon's PYTHONPATH, so a handler module saved there
+# (README: myapp_handlers.py) is found; `make run CONFIG=my.yaml` serves your own config.
 run: $(STAMP)
-	$(BIN)/twistd --nodaemon --pidfile= --logger=heartbeatd.daemon.logs.observer heartbeatd --config $(CONFIG)
+	PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" $(BIN)/twistd --nodaemon --pidfile= --logger=heartbeatd.daemon.logs.observer heartbeatd --config $(CONFIG)
 
 $(OLDEST_STAMP): pyproject.toml twisted_plugins/heartbeatd_plugin.py tests/oldest-constraints.txt
 	$(PYTHON) -m venv $(OLDEST)
@@ -36,13 +38,14 @@ test: test-newest test-oldest
 # Four pytest workers (pytest-xdist): the tests mostly wait on sockets and subprocesses.
 PYTEST_WORKERS ?= 4
 
-test-newest: $(STAMP) redis-server chromium
+test-newest: $(STAMP) redis-server js-deps chromium promtool
 	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS)
 
-test-oldest: $(OLDEST_STAMP) redis-server chromium
+test-oldest: $(OLDEST_STAMP) redis-server chromium promtool
 	HEARTBEATD_OLDEST=1 $(OLDEST)/bin/python -m pytest -q -n $(PYTEST_WORKERS) -p no:cacheprovider \
 		--ignore=tests/test_lint.py --ignore=tests/test_bench_smoke.py \
 		--ignore=tests/test_cluster_bench_smoke.py --ignore=tests/test_workers_bench_smoke.py \
+		--ignore=tests/test_js_client.py --ignore=tests/test_js_browser.py \
 		--ignore=tests/test_soak_smoke.py
 
 # The cluster tests start their own redis-server (and, for failover, redis-sentinel); install
@@ -65,9 +68,40 @@ chromium:
 	    echo "Could not install chromium. Install it yourself, e.g."; \
 	    echo "  sudo apt-get install chromium   (Debian/Ubuntu)"; exit 1; }; }
 
+# The JavaScript client (js/): Node.js 18+ and npm (Debian's packages when missing), then its
+# dev dependencies from js/package-lock.json. Its tests run in test-newest only: they test the
+# client, not the Python dependency floors.
+JS_STAMP := js/node_modules/.installed-stamp
+
+js-deps: $(JS_STAMP)
+
+$(JS_STAMP): js/package.json js/package-lock.json
+	@command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || { \
+	  echo "node/npm are missing; installing the Debian packages (needs root and apt-get)"; \
+	  (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null 2>&1 || \
+	   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm)) || { \
+	    echo "Could not install Node.js; install Node.js 18+ and npm yourself"; exit 1; }; }
+	cd js && npm ci --no-audit --no-fund --loglevel=error
+	touch $(JS_STAMP)
+
+# tests/test_monitoring.py runs `promtool check rules` and `promtool test rules` on the
+# shipped Prometheus rules. When promtool is missing, only the binary is taken from Debian's
+# prometheus package (apt-get download + dpkg-deb -x into .tools/): the service is not
+# installed. The test finds it on PATH or in .tools/.
+promtool:
+	@command -v promtool >/dev/null 2>&1 || test -x .tools/promtool || { \
+	  echo "promtool is missing; extracting it from Debian's prometheus package into .tools/"; \
+	  rm -rf .tools/deb && mkdir -p .tools/deb && cd .tools/deb && \
+	  { apt-get download prometheus >/dev/null 2>&1 || \
+	    { apt-get update -qq && apt-get download prometheus >/dev/null; }; } && \
+	  dpkg-deb -x prometheus_*.deb x && cp x/usr/bin/promtool ../promtool && \
+	  cd .. && rm -rf deb || { \
+	    echo "Could not get promtool. Install it yourself, e.g."; \
+	    echo "  sudo apt-get install prometheus   (Debian/Ubuntu; ships promtool)"; exit 1; }; }
+
 lint: $(STAMP)
-	$(BIN)/ruff check heartbeatd tests twisted_plugins bench
-	$(BIN)/ruff format --check heartbeatd tests twisted_plugins bench
+	$(BIN)/ruff check heartbeatd tests twisted_plugins bench examples js/test/fixtures
+	$(BIN)/ruff format --check heartbeatd tests twisted_plugins bench examples js/test/fixtures
 
 # Benchmarks: heartbeatd against plain Twisted, Node.js and C peers (see docs/benchmarks.md).
 bench: $(STAMP)
@@ -75,4 +109,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) $(OLDEST) build dist .pytest_cache .hypothesis bench/build
+	rm -rf $(VENV) $(OLDEST) build dist .pytest_cache .hypothesis bench/build js/node_modules .tools

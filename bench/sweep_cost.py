@@ -63,10 +63,17 @@ def measure(n: int, batch: int = 1000) -> dict[str, float]:
     config = parse_config(
         {
             "heartbeat": {"interval": 10, "timeout": 30, "sweep_batch": batch},
-            "limits": {"max_connections": n + 1},
+            # The clients never send a frame, and all come from one (None) address: neither
+            # the first-frame deadline nor the per-address limit may close them first.
+            "limits": {
+                "max_connections": n + 1,
+                "first_frame_timeout": 0,
+                "max_connections_per_address": 0,
+            },
         }
     )
     factory = ServerFactory(config, default_registry(), clock)
+    factory.max_connections = n + 1  # in memory: no file descriptors, so no open-file cap
     for i in range(n):
         factory.buildProtocol(None).makeConnection(NullTransport(i % 65535))
     monitor = factory.heartbeat

@@ -50,6 +50,7 @@ __all__ = [
     "ShutdownConfig",
     "TcpConfig",
     "TlsConfig",
+    "WebSocketConfig",
     "endpoint_is_loopback",
     "parse_config",
 ]
@@ -59,7 +60,8 @@ TLS_VERSIONS = ("1.2", "1.3")
 AUTH_MODES = ("none", "token", "custom")
 #: What a client certificate's identity is made of (tls.client_identity).
 CLIENT_IDENTITIES = ("subject", "issuer_and_subject")
-#: File descriptors kept back from the connection limit for listeners, logs and the admin API.
+#: File descriptors kept back from the connection limit: listeners, logs, the admin API and
+#: its connections, Redis, the reactor's own, and refused connections still being answered.
 FD_RESERVE = 64
 #: Most worker processes (``workers``); far more than cores is never useful.
 MAX_WORKERS = 256
@@ -334,6 +336,63 @@ class AuthConfig:
     )
 
 
+def _endpoints(value: Any) -> str | None:
+    ok = isinstance(value, str) or (
+        isinstance(value, list | tuple) and all(isinstance(v, str) and v for v in value)
+    )
+    return None if ok else "a server endpoint string, a list of them, or '' for off"
+
+
+def _origins(value: Any) -> str | None:
+    ok = isinstance(value, list) and all(
+        isinstance(v, str) and (v == "*" or "://" in v) for v in value
+    )
+    return None if ok else "a list of origins such as http://127.0.0.1:8000, or ['*'] for any"
+
+
+def _path(value: Any) -> str | None:
+    ok = isinstance(value, str) and value.startswith("/") and " " not in value
+    return None if ok else "a URL path starting with /"
+
+
+@dataclass(frozen=True)
+class WebSocketConfig:
+    """The WebSocket listener (heartbeatd.websocket, docs/websocket.md)."""
+
+    listen: str | tuple[str, ...] = field(
+        default="",
+        metadata=check(_endpoints, "endpoint string or list of them; empty: no WebSocket"),
+    )
+    path: str = field(default="/", metadata=check(_path, "the URL path clients connect to"))
+    allowed_origins: tuple[str, ...] = field(
+        default=(),
+        metadata=check(_origins, "browser Origins allowed; other browsers get 403"),
+    )
+    trusted_proxies: tuple[str, ...] = field(
+        default=(),
+        metadata=check(ip_networks, "proxies whose X-Forwarded-For names the client"),
+    )
+    handshake_timeout: float = field(
+        default=10.0,
+        metadata=check(positive_number, "seconds to finish the (TLS and) WebSocket handshake"),
+    )
+    compression: bool = field(
+        default=False, metadata=check(boolean, "accept permessage-deflate (RFC 7692)")
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.listen, list):
+            object.__setattr__(self, "listen", tuple(self.listen))
+
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        """The listen endpoints as a tuple (none when off)."""
+        listen = self.listen
+        if isinstance(listen, str):
+            return (listen,) if listen.strip() else ()
+        return tuple(listen)
+
+
 @dataclass(frozen=True)
 class SeedConfig:
     message_type: str = field(
@@ -522,15 +581,19 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    websocket: WebSocketConfig = field(default_factory=WebSocketConfig)
 
     def effective_max_connections(self) -> int:
-        """The connection limit, reading the process's open-file limit when set to 0."""
-        if self.limits.max_connections:
-            return self.limits.max_connections
+        """The connection limit: ``limits.max_connections`` (0: no number of its own), capped
+        by the process's open-file limit less `FD_RESERVE`.
+
+        Each client is a file descriptor: a limit above the open-file limit would let
+        ``accept()`` fail with EMFILE, and Twisted then closes clients without a word.
+        """
         soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft == resource.RLIM_INFINITY:
-            return 1_000_000
-        return max(1, soft - FD_RESERVE)
+        room = 1_000_000 if soft == resource.RLIM_INFINITY else max(1, soft - FD_RESERVE)
+        configured = self.limits.max_connections
+        return min(configured, room) if configured else room
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -548,6 +611,7 @@ _SECTIONS: dict[str, type] = {
     "cluster": ClusterConfig,
     "tls": TlsConfig,
     "auth": AuthConfig,
+    "websocket": WebSocketConfig,
 }
 
 
@@ -585,6 +649,11 @@ def _cross_checks(config: Config, errors: list[str]) -> None:
 
     if config.workers > 1:
         _worker_checks(config, errors)
+        if config.websocket.endpoints:
+            errors.append(
+                f"websocket.listen: {config.websocket.listen!r} is not allowed with workers: "
+                f"{config.workers}; expected '' (the WebSocket listener runs in a single process)"
+            )
 
 
 def _admin_checks(admin: AdminConfig, errors: list[str]) -> None:

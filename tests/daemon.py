@@ -10,6 +10,7 @@ import json
 import os
 import queue
 import re
+import resource
 import signal
 import socket
 import struct
@@ -29,6 +30,8 @@ SOCKET_ACTIVATION_SHIM = (
     "os.execv(sys.argv[1], sys.argv[1:])"
 )
 READY = re.compile(r"heartbeatd is ready \(pid \d+\)")
+#: The WebSocket listener's line (the JS client's tests parse the same one).
+WS_LISTENING = re.compile(r"WebSocket listening on 127\.0\.0\.1:(\d+)")
 
 
 class Daemon:
@@ -46,8 +49,11 @@ class Daemon:
         env: dict[str, str] | None = None,
         listen_socket: socket.socket | None = None,
         ready: re.Pattern[str] = READY,
+        nofile: int | None = None,
     ) -> None:
         self.listen_socket = listen_socket
+        #: The open-file limit (soft and hard) the daemon starts with, when a test sets one.
+        self.nofile = nofile
         self.ready = ready  # workers: the supervisor's line, not the first worker's
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         # A short drain by default, so tests whose clients stay connected stop quickly; the
@@ -77,6 +83,9 @@ class Daemon:
         self._queue: queue.Queue[str | None] = queue.Queue()
         self.process: subprocess.Popen[str] | None = None
         self.port = 0
+        #: The WebSocket listener's port, when the config turns it on.
+        self.ws_port = 0
+        self._websocket = bool((config.get("websocket") or {}).get("listen"))
 
     def __enter__(self) -> Daemon:
         argv, preexec, env = self.argv, None, self.env
@@ -93,6 +102,14 @@ class Daemon:
                 else:
                     os.dup2(fd, 3)
 
+        if self.nofile is not None:
+            nofile, inner = self.nofile, preexec
+
+            def preexec() -> None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+                if inner is not None:
+                    inner()
+
         self.process = subprocess.Popen(
             argv,
             stdout=subprocess.PIPE,
@@ -107,6 +124,8 @@ class Daemon:
             match = self.wait_for(LISTENING)
             self.port = int(match.group(1)) if match.group(1) else 0
             self.address = match.group(0).split("listening on ", 1)[1]
+            if self._websocket:
+                self.ws_port = int(self.wait_for(WS_LISTENING).group(1))
             self.wait_for(self.ready)
         except BaseException:
             # __exit__ does not run when __enter__ fails: never leave the process behind.

@@ -13,14 +13,19 @@ from typing import Any
 import pytest
 from helpers import Peer, make_config
 from twisted.internet import tcp
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.web.resource import getChildForRequest
+from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
 
-from heartbeatd.daemon.admin import AdminPolicy, AdminRoot, AdminSite, admin_site
+from heartbeatd.daemon.admin import AdminPolicy, AdminRoot, AdminSite, LocalBackend, admin_site
+from heartbeatd.daemon.admin_routes import ROUTES, AdminApi, Answer, ApiError, Call
+from heartbeatd.daemon.channels_admin import ClusterBackend
+from heartbeatd.daemon.supervisor_admin import SupervisorBackend
 from heartbeatd.server.factory import ServerFactory
-from heartbeatd.server.handlers import default_registry
+from heartbeatd.server.handlers import HandlerError, default_registry
 
 TOKEN = "t0ken"
 
@@ -285,3 +290,96 @@ def test_a_body_within_the_cap_is_served(factory, wire) -> None:
     w.flush()
     response = w.response()
     assert response.startswith(b"HTTP/1.1 200 ") and response.endswith(b'{"sent": 1}\n')
+
+
+# -- one routing table over three backends ----------------------------------------------------
+
+
+class Recorder:
+    """A backend that answers every route with its name and params (or what a test sets)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict[str, str]]] = []
+        self.next: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        if name not in {route.handler for route in ROUTES}:
+            raise AttributeError(name)
+
+        def answer(call: Call) -> Any:
+            self.calls.append((name, dict(call.params)))
+            if self.next is not None:
+                result, self.next = self.next, None
+                if isinstance(result, Exception):
+                    raise result
+                return result
+            return Answer({"route": name, **call.params})
+
+        return answer
+
+
+def render(api: AdminApi, method: str, path: str, token: str = "") -> tuple[Any, DummyRequest]:
+    request = DummyRequest(path.lstrip("/").split("/"))
+    request.method = method.encode()
+    request.uri = request.path = path.encode()
+    request.content = io.BytesIO(b"")
+    if token:
+        request.requestHeaders.addRawHeader(b"authorization", f"Bearer {token}".encode())
+    return api.render(request), request
+
+
+def test_every_backend_answers_every_route() -> None:
+    for backend in (LocalBackend, ClusterBackend, SupervisorBackend):
+        for route in ROUTES:
+            assert callable(getattr(backend, route.handler, None)), (backend, route)
+
+
+def test_the_table_routes_params_methods_and_errors() -> None:
+    backend = Recorder()
+    api = AdminApi(backend, AdminPolicy(TOKEN))  # type: ignore[arg-type]
+    body, request = render(api, "DELETE", "/clients/abc", TOKEN)
+    assert json.loads(body) == {"route": "disconnect", "session": "abc"}
+    assert json.loads(render(api, "POST", "/clients/abc/send", TOKEN)[0])["route"] == "send"
+    assert json.loads(render(api, "GET", "/clients/", TOKEN)[0])["route"] == "clients"
+    assert json.loads(render(api, "HEAD", "/metrics", TOKEN)[0])["route"] == "metrics"
+    assert json.loads(render(api, "GET", "/healthz")[0])["route"] == "health"  # public
+    # The token is checked before anything is routed, and nothing is called.
+    calls = len(backend.calls)
+    body, request = render(api, "GET", "/clients")
+    assert request.responseCode == 401 and len(backend.calls) == calls
+    # A known path with another method: 405 and Allow; an unknown one: 404.
+    body, request = render(api, "GET", "/clients/abc", TOKEN)
+    assert request.responseCode == 405
+    assert request.responseHeaders.getRawHeaders(b"allow") == [b"DELETE"]
+    body, request = render(api, "PUT", "/healthz", TOKEN)
+    assert request.responseHeaders.getRawHeaders(b"allow") == [b"GET, HEAD"]
+    body, request = render(api, "GET", "/clients/abc/nope", TOKEN)
+    assert (request.responseCode, json.loads(body)) == (
+        404,
+        {"error": "no such resource: /clients/abc/nope"},
+    )
+    assert len(backend.calls) == calls
+
+
+def test_answers_later_and_typed_failures() -> None:
+    backend = Recorder()
+    api = AdminApi(backend, AdminPolicy())  # type: ignore[arg-type]
+    later: Deferred[Answer] = Deferred()
+    backend.next = later
+    result, request = render(api, "GET", "/clients")
+    assert result == NOT_DONE_YET and not request.finished
+    later.callback(Answer({"count": 0}))
+    assert request.finished and json.loads(b"".join(request.written)) == {"count": 0}
+
+    backend.next = fail(HandlerError("unavailable", "Redis is unreachable"))
+    body, request = render(api, "POST", "/broadcast")
+    assert (request.responseCode, json.loads(body)) == (
+        503,
+        {"error": "Redis is unreachable", "code": "unavailable"},
+    )
+    backend.next = ApiError(400, "bad", "bad_json")
+    body, request = render(api, "POST", "/publish")
+    assert (request.responseCode, json.loads(body)) == (400, {"error": "bad", "code": "bad_json"})
+    backend.next = ZeroDivisionError()
+    body, request = render(api, "GET", "/metrics")
+    assert (request.responseCode, json.loads(body)["code"]) == (500, "internal_error")

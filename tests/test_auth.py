@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import Peer, make_config
+from helpers import Peer, failureResultOf, make_config, successResultOf
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
@@ -318,10 +318,10 @@ def test_client_sends_its_token_and_is_ready_once_accepted(
     ready = client.when_ready()
     pump.flush()
     assert client.identity == "alice" and server.identity == "alice"
-    assert ready.result is client
+    assert successResultOf(ready) is client
     answer = client.request("echo", 5)
     pump.flush()
-    assert answer.result == 5
+    assert successResultOf(answer) == 5
 
 
 def test_client_with_a_wrong_token_or_none_fails_typed(
@@ -333,6 +333,5 @@ def test_client_with_a_wrong_token_or_none_fails_typed(
         client, _, pump = client_server_pair(secured, clock, token=token)
         ready = client.when_ready()
         pump.flush()
-        failure = ready.result
-        ready.addErrback(lambda f: None)
-        assert failure.check(ServerError) and failure.value.code == code
+        failure = failureResultOf(ready, ServerError)
+        assert failure.value.code == code

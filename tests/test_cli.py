@@ -22,7 +22,7 @@ import pytest
 from daemon import Daemon
 from test_admin import ADMIN, http
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.error import DNSLookupError
+from twisted.internet.error import ConnectionDone, DNSLookupError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
@@ -53,6 +53,15 @@ def usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
         (["ping", "127.0.0.1:0"], "invalid port '0'"),
         (["ping", "tcp:host=x:port=abc"], "invalid endpoint 'tcp:host=x:port=abc'"),
         (["ping", "nope:1:2:3"], "invalid endpoint 'nope:1:2:3'"),
+        (["ping", "tcp:host=127.0.0.1"], "invalid endpoint 'tcp:host=127.0.0.1': missing port=..."),
+        (["ping", "tcp:port=9000"], "invalid endpoint 'tcp:port=9000': missing host=..."),
+        (
+            ["ping", "xyz:foo=bar"],
+            "invalid endpoint 'xyz:foo=bar': unknown endpoint type 'xyz'; expected host:port or "
+            "one of ",
+        ),
+        (["clients", "--admin", "ftp://x"], "expected http://HOST:PORT or HOST:PORT"),
+        (["clients", "--admin", "127.0.0.1:abc"], "invalid port in --admin URL"),
         (["request", "127.0.0.1:1", "echo", "{bad"], "'{bad' is not valid JSON"),
         (["ping", "127.0.0.1:1", "-c", "-1"], "argument -c/--count"),
         (["ping", "127.0.0.1:1", "--timeout", "0"], "is not a number > 0"),
@@ -70,7 +79,7 @@ def test_usage_errors_are_one_line_exit_2(
 
 def test_endpoint_errors_after_parsing_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert "invalid endpoint 'tcp:host=x'" in usage_error(["ping", "tcp:host=x"], capsys)
-    assert "'port'" in usage_error(["watch", "tcp:host=x"], capsys)
+    assert "missing port=..." in usage_error(["watch", "tcp:host=x"], capsys)
 
 
 def test_options_after_the_subcommand_and_before_it() -> None:
@@ -90,13 +99,14 @@ def test_version_and_help(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["--help"])
     text = capsys.readouterr().out
-    for word in ("ping", "request", "watch", "clients", "send", "broadcast", "kick"):
+    for word in ("ping", "request", "watch", "subscribe", "publish", "presence", "clients", "kick"):
         assert word in text
     assert "exit status:" in text and "3    could not connect" in text
     with pytest.raises(SystemExit):
         main(["watch", "--help"])
     text = capsys.readouterr().out
     assert "--exit-on-goaway" in text and "exit status:" in text and "--timeout" in text
+    assert "--tls-hostname NAME" in text and "--tls-ca FILE" in text
 
 
 # -- connecting, in-process on a MemoryReactorClock --------------------------------------------
@@ -325,6 +335,26 @@ def test_watch_when_the_server_dies(tmp_path: Path) -> None:
         assert line.startswith(f"heartbeat: connection to 127.0.0.1:{daemon.port} lost")
 
 
+def test_admin_timeout_is_exit_4_and_admin_takes_host_port() -> None:
+    """A listener that accepts and never answers: the deadline, not "the response failed"."""
+    import socket
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        result = subprocess.run(
+            [HEARTBEAT, "clients", "--admin", f"127.0.0.1:{port}", "--timeout", "0.5"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert result.returncode == 4
+    assert result.stderr == (
+        f"heartbeat: no answer from http://127.0.0.1:{port}/clients within 0.5s\n"
+    )
+
+
 def test_admin_subcommands(tmp_path: Path) -> None:
     token = tmp_path / "token"
     token.write_text("tok\n")
@@ -414,3 +444,70 @@ def test_broadcast_summary_counts_clients_on_one_daemon_and_nodes_in_a_cluster()
     # broker and answers {"nodes": N}, without a client count (docs/admin.md).
     assert broadcast_summary("all", {"sent": 3}) == "sent all to 3 client(s)"
     assert broadcast_summary("all", {"nodes": 2}) == "sent all to every client of 2 node(s)"
+
+
+# -- request --no-reply ------------------------------------------------------------------------
+
+
+def test_request_no_reply_sends_without_an_id_and_exits_0_once_written() -> None:
+    reactor, result, out, err, _attempts = start(
+        ["request", "127.0.0.1:9000", "announce", '"hi"', "--no-reply"]
+    )
+    ((_h, _p, factory, _t, _b),) = reactor.tcpClients
+    protocol = factory.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(frame(HELLO))
+    (length,) = [int.from_bytes(transport.value()[:4], "big")]
+    assert json.loads(transport.value()[4 : 4 + length]) == {"type": "announce", "data": "hi"}
+    assert transport.disconnecting  # closing: Twisted writes what is buffered first
+    assert result == []
+    protocol.connectionLost(Failure(ConnectionDone()))
+    assert result == [0] and out.getvalue() == err.getvalue() == ""
+
+
+def test_request_no_reply_that_cannot_be_written_in_time_is_exit_4() -> None:
+    reactor, result, _out, err, _attempts = start(
+        ["request", "127.0.0.1:9000", "announce", "--no-reply", "--timeout", "2"]
+    )
+    ((_h, _p, factory, _t, _b),) = reactor.tcpClients
+    protocol = factory.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(frame(HELLO))
+    assert json.loads(transport.value()[4:]) == {"type": "announce"}
+    reactor.advance(2)  # the peer never reads: the close never completes
+    assert result == [4]
+    assert err.getvalue() == "heartbeat: could not write the message to 127.0.0.1:9000 within 2s\n"
+
+
+def test_request_no_reply_to_a_handler_that_answers_nothing(tmp_path: Path) -> None:
+    from docs_examples import example
+
+    (tmp_path / "myapp_handlers.py").write_text(example("readme-handler"))
+    config = {"handlers": ["myapp_handlers"], "log": {"level": "debug"}}
+    with (
+        Daemon(tmp_path, config, env={"PYTHONPATH": str(tmp_path)}) as daemon,
+        Command("watch", f"127.0.0.1:{daemon.port}") as watch,
+    ):
+        daemon.wait_for(CONNECTED)
+        target = f"127.0.0.1:{daemon.port}"
+        sent = subprocess.run(
+            [HEARTBEAT, "request", "--no-reply", target, "announce", '"hello all"'],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert (sent.returncode, sent.stdout, sent.stderr) == (0, "", "")
+        assert json.loads(watch.next_line()) == {"type": "announcement", "data": "hello all"}
+        # Without --no-reply, the same request waits for a reply that never comes.
+        waited = subprocess.run(
+            [HEARTBEAT, "request", target, "announce", "--timeout", "0.5"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert waited.returncode == 4 and "no reply within 0.5s" in waited.stderr
+        watch.process.send_signal(signal.SIGINT)
+        assert watch.finish() == 0
+        assert daemon.stop() == 0

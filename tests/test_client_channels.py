@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from helpers import iosim, make_config
+from helpers import failureResultOf, iosim, make_config, successResultOf
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IStreamClientEndpoint
@@ -32,7 +32,7 @@ def test_subscribe_delivers_each_publication_once() -> None:
         d = client.subscribe("news", lambda data, offset, sub: got.append((data, offset)))
         pair.flush()
         pair.advance(0)
-        sub = d.result
+        sub = successResultOf(d)
         assert (sub.channel, sub.offset) == ("news", 0) and sub.epoch
         publish(factory, "a", "b")
         pair.flush()
@@ -43,7 +43,7 @@ def test_subscribe_delivers_each_publication_once() -> None:
 
         d = client.unsubscribe("news")
         pair.flush()
-        assert d.result == {"channel": "news"}
+        assert successResultOf(d) == {"channel": "news"}
         publish(factory, "c")
         pair.flush()
         assert len(got) == 2
@@ -53,9 +53,7 @@ def test_subscribe_errors_are_typed() -> None:
     with ServerClientPair() as pair:
         d = pair.client.subscribe("bad name", lambda *a: None)
         pair.flush()
-        failure = d.result
-        d.addErrback(lambda f: None)
-        assert failure.value.code == "bad_channel"
+        assert failureResultOf(d).value.code == "bad_channel"
 
 
 @implementer(IStreamClientEndpoint)

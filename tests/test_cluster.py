@@ -130,7 +130,7 @@ def test_one_service_across_three_nodes(tmp_path: Path) -> None:
             assert (status, sent) == (200, {"sent": 1})
             assert clients[2].expect("note")["data"] == 7
             status, missing = nodes[0].http("POST", "/clients/nobody/send", {"type": "x"})
-            assert status == 400 and missing["code"] == "not_found"
+            assert status == 404 and missing["code"] == "not_found"
 
             assert nodes[1].http("POST", "/broadcast", {"type": "all", "data": 1}) == (
                 200,
@@ -246,6 +246,14 @@ def test_redis_down_is_unavailable_and_nothing_is_lost_silently(tmp_path: Path) 
         finally:
             listener.close()
             publisher.close()
+        for node in nodes:
+            assert node.daemon.stop() == 0
+            log = node.daemon.log
+            # Two outages, each said once going down and once coming back; neither the first
+            # connect ("again") nor the orderly stop (links closed on purpose) is an outage.
+            assert log.count("Redis link down") == 2, log
+            assert log.count("The cluster broker is unreachable") == 2, log
+            assert log.count("The cluster broker is reachable again") == 2, log
 
 
 def test_cluster_redis_url_is_checked_before_listening(tmp_path: Path) -> None:

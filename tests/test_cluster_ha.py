@@ -188,26 +188,3 @@ def test_pub_sub_messages_take_the_fast_path_and_replies_the_usual_one(clock: Cl
     assert bad == ["not UTF-8"]
     clock.advance(5)  # the SUBSCRIBE was answered: its deadline passes harmlessly
     assert broker.timeouts == 0 and not proto.transport.disconnecting
-
-
-def test_a_batch_of_publications_is_written_once_per_client_in_order(clock: Clock) -> None:
-    broker = MemoryBroker(clock)
-    factory = make_factory(clock, broker)
-    watcher, other = Peer(factory), Peer(factory, 40001)
-    epoch = subscribe(watcher, join_leave=True)["epoch"]
-    hub = factory.channels
-    hub.begin_batch()  # as the Redis broker does around one read of pub/sub messages
-    hub.on_publication("news", epoch, 1, '"a"')
-    hub.on_publication("news", epoch, 2, '"b"')
-    assert watcher.received() == []  # held until the batch ends, or something else is written
-    hub.on_presence("news", "join", {"session": "s9", "node": "n", "identity": None})
-    hub.on_publication("news", epoch, 3, '"c"')
-    hub.end_batch()
-    frames = watcher.received()
-    assert [(f["type"], f["data"].get("offset")) for f in frames] == [
-        ("publication", 1),
-        ("publication", 2),
-        ("join", None),
-        ("publication", 3),
-    ]
-    assert other.received() == [] and hub.delivered == 3

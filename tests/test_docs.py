@@ -219,6 +219,66 @@ def test_client_program_example(name: str, daemon: Daemon, tmp_path: Path) -> No
     AGAINST_A_DAEMON[name](example(name), daemon, tmp_path)
 
 
+def test_readme_quickstart_as_a_user_follows_it(tmp_path: Path) -> None:
+    """README's steps as written: the handler saved beside where `make run` runs, `make run
+    CONFIG=...` on your own file, the client example run with the venv's Python."""
+    import os
+    import re
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "myapp_handlers.py").write_text(example("readme-handler"))
+    (work / "example.py").write_text(example("readme-client"))
+    (tmp_path / "daemon").mkdir()
+    daemon = Daemon(tmp_path / "daemon", {"handlers": ["myapp_handlers"]})
+    venv = Path(sys.executable).parent.parent
+    # The exact command `make run` runs (-n: print it; -o: never reinstall for this).
+    planned = subprocess.run(
+        [
+            "make",
+            "-s",
+            "-n",
+            "-f",
+            str(ROOT / "Makefile"),
+            "-o",
+            str(venv / ".installed-stamp"),
+            "run",
+            f"VENV={venv}",
+            f"CONFIG={daemon.config_path}",
+        ],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert planned.returncode == 0, planned.stderr
+    line = planned.stdout.strip().splitlines()[-1]
+    assert "twistd" in line and str(daemon.config_path) in line
+    daemon.argv = ["bash", "-c", f"cd {work} && exec env {line}"]  # env: VAR=x cmd
+    daemon.env = {k: v for k, v in daemon.env.items() if k != "PYTHONPATH"}
+    readme = (ROOT / "README.md").read_text()
+    (run_it,) = re.findall(r"`(\.venv/bin/python example\.py 9000)`", readme)
+    with daemon:
+        command = run_it.replace(".venv/bin/python", str(venv / "bin" / "python"))
+        command = command.replace("9000", str(daemon.port))
+        result = subprocess.run(
+            ["bash", "-c", command], cwd=work, capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines() == ["echo: {'x': 1}", "error code: unknown_type"]
+        heartbeat = str(venv / "bin" / "heartbeat")
+        summed = subprocess.run(
+            [heartbeat, "request", f"127.0.0.1:{daemon.port}", "sum", "[1, 2, 3]"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+        )
+        assert (summed.returncode, summed.stdout) == (0, "6\n"), summed.stderr
+        assert daemon.stop() == 0
+    assert re.search(r"message types: announce, .*\bsum\b", daemon.log), daemon.log
+
+
 def test_yaml_blocks_are_valid_configuration() -> None:
     for block in blocks():
         if block.language == "yaml":

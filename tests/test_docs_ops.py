@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from daemon import Daemon
+from daemon import Daemon, RawClient
 from test_admin import ADMIN, http
 from test_cli import CONNECTED, Command
 
@@ -92,6 +92,21 @@ def test_cli_and_admin_examples(tmp_path: Path) -> None:
         assert daemon.stop() == 0
 
 
+def test_channel_examples(tmp_path: Path) -> None:
+    config = {"channels": {"client_publish": True}}
+    with Daemon(tmp_path, config) as daemon, RawClient(daemon.port) as probe:
+        assert probe.recv()["type"] == "hello"
+        probe.send({"type": "subscribe", "id": 1, "data": {"channel": "news"}})
+        epoch = probe.recv()["data"]["epoch"]
+        env = dict(os.environ)
+        env.update(PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '/usr/bin:/bin')}")
+        env["EPOCH"] = epoch
+        (block,) = blocks("cli.md", "channels")
+        run_lines(block, {"127.0.0.1:9000": f"127.0.0.1:{daemon.port}"}, env)
+        assert probe.recv()["data"] == {"channel": "news", "offset": 1, "data": {"title": "hello"}}
+        assert daemon.stop() == 0
+
+
 def test_curl_examples(tmp_path: Path) -> None:
     if subprocess.run(["which", "curl"], capture_output=True).returncode:
         pytest.skip("curl is not installed")
@@ -106,6 +121,16 @@ def test_curl_examples(tmp_path: Path) -> None:
         }
         (block,) = blocks("admin.md", "curl")
         run_lines(block, replace, dict(os.environ))
+        assert daemon.stop() == 0
+    # What the page says of the 401 line without a token: a bad request, 400.
+    (tmp_path / "open").mkdir()
+    config = {"admin": {"listen": "tcp:0:interface=127.0.0.1"}}
+    with Daemon(tmp_path / "open", config) as daemon:
+        admin = int(daemon.wait_for(ADMIN).group(1))
+        (unauthorized,) = [x for x in block.splitlines() if x.endswith("# prints 401")]
+        line = unauthorized.split("  #", 1)[0].replace("127.0.0.1:9100", f"127.0.0.1:{admin}")
+        result = subprocess.run(["bash", "-c", line], capture_output=True, text=True, timeout=60)
+        assert result.stdout.strip() == "400", result.stdout
         assert daemon.stop() == 0
 
 

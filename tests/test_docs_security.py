@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from daemon import Daemon
 from docs_examples import ROOT, blocks
+from helpers import successResultOf
 
 from heartbeatd.config import parse_config
 from heartbeatd.daemon.tls import check_tls
@@ -56,7 +57,7 @@ def check_security_authenticator(code: str, tmp_path: Path, monkeypatch: Any) ->
     config = parse_config({"auth": {"mode": "custom", "authenticator": "security_doc_auth:check"}})
     authenticator = load_authenticator(config.auth)
     assert authenticator is not None
-    assert authenticator.check("svc-billing", "10.0.0.1:5000").result == "billing"
+    assert successResultOf(authenticator.check("svc-billing", "10.0.0.1:5000")) == "billing"
     assert authenticator.check("nope", "10.0.0.1:5000") is None
 
 

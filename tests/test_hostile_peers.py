@@ -205,6 +205,22 @@ def test_deep_json_gets_a_typed_error_and_no_traceback(tmp_path: Path) -> None:
     assert "internal_error" not in daemon.log
 
 
+def test_json_nested_200_000_deep_is_refused_and_the_daemon_lives(tmp_path: Path) -> None:
+    # orjson before 3.9.15 had no recursion limit: this 400 KB frame, well inside the default
+    # max_frame_bytes, overflowed the C stack and killed the daemon (CVE-2024-27454). Parsing
+    # happens before our own depth check, so the floor in pyproject.toml is what protects us.
+    depth = 200_000
+    body = b'{"type": "echo", "id": 1, "data": ' + b"[" * depth + b"]" * depth + b"}"
+    with Daemon(tmp_path, {}) as daemon, RawClient(daemon.port) as client:
+        client.recv()
+        client.sock.sendall(struct.pack("!I", len(body)) + body)
+        assert client.recv()["error"]["code"] == "too_deep"
+        client.send({"type": "ping", "id": "after"})
+        assert client.recv() == {"type": "pong", "id": "after"}
+        assert daemon.stop() == 0
+    assert "Traceback" not in daemon.log
+
+
 def test_foreign_protocols_get_a_clear_answer_whatever_the_frame_limit(tmp_path: Path) -> None:
     with Daemon(tmp_path, {"max_frame_bytes": 2**32 - 1}) as daemon:
         for first_bytes, logged in [

@@ -168,29 +168,98 @@ import twisted.internet
     assert GRAPH["heartbeatd.client.pool"] >= {"heartbeatd.client.connection"}
 
 
-#: Room -> rooms it must never import (statically, not even for type checking).
+#: Room -> rooms it must never import (statically, not even for type checking).  From the
+#: bottom: the wire; the schema (``config``); the cluster broker, which the server enters
+#: through its small interface; the server; the WebSocket transport, an adapter on the
+#: server's connection core; the daemon, which wires them together.  The client stands apart.
+_ABOVE_CLUSTER = ("heartbeatd.server", "heartbeatd.websocket", "heartbeatd.daemon")
 FORBIDDEN = {
-    "heartbeatd.wire": ("heartbeatd.server", "heartbeatd.client", "heartbeatd.daemon"),
-    "heartbeatd.server": ("heartbeatd.client", "heartbeatd.daemon", "heartbeatd.testing"),
-    "heartbeatd.client": ("heartbeatd.server", "heartbeatd.daemon", "heartbeatd.testing"),
+    "heartbeatd.wire": (
+        "heartbeatd.config",
+        "heartbeatd.cluster",
+        *_ABOVE_CLUSTER,
+        "heartbeatd.client",
+        "heartbeatd.testing",
+    ),
+    "heartbeatd.config": (
+        "heartbeatd.cluster",
+        *_ABOVE_CLUSTER,
+        "heartbeatd.client",
+        "heartbeatd.testing",
+    ),
+    "heartbeatd.cluster": (*_ABOVE_CLUSTER, "heartbeatd.client", "heartbeatd.testing"),
+    "heartbeatd.server": (
+        "heartbeatd.websocket",
+        "heartbeatd.daemon",
+        "heartbeatd.client",
+        "heartbeatd.testing",
+    ),
+    "heartbeatd.websocket": ("heartbeatd.daemon", "heartbeatd.client", "heartbeatd.testing"),
+    "heartbeatd.client": (
+        "heartbeatd.server",
+        "heartbeatd.websocket",
+        "heartbeatd.cluster",
+        "heartbeatd.daemon",
+        "heartbeatd.testing",
+    ),
     "heartbeatd.daemon": ("heartbeatd.testing",),
 }
 SHARED = ("heartbeatd._validation", "heartbeatd._logging", "heartbeatd._direct_write")
 
 
+def forbidden_imports(name: str, targets: set[str]) -> list[str]:
+    """``name -> target`` for each import of ``targets`` that breaks ``name``'s room's rule."""
+    return [
+        f"{name} -> {target}"
+        for room, rule in FORBIDDEN.items()
+        if under([name], room)
+        for target in under(sorted(targets), *rule)
+    ]
+
+
 @pytest.mark.parametrize("room", sorted(FORBIDDEN))
 def test_imports_point_down(room: str) -> None:
     wrong = {
-        f"{name} -> {target}"
+        line
         for name, targets in GRAPH.items()
         if under([name], room)
-        for target in under(sorted(targets), *FORBIDDEN[room])
+        for line in forbidden_imports(name, targets)
     }
     assert sorted(wrong) == []
 
 
+@pytest.mark.parametrize(
+    ("name", "source"),
+    [
+        ("heartbeatd.cluster.example", "from heartbeatd.server.factory import ServerFactory"),
+        ("heartbeatd.cluster.example", "from heartbeatd.daemon import tap"),
+        ("heartbeatd.config", "from heartbeatd.cluster.broker import Broker"),
+        ("heartbeatd.config", "import heartbeatd.server.handlers"),
+        ("heartbeatd.server.example", "from heartbeatd.websocket.protocol import WebSocketSite"),
+        ("heartbeatd.websocket.example", "from heartbeatd.daemon.tls import ServerTLS"),
+        ("heartbeatd.wire.example", "from heartbeatd.config import Config"),
+    ],
+)
+def test_the_rules_see_an_upward_import(name: str, source: str) -> None:
+    assert forbidden_imports(name, imports_in(source, name)) != []
+
+
+def test_the_websocket_room_loads_no_wsproto_until_asked() -> None:
+    """The daemon checks for the extra through the front door, which must load nothing."""
+    loaded = loaded_modules("import heartbeatd.websocket")
+    assert under(loaded, "wsproto", "h11", "heartbeatd.server", "heartbeatd.daemon") == []
+
+
 def test_shared_private_modules_import_no_room() -> None:
-    rooms = ("heartbeatd.server", "heartbeatd.client", "heartbeatd.daemon", "heartbeatd.testing")
+    rooms = (
+        "heartbeatd.config",
+        "heartbeatd.cluster",
+        "heartbeatd.server",
+        "heartbeatd.websocket",
+        "heartbeatd.client",
+        "heartbeatd.daemon",
+        "heartbeatd.testing",
+    )
     wrong = [f"{m} -> {t}" for m in SHARED for t in under(sorted(GRAPH[m]), *rooms)]
     assert wrong == []
 

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PATHS = ["heartbeatd", "tests", "twisted_plugins", "bench"]
+PATHS = ["heartbeatd", "tests", "twisted_plugins", "bench", "examples", "js/test/fixtures"]
 RUFF = str(Path(sys.executable).parent / "ruff")
 
 

@@ -2,8 +2,8 @@
 
 `make test` runs the suite twice: in .venv with the newest releases, and in .venv-oldest
 installed with ``-c tests/oldest-constraints.txt``, the ``>=`` floor of every runtime
-dependency (with ``HEARTBEATD_OLDEST=1`` set).  These tests keep the two files in step and
-check that the second run really is on the floors.
+dependency and of the websocket extra (with ``HEARTBEATD_OLDEST=1`` set).  These tests keep
+the two files in step and check that the second run really is on the floors.
 """
 
 from __future__ import annotations
@@ -28,11 +28,17 @@ def normalise(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
+#: Extras whose floors the oldest run pins too (the test extra installs them).
+PINNED_EXTRAS = ("websocket",)
+
+
 def floors() -> dict[str, str]:
-    """Runtime dependency -> its ``>=`` floor, from pyproject.toml."""
+    """Runtime dependency -> its ``>=`` floor, from pyproject.toml (with `PINNED_EXTRAS`)."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     out = {}
-    for requirement in project["dependencies"]:
+    extras = project["optional-dependencies"]
+    requirements = [*project["dependencies"], *(r for e in PINNED_EXTRAS for r in extras[e])]
+    for requirement in requirements:
         spec = requirement.split(";", 1)[0].replace(" ", "")
         match = re.fullmatch(r"([A-Za-z0-9_.\-]+)>=([0-9][0-9A-Za-z.]*)", spec)
         assert match, f"{requirement!r}: give every runtime dependency a plain >= floor"

@@ -106,6 +106,9 @@ SHIPPED = (
     "heartbeatd.service",
     "heartbeatd.socket",
     "heartbeatd.service.d/socket-activation.conf",
+    "sysctl.d/60-heartbeatd.conf",
+    "heartbeatd-dashboard.json",
+    "heartbeatd.rules.yml",
 )
 
 

@@ -434,3 +434,119 @@ def test_shared_request_breaking_a_borrowed_connection_retires_it(h: Harness) ->
     assert not conn.closed  # not pulled from under its borrower...
     h.pool.release(conn)
     assert conn.closed  # ...but destroyed when given back
+
+
+# -- several endpoints -------------------------------------------------------------------------
+
+
+class ManyHarness:
+    """A pool over endpoints "a", "b"...; each connect is a Deferred the test settles."""
+
+    def __init__(self, clock: Clock, names: str = "ab", **config: Any) -> None:
+        self.clock = clock
+        self.connects: list[tuple[str, Deferred]] = []
+        defaults = {
+            "min_idle": 0,
+            "max_size": 4,
+            "idle_timeout": 0,
+            "max_lifetime": 0,
+            "backoff_initial": 1,
+            "backoff_max": 8,
+            "probe_interval": 0,
+        }
+        config = {**defaults, **config, "endpoint": list(names)}
+        self.pool = Pool(clock, PoolConfig(**config), random=lambda: 0.5, connect_to=self._connect)
+
+    def _connect(self, endpoint: str) -> Deferred:
+        d: Deferred = Deferred()
+        self.connects.append((endpoint, d))
+        return d
+
+    def targets(self) -> list[str]:
+        return [endpoint for endpoint, _ in self.connects]
+
+    def pending(self) -> list[str]:
+        return [endpoint for endpoint, d in self.connects if not d.called]
+
+    def succeed(self, index: int = -1) -> FakeConn:
+        endpoint, d = self.connects[index]
+        conn = FakeConn(f"{endpoint}{index % len(self.connects)}")
+        d.callback(conn)
+        return conn
+
+    def refuse(self, index: int = -1) -> None:
+        self.connects[index][1].errback(ConnectionRefusedError("connection refused"))
+
+    def per_endpoint(self) -> dict[str, tuple[int, bool]]:
+        return {
+            e["endpoint"]: (e["connections"], e["down"]) for e in self.pool.stats()["endpoints"]
+        }
+
+
+def test_new_connections_spread_over_the_endpoints(clock: Clock) -> None:
+    h = ManyHarness(clock, "abc", max_size=6)
+    borrowed = [h.pool.acquire() for _ in range(6)]
+    assert h.targets() == ["a", "b", "c", "a", "b", "c"]
+    for i in range(6):
+        h.succeed(i)
+    assert all(d.called for d in borrowed)
+    assert h.per_endpoint() == {"a": (2, False), "b": (2, False), "c": (2, False)}
+    # One of b's connections dies: its replacement goes to the least loaded endpoint, b.
+    conns = [result(d) for d in borrowed]
+    h.pool.release(conns[1], broken=True)
+    h.pool.acquire()
+    assert h.targets()[-1] == "b"
+    h.refuse()  # and a failed attempt is not counted as a connection
+    assert h.per_endpoint()["b"] == (1, True)
+    h.pool.close()
+    assert h.per_endpoint() == {"a": (0, False), "b": (0, True), "c": (0, False)}
+
+
+def test_a_failed_endpoint_is_skipped_until_its_own_backoff_passes(clock: Clock) -> None:
+    h = ManyHarness(clock)
+    first = h.pool.acquire()
+    assert h.targets() == ["a"]
+    h.refuse()  # a is down; b serves, at once, and the pool is not down
+    assert h.targets() == ["a", "b"]
+    assert_stats(h.pool, server_down=False, attempt=0)
+    conn = h.succeed()
+    assert result(first) is conn
+    more = [h.pool.acquire() for _ in range(2)]
+    assert h.targets() == ["a", "b", "b", "b"]  # a waits out its backoff (0.5 * cap 1)
+    h.succeed(2)
+    h.succeed(3)
+    assert all(d.called for d in more)
+    assert h.per_endpoint() == {"a": (0, True), "b": (3, False)}
+    clock.advance(0.5)
+    h.pool.acquire()
+    assert h.targets()[-1] == "a"  # due again, and the least loaded
+    h.succeed()
+    assert h.per_endpoint() == {"a": (1, False), "b": (3, False)}
+
+
+def test_a_full_round_of_failures_backs_off_and_an_outage_probes_in_rounds(clock: Clock) -> None:
+    h = ManyHarness(clock, "abc")
+    waiter = h.pool.acquire()
+    h.refuse()  # a
+    assert h.pending() == ["b"]
+    h.refuse()  # b
+    assert h.pending() == ["c"]
+    h.refuse()  # c: every endpoint failed, one failed round
+    assert_stats(h.pool, server_down=True, attempt=1, creating=0)
+    assert h.pool.stats()["next_retry_in"] == 0.5  # 0.5 * cap 1
+    clock.advance(0.5)
+    assert h.pending() == ["a"]  # a round of probes, one at a time, without delays between
+    h.refuse()
+    assert h.pending() == ["b"]
+    h.refuse()
+    assert h.pending() == ["c"]
+    h.refuse()
+    assert_stats(h.pool, server_down=True, attempt=2)
+    assert h.pool.stats()["next_retry_in"] == 1.0  # the second round: 0.5 * cap 2
+    clock.advance(1.0)
+    assert h.pending() == ["a"]
+    h.refuse()
+    conn = h.succeed()  # b is back: the outage is over, the count reset
+    assert result(waiter) is conn
+    assert_stats(h.pool, server_down=False, attempt=0)
+    assert h.per_endpoint()["b"] == (1, False)

@@ -1,7 +1,7 @@
 """The inlined hot path and the general path must put the same bytes on the wire.
 
-`ServerProtocol._handle_envelopes` answers plain synchronous requests without building
-`Message` objects; anything unusual falls back to `_handle_item`.  A protocol with
+The hot path inlined in `Connection._deliver` answers plain synchronous requests without
+building `Message` objects; anything unusual falls back to `_handle_item`.  A protocol with
 ``fast_path = False`` sends everything through the general path, so for any sequence of frames,
 cut into reads anywhere, the two must write identical bytes.
 """

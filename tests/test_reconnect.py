@@ -239,7 +239,7 @@ def test_a_server_refusing_before_the_hello_is_backed_off_from(clock: Clock) -> 
         (call,) = clock.getDelayedCalls()
         delays.append(call.getTime() - clock.seconds())
         clock.advance(delays[-1])
-    assert delays == [1.0, 2.0, 2.0, 2.0]  # grows (0.5 * cap 2, 4, 4...), not 0.5 forever
+    assert delays == [0.5, 1.0, 2.0, 2.0]  # grows (0.5 * cap 1, 2, 4, 4), not 0.5 forever
     assert client.last_error == "too_many_connections: full"
     client.stop()
 
@@ -256,4 +256,97 @@ def test_callers_may_use_the_client_again_from_their_callbacks(clock: Clock) -> 
     endpoint.accept()
     clock.advance(0)
     assert successResultOf(retry).hello["session"] == "s"
+    client.stop()
+
+
+# -- several endpoints -------------------------------------------------------------------------
+
+
+def make_many(clock: Clock, count: int) -> tuple[ReconnectingClient, list[FakeEndpoint]]:
+    endpoints = [FakeEndpoint() for _ in range(count)]
+    client = ReconnectingClient(
+        clock, endpoints, backoff_initial=1, backoff_max=4, random=lambda: 0.5
+    )
+    client.start()
+    return client, endpoints
+
+
+def next_delay(clock: Clock) -> float:
+    (call,) = clock.getDelayedCalls()
+    delay: float = call.getTime() - clock.seconds()
+    clock.advance(delay)
+    return delay
+
+
+def attempts(endpoints: list[FakeEndpoint]) -> list[int]:
+    return [len(e.attempts) for e in endpoints]
+
+
+def test_a_failed_endpoint_moves_to_the_next_at_once_and_a_full_round_backs_off(
+    clock: Clock,
+) -> None:
+    client, (a, b) = make_many(clock, 2)
+    assert attempts([a, b]) == [1, 0]
+    a.refuse()
+    assert next_delay(clock) == 0  # the next endpoint at once
+    assert attempts([a, b]) == [1, 1]
+    b.refuse()
+    assert next_delay(clock) == 0.5  # a full round failed: one step (0.5 * cap 1)
+    a.refuse()
+    assert next_delay(clock) == 0
+    b.refuse()
+    assert next_delay(clock) == 1.0  # the second round: 0.5 * cap 2
+    assert attempts([a, b]) == [3, 2]
+    connected = client.when_connected()
+    proto, _ = a.accept()
+    assert successResultOf(connected).hello["session"] == "s"
+    assert client.current == 0 and client.last_error is None
+
+    # A success resets the count: lost, it comes back to the same endpoint after one step.
+    proto.connectionLost(Failure(ConnectionDone()))
+    assert next_delay(clock) == 0.5
+    assert attempts([a, b]) == [4, 2]
+    a.refuse()
+    assert next_delay(clock) == 0  # then the other one, at once
+    assert attempts([a, b]) == [4, 3]
+    client.stop()
+
+
+def test_an_endpoint_that_accepts_but_sends_no_hello_counts_as_failed(clock: Clock) -> None:
+    client, (a, b, c) = make_many(clock, 3)
+    proto, _ = a.accept(hello=False)
+    busy = {"type": "error", "error": {"code": "too_many_connections", "message": "full"}}
+    proto.dataReceived(frame(busy))
+    proto.connectionLost(Failure(ConnectionDone()))
+    assert next_delay(clock) == 0
+    assert attempts([a, b, c]) == [1, 1, 0]
+    b.refuse()
+    assert next_delay(clock) == 0
+    c.refuse()
+    assert next_delay(clock) == 0.5  # three failures, one round
+    assert attempts([a, b, c]) == [2, 1, 1]
+    client.stop()
+
+
+def test_goaway_moves_to_another_endpoint(clock: Clock) -> None:
+    client, (a, b) = make_many(clock, 2)
+    proto, _ = a.accept()
+    proto.dataReceived(frame({"type": "goaway", "data": {"reconnect_after": 2}}))
+    assert client.current == 1
+    proto.connectionLost(Failure(ConnectionDone()))
+    assert next_delay(clock) == 1.0  # 0.5 of the 2 s window
+    assert attempts([a, b]) == [1, 1]
+    client.stop()
+
+
+def test_when_connected_fail_after_a_round(clock: Clock) -> None:
+    client, (a, b) = make_many(clock, 2)
+    d = client.when_connected(fail_after=2)
+    a.refuse()
+    clock.advance(0)
+    assertNoResult(d)
+    b.refuse()
+    clock.advance(0)  # told a moment later, outside ClientService's state machine
+    failure = failureResultOf(d, ConnectionFailed)
+    assert "refused" in str(failure.value)
     client.stop()

@@ -45,6 +45,7 @@ def test_sighup_rereads_the_tokens_file(tmp_path: Path) -> None:
             goaway = staying.recv()
             assert goaway["type"] == "goaway" and goaway["data"]["reason"] == "token_revoked"
             assert staying.recv() is None
-            daemon.wait_for(r"closed 1 connection\(s\) whose token was removed")
+            # 1 or 2: the server may not yet have seen the earlier login's connection close.
+            daemon.wait_for(r"closed [12] connection\(s\) whose token was removed")
         assert daemon.stop() == 0
     assert "alice-1" not in daemon.log and "dave-2" not in daemon.log

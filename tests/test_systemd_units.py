@@ -124,6 +124,7 @@ def shipped_config(tmp_path: Path, listen: str) -> Path:
     raw = yaml.safe_load((CONFIG / "heartbeatd.yaml").read_text())
     raw["listen"] = listen
     raw["admin"]["listen"] = ""
+    raw["websocket"]["listen"] = ""
     raw["shutdown"]["drain_timeout"] = 0.2
     path = tmp_path / "heartbeatd.yaml"
     path.write_text(yaml.safe_dump(raw))

@@ -266,6 +266,14 @@ def test_cli_speaks_tls_with_a_client_certificate_and_a_token(tmp_path: Path, ce
         )
         assert ok.returncode == 0, ok.stderr
         assert json.loads(ok.stdout) == "bob"  # the token's identity wins over the subject
+        # The channel verbs take the same options.
+        who = subprocess.run(
+            [HEARTBEAT, *tls_args, f"--token-file={token_file}", "presence", address, "news"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert (who.returncode, json.loads(who.stdout)) == (0, {"channel": "news", "clients": []})
 
         token_file.write_text("n0t-the-t0ken\n")
         refused = subprocess.run(
@@ -456,3 +464,30 @@ def test_tcp_options_reach_the_socket_under_tls(tmp_path: Path, certs: Certs) ->
     finally:
         peer.close()
         accepted.close()
+
+
+def test_a_plain_cli_against_a_tls_port_is_told_to_give_tls_ca(
+    tmp_path: Path, certs: Certs
+) -> None:
+    with Daemon(tmp_path, tls_config(certs)) as daemon:
+        plain = subprocess.run(
+            [HEARTBEAT, "ping", f"127.0.0.1:{daemon.port}", "-c", "1", "--timeout", "0.5"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert plain.returncode == 4
+        assert plain.stderr == (
+            f"heartbeat: timed out connecting to 127.0.0.1:{daemon.port}: no hello from the "
+            "server within 0.5s; is it a TLS port? give --tls-ca\n"
+        )
+        secure = subprocess.run(
+            [HEARTBEAT, "ping", f"localhost:{daemon.port}", "-c", "1", f"--tls-ca={certs.ca_file}"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert secure.returncode == 0, secure.stderr
+        assert daemon.stop() == 0
+    # Twisted's stock port lines are left out of the log, TLS ones too (docs/admin.md).
+    assert re.search(r"starting on|Port \d+ Closed", daemon.log) is None, daemon.log

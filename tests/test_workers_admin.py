@@ -237,6 +237,14 @@ def admin_for(states: dict[int, str]) -> tuple[SupervisorAdmin, FakeChannel]:
     return admin, channel
 
 
+def render(admin: SupervisorAdmin, request: DummyRequest) -> None:
+    """As twisted.web does: an answer rendered at once is written and the request finished."""
+    result = admin.render(request)
+    if isinstance(result, bytes):
+        request.write(result)
+        request.finish()
+
+
 def answer(request: DummyRequest) -> tuple[int, Any]:
     assert request.finished
     return request.responseCode or 200, json.loads(b"".join(request.written))
@@ -245,8 +253,8 @@ def answer(request: DummyRequest) -> tuple[int, Any]:
 def test_concurrent_probes_share_one_question_per_worker_and_a_late_one_is_named() -> None:
     admin, channel = admin_for({0: "serving", 1: "serving"})
     first, second = admin_request(b"GET", b"/healthz"), admin_request(b"GET", b"/healthz")
-    admin.render(first)
-    admin.render(second)
+    render(admin, first)
+    render(admin, second)
     assert [(path, uri) for path, _, uri, _ in channel.asked] == [
         ("w0.sock", b"/healthz"),
         ("w1.sock", b"/healthz"),
@@ -262,18 +270,35 @@ def test_concurrent_probes_share_one_question_per_worker_and_a_late_one_is_named
 def test_kick_asks_every_serving_worker_and_the_holder_answers() -> None:
     admin, channel = admin_for({0: "serving", 1: "serving"})
     request = admin_request(b"DELETE", b"/clients/abc")
-    admin.render(request)
-    assert [(m, u) for _, m, u, _ in channel.asked] == [(b"DELETE", b"/clients/abc")] * 2
+    render(admin, request)
+    assert [(m, u) for _, m, u, _ in channel.asked] == [
+        (b"DELETE", b"/clients/abc?scope=local")
+    ] * 2
     channel.asked[0][3].callback(Reply(404, {}, b'{"error": "no client"}'))
     channel.asked[1][3].callback(Reply(200, {}, b'{"disconnected": "abc"}'))
     assert answer(request) == (200, {"disconnected": "abc", "worker": 1})
+
+
+def test_kick_held_by_no_worker_is_forwarded_to_find_it_on_another_node() -> None:
+    admin, channel = admin_for({0: "serving", 1: "serving"})
+    request = admin_request(b"DELETE", b"/clients/abc")
+    render(admin, request)
+    for asked in channel.asked[:2]:
+        asked[3].callback(Reply(404, {}, b'{"error": "no client on this node"}'))
+    # Held by none: the first worker is asked without ?scope=local (the whole cluster).
+    assert [(p, m, u) for p, m, u, _ in channel.asked[2:]] == [
+        ("w0.sock", b"DELETE", b"/clients/abc")
+    ]
+    assert not request.finished
+    channel.asked[2][3].callback(Reply(200, {}, b'{"disconnected": "abc"}'))
+    assert answer(request) == (200, {"disconnected": "abc"})
 
 
 def test_with_no_worker_serving_requests_get_503_and_only_healthz_asks_nobody() -> None:
     admin, channel = admin_for({0: "restarting", 1: "starting"})
     for method, uri in [(b"GET", b"/clients"), (b"DELETE", b"/clients/x"), (b"GET", b"/healthz")]:
         request = admin_request(method, uri)
-        admin.render(request)
+        render(admin, request)
         code, body = answer(request)
         assert code == 503, (uri, body)
     assert body["status"] == "unavailable" and body["missing"] == {
@@ -387,7 +412,8 @@ def test_kick_reaches_the_worker_holding_the_client_and_the_rest_is_forwarded(
             while target.raw.recv() is not None:
                 pass  # read up to the server's close: the kick happened
             status, body = http(daemon.admin, "DELETE", "/clients/nobody")
-            assert status == 404 and body["error"] == "no client 'nobody' on any worker"
+            # Held by no worker: forwarded, and no node of the cluster has it either.
+            assert status == 404 and body["error"] == "no client 'nobody' in the cluster"
             # Send and the index are forwarded to a worker: cluster-wide with Redis.
             other = next(c for c in clients if c is not target)
             status, body = http(

@@ -15,9 +15,14 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 from twisted.internet import error as twisted_errors
-from twisted.internet.defer import CancelledError, ensureDeferred
-from twisted.web.client import Agent, FileBodyProducer, ResponseFailed, readBody
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.internet.defer import TimeoutError as DeferredTimeout
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, FileBodyProducer, ResponseDone, ResponseFailed
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
 from heartbeatd.client._cli_common import (
     EXIT_CONNECTION,
@@ -30,10 +35,72 @@ from heartbeatd.client._cli_common import (
     Context,
 )
 
-__all__ = ["admin_command"]
+__all__ = ["AnswerTooLarge", "admin_command", "read_bounded"]
 
 #: Largest admin answer read (a /clients listing of ~100k clients fits).
 MAX_RESPONSE_BYTES = 256 * 1024 * 1024
+
+
+class AnswerTooLarge(Exception):
+    """The admin API's answer is longer than the bound; reading it was stopped."""
+
+    def __init__(self, limit: int, length: int | None = None) -> None:
+        said = f" ({length} bytes)" if length is not None else ""
+        super().__init__(f"answer larger than {limit} bytes{said}; not read")
+        self.limit = limit
+        self.length = length
+
+
+class _BoundedBody(Protocol):
+    """Collect a response body up to ``limit`` bytes; beyond, stop reading and fail.
+
+    A chunked answer (a cluster's, or a supervisor's) announces no length, so the bound is
+    checked as the bytes arrive, not only against ``Content-Length``.
+    """
+
+    def __init__(self, limit: int, done: Deferred[bytes]) -> None:
+        self.limit = limit
+        self.done = done
+        self.chunks: list[bytes] = []
+        self.size = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.done.called:
+            return
+        self.size += len(data)
+        if self.size > self.limit:
+            self.chunks.clear()
+            self.done.errback(AnswerTooLarge(self.limit))
+            if self.transport is not None:
+                self.transport.stopProducing()
+            return
+        self.chunks.append(data)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if self.done.called:
+            return
+        if reason is None or reason.check(ResponseDone, PotentialDataLoss):
+            # PotentialDataLoss: an answer without a length that ended with its connection;
+            # what was read is the whole body (as twisted.web's readBody takes it).
+            self.done.callback(b"".join(self.chunks))
+        else:
+            self.done.errback(reason)
+
+
+def read_bounded(response: IResponse, limit: int = MAX_RESPONSE_BYTES) -> Deferred[bytes]:
+    """The body of ``response``, or an `AnswerTooLarge` failure past ``limit`` bytes.
+
+    ``response.length`` is an int or `UNKNOWN_LENGTH` (a chunked answer); a known length above
+    the bound is refused before a byte is read.
+    """
+    done: Deferred[bytes] = Deferred()
+    length = response.length
+    if length is not UNKNOWN_LENGTH and isinstance(length, int) and length > limit:
+        response.deliverBody(_Discard())
+        done.errback(AnswerTooLarge(limit, length))
+        return done
+    response.deliverBody(_BoundedBody(limit, done))
+    return done
 
 
 def read_token(path: str | None) -> str:
@@ -50,9 +117,14 @@ def read_token(path: str | None) -> str:
 
 
 def base_url(text: str) -> str:
+    """``--admin``: a URL, or ``host:port`` as the wire commands take it (plain HTTP)."""
+    if "://" not in text:
+        text = f"http://{text}"
     parts = urlsplit(text)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise CliError(EXIT_USAGE, f"invalid --admin URL {text!r}; expected http://HOST:PORT")
+        raise CliError(
+            EXIT_USAGE, f"invalid --admin URL {text!r}; expected http://HOST:PORT or HOST:PORT"
+        )
     try:
         parts.port  # noqa: B018 - raises ValueError for a bad port
     except ValueError:
@@ -76,10 +148,7 @@ async def call(ctx: Context, method: str, path: str, body: Any = None) -> Any:
 
     async def exchange() -> tuple[int, bytes]:
         response = await agent.request(method.encode(), url.encode(), headers, producer)
-        if response.length is not None and response.length > MAX_RESPONSE_BYTES:
-            response.deliverBody(_Discard())
-            raise CliError(EXIT_SERVER_ERROR, f"answer too large ({response.length} bytes)")
-        return response.code, await readBody(response)
+        return response.code, await read_bounded(response, MAX_RESPONSE_BYTES)
 
     pending = ensureDeferred(exchange())
     pending.addTimeout(args.timeout, ctx.reactor)
@@ -87,15 +156,24 @@ async def call(ctx: Context, method: str, path: str, body: Any = None) -> Any:
         interrupted, outcome = await ctx.interrupt.until(pending)
     except CliError:
         raise
-    except (twisted_errors.TimeoutError, CancelledError):
+    except AnswerTooLarge as e:
+        raise CliError(EXIT_SERVER_ERROR, f"{args.admin}: {e}") from None
+    except (twisted_errors.TimeoutError, DeferredTimeout, CancelledError):
         raise CliError(EXIT_TIMEOUT, f"no answer from {url} within {args.timeout:g}s") from None
+    except ResponseFailed as e:
+        # Our deadline cancels the request: Agent reports that as a failed response.
+        if any(r.check(CancelledError) for r in e.reasons):
+            raise CliError(EXIT_TIMEOUT, f"no answer from {url} within {args.timeout:g}s") from None
+        raise CliError(
+            EXIT_CONNECTION, f"cannot reach the admin API at {args.admin}: {_why(e)}"
+        ) from None
     except twisted_errors.DNSLookupError as e:
         raise CliError(EXIT_CONNECTION, f"cannot resolve the host of {args.admin}: {e}") from None
     except twisted_errors.ConnectionRefusedError:
         raise CliError(
             EXIT_CONNECTION, f"cannot reach the admin API at {args.admin}: connection refused"
         ) from None
-    except (twisted_errors.ConnectError, ResponseFailed, OSError) as e:
+    except (twisted_errors.ConnectError, OSError) as e:
         raise CliError(
             EXIT_CONNECTION, f"cannot reach the admin API at {args.admin}: {_why(e)}"
         ) from None

@@ -146,9 +146,13 @@ class Context:
         call = self.reactor.callLater(seconds, d.callback, None)
         return d
 
-    async def connect(self, endpoint: IStreamClientEndpoint) -> ClientConnection:
-        """Connect and await the hello, with a deadline; every failure a `CliError`."""
+    async def connect(
+        self, endpoint: IStreamClientEndpoint, target: str | None = None
+    ) -> ClientConnection:
+        """Connect and await the hello, with a deadline; every failure a `CliError`
+        (naming ``target``, the endpoint as the user wrote it; default ENDPOINT)."""
         args = self.args
+        target = args.endpoint if target is None else target
         tls, token = credentials(args)
         try:
             connecting = connect(
@@ -167,7 +171,7 @@ class Context:
         try:
             interrupted, conn = await self.interrupt.until(connecting)
         except Exception as e:
-            raise connect_failure(e, args.endpoint) from None
+            raise connect_failure(e, target, tls_hint=tls is None) from None
         if interrupted:
             raise CliError(EXIT_INTERRUPTED, "interrupted")
         return conn  # type: ignore[no-any-return]
@@ -202,8 +206,18 @@ def _silence(stream: TextIO) -> None:
         pass
 
 
-def connect_failure(e: BaseException, target: str) -> CliError:
-    """Why a connection could not be made, as one line and an exit status."""
+#: Said when a plaintext client heard no hello: a TLS server says nothing until the client's
+#: ClientHello, so a plain client and a TLS port wait on each other in silence.
+TLS_HINT = "is it a TLS port? give --tls-ca"
+
+
+def connect_failure(e: BaseException, target: str, tls_hint: bool = False) -> CliError:
+    """Why a connection could not be made, as one line and an exit status.
+
+    ``tls_hint``: the connection was plaintext, so a silent server may be a TLS one.
+    """
+    if isinstance(e, HandshakeTimeout) and tls_hint:
+        return CliError(EXIT_TIMEOUT, f"timed out connecting to {target}: {e}; {TLS_HINT}")
     if isinstance(e, ConnectionFailed) and e.__cause__ is not None:
         e = e.__cause__  # the library's typed wrapper: sort by what actually happened
     if isinstance(e, twisted_errors.DNSLookupError):

@@ -15,7 +15,9 @@ import textwrap
 from collections.abc import Callable, Coroutine
 from typing import Any, NoReturn, TextIO
 
+from twisted.internet import error as twisted_errors
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.interfaces import IStreamClientEndpoint
 
 from heartbeatd._version import __version__
@@ -57,6 +59,11 @@ ENDPOINT_HELP = (
     "host:port (e.g. 127.0.0.1:9000, [::1]:9000) or a Twisted client endpoint string "
     "(tcp:host=H:port=P, unix:path=/run/heartbeatd.sock, tls:host=H:port=P)"
 )
+SEVERAL_HELP = (
+    "Several, separated by commas (the nodes of a cluster: 10.0.0.1:9000,10.0.0.2:9000), "
+    "are tried in turn: a command connects to the first that answers; subscribe moves to "
+    "the next one when its connection is lost, and watch and subscribe after a goaway."
+)
 _HOST_PORT = re.compile(r"(?P<host>[\w.\-]+|\[[0-9A-Fa-f:.]+\]):(?P<port>[^:]*)")
 #: Twisted client endpoint types a ``word:...`` may name (``unix:`` is not host "unix").
 _ENDPOINT_TYPES = frozenset({"tcp", "tcp6", "unix", "tls", "ssl", "hostname", "tor", "onion"})
@@ -72,8 +79,8 @@ def endpoint_string(text: str) -> str:
     Raises `CliError` (usage) for a ``host:port`` whose port is not 1..65535.
     """
     match = _HOST_PORT.fullmatch(text)
-    if match is None or match["host"].lower() in _ENDPOINT_TYPES:
-        return text
+    if match is None or match["host"].lower() in _ENDPOINT_TYPES or "=" in match["port"]:
+        return text  # ``xyz:foo=bar`` is an endpoint string of an unknown type, not a port
     port = match["port"]
     if not port.isdigit() or not 1 <= int(port) <= 65535:
         raise CliError(EXIT_USAGE, f"invalid port {port!r} in {text!r}; expected 1..65535")
@@ -81,13 +88,44 @@ def endpoint_string(text: str) -> str:
     return f"tcp:host={host}:port={int(port)}"
 
 
+def _endpoint_types() -> list[str]:
+    """The client endpoint types Twisted knows here (built in, and from plugins)."""
+    from twisted.internet import endpoints
+    from twisted.internet.interfaces import IStreamClientEndpointStringParserWithReactor
+    from twisted.plugin import getPlugins
+
+    # Twisted's built-in parsers (a private table: read with a fallback of its contents).
+    builtin = getattr(endpoints, "_clientParsers", None) or {"tcp": 0, "ssl": 0, "unix": 0}
+    names = {str(name).lower() for name in builtin}
+    try:
+        plugins = getPlugins(IStreamClientEndpointStringParserWithReactor)
+        names.update(str(p.prefix).lower() for p in plugins)
+    except Exception:  # a broken plugin must not hide the user's mistake
+        pass
+    return sorted(names)
+
+
+#: Twisted's message for a missing endpoint argument: "... missing 1 required positional
+#: argument: 'port'" (or "arguments: 'host' and 'port'").
+_MISSING = re.compile(r"missing \d+ required (?:positional |keyword-only )?arguments?: (.*)")
+
+
 def client_endpoint(reactor: Any, text: str) -> IStreamClientEndpoint:
     """Parse ENDPOINT without connecting; a malformed one is a one-line usage error."""
     from twisted.internet.endpoints import clientFromString
 
     description = endpoint_string(text)
-    if _ENDPOINT_KINDS.match(description) is None:
+    kind = _ENDPOINT_KINDS.match(description)
+    if kind is None:
         raise CliError(EXIT_USAGE, f"invalid endpoint {text!r}; expected {ENDPOINT_HELP}")
+    known = _endpoint_types()
+    name = kind.group(0)[:-1].lower()
+    if name not in known:
+        raise CliError(
+            EXIT_USAGE,
+            f"invalid endpoint {text!r}: unknown endpoint type {name!r}; expected host:port "
+            f"or one of {', '.join(f'{k}:' for k in known)}",
+        )
     try:
         return clientFromString(reactor, description)
     except (ImportError, NameError):  # Twisted's TLS endpoints without pyOpenSSL
@@ -95,8 +133,51 @@ def client_endpoint(reactor: Any, text: str) -> IStreamClientEndpoint:
             EXIT_USAGE, f"endpoint {text!r} needs TLS support: pip install 'twisted[tls]'"
         ) from None
     except Exception as e:  # Twisted raises ValueError, KeyError, TypeError... for bad strings
+        missing = _MISSING.search(str(e))
+        if missing is not None:
+            names = re.findall(r"'(\w+)'", missing.group(1))
+            wanted = " and ".join(f"{n}=..." for n in names) or missing.group(1)
+            raise CliError(EXIT_USAGE, f"invalid endpoint {text!r}: missing {wanted}") from None
         detail = str(e) or type(e).__name__
         raise CliError(EXIT_USAGE, f"invalid endpoint {text!r}: {detail}") from None
+
+
+class Targets:
+    """ENDPOINT: one endpoint, or several separated by commas, tried in turn."""
+
+    def __init__(self, reactor: Any, text: str) -> None:
+        self.texts = [piece.strip() for piece in text.split(",")]
+        if not all(self.texts):
+            raise CliError(EXIT_USAGE, f"invalid endpoint list {text!r}: an empty entry")
+        self.endpoints = [client_endpoint(reactor, piece) for piece in self.texts]
+        #: The endpoint connected to, or to try first.
+        self.current = 0
+
+    @property
+    def name(self) -> str:
+        return self.texts[self.current]
+
+
+async def connect_any(ctx: Context, targets: Targets, start: int | None = None) -> ClientConnection:
+    """Try each endpoint once, from ``start`` (default: the current one) on; the first that
+    connects becomes current.  All failing: one `CliError` naming each failure."""
+    count = len(targets.endpoints)
+    first = targets.current if start is None else start % count
+    failures: list[CliError] = []
+    for step in range(count):
+        index = (first + step) % count
+        try:
+            conn = await ctx.connect(targets.endpoints[index], targets.texts[index])
+        except CliError as e:
+            if e.code == EXIT_INTERRUPTED or count == 1:
+                raise
+            failures.append(e)
+            continue
+        targets.current = index
+        return conn
+    codes = {e.code for e in failures}
+    code = codes.pop() if len(codes) == 1 else EXIT_CONNECTION
+    raise CliError(code, "; ".join(e.message for e in failures))
 
 
 def _positive(text: str) -> float:
@@ -119,6 +200,15 @@ def _count(text: str) -> int:
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
     return int(text)
+
+
+def _position(text: str) -> tuple[str, int]:
+    epoch, _, offset = text.rpartition(":")
+    if not epoch or not offset.isdigit():
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not EPOCH:OFFSET (as subscribe prints them, e.g. 5e1f0c2a:12)"
+        )
+    return epoch, int(offset)
 
 
 def _json_value(text: str) -> Any:
@@ -160,7 +250,8 @@ def _connection_options() -> argparse.ArgumentParser:
         ("--tls-key", "PEM private key of --tls-cert"),
         ("--tls-hostname", "name the server certificate must carry (default: its host)"),
     ):
-        secure.add_argument(flag, default=argparse.SUPPRESS, metavar="FILE", help=help_text)
+        metavar = "NAME" if flag == "--tls-hostname" else "FILE"
+        secure.add_argument(flag, default=argparse.SUPPRESS, metavar=metavar, help=help_text)
     secure.add_argument(
         "--token-file",
         dest="auth_token_file",
@@ -178,7 +269,8 @@ def _admin_options() -> argparse.ArgumentParser:
         "--admin",
         default=os.environ.get("HEARTBEAT_ADMIN", "http://127.0.0.1:9100"),
         metavar="URL",
-        help="the daemon's admin API (default $HEARTBEAT_ADMIN or http://127.0.0.1:9100)",
+        help="the daemon's admin API, http://HOST:PORT or HOST:PORT "
+        "(default $HEARTBEAT_ADMIN or http://127.0.0.1:9100)",
     )
     group.add_argument(
         "--token-file",
@@ -201,9 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = _Parser(
         prog="heartbeat",
-        description="Talk to a heartbeatd server (ping, request, watch) and to its admin\n"
-        "API (clients, send, broadcast, kick).",
-        epilog=f"{textwrap.fill(f'ENDPOINT is {ENDPOINT_HELP}.', 78)}\n\n{EXIT_CODES}",
+        description="Talk to a heartbeatd server (ping, request, watch; subscribe, publish,\n"
+        "presence on channels) and to its admin API (clients, send, broadcast, kick).",
+        epilog=f"{textwrap.fill(f'ENDPOINT is {ENDPOINT_HELP}. {SEVERAL_HELP}', 78)}\n\n"
+        f"{EXIT_CODES}",
         formatter_class=formatter,
         parents=[conn],
     )
@@ -246,12 +339,19 @@ def build_parser() -> argparse.ArgumentParser:
         "request",
         [conn],
         help="send one request and print the reply's data",
-        description="Send one request and print the reply's data as JSON.",
+        description="Send one request and print the reply's data as JSON (with --no-reply: "
+        "send the message, expect no reply).",
     )
     request.add_argument("endpoint", metavar="ENDPOINT", help="the server")
     request.add_argument("type", metavar="TYPE", help="message type, e.g. echo")
     request.add_argument(
         "data", metavar="DATA", nargs="?", type=_json_value, help="JSON data (default: none)"
+    )
+    request.add_argument(
+        "--no-reply",
+        action="store_true",
+        help="send the message without an id (for a handler that answers nothing) and exit 0 "
+        "once it is written; print nothing",
     )
 
     watch = command(
@@ -279,6 +379,56 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="after a goaway, give up (exit 3) if no reconnect succeeded by then (default 60)",
     )
+
+    sub = command(
+        "subscribe",
+        [conn],
+        help="print a channel's publications as JSON lines",
+        description="Subscribe to CHANNEL and print each publication as one JSON line "
+        '({"channel", "epoch", "offset", "data"}). After a lost connection or a goaway it '
+        "reconnects and subscribes again from the last publication printed, so none is "
+        "missed or printed twice; when the server cannot give back what was missed, stderr "
+        "says so and printing goes on from the current position. Ctrl-C stops it (exit 0).",
+    )
+    sub.add_argument("endpoint", metavar="ENDPOINT", help="the server")
+    sub.add_argument("channel", metavar="CHANNEL", help="channel name")
+    sub.add_argument(
+        "--since",
+        type=_position,
+        metavar="EPOCH:OFFSET",
+        help="start after this publication (an epoch and offset printed before): the ones "
+        "after it are printed first, or stderr says they are gone",
+    )
+    sub.add_argument(
+        "-n", "--count", type=_count, default=0, metavar="N", help="stop after N (0: never)"
+    )
+    sub.add_argument(
+        "--reconnect-timeout",
+        type=_positive,
+        default=60.0,
+        metavar="SECONDS",
+        help="give up (exit 3) if no reconnect succeeded by then (default 60)",
+    )
+    pub = command(
+        "publish",
+        [conn],
+        help="publish to a channel",
+        description="Publish DATA (JSON) to CHANNEL and print the answer, "
+        '{"channel", "offset"}. The server must allow it (channels.client_publish); '
+        "operators can also publish through the admin API (POST /publish).",
+    )
+    pub.add_argument("endpoint", metavar="ENDPOINT", help="the server")
+    pub.add_argument("channel", metavar="CHANNEL", help="channel name")
+    pub.add_argument("data", metavar="DATA", type=_json_value, help="JSON data")
+    who = command(
+        "presence",
+        [conn],
+        help="list a channel's subscribers",
+        description='Print who is subscribed to CHANNEL: {"channel", "clients": [{"session", '
+        '"node", "identity"}, ...]}.',
+    )
+    who.add_argument("endpoint", metavar="ENDPOINT", help="the server")
+    who.add_argument("channel", metavar="CHANNEL", help="channel name")
 
     clients = command(
         "clients",
@@ -323,6 +473,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Disconnect the client with this session id (eviction reason 'admin').",
     )
     kick.add_argument("session", metavar="SESSION", help="session id (see: heartbeat clients)")
+    # Listed here for --help; `main` hands `heartbeat doctor ...` to the daemon's program.
+    doctor = commands.add_parser(
+        "doctor",
+        help="check this machine against a daemon config (open files, backlog, memory, "
+        "kernel drops, Redis)",
+        description="Run python -m heartbeatd.daemon.doctor: see heartbeat doctor --help.",
+    )
+    doctor.add_argument("--config", "-c", metavar="FILE", help="the daemon's YAML file")
+    doctor.add_argument("--limit-nofile", metavar="N", help="the unit's LimitNOFILE=")
+    doctor.add_argument("--sample", metavar="SECONDS", help="read drop counters twice")
     return parser
 
 
@@ -337,13 +497,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if not hasattr(args, name):
             setattr(args, name, None)
     if hasattr(args, "endpoint"):
-        client_endpoint(None, args.endpoint)  # a malformed one fails now, before any reactor
+        Targets(None, args.endpoint)  # a malformed one fails now, before any reactor
+    if args.command in ADMIN_COMMANDS:
+        from heartbeatd.client._admin_cli import base_url
+
+        base_url(args.admin)  # likewise a malformed --admin
     return args
 
 
 async def ping(ctx: Context) -> int:
     args = ctx.args
-    conn = await ctx.connect(client_endpoint(ctx.reactor, args.endpoint))
+    targets = Targets(ctx.reactor, args.endpoint)
+    conn = await connect_any(ctx, targets)
+    name = targets.name
     started = ctx.reactor.seconds()
     sent, times, failure = 0, [], None
     try:
@@ -357,21 +523,21 @@ async def ping(ctx: Context) -> int:
             try:
                 interrupted, _ = await ctx.interrupt.until(conn.request("ping"))
             except RequestTimeout:
-                ctx.print(f"no pong from {args.endpoint}: seq={sent} (timed out)")
+                ctx.print(f"no pong from {name}: seq={sent} (timed out)")
                 continue
             except ConnectionClosed as e:
-                failure = lost(e, args.endpoint)
+                failure = lost(e, name)
                 break
             if interrupted:
                 sent -= 1  # not answered because we stopped, not lost
                 break
             times.append((ctx.reactor.seconds() - before) * 1000)
-            ctx.print(f"pong from {args.endpoint}: seq={sent} time={times[-1]:.3f} ms")
+            ctx.print(f"pong from {name}: seq={sent} time={times[-1]:.3f} ms")
     finally:
         conn.close()
     elapsed = (ctx.reactor.seconds() - started) * 1000
     loss = 100.0 * (sent - len(times)) / sent if sent else 0.0
-    ctx.print(f"--- {args.endpoint} ping statistics ---")
+    ctx.print(f"--- {name} ping statistics ---")
     ctx.print(
         f"{sent} pings sent, {len(times)} pongs received, {loss:.0f}% loss, time {elapsed:.0f} ms"
     )
@@ -390,7 +556,11 @@ async def ping(ctx: Context) -> int:
 
 async def request(ctx: Context) -> int:
     args = ctx.args
-    conn = await ctx.connect(client_endpoint(ctx.reactor, args.endpoint))
+    targets = Targets(ctx.reactor, args.endpoint)
+    conn = await connect_any(ctx, targets)
+    args.endpoint = targets.name  # for the messages below: the one connected to
+    if args.no_reply:
+        return await _send_only(ctx, conn)
     try:
         data = () if args.data is None else (args.data,)
         interrupted, reply = await ctx.interrupt.until(conn.request(args.type, *data))
@@ -408,10 +578,39 @@ async def request(ctx: Context) -> int:
     return EXIT_OK
 
 
+async def _send_only(ctx: Context, conn: ClientConnection) -> int:
+    """Send without an id and close: the close completes once what we wrote is handed to the
+    kernel (Twisted flushes its buffer before it shuts the socket), so exit 0 means written."""
+    args = ctx.args
+    closed: Deferred[None] = Deferred()
+    conn.on_close(lambda conn, why: closed.called or closed.callback(None))
+    try:
+        if args.data is None:
+            conn.send(args.type)
+        else:
+            conn.send(args.type, args.data)
+    except ConnectionClosed as e:
+        raise lost(e, args.endpoint) from None
+    conn.close()
+    closed.addTimeout(args.timeout, ctx.reactor)
+    try:
+        interrupted, _ = await ctx.interrupt.until(closed)
+    except (twisted_errors.TimeoutError, DeferredTimeout):
+        # The bytes may still sit in our buffer (the peer does not read): not written.
+        conn.abort(ConnectionClosed("not written in time"))
+        raise CliError(
+            EXIT_TIMEOUT, f"could not write the message to {args.endpoint} within {args.timeout:g}s"
+        ) from None
+    if interrupted:
+        conn.abort(ConnectionClosed("interrupted"))
+        raise CliError(EXIT_INTERRUPTED, "interrupted")
+    return EXIT_OK
+
+
 async def watch(ctx: Context) -> int:
     args = ctx.args
-    endpoint = client_endpoint(ctx.reactor, args.endpoint)
-    conn = await ctx.connect(endpoint)
+    targets = Targets(ctx.reactor, args.endpoint)
+    conn = await connect_any(ctx, targets)
     seen = 0
     while True:
         done: Deferred[str] = Deferred()
@@ -438,34 +637,42 @@ async def watch(ctx: Context) -> int:
         try:
             interrupted, outcome = await ctx.interrupt.until(done)
         except ConnectionClosed as e:
-            raise lost(e, args.endpoint) from None
+            raise lost(e, targets.name) from None
         if interrupted or outcome == "count" or args.exit_on_goaway:
             conn.close()
             return EXIT_OK
         window = (conn.goaway or {}).get("reconnect_after", 5)
         window = float(window) if isinstance(window, (int, float)) and window >= 0 else 5.0
         conn.close()
-        conn_or_none = await _reconnect(ctx, endpoint, window)
+        conn_or_none = await _reconnect(ctx, targets, window)
         if conn_or_none is None:
             return EXIT_OK  # Ctrl-C while waiting to reconnect
         conn = conn_or_none
 
 
 async def _reconnect(
-    ctx: Context, endpoint: IStreamClientEndpoint, window: float
+    ctx: Context,
+    targets: Targets,
+    window: float,
+    why: str = "server going away",
 ) -> ClientConnection | None:
-    """Reconnect at a random moment within ``window`` s, retrying until the deadline."""
+    """Reconnect at a random moment within ``window`` s, retrying until the deadline.
+
+    With several endpoints, it starts with the one after the server it left and tries each
+    in turn; only a full round of failures waits (0.25 s, doubling up to 5 s).
+    """
     args = ctx.args
     delay = random.uniform(0, window)
-    ctx.note(f"server going away; reconnecting in {delay:.1f}s (window {window:g}s)")
+    ctx.note(f"{why}; reconnecting in {delay:.1f}s (window {window:g}s)")
     deadline = ctx.reactor.seconds() + delay + args.reconnect_timeout
     retry = 0.25
+    start = targets.current + 1 if len(targets.endpoints) > 1 else 0
     while True:
         interrupted, _ = await ctx.interrupt.until(ctx.sleep(delay))
         if interrupted:
             return None
         try:
-            conn = await ctx.connect(endpoint)
+            conn = await connect_any(ctx, targets, start)
         except CliError as e:
             if e.code in (EXIT_INTERRUPTED,):
                 return None
@@ -478,14 +685,153 @@ async def _reconnect(
             delay, retry = retry, min(retry * 2, 5.0)
             continue
         session = (conn.hello or {}).get("session", "?")
-        ctx.note(f"reconnected to {args.endpoint} (session {session})")
+        ctx.note(f"reconnected to {targets.name} (session {session})")
         return conn
+
+
+async def _ask(ctx: Context, type: str, data: Any) -> Any:
+    """One request on a fresh connection; its reply's data, or a `CliError`."""
+    args = ctx.args
+    targets = Targets(ctx.reactor, args.endpoint)
+    conn = await connect_any(ctx, targets)
+    try:
+        interrupted, reply = await ctx.interrupt.until(conn.request(type, data))
+    except ServerError as e:
+        raise CliError(EXIT_SERVER_ERROR, f"server error {e.code}: {e.message}") from None
+    except RequestTimeout:
+        raise CliError(EXIT_TIMEOUT, f"no reply within {args.timeout:g}s") from None
+    except ConnectionClosed as e:
+        raise lost(e, targets.name) from None
+    finally:
+        conn.close()
+    if interrupted:
+        raise CliError(EXIT_INTERRUPTED, "interrupted")
+    return reply
+
+
+async def publish(ctx: Context) -> int:
+    args = ctx.args
+    answer = await _ask(ctx, "publish", {"channel": args.channel, "data": args.data})
+    ctx.print(json.dumps(answer, ensure_ascii=False))
+    return EXIT_OK
+
+
+async def presence(ctx: Context) -> int:
+    answer = await _ask(ctx, "presence", {"channel": ctx.args.channel})
+    ctx.print(json.dumps(answer, ensure_ascii=False))
+    return EXIT_OK
+
+
+#: Pause before asking again when a re-subscribe is answered ``unavailable`` (a cluster whose
+#: Redis is coming back), doubled up to the cap.
+RESUBSCRIBE_RETRY = (0.5, 5.0)
+
+
+async def subscribe(ctx: Context) -> int:
+    """Print a channel's publications; after a reconnect, subscribe again from the last one
+    printed (``since``), so none is printed twice and a lost one is said on stderr."""
+    from heartbeatd.client.channels import Subscription, channels_of
+
+    args = ctx.args
+    targets = Targets(ctx.reactor, args.endpoint)
+    channel = args.channel
+    ended: list[Deferred[str]] = []  # the current connection's end: count, lost or goaway
+    printed = 0
+
+    def publication(data: Any, offset: int, sub: Subscription) -> None:
+        nonlocal printed
+        line = {"channel": channel, "epoch": sub.epoch, "offset": offset, "data": data}
+        ctx.print(json.dumps(line, ensure_ascii=False))
+        printed += 1
+        if args.count and printed >= args.count and ended and not ended[-1].called:
+            ended[-1].callback("count")
+
+    lost_before: list[str] = []
+
+    def not_recovered(sub: Subscription, reason: str) -> None:
+        lost_before.append(reason)
+        ctx.note(
+            f"{channel}: publications were lost ({reason}); recovery failed, continuing "
+            f"from {sub.epoch}:{sub.offset}"
+        )
+
+    sub = Subscription(channel, publication, not_recovered)
+    if args.since is not None:
+        sub.epoch, sub.offset = args.since
+    conn = await connect_any(ctx, targets)
+    first, retry = True, RESUBSCRIBE_RETRY[0]
+    while True:
+        end: Deferred[str] = Deferred()
+        ended.append(end)
+        conn.on_close(lambda c, why, end=end: end.called or end.callback("lost"))
+        conn.on_goaway(lambda c, data, end=end: end.called or end.callback("goaway"))
+        asked = f"{sub.epoch}:{sub.offset}" if sub.epoch else None
+        lost_before.clear()
+        try:
+            interrupted, _ = await ctx.interrupt.until(channels_of(conn).attach(sub))
+        except ServerError as e:
+            if first or e.code != "unavailable":
+                conn.close()
+                raise CliError(EXIT_SERVER_ERROR, f"server error {e.code}: {e.message}") from None
+            ctx.note(f"subscribing to {channel} again: {e.message}; retrying in {retry:g}s")
+            interrupted, _ = await ctx.interrupt.until(ctx.sleep(retry))
+            retry = min(retry * 2, RESUBSCRIBE_RETRY[1])
+            if interrupted:
+                conn.close()
+                return EXIT_OK
+            if conn.usable:
+                continue
+            interrupted = False  # the connection went meanwhile: reconnect below
+        except RequestTimeout:
+            if first:
+                conn.close()
+                raise CliError(EXIT_TIMEOUT, f"no reply within {args.timeout:g}s") from None
+            conn.abort(ConnectionClosed("no answer to subscribe"))
+        except ConnectionClosed as e:
+            if first:
+                raise lost(e, targets.name) from None
+        else:
+            if interrupted:
+                conn.close()
+                return EXIT_OK
+            retry = RESUBSCRIBE_RETRY[0]
+            where = f"{sub.epoch}:{sub.offset}"
+            if asked is None:
+                ctx.note(f"subscribed to {channel} at {where}")
+            elif not lost_before:
+                ctx.note(f"subscribed to {channel} from {asked} (recovered)")
+            else:
+                ctx.note(f"subscribed to {channel} at {where}")
+            first = False
+            if args.count and printed >= args.count:  # the recovered backlog was enough
+                conn.close()
+                return EXIT_OK
+        interrupted, outcome = await ctx.interrupt.until(end)
+        if interrupted or outcome == "count":
+            conn.close()
+            return EXIT_OK
+        if outcome == "goaway":
+            window = (conn.goaway or {}).get("reconnect_after", 5)
+            ok = isinstance(window, (int, float)) and window >= 0
+            conn.close()
+            next_conn = await _reconnect(ctx, targets, float(window) if ok else 5.0)
+        else:
+            why = message(conn.close_reason.value) if conn.close_reason else "closed"
+            next_conn = await _reconnect(
+                ctx, targets, 0.0, f"connection to {targets.name} lost ({why})"
+            )
+        if next_conn is None:
+            return EXIT_OK  # Ctrl-C while waiting to reconnect
+        conn = next_conn
 
 
 COMMANDS: dict[str, Callable[[Context], Coroutine[Any, Any, int]]] = {
     "ping": ping,
     "request": request,
     "watch": watch,
+    "subscribe": subscribe,
+    "publish": publish,
+    "presence": presence,
 }
 ADMIN_COMMANDS = ("clients", "send", "broadcast", "kick")
 
@@ -528,10 +874,31 @@ def _leave_if_a_lookup_hangs(reactor: Any, code: int) -> None:
         os._exit(code)
 
 
+#: ``heartbeat doctor`` reads the daemon's YAML, which the client never loads: it is the
+#: daemon's program, run in its own interpreter (same exit status, same output).
+DOCTOR = ("-m", "heartbeatd.daemon.doctor")
+
+
+def run_doctor(argv: list[str]) -> NoReturn:
+    os.execv(sys.executable, [sys.executable, *DOCTOR, *argv])
+
+
 def main(argv: list[str] | None = None) -> None:
     """The ``heartbeat`` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["doctor"]:
+        run_doctor(argv[1:])
     try:
         args = parse_args(argv)
+        if args.command == "doctor":  # options came before the word
+            options = ("config", "limit_nofile", "sample")
+            run_doctor(
+                [
+                    f"--{name.replace('_', '-')}={getattr(args, name)}"
+                    for name in options
+                    if getattr(args, name) is not None
+                ]
+            )
         from twisted.internet import task
     except CliError as e:
         sys.stderr.write(f"heartbeat: {e.message}\n")

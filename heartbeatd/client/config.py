@@ -29,9 +29,13 @@ __all__ = ["PoolConfig", "load_pool_config", "parse_pool_config"]
 class PoolConfig:
     """A client program's ``pool:`` section (see `heartbeatd.client.pool.Pool`)."""
 
-    endpoint: str = field(
+    endpoint: str | tuple[str, ...] = field(
         default="tcp:host=127.0.0.1:port=9000",
-        metadata=check(non_empty_string, "a Twisted client endpoint string"),
+        metadata=check(
+            lambda v: endpoint_strings(v),
+            "a Twisted client endpoint string, or a list of them (the nodes of a cluster: "
+            "tried in turn, new connections spread over the healthy ones)",
+        ),
     )
     framing: str = field(
         default="int32", metadata=check(lambda v: one_of(*sorted(FRAMINGS))(v), "wire framing")
@@ -111,6 +115,24 @@ class PoolConfig:
     token_file: str = field(
         default="", metadata=check(string, "file holding the token sent on each connection")
     )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.endpoint, list):  # from YAML: kept as a tuple, like every list
+            object.__setattr__(self, "endpoint", tuple(self.endpoint))
+
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        """``endpoint`` as a tuple, one or several."""
+        return (self.endpoint,) if isinstance(self.endpoint, str) else tuple(self.endpoint)
+
+
+def endpoint_strings(value: Any) -> str | None:
+    """One endpoint string, or a non-empty list of them."""
+    if isinstance(value, (list, tuple)):
+        if value and all(non_empty_string(v) is None for v in value):
+            return None
+        return "a non-empty list of endpoint strings"
+    return non_empty_string(value)
 
 
 def parse_pool_config(raw: Any) -> PoolConfig:

@@ -145,7 +145,7 @@ class ClientConnection(Protocol):
 
     def _hello_timed_out(self) -> None:
         self._ready_timer = None
-        self.abort(HandshakeTimeout(f"no hello from the server within {self.hello_timeout}s"))
+        self.abort(HandshakeTimeout(f"no hello from the server within {self.hello_timeout:g}s"))
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.connected = False

@@ -16,6 +16,12 @@ While the server is down the pool sends a single probe connection at a time, one
 per failed round (`heartbeatd.client.backoff`); while callers are asking, probes come at least
 every ``probe_interval``, and a waiter about to time out that has seen no attempt triggers one.
 With ``fail_fast``, callers fail at once with `PoolUnavailable` instead of waiting.
+
+Given several endpoints (``endpoint: [a, b, c]``, the nodes of a cluster), each new connection
+goes to the healthy endpoint holding the fewest of the pool's connections.  An endpoint whose
+connect failed is left alone for a backoff delay of its own while others serve; when every
+endpoint has failed, the pool is down as above, and each retry is a round that probes the
+endpoints one after another, backing off only once the whole round has failed.
 """
 
 from __future__ import annotations
@@ -96,6 +102,21 @@ def _cancel(timer: IDelayedCall | None) -> None:
         timer.cancel()
 
 
+class _Target:
+    """One endpoint of the pool and how it has fared."""
+
+    __slots__ = ("down", "endpoint", "failures", "load", "retry_at")
+
+    def __init__(self, endpoint: Any) -> None:
+        self.endpoint = endpoint
+        #: The pool's connections to it, made or being made (counted, not recounted).
+        self.load = 0
+        #: Its last connect failed; tried again (while others serve) from ``retry_at``.
+        self.down = False
+        self.failures = 0
+        self.retry_at = 0.0
+
+
 # A member's states.  NEW: just connected, not yet offered.  IDLE: in the idle queue.
 # CHECKING: being pinged before it is lent (counts as in use).  LENT: a borrower has it.
 # GONE: removed; a record that outlives its removal (in a callback) sees this.
@@ -114,10 +135,12 @@ class _Member:
         "since",
         "stack",
         "state",
+        "target",
     )
 
-    def __init__(self, conn: ClientConnection, now: float) -> None:
+    def __init__(self, conn: ClientConnection, now: float, target: _Target) -> None:
         self.conn = conn
+        self.target = target
         self.state = NEW
         #: When it went idle or was last used for a shared request (IDLE), or was lent (LENT).
         self.since = now
@@ -153,11 +176,12 @@ class _Waiter:
 class _Attempt:
     """One connection being made."""
 
-    __slots__ = ("connecting", "epoch", "timed_out", "timer")
+    __slots__ = ("connecting", "epoch", "target", "timed_out", "timer")
 
-    def __init__(self, epoch: int) -> None:
+    def __init__(self, epoch: int, target: _Target) -> None:
         #: Failures of attempts started in the same epoch are one failed round.
         self.epoch = epoch
+        self.target = target
         self.connecting: Deferred[ClientConnection] | None = None
         self.timer: IDelayedCall | None = None
         self.timed_out = False
@@ -177,17 +201,18 @@ class Pool:
         config: PoolConfig | None = None,
         connect_fn: Callable[[], Deferred[ClientConnection]] | None = None,
         random: Callable[[], float] = _random.random,
+        connect_to: Callable[[Any], Deferred[ClientConnection]] | None = None,
     ) -> None:
         self.clock = reactor
         self.config = config = config or PoolConfig()
         # Read once, so a missing file or a half TLS setting fails here, not at each connect.
         token = read_token(config.token_file) if config.token_file else None
         tls = client_tls(config)
-        #: Makes one new connection; tests replace it.
-        self.connect_fn = connect_fn or (
-            lambda: connect(
+        #: Makes one new connection to the endpoint it is given; tests replace it.
+        self.connect_to = connect_to or (
+            lambda endpoint: connect(
                 reactor,
-                config.endpoint,
+                endpoint,
                 framing=config.framing,
                 request_timeout=config.request_timeout,
                 hello_timeout=config.connect_timeout,
@@ -195,11 +220,16 @@ class Pool:
                 token=token,
             )
         )
+        #: Makes one new connection, whatever the endpoint (a test's; None: `connect_to`).
+        self.connect_fn = connect_fn
+        self._targets = [_Target(endpoint) for endpoint in config.endpoints]
+        self._next_target = 0  # where the round robin (ties, probes) goes on
+        self._round_left = 0  # endpoints still to probe in this round of an outage
         self._random = random
         #: Makes the reconnecting connection subscriptions live on; tests replace it.
         self.subscriber_fn: Callable[[], ReconnectingClient] = lambda: ReconnectingClient(
             reactor,
-            config.endpoint,
+            list(config.endpoints),
             framing=config.framing,
             request_timeout=config.request_timeout,
             hello_timeout=config.connect_timeout,
@@ -331,6 +361,15 @@ class Pool:
             "wait_seconds_total": self.wait_seconds_total,
             "wait_seconds_max": self.wait_seconds_max,
             "oldest_waiter": now - self._waiters[0].queued_at if self._waiters else 0.0,
+            "endpoints": [
+                {
+                    "endpoint": t.endpoint,
+                    "connections": self._load(t),
+                    "down": t.down,
+                    "failures": t.failures,
+                }
+                for t in self._targets
+            ],
         }
 
     def subscribe(
@@ -596,13 +635,38 @@ class Pool:
                 return
             self._create()
 
+    @staticmethod
+    def _load(target: _Target) -> int:
+        return target.load
+
+    def _pick_target(self) -> _Target:
+        """Where the next connection goes: the least loaded endpoint that is up (or due for
+        another try); in an outage, each endpoint in turn."""
+        targets = self._targets
+        if len(targets) == 1:
+            return targets[0]
+        count = len(targets)
+        order = [targets[(self._next_target + i) % count] for i in range(count)]
+        if not self._down:
+            now = self.clock.seconds()
+            usable = [t for t in order if not t.down or now >= t.retry_at]
+            order = sorted(usable or order, key=self._load)  # stable: round robin for ties
+        chosen = order[0]
+        self._next_target = (targets.index(chosen) + 1) % count
+        return chosen
+
     def _create(self) -> None:
-        attempt = _Attempt(self._epoch)
+        target = self._pick_target()
+        attempt = _Attempt(self._epoch, target)
         self._attempts.add(attempt)
+        target.load += 1
         self._asked = False
         self._attempts_started += 1
         try:
-            connecting = self.connect_fn()
+            if self.connect_fn is not None:
+                connecting = self.connect_fn()
+            else:
+                connecting = self.connect_to(target.endpoint)
         except Exception:
             connecting = fail()
         attempt.connecting = connecting
@@ -626,14 +690,19 @@ class Pool:
         _cancel(attempt.timer)
         self.created += 1
         if self._closed:
+            attempt.target.load -= 1
             conn.close()
             self._check_closed()
             return
+        target = attempt.target
+        if target.down and not self._down and len(self._targets) > 1:
+            log.info("Pool connected to {endpoint} again", endpoint=target.endpoint)
+        target.down, target.failures = False, 0
         if self._down:
             log.info(
                 "Pool reconnected to {endpoint} after {seconds:.2f}s down "
                 "({attempts} failed attempts)",
-                endpoint=self.config.endpoint,
+                endpoint=target.endpoint,
                 seconds=self.clock.seconds() - self._down_since,
                 attempts=self._failed_rounds,
             )
@@ -645,7 +714,7 @@ class Pool:
         self._asked = False
         _cancel(self._retry)
         self._retry = None
-        member = _Member(conn, self.clock.seconds())
+        member = _Member(conn, self.clock.seconds(), target)
         self._members[conn] = member
         conn.on_close(self._connection_closed)
         if member.state is GONE:  # it closed before we got it
@@ -660,6 +729,7 @@ class Pool:
 
     def _create_failed(self, failure: Failure, attempt: _Attempt) -> None:
         self._attempts.discard(attempt)
+        attempt.target.load -= 1
         _cancel(attempt.timer)
         self.errors += 1
         if attempt.timed_out:
@@ -669,6 +739,9 @@ class Pool:
         self._last_error = error
         if self._closed:
             self._check_closed()
+            return
+        if len(self._targets) > 1 and not self._target_failed(attempt.target, error):
+            self._refill()  # another endpoint serves, or this round of probes goes on
             return
         if attempt.epoch == self._epoch:
             # The first failure of a round counts; its siblings, started before it, do not:
@@ -686,7 +759,7 @@ class Pool:
                 log.warn(
                     "Pool could not connect to {endpoint} ({error}); {attempt} failed "
                     "attempts, {recovery}",
-                    endpoint=self.config.endpoint,
+                    endpoint=", ".join(map(str, self.config.endpoints)),
                     error=error,
                     attempt=rounds,
                     recovery=self._recovery_text(),
@@ -694,6 +767,29 @@ class Pool:
         self._refill()
 
     # -- recovery ---------------------------------------------------------------------------
+
+    def _target_failed(self, target: _Target, error: str) -> bool:
+        """One endpoint of several failed; True when that makes a failed round for the pool
+        (every endpoint down, and the outage's round of probes, if any, is over)."""
+        config = self.config
+        target.failures += 1
+        target.down = True
+        cap = backoff_cap(target.failures, config.backoff_initial, config.backoff_max)
+        target.retry_at = self.clock.seconds() + self._random() * cap
+        if any(not t.down for t in self._targets):
+            if target.failures & (target.failures - 1) == 0:  # 1, 2, 4, 8...: O(log n) lines
+                log.warn(
+                    "Pool could not connect to {endpoint} ({error}); {failures} failed "
+                    "attempts, the other endpoints serve meanwhile",
+                    endpoint=target.endpoint,
+                    error=error,
+                    failures=target.failures,
+                )
+            return False
+        if self._down and self._round_left > 1:
+            self._round_left -= 1  # the next endpoint of this round, at once
+            return False
+        return True
 
     def _schedule_retry(self) -> None:
         """After a failed round: one full-jitter draw, two caps.
@@ -749,6 +845,7 @@ class Pool:
 
     def _retry_now(self) -> None:
         self._retry = None
+        self._round_left = len(self._targets)  # a round: every endpoint once, then back off
         self._refill()
 
     # -- leaving the pool -------------------------------------------------------------------
@@ -783,6 +880,7 @@ class Pool:
         """The one way out of the pool: forget, stop its timers, close it, refill."""
         if self._members.pop(member.conn, None) is None:
             return
+        member.target.load -= 1
         if member.state is IDLE:
             self._idle.remove(member)
         member.state = GONE

@@ -6,6 +6,11 @@ reconnects.  When the server says ``goaway`` (it is draining), the client lets i
 requests finish, closes, and reconnects after a random delay within the server's
 ``reconnect_after`` window instead of treating it as an error.
 
+Given several endpoints (the nodes of a cluster), it connects to one and, when an attempt
+fails (refused, no hello, or a goaway), moves to the next at once; only a full round of
+failures, every endpoint once, waits a backoff step, so a dead node costs one quick failed
+attempt and not a backoff delay.  A connection that works resets the count.
+
 Every wait has a deadline and every failure is a `ClientError`: ``request(timeout=N)`` spends
 at most N seconds in all, waiting for a connection included, and fails with `NotConnected`
 while the server is down; ``when_connected`` fails with `ConnectionFailed` or `NotConnected`,
@@ -15,7 +20,7 @@ never with Twisted's own connection errors.
 from __future__ import annotations
 
 import random as _random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.application.internet import ClientService
@@ -45,14 +50,39 @@ log = get_logger(__name__)
 
 @implementer(IStreamClientEndpoint)
 class _RecordingEndpoint:
-    """Remembers why the last connection attempt failed, for the errors we raise."""
+    """The endpoint `ClientService` connects to: the client's current one, in turn; it
+    remembers why the last attempt failed, for the errors we raise."""
 
-    def __init__(self, endpoint: IStreamClientEndpoint, client: ReconnectingClient) -> None:
-        self._endpoint = endpoint
+    def __init__(self, client: ReconnectingClient) -> None:
         self._client = client
 
     def connect(self, factory: Any) -> Deferred[Any]:
-        return self._endpoint.connect(factory).addErrback(self._client._attempt_failed)
+        endpoint = self._client.endpoints[self._client.current]
+        return endpoint.connect(factory).addErrback(self._client._attempt_failed)
+
+
+Endpoints = str | IStreamClientEndpoint | Sequence[str | IStreamClientEndpoint]
+
+
+def endpoint_list(
+    reactor: Any, endpoints: Endpoints, tls: ClientTLS | None = None
+) -> list[IStreamClientEndpoint]:
+    """One endpoint, or a list of them (strings or objects), as a non-empty list of objects;
+    with ``tls``, each under TLS (its name taken from the string as written)."""
+    if isinstance(endpoints, str) or not isinstance(endpoints, Sequence):
+        endpoints = [endpoints]
+    if not endpoints:
+        raise ValueError("no endpoint given")
+    out = []
+    for endpoint in endpoints:
+        if tls is not None:
+            endpoint = wrap_client_endpoint(reactor, endpoint, tls)
+        elif isinstance(endpoint, str):
+            from twisted.internet.endpoints import clientFromString
+
+            endpoint = clientFromString(reactor, endpoint)
+        out.append(endpoint)
+    return out
 
 
 class ReconnectingClient:
@@ -61,7 +91,7 @@ class ReconnectingClient:
     def __init__(
         self,
         reactor: Any,
-        endpoint: str | IStreamClientEndpoint,
+        endpoint: Endpoints,
         *,
         framing: str = "int32",
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
@@ -72,13 +102,12 @@ class ReconnectingClient:
         tls: ClientTLS | None = None,
         token: str | None = None,
     ) -> None:
-        if tls is not None:  # TLS under every connection; the token is sent on each
-            endpoint = wrap_client_endpoint(reactor, endpoint, tls)
+        # TLS under every connection; the token is sent on each.
+        endpoints = endpoint_list(reactor, endpoint, tls)
+        #: The endpoints tried in turn, and the index of the one connected to (or tried next).
+        self.endpoints: list[IStreamClientEndpoint] = endpoints
+        self.current = 0
         self._token = token
-        if isinstance(endpoint, str):
-            from twisted.internet.endpoints import clientFromString
-
-            endpoint = clientFromString(reactor, endpoint)
         self._reactor = reactor
         self._framing = framing
         self._request_timeout = request_timeout
@@ -89,13 +118,14 @@ class ReconnectingClient:
         self._next_delay: float | None = None
         self._current: ClientConnection | None = None
         self._subscriptions: list[Subscription] = []
-        self._handshakes_failed = 0
+        #: Failed attempts (refused, or no hello) since the last good handshake.
+        self._failures = 0
         self._in_service = 0  # > 0 while ClientService is calling us back
         self.goaways = 0
         #: Why the last connection attempt failed (None once connected).
         self.last_error: str | None = None
         self.service = ClientService(
-            _RecordingEndpoint(endpoint, self),
+            _RecordingEndpoint(self),
             Factory.forProtocol(self._build),
             retryPolicy=self._retry_delay,
             clock=reactor,
@@ -273,18 +303,22 @@ class ReconnectingClient:
                 self._attach(conn, sub)
 
     def _attempt_failed(self, failure: Failure) -> Failure:
-        """Remember why (for our errors) and pass the failure on."""
+        """Remember why (for our errors), move to the next endpoint, pass the failure on."""
         self.last_error = failure.getErrorMessage() or type(failure.value).__name__
+        self._failures += 1
+        self._next_endpoint()
         return failure
+
+    def _next_endpoint(self) -> None:
+        self.current = (self.current + 1) % len(self.endpoints)
 
     def _handshake_done(self, conn: ClientConnection) -> None:
         self.last_error = None
-        self._handshakes_failed = 0
+        self._failures = 0
         self._resubscribe(conn)
 
     def _handshake_failed(self, failure: Failure) -> None:
-        self._attempt_failed(failure)  # recorded; the failure ends here
-        self._handshakes_failed += 1
+        self._attempt_failed(failure)  # recorded, counted, the next endpoint; it ends here
 
     def _build(self) -> ClientConnection:
         conn = ClientConnection(
@@ -305,16 +339,25 @@ class ReconnectingClient:
         if self._next_delay is not None:
             delay, self._next_delay = self._next_delay, None
             return delay
-        # ClientService counts failed connects since the last TCP connect; a server that
-        # accepts and then refuses (too_many_connections) or never says hello must back
-        # off as well, so failed handshakes since the last good one count too.
-        return self._backoff(attempt + self._handshakes_failed)
+        # Our own count, not ClientService's ``attempt``: that one restarts at each TCP
+        # connect, while a server that accepts and then refuses (too_many_connections) or
+        # never says hello must be backed off from as well.  0: the connection was lost
+        # after working (or a goaway's window was used up): one short step, same endpoint.
+        failures = self._failures
+        count = len(self.endpoints)
+        if not failures:
+            return self._backoff(1)
+        if failures % count:
+            return 0.0  # the next endpoint of this round, at once
+        return self._backoff(failures // count)  # a full round failed: one backoff step
 
     def _goaway(self, conn: ClientConnection, data: dict[str, Any]) -> None:
         self.goaways += 1
         window = data.get("reconnect_after", 0)
         window = float(window) if isinstance(window, (int, float)) and window > 0 else 0.0
         self._next_delay = self._random() * window
+        if len(self.endpoints) > 1:
+            self._next_endpoint()  # that server is draining: another one, after the window
         log.info(
             "Server asked us to go away ({reason}); reconnecting in {delay:.2f}s",
             reason=data.get("reason", "no reason given"),

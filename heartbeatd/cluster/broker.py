@@ -124,14 +124,11 @@ class BrokerListener(Protocol):
 
     def on_broadcast(self, type: str, data: Any) -> None: ...
 
+    def on_kick(self, session: str) -> None:
+        """A `kick` from any node for a session of this node: disconnect it."""
+
     def on_link(self, up: bool) -> None:
         """The broker's link went down or came back (after which subscribers catch up)."""
-
-    def begin_batch(self) -> None:
-        """Several events follow at once (one read from Redis): writes may be coalesced."""
-
-    def end_batch(self) -> None:
-        """The events of the batch are over: write what was held back."""
 
     def local_clients(self) -> dict[str, dict[str, Any]]:
         """Every client of this node now, session -> info (as given to `client_connected`).
@@ -184,6 +181,9 @@ class Broker(Protocol):
         """Every node's clients (their info dicts, each with ``node``)."""
 
     def send(self, session: str, type: str, data: Any) -> Deferred[bool]: ...
+
+    def kick(self, session: str) -> Deferred[bool]:
+        """Tell the node holding ``session`` to disconnect it; False when no live node has it."""
 
     def broadcast(self, type: str, data: Any) -> Deferred[int]:
         """Push to every node's clients; fires with the number of nodes reached."""
@@ -326,6 +326,9 @@ class MemoryBroker:
         return succeed([])
 
     def send(self, session: str, type: str, data: Any) -> Deferred[bool]:
+        return succeed(False)
+
+    def kick(self, session: str) -> Deferred[bool]:
         return succeed(False)
 
     def broadcast(self, type: str, data: Any) -> Deferred[int]:

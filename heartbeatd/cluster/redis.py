@@ -424,23 +424,16 @@ class _Subscriber(_Deadlines, _FastEncoding, txredisapi.SubscriberProtocol):
         if data:
             reader.feed(data)
         deliver = self.broker._message
-        listener = self.broker.listener
-        if listener is not None:  # one read may hold many publications: one write per client
-            listener.begin_batch()
-        try:
-            while (reply := reader.gets()) is not False:
-                if type(reply) is list and len(reply) == 3 and reply[0] == b"message":
-                    try:
-                        deliver(reply[1].decode(), reply[2].decode())
-                    except UnicodeDecodeError:
-                        self.broker._bad_message("not UTF-8")
-                    continue
-                if isinstance(reply, (str, bytes, list)):
-                    reply = self.tryConvertData(reply)
-                self.replyReceived(reply)
-        finally:
-            if listener is not None:
-                listener.end_batch()
+        while (reply := reader.gets()) is not False:
+            if type(reply) is list and len(reply) == 3 and reply[0] == b"message":
+                try:
+                    deliver(reply[1].decode(), reply[2].decode())
+                except UnicodeDecodeError:
+                    self.broker._bad_message("not UTF-8")
+                continue
+            if isinstance(reply, (str, bytes, list)):
+                reply = self.tryConvertData(reply)
+            self.replyReceived(reply)
 
     def messageReceived(self, pattern: Any, channel: str, message: str) -> None:
         self.broker._message(channel, message)
@@ -522,6 +515,8 @@ class RedisBroker:
         self._presence: dict[str, dict[str, str]] = {}
         self.up = False
         self.link_changes = 0
+        #: Set by `stop`: the links closing then are ours, not an outage (nothing is logged).
+        self.stopping = False
         self.reaped = 0
         #: Commands not answered within command_timeout (each reset its connection).
         self.timeouts = 0
@@ -576,6 +571,7 @@ class RedisBroker:
 
     def stop(self) -> Deferred[None]:
         """Leave the cluster cleanly (our entries go at once, not after node_timeout)."""
+        self.stopping = True
         if self._beat.running:
             self._beat.stop()
         d: Deferred[Any] = succeed(None)
@@ -690,6 +686,8 @@ class RedisBroker:
         if up == self.up:
             return
         self.up = up
+        if self.stopping:
+            return  # an orderly stop closes the links: no outage to report or recover from
         self.link_changes += 1
         if up:
             log.info("Redis link up ({url})", url=self.url)
@@ -706,7 +704,7 @@ class RedisBroker:
                 self._fire_waiters(channel, BrokerUnavailable("the Redis link was lost"))
         else:
             return
-        if self.up:
+        if self.up and not self.stopping:
             log.warn("Redis link down ({url}); reconnecting", url=self.url)
         self._link()
 
@@ -885,7 +883,10 @@ class RedisBroker:
                 body = json.loads(message)
                 if not isinstance(body["s"], str):
                     raise BadBrokerMessage("bad session")
-                listener.on_message(body["s"], checked_push(body["t"]), body.get("d"))
+                if "k" in body:  # a kick, not a message
+                    listener.on_kick(body["s"])
+                else:
+                    listener.on_message(body["s"], checked_push(body["t"]), body.get("d"))
         except BadBrokerMessage as e:
             self.bad_messages += 1
             if self.log_limiter.allow("bad_cluster_message"):
@@ -970,6 +971,12 @@ class RedisBroker:
     def send(self, session: str, type: str, data: Any) -> Deferred[bool]:
         self._flush_clients()
         payload = json.dumps({"s": session, "t": type, "d": data})
+        return self._eval("SEND", session, payload).addCallback(lambda n: int(n) > 0)
+
+    def kick(self, session: str) -> Deferred[bool]:
+        """Through the holder's node channel, as `send`: its node disconnects it."""
+        self._flush_clients()
+        payload = json.dumps({"s": session, "k": 1})
         return self._eval("SEND", session, payload).addCallback(lambda n: int(n) > 0)
 
     def broadcast(self, type: str, data: Any) -> Deferred[int]:

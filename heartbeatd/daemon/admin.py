@@ -1,6 +1,8 @@
 """The admin HTTP API (twisted.web): health, metrics, clients, push, disconnect.
 
-Served in the reactor thread from our own resources (prometheus-client's bundled Twisted
+The routes are one table (`heartbeatd.daemon.admin_routes`); here are what they do on one
+daemon (`LocalBackend`), and the channel and site that guard them.  Served in the reactor
+thread from our own resources (prometheus-client's bundled Twisted
 resource defers to a thread pool and binds the global reactor).  Bound to 127.0.0.1 by
 default; ``admin.token`` (or ``admin.token_file``) adds a bearer token, compared in constant
 time and never logged.
@@ -26,6 +28,7 @@ from collections import Counter
 from typing import Any
 
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from twisted.internet.defer import Deferred
 from twisted.web.http import Headers, HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
@@ -33,7 +36,15 @@ from twisted.web.server import Request, Site
 from heartbeatd._logging import get_logger
 from heartbeatd.config import AdminConfig
 from heartbeatd.daemon import channels_admin
-from heartbeatd.daemon.admin_guard import AdminGuard, BadBody, parse_body
+from heartbeatd.daemon.admin_guard import AdminGuard
+from heartbeatd.daemon.admin_routes import (
+    AdminApi,
+    Answer,
+    ApiError,
+    Backend,
+    Call,
+    index_answer,
+)
 from heartbeatd.daemon.metrics import registry_for
 from heartbeatd.server.factory import EvictionRecord, NotAuthenticated, ServerFactory
 
@@ -42,6 +53,7 @@ __all__ = [
     "AdminPolicy",
     "AdminRoot",
     "AdminSite",
+    "LocalBackend",
     "admin_policy",
     "admin_site",
 ]
@@ -55,12 +67,6 @@ _REASONS.update({415: b"Unsupported Media Type", 421: b"Misdirected Request", 40
 
 def _json_body(value: Any) -> bytes:
     return json.dumps(value).encode() + b"\n"
-
-
-def _json(request: Request, value: Any, code: int = 200) -> bytes:
-    request.setResponseCode(code)
-    request.setHeader(b"content-type", b"application/json")
-    return _json_body(value)
 
 
 class AdminPolicy:
@@ -197,83 +203,6 @@ def _peer(address: Any) -> str:
     return f"{host}:{port}" if host is not None else str(address)
 
 
-def _read_message(request: Request) -> tuple[str, Any] | bytes:
-    """The ``{"type", "data"}`` body of a push, or an error response already set."""
-    try:
-        body = parse_body(request.content.read())
-    except BadBody as e:
-        return _json(request, {"error": e.message, "code": e.code}, 400)
-    if not isinstance(body, dict) or not isinstance(body.get("type"), str) or not body["type"]:
-        return _json(request, {"error": 'expected {"type": "...", "data": ...}'}, 400)
-    return body["type"], body.get("data")
-
-
-class JsonResource(Resource):
-    """A resource whose unknown children and unsupported methods answer JSON, not HTML."""
-
-    def getChild(self, path: bytes, request: Request) -> Resource:
-        return NotFound()
-
-    def render(self, request: Request) -> bytes:
-        method = request.method.decode("ascii", "replace")
-        handler = getattr(self, f"render_{method}", None)
-        if method == "HEAD" and not hasattr(self, "render_GET"):
-            handler = None
-        if handler is None:
-            allowed = sorted(
-                name[len("render_") :]
-                for name in dir(self)
-                if name.startswith("render_") and name != "render_HEAD"
-            )
-            if "GET" in allowed:
-                allowed.append("HEAD")
-            request.setHeader(b"allow", ", ".join(allowed).encode())
-            return _json(
-                request, {"error": f"method {method} not allowed; allowed: {allowed}"}, 405
-            )
-        return handler(request)
-
-
-class NotFound(JsonResource):
-    isLeaf = True
-
-    def render(self, request: Request) -> bytes:
-        return _json(request, {"error": f"no such resource: {request.path.decode()!s}"}, 404)
-
-
-class _Leaf(JsonResource):
-    isLeaf = True
-
-    def __init__(self, factory: ServerFactory) -> None:
-        super().__init__()
-        self.factory = factory
-
-
-class Health(_Leaf):
-    def render_GET(self, request: Request) -> bytes:
-        if self.factory.draining:
-            return _json(request, {"status": "draining"}, 503)
-        return _json(request, {"status": "serving", "clients": len(self.factory.clients)})
-
-
-class Metrics(_Leaf):
-    def __init__(self, factory: ServerFactory, refused: Counter[str] | None = None) -> None:
-        super().__init__(factory)
-        self.registry = registry_for(factory, refused)
-
-    def render_GET(self, request: Request) -> bytes:
-        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
-        return generate_latest(self.registry)
-
-
-class Broadcast(_Leaf):
-    def render_POST(self, request: Request) -> bytes:
-        message = _read_message(request)
-        if isinstance(message, bytes):
-            return message
-        return _json(request, {"sent": self.factory.broadcast(*message)})
-
-
 def eviction(record: EvictionRecord) -> dict[str, Any]:
     """An eviction record as the API shows it: ``session``, like everywhere else."""
     out = record.to_dict()
@@ -281,17 +210,27 @@ def eviction(record: EvictionRecord) -> dict[str, Any]:
     return out
 
 
-class Clients(JsonResource):
-    def __init__(self, factory: ServerFactory) -> None:
-        super().__init__()
+class LocalBackend:
+    """The routes on one daemon (`heartbeatd.daemon.admin_routes`): its own clients."""
+
+    def __init__(self, factory: ServerFactory, refused: Counter[str] | None = None) -> None:
         self.factory = factory
+        self.registry = registry_for(factory, Counter() if refused is None else refused)
+        self.registry.register(channels_admin.ChannelsCollector(factory.channels))
 
-    def getChild(self, path: bytes, request: Request) -> Resource:
-        if not path:
-            return self
-        return OneClient(self.factory, path.decode("utf-8", "replace"))
+    def index(self, call: Call) -> Answer:
+        return index_answer()
 
-    def render_GET(self, request: Request) -> bytes:
+    def health(self, call: Call) -> Answer:
+        if self.factory.draining:
+            return Answer({"status": "draining"}, 503)
+        return Answer({"status": "serving", "clients": len(self.factory.clients)})
+
+    def metrics(self, call: Call) -> Answer:
+        content_type = CONTENT_TYPE_LATEST.encode()
+        return Answer(raw=generate_latest(self.registry), headers={b"content-type": content_type})
+
+    def clients(self, call: Call) -> Answer:
         f = self.factory
         now, alive_now = f.clock.seconds(), f.now()
         clients = [
@@ -310,66 +249,55 @@ class Clients(JsonResource):
             for c in f.clients.values()
         ]
         result: dict[str, Any] = {"now": now, "count": len(clients), "clients": clients}
-        recent = request.args.get(b"recent_evictions")
-        if recent:
-            try:
-                n = max(0, int(recent[0]))
-            except ValueError:
-                return _json(request, {"error": "recent_evictions must be an integer"}, 400)
-            records = list(f.recent_closes)[-n:] if n else []
-            result["recent_evictions"] = [eviction(r) for r in records]
-        return _json(request, result)
+        recent = self.recent_evictions(call)
+        if recent is not None:
+            result["recent_evictions"] = recent
+        return Answer(result)
 
-
-class OneClient(JsonResource):
-    def __init__(self, factory: ServerFactory, session: str) -> None:
-        super().__init__()
-        self.factory = factory
-        self.session = session
-
-    def getChild(self, path: bytes, request: Request) -> Resource:
-        if path == b"send":
-            return SendToClient(self.factory, self.session)
-        return NotFound()
-
-    def render_DELETE(self, request: Request) -> bytes:
-        client = self.factory.clients.get(self.session)
-        if client is None:
-            return _json(request, {"error": f"no client {self.session!r}"}, 404)
-        client.evict("admin", "disconnected through the admin API")
-        return _json(request, {"disconnected": self.session})
-
-
-class SendToClient(_Leaf):
-    def __init__(self, factory: ServerFactory, session: str) -> None:
-        super().__init__(factory)
-        self.session = session
-
-    def render_POST(self, request: Request) -> bytes:
-        message = _read_message(request)
-        if isinstance(message, bytes):
-            return message
+    def recent_evictions(self, call: Call) -> list[dict[str, Any]] | None:
+        """This daemon's last N closes for ``?recent_evictions=N``, or None when not asked."""
+        recent = call.query("recent_evictions")
+        if not recent:
+            return None
         try:
-            sent = self.factory.send(self.session, *message)
+            n = max(0, int(recent))
+        except ValueError:
+            raise ApiError(400, "recent_evictions must be an integer") from None
+        records = list(self.factory.recent_closes)[-n:] if n else []
+        return [eviction(r) for r in records]
+
+    def send(self, call: Call) -> Answer:
+        session = call.params["session"]
+        message = call.message()
+        try:
+            sent = self.factory.send(session, *message)
         except NotAuthenticated as e:
-            return _json(request, {"error": e.message, "code": e.code}, 409)
+            raise ApiError(409, e.message, e.code) from None
         if not sent:
-            return _json(request, {"error": f"no client {self.session!r}"}, 404)
-        return _json(request, {"sent": 1})
+            raise ApiError(404, f"no client {session!r}")
+        return Answer({"sent": 1})
+
+    def disconnect(self, call: Call) -> Answer:
+        session = call.params["session"]
+        if not self.factory.channels.kick_local(session):
+            raise ApiError(404, f"no client {session!r}")
+        return Answer({"disconnected": session})
+
+    def broadcast(self, call: Call) -> Answer:
+        return Answer({"sent": self.factory.broadcast(*call.message())})
+
+    def publish(self, call: Call) -> Deferred[Answer]:
+        body = call.json()
+        if not isinstance(body, dict) or "data" not in body:
+            raise ApiError(400, 'expected {"channel": "...", "data": ...}')
+        channel = body.get("channel")
+        d = self.factory.channels.publish(channel, body["data"])  # type: ignore[arg-type]
+        return d.addCallback(lambda offset: Answer({"channel": channel, "offset": offset}))
 
 
-class _Unauthorized(_Leaf):
-    def render(self, request: Request) -> bytes:
-        request.setHeader(b"www-authenticate", b'Bearer realm="heartbeatd"')
-        return _json(request, {"error": "missing or wrong bearer token"}, 401)
-
-
-class AdminRoot(JsonResource):
-    """The API's root.
-
-    Checks the token again (the channel already did, before the body): the resources also
-    serve in-process, without a channel in front.
-    """
+class AdminRoot(AdminApi):
+    """The admin API of one daemon: its own clients, or with ``cluster.redis`` every node's
+    (`heartbeatd.daemon.channels_admin.ClusterBackend`)."""
 
     def __init__(
         self,
@@ -377,26 +305,11 @@ class AdminRoot(JsonResource):
         policy: AdminPolicy | None = None,
         refused: Counter[str] | None = None,
     ) -> None:
-        super().__init__()
-        self.policy = policy or AdminPolicy()
-        self.putChild(b"healthz", Health(factory))
-        self.putChild(b"metrics", Metrics(factory, Counter() if refused is None else refused))
-        self.putChild(b"clients", Clients(factory))
-        self.putChild(b"broadcast", Broadcast(factory))
-        channels_admin.mount(self, factory)  # /publish; cluster-wide views with cluster.redis
-        self._unauthorized = _Unauthorized(factory)
-
-    def getChildWithDefault(self, path: bytes, request: Request) -> Resource:
-        if not self.policy.authorized(request.method, request.uri, request.requestHeaders):
-            return self._unauthorized
-        return super().getChildWithDefault(path, request)
-
-    def getChild(self, path: bytes, request: Request) -> Resource:
-        return self if not path else NotFound()
-
-    def render_GET(self, request: Request) -> bytes:
-        paths = ["/healthz", "/metrics", "/clients", "/broadcast"]
-        return _json(request, {"service": "heartbeatd admin API", "paths": paths})
+        local = LocalBackend(factory, refused)
+        backend: Backend = local
+        if factory.channels.broker.clustered:
+            backend = channels_admin.ClusterBackend(local)
+        super().__init__(backend, policy or AdminPolicy())
 
 
 class AdminSite(Site):

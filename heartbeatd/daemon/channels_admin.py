@@ -1,103 +1,72 @@
-"""Admin API for channels and the cluster, mounted on the admin root by `mount`.
+"""The admin API of a node with ``cluster.redis`` (`ClusterBackend`), and channel metrics.
 
-    POST /publish                 body {"channel": ..., "data": ...} -> {"channel", "offset"}
-    GET  /metrics                 adds heartbeatd_channel_* and heartbeatd_broker_up
+The routes (`heartbeatd.daemon.admin_routes`) answer for the whole cluster instead of this node:
 
-With ``cluster.redis`` set, these answer for the whole cluster instead of this node:
+    GET    /healthz               adds "node" and "broker": "up"/"down" (status "degraded")
+    GET    /clients               every node's clients, each with its "node" (and this node's
+                                  recent closes for ?recent_evictions=N)
+    POST   /clients/{id}/send     reaches the session on whichever node holds it
+    DELETE /clients/{id}          disconnects it on whichever node holds it (``?scope=local``:
+                                  this node only, which a supervisor asks of each worker)
+    POST   /broadcast             reaches every node's clients; answers {"nodes": N}
 
-    GET  /healthz                 adds "node" and "broker": "up"/"down" (status "degraded")
-    GET  /clients                 every node's clients, each with its "node"
-    POST /clients/{id}/send       reaches the session on whichever node holds it
-    POST /broadcast               reaches every node's clients; answers {"nodes": N}
-
-Errors are JSON with the channel error code: 400 for bad input, 503 ``unavailable`` while the
-broker is unreachable.
+The rest (/, /metrics, /publish) are one node's (`heartbeatd.daemon.admin.LocalBackend`).
+`ChannelsCollector` adds heartbeatd_channel_* and heartbeatd_broker_up to /metrics.  Errors
+are JSON with the channel error code: 400 for bad input, 404 ``not_found`` for a session no
+node holds, 503 ``unavailable`` while the broker is unreachable.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from twisted.internet.defer import Deferred
-from twisted.python.failure import Failure
-from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request
 
-from heartbeatd.daemon.admin_guard import BadBody, parse_body
-from heartbeatd.server.channels import UNAVAILABLE, ChannelHub
-from heartbeatd.server.factory import ServerFactory
+from heartbeatd.daemon.admin_routes import Answer, ApiError, Call
+from heartbeatd.server.channels import ChannelHub
 from heartbeatd.server.handlers import HandlerError
 
-__all__ = ["ChannelsCollector", "mount"]
+__all__ = ["ChannelsCollector", "ClusterBackend"]
+
+#: The error code of a session no node holds (answered 404, as on one node).
+NOT_FOUND = "not_found"
 
 
-def _json(request: Request, value: Any, code: int = 200) -> bytes:
-    request.setResponseCode(code)
-    request.setHeader(b"content-type", b"application/json")
-    return json.dumps(value).encode() + b"\n"
+class _Local(Protocol):
+    """What the cluster backend uses of the node's own (`heartbeatd.daemon.admin.LocalBackend`)."""
+
+    factory: Any
+
+    def index(self, call: Call) -> Answer: ...
+
+    def metrics(self, call: Call) -> Answer: ...
+
+    def publish(self, call: Call) -> Deferred[Answer]: ...
+
+    def recent_evictions(self, call: Call) -> list[dict[str, Any]] | None: ...
 
 
-def _body(request: Request) -> dict[str, Any] | bytes:
-    """The JSON object a request carries ({} for anything else), or a typed 400 already set."""
-    try:
-        body = parse_body(request.content.read())
-    except BadBody as e:
-        return _json(request, {"error": e.message, "code": e.code}, 400)
-    return body if isinstance(body, dict) else {}
+class ClusterBackend:
+    """The routes on a node of a cluster: clients, send, kick and broadcast span every node."""
 
+    def __init__(self, local: _Local) -> None:
+        self.local = local
+        self.hub: ChannelHub = local.factory.channels
 
-def _answer(request: Request, d: Deferred[Any], shape: Any) -> int:
-    """Finish ``request`` when ``d`` fires: shape(result) as JSON, or a typed error."""
+    def index(self, call: Call) -> Answer:
+        return self.local.index(call)
 
-    def ok(result: Any) -> None:
-        if not request.finished and not request._disconnected:
-            request.write(_json(request, shape(result)))
-            request.finish()
+    def metrics(self, call: Call) -> Answer:
+        return self.local.metrics(call)
 
-    def failed(failure: Failure) -> None:
-        if request.finished or request._disconnected:
-            return
-        if failure.check(HandlerError):
-            error: HandlerError = failure.value  # type: ignore[assignment]
-            code = {UNAVAILABLE: 503, "not_authenticated": 409}.get(error.code, 400)
-            body = {"error": error.message, "code": error.code}
-        else:
-            code, body = 500, {"error": "internal error", "code": "internal_error"}
-        request.write(_json(request, body, code))
-        request.finish()
+    def publish(self, call: Call) -> Deferred[Answer]:
+        return self.local.publish(call)
 
-    d.addCallbacks(ok, failed)
-    return NOT_DONE_YET
-
-
-class _HubLeaf(Resource):
-    isLeaf = True
-
-    def __init__(self, hub: ChannelHub) -> None:
-        super().__init__()
-        self.hub = hub
-
-
-class Publish(_HubLeaf):
-    def render_POST(self, request: Request) -> Any:
-        body = _body(request)
-        if isinstance(body, bytes):
-            return body
-        if "data" not in body:
-            return _json(request, {"error": 'expected {"channel": "...", "data": ...}'}, 400)
-        channel = body.get("channel")
-        d = self.hub.publish(channel, body["data"])  # type: ignore[arg-type]
-        return _answer(request, d, lambda offset: {"channel": channel, "offset": offset})
-
-
-class ClusterHealth(_HubLeaf):
-    def render_GET(self, request: Request) -> bytes:
-        factory = self.hub.factory
-        broker = self.hub.broker
+    def health(self, call: Call) -> Answer:
+        factory, broker = self.hub.factory, self.hub.broker
         body = {
             "status": "serving" if broker.up else "degraded",
             "clients": len(factory.clients),
@@ -106,77 +75,48 @@ class ClusterHealth(_HubLeaf):
         }
         if factory.draining:
             body["status"] = "draining"
-            return _json(request, body, 503)
-        return _json(request, body)
+            return Answer(body, 503)
+        return Answer(body)
 
+    def clients(self, call: Call) -> Deferred[Answer]:
+        recent = self.local.recent_evictions(call)  # this node's: closes are not shared
 
-class ClusterBroadcast(_HubLeaf):
-    def render_POST(self, request: Request) -> Any:
-        body = _body(request)
-        if isinstance(body, bytes):
-            return body
-        if not isinstance(body.get("type"), str) or not body["type"]:
-            return _json(request, {"error": 'expected {"type": "...", "data": ...}'}, 400)
-        d = self.hub.broadcast(body["type"], body.get("data"))
-        return _answer(request, d, lambda nodes: {"nodes": nodes})
+        def listed(found: list[dict[str, Any]]) -> Answer:
+            body: dict[str, Any] = {"count": len(found), "clients": found}
+            if recent is not None:
+                body["recent_evictions"] = recent
+            return Answer(body)
 
+        return self.hub.clients().addCallback(listed)
 
-class ClusterClients(Resource):
-    def __init__(self, hub: ChannelHub) -> None:
-        super().__init__()
-        self.hub = hub
+    def send(self, call: Call) -> Deferred[Answer]:
+        session = call.params["session"]
+        message = call.message()
 
-    def getChild(self, path: bytes, request: Request) -> Resource:
-        if not path:
-            return self
-        return ClusterClient(self.hub, path.decode("utf-8", "replace"))
-
-    def render_GET(self, request: Request) -> Any:
-        return _answer(
-            request,
-            self.hub.clients(),
-            lambda clients: {"count": len(clients), "clients": clients},
-        )
-
-
-class ClusterClient(Resource):
-    def __init__(self, hub: ChannelHub, session: str) -> None:
-        super().__init__()
-        self.hub = hub
-        self.session = session
-
-    def getChild(self, path: bytes, request: Request) -> Resource:
-        if path == b"send":
-            return ClusterSend(self.hub, self.session)
-        return super().getChild(path, request)
-
-    def render_DELETE(self, request: Request) -> bytes:
-        client = self.hub.factory.clients.get(self.session)
-        if client is None:
-            return _json(request, {"error": f"no client {self.session!r} on this node"}, 404)
-        client.evict("admin", "disconnected through the admin API")
-        return _json(request, {"disconnected": self.session})
-
-
-class ClusterSend(_HubLeaf):
-    def __init__(self, hub: ChannelHub, session: str) -> None:
-        super().__init__(hub)
-        self.session = session
-
-    def render_POST(self, request: Request) -> Any:
-        body = _body(request)
-        if isinstance(body, bytes):
-            return body
-        if not isinstance(body.get("type"), str) or not body["type"]:
-            return _json(request, {"error": 'expected {"type": "...", "data": ...}'}, 400)
-        d = self.hub.send(self.session, body["type"], body.get("data"))
-
-        def sent(found: bool) -> Any:
+        def sent(found: bool) -> Answer:
             if not found:
-                raise HandlerError("not_found", f"no client {self.session!r} in the cluster")
-            return {"sent": 1}
+                raise HandlerError(NOT_FOUND, f"no client {session!r} in the cluster")
+            return Answer({"sent": 1})
 
-        return _answer(request, d.addCallback(sent), lambda result: result)
+        return self.hub.send(session, *message).addCallback(sent)
+
+    def disconnect(self, call: Call) -> Answer | Deferred[Answer]:
+        session = call.params["session"]
+        if call.query("scope") == "local":
+            if not self.hub.kick_local(session):
+                raise ApiError(404, f"no client {session!r} on this node")
+            return Answer({"disconnected": session})
+
+        def kicked(found: bool) -> Answer:
+            if not found:
+                raise HandlerError(NOT_FOUND, f"no client {session!r} in the cluster")
+            return Answer({"disconnected": session})
+
+        return self.hub.kick(session).addCallback(kicked)
+
+    def broadcast(self, call: Call) -> Deferred[Answer]:
+        message = call.message()
+        return self.hub.broadcast(*message).addCallback(lambda nodes: Answer({"nodes": nodes}))
 
 
 class ChannelsCollector(Collector):
@@ -236,17 +176,3 @@ class ChannelsCollector(Collector):
             "New Redis data generations this node found (failover or restart: channels resync).",
             value=getattr(hub.broker, "fences", 0),
         )
-
-
-def mount(root: Resource, factory: ServerFactory) -> None:
-    """Add the channel endpoints (and, in a cluster, the cluster-wide ones) to ``root``."""
-    hub = factory.channels
-    root.putChild(b"publish", Publish(hub))
-    metrics = root.children.get(b"metrics")
-    registry = getattr(metrics, "registry", None)
-    if registry is not None:
-        registry.register(ChannelsCollector(hub))
-    if hub.broker.clustered:
-        root.putChild(b"healthz", ClusterHealth(hub))
-        root.putChild(b"clients", ClusterClients(hub))
-        root.putChild(b"broadcast", ClusterBroadcast(hub))

@@ -1,4 +1,5 @@
-"""The files an installation needs beside the code: the commented config and systemd units.
+"""The files an installation needs beside the code: the commented config, the systemd units,
+the kernel settings (sysctl), and the monitoring (a Grafana dashboard, Prometheus rules).
 
 A user who installed the wheel has no checkout, so the wheel carries them (hatch copies
 ``config/`` into ``heartbeatd/daemon/data/`` at build time: ``config/`` stays the one
@@ -30,6 +31,9 @@ FILES = (
     "heartbeatd.service",
     "heartbeatd.socket",
     "heartbeatd.service.d/socket-activation.conf",
+    "sysctl.d/60-heartbeatd.conf",
+    "heartbeatd-dashboard.json",
+    "heartbeatd.rules.yml",
 )
 
 
@@ -66,7 +70,10 @@ def write(directory: Path, force: bool = False) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m heartbeatd.daemon.files",
-        description="Print or write heartbeatd's commented default config and systemd units.",
+        description=(
+            "Print or write heartbeatd's commented default config, systemd units, sysctl "
+            "settings, Grafana dashboard and Prometheus rules."
+        ),
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("list", help="list the shipped files")

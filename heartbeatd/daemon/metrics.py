@@ -24,6 +24,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from heartbeatd._version import __version__
+from heartbeatd.server.channels import UNAVAILABLE
 from heartbeatd.server.factory import ServerFactory
 from heartbeatd.wire import envelope, sniff
 
@@ -56,7 +57,19 @@ ERROR_CODES = (
     envelope.TOO_MANY_CONNECTIONS,
     envelope.UNKNOWN_TYPE,
     envelope.WRONG_PROTOCOL,
+    UNAVAILABLE,  # a publish (or presence) while the cluster broker is unreachable
 )
+#: The listeners a client can come through (``heartbeatd_connections_by_listener``).
+LISTENERS = ("tcp", "tls", "websocket", "websocket+tls")
+#: Why a connection was refused (``heartbeatd_connections_refused_by_reason_total{reason}``).
+REFUSAL_REASONS = (
+    "file_descriptors",
+    "max_connections",
+    "per_address_connections",
+    "per_address_rate",
+)
+#: accept() errors (``heartbeatd_accept_errors_total{error}``).
+ACCEPT_ERRORS = ("EMFILE", "ENFILE", "ENOBUFS", "ENOMEM")
 #: Admin requests refused before their body was read, by HTTP status.
 ADMIN_REFUSALS = ("401", "403", "413", "415", "421")
 
@@ -85,6 +98,14 @@ class FactoryCollector(Collector):
         yield GaugeMetricFamily(
             "heartbeatd_connections", "Clients connected now.", value=len(f.clients)
         )
+        by_listener = GaugeMetricFamily(
+            "heartbeatd_connections_by_listener",
+            "Clients connected now, by listener (tcp, tls, websocket, websocket+tls).",
+            labels=["listener"],
+        )
+        for listener, count in _with_zeros(f.by_listener, LISTENERS):
+            by_listener.add_metric([listener], count)
+        yield by_listener
         yield CounterMetricFamily(
             "heartbeatd_connections_accepted", "Connections accepted.", value=f.accepted
         )
@@ -96,12 +117,26 @@ class FactoryCollector(Collector):
         refused = CounterMetricFamily(
             "heartbeatd_connections_refused_by_reason",
             "Connections refused, by limit (max_connections, per_address_connections, "
-            "per_address_rate).",
+            "per_address_rate; file_descriptors: closed unanswered on EMFILE).",
             labels=["reason"],
         )
-        for reason, count in sorted(f.refusals.items()):
+        for reason, count in _with_zeros(f.refusals, REFUSAL_REASONS):
             refused.add_metric([reason], count)
         yield refused
+        yield GaugeMetricFamily(
+            "heartbeatd_connection_limit",
+            "Connections this process may hold: limits.max_connections, capped by the "
+            "open-file limit.",
+            value=f.max_connections,
+        )
+        accept_errors = CounterMetricFamily(
+            "heartbeatd_accept_errors",
+            "accept() failures, by errno (EMFILE: out of file descriptors).",
+            labels=["error"],
+        )
+        for error, count in _with_zeros(f.accept_errors, ACCEPT_ERRORS):
+            accept_errors.add_metric([error], count)
+        yield accept_errors
         evicted = CounterMetricFamily(
             "heartbeatd_evicted", "Clients closed by the server, by reason.", labels=["reason"]
         )
@@ -143,6 +178,16 @@ class FactoryCollector(Collector):
                 family.add_metric([direction], totals[f"{unit}_{direction}"])
             yield family
         yield CounterMetricFamily("heartbeatd_heartbeat_sweeps", "Sweeps run.", value=hb.sweeps)
+        yield GaugeMetricFamily(
+            "heartbeatd_heartbeat_interval_seconds",
+            "heartbeat.interval: seconds between sweeps (a sweep must take far less).",
+            value=hb.interval,
+        )
+        yield GaugeMetricFamily(
+            "heartbeatd_heartbeat_timeout_seconds",
+            "heartbeat.timeout: silence after which a client is evicted.",
+            value=hb.timeout,
+        )
         yield GaugeMetricFamily(
             "heartbeatd_heartbeat_sweep_seconds",
             "Reactor time the last sweep spent in its batches.",

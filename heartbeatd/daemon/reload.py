@@ -16,6 +16,7 @@ from typing import Any
 from heartbeatd._logging import get_logger, set_level
 from heartbeatd.config import Config, ConfigError
 from heartbeatd.daemon.config import load_config
+from heartbeatd.daemon.fdlimit import describe_limit
 from heartbeatd.daemon.sdnotify import Notifier
 from heartbeatd.daemon.tls import ServerTLS
 from heartbeatd.server.auth import load_authenticator
@@ -26,7 +27,7 @@ __all__ = ["Reloader", "config_diff"]
 log = get_logger(__name__)
 
 #: Keys bound at start: changing them needs a restart.
-FIXED_KEYS = ("listen", "framing", "handlers", "admin", "cluster", "workers")
+FIXED_KEYS = ("listen", "framing", "handlers", "admin", "cluster", "workers", "websocket")
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -109,6 +110,7 @@ class Reloader:
             )
             return False
         changes = config_diff(old, new)
+        limit_before = self.factory.max_connections
         self.factory.apply_config(new)
         set_level(new.log.level)
         log.info(
@@ -116,6 +118,13 @@ class Reloader:
             path=self.path,
             changes="; ".join(changes) if changes else "no changes",
         )
+        if (
+            self.factory.max_connections != limit_before
+            or new.limits.max_connections != old.limits.max_connections
+        ):
+            limit, why, capped = describe_limit(new)
+            emit = log.warn if capped else log.info
+            emit("Connection limit now {limit} ({why})", limit=limit, why=why)
         return True
 
     def _reload_security(self, old: Config, new: Config) -> Config:

@@ -2,18 +2,19 @@
 
 Listening happens in ``privilegedStartService`` (before twistd drops privileges and before the
 reactor runs), so a port in use or a bad certificate stops the daemon at once with one clear
-line, instead of leaving a process running that serves nothing.
+line, instead of leaving a process running that serves nothing.  The failure is a
+`StartupError`, which twistd reports to the process that launched a daemon (and removes the
+pidfile): see `heartbeatd.daemon.startup`.
 """
 
 from __future__ import annotations
 
 import os
-import resource
 from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
@@ -21,27 +22,17 @@ from twisted.python.failure import Failure
 from heartbeatd._logging import get_logger
 from heartbeatd._version import __version__
 from heartbeatd.daemon import logs
+from heartbeatd.daemon.fdlimit import AcceptGuard, describe_limit
 from heartbeatd.daemon.sdnotify import Notifier
 from heartbeatd.daemon.signals import ShutdownSignals
+from heartbeatd.daemon.startup import LaunchStderr, StartupError
 from heartbeatd.server import leantcp
+from heartbeatd.server.connection import format_address
 from heartbeatd.server.factory import ServerFactory
-from heartbeatd.server.protocol import format_address
 
-__all__ = ["ServerService", "raise_open_file_limit"]
+__all__ = ["ServerService"]
 
 log = get_logger(__name__)
-
-
-def raise_open_file_limit() -> tuple[int, int]:
-    """Raise the soft open-file limit to the hard one (each client is a file descriptor)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError) as e:
-            log.warn("Could not raise the open-file limit to {hard}: {error}", hard=hard, error=e)
-    return soft, hard
 
 
 class ServerService(Service):
@@ -58,8 +49,12 @@ class ServerService(Service):
         notifier: Notifier | None = None,
         on_hangup: Callable[[], object] | None = None,
         admin: tuple[IStreamServerEndpoint, Any] | None = None,
+        websocket: tuple[list[tuple[str, IStreamServerEndpoint]], Any] | None = None,
+        startup: LaunchStderr | None = None,
     ) -> None:
         self.endpoint = endpoint
+        #: Where a start-up failure is written besides the log (the launching stderr).
+        self.startup = startup
         self.factory = factory
         self.port: IListeningPort | None = None
         self._reactor = reactor
@@ -67,7 +62,11 @@ class ServerService(Service):
         self._on_hangup = on_hangup
         self._admin = admin
         self.admin_port: IListeningPort | None = None
+        #: ([(description, endpoint)], the `WebSocketSite`) of the WebSocket listener, if on.
+        self._websocket = websocket
+        self.websocket_ports: list[IListeningPort] = []
         self._status_loop: LoopingCall | None = None
+        self.accept_guard: AcceptGuard | None = None
 
     def startService(self) -> None:
         super().startService()
@@ -95,20 +94,45 @@ class ServerService(Service):
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
-        self.port = result = _bind(self.endpoint, self.factory, self.factory.config.listen)
+        self.port = result = _bind(
+            self.endpoint, self.factory, self.factory.config.listen, self.startup
+        )
         config = self.factory.config
         if config.tcp.lean_transport and leantcp.adopt(result):
             log.info("Accepting into the lean TCP transport (tcp.lean_transport)")
+        # Every listener accepts only what the open-file limit leaves room for.
+        self.accept_guard = guard = AcceptGuard(self.factory)
+        if hasattr(result, "numberAccepts"):  # a stream port
+            guard.watch(result)
+        limit, why, capped = describe_limit(config)
         log.info(
             "heartbeatd {version} listening on {address} ({framing} framing, heartbeat every "
-            "{interval:g}s, timeout {timeout:g}s, up to {limit} connections)",
+            "{interval:g}s, timeout {timeout:g}s, up to {limit} connections ({why}))",
             version=__version__,
             address=format_address(result.getHost()),
             framing=config.framing,
             interval=config.heartbeat.interval,
             timeout=config.heartbeat.timeout,
-            limit=self.factory.max_connections,
+            limit=limit,
+            why=why,
         )
+        if capped:
+            log.warn("Connection limit {limit}: {why}", limit=limit, why=why)
+        if self._websocket is not None:
+            endpoints, site = self._websocket
+            for description, endpoint in endpoints:
+                port = _bind(endpoint, site, description, self.startup)
+                self.websocket_ports.append(port)
+                if config.tcp.lean_transport:
+                    leantcp.adopt(port)
+                if hasattr(port, "numberAccepts"):
+                    guard.watch(port)
+                log.info(
+                    "heartbeatd {version} WebSocket listening on {address} (path {path})",
+                    version=__version__,
+                    address=format_address(port.getHost()),
+                    path=config.websocket.path,
+                )
         log.info(
             "Handlers: built-in{modules}; message types: {types}",
             modules="".join(f", {name}" for name in config.handlers),
@@ -116,11 +140,13 @@ class ServerService(Service):
         )
         if self._admin is not None:
             endpoint, site = self._admin
-            self.admin_port = _bind(endpoint, site, self.factory.config.admin.listen)
+            self.admin_port = _bind(endpoint, site, self.factory.config.admin.listen, self.startup)
             log.info(
                 "admin API listening on {address}",
                 address=format_address(self.admin_port.getHost()),
             )
+        if self.startup is not None:  # started: let go of the launching stderr
+            self.startup.close()
 
     def stopService(self) -> Deferred[None]:
         """Stop listening first (a restarted instance can take new clients), then drain.
@@ -139,6 +165,12 @@ class ServerService(Service):
         port, self.port = self.port, None
         address = format_address(port.getHost()) if port is not None else ""
         stopped = maybeDeferred(port.stopListening) if port is not None else succeed(None)
+        ws_ports, self.websocket_ports = self.websocket_ports, []
+        if ws_ports:
+            stopped = DeferredList(
+                [stopped, *(maybeDeferred(p.stopListening) for p in ws_ports)],
+                consumeErrors=True,
+            )
         shutdown = self.factory.config.shutdown
 
         def drain(_: object) -> Deferred[None]:
@@ -189,15 +221,25 @@ class ServerService(Service):
         )
 
 
-def _bind(endpoint: IStreamServerEndpoint, factory: Any, description: str) -> IListeningPort:
-    """Listen now or exit with one clear line (port in use, bad certificate...)."""
+def _bind(
+    endpoint: IStreamServerEndpoint,
+    factory: Any,
+    description: str,
+    startup: LaunchStderr | None = None,
+) -> IListeningPort:
+    """Listen now, or raise `StartupError` with one clear line (port in use, bad certificate).
+
+    Not SystemExit: twistd reports only an Exception to a daemon's waiting parent.
+    """
     outcome: list[IListeningPort | Failure] = []
     endpoint.listen(factory).addBoth(outcome.append)
+    message = None
     if not outcome:
-        raise SystemExit(f"heartbeatd: {description!r} did not bind synchronously")
-    result = outcome[0]
-    if isinstance(result, Failure):
-        raise SystemExit(
-            f"heartbeatd: cannot listen on {description!r}: {result.getErrorMessage()}"
-        )
-    return result
+        message = f"heartbeatd: {description!r} did not bind synchronously"
+    elif isinstance(outcome[0], Failure):
+        message = f"heartbeatd: cannot listen on {description!r}: {outcome[0].getErrorMessage()}"
+    if message is not None:
+        if startup is not None:
+            raise startup.fail(message)
+        raise StartupError(message)
+    return outcome[0]  # type: ignore[return-value]

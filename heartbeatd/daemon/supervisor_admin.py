@@ -9,9 +9,13 @@ by that much at most and is named in it.
 
     GET    /healthz             the supervisor's view of every worker, plus each one's own
     GET    /metrics             every worker's series with worker="N", and supervisor gauges
-    DELETE /clients/{session}   asked of every serving worker: whichever holds it closes it
-    anything else               forwarded to the first serving worker (with cluster.redis,
+    DELETE /clients/{session}   asked of every serving worker: whichever holds it closes it;
+                                held by none, forwarded (another node of the cluster may hold it)
+    the other routes            forwarded to the first serving worker (with cluster.redis,
                                 /clients, send, /broadcast and /publish span every worker)
+
+The routes are the one table of `heartbeatd.daemon.admin_routes` (`SupervisorBackend` says
+what each does here): an unknown path or method is answered by the supervisor itself.
 """
 
 from __future__ import annotations
@@ -42,12 +46,12 @@ from twisted.web.client import (
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory
-from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request
+from twisted.web.server import Request
 from zope.interface import implementer
 
 from heartbeatd._logging import LogLimiter, get_logger
 from heartbeatd.daemon.admin import AdminPolicy, AdminSite
+from heartbeatd.daemon.admin_routes import AdminApi, Answer, Call, index_answer
 from heartbeatd.daemon.metrics import ADMIN_REFUSALS
 from heartbeatd.daemon.worker_metrics import MetricsMerger, WorkerAnswer, parse
 
@@ -71,7 +75,7 @@ SERVING = "serving"
 
 
 class Supervised(Protocol):
-    """What the admin API needs of the supervisor (`heartbeatd.daemon.workers.Supervisor`)."""
+    """What the admin API needs of the supervisor (`heartbeatd.daemon.supervisor.Supervisor`)."""
 
     count: int
     restarts: int
@@ -305,22 +309,11 @@ def exposition(families: list[Metric]) -> bytes:
 # -- the resources ---------------------------------------------------------------------------
 
 
-def _json(request: Request, value: Any, code: int = 200) -> bytes:
-    request.setResponseCode(code)
-    request.setHeader(b"content-type", b"application/json")
-    return json.dumps(value).encode() + b"\n"
+class SupervisorBackend:
+    """The routes (`heartbeatd.daemon.admin_routes`) in the supervisor: answers for the whole
+    daemon itself (/healthz, /metrics), asks every worker (DELETE /clients/{session}), or
+    forwards to the first serving worker (the rest)."""
 
-
-def _finish(request: Request, body: bytes) -> None:
-    if not request.finished and not request._disconnected:
-        request.write(body)
-        request.finish()
-
-
-class SupervisorAdmin(Resource):
-    """The admin API's one resource in the supervisor: answers or asks the workers."""
-
-    isLeaf = True
     #: Seconds each worker gets to answer a /healthz, a /metrics, a forwarded request.
     HEALTH_TIMEOUT = 2.0
     METRICS_TIMEOUT = 5.0
@@ -330,14 +323,11 @@ class SupervisorAdmin(Resource):
         self,
         supervisor: Supervised,
         channel: WorkerChannel,
-        policy: AdminPolicy,
         refused: Counter[str],
         clock: Any,
     ) -> None:
-        super().__init__()
         self.supervisor = supervisor
         self.channel = channel
-        self.policy = policy
         self.refused = refused
         self.merger = MetricsMerger()
         self._waiters: dict[str, list[Deferred[Any]]] = {}
@@ -345,22 +335,27 @@ class SupervisorAdmin(Resource):
         self._own = CollectorRegistry(auto_describe=False)
         ProcessCollector(registry=self._own)
 
-    def render(self, request: Request) -> Any:
-        if not self.policy.authorized(request.method, request.uri, request.requestHeaders):
-            request.setHeader(b"www-authenticate", b'Bearer realm="heartbeatd"')
-            return _json(request, {"error": "missing or wrong bearer token"}, 401)
-        path = request.path.rstrip(b"/")
-        method = request.method
-        if method in (b"GET", b"HEAD") and path == b"/healthz":
-            health = self._shared("health", self.health)
-            return self._later(request, health.addCallback(lambda c: _json(request, c[1], c[0])))
-        if method in (b"GET", b"HEAD") and path == b"/metrics":
-            request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
-            return self._later(request, self._shared("metrics", self.metrics))
-        parts = path.split(b"/")
-        if method == b"DELETE" and len(parts) == 3 and parts[1] == b"clients" and parts[2]:
-            return self._later(request, self.disconnect(request, parts[2]))
-        return self._later(request, self.forward(request))
+    # -- the routes ----------------------------------------------------------------------
+
+    def index(self, call: Call) -> Answer:
+        return index_answer()
+
+    def health(self, call: Call) -> Deferred[Answer]:
+        health = self._shared("health", self._health)
+        return health.addCallback(lambda answer: Answer(answer[1], answer[0]))
+
+    def metrics(self, call: Call) -> Deferred[Answer]:
+        content_type = {b"content-type": CONTENT_TYPE_LATEST.encode()}
+        metrics = self._shared("metrics", self._metrics)
+        return metrics.addCallback(lambda raw: Answer(raw=raw, headers=content_type))
+
+    def disconnect(self, call: Call) -> Deferred[Answer]:
+        return self._disconnect(call.request, call.params["session"])
+
+    def clients(self, call: Call) -> Deferred[Answer]:
+        return self.forward(call.request)
+
+    send = broadcast = publish = clients  # with cluster.redis a worker answers for all
 
     def _shared(self, what: str, start: Callable[[], Deferred[Any]]) -> Deferred[Any]:
         """One round of questions at a time per endpoint: requests meanwhile share its answer.
@@ -384,14 +379,6 @@ class SupervisorAdmin(Resource):
 
         start().addBoth(fire)
         return waiter
-
-    def _later(self, request: Request, d: Deferred[bytes]) -> Any:
-        def failed(failure: Failure) -> bytes:
-            log.failure("admin {path} failed", failure, path=request.path)
-            return _json(request, {"error": "internal error", "code": "internal_error"}, 500)
-
-        d.addErrback(failed).addCallback(lambda body: _finish(request, body))
-        return NOT_DONE_YET
 
     # -- asking the workers --------------------------------------------------------------
 
@@ -427,7 +414,7 @@ class SupervisorAdmin(Resource):
 
     # -- the endpoints -------------------------------------------------------------------
 
-    def health(self) -> Deferred[Any]:
+    def _health(self) -> Deferred[Any]:
         sup = self.supervisor
         states = sup.worker_states()
         serving = [i for i in sorted(states) if states[i] == SERVING]
@@ -440,7 +427,7 @@ class SupervisorAdmin(Resource):
 
         return d.addCallback(answer)
 
-    def metrics(self) -> Deferred[bytes]:
+    def _metrics(self) -> Deferred[bytes]:
         sup = self.supervisor
         serving = self._serving()
         d = self._ask_all(serving, b"GET", b"/metrics", self.METRICS_TIMEOUT)
@@ -488,15 +475,15 @@ class SupervisorAdmin(Resource):
                 out[name] = value[0]
         return out
 
-    def forward(self, request: Request) -> Deferred[bytes]:
+    def forward(self, request: Request) -> Deferred[Answer]:
         """Pass the request to the first serving worker, and its answer back."""
         serving = self._serving()
         if not serving:
-            return succeed(self._unavailable(request, "no worker is serving"))
+            return succeed(_unavailable("no worker is serving"))
         index = serving[0]
         path = self.supervisor.admin_socket(index)
         if path is None:
-            return succeed(self._unavailable(request, f"worker {index} has no admin socket"))
+            return succeed(_unavailable(f"worker {index} has no admin socket"))
         d = self.channel.request(
             path,
             request.method,
@@ -506,54 +493,67 @@ class SupervisorAdmin(Resource):
             body=self._body(request),
         )
 
-        def answered(reply: Reply) -> bytes:
-            request.setResponseCode(reply.code)
-            for name, value in reply.headers.items():
-                request.setHeader(name, value)
-            return reply.body
-
-        def failed(failure: Failure) -> bytes:
+        def failed(failure: Failure) -> Answer:
             self._unanswered(request.path.decode("ascii", "replace"), {index: failure})
-            why = f"worker {index} did not answer: {_describe(failure)}"
-            return self._unavailable(request, why)
+            return _unavailable(f"worker {index} did not answer: {_describe(failure)}")
 
-        return d.addCallbacks(answered, failed)
+        return d.addCallbacks(_passed_on, failed)
 
-    def disconnect(self, request: Request, session: bytes) -> Deferred[bytes]:
-        """DELETE /clients/{session}: every serving worker is asked; the holder closes it."""
+    def _disconnect(self, request: Request, session: str) -> Deferred[Answer]:
+        """Every serving worker is asked for its own clients (``?scope=local``) and the holder
+        closes it; when none holds it, the first serving worker is asked to find it on another
+        node of the cluster."""
         serving = self._serving()
         if not serving:
-            return succeed(self._unavailable(request, "no worker is serving"))
+            return succeed(_unavailable("no worker is serving"))
         d = self._ask_all(
-            serving, b"DELETE", request.uri, self.FORWARD_TIMEOUT, headers=self._headers(request)
+            serving,
+            b"DELETE",
+            request.path + b"?scope=local",
+            self.FORWARD_TIMEOUT,
+            headers=self._headers(request),
         )
-        name = session.decode("utf-8", "replace")
 
-        def answer(replies: dict[int, Reply | Failure]) -> bytes:
+        def answer(replies: dict[int, Reply | Failure]) -> Answer | Deferred[Answer]:
             for index, reply in sorted(replies.items()):
                 if isinstance(reply, Reply) and reply.code == 200:
-                    return _json(request, {"disconnected": name, "worker": index})
+                    return Answer({"disconnected": session, "worker": index})
             failures = _failures(replies)
             others = {i: r for i, r in replies.items() if isinstance(r, Reply) and r.code != 404}
             if others:  # e.g. 401: every worker says the same; pass the first on
-                reply = others[min(others)]
-                request.setResponseCode(reply.code)
-                for header, value in reply.headers.items():
-                    request.setHeader(header, value)
-                return reply.body
+                return _passed_on(others[min(others)])
             if failures:
                 self._unanswered("DELETE /clients", failures)
-                return self._unavailable(
-                    request,
-                    f"no client {name!r} on the workers that answered; "
-                    f"workers {sorted(failures)} did not answer",
+                return _unavailable(
+                    f"no client {session!r} on the workers that answered; "
+                    f"workers {sorted(failures)} did not answer"
                 )
-            return _json(request, {"error": f"no client {name!r} on any worker"}, 404)
+            return self.forward(request)  # on another node, or nowhere (404)
 
         return d.addCallback(answer)
 
-    def _unavailable(self, request: Request, why: str) -> bytes:
-        return _json(request, {"error": why, "code": "unavailable"}, 503)
+
+def _passed_on(reply: Reply) -> Answer:
+    """A worker's answer, as it is."""
+    return Answer(status=reply.code, raw=reply.body, headers=dict(reply.headers))
+
+
+def _unavailable(why: str) -> Answer:
+    return Answer({"error": why, "code": "unavailable"}, 503)
+
+
+class SupervisorAdmin(AdminApi):
+    """The admin API's one resource in the supervisor (`SupervisorBackend`)."""
+
+    def __init__(
+        self,
+        supervisor: Supervised,
+        channel: WorkerChannel,
+        policy: AdminPolicy,
+        refused: Counter[str],
+        clock: Any,
+    ) -> None:
+        super().__init__(SupervisorBackend(supervisor, channel, refused, clock), policy)
 
 
 def _failures(replies: Mapping[int, Reply | Failure]) -> dict[int, Failure]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from twisted.application.service import IService
 from twisted.python import usage
@@ -16,17 +16,19 @@ from twisted.python import usage
 from heartbeatd._logging import get_logger, set_level
 from heartbeatd.config import Config, ConfigError, private_unix_endpoint
 from heartbeatd.daemon.config import load_config
-from heartbeatd.daemon.logs import set_format
+from heartbeatd.daemon.fdlimit import raise_open_file_limit
+from heartbeatd.daemon.logs import set_destination, set_format
 from heartbeatd.daemon.reload import Reloader
 from heartbeatd.daemon.sdnotify import Notifier
-from heartbeatd.daemon.service import ServerService, raise_open_file_limit
+from heartbeatd.daemon.service import ServerService
+from heartbeatd.daemon.startup import LaunchStderr, install_excepthook
+from heartbeatd.daemon.supervisor import Supervisor
 from heartbeatd.daemon.tls import ServerTLS, load_server_tls
-from heartbeatd.daemon.workers import (
+from heartbeatd.daemon.worker import (
     ADMIN_FD,
     LISTEN_FD,
     STATUS_FD,
     PipeNotifier,
-    Supervisor,
     WorkerFactory,
     WorkerLink,
     adopted_endpoint,
@@ -40,6 +42,8 @@ from heartbeatd.wire import FRAMINGS
 __all__ = ["Options", "makeService"]
 
 log = get_logger(__name__)
+
+ServerFactoryT = TypeVar("ServerFactoryT", bound=ServerFactory)
 
 
 def _reactor() -> Any:
@@ -169,6 +173,15 @@ class Options(usage.Options):
                     f"{key} is set, which needs the Redis client: "
                     f"pip install 'heartbeatd[cluster]' (txredisapi), or leave {key} empty"
                 )
+        for index, description in enumerate(config.websocket.endpoints):
+            ws_error = check_endpoint(description, _reactor())
+            if ws_error:
+                errors.append(f"websocket.{ws_error}" + (f" (item {index})" if index else ""))
+        if config.websocket.endpoints:
+            from heartbeatd.websocket import MISSING_EXTRA, available
+
+            if not available():
+                errors.append(f"websocket.listen: {config.websocket.listen!r}: {MISSING_EXTRA}")
         self.admin_token = read_admin_token(config, errors)
         registry = build_registry(config, errors)
         tls, authenticator = check_security(config, errors)
@@ -188,43 +201,120 @@ class Options(usage.Options):
 
 
 def makeService(options: Options) -> IService:
+    """The service of one of three run modes: a worker, a supervisor, or a single daemon."""
     config = options.config
     set_level(config.log.level)
     set_format(config.log.format)
     raise_open_file_limit()
     reactor = _reactor()
+    install_excepthook()
+    if options.worker is not None:  # logs go to the supervisor (worker_observer)
+        return worker_service(options, reactor)
+    parent = getattr(options, "parent", None)  # twistd's own options (--logfile, -n)
+    if parent is not None:
+        set_destination(parent.get("logfile"), daemon=not parent.get("nodaemon"))
+    # Kept before twistd forks (it does so after makeService): a daemon's start-up failure
+    # is written to the stderr it was launched with, besides the log.
+    startup = LaunchStderr(twistd_options=parent)
+    if config.workers > 1:
+        return supervisor_service(options, reactor, startup)
+    return single_service(options, reactor, startup)
+
+
+def single_service(options: Options, reactor: Any, startup: LaunchStderr) -> ServerService:
+    """One process: it binds ``listen`` and ``admin.listen`` and serves both."""
     from twisted.internet.endpoints import serverFromString
 
-    if config.workers > 1:
-        return Supervisor(
-            config,
-            options["config"],
-            options.overrides,
-            reactor,
-            Notifier(),
-            admin_token=options.admin_token,
-        )
+    config = options.config
+    factory = _factory(ServerFactory, options, reactor)
+    endpoint = _secure(serverFromString(reactor, config.listen), options, reactor)
+    notifier = Notifier()
+    reloader = Reloader(options["config"], options.overrides, factory, notifier, options.tls)
+    admin = None
+    if config.admin.listen:
+        from heartbeatd.daemon.admin import admin_site
+
+        admin_endpoint = serverFromString(reactor, private_unix_endpoint(config.admin.listen))
+        admin = (admin_endpoint, admin_site(factory, config.admin, options.admin_token))
+    websocket = None
+    if config.websocket.endpoints:
+        from heartbeatd.websocket.protocol import WebSocketSite
+
+        ws_endpoints = []
+        for description in config.websocket.endpoints:
+            ws_endpoint = serverFromString(reactor, description)
+            if options.tls is not None:  # the same tls.* keys make it wss://
+                ws_endpoint = options.tls.wrap(ws_endpoint, reactor)
+            ws_endpoints.append((description, ws_endpoint))
+        websocket = (ws_endpoints, WebSocketSite(factory))
+    return ServerService(
+        endpoint,
+        factory,
+        reactor,
+        notifier,
+        reloader.reload,
+        admin,
+        websocket,
+        startup=startup,
+    )
+
+
+def supervisor_service(options: Options, reactor: Any, startup: LaunchStderr) -> Supervisor:
+    """``workers > 1``: this process binds the sockets and runs the workers on them."""
+    return Supervisor(
+        options.config,
+        options["config"],
+        options.overrides,
+        reactor,
+        Notifier(),
+        admin_token=options.admin_token,
+        startup=startup,
+    )
+
+
+def worker_service(options: Options, reactor: Any) -> ServerService:
+    """One worker: it serves the supervisor's sockets and reports to it over pipes."""
+    from twisted.internet.stdio import StandardIO
+
+    config = options.config
+    worker = options.worker
+    assert worker is not None
+    factory = _factory(WorkerFactory, options, reactor)
+    os.setpgid(0, 0)  # a terminal's Ctrl-C reaches the supervisor, which stops us in order
+    endpoint = _secure(adopted_endpoint(reactor, LISTEN_FD), options, reactor)
+    link = WorkerLink(reactor, lambda: reloader.reload())
+    StandardIO(link, stdin=0, stdout=STATUS_FD, reactor=reactor)
+    notifier = PipeNotifier(link)
+    reloader = Reloader(options["config"], options.overrides, factory, notifier, options.tls)
+    admin = None
+    if config.admin.listen and worker.admin:
+        from heartbeatd.daemon.admin import admin_site
+
+        site = admin_site(factory, config.admin, options.admin_token)
+        site.access_log = False  # the supervisor logs the operator's requests, not its own
+        admin = (adopted_endpoint(reactor, ADMIN_FD), site)
+    service = ServerService(endpoint, factory, reactor, notifier, reloader.reload, admin)
+    factory.service = service  # a full worker pauses the shared port
+    return service
+
+
+def _factory(factory_type: type[ServerFactoryT], options: Options, reactor: Any) -> ServerFactoryT:
+    """The server factory, with the cluster broker when ``cluster.redis`` is set."""
+    config = options.config
     broker = None
     if config.cluster.enabled:  # imported only here: a single daemon never needs Redis
         from heartbeatd.cluster.redis import RedisBroker
 
         broker = RedisBroker(reactor, config.cluster, config.channels)
-    worker = options.worker
-    factory_type = ServerFactory if worker is None else WorkerFactory
     factory = factory_type(config, options.registry, reactor, broker)
     factory.noisy = False  # no "Starting factory <...ServerFactory object at 0x...>" lines
     factory.authenticator = options.authenticator
-    if worker is None:
-        endpoint = serverFromString(reactor, config.listen)
-        notifier: Notifier = Notifier()
-    else:  # the supervisor's socket, and a notifier that reports to the supervisor
-        from twisted.internet.stdio import StandardIO
+    return factory
 
-        os.setpgid(0, 0)  # a terminal's Ctrl-C reaches the supervisor, which stops us in order
-        endpoint = adopted_endpoint(reactor, LISTEN_FD)
-        link = WorkerLink(reactor, lambda: reloader.reload())
-        StandardIO(link, stdin=0, stdout=STATUS_FD, reactor=reactor)
-        notifier = PipeNotifier(link)
+
+def _secure(endpoint: Any, options: Options, reactor: Any) -> Any:
+    """TLS around the listening endpoint when ``tls.*`` is set; says what guards clients."""
+    config = options.config
     if options.tls is not None:
         endpoint = options.tls.wrap(endpoint, reactor)
         log.info(
@@ -239,21 +329,4 @@ def makeService(options: Options) -> IService:
             mode=config.auth.mode,
             what=options.authenticator.description,
         )
-    reloader = Reloader(options["config"], options.overrides, factory, notifier, options.tls)
-    admin = None
-    if config.admin.listen and (worker is None or worker.admin):
-        from heartbeatd.daemon.admin import admin_site
-
-        admin_endpoint = (
-            serverFromString(reactor, private_unix_endpoint(config.admin.listen))
-            if worker is None
-            else adopted_endpoint(reactor, ADMIN_FD)
-        )
-        site = admin_site(factory, config.admin, options.admin_token)
-        if worker is not None:  # the supervisor logs the operator's requests, not its own
-            site.access_log = False
-        admin = (admin_endpoint, site)
-    service = ServerService(endpoint, factory, reactor, notifier, reloader.reload, admin)
-    if isinstance(factory, WorkerFactory):
-        factory.service = service  # a full worker pauses the shared port
-    return service
+    return endpoint

@@ -1,7 +1,9 @@
 """The server: what one daemon does with connections.
 
-`ServerFactory` tracks the clients and runs their heartbeat; `ServerProtocol` adapts one
-connection's bytes to the wire codecs and the handlers.  Handlers see the narrow API of
+`ServerFactory` tracks the clients and runs their heartbeat; a `Connection`
+(`heartbeatd.server.connection`) is what one client means, whatever carries its bytes, and
+`ServerProtocol` adapts a byte stream (int32 or seed framing, TCP, TLS) to it (the WebSocket
+adapter lives in `heartbeatd.websocket`).  Handlers see the narrow API of
 `heartbeatd.server.handlers` (a `Request` with its session and the server), never these
 classes.
 """

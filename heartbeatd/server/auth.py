@@ -229,7 +229,7 @@ def load_authenticator(auth: Any) -> Authenticator | None:
 
 
 class _Guarded(Protocol):
-    """What the gate needs of a server connection (`ServerProtocol`)."""
+    """What the gate needs of a server connection (`heartbeatd.server.connection.Connection`)."""
 
     session_id: str
     peer: str

@@ -26,9 +26,10 @@ from twisted.python.failure import Failure
 from heartbeatd._logging import get_logger
 from heartbeatd.cluster.broker import Broker, BrokerUnavailable, History, Position
 from heartbeatd.config import ChannelsConfig, Config
+from heartbeatd.server.connection import Connection
 from heartbeatd.server.handlers import HandlerError, HandlerRegistry, Request
-from heartbeatd.server.protocol import ServerProtocol
 from heartbeatd.wire.envelope import encode_json, encode_message
+from heartbeatd.wire.framing import SharedFrame
 
 __all__ = ["CHANNEL_TYPES", "ChannelHub", "register"]
 
@@ -39,7 +40,7 @@ class _Factory(Protocol):
     config: Config
     framing: Any
     clock: Any
-    clients: dict[str, ServerProtocol]
+    clients: dict[str, Connection]
 
     def send(self, session_id: str, type: str, data: Any = ...) -> bool: ...
 
@@ -79,7 +80,7 @@ class _Sub:
         "pending",
     )
 
-    def __init__(self, client: ServerProtocol, channel: str, join_leave: bool) -> None:
+    def __init__(self, client: Connection, channel: str, join_leave: bool) -> None:
         self.client = client
         self.channel = channel
         self.join_leave = join_leave
@@ -122,10 +123,8 @@ class ChannelHub:
         self.gaps_filled = 0
         #: Subscriptions whose catch-up failed (broker down): retried when the link returns.
         self._stale: set[_Sub] = set()
-        #: While the broker delivers a batch (one read from Redis): the publication frames
-        #: each client is owed, written with one write per client at the end.  Anything else
-        #: that writes first flushes the batch, so every client's order stays as sent.
-        self._batch: dict[ServerProtocol, list[bytes]] | None = None
+        #: The link has been down since start: its return is news, its first coming up is not.
+        self._link_was_down = False
         #: session id -> (tokens, when) of its subscribe rate limit (channels.subscribe_rate).
         self._subscribe_buckets: dict[str, tuple[float, float]] = {}
 
@@ -200,7 +199,7 @@ class ChannelHub:
 
     def subscribe(
         self,
-        client: ServerProtocol,
+        client: Connection,
         channel: str,
         since: tuple[str, int] | None = None,
         join_leave: bool = False,
@@ -278,7 +277,7 @@ class ChannelHub:
         returned = True
         return reply
 
-    def unsubscribe(self, client: ServerProtocol, channel: str) -> dict[str, Any]:
+    def unsubscribe(self, client: Connection, channel: str) -> dict[str, Any]:
         sub = self._by_client.get(client.session_id, {}).get(channel)
         if sub is None:
             raise HandlerError(NOT_SUBSCRIBED, f"not subscribed to {channel!r}")
@@ -296,7 +295,7 @@ class ChannelHub:
     def _is_current(self, sub: _Sub) -> bool:
         return self._subs.get(sub.channel, {}).get(sub.client.session_id) is sub
 
-    def _info(self, client: ServerProtocol) -> dict[str, Any]:
+    def _info(self, client: Connection) -> dict[str, Any]:
         return {
             "session": client.session_id,
             "node": self.broker.node_id,
@@ -341,13 +340,13 @@ class ChannelHub:
 
     # -- connections -------------------------------------------------------------------------
 
-    def _client_info(self, client: ServerProtocol) -> dict[str, Any]:
+    def _client_info(self, client: Connection) -> dict[str, Any]:
         info = self._info(client)
         info["peer"] = client.peer
         info["connected_at"] = client.connected_at
         return info
 
-    def client_connected(self, client: ServerProtocol) -> None:
+    def client_connected(self, client: Connection) -> None:
         if self.broker.clustered:
             self.broker.client_connected(client.session_id, self._client_info(client))
 
@@ -355,7 +354,7 @@ class ChannelHub:
         """Every connected client with its info (the broker re-registers them after a blip)."""
         return {s: self._client_info(c) for s, c in self.factory.clients.items()}
 
-    def client_disconnected(self, client: ServerProtocol) -> None:
+    def client_disconnected(self, client: Connection) -> None:
         self._subscribe_buckets.pop(client.session_id, None)
         mine = self._by_client.get(client.session_id)
         if mine:
@@ -370,38 +369,14 @@ class ChannelHub:
         subs = self._subs.get(channel)
         if not subs:
             return
-        frame = self.factory.framing.encode(publication_body(channel, offset, data))
-        batch = self._batch
+        frame = SharedFrame(publication_body(channel, offset, data))
         for sub in list(subs.values()):
             if sub.pending is None and sub.offset + 1 == offset and sub.epoch == epoch:
                 sub.offset = offset
-                if batch is None:
-                    sub.client.write_frame(frame)
-                else:
-                    held = batch.get(sub.client)
-                    if held is None:
-                        batch[sub.client] = [frame]
-                    else:
-                        held.append(frame)
+                sub.client.write_shared(frame)
                 self.delivered += 1
             else:
-                self._flush_batch()
                 self._deliver(sub, epoch, offset, data)
-
-    def begin_batch(self) -> None:
-        self._flush_batch()
-        self._batch = {}
-
-    def end_batch(self) -> None:
-        self._flush_batch()
-        self._batch = None
-
-    def _flush_batch(self) -> None:
-        batch = self._batch
-        if batch:
-            self._batch = {}
-            for client, frames in batch.items():
-                client.write_frames(frames)
 
     def _deliver(self, sub: _Sub, epoch: str, offset: int, data: str) -> None:
         pending = sub.pending
@@ -420,9 +395,7 @@ class ChannelHub:
             self.catch_up(sub, (epoch, offset, data))
             return
         sub.offset = offset
-        sub.client.write_frame(
-            self.factory.framing.encode(publication_body(sub.channel, offset, data))
-        )
+        sub.client.write_frame(publication_body(sub.channel, offset, data), encoded=False)
         self.delivered += 1
 
     def _live(self, sub: _Sub, backlog: list[str]) -> None:
@@ -500,25 +473,25 @@ class ChannelHub:
         )
 
     def on_presence(self, channel: str, event: str, info: dict[str, Any]) -> None:
-        self._flush_batch()
         subs = self._subs.get(channel)
         if not subs:
             return
         body = encode_message(event, {"channel": channel, **info})
-        frame = self.factory.framing.encode(body)
+        frame = SharedFrame(body)
         session = info.get("session")
         for sub in list(subs.values()):
             if sub.join_leave and sub.pending is None and sub.client.session_id != session:
-                sub.client.write_frame(frame)
+                sub.client.write_shared(frame)
 
     def on_message(self, session: str, type: str, data: Any) -> None:
-        self._flush_batch()
         with contextlib.suppress(HandlerError):  # not authenticated yet: dropped
             self.factory.send(session, type, data)
 
     def on_broadcast(self, type: str, data: Any) -> None:
-        self._flush_batch()
         self.factory.broadcast(type, data)
+
+    def on_kick(self, session: str) -> None:
+        self.kick_local(session)
 
     def on_link(self, up: bool) -> None:
         """After the broker's link returns, every subscription checks for a gap.
@@ -526,11 +499,12 @@ class ChannelHub:
         Subscriptions of one channel at the same position share one history read (after a
         Redis blip, a node with 10,000 subscribers of a channel asks once, not 10,000 times).
         """
-        self._flush_batch()
         if not up:
+            self._link_was_down = True
             log.warn("The cluster broker is unreachable; publish answers unavailable")
             return
-        log.info("The cluster broker is reachable again; subscribers catch up")
+        if self._link_was_down:
+            log.info("The cluster broker is reachable again; subscribers catch up")
         groups: dict[tuple[str, str, int], list[_Sub]] = {}
         stale, self._stale = self._stale, set()
         for sub in stale:
@@ -556,6 +530,22 @@ class ChannelHub:
         if not self.broker.clustered:
             return succeed(False)
         return self.broker.send(session, type, data).addErrback(_as_unavailable)
+
+    def kick_local(self, session: str) -> bool:
+        """Disconnect a client of this node (eviction reason ``admin``); False if not here."""
+        client = self.factory.clients.get(session)
+        if client is None:
+            return False
+        client.evict("admin", "disconnected through the admin API")
+        return True
+
+    def kick(self, session: str) -> Deferred[bool]:
+        """Disconnect a session on any node; fires False when no node has it."""
+        if self.kick_local(session):
+            return succeed(True)
+        if not self.broker.clustered:
+            return succeed(False)
+        return self.broker.kick(session).addErrback(_as_unavailable)
 
     def forward(self, session: str, type: str, data: Any = None) -> bool:
         """Send to a session of another node without waiting (False on one node)."""
@@ -604,7 +594,7 @@ def _log_failure(failure: Failure, what: str, channel: str) -> None:
 # handlers never see: they are part of the server, so they may read Request's private link.
 
 
-def _connection(request: Request) -> ServerProtocol:
+def _connection(request: Request) -> Connection:
     return request._connection  # type: ignore[no-any-return]
 
 

@@ -25,13 +25,14 @@ from heartbeatd.config import Config
 from heartbeatd.server import channels
 from heartbeatd.server.admission import Admission
 from heartbeatd.server.auth import Authenticator
+from heartbeatd.server.connection import Connection, format_address
 from heartbeatd.server.handlers import HandlerError, HandlerRegistry, default_registry
 from heartbeatd.server.heartbeat import HeartbeatMonitor
-from heartbeatd.server.protocol import RefusedProtocol, ServerProtocol, format_address
+from heartbeatd.server.protocol import RefusedProtocol, ServerProtocol
 from heartbeatd.server.session import Server
 from heartbeatd.wire import get_framing
 from heartbeatd.wire.envelope import OMIT, TOO_MANY_CONNECTIONS, encode_error, encode_message
-from heartbeatd.wire.framing import FrameDecoder
+from heartbeatd.wire.framing import FrameDecoder, SharedFrame
 
 __all__ = ["NOT_AUTHENTICATED", "EvictionRecord", "NotAuthenticated", "ServerFactory"]
 
@@ -71,7 +72,7 @@ class EvictionRecord:
     )
 
     def __init__(
-        self, client: ServerProtocol, reason: str, detail: str, at: float, silent_for: float
+        self, client: Connection, reason: str, detail: str, at: float, silent_for: float
     ) -> None:
         self.session_id = client.session_id
         self.peer = client.peer
@@ -129,10 +130,23 @@ class ServerFactory(Factory):
         self.channels = channels.ChannelHub(self, broker)
         channels.register(self.registry)
         #: session id -> connection, least recently heard first.
-        self.clients: OrderedDict[str, ServerProtocol] = OrderedDict()
+        self.clients: OrderedDict[str, Connection] = OrderedDict()
         self.max_connections = config.effective_max_connections()
         self.accepted = 0
         self.refused = 0
+        #: Refused connections still open (their error frame not yet written): each holds a
+        #: file descriptor, as a client does.
+        self.refusing = 0
+        #: accept() failures, by errno name (EMFILE...), counted by the daemon's accept guard.
+        self.accept_errors: Counter[str] = Counter()
+        #: Called when a connection's file descriptor is released (the daemon's accept guard
+        #: resumes accepting); None when nothing waits for room.
+        self.on_room: Any = None
+        #: Clients connected now by listener (``tcp``, ``tls``, ``websocket``, ``websocket+tls``).
+        self.by_listener: Counter[str] = Counter()
+        #: Connections accepted whose transport handshake (WebSocket) is not done yet: not in
+        #: `clients`, but counted against ``limits.max_connections``.
+        self.handshaking = 0
         #: Per-address connection counts and accept rates (limits.*_per_address).
         self.admission = Admission(config.limits, self.clock)
         #: Checks clients' tokens when ``auth.mode`` is not none; the daemon sets it (it reads
@@ -211,46 +225,45 @@ class ServerFactory(Factory):
         self.heartbeat.stop()
 
     def buildProtocol(self, addr: IAddress) -> Protocol:
-        if len(self.clients) >= self.max_connections:
+        refusal, key = self.admit(format_address(addr), getattr(addr, "host", None))
+        if refusal is not None:
+            body = encode_error(TOO_MANY_CONNECTIONS, refusal)
+            refused = RefusedProtocol(self.framing.encode(body))
+            refused.factory = self
+            return refused
+        protocol = super().buildProtocol(addr)
+        protocol.admitted_host = key  # type: ignore[union-attr]
+        return protocol  # type: ignore[return-value]
+
+    def admit(
+        self, peer: str, host: str | None, *, limit_total: bool = True
+    ) -> tuple[str | None, str | None]:
+        """May a new connection from ``host`` stay?  ``(None, key)``: yes, counted under the
+        admission key (`Admission.release` it when it closes); ``(why, None)``: no, counted
+        and logged (rate-limited).  ``limit_total``: also check ``limits.max_connections``
+        (every listener's connections together, handshakes included)."""
+        if limit_total and len(self.clients) + self.handshaking >= self.max_connections:
             self.refused += 1
             self.refusals["max_connections"] += 1
             if self.log_limiter.allow("refused"):
                 log.warn(
                     "Refused a connection from {peer}: {count} clients connected "
                     "(limits.max_connections is {limit})",
-                    peer=format_address(addr),
-                    count=len(self.clients),
+                    peer=peer,
+                    count=len(self.clients) + self.handshaking,
                     limit=self.max_connections,
                 )
-            body = encode_error(
-                TOO_MANY_CONNECTIONS,
-                f"the server holds its maximum of {self.max_connections} connections",
-            )
-            refused = RefusedProtocol(self.framing.encode(body))
-            refused.factory = self
-            return refused
-        host = getattr(addr, "host", None)
+            return f"the server holds its maximum of {self.max_connections} connections", None
         key = self.admission.key(host)
         refusal = self.admission.admit(key)
-        if refusal is not None:
-            return self._refuse_per_address(addr, *refusal)
-        protocol = super().buildProtocol(addr)
-        protocol.admitted_host = key  # type: ignore[union-attr]
-        return protocol  # type: ignore[return-value]
-
-    def _refuse_per_address(self, addr: IAddress, reason: str, message: str) -> Protocol:
+        if refusal is None:
+            return None, key
+        reason, message = refusal
         self.refused += 1
         self.refusals[reason] += 1
         if self.log_limiter.allow("refused:" + reason):
-            log.warn(
-                "Refused a connection from {peer}: {message}",
-                peer=format_address(addr),
-                message=message,
-            )
-        body = encode_error(TOO_MANY_CONNECTIONS, message)
-        refused = RefusedProtocol(self.framing.encode(body))
-        refused.factory = self
-        return refused
+            log.warn("Refused a connection from {peer}: {message}", peer=peer, message=message)
+        return message, None
 
     # -- the registry -------------------------------------------------------------------------
 
@@ -258,13 +271,14 @@ class ServerFactory(Factory):
     def new_session_id() -> str:
         return secrets.token_hex(8)
 
-    def hello_body(self, session_id: str) -> bytes:
+    def hello_body(self, session_id: str, framing: str | None = None) -> bytes:
+        """The hello envelope; ``framing``: the name of the connection's own framing."""
         hb = self.heartbeat
         hello = {
             "server": self.config.name,
             "version": __version__,
             "session": session_id,
-            "framing": self.framing.name,
+            "framing": framing or self.framing.name,
             "heartbeat": {"interval": hb.interval, "timeout": hb.timeout},
             "max_frame_bytes": self.config.max_frame_bytes,
         }
@@ -272,28 +286,26 @@ class ServerFactory(Factory):
             hello["auth"] = "required"
         return encode_message("hello", hello)
 
-    def ping_frame(self, sequence: int) -> bytes:
-        """The heartbeat a sweep sends: the framing's bare token, or a ping envelope."""
-        token = self.framing.heartbeat_token
-        if token is not None:
-            return token
-        return self.framing.encode(encode_message("ping", id=f"hb-{sequence}"))
+    def ping_frame(self, sequence: int) -> SharedFrame:
+        """The heartbeat a sweep sends: a ping envelope, or the framing's bare token."""
+        return SharedFrame(encode_message("ping", id=f"hb-{sequence}"), ping=True)
 
-    def client_connected(self, client: ServerProtocol) -> None:
+    def client_connected(self, client: Connection) -> None:
         self.clients[client.session_id] = client
         self.accepted += 1
+        self.by_listener[getattr(client, "listener", "stream")] += 1
         self.heartbeat.watch_newcomer(client)
         self.channels.client_connected(client)
         # The client itself, not its peer string: the line is rendered (and the lazy peer
         # string built) only when debug logging is on.
         log.debug("Client {client.session_id} connected from {client.peer}", client=client)
 
-    def touch(self, client: ServerProtocol) -> None:
+    def touch(self, client: Connection) -> None:
         """Mark a client as just heard from (keeps `clients` in last-seen order)."""
         self.clients.move_to_end(client.session_id)
 
     def client_closing(
-        self, client: ServerProtocol, reason: str, detail: str, *, quiet: bool = False
+        self, client: Connection, reason: str, detail: str, *, quiet: bool = False
     ) -> None:
         """Record and log (rate-limited per reason) why the server is closing a client."""
         self.closes[reason] += 1
@@ -337,11 +349,14 @@ class ServerFactory(Factory):
             totals["bytes_out"] += client.bytes_out
         return totals
 
-    def client_disconnected(self, client: ServerProtocol, reason: Failure | None) -> None:
+    def client_disconnected(self, client: Connection, reason: Failure | None) -> None:
         if self.clients.pop(client.session_id, None) is None:
             return
+        if self.on_room is not None:
+            self.on_room()
         if self.credentials:
             self.credentials.pop(client.session_id, None)
+        self.by_listener[getattr(client, "listener", "stream")] -= 1
         self.channels.client_disconnected(client)
         self.admission.release(getattr(client, "admitted_host", None))
         totals = self.closed_totals
@@ -428,17 +443,17 @@ class ServerFactory(Factory):
         return self.channels.forward(session_id, type, data)
 
     def broadcast(self, type: str, data: Any = OMIT, *, everyone: bool = False) -> int:
-        """Push a message to every authenticated client, encoding the frame once; the count.
+        """Push a message to every authenticated client, framing it once per framing; the count.
 
         Connections still in their auth gate are skipped (``everyone``: the shutdown goaway).
         """
-        frame = self.framing.encode(encode_message(type, data))
+        frame = SharedFrame(encode_message(type, data))
         if self.gated and not everyone:
             clients = [c for c in self.clients.values() if c._auth is None]
         else:
             clients = list(self.clients.values())
         for client in clients:
-            client.write_frame(frame)
+            client.write_shared(frame)
         return len(clients)
 
     # -- shutdown -----------------------------------------------------------------------------

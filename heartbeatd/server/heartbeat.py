@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -43,7 +43,7 @@ log = get_logger(__name__)
 
 
 class Watched(Protocol):
-    """What the sweep needs of a connection (`heartbeatd.server.protocol.ServerProtocol` is one)."""
+    """What the sweep needs of a connection (`heartbeatd.server.connection.Connection`)."""
 
     last_seen: float
     frame_started: float | None
@@ -52,7 +52,7 @@ class Watched(Protocol):
     connected: bool
     close_reason: str | None
 
-    def send_heartbeat(self, frame: bytes, now: float) -> None: ...
+    def send_heartbeat(self, frame: Any, now: float) -> None: ...
 
     def evict(self, reason: str, detail: str = "") -> None: ...
 
@@ -70,7 +70,7 @@ class HeartbeatMonitor:
         clock: IReactorTime,
         interval: float,
         timeout: float,
-        ping_frame: Callable[[int], bytes],
+        ping_frame: Callable[[int], Any],
         batch: int = 1000,
         *,
         frame_timeout: float = 60.0,

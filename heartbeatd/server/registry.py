@@ -1,8 +1,8 @@
 """What a connection needs from the server it belongs to: the `ClientRegistry` interface.
 
-`ServerProtocol` depends on this small interface, not on `ServerFactory`, so the import
-graph stays a tree (the factory builds protocols; protocols only know this contract) and a
-test can drive a protocol against any object that provides it.
+A `Connection` (of either transport) depends on this small interface, not on `ServerFactory`,
+so the import graph stays a tree (the factory builds protocols; protocols only know this
+contract) and a test can drive a protocol against any object that provides it.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ class ClientRegistry(Protocol):
     server: Server
     #: Bytes held by every connection's unfinished frame together.
     partial_bytes: int
+    #: Connections accepted whose transport handshake is not done (not clients yet).
+    handshaking: int
 
     def now(self) -> float:
         """The alive clock for last-seen times (reactor stalls excluded)."""
@@ -39,8 +41,8 @@ class ClientRegistry(Protocol):
 
     def new_session_id(self) -> str: ...
 
-    def hello_body(self, session_id: str) -> bytes:
-        """The envelope a new connection is greeted with."""
+    def hello_body(self, session_id: str, framing: str | None = None) -> bytes:
+        """The envelope a new connection is greeted with (``framing``: its framing's name)."""
         ...
 
     def client_connected(self, client: Any) -> None: ...

@@ -177,13 +177,23 @@ def decode_json(body: bytes, max_depth: int = DEFAULT_MAX_JSON_DEPTH) -> Any:
     nests deeper than ``max_depth`` (``too_deep``)."""
     try:
         value = _loads(body)
+    except RecursionError:  # the stdlib parser (PyPy) recurses on the C stack's behalf
+        raise _parser_depth_error(max_depth) from None
     except (ValueError, UnicodeDecodeError) as e:
+        # orjson refuses nesting past 1024 levels itself, before our own walk could run
+        # ("recursion depth exceeded" in 3.9.15, "depth limit exceeded" later).
+        if "depth" in str(e):
+            raise _parser_depth_error(max_depth) from None
         raise ProtocolError(BAD_JSON, f"body is not valid UTF-8 JSON: {e}") from None
     if exceeds_depth(value, body, max_depth):
         raise ProtocolError(
             TOO_DEEP, f"JSON nests deeper than {max_depth} levels (the limit)", _id_of(value)
         )
     return value
+
+
+def _parser_depth_error(max_depth: int) -> ProtocolError:
+    return ProtocolError(TOO_DEEP, f"JSON nests deeper than {max_depth} levels (the limit)")
 
 
 def _id_of(value: Any) -> str | int | None:

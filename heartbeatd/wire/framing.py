@@ -20,6 +20,7 @@ __all__ = [
     "Framing",
     "FramingError",
     "Heartbeat",
+    "SharedFrame",
 ]
 
 
@@ -97,3 +98,28 @@ class Framing(Protocol):
     def encode(self, body: bytes) -> bytes: ...
 
     def decoder(self, max_frame_bytes: int) -> FrameDecoder: ...
+
+
+class SharedFrame:
+    """One message many connections get (a broadcast, a publication, the sweep's ping),
+    framed at most once per framing however many connections it goes to.
+
+    With ``ping=True`` it is a heartbeat, which a framing with an out-of-band token (seed)
+    sends as that token instead of the body.
+    """
+
+    __slots__ = ("_framed", "body", "ping")
+
+    def __init__(self, body: bytes, *, ping: bool = False) -> None:
+        self.body = body
+        self.ping = ping
+        self._framed: dict[int, bytes] = {}
+
+    def framed(self, framing: Framing) -> bytes:
+        """The bytes to write on a connection that uses ``framing``."""
+        key = id(framing)
+        frame = self._framed.get(key)
+        if frame is None:
+            token = framing.heartbeat_token if self.ping else None
+            frame = self._framed[key] = token if token is not None else framing.encode(self.body)
+        return frame

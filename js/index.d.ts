@@ -1,0 +1,265 @@
+// TypeScript declarations of heartbeatd-client (docs/js-client.md).
+
+/** Any JSON value. */
+export type Json = null | boolean | number | string | Json[] | { [key: string]: Json };
+
+export interface TlsOptions {
+  /** CA certificate(s), PEM, to trust instead of the system's. */
+  ca?: string | Uint8Array | Array<string | Uint8Array>;
+  /** Client certificate and key, PEM (mutual TLS). */
+  cert?: string | Uint8Array;
+  key?: string | Uint8Array;
+  /** SNI name and the name the certificate is checked against (default: the url's host). */
+  servername?: string;
+  /** Default true: refuse a certificate that is not valid for the host. */
+  rejectUnauthorized?: boolean;
+  minVersion?: 'TLSv1.2' | 'TLSv1.3';
+  checkServerIdentity?: (host: string, cert: unknown) => Error | undefined;
+}
+
+export interface ClientOptions extends TlsOptions {
+  /** Token sent as the first request (`auth`) on every connection. */
+  token?: string;
+  /** Called on every (re)connect for the token to send; wins over `token`. */
+  getToken?: () => string | null | undefined | Promise<string | null | undefined>;
+  /** Default timeout in ms of a request, and of each connect (connect + hello + auth). Default 10000. */
+  timeout?: number;
+  /** Reconnect delays in ms: full jitter between min and min(max, min * 2^attempt). Defaults 500, 20000. */
+  minReconnectDelay?: number;
+  maxReconnectDelay?: number;
+  /** Reconnect after a lost connection or a goaway. Default true. */
+  reconnect?: boolean;
+  /** tcp:// and tls:// only: 'int32' (default) or 'seed' (the seed tutorial's servers). */
+  framing?: 'int32' | 'seed';
+  /** Requests that may wait for a connection at once; more reject with QueueFullError. Default 1000. */
+  maxQueuedRequests?: number;
+  /** Largest frame accepted from the server, in bytes. Default 16 MiB. */
+  maxFrameBytes?: number;
+  /** A WebSocket constructor for ws:// and wss:// (default: globalThis.WebSocket), e.g. the `ws` package. */
+  WebSocket?: new (url: string, ...args: any[]) => any;
+  /** A second argument for that constructor (e.g. `{maxPayload}` for `ws`). */
+  webSocketOptions?: object;
+  /** Random numbers in [0, 1) for the jitter (tests). */
+  random?: () => number;
+}
+
+export interface Hello {
+  server: string;
+  version: string;
+  session: string;
+  framing: string;
+  heartbeat: { interval: number; timeout: number };
+  max_frame_bytes: number;
+  auth?: 'required';
+  [key: string]: Json | undefined;
+}
+
+export interface ConnectedEvent {
+  url: string;
+  hello: Hello | null;
+  identity: string | null;
+}
+
+export interface DisconnectedEvent {
+  /** Why, in words. */
+  reason: string;
+  error: Error;
+  /** True when the server had said goaway. */
+  goaway: boolean;
+}
+
+export interface GoawayEvent {
+  reason?: string;
+  /** Seconds within which the client reconnects, at a random moment. */
+  reconnect_after?: number;
+  [key: string]: Json | undefined;
+}
+
+export interface RequestOptions {
+  /** ms; the wait for a connection counts too. Default: the client's `timeout`. */
+  timeout?: number;
+}
+
+export interface Position {
+  epoch: string;
+  offset: number;
+}
+
+export interface PublicationContext {
+  channel: string;
+  epoch: string;
+  offset: number;
+  data: Json;
+}
+
+export interface SubscribedContext {
+  channel: string;
+  epoch: string;
+  /** The channel's latest offset when the server answered. */
+  offset: number;
+  /** True when every publication missed since the last position follows, none twice. */
+  recovered: boolean;
+  /** True when the subscribe asked with a position (`since`, or after a reconnect). */
+  wasRecovering: boolean;
+}
+
+export interface ResyncContext {
+  channel: string;
+  epoch: string;
+  offset: number;
+  /** 'gap', or the server's reason (e.g. the cluster lost the stream). */
+  reason: string;
+}
+
+export interface PresenceInfo {
+  channel: string;
+  session: string;
+  node: string;
+  identity: string | null;
+}
+
+export interface SubscribeOptions {
+  /** Resume after this position (e.g. stored from `subscription.position`). */
+  since?: Position;
+  /** Receive join and leave events of other sessions. */
+  joinLeave?: boolean;
+  onPublication?: (publication: PublicationContext) => void;
+  onJoin?: (info: PresenceInfo) => void;
+  onLeave?: (info: PresenceInfo) => void;
+  onSubscribed?: (context: SubscribedContext) => void;
+  onResync?: (context: ResyncContext) => void;
+  onError?: (error: Error) => void;
+}
+
+export class Emitter {
+  on(event: string, listener: (...args: any[]) => void): () => void;
+  once(event: string, listener: (...args: any[]) => void): () => void;
+  off(event: string, listener: (...args: any[]) => void): void;
+  emit(event: string, ...args: any[]): boolean;
+  listenerCount(event: string): number;
+}
+
+export class Subscription extends Emitter {
+  readonly channel: string;
+  readonly state: 'subscribing' | 'subscribed' | 'unsubscribed' | 'failed';
+  /** The last publication delivered ('' and 0 before any). */
+  readonly epoch: string;
+  readonly offset: number;
+  readonly position: Position;
+  readonly recovered: boolean;
+  ready(): Promise<SubscribedContext>;
+  unsubscribe(): Promise<void>;
+  on(event: 'publication', listener: (publication: PublicationContext) => void): () => void;
+  on(event: 'join' | 'leave', listener: (info: PresenceInfo) => void): () => void;
+  on(event: 'subscribed', listener: (context: SubscribedContext) => void): () => void;
+  on(event: 'resync', listener: (context: ResyncContext) => void): () => void;
+  on(event: 'error', listener: (error: Error) => void): () => void;
+}
+
+export type ClientState = 'idle' | 'connecting' | 'connected' | 'disconnected' | 'closed';
+
+export class Client extends Emitter {
+  constructor(url: string, options?: ClientOptions);
+  readonly url: string;
+  readonly state: ClientState;
+  readonly connected: boolean;
+  readonly hello: Hello | null;
+  readonly identity: string | null;
+  readonly lastError: Error | null;
+  /** Start (re)connecting; resolves once connected. */
+  open(): Promise<Client>;
+  close(): Promise<void>;
+  request<T = any>(type: string, data?: Json, options?: RequestOptions): Promise<T>;
+  /** Seed framing: send a bare JSON value; resolves with the next bare value received. */
+  requestValue<T = any>(value: Json, options?: RequestOptions): Promise<T>;
+  send(type: string, data?: Json): void;
+  subscribe(channel: string, options?: SubscribeOptions): Subscription;
+  presence(channel: string, options?: RequestOptions): Promise<Array<{ session: string; node: string; identity: string | null }>>;
+  /** Resolves with the publication's offset. */
+  publish(channel: string, data: Json, options?: RequestOptions): Promise<number>;
+  /** Every push, whatever its type. */
+  onPush(listener: (type: string, data: any) => void): () => void;
+  on(event: 'connecting', listener: (event: { attempt: number; url: string }) => void): () => void;
+  on(event: 'connected', listener: (event: ConnectedEvent) => void): () => void;
+  on(event: 'disconnected', listener: (event: DisconnectedEvent) => void): () => void;
+  on(event: 'goaway', listener: (event: GoawayEvent) => void): () => void;
+  on(event: 'error', listener: (error: Error) => void): () => void;
+  /** Pushes of `type` (server messages without an id). */
+  on(type: string, listener: (data: any) => void): () => void;
+}
+
+export function connect(url: string, options?: ClientOptions): Promise<Client>;
+
+export const CLIENT_EVENTS: readonly string[];
+export const DEFAULTS: Readonly<Required<Pick<ClientOptions,
+  'timeout' | 'minReconnectDelay' | 'maxReconnectDelay' | 'reconnect' | 'framing' | 'maxQueuedRequests' | 'maxFrameBytes'>>>;
+
+export class ClientError extends Error {}
+export class ServerError extends ClientError {
+  constructor(code: string, message: string);
+  readonly code: string;
+}
+export class TimeoutError extends ClientError {}
+export class ConnectionError extends ClientError {}
+export class QueueFullError extends ClientError {
+  readonly limit: number;
+}
+export class MessageTooLargeError extends ClientError {
+  readonly size: number;
+  readonly limit: number;
+}
+
+// -- the wire framings (pure) ------------------------------------------------------------
+
+export const HEARTBEAT: { readonly heartbeat: true };
+export type FrameItem = Uint8Array | typeof HEARTBEAT;
+
+export class FramingError extends Error {
+  readonly code: 'bad_frame' | 'frame_too_large';
+}
+export class FrameTooLarge extends FramingError {
+  readonly length: number;
+  readonly limit: number;
+}
+
+export interface FrameDecoder {
+  readonly maxFrameBytes: number;
+  readonly error: FramingError | null;
+  readonly buffered: number;
+  feed(chunk: Uint8Array | ArrayBuffer): FrameItem[];
+}
+export class Int32Decoder implements FrameDecoder {
+  constructor(maxFrameBytes: number);
+  readonly maxFrameBytes: number;
+  readonly error: FramingError | null;
+  readonly buffered: number;
+  feed(chunk: Uint8Array | ArrayBuffer): FrameItem[];
+}
+export class SeedDecoder implements FrameDecoder {
+  constructor(maxFrameBytes: number);
+  readonly maxFrameBytes: number;
+  readonly error: FramingError | null;
+  readonly buffered: number;
+  feed(chunk: Uint8Array | ArrayBuffer): FrameItem[];
+}
+export function encodeInt32(body: string | Uint8Array): Uint8Array;
+export function encodeSeed(body: string | Uint8Array): Uint8Array;
+
+export interface Framing {
+  readonly name: 'int32' | 'seed';
+  encode(body: string | Uint8Array): Uint8Array;
+  decoder(maxFrameBytes: number): FrameDecoder;
+  readonly heartbeatToken: Uint8Array | null;
+  readonly bareValues: boolean;
+}
+export const framings: { readonly int32: Framing; readonly seed: Framing };
+
+// -- the time policies (pure) ------------------------------------------------------------
+
+export const MIN_HEARTBEAT_INTERVAL: number;
+export function reconnectDelay(attempt: number, min: number, max: number, random?: () => number): number;
+export function heartbeatTerms(
+  heartbeat: { interval?: unknown; timeout?: unknown } | null | undefined,
+  fallback?: { interval: number; timeout: number } | null,
+): { interval: number; timeout: number } | null;
+export function goawayDelay(data: { reconnect_after?: unknown } | null | undefined, random?: () => number): number;

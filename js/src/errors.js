@@ -1,0 +1,60 @@
+// Every failure the client reports: one hierarchy under ClientError, so one `instanceof`
+// check covers them all and the subclasses say which.
+
+/** Base of every error a request, a subscription or a connection rejects with. */
+export class ClientError extends Error {
+  constructor(message, options) {
+    super(message, options);
+    this.name = 'ClientError';
+  }
+}
+
+/** The server answered with an error envelope: `code` is its machine-readable code. */
+export class ServerError extends ClientError {
+  constructor(code, message) {
+    super(`${code}: ${message}`);
+    this.name = 'ServerError';
+    this.code = code;
+    // The server's own text, without the code (Error's message keeps both for logs).
+    this.message = message;
+  }
+
+  toString() {
+    return `ServerError: ${this.code}: ${this.message}`;
+  }
+}
+
+/** No reply (or no connection) within the request's timeout. */
+export class TimeoutError extends ClientError {
+  constructor(message) {
+    super(message);
+    this.name = 'TimeoutError';
+  }
+}
+
+/** The connection failed or closed before the reply arrived, or the client was closed. */
+export class ConnectionError extends ClientError {
+  constructor(message, options) {
+    super(message, options);
+    this.name = 'ConnectionError';
+  }
+}
+
+/** `maxQueuedRequests` requests already wait for a connection: failing fast instead. */
+export class QueueFullError extends ClientError {
+  constructor(limit) {
+    super(`${limit} requests already wait for a connection (maxQueuedRequests)`);
+    this.name = 'QueueFullError';
+    this.limit = limit;
+  }
+}
+
+/** A message larger than the server accepts (its hello's `max_frame_bytes`), not sent. */
+export class MessageTooLargeError extends ClientError {
+  constructor(size, limit) {
+    super(`a message of ${size} bytes exceeds the server's limit of ${limit} bytes`);
+    this.name = 'MessageTooLargeError';
+    this.size = size;
+    this.limit = limit;
+  }
+}

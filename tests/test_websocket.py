@@ -1,0 +1,434 @@
+"""The WebSocket listener on the real daemon, over real sockets: the handshake's rules, message
+semantics and close codes, and hostile peers (docs/websocket.md).
+
+The behaviour that every transport shares (hello, requests, errors, auth, limits, channels)
+is tests/test_transports.py's; this file covers what only WebSocket has.  One daemon serves
+most tests (module scope); tests that need their own limits start their own.
+"""
+
+from __future__ import annotations
+
+import json
+import selectors
+import signal
+import socket
+import struct
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.request import urlopen
+
+import pytest
+from daemon import Daemon, RawClient
+from wsclient import (
+    BINARY,
+    CLOSE,
+    CONTINUATION,
+    PING,
+    PONG,
+    TEXT,
+    WSClient,
+    frame,
+    handshake_request,
+)
+
+ORIGIN = "http://127.0.0.1:8000"
+CONFIG = {
+    "websocket": {
+        "listen": "tcp:0:interface=127.0.0.1",
+        "allowed_origins": [ORIGIN],
+        "handshake_timeout": 1,
+        "path": "/ws",
+    },
+    "max_frame_bytes": 4096,
+    "limits": {"frame_timeout": 0.5, "first_frame_timeout": 1},
+    "heartbeat": {"interval": 0.25, "timeout": 60},
+}
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    with Daemon(tmp_path_factory.mktemp("ws"), CONFIG) as daemon:
+        yield daemon
+        assert daemon.stop() == 0
+    # No hostile peer of this module made the daemon fail.
+    assert "Traceback" not in daemon.log and "Unhandled" not in daemon.log
+
+
+def client(daemon: Daemon, **options: Any) -> WSClient:
+    options.setdefault("path", "/ws")
+    ws = WSClient(daemon.ws_port, **options)
+    ws.skip_pings = True  # the daemon pings every 0.25 s: tests here look past them
+    assert ws.status == 101, ws.response_head
+    assert ws.recv()["type"] == "hello"
+    return ws
+
+
+def test_hello_and_request_reply_over_websocket(daemon: Daemon) -> None:
+    with client(daemon) as ws:
+        ws.send({"type": "echo", "id": 1, "data": {"text": "héllo"}})
+        assert ws.recv() == {"type": "echo", "id": 1, "data": {"text": "héllo"}}
+
+
+def test_the_hello_names_the_websocket_framing(daemon: Daemon) -> None:
+    with WSClient(daemon.ws_port, path="/ws") as ws:
+        hello = ws.recv()
+    assert hello["data"]["framing"] == "websocket"
+    assert hello["data"]["max_frame_bytes"] == 4096
+
+
+def test_a_browser_from_an_allowed_origin_is_accepted_others_get_403(daemon: Daemon) -> None:
+    with client(daemon, headers={"Origin": ORIGIN}) as ws:
+        ws.send({"type": "echo", "id": 1, "data": 1})
+        assert ws.recv()["data"] == 1
+    with WSClient(daemon.ws_port, path="/ws", headers={"Origin": "http://evil.example"}) as ws:
+        assert ws.status == 403
+        assert b"allowed_origins" in ws.read_rest()
+
+
+def test_wrong_path_is_404_and_a_plain_get_is_426(daemon: Daemon) -> None:
+    with WSClient(daemon.ws_port, path="/other") as ws:
+        assert ws.status == 404
+        ws.send_frame(TEXT, b"{}")  # after the refusal: ignored, never a traceback
+        ws.read_rest()
+    with socket.create_connection(("127.0.0.1", daemon.ws_port), timeout=10) as s:
+        s.sendall(b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = read_all(s)
+    assert answer.startswith(b"HTTP/1.1 426 ") and b"Upgrade: websocket" in answer
+
+
+def test_fragmented_message_with_a_ping_in_between(daemon: Daemon) -> None:
+    with client(daemon) as ws:
+        body = b'{"type":"echo","id":7,"data":"abcdef"}'
+        ws.send_frame(TEXT, body[:10], fin=False)
+        ws.send_frame(PING, b"mid")
+        ws.send_frame(CONTINUATION, body[10:20], fin=False)
+        ws.send_frame(CONTINUATION, body[20:])
+        while (got := ws.recv_frame())[0] == TEXT:  # past any heartbeat ping of ours
+            pass
+        assert got[:2] == (PONG, b"mid")
+        assert ws.recv() == {"type": "echo", "id": 7, "data": "abcdef"}
+
+
+def test_utf8_split_across_fragments_is_fine(daemon: Daemon) -> None:
+    with client(daemon) as ws:
+        body = '{"type":"echo","id":1,"data":"€"}'.encode()
+        cut = body.index("€".encode()) + 1  # inside the three bytes of the euro sign
+        ws.send_frame(TEXT, body[:cut], fin=False)
+        ws.send_frame(CONTINUATION, body[cut:])
+        assert ws.recv()["data"] == "€"
+
+
+@pytest.mark.parametrize(
+    ("frames", "code"),
+    [
+        pytest.param([(BINARY, b"\x00\x01", {})], 1003, id="binary"),
+        pytest.param([(TEXT, b'"\xff"', {})], 1007, id="bad-utf8"),
+        pytest.param(
+            [(TEXT, b'"\xe2\x82', {"fin": False}), (CONTINUATION, b'\x28"', {})],
+            1007,
+            id="bad-utf8-across-fragments",
+        ),
+        pytest.param([(TEXT, b"{}", {"mask": False})], 1002, id="unmasked"),
+        pytest.param([(0x3, b"", {})], 1002, id="reserved-opcode"),
+        pytest.param([(TEXT, b"{}", {"rsv": 4})], 1002, id="rsv1-without-extension"),
+        pytest.param([(CONTINUATION, b"x", {})], 1002, id="continuation-first"),
+        pytest.param(
+            [(TEXT, b"{", {"fin": False}), (TEXT, b"}", {})], 1002, id="text-inside-a-message"
+        ),
+        pytest.param([(PING, b"x", {"fin": False})], 1002, id="fragmented-control"),
+        pytest.param([(PING, b"x" * 126, {})], 1002, id="long-control"),
+    ],
+)
+def test_framing_faults_get_their_close_codes(
+    daemon: Daemon, frames: list[tuple[int, bytes, dict[str, Any]]], code: int
+) -> None:
+    with client(daemon) as ws:
+        for opcode, payload, options in frames:
+            ws.send_frame(opcode, payload, **options)
+        assert ws.wait_closed()[0] == code
+
+
+def test_oversized_message_is_closed_with_1009_from_its_header(daemon: Daemon) -> None:
+    with client(daemon) as ws:
+        # Only the header: the server refuses what it announces, before any of it arrives.
+        ws.sock.sendall(struct.pack("!BBQ", 0x81, 0x80 | 127, 1 << 40) + b"\0\0\0\0")
+        assert ws.recv()["error"] == {
+            "code": "frame_too_large",
+            "message": "frame of 1099511627776 bytes exceeds the limit of 4096 bytes",
+        }
+        assert ws.wait_closed()[0] == 1009
+
+
+def test_oversized_fragmented_message_is_closed_with_1009(daemon: Daemon) -> None:
+    with client(daemon) as ws:
+        ws.send_frame(TEXT, b"x" * 3000, fin=False)
+        ws.send_frame(CONTINUATION, b"x" * 3000, fin=False)
+        assert ws.recv()["error"]["code"] == "frame_too_large"
+        assert ws.wait_closed()[0] == 1009
+
+
+def test_oversized_handshake_head_gets_400(daemon: Daemon) -> None:
+    with socket.create_connection(("127.0.0.1", daemon.ws_port), timeout=10) as s:
+        s.sendall(handshake_request("/ws", {"X-Junk": "x" * 70_000}))
+        answer = read_all(s)
+    assert answer.startswith(b"HTTP/1.1 400 ")
+
+
+def test_a_close_from_the_client_is_answered_with_its_code(daemon: Daemon) -> None:
+    with client(daemon) as ws:
+        ws.send_frame(CLOSE, struct.pack("!H", 1000) + b"bye")
+        assert ws.wait_closed() == (1000, "bye")
+
+
+def test_a_ping_frame_gets_a_pong_with_its_payload(daemon: Daemon) -> None:
+    with client(daemon) as ws:
+        ws.send_frame(PING, b"12345")
+        while (got := ws.recv_frame())[0] == TEXT:
+            pass
+        assert got[:2] == (PONG, b"12345")
+
+
+def test_a_handshake_that_never_finishes_is_dropped_by_its_deadline(daemon: Daemon) -> None:
+    # One byte a second would take minutes: the deadline (1 s here) ends it first.
+    began = time.monotonic()
+    with socket.create_connection(("127.0.0.1", daemon.ws_port), timeout=10) as s:
+        request = handshake_request("/ws")
+        s.sendall(request[:1])
+        assert read_all(s) == b""
+    assert time.monotonic() - began < 5
+
+
+def test_a_fragmented_message_that_never_ends_is_closed_by_frame_timeout(daemon: Daemon) -> None:
+    with client(daemon) as ws:
+        ws.send_frame(TEXT, b'{"type":"echo"', fin=False)
+        began = time.monotonic()
+        while ws.recv_frame_or_close():  # pings come, then the server drops the connection
+            pass
+        assert time.monotonic() - began < 5
+    daemon.wait_for("frame_timeout")
+
+
+def test_a_silent_websocket_peer_is_dropped_by_first_frame_timeout(daemon: Daemon) -> None:
+    with WSClient(daemon.ws_port, path="/ws") as ws:
+        assert ws.recv()["type"] == "hello"
+        while ws.recv_frame_or_close():  # never answers our pings
+            pass
+    daemon.wait_for("first_frame_timeout")
+
+
+def test_forty_peers_holding_partial_messages_are_bounded(tmp_path: Path) -> None:
+    """40 x 2001 bytes of unfinished messages against a 40 KiB bound: 20 are held, and each
+    peer past the bound is answered ``overloaded`` and closed with 1013."""
+    config = {
+        **CONFIG,
+        "max_frame_bytes": 65536,
+        "limits": {"max_partial_frame_bytes": 40 * 1024, "frame_timeout": 30},
+    }
+    with Daemon(tmp_path, config) as daemon:
+        peers = [client(daemon) for _ in range(40)]
+        try:
+            for ws in peers:
+                ws.send_frame(TEXT, b"[" + b"1," * 1000, fin=False)
+            refused = wait_for_closes(peers, want=20, deadline=time.monotonic() + 10)
+            assert len(refused) == 20 and set(refused.values()) == {1013}
+            held = [ws for ws in peers if ws not in refused]
+            held[0].send_frame(CONTINUATION, b"1]")  # a held message is whole again
+            assert held[0].recv()["error"]["code"] == "bad_message"
+        finally:
+            for ws in peers:
+                ws.sock.close()
+
+
+def wait_for_closes(peers: list[WSClient], want: int, deadline: float) -> dict[WSClient, int]:
+    """Read every peer until ``want`` of them were closed; their close codes."""
+    selector = selectors.DefaultSelector()
+    for ws in peers:
+        ws.sock.setblocking(False)
+        selector.register(ws.sock, selectors.EVENT_READ, ws)
+    closed: dict[WSClient, int] = {}
+    while len(closed) < want and time.monotonic() < deadline:
+        for key, _ in selector.select(0.1):
+            ws = key.data
+            try:
+                chunk = ws.sock.recv(65536)
+            except BlockingIOError:
+                continue
+            except ConnectionResetError:
+                chunk = b""
+            ws._buffer += chunk
+            if not chunk:
+                selector.unregister(ws.sock)
+                ws.sock.setblocking(True)
+                messages = []
+                while (message := ws.recv()) is not None:
+                    messages.append(message)
+                assert messages[0]["error"]["code"] == "overloaded"
+                closed[ws] = ws.close_code[0] if ws.close_code else 0
+    selector.close()
+    for ws in peers:
+        ws.sock.setblocking(True)
+    return closed
+
+
+def test_compression_is_negotiated_and_bounded(tmp_path: Path) -> None:
+    import zlib
+
+    config = {**CONFIG, "websocket": {**CONFIG["websocket"], "compression": True}}
+    with Daemon(tmp_path, config) as daemon:
+        headers = {"Sec-WebSocket-Extensions": "permessage-deflate; client_max_window_bits"}
+        with WSClient(daemon.ws_port, path="/ws", headers=headers) as ws:
+            assert b"permessage-deflate" in ws.response_head
+            assert ws.recv()["type"] == "hello"
+            ws.send({"type": "echo", "id": 1, "data": "y" * 1000})
+            assert ws.recv()["data"] == "y" * 1000  # compressed, and inflated by the client
+            # A 60-byte compressed frame that inflates far past max_frame_bytes.
+            bomb = zlib.compressobj(9, zlib.DEFLATED, -12)
+            data = bomb.compress(b'"' + b"z" * 100_000) + bomb.flush(zlib.Z_SYNC_FLUSH)
+            ws.send_frame(TEXT, data[:-4], rsv=4)
+            assert ws.wait_closed()[0] == 1009
+        # A client that cannot shrink its window compresses with 32 KiB: inflated with it.
+        headers = {"Sec-WebSocket-Extensions": "permessage-deflate"}
+        with WSClient(daemon.ws_port, path="/ws", headers=headers) as ws:
+            assert ws.recv()["type"] == "hello"
+            text = b'{"type":"echo","id":2,"data":"' + b"ab" * 1500 + b'"}'
+            deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+            data = deflate.compress(text) + deflate.flush(zlib.Z_SYNC_FLUSH)
+            ws.send_frame(TEXT, data[:-4], rsv=4)
+            _, payload, first = ws.recv_frame()
+            assert first & 0x40  # a large reply comes compressed
+            inflated = zlib.decompressobj(-15).decompress(payload + b"\x00\x00\xff\xff")
+            assert json.loads(inflated)["data"] == "ab" * 1500
+
+
+def test_a_frame_sent_with_the_handshake_is_answered_after_the_hello(daemon: Daemon) -> None:
+    with socket.create_connection(("127.0.0.1", daemon.ws_port), timeout=10) as s:
+        ws = WSClient(daemon.ws_port, handshake=False, sock=s)
+        request = handshake_request("/ws")
+        s.sendall(request + frame(TEXT, b'{"type":"echo","id":1,"data":"early"}'))
+        while b"\r\n\r\n" not in ws._buffer:
+            ws._buffer += s.recv(4096)
+        ws._buffer = ws._buffer.split(b"\r\n\r\n", 1)[1]
+        assert ws.recv()["type"] == "hello"
+        assert ws.recv() == {"type": "echo", "id": 1, "data": "early"}
+
+
+def test_another_protocol_at_the_websocket_port_gets_400(daemon: Daemon) -> None:
+    with socket.create_connection(("127.0.0.1", daemon.ws_port), timeout=10) as s:
+        s.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\0" * 64)  # a TLS hello
+        assert read_all(s).startswith(b"HTTP/1.1 400 ")
+
+
+def test_the_tcp_listener_is_unaffected(daemon: Daemon) -> None:
+    with RawClient(daemon.port) as tcp:
+        assert tcp.recv()["data"]["framing"] == "int32"
+
+
+def recv_type(ws: WSClient, type_: str) -> dict[str, Any]:
+    """The next message of ``type_`` (heartbeat pings skipped)."""
+    while True:
+        message = ws.recv()
+        assert message is not None, f"closed while waiting for {type_}"
+        if message["type"] == type_:
+            return message
+
+
+def read_all(s: socket.socket) -> bytes:
+    data = b""
+    while True:
+        try:
+            chunk = s.recv(65536)
+        except ConnectionResetError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
+
+
+def test_websocket_without_the_extra_is_a_config_error_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from heartbeatd.daemon.tap import Options
+
+    monkeypatch.setitem(sys.modules, "wsproto", None)  # as if wsproto were not installed
+    path = tmp_path / "c.yaml"
+    path.write_text(json.dumps({"websocket": {"listen": "tcp:0"}}))
+    with pytest.raises(SystemExit) as raised:
+        Options().parseOptions(["--config", str(path)])
+    assert "websocket.listen: 'tcp:0': " in str(raised.value)
+    assert "pip install 'heartbeatd[websocket]'" in str(raised.value)
+
+
+def test_bad_websocket_keys_are_config_errors(tmp_path: Path) -> None:
+    from daemon import run_twistd
+
+    path = tmp_path / "c.yaml"
+    bad = {"listen": ["tcp:0", "nonsense:1"], "path": "ws", "allowed_origins": ["example.org"]}
+    path.write_text(json.dumps({"websocket": bad}))
+    result = run_twistd("heartbeatd", "--config", str(path))
+    out = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "websocket.path: 'ws' is not allowed; expected a URL path starting with /" in out
+    assert "websocket.allowed_origins: ['example.org'] is not allowed" in out
+
+
+def test_trusted_proxies_name_the_client_for_limits_and_logs(tmp_path: Path) -> None:
+    config = {
+        **CONFIG,
+        "websocket": {**CONFIG["websocket"], "trusted_proxies": ["127.0.0.1"]},
+        "limits": {"max_connections_per_address": 1, "per_address_exempt": []},
+        "admin": {"listen": "tcp:0:interface=127.0.0.1"},
+    }
+    with Daemon(tmp_path, config) as daemon:
+        via = {"X-Forwarded-For": "198.51.100.7, 127.0.0.1"}  # client, then a proxy of ours
+        with client(daemon, headers=via) as first:
+            first.send({"type": "echo", "id": 1})
+            assert first.recv()["id"] == 1
+            # The same client again through the proxy: over its per-address limit.
+            with WSClient(daemon.ws_port, path="/ws", headers=via) as second:
+                assert second.status == 429
+                assert b"198.51.100.7 holds 1 connections" in second.read_rest()
+            # Another client through the same proxy is a different address.
+            other = {"X-Forwarded-For": "203.0.113.9"}
+            with client(daemon, headers=other):
+                admin = int(daemon.wait_for(r"admin API listening on 127\.0\.0\.1:(\d+)")[1])
+                clients = json.loads(urlopen(f"http://127.0.0.1:{admin}/clients").read())
+                with RawClient(daemon.port) as tcp:
+                    tcp.recv()
+                    metrics = urlopen(f"http://127.0.0.1:{admin}/metrics").read().decode()
+        assert 'heartbeatd_connections_by_listener{listener="websocket"} 2.0' in metrics
+        assert 'heartbeatd_connections_by_listener{listener="tcp"} 1.0' in metrics
+        peers = sorted(c["peer"] for c in clients["clients"])
+        assert peers[0].startswith("198.51.100.7 (via 127.0.0.1:")
+        assert peers[1].startswith("203.0.113.9 (via 127.0.0.1:")
+
+
+def test_wss_with_the_tls_keys_and_a_client_certificate(tmp_path: Path) -> None:
+    from test_tls import WHOAMI, Certs, client_context, tls_config
+
+    certs = Certs(tmp_path / "certs")
+    (tmp_path / "whoami.py").write_text(WHOAMI)
+    config = {**CONFIG, **tls_config(certs, client_ca=str(certs.ca_file)), "handlers": ["whoami"]}
+    with Daemon(tmp_path, config, env={"PYTHONPATH": str(tmp_path)}) as daemon:
+        context = client_context(certs, True)
+        with client(daemon, tls=context) as ws:
+            ws.send({"type": "whoami", "id": 1})
+            assert "CN=alice" in ws.recv()["data"]
+        with socket.create_connection(("127.0.0.1", daemon.ws_port), timeout=10) as s:
+            s.sendall(handshake_request("/ws"))  # plain text at a wss:// port
+            assert b"HTTP/1.1 101" not in read_all(s)
+
+
+def test_shutdown_says_goaway_and_closes_with_1001(tmp_path: Path) -> None:
+    config = {**CONFIG, "shutdown": {"drain_timeout": 0.5, "close_timeout": 5}}
+    with Daemon(tmp_path, config) as daemon, client(daemon) as ws, client(daemon) as stays:
+        daemon.process.send_signal(signal.SIGTERM)
+        goaway = recv_type(ws, "goaway")
+        assert goaway["data"]["reason"] == "shutdown"
+        ws.send_frame(CLOSE, struct.pack("!H", 1000))  # leaves as asked
+        assert ws.wait_closed() == (1000, "")
+        recv_type(stays, "goaway")
+        assert stays.wait_closed() == (1001, "shutdown")  # the drain is over
+        assert daemon.process.wait(20) == 0
