@@ -57,6 +57,31 @@ def test_after_a_new_epoch_the_new_epochs_history_is_delivered(clock: Clock) -> 
     assert [f["data"]["offset"] for f in peer.received()] == [3]
 
 
+def test_a_live_subscriber_meeting_a_new_epoch_midway_gets_its_start(clock: Clock) -> None:
+    """Its pub/sub link came back before the node caught up, and the first publication it sees
+    of the new epoch is not the first: the earlier ones come from the history, after one
+    ``resync``, none skipped and none twice."""
+    broker = MemoryBroker(clock)
+    factory = make_factory(clock, broker)
+    peer = Peer(factory)
+    subscribe(peer)
+    hub = factory.channels
+    broker.listener = None
+    broker._streams["news"] = stream = _Stream(clock.seconds())
+    for data in ('"a"', '"b"'):
+        broker.publish("news", data)
+    broker.listener = hub
+    broker.publish("news", '"c"')  # offset 3 of the new epoch reaches the live subscriber
+    frames = peer.received()
+    assert frames[0]["type"] == "resync"
+    assert (frames[0]["data"]["epoch"], frames[0]["data"]["offset"]) == (stream.epoch, 0)
+    assert [(f["data"]["offset"], f["data"]["data"]) for f in frames[1:]] == [
+        (1, "a"),
+        (2, "b"),
+        (3, "c"),
+    ]
+
+
 def test_a_new_epoch_beyond_the_history_is_one_resync_at_its_position(clock: Clock) -> None:
     broker = MemoryBroker(clock, history_size=1)
     factory = make_factory(clock, broker)

@@ -370,13 +370,51 @@ class ChannelHub:
         if not subs:
             return
         frame = SharedFrame(publication_body(channel, offset, data))
+        new_epoch: list[_Sub] = []
         for sub in list(subs.values()):
             if sub.pending is None and sub.offset + 1 == offset and sub.epoch == epoch:
                 sub.offset = offset
                 sub.client.write_shared(frame)
                 self.delivered += 1
+            elif sub.pending is None and sub.epoch != epoch and offset > 1:
+                new_epoch.append(sub)
             else:
                 self._deliver(sub, epoch, offset, data)
+        if new_epoch:
+            self._enter_epoch(channel, (epoch, offset, data), new_epoch)
+
+    def _enter_epoch(self, channel: str, first: tuple[str, int, str], subs: list[_Sub]) -> None:
+        """Live subscriptions meet a new epoch past its first publication (Redis lost the
+        stream, or failed over, and this node's pub/sub missed the start of the new one).
+
+        The old epoch cannot be recovered, but the new one's earlier publications may be in
+        its history: one read for all of them, then one ``resync`` (offset 0) and everything
+        in order.  When the history does not have them (or does not know that epoch), each
+        gets the ``resync`` at the publication before this one, as a gap it cannot fill.
+        """
+        epoch, offset, _ = first
+        for sub in subs:
+            sub.pending = [first]
+
+        def got(history: History) -> None:
+            known = history.position.epoch == epoch and history.entries is not None
+            for sub in subs:
+                if not self._is_current(sub) or sub.pending is None:
+                    continue
+                if known:
+                    self._resync(sub, Position(epoch, 0), "epoch_changed")
+                    if history.entries:
+                        self.gaps_filled += 1
+                    self._go_live(sub, history.entries or [])
+                else:
+                    self._resync(sub, Position(epoch, offset - 1), "epoch_changed")
+                    self._go_live(sub, [])
+
+        def failed(failure: Failure) -> None:
+            log.debug("Reading the new epoch of {c} failed: {why}", c=channel, why=failure)
+            got(History(Position("", 0), None))
+
+        self.broker.history(channel, epoch, 0).addCallbacks(got, failed)
 
     def _deliver(self, sub: _Sub, epoch: str, offset: int, data: str) -> None:
         pending = sub.pending
