@@ -213,3 +213,39 @@ def test_pub_sub_messages_take_the_fast_path_and_replies_the_usual_one(clock: Cl
     assert bad == ["not UTF-8"]
     clock.advance(5)  # the SUBSCRIBE was answered: its deadline passes harmlessly
     assert broker.timeouts == 0 and not proto.transport.disconnecting
+
+
+class _CommandsDown(MemoryBroker):
+    """The pub/sub link is back, the commands one not yet: history reads fail."""
+
+    down = True
+
+    def history(self, channel: str, epoch: str, since: int) -> Deferred[Any]:
+        from twisted.internet.defer import fail
+
+        from heartbeatd.cluster.broker import BrokerUnavailable
+
+        if self.down:
+            return fail(BrokerUnavailable("commands link down"))
+        return super().history(channel, epoch, since)
+
+
+def test_a_new_epoch_met_before_the_commands_link_is_back_waits_for_it(clock: Clock) -> None:
+    broker = _CommandsDown(clock)
+    broker.down = False
+    factory = make_factory(clock, broker)
+    peer = Peer(factory)
+    subscribe(peer)
+    hub = factory.channels
+    broker.down = True
+    broker.listener = None
+    broker._streams["news"] = stream = _Stream(clock.seconds())
+    broker.publish("news", '"a"')
+    broker.listener = hub
+    broker.publish("news", '"b"')
+    assert peer.received() == []  # held: nothing skipped while the start cannot be read
+    broker.down = False
+    hub.on_link(True)
+    frames = peer.received()
+    assert (frames[0]["type"], frames[0]["data"]["epoch"]) == ("resync", stream.epoch)
+    assert [f["data"]["data"] for f in frames[1:]] == ["a", "b"]

@@ -411,8 +411,10 @@ class ChannelHub:
                     self._go_live(sub, [])
 
         def failed(failure: Failure) -> None:
+            # The link is not all back yet (pub/sub can return before commands): keep them
+            # buffering; the broker's on_link(True) reads their gap, the new epoch's start too.
             log.debug("Reading the new epoch of {c} failed: {why}", c=channel, why=failure)
-            got(History(Position("", 0), None))
+            self._stale.update(sub for sub in subs if self._is_current(sub))
 
         self.broker.history(channel, epoch, 0).addCallbacks(got, failed)
 
