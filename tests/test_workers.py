@@ -136,6 +136,8 @@ def workers(
     try:
         with daemon:
             daemon.admin = int(daemon.wait_for(ADMIN).group(1))  # type: ignore[attr-defined]
+            # READY does not wait for Redis: each worker links in the background.
+            daemon.wait_for(r"\[worker \d+\] Redis link up", count=count)
             yield daemon
     finally:
         pids = {int(m.group(2)) for line in daemon.lines if (m := STARTED.search(line))}

@@ -384,7 +384,8 @@ def test_metrics_and_health_cover_every_worker_through_a_stop_and_a_kill(tmp_pat
         body = wait_health(daemon, lambda b: b["serving"] < 3 and "1" in b["missing"])
         assert body["missing"]["1"] in ("restarting", "starting")
         daemon.wait_for(r"Worker 1 \(pid (\d+)\) serving again")
-        body = wait_health(daemon, lambda b: b["serving"] == 3)
+        # The replacement serves, and links to Redis in the background (READY does not wait).
+        body = wait_health(daemon, lambda b: b["serving"] == 3 and b.get("broker") == "up")
         assert body["status"] == "serving" and body["missing"] == {}
         found = scrape(daemon)
         assert found[("heartbeatd_worker_restarts_total", ())] == 1

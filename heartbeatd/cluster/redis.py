@@ -599,11 +599,11 @@ class RedisBroker:
     def _prepare_commands(self, proxy: Any) -> Deferred[Any]:
         def ready(proto: _Commands) -> Deferred[Any]:
             d = self._check_master(proto)
-            d.addCallback(lambda _: self._load_scripts(proto))
             d.addCallback(lambda _: self._fence(proto))
             d.addCallback(lambda _: setattr(self, "_cmd", proto))
             d.addCallback(lambda _: self._heartbeat_now())
-            return d.addCallback(lambda _: self._register())
+            d.addCallback(lambda _: self._register())
+            return d.addCallback(lambda _: self._load_scripts(proto))
 
         d = proxy.whenConnected().addCallback(ready).addCallback(lambda _: self._link())
         return d.addErrback(self._prepare_failed, "commands")
@@ -646,12 +646,17 @@ class RedisBroker:
 
         return check_master(proto)
 
-    def _load_scripts(self, proto: _Commands) -> Deferred[Any]:
+    def _load_scripts(self, proto: _Commands) -> None:
         """Load every script on a new connection (a new master after a failover has none), so
-        the first publications do not each fall back from EVALSHA to EVAL."""
-        return gatherResults(
-            [proto.execute_command("SCRIPT", "LOAD", text) for text in _SCRIPTS.values()]
-        )
+        the first publications do not each fall back from EVALSHA to EVAL.
+
+        Not waited for: the link is up at once, and what this node sends next queues behind
+        the loads on the same connection, so it finds them loaded.  (The set-up's own scripts
+        take the ``NOSCRIPT`` fallback: loading all thirteen first costs Redis a few
+        milliseconds of compiling before the node could serve.)
+        """
+        for text in _SCRIPTS.values():
+            proto.execute_command("SCRIPT", "LOAD", text).addErrback(_ignore)
 
     def _fence(self, proto: _Commands) -> Deferred[Any]:
         """Run FENCE with the server's replication id before this node writes anything."""
