@@ -14,9 +14,23 @@ The handler API is re-exported here lazily, so ``import heartbeatd.client`` or
 from __future__ import annotations
 
 from importlib import import_module
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from heartbeatd._version import __version__
+
+if TYPE_CHECKING:  # what type checkers see of the lazy exports below (mypy --strict, pyright)
+    from heartbeatd.config import Config as Config
+    from heartbeatd.config import ConfigError as ConfigError
+    from heartbeatd.daemon.config import load_config as load_config
+    from heartbeatd.server.factory import ServerFactory as ServerFactory
+    from heartbeatd.server.handlers import NO_REPLY as NO_REPLY
+    from heartbeatd.server.handlers import Authorizer as Authorizer
+    from heartbeatd.server.handlers import HandlerError as HandlerError
+    from heartbeatd.server.handlers import HandlerRegistry as HandlerRegistry
+    from heartbeatd.server.handlers import Reply as Reply
+    from heartbeatd.server.handlers import Request as Request
+    from heartbeatd.server.session import Server as Server
+    from heartbeatd.server.session import Session as Session
 
 #: Public name -> the module that defines it (imported on first use).
 _LAZY = {
@@ -25,6 +39,9 @@ _LAZY = {
     "HandlerRegistry": "heartbeatd.server.handlers",
     "Reply": "heartbeatd.server.handlers",
     "Request": "heartbeatd.server.handlers",
+    "Authorizer": "heartbeatd.server.handlers",
+    "Server": "heartbeatd.server.session",
+    "Session": "heartbeatd.server.session",
     "ServerFactory": "heartbeatd.server.factory",
     "Config": "heartbeatd.config",
     "ConfigError": "heartbeatd.config",

@@ -156,6 +156,10 @@ def build(
                 continue
             values[name] = build(section, value, path + ".", errors)
             continue
+        custom = f.metadata.get("build")
+        if custom is not None:  # a nested mapping with its own keys (channels.namespaces)
+            values[name] = custom(value, path, errors)
+            continue
         expected = f.metadata["check"](value)
         if expected is not None:
             shown = f.metadata.get("shown", repr)(value)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import re
 import resource
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -43,8 +44,10 @@ __all__ = [
     "Config",
     "ConfigError",
     "HeartbeatConfig",
+    "JwtConfig",
     "LimitsConfig",
     "LogConfig",
+    "NamespaceConfig",
     "SeedConfig",
     "SentinelConfig",
     "ShutdownConfig",
@@ -57,7 +60,7 @@ __all__ = [
 
 LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
 TLS_VERSIONS = ("1.2", "1.3")
-AUTH_MODES = ("none", "token", "custom")
+AUTH_MODES = ("none", "token", "custom", "jwt")
 #: What a client certificate's identity is made of (tls.client_identity).
 CLIENT_IDENTITIES = ("subject", "issuer_and_subject")
 #: File descriptors kept back from the connection limit: listeners, logs, the admin API and
@@ -143,6 +146,13 @@ class LimitsConfig:
     ipv6_prefix_per_address: int = field(
         default=64,
         metadata=check(int_range(1, 128), "IPv6 clients are counted per network of this size"),
+    )
+    max_connections_per_identity: int = field(
+        default=0,
+        metadata=check(
+            non_negative_int,
+            "connections one identity may hold (cluster-wide with cluster.redis); 0 = no limit",
+        ),
     )
     per_address_exempt: tuple[str, ...] = field(
         default=("127.0.0.1", "::1"),
@@ -317,6 +327,44 @@ class TlsConfig:
 
 
 @dataclass(frozen=True)
+class JwtConfig:
+    """Signed tokens (JWT, PyJWT): connect tokens (``auth.mode: jwt``) and channel tokens."""
+
+    hmac_secret_file: str = field(
+        default="",
+        metadata=check(string, "file holding the HS256 secret (at least 32 bytes)"),
+    )
+    public_key_file: str = field(
+        default="",
+        metadata=check(string, "PEM public key (RSA: RS256, EC P-256: ES256) or a JWKS file"),
+    )
+    audience: str = field(
+        default="", metadata=check(string, "the aud claim required; '' checks none")
+    )
+    issuer: str = field(
+        default="", metadata=check(string, "the iss claim required; '' checks none")
+    )
+    refresh_before: float = field(
+        default=30.0,
+        metadata=check(positive_number, "seconds before exp the server asks for a new token"),
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.hmac_secret_file or self.public_key_file)
+
+
+def _jwt_section(value: Any, path: str, errors: list[str]) -> JwtConfig:
+    if value is None:
+        return JwtConfig()
+    if not isinstance(value, Mapping):
+        errors.append(f"{path}: {value!r} is not allowed; expected a mapping of keys")
+        return JwtConfig()
+    built = build(JwtConfig, value, path + ".", errors)
+    return built if built is not None else JwtConfig()
+
+
+@dataclass(frozen=True)
 class AuthConfig:
     """Client authentication in the first frame (heartbeatd.server.auth)."""
 
@@ -333,6 +381,14 @@ class AuthConfig:
             lambda v: None if v == "" or _is_entry_point(v) else "'module:function'",
             "mode custom: function(token, peer) -> identity, None or a Deferred",
         ),
+    )
+    jwt: JwtConfig = field(
+        default_factory=JwtConfig,
+        metadata={
+            "check": lambda v: None,
+            "doc": "keys and claims of signed tokens (mode jwt, subscribe: token)",
+            "build": _jwt_section,
+        },
     )
 
 
@@ -427,6 +483,110 @@ def _node_id(value: Any) -> str | None:
     return None if ok else "'' (generated) or up to 64 letters, digits, '-', '_', '.'"
 
 
+#: Who may do something on a namespace's channels (docs/security.md#channels).
+PERMISSIONS = ("none", "any", "authenticated", "authorizer")
+#: ``subscribe`` may also ask for a channel token (a JWT naming the channel).
+SUBSCRIBE_PERMISSIONS = (*PERMISSIONS, "token")
+#: Most namespaces under ``channels.namespaces`` (a bound on what every request looks up).
+MAX_NAMESPACES = 1000
+
+
+def _optional(inner: Any) -> Any:
+    def check_optional(value: Any) -> str | None:
+        if value is None:
+            return None
+        expected = inner(value)
+        return None if expected is None else f"null (the channels.* value) or {expected}"
+
+    return check_optional
+
+
+def _publish_permission(value: Any) -> str | None:
+    return (
+        None
+        if value in ("", *PERMISSIONS)
+        else "'' (channels.client_publish), " + ", ".join(PERMISSIONS)
+    )
+
+
+@dataclass(frozen=True)
+class NamespaceConfig:
+    """Who may do what on one namespace's channels, and its history and size bounds."""
+
+    subscribe: str = field(
+        default="any",
+        metadata=check(one_of(*SUBSCRIBE_PERMISSIONS), "who may subscribe"),
+    )
+    publish: str = field(
+        default="",
+        metadata=check(
+            _publish_permission,
+            "who may publish; '' follows channels.client_publish (any if true, else none)",
+        ),
+    )
+    presence: str = field(
+        default="any",
+        metadata=check(one_of(*PERMISSIONS), "who may read presence and get join/leave"),
+    )
+    history: str = field(
+        default="any",
+        metadata=check(one_of(*PERMISSIONS), "who may subscribe with since (read history)"),
+    )
+    history_size: int | None = field(
+        default=None,
+        metadata=check(_optional(int_range(0, 1_000_000)), "null: channels.history_size"),
+    )
+    history_ttl: float | None = field(
+        default=None,
+        metadata=check(_optional(non_negative_number), "null: channels.history_ttl"),
+    )
+    max_publication_bytes: int | None = field(
+        default=None,
+        metadata=check(_optional(int_range(16, 2**31)), "null: channels.max_publication_bytes"),
+    )
+
+
+def _namespace_section(value: Any, path: str, errors: list[str]) -> NamespaceConfig:
+    if value is None:
+        return NamespaceConfig()
+    if not isinstance(value, Mapping):
+        errors.append(f"{path}: {value!r} is not allowed; expected a mapping of keys")
+        return NamespaceConfig()
+    built = build(NamespaceConfig, value, path + ".", errors)
+    if isinstance(built, NamespaceConfig) and built.history_ttl is not None:
+        built = dataclasses.replace(built, history_ttl=float(built.history_ttl))
+    return built if built is not None else NamespaceConfig()
+
+
+def _namespaces(value: Any, path: str, errors: list[str]) -> dict[str, NamespaceConfig]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        errors.append(
+            f"{path}: {value!r} is not allowed; expected a mapping of namespace name to "
+            "its settings"
+        )
+        return {}
+    if len(value) > MAX_NAMESPACES:
+        errors.append(
+            f"{path}: {len(value)} namespaces is not allowed; expected at most {MAX_NAMESPACES}"
+        )
+        return {}
+    out: dict[str, NamespaceConfig] = {}
+    for name, settings in value.items():
+        if not isinstance(name, str) or not _NAMESPACE_NAME.fullmatch(name):
+            errors.append(
+                f"{path}.{name}: {name!r} is not allowed as a namespace name; expected up to "
+                "64 letters, digits, '-', '_', '.'"
+            )
+            continue
+        out[name] = _namespace_section(settings, f"{path}.{name}", errors)
+    return out
+
+
+_NAMESPACE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
 @dataclass(frozen=True)
 class ChannelsConfig:
     client_publish: bool = field(
@@ -457,6 +617,27 @@ class ChannelsConfig:
     subscribe_burst: int = field(
         default=100,
         metadata=check(int_range(1, 1_000_000), "subscribes one connection may make at once"),
+    )
+    # -- who may hear what (heartbeatd.server.permissions, docs/security.md#channels) --
+    default: NamespaceConfig = field(
+        default_factory=NamespaceConfig,
+        metadata={
+            "check": lambda v: None,
+            "doc": "permissions of channels outside any namespace",
+            "build": _namespace_section,
+        },
+    )
+    namespaces: dict[str, NamespaceConfig] = field(
+        default_factory=dict,
+        metadata={
+            "check": lambda v: None,
+            "doc": "namespace name -> permissions of its channels ('name:...')",
+            "build": _namespaces,
+        },
+    )
+    authorize_timeout: float = field(
+        default=5.0,
+        metadata=check(positive_number, "seconds the application's authorizer gets to answer"),
     )
 
 
@@ -640,6 +821,32 @@ def _cross_checks(config: Config, errors: list[str]) -> None:
         errors.append(
             "auth.tokens_file: '' is not allowed with auth.mode token; expected the path of a "
             "file of identity:token lines"
+        )
+    jwt = auth.jwt
+    if jwt.hmac_secret_file and jwt.public_key_file:
+        errors.append(
+            f"auth.jwt.public_key_file: {jwt.public_key_file!r} is not allowed together with "
+            "auth.jwt.hmac_secret_file; expected one of the two"
+        )
+    if auth.mode == "jwt" and not jwt.enabled:
+        errors.append(
+            "auth.jwt.hmac_secret_file: '' is not allowed with auth.mode jwt; expected the path "
+            "of a file holding the HS256 secret, or set auth.jwt.public_key_file"
+        )
+    token_namespaces = [
+        name
+        for name, ns in [("default", config.channels.default), *config.channels.namespaces.items()]
+        if ns.subscribe == "token"
+    ]
+    if token_namespaces and not jwt.enabled:
+        key = (
+            "channels.default.subscribe"
+            if token_namespaces[0] == "default"
+            else f"channels.namespaces.{token_namespaces[0]}.subscribe"
+        )
+        errors.append(
+            f"{key}: 'token' is not allowed without auth.jwt.hmac_secret_file or "
+            "auth.jwt.public_key_file; expected a key to check channel tokens with"
         )
     if auth.mode == "custom" and not auth.authenticator:
         errors.append(

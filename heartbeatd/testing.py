@@ -72,6 +72,8 @@ class ServerClientPair:
         *,
         handlers: Iterable[HandlerSource] = (),
         clock: Clock | None = None,
+        identity: str | None = None,
+        claims: dict[str, Any] | None = None,
         **client_options: Any,
     ) -> None:
         self.config = config if config is not None else Config()
@@ -87,13 +89,22 @@ class ServerClientPair:
         self._pumps: list[Any] = []
         self._next_port = 40000
         #: The first client, connected and past the server's hello.
-        self.client: ClientConnection = self.connect()
+        self.client: ClientConnection = self.connect(identity=identity, claims=claims)
 
     # -- connections ------------------------------------------------------------------------
 
-    def connect(self, **client_options: Any) -> ClientConnection:
+    def connect(
+        self,
+        *,
+        identity: str | None = None,
+        claims: dict[str, Any] | None = None,
+        **client_options: Any,
+    ) -> ClientConnection:
         """Connect one more client, flush, and return it once the hello arrived.
 
+        ``identity`` and ``claims``: who the server takes the client for, as if it had
+        authenticated (``session.identity``, ``session.claims``), so channel permissions and
+        the application's authorizers can be tested without tokens or a network.
         A client the server refuses (``limits.max_connections``) is returned closed, with
         the server's error in ``close_reason``.
         """
@@ -104,6 +115,10 @@ class ServerClientPair:
         host = IPv4Address("TCP", "127.0.0.1", 9000)
         self._next_port += 1
         server = self.factory.buildProtocol(peer)
+        if identity is not None:
+            server.identity = identity  # type: ignore[attr-defined]
+        if claims is not None:
+            server.claims = dict(claims)  # type: ignore[attr-defined]
         server_io = iosim.FakeTransport(server, isServer=True, hostAddress=host, peerAddress=peer)
         client_io = iosim.FakeTransport(client, isServer=False, hostAddress=peer, peerAddress=host)
         pump = iosim.connect(server, server_io, client, client_io, greet=False, clock=self.clock)

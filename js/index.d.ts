@@ -37,7 +37,7 @@ export interface ClientOptions extends TlsOptions {
   maxFrameBytes?: number;
   /** A WebSocket constructor for ws:// and wss:// (default: globalThis.WebSocket), e.g. the `ws` package. */
   WebSocket?: new (url: string, ...args: any[]) => any;
-  /** A second argument for that constructor (e.g. `{maxPayload}` for `ws`). */
+  /** A second argument for that constructor (e.g. `{ca}` for `ws`; with `ws`, `maxPayload` defaults to `maxFrameBytes`). */
   webSocketOptions?: object;
   /** Random numbers in [0, 1) for the jitter (tests). */
   random?: () => number;

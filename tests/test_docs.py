@@ -34,7 +34,12 @@ import yaml
 from daemon import Daemon
 from docs_examples import ROOT, blocks, example
 from helpers import failureResultOf, successResultOf
-from test_docs_security import check_security_authenticator, check_security_client
+from test_docs_security import (
+    check_security_authenticator,
+    check_security_channel_rules,
+    check_security_client,
+    check_security_jwt,
+)
 
 from heartbeatd.client import ClientConnection, PoolConfig, ServerError
 from heartbeatd.config import _SECTIONS, Config, parse_config
@@ -169,6 +174,8 @@ IN_MEMORY: dict[str, Callable[..., None]] = {
     "handlers-testing": check_handlers_testing,
     "pool-config": check_pool_config,
     "security-authenticator": check_security_authenticator,
+    "security-channel-rules": check_security_channel_rules,
+    "security-jwt": check_security_jwt,
 }
 AGAINST_A_DAEMON: dict[str, Callable[[str, Daemon, Path], None]] = {
     "readme-client": check_readme_client,
@@ -325,6 +332,11 @@ def schema_defaults(cls: type, prefix: str = "") -> dict[str, Any]:
             out.update(schema_defaults(f.metadata["section"], f"{prefix}{f.name}."))
             continue
         default = f.default
+        if default is dataclasses.MISSING and f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+            if dataclasses.is_dataclass(default):  # a nested section (channels.default)
+                out.update(schema_defaults(type(default), f"{prefix}{f.name}."))
+                continue
         out[prefix + f.name] = list(default) if isinstance(default, tuple) else default
     return out
 

@@ -61,6 +61,72 @@ def check_security_authenticator(code: str, tmp_path: Path, monkeypatch: Any) ->
     assert authenticator.check("nope", "10.0.0.1:5000") is None
 
 
+def yaml_blocks() -> list[Any]:
+    import yaml
+
+    return [yaml.safe_load(b.code) for b in blocks([ROOT / PAGE]) if b.language == "yaml"]
+
+
+def check_security_channel_rules(code: str) -> None:
+    """The worked example: the page's channel config and its authorizer module, in memory."""
+    import types
+
+    from helpers import failureResultOf
+
+    from heartbeatd.client import ServerError
+    from heartbeatd.testing import ServerClientPair
+
+    rules = types.ModuleType("channel_rules")
+    exec(compile(code, "<security-channel-rules>", "exec"), rules.__dict__)
+    raw = next(y for y in yaml_blocks() if "namespaces" in y.get("channels", {}))
+    config = parse_config({"channels": raw["channels"]})  # auth: made below per identity
+    with ServerClientPair(config=config, handlers=[rules], identity="bob") as pair:
+        assert successResultOf(pair.request("subscribe", {"channel": "team:red"}))
+        failure = failureResultOf(pair.request("subscribe", {"channel": "team:blue"}), ServerError)
+        assert failure.value.code == "not_a_member"
+        failure = failureResultOf(pair.request("subscribe", {"channel": "user#alice"}), ServerError)
+        assert failure.value.code == "forbidden"
+        assert successResultOf(pair.request("subscribe", {"channel": "user#bob"}))
+        failure = failureResultOf(pair.request("presence", {"channel": "user#bob"}), ServerError)
+        assert failure.value.code == "forbidden"  # presence: none in the default namespace
+        failure = failureResultOf(
+            pair.request("publish", {"channel": "team:red", "data": 1}), ServerError
+        )
+        assert failure.value.code == "forbidden"
+        lead = pair.connect(identity="bob", claims={"role": "lead"})
+        d = lead.request("publish", {"channel": "team:red", "data": "hi"})
+        pair.flush()
+        assert successResultOf(d)["offset"] == 1
+
+
+def check_security_jwt(code: str, tmp_path: Path, monkeypatch: Any) -> None:
+    """The page's secret and token work with the page's auth: section."""
+    from heartbeatd.server.signed_tokens import load_authenticator, load_token_verifier
+    from heartbeatd.testing import ServerClientPair
+
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, Any] = {}
+    exec(compile(code, "<security-jwt>", "exec"), namespace)
+    assert len((tmp_path / "jwt-secret").read_text()) >= 32
+    raw = next(y for y in yaml_blocks() if y.get("auth", {}).get("jwt", {}).get("audience"))
+    config = parse_config(raw)
+    with ServerClientPair(config=config) as pair:
+        pair.factory.authenticator = load_authenticator(config.auth)
+        pair.factory.token_verifier = load_token_verifier(config.auth)
+        client = pair.connect(token=namespace["token"])
+        assert successResultOf(client.when_ready()).identity == "alice"
+        pair.factory.channels.publish("user#alice", "for alice")
+        pair.flush()
+        assert [c for c in pair.factory.channels.channels_of(_session(pair))] == ["user#alice"]
+        wrong = pair.connect(token=namespace["issue"]("alice", aud=None) + "x")
+        assert wrong.closed
+
+
+def _session(pair: Any) -> str:
+    sessions = [s for s, c in pair.factory.clients.items() if c.identity == "alice"]
+    return sessions[0]
+
+
 def check_security_client(code: str, _plain: Daemon, tmp_path: Path) -> None:
     if shutil.which("openssl") is None:
         pytest.skip("needs openssl for the page's test CA")
@@ -83,7 +149,12 @@ def check_security_client(code: str, _plain: Daemon, tmp_path: Path) -> None:
 def test_the_page_has_the_blocks_these_tests_run() -> None:
     assert len(sh_blocks()) == 2
     python = [b.marker for b in blocks([ROOT / PAGE]) if b.language == "python"]
-    assert python == ["security-client", "security-authenticator"]
+    assert python == [
+        "security-client",
+        "security-authenticator",
+        "security-channel-rules",
+        "security-jwt",
+    ]
 
 
 @needs_openssl

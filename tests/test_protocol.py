@@ -300,3 +300,26 @@ def test_types_the_protocol_answers_itself_cannot_get_handlers(
     # is never dispatched.
     with pytest.raises(ValueError, match="cannot have a handler"):
         registry.add(reserved, lambda request: None)
+
+
+def test_a_polite_close_the_peer_never_lets_finish_is_aborted_after_close_timeout(
+    clock: Clock, registry: HandlerRegistry
+) -> None:
+    # loseConnection waits for the peer to read what is queued: one that never reads kept
+    # its slot for ever.  shutdown.close_timeout bounds every polite close.
+    config = make_config(max_frame_bytes=64, shutdown={"close_timeout": 3})
+    factory = ServerFactory(config, registry, clock)
+    peer = Peer(factory)
+    peer.send_raw(b"\x00\x00\x00\x41")  # too large: an error, then a polite close
+    assert peer.transport.disconnecting and not peer.transport.disconnected
+    clock.advance(2.9)
+    assert not peer.transport.disconnected
+    clock.advance(0.2)
+    assert peer.transport.disconnected
+    assert factory.close_timeouts == 1
+    # A close that finishes in time cancels its deadline.
+    other = Peer(factory, port=40001)
+    other.protocol.close("admin")
+    other.disconnect()
+    assert not clock.getDelayedCalls()
+    assert not other.transport.disconnected and factory.close_timeouts == 1

@@ -350,3 +350,29 @@ def test_when_connected_fail_after_a_round(clock: Clock) -> None:
     failure = failureResultOf(d, ConnectionFailed)
     assert "refused" in str(failure.value)
     client.stop()
+
+
+def test_get_token_is_asked_on_every_connection_and_every_refresh(clock: Clock) -> None:
+    """Issue 22: short-lived JWTs; a fresh one for each connection and each server refresh."""
+    endpoint = FakeEndpoint()
+    tokens = iter(["t1", "t2", "t3"])
+    client = ReconnectingClient(
+        clock, endpoint, backoff_initial=1, random=lambda: 0.5, get_token=lambda: next(tokens)
+    )
+    client.start()
+    hello = {"type": "hello", "data": {**HELLO["data"], "auth": "required"}}
+    sent: list[Any] = []
+    for expected in ("t1", "t3"):
+        proto, transport = endpoint.accept(hello=False)
+        proto.dataReceived(frame(hello))
+        auth = parse_frames(transport.value())[-1]
+        assert auth["type"] == "auth" and auth["data"] == {"token": expected}
+        proto.dataReceived(frame({"type": "auth", "id": auth["id"], "data": {"identity": "a"}}))
+        transport.clear()
+        if expected == "t1":
+            proto.dataReceived(frame({"type": "refresh"}))
+            sent = parse_frames(transport.value())
+            proto.connectionLost(Failure(ConnectionDone()))
+            clock.advance(0.5)
+    assert [(m["type"], m["data"]) for m in sent] == [("refresh", {"token": "t2"})]
+    client.stop()

@@ -220,3 +220,27 @@ def test_a_pair_that_never_goes_quiet_is_reported() -> None:
         pair.flush()
         assert pair.client.closed and pair.clients == 0
         failureResultOf(asked[-1], ConnectionClosed)
+
+
+def test_authorizers_are_tested_without_a_network() -> None:
+    """Issue 22: a pair's client can be any identity, with claims, for the authorizer to see."""
+
+    def register(registry: HandlerRegistry) -> None:
+        @registry.authorize("subscribe")
+        def members_only(session: Any, channel: str, data: Any) -> bool | str:
+            if session.claims.get("team") == channel.split(":", 1)[1]:
+                return True
+            return "not_a_member"
+
+    config = make_config(channels={"namespaces": {"team": {"subscribe": "authorizer"}}})
+    with ServerClientPair(
+        config=config, handlers=[register], identity="alice", claims={"team": "red"}
+    ) as pair:
+        answer = successResultOf(pair.request("subscribe", {"channel": "team:red"}))
+        assert answer["channel"] == "team:red"
+        failure = failureResultOf(pair.request("subscribe", {"channel": "team:blue"}), ServerError)
+        assert failure.value.code == "not_a_member"
+        stranger = pair.connect(identity="bob")
+        d = stranger.request("subscribe", {"channel": "team:red"})
+        pair.flush()
+        assert failureResultOf(d, ServerError).value.code == "not_a_member"

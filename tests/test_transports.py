@@ -14,6 +14,7 @@ import re
 import socket
 import struct
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import pytest
 from daemon import Daemon, RawClient
 from test_tls import Certs, TlsClient, client_context, tls_config
 from wsclient import TEXT, WSClient
+from wsclient import frame as ws_frame
 from wsclient import header as ws_header
 
 TRANSPORTS = ["tcp", "tls", "websocket"]
@@ -37,6 +39,10 @@ def register(registry):
     @registry.handler("whoami")
     def whoami(request):
         return request.session.identity
+
+    @registry.handler("blob")
+    def blob(request):
+        return "x" * request.data
 """
 
 
@@ -245,6 +251,38 @@ def test_a_client_that_stops_reading_is_closed_as_slow_consumer(standard: Server
                 break
         standard.daemon.wait_for("slow_consumer")
         assert sent == 0
+
+
+def test_a_polite_close_to_a_peer_that_stops_reading_is_aborted_by_its_deadline(
+    tmp_path: Path, transport: str, certs: Certs
+) -> None:
+    # A 16 MiB reply (more than loopback's buffers hold) the peer never reads, then in the
+    # same read an oversized frame: the server closes politely, and loseConnection waits for
+    # the unread bytes, so the slot was held for ever.  shutdown.close_timeout (1 s here)
+    # bounds that wait.
+    config = {
+        "admin": {"listen": "tcp:0:interface=127.0.0.1"},
+        "limits": {"max_outbound_buffer_bytes": 32 * 1024 * 1024},
+        "shutdown": {"close_timeout": 1},
+    }
+    with own_server(tmp_path, transport, certs, config) as server:
+        admin = int(server.daemon.wait_for(ADMIN).group(1))
+        with server.connect() as sleeper:
+            sleeper.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            body = b'{"type":"blob","id":1,"data":16777216}'
+            if transport == "websocket":
+                data = ws_frame(TEXT, body) + ws_header(TEXT, MAX_FRAME + 1) + b"\0\0\0\0"
+            else:
+                data = struct.pack("!I", len(body)) + body + struct.pack("!I", MAX_FRAME + 1)
+            sleeper.sock.sendall(data)
+            server.daemon.wait_for("frame_too_large", timeout=10)
+            began = time.monotonic()
+            server.daemon.wait_for(r"did not finish within 1s", timeout=10)
+            assert time.monotonic() - began < 5
+            sleeper.sock.settimeout(10)
+            assert sleeper.closed()  # what got out, then the end (a reset)
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=10) as answer:
+            assert "heartbeatd_close_timeouts_total 1.0" in answer.read().decode()
 
 
 def test_channels_publish_and_recover_after_a_reconnect(standard: Server) -> None:

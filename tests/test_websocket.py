@@ -177,6 +177,52 @@ def test_oversized_handshake_head_gets_400(daemon: Daemon) -> None:
     assert answer.startswith(b"HTTP/1.1 400 ")
 
 
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param({"X-Junk": "x" * 20_000}, id="one-long-header"),
+        pytest.param({f"X-H{i}": "v" for i in range(3000)}, id="3000-headers"),
+    ],
+)
+def test_a_whole_oversized_head_in_one_read_gets_400(
+    daemon: Daemon, headers: dict[str, str]
+) -> None:
+    # h11 bounds only a head still incomplete after a read: one that came whole in one
+    # read (up to 64 KiB) was accepted.
+    request = handshake_request("/ws", headers)
+    assert 16 * 1024 < len(request) < 60_000
+    with socket.create_connection(("127.0.0.1", daemon.ws_port), timeout=10) as s:
+        s.sendall(request)
+        answer = read_all(s)
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"request head over 16384 bytes" in answer
+
+
+def test_a_head_just_under_the_limit_with_a_message_behind_it_is_accepted(
+    daemon: Daemon,
+) -> None:
+    request = handshake_request("/ws", {"X-Pad": "p" * 15_000})
+    message = frame(TEXT, b'{"type":"echo","id":1,"data":"' + b"m" * 3000 + b'"}')
+    with socket.create_connection(("127.0.0.1", daemon.ws_port), timeout=10) as s:
+        ws = WSClient(daemon.ws_port, handshake=False, sock=s)
+        s.sendall(request + message)
+        while b"\r\n\r\n" not in ws._buffer:
+            ws._buffer += s.recv(4096)
+        head, ws._buffer = ws._buffer.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 101 ")
+        assert ws.recv()["type"] == "hello"
+        assert ws.recv()["data"] == "m" * 3000
+
+
+@pytest.mark.parametrize("key", [b"not base64 at all!", b"c2hvcnQ=", b"%%%%%%%%%%%%%%%%%%%%%%=="])
+def test_a_key_that_is_not_16_bytes_of_base64_gets_400(daemon: Daemon, key: bytes) -> None:
+    request = handshake_request("/ws")
+    good = request.split(b"Sec-WebSocket-Key: ", 1)[1].split(b"\r\n", 1)[0]
+    with socket.create_connection(("127.0.0.1", daemon.ws_port), timeout=10) as s:
+        s.sendall(request.replace(good, key))
+        answer = read_all(s)
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"Sec-WebSocket-Key" in answer
+
+
 def test_a_close_from_the_client_is_answered_with_its_code(daemon: Daemon) -> None:
     with client(daemon) as ws:
         ws.send_frame(CLOSE, struct.pack("!H", 1000) + b"bye")
@@ -288,7 +334,18 @@ def test_compression_is_negotiated_and_bounded(tmp_path: Path) -> None:
             bomb = zlib.compressobj(9, zlib.DEFLATED, -12)
             data = bomb.compress(b'"' + b"z" * 100_000) + bomb.flush(zlib.Z_SYNC_FLUSH)
             ws.send_frame(TEXT, data[:-4], rsv=4)
+            # As for a message whose header announces too much: the envelope, then 1009.
+            assert ws.recv()["error"] == {
+                "code": "frame_too_large",
+                "message": "message inflates past the limit of 4096 bytes",
+            }
             assert ws.wait_closed()[0] == 1009
+        # Data that does not inflate is closed 1007 under its own reason, not invalid_utf8.
+        with WSClient(daemon.ws_port, path="/ws", headers=headers) as ws:
+            assert ws.recv()["type"] == "hello"
+            ws.send_frame(TEXT, b"\xff\xff\xff\xff garbage", rsv=4)
+            assert ws.wait_closed()[0] == 1007
+        daemon.wait_for(r"Closing client .*: bad_deflate")
         # A client that cannot shrink its window compresses with 32 KiB: inflated with it.
         headers = {"Sec-WebSocket-Extensions": "permessage-deflate"}
         with WSClient(daemon.ws_port, path="/ws", headers=headers) as ws:
@@ -301,6 +358,54 @@ def test_compression_is_negotiated_and_bounded(tmp_path: Path) -> None:
             assert first & 0x40  # a large reply comes compressed
             inflated = zlib.decompressobj(-15).decompress(payload + b"\x00\x00\xff\xff")
             assert json.loads(inflated)["data"] == "ab" * 1500
+
+
+@pytest.mark.parametrize(
+    "offer",
+    [
+        "client_max_window_bits=abc",
+        "client_max_window_bits=",
+        "client_max_window_bits=0x0f",
+        'client_max_window_bits="10"',
+        "server_max_window_bits=x",
+    ],
+)
+def test_a_malformed_deflate_offer_gets_400_not_a_traceback(tmp_path: Path, offer: str) -> None:
+    # wsproto parses the window bits with int(): each of these raised from the upgrade, an
+    # unhandled traceback per handshake and no answer.
+    config = {**CONFIG, "websocket": {**CONFIG["websocket"], "compression": True}}
+    with Daemon(tmp_path, config) as daemon:
+        headers = {"Sec-WebSocket-Extensions": "permessage-deflate; " + offer}
+        with WSClient(daemon.ws_port, path="/ws", headers=headers) as ws:
+            assert ws.status == 400
+            assert b"malformed permessage-deflate offer" in ws.read_rest()
+        with client(daemon) as ws:  # the listener goes on
+            ws.send({"type": "echo", "id": 1, "data": 1})
+            assert ws.recv()["data"] == 1
+        assert daemon.stop() == 0
+    assert "Traceback" not in daemon.log and "Unhandled" not in daemon.log
+    assert "websocket_bad_extension" in daemon.log or "malformed permessage" in daemon.log
+
+
+def test_peer_text_in_refusals_is_escaped_and_bounded(daemon: Daemon) -> None:
+    # A long path was echoed whole into the 404 body and the log line; raw bytes and
+    # U+0085 (a line break to some log readers) in Origin were logged as they came.
+    with socket.create_connection(("127.0.0.1", daemon.ws_port), timeout=10) as s:
+        s.sendall(handshake_request("/" + "p" * 10_000))
+        answer = read_all(s)
+    assert answer.startswith(b"HTTP/1.1 404 ") and len(answer) < 1000
+    assert b"... (10001 characters)" in answer
+    line = daemon.wait_for(r"no WebSocket at /p+\.\.\. \(10001 characters\)").string
+    assert len(line) < 1000
+    request = handshake_request("/ws", {"Origin": "http://x"})
+    request = request.replace(b"http://x", b"http://x\x80\xff\xc2\x85y")
+    with socket.create_connection(("127.0.0.1", daemon.ws_port), timeout=10) as s:
+        s.sendall(request)
+        answer = read_all(s)
+    assert answer.startswith(b"HTTP/1.1 403 ")
+    assert b"origin http://x\\x80\\xff\\xc2\\x85y is not" in answer
+    line = daemon.wait_for(r"origin http://x.*y is not in").string
+    assert "http://x\\x80\\xff\\xc2\\x85y" in line and "\x85" not in line
 
 
 def test_a_frame_sent_with_the_handshake_is_answered_after_the_hello(daemon: Daemon) -> None:
@@ -403,6 +508,48 @@ def test_trusted_proxies_name_the_client_for_limits_and_logs(tmp_path: Path) -> 
         peers = sorted(c["peer"] for c in clients["clients"])
         assert peers[0].startswith("198.51.100.7 (via 127.0.0.1:")
         assert peers[1].startswith("203.0.113.9 (via 127.0.0.1:")
+
+
+def test_forwarded_for_with_ports_repeated_headers_and_junk(tmp_path: Path) -> None:
+    # ip:port and [v6]:port fell back to the proxy's (exempt) address, repeated headers
+    # kept only the last, and junk lifted the per-address limits: now ports are read,
+    # repeated headers are one list in order, and what names no client gets 400.
+    config = {
+        **CONFIG,
+        "websocket": {**CONFIG["websocket"], "trusted_proxies": ["127.0.0.1"]},
+        "limits": {"max_connections_per_address": 1, "per_address_exempt": ["127.0.0.1"]},
+    }
+
+    def request(*forwarded: str) -> bytes:
+        lines = "".join(f"X-Forwarded-For: {value}\r\n" for value in forwarded)
+        return handshake_request("/ws").replace(b"\r\n\r\n", b"\r\n" + lines.encode() + b"\r\n")
+
+    def status(sock: socket.socket) -> int:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = sock.recv(4096)
+            assert chunk, head
+            head += chunk
+        return int(head.split(b" ", 2)[1])
+
+    cases = [
+        (("198.51.100.7:4711",), ("198.51.100.7",)),
+        (("[2001:db8::1]:443",), ("2001:db8::1, 127.0.0.1",)),
+        (("203.0.113.5", "127.0.0.1"), ("203.0.113.5",)),  # repeated: one list
+    ]
+    with Daemon(tmp_path, config) as daemon:
+        for first, second in cases:
+            with socket.create_connection(("127.0.0.1", daemon.ws_port), timeout=10) as held:
+                held.sendall(request(*first))
+                assert status(held) == 101
+                with socket.create_connection(("127.0.0.1", daemon.ws_port), timeout=10) as s:
+                    s.sendall(request(*second))
+                    assert status(s) == 429, (first, second)
+        for junk in ("unknown", "198.51.100.7:http", "[2001:db8::1", "", "198.51.100.7 x"):
+            with socket.create_connection(("127.0.0.1", daemon.ws_port), timeout=10) as s:
+                s.sendall(request(junk))
+                answer = read_all(s)
+            assert answer.startswith(b"HTTP/1.1 400 ") and b"names no client" in answer, junk
 
 
 def test_wss_with_the_tls_keys_and_a_client_certificate(tmp_path: Path) -> None:

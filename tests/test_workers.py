@@ -136,8 +136,6 @@ def workers(
     try:
         with daemon:
             daemon.admin = int(daemon.wait_for(ADMIN).group(1))  # type: ignore[attr-defined]
-            # READY does not wait for Redis: each worker links in the background.
-            daemon.wait_for(r"\[worker \d+\] Redis link up", count=count)
             yield daemon
     finally:
         pids = {int(m.group(2)) for line in daemon.lines if (m := STARTED.search(line))}
@@ -172,8 +170,13 @@ def nodes_of(daemon: Daemon, clients: list[Client]) -> dict[str, str]:
     wanted = {c.session for c in clients}
     # A node writes a new client to Redis on its one command connection; a presence
     # request goes through that same connection, so its answer means the write is done.
+    # A worker that has just started may still be linking to Redis: it answers `unavailable`
+    # until the link is up (each answer is an event: no sleep).
+    deadline = time.monotonic() + 20
     for client in clients:
-        assert client.request("presence", {"channel": "sync"})["type"] == "presence"
+        while (reply := client.request("presence", {"channel": "sync"}))["type"] != "presence":
+            assert reply["error"]["code"] == "unavailable", reply
+            assert time.monotonic() < deadline, reply
     status, body = http(daemon.admin, "GET", "/clients")  # type: ignore[attr-defined]
     assert status == 200
     found = {c["session"]: c["node"] for c in body["clients"]}

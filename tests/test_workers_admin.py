@@ -384,9 +384,9 @@ def test_metrics_and_health_cover_every_worker_through_a_stop_and_a_kill(tmp_pat
         body = wait_health(daemon, lambda b: b["serving"] < 3 and "1" in b["missing"])
         assert body["missing"]["1"] in ("restarting", "starting")
         daemon.wait_for(r"Worker 1 \(pid (\d+)\) serving again")
-        # The replacement serves, and links to Redis in the background (READY does not wait).
-        body = wait_health(daemon, lambda b: b["serving"] == 3 and b.get("broker") == "up")
-        assert body["status"] == "serving" and body["missing"] == {}
+        # "serving" once the new worker's Redis link is up too (until then it is "degraded").
+        body = wait_health(daemon, lambda b: b["serving"] == 3 and b["status"] == "serving")
+        assert body["missing"] == {}
         found = scrape(daemon)
         assert found[("heartbeatd_worker_restarts_total", ())] == 1
         # The new process's counters continue from the old one's last scrape.
@@ -460,3 +460,16 @@ def test_sighup_changing_workers_warns_that_a_restart_is_needed(tmp_path: Path) 
             daemon.wait_for(rf"\[worker {index}\] Configuration reloaded .*heartbeat.interval")
         assert health(daemon)[1]["workers"] == 2
         assert not re.search(r"Worker 2 started", "\n".join(daemon.lines))
+
+
+def test_delete_identity_is_forwarded_to_a_worker_which_reaches_every_node() -> None:
+    """Workers are nodes of one cluster: the first serving worker kicks the identity's sessions
+    on all of them (tests/test_identities.py shows it across daemons)."""
+    admin, channel = admin_for({0: "restarting", 1: "serving"})
+    request = admin_request(b"DELETE", b"/identities/alice")
+    render(admin, request)
+    assert [(p, m, u) for p, m, u, _ in channel.asked] == [
+        ("w1.sock", b"DELETE", b"/identities/alice")
+    ]
+    channel.asked[0][3].callback(Reply(200, {}, b'{"identity": "alice", "disconnected": 3}'))
+    assert answer(request) == (200, {"identity": "alice", "disconnected": 3})

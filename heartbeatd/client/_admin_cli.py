@@ -239,7 +239,12 @@ def _table(rows: list[list[str]]) -> list[str]:
 
 async def clients(ctx: Context) -> int:
     args = ctx.args
-    path = "/clients" + (f"?recent_evictions={args.evictions}" if args.evictions else "")
+    query = []
+    if args.evictions:
+        query.append(f"recent_evictions={args.evictions}")
+    if getattr(args, "identity", None) is not None:
+        query.append(f"identity={quote(args.identity, safe='')}")
+    path = "/clients" + ("?" + "&".join(query) if query else "")
     answer = await call(ctx, "GET", path)
     if args.json:
         ctx.print(json.dumps(answer, indent=2, ensure_ascii=False))
@@ -302,6 +307,11 @@ def broadcast_summary(type: str, answer: dict[str, Any]) -> str:
 
 
 async def kick(ctx: Context) -> int:
+    identity = getattr(ctx.args, "identity", None)
+    if identity is not None:
+        answer = await call(ctx, "DELETE", f"/identities/{quote(identity, safe='')}")
+        ctx.print(f"disconnected {answer.get('disconnected', 0)} session(s) of {identity}")
+        return EXIT_OK
     session = ctx.args.session
     await call(ctx, "DELETE", f"/clients/{quote(session, safe='')}")
     ctx.print(f"disconnected {session}")

@@ -163,6 +163,13 @@ class Context:
                 hello_timeout=args.timeout,
                 tls=tls,
                 token=token,
+                # A JWT is short-lived: on the server's refresh, the file is read again
+                # (whatever renews it, the CLI sends the new token).
+                get_token=(
+                    (lambda path=args.auth_token_file: read_token(path))
+                    if args.auth_token_file
+                    else None
+                ),
             )
         except (OSError, ValueError, ImportError) as e:  # unreadable or bad TLS files
             raise CliError(EXIT_USAGE, f"TLS options: {message(e)}") from None

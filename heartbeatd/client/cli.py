@@ -257,7 +257,8 @@ def _connection_options() -> argparse.ArgumentParser:
         dest="auth_token_file",
         default=argparse.SUPPRESS,
         metavar="FILE",
-        help="file whose first line is the token to authenticate with (auth.mode on the server)",
+        help="file whose first line is the token (or JWT) to authenticate with (auth.mode on "
+        "the server); read again when the server asks for a refresh",
     )
     return common
 
@@ -445,6 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="also list the last N closes with their reasons",
     )
+    clients.add_argument(
+        "--identity", metavar="IDENTITY", help="only the sessions of this identity"
+    )
     send = command(
         "send",
         [admin],
@@ -470,9 +474,18 @@ def build_parser() -> argparse.ArgumentParser:
         "kick",
         [admin],
         help="disconnect one client (admin API)",
-        description="Disconnect the client with this session id (eviction reason 'admin').",
+        description="Disconnect the client with this session id, or with --identity every "
+        "session of one identity (eviction reason 'admin').",
     )
-    kick.add_argument("session", metavar="SESSION", help="session id (see: heartbeat clients)")
+    target = kick.add_mutually_exclusive_group(required=True)
+    target.add_argument(
+        "session", metavar="SESSION", nargs="?", help="session id (see: heartbeat clients)"
+    )
+    target.add_argument(
+        "--identity",
+        metavar="IDENTITY",
+        help="disconnect every session of this identity instead (on every node of a cluster)",
+    )
     # Listed here for --help; `main` hands `heartbeat doctor ...` to the daemon's program.
     doctor = commands.add_parser(
         "doctor",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from inspect import iscoroutine
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, fail
@@ -46,6 +47,9 @@ __all__ = ["ClientConnection", "connect"]
 
 log = get_logger(__name__)
 
+#: ``get_token()``: a token, or a Deferred or coroutine of one (called on connect and refresh).
+TokenSource = Callable[[], Any]
+
 DEFAULT_REQUEST_TIMEOUT = 10.0
 DEFAULT_HELLO_TIMEOUT = 10.0
 DEFAULT_MAX_FRAME_BYTES = 16 * 1024 * 1024
@@ -73,8 +77,13 @@ class ClientConnection(Protocol):
         heartbeat_timeout: float = 30.0,
         token: str | None = None,
         min_heartbeat_interval: float = 1.0,
+        get_token: TokenSource | None = None,
     ) -> None:
         self.clock = clock
+        #: Called for a token (a string, or a Deferred or coroutine of one) when there is no
+        #: ``token`` to log in with, and whenever the server asks for a ``refresh`` (a JWT
+        #: about to expire).  Never logged.
+        self.get_token = get_token
         #: The shortest heartbeat interval taken from a server's hello (a server saying 1e-6
         #: would otherwise make us send pings as fast as the socket takes them).
         self.min_heartbeat_interval = min_heartbeat_interval
@@ -369,6 +378,8 @@ class ClientConnection(Protocol):
         elif type_ == "goaway":
             self._goaway_received(message.data if isinstance(message.data, dict) else {})
         else:
+            if type_ == "refresh" and request_id is None:
+                self._refresh()
             self._dispatch_push(type_, message.data)
 
     def _dispatch_push(self, type_: str, data: Any) -> None:
@@ -393,6 +404,9 @@ class ClientConnection(Protocol):
             self._start_heartbeat(float(interval), min(timeout, MAX_HEARTBEAT_INTERVAL))
         if self._token is not None and not self._ready.called:
             self._authenticate(self._token)
+            return
+        if self.get_token is not None and not self._ready.called:
+            self._fetch_token().addCallbacks(self._authenticate, self._token_unavailable)
             return
         if hello.get("auth") == "required" and not self._ready.called:
             self._fail_ready(Failure(ServerError("unauthenticated", "the server requires a token")))
@@ -421,6 +435,42 @@ class ClientConnection(Protocol):
         self.request("auth", {"token": token}, timeout=self.hello_timeout).addCallbacks(
             accepted, refused
         )
+
+    def _fetch_token(self) -> Deferred[str]:
+        """Ask ``get_token`` for a token; fails when it raises or gives no string."""
+        from twisted.internet.defer import maybeDeferred
+
+        assert self.get_token is not None
+        d = maybeDeferred(self.get_token)
+
+        def checked(token: Any) -> Any:
+            if iscoroutine(token):
+                return Deferred.fromCoroutine(token).addCallback(checked)
+            if not isinstance(token, str) or not token:
+                raise ValueError(f"get_token returned {type(token).__name__}, not a token")
+            return token
+
+        return d.addCallback(checked)
+
+    def _token_unavailable(self, failure: Failure) -> None:
+        log.warn("get_token failed: {why}", why=failure.getErrorMessage())
+        if not self._ready.called:
+            self._fail_ready(failure)
+            self.close()
+
+    def _refresh(self) -> None:
+        """The server's token is about to expire: send a new one from ``get_token``."""
+        if self.get_token is None:
+            log.warn("The server asked for a new token (refresh); no get_token was given")
+            return
+
+        def send(token: str) -> Deferred[Any]:
+            return self.request("refresh", {"token": token}, timeout=self.hello_timeout)
+
+        def failed(failure: Failure) -> None:
+            log.warn("Refreshing the token failed: {why}", why=failure.getErrorMessage())
+
+        self._fetch_token().addCallback(send).addErrback(failed)
 
     def _start_heartbeat(self, interval: float, timeout: float) -> None:
         if self._heartbeat is not None and self._heartbeat.running:

@@ -202,6 +202,7 @@ class Pool:
         connect_fn: Callable[[], Deferred[ClientConnection]] | None = None,
         random: Callable[[], float] = _random.random,
         connect_to: Callable[[Any], Deferred[ClientConnection]] | None = None,
+        get_token: Callable[[], Any] | None = None,
     ) -> None:
         self.clock = reactor
         self.config = config = config or PoolConfig()
@@ -217,7 +218,8 @@ class Pool:
                 request_timeout=config.request_timeout,
                 hello_timeout=config.connect_timeout,
                 tls=tls,
-                token=token,
+                token=None if get_token is not None else token,
+                get_token=get_token,
             )
         )
         #: Makes one new connection, whatever the endpoint (a test's; None: `connect_to`).
@@ -237,6 +239,7 @@ class Pool:
             backoff_max=config.backoff_max,
             tls=tls,
             token=token,
+            get_token=get_token,
         )
         self._subscriber: ReconnectingClient | None = None
         self._members: dict[ClientConnection, _Member] = {}

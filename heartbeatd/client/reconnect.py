@@ -101,13 +101,16 @@ class ReconnectingClient:
         random: Callable[[], float] = _random.random,
         tls: ClientTLS | None = None,
         token: str | None = None,
+        get_token: Callable[[], Any] | None = None,
     ) -> None:
-        # TLS under every connection; the token is sent on each.
+        # TLS under every connection; the token is sent on each (``get_token`` is called
+        # for a fresh one on each connection and each refresh, JWTs being short-lived).
         endpoints = endpoint_list(reactor, endpoint, tls)
         #: The endpoints tried in turn, and the index of the one connected to (or tried next).
         self.endpoints: list[IStreamClientEndpoint] = endpoints
         self.current = 0
         self._token = token
+        self._get_token = get_token
         self._reactor = reactor
         self._framing = framing
         self._request_timeout = request_timeout
@@ -326,7 +329,8 @@ class ReconnectingClient:
             self._framing,
             self._request_timeout,
             self._hello_timeout,
-            token=self._token,
+            token=None if self._get_token is not None else self._token,
+            get_token=self._get_token,
         )
         for type_, handler in self._handlers:
             conn.on(type_, handler)

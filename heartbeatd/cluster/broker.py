@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import secrets
 from collections import deque
+from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -155,6 +156,10 @@ class Broker(Protocol):
     def configure_history(self, size: int, ttl: float) -> None:
         """New ``channels.history_size`` / ``history_ttl`` (live reload)."""
 
+    #: ``channel -> (history_size, history_ttl)`` where namespaces differ (else None: the
+    #: configured pair for every channel); the channel hub sets it.
+    history_of: Callable[[str], tuple[int, float]] | None
+
     def publish(self, channel: str, data: str) -> Deferred[Position]: ...
 
     def position(self, channel: str) -> Deferred[Position]: ...
@@ -179,6 +184,9 @@ class Broker(Protocol):
 
     def clients(self) -> Deferred[list[dict[str, Any]]]:
         """Every node's clients (their info dicts, each with ``node``)."""
+
+    def identity_sessions(self, identity: str) -> Deferred[list[str]]:
+        """The sessions of ``identity`` on every node (clustered brokers only)."""
 
     def send(self, session: str, type: str, data: Any) -> Deferred[bool]: ...
 
@@ -221,6 +229,7 @@ class MemoryBroker:
         self.history_size = history_size
         self.history_ttl = history_ttl
         self.listener: BrokerListener | None = None
+        self.history_of: Callable[[str], tuple[int, float]] | None = None
         self._streams: dict[str, _Stream] = {}
         self._presence: dict[str, dict[str, dict[str, Any]]] = {}
         self._listening: set[str] = set()
@@ -238,6 +247,10 @@ class MemoryBroker:
             while len(stream.entries) > size:
                 stream.entries.popleft()
 
+    def _history(self, channel: str) -> tuple[int, float]:
+        policy = self.history_of
+        return (self.history_size, self.history_ttl) if policy is None else policy(channel)
+
     def _stream(self, channel: str) -> _Stream:
         """The channel's stream; its history is dropped ``history_ttl`` after the last publish.
 
@@ -248,7 +261,7 @@ class MemoryBroker:
         stream = self._streams.get(channel)
         if stream is None:
             stream = self._streams[channel] = _Stream(now)
-        elif self.history_ttl and now - stream.last_used > self.history_ttl:
+        elif (ttl := self._history(channel)[1]) and now - stream.last_used > ttl:
             if channel in self._listening:
                 stream.entries.clear()
                 stream.last_used = now
@@ -260,9 +273,10 @@ class MemoryBroker:
         stream = self._stream(channel)
         stream.last_used = self.clock.seconds()
         stream.offset += 1
-        if self.history_size:
+        size = self._history(channel)[0]
+        if size:
             stream.entries.append(data)
-            if len(stream.entries) > self.history_size:
+            while len(stream.entries) > size:
                 stream.entries.popleft()
         if self.listener is not None:
             self.listener.on_publication(channel, stream.epoch, stream.offset, data)
@@ -293,7 +307,7 @@ class MemoryBroker:
 
     def _unused(self, channel: str) -> None:
         # Without history, a channel nobody listens to needs no memory at all.
-        if not self.history_size and not self._presence.get(channel):
+        if not self._history(channel)[0] and not self._presence.get(channel):
             self._streams.pop(channel, None)
 
     def join(self, channel: str, info: dict[str, Any]) -> Deferred[None]:
@@ -330,6 +344,9 @@ class MemoryBroker:
 
     def kick(self, session: str) -> Deferred[bool]:
         return succeed(False)
+
+    def identity_sessions(self, identity: str) -> Deferred[list[str]]:
+        return succeed([])  # one node: the hub counts its own clients
 
     def broadcast(self, type: str, data: Any) -> Deferred[int]:
         if self.listener is None:

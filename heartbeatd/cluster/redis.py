@@ -40,6 +40,7 @@ import json
 import os
 import socket
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -202,8 +203,22 @@ HEARTBEAT = (
     + "return redis.call('ZADD', P..':nodes', now + expire, n)\n"
 )
 
+#: Each identity's sessions, in a set kept beside the clients (``{P}:id:{identity}``): the
+#: cluster-wide per-identity count and ``DELETE /identities/{identity}`` read it.  Empty sets
+#: disappear by themselves, so it holds nothing for identities no longer connected.
+_IDENTITY_INDEX = """
+local function index(P, s, info, op)
+  if not info then return end
+  local ok, v = pcall(cjson.decode, info)
+  if ok and type(v) == 'table' and type(v['identity']) == 'string' then
+    redis.call(op, P..':id:'..v['identity'], s)
+  end
+end
+"""
+
 REAP = (
     _TIDY
+    + _IDENTITY_INDEX
     + "local P = ARGV[1]\n"
     + _NOW
     + """
@@ -225,6 +240,7 @@ for _, n in ipairs(dead) do
   redis.call('DEL', chk)
   local ck = P..':node:'..n..':clients'
   for _, s in ipairs(redis.call('HKEYS', ck)) do
+    index(P, s, redis.call('HGET', ck, s), 'SREM')
     if redis.call('HGET', P..':sessions', s) == n then redis.call('HDEL', P..':sessions', s) end
   end
   redis.call('DEL', ck)
@@ -236,18 +252,23 @@ return dead
 
 # Make Redis match this node's own record of its clients and presence (after a reconnect,
 # or after other nodes reaped us while we were cut off): stale entries leave, missing join.
-REGISTER = """
+REGISTER = (
+    _IDENTITY_INDEX
+    + """
 local P, n = ARGV[1], ARGV[2]
 local clients, pres = cjson.decode(ARGV[3]), cjson.decode(ARGV[4])
 local ck = P..':node:'..n..':clients'
 for _, s in ipairs(redis.call('HKEYS', ck)) do
   if clients[s] == nil then
+    index(P, s, redis.call('HGET', ck, s), 'SREM')
     redis.call('HDEL', ck, s)
     if redis.call('HGET', P..':sessions', s) == n then redis.call('HDEL', P..':sessions', s) end
   end
 end
 for s, info in pairs(clients) do
+  index(P, s, redis.call('HGET', ck, s), 'SREM')
   redis.call('HSET', ck, s, info)
+  index(P, s, info, 'SADD')
   redis.call('HSET', P..':sessions', s, n)
 end
 local chk = P..':node:'..n..':channels'
@@ -273,6 +294,7 @@ for c, members in pairs(pres) do
 end
 return 1
 """
+)
 
 # The server's replication id differs from the last one recorded: its data may lack writes the
 # previous server acknowledged (a failover, or a restart from an older snapshot), so every
@@ -288,21 +310,26 @@ return redis.call('INCR', P..':gen')
 """
 
 # Clients that connected (session, info) or left (session, "") since the last batch, in order.
-CLIENTS_UPDATE = """
+CLIENTS_UPDATE = (
+    _IDENTITY_INDEX
+    + """
 local P, n = ARGV[1], ARGV[2]
 local ck = P..':node:'..n..':clients'
 for i = 3, #ARGV, 2 do
   local s, info = ARGV[i], ARGV[i + 1]
+  index(P, s, redis.call('HGET', ck, s), 'SREM')
   if info == '' then
     redis.call('HDEL', ck, s)
     if redis.call('HGET', P..':sessions', s) == n then redis.call('HDEL', P..':sessions', s) end
   else
     redis.call('HSET', ck, s, info)
+    index(P, s, info, 'SADD')
     redis.call('HSET', P..':sessions', s, n)
   end
 end
 return 1
 """
+)
 
 SEND = (
     "local P, s, payload = ARGV[1], ARGV[2], ARGV[3]\n"
@@ -501,6 +528,7 @@ class RedisBroker:
             host, port, db, password = parse_redis_url(cluster.redis)
             self.url = f"redis://{host}:{port}/{db}"  # for logs: never the password
             endpoint = TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
+        self.history_of: Callable[[str], tuple[int, float]] | None = None
         self._cmd: _Commands | None = None
         self._sub: _Subscriber | None = None
         #: Channels with local subscribers, and those whose SUBSCRIBE Redis acknowledged.
@@ -803,8 +831,16 @@ class RedisBroker:
     def _node_channel(self, node: str) -> str:
         return f"{self.prefix}:node:{node}"
 
+    def _history(self, channel: str) -> tuple[int, int]:
+        policy = self.history_of
+        if policy is None:
+            return self.history_size, self.history_ttl
+        size, ttl = policy(channel)
+        return size, int(ttl + 0.999) if ttl else 0  # EXPIRE takes whole seconds
+
     def publish(self, channel: str, data: str) -> Deferred[Position]:
-        d = self._eval("PUBLISH", channel, data, new_epoch(), self.history_size, self.history_ttl)
+        size, ttl = self._history(channel)
+        d = self._eval("PUBLISH", channel, data, new_epoch(), size, ttl)
         return d.addCallback(lambda r: Position(r[0], int(r[1])))
 
     def position(self, channel: str) -> Deferred[Position]:
@@ -812,7 +848,7 @@ class RedisBroker:
         return d.addCallback(lambda r: Position(r[0], int(r[1])))
 
     def history(self, channel: str, epoch: str, since: int) -> Deferred[History]:
-        d = self._eval("HISTORY", channel, new_epoch(), epoch, since, self.history_size)
+        d = self._eval("HISTORY", channel, new_epoch(), epoch, since, self._history(channel)[0])
 
         def parsed(r: list[Any]) -> History:
             position = Position(checked_epoch(r[0]), int(r[1]))
@@ -972,6 +1008,15 @@ class RedisBroker:
         self._flush_clients()  # our own latest arrivals are listed too
         d = self._eval("CLIENTS")
         return d.addCallback(lambda items: [json.loads(i) for i in items or ()])
+
+    def identity_sessions(self, identity: str) -> Deferred[list[str]]:
+        """The sessions registered under ``identity`` (our own latest arrivals included)."""
+        self._flush_clients()
+        proto = self._cmd
+        if proto is None or not proto.connected:
+            return fail(BrokerUnavailable("Redis is unreachable"))
+        d = maybeDeferred(proto.execute_command, "SMEMBERS", f"{self.prefix}:id:{identity}")
+        return d.addCallbacks(lambda members: sorted(str(m) for m in members or ()), _unavailable)
 
     def send(self, session: str, type: str, data: Any) -> Deferred[bool]:
         self._flush_clients()

@@ -13,6 +13,7 @@ time and never logged.
     POST   /clients/{session}/send       body {"type": ..., "data": ...}: push to one client
     POST   /broadcast                    body {"type": ..., "data": ...}: push to every client
     DELETE /clients/{session}            disconnect one client (reason "admin")
+    DELETE /identities/{identity}        disconnect every session of an identity
 
 The token and the body size are checked when the request's headers are complete, before a
 byte of its body is read (`AdminChannel`): an unauthenticated peer cannot make us buffer a
@@ -232,6 +233,7 @@ class LocalBackend:
 
     def clients(self, call: Call) -> Answer:
         f = self.factory
+        identity = call.query("identity")
         now, alive_now = f.clock.seconds(), f.now()
         clients = [
             {
@@ -247,6 +249,7 @@ class LocalBackend:
                 "bytes_out": c.bytes_out,
             }
             for c in f.clients.values()
+            if identity is None or c.identity == identity
         ]
         result: dict[str, Any] = {"now": now, "count": len(clients), "clients": clients}
         recent = self.recent_evictions(call)
@@ -282,6 +285,11 @@ class LocalBackend:
         if not self.factory.channels.kick_local(session):
             raise ApiError(404, f"no client {session!r}")
         return Answer({"disconnected": session})
+
+    def disconnect_identity(self, call: Call) -> Deferred[Answer]:
+        identity = call.params["identity"]
+        d = self.factory.channels.kick_identity(identity)
+        return d.addCallback(lambda n: Answer({"identity": identity, "disconnected": n}))
 
     def broadcast(self, call: Call) -> Answer:
         return Answer({"sent": self.factory.broadcast(*call.message())})

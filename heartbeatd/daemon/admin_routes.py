@@ -3,9 +3,10 @@
     GET    /                             what this is, and the paths
     GET    /healthz                      health (public by default)
     GET    /metrics                      Prometheus text format
-    GET    /clients[?recent_evictions=N] connected clients
+    GET    /clients[?recent_evictions=N] connected clients (``&identity=x``: of one identity)
     POST   /clients/{session}/send       push to one client
     DELETE /clients/{session}            disconnect one client
+    DELETE /identities/{identity}        disconnect every session of one identity
     POST   /broadcast                    push to every client
     POST   /publish                      publish to a channel
 
@@ -71,6 +72,7 @@ ROUTES = (
     Route("GET", "/clients", "clients"),
     Route("POST", "/clients/{session}/send", "send"),
     Route("DELETE", "/clients/{session}", "disconnect"),
+    Route("DELETE", "/identities/{identity}", "disconnect_identity"),
     Route("POST", "/broadcast", "broadcast"),
     Route("POST", "/publish", "publish"),
 )
@@ -144,6 +146,8 @@ class Backend(Protocol):
     def send(self, call: Call) -> Answer | Deferred[Answer]: ...
 
     def disconnect(self, call: Call) -> Answer | Deferred[Answer]: ...
+
+    def disconnect_identity(self, call: Call) -> Answer | Deferred[Answer]: ...
 
     def broadcast(self, call: Call) -> Answer | Deferred[Answer]: ...
 

@@ -44,6 +44,8 @@ class _Local(Protocol):
 
     def metrics(self, call: Call) -> Answer: ...
 
+    def disconnect_identity(self, call: Call) -> Deferred[Answer]: ...
+
     def publish(self, call: Call) -> Deferred[Answer]: ...
 
     def recent_evictions(self, call: Call) -> list[dict[str, Any]] | None: ...
@@ -87,7 +89,7 @@ class ClusterBackend:
                 body["recent_evictions"] = recent
             return Answer(body)
 
-        return self.hub.clients().addCallback(listed)
+        return self.hub.clients(call.query("identity")).addCallback(listed)
 
     def send(self, call: Call) -> Deferred[Answer]:
         session = call.params["session"]
@@ -113,6 +115,10 @@ class ClusterBackend:
             return Answer({"disconnected": session})
 
         return self.hub.kick(session).addCallback(kicked)
+
+    def disconnect_identity(self, call: Call) -> Deferred[Answer]:
+        """Every session of the identity, on every node (each node closes its own)."""
+        return self.local.disconnect_identity(call)
 
     def broadcast(self, call: Call) -> Deferred[Answer]:
         message = call.message()

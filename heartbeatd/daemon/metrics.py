@@ -137,6 +137,11 @@ class FactoryCollector(Collector):
         for error, count in _with_zeros(f.accept_errors, ACCEPT_ERRORS):
             accept_errors.add_metric([error], count)
         yield accept_errors
+        yield CounterMetricFamily(
+            "heartbeatd_close_timeouts",
+            "Polite closes aborted after shutdown.close_timeout: the peer did not read them.",
+            value=f.close_timeouts,
+        )
         evicted = CounterMetricFamily(
             "heartbeatd_evicted", "Clients closed by the server, by reason.", labels=["reason"]
         )

@@ -19,8 +19,8 @@ from heartbeatd.daemon.config import load_config
 from heartbeatd.daemon.fdlimit import describe_limit
 from heartbeatd.daemon.sdnotify import Notifier
 from heartbeatd.daemon.tls import ServerTLS
-from heartbeatd.server.auth import load_authenticator
 from heartbeatd.server.factory import ServerFactory
+from heartbeatd.server.signed_tokens import load_authenticator, load_token_verifier
 
 __all__ = ["Reloader", "config_diff"]
 
@@ -137,10 +137,12 @@ class Reloader:
             )
             new = dataclasses.replace(new, tls=old.tls)
         authenticator = load_authenticator(new.auth)  # raises before anything changed
+        verifier = load_token_verifier(new.auth)
         if self.tls is not None and new.tls.enabled:
             self.tls.reload(new.tls)
             log.info("TLS certificate and key re-read from {path}", path=new.tls.certificate)
         self.factory.authenticator = authenticator
+        self.factory.token_verifier = verifier
         if authenticator is not None:
             log.info("auth: {what} loaded", what=authenticator.description)
             revoked = self.factory.revalidate()

@@ -355,7 +355,8 @@ class SupervisorBackend:
     def clients(self, call: Call) -> Deferred[Answer]:
         return self.forward(call.request)
 
-    send = broadcast = publish = clients  # with cluster.redis a worker answers for all
+    # With cluster.redis (which workers need) a worker answers for all of them.
+    send = broadcast = publish = disconnect_identity = clients
 
     def _shared(self, what: str, start: Callable[[], Deferred[Any]]) -> Deferred[Any]:
         """One round of questions at a time per endpoint: requests meanwhile share its answer.

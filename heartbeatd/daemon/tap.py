@@ -34,9 +34,10 @@ from heartbeatd.daemon.worker import (
     adopted_endpoint,
     worker_settings,
 )
-from heartbeatd.server.auth import Authenticator, load_authenticator
+from heartbeatd.server.auth import Authenticator
 from heartbeatd.server.factory import ServerFactory
 from heartbeatd.server.handlers import HandlerRegistry, default_registry
+from heartbeatd.server.signed_tokens import load_authenticator, load_token_verifier
 from heartbeatd.wire import FRAMINGS
 
 __all__ = ["Options", "makeService"]
@@ -113,6 +114,7 @@ def check_security(
         errors.extend(e.errors)
     try:
         authenticator = load_authenticator(config.auth)
+        load_token_verifier(config.auth)  # channel tokens (subscribe: token) need the key too
     except ConfigError as e:
         errors.extend(e.errors)
     return tls, authenticator
@@ -309,6 +311,7 @@ def _factory(factory_type: type[ServerFactoryT], options: Options, reactor: Any)
     factory = factory_type(config, options.registry, reactor, broker)
     factory.noisy = False  # no "Starting factory <...ServerFactory object at 0x...>" lines
     factory.authenticator = options.authenticator
+    factory.token_verifier = load_token_verifier(config.auth)
     return factory
 
 

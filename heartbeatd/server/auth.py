@@ -33,10 +33,13 @@ __all__ = [
     "AUTH_FAILED",
     "AUTH_TIMEOUT",
     "BAD_IDENTITY",
+    "TOKEN_EXPIRED",
     "UNAUTHENTICATED",
     "AuthGate",
     "Authenticator",
+    "TokenRefused",
     "TokenTable",
+    "Verified",
     "load_authenticator",
     "peer_certificate_identity",
 ]
@@ -48,6 +51,8 @@ UNAUTHENTICATED = "unauthenticated"
 AUTH_FAILED = "auth_failed"
 AUTH_TIMEOUT = "auth_timeout"
 BAD_IDENTITY = "bad_identity"
+#: A signed token whose ``exp`` passed (``auth.mode: jwt``, heartbeatd.server.signed_tokens).
+TOKEN_EXPIRED = "token_expired"
 
 #: What an unauthenticated client may send besides ``auth``: a ping, and the answers to ours.
 _ALLOWED_BEFORE_AUTH = frozenset({"ping", "pong", "error"})
@@ -70,6 +75,33 @@ def valid_identity(identity: object) -> bool:
 
 
 CheckFn = Callable[[str, str], Any]
+
+
+class TokenRefused(Exception):
+    """A token was not accepted: ``code`` (``auth_failed``, ``token_expired``) and why."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Verified:
+    """What a checked connect token says: the identity, its claims, when it expires."""
+
+    __slots__ = ("claims", "exp", "identity")
+
+    def __init__(self, identity: str, claims: dict[str, Any], exp: float) -> None:
+        self.identity = identity
+        self.claims = claims
+        self.exp = exp
+
+    @property
+    def channels(self) -> list[str]:
+        value = self.claims.get("channels")
+        if not isinstance(value, list):
+            return []
+        return [c for c in value if isinstance(c, str)]
 
 
 # -- tokens -----------------------------------------------------------------------------------
@@ -192,6 +224,8 @@ class Authenticator:
         #: ``holds(identity, token_digest)``: whether a connection authenticated earlier is
         #: still valid (the tokens file after a reload); None when it cannot be told (custom).
         self.holds = holds
+        #: ``after_login(connection, verified)`` when ``check`` returned a `Verified` (JWT).
+        self.after_login: Callable[[Any, Verified], None] | None = None
 
     def gate(self, connection: _Guarded, clock: IReactorTime) -> AuthGate:
         return AuthGate(self, connection, clock)
@@ -222,7 +256,7 @@ def load_authenticator(auth: Any) -> Authenticator | None:
         return Authenticator(table.identify, auth.timeout, f"{len(table)} token(s)", table.holds)
     if auth.mode == "custom":
         return Authenticator(_import_function(auth.authenticator), auth.timeout, auth.authenticator)
-    return None
+    return None  # mode jwt: heartbeatd.server.signed_tokens.load_authenticator
 
 
 # -- one connection's gate -------------------------------------------------------------------
@@ -308,6 +342,9 @@ class AuthGate:
         conn = self._connection
         if not conn.connected or self._state != "checking":
             return
+        verified = None
+        if isinstance(identity, Verified):  # a signed token: its claims and expiry too
+            verified, identity = identity, identity.identity
         if not isinstance(identity, str) or not identity:
             self._refuse(AUTH_FAILED, "the token was not accepted", message.id)
             return
@@ -337,15 +374,39 @@ class AuthGate:
             peer=conn.peer,
             identity=identity,
         )
+        if verified is not None:
+            conn.claims = verified.claims  # type: ignore[attr-defined]
         conn.auth_succeeded(
             identity,
             encode_message("auth", {"identity": identity}, message.id),
             held,
             self._digest,
         )
+        after_login = self._authenticator.after_login
+        if (
+            verified is not None
+            and after_login is not None
+            and conn.connected
+            and conn.close_reason is None
+        ):
+            after_login(conn, verified)
 
     def _check_failed(self, failure: Failure, message: Message) -> None:
         conn = self._connection
+        if failure.check(TokenRefused):  # a bad signed token: a typed refusal, no traceback
+            refused: TokenRefused = failure.value  # type: ignore[assignment]
+            limiter = getattr(getattr(conn, "factory", None), "log_limiter", None)
+            if limiter is None or limiter.allow("auth.token:" + refused.code):
+                log.info(
+                    "Refused the token of client {session} ({peer}): {code} ({why})",
+                    session=conn.session_id,
+                    peer=conn.peer,
+                    code=refused.code,
+                    why=refused.message,
+                )
+            if conn.connected and self._state == "checking":
+                self._refuse(refused.code, refused.message, message.id)
+            return
         # The authenticator's own failure: logged for the operator (the token is not in it
         # unless the application put it there), answered as a refusal on the wire.  Rate
         # limited: a directory that is down would otherwise log a traceback per login.

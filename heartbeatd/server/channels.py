@@ -20,7 +20,7 @@ import re
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.python.failure import Failure
 
 from heartbeatd._logging import get_logger
@@ -28,6 +28,7 @@ from heartbeatd.cluster.broker import Broker, BrokerUnavailable, History, Positi
 from heartbeatd.config import ChannelsConfig, Config
 from heartbeatd.server.connection import Connection
 from heartbeatd.server.handlers import HandlerError, HandlerRegistry, Request
+from heartbeatd.server.permissions import Permissions, valid_personal
 from heartbeatd.wire.envelope import encode_json, encode_message
 from heartbeatd.wire.framing import SharedFrame
 
@@ -41,6 +42,13 @@ class _Factory(Protocol):
     framing: Any
     clock: Any
     clients: dict[str, Connection]
+    registry: HandlerRegistry
+
+    def log_allowed(self, cause: str) -> bool: ...
+
+    def refuse_identity(self, client: Connection, limit: int) -> None: ...
+
+    def count_error(self, code: str) -> None: ...
 
     def send(self, session_id: str, type: str, data: Any = ...) -> bool: ...
 
@@ -60,7 +68,7 @@ ALREADY_SUBSCRIBED = "already_subscribed"
 NOT_SUBSCRIBED = "not_subscribed"
 RATE_LIMITED = "rate_limited"
 
-_NAME = re.compile(r"[A-Za-z0-9_.:@/-]+")
+_NAME = re.compile(r"[A-Za-z0-9_.:@/#,-]+")
 
 #: Publications buffered for one subscription while it catches up; beyond, it resyncs.
 MAX_BUFFERED = 10_000
@@ -127,6 +135,14 @@ class ChannelHub:
         self._link_was_down = False
         #: session id -> (tokens, when) of its subscribe rate limit (channels.subscribe_rate).
         self._subscribe_buckets: dict[str, tuple[float, float]] = {}
+        #: Who may do what on which channel (namespaces, personal channels, the authorizer).
+        self.permissions: Permissions
+        self.reconfigure()
+
+    def reconfigure(self) -> None:
+        """Read ``channels.*`` again (live reload): permissions and per-namespace history."""
+        self.permissions = Permissions(self.config, self.factory)
+        self.broker.history_of = self.permissions.history_of if self.config.namespaces else None
 
     @property
     def config(self) -> ChannelsConfig:
@@ -154,18 +170,22 @@ class ChannelHub:
         if not isinstance(channel, str) or not _NAME.fullmatch(channel):
             raise HandlerError(
                 BAD_CHANNEL,
-                "a channel name is a non-empty string of letters, digits and - _ . : @ /",
+                "a channel name is a non-empty string of letters, digits and - _ . : @ / # ,",
+            )
+        if not valid_personal(channel):
+            raise HandlerError(
+                BAD_CHANNEL, "after '#' come identities separated by ',' (user#alice, dm#a,b)"
             )
         if len(channel) > limit:
             raise HandlerError(BAD_CHANNEL, f"a channel name has at most {limit} characters")
         return channel
 
-    def _encode_publication(self, data: Any) -> str:
+    def _encode_publication(self, channel: str, data: Any) -> str:
+        limit = self.permissions.rule(channel).max_publication_bytes or 0
         try:
             text = encode_json(data)
         except Exception:
             raise HandlerError(BAD_REQUEST, "the publication's data is not valid JSON") from None
-        limit = self.config.max_publication_bytes
         if len(text) > limit:
             raise HandlerError(
                 PUBLICATION_TOO_LARGE, f"a publication has at most {limit} bytes of JSON"
@@ -177,12 +197,12 @@ class ChannelHub:
     def publish(self, channel: str, data: Any) -> Deferred[int]:
         """Publish ``data`` to ``channel`` on every node; fires with its offset.
 
-        Fails with `HandlerError` (``bad_channel``, ``publication_too_large``, ``unavailable``),
-        so a handler can simply return it.
+        Fails with `HandlerError` (``bad_channel``, ``unknown_namespace``,
+        ``publication_too_large``, ``unavailable``), so a handler can simply return it.
         """
         try:
             self.check_channel(channel)
-            text = self._encode_publication(data)
+            text = self._encode_publication(channel, data)
         except HandlerError as e:
             return fail(e)
         if not self.broker.up:
@@ -206,6 +226,9 @@ class ChannelHub:
     ) -> Deferred[dict[str, Any]]:
         """Subscribe ``client``; fires with the reply, after which the backlog is delivered."""
         session = client.session_id
+        if not client.connected or client.close_reason is not None:
+            # The authorizer answered after the client left: nothing to set up.
+            return fail(HandlerError(NOT_SUBSCRIBED, "the connection is closing"))
         mine = self._by_client.get(session, {})
         if channel in mine:
             return fail(HandlerError(ALREADY_SUBSCRIBED, f"already subscribed to {channel!r}"))
@@ -349,6 +372,45 @@ class ChannelHub:
     def client_connected(self, client: Connection) -> None:
         if self.broker.clustered:
             self.broker.client_connected(client.session_id, self._client_info(client))
+
+    def client_identified(self, client: Connection, limit: int) -> None:
+        """``client`` logged in: the cluster learns its identity; with ``limit``
+        (``limits.max_connections_per_identity``) its connections on every node are counted,
+        and this one is closed if they are too many (two logging in at once on two nodes may
+        both be: the limit is never exceeded)."""
+        if not self.broker.clustered:
+            return
+        self.broker.client_connected(client.session_id, self._client_info(client))
+        identity = client.identity
+        if not limit or identity is None:
+            return
+
+        def counted(sessions: list[str]) -> None:
+            if len(sessions) > limit and client.connected and client.close_reason is None:
+                self.factory.refuse_identity(client, limit)
+
+        self.broker.identity_sessions(identity).addCallbacks(
+            counted, _log_failure, errbackArgs=("identity count", identity)
+        )
+
+    def kick_identity(self, identity: str) -> Deferred[int]:
+        """Disconnect every session of ``identity`` on every node (eviction reason ``admin``);
+        fires with how many were disconnected."""
+        local = [c for c in self.factory.clients.values() if c.identity == identity]
+        for client in local:
+            client.evict("admin", f"every session of {identity!r} was disconnected (admin API)")
+        if not self.broker.clustered:
+            return succeed(len(local))
+        mine = {c.session_id for c in local}
+
+        def kick_others(sessions: list[str]) -> Deferred[int]:
+            others = [s for s in sessions if s not in mine]
+            kicks = [self.broker.kick(s) for s in others]
+            d = gatherResults(kicks, consumeErrors=True) if kicks else succeed([])
+            return d.addCallback(lambda found: len(local) + sum(1 for f in found if f))
+
+        d = self.broker.identity_sessions(identity).addCallback(kick_others)
+        return d.addErrback(_as_unavailable)
 
     def local_clients(self) -> dict[str, dict[str, Any]]:
         """Every connected client with its info (the broker re-registers them after a blip)."""
@@ -600,17 +662,21 @@ class ChannelHub:
             return succeed(self.factory.broadcast(type, data))
         return self.broker.broadcast(type, data).addErrback(_as_unavailable)
 
-    def clients(self) -> Deferred[list[dict[str, Any]]]:
-        """Every client of the cluster, each with its ``node``."""
+    def clients(self, identity: str | None = None) -> Deferred[list[dict[str, Any]]]:
+        """Every client of the cluster (of ``identity`` only, when given), with its ``node``."""
         if not self.broker.clustered:
             node = self.broker.node_id
             return succeed(
                 [
-                    {"session": c.session_id, "node": node, "peer": c.peer}
+                    {"session": c.session_id, "node": node, "peer": c.peer, "identity": c.identity}
                     for c in self.factory.clients.values()
+                    if identity is None or c.identity == identity
                 ]
             )
-        return self.broker.clients().addErrback(_as_unavailable)
+        d = self.broker.clients()
+        if identity is not None:
+            d.addCallback(lambda found: [c for c in found if c.get("identity") == identity])
+        return d.addErrback(_as_unavailable)
 
 
 def _unavailable() -> HandlerError:
@@ -670,7 +736,16 @@ def _subscribe(request: Request) -> Deferred[dict[str, Any]]:
     join_leave = data.get("join_leave", False)
     if not isinstance(join_leave, bool):
         raise HandlerError(BAD_REQUEST, "join_leave is true or false")
-    return hub.subscribe(_connection(request), channel, since, join_leave)
+    client = _connection(request)
+    actions = ["subscribe"]
+    if since is not None:
+        actions.append("history")
+    if join_leave:
+        actions.append("presence")
+    checked = hub.permissions.check_all(client, actions, channel, data)
+    if checked is None:
+        return hub.subscribe(client, channel, since, join_leave)
+    return checked.addCallback(lambda _: hub.subscribe(client, channel, since, join_leave))
 
 
 def _unsubscribe(request: Request) -> dict[str, Any]:
@@ -680,19 +755,26 @@ def _unsubscribe(request: Request) -> dict[str, Any]:
 
 def _publish(request: Request) -> Deferred[dict[str, Any]]:
     hub = _hub(request)
-    if not hub.config.client_publish:
-        raise HandlerError(FORBIDDEN, "clients may not publish here (channels.client_publish)")
     data = _fields(request)
     channel = hub.check_channel(data.get("channel"))
     if "data" not in data:
         raise HandlerError(BAD_REQUEST, 'expected data {"channel": "...", "data": ...}')
-    d = hub.publish(channel, data["data"])
-    return d.addCallback(lambda offset: {"channel": channel, "offset": offset})
+    checked = hub.permissions.check(_connection(request), "publish", channel, data["data"])
+
+    def publish(_: object = None) -> Deferred[dict[str, Any]]:
+        d = hub.publish(channel, data["data"])
+        return d.addCallback(lambda offset: {"channel": channel, "offset": offset})
+
+    return publish() if checked is None else checked.addCallback(publish)
 
 
 def _presence(request: Request) -> Deferred[dict[str, Any]]:
     hub = _hub(request)
-    return hub.presence(hub.check_channel(_fields(request).get("channel")))
+    channel = hub.check_channel(_fields(request).get("channel"))
+    checked = hub.permissions.check(_connection(request), "presence", channel)
+    if checked is None:
+        return hub.presence(channel)
+    return checked.addCallback(lambda _: hub.presence(channel))
 
 
 #: The channel message types and their handlers.

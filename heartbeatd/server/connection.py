@@ -105,6 +105,7 @@ class Connection(Protocol):
         "_auth",
         "_bare_type",
         "_batch",
+        "_close_timer",
         "_direct_write",
         "_framing",
         "_handshake_timer",
@@ -195,6 +196,8 @@ class Connection(Protocol):
         #: True until the transport's own handshake (TLS, WebSocket) completed.
         self._handshaking = False
         self._handshake_timer: Any = None
+        #: Aborts a polite close the peer does not let finish (`_close_deadline`).
+        self._close_timer: Any = None
         #: The address key the factory's admission counted this connection under.
         self.admitted_host: str | None = None
 
@@ -242,6 +245,7 @@ class Connection(Protocol):
             self.factory.gated -= 1
         if self._handshake_timer is not None and self._handshake_timer.active():
             self._handshake_timer.cancel()
+        self._cancel_close_deadline()
 
     def _release_partial(self) -> None:
         """Drop the share of an unfinished frame in the registry's partial-byte total."""
@@ -396,6 +400,8 @@ class Connection(Protocol):
         if self._auth is not None:
             self._auth = None
             self.factory.gated -= 1
+        if not self.factory.client_identified(self):  # limits.max_connections_per_identity
+            return
         self._emit(reply)
         for message in held:
             if not self.connected or self.close_reason is not None:
@@ -712,6 +718,7 @@ class Connection(Protocol):
         self.factory.client_closing(self, reason, detail, quiet=quiet)
         self._unregister()
         self._lose_connection(reason)
+        self._close_deadline()
 
     def evict(self, reason: str, detail: str = "") -> None:
         """Drop the connection at once: a dead or hostile peer never acknowledges a close."""
@@ -731,6 +738,35 @@ class Connection(Protocol):
     def _lose_connection(self, reason: str) -> None:
         """End the transport politely (a message transport says goodbye its own way)."""
         self.transport.loseConnection()
+
+    def _close_deadline(self) -> None:
+        """Bound a polite close: ``loseConnection`` waits until the peer has read what is
+        queued, so a peer that stops reading would keep its slot for ever.  After
+        ``shutdown.close_timeout`` seconds the connection is aborted (`_close_overdue`)."""
+        if self._close_timer is None and self.transport is not None:
+            factory = self.factory
+            self._close_timer = factory.clock.callLater(
+                factory.config.shutdown.close_timeout, self._close_overdue
+            )
+
+    def _cancel_close_deadline(self) -> None:
+        timer, self._close_timer = self._close_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _close_overdue(self) -> None:
+        self._close_timer = None
+        factory = self.factory
+        factory.close_timeouts += 1
+        if factory.log_allowed("close_timeout"):
+            log.warn(
+                "Aborting {peer}: its close ({reason}) did not finish within {timeout:g}s "
+                "(it does not read; shutdown.close_timeout)",
+                peer=self.peer,
+                reason=self.close_reason,
+                timeout=factory.config.shutdown.close_timeout,
+            )
+        self.transport.abortConnection()
 
     def send_heartbeat(self, frame: SharedFrame | bytes, now: float) -> None:
         """Called by the heartbeat sweep for a quiet client (``frame``: the sweep's ping)."""

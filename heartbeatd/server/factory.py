@@ -22,7 +22,7 @@ from heartbeatd._logging import LogLimiter, get_logger
 from heartbeatd._version import __version__
 from heartbeatd.cluster.broker import Broker, MemoryBroker
 from heartbeatd.config import Config
-from heartbeatd.server import channels
+from heartbeatd.server import channels, signed_tokens
 from heartbeatd.server.admission import Admission
 from heartbeatd.server.auth import Authenticator
 from heartbeatd.server.connection import Connection, format_address
@@ -30,6 +30,7 @@ from heartbeatd.server.handlers import HandlerError, HandlerRegistry, default_re
 from heartbeatd.server.heartbeat import HeartbeatMonitor
 from heartbeatd.server.protocol import RefusedProtocol, ServerProtocol
 from heartbeatd.server.session import Server
+from heartbeatd.server.signed_tokens import JwtVerifier
 from heartbeatd.wire import get_framing
 from heartbeatd.wire.envelope import OMIT, TOO_MANY_CONNECTIONS, encode_error, encode_message
 from heartbeatd.wire.framing import FrameDecoder, SharedFrame
@@ -129,6 +130,7 @@ class ServerFactory(Factory):
         #: Channels, presence, and (with a clustered broker) send/broadcast across nodes.
         self.channels = channels.ChannelHub(self, broker)
         channels.register(self.registry)
+        signed_tokens.register(self.registry)
         #: session id -> connection, least recently heard first.
         self.clients: OrderedDict[str, Connection] = OrderedDict()
         self.max_connections = config.effective_max_connections()
@@ -147,6 +149,8 @@ class ServerFactory(Factory):
         #: Connections accepted whose transport handshake (WebSocket) is not done yet: not in
         #: `clients`, but counted against ``limits.max_connections``.
         self.handshaking = 0
+        #: Polite closes aborted after ``shutdown.close_timeout``: the peer did not read them.
+        self.close_timeouts = 0
         #: Per-address connection counts and accept rates (limits.*_per_address).
         self.admission = Admission(config.limits, self.clock)
         #: Checks clients' tokens when ``auth.mode`` is not none; the daemon sets it (it reads
@@ -155,6 +159,15 @@ class ServerFactory(Factory):
         #: session id -> (identity, SHA-256 of its token), for connections that authenticated
         #: with the tokens file: `revalidate` closes those whose token a reload removed.
         self.credentials: dict[str, tuple[str, bytes]] = {}
+        #: Checks signed tokens (``auth.jwt``: mode jwt, ``subscribe: token``); the daemon
+        #: sets it (it reads the key file, at start and on SIGHUP).
+        self.token_verifier: JwtVerifier | None = None
+        #: Refresh and expiry timers of connections that logged in with a JWT.
+        self.lifetimes = signed_tokens.Lifetimes(self)
+        #: identity -> its connections here that logged in (``auth.mode``), and session ->
+        #: the identity it was counted under (limits.max_connections_per_identity).
+        self.identities: Counter[str] = Counter()
+        self._identity_of: dict[str, str] = {}
         self.closes: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
         #: Connections refused, by reason (``max_connections``, ...).
@@ -201,6 +214,7 @@ class ServerFactory(Factory):
         self.channels.broker.configure_history(
             config.channels.history_size, config.channels.history_ttl
         )
+        self.channels.reconfigure()
         self.heartbeat.frame_timeout = config.limits.frame_timeout
         self.heartbeat.reconfigure(
             config.heartbeat.interval,
@@ -300,6 +314,45 @@ class ServerFactory(Factory):
         # string built) only when debug logging is on.
         log.debug("Client {client.session_id} connected from {client.peer}", client=client)
 
+    def client_identified(self, client: Connection) -> bool:
+        """A client logged in as ``client.identity``: count it, refuse it past
+        ``limits.max_connections_per_identity`` (False: it is being closed), and tell the
+        cluster who it is (``GET /clients?identity=``, ``DELETE /identities/{identity}``)."""
+        identity = client.identity
+        if identity is None:
+            return True
+        session = client.session_id
+        self._uncount_identity(session)  # a second login of the same connection
+        limit = self.config.limits.max_connections_per_identity
+        if limit and self.identities[identity] >= limit:
+            self.refuse_identity(client, limit)
+            return False
+        self.identities[identity] += 1
+        self._identity_of[session] = identity
+        self.channels.client_identified(client, limit)
+        return True
+
+    def refuse_identity(self, client: Connection, limit: int) -> None:
+        """Close a connection that would pass ``limits.max_connections_per_identity``."""
+        self.refused += 1
+        self.refusals["max_connections_per_identity"] += 1
+        self.count_error(TOO_MANY_CONNECTIONS)
+        text = (
+            f"{client.identity!r} already holds its maximum of {limit} connections "
+            "(limits.max_connections_per_identity)"
+        )
+        client.write_frame(encode_error(TOO_MANY_CONNECTIONS, text), encoded=False)
+        client.close(TOO_MANY_CONNECTIONS, text)
+
+    def _uncount_identity(self, session: str) -> None:
+        identity = self._identity_of.pop(session, None)
+        if identity is not None:
+            left = self.identities[identity] - 1
+            if left > 0:
+                self.identities[identity] = left
+            else:
+                del self.identities[identity]
+
     def touch(self, client: Connection) -> None:
         """Mark a client as just heard from (keeps `clients` in last-seen order)."""
         self.clients.move_to_end(client.session_id)
@@ -356,6 +409,10 @@ class ServerFactory(Factory):
             self.on_room()
         if self.credentials:
             self.credentials.pop(client.session_id, None)
+        if self.lifetimes:
+            self.lifetimes.forget(client.session_id)
+        if self._identity_of:
+            self._uncount_identity(client.session_id)
         self.by_listener[getattr(client, "listener", "stream")] -= 1
         self.channels.client_disconnected(client)
         self.admission.release(getattr(client, "admitted_host", None))

@@ -18,8 +18,10 @@ from heartbeatd.server.session import Server, Session
 from heartbeatd.wire.envelope import OMIT
 
 __all__ = [
+    "AUTHORIZE_ACTIONS",
     "NO_REPLY",
     "RESERVED_TYPES",
+    "Authorizer",
     "HandlerError",
     "HandlerRegistry",
     "Reply",
@@ -96,6 +98,13 @@ class Request:
 
 Handler = Callable[[Request], Any]
 
+#: What an authorizer may decide about (the permissions a namespace can give to it).
+AUTHORIZE_ACTIONS: Final = ("subscribe", "publish", "presence", "history")
+
+#: ``authorizer(session, channel, data)``: True allows, False refuses with ``forbidden``, a
+#: string refuses with that error code; or a Deferred/coroutine of one of those.
+Authorizer = Callable[[Session, str, Any], Any]
+
 
 class HandlerRegistry:
     """Message type -> handler."""
@@ -105,6 +114,8 @@ class HandlerRegistry:
         #: ``get(type)``: the handler, or None. The dict's own method, so the protocol's hot
         #: path pays for no extra call.
         self.get: Callable[[str], Handler | None] = self._handlers.get
+        #: action -> the application's authorizer (`authorize`).
+        self.authorizers: dict[str, Authorizer] = {}
 
     def add(self, type: str, handler: Handler, *, replace: bool = False) -> None:
         if not isinstance(type, str) or not type:
@@ -120,6 +131,24 @@ class HandlerRegistry:
 
         def decorate(fn: Handler) -> Handler:
             self.add(type, fn)
+            return fn
+
+        return decorate
+
+    def authorize(self, action: str) -> Callable[[Authorizer], Authorizer]:
+        """Decorator: ``fn(session, channel, data)`` decides ``action`` (subscribe, publish,
+        presence or history) on the channels of namespaces whose permission for it is
+        ``authorizer``.  It returns True (allowed), False (``forbidden``), an error code (a
+        string), or a Deferred or coroutine of one; it has ``channels.authorize_timeout``
+        seconds.  Raising, timing out or returning anything else refuses the request
+        (``authorization_failed``, ``authorization_timeout``): the connection stays up."""
+        if action not in AUTHORIZE_ACTIONS:
+            raise ValueError(f"authorize() takes one of {', '.join(AUTHORIZE_ACTIONS)}")
+
+        def decorate(fn: Authorizer) -> Authorizer:
+            if action in self.authorizers:
+                raise ValueError(f"an authorizer for {action!r} is already registered")
+            self.authorizers[action] = fn
             return fn
 
         return decorate

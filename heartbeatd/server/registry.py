@@ -34,6 +34,8 @@ class ClientRegistry(Protocol):
     partial_bytes: int
     #: Connections accepted whose transport handshake is not done (not clients yet).
     handshaking: int
+    #: Polite closes aborted because the peer did not let them finish (shutdown.close_timeout).
+    close_timeouts: int
 
     def now(self) -> float:
         """The alive clock for last-seen times (reactor stalls excluded)."""

@@ -62,6 +62,12 @@ class Session:
         return self._connection.identity
 
     @property
+    def claims(self) -> dict[str, Any]:
+        """The claims of the client's signed token (``auth.mode: jwt``); else empty."""
+        claims = getattr(self._connection, "claims", None)
+        return claims if isinstance(claims, dict) else {}
+
+    @property
     def connected(self) -> bool:
         return self._connection.connected
 

@@ -1,7 +1,8 @@
 """The WebSocket adapter: an HTTP upgrade, then RFC 6455 text messages into the connection core.
 
-A connection first speaks HTTP/1.1 (parsed by h11 through wsproto's ``H11Handshake``, which
-bounds a request's head at 16 KiB).  The upgrade is refused with a short HTTP answer when the
+A connection first speaks HTTP/1.1 (parsed by h11 through wsproto's ``H11Handshake``); a
+request head is bounded at 16 KiB here, before h11 sees it (h11 bounds only a head still
+incomplete after a read).  The upgrade is refused with a short HTTP answer when the
 path is not ``websocket.path`` (404), a browser's ``Origin`` is not in
 ``websocket.allowed_origins`` (403), the request is not an upgrade (426), it is malformed
 (400), or the per-address limits refuse the client (429) once ``X-Forwarded-For`` from a
@@ -20,7 +21,10 @@ server's frames are unmasked: header plus body); control frames go through wspro
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
+import re
 import zlib
 from collections import deque
 from typing import Any
@@ -55,7 +59,7 @@ from heartbeatd.wire.websocket import (
     read_text_frames,
 )
 
-__all__ = ["WebSocketProtocol", "WebSocketSite", "http_response"]
+__all__ = ["WebSocketProtocol", "WebSocketSite", "http_response", "shown"]
 
 log = get_logger(__name__)
 
@@ -84,6 +88,28 @@ _STATUS = {
 }
 
 
+#: The most bytes a handshake's request head may have (h11's own bound, which h11 applies
+#: only to a head still incomplete after a read): ``400`` past it.
+MAX_HEAD_BYTES = 16 * 1024
+#: Where a request head ends (h11 accepts a bare LF as a line end).
+_HEAD_END = re.compile(rb"\n\r?\n")
+
+#: Most characters of a peer's text (path, origin, header) that a log line or answer shows.
+MAX_SHOWN = 200
+
+
+def shown(text: str | bytes, limit: int = MAX_SHOWN) -> str:
+    """A peer's text as a log line or an answer may show it: ASCII, non-printable and
+    non-ASCII characters escaped (``\\x85``, ``\\u2028``), at most ``limit`` characters of
+    it, and its length when cut."""
+    if isinstance(text, bytes):
+        text = text.decode("latin-1")
+    out = text[:limit].encode("unicode_escape").decode("ascii")
+    if len(text) > limit:
+        out += f"... ({len(text)} characters)"
+    return out
+
+
 def http_response(status: int, text: str, extra: bytes = b"") -> bytes:
     """A short, complete HTTP/1.1 answer that ends the connection."""
     body = (text + "\n").encode("utf-8")
@@ -108,6 +134,9 @@ class BoundedDeflate(PerMessageDeflate):
         super().__init__(client_max_window_bits=12, server_no_context_takeover=True)
         self.limit = limit
         self._inflated = 0
+        #: Why this extension failed the connection (``bad_deflate``, ``frame_too_large``):
+        #: wsproto reports both only as close codes (1007, 1009).
+        self.fault: str | None = None
 
     def accept(self, offer: str) -> bool | str | None:
         # A smaller window than 15 bits only when the client said it can compress with one.
@@ -122,9 +151,11 @@ class BoundedDeflate(PerMessageDeflate):
         try:
             out = self._decompressor.decompress(bytes(data), self.limit - self._inflated + 1)
         except zlib.error:
+            self.fault = "bad_deflate"
             return CloseReason.INVALID_FRAME_PAYLOAD_DATA
         self._inflated += len(out)
         if self._decompressor.unconsumed_tail or self._inflated > self.limit:
+            self.fault = "frame_too_large"
             return CloseReason.MESSAGE_TOO_BIG
         return out
 
@@ -133,6 +164,15 @@ class BoundedDeflate(PerMessageDeflate):
         if fin:
             self._inflated = 0
         return result
+
+
+class _InflatedTooLarge(FrameTooLarge):
+    """A compressed message that inflates past ``max_frame_bytes``."""
+
+    def __init__(self, limit: int) -> None:
+        Exception.__init__(self, f"message inflates past the limit of {limit} bytes")
+        self.length = limit + 1
+        self.limit = limit
 
 
 class WebSocketSite(Factory):
@@ -229,6 +269,16 @@ class WebSocketProtocol(Connection):
 
     def _handshake(self, data: bytes) -> None:
         handshake = self._ws
+        # h11 bounds only a head still incomplete after a read: a whole head in one read
+        # (64 KiB, thousands of headers) went through.  Measure it here, before h11 parses.
+        h11 = getattr(handshake, "_h11_connection", None)
+        buffered = getattr(getattr(h11, "_receive_buffer", None), "_data", b"")
+        tail = bytes(buffered[-3:])
+        end = _HEAD_END.search(tail + data)
+        head = len(buffered) - len(tail) + (end.end() if end else len(tail) + len(data))
+        if head > MAX_HEAD_BYTES:
+            self._refuse_upgrade(400, "head_too_large", f"request head over {MAX_HEAD_BYTES} bytes")
+            return
         try:
             handshake.receive_data(data)
             for event in handshake.events():
@@ -244,7 +294,9 @@ class WebSocketProtocol(Connection):
                     b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n",
                 )
             else:
-                self._refuse_upgrade(400, "bad_handshake", f"bad HTTP request: {e}")
+                self._refuse_upgrade(400, "bad_handshake", f"bad HTTP request: {shown(str(e))}")
+        except (UnicodeError, ValueError) as e:  # e.g. a Host that is not IDNA
+            self._refuse_upgrade(400, "bad_handshake", f"bad HTTP request: {shown(str(e))}")
 
     def _upgrade(self, request: Request) -> None:
         site = self._site
@@ -252,7 +304,14 @@ class WebSocketProtocol(Connection):
         headers = {name.lower(): value for name, value in request.extra_headers}
         path = request.target.split("?", 1)[0]
         if path != config.path:
-            self._refuse_upgrade(404, "bad_path", f"no WebSocket at {path}; try {config.path}")
+            self._refuse_upgrade(
+                404, "bad_path", f"no WebSocket at {shown(path)}; try {config.path}"
+            )
+            return
+        if not _valid_key(headers.get(b"sec-websocket-key", b"")):
+            self._refuse_upgrade(
+                400, "bad_handshake", "Sec-WebSocket-Key is not 16 bytes in base64 (RFC 6455)"
+            )
             return
         origin = headers.get(b"origin")
         if origin is not None:
@@ -260,14 +319,27 @@ class WebSocketProtocol(Connection):
             allowed = config.allowed_origins
             if "*" not in allowed and text not in allowed:
                 self._refuse_upgrade(
-                    403, "origin_refused", f"origin {text} is not in websocket.allowed_origins"
+                    403,
+                    "origin_refused",
+                    f"origin {shown(text)} is not in websocket.allowed_origins",
                 )
                 return
         peer = self.transport.getPeer()
         host = getattr(peer, "host", None)
-        forwarded = headers.get(b"x-forwarded-for")
         if site.trusted(host):
+            # Repeated headers are one list, in order (RFC 7230 section 3.2.2).
+            forwarded = [v for n, v in request.extra_headers if n.lower() == b"x-forwarded-for"]
             client = _forwarded_client(forwarded, site) if forwarded else None
+            if forwarded and client is None:
+                # Falling back to the proxy's own (often exempt) address would lift the
+                # per-address limits for this client: refuse instead.
+                self._refuse_upgrade(
+                    400,
+                    "bad_forwarded_for",
+                    "X-Forwarded-For from a trusted proxy names no client address: "
+                    + shown(b", ".join(forwarded)),
+                )
+                return
             if client is not None:
                 self._peer = f"{client} (via {format_address(peer)})"
             refusal, key = self.factory.admit(self.peer, client or host, limit_total=False)
@@ -277,10 +349,25 @@ class WebSocketProtocol(Connection):
             self.admitted_host = key
         extensions = []
         framing = site.framing
-        if config.compression and any(
-            offer.split(";", 1)[0].strip() == "permessage-deflate" for offer in request.extensions
-        ):
+        offers = [
+            offer
+            for offer in request.extensions
+            if offer.split(";", 1)[0].strip() == "permessage-deflate"
+        ]
+        if config.compression and offers:
             deflate = BoundedDeflate(self.factory.config.max_frame_bytes)
+            for offer in offers:
+                # wsproto parses an offer's window bits with int() and raises on anything
+                # else (``client_max_window_bits=abc``): refuse such a handshake here.
+                try:
+                    BoundedDeflate(0)._parse_params(offer)
+                except ValueError:
+                    self._refuse_upgrade(
+                        400,
+                        "bad_extension",
+                        f"malformed permessage-deflate offer {shown(offer)}",
+                    )
+                    return
             extensions.append(deflate)
         accept = self._ws.send(AcceptConnection(extensions=extensions))
         if extensions and deflate.enabled():
@@ -326,6 +413,7 @@ class WebSocketProtocol(Connection):
         if status:
             self.transport.write(http_response(status, text, extra))
             self.transport.loseConnection()
+            self._close_deadline()
         else:
             self.transport.abortConnection()
 
@@ -420,12 +508,21 @@ class WebSocketProtocol(Connection):
             self._unregister()
             self.transport.write(close_frame(code, reason))
             self.transport.loseConnection()
+            self._close_deadline()
 
     def _peer_closed(self, event: CloseConnection) -> None:
         ws = self._ws
         if ws.state is not ConnectionState.REMOTE_CLOSING:
             # wsproto refused a frame (bad UTF-8, reserved bits, unmasked, ...).
             reason = _REASON_BY_CODE.get(event.code, "protocol_error")
+            for extension in getattr(ws._proto, "extensions", ()):
+                if isinstance(extension, BoundedDeflate) and extension.fault is not None:
+                    reason = extension.fault
+                    if reason == "frame_too_large":
+                        # A compression bomb: the error envelope, then 1009, as for a
+                        # message whose header announces too much.
+                        self._message = None
+                        return self._deliver([], 0, _InflatedTooLarge(extension.limit))
             return self._fail(int(event.code), reason, event.reason or "")
         self._message = None
         if self.close_reason is None:
@@ -433,6 +530,7 @@ class WebSocketProtocol(Connection):
             self._unregister()
             self.transport.write(ws.send(event.response()))
             self.transport.loseConnection()
+            self._close_deadline()
 
     def set_max_frame_bytes(self, limit: int) -> None:
         """A new ``max_frame_bytes`` (reload) is read per message: nothing to do."""
@@ -457,6 +555,7 @@ class WebSocketProtocol(Connection):
         if self._handshaking or not self.session_id:
             # Never became a client: only the handshake's share of the limits to give back.
             self._end_handshake()
+            self._cancel_close_deadline()
             self.connected = False
             self.factory.admission.release(self.admitted_host)
             self.admitted_host = None
@@ -465,15 +564,49 @@ class WebSocketProtocol(Connection):
         self.factory.client_disconnected(self, reason)
 
 
-def _forwarded_client(header: bytes, site: WebSocketSite) -> str | None:
-    """The client named by ``X-Forwarded-For``: the last address that is not a trusted proxy
-    (each proxy appends the address it heard from)."""
-    hops = [h.strip() for h in header.decode("latin-1").split(",") if h.strip()]
+def _valid_key(key: bytes) -> bool:
+    """RFC 6455: the key is 16 random bytes, base64-encoded."""
+    try:
+        return len(base64.b64decode(key.strip(), validate=True)) == 16
+    except (binascii.Error, ValueError):
+        return False
+
+
+def _hop_address(hop: str) -> str | None:
+    """One ``X-Forwarded-For`` element as an address: ``ip``, ``ip:port``, ``[v6]`` or
+    ``[v6]:port``; None if it is none of those."""
+    if hop.startswith("["):
+        end = hop.find("]")
+        rest = hop[end + 1 :] if end > 0 else "x"
+        if rest and not _is_port(rest[1:] if rest[0] == ":" else "x"):
+            return None
+        hop = hop[1:end]
+    elif hop.count(":") == 1:  # IPv4 with a port (an IPv6 address has more colons)
+        hop, _, port = hop.partition(":")
+        if not _is_port(port):
+            return None
+    try:
+        return str(ipaddress.ip_address(hop))
+    except ValueError:
+        return None
+
+
+def _is_port(text: str) -> bool:
+    return 0 < len(text) <= 5 and text.isascii() and text.isdigit()
+
+
+def _forwarded_client(values: list[bytes], site: WebSocketSite) -> str | None:
+    """The client named by ``X-Forwarded-For`` (its headers' values, in order): the last
+    address that is not a trusted proxy (each proxy appends the address it heard from).
+    None when an element read before the client's is not an address, or there is none:
+    the caller refuses the handshake rather than trust the proxy's own address."""
+    hops = [h.strip() for value in values for h in value.decode("latin-1").split(",")]
+    hops = [h for h in hops if h]
+    address = None
     for hop in reversed(hops):
-        try:
-            ipaddress.ip_address(hop)
-        except ValueError:
-            return None  # not an address: trust nothing from this header
-        if not site.trusted(hop):
-            return hop
-    return hops[0] if hops else None
+        address = _hop_address(hop)
+        if address is None:
+            return None
+        if not site.trusted(address):
+            return address
+    return address  # every hop is a trusted proxy: the first of them

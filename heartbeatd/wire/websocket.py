@@ -43,6 +43,7 @@ CLOSE_CODES: Final = {
     "protocol_error": 1002,
     "binary_message": 1003,
     "invalid_utf8": 1007,
+    "bad_deflate": 1007,
     "policy": 1008,
     "frame_too_large": 1009,
     "internal_error": 1011,

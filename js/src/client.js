@@ -232,8 +232,22 @@ export class Client extends Emitter {
       else if (type === 'join' || type === 'leave') sub._presence(type, body);
       else if (type === 'resync') sub._resync(body);
     }
+    if (type === 'refresh' && data == null) this._refresh();
     this.emit('\0push', type, data);
     if (!CLIENT_EVENTS.includes(type)) this.emit(type, data);
+  }
+
+  /** The server's JWT is about to expire (auth.mode: jwt): answer with getToken()'s. */
+  async _refresh() {
+    const conn = this.connection;
+    if (!this.options.getToken || conn === null) return;
+    try {
+      const token = await this.options.getToken();
+      if (typeof token !== 'string' || token === '') throw new TypeError('getToken() gave no token');
+      if (this.connection === conn && conn.usable) await conn.request('refresh', { token });
+    } catch (error) {
+      this.emit('error', error);
+    }
   }
 
   // -- channels ----------------------------------------------------------------------------

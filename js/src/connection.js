@@ -288,8 +288,9 @@ export class Connection {
       }
       return;
     }
-    if (type === 'hello' && this.hello === null && isObject(data)) {
-      this._helloReceived(data);
+    if (type === 'hello') {
+      // A second hello is not a push: the first one set the terms.
+      if (this.hello === null && isObject(data)) this._helloReceived(data);
       return;
     }
     if (this.hello === null && this._expectHello) {
@@ -304,6 +305,10 @@ export class Connection {
       if (type === 'error') entry.reject(serverError(error));
       else entry.resolve(data);
       this._maybeIdle();
+      return;
+    }
+    if (id !== undefined && id !== null && type !== 'ping' && type !== 'pong') {
+      // A reply whose request is gone (it timed out): late, and not a push.
       return;
     }
     switch (type) {

@@ -117,6 +117,32 @@ async function openStream(target, options, sink) {
   });
 }
 
+/** The "ws" package's WebSocket (it has terminate(), which browsers' lack). */
+function isWsPackage(WebSocketClass) {
+  return typeof WebSocketClass?.prototype?.terminate === 'function';
+}
+
+/** Is `text` more than `limit` bytes in UTF-8 (the server's unit), not UTF-16 units? */
+export function utf8Exceeds(text, limit) {
+  if (text.length > limit) return true; // every unit is at least one byte
+  if (text.length * 3 <= limit) return false; // and at most three
+  let bytes = 0;
+  for (let i = 0; i < text.length; i++) {
+    const unit = text.charCodeAt(i);
+    if (unit < 0x80) bytes += 1;
+    else if (unit < 0x800) bytes += 2;
+    else if (unit >= 0xd800 && unit < 0xdc00 && i + 1 < text.length) {
+      const next = text.charCodeAt(i + 1);
+      if (next >= 0xdc00 && next < 0xe000) {
+        bytes += 4;
+        i++;
+      } else bytes += 3;
+    } else bytes += 3;
+    if (bytes > limit) return true;
+  }
+  return false;
+}
+
 function openWebSocket(target, options, sink) {
   const WebSocketClass = options.WebSocket ?? globalThis.WebSocket;
   if (typeof WebSocketClass !== 'function') {
@@ -126,10 +152,15 @@ function openWebSocket(target, options, sink) {
   }
   return new Promise((resolve, reject) => {
     let ws;
+    // The "ws" package (Node) takes options, and with maxPayload stops reading a message
+    // past the limit (1009) instead of holding all of it first.  A browser's WebSocket takes
+    // no options: it hands over whole messages, checked below once received.
+    let wsOptions = options.webSocketOptions;
+    if (isWsPackage(WebSocketClass) && Number.isSafeInteger(options.maxFrameBytes)) {
+      wsOptions = { maxPayload: options.maxFrameBytes, ...wsOptions };
+    }
     try {
-      ws = options.webSocketOptions
-        ? new WebSocketClass(target.href, options.webSocketOptions)
-        : new WebSocketClass(target.href);
+      ws = wsOptions ? new WebSocketClass(target.href, wsOptions) : new WebSocketClass(target.href);
     } catch (error) {
       reject(new ConnectionError(`could not open ${target.href}: ${describe(error)}`, { cause: error }));
       return;
@@ -173,13 +204,17 @@ function openWebSocket(target, options, sink) {
       const data = event.data;
       if (typeof data !== 'string') {
         transport.abort(new ConnectionError('the server sent a binary WebSocket message'));
-      } else if (data.length > options.maxFrameBytes) {
+      } else if (utf8Exceeds(data, options.maxFrameBytes)) {
         transport.abort(new ConnectionError(`the server sent a message over ${options.maxFrameBytes} bytes`));
       } else {
         sink.item(data);
       }
     };
     ws.onerror = (event) => {
+      if (event?.error?.code === 'WS_ERR_UNSUPPORTED_MESSAGE_LENGTH') {
+        // ws's maxPayload: the same report as a message found too large on arrival.
+        failure ??= new ConnectionError(`the server sent a message over ${options.maxFrameBytes} bytes`);
+      }
       failure ??= new ConnectionError(event?.message || event?.error?.message || 'WebSocket error');
     };
     ws.onclose = (event) => {

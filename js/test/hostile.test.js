@@ -71,7 +71,7 @@ it('garbage frames are reported as error events; the connection stays usable', a
     assert.match(errors[1], /not an envelope/);
     assert.match(errors[2], /UTF-8/);
     assert.match(errors[3], /for nobody/);
-    assert.deepEqual(stray, ['stray']);
+    assert.deepEqual(stray, []); // an id that matches no request is a late reply: dropped
     assert.equal(client.state, 'connected');
   } finally {
     await client.close();
@@ -106,4 +106,85 @@ it('a hello announcing a small max_frame_bytes is obeyed, and a goaway is follow
     await client.close();
     await server.close();
   }
+});
+
+it('a late reply (its request timed out) and a second hello are not pushes', async () => {
+  const server = await fake((socket, send) => {
+    send(HELLO);
+    const decoder = new Int32Decoder(1 << 20);
+    socket.on('data', (chunk) => {
+      for (const body of decoder.feed(chunk)) {
+        const request = JSON.parse(new TextDecoder().decode(body));
+        if (request.data === 'slow') {
+          // Answered after the client gave up, then a second hello, then the next answer.
+          setTimeout(() => {
+            send({ type: request.type, id: request.id, data: 'late' });
+            send({ type: 'error', id: request.id, error: { code: 'internal_error', message: 'late too' } });
+            send({ type: 'hello', data: { server: 'impostor', heartbeat: { interval: 1, timeout: 2 } } });
+          }, 150);
+        } else {
+          setTimeout(() => send({ type: request.type, id: request.id, data: request.data }), 300);
+        }
+      }
+    });
+  });
+  const client = await connect(server.url, { reconnect: false });
+  try {
+    const pushes = [];
+    const errors = [];
+    client.on('echo', (data) => pushes.push(data));
+    client.on('hello', (data) => pushes.push(data));
+    client.on('error', (e) => errors.push(e.message));
+    await assert.rejects(client.request('echo', 'slow', { timeout: 50 }), { name: 'TimeoutError' });
+    assert.equal(await client.request('echo', 'next'), 'next');
+    assert.deepEqual(pushes, []);
+    assert.deepEqual(errors, []);
+    assert.equal(client.state, 'connected');
+  } finally {
+    await client.close();
+    await server.close();
+  }
+});
+
+it('over the "ws" package, a message past maxFrameBytes is refused before it is all held', async () => {
+  const { WebSocketServer } = await import('ws');
+  const wss = new WebSocketServer({ host: '127.0.0.1', port: 0 });
+  await new Promise((resolve) => wss.on('listening', resolve));
+  let closeCode = null;
+  const serverSaw = new Promise((resolve) => {
+    wss.on('connection', (socket) => socket.on('close', (code) => resolve((closeCode = code))));
+  });
+  wss.on('connection', (socket) => {
+    socket.on('error', () => {});
+    socket.send(JSON.stringify({ type: 'hello', data: { heartbeat: { interval: 60, timeout: 180 } } }));
+    // 64 KiB announced in one frame: with maxPayload the client refuses it from its header.
+    setTimeout(() => socket.send(`{"type":"news","data":"${'x'.repeat(64 * 1024)}"}`), 50);
+  });
+  const { WebSocket } = await import('ws');
+  const url = `ws://127.0.0.1:${wss.address().port}/`;
+  const client = await connect(url, { reconnect: false, WebSocket, maxFrameBytes: 4096 });
+  try {
+    const news = [];
+    client.on('news', (data) => news.push(data));
+    const gone = new Promise((resolve) => client.on('disconnected', resolve));
+    const { error } = await gone;
+    assert.equal(error.message, 'the server sent a message over 4096 bytes');
+    // Refused from its header by ws (a 1009 close frame), not read whole and then dropped.
+    await serverSaw;
+    assert.equal(closeCode, 1009);
+    assert.deepEqual(news, []);
+  } finally {
+    await client.close();
+    for (const socket of wss.clients) socket.terminate();
+    await new Promise((resolve) => wss.close(resolve));
+  }
+});
+
+it('a WebSocket message is measured in UTF-8 bytes, not UTF-16 units', async () => {
+  const { utf8Exceeds } = await import('../src/transport.js');
+  assert.equal(utf8Exceeds('é'.repeat(600), 1024), true); // 600 units, 1200 bytes
+  assert.equal(utf8Exceeds('é'.repeat(500), 1024), false);
+  assert.equal(utf8Exceeds('😀'.repeat(256), 1024), false); // 512 units, 1024 bytes
+  assert.equal(utf8Exceeds('😀'.repeat(257), 1024), true);
+  assert.equal(utf8Exceeds('x'.repeat(1025), 1024), true);
 });
