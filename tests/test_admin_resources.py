@@ -383,3 +383,18 @@ def test_answers_later_and_typed_failures() -> None:
     backend.next = ZeroDivisionError()
     body, request = render(api, "GET", "/metrics")
     assert (request.responseCode, json.loads(body)["code"]) == (500, "internal_error")
+
+
+def test_parse_body_maps_the_decoders_codes() -> None:
+    """decode_json tells nesting from bad JSON itself (at our walk's depth, the parser's own
+    limit, or a RecursionError): the admin body keeps its code, no text search."""
+    from heartbeatd.daemon.admin_guard import BadBody, parse_body
+
+    assert parse_body(b"") is None and parse_body(b'{"a": [1]}') == {"a": [1]}
+    for depth in (65, 2_000, 200_000):
+        with pytest.raises(BadBody) as raised:
+            parse_body(b"[" * depth + b"]" * depth)
+        assert raised.value.code == "too_deep"
+    with pytest.raises(BadBody) as raised:
+        parse_body(b"{nope")
+    assert raised.value.code == "bad_json"

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon import Daemon
+from test_admin import ADMIN, http
 from test_cli import HEARTBEAT, Command
 
 CHANNELS = {
@@ -120,3 +121,53 @@ def test_subscribe_follows_a_restart_and_says_what_could_not_be_recovered(
                 sub.process.send_signal(signal.SIGINT)
                 assert sub.finish() == 0
                 assert second.stop() == 0
+
+
+def test_watch_prints_the_pushes_of_a_jwt_channels_claim(tmp_path: Path) -> None:
+    """The claim's ``subscribed``/``subscribe_refused`` come right after the auth reply; the
+    CLI used to lose them (written before the reply, read before ``connect`` resolved)."""
+    import time
+
+    import jwt
+
+    secret = "watch-claim-secret-" + "q" * 40
+    (tmp_path / "secret").write_text(secret)
+    body = {"sub": "alice", "exp": int(time.time()) + 300, "channels": ["news", "user#bob"]}
+    (tmp_path / "token").write_text(jwt.encode(body, secret, algorithm="HS256"))
+    config = {"auth": {"mode": "jwt", "jwt": {"hmac_secret_file": str(tmp_path / "secret")}}}
+    with Daemon(tmp_path, config) as daemon:
+        run = heartbeat(
+            "watch", f"127.0.0.1:{daemon.port}", "--token-file", str(tmp_path / "token"), "-n", "2"
+        )
+        assert run.returncode == 0, run.stderr
+        pushes = [json.loads(line) for line in run.stdout.splitlines()]
+        assert [p["type"] for p in pushes] == ["subscribed", "subscribe_refused"]
+        assert pushes[0]["data"]["channel"] == "news"
+        assert pushes[1]["data"] == {"channel": "user#bob", "code": "forbidden"}
+
+
+def test_sigterm_stops_watch_and_subscribe_cleanly(tmp_path: Path) -> None:
+    """SIGTERM (``kill``, a service manager) ends them as Ctrl-C does: exit 0, nothing on
+    stderr; the reactor's own SIGTERM handler used to stop it as a lost connection (exit 3)."""
+    config = {
+        **CHANNELS,
+        "admin": {"listen": "tcp:0:interface=127.0.0.1"},
+        "log": {"level": "debug"},  # for the "connected" lines
+    }
+    with Daemon(tmp_path, config) as daemon:
+        admin = int(daemon.wait_for(ADMIN).group(1))
+        target = f"127.0.0.1:{daemon.port}"
+        with Command("watch", target) as watch, Command("subscribe", target, "news") as sub:
+            assert SUBSCRIBED.match(sub.next_line("stderr"))
+            # Both are registered (the hello is sent with the "connected" line), so watch
+            # hears the broadcast, and is past its connect once it prints it.
+            daemon.wait_for(r"Client \S+ connected from", count=2)
+            sent = http(admin, "POST", "/broadcast", {"type": "news", "data": 1})
+            assert sent == (200, {"sent": 2})
+            assert json.loads(watch.next_line()) == {"type": "news", "data": 1}
+            for command in (watch, sub):
+                command.process.send_signal(signal.SIGTERM)
+                assert command.finish() == 0, command.err
+            assert watch.err == [] and len(watch.out) == 1
+            assert len(sub.err) == 1 and sub.out == []
+        assert daemon.stop() == 0

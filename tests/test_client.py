@@ -139,6 +139,20 @@ def test_pushes_reach_handlers_by_type() -> None:
     ]
 
 
+def test_on_push_hears_pushes_in_the_same_read_as_the_auth_reply(clock: Clock) -> None:
+    got: list = []
+    server = FakeServer(
+        clock, token="t", on_push=lambda type_, data, conn: got.append((type_, data))
+    )
+    (auth,) = server.written()
+    server.send(
+        {"type": "auth", "id": auth["id"], "data": {"identity": "alice"}},
+        {"type": "subscribed", "data": {"channel": "news"}},
+    )
+    assert successResultOf(server.ready).identity == "alice"
+    assert got == [("subscribed", {"channel": "news"})]
+
+
 def test_goaway_marks_the_connection_draining(clock: Clock) -> None:
     server = FakeServer(clock)
     seen = []

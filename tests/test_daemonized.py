@@ -127,6 +127,27 @@ def test_a_port_in_use_fails_the_foreground_start_without_a_traceback(
     assert not (tmp_path / "hb.pid").exists(), "stale pidfile"
 
 
+@pytest.mark.parametrize("logger", [[], [OUR_LOGGER]], ids=["twistd-logger", "our-logger"])
+def test_a_foreground_start_failure_is_printed_once(
+    tmp_path: Path, busy_port: int, logger: list[str]
+) -> None:
+    """``make run`` (--nodaemon, the log on the terminal): the log line is the report; the
+    copy written to the launching stderr made the terminal show it twice."""
+    endpoint = f"tcp:{busy_port}:interface=127.0.0.1"
+    config = write_config(tmp_path, listen=endpoint)
+    result = subprocess.run(
+        [TWISTD, "--nodaemon", "--pidfile=", *logger, "heartbeatd", "--config", str(config)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+    )
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert output.count(f"cannot listen on {endpoint!r}") == 1, output
+    assert "Traceback" not in output
+
+
 def test_supervisor_port_in_use_fails_the_daemonized_start(tmp_path: Path, busy_port: int) -> None:
     endpoint = f"tcp:{busy_port}:interface=127.0.0.1"
     # The supervisor binds before any worker starts, so Redis is never reached here.

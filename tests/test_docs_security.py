@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -104,11 +105,16 @@ def check_security_jwt(code: str, tmp_path: Path, monkeypatch: Any) -> None:
     from heartbeatd.server.signed_tokens import load_authenticator, load_token_verifier
     from heartbeatd.testing import ServerClientPair
 
-    monkeypatch.chdir(tmp_path)
+    documented = "/etc/heartbeatd/jwt-secret"  # absolute, as the daemon's YAML names it
+    secret = tmp_path / "jwt-secret"
+    assert code.count(f'"{documented}"') == 1
     namespace: dict[str, Any] = {}
-    exec(compile(code, "<security-jwt>", "exec"), namespace)
-    assert len((tmp_path / "jwt-secret").read_text()) >= 32
+    exec(compile(code.replace(documented, str(secret)), "<security-jwt>", "exec"), namespace)
+    assert len(secret.read_text()) >= 32
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600  # created so, never 644 first
     raw = next(y for y in yaml_blocks() if y.get("auth", {}).get("jwt", {}).get("audience"))
+    assert raw["auth"]["jwt"]["hmac_secret_file"] == documented
+    raw["auth"]["jwt"]["hmac_secret_file"] = str(secret)
     config = parse_config(raw)
     with ServerClientPair(config=config) as pair:
         pair.factory.authenticator = load_authenticator(config.auth)

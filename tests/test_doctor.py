@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from daemon import Daemon
 from redis_server import RedisServer
@@ -191,3 +192,40 @@ def test_the_heartbeat_command_hands_doctor_over_without_loading_the_daemon() ->
     assert [
         m for m in loaded if m.startswith(("heartbeatd.daemon", "heartbeatd.server", "yaml"))
     ] == []
+
+
+def test_bad_sample_and_limit_are_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--sample inf`` used to end in a traceback and ``--limit-nofile 0`` was accepted."""
+    from heartbeatd.daemon.doctor import main
+
+    bad = [
+        ("--sample", "inf"),
+        ("--sample", "nan"),
+        ("--sample", "-1"),
+        ("--sample", "3601"),
+        ("--sample", "soon"),
+        ("--limit-nofile", "0"),
+        ("--limit-nofile", "-5"),
+    ]
+    for option, value in bad:
+        with pytest.raises(SystemExit) as exit:
+            main([f"{option}={value}"])
+        assert exit.value.code == 2, (option, value)
+        err = capsys.readouterr().err
+        assert f"argument {option}: " in err and repr(value) in err, err
+
+
+def test_daemon_address_reads_endpoint_strings_as_twisted_does() -> None:
+    from heartbeatd.daemon.doctor import daemon_address
+
+    def address(listen: str) -> tuple[str, int] | None:
+        return daemon_address(parse_config({"listen": listen}))
+
+    assert address("tcp:9000") == ("127.0.0.1", 9000)
+    assert address("tcp:9000:interface=0.0.0.0") == ("127.0.0.1", 9000)
+    assert address(r"tcp6:9000:interface=\:\:1") == ("::1", 9000)
+    assert address("tcp:interface=127.0.0.2:port=9000") == ("127.0.0.2", 9000)
+    assert address("tcp:port=9000:interface=127.0.0.3") == ("127.0.0.3", 9000)
+    assert address("tcp6:9000") == ("::1", 9000)
+    assert address("tcp:0") is None
+    assert address("unix:/run/heartbeatd.sock") is None

@@ -18,6 +18,7 @@ from test_admin import ADMIN, http
 from test_cluster import LINK_UP
 from twisted.internet.task import Clock
 
+from heartbeatd.daemon.admin_routes import _segments
 from heartbeatd.server.auth import Authenticator
 from heartbeatd.server.factory import ServerFactory
 from heartbeatd.server.handlers import default_registry
@@ -115,6 +116,46 @@ def test_admin_and_cli_on_one_daemon(tmp_path: Path) -> None:
             assert (status, answer) == (200, {"identity": "nobody", "disconnected": 0})
             clients[2].send({"type": "ping", "id": 1})
             assert clients[2].recv() == {"type": "pong", "id": 1}
+        finally:
+            for c in clients:
+                c.__exit__()
+
+
+SPECIAL = ("CN=alice,O=Example", "alice@example.com")
+
+
+def test_segments_are_percent_decoded_after_the_split() -> None:
+    assert _segments(b"/identities/CN%3Dalice%2CO%3DExample") == [
+        "identities",
+        "CN=alice,O=Example",
+    ]
+    assert _segments(b"/clients/a%2Fb%40c/send?x=1") == ["clients", "a/b@c", "send"]
+    assert _segments(b"/") == []
+
+
+def test_kick_identities_with_special_characters(tmp_path: Path) -> None:
+    """The CLI quotes the identity; the admin API decodes it (it used to match nothing)."""
+    (tmp_path / "tokens").write_text("".join(f"{who}:t{i}\n" for i, who in enumerate(SPECIAL)))
+    config = {
+        "admin": {"listen": "tcp:0:interface=127.0.0.1"},
+        "auth": {"mode": "token", "tokens_file": str(tmp_path / "tokens")},
+    }
+    with Daemon(tmp_path, config) as daemon:
+        admin = int(daemon.wait_for(ADMIN).group(1))
+        clients = [authed(daemon.port, f"t{i}") for i in range(len(SPECIAL))]
+        try:
+            run = subprocess.run(
+                [HEARTBEAT, "kick", "--identity", SPECIAL[0], "--admin", f"127.0.0.1:{admin}"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            assert run.returncode == 0, run.stderr
+            assert run.stdout.strip() == f"disconnected 1 session(s) of {SPECIAL[0]}"
+            assert clients[0].recv() is None
+            status, answer = http(admin, "DELETE", "/identities/alice%40example.com")
+            assert (status, answer) == (200, {"identity": SPECIAL[1], "disconnected": 1})
+            assert clients[1].recv() is None
         finally:
             for c in clients:
                 c.__exit__()

@@ -215,6 +215,45 @@ def test_the_channels_claim_subscribes_at_connect(clock: Clock, tmp_path: Path) 
     assert peer.received()[-1]["data"]["data"] == "hi"
 
 
+def test_the_channels_claim_goes_through_namespace_permissions(
+    clock: Clock, tmp_path: Path
+) -> None:
+    """The claim stands for a channel token (and an identity), never for ``none``; an unknown
+    namespace is refused with its own code (it used to be ``forbidden``)."""
+    namespaces = {
+        "secret": {"subscribe": "none"},
+        "deal": {"subscribe": "token"},
+        "member": {"subscribe": "authenticated"},
+    }
+    factory = jwt_factory(clock, tmp_path, channels={"namespaces": namespaces})
+    claim = ["secret:x", "deal:1", "member:a", "nowhere:y", "user#bob", "news"]
+    peer, frames = login(factory, token(channels=claim))
+    subscribed = {f["data"]["channel"] for f in frames if f["type"] == "subscribed"}
+    refused = {
+        f["data"]["channel"]: f["data"]["code"] for f in frames if f["type"] == "subscribe_refused"
+    }
+    assert subscribed == {"deal:1", "member:a", "news"}
+    assert refused == {
+        "secret:x": "forbidden",
+        "nowhere:y": "unknown_namespace",
+        "user#bob": "forbidden",
+    }
+    assert set(factory.channels.channels_of(peer.protocol.session_id)) == subscribed
+
+
+def test_claim_pushes_follow_the_auth_reply_on_the_wire(clock: Clock, tmp_path: Path) -> None:
+    """A client that waits for the auth reply (Python ``connect``) then reads the pushes;
+    they used to be written before the reply, batched in the same read."""
+    factory = jwt_factory(clock, tmp_path)
+    peer = Peer(factory, 40000)
+    peer.received()  # the hello
+    auth = {"type": "auth", "id": 1, "data": {"token": token(channels=["news", "user#bob"])}}
+    peer.send(auth, {"type": "ping", "id": 2})  # one read: the replies are batched
+    clock.advance(0)
+    types = [f["type"] for f in peer.received()]
+    assert types == ["auth", "subscribed", "subscribe_refused", "pong"]
+
+
 def channel_token_factory(clock: Clock, tmp_path: Path) -> ServerFactory:
     return jwt_factory(
         clock, tmp_path, channels={"namespaces": {"private": {"subscribe": "token"}}}

@@ -99,9 +99,15 @@ def test_the_client_front_door_loads_no_server_daemon_or_yaml() -> None:
     assert under(loaded, "heartbeatd.server", "heartbeatd.daemon", "yaml") == []
 
 
+#: Every module of the wire, not just its front door: a submodule the package does not import
+#: (say wire/websocket.py) would otherwise be free to import Twisted.
+WIRE_MODULES = under(sorted(MODULES), "heartbeatd.wire")
+
+
 def test_the_wire_loads_no_twisted() -> None:
-    loaded = loaded_modules("import heartbeatd.wire")
-    assert "heartbeatd.wire" in loaded and "heartbeatd" in loaded
+    assert len(WIRE_MODULES) > 1
+    loaded = loaded_modules("import " + ", ".join(WIRE_MODULES))
+    assert set(WIRE_MODULES) <= set(loaded) and "heartbeatd" in loaded
     assert under(loaded, "twisted", "zope") == []
     assert under(loaded, "heartbeatd.server", "heartbeatd.client", "heartbeatd.daemon") == []
 
@@ -109,6 +115,13 @@ def test_the_wire_loads_no_twisted() -> None:
 def test_the_checks_see_a_violation() -> None:
     """The import probe is real: importing the server does load Twisted."""
     assert under(loaded_modules("import heartbeatd.server"), "twisted") != []
+
+
+def test_the_wire_probe_imports_every_submodule() -> None:
+    """A wire submodule that imported Twisted would be loaded (and caught) by the probe."""
+    assert {f"heartbeatd.wire.{p.stem}" for p in (PACKAGE / "wire").glob("[!_]*.py")} <= set(
+        WIRE_MODULES
+    )
 
 
 # -- the static import graph -----------------------------------------------------------------
@@ -196,6 +209,7 @@ FORBIDDEN = {
     ),
     "heartbeatd.websocket": ("heartbeatd.daemon", "heartbeatd.client", "heartbeatd.testing"),
     "heartbeatd.client": (
+        "heartbeatd.config",  # the daemon's YAML schema: the client has its own (client/config)
         "heartbeatd.server",
         "heartbeatd.websocket",
         "heartbeatd.cluster",
@@ -203,6 +217,8 @@ FORBIDDEN = {
         "heartbeatd.testing",
     ),
     "heartbeatd.daemon": ("heartbeatd.testing",),
+    # Test helpers for applications: an in-memory server and a client, never the daemon.
+    "heartbeatd.testing": ("heartbeatd.daemon",),
 }
 SHARED = ("heartbeatd._validation", "heartbeatd._logging", "heartbeatd._direct_write")
 
@@ -238,6 +254,10 @@ def test_imports_point_down(room: str) -> None:
         ("heartbeatd.server.example", "from heartbeatd.websocket.protocol import WebSocketSite"),
         ("heartbeatd.websocket.example", "from heartbeatd.daemon.tls import ServerTLS"),
         ("heartbeatd.wire.example", "from heartbeatd.config import Config"),
+        ("heartbeatd.client.example", "from heartbeatd.config import Config"),
+        ("heartbeatd.client.example", "import heartbeatd.config"),
+        ("heartbeatd.testing", "from heartbeatd.daemon.tap import makeService"),
+        ("heartbeatd.testing", "import heartbeatd.daemon.config"),
     ],
 )
 def test_the_rules_see_an_upward_import(name: str, source: str) -> None:

@@ -579,3 +579,17 @@ def test_shutdown_says_goaway_and_closes_with_1001(tmp_path: Path) -> None:
         recv_type(stays, "goaway")
         assert stays.wait_closed() == (1001, "shutdown")  # the drain is over
         assert daemon.process.wait(20) == 0
+
+
+def test_websocket_listen_with_workers_is_a_config_error_naming_both_keys() -> None:
+    """websocket.md's promise: the WebSocket listener runs in a single process."""
+    from heartbeatd.config import ConfigError, parse_config
+
+    raw = {"workers": 2, "cluster": {"redis": ""}, "websocket": {"listen": "tcp:0"}}
+    with pytest.raises(ConfigError) as raised:
+        parse_config(raw, {"cluster.redis": "redis://127.0.0.1:6379/0"})
+    (line,) = [e for e in raised.value.errors if e.startswith("websocket.listen")]
+    assert "'tcp:0'" in line and "workers: 2" in line
+    parse_config(
+        {**raw, "websocket": {"listen": ""}}, {"cluster.redis": "redis://127.0.0.1:6379/0"}
+    )

@@ -94,7 +94,9 @@ class Interrupt:
 
 
 def install_interrupt(reactor: Any, interrupt: Interrupt) -> None:
-    """Replace the reactor's SIGINT handler: the first Ctrl-C fires ``interrupt``."""
+    """Replace the reactor's SIGINT and SIGTERM handlers: the first Ctrl-C (or a ``kill``,
+    a service manager's stop) fires ``interrupt``, so the command finishes as it does on
+    Ctrl-C instead of the reactor stopping under it (which looked like a lost connection)."""
     count = 0
 
     def handler(signum: int, frame: Any) -> None:
@@ -105,6 +107,7 @@ def install_interrupt(reactor: Any, interrupt: Interrupt) -> None:
         reactor.callFromThread(interrupt.fire)
 
     signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
 
 
 class Context:

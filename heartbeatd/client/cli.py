@@ -569,24 +569,12 @@ async def ping(ctx: Context) -> int:
 
 async def request(ctx: Context) -> int:
     args = ctx.args
-    targets = Targets(ctx.reactor, args.endpoint)
-    conn = await connect_any(ctx, targets)
-    args.endpoint = targets.name  # for the messages below: the one connected to
     if args.no_reply:
+        targets = Targets(ctx.reactor, args.endpoint)
+        conn = await connect_any(ctx, targets)
+        args.endpoint = targets.name  # for the messages of _send_only: the one connected to
         return await _send_only(ctx, conn)
-    try:
-        data = () if args.data is None else (args.data,)
-        interrupted, reply = await ctx.interrupt.until(conn.request(args.type, *data))
-    except ServerError as e:
-        raise CliError(EXIT_SERVER_ERROR, f"server error {e.code}: {e.message}") from None
-    except RequestTimeout:
-        raise CliError(EXIT_TIMEOUT, f"no reply within {args.timeout:g}s") from None
-    except ConnectionClosed as e:
-        raise lost(e, args.endpoint) from None
-    finally:
-        conn.close()
-    if interrupted:
-        raise CliError(EXIT_INTERRUPTED, "interrupted")
+    reply = await _ask(ctx, args.type, *(() if args.data is None else (args.data,)))
     ctx.print(json.dumps(reply, ensure_ascii=False))
     return EXIT_OK
 
@@ -702,13 +690,14 @@ async def _reconnect(
         return conn
 
 
-async def _ask(ctx: Context, type: str, data: Any) -> Any:
-    """One request on a fresh connection; its reply's data, or a `CliError`."""
+async def _ask(ctx: Context, type: str, *data: Any) -> Any:
+    """One request (``data``: none, or its data) on a fresh connection; its reply's data, or
+    a `CliError` with the exit status of each failure (the one mapping for every command)."""
     args = ctx.args
     targets = Targets(ctx.reactor, args.endpoint)
     conn = await connect_any(ctx, targets)
     try:
-        interrupted, reply = await ctx.interrupt.until(conn.request(type, data))
+        interrupted, reply = await ctx.interrupt.until(conn.request(type, *data))
     except ServerError as e:
         raise CliError(EXIT_SERVER_ERROR, f"server error {e.code}: {e.message}") from None
     except RequestTimeout:

@@ -78,6 +78,7 @@ class ClientConnection(Protocol):
         token: str | None = None,
         min_heartbeat_interval: float = 1.0,
         get_token: TokenSource | None = None,
+        on_push: Callable[[str, Any, ClientConnection], object] | None = None,
     ) -> None:
         self.clock = clock
         #: Called for a token (a string, or a Deferred or coroutine of one) when there is no
@@ -118,7 +119,12 @@ class ClientConnection(Protocol):
         self._pending: dict[int, tuple[Deferred[Any], Any]] = {}
         self._next_id = 0
         self._push_handlers: dict[str, list[PushHandler]] = {}
-        self._any_handlers: list[Callable[[str, Any, ClientConnection], object]] = []
+        #: ``on_push`` is registered before any byte arrives, so it also hears the pushes a
+        #: server sends right after the auth reply (a JWT's ``channels`` claim), before
+        #: ``connect`` has resolved.
+        self._any_handlers: list[Callable[[str, Any, ClientConnection], object]] = (
+            [] if on_push is None else [on_push]
+        )
         self._close_callbacks: list[Callable[[ClientConnection, Failure], object]] = []
         self._goaway_callbacks: list[Callable[[ClientConnection, dict[str, Any]], object]] = []
         self._idle_waiters: list[Deferred[None]] = []
@@ -546,7 +552,8 @@ def connect(
     Ready means after the server's hello (and, with ``token=``, its acceptance of the token),
     or at once in seed framing, whose servers send none.  ``tls`` puts TLS under the
     connection (`ClientTLS`).  ``options`` go to `ClientConnection` (``token``,
-    ``expect_hello``, ``heartbeat_interval``...).
+    ``expect_hello``, ``heartbeat_interval``, ``on_push``: a ``handler(type, data,
+    connection)`` that also hears pushes sent right after the auth reply...).
     """
     from twisted.internet.endpoints import clientFromString, connectProtocol
 

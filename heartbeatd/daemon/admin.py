@@ -1,19 +1,11 @@
 """The admin HTTP API (twisted.web): health, metrics, clients, push, disconnect.
 
-The routes are one table (`heartbeatd.daemon.admin_routes`); here are what they do on one
-daemon (`LocalBackend`), and the channel and site that guard them.  Served in the reactor
-thread from our own resources (prometheus-client's bundled Twisted
-resource defers to a thread pool and binds the global reactor).  Bound to 127.0.0.1 by
-default; ``admin.token`` (or ``admin.token_file``) adds a bearer token, compared in constant
-time and never logged.
-
-    GET    /healthz                      200 while serving, 503 while draining (public)
-    GET    /metrics                      Prometheus text format
-    GET    /clients[?recent_evictions=N] connected clients (and the last N closes)
-    POST   /clients/{session}/send       body {"type": ..., "data": ...}: push to one client
-    POST   /broadcast                    body {"type": ..., "data": ...}: push to every client
-    DELETE /clients/{session}            disconnect one client (reason "admin")
-    DELETE /identities/{identity}        disconnect every session of an identity
+The routes are one table, `heartbeatd.daemon.admin_routes.ROUTES` (method, path, handler;
+docs/admin.md describes each); here are what they do on one daemon (`LocalBackend`), and the
+channel and site that guard them.  Served in the reactor thread from our own resources
+(prometheus-client's bundled Twisted resource defers to a thread pool and binds the global
+reactor).  Bound to 127.0.0.1 by default; ``admin.token`` (or ``admin.token_file``) adds a
+bearer token, compared in constant time and never logged.
 
 The token and the body size are checked when the request's headers are complete, before a
 byte of its body is read (`AdminChannel`): an unauthenticated peer cannot make us buffer a

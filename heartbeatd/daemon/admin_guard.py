@@ -26,7 +26,7 @@ from typing import Any
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.web.http import Headers
 
-from heartbeatd.wire.envelope import DEFAULT_MAX_JSON_DEPTH, ProtocolError, decode_json
+from heartbeatd.wire.envelope import DEFAULT_MAX_JSON_DEPTH, TOO_DEEP, ProtocolError, decode_json
 
 __all__ = ["LOOPBACK_NAMES", "AdminGuard", "BadBody", "parse_body"]
 
@@ -125,9 +125,8 @@ def parse_body(data: bytes) -> Any:
         return None
     try:
         return decode_json(data, DEFAULT_MAX_JSON_DEPTH)
-    except ProtocolError as e:
-        if not any(w in e.message.lower() for w in ("recursion", "depth")):  # orjson: nesting
-            raise BadBody(e.code, e.message.split(":", 1)[0]) from None
-    except RecursionError:
-        pass
-    raise BadBody("too_deep", f"the body nests deeper than {DEFAULT_MAX_JSON_DEPTH} levels")
+    except ProtocolError as e:  # decode_json already tells nesting (too_deep) from bad JSON
+        if e.code == TOO_DEEP:
+            text = f"the body nests deeper than {DEFAULT_MAX_JSON_DEPTH} levels"
+            raise BadBody(TOO_DEEP, text) from None
+        raise BadBody(e.code, e.message.split(":", 1)[0]) from None

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+from urllib.parse import unquote_to_bytes
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
@@ -160,8 +161,15 @@ def index_answer() -> Answer:
 
 
 def _segments(path: bytes) -> list[str]:
-    text = path.split(b"?", 1)[0].decode("utf-8", "replace")
-    return [s for s in text.rstrip("/").split("/")[1:]] if text.rstrip("/") else []
+    """The path's segments, each percent-decoded after splitting on ``/``.
+
+    Clients quote identities and session ids (``CN=alice,O=Example`` -> ``CN%3Dalice%2CO%3D...``);
+    decoding after the split keeps an encoded ``%2F`` inside its segment.
+    """
+    raw = path.split(b"?", 1)[0].rstrip(b"/")
+    if not raw:
+        return []
+    return [unquote_to_bytes(s).decode("utf-8", "replace") for s in raw.split(b"/")[1:]]
 
 
 class AdminApi(Resource):

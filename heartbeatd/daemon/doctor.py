@@ -23,6 +23,7 @@ heartbeatd.daemon.doctor``.  The per-connection figures are measured (docs/tunin
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import resource
@@ -303,17 +304,25 @@ def check_memory(config: Config, machine: Machine) -> list[Check]:
 
 
 def daemon_address(config: Config) -> tuple[str, int] | None:
-    """host and port of a ``tcp:`` listen string (None for unix: and systemd:)."""
-    parts = config.listen.split(":")
-    if parts[0].lower() not in ("tcp", "tcp6") or len(parts) < 2:
+    """host and port of a ``tcp:``/``tcp6:`` listen string (None for unix: and systemd:).
+
+    Parsed by Twisted's own endpoint-string parser, so escapes (``interface=\\:\\:1``) and
+    keyword arguments in any order (``tcp:interface=...:port=9000``) read as the daemon reads
+    them; a wildcard interface is probed on the loopback of its family."""
+    from twisted.internet.endpoints import _parse  # the parser serverFromString uses
+
+    try:
+        args, kwargs = _parse(config.listen)
+    except Exception:  # a string the daemon would refuse too: nothing to probe
         return None
-    port = parts[1].split("=")[-1] if parts[1].startswith("port=") else parts[1]
-    host = "127.0.0.1"
-    for part in parts[2:]:
-        if part.startswith("interface="):
-            host = part.split("=", 1)[1] or host
+    if not args or args[0].lower() not in ("tcp", "tcp6"):
+        return None
+    v6 = args[0].lower() == "tcp6"
+    port = kwargs.get("port", args[1] if len(args) > 1 else "")
+    host = kwargs.get("interface", args[2] if len(args) > 2 else "")
     if host in ("0.0.0.0", "::", ""):
-        host = "127.0.0.1"
+        host = "::1" if v6 else "127.0.0.1"
+    port = str(port)
     return (host, int(port)) if port.isdigit() and int(port) else None
 
 
@@ -403,6 +412,34 @@ def diagnose(config: Config, machine: Machine, sample: float = 0.0) -> list[Chec
     ]
 
 
+#: The longest --sample: the doctor sleeps that long between two readings.
+MAX_SAMPLE = 3600.0
+
+
+def _sample(text: str) -> float:
+    """``--sample``: a finite number of seconds in 0..MAX_SAMPLE (argparse exits 2 otherwise)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or not 0 <= value <= MAX_SAMPLE:
+        raise argparse.ArgumentTypeError(
+            f"a number of seconds from 0 to {MAX_SAMPLE:g}, not {text!r}"
+        )
+    return value
+
+
+def _limit(text: str) -> int:
+    """``--limit-nofile``: a positive whole number of descriptors."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"a positive number of open files, not {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="heartbeat doctor",
@@ -413,14 +450,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", "-c", metavar="FILE", help="the daemon's YAML file")
     parser.add_argument(
         "--limit-nofile",
-        type=int,
+        type=_limit,
         metavar="N",
         help="check against this open-file limit (the unit's LimitNOFILE=) instead of this "
         "shell's hard limit",
     )
     parser.add_argument(
         "--sample",
-        type=float,
+        type=_sample,
         default=0.0,
         metavar="SECONDS",
         help="with a daemon running, read the kernel's drop counters twice, this far apart",

@@ -78,6 +78,21 @@ def _with_zeros(counts: Counter[str], known: Iterable[str]) -> list[tuple[str, i
     return sorted({**dict.fromkeys(known, 0), **counts}.items())
 
 
+def _labelled(
+    kind: type[CounterMetricFamily] | type[GaugeMetricFamily],
+    name: str,
+    documentation: str,
+    label: str,
+    counts: Counter[str],
+    known: Iterable[str],
+) -> CounterMetricFamily | GaugeMetricFamily:
+    """A family with one label whose every known value is shown, at zero until counted."""
+    family = kind(name, documentation, labels=[label])
+    for value, count in _with_zeros(counts, known):
+        family.add_metric([value], count)
+    return family
+
+
 class FactoryCollector(Collector):
     """Exports a `ServerFactory`'s state as ``heartbeatd_*`` metrics."""
 
@@ -98,14 +113,14 @@ class FactoryCollector(Collector):
         yield GaugeMetricFamily(
             "heartbeatd_connections", "Clients connected now.", value=len(f.clients)
         )
-        by_listener = GaugeMetricFamily(
+        yield _labelled(
+            GaugeMetricFamily,
             "heartbeatd_connections_by_listener",
             "Clients connected now, by listener (tcp, tls, websocket, websocket+tls).",
-            labels=["listener"],
+            "listener",
+            f.by_listener,
+            LISTENERS,
         )
-        for listener, count in _with_zeros(f.by_listener, LISTENERS):
-            by_listener.add_metric([listener], count)
-        yield by_listener
         yield CounterMetricFamily(
             "heartbeatd_connections_accepted", "Connections accepted.", value=f.accepted
         )
@@ -114,54 +129,58 @@ class FactoryCollector(Collector):
             "Connections refused at any limit (see _by_reason).",
             value=f.refused,
         )
-        refused = CounterMetricFamily(
+        yield _labelled(
+            CounterMetricFamily,
             "heartbeatd_connections_refused_by_reason",
             "Connections refused, by limit (max_connections, per_address_connections, "
             "per_address_rate; file_descriptors: closed unanswered on EMFILE).",
-            labels=["reason"],
+            "reason",
+            f.refusals,
+            REFUSAL_REASONS,
         )
-        for reason, count in _with_zeros(f.refusals, REFUSAL_REASONS):
-            refused.add_metric([reason], count)
-        yield refused
         yield GaugeMetricFamily(
             "heartbeatd_connection_limit",
             "Connections this process may hold: limits.max_connections, capped by the "
             "open-file limit.",
             value=f.max_connections,
         )
-        accept_errors = CounterMetricFamily(
+        yield _labelled(
+            CounterMetricFamily,
             "heartbeatd_accept_errors",
             "accept() failures, by errno (EMFILE: out of file descriptors).",
-            labels=["error"],
+            "error",
+            f.accept_errors,
+            ACCEPT_ERRORS,
         )
-        for error, count in _with_zeros(f.accept_errors, ACCEPT_ERRORS):
-            accept_errors.add_metric([error], count)
-        yield accept_errors
         yield CounterMetricFamily(
             "heartbeatd_close_timeouts",
             "Polite closes aborted after shutdown.close_timeout: the peer did not read them.",
             value=f.close_timeouts,
         )
-        evicted = CounterMetricFamily(
-            "heartbeatd_evicted", "Clients closed by the server, by reason.", labels=["reason"]
+        yield _labelled(
+            CounterMetricFamily,
+            "heartbeatd_evicted",
+            "Clients closed by the server, by reason.",
+            "reason",
+            f.closes,
+            EVICTION_REASONS,
         )
-        for reason, count in _with_zeros(f.closes, EVICTION_REASONS):
-            evicted.add_metric([reason], count)
-        yield evicted
-        errors = CounterMetricFamily(
-            "heartbeatd_errors", "Error frames sent, by code.", labels=["code"]
+        yield _labelled(
+            CounterMetricFamily,
+            "heartbeatd_errors",
+            "Error frames sent, by code.",
+            "code",
+            f.errors,
+            ERROR_CODES,
         )
-        for code, count in _with_zeros(f.errors, ERROR_CODES):
-            errors.add_metric([code], count)
-        yield errors
-        foreign = CounterMetricFamily(
+        yield _labelled(
+            CounterMetricFamily,
             "heartbeatd_foreign_protocol",
             "Connections whose first bytes were another protocol's, by kind.",
-            labels=["kind"],
+            "kind",
+            f.foreign,
+            sniff.DESCRIPTIONS,
         )
-        for kind, count in _with_zeros(f.foreign, sniff.DESCRIPTIONS):
-            foreign.add_metric([kind], count)
-        yield foreign
         yield GaugeMetricFamily(
             "heartbeatd_partial_frame_bytes",
             "Bytes held by all clients' unfinished frames (limits.max_partial_frame_bytes).",
@@ -229,14 +248,14 @@ class FactoryCollector(Collector):
             sum_value=f.rtt_sum,
         )
         if self.admin_refused is not None:
-            refused = CounterMetricFamily(
+            yield _labelled(
+                CounterMetricFamily,
                 "heartbeatd_admin_refused",
                 "Admin requests refused before their body was read, by HTTP status.",
-                labels=["status"],
+                "status",
+                self.admin_refused,
+                ADMIN_REFUSALS,
             )
-            for status, count in _with_zeros(self.admin_refused, ADMIN_REFUSALS):
-                refused.add_metric([status], count)
-            yield refused
 
 
 def registry_for(

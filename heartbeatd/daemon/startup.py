@@ -11,6 +11,7 @@ twistd passes on at most 100 bytes of it, and the daemon's own stderr is ``/dev/
 then, so `LaunchStderr` keeps a copy of the stderr twistd was started with (taken in
 ``makeService``, before the fork) and writes the whole reason there; it is closed as soon as
 the daemon has started, so a caller reading our stderr to its end is not kept waiting.
+In the foreground without ``--logfile`` the log is already on the terminal: nothing more.
 """
 
 from __future__ import annotations
@@ -44,12 +45,20 @@ class LaunchStderr:
         # os.dup's copy is not inherited by children (workers), only kept by us.
         self._fd: int | None = os.dup(2) if fd is None else fd
         self._twistd_options = twistd_options
+        # In the foreground with no --logfile, the log line itself reaches the terminal (or
+        # the journal): writing the message to stderr too printed it twice.
+        options = twistd_options if twistd_options is not None else {}
+        self._log_is_here = bool(options.get("nodaemon")) and options.get("logfile") in (
+            None,
+            "",
+            "-",
+        )
 
     def fail(self, message: str) -> StartupError:
         """Log ``message``, write it to the launching stderr, and return the error to raise."""
         log.error("{message}", message=message)
         self._remove_pidfile()
-        if self._fd is not None:
+        if self._fd is not None and not self._log_is_here:
             with contextlib.suppress(OSError):  # a closed terminal: the log has it
                 os.write(self._fd, message.encode("utf-8", "backslashreplace") + b"\n")
         self.close()

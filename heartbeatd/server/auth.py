@@ -272,7 +272,12 @@ class _Guarded(Protocol):
     close_reason: str | None
 
     def auth_succeeded(
-        self, identity: str, reply: bytes, held: list[Message], digest: bytes = b""
+        self,
+        identity: str,
+        reply: bytes,
+        held: list[Message],
+        digest: bytes = b"",
+        then: Callable[[], None] | None = None,
     ) -> None: ...
 
     def auth_refused(self, code: str, message: str, id: Any, reason: str) -> None: ...
@@ -376,20 +381,22 @@ class AuthGate:
         )
         if verified is not None:
             conn.claims = verified.claims  # type: ignore[attr-defined]
+        after_login = self._authenticator.after_login
+        then = None
+        if verified is not None and after_login is not None:
+            claimed = verified
+
+            def then() -> None:  # after the auth reply is written: its pushes follow it
+                if conn.connected and conn.close_reason is None:
+                    after_login(conn, claimed)
+
         conn.auth_succeeded(
             identity,
             encode_message("auth", {"identity": identity}, message.id),
             held,
             self._digest,
+            then,
         )
-        after_login = self._authenticator.after_login
-        if (
-            verified is not None
-            and after_login is not None
-            and conn.connected
-            and conn.close_reason is None
-        ):
-            after_login(conn, verified)
 
     def _check_failed(self, failure: Failure, message: Message) -> None:
         conn = self._connection

@@ -23,6 +23,7 @@ UNIX sockets) and the WebSocket one (`heartbeatd.websocket.protocol`).  What the
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from inspect import iscoroutine
 from typing import Any
 
@@ -391,9 +392,17 @@ class Connection(Protocol):
     # -- authentication (the gate in heartbeatd.server.auth calls these) --------------------
 
     def auth_succeeded(
-        self, identity: str, reply: bytes, held: list[envelope.Message], digest: bytes = b""
+        self,
+        identity: str,
+        reply: bytes,
+        held: list[envelope.Message],
+        digest: bytes = b"",
+        then: Callable[[], None] | None = None,
     ) -> None:
-        """The token was accepted: answer, open the fast path, then run what was held."""
+        """The token was accepted: answer, open the fast path, then run what was held.
+
+        ``then`` runs once the reply is written (a JWT's ``channels`` claim pushes
+        ``subscribed``/``subscribe_refused``: a client reads them after the ``auth`` reply)."""
         self.identity = identity
         if digest:  # re-checked when the tokens file is reloaded (ServerFactory.revalidate)
             self.factory.credentials[self.session_id] = (identity, digest)
@@ -403,6 +412,13 @@ class Connection(Protocol):
         if not self.factory.client_identified(self):  # limits.max_connections_per_identity
             return
         self._emit(reply)
+        if then is not None:
+            batch = self._batch
+            if batch and not self._pending:  # inside dataReceived: the reply goes out first
+                ready = batch[:]
+                batch.clear()
+                self._write_many(ready)
+            then()
         for message in held:
             if not self.connected or self.close_reason is not None:
                 return

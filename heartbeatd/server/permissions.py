@@ -145,16 +145,22 @@ class Permissions:
     # -- checks -------------------------------------------------------------------------------
 
     def check(
-        self, client: _Client, action: str, channel: str, data: Any = None
+        self, client: _Client, action: str, channel: str, data: Any = None, claimed: bool = False
     ) -> Deferred[None] | None:
         """May ``client`` do ``action`` on ``channel``?  None: yes; raises `HandlerError`: no;
-        a Deferred: the authorizer decides (it fires None or fails with `HandlerError`)."""
+        a Deferred: the authorizer decides (it fires None or fails with `HandlerError`).
+
+        ``claimed``: the channel is named by the login JWT's signed ``channels`` claim, which
+        stands for a channel ``token`` (and an identity); ``none`` still refuses and an
+        ``authorizer`` is still asked."""
         rule = self.rule(channel)
         if "#" in channel and not self.personal_allows(client, channel):
             self._refused(client, action, channel, FORBIDDEN, "personal channel")
             raise HandlerError(FORBIDDEN, f"{channel!r} is a personal channel of other identities")
         permission: str = getattr(rule, action)
         if permission == "any":
+            return None
+        if claimed and action == "subscribe" and permission in ("token", "authenticated"):
             return None
         if permission == "authenticated":
             if client.identity is not None:

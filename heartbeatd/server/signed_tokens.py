@@ -286,25 +286,31 @@ class Lifetimes:
 
 def after_login(client: Any, verified: Verified) -> None:
     """A JWT login succeeded (the auth reply is out): keep its claims, watch its ``exp`` and
-    subscribe the channels its ``channels`` claim names."""
+    subscribe the channels its ``channels`` claim names.
+
+    Each claimed channel goes through the subscribe permission check (`Permissions.check`
+    with ``claimed``: the signed claim satisfies ``token`` and ``authenticated``, not ``none``);
+    a refusal is pushed as ``subscribe_refused`` with the check's own code."""
     factory = client.factory
     client.claims = verified.claims
     factory.lifetimes.watch(client, verified.exp)
     hub = factory.channels
     for channel in verified.channels[: factory.config.channels.max_per_connection]:
         try:
-            hub.check_channel(channel)
-            hub.permissions.rule(channel)
-            allowed = hub.permissions.personal_allows(client, channel)
-        except HandlerError:
-            allowed = False
-        if not allowed:
-            client.send("subscribe_refused", {"channel": channel, "code": "forbidden"})
+            name = hub.check_channel(channel)
+            checked = hub.permissions.check(
+                client, "subscribe", name, {"channel": name}, claimed=True
+            )
+        except HandlerError as e:
+            client.send("subscribe_refused", {"channel": channel, "code": e.code})
             continue
-        d = hub.subscribe(client, channel)
+        if checked is None:
+            d = hub.subscribe(client, name)
+        else:
+            d = checked.addCallback(lambda _, name=name: hub.subscribe(client, name))
         d.addCallbacks(
             lambda answer: client.send("subscribed", answer),
-            lambda failure, channel=channel: client.send(
+            lambda failure, channel=name: client.send(
                 "subscribe_refused",
                 {
                     "channel": channel,

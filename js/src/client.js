@@ -242,7 +242,7 @@ export class Client extends Emitter {
     const conn = this.connection;
     if (!this.options.getToken || conn === null) return;
     try {
-      const token = await this.options.getToken();
+      const token = await this._askToken();
       if (typeof token !== 'string' || token === '') throw new TypeError('getToken() gave no token');
       if (this.connection === conn && conn.usable) await conn.request('refresh', { token });
     } catch (error) {
@@ -347,7 +347,7 @@ export class Client extends Emitter {
     });
     this.connection = conn;
     try {
-      const token = this.options.getToken ? await this.options.getToken() : this.options.token;
+      const token = this.options.getToken ? await this._askToken() : this.options.token;
       if (this.state === 'closed') throw new ConnectionError('the client is closed');
       await conn.open(token ?? undefined);
       if (this.state === 'closed') throw new ConnectionError('the client is closed');
@@ -365,6 +365,21 @@ export class Client extends Emitter {
     this._flushQueue(conn);
     this.emit('connected', { url: this.url, hello: conn.hello, identity: conn.identity });
     this._settleOpen(null);
+  }
+
+  /**
+   * getToken()'s answer within options.timeout: a getToken that never settles (a stuck login
+   * service) would otherwise hold the attempt forever, with no error and no retry.
+   */
+  _askToken() {
+    const ms = this.options.timeout;
+    let timer;
+    const deadline = new Promise((_, reject) => {
+      timer = setTimeout(() => reject(new TimeoutError(`getToken() gave no token within ${ms} ms`)), ms);
+    });
+    return Promise.race([Promise.resolve().then(() => this.options.getToken()), deadline]).finally(() =>
+      clearTimeout(timer),
+    );
   }
 
   _attemptFailed(error) {

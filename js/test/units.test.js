@@ -164,6 +164,44 @@ test('connect() to nothing rejects with a ConnectionError; the client is closed'
   await assert.rejects(connect(`tcp://127.0.0.1:${port}`, { timeout: 2000 }), ConnectionError);
 });
 
+test('a getToken() that never settles times out: an error event, then a retry after backoff', { timeout: 5000 }, async () => {
+  const net = await import('node:net');
+  const server = net.createServer((s) => s.destroy());
+  await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
+  let asked = 0;
+  const getToken = () => {
+    asked += 1;
+    return asked === 1 ? new Promise(() => {}) : Promise.reject(new Error('login service down'));
+  };
+  const client = new Client(`tcp://127.0.0.1:${server.address().port}`, {
+    getToken,
+    timeout: 200,
+    minReconnectDelay: 10,
+    maxReconnectDelay: 20,
+  });
+  const errors = [];
+  const twoErrors = new Promise((resolve) => {
+    client.on('error', (error) => {
+      errors.push(error);
+      if (errors.length === 2) resolve();
+    });
+  });
+  try {
+    const started = performance.now();
+    client.open().catch(() => {});
+    await twoErrors;
+    assert.ok(performance.now() - started < 2000);
+    assert.ok(errors[0] instanceof TimeoutError, String(errors[0]));
+    assert.match(errors[0].message, /getToken\(\) gave no token within 200 ms/);
+    assert.equal(errors[1].message, 'login service down'); // a rejection: the same path
+    assert.equal(asked, 2);
+    assert.notEqual(client.state, 'connected');
+  } finally {
+    await client.close();
+    await new Promise((resolve) => server.close(resolve));
+  }
+});
+
 test('a server that never says hello: connect() times out', async () => {
   const net = await import('node:net');
   const sockets = [];
