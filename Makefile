@@ -45,18 +45,19 @@ test-oldest: $(OLDEST_STAMP) redis-server chromium promtool
 	HEARTBEATD_OLDEST=1 $(OLDEST)/bin/python -m pytest -q -n $(PYTEST_WORKERS) -p no:cacheprovider \
 		--ignore=tests/test_lint.py --ignore=tests/test_bench_smoke.py \
 		--ignore=tests/test_cluster_bench_smoke.py --ignore=tests/test_workers_bench_smoke.py \
-		--ignore=tests/test_fanout_bench_smoke.py \
+		--ignore=tests/test_fanout_bench_smoke.py --ignore=tests/test_soak_smoke.py \
 		--ignore=tests/test_js_client.py --ignore=tests/test_js_browser.py
 
-# The cluster tests start their own redis-server; install it when missing (as root, Debian).
+# The cluster tests start their own redis-server (and, for failover, redis-sentinel); install
+# them when missing (as root, Debian).
 redis-server:
-	@command -v redis-server >/dev/null 2>&1 || { \
-	  echo "redis-server is missing; installing the Debian package (needs root and apt-get)"; \
-	  (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null 2>&1 || \
-	   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server)) || { \
-	    echo "Could not install redis-server. Install it yourself, e.g."; \
-	    echo "  sudo apt-get install redis-server   (Debian/Ubuntu)"; \
-	    echo "  brew install redis                   (macOS)"; exit 1; }; }
+	@{ command -v redis-server && command -v redis-sentinel; } >/dev/null 2>&1 || { \
+	  echo "redis-server or redis-sentinel is missing; installing the Debian packages (needs root and apt-get)"; \
+	  (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=300 redis-server redis-sentinel >/dev/null 2>&1 || \
+	   (apt-get update -qq -o DPkg::Lock::Timeout=300 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=300 redis-server redis-sentinel)) || { \
+	    echo "Could not install redis-server and redis-sentinel. Install them yourself, e.g."; \
+	    echo "  sudo apt-get install redis-server redis-sentinel   (Debian/Ubuntu)"; \
+	    echo "  brew install redis                                 (macOS)"; exit 1; }; }
 
 # The browser tests (tests/browser.py) run headless Chromium; install it when missing.
 chromium:

@@ -14,6 +14,12 @@ Publishers are one connection per node sending ``publish`` (``channels.client_pu
 subscribers use heartbeatd's client library (`heartbeatd.client.channels`).
 
     .venv/bin/python bench/cluster.py [--rates 500 5000] [--seconds 5] [--json out.json]
+
+``--pin nodes=0,redis=1,driver=1`` pins the processes to CPUs (``sched_setaffinity``, as
+``taskset`` does): ``nodes``, ``node0``, ``node1``..., ``redis`` and ``driver`` (this
+process), each a CPU list (``0``, ``0-1``, ``0,2``).  ``--nodes 2`` runs two daemons, and
+``--latency-only`` skips the failure phases.  Each latency figure comes with the load average
+before and after it, and the CPU each process spent per publication (Redis too).
 """
 
 from __future__ import annotations
@@ -139,9 +145,44 @@ async def drain() -> None:
     await sleep(DRAIN)
 
 
-async def latency_phase(nodes: list[Any], rate: int, seconds: float) -> dict[str, Any]:
+def cpu_list(text: str) -> set[int]:
+    cpus: set[int] = set()
+    for part in text.split("+"):
+        low, _, high = part.partition("-")
+        cpus.update(range(int(low), int(high or low) + 1))
+    return cpus
+
+
+def pin(spec: str, nodes: list[Any], redis: RedisServer) -> dict[str, list[int]]:
+    """Apply ``role=cpus,...`` (see the module docstring); return what was pinned."""
+    done: dict[str, list[int]] = {}
+    for item in filter(None, spec.split(",")):
+        role, _, cpus_text = item.partition("=")
+        cpus = cpu_list(cpus_text)
+        if role == "nodes":
+            targets = {f"node{i}": n.daemon.process.pid for i, n in enumerate(nodes)}
+        elif role.startswith("node"):
+            targets = {role: nodes[int(role[4:])].daemon.process.pid}
+        elif role == "redis":
+            assert redis.process is not None
+            targets = {"redis": redis.process.pid}
+        elif role == "driver":
+            targets = {"driver": os.getpid()}
+        else:
+            raise SystemExit(f"--pin: unknown role {role!r}")
+        for name, pid in targets.items():
+            os.sched_setaffinity(pid, cpus)
+            done[name] = sorted(cpus)
+    return done
+
+
+async def latency_phase(
+    nodes: list[Any], rate: int, seconds: float, redis_pid: int | None = None
+) -> dict[str, Any]:
     ports = [n.port for n in nodes]
     pids = [n.daemon.process.pid for n in nodes]
+    load_before = os.getloadavg()[0]
+    redis_before = cpu_seconds(redis_pid) if redis_pid else 0.0
     channel = f"lat{rate}"
     subs = [Subscriber(f"s{i}", channel) for i in range(len(ports))]
     for s, port in zip(subs, ports, strict=True):
@@ -154,6 +195,7 @@ async def latency_phase(nodes: list[Any], rate: int, seconds: float) -> dict[str
     await drain()
     cpu = [cpu_seconds(pid) for pid in pids] + [cpu_seconds(os.getpid())]
     cpu = [after - before for after, before in zip(cpu, cpu_before, strict=True)]
+    redis_cpu = cpu_seconds(redis_pid) - redis_before if redis_pid else 0.0
     acked: dict[int, float] = {}
     for p in pubs:
         acked.update({o: t for o, (_, t) in p.acked.items()})
@@ -175,7 +217,10 @@ async def latency_phase(nodes: list[Any], rate: int, seconds: float) -> dict[str
         # driver (publishers and all subscribers); capacity on one core = 1e6 / these.
         "daemon_cpu_us_per_pub": [round(c * 1e6 / max(1, len(acked)), 1) for c in cpu[:-1]],
         "driver_cpu_us_per_pub": round(cpu[-1] * 1e6 / max(1, len(acked)), 1),
+        "redis_cpu_us_per_pub": round(redis_cpu * 1e6 / max(1, len(acked)), 1),
         "errors": {k: v for p in pubs for k, v in p.errors.items()},
+        "load1_before": round(load_before, 2),
+        "load1_after": round(os.getloadavg()[0], 2),
     }
 
 
@@ -290,7 +335,11 @@ class Node:
         self.admin = int(daemon.wait_for(ADMIN).group(1))
 
 
-def start_nodes(tmp: Path, redis: RedisServer, count: int = 3) -> list[Node]:
+def start_nodes(
+    tmp: Path, redis: RedisServer, count: int = 3, profile: Path | None = None
+) -> list[Node]:
+    """Start the daemons; with ``profile``, node0 runs under cProfile (twistd --profile) and
+    writes its statistics there when it stops."""
     nodes = []
     for i in range(count):
         directory = tmp / f"node{i}"
@@ -302,6 +351,8 @@ def start_nodes(tmp: Path, redis: RedisServer, count: int = 3) -> list[Node]:
             "cluster": {"redis": redis.url, "node_id": f"node{i}", "node_timeout": NODE_TIMEOUT},
         }
         daemon = Daemon(directory, config)
+        if profile is not None and i == 0:
+            daemon.argv[1:1] = [f"--profile={profile}", "--profiler=cprofile", "--savestats"]
         try:
             daemon.__enter__()
             nodes.append(Node(daemon))
@@ -317,12 +368,19 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp())
     results: dict[str, Any] = {"latency": []}
     with RedisServer(tmp / "redis") as redis:
-        nodes = start_nodes(tmp, redis)
+        nodes = start_nodes(tmp, redis, args.nodes, args.profile)
         try:
+            if args.pin:
+                results["pinned"] = pin(args.pin, nodes, redis)
             await sleep(1)
+            assert redis.process is not None
             for rate in args.rates:
-                results["latency"].append(await latency_phase(nodes, rate, args.seconds))
+                results["latency"].append(
+                    await latency_phase(nodes, rate, args.seconds, redis.process.pid)
+                )
                 print(json.dumps(results["latency"][-1]), flush=True)
+            if args.latency_only:
+                return results
             results["kill"] = await kill_phase(nodes, args.kill_rate, args.seconds)
             print(json.dumps(results["kill"]), flush=True)
             results["redis_restart"] = await redis_phase(
@@ -330,6 +388,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             )
             print(json.dumps(results["redis_restart"]), flush=True)
         finally:
+            if args.profile is not None:  # a clean stop writes the statistics
+                nodes[0].daemon.stop(signal.SIGTERM)
             for n in nodes:
                 n.daemon.__exit__()
     return results
@@ -342,6 +402,10 @@ def main() -> None:
     parser.add_argument("--kill-rate", type=int, default=1000)
     parser.add_argument("--redis-down", type=float, default=5.0)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--nodes", type=int, default=3)
+    parser.add_argument("--pin", default="", help="e.g. nodes=0,redis=1,driver=1")
+    parser.add_argument("--latency-only", action="store_true")
+    parser.add_argument("--profile", type=Path, help="node0's cProfile statistics go here")
     parser.add_argument("--quick", action="store_true", help="tiny run, for the smoke test")
     args = parser.parse_args()
     if args.quick:

@@ -146,7 +146,8 @@ def build(
             continue
         value = raw[name]
         path = prefix + name
-        section = (sections or {}).get(name)
+        # A nested section: named by the caller (the top level's) or by the field itself.
+        section = (sections or {}).get(name) or f.metadata.get("section")
         if section is not None:
             if value is None:
                 continue

@@ -49,6 +49,7 @@ __all__ = [
     "LogConfig",
     "NamespaceConfig",
     "SeedConfig",
+    "SentinelConfig",
     "ShutdownConfig",
     "TcpConfig",
     "TlsConfig",
@@ -652,6 +653,52 @@ class ChannelsConfig:
     )
 
 
+def _host_port(value: Any) -> tuple[str, int] | None:
+    """``host:port`` or ``[v6]:port`` -> (host, port); None when it is neither."""
+    if not isinstance(value, str) or ":" not in value:
+        return None
+    host, _, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host or not port.isdigit() or not 0 < int(port) < 65536 or " " in host:
+        return None
+    return host, int(port)
+
+
+def _sentinel_addresses(value: Any) -> str | None:
+    ok = isinstance(value, list) and all(_host_port(v) is not None for v in value)
+    return None if ok else "a list of host:port (e.g. [10.0.0.1:26379, 10.0.0.2:26379])"
+
+
+@dataclass(frozen=True)
+class SentinelConfig:
+    """Redis through Sentinel: the nodes ask the sentinels where the master is (docs/cluster.md)."""
+
+    addresses: tuple[str, ...] = field(
+        default=(),
+        metadata=check(_sentinel_addresses, "host:port of each sentinel; empty: no Sentinel"),
+    )
+    service: str = field(
+        default="", metadata=check(string, "the master's name in the sentinels' config")
+    )
+    db: int = field(default=0, metadata=check(int_range(0, 1_000_000), "database number"))
+    password: str = field(
+        default="",
+        metadata=check(string, "the master's (and replicas') password; '' for none", shown=hidden),
+    )
+    sentinel_password: str = field(
+        default="",
+        metadata=check(string, "the sentinels' own password; '' for none", shown=hidden),
+    )
+
+    def __repr__(self) -> str:  # passwords never reach logs or diffs
+        return (
+            f"SentinelConfig(addresses={self.addresses!r}, service={self.service!r}, "
+            f"db={self.db!r}, password={'***' if self.password else ''!r}, "
+            f"sentinel_password={'***' if self.sentinel_password else ''!r})"
+        )
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
     redis: str = field(
@@ -672,18 +719,22 @@ class ClusterConfig:
         metadata=check(_node_id, "prefix of every Redis key, so clusters can share a Redis"),
     )
     command_timeout: float = field(
-        default=5.0, metadata=check(positive_number, "seconds Redis gets to answer a heartbeat")
+        default=5.0, metadata=check(positive_number, "seconds Redis gets to answer a command")
+    )
+    sentinel: SentinelConfig = field(
+        default_factory=SentinelConfig, metadata={"section": SentinelConfig}
     )
 
-    def __repr__(self) -> str:  # a password in the URL never reaches logs or diffs
-        from urllib.parse import urlsplit
+    @property
+    def enabled(self) -> bool:
+        """True when this daemon is a cluster node (``redis`` or ``sentinel`` is set)."""
+        return bool(self.redis or self.sentinel.addresses)
 
-        parts = urlsplit(self.redis)
-        redis = redact_url(self.redis) if parts.password else self.redis
+    def __repr__(self) -> str:  # a password in the URL never reaches logs or diffs
         return (
-            f"ClusterConfig(redis={redis!r}, node_id={self.node_id!r}, "
+            f"ClusterConfig(redis={redact_url(self.redis)!r}, node_id={self.node_id!r}, "
             f"node_timeout={self.node_timeout!r}, namespace={self.namespace!r}, "
-            f"command_timeout={self.command_timeout!r})"
+            f"command_timeout={self.command_timeout!r}, sentinel={self.sentinel!r})"
         )
 
 
@@ -759,6 +810,7 @@ _SECTIONS: dict[str, type] = {
 
 def _cross_checks(config: Config, errors: list[str]) -> None:
     _admin_checks(config.admin, errors)
+    _cluster_checks(config.cluster, errors)
     hb = config.heartbeat
     if hb.timeout <= hb.interval:
         errors.append(
@@ -885,6 +937,26 @@ def endpoint_is_loopback(description: str) -> bool:
         return False
 
 
+def _cluster_checks(cluster: ClusterConfig, errors: list[str]) -> None:
+    sentinel = cluster.sentinel
+    if cluster.redis and sentinel.addresses:
+        errors.append(
+            f"cluster.redis: {redact_url(cluster.redis)!r} is not allowed "
+            "with cluster.sentinel.addresses; expected one of them: cluster.redis for one "
+            "Redis server, cluster.sentinel for Redis with Sentinel failover"
+        )
+    if sentinel.addresses and not sentinel.service:
+        errors.append(
+            "cluster.sentinel.service: '' is not allowed with cluster.sentinel.addresses; "
+            "expected the master's name in the sentinels' config (sentinel monitor NAME ...)"
+        )
+    if sentinel.service and not sentinel.addresses:
+        errors.append(
+            f"cluster.sentinel.service: {sentinel.service!r} is not allowed without "
+            "cluster.sentinel.addresses; expected '' or also list the sentinels (host:port)"
+        )
+
+
 def private_unix_endpoint(description: str) -> str:
     """A ``unix:`` server endpoint with ``mode=600`` unless it names a mode (Twisted's default
     is 0666: any local user could call the admin API without a token)."""
@@ -901,10 +973,11 @@ def worker_node_id(base: str, index: int) -> str:
 
 def _worker_checks(config: Config, errors: list[str]) -> None:
     n = config.workers
-    if not config.cluster.redis:
+    if not config.cluster.enabled:
         errors.append(
             f"workers: {n} is not allowed without cluster.redis; expected 1, or set "
-            "cluster.redis (redis://host:port/db) so the workers form a cluster "
+            "cluster.redis (redis://host:port/db) or cluster.sentinel so the workers form a "
+            "cluster "
             "(push, broadcast, presence and channels span them)"
         )
     listen = config.listen
@@ -924,13 +997,18 @@ def _worker_checks(config: Config, errors: list[str]) -> None:
         )
 
 
+def _copy_mappings(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of nested mappings, so overrides never write into the caller's."""
+    return {k: (_copy_mappings(v) if isinstance(v, Mapping) else v) for k, v in raw.items()}
+
+
 def parse_config(raw: Any, overrides: Mapping[str, Any] | None = None) -> Config:
     """Build a `Config` from parsed YAML plus dotted-key overrides; raise `ConfigError`."""
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
         raise ConfigError([f"<top level>: expected a mapping of keys, got {type(raw).__name__}"])
-    merged: dict[str, Any] = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in raw.items()}
+    merged: dict[str, Any] = _copy_mappings(raw)
     for dotted, value in (overrides or {}).items():
         target = merged
         *parents, leaf = dotted.split(".")

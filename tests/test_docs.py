@@ -328,6 +328,9 @@ def schema_defaults(cls: type, prefix: str = "") -> dict[str, Any]:
         if cls is Config and f.name in _SECTIONS:
             out.update(schema_defaults(_SECTIONS[f.name], f"{f.name}."))
             continue
+        if "section" in f.metadata:  # nested (cluster.sentinel)
+            out.update(schema_defaults(f.metadata["section"], f"{prefix}{f.name}."))
+            continue
         default = f.default
         if default is dataclasses.MISSING and f.default_factory is not dataclasses.MISSING:
             default = f.default_factory()

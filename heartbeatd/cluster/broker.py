@@ -11,7 +11,6 @@ Publication data crosses the broker as JSON text, encoded once by the publisher.
 
 from __future__ import annotations
 
-import json
 import secrets
 from collections import deque
 from collections.abc import Callable
@@ -19,6 +18,8 @@ from typing import Any, NamedTuple, Protocol
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
+
+from heartbeatd.wire.envelope import ProtocolError, decode_json
 
 __all__ = [
     "BadBrokerMessage",
@@ -73,13 +74,16 @@ class BadBrokerMessage(ValueError):
     """What came from the broker is not something a node sends: dropped and counted."""
 
 
-def _no_constant(name: str) -> Any:
-    raise BadBrokerMessage(f"{name} is not JSON")
-
-
 def checked_data(text: str) -> str:
-    """``text`` if it is exactly one JSON value (it is spliced into frames as is)."""
-    json.loads(text, parse_constant=_no_constant)  # "Extra data" for 1,"type":"goaway"
+    """``text`` if it is exactly one JSON value (it is spliced into frames as is).
+
+    Parsed with the wire's decoder (orjson: strict, no NaN, "trailing characters" for
+    ``1,"type":"goaway"``), which costs a node a fraction of the stdlib's per publication.
+    """
+    try:
+        decode_json(text.encode())
+    except ProtocolError as e:
+        raise BadBrokerMessage(f"the data is not one JSON value: {e.message}") from None
     return text
 
 

@@ -19,6 +19,17 @@ Imported only when ``cluster.redis`` is set.  What lives in Redis (``P`` is
 Pub/sub loses what is published while a node's link is down; the hub notices the gap by offset
 (or by the link coming back) and fills it from the stream, or tells the client it cannot.
 
+Redis with Sentinel (``cluster.sentinel``): both connections ask the sentinels where the
+master is at every attempt (`heartbeatd.cluster.sentinel`).  A failover can lose the last
+writes the old master had not yet replicated, so offsets could be handed out twice; to make
+that impossible, the first node to reach a server whose replication id differs from the one
+recorded in ``P:replid`` bumps ``P:gen``, and every channel whose meta hash carries an older
+generation starts a new epoch when next used (subscribers get ``resync``).
+
+Every command has a deadline (``cluster.command_timeout``): one timer per connection, for its
+oldest unanswered command; past it the connection is reset, failing what waited on it
+(``unavailable``), so a blackholed link is noticed within that time.
+
 txredisapi is the client (native Twisted; see docs/cluster.md for the comparison).
 """
 
@@ -28,6 +39,7 @@ import hashlib
 import json
 import os
 import socket
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -69,18 +81,21 @@ RECONNECT_MAX_DELAY = 1.0
 
 # -- Lua scripts (atomic on the Redis side; keys are built from ARGV[1], the namespace) -------
 
+# A channel's epoch and offset; a new epoch when the meta hash is missing or was written in an
+# older generation of the data (before a failover: see FENCE).
 _INIT = """
 local m, x = P..':ch:'..c..':m', P..':ch:'..c..':x'
-local e = redis.call('HGET', m, 'e')
-local s = 0
-if not e then
+local g = redis.call('GET', P..':gen') or '0'
+local meta = redis.call('HMGET', m, 'e', 's', 'g')
+local e, s = meta[1], 0
+if not e or (meta[3] or '0') ~= g then
   e = cand
   redis.call('DEL', x)
-  redis.call('HSET', m, 'e', e, 's', 0)
+  redis.call('HSET', m, 'e', e, 's', 0, 'g', g)
   -- bounded until someone joins (JOIN persists it) or publishes (the history's TTL)
   redis.call('EXPIRE', m, 3600)
 else
-  s = tonumber(redis.call('HGET', m, 's'))
+  s = tonumber(meta[2])
 end
 """
 
@@ -281,6 +296,19 @@ return 1
 """
 )
 
+# The server's replication id differs from the last one recorded: its data may lack writes the
+# previous server acknowledged (a failover, or a restart from an older snapshot), so every
+# channel starts a new epoch when next used.  Idempotent: the first node to see the new id
+# bumps the generation, the others find it recorded.  No id recorded: a new or empty data set.
+FENCE = """
+local P, id = ARGV[1], ARGV[2]
+local seen = redis.call('GET', P..':replid')
+if seen == id then return 0 end
+redis.call('SET', P..':replid', id)
+if not seen then return 0 end
+return redis.call('INCR', P..':gen')
+"""
+
 # Clients that connected (session, info) or left (session, "") since the last batch, in order.
 CLIENTS_UPDATE = (
     _IDENTITY_INDEX
@@ -353,21 +381,92 @@ class _FastEncoding:
             return _pack_command(args)  # type: ignore[misc]
 
 
-class _Commands(_FastEncoding, txredisapi.RedisProtocol):
-    broker: RedisBroker
+class _Deadlines:
+    """Every command gets its answer within ``broker.command_timeout`` or the link is reset.
 
+    Redis answers in order, so one timer per connection, set for the oldest unanswered
+    command, covers them all (a timer per command would cost a callLater per publish).
+    """
+
+    broker: RedisBroker
+    transport: Any
+    _sent: deque[float]
+    _deadline: Any = None
+
+    def execute_command(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
+        d: Deferred[Any] = super().execute_command(*args, **kwargs)  # type: ignore[misc]
+        broker = self.broker
+        self._sent.append(broker.reactor.seconds())
+        if self._deadline is None:
+            self._deadline = broker.reactor.callLater(broker.command_timeout, self._overdue)
+        return d.addBoth(self._answered)
+
+    def _answered(self, result: Any) -> Any:
+        if self._sent:
+            self._sent.popleft()
+        return result
+
+    def _overdue(self) -> None:
+        self._deadline = None
+        if not self._sent:
+            return
+        broker = self.broker
+        left = self._sent[0] + broker.command_timeout - broker.reactor.seconds()
+        if left > 0:
+            self._deadline = broker.reactor.callLater(left, self._overdue)
+            return
+        broker.timeouts += 1
+        log.warn(
+            "Redis did not answer within {timeout:g}s (cluster.command_timeout); reconnecting",
+            timeout=broker.command_timeout,
+        )
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def _forget_deadline(self) -> None:
+        call, self._deadline = self._deadline, None
+        if call is not None and call.active():
+            call.cancel()
+
+
+class _Commands(_Deadlines, _FastEncoding, txredisapi.RedisProtocol):
     def connectionLost(self, why: Failure) -> None:
+        self._forget_deadline()
         super().connectionLost(why)
         self.broker._lost(self)
 
 
-class _Subscriber(_FastEncoding, txredisapi.SubscriberProtocol):
-    broker: RedisBroker
+class _Subscriber(_Deadlines, _FastEncoding, txredisapi.SubscriberProtocol):
+    def dataReceived(self, data: bytes, unpause: bool = False) -> None:
+        """Pub/sub messages go straight to the broker; every other reply the usual way.
+
+        txredisapi passes each reply through its number conversion and transaction
+        bookkeeping before its pub/sub dispatch (a few microseconds per message, on every
+        node, for every publication); a message needs neither.
+        """
+        reader = getattr(self, "_reader", None)
+        if reader is None or self.inTransaction:  # pragma: no cover - without hiredis
+            super().dataReceived(data, unpause)
+            return
+        if data:
+            reader.feed(data)
+        deliver = self.broker._message
+        while (reply := reader.gets()) is not False:
+            if type(reply) is list and len(reply) == 3 and reply[0] == b"message":
+                try:
+                    deliver(reply[1].decode(), reply[2].decode())
+                except UnicodeDecodeError:
+                    self.broker._bad_message("not UTF-8")
+                continue
+            if isinstance(reply, (str, bytes, list)):
+                reply = self.tryConvertData(reply)
+            self.replyReceived(reply)
 
     def messageReceived(self, pattern: Any, channel: str, message: str) -> None:
         self.broker._message(channel, message)
 
     def connectionLost(self, why: Failure) -> None:
+        self._forget_deadline()
         super().connectionLost(why)
         self.broker._lost(self)
 
@@ -392,6 +491,7 @@ class _ProtocolFactory(Factory):
         )
         proto.factory = self
         proto.broker = self.broker
+        proto._sent = deque()
         return proto
 
     # txredisapi calls these when AUTH/SELECT fail; ClientService keeps retrying instead.
@@ -416,10 +516,19 @@ class RedisBroker:
         self.node_timeout = cluster.node_timeout
         self.configure_history(channels.history_size, channels.history_ttl)
         self.listener: BrokerListener | None = None
+        self.command_timeout = timeout = cluster.command_timeout
+        self.sentinel: Any = None
+        if cluster.sentinel.addresses:
+            from heartbeatd.cluster.sentinel import MasterEndpoint
+
+            self.sentinel = MasterEndpoint(reactor, cluster.sentinel, timeout)
+            db, password = cluster.sentinel.db, cluster.sentinel.password or None
+            endpoint: Any = self.sentinel
+        else:
+            host, port, db, password = parse_redis_url(cluster.redis)
+            self.url = f"redis://{host}:{port}/{db}"  # for logs: never the password
+            endpoint = TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
         self.history_of: Callable[[str], tuple[int, float]] | None = None
-        self.url = cluster.redis
-        host, port, db, password = parse_redis_url(cluster.redis)
-        self.url = f"redis://{host}:{port}/{db}"  # for logs: never the password
         self._cmd: _Commands | None = None
         self._sub: _Subscriber | None = None
         #: Channels with local subscribers, and those whose SUBSCRIBE Redis acknowledged.
@@ -437,14 +546,18 @@ class RedisBroker:
         #: Set by `stop`: the links closing then are ours, not an outage (nothing is logged).
         self.stopping = False
         self.reaped = 0
+        #: Commands not answered within command_timeout (each reset its connection).
+        self.timeouts = 0
+        #: Times this node found a new replication id (a failover, or Redis restarted).
+        self.fences = 0
+        self._replid: str | None = None
         self._shas = {
             name: hashlib.sha1(text.encode()).hexdigest() for name, text in _SCRIPTS.items()
         }
         policy = backoffPolicy(initialDelay=0.05, maxDelay=RECONNECT_MAX_DELAY, factor=2.0)
-        self.command_timeout = timeout = cluster.command_timeout
         self._services = [
             ClientService(
-                TCP4ClientEndpoint(reactor, host, port, timeout=timeout),
+                endpoint,
                 _ProtocolFactory(self, cls, db, password),
                 retryPolicy=policy,
                 clock=reactor,
@@ -460,6 +573,15 @@ class RedisBroker:
         #: Bad pub/sub messages are logged a few times per window, never once each.
         self.log_limiter = LogLimiter(reactor)
         self.bad_messages = 0
+
+    @property
+    def url(self) -> str:
+        """Where Redis is, for logs (never with a password)."""
+        return self.sentinel.describe() if self.sentinel is not None else self._url
+
+    @url.setter
+    def url(self, value: str) -> None:
+        self._url = value
 
     def configure_history(self, size: int, ttl: float) -> None:
         """Applies from the next publication (XADD trims with the new size)."""
@@ -492,7 +614,10 @@ class RedisBroker:
             d.addErrback(lambda f: log.warn("Leaving the cluster: {why}", why=f.getErrorMessage()))
 
         def stop_services(_: object) -> Deferred[Any]:
-            return gatherResults([s.stopService() for s in self._services])
+            stopping = [s.stopService() for s in self._services]
+            if self.sentinel is not None:
+                stopping.append(self.sentinel.stop())
+            return gatherResults(stopping)
 
         return d.addCallback(stop_services).addCallback(lambda _: None)
 
@@ -501,8 +626,12 @@ class RedisBroker:
 
     def _prepare_commands(self, proxy: Any) -> Deferred[Any]:
         def ready(proto: _Commands) -> Deferred[Any]:
-            self._cmd = proto
-            return self._heartbeat_now().addCallback(lambda _: self._register())
+            d = self._check_master(proto)
+            d.addCallback(lambda _: self._fence(proto))
+            d.addCallback(lambda _: setattr(self, "_cmd", proto))
+            d.addCallback(lambda _: self._heartbeat_now())
+            d.addCallback(lambda _: self._register())
+            return d.addCallback(lambda _: self._load_scripts(proto))
 
         d = proxy.whenConnected().addCallback(ready).addCallback(lambda _: self._link())
         return d.addErrback(self._prepare_failed, "commands")
@@ -517,6 +646,9 @@ class RedisBroker:
 
     def _prepare_sub(self, proxy: Any) -> Deferred[Any]:
         def ready(proto: _Subscriber) -> Deferred[Any]:
+            return self._check_master(proto).addCallback(lambda _: subscribe(proto))
+
+        def subscribe(proto: _Subscriber) -> Deferred[Any]:
             self._sub = proto
             self._acked.clear()
             names = [self._node_channel(self.node_id), f"{self.prefix}:all"]
@@ -533,6 +665,49 @@ class RedisBroker:
 
         d = proxy.whenConnected().addCallback(ready).addCallback(subscribed)
         return d.addCallback(lambda _: self._link()).addErrback(self._prepare_failed, "pub/sub")
+
+    def _check_master(self, proto: Any) -> Deferred[Any]:
+        """With Sentinel: keep a connection only to the server that says it is the master."""
+        if self.sentinel is None:
+            return succeed(None)
+        from heartbeatd.cluster.sentinel import check_master
+
+        return check_master(proto)
+
+    def _load_scripts(self, proto: _Commands) -> None:
+        """Load every script on a new connection (a new master after a failover has none), so
+        the first publications do not each fall back from EVALSHA to EVAL.
+
+        Not waited for: the link is up at once, and what this node sends next queues behind
+        the loads on the same connection, so it finds them loaded.  (The set-up's own scripts
+        take the ``NOSCRIPT`` fallback: loading all thirteen first costs Redis a few
+        milliseconds of compiling before the node could serve.)
+        """
+        for text in _SCRIPTS.values():
+            proto.execute_command("SCRIPT", "LOAD", text).addErrback(_ignore)
+
+    def _fence(self, proto: _Commands) -> Deferred[Any]:
+        """Run FENCE with the server's replication id before this node writes anything."""
+
+        def replid(info: Any) -> Deferred[Any] | None:
+            for line in str(info).splitlines():
+                if line.startswith("master_replid:"):
+                    self._replid = line.split(":", 1)[1].strip()
+                    break
+            else:
+                return None  # a server without replication ids: nothing to compare
+            return self._eval_on(proto, "FENCE", self._replid).addCallback(fenced)
+
+        def fenced(generation: Any) -> None:
+            if int(generation or 0):
+                self.fences += 1
+                log.warn(
+                    "Redis has a new replication id (failover or restart): data generation "
+                    "{generation}; every channel starts a new epoch (subscribers resync)",
+                    generation=generation,
+                )
+
+        return proto.execute_command("INFO", "replication").addCallback(replid)
 
     def _link(self) -> None:
         up = (
@@ -572,6 +747,9 @@ class RedisBroker:
         proto = self._cmd
         if proto is None or not proto.connected:
             return fail(BrokerUnavailable("Redis is unreachable"))
+        return self._eval_on(proto, name, *args)
+
+    def _eval_on(self, proto: _Commands, name: str, *args: Any) -> Deferred[Any]:
         argv = [self.prefix, *args]
 
         def evalsha() -> Deferred[Any]:
@@ -583,7 +761,22 @@ class RedisBroker:
             return failure
 
         d = maybeDeferred(evalsha).addErrback(retry)
-        return d.addErrback(_unavailable)
+        return d.addErrback(self._refused, proto)
+
+    def _refused(self, failure: Failure, proto: Any) -> Failure:
+        """A command failed: ``unavailable``; a replica's READONLY means the master moved."""
+        if failure.check(txredisapi.ResponseError) and str(failure.value).startswith("READONLY"):
+            self._master_moved(proto)
+        return _unavailable(failure)
+
+    def _master_moved(self, proto: Any) -> None:
+        """The server we write to is no longer the master: reconnect both links (to the master
+        the sentinels name now)."""
+        if self.log_limiter.allow("master_moved"):
+            log.warn("Redis answered READONLY: the master moved; reconnecting")
+        for link in {proto, self._cmd, self._sub}:
+            if link is not None and link.transport is not None:
+                link.transport.abortConnection()
 
     def _heartbeat_now(self) -> Deferred[Any]:
         expire_ms = int(self.node_timeout * 1000 / 2)
@@ -609,24 +802,15 @@ class RedisBroker:
 
         d = self._heartbeat_now().addCallback(lambda _: self._eval("REAP")).addCallback(reaped)
         d.addErrback(lambda f: log.debug("Cluster heartbeat failed: {why}", why=f))
-        self._watch(self._cmd, d)
         sub = self._sub
-        if sub is not None and sub.connected:  # a half-open pub/sub link is found here too
-            self._watch(sub, maybeDeferred(sub.execute_command, "PING").addErrback(_ignore))
-
-    def _watch(self, proto: Any, d: Deferred[Any]) -> None:
-        """Abort ``proto``'s connection unless ``d`` fires within ``command_timeout``."""
-
-        def stuck() -> None:
-            log.warn(
-                "Redis did not answer within {timeout:g}s (cluster.command_timeout); reconnecting",
-                timeout=self.command_timeout,
-            )
-            if proto.transport is not None:
-                proto.transport.abortConnection()
-
-        timer = self.reactor.callLater(self.command_timeout, stuck)
-        d.addBoth(lambda result: (timer.cancel() if timer.active() else None, result)[1])
+        if sub is not None and sub.connected:
+            # A half-open pub/sub link is found here too: the PING has a deadline.
+            maybeDeferred(sub.execute_command, "PING").addErrback(_ignore)
+            if self.sentinel is not None and _peer(sub) != _peer(self._cmd):
+                # After a failover the two links can land on different servers for a moment
+                # (a demoted master still serves pub/sub): follow the commands link.
+                log.info("Redis pub/sub link is not on the master; reconnecting it")
+                sub.transport.abortConnection()
 
     def _register(self, leaving: bool = False) -> Deferred[Any]:
         """Make Redis hold exactly this node's clients and presence (none when leaving)."""
@@ -753,6 +937,11 @@ class RedisBroker:
             if self.log_limiter.allow("bad_cluster_message"):
                 log.failure("Bad cluster message on {key}", key=key)
 
+    def _bad_message(self, why: str) -> None:
+        self.bad_messages += 1
+        if self.log_limiter.allow("bad_cluster_message"):
+            log.warn("Dropped a bad cluster message: {why}", why=why)
+
     # -- presence and clients -------------------------------------------------------------------
 
     def join(self, channel: str, info: dict[str, Any]) -> Deferred[None]:
@@ -862,6 +1051,7 @@ _SCRIPTS = {
     "CLIENTS_UPDATE": CLIENTS_UPDATE,
     "SEND": SEND,
     "CLIENTS": CLIENTS,
+    "FENCE": FENCE,
 }
 
 
@@ -874,6 +1064,14 @@ def _unavailable(failure: Failure) -> Failure:
         log.error("Redis refused a command: {why}", why=failure.getErrorMessage())
         return Failure(BrokerUnavailable(f"Redis: {failure.getErrorMessage()}"))
     return failure
+
+
+def _peer(proto: Any) -> tuple[str, int] | None:
+    transport = getattr(proto, "transport", None)
+    if transport is None:
+        return None
+    peer = transport.getPeer()
+    return (getattr(peer, "host", ""), getattr(peer, "port", 0))
 
 
 def _ignore(failure: Failure) -> None:

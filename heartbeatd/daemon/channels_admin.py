@@ -177,3 +177,13 @@ class ChannelsCollector(Collector):
             "Fan-out gaps filled from the history.",
             value=hub.gaps_filled,
         )
+        yield CounterMetricFamily(
+            "heartbeatd_broker_command_timeouts",
+            "Redis links reset because a command went unanswered (cluster.command_timeout).",
+            value=getattr(hub.broker, "timeouts", 0),
+        )
+        yield CounterMetricFamily(
+            "heartbeatd_broker_fences",
+            "New Redis data generations this node found (failover or restart: channels resync).",
+            value=getattr(hub.broker, "fences", 0),
+        )

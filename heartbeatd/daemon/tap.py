@@ -14,7 +14,6 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from heartbeatd._logging import get_logger, set_level
-from heartbeatd._validation import redact_url
 from heartbeatd.config import Config, ConfigError, private_unix_endpoint
 from heartbeatd.daemon.config import load_config
 from heartbeatd.daemon.fdlimit import raise_open_file_limit
@@ -167,13 +166,14 @@ class Options(usage.Options):
             admin_error = check_endpoint(config.admin.listen, _reactor())
             if admin_error:
                 errors.append("admin." + admin_error)
-        if config.cluster.redis:
+        if config.cluster.enabled:
             try:
                 import txredisapi  # noqa: F401 - only checking that the cluster can run
             except ImportError:
+                key = "cluster.redis" if config.cluster.redis else "cluster.sentinel.addresses"
                 errors.append(
-                    f"cluster.redis: {redact_url(config.cluster.redis)!r} needs the Redis client: "
-                    "pip install 'heartbeatd[cluster]' (txredisapi), or set cluster.redis: ''"
+                    f"{key} is set, which needs the Redis client: "
+                    f"pip install 'heartbeatd[cluster]' (txredisapi), or leave {key} empty"
                 )
         for index, description in enumerate(config.websocket.endpoints):
             ws_error = check_endpoint(description, _reactor())
@@ -304,7 +304,7 @@ def _factory(factory_type: type[ServerFactoryT], options: Options, reactor: Any)
     """The server factory, with the cluster broker when ``cluster.redis`` is set."""
     config = options.config
     broker = None
-    if config.cluster.redis:  # imported only here: a single daemon never needs Redis
+    if config.cluster.enabled:  # imported only here: a single daemon never needs Redis
         from heartbeatd.cluster.redis import RedisBroker
 
         broker = RedisBroker(reactor, config.cluster, config.channels)

@@ -506,13 +506,18 @@ class ChannelHub:
             # Nothing queued and this turn's budget not spent (a small channel, now and then):
             # written now, as it always was.
             self._spent += count
+            new_epoch: list[_Sub] = []
             for sub in list(subs.values()):
                 if sub.pending is None and sub.offset + 1 == offset and sub.epoch == epoch:
                     sub.offset = offset
                     sub.client.write_shared(frame)
                     self.delivered += 1
+                elif sub.pending is None and sub.epoch != epoch and offset > 1:
+                    new_epoch.append(sub)
                 else:
                     self._deliver(sub, epoch, offset, data)
+            if new_epoch:
+                self._enter_epoch(channel, (epoch, offset, data), new_epoch)
             return
         self._fanouts.append(_Fanout(channel, epoch, offset, data, frame, count))
         self.queued += count
@@ -538,14 +543,19 @@ class ChannelHub:
             start = fanout.next
             end = min(len(subs), start + budget)
             epoch, offset, frame = fanout.epoch, fanout.offset, fanout.frame
+            new_epoch: list[_Sub] = []
             for i in range(start, end):
                 sub = subs[i]
                 if sub.pending is None and sub.offset + 1 == offset and sub.epoch == epoch:
                     sub.offset = offset
                     sub.client.write_shared(frame)
                     delivered += 1
+                elif sub.pending is None and sub.epoch != epoch and offset > 1 and not sub.removed:
+                    new_epoch.append(sub)
                 else:
                     deliver(sub, epoch, offset, fanout.data)
+            if new_epoch:
+                self._enter_epoch(fanout.channel, (epoch, offset, fanout.data), new_epoch)
             done = end - start
             budget -= done
             self.queued -= done
@@ -564,6 +574,41 @@ class ChannelHub:
             waiters, self._backlog_waiters = self._backlog_waiters, []
             for waiter in waiters:
                 waiter.callback(None)
+
+    def _enter_epoch(self, channel: str, first: tuple[str, int, str], subs: list[_Sub]) -> None:
+        """Live subscriptions meet a new epoch past its first publication (Redis lost the
+        stream, or failed over, and this node's pub/sub missed the start of the new one).
+
+        The old epoch cannot be recovered, but the new one's earlier publications may be in
+        its history: one read for all of them, then one ``resync`` (offset 0) and everything
+        in order.  When the history does not have them (or does not know that epoch), each
+        gets the ``resync`` at the publication before this one, as a gap it cannot fill.
+        """
+        epoch, offset, _ = first
+        for sub in subs:
+            sub.pending = [first]
+
+        def got(history: History) -> None:
+            known = history.position.epoch == epoch and history.entries is not None
+            for sub in subs:
+                if not self._is_current(sub) or sub.pending is None:
+                    continue
+                if known:
+                    self._resync(sub, Position(epoch, 0), "epoch_changed")
+                    if history.entries:
+                        self.gaps_filled += 1
+                    self._go_live(sub, history.entries or [])
+                else:
+                    self._resync(sub, Position(epoch, offset - 1), "epoch_changed")
+                    self._go_live(sub, [])
+
+        def failed(failure: Failure) -> None:
+            # The link is not all back yet (pub/sub can return before commands): keep them
+            # buffering; the broker's on_link(True) reads their gap, the new epoch's start too.
+            log.debug("Reading the new epoch of {c} failed: {why}", c=channel, why=failure)
+            self._stale.update(sub for sub in subs if self._is_current(sub))
+
+        self.broker.history(channel, epoch, 0).addCallbacks(got, failed)
 
     def _deliver(self, sub: _Sub, epoch: str, offset: int, data: str) -> None:
         if sub.removed:
@@ -619,16 +664,26 @@ class ChannelHub:
         """One history read for subscriptions (buffering) that all stand at the same place."""
 
         def got(history: History) -> None:
+            position = history.position
+            new_epoch: list[_Sub] = []
             for sub in subs:
                 if not self._is_current(sub) or sub.pending is None or sub.offset != offset:
                     continue
                 entries = history.entries
+                if entries is None and position.epoch != epoch and position.offset:
+                    # A new epoch (Redis lost the stream, or a failover): the old one is gone,
+                    # but the new one's publications so far may all be in its history.
+                    self._resync(sub, Position(position.epoch, 0), "epoch_changed")
+                    new_epoch.append(sub)
+                    continue
                 if entries is None:
-                    self._resync(sub, history.position, "history_lost")
+                    self._resync(sub, position, "history_lost")
                     entries = []
                 elif entries:
                     self.gaps_filled += 1
                 self._go_live(sub, entries)
+            if new_epoch:
+                self._fetch_gaps(channel, position.epoch, 0, new_epoch)
 
         def failed(failure: Failure) -> None:
             # Still down: keep buffering; the broker's on_link(True) tries again.
