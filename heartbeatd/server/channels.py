@@ -465,7 +465,12 @@ class ChannelHub:
     def kick_identity(self, identity: str) -> Deferred[int]:
         """Disconnect every session of ``identity`` on every node (eviction reason ``admin``);
         fires with how many were disconnected."""
-        local = [c for c in self.factory.clients.values() if c.identity == identity]
+        # A connection already closing (refused, evicted) is not counted again.
+        local = [
+            c
+            for c in self.factory.clients.values()
+            if c.identity == identity and c.close_reason is None
+        ]
         for client in local:
             client.evict("admin", f"every session of {identity!r} was disconnected (admin API)")
         if not self.broker.clustered:

@@ -404,13 +404,15 @@ class Connection(Protocol):
         ``then`` runs once the reply is written (a JWT's ``channels`` claim pushes
         ``subscribed``/``subscribe_refused``: a client reads them after the ``auth`` reply)."""
         self.identity = identity
+        # Refused past limits.max_connections_per_identity: it stays behind the gate (it hears
+        # no push) until it is gone.
+        if not self.factory.client_identified(self):
+            return
         if digest:  # re-checked when the tokens file is reloaded (ServerFactory.revalidate)
             self.factory.credentials[self.session_id] = (identity, digest)
         if self._auth is not None:
             self._auth = None
             self.factory.gated -= 1
-        if not self.factory.client_identified(self):  # limits.max_connections_per_identity
-            return
         self._emit(reply)
         if then is not None:
             batch = self._batch
