@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -212,6 +213,11 @@ def test_delete_identity_closes_its_sessions_on_every_node(tmp_path: Path) -> No
             fourth.__exit__()
             codes = [r["error"]["code"] for r in replies if r and r["type"] == "error"]
             assert codes == ["too_many_connections"], replies
+            # The refused session leaves the cluster's registry in node1's next write to
+            # Redis: wait until node0 sees three (each answer is an event: no sleep).
+            deadline = time.monotonic() + 10
+            while http(admin0, "GET", "/clients?identity=alice")[1]["count"] != 3:
+                assert time.monotonic() < deadline
 
             status, answer = http(admin0, "DELETE", "/identities/alice")
             assert (status, answer) == (200, {"identity": "alice", "disconnected": 3})

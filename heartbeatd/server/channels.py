@@ -456,6 +456,10 @@ class ChannelHub:
 
         def counted(sessions: list[str]) -> None:
             if len(sessions) > limit and client.connected and client.close_reason is None:
+                # Refused: no longer one of the identity's sessions for any node (a
+                # DELETE /identities while it closes would count it), so it leaves the
+                # cluster's registry now; its connectionLost repeats that harmlessly.
+                self.broker.client_disconnected(client.session_id)
                 self.factory.refuse_identity(client, limit)
 
         self.broker.identity_sessions(identity).addCallbacks(
