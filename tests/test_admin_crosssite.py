@@ -149,9 +149,12 @@ def test_the_workers_supervisor_admin_is_guarded_too(tmp_path: Path) -> None:
     """workers: N serves admin.listen from the supervisor: the same guard, and it forwards."""
     from redis_server import RedisServer
     from test_workers import workers
+    from test_workers_admin import wait_health
 
     with RedisServer(tmp_path / "redis") as redis, workers(tmp_path, redis, 2) as daemon:
         port = daemon.admin  # type: ignore[attr-defined]
+        # A broadcast needs every worker's Redis link, which comes up after READY.
+        wait_health(daemon, lambda b: b.get("broker") == "up")
         assert raw_http(port, request("GET", "/clients", "rebind.evil.example"))[0] == 421
         host = f"127.0.0.1:{port}"
         origin = request(
