@@ -17,22 +17,9 @@ from cluster_load import Publisher, Subscriber, losses, publication_of
 from daemon import Daemon, RawClient
 from redis_server import RedisServer
 from tcp_proxy import BlackholeProxy
-from test_admin import ADMIN, http
+from test_cluster import LINK_DOWN, LINK_UP, NODE_TIMEOUT, Node
 
-NODE_TIMEOUT = 2.0
 COMMAND_TIMEOUT = 0.5
-LINK_UP = r"Redis link up"
-LINK_DOWN = r"Redis link down"
-
-
-class Node:
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
-        self.port = daemon.port
-        self.admin = int(daemon.wait_for(ADMIN).group(1))
-
-    def http(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        return http(self.admin, method, path, body)
 
 
 @contextlib.contextmanager

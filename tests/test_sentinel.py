@@ -17,11 +17,11 @@ import pytest
 from cluster_load import Publisher, Subscriber, losses, publication_of
 from daemon import Daemon
 from redis_sentinel import SERVICE, SentinelCluster
-from test_admin import ADMIN, http, metric
+from test_admin import metric
+from test_cluster import LINK_UP, Node
 
 from heartbeatd.config import ConfigError, parse_config
 
-LINK_UP = r"Redis link up"
 LINK_DOWN = r"Redis link down"
 
 
@@ -78,16 +78,6 @@ def test_bad_sentinel_keys() -> None:
         {"workers": 2, "cluster": {"sentinel": {"addresses": ["h:1"], "service": "hb"}}}
     )
     assert workers.workers == 2
-
-
-class Node:
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
-        self.port = daemon.port
-        self.admin = int(daemon.wait_for(ADMIN).group(1))
-
-    def http(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        return http(self.admin, method, path, body)
 
 
 @contextlib.contextmanager
