@@ -236,6 +236,23 @@ def test_many_small_publications_in_one_turn_are_bounded_too(clock: Clock) -> No
         assert offsets(peer) == list(range(1, 51))
 
 
+def test_the_budget_is_per_turn_so_sporadic_small_publications_are_written_at_once(
+    clock: Clock,
+) -> None:
+    """One small publication per reactor turn, for ever: each is written at once (the
+    budget of a turn must not carry over to the next, or every few publications would
+    wait a turn and could reorder against their publisher's reply)."""
+    factory = make_factory(clock, fanout_batch=10)
+    hub = factory.channels
+    peers = subscribers(factory, 4)
+    for offset in range(1, 21):
+        hub.publish("news", offset)
+        assert not hub._fanouts, f"publication {offset} was queued"
+        for peer in peers:
+            assert offsets(peer) == [offset]
+        one_turn(clock)
+
+
 def test_fan_out_tunables_reload(clock: Clock) -> None:
     factory = make_factory(clock, fanout_batch=10)
     factory.config = make_config(channels={"fanout_batch": 50})

@@ -185,8 +185,10 @@ class ChannelHub:
         #: Fan-out batches run (for metrics and tests).
         self.fanout_batches = 0
         self._batch = 250
-        #: Deliveries written at once since the last batch (bounded by ``_batch`` too).
+        #: Deliveries written at once in this reactor turn (bounded by ``_batch`` too); the
+        #: turn's end (``_turn_ended``) gives the next turn a whole budget.
         self._spent = 0
+        self._turn_end: Any = None
         self.reconfigure()
 
     def reconfigure(self) -> None:
@@ -514,6 +516,8 @@ class ChannelHub:
         if not self._fanouts and self._spent + count <= self._batch:
             # Nothing queued and this turn's budget not spent (a small channel, now and then):
             # written now, as it always was.
+            if self._turn_end is None:
+                self._turn_end = self.factory.clock.callLater(0, self._turn_ended)
             self._spent += count
             new_epoch: list[_Sub] = []
             for sub in list(subs.values()):
@@ -532,6 +536,11 @@ class ChannelHub:
         self.queued += count
         if self._drain_call is None:
             self._drain_call = self.factory.clock.callLater(0, self._run_batch)
+
+    def _turn_ended(self) -> None:
+        self._turn_end = None
+        if not self._fanouts:  # else the next batch sets the budget it leaves
+            self._spent = 0
 
     def _run_batch(self) -> None:
         """Write up to ``fanout_batch`` queued deliveries; schedule the rest for next turn."""
@@ -579,6 +588,8 @@ class ChannelHub:
         self._spent = self._batch - budget
         if fanouts:
             self._drain_call = self.factory.clock.callLater(0, self._run_batch)
+        elif self._turn_end is None:
+            self._turn_end = self.factory.clock.callLater(0, self._turn_ended)
         if self._backlog_waiters and not self.backlogged():
             waiters, self._backlog_waiters = self._backlog_waiters, []
             for waiter in waiters:
