@@ -240,6 +240,9 @@ class ServerFactory(Factory):
 
     def stopFactory(self) -> None:
         self.heartbeat.stop()
+        stop = getattr(self.sessions, "stop", None)
+        if stop is not None:
+            stop()
 
     def buildProtocol(self, addr: IAddress) -> Protocol:
         refusal, key = self.admit(format_address(addr), getattr(addr, "host", None))
