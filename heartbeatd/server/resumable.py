@@ -877,12 +877,3 @@ class Sessions:
             "ended": dict(self.ended),
             "unacked_messages": sum(len(s.unacked) for s in self.states.values()),
         }
-
-
-def make_sessions(factory: Any, broker: Any) -> Sessions:
-    """The sessions of ``factory``: kept in Redis when its broker is a cluster's."""
-    if getattr(broker, "clustered", False) and hasattr(broker, "session_store"):
-        from heartbeatd.server.sessions_store import ClusteredSessions
-
-        return ClusteredSessions(factory, broker.session_store())
-    return Sessions(factory)
