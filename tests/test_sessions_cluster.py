@@ -112,27 +112,30 @@ def test_kill_9_of_the_node_holding_the_session_loses_nothing(tmp_path: Path) ->
 
 
 def test_takeover_across_nodes_fences_the_old_connection(tmp_path: Path) -> None:
-    with RedisServer(tmp_path / "redis") as redis, nodes(tmp_path, redis, 2) as (a, b):
-        with SessionPeer(a.port) as old:
-            old.start()
-            assert data_of(old.reply(old.request("echo", 1))) == 1
-            old.ack()
-            # The old connection is frozen (half-open: it reads nothing more); the client
-            # resumes on the other node.
-            with SessionPeer(b.port) as new:
-                new.sid, new.key, new.seq, new.last = old.sid, old.key, old.seq, old.last
-                answer = data_of(new.resume())
-                assert answer == {
-                    "resumed": True,
-                    "session": old.sid,
-                    "ack": 1,
-                    "replay": 0,
-                    "expiry": 120,
-                }
-                # The old one is told, and gets nothing more of the session.
-                rest = old.closed()
-                assert [m["error"]["code"] for m in rest] == ["session_taken_over"], rest
-                assert all("seq" not in m for m in rest)
-                new.request("tell", "x")
-                assert data_of(new.expect(lambda m: m["type"] == "told")) == "x"
-                assert data_of(new.expect(lambda m: m.get("type") == "tell")) == "ok"
+    with (
+        RedisServer(tmp_path / "redis") as redis,
+        nodes(tmp_path, redis, 2) as (a, b),
+        SessionPeer(a.port) as old,
+    ):
+        old.start()
+        assert data_of(old.reply(old.request("echo", 1))) == 1
+        old.ack()
+        # The old connection is frozen (half-open: it reads nothing more); the client
+        # resumes on the other node.
+        with SessionPeer(b.port) as new:
+            new.sid, new.key, new.seq, new.last = old.sid, old.key, old.seq, old.last
+            answer = data_of(new.resume())
+            assert answer == {
+                "resumed": True,
+                "session": old.sid,
+                "ack": 1,
+                "replay": 0,
+                "expiry": 120,
+            }
+            # The old one is told, and gets nothing more of the session.
+            rest = old.closed()
+            assert [m["error"]["code"] for m in rest] == ["session_taken_over"], rest
+            assert all("seq" not in m for m in rest)
+            new.request("tell", "x")
+            assert data_of(new.expect(lambda m: m["type"] == "told")) == "x"
+            assert data_of(new.expect(lambda m: m.get("type") == "tell")) == "ok"
