@@ -197,9 +197,9 @@ class Attachment:
     # -- reading (Connection._handle_item) -------------------------------------------------
 
     def receive(self, item: bytes) -> None:
-        if not self.current:
-            return  # taken over or ended while this read was under way: nothing more here
         conn = self.conn
+        if not self.current or conn.close_reason is not None:
+            return  # taken over, ended or closing while this read was under way
         conn.frames_in += 1
         try:
             value = decode_json(item, conn._max_depth)
@@ -228,13 +228,27 @@ class Attachment:
             self.sessions.counts["bad_seq"] += 1
             self.fail(BAD_SEQ, f"expected seq {state.in_hwm + 1}, got {seq} (a gap)", message.id)
             return
-        state.in_hwm = seq
-        self.sessions.received(state, seq, message)
         if state.held or self.sessions.full(state):
+            limit = conn.factory.config.limits.max_pending_requests
+            if len(state.held) >= 2 * limit:
+                # One read past the pause (below) can carry many more: not received (the hwm
+                # stays), so the client resends them after a resume.
+                self.sessions.counts["refused_requests"] += 1
+                self.fail(
+                    RATE_LIMITED,
+                    f"{len(state.held)} requests wait for acknowledgements "
+                    "(sessions.max_unacked_messages); acknowledge, then resume",
+                    message.id,
+                )
+                return
+            state.in_hwm = seq
+            self.sessions.received(state, seq, message)
             state.held.append((message, seq))
-            if len(state.held) >= conn.factory.config.limits.max_pending_requests:
+            if len(state.held) >= limit:
                 conn._pause_reading()
             return
+        state.in_hwm = seq
+        self.sessions.received(state, seq, message)
         self.run(message, seq)
 
     def run(self, message: envelope.Message, seq: int, redelivered: bool = False) -> None:
@@ -321,8 +335,11 @@ class Attachment:
 
     def push(self, body: bytes) -> None:
         """A push (send, broadcast, publication...): numbered, for whichever connection
-        carries the session now (or kept for the next one)."""
-        self.sessions.send_numbered(self.state, body, 0)
+        carries the session now (or kept for the next one).  A connection that lost the
+        session (taken over) gets nothing more: what is addressed to it is dropped, as for
+        any closing connection (a broadcast reaches the session through its new one)."""
+        if self.current:
+            self.sessions.send_numbered(self.state, body, 0)
 
     def flush(self) -> None:
         """`Connection._flush_pending`: the session's replies, in request order."""

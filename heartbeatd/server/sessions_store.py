@@ -124,12 +124,10 @@ class ClusteredSessions(Sessions):
         self._forget(state)
         state.ended = "moved"
         state.attachment = None
-        if attachment is not None:
-            conn = attachment.conn
-            if conn._resumable is attachment:
-                conn._resumable = None
-                conn._pending = None
-                conn.__dict__.pop("fast_path", None)
+        if attachment is not None and attachment.conn._resumable is attachment:
+            # Its connection is being closed: it keeps the (no longer current) attachment,
+            # which drops whatever else is addressed to it.
+            attachment.conn._pending = None
 
     # -- the hooks of Sessions ------------------------------------------------------------
 
