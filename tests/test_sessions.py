@@ -27,7 +27,6 @@ from heartbeatd.server.handlers import NO_REPLY, default_registry
 reactor: Any
 from twisted.internet import reactor  # noqa: E402  (the test drives the real reactor by hand)
 
-
 #: The Clocks of the servers under test: a pump also runs what they call "now" (callLater(0)).
 CLOCKS: list[Clock] = []
 
