@@ -531,3 +531,30 @@ def test_bad_resume_fields_are_bad_request(server: Server) -> None:
     assert error_code(peer.expect(lambda m: m.get("id") == "b")) == "bad_request"
     peer.send({"type": "session_end", "id": "e"})
     assert error_code(peer.expect(lambda m: m.get("id") == "e")) == "no_session"
+
+
+def test_session_metrics(server: Server) -> None:
+    from prometheus_client import generate_latest
+
+    from heartbeatd.daemon.metrics import registry_for
+
+    peer = server.connect()
+    peer.start()
+    peer.reply(peer.request("echo", 1))
+    server.drop(peer)
+    again = peer.clone(server.port.getHost().port)
+    server.peers.append(again)
+    again.resume(ack=0)
+    text = generate_latest(registry_for(server.factory)).decode()
+    for line in (
+        'heartbeatd_sessions{state="attached"} 1.0',
+        'heartbeatd_sessions{state="detached"} 0.0',
+        "heartbeatd_sessions_started_total 1.0",
+        'heartbeatd_session_resumes_total{outcome="resumed"} 1.0',
+        'heartbeatd_session_resumes_total{outcome="bad_key"} 0.0',
+        "heartbeatd_session_replayed_messages_total 1.0",
+        "heartbeatd_session_takeovers_total 0.0",
+        'heartbeatd_sessions_ended_total{reason="expired"} 0.0',
+        "heartbeatd_session_unacked_messages 1.0",
+    ):
+        assert line in text, line
