@@ -80,6 +80,14 @@ REMEMBER_GONE = 10_000
 _SID = re.compile(r"[0-9a-f]{16,64}")
 
 
+def _new_sid() -> str:
+    return secrets.token_hex(16)
+
+
+def _new_key() -> str:
+    return secrets.token_urlsafe(24)  # 192 bits
+
+
 def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
@@ -453,8 +461,8 @@ class Sessions:
             conn.factory.count_error(TOO_MANY_SESSIONS)
             conn._emit(encode_error(TOO_MANY_SESSIONS, refusal, message.id))
             return
-        sid = secrets.token_hex(16)
-        key = secrets.token_urlsafe(24)  # 192 bits
+        sid = _new_sid()
+        key = _new_key()
         state = SessionState(sid, _digest(key), conn.identity, expiry)
         self._add(state)
         self.started += 1
