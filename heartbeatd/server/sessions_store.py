@@ -145,6 +145,12 @@ class ClusteredSessions(Sessions):
     _creating = ""
 
     def start(self, conn: Connection, message: envelope.Message) -> None:
+        if not self.factory.channels.broker.up:
+            conn.factory.count_error(UNAVAILABLE)
+            conn._emit(
+                encode_error(UNAVAILABLE, "the cluster's session store is unreachable", message.id)
+            )
+            return
         self._creating = conn.session_id
         try:
             super().start(conn, message)
