@@ -261,11 +261,12 @@ def redis_bytes_per_session(count: int) -> dict[str, float]:
         first.until(1)
         base = _redis_info(redis_port)
         clients = []
+        sids = []
         for _ in range(count):
             c = _Raw(port)
             c.recv()  # hello
             c.send({"type": "session", "id": "s"})
-            c.until("s")
+            sids.append(c.until("s")["data"]["session"])
             c.send({"type": "subscribe", "id": 1, "seq": 1, "data": {"channel": "news"}})
             c.until(1)
             c.send({"type": "echo", "id": 2, "seq": 2, "data": "hello"})
@@ -278,7 +279,20 @@ def redis_bytes_per_session(count: int) -> dict[str, float]:
         for c in clients:
             c.sock.close()
         first.sock.close()
-        time.sleep(1.0)  # the daemon detaches every session (bench code: no test waits)
+        # Wait until the daemon has detached them all (a detached session's TTL is its
+        # expiry, 120 s; an attached one's is 45 s more).
+        deadline = time.monotonic() + 20
+        for sid in sids:
+            while True:
+                ttl = subprocess.run(
+                    ["redis-cli", "-p", str(redis_port), "TTL", f"heartbeatd:s:{sid}"],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                ).stdout.strip()
+                if 0 < int(ttl) <= 120:
+                    break
+                assert time.monotonic() < deadline, f"session {sid} not detached"
         detached = (_redis_info(redis_port) - base) / count
     return {"attached_bytes": attached, "detached_bytes": detached}
 

@@ -558,3 +558,23 @@ def test_session_metrics(server: Server) -> None:
         "heartbeatd_session_unacked_messages 1.0",
     ):
         assert line in text, line
+
+
+def test_numbered_requests_pipelined_behind_the_session_request_are_numbered(
+    server: Server,
+) -> None:
+    peer = server.connect()
+    frames = [
+        {"type": "session", "id": "s"},
+        {"type": "echo", "id": 1, "seq": 1, "data": "a"},
+        {"type": "echo", "id": 2, "seq": 2, "data": "b"},
+    ]
+    import json
+    import struct
+
+    peer.sock.sendall(
+        b"".join(struct.pack("!I", len(b)) + b for b in (json.dumps(f).encode() for f in frames))
+    )
+    assert peer.next()["type"] == "session"
+    replies = [peer.next(), peer.next()]
+    assert [(m["id"], m["seq"], m["ack"]) for m in replies] == [(1, 1, 1), (2, 2, 2)]

@@ -139,3 +139,26 @@ def test_takeover_across_nodes_fences_the_old_connection(tmp_path: Path) -> None
             new.request("tell", "x")
             assert data_of(new.expect(lambda m: m["type"] == "told")) == "x"
             assert data_of(new.expect(lambda m: m.get("type") == "tell")) == "ok"
+
+
+def test_refusals_come_from_redis_and_the_key_is_not_stored(tmp_path: Path) -> None:
+    with (
+        RedisServer(tmp_path / "redis") as redis,
+        nodes(tmp_path, redis, 2) as (a, b),
+        SessionPeer(a.port) as peer,
+    ):
+        peer.start(expiry=30)
+        peer.reply(peer.request("echo", 1))
+        stored = redis.cli("HGETALL", f"heartbeatd:s:{peer.sid}")
+        assert peer.key not in stored and "30" in stored
+        with SessionPeer(b.port) as other:
+            assert data_of(other.resume(peer.sid, "A" * 32, 0)) == {
+                "resumed": False,
+                "reason": "bad_key",
+            }
+            assert data_of(other.resume("0" * 32, peer.key, 0))["reason"] == "unknown_session"
+            # The refused connection goes on, and the session was not disturbed.
+            assert data_of(peer.reply(peer.request("echo", 2))) == 2
+        for node in (a, b):
+            assert node.daemon.stop() == 0
+            assert peer.key not in node.daemon.log
