@@ -2,7 +2,8 @@
 
 Built from what went wrong elsewhere: a session that dies with its node (emqx #2032), a
 half-open takeover across nodes (mosquitto #1650) and messages lost through a backplane
-(aspnetcore #55575).  The guarantee under test is docs/protocol.md's, "Sessions".
+(aspnetcore #55575).  The guarantee under test is docs/protocol.md's, "Sessions".  The
+last test runs a session over the WebSocket listener of a real (single) daemon.
 """
 
 from __future__ import annotations
@@ -162,3 +163,34 @@ def test_refusals_come_from_redis_and_the_key_is_not_stored(tmp_path: Path) -> N
         for node in (a, b):
             assert node.daemon.stop() == 0
             assert peer.key not in node.daemon.log
+
+
+def test_a_session_over_websocket_resumes_on_a_new_websocket(tmp_path: Path) -> None:
+    from wsclient import WSClient
+
+    config = {"websocket": {"listen": "tcp:0:interface=127.0.0.1"}}
+    with Daemon(tmp_path, config) as daemon:
+
+        def connect() -> WSClient:
+            client = WSClient(daemon.ws_port)
+            assert client.recv()["type"] == "hello"
+            return client
+
+        with connect() as first:
+            first.send({"type": "session", "id": "s"})
+            session = first.recv()["data"]
+            first.send({"type": "echo", "id": 1, "seq": 1, "data": "over ws"})
+            assert first.recv() == {"seq": 1, "ack": 1, "type": "echo", "id": 1, "data": "over ws"}
+        with connect() as second:
+            second.send(
+                {
+                    "type": "resume",
+                    "id": "r",
+                    "data": {"session": session["session"], "key": session["key"], "ack": 0},
+                }
+            )
+            answer = second.recv()["data"]
+            assert (answer["resumed"], answer["replay"], answer["ack"]) == (True, 1, 1)
+            assert second.recv()["seq"] == 1
+            second.send({"type": "echo", "id": 2, "seq": 2, "data": "again"})
+            assert second.recv()["seq"] == 2
