@@ -333,13 +333,15 @@ class Attachment:
     def emit(self, body: bytes) -> None:
         """`Connection._emit`: a reply, numbered when it answers a numbered request."""
         state = self.state
+        if not self.current:
+            return  # taken over: nothing more on this connection, and nothing of it elsewhere
         if self.cseq:
             self.replied = True
         if state.pending:
             state.pending.append(_Slot(body, self.cseq))
         elif self.cseq:
             self.sessions.send_numbered(state, body, self.cseq)
-        elif self.current:
+        else:
             self.raw(body)
 
     def push(self, body: bytes) -> None:
