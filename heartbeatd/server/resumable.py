@@ -504,8 +504,9 @@ class Sessions:
             self.per_identity[state.identity] += 1
 
     def _forget(self, state: SessionState) -> None:
-        if self.states.pop(state.sid, None) is None:
-            return
+        if self.states.get(state.sid) is not state:
+            return  # an older copy (the session came back here since): not this one
+        del self.states[state.sid]
         if state.attachment is None:
             self.detached -= 1
         identity = state.identity

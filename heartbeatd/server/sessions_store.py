@@ -99,7 +99,7 @@ class ClusteredSessions(Sessions):
         """True when the write was taken; else the session was resumed elsewhere."""
         if result == -1 or result == b"-1":
             self.fenced += 1
-            if state.epoch == epoch:
+            if state.epoch == epoch and self.states.get(state.sid) is state:
                 self._lost(state)
             return False
         return True
@@ -197,6 +197,8 @@ class ClusteredSessions(Sessions):
         if sub is None:
             return ("del", channel, "")
         epoch, offset, join_leave = sub
+        if not epoch:
+            return ("", "", "")  # not located yet: recorded once it is
         return ("set", channel, f"{epoch} {offset} {int(join_leave)}")
 
     def store(self, state: SessionState, numbered: bytes, cseq: int, body: bytes) -> None:
