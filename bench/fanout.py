@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import fcntl
 import json
 import os
 import queue
@@ -673,15 +674,19 @@ def markdown(results: list[dict[str, Any]]) -> str:
 
 
 def ensure_node_packages() -> None:
-    """socket.io and ws, from bench/peers/package-lock.json, when missing."""
+    """socket.io and ws (bench/peers/package-lock.json) when missing: `npm ci`, under a lock
+    that bench/websocket.py takes too (their smoke tests may run at the same time)."""
     peers = BENCH / "peers"
-    if not all((peers / f"node_modules/{p}/package.json").exists() for p in ("ws", "socket.io")):
-        subprocess.run(
-            ["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"],
-            cwd=peers,
-            check=True,
-            timeout=300,
-        )
+    with open(peers / ".npm-lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        wanted = ("ws", "socket.io")
+        if not all((peers / f"node_modules/{p}/package.json").exists() for p in wanted):
+            subprocess.run(
+                ["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"],
+                cwd=peers,
+                check=True,
+                timeout=300,
+            )
 
 
 def main() -> None:

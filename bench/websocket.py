@@ -8,7 +8,7 @@ and load are pinned to different cores as in bench/run.py.
 
     python bench/websocket.py [--repeat 3] [--duration 5] [--idle 2000] [--quick]
 
-The ``ws`` package is installed into bench/peers/node_modules (npm) when missing.
+The ``ws`` package is installed into bench/peers/node_modules (``npm ci``) when missing.
 """
 
 from __future__ import annotations
@@ -43,13 +43,11 @@ def pinned(core: str, argv: list[str]) -> list[str]:
 
 
 def ensure_ws_package() -> None:
-    if not (PEERS / "node_modules/ws/package.json").exists():
-        subprocess.run(
-            ["npm", "install", "--no-audit", "--no-fund", "--loglevel=error"],
-            cwd=PEERS,
-            check=True,
-            timeout=300,
-        )
+    """The peers' npm packages (bench/fanout.py installs the same ones, under the same lock)."""
+    sys.path.insert(0, str(BENCH))
+    from fanout import ensure_node_packages
+
+    ensure_node_packages()
 
 
 class Peer:
