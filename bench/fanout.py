@@ -261,7 +261,14 @@ class SioLink(WsLink):
 class Server:
     """One server under test, pinned to the server core."""
 
-    def __init__(self, name: str, workdir: Path, before: Path | None, batch: int = 0) -> None:
+    def __init__(
+        self,
+        name: str,
+        workdir: Path,
+        before: Path | None,
+        batch: int = 0,
+        nats_cores: str = SERVER_CORE,
+    ) -> None:
         self.name = name
         self.proto = PROTOS[name]
         env = dict(os.environ)
@@ -294,7 +301,7 @@ class Server:
             script = {"node": "node_fanout.js", "node-ws": "ws_fanout.js"}.get(name)
             argv = ["node", str(BENCH / "peers" / (script or "socketio_fanout.js")), "0"]
         self.process = subprocess.Popen(
-            pinned(SERVER_CORE, argv),
+            pinned(nats_cores if name == "nats" else SERVER_CORE, argv),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -555,7 +562,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def one_run(name: str, subs: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    server = Server(name, workdir, args.before, args.fanout_batch)
+    server = Server(name, workdir, args.before, args.fanout_batch, args.nats_cores)
     client = None
     try:
         time.sleep(0.3)
@@ -601,7 +608,10 @@ def one_run(name: str, subs: int, args: argparse.Namespace, workdir: Path) -> di
         t3, cpu3 = time.monotonic_ns(), server.cpu()
         control.stop()
         publisher.close()  # else heartbeatd's graceful stop waits for it to leave
-        client.stdin.write("stop\n")
+        # The subscribers may still be reading what the server has written: stop once they
+        # have every copy (or after 10 s without progress).
+        offsets = len(rate_offsets) + len(burst_offsets) + len(broadcast_offsets)
+        client.stdin.write(f"stop {subs * offsets}\n")
         client.stdin.flush()
         out, _err = client.communicate(timeout=60)
         got = json.loads(out)
@@ -701,6 +711,11 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=1)
     parser.add_argument(
         "--fanout-batch", type=int, default=0, help="channels.fanout_batch for heartbeatd"
+    )
+    parser.add_argument(
+        "--nats-cores",
+        default=SERVER_CORE,
+        help="taskset cores for nats-server (it is multi-threaded): 0,1 shows how far it gets",
     )
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for the smoke test")

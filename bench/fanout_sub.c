@@ -5,7 +5,8 @@
  * once every subscribe was answered, then counts publications.  A publication's data is the
  * publisher's CLOCK_MONOTONIC send time in nanoseconds (Python's time.monotonic_ns() reads the
  * same clock), so per offset it keeps: how many subscribers got it, when the last one did, and
- * when it was sent.  A line on stdin (or its end) stops it: it prints one JSON object
+ * when it was sent.  A line "stop N" on stdin stops it once it has counted N deliveries (or
+ * after 10 s without one); "stop" or the end of stdin at once.  It then prints one JSON object
  *   {"deliveries": D, "out_of_order": O, "offsets": [[offset, count, sent_ns, last_ns], ...]}
  * ("out_of_order": a subscriber saw an offset not above its previous one: 0 for a correct
  * server).  Pings from the server ({"type":"ping"}) are answered with a pong.
@@ -296,12 +297,31 @@ int main(int argc, char **argv) {
     epoll_ctl(ep, EPOLL_CTL_ADD, 0, &ev);
     int ready = 0, running = 1;
     struct epoll_event events[256];
+    uint64_t target = 0, last_progress = 0, seen = 0;
     while (running) {
         int n = epoll_wait(ep, events, 256, 1000);
+        if (target) {
+            if (deliveries != seen) {
+                seen = deliveries;
+                last_progress = now_ns();
+            }
+            if (deliveries >= target || now_ns() - last_progress > 10000000000ull) break;
+        }
         for (int e = 0; e < n; e++) {
             conn_t *c = events[e].data.ptr;
             if (c == NULL) {
-                running = 0;
+                /* "stop N": stop once N deliveries are counted (or after 10 s without one);
+                 * a bare "stop" or the end of stdin: now. */
+                char line[64] = "";
+                ssize_t got = read(0, line, sizeof line - 1);
+                long long want = got > 5 ? strtoll(line + 5, NULL, 10) : 0;
+                if (want > 0 && deliveries < (uint64_t)want) {
+                    target = (uint64_t)want;
+                    epoll_ctl(ep, EPOLL_CTL_DEL, 0, NULL);
+                    last_progress = now_ns();
+                } else {
+                    running = 0;
+                }
                 continue;
             }
             for (;;) {
