@@ -24,7 +24,9 @@ none twice: a fan-out reads its channel's subscribers when it starts, a subscrip
 meanwhile is skipped, and one added meanwhile drops what it already has by offset.  While more
 than ``channels.fanout_backlog`` deliveries are queued, the replies to clients' ``publish``
 requests wait; a client pipelining publishes then reaches ``limits.max_pending_requests`` and
-is no longer read (backpressure: nothing is dropped).
+is no longer read (backpressure: nothing is dropped).  A broadcast to every connection
+(`write_to_all`, from ``ServerFactory.broadcast``) goes through the same queue and budget,
+in order with publications.
 """
 
 from __future__ import annotations
