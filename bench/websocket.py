@@ -4,11 +4,14 @@ Both servers answer the same echo envelope (JSON parsed and written back); the l
 same Node client (``bench/peers/ws_load.js``, the ``ws`` package) at depth 1 and depth 32 on
 50 connections, alternating servers each round; then each server holds N idle connections
 that finished the handshake, and the growth of its RSS per connection is reported.  Servers
-and load are pinned to different cores as in bench/run.py.
+and load are pinned to different cores as in bench/run.py.  Each echo run also reports the
+server's CPU time per message (from /proc, over every reply of the run, warm-up included):
+on a machine shared with other work that figure moves much less than msgs/s does, which
+depends on how much of its core a server is given.
 
     python bench/websocket.py [--repeat 3] [--duration 5] [--idle 2000] [--quick]
 
-The ``ws`` package is installed into bench/peers/node_modules (npm) when missing.
+The ``ws`` package is installed into bench/peers/node_modules (``npm ci``) when missing.
 """
 
 from __future__ import annotations
@@ -43,13 +46,11 @@ def pinned(core: str, argv: list[str]) -> list[str]:
 
 
 def ensure_ws_package() -> None:
-    if not (PEERS / "node_modules/ws/package.json").exists():
-        subprocess.run(
-            ["npm", "install", "--no-audit", "--no-fund", "--loglevel=error"],
-            cwd=PEERS,
-            check=True,
-            timeout=300,
-        )
+    """The peers' npm packages (bench/fanout.py installs the same ones, under the same lock)."""
+    sys.path.insert(0, str(BENCH))
+    from fanout import ensure_node_packages
+
+    ensure_node_packages()
 
 
 class Peer:
@@ -88,6 +89,11 @@ class Peer:
         # Keep reading its output so a full pipe never blocks it.
         self._reader = threading.Thread(target=self.process.stdout.read, daemon=True)
         self._reader.start()
+
+    def cpu(self) -> float:
+        """CPU seconds used so far (user + system)."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def rss(self) -> int:
         text = Path(f"/proc/{self.process.pid}/status").read_text()
@@ -163,6 +169,8 @@ def main() -> None:
     ensure_ws_package()
     names = ["heartbeatd", "node ws"]
     runs: dict[str, dict[str, list[float]]] = {s: {n: [] for n in names} for s in SHAPES}
+    #: Server CPU microseconds per message, per shape and server.
+    cpu_us: dict[str, dict[str, list[float]]] = {s: {n: [] for n in names} for s in SHAPES}
     idle: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as workdir:
         peers: dict[str, Peer] = {}
@@ -172,10 +180,15 @@ def main() -> None:
             for round_ in range(args.repeat):
                 for shape, (conns, depth) in SHAPES.items():
                     for name, peer in peers.items():
+                        cpu0 = peer.cpu()
                         result = load(peer.port, conns, depth, args.duration, args.warmup)
+                        used = peer.cpu() - cpu0
                         runs[shape][name].append(result["msgs_per_s"])
+                        cpu_us[shape][name].append(used * 1e6 / max(1, result["total"]))
                         print(
-                            f"round {round_ + 1} {shape} {name}: {result['msgs_per_s']:.0f} msgs/s",
+                            f"round {round_ + 1} {shape} {name}: {result['msgs_per_s']:.0f} msgs/s,"
+                            f" server {cpu_us[shape][name][-1]:.1f} us CPU/msg"
+                            f" (load {os.getloadavg()[0]:.1f})",
                             flush=True,
                         )
             for name, peer in peers.items():
@@ -187,17 +200,27 @@ def main() -> None:
                 except Exception as e:  # stop the others whatever happens to one
                     print(f"stopping {peer.name} failed: {e!r}", file=sys.stderr)
     print()
-    print("| WebSocket echo, 64 B, 50 conns | heartbeatd | Node.js ws |")
-    print("|---|---|---|")
+    print("| WebSocket echo, 64 B, 50 conns | heartbeatd | Node.js ws | ratio |")
+    print("|---|---|---|---|")
     for shape in SHAPES:
-        cells = [f"{statistics.median(runs[shape][n]):,.0f} msgs/s" for n in names]
-        print(f"| {shape} (median of {args.repeat}) | {cells[0]} | {cells[1]} |")
+        rates = [statistics.median(runs[shape][n]) for n in names]
+        cpus = [statistics.median(cpu_us[shape][n]) for n in names]
+        print(
+            f"| {shape}, msgs/s (median of {args.repeat}) | {rates[0]:,.0f} | {rates[1]:,.0f} "
+            f"| {rates[0] / rates[1]:.2f}x |"
+        )
+        print(
+            f"| {shape}, server CPU per message | {cpus[0]:.1f} us | {cpus[1]:.1f} us "
+            f"| {cpus[1] / cpus[0]:.2f}x as efficient |"
+        )
     print(
         f"| idle connection ({args.idle:,} open) | {idle[names[0]]:,.0f} B "
-        f"| {idle[names[1]]:,.0f} B |"
+        f"| {idle[names[1]]:,.0f} B | |"
     )
     if args.json:
-        args.json.write_text(json.dumps({"runs": runs, "idle": idle, "idle_conns": args.idle}))
+        args.json.write_text(
+            json.dumps({"runs": runs, "cpu_us": cpu_us, "idle": idle, "idle_conns": args.idle})
+        )
 
 
 if __name__ == "__main__":

@@ -128,7 +128,10 @@ def test_websocket_benchmark_runs_both_servers(tmp_path: Path) -> None:
         assert set(by_server) == {"heartbeatd", "node ws"}
         assert all(len(rates) == 1 for rates in by_server.values())
     assert set(report["idle"]) == {"heartbeatd", "node ws"} and report["idle_conns"] == 50
-    assert "| depth 32 (median of 1) |" in result.stdout
+    for by_server in report["cpu_us"].values():  # server CPU per message, from /proc
+        assert all(len(us) == 1 and us[0] > 0 for us in by_server.values()), by_server
+    assert "| depth 32, msgs/s (median of 1) |" in result.stdout
+    assert "| depth 1, server CPU per message |" in result.stdout
 
 
 def test_sessions_benchmark_reports_costs_on_and_off_and_memory() -> None:

@@ -261,3 +261,82 @@ def test_fan_out_tunables_reload(clock: Clock) -> None:
     factory.channels.publish("news", 1)
     assert not factory.channels._fanouts
     assert offsets(peers[0]) == [1]
+
+
+def pushes(peer: Peer, type: str = "notice") -> list[Any]:
+    return [f["data"] for f in peer.received() if f["type"] == type]
+
+
+def test_a_broadcast_to_more_connections_than_a_batch_is_written_in_turns(clock: Clock) -> None:
+    factory = make_factory(clock, fanout_batch=100)
+    hub = factory.channels
+    peers = [Peer(factory, 20000 + i) for i in range(350)]
+    assert factory.broadcast("notice", 1) == 350
+    # Over a turn's budget: queued, then written at most one batch per turn.
+    assert hub.broadcast_written == 0 and hub.queued == 350
+    written = []
+    while hub._fanouts:
+        before = hub.broadcast_written
+        one_turn(clock)
+        written.append(hub.broadcast_written - before)
+    assert written == [100, 100, 100, 50]
+    assert hub.queued == 0
+    for peer in peers:
+        assert pushes(peer) == [1]
+
+
+def test_a_small_broadcast_is_written_at_once(clock: Clock) -> None:
+    factory = make_factory(clock, fanout_batch=100)
+    peers = [Peer(factory, 20000 + i) for i in range(10)]
+    assert factory.broadcast("notice", "now") == 10
+    assert not factory.channels._fanouts
+    for peer in peers:
+        assert pushes(peer) == ["now"]
+
+
+def test_broadcasts_and_publications_keep_their_order_on_each_connection(clock: Clock) -> None:
+    """A broadcast made after a publication reaches each subscriber after it, and a client
+    that disconnects while a broadcast is queued is skipped."""
+    factory = make_factory(clock, fanout_batch=10)
+    hub = factory.channels
+    peers = subscribers(factory, 30)
+    hub.publish("news", 1)
+    factory.broadcast("notice", "after 1")
+    hub.publish("news", 2)
+    peers[-1].disconnect()
+    while hub._fanouts:
+        one_turn(clock)
+    for peer in peers[:-1]:
+        frames = peer.received()
+        assert [
+            (f["type"], f["data"].get("offset") if f["type"] == "publication" else f["data"])
+            for f in frames
+        ] == [("publication", 1), ("notice", "after 1"), ("publication", 2)]
+
+
+def test_a_broadcast_burst_does_not_delay_another_clients_reply(clock: Clock) -> None:
+    factory = make_factory(clock, fanout_batch=100)
+    hub = factory.channels
+    peers = [Peer(factory, 20000 + i) for i in range(500)]
+    control = peers[0]
+    for i in range(20):
+        factory.broadcast("notice", i)
+    assert hub.broadcast_written <= 100
+    before = hub.broadcast_written
+    one_turn(clock)
+    assert hub.broadcast_written - before <= 100
+    control.received()
+    control.send({"type": "ping", "id": 7})
+    assert {"type": "pong", "id": 7} in control.received()
+    while hub._fanouts:
+        one_turn(clock)
+    assert pushes(peers[-1]) == list(range(20))
+
+
+def test_the_shutdown_goaway_is_written_at_once(clock: Clock) -> None:
+    factory = make_factory(clock, fanout_batch=10)
+    peers = [Peer(factory, 20000 + i) for i in range(30)]
+    factory.drain(5, 1)
+    assert not factory.channels._fanouts
+    for peer in peers:
+        assert [f["type"] for f in peer.received()] == ["goaway"]

@@ -1,13 +1,15 @@
 // Peer: a Node.js `net` channel server speaking heartbeatd's int32-framed envelope, for
 // bench/fanout.py. subscribe answers {channel, epoch, offset}; publish frames the publication
 // once and writes it to every subscriber in one loop (Node's natural way: no batching), then
-// answers {channel, offset}; ping answers pong. Offsets count per channel from 1.
+// answers {channel, offset}; broadcast D writes {"type":"bcast","data":D} to every connection
+// and answers {sent}; ping answers pong. Offsets count per channel from 1.
 //
 //   node node_fanout.js PORT
 'use strict';
 const net = require('net');
 
 const channels = new Map(); // name -> {offset, subs: Set<socket>}
+const everyone = new Set();
 
 function frame(obj) {
   const body = Buffer.from(JSON.stringify(obj));
@@ -49,11 +51,17 @@ function handle(socket, mine, msg) {
     for (const sub of c.subs) sub.write(publication);
     return frame({ type: 'publish', id: msg.id, data: { channel: data.channel, offset: c.offset } });
   }
+  if (msg.type === 'broadcast') {
+    const push = frame({ type: 'bcast', data: msg.data });
+    for (const other of everyone) other.write(push);
+    return frame({ type: 'broadcast', id: msg.id, data: { sent: everyone.size } });
+  }
   return frame({ type: 'error', id: msg.id, error: { code: 'unknown_type', message: msg.type } });
 }
 
 const server = net.createServer((socket) => {
   socket.setNoDelay(true);
+  everyone.add(socket);
   const mine = new Set();
   let buffer = Buffer.alloc(0);
   socket.on('data', (chunk) => {
@@ -71,6 +79,7 @@ const server = net.createServer((socket) => {
     if (out.length) socket.write(Buffer.concat(out));
   });
   const forget = () => {
+    everyone.delete(socket);
     for (const name of mine) channels.get(name)?.subs.delete(socket);
   };
   socket.on('close', forget);

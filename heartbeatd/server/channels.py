@@ -24,7 +24,9 @@ none twice: a fan-out reads its channel's subscribers when it starts, a subscrip
 meanwhile is skipped, and one added meanwhile drops what it already has by offset.  While more
 than ``channels.fanout_backlog`` deliveries are queued, the replies to clients' ``publish``
 requests wait; a client pipelining publishes then reaches ``limits.max_pending_requests`` and
-is no longer read (backpressure: nothing is dropped).
+is no longer read (backpressure: nothing is dropped).  A broadcast to every connection
+(`write_to_all`, from ``ServerFactory.broadcast``) goes through the same queue and budget,
+in order with publications.
 """
 
 from __future__ import annotations
@@ -122,14 +124,23 @@ class _Sub:
 
 
 class _Fanout:
-    """One publication waiting in (or going through) the hub's delivery queue."""
+    """One publication waiting in (or going through) the hub's delivery queue; or a broadcast
+    (``channel`` None), whose connections are ``clients``."""
 
-    __slots__ = ("channel", "count", "data", "epoch", "frame", "next", "offset", "subs")
+    __slots__ = ("channel", "clients", "count", "data", "epoch", "frame", "next", "offset", "subs")
 
     def __init__(
-        self, channel: str, epoch: str, offset: int, data: str, frame: SharedFrame, count: int
+        self,
+        channel: str | None,
+        epoch: str,
+        offset: int,
+        data: str,
+        frame: SharedFrame,
+        count: int,
+        clients: list[Connection] | None = None,
     ) -> None:
         self.channel = channel
+        self.clients = clients
         #: Subscribers when it was queued (what it added to the hub's ``queued``).
         self.count = count
         self.epoch = epoch
@@ -184,6 +195,8 @@ class ChannelHub:
         self._backlog_waiters: list[Deferred[None]] = []
         #: Fan-out batches run (for metrics and tests).
         self.fanout_batches = 0
+        #: Broadcast pushes written (``write_to_all``), apart from ``delivered`` publications.
+        self.broadcast_written = 0
         self._batch = 250
         #: Deliveries written at once in this reactor turn (bounded by ``_batch`` too); the
         #: turn's end (``_turn_ended``) gives the next turn a whole budget.
@@ -567,6 +580,25 @@ class ChannelHub:
         if self._drain_call is None:
             self._drain_call = self.factory.clock.callLater(0, self._run_batch)
 
+    def write_to_all(self, frame: SharedFrame, clients: list[Connection]) -> None:
+        """A push to many connections (a broadcast), through the same queue and per-turn
+        budget as publications: written at once when it fits in this turn's budget with
+        nothing queued, else queued (in order with publications, so a connection gets
+        pushes and publications in the order they were made)."""
+        count = len(clients)
+        if not self._fanouts and self._spent + count <= self._batch:
+            if self._turn_end is None:
+                self._turn_end = self.factory.clock.callLater(0, self._turn_ended)
+            self._spent += count
+            for client in clients:
+                client.write_shared(frame)
+            self.broadcast_written += count
+            return
+        self._fanouts.append(_Fanout(None, "", 0, "", frame, count, clients))
+        self.queued += count
+        if self._drain_call is None:
+            self._drain_call = self.factory.clock.callLater(0, self._run_batch)
+
     def _turn_ended(self) -> None:
         self._turn_end = None
         if not self._fanouts:  # else the next batch sets the budget it leaves
@@ -582,6 +614,20 @@ class ChannelHub:
         self.fanout_batches += 1
         while fanouts and budget > 0:
             fanout = fanouts[0]
+            if fanout.channel is None:  # a broadcast: write_to_all
+                clients = fanout.clients or []
+                start = fanout.next
+                end = min(len(clients), start + budget)
+                frame = fanout.frame
+                for i in range(start, end):
+                    clients[i].write_shared(frame)
+                self.broadcast_written += end - start
+                budget -= max(1, end - start)
+                self.queued -= end - start
+                fanout.next = end
+                if end >= len(clients):
+                    fanouts.popleft()
+                continue
             subs = fanout.subs
             if subs is None:
                 now = self._subs.get(fanout.channel)

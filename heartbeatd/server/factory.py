@@ -520,16 +520,21 @@ class ServerFactory(Factory):
         """Push a message to every authenticated client, framing it once per framing; the count.
 
         Connections still in their auth gate are skipped (``everyone``: the shutdown goaway).
+        Written through the channel hub's delivery queue, ``channels.fanout_batch``
+        connections per reactor turn (``ChannelHub.write_to_all``), except the goaway.
         """
         frame = SharedFrame(encode_message(type, data))
         if self.gated and not everyone:
             clients = [c for c in self.clients.values() if c._auth is None]
         else:
             clients = list(self.clients.values())
-        for client in clients:
-            client.write_shared(frame)
-        if self.sessions.detached and not everyone:
-            self.sessions.broadcast_detached(frame.body)
+        if everyone:  # the shutdown goaway: at once
+            for client in clients:
+                client.write_shared(frame)
+        else:  # in turns of channels.fanout_batch, as publications are (fairness)
+            self.channels.write_to_all(frame, clients)
+            if self.sessions.detached:  # kept for the replay of sessions between connections
+                self.sessions.broadcast_detached(frame.body)
         return len(clients)
 
     # -- shutdown -----------------------------------------------------------------------------
