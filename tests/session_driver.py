@@ -4,8 +4,9 @@ Run as ``python session_driver.py '<json options>'``; prints one JSON line with 
 application saw.  The subprocess timeout of the test is its deadline.
 
 It subscribes to channel ``chaos`` and sends ``count`` ``work`` requests (``n`` = 0, 1, ...),
-at most ``window`` at a time; a seeded random choice asks the server to push ``pushed n``
-back and/or to publish ``n`` on the channel (`SESSION_HANDLERS` in test_sessions_e2e.py).
+at most ``window`` unanswered, paced over ``min_seconds``; a seeded random choice asks the
+server to push ``pushed n`` back and/or to publish ``n`` on the channel (`SESSION_HANDLERS`
+in test_sessions_e2e.py).
 Each reply must be ``n``; pushes and publications must arrive exactly once and in order.
 """
 
@@ -17,13 +18,22 @@ import sys
 from typing import Any
 
 from twisted.internet import defer, task
+from twisted.internet.defer import Deferred
 
-from heartbeatd.client import ClientError, ReconnectingClient
+from heartbeatd.client import ReconnectingClient
 
 
 def plan(count: int, seed: int) -> list[dict[str, Any]]:
     rng = random.Random(seed)
     return [{"n": n, "push": rng.random() < 0.5, "pub": rng.random() < 0.3} for n in range(count)]
+
+
+def _first_difference(got: list[Any], want: list[Any]) -> Any:
+    """Where two lists first differ, with a few items of each from there (None: equal)."""
+    for i, (a, b) in enumerate(zip(got, want, strict=False)):
+        if a != b:
+            return {"at": i, "got": got[max(i - 3, 0) : i + 5], "want": want[max(i - 3, 0) : i + 5]}
+    return None if len(got) == len(want) else {"at": min(len(got), len(want))}
 
 
 async def main(reactor: Any, options: dict[str, Any]) -> None:
@@ -54,20 +64,30 @@ async def main(reactor: Any, options: dict[str, Any]) -> None:
     outcomes: dict[str, int] = {}
     wrong: list[Any] = []
 
-    async def one(item: dict[str, Any]) -> None:
-        try:
-            reply = await client.request("work", item)
-        except ClientError as e:
-            outcomes[type(e).__name__] = outcomes.get(type(e).__name__, 0) + 1
-            return
-        outcomes["ok"] = outcomes.get("ok", 0) + 1
-        if reply != item["n"]:
-            wrong.append([item["n"], reply])
-
+    # One sender, so requests are numbered in order of n; at most ``window`` unanswered;
+    # paced over at least ``min_seconds``, so the chaos has time to strike many times.
+    began, pace = reactor.seconds(), options.get("min_seconds", 0.0) / max(count, 1)
     limit = defer.DeferredSemaphore(window)
-    await defer.gatherResults(
-        [limit.run(lambda item=item: defer.ensureDeferred(one(item))) for item in work]
-    )
+    replies: list[Deferred[None]] = []
+
+    def answered(reply: Any, n: int) -> None:
+        outcomes["ok"] = outcomes.get("ok", 0) + 1
+        if reply != n:
+            wrong.append([n, reply])
+
+    def failed(failure: Any) -> None:
+        name = type(failure.value).__name__
+        outcomes[name] = outcomes.get(name, 0) + 1
+
+    for item in work:
+        due = began + pace * item["n"] - reactor.seconds()
+        if due > 0:
+            await task.deferLater(reactor, due, lambda: None)
+        await limit.acquire()
+        d = client.request("work", item).addCallbacks(answered, failed, (item["n"],))
+        d.addBoth(lambda _: limit.release())
+        replies.append(d)
+    await defer.gatherResults(replies)
     want_pushes = [i["n"] for i in work if i["push"]]
     want_pubs = [i["n"] for i in work if i["pub"]]
     deadline = reactor.seconds() + options.get("settle", 10.0)
@@ -83,8 +103,10 @@ async def main(reactor: Any, options: dict[str, Any]) -> None:
         "wrong_replies": wrong[:5],
         "pushes": len(pushes),
         "pushes_exact": pushes == want_pushes,
+        "pushes_first_difference": _first_difference(pushes, want_pushes),
         "pubs": len(pubs),
         "pubs_exact": [d for _, d in pubs] == want_pubs,
+        "pubs_first_difference": _first_difference([d for _, d in pubs], want_pubs),
         "offsets_consecutive": offsets == list(range(offsets[0], offsets[0] + len(offsets)))
         if offsets
         else True,

@@ -19,6 +19,7 @@ from zope.interface import implementer
 from heartbeatd.client import (
     ClientConnection,
     ConnectionClosed,
+    NotConnected,
     RequestTimeout,
     ServerError,
     SessionLost,
@@ -454,3 +455,30 @@ def test_stop_acks_and_fails_what_waits(clock: Clock) -> None:
     assert peer.written() == [{"type": "ack", "data": {"seq": 1}}]
     failureResultOf(pending, ConnectionClosed)
     peer.drop()
+
+
+def test_requests_before_the_first_session_keep_their_order(clock: Clock) -> None:
+    client, endpoint, _ = make_client(clock)
+    first, second = client.request("a", timeout=5), client.request("b", timeout=5)
+    peer = endpoint.accept()
+    (ask,) = peer.written()
+    peer.send({"type": "session", "id": ask["id"], "data": {"session": "sid1", "key": KEY}})
+    third = client.request("c", timeout=5)
+    assert [(m["type"], m["seq"]) for m in peer.written()] == [("a", 1), ("b", 2), ("c", 3)]
+    peer.send(
+        *(
+            {"type": t, "id": i, "seq": i, "ack": 3, "data": t}
+            for i, t in [(1, "a"), (2, "b"), (3, "c")]
+        )
+    )
+    assert [successResultOf(d) for d in (first, second, third)] == ["a", "b", "c"]
+
+
+def test_a_request_never_sent_times_out_as_not_connected(clock: Clock) -> None:
+    client, _endpoint, _, peer = first_connection(clock)
+    sent = client.request("sent", timeout=2)
+    peer.drop()
+    unsent = client.request("unsent", timeout=2)
+    clock.advance(2)
+    failureResultOf(sent, RequestTimeout)
+    failureResultOf(unsent, NotConnected)

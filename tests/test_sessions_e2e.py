@@ -49,6 +49,11 @@ def register(registry):
 """
 
 
+#: For a test whose request hangs: replies (pong included) go back in request order, so a
+#: hung handler silences the connection, and a short heartbeat would drop it.
+SLOW_HEARTBEAT = {"interval": 10, "timeout": 60}
+
+
 def session_daemon(tmp_path: Path, **config: Any) -> Daemon:
     (tmp_path / "session_handlers.py").write_text(SESSION_HANDLERS)
     runs = tmp_path / "runs"
@@ -69,9 +74,11 @@ def handler_runs(tmp_path: Path) -> list[list[tuple[int, int]]]:
 
 def drive(endpoints: list[str], timeout: float = 60, **options: Any) -> dict[str, Any]:
     run = subprocess.run(
-        [sys.executable, str(HERE / "session_driver.py"), json.dumps(
-            {"endpoints": endpoints, **options}
-        )],
+        [
+            sys.executable,
+            str(HERE / "session_driver.py"),
+            json.dumps({"endpoints": endpoints, **options}),
+        ],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -98,12 +105,145 @@ def test_chaos_every_message_exactly_once_in_order_both_ways(tmp_path: Path) -> 
     count, seed = 10_000, 18
     with session_daemon(tmp_path) as daemon, ChaosProxy(daemon.port, seed=seed) as proxy:
         proxy.start_chaos()
-        result = drive([f"tcp:host=127.0.0.1:port={proxy.port}"], count=count, seed=seed)
+        result = drive(
+            [f"tcp:host=127.0.0.1:port={proxy.port}"], count=count, seed=seed, min_seconds=3
+        )
         proxy.stop_chaos()
         cuts = proxy.cuts
         assert daemon.stop() == 0
     assert_exactly_once(result, count, seed)
-    assert cuts >= 3, cuts  # it was cut, more than once, while the messages flowed
-    assert result["events"]["started"] == 1 and result["events"]["resumed"] >= 3, result
+    assert cuts >= 6, cuts  # 3 s at least, cut every 50-500 ms
+    assert result["events"]["started"] == 1 and result["events"]["resumed"] >= 6, result
     (runs,) = handler_runs(tmp_path)
     assert [n for n, _ in runs] == list(range(count))  # each handler ran once, in order
+
+
+#: A resumable client that reports, one JSON line at a time, what the application sees while
+#: the test takes its session over, then kills and restarts the daemon under it.
+LOST_SCRIPT = """
+import json, sys
+from twisted.internet import task
+from twisted.internet.defer import Deferred, ensureDeferred
+from heartbeatd.client import ReconnectingClient, SessionLost
+
+def say(obj):
+    print(json.dumps(obj), flush=True)
+
+async def main(reactor, port):
+    client = ReconnectingClient(
+        reactor, f"tcp:host=127.0.0.1:port={port}", resumable=True,
+        backoff_initial=0.05, backoff_max=0.2,
+    )
+    started = []
+    def event(e):
+        say({"event": e})
+        if e["event"] == "started" and started and not started[-1].called:
+            started[-1].callback(None)
+    client.on_session(event)
+    pushes = []
+    client.on("pushed", lambda data, conn: pushes.append(data))
+    client.start()
+    await client.when_connected()
+    for phase in ("takeover", "restart"):
+        pending = client.request("hang", timeout=30)  # (replies are in order: the last)
+        state = client.session.state
+        started.append(Deferred())
+        say({"phase": phase, "sid": state.sid, "key": state.key, "ack": state.delivered})
+        try:
+            await pending
+            say({"failed": None})
+        except SessionLost as e:
+            say({"failed": type(e).__name__, "reason": e.reason})
+        await started[-1]
+        reply = await client.request("work", {"n": 1, "push": True}, timeout=10)
+        say({"reply": reply})
+    say({"pushes": pushes})
+    await client.stop()
+
+task.react(lambda reactor: ensureDeferred(main(reactor, int(sys.argv[1]))))
+"""
+
+
+class Lines:
+    """A subprocess's stdout, one JSON line at a time, each wait with a deadline."""
+
+    def __init__(self, process: subprocess.Popen[str]) -> None:
+        import queue
+        import threading
+
+        self.process = process
+        self.queue: queue.Queue[str | None] = queue.Queue()
+
+        def pump() -> None:
+            assert process.stdout is not None
+            for line in process.stdout:
+                self.queue.put(line)
+            self.queue.put(None)
+
+        threading.Thread(target=pump, daemon=True).start()
+
+    def next(self, timeout: float = 20) -> Any:
+        line = self.queue.get(timeout=timeout)
+        if line is None:
+            assert self.process.stderr is not None
+            raise AssertionError(f"the client script ended: {self.process.stderr.read()[-3000:]}")
+        return json.loads(line)
+
+
+def test_takeover_and_a_restarted_daemon_lose_the_session_and_the_app_is_told(
+    tmp_path: Path,
+) -> None:
+    from daemon import RawClient
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = session_daemon(tmp_path / "a", heartbeat=SLOW_HEARTBEAT).__enter__()
+    port = first.port
+    script = subprocess.Popen(
+        [sys.executable, "-c", LOST_SCRIPT, str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines = Lines(script)
+    try:
+        assert lines.next() == {"event": {"event": "started"}}
+        told = lines.next()
+        assert told.get("phase") == "takeover", told
+        # Someone else resumes the session: the client's live connection is taken over.
+        with RawClient(port) as thief:
+            assert thief.recv()["type"] == "hello"
+            thief.send(
+                {
+                    "type": "resume",
+                    "id": 1,
+                    "data": {"session": told["sid"], "key": told["key"], "ack": told["ack"]},
+                }
+            )
+            assert thief.recv()["data"]["resumed"] is True
+            assert lines.next() == {
+                "event": {"event": "session_lost", "reason": "session_taken_over"}
+            }
+            assert lines.next() == {"failed": "SessionLost", "reason": "session_taken_over"}
+            assert lines.next() == {"event": {"event": "started"}}  # a fresh session
+            assert lines.next() == {"reply": 1}
+        told = lines.next()
+        assert told["phase"] == "restart"
+        first.process.kill()  # sessions live in its memory: a restart loses them
+        first.process.wait(10)
+        listen = f"tcp:{port}:interface=127.0.0.1"
+        with session_daemon(tmp_path / "b", listen=listen, heartbeat=SLOW_HEARTBEAT) as second:
+            assert lines.next(30) == {
+                "event": {"event": "session_lost", "reason": "unknown_session"}
+            }
+            assert lines.next() == {"failed": "SessionLost", "reason": "unknown_session"}
+            assert lines.next() == {"event": {"event": "started"}}
+            assert lines.next() == {"reply": 1}
+            assert lines.next() == {"pushes": [1, 1]}
+            assert script.wait(20) == 0
+            assert second.stop() == 0
+    finally:
+        if script.poll() is None:
+            script.kill()
+            script.wait(10)
+        first.__exit__(None, None, None)

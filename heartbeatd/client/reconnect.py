@@ -262,8 +262,9 @@ class ReconnectingClient:
         if current is not None and current.usable:  # the common case: no wait at all
             return current.request(type, data, seconds)
         session = self.session
-        if session is not None and session.state.active and not self._stopping:
-            # Between connections: numbered now, sent by the resume (or lost with the session).
+        if session is not None and not self._stopping:
+            # Between connections: numbered now (so requests keep the order they were made
+            # in), sent by the resume, or by the next session start when there is none.
             return session.request(type, data, seconds)
         started = self._reactor.seconds()
 

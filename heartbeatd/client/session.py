@@ -33,6 +33,7 @@ from heartbeatd._logging import get_logger
 from heartbeatd.client.errors import (
     ClientError,
     ConnectionClosed,
+    NotConnected,
     RequestTimeout,
     ServerError,
     SessionLost,
@@ -83,6 +84,8 @@ class ClientSession:
         #: The connection the session is attached to (None between connections).
         self.connection: ClientConnection | None = None
         self._pending: dict[int, tuple[Deferred[Any], IDelayedCall]] = {}
+        #: The highest seq written to a connection (above it: numbered, never sent yet).
+        self._written = 0
         self._ack_timer: IDelayedCall | None = None
         self._callbacks: list[Callable[[SessionEvent], object]] = []
         self.started = 0
@@ -123,6 +126,7 @@ class ClientSession:
         self._pending[seq] = (d, timer)
         if self.connection is not None:
             self.connection._write(body)
+            self._written = seq
         return d
 
     def close(self, error: ClientError | None = None) -> None:
@@ -162,6 +166,7 @@ class ClientSession:
             self._attach(conn)
             for body in resend:
                 conn._write(body)
+            self._written = state.next_seq - 1
             self.resumed += 1
             self.replayed += replayed
             log.info(
@@ -200,6 +205,7 @@ class ClientSession:
             self._attach(conn)
             for body in list(self.state.unacked.values()):  # numbered while there was none
                 conn._write(body)
+            self._written = self.state.next_seq - 1
             self.started += 1
             self._tell({"event": "started"})
             return "started"
@@ -306,18 +312,28 @@ class ClientSession:
         log.warn("The session was taken over by another connection; starting a new one")
         self.detach(conn)
         self._lose(TAKEN_OVER)
+        # The server closes it; until then nothing may use it (the next one has a session).
+        conn.abort(ConnectionClosed("the session was taken over by another connection"))
 
     def _lose(self, reason: str) -> None:
         self.lost += 1
         if self.connection is not None:
             self.detach(self.connection)
         self.state.lose()
+        self._written = 0
         log.warn("Session lost ({reason})", reason=reason)
-        self._fail_pending(SessionLost(reason))
+        # The application hears it first, then its waiting requests fail (a request it
+        # makes from its callback belongs to the next session).
+        pending, self._pending = self._pending, {}
         self._tell({"event": "session_lost", "reason": reason})
+        self._fail(pending, SessionLost(reason))
 
     def _fail_pending(self, error: ClientError) -> None:
         pending, self._pending = self._pending, {}
+        self._fail(pending, error)
+
+    @staticmethod
+    def _fail(pending: dict[int, tuple[Deferred[Any], IDelayedCall]], error: ClientError) -> None:
         for d, timer in pending.values():
             if timer.active():
                 timer.cancel()
@@ -325,7 +341,12 @@ class ClientSession:
 
     def _timed_out(self, seq: int, type: str, seconds: float) -> None:
         entry = self._pending.pop(seq, None)
-        if entry is not None:  # its copy stays: seqs are consecutive, resent as they are
+        if entry is None:
+            return
+        # Its copy stays: seqs are consecutive, and it is sent (again) as it is.
+        if seq > self._written:  # it never left: no connection within its deadline
+            entry[0].errback(NotConnected(f"not connected within {seconds:g}s"))
+        else:
             entry[0].errback(RequestTimeout(f"no reply to {type!r} within {seconds:g}s"))
 
     def _tell(self, event: SessionEvent) -> None:
