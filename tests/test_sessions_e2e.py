@@ -247,3 +247,62 @@ def test_takeover_and_a_restarted_daemon_lose_the_session_and_the_app_is_told(
             script.kill()
             script.wait(10)
         first.__exit__(None, None, None)
+
+
+#: A pool whose subscription connection is resumable, through a chaos proxy, while another
+#: connection (straight to the daemon) has ``count`` publications made.
+POOL_SCRIPT = """
+import json, sys
+from twisted.internet import task
+from twisted.internet.defer import ensureDeferred
+from heartbeatd.client import Pool, PoolConfig, connect
+
+async def main(reactor, proxied, direct, count):
+    pool = Pool(
+        reactor,
+        PoolConfig(endpoint=f"tcp:host=127.0.0.1:port={proxied}", min_idle=0,
+                   backoff_initial=0.02, backoff_max=0.2),
+        resumable=True,
+    )
+    events, pubs, lost = [], [], []
+    pool.on_session(events.append)
+    await pool.subscribe(
+        "chaos", lambda data, offset, sub: pubs.append(data),
+        lambda sub, reason: lost.append(reason),
+    )
+    publisher = await connect(reactor, f"tcp:host=127.0.0.1:port={direct}")
+    for n in range(count):
+        await publisher.request("work", {"n": n, "pub": True})
+        if n % 20 == 0:
+            await task.deferLater(reactor, 0.01, lambda: None)
+    deadline = reactor.seconds() + 15
+    while len(pubs) < count and reactor.seconds() < deadline:
+        await task.deferLater(reactor, 0.05, lambda: None)
+    publisher.close()
+    await pool.close()
+    kinds = [e["event"] for e in events]
+    print(json.dumps({"exact": pubs == list(range(count)), "got": len(pubs), "lost": lost,
+                      "started": kinds.count("started"), "resumed": kinds.count("resumed"),
+                      "session_lost": kinds.count("session_lost")}))
+
+task.react(lambda reactor, *a: ensureDeferred(main(reactor, *map(int, sys.argv[1:]))))
+"""
+
+
+def test_the_pool_subscription_connection_resumes(tmp_path: Path) -> None:
+    with session_daemon(tmp_path) as daemon, ChaosProxy(daemon.port, seed=7) as proxy:
+        proxy.start_chaos()
+        run = subprocess.run(
+            [sys.executable, "-c", POOL_SCRIPT, str(proxy.port), str(daemon.port), "2000"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        proxy.stop_chaos()
+        cuts = proxy.cuts
+        assert daemon.stop() == 0
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout)
+    assert result["exact"] and result["lost"] == [], result  # every publication, once, in order
+    assert result["started"] == 1 and result["session_lost"] == 0, result
+    assert result["resumed"] >= 1 and cuts >= 1, (result, cuts)
