@@ -70,8 +70,12 @@ async def main(reactor: Any, options: dict[str, Any]) -> None:
     limit = defer.DeferredSemaphore(window)
     replies: list[Deferred[None]] = []
 
+    progress_at = options.get("progress_at")
+
     def answered(reply: Any, n: int) -> None:
         outcomes["ok"] = outcomes.get("ok", 0) + 1
+        if outcomes["ok"] == progress_at:  # the test may act now (kill a node...)
+            print(json.dumps({"progress": progress_at}), flush=True)
         if reply != n:
             wrong.append([n, reply])
 
@@ -117,6 +121,8 @@ async def main(reactor: Any, options: dict[str, Any]) -> None:
         "duplicates_dropped": session.duplicates,
         "unacked_left": len(session.state.unacked),
     }
+    if options.get("raw"):
+        result["raw_pushes"], result["raw_pubs"] = pushes, [d for _, d in pubs]
     await client.stop()
     print(json.dumps(result), flush=True)
 

@@ -106,7 +106,11 @@ class BlackholeProxy:
         except BlockingIOError:
             return
         self.accepted += 1
-        upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+        try:
+            upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+        except OSError:  # the target is down: so is this connection
+            downstream.close()
+            return
         for sock in (downstream, upstream):
             sock.setblocking(True)
             sock.settimeout(5)

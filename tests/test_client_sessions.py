@@ -482,3 +482,34 @@ def test_a_request_never_sent_times_out_as_not_connected(clock: Clock) -> None:
     clock.advance(2)
     failureResultOf(sent, RequestTimeout)
     failureResultOf(unsent, NotConnected)
+
+
+def test_an_unanswered_resume_drops_the_connection_and_the_next_one_resumes(clock: Clock) -> None:
+    client, endpoint, events, peer = first_connection(clock)
+    pending = client.request("work", timeout=30)
+    peer2 = reconnect(clock, endpoint, peer)
+    (_resume,) = peer2.written()
+    clock.advance(10)  # hello_timeout: no answer (the server may have resumed it anyway)
+    assert peer2.transport.disconnecting
+    assert not client.session.state.delivered and client.session.state.active
+    peer3 = reconnect(clock, endpoint, peer2)
+    (again,) = peer3.written()
+    assert again["type"] == "resume" and again["data"]["session"] == "sid1"
+    peer3.send({"type": "resume", "id": again["id"], "data": {"resumed": True, "ack": 1}})
+    peer3.send({"type": "work", "id": 1, "seq": 1, "ack": 1, "data": "done"})
+    assert successResultOf(pending) == "done"
+    assert [e["event"] for e in events] == ["started", "resumed"]
+
+
+def test_after_a_takeover_requests_wait_for_the_next_session(clock: Clock) -> None:
+    client, endpoint, _, peer = first_connection(clock)
+    peer.send({"type": "error", "error": {"code": "session_taken_over", "message": "m"}})
+    later = client.request("later", timeout=30)  # the old connection is not used
+    assert peer.written() == []
+    peer2 = reconnect(clock, endpoint, peer)
+    (ask,) = peer2.written()
+    peer2.send({"type": "session", "id": ask["id"], "data": {"session": "sid2", "key": KEY}})
+    (sent,) = peer2.written()
+    assert (sent["type"], sent["seq"]) == ("later", 1)
+    peer2.send({"type": "later", "id": 1, "seq": 1, "data": "ok"})
+    assert successResultOf(later) == "ok"

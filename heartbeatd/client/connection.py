@@ -91,7 +91,7 @@ class ClientConnection(Protocol):
         #: handshake; ready waits for it.  ``_session`` is set while it is attached here.
         self._session_to_open = session
         self._session: ClientSession | None = None
-        #: "started", "resumed", or None (no session on this connection).
+        #: "started", "resumed", "taken_over", "failed", or None (no session here).
         self.session_outcome: str | None = None
         #: Called for a token (a string, or a Deferred or coroutine of one) when there is no
         #: ``token`` to log in with, and whenever the server asks for a ``refresh`` (a JWT
@@ -476,6 +476,8 @@ class ClientConnection(Protocol):
 
         def opened(outcome: str | None) -> None:
             self.session_outcome = outcome
+            if outcome == "failed":
+                return  # aborted: ready fails with the reason when the connection is gone
             if not self._ready.called and not self.closed:
                 self._ready.callback(self)
 

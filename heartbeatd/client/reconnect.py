@@ -259,13 +259,15 @@ class ReconnectingClient:
         """Send a request once connected; ``timeout`` covers the wait for a connection too."""
         seconds = self._request_timeout if timeout is None else timeout
         current = self._current
-        if current is not None and current.usable:  # the common case: no wait at all
-            return current.request(type, data, seconds)
         session = self.session
         if session is not None and not self._stopping:
-            # Between connections: numbered now (so requests keep the order they were made
-            # in), sent by the resume, or by the next session start when there is none.
+            if current is not None and current.usable and current.session_outcome is None:
+                return current.request(type, data, seconds)  # the server refused a session
+            # Numbered now (so requests keep the order they were made in); sent at once on
+            # a connection with the session, else by the resume or the next session start.
             return session.request(type, data, seconds)
+        if current is not None and current.usable:  # the common case: no wait at all
+            return current.request(type, data, seconds)
         started = self._reactor.seconds()
 
         def send(conn: ClientConnection) -> Deferred[Any]:

@@ -138,8 +138,9 @@ class ClientSession:
 
     def open(self, conn: ClientConnection) -> Deferred[str | None]:
         """Start or resume the session on a connection past its handshake.  Fires with
-        "started", "resumed", or None when the server gave no session (it is then used
-        without one); never fails."""
+        "started", "resumed", None when the server refused a session (the connection is
+        then used without one), or "failed" when it did not answer (the connection is
+        dropped); never fails."""
         if self.state.active:
             return self._resume(conn)
         return self._start(conn)
@@ -181,7 +182,7 @@ class ClientSession:
             if failure.check(ServerError):  # session_exists, unknown_type (an older server)
                 self._lose(failure.value.code)
                 return self._start(conn)
-            return None  # the connection went: the next one resumes
+            return _unanswered(conn, "resume", failure)  # the next connection resumes
 
         return d.addCallbacks(answered, failed)
 
@@ -210,14 +211,15 @@ class ClientSession:
             self._tell({"event": "started"})
             return "started"
 
-        def failed(failure: Failure) -> None:
+        def failed(failure: Failure) -> str | None:
             if failure.check(ServerError):  # sessions_disabled, too_many_sessions...
                 log.warn(
                     "The server refused a session ({why}): this connection is not resumable",
                     why=failure.value.code,
                 )
                 self._refused(failure.value.code)
-            return None
+                return None
+            return _unanswered(conn, "session", failure)
 
         return d.addCallbacks(answered, failed)
 
@@ -310,6 +312,7 @@ class ClientSession:
     def _taken_over(self, conn: ClientConnection) -> None:
         """Someone else resumed this session: never resume it again; start afresh."""
         log.warn("The session was taken over by another connection; starting a new one")
+        conn.session_outcome = "taken_over"  # not usable: requests wait for the next one
         self.detach(conn)
         self._lose(TAKEN_OVER)
         # The server closes it; until then nothing may use it (the next one has a session).
@@ -355,6 +358,13 @@ class ClientSession:
                 callback(dict(event))
             except Exception:
                 log.failure("An on_session callback failed")
+
+
+def _unanswered(conn: ClientConnection, what: str, failure: Failure) -> str:
+    """No answer to ``session``/``resume`` (a timeout, or the connection went): the server
+    may have done it, so this connection is not used without the session; drop it."""
+    conn.abort(ConnectionClosed(f"no answer to {what}: {failure.getErrorMessage()}"))
+    return "failed"
 
 
 def _server_error(error: Any) -> ServerError:
