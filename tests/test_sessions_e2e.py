@@ -394,8 +394,8 @@ def test_chaos_on_a_three_node_cluster_with_one_node_killed(tmp_path: Path) -> N
             at = next(i for i in range(1, len(ns)) if ns[i] < ns[i - 1])
             raise AssertionError(f"a node ran requests out of order: {node_runs[at - 5 : at + 5]}")
     seen = sorted(n for node_runs in per_node for n, _ in node_runs)
-    redeliveries = sum(1 for node_runs in per_node for _, redelivered in node_runs if redelivered)
-    assert len(seen) == count + redeliveries, "a handler ran twice without being redelivered"
-    assert sorted(set(seen)) == list(range(count))
-    twice = {n for n in set(seen) if seen.count(n) > 1} - again
-    assert not twice, f"handlers ran twice without being redelivered: {sorted(twice)[:10]}"
+    first_runs = [n for node_runs in per_node for n, redelivered in node_runs if not redelivered]
+    assert sorted(set(seen)) == list(range(count))  # every request ran
+    # ... and at most once unflagged: a request a node had received (maybe started) when it
+    # died runs again flagged redelivered, and may not have run before at all.
+    assert len(first_runs) == len(set(first_runs)), "a handler ran twice, not redelivered"
