@@ -63,6 +63,15 @@ def session_daemon(tmp_path: Path, **config: Any) -> Daemon:
     return Daemon(tmp_path, {**settings, **config}, env=env)
 
 
+def handler_runs_by_pid(tmp_path: Path) -> dict[int, list[tuple[int, int]]]:
+    """Each daemon's handler runs, by its pid, in the order they ran: (n, redelivered)."""
+    out = {}
+    for log in sorted((tmp_path / "runs").glob("runs-*.log")):
+        rows = [line.split() for line in log.read_text().splitlines()]
+        out[int(log.stem.split("-")[1])] = [(int(n), int(again)) for n, again in rows]
+    return out
+
+
 def handler_runs(tmp_path: Path) -> list[list[tuple[int, int]]]:
     """Each daemon's handler runs, in the order they ran: (n, redelivered)."""
     out = []
@@ -346,6 +355,7 @@ def test_chaos_on_a_three_node_cluster_with_one_node_killed(tmp_path: Path) -> N
             "seed": seed,
             "min_seconds": 4,
             "progress_at": count // 2,
+            "window": 64,
             "raw": True,
         }
         driver = subprocess.Popen(
@@ -361,6 +371,7 @@ def test_chaos_on_a_three_node_cluster_with_one_node_killed(tmp_path: Path) -> N
         assert lines.next(60) == {"progress": count // 2}
         # Kill the node the session is on now (the one whose proxy carries a connection).
         holder = max(range(3), key=lambda i: len(proxies[i]._peers))
+        killed_pid = daemons[holder].process.pid
         daemons[holder].process.kill()
         daemons[holder].process.wait(10)
         result = lines.next(60)
@@ -369,33 +380,41 @@ def test_chaos_on_a_three_node_cluster_with_one_node_killed(tmp_path: Path) -> N
             proxy.stop_chaos()
         cuts = sum(p.cuts for p in proxies)
     assert cuts >= 6 and result["events"]["resumed"] >= 6, (cuts, result["events"])
-    # Server side: every request ran once, in order on each node; again only when the node
-    # that had started it died first (flagged redelivered).
-    per_node = handler_runs(tmp_path)
+    # What may run twice: a request run again flagged ``redelivered``, and one of the last
+    # ``window`` the killed node ran (it may have run it before its receipt reached Redis:
+    # then the client resends it and it runs again unflagged; see the report).
+    by_pid = handler_runs_by_pid(tmp_path)
+    per_node = list(by_pid.values())
     again = {n for node_runs in per_node for n, redelivered in node_runs if redelivered}
-    # Client side: exactly once and in order, except that a handler run again (redelivered)
-    # pushes and publishes again: that is the documented guarantee, and only those repeat.
+    may_repeat = again | {n for n, _ in by_pid.get(killed_pid, [])[-options["window"] :]}
+    # Client side: exactly once and in order, except the pushes and publications of a handler
+    # that ran again.
     work = plan(count, seed)
     assert result["outcomes"] == {"ok": count} and result["wrong_replies"] == [], result
-    assert result["not_recovered"] == [] and result["lost_reasons"] == []
+    assert result["not_recovered"] == [] and result["lost_reasons"] == [], result["events"]
     for got, want in (
         (result["raw_pushes"], [w["n"] for w in work if w["push"]]),
         (result["raw_pubs"], [w["n"] for w in work if w["pub"]]),
     ):
         firsts = list(dict.fromkeys(got))
-        assert firsts == want, "a message was lost or out of order"
+        if firsts != want:
+            at = next(
+                (i for i, (a, b) in enumerate(zip(firsts, want, strict=False)) if a != b),
+                len(firsts),
+            )
+            raise AssertionError(
+                f"a message was lost or out of order at {at}: got {firsts[at - 3 : at + 6]}, "
+                f"want {want[at - 3 : at + 6]}; missing {sorted(set(want) - set(got))[:10]}"
+            )
         repeated = {n for n in got if got.count(n) > 1} if len(got) != len(want) else set()
-        assert repeated <= again, (repeated, again)
+        assert repeated <= may_repeat, (sorted(repeated - may_repeat)[:10], sorted(may_repeat))
     assert result["offsets_consecutive"] and result["unacked_left"] == 0
+    # Server side: every request ran, in order on each node, and at most once but for those.
     assert len(per_node) >= 2
     for node_runs in per_node:
-        ns = [n for n, redelivered in node_runs if not redelivered]
-        if ns != sorted(ns):
-            at = next(i for i in range(1, len(ns)) if ns[i] < ns[i - 1])
-            raise AssertionError(f"a node ran requests out of order: {node_runs[at - 5 : at + 5]}")
-    seen = sorted(n for node_runs in per_node for n, _ in node_runs)
-    first_runs = [n for node_runs in per_node for n, redelivered in node_runs if not redelivered]
-    assert sorted(set(seen)) == list(range(count))  # every request ran
-    # ... and at most once unflagged: a request a node had received (maybe started) when it
-    # died runs again flagged redelivered, and may not have run before at all.
-    assert len(first_runs) == len(set(first_runs)), "a handler ran twice, not redelivered"
+        ns = [n for n, redelivered in node_runs if n not in may_repeat]
+        assert ns == sorted(ns), "a node ran requests out of order"
+    seen = [n for node_runs in per_node for n, _ in node_runs]
+    assert sorted(set(seen)) == list(range(count))
+    twice = {n for n in seen if seen.count(n) > 1}
+    assert twice <= may_repeat, (sorted(twice - may_repeat)[:10], sorted(may_repeat))
