@@ -55,6 +55,9 @@ async def main(reactor: Any, options: dict[str, Any]) -> None:
     not_recovered: list[str] = []
     client.on_session(events.append)
     client.on("pushed", lambda data, conn: pushes.append(data))
+    # Every publication the connection hands over, before the subscription's own checks.
+    wire_pubs: list[Any] = []
+    client.on("publication", lambda data, conn: wire_pubs.append(data.get("data")))
     client.start()
     await client.subscribe(
         "chaos",
@@ -121,6 +124,8 @@ async def main(reactor: Any, options: dict[str, Any]) -> None:
         "duplicates_dropped": session.duplicates,
         "unacked_left": len(session.state.unacked),
     }
+    result["wire_pubs"] = len(wire_pubs)
+    result["wire_pubs_last"] = wire_pubs[-3:]
     if options.get("raw"):
         result["raw_pushes"], result["raw_pubs"] = pushes, [d for _, d in pubs]
     await client.stop()

@@ -391,7 +391,10 @@ def test_chaos_on_a_three_node_cluster_with_one_node_killed(tmp_path: Path) -> N
     # that ran again.
     work = plan(count, seed)
     assert result["outcomes"] == {"ok": count} and result["wrong_replies"] == [], result
-    assert result["not_recovered"] == [] and result["lost_reasons"] == [], result["events"]
+    assert result["not_recovered"] == [] and result["lost_reasons"] == [], (
+        result["not_recovered"],
+        result["events"],
+    )
     for got, want in (
         (result["raw_pushes"], [w["n"] for w in work if w["push"]]),
         (result["raw_pubs"], [w["n"] for w in work if w["pub"]]),
@@ -404,7 +407,9 @@ def test_chaos_on_a_three_node_cluster_with_one_node_killed(tmp_path: Path) -> N
             )
             raise AssertionError(
                 f"a message was lost or out of order at {at}: got {firsts[at - 3 : at + 6]}, "
-                f"want {want[at - 3 : at + 6]}; missing {sorted(set(want) - set(got))[:10]}"
+                f"want {want[at - 3 : at + 6]}; missing {sorted(set(want) - set(got))[:10]}; "
+                f"on the wire {result['wire_pubs']} ending {result['wire_pubs_last']}; "
+                f"{result['events']}"
             )
         repeated = {n for n in got if got.count(n) > 1} if len(got) != len(want) else set()
         assert repeated <= may_repeat, (sorted(repeated - may_repeat)[:10], sorted(may_repeat))
