@@ -156,6 +156,7 @@ class ChaosProxy(BlackholeProxy):
         self.min_interval = min_interval
         self.max_interval = max_interval
         self._next_cut: float | None = None
+        self._once = False
         self.cuts = 0
 
     def start_chaos(self) -> None:
@@ -166,6 +167,13 @@ class ChaosProxy(BlackholeProxy):
     def stop_chaos(self) -> None:
         with self._lock:
             self._next_cut = None
+        self._wake_w.send(b"x")
+
+    def cut_soon(self) -> None:
+        """Reset every relayed connection at the proxy thread's next turn (any thread)."""
+        with self._lock:
+            self._next_cut = time.monotonic()
+            self._once = True
         self._wake_w.send(b"x")
 
     def _interval(self) -> float:
@@ -181,7 +189,10 @@ class ChaosProxy(BlackholeProxy):
             due = self._next_cut
             if due is None or time.monotonic() < due:
                 return
-            self._next_cut = time.monotonic() + self._interval()
+            if self._once:  # cut_soon: one cut, no chaos after it
+                self._once, self._next_cut = False, None
+            else:
+                self._next_cut = time.monotonic() + self._interval()
         self.cut()
 
     def cut(self) -> None:

@@ -41,6 +41,10 @@ def register(registry):
             return request.server.publish("chaos", data["n"]).addCallback(lambda _: data["n"])
         return data["n"]
 
+    @registry.handler("announce")
+    def announce(request):
+        return request.server.broadcast("announcement", request.data)
+
     @registry.handler("hang")
     def hang(request):
         from twisted.internet.defer import Deferred
@@ -423,3 +427,37 @@ def test_chaos_on_a_three_node_cluster_with_one_node_killed(tmp_path: Path) -> N
     assert sorted(set(seen)) == list(range(count))
     twice = {n for n in seen if seen.count(n) > 1}
     assert twice <= may_repeat, (sorted(twice - may_repeat)[:10], sorted(may_repeat))
+
+
+def test_cli_watch_resumable_prints_what_was_pushed_while_it_was_cut_off(tmp_path: Path) -> None:
+    from daemon import RawClient
+    from test_cli import Command
+
+    with (
+        session_daemon(tmp_path) as daemon,
+        ChaosProxy(daemon.port) as proxy,
+        RawClient(daemon.port) as sender,
+    ):
+        assert sender.recv()["type"] == "hello"
+        endpoint = f"tcp:host=127.0.0.1:port={proxy.port}"
+        with Command("watch", "--resumable", "-n", "3", endpoint) as watch:
+            assert watch.next_line("stderr") == "heartbeat: session started"
+
+            def broadcast(n: int) -> None:
+                sender.send({"type": "announce", "id": n, "data": n})
+                while sender.recv().get("id") != n:  # (it hears its own broadcast too)
+                    pass
+
+            broadcast(1)
+            assert json.loads(watch.next_line()) == {"type": "announcement", "data": 1}
+            proxy.cut_soon()
+            assert "connection lost" in watch.next_line("stderr")  # reconnecting in ...
+            broadcast(2)  # while it is cut off, or just back: either way, once
+            broadcast(3)
+            assert json.loads(watch.next_line()) == {"type": "announcement", "data": 2}
+            assert json.loads(watch.next_line()) == {"type": "announcement", "data": 3}
+            assert watch.finish() == 0
+            assert any(line.startswith("heartbeat: session resumed (") for line in watch.err)
+            assert not any("session lost" in line for line in watch.err)
+        assert proxy.cuts == 1
+        assert daemon.stop() == 0
