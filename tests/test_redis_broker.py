@@ -166,3 +166,44 @@ def test_registration_sends_the_live_clients_and_nothing_is_queued_while_down() 
     broker.client_connected("b", {"session": "b"})
     broker.reactor.advance(0)  # type: ignore[attr-defined]
     assert len(commands.sent) == 1
+
+
+class Subscriber:
+    """Stands in for the pub/sub connection: SUBSCRIBE/UNSUBSCRIBE answered by the test."""
+
+    connected = True
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, str, Any]] = []
+
+    def subscribe(self, key: str) -> Any:
+        from twisted.internet.defer import Deferred
+
+        d: Deferred[Any] = Deferred()
+        self.sent.append(("SUBSCRIBE", key, d))
+        return d
+
+    def unsubscribe(self, key: str) -> Any:
+        self.sent.append(("UNSUBSCRIBE", key, None))
+        return succeed(None)
+
+
+def test_a_subscribe_voided_by_an_unsubscribe_is_sent_again() -> None:
+    """SUBSCRIBE (unanswered), UNSUBSCRIBE, subscribe again: Redis ends unsubscribed unless a
+    second SUBSCRIBE goes out, and only its answer may tell the waiters they are subscribed
+    (a resumable session moving back and forth found this: its channel fell silent)."""
+    broker = make_broker(node_id="n1")
+    sub = Subscriber()
+    broker._sub = sub  # type: ignore[assignment]
+    first = broker.subscribe("news")
+    broker.unsubscribe("news")
+    second = broker.subscribe("news")
+    assert [(c, k) for c, k, _ in sub.sent] == [
+        ("SUBSCRIBE", "heartbeatd:ch:news"),
+        ("UNSUBSCRIBE", "heartbeatd:ch:news"),
+        ("SUBSCRIBE", "heartbeatd:ch:news"),
+    ]
+    sub.sent[0][2].callback(None)  # the first SUBSCRIBE's answer: not enough
+    assert not second.called and "news" not in broker._acked
+    sub.sent[2][2].callback(None)
+    assert first.called and second.called and "news" in broker._acked

@@ -535,6 +535,11 @@ class RedisBroker:
         self._wanted: set[str] = set()
         self._acked: set[str] = set()
         self._waiters: dict[str, list[Deferred[None]]] = {}
+        #: channel -> number of the SUBSCRIBE its waiters wait for; channels whose pending
+        #: SUBSCRIBE an UNSUBSCRIBE voided (see `subscribe`).
+        self._pending_subscribe: dict[str, int] = {}
+        self._subscribes = 0
+        self._void: set[str] = set()
         # Client arrivals (session -> info JSON) and departures (session -> None) not yet
         # sent to Redis: one CLIENTS_UPDATE per reactor turn carries them all.  The clients
         # themselves are not recorded here: re-registration asks the listener for them.
@@ -887,22 +892,32 @@ class RedisBroker:
         if proto is None or not proto.connected:
             return fail(BrokerUnavailable("Redis is unreachable"))
         waiter: Deferred[None] = Deferred()
-        first = channel not in self._waiters
+        # A SUBSCRIBE still unanswered when the channel was unsubscribed is void (Redis
+        # applies the UNSUBSCRIBE after it): a new one is sent, and only its answer counts.
+        first = channel not in self._waiters or channel in self._void
         self._waiters.setdefault(channel, []).append(waiter)
         if first:
+            self._void.discard(channel)
+            self._subscribes += 1
+            generation = self._pending_subscribe[channel] = self._subscribes
 
             def acked(_: object) -> None:
+                if self._pending_subscribe.get(channel) != generation:
+                    return  # a later SUBSCRIBE answers for the waiters
                 if channel in self._wanted and self._sub is proto:
                     self._acked.add(channel)
                     self._fire_waiters(channel, None)
 
             def failed(failure: Failure) -> None:
-                self._fire_waiters(channel, BrokerUnavailable(failure.getErrorMessage()))
+                if self._pending_subscribe.get(channel) == generation:
+                    self._fire_waiters(channel, BrokerUnavailable(failure.getErrorMessage()))
 
             maybeDeferred(proto.subscribe, self._channel_key(channel)).addCallbacks(acked, failed)
         return waiter
 
     def _fire_waiters(self, channel: str, error: Exception | None) -> None:
+        self._pending_subscribe.pop(channel, None)
+        self._void.discard(channel)
         for waiter in self._waiters.pop(channel, []):
             if error is None:
                 waiter.callback(None)
@@ -912,6 +927,8 @@ class RedisBroker:
     def unsubscribe(self, channel: str) -> None:
         self._wanted.discard(channel)
         self._acked.discard(channel)
+        if channel in self._waiters:
+            self._void.add(channel)
         proto = self._sub
         if proto is not None and proto.connected:
             proto.unsubscribe(self._channel_key(channel)).addErrback(lambda f: None)

@@ -322,6 +322,8 @@ class ChannelHub:
         if not self.broker.up:
             return fail(_unavailable())
         sub = _Sub(client, channel, join_leave)
+        if since is not None:  # where it stands until located (a session may detach first)
+            sub.epoch, sub.offset = since
         self._by_client.setdefault(session, {})[channel] = sub
         self._subs.setdefault(channel, {})[session] = sub
         reply: Deferred[dict[str, Any]] = Deferred()
@@ -385,7 +387,13 @@ class ChannelHub:
         mine = self._by_client.get(client.session_id)
         if not mine:
             return {}
-        where = {sub.channel: (sub.epoch, sub.offset, sub.join_leave) for sub in mine.values()}
+        # A subscription not located yet (no epoch) was never answered: its request gets
+        # an error, so it is not the session's.
+        where = {
+            sub.channel: (sub.epoch, sub.offset, sub.join_leave)
+            for sub in mine.values()
+            if sub.epoch
+        }
         for sub in list(mine.values()):
             self._remove(sub)
         return where

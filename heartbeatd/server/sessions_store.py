@@ -99,7 +99,7 @@ class ClusteredSessions(Sessions):
         """True when the write was taken; else the session was resumed elsewhere."""
         if result == -1 or result == b"-1":
             self.fenced += 1
-            if state.epoch == epoch:
+            if state.epoch == epoch and self.states.get(state.sid) is state:
                 self._lost(state)
             return False
         return True
@@ -124,12 +124,10 @@ class ClusteredSessions(Sessions):
         self._forget(state)
         state.ended = "moved"
         state.attachment = None
-        if attachment is not None:
-            conn = attachment.conn
-            if conn._resumable is attachment:
-                conn._resumable = None
-                conn._pending = None
-                conn.__dict__.pop("fast_path", None)
+        if attachment is not None and attachment.conn._resumable is attachment:
+            # Its connection is being closed: it keeps the (no longer current) attachment,
+            # which drops whatever else is addressed to it.
+            attachment.conn._pending = None
 
     # -- the hooks of Sessions ------------------------------------------------------------
 
@@ -147,6 +145,12 @@ class ClusteredSessions(Sessions):
     _creating = ""
 
     def start(self, conn: Connection, message: envelope.Message) -> None:
+        if not self.factory.channels.broker.up:
+            conn.factory.count_error(UNAVAILABLE)
+            conn._emit(
+                encode_error(UNAVAILABLE, "the cluster's session store is unreachable", message.id)
+            )
+            return
         self._creating = conn.session_id
         try:
             super().start(conn, message)
@@ -193,6 +197,8 @@ class ClusteredSessions(Sessions):
         if sub is None:
             return ("del", channel, "")
         epoch, offset, join_leave = sub
+        if not epoch:
+            return ("", "", "")  # not located yet: recorded once it is
         return ("set", channel, f"{epoch} {offset} {int(join_leave)}")
 
     def store(self, state: SessionState, numbered: bytes, cseq: int, body: bytes) -> None:
