@@ -343,6 +343,9 @@ def test_chaos_on_a_three_node_cluster_with_one_node_killed(tmp_path: Path) -> N
                 "name": f"node{i}",
                 "handlers": ["session_handlers"],
                 "heartbeat": {"interval": 1, "timeout": 3},
+                # After kill -9 a session's subscription resumes from the offset Redis had
+                # last: the history must reach back that far (else a resync says so).
+                "channels": {"history_size": 1000},
                 "cluster": {
                     "redis": redis.url,
                     "node_id": f"node{i}",
