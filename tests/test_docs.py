@@ -162,6 +162,11 @@ def check_client_channels(code: str, daemon: Daemon, tmp_path: Path) -> None:
     assert out == ["subscribed at offset 0", "news #1: hi", "published at offset 1"]
 
 
+def check_client_resumable(code: str, daemon: Daemon, tmp_path: Path) -> None:
+    out = run_client_script(code, daemon, tmp_path).splitlines()
+    assert out == ["session: started", "session: resumed", "echo: still here"], out
+
+
 def check_client_pool(code: str, daemon: Daemon, tmp_path: Path) -> None:
     out = run_client_script(code, daemon, tmp_path).splitlines()
     assert out[0].startswith("pool: 100 replies; {") and out[1:] == ["borrowed: None"]
@@ -182,6 +187,7 @@ AGAINST_A_DAEMON: dict[str, Callable[[str, Daemon, Path], None]] = {
     "client-reconnecting": check_client_reconnecting,
     "client-pool": check_client_pool,
     "client-channels": check_client_channels,
+    "client-resumable": check_client_resumable,
     "security-client": check_security_client,  # starts its own TLS daemon
 }
 CHECKS = {**IN_MEMORY, **AGAINST_A_DAEMON}

@@ -24,6 +24,7 @@ from heartbeatd.client.errors import (
     PoolUnavailable,
     RequestTimeout,
     ServerError,
+    SessionLost,
 )
 from heartbeatd.client.pool import Pool
 from heartbeatd.client.reconnect import ReconnectingClient
@@ -47,6 +48,7 @@ __all__ = [
     "ReconnectingClient",
     "RequestTimeout",
     "ServerError",
+    "SessionLost",
     "Subscription",
     "connect",
     "load_pool_config",

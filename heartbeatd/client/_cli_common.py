@@ -127,6 +127,9 @@ class Context:
         self.err = err
         self.interrupt = interrupt
         self.broken_pipe = False
+        #: More `ClientConnection` options for every connect (``watch``: ``on_push``, so
+        #: replayed pushes right after a resume are heard; ``session``).
+        self.connect_options: dict[str, Any] = {}
 
     def print(self, line: str) -> None:
         """Write one line; a closed pipe (``heartbeat watch | head -1``) ends the command."""
@@ -173,6 +176,7 @@ class Context:
                     if args.auth_token_file
                     else None
                 ),
+                **self.connect_options,
             )
         except (OSError, ValueError, ImportError) as e:  # unreadable or bad TLS files
             raise CliError(EXIT_USAGE, f"TLS options: {message(e)}") from None

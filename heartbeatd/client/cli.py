@@ -6,6 +6,7 @@ Every failure is one line on stderr and an exit status; no input prints a traceb
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -38,10 +39,12 @@ from heartbeatd.client._cli_common import (
 )
 from heartbeatd.client.connection import ClientConnection
 from heartbeatd.client.errors import (
+    ClientError,
     ConnectionClosed,
     RequestTimeout,
     ServerError,
 )
+from heartbeatd.client.session import ClientSession
 from heartbeatd.wire import FRAMINGS
 
 __all__ = ["CliError", "Interrupt", "client_endpoint", "main", "parse_args", "run"]
@@ -378,7 +381,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive,
         default=60.0,
         metavar="SECONDS",
-        help="after a goaway, give up (exit 3) if no reconnect succeeded by then (default 60)",
+        help="after a goaway (or, with --resumable, a lost connection), give up (exit 3) if "
+        "no reconnect succeeded by then (default 60)",
+    )
+    watch.add_argument(
+        "--resumable",
+        action="store_true",
+        help="keep a resumable session: after a lost connection, reconnect and resume it, "
+        "so no pushed message is missed or printed twice",
     )
 
     sub = command(
@@ -608,20 +618,38 @@ async def _send_only(ctx: Context, conn: ClientConnection) -> int:
     return EXIT_OK
 
 
+#: With --resumable, how soon (at most; random within it) a lost connection is retried.
+RESUME_WINDOW = 0.5
+
+
 async def watch(ctx: Context) -> int:
     args = ctx.args
     targets = Targets(ctx.reactor, args.endpoint)
-    conn = await connect_any(ctx, targets)
     seen = 0
+    current: list[Deferred[str]] = []  # the running connection's "done"
+
+    def pushed(type_: str, data: Any, conn: ClientConnection) -> None:
+        nonlocal seen
+        if args.count and seen >= args.count:
+            return
+        ctx.print(json.dumps({"type": type_, "data": data}, ensure_ascii=False))
+        seen += 1
+        if args.count and seen >= args.count and current and not current[-1].called:
+            current[-1].callback("count")
+
+    # Heard from the first byte of each connection: a resume's replay follows its answer
+    # at once, before connect() returns.
+    ctx.connect_options["on_push"] = pushed
+    session: ClientSession | None = None
+    if args.resumable:
+        session = ctx.connect_options["session"] = ClientSession(ctx.reactor)
+        session.on_session(lambda event: ctx.note(_session_note(event)))
+    conn = await connect_any(ctx, targets)
     while True:
         done: Deferred[str] = Deferred()
-
-        def pushed(type_: str, data: Any, conn: ClientConnection, done: Deferred = done) -> None:
-            nonlocal seen
-            ctx.print(json.dumps({"type": type_, "data": data}, ensure_ascii=False))
-            seen += 1
-            if args.count and seen >= args.count and not done.called:
-                done.callback("count")
+        current.append(done)
+        if args.count and seen >= args.count:
+            done.callback("count")
 
         def goaway(conn: ClientConnection, data: dict[str, Any], done: Deferred = done) -> None:
             ctx.print(json.dumps({"type": "goaway", "data": data}, ensure_ascii=False))
@@ -632,23 +660,45 @@ async def watch(ctx: Context) -> int:
             if not done.called:
                 done.errback(ConnectionClosed(why.getErrorMessage() if why else "closed"))
 
-        conn.on_any(pushed)
         conn.on_goaway(goaway)
         conn.on_close(closed)
+        why = "server going away"
         try:
             interrupted, outcome = await ctx.interrupt.until(done)
         except ConnectionClosed as e:
-            raise lost(e, targets.name) from None
+            if session is None:
+                raise lost(e, targets.name) from None
+            interrupted, outcome, why = False, "lost", f"connection lost ({e})"
         if interrupted or outcome == "count" or args.exit_on_goaway:
+            if session is not None and conn.usable and session.state.active:
+                await _end_session(ctx, conn)
             conn.close()
             return EXIT_OK
-        window = (conn.goaway or {}).get("reconnect_after", 5)
-        window = float(window) if isinstance(window, (int, float)) and window >= 0 else 5.0
-        conn.close()
-        conn_or_none = await _reconnect(ctx, targets, window)
+        if outcome == "lost":
+            window = RESUME_WINDOW
+        else:
+            window = (conn.goaway or {}).get("reconnect_after", 5)
+            window = float(window) if isinstance(window, (int, float)) and window >= 0 else 5.0
+            conn.close()
+        conn_or_none = await _reconnect(ctx, targets, window, why)
         if conn_or_none is None:
             return EXIT_OK  # Ctrl-C while waiting to reconnect
         conn = conn_or_none
+
+
+def _session_note(event: dict[str, Any]) -> str:
+    if event["event"] == "resumed":
+        return f"session resumed ({event['replayed']} replayed)"
+    if event["event"] == "session_lost":
+        return f"session lost ({event['reason']}): messages may have been missed; a new one starts"
+    return "session started"
+
+
+async def _end_session(ctx: Context, conn: ClientConnection) -> None:
+    """Tell the server the session is over (it would be kept until its expiry), briefly."""
+    ending = conn.request("session_end", timeout=min(ctx.args.timeout, 2.0))
+    with contextlib.suppress(ClientError):  # else the server keeps it until its expiry
+        await ctx.interrupt.until(ending)
 
 
 async def _reconnect(

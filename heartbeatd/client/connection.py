@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from inspect import iscoroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
@@ -37,11 +37,16 @@ from heartbeatd.wire import get_framing
 from heartbeatd.wire.envelope import (
     OMIT,
     ProtocolError,
+    as_message,
+    decode_json,
     decode_message,
     encode_json,
     encode_message,
 )
 from heartbeatd.wire.framing import HEARTBEAT
+
+if TYPE_CHECKING:
+    from heartbeatd.client.session import ClientSession
 
 __all__ = ["ClientConnection", "connect"]
 
@@ -79,8 +84,15 @@ class ClientConnection(Protocol):
         min_heartbeat_interval: float = 1.0,
         get_token: TokenSource | None = None,
         on_push: Callable[[str, Any, ClientConnection], object] | None = None,
+        session: ClientSession | None = None,
     ) -> None:
         self.clock = clock
+        #: A resumable session (`heartbeatd.client.session`) to start or resume after the
+        #: handshake; ready waits for it.  ``_session`` is set while it is attached here.
+        self._session_to_open = session
+        self._session: ClientSession | None = None
+        #: "started", "resumed", "taken_over", "failed", or None (no session here).
+        self.session_outcome: str | None = None
         #: Called for a token (a string, or a Deferred or coroutine of one) when there is no
         #: ``token`` to log in with, and whenever the server asks for a ``refresh`` (a JWT
         #: about to expire).  Never logged.
@@ -172,6 +184,8 @@ class ClientConnection(Protocol):
             self._ready_timer.cancel()
         if self._heartbeat is not None and self._heartbeat.running:
             self._heartbeat.stop()
+        if self._session is not None:  # its requests wait for the next connection
+            self._session.detach(self)
         message = _describe(why)
         pending, self._pending = self._pending, {}
         bare, self._bare_pending = self._bare_pending, deque()
@@ -196,7 +210,10 @@ class ClientConnection(Protocol):
             self.transport.abortConnection()
 
     def close(self) -> None:
-        """Close politely; pending requests fail once the connection is gone."""
+        """Close politely; pending requests fail once the connection is gone (a session's
+        survive it, and it acknowledges what it received first)."""
+        if self._session is not None:
+            self._session.flush_ack()
         if self.transport is not None and self.connected:
             self.transport.loseConnection()
 
@@ -242,7 +259,19 @@ class ClientConnection(Protocol):
     # -- sending ---------------------------------------------------------------------------
 
     def request(self, type: str, data: Any = OMIT, timeout: float | None = None) -> Deferred[Any]:
-        """Send a request; fires with the reply's data or fails with a `ClientError`."""
+        """Send a request; fires with the reply's data or fails with a `ClientError`.
+
+        On a connection with a resumable session the request is numbered and belongs to the
+        session: it survives this connection until its own timeout."""
+        if self._session is not None:
+            seconds = self.request_timeout if timeout is None else timeout
+            return self._session.request(type, data, seconds)
+        return self._plain_request(type, data, timeout)
+
+    def _plain_request(
+        self, type: str, data: Any = OMIT, timeout: float | None = None
+    ) -> Deferred[Any]:
+        """A request of this connection only (auth, refresh, session, resume): unnumbered."""
         if not self.connected:
             return fail(ConnectionClosed("the connection is closed"))
         self._next_id += 1
@@ -322,6 +351,12 @@ class ClientConnection(Protocol):
             if item is HEARTBEAT:
                 self._token_received()
                 continue
+            session = self._session
+            if session is not None:
+                self._session_message(session, item)  # type: ignore[arg-type]
+                if not self.connected:
+                    return
+                continue
             try:
                 message = decode_message(item, self._bare_type)  # type: ignore[arg-type]
             except ProtocolError as e:
@@ -332,6 +367,17 @@ class ClientConnection(Protocol):
                 return
         if decoder.error is not None:
             self.abort(ConnectionClosed(f"server sent an unframeable stream: {decoder.error}"))
+
+    def _session_message(self, session: ClientSession, body: bytes) -> None:
+        """A frame while a session is attached: numbered messages go to the session."""
+        try:
+            value = decode_json(body)
+            message = as_message(value)
+        except ProtocolError as e:
+            log.warn("Ignoring a malformed frame from the server: {error}", error=e)
+            return
+        if not session.received(self, message, value.get("seq"), value.get("ack")):
+            self._message_received(message)
 
     def _heartbeat_answered(self) -> bool:
         """Record the round trip if our heartbeat was outstanding; False if it was not."""
@@ -419,7 +465,23 @@ class ClientConnection(Protocol):
             self.close()
             return
         if not self._ready.called:
+            self._handshake_complete()
+
+    def _handshake_complete(self) -> None:
+        """Hello (and auth) done: open the session if there is one, then we are ready."""
+        session = self._session_to_open
+        if session is None:
             self._ready.callback(self)
+            return
+
+        def opened(outcome: str | None) -> None:
+            self.session_outcome = outcome
+            if outcome == "failed":
+                return  # aborted: ready fails with the reason when the connection is gone
+            if not self._ready.called and not self.closed:
+                self._ready.callback(self)
+
+        session.open(self).addCallback(opened)
 
     def _fail_ready(self, failure: Failure) -> None:
         self._ready.errback(failure)
@@ -432,13 +494,13 @@ class ClientConnection(Protocol):
             if isinstance(data, dict) and isinstance(data.get("identity"), str):
                 self.identity = data["identity"]
             if not self._ready.called:
-                self._ready.callback(self)
+                self._handshake_complete()
 
         def refused(failure: Failure) -> None:
             if not self._ready.called:
                 self._fail_ready(failure)
 
-        self.request("auth", {"token": token}, timeout=self.hello_timeout).addCallbacks(
+        self._plain_request("auth", {"token": token}, timeout=self.hello_timeout).addCallbacks(
             accepted, refused
         )
 
@@ -471,7 +533,7 @@ class ClientConnection(Protocol):
             return
 
         def send(token: str) -> Deferred[Any]:
-            return self.request("refresh", {"token": token}, timeout=self.hello_timeout)
+            return self._plain_request("refresh", {"token": token}, timeout=self.hello_timeout)
 
         def failed(failure: Failure) -> None:
             log.warn("Refreshing the token failed: {why}", why=failure.getErrorMessage())

@@ -19,6 +19,7 @@ __all__ = [
     "PoolUnavailable",
     "RequestTimeout",
     "ServerError",
+    "SessionLost",
 ]
 
 
@@ -45,6 +46,15 @@ class HandshakeTimeout(ClientError):
 
 class ConnectionClosed(ClientError):
     """The connection closed before the reply arrived (or before it was ready)."""
+
+
+class SessionLost(ConnectionClosed):
+    """A resumable session ended (``reason``: expired, unknown_session, session_taken_over...)
+    while this request was waiting: it may or may not have run, and its reply is gone."""
+
+    def __init__(self, reason: str, message: str = "") -> None:
+        super().__init__(message or f"the session was lost ({reason})")
+        self.reason = reason
 
 
 class ConnectionFailed(ClientError):

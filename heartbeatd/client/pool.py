@@ -203,6 +203,7 @@ class Pool:
         random: Callable[[], float] = _random.random,
         connect_to: Callable[[Any], Deferred[ClientConnection]] | None = None,
         get_token: Callable[[], Any] | None = None,
+        resumable: bool = False,
     ) -> None:
         self.clock = reactor
         self.config = config = config or PoolConfig()
@@ -240,8 +241,11 @@ class Pool:
             tls=tls,
             token=token,
             get_token=get_token,
+            resumable=resumable,
         )
         self._subscriber: ReconnectingClient | None = None
+        #: ``on_session`` callbacks for the subscription connection (``resumable``).
+        self._session_callbacks: list[Callable[[dict[str, Any]], object]] = []
         self._members: dict[ClientConnection, _Member] = {}
         self._idle: deque[_Member] = deque()  # oldest first; request() rotates it
         self._waiters: deque[_Waiter] = deque()
@@ -387,14 +391,26 @@ class Pool:
         Subscriptions do not ride on lent connections (a borrower could close one, and a
         held one would look like a leak): they share one extra, long-lived connection the
         pool keeps for them, which reconnects with backoff and re-subscribes with ``since``
-        (`ReconnectingClient.subscribe`).  It is not counted in ``max_size``.
+        (`ReconnectingClient.subscribe`).  It is not counted in ``max_size``.  With
+        ``Pool(..., resumable=True)`` it keeps a resumable session: after a reconnect it
+        resumes (nothing is subscribed again, nothing missed or repeated), see `on_session`.
         """
         if self._closed:
             return fail(PoolClosed("the pool is closed"))
         if self._subscriber is None:
             self._subscriber = self.subscriber_fn()
+            if self._subscriber.session is not None:
+                for callback in self._session_callbacks:
+                    self._subscriber.on_session(callback)
             self._subscriber.start()
         return self._subscriber.subscribe(channel, on_publication, on_not_recovered, **options)
+
+    def on_session(self, callback: Callable[[dict[str, Any]], object]) -> None:
+        """``callback(event)`` for the subscription connection's session (``resumable``):
+        ``started``, ``resumed`` (``replayed``), ``session_lost`` (``reason``)."""
+        self._session_callbacks.append(callback)
+        if self._subscriber is not None and self._subscriber.session is not None:
+            self._subscriber.on_session(callback)
 
     def unsubscribe(self, channel: str) -> Deferred[Any]:
         """Stop a subscription made with `subscribe`."""

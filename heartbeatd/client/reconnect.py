@@ -11,6 +11,13 @@ fails (refused, no hello, or a goaway), moves to the next at once; only a full r
 failures, every endpoint once, waits a backoff step, so a dead node costs one quick failed
 attempt and not a backoff delay.  A connection that works resets the count.
 
+With ``resumable=True`` the client keeps a resumable session (`heartbeatd.client.session`):
+it starts one after its first handshake and resumes it after every reconnect, so requests
+survive a lost connection until their own timeout, pushes reach the handlers exactly once and
+in order, and subscriptions carry on without being sent again.  ``on_session`` hears
+``started``, ``resumed`` and ``session_lost``; after a lost session the client starts a new
+one and subscribes again with ``since``, as without sessions.
+
 Every wait has a deadline and every failure is a `ClientError`: ``request(timeout=N)`` spends
 at most N seconds in all, waiting for a connection included, and fails with `NotConnected`
 while the server is down; ``when_connected`` fails with `ConnectionFailed` or `NotConnected`,
@@ -40,6 +47,7 @@ from heartbeatd.client.connection import (
     PushHandler,
 )
 from heartbeatd.client.errors import ClientError, ConnectionFailed, NotConnected
+from heartbeatd.client.session import ClientSession, SessionEvent
 from heartbeatd.client.tls import ClientTLS, wrap_client_endpoint
 from heartbeatd.wire.envelope import OMIT
 
@@ -102,6 +110,8 @@ class ReconnectingClient:
         tls: ClientTLS | None = None,
         token: str | None = None,
         get_token: Callable[[], Any] | None = None,
+        resumable: bool = False,
+        session_expiry: float | None = None,
     ) -> None:
         # TLS under every connection; the token is sent on each (``get_token`` is called
         # for a fresh one on each connection and each refresh, JWTs being short-lived).
@@ -121,6 +131,13 @@ class ReconnectingClient:
         self._next_delay: float | None = None
         self._current: ClientConnection | None = None
         self._subscriptions: list[Subscription] = []
+        #: The resumable session (None without ``resumable``), and the subscriptions it holds
+        #: server-side (a resume restores them; they are not sent again).
+        self.session: ClientSession | None = (
+            ClientSession(reactor, expiry=session_expiry) if resumable else None
+        )
+        self._session_subs: set[Subscription] = set()
+        self._stopping = False
         #: Failed attempts (refused, or no hello) since the last good handshake.
         self._failures = 0
         self._in_service = 0  # > 0 while ClientService is calling us back
@@ -135,10 +152,23 @@ class ReconnectingClient:
         )
 
     def start(self) -> None:
+        self._stopping = False
         self.service.startService()
 
     def stop(self) -> Deferred[None]:
+        """Stop reconnecting and close (a session acknowledges what it received first, and
+        its waiting requests fail with `ConnectionClosed`)."""
+        self._stopping = True
+        if self.session is not None:
+            self.session.close()
         return self.service.stopService()
+
+    def on_session(self, callback: Callable[[SessionEvent], object]) -> None:
+        """With ``resumable``: ``callback(event)`` for ``{"event": "started"}``,
+        ``{"event": "resumed", "replayed": n}`` and ``{"event": "session_lost", "reason": r}``."""
+        if self.session is None:
+            raise ValueError("on_session needs ReconnectingClient(..., resumable=True)")
+        self.session.on_session(callback)
 
     def when_connected(
         self, fail_after: int | None = None, timeout: float | None = None
@@ -229,6 +259,13 @@ class ReconnectingClient:
         """Send a request once connected; ``timeout`` covers the wait for a connection too."""
         seconds = self._request_timeout if timeout is None else timeout
         current = self._current
+        session = self.session
+        if session is not None and not self._stopping:
+            if current is not None and current.usable and current.session_outcome is None:
+                return current.request(type, data, seconds)  # the server refused a session
+            # Numbered now (so requests keep the order they were made in); sent at once on
+            # a connection with the session, else by the resume or the next session start.
+            return session.request(type, data, seconds)
         if current is not None and current.usable:  # the common case: no wait at all
             return current.request(type, data, seconds)
         started = self._reactor.seconds()
@@ -277,6 +314,8 @@ class ReconnectingClient:
         conn = self._current
         if conn is not None and conn.usable:
             self._attach(conn, sub)
+            if conn._session is not None:
+                self._session_subs.add(sub)
         return first
 
     def unsubscribe(self, channel: str) -> Deferred[Any]:
@@ -284,6 +323,7 @@ class ReconnectingClient:
         for sub in [s for s in self._subscriptions if s.channel == channel]:
             sub.active = False
             self._subscriptions.remove(sub)
+            self._session_subs.discard(sub)
         conn = self._current
         if conn is not None and conn.usable and channel in channels_of(conn).subscriptions:
             return channels_of(conn).unsubscribe(channel)
@@ -301,9 +341,19 @@ class ReconnectingClient:
 
     def _resubscribe(self, conn: ClientConnection) -> None:
         channels = channels_of(conn)
+        outcome = conn.session_outcome
+        if outcome != "resumed":
+            self._session_subs.clear()  # a new session (or none) holds no subscription
         for sub in self._subscriptions:
-            if sub.active and sub.channel not in channels.subscriptions:
+            if not sub.active:
+                continue
+            if sub in self._session_subs:
+                # The resumed session still has it server-side: route its publications here.
+                channels.subscriptions[sub.channel] = sub
+            elif sub.channel not in channels.subscriptions:
                 self._attach(conn, sub)
+                if outcome is not None:
+                    self._session_subs.add(sub)
 
     def _attempt_failed(self, failure: Failure) -> Failure:
         """Remember why (for our errors), move to the next endpoint, pass the failure on."""
@@ -331,6 +381,7 @@ class ReconnectingClient:
             self._hello_timeout,
             token=None if self._get_token is not None else self._token,
             get_token=self._get_token,
+            session=self.session,
         )
         for type_, handler in self._handlers:
             conn.on(type_, handler)

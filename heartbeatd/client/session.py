@@ -1,0 +1,385 @@
+"""A resumable session on the client side: what outlives each connection of a reconnecting client.
+
+`ClientSession` owns the session's numbers (`SessionState`), the requests waiting for a
+reply (they survive a reconnect until their own timeout), the ack timer, and the
+application's ``on_session`` callbacks.  A `ClientConnection` given a session opens it
+after its handshake (``session``, or ``resume`` when one exists), routes every numbered
+server message through it, and detaches it when the connection is lost:
+
+- a request gets the next ``seq`` (its ``id`` too) and a copy is kept until the server
+  acknowledges it; while detached it only waits in the buffer, and a resume resends, in
+  order and unchanged, every copy above the server's high-water mark;
+- a numbered server message at or below the last one delivered is a replayed duplicate and
+  is dropped, so handlers see each message once and in order; one past the next is a gap
+  and the connection is dropped (the resume that follows replays from what we have);
+- acks are batched: one after ``ack_batch`` messages or ``ack_delay`` seconds after the
+  first unacknowledged one, and one before a clean close;
+- ``resumed: false`` (or ``session_taken_over`` on a live connection) fails the waiting
+  requests with `SessionLost`, tells the application ``session_lost`` and starts afresh.
+
+The wire contract is docs/protocol.md, "Sessions".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.python.failure import Failure
+
+from heartbeatd._logging import get_logger
+from heartbeatd.client.errors import (
+    ClientError,
+    ConnectionClosed,
+    NotConnected,
+    RequestTimeout,
+    ServerError,
+    SessionLost,
+)
+from heartbeatd.client.session_state import DUPLICATE, GAP, SessionState
+from heartbeatd.wire.envelope import OMIT, encode_message
+
+#: A `heartbeatd.client.connection.ClientConnection` (not imported: it imports this module).
+ClientConnection = Any
+
+__all__ = ["ClientSession", "SessionEvent"]
+
+log = get_logger(__name__)
+
+#: ``{"event": "started"}``, ``{"event": "resumed", "replayed": n}`` or
+#: ``{"event": "session_lost", "reason": r}``.
+SessionEvent = dict[str, Any]
+
+#: Acks are sent after this many messages, or this long after the first unacked one.
+DEFAULT_ACK_BATCH = 32
+DEFAULT_ACK_DELAY = 0.2
+#: Requests a session keeps numbered and unacknowledged before `request` refuses more
+#: (a server that never acks, or a long outage with a busy application).
+DEFAULT_MAX_BUFFERED = 10_000
+
+TAKEN_OVER = "session_taken_over"
+
+
+class ClientSession:
+    """One resumable session, across the connections of a reconnecting client."""
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        *,
+        expiry: float | None = None,
+        ack_batch: int = DEFAULT_ACK_BATCH,
+        ack_delay: float = DEFAULT_ACK_DELAY,
+        max_buffered: int = DEFAULT_MAX_BUFFERED,
+    ) -> None:
+        self.clock = clock
+        #: Asked for in ``session`` (None: the server's default).
+        self.expiry = expiry
+        self.ack_batch = ack_batch
+        self.ack_delay = ack_delay
+        self.max_buffered = max_buffered
+        self.state = SessionState()
+        #: The connection the session is attached to (None between connections).
+        self.connection: ClientConnection | None = None
+        self._pending: dict[int, tuple[Deferred[Any], IDelayedCall]] = {}
+        #: The highest seq written to a connection (above it: numbered, never sent yet).
+        self._written = 0
+        self._ack_timer: IDelayedCall | None = None
+        self._callbacks: list[Callable[[SessionEvent], object]] = []
+        self.started = 0
+        self.resumed = 0
+        self.lost = 0
+        self.replayed = 0
+        self.duplicates = 0
+
+    # -- the application's side --------------------------------------------------------------
+
+    def on_session(self, callback: Callable[[SessionEvent], object]) -> None:
+        """Call ``callback(event)`` when a session starts, resumes or is lost."""
+        self._callbacks.append(callback)
+
+    @property
+    def pending_requests(self) -> int:
+        return len(self._pending)
+
+    def request(self, type: str, data: Any = OMIT, timeout: float = 10.0) -> Deferred[Any]:
+        """Number and send a request (or keep it for the next connection); it fires with the
+        reply's data, or fails with `RequestTimeout`, `ServerError` or `SessionLost`."""
+        if len(self.state.unacked) >= self.max_buffered:
+            return _failed(
+                ConnectionClosed(
+                    f"{len(self.state.unacked)} requests wait for the server's ack "
+                    f"(max_buffered {self.max_buffered})"
+                )
+            )
+        seq, body = self.state.number(type, data)
+
+        def cancel(_: Deferred[Any]) -> None:
+            entry = self._pending.pop(seq, None)
+            if entry is not None and entry[1].active():
+                entry[1].cancel()
+
+        d: Deferred[Any] = Deferred(cancel)
+        timer = self.clock.callLater(timeout, self._timed_out, seq, type, timeout)
+        self._pending[seq] = (d, timer)
+        if self.connection is not None:
+            self.connection._write(body)
+            self._written = seq
+        return d
+
+    def close(self, error: ClientError | None = None) -> None:
+        """The client is stopping: flush our ack, fail what waits (not resumed again)."""
+        self.flush_ack()
+        self._fail_pending(error or ConnectionClosed("the client was stopped"))
+
+    # -- the connection's side ----------------------------------------------------------------
+
+    def open(self, conn: ClientConnection) -> Deferred[str | None]:
+        """Start or resume the session on a connection past its handshake.  Fires with
+        "started", "resumed", None when the server refused a session (the connection is
+        then used without one), or "failed" when it did not answer (the connection is
+        dropped); never fails."""
+        if self.state.active:
+            return self._resume(conn)
+        return self._start(conn)
+
+    def _resume(self, conn: ClientConnection) -> Deferred[str | None]:
+        state = self.state
+        ack = state.resuming()
+        d = conn._plain_request(
+            "resume",
+            {"session": state.sid, "key": state.key, "ack": ack},
+            timeout=conn.hello_timeout,
+        )
+
+        def answered(answer: Any) -> Any:
+            if not isinstance(answer, dict) or answer.get("resumed") is not True:
+                reason = answer.get("reason") if isinstance(answer, dict) else None
+                self._lose(reason if isinstance(reason, str) and reason else "bad_answer")
+                return self._start(conn)
+            if conn.closed:
+                return None
+            resend = state.to_resend(answer.get("ack", 0))
+            replayed = answer.get("replay", 0)
+            replayed = replayed if type(replayed) is int and replayed >= 0 else 0
+            self._attach(conn)
+            for body in resend:
+                conn._write(body)
+            self._written = state.next_seq - 1
+            self.resumed += 1
+            self.replayed += replayed
+            log.info(
+                "Session resumed ({replayed} replayed, {resent} resent)",
+                replayed=replayed,
+                resent=len(resend),
+            )
+            self._tell({"event": "resumed", "replayed": replayed})
+            return "resumed"
+
+        def failed(failure: Failure) -> Any:
+            if failure.check(ServerError):  # session_exists, unknown_type (an older server)
+                self._lose(failure.value.code)
+                return self._start(conn)
+            return _unanswered(conn, "resume", failure)  # the next connection resumes
+
+        return d.addCallbacks(answered, failed)
+
+    def _start(self, conn: ClientConnection) -> Deferred[str | None]:
+        if conn.closed:
+            return _succeeded(None)
+        data = OMIT if self.expiry is None else {"expiry": self.expiry}
+        d = conn._plain_request("session", data, timeout=conn.hello_timeout)
+
+        def answered(answer: Any) -> str | None:
+            sid = answer.get("session") if isinstance(answer, dict) else None
+            key = answer.get("key") if isinstance(answer, dict) else None
+            if not isinstance(sid, str) or not isinstance(key, str) or not sid or not key:
+                log.warn("The server's session answer has no session id or key: not resumable")
+                self._refused("bad_answer")
+                return None
+            expiry = answer.get("expiry")
+            self.state.start(sid, key, expiry if isinstance(expiry, (int, float)) else None)
+            if conn.closed:
+                return None  # resumed on the next connection
+            self._attach(conn)
+            for body in list(self.state.unacked.values()):  # numbered while there was none
+                conn._write(body)
+            self._written = self.state.next_seq - 1
+            self.started += 1
+            self._tell({"event": "started"})
+            return "started"
+
+        def failed(failure: Failure) -> str | None:
+            if failure.check(ServerError):  # sessions_disabled, too_many_sessions...
+                log.warn(
+                    "The server refused a session ({why}): this connection is not resumable",
+                    why=failure.value.code,
+                )
+                self._refused(failure.value.code)
+                return None
+            return _unanswered(conn, "session", failure)
+
+        return d.addCallbacks(answered, failed)
+
+    def _refused(self, reason: str) -> None:
+        """No session on this connection: requests numbered for one cannot be sent; the
+        application is told (``session_lost``), and the next connection asks again."""
+        self._lose(reason)
+
+    def _attach(self, conn: ClientConnection) -> None:
+        self.connection = conn
+        conn._session = self
+
+    def detach(self, conn: ClientConnection) -> None:
+        """The connection is gone; the session waits for the next one."""
+        if conn._session is self:
+            conn._session = None
+        if self.connection is conn:
+            self.connection = None
+            self._cancel_ack_timer()
+
+    def received(self, conn: ClientConnection, message: Any, seq: Any, ack: Any) -> bool:
+        """A message on an attached connection: True when the session handled it, False
+        when it is connection-level (the connection handles it as usual)."""
+        state = self.state
+        if seq is None:
+            if message.type == "ack" and message.id is None and isinstance(message.data, dict):
+                state.server_acked(message.data.get("seq"))
+                return True
+            if (
+                message.type == "error"
+                and message.id is None
+                and isinstance(message.data, dict)
+                and message.data.get("code") == TAKEN_OVER
+            ):
+                self._taken_over(conn)
+                return True
+            return False
+        if type(seq) is not int or seq <= 0:
+            conn.abort(ConnectionClosed(f"the server sent a bad seq {seq!r}"))
+            return True
+        if ack is not None:
+            state.server_acked(ack)
+        verdict = state.accept(seq)
+        if verdict == DUPLICATE:
+            self.duplicates += 1
+            return True
+        if verdict == GAP:
+            conn.abort(ConnectionClosed(f"the server skipped from seq {state.delivered} to {seq}"))
+            return True
+        request_id = message.id
+        if type(request_id) is int and request_id in self._pending:
+            d, timer = self._pending.pop(request_id)
+            if timer.active():
+                timer.cancel()
+            if message.type == "error":
+                d.errback(_server_error(message.data))
+            else:
+                d.callback(message.data)
+        elif request_id is None:
+            conn._dispatch_push(message.type, message.data)
+        # else: the reply to a request that timed out (or was cancelled): nobody waits
+        self._count_for_ack()
+        return True
+
+    def flush_ack(self) -> None:
+        """Send our ack now if anything delivered is unacknowledged."""
+        self._cancel_ack_timer()
+        conn = self.connection
+        if conn is None or not conn.connected:
+            return
+        seq = self.state.take_ack()
+        if seq is not None:
+            conn._write(encode_message("ack", {"seq": seq}))
+
+    def _count_for_ack(self) -> None:
+        if self.state.ack_pending >= self.ack_batch:
+            self.flush_ack()
+        elif self._ack_timer is None and self.connection is not None:
+            self._ack_timer = self.clock.callLater(self.ack_delay, self._ack_due)
+
+    def _ack_due(self) -> None:
+        self._ack_timer = None
+        self.flush_ack()
+
+    def _cancel_ack_timer(self) -> None:
+        timer, self._ack_timer = self._ack_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _taken_over(self, conn: ClientConnection) -> None:
+        """Someone else resumed this session: never resume it again; start afresh."""
+        log.warn("The session was taken over by another connection; starting a new one")
+        conn.session_outcome = "taken_over"  # not usable: requests wait for the next one
+        self.detach(conn)
+        self._lose(TAKEN_OVER)
+        # The server closes it; until then nothing may use it (the next one has a session).
+        conn.abort(ConnectionClosed("the session was taken over by another connection"))
+
+    def _lose(self, reason: str) -> None:
+        self.lost += 1
+        if self.connection is not None:
+            self.detach(self.connection)
+        self.state.lose()
+        self._written = 0
+        log.warn("Session lost ({reason})", reason=reason)
+        # The application hears it first, then its waiting requests fail (a request it
+        # makes from its callback belongs to the next session).
+        pending, self._pending = self._pending, {}
+        self._tell({"event": "session_lost", "reason": reason})
+        self._fail(pending, SessionLost(reason))
+
+    def _fail_pending(self, error: ClientError) -> None:
+        pending, self._pending = self._pending, {}
+        self._fail(pending, error)
+
+    @staticmethod
+    def _fail(pending: dict[int, tuple[Deferred[Any], IDelayedCall]], error: ClientError) -> None:
+        for d, timer in pending.values():
+            if timer.active():
+                timer.cancel()
+            d.errback(error)
+
+    def _timed_out(self, seq: int, type: str, seconds: float) -> None:
+        entry = self._pending.pop(seq, None)
+        if entry is None:
+            return
+        # Its copy stays: seqs are consecutive, and it is sent (again) as it is.
+        if seq > self._written:  # it never left: no connection within its deadline
+            entry[0].errback(NotConnected(f"not connected within {seconds:g}s"))
+        else:
+            entry[0].errback(RequestTimeout(f"no reply to {type!r} within {seconds:g}s"))
+
+    def _tell(self, event: SessionEvent) -> None:
+        for callback in list(self._callbacks):
+            try:
+                callback(dict(event))
+            except Exception:
+                log.failure("An on_session callback failed")
+
+
+def _unanswered(conn: ClientConnection, what: str, failure: Failure) -> str:
+    """No answer to ``session``/``resume`` (a timeout, or the connection went): the server
+    may have done it, so this connection is not used without the session; drop it."""
+    conn.abort(ConnectionClosed(f"no answer to {what}: {failure.getErrorMessage()}"))
+    return "failed"
+
+
+def _server_error(error: Any) -> ServerError:
+    if not isinstance(error, dict):
+        error = {}
+    return ServerError(str(error.get("code", "unknown")), str(error.get("message", "")))
+
+
+def _failed(error: Exception) -> Deferred[Any]:
+    d: Deferred[Any] = Deferred()
+    d.errback(error)
+    return d
+
+
+def _succeeded(value: Any) -> Deferred[Any]:
+    d: Deferred[Any] = Deferred()
+    d.callback(value)
+    return d

@@ -1,0 +1,515 @@
+"""Resumable sessions, client side, without a server: the sans-IO numbers (`SessionState`),
+the session on one connection over a StringTransport, and the reconnecting client resuming
+on a Clock (resend, replay dedupe, acks, subscriptions, session_lost, takeover)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from helpers import frame, parse_frames
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+
+from heartbeatd.client import (
+    ClientConnection,
+    ConnectionClosed,
+    NotConnected,
+    RequestTimeout,
+    ServerError,
+    SessionLost,
+)
+from heartbeatd.client.reconnect import ReconnectingClient
+from heartbeatd.client.session import ClientSession
+from heartbeatd.client.session_state import DUPLICATE, GAP, NEW, SessionState
+from heartbeatd.wire.envelope import decode_json
+
+_sync = SynchronousTestCase()
+successResultOf, failureResultOf, assertNoResult = (
+    _sync.successResultOf,
+    _sync.failureResultOf,
+    _sync.assertNoResult,
+)
+
+HELLO = {"type": "hello", "data": {"session": "c1", "heartbeat": {"interval": 10, "timeout": 30}}}
+KEY = "k" * 24
+
+
+# -- SessionState: the numbers alone -------------------------------------------------------------
+
+
+def test_requests_are_numbered_from_one_with_the_seq_as_id() -> None:
+    state = SessionState()
+    bodies = [state.number("echo", {"n": i}) for i in range(3)]
+    assert [seq for seq, _ in bodies] == [1, 2, 3]
+    assert [decode_json(body) for _, body in bodies][1] == {
+        "type": "echo",
+        "id": 2,
+        "seq": 2,
+        "data": {"n": 1},
+    }
+    assert list(state.unacked) == [1, 2, 3]
+    assert "data" not in decode_json(state.number("ping_me")[1])
+
+
+def test_server_acks_trim_the_resend_buffer_cumulatively() -> None:
+    state = SessionState()
+    for _ in range(5):
+        state.number("x")
+    state.server_acked(2)
+    assert list(state.unacked) == [3, 4, 5]
+    state.server_acked(1)  # lower than before: ignored
+    state.server_acked(True)  # not a seq
+    state.server_acked("4")
+    assert list(state.unacked) == [3, 4, 5] and state.server_ack == 2
+    state.server_acked(99)  # past what we sent: everything we sent
+    assert state.unacked == {} and state.server_ack == 5
+
+
+def test_resend_is_what_the_server_lacks_in_order_unchanged() -> None:
+    state = SessionState()
+    sent = [state.number("x", i)[1] for i in range(4)]
+    assert state.to_resend(1) == sent[1:]
+    assert state.to_resend(0) == sent[1:]  # a lower ack changes nothing
+    assert state.to_resend(4) == []
+
+
+def test_inbound_verdicts_new_duplicate_gap() -> None:
+    state = SessionState()
+    assert [state.accept(s) for s in (1, 2, 2, 1, 4, 3)] == [
+        NEW,
+        NEW,
+        DUPLICATE,
+        DUPLICATE,
+        GAP,
+        NEW,
+    ]
+    assert state.delivered == 3
+
+
+def test_acks_taken_once_and_resume_acks_everything() -> None:
+    state = SessionState()
+    assert state.take_ack() is None
+    for seq in (1, 2, 3):
+        state.accept(seq)
+    assert state.ack_pending == 3
+    assert state.take_ack() == 3 and state.take_ack() is None
+    state.accept(4)
+    assert state.resuming() == 4 and state.ack_pending == 0
+
+
+def test_lose_forgets_and_start_keeps_requests_numbered_meanwhile() -> None:
+    state = SessionState()
+    state.start("sid", KEY, 120)
+    state.number("a")
+    state.accept(1)
+    assert state.lose() == [1]
+    assert not state.active and state.next_seq == 1 and state.delivered == 0
+    state.number("b")  # numbered while there is no session: the next one's first
+    state.start("sid2", KEY, None)
+    assert list(state.unacked) == [1] and state.active
+
+
+# -- one connection with a session, the test playing the server ---------------------------------
+
+
+class Server:
+    """The test plays the server of one connection over a StringTransport."""
+
+    def __init__(self, clock: Clock, session: ClientSession, **options: Any) -> None:
+        self.client = ClientConnection(clock, session=session, **options)
+        self.transport = StringTransport()
+        self.client.makeConnection(self.transport)
+        self.ready = self.client.when_ready()
+        self.send(HELLO)
+
+    def send(self, *objs: Any) -> None:
+        self.client.dataReceived(b"".join(frame(o) for o in objs))
+
+    def written(self) -> list[Any]:
+        data = self.transport.value()
+        self.transport.clear()
+        return parse_frames(data)
+
+    def grant(self, sid: str = "a1b2c3d4e5f60718") -> None:
+        (ask,) = self.written()
+        assert ask["type"] == "session" and "seq" not in ask
+        self.send({"type": "session", "id": ask["id"], "data": {"session": sid, "key": KEY}})
+
+    def drop(self) -> None:
+        self.client.connectionLost(Failure(ConnectionDone("gone")))
+
+
+def started(clock: Clock, **options: Any) -> tuple[Server, ClientSession, list]:
+    session = ClientSession(clock, **options)
+    events: list = []
+    session.on_session(events.append)
+    server = Server(clock, session)
+    assertNoResult(server.ready)  # ready waits for the session
+    server.grant()
+    assert successResultOf(server.ready).session_outcome == "started"
+    assert events == [{"event": "started"}]
+    return server, session, events
+
+
+def test_session_asked_with_expiry_then_requests_are_numbered(clock: Clock) -> None:
+    session = ClientSession(clock, expiry=300)
+    server = Server(clock, session)
+    (ask,) = server.written()
+    assert ask["data"] == {"expiry": 300}
+    server.send({"type": "session", "id": ask["id"], "data": {"session": "s1", "key": KEY}})
+    replies = [server.client.request("echo", i) for i in range(3)]
+    assert [(m["seq"], m["id"]) for m in server.written()] == [(1, 1), (2, 2), (3, 3)]
+    server.send(
+        {"type": "echo", "id": 2, "seq": 1, "ack": 3, "data": 1},
+        {"type": "echo", "id": 1, "seq": 2, "ack": 3, "data": 0},
+    )
+    assert successResultOf(replies[0]) == 0 and successResultOf(replies[1]) == 1
+    assert session.state.unacked == {}  # the piggybacked ack trimmed them all
+    assertNoResult(replies[2])
+
+
+def test_acks_are_batched_by_count_or_delay(clock: Clock) -> None:
+    server, _session, _ = started(clock)
+    pushes: list = []
+    server.client.on("news", lambda data, conn: pushes.append(data))
+    for seq in range(1, 32):
+        server.send({"type": "news", "seq": seq, "data": seq})
+    assert server.written() == []  # 31: not yet
+    server.send({"type": "news", "seq": 32, "data": 32})
+    assert server.written() == [{"type": "ack", "data": {"seq": 32}}]
+    server.send({"type": "news", "seq": 33, "data": 33})
+    clock.advance(0.19)
+    assert server.written() == []
+    clock.advance(0.01)
+    assert server.written() == [{"type": "ack", "data": {"seq": 33}}]
+    clock.advance(1)
+    assert server.written() == []  # nothing new: no ack
+    assert pushes == list(range(1, 34))
+
+
+def test_a_clean_close_acks_first(clock: Clock) -> None:
+    server, _, _ = started(clock)
+    server.send({"type": "news", "seq": 1, "data": 1})
+    server.client.close()
+    assert server.written() == [{"type": "ack", "data": {"seq": 1}}]
+    assert server.transport.disconnecting
+
+
+def test_duplicates_are_dropped_and_a_gap_drops_the_connection(clock: Clock) -> None:
+    server, session, _ = started(clock)
+    pushes: list = []
+    server.client.on("news", lambda data, conn: pushes.append(data))
+    server.send(*({"type": "news", "seq": s, "data": s} for s in (1, 2, 1, 2, 3)))
+    assert pushes == [1, 2, 3] and session.duplicates == 2
+    server.send({"type": "news", "seq": 5, "data": 5})
+    assert pushes == [1, 2, 3] and server.transport.disconnecting  # aborted
+    assert server.client.close_reason is not None
+    assert "skipped from seq 3 to 5" in server.client.close_reason.getErrorMessage()
+
+
+def test_unnumbered_and_connection_level_messages_pass_through(clock: Clock) -> None:
+    server, session, _ = started(clock)
+    pushes: list = []
+    server.client.on("news", lambda data, conn: pushes.append(data))
+    server.client.request("x")
+    server.written()
+    server.send({"type": "ack", "data": {"seq": 1}}, {"type": "news", "data": "plain"})
+    assert session.state.unacked == {} and pushes == ["plain"]
+    server.send({"type": "ping", "id": 7})
+    assert server.written() == [{"type": "pong", "id": 7}]
+    assert session.state.delivered == 0
+
+
+def test_error_replies_and_late_replies(clock: Clock) -> None:
+    server, session, _ = started(clock)
+    pushes: list = []
+    server.client.on_any(lambda t, data, conn: pushes.append(t))
+    failing = server.client.request("nope")
+    late = server.client.request("slow", timeout=1)
+    clock.advance(1)
+    failureResultOf(late, RequestTimeout)
+    assert 2 in session.state.unacked  # its copy stays until acked
+    server.send(
+        {"type": "error", "id": 1, "seq": 1, "error": {"code": "unknown_type", "message": "m"}},
+        {"type": "slow", "id": 2, "seq": 2, "ack": 2, "data": "too late"},
+    )
+    assert failureResultOf(failing, ServerError).value.code == "unknown_type"
+    assert pushes == [] and session.state.delivered == 2  # the late reply: nobody's push
+
+
+def test_a_refused_session_leaves_the_connection_usable_without_one(clock: Clock) -> None:
+    session = ClientSession(clock)
+    events: list = []
+    session.on_session(events.append)
+    server = Server(clock, session)
+    (ask,) = server.written()
+    server.send({"type": "error", "id": ask["id"], "error": {"code": "sessions_disabled"}})
+    conn = successResultOf(server.ready)
+    assert conn.session_outcome is None and events[-1]["reason"] == "sessions_disabled"
+    conn.request("echo")
+    assert "seq" not in server.written()[0]
+
+
+def test_bad_seq_values_drop_the_connection(clock: Clock) -> None:
+    server, _, _ = started(clock)
+    server.send({"type": "news", "seq": "1"})
+    assert "bad seq" in server.client.close_reason.getErrorMessage()
+
+
+# -- the reconnecting client: resume, resend, replay, lost, takeover -----------------------------
+
+
+@implementer(IStreamClientEndpoint)
+class FakeEndpoint:
+    def __init__(self) -> None:
+        self.attempts: list[tuple[Any, Deferred]] = []
+
+    def connect(self, factory: Any) -> Deferred:
+        d: Deferred = Deferred()
+        self.attempts.append((factory, d))
+        return d
+
+    def accept(self) -> Peer:
+        factory, d = self.attempts[-1]
+        proto = factory.buildProtocol(None)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        d.callback(proto)
+        peer = Peer(proto, transport)
+        peer.send(HELLO)
+        return peer
+
+
+class Peer:
+    def __init__(self, proto: ClientConnection, transport: StringTransport) -> None:
+        self.proto, self.transport = proto, transport
+
+    def send(self, *objs: Any) -> None:
+        self.proto.dataReceived(b"".join(frame(o) for o in objs))
+
+    def written(self) -> list[Any]:
+        data = self.transport.value()
+        self.transport.clear()
+        return parse_frames(data)
+
+    def drop(self) -> None:
+        self.proto.connectionLost(Failure(ConnectionDone("gone")))
+
+
+def make_client(clock: Clock) -> tuple[ReconnectingClient, FakeEndpoint, list]:
+    endpoint = FakeEndpoint()
+    client = ReconnectingClient(
+        clock, endpoint, backoff_initial=1, backoff_max=1, random=lambda: 0.5, resumable=True
+    )
+    events: list = []
+    client.on_session(events.append)
+    client.start()
+    return client, endpoint, events
+
+
+def first_connection(clock: Clock) -> tuple[ReconnectingClient, FakeEndpoint, list, Peer]:
+    client, endpoint, events = make_client(clock)
+    ready = client.when_connected()
+    peer = endpoint.accept()
+    (ask,) = peer.written()
+    peer.send({"type": "session", "id": ask["id"], "data": {"session": "sid1", "key": KEY}})
+    successResultOf(ready)
+    return client, endpoint, events, peer
+
+
+def reconnect(clock: Clock, endpoint: FakeEndpoint, peer: Peer) -> Peer:
+    peer.drop()
+    clock.advance(0.5)
+    return endpoint.accept()
+
+
+def test_resume_resends_unacked_requests_and_replays_exactly_once(clock: Clock) -> None:
+    client, endpoint, events, peer = first_connection(clock)
+    pushes: list = []
+    client.on("news", lambda data, conn: pushes.append(data))
+    first, second = client.request("a", timeout=30), client.request("b", timeout=30)
+    assert [m["seq"] for m in peer.written()] == [1, 2]
+    # The server received 1 (acks it) and pushes; the connection drops before more.
+    peer.send({"type": "news", "seq": 1, "ack": 1, "data": "n1"})
+    peer2 = reconnect(clock, endpoint, peer)
+    third = client.request("c", timeout=30)  # while resuming: waits behind the resend
+    (resume,) = peer2.written()
+    assert resume["type"] == "resume" and "seq" not in resume
+    assert resume["data"] == {"session": "sid1", "key": KEY, "ack": 1}
+    # Server: it has seq 1 (and answered it: the reply is replayed), lacks 2.
+    peer2.send(
+        {"type": "resume", "id": resume["id"], "data": {"resumed": True, "ack": 1, "replay": 2}},
+        {"type": "news", "seq": 1, "data": "n1"},  # already delivered: dropped
+        {"type": "a", "id": 1, "seq": 2, "ack": 1, "data": "A"},
+    )
+    resent = peer2.written()
+    assert [(m["type"], m["seq"], m["id"]) for m in resent] == [("b", 2, 2), ("c", 3, 3)]
+    assert successResultOf(first) == "A"
+    peer2.send(
+        {"type": "b", "id": 2, "seq": 3, "ack": 3, "data": "B"},
+        {"type": "news", "seq": 4, "data": "n2"},
+        {"type": "c", "id": 3, "seq": 5, "ack": 3, "data": "C"},
+    )
+    assert (successResultOf(second), successResultOf(third)) == ("B", "C")
+    assert pushes == ["n1", "n2"]
+    assert events == [{"event": "started"}, {"event": "resumed", "replayed": 2}]
+    assert client.session.state.unacked == {}
+
+
+def test_a_request_made_between_connections_waits_for_the_resume(clock: Clock) -> None:
+    client, endpoint, _, peer = first_connection(clock)
+    peer.drop()
+    pending = client.request("later", timeout=5)
+    clock.advance(0.5)
+    peer2 = endpoint.accept()
+    (resume,) = peer2.written()
+    peer2.send({"type": "resume", "id": resume["id"], "data": {"resumed": True, "ack": 0}})
+    (sent,) = peer2.written()
+    assert (sent["type"], sent["seq"]) == ("later", 1)
+    peer2.send({"type": "later", "id": 1, "seq": 1, "ack": 1, "data": "ok"})
+    assert successResultOf(pending) == "ok"
+
+
+def test_a_pending_request_keeps_its_own_timeout_across_reconnects(clock: Clock) -> None:
+    client, _endpoint, _, peer = first_connection(clock)
+    pending = client.request("slow", timeout=3)
+    peer.drop()
+    assertNoResult(pending)  # not ConnectionClosed
+    clock.advance(3)
+    failureResultOf(pending, RequestTimeout)
+
+
+def test_resumed_false_fails_pending_tells_the_app_and_starts_afresh(clock: Clock) -> None:
+    client, endpoint, events, peer = first_connection(clock)
+    pubs: list = []
+    subscribed = client.subscribe("news", lambda data, offset, sub: pubs.append(data))
+    (sub_req,) = peer.written()
+    assert sub_req["seq"] == 1
+    peer.send(
+        {"type": "subscribe", "id": 1, "seq": 1, "ack": 1, "data": {"epoch": "e", "offset": 4}},
+        {"type": "publication", "seq": 2, "data": {"channel": "news", "offset": 5, "data": "p5"}},
+    )
+    successResultOf(subscribed)
+    pending = client.request("work", timeout=30)
+    peer2 = reconnect(clock, endpoint, peer)
+    (resume,) = peer2.written()
+    peer2.send(
+        {"type": "resume", "id": resume["id"], "data": {"resumed": False, "reason": "expired"}}
+    )
+    failure = failureResultOf(pending, SessionLost)
+    assert failure.value.reason == "expired" and isinstance(failure.value, ConnectionClosed)
+    assert events[-1] == {"event": "session_lost", "reason": "expired"}
+    (ask,) = peer2.written()
+    assert ask["type"] == "session"
+    peer2.send({"type": "session", "id": ask["id"], "data": {"session": "sid2", "key": KEY}})
+    assert events[-1] == {"event": "started"}
+    (again,) = peer2.written()  # subscribed again, from where it was, numbered from 1
+    assert again["type"] == "subscribe" and again["seq"] == 1
+    assert again["data"]["since"] == {"epoch": "e", "offset": 5}
+    assert pubs == ["p5"]
+
+
+def test_a_resumed_session_does_not_subscribe_again(clock: Clock) -> None:
+    client, endpoint, _, peer = first_connection(clock)
+    pubs: list = []
+    client.subscribe("news", lambda data, offset, sub: pubs.append(offset))
+    peer.written()
+    peer.send(
+        {"type": "subscribe", "id": 1, "seq": 1, "ack": 1, "data": {"epoch": "e", "offset": 0}},
+        {"type": "publication", "seq": 2, "data": {"channel": "news", "offset": 1, "data": 1}},
+    )
+    peer2 = reconnect(clock, endpoint, peer)
+    (resume,) = peer2.written()
+    assert resume["data"]["ack"] == 2
+    peer2.send(
+        {"type": "resume", "id": resume["id"], "data": {"resumed": True, "ack": 1, "replay": 0}},
+        {"type": "publication", "seq": 3, "data": {"channel": "news", "offset": 2, "data": 2}},
+    )
+    assert peer2.written() == []  # no subscribe sent
+    assert pubs == [1, 2]
+
+
+def test_takeover_reports_session_lost_and_never_resumes_it(clock: Clock) -> None:
+    client, endpoint, events, peer = first_connection(clock)
+    pending = client.request("work", timeout=30)
+    peer.send({"type": "error", "error": {"code": "session_taken_over", "message": "elsewhere"}})
+    assert failureResultOf(pending, SessionLost).value.reason == "session_taken_over"
+    assert events[-1] == {"event": "session_lost", "reason": "session_taken_over"}
+    peer2 = reconnect(clock, endpoint, peer)
+    (ask,) = peer2.written()
+    assert ask["type"] == "session"  # a fresh one, not a resume
+
+
+def test_stop_acks_and_fails_what_waits(clock: Clock) -> None:
+    client, _endpoint, _, peer = first_connection(clock)
+    peer.send({"type": "news", "seq": 1, "data": 1})
+    pending = client.request("work", timeout=30)
+    peer.written()
+    client.stop()
+    assert peer.written() == [{"type": "ack", "data": {"seq": 1}}]
+    failureResultOf(pending, ConnectionClosed)
+    peer.drop()
+
+
+def test_requests_before_the_first_session_keep_their_order(clock: Clock) -> None:
+    client, endpoint, _ = make_client(clock)
+    first, second = client.request("a", timeout=5), client.request("b", timeout=5)
+    peer = endpoint.accept()
+    (ask,) = peer.written()
+    peer.send({"type": "session", "id": ask["id"], "data": {"session": "sid1", "key": KEY}})
+    third = client.request("c", timeout=5)
+    assert [(m["type"], m["seq"]) for m in peer.written()] == [("a", 1), ("b", 2), ("c", 3)]
+    peer.send(
+        *(
+            {"type": t, "id": i, "seq": i, "ack": 3, "data": t}
+            for i, t in [(1, "a"), (2, "b"), (3, "c")]
+        )
+    )
+    assert [successResultOf(d) for d in (first, second, third)] == ["a", "b", "c"]
+
+
+def test_a_request_never_sent_times_out_as_not_connected(clock: Clock) -> None:
+    client, _endpoint, _, peer = first_connection(clock)
+    sent = client.request("sent", timeout=2)
+    peer.drop()
+    unsent = client.request("unsent", timeout=2)
+    clock.advance(2)
+    failureResultOf(sent, RequestTimeout)
+    failureResultOf(unsent, NotConnected)
+
+
+def test_an_unanswered_resume_drops_the_connection_and_the_next_one_resumes(clock: Clock) -> None:
+    client, endpoint, events, peer = first_connection(clock)
+    pending = client.request("work", timeout=30)
+    peer2 = reconnect(clock, endpoint, peer)
+    (_resume,) = peer2.written()
+    clock.advance(10)  # hello_timeout: no answer (the server may have resumed it anyway)
+    assert peer2.transport.disconnecting
+    assert not client.session.state.delivered and client.session.state.active
+    peer3 = reconnect(clock, endpoint, peer2)
+    (again,) = peer3.written()
+    assert again["type"] == "resume" and again["data"]["session"] == "sid1"
+    peer3.send({"type": "resume", "id": again["id"], "data": {"resumed": True, "ack": 1}})
+    peer3.send({"type": "work", "id": 1, "seq": 1, "ack": 1, "data": "done"})
+    assert successResultOf(pending) == "done"
+    assert [e["event"] for e in events] == ["started", "resumed"]
+
+
+def test_after_a_takeover_requests_wait_for_the_next_session(clock: Clock) -> None:
+    client, endpoint, _, peer = first_connection(clock)
+    peer.send({"type": "error", "error": {"code": "session_taken_over", "message": "m"}})
+    later = client.request("later", timeout=30)  # the old connection is not used
+    assert peer.written() == []
+    peer2 = reconnect(clock, endpoint, peer)
+    (ask,) = peer2.written()
+    peer2.send({"type": "session", "id": ask["id"], "data": {"session": "sid2", "key": KEY}})
+    (sent,) = peer2.written()
+    assert (sent["type"], sent["seq"]) == ("later", 1)
+    peer2.send({"type": "later", "id": 1, "seq": 1, "data": "ok"})
+    assert successResultOf(later) == "ok"
