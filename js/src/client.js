@@ -662,6 +662,12 @@ export class Client extends Emitter {
   _sessionReply(message) {
     const entry = this._sessionPending.get(message.id);
     if (entry === undefined) return false;
+    if (message.seq === undefined) {
+      // Not a reply (those are numbered): an error that closes the connection (bad_seq...).
+      // The request stays pending, for the resume to resend.
+      if (message.type === 'error') this.emit('error', serverError(message.error));
+      return true;
+    }
     this._sessionPending.delete(message.id);
     clearTimeout(entry.timer);
     if (message.type === 'error') entry.reject(serverError(message.error));
