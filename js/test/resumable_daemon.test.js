@@ -1,0 +1,170 @@
+// The resumable client against a real heartbeatd, over tcp and ws, through a proxy that cuts
+// the connection mid-stream: requests in flight are answered once, pushes and publications
+// arrive exactly once and in order, no handler runs twice, nothing is subscribed again; and
+// when the daemon restarts (sessions in memory are gone) the session_lost path.  Then a
+// small chaos run: cuts at random while messages flow both ways.
+
+import assert from 'node:assert/strict';
+import { after, before, describe, it } from 'node:test';
+
+import { connect, SessionLost } from '../index.js';
+import { CutProxy } from './helpers/cut_proxy.js';
+import { nextEvent, tempDir, until } from './helpers/daemon.js';
+import { daemonFor, endpoint, WEBSOCKET } from './helpers/transports.js';
+
+const tmp = tempDir();
+let daemon;
+
+before(async () => {
+  daemon = daemonFor(false, { handlers: ['jstest_handlers'], channels: { client_publish: true } }, { dir: tmp.path });
+  await daemon.start();
+});
+
+after(async () => {
+  await daemon?.kill();
+  tmp.cleanup();
+});
+
+/** A resumable client reaching the daemon over `transport` through a CutProxy. */
+async function throughProxy(transport, extra = {}) {
+  const port = transport === 'tcp' ? daemon.port : daemon.wsPort;
+  const proxy = await new CutProxy(port).start();
+  const [url, options] = endpoint(transport, { port: proxy.port, wsPort: proxy.port }, null, {
+    resumable: true,
+    minReconnectDelay: 20,
+    maxReconnectDelay: 100,
+    ...extra,
+  });
+  const client = await connect(url, options);
+  return { proxy, client };
+}
+
+const TRANSPORTS = WEBSOCKET ? ['tcp', 'ws'] : ['tcp'];
+
+for (const transport of TRANSPORTS) {
+  describe(`over ${transport}`, () => {
+    it('a cut mid-stream: replies, pushes and publications exactly once, in order; no handler twice', async () => {
+      const { proxy, client } = await throughProxy(transport);
+      const publisher = await connect(...endpoint('tcp', daemon, null));
+      try {
+        const events = [];
+        client.on('resumed', ({ replayed }) => events.push(['resumed', replayed]));
+        client.on('session_lost', ({ reason }) => events.push(['session_lost', reason]));
+        const started = [];
+        client.on('slow_started', (data) => started.push(data));
+        const pushes = [];
+        client.on('p', (n) => pushes.push(n));
+        const channel = `feed-${transport}`;
+        const seen = [];
+        const subscribed = [];
+        const sub = client.subscribe(channel, {
+          onPublication: ({ offset, data }) => seen.push([offset, data]),
+          onSubscribed: (context) => subscribed.push(context),
+        });
+        await sub.ready();
+
+        // In flight at the cut: slow handlers (they answer while we are away), echoes, pushes.
+        const slow = [0.3, 0.4].map((s) => client.request('slow', s));
+        const echoes = Array.from({ length: 20 }, (_, i) => client.request('echo', i));
+        const pushed = client.request('push_me', { type: 'p', data: 'x', count: 30 });
+        await until(() => started.length === 2, client, ['slow_started']);
+        const lost = nextEvent(client, 'disconnected');
+        assert.ok(proxy.cut() >= 1);
+        await lost;
+        for (let n = 1; n <= 5; n++) await publisher.publish(channel, `missed ${n}`);
+
+        assert.deepEqual(await Promise.all(slow), ['finally', 'finally']);
+        assert.deepEqual(await Promise.all(echoes), Array.from({ length: 20 }, (_, i) => i));
+        assert.equal(await pushed, 'pushed');
+        await until(() => seen.length === 5, sub, ['publication']);
+        await publisher.publish(channel, 'after');
+        await until(() => seen.length === 6, sub, ['publication']);
+
+        assert.equal(events.length, 1, JSON.stringify(events));
+        assert.equal(events[0][0], 'resumed');
+        assert.deepEqual(started, [0.3, 0.4]); // each slow handler ran once
+        assert.deepEqual(pushes, Array(30).fill('x'));
+        assert.deepEqual(seen, [...[1, 2, 3, 4, 5].map((n) => [n, `missed ${n}`]), [6, 'after']]);
+        assert.equal(subscribed.length, 1); // resumed, not subscribed again
+        assert.equal(proxy.accepted, 2);
+      } finally {
+        await Promise.all([client.close(), publisher.close()]);
+        await proxy.stop();
+      }
+    });
+  });
+}
+
+it('the daemon restarts: pending requests fail with SessionLost, a new session, subscribed again', async () => {
+  const { proxy, client } = await throughProxy('tcp');
+  try {
+    const order = [];
+    client.on('session_lost', ({ reason }) => order.push(`session_lost ${reason}`));
+    client.on('session', () => order.push('session'));
+    client.on('resumed', () => order.push('resumed'));
+    const subscribed = [];
+    const sub = client.subscribe('restart', { onSubscribed: (context) => subscribed.push(context) });
+    await sub.ready();
+    const first = client.session;
+    const started = nextEvent(client, 'slow_started');
+    const pending = client.request('slow', 30);
+    await started;
+    const lost = nextEvent(client, 'disconnected');
+    await daemon.restart();
+    proxy.cut();
+    await lost;
+    await assert.rejects(pending, (e) => e instanceof SessionLost && typeof e.reason === 'string');
+    await until(() => subscribed.length === 2, sub, ['subscribed']);
+    assert.equal(order[0].startsWith('session_lost '), true, JSON.stringify(order));
+    assert.equal(order[1], 'session');
+    assert.notEqual(client.session, first);
+    assert.equal(subscribed[1].wasRecovering, true);
+    assert.equal(await client.request('echo', 'again'), 'again');
+  } finally {
+    await client.close();
+    await proxy.stop();
+  }
+});
+
+it('chaos: cut at random while requests and publications flow; each exactly once, in order', async () => {
+  const { proxy, client } = await throughProxy('tcp');
+  const publisher = await connect(...endpoint('tcp', daemon, null));
+  let cutter = null;
+  try {
+    const seen = [];
+    const sub = client.subscribe('chaos', { onPublication: ({ offset }) => seen.push(offset) });
+    await sub.ready();
+    const lostSessions = [];
+    client.on('session_lost', (e) => lostSessions.push(e.reason));
+    let cuts = 0;
+    const cutLater = () => {
+      cutter = setTimeout(() => {
+        cuts += proxy.cut() > 0 ? 1 : 0;
+        cutLater();
+      }, 50 + Math.random() * 200);
+    };
+    cutLater();
+    const N = 400;
+    const replies = [];
+    const publishing = (async () => {
+      for (let n = 1; n <= N; n++) await publisher.publish('chaos', n);
+    })();
+    // Requests in windows of 20 in flight: each answered once, with its own data.
+    for (let base = 0; base < N; base += 20) {
+      const batch = Array.from({ length: 20 }, (_, i) => client.request('echo', base + i));
+      replies.push(...(await Promise.all(batch)));
+    }
+    await publishing;
+    clearTimeout(cutter);
+    cutter = null;
+    await until(() => seen.length >= N, sub, ['publication'], 20_000);
+    assert.deepEqual(replies, Array.from({ length: N }, (_, i) => i));
+    assert.deepEqual(seen, Array.from({ length: N }, (_, i) => i + 1));
+    assert.deepEqual(lostSessions, []);
+    assert.ok(cuts >= 3, `only ${cuts} cuts`);
+  } finally {
+    clearTimeout(cutter);
+    await Promise.all([client.close(), publisher.close()]);
+    await proxy.stop();
+  }
+});
