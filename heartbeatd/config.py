@@ -50,6 +50,7 @@ __all__ = [
     "NamespaceConfig",
     "SeedConfig",
     "SentinelConfig",
+    "SessionsConfig",
     "ShutdownConfig",
     "TcpConfig",
     "TlsConfig",
@@ -221,6 +222,41 @@ class ShutdownConfig:
     close_timeout: float = field(
         default=5.0,
         metadata=check(positive_number, "seconds clients get to close before being aborted"),
+    )
+
+
+@dataclass(frozen=True)
+class SessionsConfig:
+    """Resumable sessions (issue 18, docs/protocol.md "Sessions")."""
+
+    enabled: bool = field(
+        default=True, metadata=check(boolean, "clients may start and resume sessions")
+    )
+    expiry: int = field(
+        default=120,
+        metadata=check(int_range(1, 86_400), "seconds a detached session lives, by default"),
+    )
+    max_expiry: int = field(
+        default=3600,
+        metadata=check(int_range(1, 86_400), "largest expiry a client may ask for, seconds"),
+    )
+    max_unacked_messages: int = field(
+        default=1000,
+        metadata=check(
+            int_range(1, 1_000_000), "server messages kept until acked; then backpressure"
+        ),
+    )
+    max_unacked_bytes: int = field(
+        default=1024 * 1024,
+        metadata=check(int_range(1024, 2**31), "bytes of server messages kept until acked"),
+    )
+    max_per_identity: int = field(
+        default=16,
+        metadata=check(int_range(0, 1_000_000), "sessions one identity may hold; 0: no limit"),
+    )
+    max_sessions: int = field(
+        default=100_000,
+        metadata=check(int_range(1, 10_000_000), "sessions this daemon holds, attached or not"),
     )
 
 
@@ -775,6 +811,7 @@ class Config:
     tls: TlsConfig = field(default_factory=TlsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     websocket: WebSocketConfig = field(default_factory=WebSocketConfig)
+    sessions: SessionsConfig = field(default_factory=SessionsConfig)
 
     def effective_max_connections(self) -> int:
         """The connection limit: ``limits.max_connections`` (0: no number of its own), capped
@@ -805,6 +842,7 @@ _SECTIONS: dict[str, type] = {
     "tls": TlsConfig,
     "auth": AuthConfig,
     "websocket": WebSocketConfig,
+    "sessions": SessionsConfig,
 }
 
 
@@ -864,6 +902,13 @@ def _cross_checks(config: Config, errors: list[str]) -> None:
         errors.append(
             "auth.authenticator: '' is not allowed with auth.mode custom; expected "
             "'module:function'"
+        )
+
+    sessions = config.sessions
+    if sessions.expiry > sessions.max_expiry:
+        errors.append(
+            f"sessions.expiry: {sessions.expiry} is not allowed; expected at most "
+            f"sessions.max_expiry ({sessions.max_expiry})"
         )
 
     if config.workers > 1:

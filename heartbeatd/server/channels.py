@@ -291,8 +291,13 @@ class ChannelHub:
         channel: str,
         since: tuple[str, int] | None = None,
         join_leave: bool = False,
+        *,
+        restore: bool = False,
     ) -> Deferred[dict[str, Any]]:
-        """Subscribe ``client``; fires with the reply, after which the backlog is delivered."""
+        """Subscribe ``client``; fires with the reply, after which the backlog is delivered.
+
+        ``restore``: a resumed session's subscription coming back (not rate-limited: the
+        client did not ask for it again)."""
         session = client.session_id
         if not client.connected or client.close_reason is not None:
             # The authorizer answered after the client left: nothing to set up.
@@ -305,7 +310,7 @@ class ChannelHub:
             return fail(
                 HandlerError(TOO_MANY_CHANNELS, f"a connection may join at most {limit} channels")
             )
-        if not self._take_subscribe_token(session):
+        if not restore and not self._take_subscribe_token(session):
             rate = self.config.subscribe_rate
             return fail(
                 HandlerError(
@@ -367,6 +372,18 @@ class ChannelHub:
         self.broker.subscribe(channel).addCallback(locate).addCallbacks(located, failed)
         returned = True
         return reply
+
+    def detach_subscriptions(self, client: Connection) -> dict[str, tuple[str, int, bool]]:
+        """Remove ``client``'s subscriptions and say where each stood: channel -> (epoch,
+        offset last written to it, join_leave).  A resumable session keeps them while it is
+        detached and restores them, with what it missed, on resume."""
+        mine = self._by_client.get(client.session_id)
+        if not mine:
+            return {}
+        where = {sub.channel: (sub.epoch, sub.offset, sub.join_leave) for sub in mine.values()}
+        for sub in list(mine.values()):
+            self._remove(sub)
+        return where
 
     def unsubscribe(self, client: Connection, channel: str) -> dict[str, Any]:
         sub = self._by_client.get(client.session_id, {}).get(channel)

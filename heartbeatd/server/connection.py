@@ -61,6 +61,27 @@ _PONG = "pong"
 _ERROR = "error"
 
 
+#: Server message types never numbered on a resumable session: they belong to the
+#: connection, not the session (docs/protocol.md, "Sessions").
+CONNECTION_TYPES = frozenset(
+    {b"hello", b"ping", b"pong", b"goaway", b"ack", b"refresh", b"error", b"session", b"resume"}
+)
+
+
+def body_type(body: bytes) -> bytes | None:
+    """The ``type`` of an envelope body as the server encodes it (``{"type":"x",...``)."""
+    if body[:9] != b'{"type":"':
+        return None
+    end = body.find(b'"', 9)
+    return body[9:end] if end > 0 else None
+
+
+def numbered_body(body: bytes) -> bool:
+    """Does a server body written on a resumable session get a seq?"""
+    kind = body_type(body)
+    return kind is not None and kind not in CONNECTION_TYPES
+
+
 def format_address(address: IAddress) -> str:
     """``host:port`` for IP addresses, ``unix:path`` for UNIX sockets, else the repr."""
     host = getattr(address, "host", None)
@@ -79,12 +100,14 @@ def is_tls(transport: Any) -> bool:
 
 
 class _Slot:
-    """A reply position; ``frame`` is None until the handler finishes."""
+    """A reply position; ``frame`` is None until the handler finishes.  ``seq``: on a
+    resumable session, the client seq of the numbered request it answers (0: none)."""
 
-    __slots__ = ("frame",)
+    __slots__ = ("frame", "seq")
 
-    def __init__(self, frame: bytes | None = None) -> None:
+    def __init__(self, frame: bytes | None = None, seq: int = 0) -> None:
         self.frame = frame
+        self.seq = seq
 
 
 class Connection(Protocol):
@@ -117,6 +140,7 @@ class Connection(Protocol):
         "_pending",
         "_reading_paused",
         "_registered",
+        "_resumable",
         "_session",
         "_write_paused",
         "_written_while_paused",
@@ -156,6 +180,9 @@ class Connection(Protocol):
         #: Who the client authenticated as (None when authentication is off).
         self.identity: str | None = None
         self._session: Session | None = None
+        #: The resumable session this connection carries (`heartbeatd.server.resumable`
+        #: ``Attachment``), else None: the session hooks below are taken only when set.
+        self._resumable: Any = None
         self.connected = False
         self.connected_at = 0.0
         #: Alive-clock time of the last complete frame received (see `HeartbeatMonitor.now`):
@@ -238,6 +265,8 @@ class Connection(Protocol):
     def _closed(self) -> None:
         """The transport is gone (from ``connectionLost``): release what the connection held."""
         self.connected = False
+        if self._resumable is not None:
+            self._resumable.connection_lost()  # the session detaches; its replies go on
         self._pending = None
         self._release_partial()
         if self._auth is not None:
@@ -467,6 +496,9 @@ class Connection(Protocol):
     # -- dispatch --------------------------------------------------------------------------
 
     def _handle_item(self, item: bytes | object) -> None:
+        if self._resumable is not None and type(item) is bytes:
+            self._resumable.receive(item)  # numbered requests, acks (server/resumable.py)
+            return
         if item is HEARTBEAT:
             # A bare token (seed framing) is a ping: answer in kind, as ping gets pong.
             self._answer_token()
@@ -513,6 +545,9 @@ class Connection(Protocol):
             return
         handler = self.factory.registry.get(type_)
         if handler is None:
+            sessions = getattr(self.factory, "sessions", None)
+            if sessions is not None and sessions.control(self, message):
+                return  # session, resume, ack, session_end (server/resumable.py)
             self.factory.count_error(envelope.UNKNOWN_TYPE)
             self._emit(
                 encode_error(envelope.UNKNOWN_TYPE, f"no handler for type {type_!r}", message.id)
@@ -531,6 +566,8 @@ class Connection(Protocol):
             result = Deferred.fromCoroutine(result)
         if isinstance(result, Deferred):
             slot = _Slot()
+            if self._resumable is not None:
+                slot.seq = self._resumable.cseq
             if self._pending is None:
                 self._pending = deque()
             self._pending.append(slot)
@@ -608,6 +645,9 @@ class Connection(Protocol):
 
     def _flush_pending(self) -> None:
         """Send every finished reply at the head of the queue, keeping request order."""
+        if self._resumable is not None:
+            self._resumable.flush()  # the queue is the session's (and survives the connection)
+            return
         if not self.connected:
             return
         pending = self._pending
@@ -630,6 +670,9 @@ class Connection(Protocol):
 
     def _emit(self, body: bytes) -> None:
         """Queue a reply body behind any reply still being computed."""
+        if self._resumable is not None:
+            self._resumable.emit(body)  # numbered when it answers a numbered request
+            return
         if self._pending:
             self._pending.append(_Slot(body))
         elif self._batch is not None:
@@ -643,8 +686,18 @@ class Connection(Protocol):
         """Push a message to this client, outside any request/reply order."""
         self.write_frame(encode_message(type, data), encoded=False)
 
+    def _session_push(self, body: bytes) -> bool:
+        """On a resumable session, a push that gets a seq goes through the session (which
+        writes it to whichever connection carries it now); True if it did."""
+        if numbered_body(body):
+            self._resumable.push(body)
+            return True
+        return False
+
     def write_frame(self, frame: bytes, *, encoded: bool = True) -> None:
         """Write one frame (``encoded=False``: a body still to be framed)."""
+        if self._resumable is not None and not encoded and self._session_push(frame):
+            return
         if not self.connected:
             return
         self._write_many([frame if encoded else self._framing.encode(frame)])
@@ -721,6 +774,7 @@ class Connection(Protocol):
             and not self._write_paused
             and self.connected
             and self.close_reason is None
+            and (self._resumable is None or self._resumable.may_read())
         ):
             self._reading_paused = False
             self.transport.resumeProducing()
@@ -799,5 +853,7 @@ class Connection(Protocol):
     def write_shared(self, frame: SharedFrame) -> None:
         """Write a message many connections get (broadcast, publication, ping), framed once
         per framing rather than once per connection."""
+        if self._resumable is not None and not frame.ping and self._session_push(frame.body):
+            return
         if self.connected:
             self._write_many([frame.framed(self._framing)])

@@ -29,6 +29,7 @@ from heartbeatd.server.connection import Connection, format_address
 from heartbeatd.server.handlers import HandlerError, HandlerRegistry, default_registry
 from heartbeatd.server.heartbeat import HeartbeatMonitor
 from heartbeatd.server.protocol import RefusedProtocol, ServerProtocol
+from heartbeatd.server.resumable import make_sessions
 from heartbeatd.server.session import Server
 from heartbeatd.server.signed_tokens import JwtVerifier
 from heartbeatd.wire import get_framing
@@ -131,6 +132,8 @@ class ServerFactory(Factory):
         self.channels = channels.ChannelHub(self, broker)
         channels.register(self.registry)
         signed_tokens.register(self.registry)
+        #: Resumable sessions (sessions.*): in this daemon's memory, or in Redis with a cluster.
+        self.sessions = make_sessions(self, broker)
         #: session id -> connection, least recently heard first.
         self.clients: OrderedDict[str, Connection] = OrderedDict()
         self.max_connections = config.effective_max_connections()
@@ -483,7 +486,8 @@ class ServerFactory(Factory):
         """
         client = self.clients.get(session_id)
         if client is None:
-            return False
+            sessions = self.sessions
+            return bool(sessions.states) and sessions.send(session_id, encode_message(type, data))
         if client._auth is not None:
             raise NotAuthenticated(
                 NOT_AUTHENTICATED, f"client {session_id!r} has not authenticated yet"
@@ -511,6 +515,8 @@ class ServerFactory(Factory):
             clients = list(self.clients.values())
         for client in clients:
             client.write_shared(frame)
+        if self.sessions.detached and not everyone:
+            self.sessions.broadcast_detached(frame.body)
         return len(clients)
 
     # -- shutdown -----------------------------------------------------------------------------

@@ -77,6 +77,11 @@ class Request:
 
     __slots__ = ("_connection", "data", "id", "type")
 
+    #: True when the request may have run before: a node holding its resumable session
+    #: died before answering it, and the session resumed elsewhere (docs/protocol.md,
+    #: "Sessions").  Handlers with side effects check it.
+    redelivered = False
+
     def __init__(self, type: str, id: str | int | None, data: Any, connection: Any) -> None:
         self.type = type
         self.id = id

@@ -71,6 +71,14 @@ class Session:
     def connected(self) -> bool:
         return self._connection.connected
 
+    @property
+    def resumable(self) -> str | None:
+        """The id of the resumable session this connection carries, else None.  Unlike
+        ``session_id`` it outlives the connection: ``server.send(resumable, ...)`` reaches
+        the session on its next connection (docs/protocol.md, "Sessions")."""
+        attachment = getattr(self._connection, "_resumable", None)
+        return attachment.state.sid if attachment is not None else None
+
     def send(self, type: str, data: Any = OMIT) -> None:
         """Push a message to this client, outside request/reply order."""
         self._connection.send(type, data)
