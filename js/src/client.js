@@ -325,6 +325,7 @@ export class Client extends Emitter {
       if (type === 'publication' && Number.isSafeInteger(body.offset)) sub._publication(body.offset, body.data);
       else if (type === 'join' || type === 'leave') sub._presence(type, body);
       else if (type === 'resync') sub._resync(body);
+      else if (type === 'subscription_lost' && sub.active) this._subscriptionLost(sub, body);
     }
     if (type === 'refresh' && data == null) this._refresh();
     this.emit('\0push', type, data);
@@ -624,6 +625,20 @@ export class Client extends Emitter {
     this.emit('session', { session: answer.session, expiry: answer.expiry });
     conn.release();
     return 'started';
+  }
+
+  /**
+   * The server could not restore a subscription of the resumed session (its channel's broker
+   * was unavailable): subscribe again, from the last offset delivered, as after a lost
+   * session.
+   */
+  _subscriptionLost(sub, body) {
+    sub._disconnected();
+    sub._sessionEpoch = null; // a resume attaches it again if it is not attached before
+    const reason = String(body.reason ?? 'unavailable');
+    sub.emit('error', new ServerError(reason, `the session's subscription to ${sub.channel} was not restored`));
+    const conn = this.connection;
+    if (this._live(conn)) this._attach(conn, sub);
   }
 
   /** A session ended for good: its waiting requests fail, the application is told. */

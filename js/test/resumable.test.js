@@ -177,6 +177,28 @@ it('session_taken_over: session_lost, never resumed again, a fresh session', asy
   }
 });
 
+it('subscription_lost after a resume: the client subscribes again from its last offset', async () => {
+  const client = await connect(server.url, QUICK);
+  try {
+    const errors = [];
+    const sub = client.subscribe('room', { onError: (e) => errors.push(e.code) });
+    await sub.ready();
+    server.cut();
+    await nextEvent(client, 'resumed');
+    const again = nextEvent(sub, 'subscribed');
+    server.push(server.session, 'subscription_lost', { channel: 'room', reason: 'unavailable' });
+    const context = await again;
+    assert.equal(context.wasRecovering, true);
+    assert.deepEqual(errors, ['unavailable']);
+    assert.deepEqual(
+      server.log.filter((e) => e.message.type === 'subscribe').map((e) => e.message.data),
+      [{ channel: 'room' }, { channel: 'room', since: { epoch: 'e1', offset: 0 } }],
+    );
+  } finally {
+    await client.close();
+  }
+});
+
 it('a server without sessions: the client goes on as a plain one', async () => {
   await server.stop();
   server = await new SessionServer({ sessions: false }).start();
