@@ -585,6 +585,13 @@ export class Client extends Emitter {
         if (!(error instanceof ServerError)) throw error;
         answer = { resumed: false, reason: error.code }; // a refusal is as final as resumed: false
       }
+      if (answer?.resumed === true && !(Number.isSafeInteger(answer.ack) && answer.ack >= 0 && answer.ack < s.nextSeq)) {
+        // The server has client seqs we never sent (or no valid ack): our next messages would
+        // be taken for duplicates.  This session cannot go on, nor this connection that holds
+        // it: a new one starts a new session.
+        this._loseSession('out_of_sync');
+        throw new ConnectionError("the server's resume answer acknowledges messages never sent");
+      }
       if (answer?.resumed === true) {
         this._sessionConn = conn;
         s.reattach();

@@ -6,7 +6,7 @@
 import assert from 'node:assert/strict';
 import { afterEach, beforeEach, it } from 'node:test';
 
-import { Client, connect, ConnectionError, SessionLost } from '../index.js';
+import { Client, connect, ConnectionError, SessionLost, TimeoutError } from '../index.js';
 import { nextEvent, until } from './helpers/daemon.js';
 import { SessionServer } from './helpers/session_server.js';
 
@@ -75,6 +75,26 @@ it('a pending request survives a reconnect; a push sent meanwhile arrives once, 
     const resume = server.log.find((e) => e.message.type === 'resume');
     assert.equal(resume.message.data.ack, 1);
     assert.equal(server.sessions.size, 1);
+  } finally {
+    await client.close();
+  }
+});
+
+it('a pending request waits across reconnects until its own timeout; its late reply is dropped', async () => {
+  const client = await connect(server.url, QUICK);
+  try {
+    const pushes = [];
+    client.onPush((type) => pushes.push(type));
+    const started = Date.now();
+    const pending = client.request('later', 'x', { timeout: 400 });
+    await waitFor(() => server.session.later.length === 1);
+    server.cut();
+    await nextEvent(client, 'resumed');
+    await assert.rejects(pending, TimeoutError);
+    assert.ok(Date.now() - started >= 390);
+    server.answerLater(server.session);
+    assert.equal(await client.request('echo', 'next'), 'next');
+    assert.deepEqual(pushes, []); // the late reply is not a push
   } finally {
     await client.close();
   }
@@ -194,6 +214,22 @@ it('subscription_lost after a resume: the client subscribes again from its last 
       server.log.filter((e) => e.message.type === 'subscribe').map((e) => e.message.data),
       [{ channel: 'room' }, { channel: 'room', since: { epoch: 'e1', offset: 0 } }],
     );
+  } finally {
+    await client.close();
+  }
+});
+
+it('a resume answer acknowledging seqs never sent: session lost (out_of_sync), a new one', async () => {
+  const client = await connect(server.url, QUICK);
+  try {
+    assert.equal(await client.request('echo', 1), 1);
+    const lost = nextEvent(client, 'session_lost');
+    const fresh = nextEvent(client, 'session');
+    server.session.inHigh = 99; // a server that lost track: our next messages would be "duplicates"
+    server.cut();
+    assert.equal((await lost).reason, 'out_of_sync');
+    await fresh;
+    assert.equal(await client.request('echo', 2), 2);
   } finally {
     await client.close();
   }

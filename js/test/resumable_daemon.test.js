@@ -7,7 +7,7 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 
-import { connect, SessionLost } from '../index.js';
+import { Client, connect, SessionLost } from '../index.js';
 import { CutProxy } from './helpers/cut_proxy.js';
 import { nextEvent, tempDir, until } from './helpers/daemon.js';
 import { daemonFor, endpoint, WEBSOCKET } from './helpers/transports.js';
@@ -125,6 +125,54 @@ it('the daemon restarts: pending requests fail with SessionLost, a new session, 
     assert.equal(await client.request('echo', 'again'), 'again');
   } finally {
     await client.close();
+    await proxy.stop();
+  }
+});
+
+it('half-open: the server still holds the old connection; the resume takes the session over', async () => {
+  const { proxy, client } = await throughProxy('tcp');
+  try {
+    const lost = [];
+    client.on('session_lost', (e) => lost.push(e));
+    const started = nextEvent(client, 'slow_started');
+    const pending = client.request('slow', 0.2);
+    await started;
+    const resumed = nextEvent(client, 'resumed');
+    assert.equal(proxy.freeze(), 1); // the daemon's side stays open, silent
+    assert.equal(await pending, 'finally');
+    await resumed;
+    assert.equal(await client.request('echo', 'on'), 'on');
+    assert.deepEqual(lost, []);
+  } finally {
+    await client.close();
+    await proxy.stop();
+  }
+});
+
+it('session_taken_over on a live connection: the client is told and starts afresh', async () => {
+  const { proxy, client } = await throughProxy('tcp');
+  const [url, options] = endpoint('tcp', daemon, null, { resumable: true });
+  const thief = new Client(url, options);
+  try {
+    assert.equal(await client.request('echo', 1), 1);
+    const lost = nextEvent(client, 'session_lost');
+    const fresh = nextEvent(client, 'session');
+    // Another client holding the session's id and key (as after a half-open connection).
+    thief._session.start({ session: client.session, key: client._session.key, expiry: 120 });
+    Object.assign(thief._session, { nextSeq: client._session.nextSeq, received: client._session.received });
+    thief._session.detach();
+    const resumed = nextEvent(thief, 'resumed');
+    await thief.open();
+    await resumed;
+    const { session, reason } = await lost;
+    assert.equal(reason, 'session_taken_over');
+    assert.equal(session, thief.session);
+    await fresh;
+    assert.notEqual(client.session, thief.session);
+    assert.equal(await client.request('echo', 2), 2);
+    assert.equal(await thief.request('echo', 3), 3);
+  } finally {
+    await Promise.all([client.close(), thief.close()]);
     await proxy.stop();
   }
 });

@@ -8,6 +8,7 @@ export class CutProxy {
   constructor(targetPort) {
     this.targetPort = targetPort;
     this.pairs = new Set();
+    this.frozen = [];
     /** Connections accepted so far. */
     this.accepted = 0;
     this.server = net.createServer((client) => this._accept(client));
@@ -25,6 +26,7 @@ export class CutProxy {
     const pair = [client, upstream];
     this.pairs.add(pair);
     const end = () => {
+      if (!this.pairs.has(pair)) return; // frozen: its server side stays
       this.pairs.delete(pair);
       client.destroy();
       upstream.destroy();
@@ -49,7 +51,25 @@ export class CutProxy {
     return n;
   }
 
+  /**
+   * A half-open connection: the client's side is dropped, the server's stays open and quiet
+   * (the server still thinks the client is there).
+   */
+  freeze() {
+    const n = this.pairs.size;
+    for (const [client, upstream] of [...this.pairs]) {
+      upstream.unpipe(client);
+      client.unpipe(upstream);
+      upstream.pause();
+      client.destroy();
+      this.frozen.push(upstream);
+    }
+    this.pairs.clear();
+    return n;
+  }
+
   async stop() {
+    for (const s of this.frozen) s.destroy();
     this.cut();
     await new Promise((resolve) => this.server.close(resolve));
   }
