@@ -177,60 +177,62 @@ it('session_taken_over on a live connection: the client is told and starts afres
   }
 });
 
-it('chaos: cut at random while requests and publications flow; each exactly once, in order', async () => {
-  const { proxy, client } = await throughProxy('tcp');
-  const publisher = await connect(...endpoint('tcp', daemon, null));
-  let cutter = null;
-  try {
-    const seen = [];
-    const sub = client.subscribe('chaos', { onPublication: ({ offset }) => seen.push(offset) });
-    const resyncs = [];
-    sub.on('resync', (r) => resyncs.push(r));
-    const pushes = [];
-    client.on('p', (n) => pushes.push(n));
-    await sub.ready();
-    const lostSessions = [];
-    client.on('session_lost', (e) => lostSessions.push(e.reason));
-    let cuts = 0;
-    const cutLater = () => {
-      cutter = setTimeout(() => {
-        cuts += proxy.cut() > 0 ? 1 : 0;
-        cutLater();
-      }, 20 + Math.random() * 130);
-    };
-    cutLater();
-    let stop = false;
-    const publishing = (async () => {
-      let n = 0;
-      while (!stop) await publisher.publish('chaos', ++n);
-      return n;
-    })();
-    // Requests in windows of 20 in flight, each window with 5 pushes from the server, until
-    // enough cuts happened: each answered once, with its own data.
-    const replies = [];
-    let sent = 0;
-    let windows = 0;
-    while (sent < 400 || cuts < 5) {
-      const batch = Array.from({ length: 20 }, (_, i) => client.request('echo', sent + i));
-      const pushed = client.request('push_me', { type: 'p', data: windows, count: 5 });
-      sent += 20;
-      windows += 1;
-      replies.push(...(await Promise.all(batch)));
-      assert.equal(await pushed, 'pushed');
+for (const transport of TRANSPORTS) {
+  it(`chaos over ${transport}: random cuts while requests, pushes and publications flow: each once, in order`, async () => {
+    const { proxy, client } = await throughProxy(transport);
+    const publisher = await connect(...endpoint('tcp', daemon, null));
+    let cutter = null;
+    try {
+      const seen = [];
+      const sub = client.subscribe(`chaos-${transport}`, { onPublication: ({ offset }) => seen.push(offset) });
+      const resyncs = [];
+      sub.on('resync', (r) => resyncs.push(r));
+      const pushes = [];
+      client.on('p', (n) => pushes.push(n));
+      await sub.ready();
+      const lostSessions = [];
+      client.on('session_lost', (e) => lostSessions.push(e.reason));
+      let cuts = 0;
+      const cutLater = () => {
+        cutter = setTimeout(() => {
+          cuts += proxy.cut() > 0 ? 1 : 0;
+          cutLater();
+        }, 20 + Math.random() * 130);
+      };
+      cutLater();
+      let stop = false;
+      const publishing = (async () => {
+        let n = 0;
+        while (!stop) await publisher.publish(`chaos-${transport}`, ++n);
+        return n;
+      })();
+      // Requests in windows of 20 in flight, each window with 5 pushes from the server, until
+      // enough cuts happened: each answered once, with its own data.
+      const replies = [];
+      let sent = 0;
+      let windows = 0;
+      while (sent < 400 || cuts < 5) {
+        const batch = Array.from({ length: 20 }, (_, i) => client.request('once', `${transport} ${sent + i}`));
+        const pushed = client.request('push_me', { type: 'p', data: windows, count: 5 });
+        sent += 20;
+        windows += 1;
+        replies.push(...(await Promise.all(batch)));
+        assert.equal(await pushed, 'pushed');
+      }
+      stop = true;
+      const published = await publishing;
+      clearTimeout(cutter);
+      cutter = null;
+      await until(() => seen.length >= published, sub, ['publication'], 20_000);
+      assert.deepEqual(replies, Array(sent).fill(1)); // every handler ran exactly once
+      assert.deepEqual(seen, Array.from({ length: published }, (_, i) => i + 1));
+      assert.deepEqual(pushes, Array.from({ length: windows * 5 }, (_, i) => Math.floor(i / 5)));
+      assert.deepEqual(resyncs, []);
+      assert.deepEqual(lostSessions, []);
+    } finally {
+      clearTimeout(cutter);
+      await Promise.all([client.close(), publisher.close()]);
+      await proxy.stop();
     }
-    stop = true;
-    const published = await publishing;
-    clearTimeout(cutter);
-    cutter = null;
-    await until(() => seen.length >= published, sub, ['publication'], 20_000);
-    assert.deepEqual(replies, Array.from({ length: sent }, (_, i) => i));
-    assert.deepEqual(seen, Array.from({ length: published }, (_, i) => i + 1));
-    assert.deepEqual(pushes, Array.from({ length: windows * 5 }, (_, i) => Math.floor(i / 5)));
-    assert.deepEqual(resyncs, []);
-    assert.deepEqual(lostSessions, []);
-  } finally {
-    clearTimeout(cutter);
-    await Promise.all([client.close(), publisher.close()]);
-    await proxy.stop();
-  }
-});
+  });
+}
