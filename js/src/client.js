@@ -473,9 +473,15 @@ export class Client extends Emitter {
       if (this.state === 'closed') throw new ConnectionError('the client is closed');
       outcome = this._resumable ? await this._establish(conn) : 'none';
       if (this.state === 'closed') throw new ConnectionError('the client is closed');
+      // What the session's first messages did may have ended the connection already.
+      if (conn.closed) throw conn.closeReason;
     } catch (error) {
       conn.abort(error);
       if (this.connection === conn) this.connection = null;
+      if (this._sessionConn === conn) {
+        this._sessionConn = null;
+        this._session.detach();
+      }
       this._attemptFailed(error);
       return;
     }

@@ -235,6 +235,27 @@ it('a resume answer acknowledging seqs never sent: session lost (out_of_sync), a
   }
 });
 
+it('a seq skipped by the server: the client drops the connection and resumes again', async () => {
+  const client = await connect(server.url, QUICK);
+  try {
+    const got = [];
+    client.on('n', (n) => got.push(n));
+    client.on('bogus', () => got.push('bogus'));
+    server.push(server.session, 'n', 1);
+    await until(() => got.length === 1, client, ['n']);
+    server.gapOnce = true;
+    server.cut();
+    await nextEvent(client, 'resumed');
+    await waitFor(() => server.log.filter((e) => e.message.type === 'resume').length === 2);
+    server.push(server.session, 'n', 2);
+    await until(() => got.length === 2, client, ['n']);
+    assert.deepEqual(got, [1, 2]);
+    assert.equal(await client.request('echo', 'fine'), 'fine');
+  } finally {
+    await client.close();
+  }
+});
+
 it('a server without sessions: the client goes on as a plain one', async () => {
   await server.stop();
   server = await new SessionServer({ sessions: false }).start();

@@ -23,6 +23,8 @@ export class SessionServer {
     this.replayAll = false;
     /** Numbered requests of these types are dropped as if lost on the wire (not counted). */
     this.loseOnWire = new Set();
+    /** The next resume's replay starts with a seq that skips some: the client must resume again. */
+    this.gapOnce = false;
     this.server = net.createServer((socket) => this._accept(socket));
   }
 
@@ -136,6 +138,10 @@ export class SessionServer {
       state.session = session;
       if (!this.replayAll) session.out = session.out.filter((o) => o.seq > m.data.ack);
       reply({ resumed: true, session: session.id, ack: session.inHigh, replay: session.out.length, expiry: session.expiry });
+      if (this.gapOnce) {
+        this.gapOnce = false;
+        this._write(socket, { type: 'bogus', seq: session.outSeq + 5 }); // a seq skipped
+      }
       for (const o of session.out) this._write(socket, o);
       return undefined;
     }
