@@ -763,6 +763,28 @@ class RedisBroker:
         d = maybeDeferred(evalsha).addErrback(retry)
         return d.addErrback(self._refused, proto)
 
+    def run_script(self, sha: str, text: str, *args: Any) -> Deferred[Any]:
+        """Run a Lua script of another module (``sha``: its SHA-1) with ARGV = namespace,
+        ``args``; fails with `BrokerUnavailable` like the broker's own commands."""
+        proto = self._cmd
+        if proto is None or not proto.connected:
+            return fail(BrokerUnavailable("Redis is unreachable"))
+        argv = [self.prefix, *args]
+
+        def retry(failure: Failure) -> Any:
+            if "NOSCRIPT" in str(failure.value):
+                return proto.execute_command("EVAL", text, 0, *argv)
+            return failure
+
+        d = maybeDeferred(proto.execute_command, "EVALSHA", sha, 0, *argv).addErrback(retry)
+        return d.addErrback(self._refused, proto)
+
+    def session_store(self) -> Any:
+        """Where resumable sessions live in this cluster (`heartbeatd.cluster.sessions`)."""
+        from heartbeatd.cluster.sessions import RedisSessionStore
+
+        return RedisSessionStore(self)
+
     def _refused(self, failure: Failure, proto: Any) -> Failure:
         """A command failed: ``unavailable``; a replica's READONLY means the master moved."""
         if failure.check(txredisapi.ResponseError) and str(failure.value).startswith("READONLY"):

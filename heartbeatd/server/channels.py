@@ -373,6 +373,11 @@ class ChannelHub:
         returned = True
         return reply
 
+    def subscription(self, client: Connection, channel: str) -> tuple[str, int, bool] | None:
+        """Where ``client``'s subscription to ``channel`` stands, or None."""
+        sub = self._by_client.get(client.session_id, {}).get(channel)
+        return None if sub is None else (sub.epoch, sub.offset, sub.join_leave)
+
     def detach_subscriptions(self, client: Connection) -> dict[str, tuple[str, int, bool]]:
         """Remove ``client``'s subscriptions and say where each stood: channel -> (epoch,
         offset last written to it, join_leave).  A resumable session keeps them while it is
@@ -755,6 +760,11 @@ class ChannelHub:
                 sub.client.write_shared(frame)
 
     def on_message(self, session: str, type: str, data: Any) -> None:
+        if type == "session_taken_over":  # a node resumed a session one of ours carries
+            kicked = getattr(self.factory.sessions, "kicked", None)  # type: ignore[attr-defined]
+            if kicked is not None:
+                kicked(session, data)
+            return
         with contextlib.suppress(HandlerError):  # not authenticated yet: dropped
             self.factory.send(session, type, data)
 

@@ -29,7 +29,7 @@ from heartbeatd.server.connection import Connection, format_address
 from heartbeatd.server.handlers import HandlerError, HandlerRegistry, default_registry
 from heartbeatd.server.heartbeat import HeartbeatMonitor
 from heartbeatd.server.protocol import RefusedProtocol, ServerProtocol
-from heartbeatd.server.resumable import make_sessions
+from heartbeatd.server.resumable import Sessions
 from heartbeatd.server.session import Server
 from heartbeatd.server.signed_tokens import JwtVerifier
 from heartbeatd.wire import get_framing
@@ -89,6 +89,16 @@ class EvictionRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__slots__}
+
+
+def make_sessions(factory: ServerFactory, broker: Broker) -> Sessions:
+    """The daemon's resumable sessions: in Redis when its broker is a cluster's."""
+    store = getattr(broker, "session_store", None) if broker.clustered else None
+    if store is None:
+        return Sessions(factory)
+    from heartbeatd.server.sessions_store import ClusteredSessions
+
+    return ClusteredSessions(factory, store())
 
 
 def _resolve_clock(clock: IReactorTime | None) -> IReactorTime:
@@ -240,6 +250,9 @@ class ServerFactory(Factory):
 
     def stopFactory(self) -> None:
         self.heartbeat.stop()
+        stop = getattr(self.sessions, "stop", None)
+        if stop is not None:
+            stop()
 
     def buildProtocol(self, addr: IAddress) -> Protocol:
         refusal, key = self.admit(format_address(addr), getattr(addr, "host", None))

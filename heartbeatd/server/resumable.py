@@ -106,6 +106,7 @@ class SessionState:
         "key_digest",
         "out_seq",
         "pending",
+        "redeliver",
         "sid",
         "subs",
         "timer",
@@ -139,6 +140,8 @@ class SessionState:
         self.timer: Any = None
         #: Why it ended (None while it lives).
         self.ended: str | None = None
+        #: (client seq, request JSON) a node that lost the session had started: run again.
+        self.redeliver: list[tuple[int, str]] = []
 
     def number(self, body: bytes, cseq: int) -> bytes:
         """Give ``body`` the next seq (and ``ack``, when it answers client request ``cseq``)
@@ -172,7 +175,7 @@ class SessionState:
 class Attachment:
     """A session carried by one connection (`Connection._resumable`)."""
 
-    __slots__ = ("conn", "cseq", "epoch", "resumes", "sessions", "state")
+    __slots__ = ("conn", "cseq", "epoch", "replied", "sessions", "state")
 
     def __init__(self, sessions: Sessions, state: SessionState, conn: Connection) -> None:
         self.sessions = sessions
@@ -182,7 +185,8 @@ class Attachment:
         self.epoch = state.epoch
         #: The client seq of the numbered request being dispatched (0: none).
         self.cseq = 0
-        self.resumes = 0
+        #: The request being dispatched was answered (numbered) while it ran.
+        self.replied = False
 
     @property
     def current(self) -> bool:
@@ -236,6 +240,9 @@ class Attachment:
     def run(self, message: envelope.Message, seq: int, redelivered: bool = False) -> None:
         """Dispatch a numbered request; its reply (or error) is numbered with ``ack``."""
         self.cseq = seq
+        self.replied = False
+        state = self.state
+        queued = len(state.pending)
         try:
             if message.type == "session_end":
                 self.sessions.end_request(self, message)
@@ -245,6 +252,8 @@ class Attachment:
                 self.conn._dispatch(message)
         finally:
             self.cseq = 0
+        if not self.replied and len(state.pending) == queued and state.ended is None:
+            self.sessions.answered(state, seq)  # a notification (NO_REPLY): done already
 
     def _redeliver(self, message: envelope.Message) -> None:
         conn = self.conn
@@ -301,6 +310,8 @@ class Attachment:
     def emit(self, body: bytes) -> None:
         """`Connection._emit`: a reply, numbered when it answers a numbered request."""
         state = self.state
+        if self.cseq:
+            self.replied = True
         if state.pending:
             state.pending.append(_Slot(body, self.cseq))
         elif self.cseq:
@@ -358,6 +369,9 @@ class Sessions:
 
     def received(self, state: SessionState, seq: int, message: envelope.Message) -> None:
         """A numbered request arrived (the clustered store records it until answered)."""
+
+    def answered(self, state: SessionState, seq: int) -> None:
+        """A numbered request finished without a reply (the clustered store forgets it)."""
 
     # -- the control messages (Connection._dispatch, for types without a handler) --------
 
@@ -538,48 +552,25 @@ class Sessions:
             )
             return
         sid, key, ack = fields
-        self.lookup(sid).addCallback(self._resume_found, conn, message, key, ack)
+        self.claim(conn, message, sid, key, ack)
 
-    def lookup(self, sid: str) -> Any:
-        """The session named ``sid`` (a Deferred: the clustered store reads Redis), or a
-        reason string it cannot be resumed."""
-        from twisted.internet.defer import succeed
-
+    def claim(
+        self, conn: Connection, message: envelope.Message, sid: str, key: str, ack: int
+    ) -> None:
+        """Resume ``sid`` on ``conn`` if the key and identity match (the clustered store reads
+        Redis instead of this daemon's memory)."""
         state = self.states.get(sid)
         if state is None:
-            return succeed(self.gone.get(sid, "unknown_session"))
-        return succeed(state)
-
-    def _resume_found(
-        self, found: Any, conn: Connection, message: envelope.Message, key: str, ack: int
-    ) -> None:
-        if not conn.connected or conn.close_reason is not None or conn._resumable is not None:
+            self._refuse_resume(conn, message, self.gone.get(sid, "unknown_session"))
             return
-        if isinstance(found, str):
-            self._refuse_resume(conn, message, found)
-            return
-        state: SessionState = found
         if not hmac.compare_digest(state.key_digest, _digest(key)):
-            self._refuse_resume(conn, message, "bad_key")
-            if conn.factory.log_allowed("session_bad_key"):
-                log.warn(
-                    "A resume of session {sid} from {peer} gave a wrong key",
-                    sid=state.sid,
-                    peer=conn.peer,
-                )
+            self._bad_key(conn, message, sid)
             return
         if state.identity != conn.identity:
             self._refuse_resume(conn, message, "forbidden")
             return
         if ack > state.out_seq:
-            conn.factory.count_error(BAD_REQUEST)
-            conn._emit(
-                encode_error(
-                    BAD_REQUEST,
-                    f"ack {ack} is past the session's last message ({state.out_seq})",
-                    message.id,
-                )
-            )
+            self._bad_ack(conn, message, ack, state.out_seq)
             return
         old = state.attachment
         if old is not None:
@@ -590,6 +581,27 @@ class Sessions:
                 state.timer.cancel()
             state.timer = None
         state.ack(ack)
+        self.resumed(state, conn, message)
+
+    def _bad_key(self, conn: Connection, message: envelope.Message, sid: str) -> None:
+        self._refuse_resume(conn, message, "bad_key")
+        if conn.factory.log_allowed("session_bad_key"):
+            log.warn(
+                "A resume of session {sid} from {peer} gave a wrong key", sid=sid, peer=conn.peer
+            )
+
+    def _bad_ack(self, conn: Connection, message: envelope.Message, ack: int, last: int) -> None:
+        self.counts["bad_ack"] += 1
+        conn.factory.count_error(BAD_REQUEST)
+        conn._emit(
+            encode_error(
+                BAD_REQUEST, f"ack {ack} is past the session's last message ({last})", message.id
+            )
+        )
+
+    def resumed(self, state: SessionState, conn: Connection, message: envelope.Message) -> None:
+        """``conn`` carries ``state`` now: answer, replay what is unacknowledged, then what
+        is new (replies finished meanwhile, subscriptions' missed publications)."""
         attachment = self.attach(state, conn)
         self.resumes["resumed"] += 1
         replay = list(state.unacked)
@@ -618,7 +630,11 @@ class Sessions:
         )
         self.flush(state)
         self.restore_subscriptions(state, conn)
+        self.redeliver(attachment)
         attachment.release_held()
+
+    def redeliver(self, attachment: Attachment) -> None:
+        """Run again what a node that lost the session had started (clustered store)."""
 
     def take_over(self, old: Attachment) -> None:
         """A resume won over the connection that still carried the session (half-open):
@@ -691,7 +707,8 @@ class Sessions:
     # -- numbered output ------------------------------------------------------------------
 
     def send_numbered(self, state: SessionState, body: bytes, cseq: int) -> None:
-        """Number ``body``, keep it until acknowledged, write it to the session's connection."""
+        """Number ``body``, keep it until acknowledged, write it to the session's connection
+        (detached: keep it for the replay)."""
         if state.ended is not None:
             return
         numbered = state.number(body, cseq)
@@ -703,8 +720,8 @@ class Sessions:
                 or state.unacked_bytes > config.max_unacked_bytes
             ):
                 self.end(state, "overflow")
-            return
-        if state.over(config.max_unacked_messages, config.max_unacked_bytes, 2):
+                return
+        elif state.over(config.max_unacked_messages, config.max_unacked_bytes, 2):
             # Pushes still go out at the bound (requests wait); a client that reads them but
             # never acknowledges is not allowed to grow the buffer without end.
             attachment.fail(
@@ -714,10 +731,14 @@ class Sessions:
             )
             self.end(state, "overflow")
             return
-        self.write(attachment, numbered)
+        self.store(state, numbered, cseq, body)
 
-    def write(self, attachment: Attachment, numbered: bytes) -> None:
-        attachment.raw(numbered)
+    def store(self, state: SessionState, numbered: bytes, cseq: int, body: bytes) -> None:
+        """Keep and write a numbered message (the clustered store writes Redis first, and
+        the connection once Redis has it)."""
+        attachment = state.attachment
+        if attachment is not None:
+            attachment.raw(numbered)
 
     def flush(self, state: SessionState) -> None:
         """Write (or, detached, keep) every finished reply at the head of the queue."""
@@ -727,6 +748,8 @@ class Sessions:
             slot = pending.popleft()
             frame = slot.frame
             if not frame:
+                if slot.seq:
+                    self.answered(state, slot.seq)
                 continue
             if slot.seq:
                 self.send_numbered(state, frame, slot.seq)
@@ -854,12 +877,3 @@ class Sessions:
             "ended": dict(self.ended),
             "unacked_messages": sum(len(s.unacked) for s in self.states.values()),
         }
-
-
-def make_sessions(factory: Any, broker: Any) -> Sessions:
-    """The sessions of ``factory``: kept in Redis when its broker is a cluster's."""
-    if getattr(broker, "clustered", False) and hasattr(broker, "session_store"):
-        from heartbeatd.server.sessions_store import ClusteredSessions
-
-        return ClusteredSessions(factory, broker.session_store())
-    return Sessions(factory)

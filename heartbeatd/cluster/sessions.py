@@ -1,0 +1,286 @@
+"""Resumable sessions in Redis: what any node needs to continue a session (docs/cluster.md).
+
+Keys, for a session id ``S`` (``P`` is ``cluster.namespace``):
+
+* ``P:s:S`` hash: ``k`` SHA-256 of the key (hex; the key itself is never stored), ``u`` the
+  identity (``""`` for none), ``x`` expiry seconds, ``e`` the epoch, ``o`` the last server
+  seq, ``a`` the last seq the client acknowledged, ``w`` the client high-water mark, ``n``/``c``
+  the node and connection holding it;
+* ``P:s:S:o`` list: the numbered messages ``a+1 .. o``, oldest first (trimmed on ack);
+* ``P:s:S:i`` hash: client seq -> request (``{"t","i","d"}``) received but not yet answered;
+* ``P:s:S:c`` hash: channel -> ``"epoch offset join_leave"``, the subscriptions;
+* ``P:s:S:g`` string: why a session that ended early ended (``overflow``), for an hour.
+
+Every write names the epoch the writer holds: a script that finds another one writes nothing
+and answers -1 (the fence: a node whose session was resumed elsewhere learns it on its next
+write, and never writes to its connection what Redis did not take).  Keys live ``expiry``
+seconds once detached; while attached they are refreshed (``REFRESH``) by their node, so a
+node that dies leaves its sessions to expire like detached ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from twisted.internet.defer import Deferred
+
+__all__ = ["RedisSessionStore"]
+
+_KEYS = """
+local h = P..':s:'..sid
+local function ttl(t)
+  redis.call('EXPIRE', h, t)
+  redis.call('EXPIRE', h..':o', t)
+  redis.call('EXPIRE', h..':i', t)
+  redis.call('EXPIRE', h..':c', t)
+end
+"""
+
+_FENCE = """
+if redis.call('HGET', h, 'e') ~= epoch then return -1 end
+"""
+
+CREATE = (
+    "local P, sid = ARGV[1], ARGV[2]\n"
+    + _KEYS
+    + """
+redis.call('DEL', h, h..':o', h..':i', h..':c', h..':g')
+redis.call('HSET', h, 'k', ARGV[3], 'u', ARGV[4], 'x', ARGV[5], 'e', 1, 'o', 0, 'a', 0,
+  'w', 0, 'n', ARGV[6], 'c', ARGV[7])
+ttl(tonumber(ARGV[8]))
+return 1
+"""
+)
+
+RECV = (
+    "local P, sid, epoch = ARGV[1], ARGV[2], ARGV[3]\n"
+    + _KEYS
+    + _FENCE
+    + """
+redis.call('HSET', h..':i', ARGV[4], ARGV[5])
+redis.call('HSET', h, 'w', ARGV[4])
+ttl(tonumber(ARGV[6]))
+return 1
+"""
+)
+
+OUT = (
+    "local P, sid, epoch = ARGV[1], ARGV[2], ARGV[3]\n"
+    + _KEYS
+    + _FENCE
+    + """
+redis.call('RPUSH', h..':o', ARGV[5])
+redis.call('HSET', h, 'o', ARGV[4])
+if ARGV[6] ~= '0' then redis.call('HDEL', h..':i', ARGV[6]) end
+if ARGV[8] == 'set' then
+  redis.call('HSET', h..':c', ARGV[9], ARGV[10])
+elseif ARGV[8] == 'del' then
+  redis.call('HDEL', h..':c', ARGV[9])
+end
+ttl(tonumber(ARGV[7]))
+return 1
+"""
+)
+
+DONE = (
+    "local P, sid, epoch = ARGV[1], ARGV[2], ARGV[3]\n"
+    + _KEYS
+    + _FENCE
+    + """
+redis.call('HDEL', h..':i', ARGV[4])
+return 1
+"""
+)
+
+ACK = (
+    "local P, sid, epoch = ARGV[1], ARGV[2], ARGV[3]\n"
+    + _KEYS
+    + _FENCE
+    + """
+local a, upto = tonumber(redis.call('HGET', h, 'a')), tonumber(ARGV[4])
+if upto > a then
+  redis.call('LTRIM', h..':o', upto - a, -1)
+  redis.call('HSET', h, 'a', upto)
+end
+return 1
+"""
+)
+
+CLAIM = (
+    "local P, sid = ARGV[1], ARGV[2]\n"
+    + _KEYS
+    + """
+if redis.call('EXISTS', h) == 0 then
+  return {redis.call('GET', h..':g') or 'unknown_session'}
+end
+local f = redis.call('HMGET', h, 'k', 'u', 'x', 'e', 'o', 'a', 'w', 'n', 'c')
+if f[1] ~= ARGV[3] then return {'bad_key'} end
+if f[2] ~= ARGV[4] then return {'forbidden'} end
+local o, a, ack = tonumber(f[5]), tonumber(f[6]), tonumber(ARGV[5])
+if ack > o then return {'bad_ack', tostring(o)} end
+if ack > a then
+  redis.call('LTRIM', h..':o', ack - a, -1)
+  a = ack
+  redis.call('HSET', h, 'a', a)
+end
+local e = redis.call('HINCRBY', h, 'e', 1)
+redis.call('HSET', h, 'n', ARGV[6], 'c', ARGV[7])
+ttl(tonumber(f[3]) + tonumber(ARGV[8]))
+return {'ok', tostring(e), tostring(o), tostring(a), f[7], f[3], f[8] or '', f[9] or '',
+  redis.call('LRANGE', h..':o', 0, -1), redis.call('HGETALL', h..':i'),
+  redis.call('HGETALL', h..':c')}
+"""
+)
+
+DETACH = (
+    "local P, sid, epoch = ARGV[1], ARGV[2], ARGV[3]\n"
+    + _KEYS
+    + _FENCE
+    + """
+redis.call('DEL', h..':c')
+for i = 5, #ARGV, 2 do redis.call('HSET', h..':c', ARGV[i], ARGV[i + 1]) end
+redis.call('HSET', h, 'c', '')
+ttl(tonumber(ARGV[4]))
+return 1
+"""
+)
+
+END = (
+    "local P, sid, epoch = ARGV[1], ARGV[2], ARGV[3]\n"
+    + _KEYS
+    + _FENCE
+    + """
+redis.call('DEL', h, h..':o', h..':i', h..':c')
+if ARGV[4] ~= 'ended' then redis.call('SET', h..':g', ARGV[4], 'EX', 3600) end
+return 1
+"""
+)
+
+CHECK = "local P, sid, epoch = ARGV[1], ARGV[2], ARGV[3]\n" + _KEYS + _FENCE + "return 1\n"
+
+REFRESH = """
+local P, extra = ARGV[1], tonumber(ARGV[2])
+local n = 0
+for i = 3, #ARGV, 2 do
+  local h = P..':s:'..ARGV[i]
+  local f = redis.call('HMGET', h, 'e', 'x')
+  if f[1] == ARGV[i + 1] then
+    local t = tonumber(f[2]) + extra
+    redis.call('EXPIRE', h, t)
+    redis.call('EXPIRE', h..':o', t)
+    redis.call('EXPIRE', h..':i', t)
+    redis.call('EXPIRE', h..':c', t)
+    n = n + 1
+  end
+end
+return n
+"""
+
+_SCRIPTS = {
+    "CREATE": CREATE,
+    "RECV": RECV,
+    "OUT": OUT,
+    "DONE": DONE,
+    "ACK": ACK,
+    "CLAIM": CLAIM,
+    "DETACH": DETACH,
+    "END": END,
+    "CHECK": CHECK,
+    "REFRESH": REFRESH,
+}
+_SHAS = {name: hashlib.sha1(text.encode()).hexdigest() for name, text in _SCRIPTS.items()}
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class RedisSessionStore:
+    """Session state in Redis, through the cluster broker's command link (module docstring).
+
+    Every method returns a Deferred; writes fire with 1, or -1 when fenced (the session's
+    epoch is not the one given), and fail with ``BrokerUnavailable`` when Redis is not
+    reachable.  Commands go out on one connection, so Redis applies them in call order.
+    """
+
+    def __init__(self, broker: Any) -> None:
+        self.broker = broker
+        self.node_id = broker.node_id
+
+    def _run(self, name: str, *args: Any) -> Deferred[Any]:
+        return self.broker.run_script(_SHAS[name], _SCRIPTS[name], *args)
+
+    def create(
+        self, sid: str, digest: str, identity: str, expiry: int, conn: str, ttl: int
+    ) -> Deferred[Any]:
+        return self._run("CREATE", sid, digest, identity, expiry, self.node_id, conn, ttl)
+
+    def received(self, sid: str, epoch: int, seq: int, request: str, ttl: int) -> Deferred[Any]:
+        return self._run("RECV", sid, epoch, seq, request, ttl)
+
+    def out(
+        self,
+        sid: str,
+        epoch: int,
+        seq: int,
+        body: bytes,
+        answered: int,
+        ttl: int,
+        sub: tuple[str, str, str] = ("", "", ""),
+    ) -> Deferred[Any]:
+        op, channel, value = sub
+        return self._run("OUT", sid, epoch, seq, body, answered, ttl, op, channel, value)
+
+    def done(self, sid: str, epoch: int, seq: int) -> Deferred[Any]:
+        return self._run("DONE", sid, epoch, seq)
+
+    def ack(self, sid: str, epoch: int, upto: int) -> Deferred[Any]:
+        return self._run("ACK", sid, epoch, upto)
+
+    def claim(
+        self, sid: str, digest: str, identity: str, ack: int, conn: str, extra_ttl: int
+    ) -> Deferred[dict[str, Any] | str]:
+        """Take the session for ``conn`` (the epoch goes up: its former holder is fenced):
+        its state, or why not (``unknown_session``, ``bad_key``, ``forbidden``, ``overflow``,
+        ``bad_ack``)."""
+        d = self._run("CLAIM", sid, digest, identity, ack, self.node_id, conn, extra_ttl)
+
+        def parsed(r: list[Any]) -> dict[str, Any] | str:
+            status = _text(r[0])
+            if status != "ok":
+                return status
+            inflight = [_text(v) for v in r[9] or []]
+            subs = [_text(v) for v in r[10] or []]
+            return {
+                "epoch": int(r[1]),
+                "out_seq": int(r[2]),
+                "acked": int(r[3]),
+                "in_hwm": int(r[4]),
+                "expiry": int(r[5]),
+                "node": _text(r[6]),
+                "conn": _text(r[7]),
+                "unacked": [v if isinstance(v, bytes) else str(v).encode() for v in r[8] or []],
+                "inflight": {int(inflight[i]): inflight[i + 1] for i in range(0, len(inflight), 2)},
+                "subs": {subs[i]: subs[i + 1] for i in range(0, len(subs), 2)},
+            }
+
+        return d.addCallback(parsed)
+
+    def detach(self, sid: str, epoch: int, expiry: int, subs: dict[str, str]) -> Deferred[Any]:
+        flat: list[str] = []
+        for channel, value in subs.items():
+            flat += [channel, value]
+        return self._run("DETACH", sid, epoch, expiry, *flat)
+
+    def end(self, sid: str, epoch: int, reason: str) -> Deferred[Any]:
+        return self._run("END", sid, epoch, reason)
+
+    def check(self, sid: str, epoch: int) -> Deferred[Any]:
+        return self._run("CHECK", sid, epoch)
+
+    def refresh(self, held: list[tuple[str, int]], extra_ttl: int) -> Deferred[Any]:
+        flat: list[Any] = []
+        for sid, epoch in held:
+            flat += [sid, epoch]
+        return self._run("REFRESH", extra_ttl, *flat)

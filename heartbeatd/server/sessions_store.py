@@ -1,0 +1,354 @@
+"""Resumable sessions kept in Redis, so any node of a cluster continues them.
+
+`ClusteredSessions` is `Sessions` (heartbeatd.server.resumable) whose state lives in Redis
+(`heartbeatd.cluster.sessions`: keys, scripts, the fence).  What changes on a cluster:
+
+* Redis first, then the wire: a numbered message is written to the client only once Redis
+  holds it (one connection to Redis applies the scripts in call order, so they confirm in seq
+  order).  A numbered request is recorded in Redis (``RECV``) before anything that
+  acknowledges it can be written, and forgotten when its reply is stored.  So after kill -9 of
+  the node holding a session, the node a client resumes on has every message the client may
+  have seen, the high-water mark the client was told, and the requests that were received but
+  not answered: it runs those again, flagged ``request.redelivered``.
+* The fence: every script names the epoch the node holds; a resume (``CLAIM``) raises it.
+  A node whose write is refused (-1) has lost the session: its connection gets
+  ``session_taken_over`` and is closed, and what was refused is not written to it.  The
+  resuming node also tells the former holder's node at once (a ``send`` to the old
+  connection), which checks the fence and closes it, so a quiet half-open connection does not
+  wait for its next write.
+* Detached sessions live in Redis only (their keys expire after ``expiry``); this node keeps
+  one in memory only while replies it started are still being computed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import deque
+from typing import Any
+
+from twisted.internet.task import LoopingCall
+from twisted.python.failure import Failure
+
+from heartbeatd._logging import get_logger
+from heartbeatd.server.connection import Connection, body_type
+from heartbeatd.server.resumable import (
+    SESSION_TAKEN_OVER,
+    Attachment,
+    Sessions,
+    SessionState,
+    _digest,
+)
+from heartbeatd.wire import envelope
+from heartbeatd.wire.envelope import encode_error
+
+__all__ = ["KICK", "ClusteredSessions"]
+
+log = get_logger(__name__)
+
+#: The `send` type a resuming node uses to tell the former holder's node (never a client's).
+KICK = "session_taken_over"
+#: Seconds between TTL refreshes of the sessions this node holds; attached keys live their
+#: expiry plus `EXTRA_TTL`, so a node that dies leaves them to expire like detached ones.
+REFRESH_EVERY = 15
+EXTRA_TTL = 3 * REFRESH_EVERY
+UNAVAILABLE = "unavailable"
+
+_PUBLICATION = re.compile(rb'\{"type":"publication","data":\{"channel":"([^"\\]*)","offset":\d+,')
+_SUB_TYPES = frozenset({b"subscribe", b"unsubscribe", b"resync", b"subscription_lost"})
+
+
+class ClusteredSessions(Sessions):
+    """`Sessions` on Redis (see the module docstring)."""
+
+    def __init__(self, factory: Any, store: Any) -> None:
+        super().__init__(factory)
+        self.redis = store
+        self.fenced = 0
+        self.store_failures = 0
+        self._refresher = LoopingCall(self._refresh)
+        self._refresher.clock = factory.clock
+        self._refresher.start(REFRESH_EVERY, now=False)
+
+    def stop(self) -> None:
+        if self._refresher.running:
+            self._refresher.stop()
+
+    def _refresh(self) -> None:
+        held = [(s.sid, s.epoch) for s in self.states.values() if s.attachment is not None]
+        if held:
+            self.redis.refresh(held, EXTRA_TTL).addErrback(self._failed, "refresh", None)
+
+    def _ttl(self, state: SessionState) -> int:
+        return state.expiry + EXTRA_TTL
+
+    def _failed(self, failure: Failure, what: str, state: SessionState | None) -> None:
+        """A store write failed (Redis unreachable): the client cannot be given what Redis
+        does not hold, so its connection is closed ``unavailable``; it resumes later."""
+        self.store_failures += 1
+        if self.factory.log_allowed("session_store"):
+            log.warn(
+                "Session store ({what}) failed: {why}", what=what, why=failure.getErrorMessage()
+            )
+        if state is not None and state.attachment is not None:
+            attachment = state.attachment
+            self._let_go(state)
+            attachment.fail(UNAVAILABLE, "the cluster's session store is unreachable")
+
+    def _checked(self, result: Any, state: SessionState, epoch: int) -> bool:
+        """True when the write was taken; else the session was resumed elsewhere."""
+        if result == -1 or result == b"-1":
+            self.fenced += 1
+            if state.epoch == epoch:
+                self._lost(state)
+            return False
+        return True
+
+    def _lost(self, state: SessionState) -> None:
+        """Another node resumed the session: stop writing, tell our connection, forget it."""
+        attachment = state.attachment
+        self._let_go(state)
+        if attachment is not None:
+            self.takeovers += 1
+            attachment.raw(
+                encode_error(
+                    SESSION_TAKEN_OVER,
+                    "another connection resumed this session; nothing more is sent here",
+                )
+            )
+            attachment.conn.close(SESSION_TAKEN_OVER, f"session {state.sid} resumed elsewhere")
+
+    def _let_go(self, state: SessionState) -> None:
+        """Forget a session locally (Redis keeps it); its connection carries none now."""
+        attachment = state.attachment
+        self._forget(state)
+        state.ended = "moved"
+        state.attachment = None
+        if attachment is not None:
+            conn = attachment.conn
+            if conn._resumable is attachment:
+                conn._resumable = None
+                conn._pending = None
+                conn.__dict__.pop("fast_path", None)
+
+    # -- the hooks of Sessions ------------------------------------------------------------
+
+    def created(self, state: SessionState) -> None:
+        attachment_conn = self._creating
+        self.redis.create(
+            state.sid,
+            state.key_digest.hex(),
+            state.identity or "",
+            state.expiry,
+            attachment_conn,
+            self._ttl(state),
+        ).addErrback(self._failed, "create", state)
+
+    _creating = ""
+
+    def start(self, conn: Connection, message: envelope.Message) -> None:
+        self._creating = conn.session_id
+        try:
+            super().start(conn, message)
+        finally:
+            self._creating = ""
+
+    def received(self, state: SessionState, seq: int, message: envelope.Message) -> None:
+        request = json.dumps({"t": message.type, "i": message.id, "d": message.data})
+        epoch = state.epoch
+        self.redis.received(state.sid, epoch, seq, request, self._ttl(state)).addCallbacks(
+            self._checked, self._failed, callbackArgs=(state, epoch), errbackArgs=("recv", state)
+        )
+
+    def answered(self, state: SessionState, seq: int) -> None:
+        epoch = state.epoch
+        self.redis.done(state.sid, epoch, seq).addCallbacks(
+            self._checked, self._failed, callbackArgs=(state, epoch), errbackArgs=("done", state)
+        )
+
+    def acknowledged(self, state: SessionState, upto: int) -> None:
+        epoch = state.epoch
+        self.redis.ack(state.sid, epoch, upto).addCallbacks(
+            self._checked, self._failed, callbackArgs=(state, epoch), errbackArgs=("ack", state)
+        )
+
+    def _subscription_change(self, state: SessionState, body: bytes) -> tuple[str, str, str]:
+        """What a message changes in the session's recorded subscriptions (Redis ``:c``)."""
+        attachment = state.attachment
+        if attachment is None:
+            return ("", "", "")
+        match = _PUBLICATION.match(body)
+        if match is not None:
+            channel = match.group(1).decode()
+        else:
+            kind = body_type(body)
+            if kind not in _SUB_TYPES:
+                return ("", "", "")
+            try:
+                data = json.loads(body).get("data") or {}
+                channel = data["channel"]
+            except Exception:
+                return ("", "", "")
+        sub = self.factory.channels.subscription(attachment.conn, channel)
+        if sub is None:
+            return ("del", channel, "")
+        epoch, offset, join_leave = sub
+        return ("set", channel, f"{epoch} {offset} {int(join_leave)}")
+
+    def store(self, state: SessionState, numbered: bytes, cseq: int, body: bytes) -> None:
+        epoch = state.epoch
+        seq = state.out_seq
+        change = self._subscription_change(state, body)
+        d = self.redis.out(state.sid, epoch, seq, numbered, cseq, self._ttl(state), change)
+
+        def stored(result: Any) -> None:
+            if not self._checked(result, state, epoch):
+                return
+            attachment = state.attachment
+            if attachment is not None and attachment.epoch == epoch:
+                attachment.raw(numbered)
+
+        d.addCallbacks(stored, self._failed, errbackArgs=("out", state))
+
+    # -- resume, detach, end --------------------------------------------------------------
+
+    def claim(
+        self, conn: Connection, message: envelope.Message, sid: str, key: str, ack: int
+    ) -> None:
+        d = self.redis.claim(
+            sid, _digest(key).hex(), conn.identity or "", ack, conn.session_id, EXTRA_TTL
+        )
+        d.addCallbacks(
+            self._claimed,
+            self._claim_failed,
+            callbackArgs=(conn, message, sid, ack),
+            errbackArgs=(conn, message),
+        )
+
+    def _claim_failed(self, failure: Failure, conn: Connection, message: envelope.Message) -> None:
+        self.store_failures += 1
+        if conn.connected and conn.close_reason is None and conn._resumable is None:
+            self._refuse_resume(conn, message, UNAVAILABLE)
+
+    def _claimed(
+        self, found: Any, conn: Connection, message: envelope.Message, sid: str, ack: int
+    ) -> None:
+        local = self.states.get(sid)
+        if isinstance(found, str):
+            # Not resumable here either; a stale local copy is dropped.
+            if found == "bad_ack":
+                self._bad_ack(conn, message, ack, -1)
+            elif found == "bad_key":
+                self._bad_key(conn, message, sid)
+            else:
+                self._refuse_resume(conn, message, found)
+            return
+        if local is not None:
+            # This node held it (attached: a half-open takeover here; or detached with replies
+            # still being computed): those replies go on, under the new epoch.
+            old = local.attachment
+            self._forget(local)
+            if old is not None:
+                self.take_over(old)
+            kept = local.subs
+            state = local
+        else:
+            kept = {}
+            state = SessionState(sid, b"", conn.identity, found["expiry"])
+        state.key_digest = b""  # Redis checked the key: nothing to keep here
+        state.expiry = found["expiry"]
+        state.out_seq = found["out_seq"]
+        state.acked = found["acked"]
+        state.in_hwm = found["in_hwm"]
+        state.unacked = deque()
+        state.unacked_bytes = 0
+        first = state.acked + 1
+        for i, body in enumerate(found["unacked"]):
+            state.unacked.append((first + i, body))
+            state.unacked_bytes += len(body)
+        state.subs = {}
+        for channel, value in found["subs"].items():
+            try:
+                epoch, offset, join_leave = value.split(" ")
+                state.subs[channel] = (epoch, int(offset), join_leave == "1")
+            except ValueError:
+                continue
+        state.subs.update(kept)  # this node's own record is the newer
+        running = {slot.seq for slot in state.pending if slot.seq} | {seq for _m, seq in state.held}
+        state.redeliver = [
+            (seq, text) for seq, text in sorted(found["inflight"].items()) if seq not in running
+        ]
+        state.ended = None
+        state.epoch = found["epoch"] - 1  # attach() raises it to Redis's
+        self._add(state)
+        if not conn.connected or conn.close_reason is not None or conn._resumable is not None:
+            # The client left while Redis answered: the session is detached again.
+            self.detached += 1
+            self._detach_store(state, {})
+            return
+        if found["conn"] and local is None:
+            # Held by a connection of another node (or one of ours it forgot): tell it now.
+            self.factory.channels.forward(found["conn"], KICK, {"session": sid})
+        self.resumed(state, conn, message)
+
+    def redeliver(self, attachment: Attachment) -> None:
+        state = attachment.state
+        again, state.redeliver = state.redeliver, []
+        for seq, text in again:
+            try:
+                raw = json.loads(text)
+                message = envelope.Message(raw["t"], raw.get("i"), raw.get("d"))
+            except Exception:
+                continue
+            self.counts["redelivered"] += 1
+            attachment.run(message, seq, redelivered=True)
+
+    def detach(self, state: SessionState) -> None:
+        attachment = state.attachment
+        subs: dict[str, tuple[str, int, bool]] = {}
+        if attachment is not None:
+            subs = self.factory.channels.detach_subscriptions(attachment.conn)
+        state.attachment = None
+        self.detached += 1
+        self._detach_store(state, subs)
+        self.flush(state)  # replies finished meanwhile go to Redis
+        self._maybe_forget(state)
+
+    def _detach_store(self, state: SessionState, subs: dict[str, tuple[str, int, bool]]) -> None:
+        epoch = state.epoch
+        values = {c: f"{e} {o} {int(j)}" for c, (e, o, j) in subs.items()}
+        d = self.redis.detach(state.sid, epoch, state.expiry, values)
+        d.addCallbacks(
+            self._checked, self._failed, callbackArgs=(state, epoch), errbackArgs=("detach", None)
+        )
+
+    def _maybe_forget(self, state: SessionState) -> None:
+        if state.attachment is None and not state.pending and state.ended is None:
+            self._forget(state)
+            state.ended = "detached"
+
+    def flush(self, state: SessionState) -> None:
+        super().flush(state)
+        if state.attachment is None and state.ended is None and not state.pending:
+            self._maybe_forget(state)
+
+    def end(self, state: SessionState, reason: str) -> None:
+        if state.ended is not None:
+            return
+        epoch = state.epoch
+        self.redis.end(state.sid, epoch, reason).addErrback(self._failed, "end", None)
+        super().end(state, reason)
+
+    def kicked(self, conn_id: str, data: Any) -> None:
+        """Another node resumed a session one of our connections carries (maybe)."""
+        conn = self.factory.clients.get(conn_id)
+        attachment = getattr(conn, "_resumable", None)
+        if attachment is None or not isinstance(data, dict):
+            return
+        state = attachment.state
+        if data.get("session") != state.sid:
+            return
+        epoch = state.epoch
+        self.redis.check(state.sid, epoch).addCallbacks(
+            self._checked, self._failed, callbackArgs=(state, epoch), errbackArgs=("check", None)
+        )

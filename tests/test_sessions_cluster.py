@@ -1,0 +1,141 @@
+"""Resumable sessions across nodes: real daemons, a real redis-server, raw session peers.
+
+Built from what went wrong elsewhere: a session that dies with its node (emqx #2032), a
+half-open takeover across nodes (mosquitto #1650) and messages lost through a backplane
+(aspnetcore #55575).  The guarantee under test is docs/protocol.md's, "Sessions".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from daemon import Daemon
+from redis_server import RedisServer
+from session_peer import SessionPeer
+from test_cluster import LINK_UP, NODE_TIMEOUT, Node
+
+HANDLERS = """
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+
+def register(registry):
+    @registry.handler("slow")
+    def slow(request):
+        # Answers after data seconds (at once when run again); says if it is a redelivery.
+        delay = 0 if request.redelivered else request.data
+        return deferLater(reactor, delay, lambda: {"redelivered": request.redelivered})
+
+    @registry.handler("tell")
+    def tell(request):
+        # A push to the session itself (its id outlives the connection).
+        request.server.send(request.session.resumable, "told", request.data)
+        return "ok"
+"""
+
+
+@contextlib.contextmanager
+def nodes(tmp_path: Path, redis: RedisServer, count: int) -> Iterator[list[Node]]:
+    (tmp_path / "sess_handlers.py").write_text(HANDLERS)
+    with contextlib.ExitStack() as stack:
+        found = []
+        for i in range(count):
+            directory = tmp_path / f"node{i}"
+            directory.mkdir()
+            config = {
+                "name": f"node{i}",
+                "handlers": ["sess_handlers"],
+                "admin": {"listen": "tcp:0:interface=127.0.0.1"},
+                "channels": {"client_publish": True, "history_size": 50},
+                "cluster": {
+                    "redis": redis.url,
+                    "node_id": f"node{i}",
+                    "node_timeout": NODE_TIMEOUT,
+                },
+            }
+            daemon = Daemon(directory, config, env={"PYTHONPATH": str(tmp_path)})
+            found.append(Node(stack.enter_context(daemon)))
+        for node in found:
+            node.daemon.wait_for(LINK_UP)
+        yield found
+
+
+def data_of(message: dict[str, Any]) -> Any:
+    return message.get("data")
+
+
+def test_kill_9_of_the_node_holding_the_session_loses_nothing(tmp_path: Path) -> None:
+    with RedisServer(tmp_path / "redis") as redis, nodes(tmp_path, redis, 2) as (a, b):
+        with SessionPeer(a.port) as peer:
+            peer.start()
+            assert data_of(peer.reply(peer.request("echo", "one"))) == "one"
+            sub = data_of(peer.reply(peer.request("subscribe", {"channel": "news"})))
+            assert sub["offset"] == 0
+            b.publish("news", "p1")  # published through the other node, counted in seq
+            assert data_of(peer.expect(lambda m: m["type"] == "publication"))["data"] == "p1"
+            # A request the node starts but never answers; then one whose push (not held
+            # behind the slow reply, unlike replies) proves the node received both.
+            slow_id = peer.request("slow", 30)
+            peer.request("tell", "alive")
+            assert data_of(peer.expect(lambda m: m["type"] == "told")) == "alive"
+            hwm, last_seen = peer.seq, peer.last
+            a.daemon.process.send_signal(signal.SIGKILL)
+            a.daemon.process.wait(10)
+
+        b.publish("news", "p2")  # missed while between connections
+        with SessionPeer(b.port) as moved:
+            moved.sid, moved.key, moved.last = peer.sid, peer.key, last_seen
+            answer = data_of(moved.resume())
+            # Everything the client was sent is known; both requests were received.
+            assert answer == {
+                "resumed": True,
+                "session": peer.sid,
+                "ack": hwm,
+                "replay": 0,
+                "expiry": 120,
+            }
+            # Received but never answered: they run again here, flagged, replies in order
+            # (the push of the redelivered "tell" comes again too: at-least-once for them).
+            slow = moved.expect(lambda m: m.get("id") == slow_id)
+            assert slow["data"] == {"redelivered": True}
+            assert slow["ack"] == hwm
+            tell = moved.expect(lambda m: m.get("type") == "tell")
+            assert tell["seq"] > slow["seq"]
+            # The subscription came back with what it missed, without a re-subscribe.
+            pub = moved.expect(lambda m: m["type"] == "publication")
+            assert data_of(pub)["data"] == "p2"
+            b.publish("news", "p3")
+            assert data_of(moved.expect(lambda m: m["type"] == "publication"))["data"] == "p3"
+
+
+def test_takeover_across_nodes_fences_the_old_connection(tmp_path: Path) -> None:
+    with (
+        RedisServer(tmp_path / "redis") as redis,
+        nodes(tmp_path, redis, 2) as (a, b),
+        SessionPeer(a.port) as old,
+    ):
+        old.start()
+        assert data_of(old.reply(old.request("echo", 1))) == 1
+        old.ack()
+        # The old connection is frozen (half-open: it reads nothing more); the client
+        # resumes on the other node.
+        with SessionPeer(b.port) as new:
+            new.sid, new.key, new.seq, new.last = old.sid, old.key, old.seq, old.last
+            answer = data_of(new.resume())
+            assert answer == {
+                "resumed": True,
+                "session": old.sid,
+                "ack": 1,
+                "replay": 0,
+                "expiry": 120,
+            }
+            # The old one is told, and gets nothing more of the session.
+            rest = old.closed()
+            assert [m["error"]["code"] for m in rest] == ["session_taken_over"], rest
+            assert all("seq" not in m for m in rest)
+            new.request("tell", "x")
+            assert data_of(new.expect(lambda m: m["type"] == "told")) == "x"
+            assert data_of(new.expect(lambda m: m.get("type") == "tell")) == "ok"
