@@ -5,6 +5,7 @@
 import net from 'node:net';
 
 export class CutProxy {
+  /** `targetPort` may be changed: new connections go to the new one (another node). */
   constructor(targetPort) {
     this.targetPort = targetPort;
     this.pairs = new Set();
