@@ -127,6 +127,7 @@ export class Client extends Emitter {
     this._sessionEpoch = 0;
     /** Requests numbered in the session, by id: they wait for their reply across reconnects. */
     this._sessionPending = new Map();
+    this._sessionIdleWaiters = [];
   }
 
   /** The session's id while the client holds one (resumable: true), else null. */
@@ -228,6 +229,7 @@ export class Client extends Emitter {
       const timer = setTimeout(() => {
         this._sessionPending.delete(id);
         reject(new TimeoutError(`no reply to ${JSON.stringify(type)} within ${ms} ms`));
+        this._maybeSessionIdle();
       }, ms);
       this._sessionPending.set(id, { resolve, reject, timer });
     });
@@ -245,6 +247,21 @@ export class Client extends Emitter {
     for (const { reject, timer } of pending) {
       clearTimeout(timer);
       reject(error);
+    }
+    this._maybeSessionIdle();
+  }
+
+  /** Resolves once no session request waits for its reply, or `conn` is closed. */
+  _whenSessionIdle(conn) {
+    if (this._sessionPending.size === 0 || conn.closed) return Promise.resolve();
+    return new Promise((resolve) => this._sessionIdleWaiters.push(resolve));
+  }
+
+  _maybeSessionIdle(force = false) {
+    if ((force || this._sessionPending.size === 0) && this._sessionIdleWaiters.length) {
+      const waiters = this._sessionIdleWaiters;
+      this._sessionIdleWaiters = [];
+      for (const resolve of waiters) resolve();
     }
   }
 
@@ -536,6 +553,7 @@ export class Client extends Emitter {
       this._sessionConn = null;
       this._session.detach();
     }
+    this._maybeSessionIdle(true); // a goaway's wait ends with its connection
     this._hello = conn.hello;
     if (this.state === 'closed') return;
     this.state = 'disconnected';
@@ -566,8 +584,9 @@ export class Client extends Emitter {
     this._nextDelay = goawayDelay(data, this.options.random);
     this.emit('goaway', data);
     // New requests queue for the next connection; those in flight finish here first (a
-    // session's own wait across the reconnect).  A session acks what arrived before closing.
-    conn.whenIdle().then(() => {
+    // session's too: the daemon may be restarting, and a session in its memory goes with it).
+    // A session acks what arrived before closing.
+    Promise.all([conn.whenIdle(), this._whenSessionIdle(conn)]).then(() => {
       if (this._sessionConn === conn) this._session.flushAck();
       return conn.close();
     });
@@ -700,6 +719,7 @@ export class Client extends Emitter {
     clearTimeout(entry.timer);
     if (message.type === 'error') entry.reject(serverError(message.error));
     else entry.resolve(message.data);
+    this._maybeSessionIdle();
     return true;
   }
 

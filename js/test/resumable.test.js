@@ -256,6 +256,32 @@ it('a seq skipped by the server: the client drops the connection and resumes aga
   }
 });
 
+it('goaway: the session requests in flight are answered before the client closes', async () => {
+  const client = await connect(server.url, QUICK);
+  try {
+    const pending = client.request('later', 'drained');
+    await waitFor(() => server.session.later.length === 1);
+    const disconnected = [];
+    client.on('disconnected', () => disconnected.push(server.session.later.length));
+    server.goaway(server.session);
+    await nextEvent(client, 'goaway');
+    const queued = client.request('echo', 'queued'); // waits for the next connection
+    // The connection is still up, waiting for the reply: it answers a ping.
+    server._write(server.session.socket, { type: 'ping', id: 'probe' });
+    await waitFor(() => server.log.some((e) => e.message.type === 'pong') || server.connections > 1);
+    assert.deepEqual(server.log.filter((e) => e.message.type === 'pong').map((e) => e.conn), [1]);
+    server.answerLater(server.session);
+    assert.equal(await pending, 'drained');
+    assert.equal(await queued, 'queued');
+    // The client closed only after the reply had come (later was empty then).
+    assert.deepEqual(disconnected, [0]);
+    assert.equal(server.log.filter((e) => e.message.type === 'later').length, 1);
+    assert.equal(await client.request('echo', 'after'), 'after');
+  } finally {
+    await client.close();
+  }
+});
+
 it('a server without sessions: the client goes on as a plain one', async () => {
   await server.stop();
   server = await new SessionServer({ sessions: false }).start();

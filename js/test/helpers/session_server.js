@@ -65,6 +65,11 @@ export class SessionServer {
     for (const m of held) this._numbered(session, { type: m.type, id: m.id, data: m.data, ack: session.inHigh });
   }
 
+  /** Say goaway on the session's connection (the server drains). */
+  goaway(session) {
+    this._write(session.socket, { type: 'goaway', data: { reason: 'shutdown', reconnect_after: 0 } });
+  }
+
   /** Send `session_taken_over` to the session's live connection and close it. */
   takeOver(session) {
     const socket = session.socket;
