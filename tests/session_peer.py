@@ -10,12 +10,21 @@ from __future__ import annotations
 import json
 import socket
 import struct
+import time
+from collections.abc import Callable
 from typing import Any
 
 
 class SessionPeer:
-    def __init__(self, port: int, timeout: float = 10) -> None:
+    def __init__(
+        self, port: int, timeout: float = 10, pump: Callable[[], None] | None = None
+    ) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        #: With an in-process server: runs one reactor iteration while this peer waits.
+        self.pump = pump
+        self.timeout = timeout
+        if pump is not None:
+            self.sock.setblocking(False)
         self.inbox: list[dict[str, Any]] = []
         self.hello = self.recv()
         assert self.hello is not None and self.hello["type"] == "hello", self.hello
@@ -38,13 +47,28 @@ class SessionPeer:
 
     def send(self, obj: Any) -> None:
         body = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
-        self.sock.sendall(struct.pack("!I", len(body)) + body)
+        data = struct.pack("!I", len(body)) + body
+        if self.pump is None:
+            self.sock.sendall(data)
+            return
+        while data:  # non-blocking: let the server read while the kernel buffer is full
+            try:
+                data = data[self.sock.send(data) :]
+            except BlockingIOError:
+                self.pump()
 
     def _exactly(self, n: int) -> bytes | None:
         chunks = []
+        deadline = time.monotonic() + self.timeout
         while n:
             try:
                 chunk = self.sock.recv(n)
+            except BlockingIOError:
+                assert self.pump is not None
+                if time.monotonic() > deadline:
+                    raise TimeoutError("nothing arrived in time") from None
+                self.pump()
+                continue
             except (ConnectionResetError, BrokenPipeError):
                 return None
             if not chunk:
@@ -133,6 +157,6 @@ class SessionPeer:
 
     def clone(self, port: int) -> SessionPeer:
         """A new connection that knows this peer's session (and its client seq)."""
-        other = SessionPeer(port)
+        other = SessionPeer(port, self.timeout, self.pump)
         other.sid, other.key, other.seq, other.last = self.sid, self.key, self.seq, self.last
         return other

@@ -129,3 +129,19 @@ def test_websocket_benchmark_runs_both_servers(tmp_path: Path) -> None:
         assert all(len(rates) == 1 for rates in by_server.values())
     assert set(report["idle"]) == {"heartbeatd", "node ws"} and report["idle_conns"] == 50
     assert "| depth 32 (median of 1) |" in result.stdout
+
+
+def test_sessions_benchmark_reports_costs_on_and_off_and_memory() -> None:
+    """bench/sessions.py: W1/W2 with sessions off and on, memory per session, Redis bytes."""
+    argv = [sys.executable, str(BENCH / "sessions.py"), "--messages", "64", "--sessions", "20"]
+    redis = shutil.which("redis-server") is not None
+    result = subprocess.run(
+        argv + (["--redis"] if redis else []), capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.split()[0] for line in lines[:2]] == ["W1", "W2"]
+    assert all("sessions off" in line and "on" in line for line in lines[:2])
+    assert lines[2].startswith("daemon memory per idle session")
+    if redis:
+        assert lines[3].startswith("Redis memory per idle session")

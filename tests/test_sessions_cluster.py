@@ -2,7 +2,8 @@
 
 Built from what went wrong elsewhere: a session that dies with its node (emqx #2032), a
 half-open takeover across nodes (mosquitto #1650) and messages lost through a backplane
-(aspnetcore #55575).  The guarantee under test is docs/protocol.md's, "Sessions".
+(aspnetcore #55575).  The guarantee under test is docs/protocol.md's, "Sessions".  The
+last test runs a session over the WebSocket listener of a real (single) daemon.
 """
 
 from __future__ import annotations
@@ -139,3 +140,57 @@ def test_takeover_across_nodes_fences_the_old_connection(tmp_path: Path) -> None
             new.request("tell", "x")
             assert data_of(new.expect(lambda m: m["type"] == "told")) == "x"
             assert data_of(new.expect(lambda m: m.get("type") == "tell")) == "ok"
+
+
+def test_refusals_come_from_redis_and_the_key_is_not_stored(tmp_path: Path) -> None:
+    with (
+        RedisServer(tmp_path / "redis") as redis,
+        nodes(tmp_path, redis, 2) as (a, b),
+        SessionPeer(a.port) as peer,
+    ):
+        peer.start(expiry=30)
+        peer.reply(peer.request("echo", 1))
+        stored = redis.cli("HGETALL", f"heartbeatd:s:{peer.sid}")
+        assert peer.key not in stored and "30" in stored
+        with SessionPeer(b.port) as other:
+            assert data_of(other.resume(peer.sid, "A" * 32, 0)) == {
+                "resumed": False,
+                "reason": "bad_key",
+            }
+            assert data_of(other.resume("0" * 32, peer.key, 0))["reason"] == "unknown_session"
+            # The refused connection goes on, and the session was not disturbed.
+            assert data_of(peer.reply(peer.request("echo", 2))) == 2
+        for node in (a, b):
+            assert node.daemon.stop() == 0
+            assert peer.key not in node.daemon.log
+
+
+def test_a_session_over_websocket_resumes_on_a_new_websocket(tmp_path: Path) -> None:
+    from wsclient import WSClient
+
+    config = {"websocket": {"listen": "tcp:0:interface=127.0.0.1"}}
+    with Daemon(tmp_path, config) as daemon:
+
+        def connect() -> WSClient:
+            client = WSClient(daemon.ws_port)
+            assert client.recv()["type"] == "hello"
+            return client
+
+        with connect() as first:
+            first.send({"type": "session", "id": "s"})
+            session = first.recv()["data"]
+            first.send({"type": "echo", "id": 1, "seq": 1, "data": "over ws"})
+            assert first.recv() == {"seq": 1, "ack": 1, "type": "echo", "id": 1, "data": "over ws"}
+        with connect() as second:
+            second.send(
+                {
+                    "type": "resume",
+                    "id": "r",
+                    "data": {"session": session["session"], "key": session["key"], "ack": 0},
+                }
+            )
+            answer = second.recv()["data"]
+            assert (answer["resumed"], answer["replay"], answer["ack"]) == (True, 1, 1)
+            assert second.recv()["seq"] == 1
+            second.send({"type": "echo", "id": 2, "seq": 2, "data": "again"})
+            assert second.recv()["seq"] == 2

@@ -26,6 +26,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from heartbeatd._version import __version__
 from heartbeatd.server.channels import UNAVAILABLE
 from heartbeatd.server.factory import ServerFactory
+from heartbeatd.server.resumable import RESUME_REASONS
 from heartbeatd.wire import envelope, sniff
 
 __all__ = ["ERROR_CODES", "EVICTION_REASONS", "FactoryCollector", "registry_for"]
@@ -70,6 +71,10 @@ REFUSAL_REASONS = (
 )
 #: accept() errors (``heartbeatd_accept_errors_total{error}``).
 ACCEPT_ERRORS = ("EMFILE", "ENFILE", "ENOBUFS", "ENOMEM")
+#: Outcomes of a session resume (``heartbeatd_session_resumes_total{outcome}``).
+RESUME_OUTCOMES = ("resumed", *RESUME_REASONS)
+#: Why sessions ended (``heartbeatd_sessions_ended_total{reason}``).
+SESSION_ENDS = ("ended", "expired", "overflow")
 #: Admin requests refused before their body was read, by HTTP status.
 ADMIN_REFUSALS = ("401", "403", "413", "415", "421")
 
@@ -247,6 +252,7 @@ class FactoryCollector(Collector):
             buckets=buckets,
             sum_value=f.rtt_sum,
         )
+        yield from self._sessions()
         if self.admin_refused is not None:
             yield _labelled(
                 CounterMetricFamily,
@@ -256,6 +262,53 @@ class FactoryCollector(Collector):
                 self.admin_refused,
                 ADMIN_REFUSALS,
             )
+
+    def _sessions(self) -> Iterator[object]:
+        """Resumable sessions (docs/protocol.md, "Sessions")."""
+        sessions = self.factory.sessions
+        live = GaugeMetricFamily(
+            "heartbeatd_sessions",
+            "Resumable sessions this daemon holds, by state (attached to a connection, or "
+            "detached and waiting for a resume; with a cluster, detached ones live in Redis).",
+            labels=["state"],
+        )
+        live.add_metric(["attached"], sessions.attached)
+        live.add_metric(["detached"], sessions.detached)
+        yield live
+        yield CounterMetricFamily(
+            "heartbeatd_sessions_started", "Sessions started here.", value=sessions.started
+        )
+        yield _labelled(
+            CounterMetricFamily,
+            "heartbeatd_session_resumes",
+            "Resume requests, by outcome (resumed, or the reason it was refused).",
+            "outcome",
+            sessions.resumes,
+            RESUME_OUTCOMES,
+        )
+        yield CounterMetricFamily(
+            "heartbeatd_session_replayed_messages",
+            "Unacknowledged server messages replayed on resumes.",
+            value=sessions.replayed,
+        )
+        yield CounterMetricFamily(
+            "heartbeatd_session_takeovers",
+            "Resumes that took a session from a connection still holding it (half-open).",
+            value=sessions.takeovers,
+        )
+        yield _labelled(
+            CounterMetricFamily,
+            "heartbeatd_sessions_ended",
+            "Sessions ended here, by reason (ended by the client, expired, overflow).",
+            "reason",
+            sessions.ended,
+            SESSION_ENDS,
+        )
+        yield GaugeMetricFamily(
+            "heartbeatd_session_unacked_messages",
+            "Server messages of this daemon's sessions waiting for the client's ack.",
+            value=sum(len(s.unacked) for s in sessions.states.values()),
+        )
 
 
 def registry_for(

@@ -325,7 +325,8 @@ class Connection(Protocol):
                 # Nesting deeper than max_depth takes at least 2 * (max_depth + 1) bytes, so
                 # short bodies (most of them) skip the depth check altogether.
                 deep_enough = 2 * max_depth + 2
-                for item in items:
+                pending_items = iter(items)
+                for item in pending_items:
                     if type(item) is not bytes:
                         self._handle_item(item)  # a framing token
                         continue
@@ -348,6 +349,11 @@ class Connection(Protocol):
                         id_ is not None and type(id_) is not str and type(id_) is not int
                     ):
                         self._handle_item(item)
+                        if self._resumable is not None:
+                            # It started (or resumed) a resumable session: the rest of this
+                            # read is numbered, so it takes the general path.
+                            for rest in pending_items:
+                                self._handle_item(rest)
                         continue
                     answered += 1
                     data = value.get("data")

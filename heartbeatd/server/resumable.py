@@ -80,6 +80,14 @@ REMEMBER_GONE = 10_000
 _SID = re.compile(r"[0-9a-f]{16,64}")
 
 
+def _new_sid() -> str:
+    return secrets.token_hex(16)
+
+
+def _new_key() -> str:
+    return secrets.token_urlsafe(24)  # 192 bits
+
+
 def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
@@ -130,7 +138,8 @@ class SessionState:
         #: The highest client seq received (every one up to it will be, or was, answered).
         self.in_hwm = 0
         #: Numbered requests received while the unacked buffer was full: (message, seq).
-        self.held: deque[tuple[envelope.Message, int]] = deque()
+        #: (A list: an empty deque costs ~600 bytes per session, and this is rarely used.)
+        self.held: list[tuple[envelope.Message, int]] = []
         #: Replies in request order, some still being computed (the connection's queue).
         self.pending: deque[_Slot] = deque()
         #: channel -> (epoch, offset, join_leave), recorded when the session detached.
@@ -197,9 +206,9 @@ class Attachment:
     # -- reading (Connection._handle_item) -------------------------------------------------
 
     def receive(self, item: bytes) -> None:
-        if not self.current:
-            return  # taken over or ended while this read was under way: nothing more here
         conn = self.conn
+        if not self.current or conn.close_reason is not None:
+            return  # taken over, ended or closing while this read was under way
         conn.frames_in += 1
         try:
             value = decode_json(item, conn._max_depth)
@@ -228,13 +237,27 @@ class Attachment:
             self.sessions.counts["bad_seq"] += 1
             self.fail(BAD_SEQ, f"expected seq {state.in_hwm + 1}, got {seq} (a gap)", message.id)
             return
-        state.in_hwm = seq
-        self.sessions.received(state, seq, message)
         if state.held or self.sessions.full(state):
+            limit = conn.factory.config.limits.max_pending_requests
+            if len(state.held) >= 2 * limit:
+                # One read past the pause (below) can carry many more: not received (the hwm
+                # stays), so the client resends them after a resume.
+                self.sessions.counts["refused_requests"] += 1
+                self.fail(
+                    RATE_LIMITED,
+                    f"{len(state.held)} requests wait for acknowledgements "
+                    "(sessions.max_unacked_messages); acknowledge, then resume",
+                    message.id,
+                )
+                return
+            state.in_hwm = seq
+            self.sessions.received(state, seq, message)
             state.held.append((message, seq))
-            if len(state.held) >= conn.factory.config.limits.max_pending_requests:
+            if len(state.held) >= limit:
                 conn._pause_reading()
             return
+        state.in_hwm = seq
+        self.sessions.received(state, seq, message)
         self.run(message, seq)
 
     def run(self, message: envelope.Message, seq: int, redelivered: bool = False) -> None:
@@ -275,7 +298,7 @@ class Attachment:
         state = self.state
         sessions = self.sessions
         while state.held and not sessions.full(state) and self.current:
-            message, seq = state.held.popleft()
+            message, seq = state.held.pop(0)
             self.run(message, seq)
         self.conn._resume_reading()
 
@@ -310,19 +333,24 @@ class Attachment:
     def emit(self, body: bytes) -> None:
         """`Connection._emit`: a reply, numbered when it answers a numbered request."""
         state = self.state
+        if not self.current:
+            return  # taken over: nothing more on this connection, and nothing of it elsewhere
         if self.cseq:
             self.replied = True
         if state.pending:
             state.pending.append(_Slot(body, self.cseq))
         elif self.cseq:
             self.sessions.send_numbered(state, body, self.cseq)
-        elif self.current:
+        else:
             self.raw(body)
 
     def push(self, body: bytes) -> None:
         """A push (send, broadcast, publication...): numbered, for whichever connection
-        carries the session now (or kept for the next one)."""
-        self.sessions.send_numbered(self.state, body, 0)
+        carries the session now (or kept for the next one).  A connection that lost the
+        session (taken over) gets nothing more: what is addressed to it is dropped, as for
+        any closing connection (a broadcast reaches the session through its new one)."""
+        if self.current:
+            self.sessions.send_numbered(self.state, body, 0)
 
     def flush(self) -> None:
         """`Connection._flush_pending`: the session's replies, in request order."""
@@ -436,8 +464,8 @@ class Sessions:
             conn.factory.count_error(TOO_MANY_SESSIONS)
             conn._emit(encode_error(TOO_MANY_SESSIONS, refusal, message.id))
             return
-        sid = secrets.token_hex(16)
-        key = secrets.token_urlsafe(24)  # 192 bits
+        sid = _new_sid()
+        key = _new_key()
         state = SessionState(sid, _digest(key), conn.identity, expiry)
         self._add(state)
         self.started += 1

@@ -124,12 +124,10 @@ class ClusteredSessions(Sessions):
         self._forget(state)
         state.ended = "moved"
         state.attachment = None
-        if attachment is not None:
-            conn = attachment.conn
-            if conn._resumable is attachment:
-                conn._resumable = None
-                conn._pending = None
-                conn.__dict__.pop("fast_path", None)
+        if attachment is not None and attachment.conn._resumable is attachment:
+            # Its connection is being closed: it keeps the (no longer current) attachment,
+            # which drops whatever else is addressed to it.
+            attachment.conn._pending = None
 
     # -- the hooks of Sessions ------------------------------------------------------------
 
@@ -147,6 +145,12 @@ class ClusteredSessions(Sessions):
     _creating = ""
 
     def start(self, conn: Connection, message: envelope.Message) -> None:
+        if not self.factory.channels.broker.up:
+            conn.factory.count_error(UNAVAILABLE)
+            conn._emit(
+                encode_error(UNAVAILABLE, "the cluster's session store is unreachable", message.id)
+            )
+            return
         self._creating = conn.session_id
         try:
             super().start(conn, message)
