@@ -641,9 +641,14 @@ export class Client extends Emitter {
       answer = await conn.request('session', expiry === undefined ? {} : { expiry }, { hold: true });
     } catch (error) {
       if (!(error instanceof ServerError)) throw error;
+      conn.release();
+      if (error.code === 'unavailable') {
+        // The cluster's session store is not reachable (yet): this attempt fails, the next
+        // one (after the backoff) asks again.  A plain connection would give no guarantee.
+        throw error;
+      }
       // sessions_disabled, too_many_sessions, an older server's unknown_type: no session on
       // this connection (the next one asks again).
-      conn.release();
       this.emit('error', error);
       return 'none';
     }

@@ -282,6 +282,23 @@ it('goaway: the session requests in flight are answered before the client closes
   }
 });
 
+it('session start refused as unavailable: the attempt fails and the next one gets a session', async () => {
+  server.unavailable = 2;
+  const client = new Client(server.url, QUICK);
+  const errors = [];
+  client.on('error', (e) => errors.push(e.code));
+  await client.open();
+  try {
+    assert.deepEqual(errors, ['unavailable', 'unavailable']);
+    assert.equal(client.session, server.session.id);
+    assert.equal(server.connections, 3);
+  } finally {
+    await client.close();
+  }
+  server.unavailable = 1;
+  await assert.rejects(connect(server.url, QUICK), (e) => e.code === 'unavailable'); // fail fast
+});
+
 it('a server without sessions: the client goes on as a plain one', async () => {
   await server.stop();
   server = await new SessionServer({ sessions: false }).start();

@@ -25,6 +25,8 @@ export class SessionServer {
     this.loseOnWire = new Set();
     /** The next resume's replay starts with a seq that skips some: the client must resume again. */
     this.gapOnce = false;
+    /** Refuse this many session starts with `unavailable` (the cluster's Redis is down). */
+    this.unavailable = 0;
     this.server = net.createServer((socket) => this._accept(socket));
   }
 
@@ -118,6 +120,10 @@ export class SessionServer {
     if (m.type === 'ping') return this._write(socket, { type: 'pong', id: m.id });
     if (m.type === 'session') {
       if (!this.sessionsEnabled) return error('unknown_type', 'no handler for session');
+      if (this.unavailable > 0) {
+        this.unavailable -= 1;
+        return error('unavailable', "the cluster's session store is unreachable");
+      }
       if (state.session) return error('session_exists');
       const session = {
         id: randomBytes(8).toString('hex'),
@@ -145,6 +151,8 @@ export class SessionServer {
       reply({ resumed: true, session: session.id, ack: session.inHigh, replay: session.out.length, expiry: session.expiry });
       if (this.gapOnce) {
         this.gapOnce = false;
+    /** Refuse this many session starts with `unavailable` (the cluster's Redis is down). */
+    this.unavailable = 0;
         this._write(socket, { type: 'bogus', seq: session.outSeq + 5 }); // a seq skipped
       }
       for (const o of session.out) this._write(socket, o);
