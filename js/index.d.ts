@@ -41,6 +41,35 @@ export interface ClientOptions extends TlsOptions {
   webSocketOptions?: object;
   /** Random numbers in [0, 1) for the jitter (tests). */
   random?: () => number;
+  /**
+   * Hold a server session across reconnects: requests in flight survive them, pushes arrive
+   * exactly once and in order, subscriptions live on in the session. Default false.
+   */
+  resumable?: boolean;
+  /** With `resumable`: the session's expiry to ask for, in seconds (the server caps it). */
+  sessionExpiry?: number;
+}
+
+export interface SessionEvent {
+  /** The session's id (not the hello's connection `session`). */
+  session: string;
+  /** Seconds it outlives a lost connection, as the server granted. */
+  expiry: number;
+}
+
+export interface ResumedEvent {
+  session: string;
+  /** How many messages the server replayed (sent while we were away, or lost on the way). */
+  replayed: number;
+}
+
+export interface SessionLostEvent {
+  session: string | null;
+  /**
+   * The server's reason (`unknown_session`, `expired`, `bad_key`, `forbidden`, `overflow`,
+   * `sessions_disabled`...), or `session_taken_over`.
+   */
+  reason: string;
 }
 
 export interface Hello {
@@ -166,6 +195,8 @@ export class Client extends Emitter {
   readonly hello: Hello | null;
   readonly identity: string | null;
   readonly lastError: Error | null;
+  /** The id of the session held (`resumable: true`), or null. */
+  readonly session: string | null;
   /** Start (re)connecting; resolves once connected. */
   open(): Promise<Client>;
   close(): Promise<void>;
@@ -184,6 +215,9 @@ export class Client extends Emitter {
   on(event: 'disconnected', listener: (event: DisconnectedEvent) => void): () => void;
   on(event: 'goaway', listener: (event: GoawayEvent) => void): () => void;
   on(event: 'error', listener: (error: Error) => void): () => void;
+  on(event: 'session', listener: (event: SessionEvent) => void): () => void;
+  on(event: 'resumed', listener: (event: ResumedEvent) => void): () => void;
+  on(event: 'session_lost', listener: (event: SessionLostEvent) => void): () => void;
   /** Pushes of `type` (server messages without an id). */
   on(type: string, listener: (data: any) => void): () => void;
 }
@@ -192,7 +226,7 @@ export function connect(url: string, options?: ClientOptions): Promise<Client>;
 
 export const CLIENT_EVENTS: readonly string[];
 export const DEFAULTS: Readonly<Required<Pick<ClientOptions,
-  'timeout' | 'minReconnectDelay' | 'maxReconnectDelay' | 'reconnect' | 'framing' | 'maxQueuedRequests' | 'maxFrameBytes'>>>;
+  'timeout' | 'minReconnectDelay' | 'maxReconnectDelay' | 'reconnect' | 'framing' | 'maxQueuedRequests' | 'maxFrameBytes' | 'resumable'>>>;
 
 export class ClientError extends Error {}
 export class ServerError extends ClientError {
@@ -201,6 +235,10 @@ export class ServerError extends ClientError {
 }
 export class TimeoutError extends ClientError {}
 export class ConnectionError extends ClientError {}
+/** A resumable client's session ended while the request waited: whether it ran is unknown. */
+export class SessionLost extends ConnectionError {
+  readonly reason: string;
+}
 export class QueueFullError extends ClientError {
   readonly limit: number;
 }

@@ -9,6 +9,7 @@ export {
   MessageTooLargeError,
   QueueFullError,
   ServerError,
+  SessionLost,
   TimeoutError,
 } from './src/errors.js';
 export { Emitter } from './src/emitter.js';

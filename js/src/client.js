@@ -5,12 +5,21 @@
 // re-sends its token (`getToken()` is asked again on every connect) and re-subscribes every
 // channel from the last offset it delivered.  Requests made while it is disconnected wait in
 // a bounded queue, each for at most its own timeout.
+//
+// With `resumable: true` it also holds a server session (session.js, docs/protocol.md
+// "Sessions"): it numbers what it sends, resumes after every reconnect (the server replays
+// what it missed, it resends what the server missed), so requests in flight survive a
+// reconnect and pushes arrive exactly once and in order; subscriptions live on in the
+// session.  When a session is lost it starts a new one and falls back to the above.
 
 import { goawayDelay, reconnectDelay } from './backoff.js';
 import { Connection, now } from './connection.js';
 import { Emitter } from './emitter.js';
-import { ClientError, ConnectionError, QueueFullError, ServerError, TimeoutError } from './errors.js';
+import { encodeMessage } from './envelope.js';
+import { ClientError, ConnectionError, QueueFullError, ServerError, SessionLost, TimeoutError } from './errors.js';
 import { framings } from './framing.js';
+import { serverError } from './connection.js';
+import { SessionState } from './session.js';
 import { Subscription } from './subscription.js';
 import { parseUrl } from './transport.js';
 
@@ -22,10 +31,23 @@ export const DEFAULTS = Object.freeze({
   framing: 'int32',
   maxQueuedRequests: 1000,
   maxFrameBytes: 16 * 1024 * 1024,
+  resumable: false,
 });
 
+/** setTimeout's longest delay: a session's subscribe waits for its answer across reconnects. */
+const FOREVER = 2_147_483_647;
+
 /** Events the client emits itself; a push of one of these types reaches `onPush` only. */
-export const CLIENT_EVENTS = Object.freeze(['connecting', 'connected', 'disconnected', 'goaway', 'error']);
+export const CLIENT_EVENTS = Object.freeze([
+  'connecting',
+  'connected',
+  'disconnected',
+  'goaway',
+  'error',
+  'session',
+  'resumed',
+  'session_lost',
+]);
 
 /** A request's timeout in ms, or a RangeError: setTimeout fires at once past 2^31 - 1. */
 function timeoutOf(timeout, fallback) {
@@ -64,6 +86,10 @@ function checkOptions(options) {
   if (o.token !== undefined && o.token !== null && typeof o.token !== 'string') {
     throw new TypeError('options.token must be a string');
   }
+  if (typeof o.resumable !== 'boolean') throw new TypeError('options.resumable must be true or false');
+  if (o.sessionExpiry !== undefined && (!Number.isSafeInteger(o.sessionExpiry) || o.sessionExpiry < 1)) {
+    throw new RangeError(`options.sessionExpiry must be a whole number of seconds >= 1, not ${o.sessionExpiry}`);
+  }
   o.random ??= Math.random;
   return o;
 }
@@ -91,6 +117,27 @@ export class Client extends Emitter {
     this._openWaiters = [];
     this._failFast = false;
     this._pushListeners = [];
+    // -- resumable sessions --
+    this._resumable = this.options.resumable;
+    this._lastId = 0; // request ids, unique across connections: a replayed reply finds its request
+    this._session = new SessionState({ sendAck: (seq) => this._sendAck(seq) });
+    /** The connection the session is attached to (null while detached, or with no session). */
+    this._sessionConn = null;
+    /** Changes whenever a session starts or is lost: answers from an older one are stale. */
+    this._sessionEpoch = 0;
+    /** Requests numbered in the session, by id: they wait for their reply across reconnects. */
+    this._sessionPending = new Map();
+    this._sessionIdleWaiters = [];
+  }
+
+  /** The session's id while the client holds one (resumable: true), else null. */
+  get session() {
+    return this._session.id;
+  }
+
+  /** A connection new work may go out on now (with `resumable`, once its session is settled). */
+  _live(conn) {
+    return conn !== null && conn.usable && (!this._resumable || this.state === 'connected');
   }
 
   /**
@@ -124,6 +171,19 @@ export class Client extends Emitter {
     clearTimeout(this._retryTimer);
     this._retryTimer = null;
     const closed = new ConnectionError('the client is closed');
+    const conn0 = this.connection;
+    if (conn0 !== null && this._sessionConn === conn0 && !conn0.closed) {
+      // A clean end: ack what arrived, and end the session (nobody can resume it now).
+      try {
+        this._session.flushAck();
+        this._sessionWrite(conn0, 'session_end', undefined, ++this._lastId);
+      } catch {
+        // closing anyway
+      }
+    }
+    this._sessionConn = null;
+    this._session.forget();
+    this._rejectSessionPending(closed);
     this._rejectQueue(closed);
     this._settleOpen(closed);
     for (const sub of this._subs.values()) sub._ended(closed);
@@ -151,8 +211,58 @@ export class Client extends Emitter {
       return Promise.reject(new TypeError('a message type is a non-empty string'));
     }
     const conn = this.connection;
-    if (conn !== null && conn.usable) return conn.request(type, data, { timeout: ms });
-    return this._enqueue((c, left) => c.request(type, data, { timeout: left }), ms);
+    if (this._live(conn)) return this._requestOn(conn, type, data, ms);
+    return this._enqueue((c, left) => this._requestOn(c, type, data, left), ms);
+  }
+
+  /** A request on `conn`: numbered in the session when it carries one. */
+  _requestOn(conn, type, data, ms) {
+    if (this._sessionConn !== conn) return conn.request(type, data, { timeout: ms });
+    return new Promise((resolve, reject) => {
+      const id = ++this._lastId;
+      try {
+        this._sessionWrite(conn, type, data, id);
+      } catch (error) {
+        reject(error);
+        return;
+      }
+      const timer = setTimeout(() => {
+        this._sessionPending.delete(id);
+        reject(new TimeoutError(`no reply to ${JSON.stringify(type)} within ${ms} ms`));
+        this._maybeSessionIdle();
+      }, ms);
+      this._sessionPending.set(id, { resolve, reject, timer });
+    });
+  }
+
+  /** Number a session message, keep it for a resend, write it. */
+  _sessionWrite(conn, type, data, id) {
+    const { text } = this._session.number((seq) => conn._checked(encodeMessage(type, data, id, seq)));
+    conn.sendText(text);
+  }
+
+  _rejectSessionPending(error) {
+    const pending = [...this._sessionPending.values()];
+    this._sessionPending.clear();
+    for (const { reject, timer } of pending) {
+      clearTimeout(timer);
+      reject(error);
+    }
+    this._maybeSessionIdle();
+  }
+
+  /** Resolves once no session request waits for its reply, or `conn` is closed. */
+  _whenSessionIdle(conn) {
+    if (this._sessionPending.size === 0 || conn.closed) return Promise.resolve();
+    return new Promise((resolve) => this._sessionIdleWaiters.push(resolve));
+  }
+
+  _maybeSessionIdle(force = false) {
+    if ((force || this._sessionPending.size === 0) && this._sessionIdleWaiters.length) {
+      const waiters = this._sessionIdleWaiters;
+      this._sessionIdleWaiters = [];
+      for (const resolve of waiters) resolve();
+    }
   }
 
   /** Seed framing: send a bare JSON value; resolves with the next bare value received. */
@@ -164,17 +274,18 @@ export class Client extends Emitter {
       return Promise.reject(error);
     }
     const conn = this.connection;
-    if (conn !== null && conn.usable) return conn.requestValue(value, { timeout: ms });
+    if (this._live(conn)) return conn.requestValue(value, { timeout: ms });
     return this._enqueue((c, left) => c.requestValue(value, { timeout: left }), ms);
   }
 
   /** Send a message that gets no reply; throws a ConnectionError while not connected. */
   send(type, data) {
     const conn = this.connection;
-    if (conn === null || !conn.ready || conn.closed) {
+    if (conn === null || !conn.ready || conn.closed || (this._resumable && this.state !== 'connected')) {
       throw new ConnectionError(`not connected (${this.state})`);
     }
-    conn.send(type, data);
+    if (this._sessionConn === conn) this._sessionWrite(conn, type, data, undefined);
+    else conn.send(type, data);
   }
 
   _enqueue(start, ms) {
@@ -231,6 +342,7 @@ export class Client extends Emitter {
       if (type === 'publication' && Number.isSafeInteger(body.offset)) sub._publication(body.offset, body.data);
       else if (type === 'join' || type === 'leave') sub._presence(type, body);
       else if (type === 'resync') sub._resync(body);
+      else if (type === 'subscription_lost' && sub.active) this._subscriptionLost(sub, body);
     }
     if (type === 'refresh' && data == null) this._refresh();
     this.emit('\0push', type, data);
@@ -265,7 +377,7 @@ export class Client extends Emitter {
     const sub = new Subscription(this, channel, options);
     this._subs.set(channel, sub);
     const conn = this.connection;
-    if (conn !== null && conn.usable) this._attach(conn, sub);
+    if (this._live(conn)) this._attach(conn, sub);
     else if (this.state === 'idle') this._attempt();
     return sub;
   }
@@ -285,13 +397,21 @@ export class Client extends Emitter {
   _attach(conn, sub) {
     clearTimeout(sub._retryTimer);
     sub._retryTimer = null;
-    conn.request('subscribe', sub._request(), { timeout: this.options.timeout }).then(
+    // In a session the answer comes whatever the reconnects (until the session is lost);
+    // without one, it comes on this connection or never.
+    const inSession = this._sessionConn === conn;
+    const epoch = this._sessionEpoch;
+    sub._sessionEpoch = inSession ? epoch : null;
+    const current = () =>
+      this._subs.get(sub.channel) === sub && sub.active && (inSession ? this._sessionEpoch === epoch : this.connection === conn);
+    const timeout = inSession ? FOREVER : this.options.timeout;
+    this._requestOn(conn, 'subscribe', sub._request(), timeout).then(
       (answer) => {
-        if (this._subs.get(sub.channel) !== sub || !sub.active || this.connection !== conn) return;
-        if (!sub._answered(answer)) conn.abort(new ConnectionError('a malformed subscribe answer'));
+        if (!current()) return;
+        if (!sub._answered(answer)) this.connection?.abort(new ConnectionError('a malformed subscribe answer'));
       },
       (error) => {
-        if (this._subs.get(sub.channel) !== sub || !sub.active || this.connection !== conn) return;
+        if (!current()) return;
         if (error instanceof ServerError && error.code !== 'unavailable') {
           this._subs.delete(sub.channel); // refused for good (bad_channel, too_many_channels...)
           sub._failed(error);
@@ -302,7 +422,8 @@ export class Client extends Emitter {
           sub._attempts = (sub._attempts ?? 0) + 1;
           const delay = reconnectDelay(sub._attempts, this.options.minReconnectDelay, this.options.maxReconnectDelay, this.options.random);
           sub._retryTimer = setTimeout(() => {
-            if (this.connection === conn && conn.usable && sub.active) this._attach(conn, sub);
+            const now = this.connection;
+            if (current() && this._live(now)) this._attach(now, sub);
           }, delay);
         } else if (error instanceof TimeoutError) {
           // A late answer would leave the server subscribed to what we asked again: start
@@ -320,12 +441,15 @@ export class Client extends Emitter {
     sub._ended(new ClientError(`unsubscribed from ${sub.channel}`));
     if (this._subs.get(sub.channel) === sub) this._subs.delete(sub.channel);
     const conn = this.connection;
-    if (conn !== null && conn.ready && !conn.closed) {
+    // In a session the unsubscribe must reach the server even across a reconnect.
+    const inSession = this._resumable && this._session.started;
+    if (inSession || (conn !== null && conn.ready && !conn.closed)) {
       try {
-        await conn.request('unsubscribe', { channel: sub.channel });
+        if (inSession) await this.request('unsubscribe', { channel: sub.channel });
+        else await conn.request('unsubscribe', { channel: sub.channel });
       } catch (error) {
         if (!(error instanceof ServerError && error.code === 'not_subscribed')) {
-          if (!(error instanceof ConnectionError)) throw error;
+          if (!(error instanceof ConnectionError || (inSession && error instanceof TimeoutError))) throw error;
         }
       }
     }
@@ -339,21 +463,42 @@ export class Client extends Emitter {
     this.state = 'connecting';
     this._attempts += 1;
     this.emit('connecting', { attempt: this._attempts, url: this.url });
-    const conn = new Connection(this._target, this.options, {
+    const events = {
       push: (type, data) => this.connection === conn && this._push(type, data),
       goaway: (data) => this._goaway(conn, data),
-      error: (error) => this.emit('error', error),
+      error: (error) => {
+        if (error instanceof ServerError && error.code === 'session_taken_over' && this._sessionConn === conn) {
+          // Someone else resumed our session: never resume it again (section 5).
+          this._loseSession('session_taken_over');
+        }
+        this.emit('error', error);
+      },
       closed: (reason) => this._lost(conn, reason),
-    });
+    };
+    if (this._resumable) {
+      events.nextId = () => ++this._lastId;
+      events.sequenced = (message) => this._sequenced(conn, message);
+      events.reply = (message) => this._sessionReply(message);
+    }
+    const conn = new Connection(this._target, this.options, events);
     this.connection = conn;
+    let outcome;
     try {
       const token = this.options.getToken ? await this._askToken() : this.options.token;
       if (this.state === 'closed') throw new ConnectionError('the client is closed');
       await conn.open(token ?? undefined);
       if (this.state === 'closed') throw new ConnectionError('the client is closed');
+      outcome = this._resumable ? await this._establish(conn) : 'none';
+      if (this.state === 'closed') throw new ConnectionError('the client is closed');
+      // What the session's first messages did may have ended the connection already.
+      if (conn.closed) throw conn.closeReason;
     } catch (error) {
       conn.abort(error);
       if (this.connection === conn) this.connection = null;
+      if (this._sessionConn === conn) {
+        this._sessionConn = null;
+        this._session.detach();
+      }
       this._attemptFailed(error);
       return;
     }
@@ -361,7 +506,10 @@ export class Client extends Emitter {
     this.lastError = null;
     this.state = 'connected';
     this.identity = conn.identity;
-    for (const sub of this._subs.values()) if (sub.active) this._attach(conn, sub);
+    for (const sub of this._subs.values()) {
+      // A resumed session still holds its subscriptions: only those never sent in it go out.
+      if (sub.active && (outcome !== 'resumed' || sub._sessionEpoch !== this._sessionEpoch)) this._attach(conn, sub);
+    }
     this._flushQueue(conn);
     this.emit('connected', { url: this.url, hello: conn.hello, identity: conn.identity });
     this._settleOpen(null);
@@ -399,16 +547,25 @@ export class Client extends Emitter {
   _lost(conn, reason) {
     if (!conn.ready && !conn.draining) return; // a failed attempt: _attempt handles it
     if (this.connection !== conn) return;
+    if (this.state === 'connecting') return; // lost while its session was settled: the same
     this.connection = null;
+    if (this._sessionConn === conn) {
+      this._sessionConn = null;
+      this._session.detach();
+    }
+    this._maybeSessionIdle(true); // a goaway's wait ends with its connection
     this._hello = conn.hello;
     if (this.state === 'closed') return;
     this.state = 'disconnected';
     this.lastError = reason;
     this.identity = null;
-    for (const sub of this._subs.values()) sub._disconnected();
+    // Subscriptions in a session live on in it; otherwise they subscribe again.
+    if (!this._session.started) for (const sub of this._subs.values()) sub._disconnected();
     this.emit('disconnected', { reason: reason.message, error: reason, goaway: conn.draining });
     if (!this.options.reconnect) {
-      this._rejectQueue(new ConnectionError(`disconnected: ${reason.message}`, { cause: reason }));
+      const error = new ConnectionError(`disconnected: ${reason.message}`, { cause: reason });
+      this._rejectQueue(error);
+      this._rejectSessionPending(error);
       return;
     }
     this._schedule();
@@ -426,8 +583,154 @@ export class Client extends Emitter {
     if (this.connection !== conn) return;
     this._nextDelay = goawayDelay(data, this.options.random);
     this.emit('goaway', data);
-    // New requests queue for the next connection; those in flight finish here first.
-    conn.whenIdle().then(() => conn.close());
+    // New requests queue for the next connection; those in flight finish here first (a
+    // session's too: the daemon may be restarting, and a session in its memory goes with it).
+    // A session acks what arrived before closing.
+    Promise.all([conn.whenIdle(), this._whenSessionIdle(conn)]).then(() => {
+      if (this._sessionConn === conn) this._session.flushAck();
+      return conn.close();
+    });
+  }
+
+  // -- sessions (resumable: true) ----------------------------------------------------------
+
+  /**
+   * On a new connection: resume the session held, or start one.  Resolves with 'resumed',
+   * 'started' or 'none' (the server has no sessions for us: go on as without).  What the
+   * server sends after its answer is held until the answer is handled, so the application
+   * hears `resumed` or `session` before the messages of the session.
+   */
+  async _establish(conn) {
+    const s = this._session;
+    if (s.started) {
+      let answer;
+      try {
+        answer = await conn.request('resume', { session: s.id, key: s.key, ack: s.resuming() }, { hold: true });
+      } catch (error) {
+        if (!(error instanceof ServerError)) throw error;
+        answer = { resumed: false, reason: error.code }; // a refusal is as final as resumed: false
+      }
+      if (answer?.resumed === true && !(Number.isSafeInteger(answer.ack) && answer.ack >= 0 && answer.ack < s.nextSeq)) {
+        // The server has client seqs we never sent (or no valid ack): our next messages would
+        // be taken for duplicates.  This session cannot go on, nor this connection that holds
+        // it: a new one starts a new session.
+        this._loseSession('out_of_sync');
+        throw new ConnectionError("the server's resume answer acknowledges messages never sent");
+      }
+      if (answer?.resumed === true) {
+        this._sessionConn = conn;
+        s.reattach();
+        for (const text of s.resendAfter(answer.ack)) conn.sendText(text);
+        const replayed = Number.isSafeInteger(answer.replay) ? answer.replay : 0;
+        this.emit('resumed', { session: s.id, replayed });
+        conn.release();
+        return 'resumed';
+      }
+      const reason = typeof answer?.reason === 'string' ? answer.reason : 'unknown';
+      if (reason === 'unavailable') {
+        // The cluster's store is down, the session may well be there: try again later.
+        conn.release();
+        throw new ConnectionError('the session store is unavailable: resuming later');
+      }
+      this._loseSession(reason);
+      conn.release();
+    }
+    const expiry = this.options.sessionExpiry;
+    let answer;
+    try {
+      answer = await conn.request('session', expiry === undefined ? {} : { expiry }, { hold: true });
+    } catch (error) {
+      if (!(error instanceof ServerError)) throw error;
+      conn.release();
+      if (error.code === 'unavailable') {
+        // The cluster's session store is not reachable (yet): this attempt fails, the next
+        // one (after the backoff) asks again.  A plain connection would give no guarantee.
+        throw error;
+      }
+      // sessions_disabled, too_many_sessions, an older server's unknown_type: no session on
+      // this connection (the next one asks again).
+      this.emit('error', error);
+      return 'none';
+    }
+    if (typeof answer?.session !== 'string' || typeof answer?.key !== 'string') {
+      conn.release();
+      throw new ConnectionError('a malformed session answer');
+    }
+    s.start({ session: answer.session, key: answer.key, expiry: answer.expiry });
+    this._sessionEpoch += 1;
+    this._sessionConn = conn;
+    this.emit('session', { session: answer.session, expiry: answer.expiry });
+    conn.release();
+    return 'started';
+  }
+
+  /**
+   * The server could not restore a subscription of the resumed session (its channel's broker
+   * was unavailable): subscribe again, from the last offset delivered, as after a lost
+   * session.
+   */
+  _subscriptionLost(sub, body) {
+    sub._disconnected();
+    sub._sessionEpoch = null; // a resume attaches it again if it is not attached before
+    const reason = String(body.reason ?? 'unavailable');
+    sub.emit('error', new ServerError(reason, `the session's subscription to ${sub.channel} was not restored`));
+    const conn = this.connection;
+    if (this._live(conn)) this._attach(conn, sub);
+  }
+
+  /** A session ended for good: its waiting requests fail, the application is told. */
+  _loseSession(reason) {
+    const s = this._session;
+    const session = s.id;
+    s.forget();
+    this._sessionConn = null;
+    this._sessionEpoch += 1;
+    this._rejectSessionPending(new SessionLost(reason));
+    for (const sub of this._subs.values()) sub._disconnected();
+    this.emit('session_lost', { session, reason });
+  }
+
+  /** A message with a seq or an ack (or an ack message): false drops it. */
+  _sequenced(conn, message) {
+    if (this._sessionConn !== conn || this.connection !== conn) return true;
+    const s = this._session;
+    if (message.type === 'ack' && message.id === undefined && message.seq === undefined) {
+      s.serverAcked(message.data?.seq);
+      return false;
+    }
+    if (message.ack !== undefined && message.ack !== null) s.serverAcked(message.ack);
+    if (message.seq === undefined) return true;
+    const verdict = message.seq === null ? 'gap' : s.receive(message.seq);
+    if (verdict === 'duplicate') return false;
+    if (verdict === 'gap') {
+      // Resuming asks the server for everything after the last seq we have.
+      conn.abort(new ConnectionError(`the server's seq went from ${s.received} to ${message.seq}: resuming`));
+      return false;
+    }
+    return true;
+  }
+
+  /** A reply to a session request (it may come on a later connection than its request). */
+  _sessionReply(message) {
+    const entry = this._sessionPending.get(message.id);
+    if (entry === undefined) return false;
+    if (message.seq === undefined) {
+      // Not a reply (those are numbered): an error that closes the connection (bad_seq...).
+      // The request stays pending, for the resume to resend.
+      if (message.type === 'error') this.emit('error', serverError(message.error));
+      return true;
+    }
+    this._sessionPending.delete(message.id);
+    clearTimeout(entry.timer);
+    if (message.type === 'error') entry.reject(serverError(message.error));
+    else entry.resolve(message.data);
+    this._maybeSessionIdle();
+    return true;
+  }
+
+  _sendAck(seq) {
+    const conn = this._sessionConn;
+    if (conn !== null && !conn.closed) conn.send('ack', { seq });
   }
 
   _settleOpen(error) {

@@ -31,7 +31,10 @@ export function serverError(error) {
 export class Connection {
   /**
    * `events`: `push(type, data)`, `goaway(data)`, `error(error)` (a malformed frame, an error
-   * envelope that answers no request) and `closed(reason)`, called once at the end.
+   * envelope that answers no request) and `closed(reason)`, called once at the end.  A
+   * resumable client adds `nextId()` (ids unique across its connections), `sequenced(message)`
+   * (a message with a `seq` or an `ack`, or an `ack` message: false drops it) and
+   * `reply(message)` (a reply to a request it holds itself: true when it took it).
    */
   constructor(target, options, events) {
     this.target = target;
@@ -52,6 +55,9 @@ export class Connection {
     this.lastReceived = now();
     this._pending = new Map();
     this._nextId = 0;
+    this._ids = events.nextId ?? (() => ++this._nextId);
+    /** Items held after a `hold` request's reply, until `release()` (see request()). */
+    this._held = null;
     this._bareValues = options.framing === 'seed' && target.kind === 'stream';
     // A server of the seed's own kind sends no hello: in seed framing, do not wait for one.
     this._expectHello = !this._bareValues;
@@ -127,12 +133,16 @@ export class Connection {
 
   // -- sending -----------------------------------------------------------------------------
 
-  request(type, data, { timeout } = {}) {
+  /**
+   * With `hold`, whatever arrives after the reply waits (in order) until `release()`: the
+   * client handles a session or resume answer before the messages that follow it.
+   */
+  request(type, data, { timeout, hold = false } = {}) {
     const ms = timeout ?? this.options.timeout;
     if (this.closed || this.transport === null) {
       return Promise.reject(new ConnectionError('the connection is closed'));
     }
-    const id = ++this._nextId;
+    const id = this._ids();
     let text;
     try {
       text = this._checked(encodeMessage(type, data, id));
@@ -145,9 +155,31 @@ export class Connection {
         reject(new TimeoutError(`no reply to ${JSON.stringify(type)} within ${ms} ms`));
         this._maybeIdle();
       }, ms);
-      this._pending.set(id, { resolve, reject, timer });
+      this._pending.set(id, { resolve, reject, timer, hold });
       this.transport.send(text);
     });
+  }
+
+  /** Write a text as it is (a session message, numbered and encoded by the client). */
+  sendText(text) {
+    if (this.closed || this.transport === null) throw new ConnectionError('the connection is closed');
+    this.transport.send(this._checked(text));
+  }
+
+  /** Handle the items held since a `hold` request's reply, then the rest as they come. */
+  release() {
+    const held = this._held;
+    this._held = null;
+    if (held === null) return;
+    for (let i = 0; i < held.length; i++) {
+      if (this.closed) return;
+      this._item(held[i]);
+      if (this._held !== null) {
+        // Another hold began: keep the rest behind it, in order.
+        this._held.push(...held.slice(i + 1));
+        return;
+      }
+    }
   }
 
   /** Fire and forget (no id, so no reply). */
@@ -260,6 +292,10 @@ export class Connection {
   _item(item) {
     if (this.closed) return;
     this.lastReceived = now();
+    if (this._held !== null) {
+      this._held.push(item);
+      return;
+    }
     if (item === HEARTBEAT) {
       // The answer to our own token is not answered again (two peers must not bounce tokens).
       if (this._pingOutstanding) this._pingOutstanding = false;
@@ -276,7 +312,8 @@ export class Connection {
     this._message(message);
   }
 
-  _message({ type, id, data, error, bare }) {
+  _message(message) {
+    const { type, id, data, error, bare } = message;
     if (bare) {
       const waiter = this._bareWaiters.shift();
       if (waiter !== undefined) {
@@ -298,15 +335,19 @@ export class Connection {
       if (type === 'error') this._serverError = serverError(error);
       return;
     }
+    const numbered = message.seq !== undefined || message.ack !== undefined || (type === 'ack' && id === undefined);
+    if (numbered && this.events.sequenced !== undefined && !this.events.sequenced(message)) return;
     if (id !== undefined && this._pending.has(id)) {
       const entry = this._pending.get(id);
       this._pending.delete(id);
       clearTimeout(entry.timer);
+      if (entry.hold) this._held = [];
       if (type === 'error') entry.reject(serverError(error));
       else entry.resolve(data);
       this._maybeIdle();
       return;
     }
+    if (id !== undefined && this.events.reply !== undefined && this.events.reply(message)) return;
     if (id !== undefined && id !== null && type !== 'ping' && type !== 'pong') {
       // A reply whose request is gone (it timed out): late, and not a push.
       return;

@@ -10,16 +10,24 @@ export class MalformedMessage extends Error {
   }
 }
 
-/** The body of a request, push or pong; `id` and `data` are left out when undefined. */
-export function encodeMessage(type, data, id) {
+/**
+ * The body of a request, push or pong; `id`, `data` and `seq` (a session message's number)
+ * are left out when undefined.
+ */
+export function encodeMessage(type, data, id, seq) {
   const message = { type };
   if (id !== undefined) message.id = id;
+  if (seq !== undefined) message.seq = seq;
   if (data !== undefined) message.data = data;
   return JSON.stringify(message);
 }
 
+/** A safe integer >= 0, or undefined: what a `seq` or an `ack` may be. */
+const counter = (value) => (Number.isSafeInteger(value) && value >= 0 ? value : undefined);
+
 /**
- * A frame body (Uint8Array or, over WebSocket, a string) as `{type, id, data, error, bare}`.
+ * A frame body (Uint8Array or, over WebSocket, a string) as `{type, id, data, error, bare}`
+ * (plus `seq` and `ack` when present: an integer >= 0, or null when malformed).
  * With `bareValues` (seed framing) a JSON value that is not an envelope comes back as
  * `{type: 'message', data: value, bare: true}`; otherwise it is a MalformedMessage.
  */
@@ -46,5 +54,9 @@ export function decodeMessage(body, bareValues = false) {
     throw new MalformedMessage('a frame is not an envelope (an object with a string "type")');
   }
   const id = typeof value.id === 'string' || Number.isSafeInteger(value.id) ? value.id : undefined;
-  return { type: value.type, id, data: value.data, error: value.error, bare: false };
+  const message = { type: value.type, id, data: value.data, error: value.error, bare: false };
+  // A session message's number, and the server's piggybacked ack (docs/protocol.md, Sessions).
+  if (value.seq !== undefined) message.seq = counter(value.seq) ?? null;
+  if (value.ack !== undefined) message.ack = counter(value.ack) ?? null;
+  return message;
 }

@@ -58,3 +58,15 @@ export class MessageTooLargeError extends ClientError {
     this.limit = limit;
   }
 }
+
+/**
+ * A resumable client's session ended (`reason`: the server's `resumed: false` reason, or
+ * `session_taken_over`) while this request waited for its reply: whether it ran is unknown.
+ */
+export class SessionLost extends ConnectionError {
+  constructor(reason) {
+    super(`the session was lost (${reason}) before the reply`);
+    this.name = 'SessionLost';
+    this.reason = reason;
+  }
+}

@@ -1,0 +1,325 @@
+// The resumable client (`resumable: true`) against a scripted server of the session contract
+// (helpers/session_server.js): the test decides when the connection drops, what is lost on
+// the wire and when replies come, so every path of the client's session runs the same way
+// each time.  The end-to-end tests against heartbeatd are in resumable_daemon.test.js.
+
+import assert from 'node:assert/strict';
+import { afterEach, beforeEach, it } from 'node:test';
+
+import { Client, connect, ConnectionError, SessionLost, TimeoutError } from '../index.js';
+import { nextEvent, until } from './helpers/daemon.js';
+import { SessionServer } from './helpers/session_server.js';
+
+const QUICK = { minReconnectDelay: 10, maxReconnectDelay: 50, timeout: 5000, resumable: true };
+
+let server;
+beforeEach(async () => {
+  server = await new SessionServer().start();
+});
+afterEach(async () => {
+  await server.stop();
+});
+
+/** The messages the server received on connection `conn` (all when omitted), as [type, seq]. */
+const received = (conn) => server.log.filter((e) => conn === undefined || e.conn === conn).map((e) => [e.message.type, e.message.seq]);
+
+it('starts a session after connecting and numbers its requests from 1', async () => {
+  const client = new Client(server.url, QUICK);
+  const started = nextEvent(client, 'session');
+  await client.open();
+  try {
+    const event = await started;
+    assert.equal(event.session, server.session.id);
+    assert.equal(event.expiry, 120);
+    assert.equal(client.session, server.session.id);
+    assert.equal(await client.request('echo', 'a'), 'a');
+    assert.equal(await client.request('echo', 'b'), 'b');
+    assert.deepEqual(received(1), [['session', undefined], ['echo', 1], ['echo', 2]]);
+    // The piggybacked acks emptied the resend buffer.
+    assert.deepEqual(client._session.buffer, []);
+  } finally {
+    await client.close();
+  }
+});
+
+it('sessionExpiry is asked for; bad values are refused up front', async () => {
+  const client = await connect(server.url, { ...QUICK, sessionExpiry: 30 });
+  try {
+    assert.equal(server.session.expiry, 30);
+  } finally {
+    await client.close();
+  }
+  assert.throws(() => new Client(server.url, { resumable: 'yes' }), TypeError);
+  assert.throws(() => new Client(server.url, { resumable: true, sessionExpiry: 0 }), RangeError);
+});
+
+it('a pending request survives a reconnect; a push sent meanwhile arrives once, after resumed', async () => {
+  const client = await connect(server.url, QUICK);
+  try {
+    const events = [];
+    client.on('news', (data) => events.push(['news', data]));
+    client.on('resumed', (event) => events.push(['resumed', event.replayed]));
+    server.push(server.session, 'news', 1);
+    await until(() => events.length === 1, client, ['news']);
+    const pending = client.request('later', 'x');
+    await waitFor(() => server.session.later.length === 1);
+    const lost = nextEvent(client, 'disconnected');
+    server.cut();
+    await lost;
+    server.answerLater(server.session); // while detached: kept for the replay
+    server.push(server.session, 'news', 2);
+    assert.equal(await pending, 'x');
+    await until(() => events.length === 3, client, ['news']);
+    assert.deepEqual(events, [['news', 1], ['resumed', 2], ['news', 2]]);
+    // Not subscribed again, not started again: resumed with the ack of what arrived.
+    const resume = server.log.find((e) => e.message.type === 'resume');
+    assert.equal(resume.message.data.ack, 1);
+    assert.equal(server.sessions.size, 1);
+  } finally {
+    await client.close();
+  }
+});
+
+it('a pending request waits across reconnects until its own timeout; its late reply is dropped', async () => {
+  const client = await connect(server.url, QUICK);
+  try {
+    const pushes = [];
+    client.onPush((type) => pushes.push(type));
+    const started = Date.now();
+    const pending = client.request('later', 'x', { timeout: 400 });
+    await waitFor(() => server.session.later.length === 1);
+    server.cut();
+    await nextEvent(client, 'resumed');
+    await assert.rejects(pending, TimeoutError);
+    assert.ok(Date.now() - started >= 390);
+    server.answerLater(server.session);
+    assert.equal(await client.request('echo', 'next'), 'next');
+    assert.deepEqual(pushes, []); // the late reply is not a push
+  } finally {
+    await client.close();
+  }
+});
+
+it('a request lost on the wire is resent with the same seq after the resume, and answered once', async () => {
+  const client = await connect(server.url, QUICK);
+  try {
+    assert.equal(await client.request('echo', 1), 1);
+    server.loseOnWire.add('echo');
+    const pending = [client.request('echo', 2), client.request('echo', 3)];
+    await waitFor(() => received().filter(([t]) => t === 'echo').length === 3);
+    server.loseOnWire.clear();
+    server.cut();
+    assert.deepEqual(await Promise.all(pending), [2, 3]);
+    assert.equal(await client.request('echo', 4), 4);
+    const conn2 = server.log.at(-1).conn;
+    assert.deepEqual(received(conn2), [['resume', undefined], ['echo', 2], ['echo', 3], ['echo', 4]]);
+  } finally {
+    await client.close();
+  }
+});
+
+it('a replay of what already arrived is dropped: every push exactly once, in order', async () => {
+  server.replayAll = true; // a server that replays from the start, ignoring the resume's ack
+  const client = await connect(server.url, QUICK);
+  try {
+    const got = [];
+    client.on('n', (n) => got.push(n));
+    for (let n = 1; n <= 5; n++) server.push(server.session, 'n', n);
+    await until(() => got.length === 5, client, ['n']);
+    server.cut();
+    await nextEvent(client, 'resumed');
+    for (let n = 6; n <= 7; n++) server.push(server.session, 'n', n);
+    await until(() => got.length === 7, client, ['n']);
+    assert.deepEqual(got, [1, 2, 3, 4, 5, 6, 7]);
+  } finally {
+    await client.close();
+  }
+});
+
+it('acks: batched by 32, then 200 ms after the first unacked push; and on close', async () => {
+  const client = await connect(server.url, QUICK);
+  const session = server.session;
+  const got = [];
+  client.on('n', (n) => got.push(n));
+  for (let n = 1; n <= 40; n++) server.push(session, 'n', n);
+  await until(() => got.length === 40, client, ['n']);
+  await waitFor(() => session.acks.length === 2);
+  assert.deepEqual(session.acks, [32, 40]);
+  server.push(session, 'n', 41);
+  await until(() => got.length === 41, client, ['n']);
+  await client.close(); // before the 200 ms: the final ack goes out with the close
+  await waitFor(() => server.log.some((e) => e.message.type === 'session_end'));
+  assert.deepEqual(session.acks, [32, 40, 41]);
+  assert.equal(server.sessions.size, 0); // session_end: the server forgets it now
+});
+
+it('resumed: false: pending requests fail with SessionLost, a new session, subscriptions again', async () => {
+  const client = await connect(server.url, QUICK);
+  try {
+    const order = [];
+    client.on('session_lost', (event) => order.push(['session_lost', event.reason]));
+    client.on('session', () => order.push(['session']));
+    const sub = client.subscribe('room');
+    await sub.ready();
+    const first = server.session.id;
+    const pending = client.request('later', 'never answered');
+    await waitFor(() => server.session.later.length === 1);
+    server.forget(); // a daemon restart
+    server.cut();
+    await assert.rejects(pending, (e) => e instanceof SessionLost && e instanceof ConnectionError && e.reason === 'unknown_session');
+    await nextEvent(sub, 'subscribed');
+    assert.deepEqual(order, [['session_lost', 'unknown_session'], ['session']]);
+    assert.notEqual(server.session.id, first);
+    assert.equal(client.session, server.session.id);
+    const conn2 = server.log.at(-1).conn;
+    assert.deepEqual(received(conn2), [['resume', undefined], ['session', undefined], ['subscribe', 1]]);
+    assert.equal(await client.request('echo', 'on'), 'on');
+  } finally {
+    await client.close();
+  }
+});
+
+it('session_taken_over: session_lost, never resumed again, a fresh session', async () => {
+  const client = await connect(server.url, QUICK);
+  try {
+    const pending = client.request('later', 'x');
+    await waitFor(() => server.session.later.length === 1);
+    const lost = nextEvent(client, 'session_lost');
+    const fresh = nextEvent(client, 'session', 5000);
+    const taken = server.session;
+    server.takeOver(taken);
+    assert.deepEqual(await lost, { session: taken.id, reason: 'session_taken_over' });
+    await assert.rejects(pending, (e) => e instanceof SessionLost && e.reason === 'session_taken_over');
+    await fresh;
+    assert.equal(server.log.filter((e) => e.message.type === 'resume').length, 0);
+  } finally {
+    await client.close();
+  }
+});
+
+it('subscription_lost after a resume: the client subscribes again from its last offset', async () => {
+  const client = await connect(server.url, QUICK);
+  try {
+    const errors = [];
+    const sub = client.subscribe('room', { onError: (e) => errors.push(e.code) });
+    await sub.ready();
+    server.cut();
+    await nextEvent(client, 'resumed');
+    const again = nextEvent(sub, 'subscribed');
+    server.push(server.session, 'subscription_lost', { channel: 'room', reason: 'unavailable' });
+    const context = await again;
+    assert.equal(context.wasRecovering, true);
+    assert.deepEqual(errors, ['unavailable']);
+    assert.deepEqual(
+      server.log.filter((e) => e.message.type === 'subscribe').map((e) => e.message.data),
+      [{ channel: 'room' }, { channel: 'room', since: { epoch: 'e1', offset: 0 } }],
+    );
+  } finally {
+    await client.close();
+  }
+});
+
+it('a resume answer acknowledging seqs never sent: session lost (out_of_sync), a new one', async () => {
+  const client = await connect(server.url, QUICK);
+  try {
+    assert.equal(await client.request('echo', 1), 1);
+    const lost = nextEvent(client, 'session_lost');
+    const fresh = nextEvent(client, 'session');
+    server.session.inHigh = 99; // a server that lost track: our next messages would be "duplicates"
+    server.cut();
+    assert.equal((await lost).reason, 'out_of_sync');
+    await fresh;
+    assert.equal(await client.request('echo', 2), 2);
+  } finally {
+    await client.close();
+  }
+});
+
+it('a seq skipped by the server: the client drops the connection and resumes again', async () => {
+  const client = await connect(server.url, QUICK);
+  try {
+    const got = [];
+    client.on('n', (n) => got.push(n));
+    client.on('bogus', () => got.push('bogus'));
+    server.push(server.session, 'n', 1);
+    await until(() => got.length === 1, client, ['n']);
+    server.gapOnce = true;
+    server.cut();
+    await nextEvent(client, 'resumed');
+    await waitFor(() => server.log.filter((e) => e.message.type === 'resume').length === 2);
+    server.push(server.session, 'n', 2);
+    await until(() => got.length === 2, client, ['n']);
+    assert.deepEqual(got, [1, 2]);
+    assert.equal(await client.request('echo', 'fine'), 'fine');
+  } finally {
+    await client.close();
+  }
+});
+
+it('goaway: the session requests in flight are answered before the client closes', async () => {
+  const client = await connect(server.url, QUICK);
+  try {
+    const pending = client.request('later', 'drained');
+    await waitFor(() => server.session.later.length === 1);
+    const disconnected = [];
+    client.on('disconnected', () => disconnected.push(server.session.later.length));
+    server.goaway(server.session);
+    await nextEvent(client, 'goaway');
+    const queued = client.request('echo', 'queued'); // waits for the next connection
+    // The connection is still up, waiting for the reply: it answers a ping.
+    server._write(server.session.socket, { type: 'ping', id: 'probe' });
+    await waitFor(() => server.log.some((e) => e.message.type === 'pong') || server.connections > 1);
+    assert.deepEqual(server.log.filter((e) => e.message.type === 'pong').map((e) => e.conn), [1]);
+    server.answerLater(server.session);
+    assert.equal(await pending, 'drained');
+    assert.equal(await queued, 'queued');
+    // The client closed only after the reply had come (later was empty then).
+    assert.deepEqual(disconnected, [0]);
+    assert.equal(server.log.filter((e) => e.message.type === 'later').length, 1);
+    assert.equal(await client.request('echo', 'after'), 'after');
+  } finally {
+    await client.close();
+  }
+});
+
+it('session start refused as unavailable: the attempt fails and the next one gets a session', async () => {
+  server.unavailable = 2;
+  const client = new Client(server.url, QUICK);
+  const errors = [];
+  client.on('error', (e) => errors.push(e.code));
+  await client.open();
+  try {
+    assert.deepEqual(errors, ['unavailable', 'unavailable']);
+    assert.equal(client.session, server.session.id);
+    assert.equal(server.connections, 3);
+  } finally {
+    await client.close();
+  }
+  server.unavailable = 1;
+  await assert.rejects(connect(server.url, QUICK), (e) => e.code === 'unavailable'); // fail fast
+});
+
+it('a server without sessions: the client goes on as a plain one', async () => {
+  await server.stop();
+  server = await new SessionServer({ sessions: false }).start();
+  const client = new Client(server.url, QUICK);
+  const errors = [];
+  client.on('error', (e) => errors.push(e.code));
+  await client.open();
+  try {
+    assert.equal(client.session, null);
+    assert.equal(await client.request('echo', 'plain'), 'plain');
+    assert.deepEqual(errors, ['unknown_type']);
+  } finally {
+    await client.close();
+  }
+});
+
+/** Poll a condition of the fake server (its state changes on socket events we do not see). */
+async function waitFor(predicate, timeout = 5000) {
+  const deadline = Date.now() + timeout;
+  while (!predicate()) {
+    if (Date.now() > deadline) throw new Error('condition not met in time');
+    await new Promise((resolve) => setImmediate(resolve));
+  }
+}
