@@ -40,6 +40,7 @@ from heartbeatd.server.registry import ClientRegistry
 from heartbeatd.server.session import Session
 from heartbeatd.server.sockopts import configure_socket
 from heartbeatd.wire import envelope
+from heartbeatd.wire._accelerated import speedups
 from heartbeatd.wire.envelope import (
     ProtocolError,
     decode_message,
@@ -48,6 +49,7 @@ from heartbeatd.wire.envelope import (
     exceeds_depth,
 )
 from heartbeatd.wire.framing import HEARTBEAT, Framing, SharedFrame
+from heartbeatd.wire.int32 import Int32Framing
 
 __all__ = ["Connection", "format_address", "is_tls"]
 
@@ -59,6 +61,18 @@ _PLAIN_RESULTS = frozenset({dict, list, str, int, float, bool, type(None)})
 #: Types a client sends that answer *us*; they are never dispatched to handlers.
 _PONG = "pong"
 _ERROR = "error"
+
+#: The C twin of `Connection._deliver`'s hot-path loop (heartbeatd.wire._speedups.serve),
+#: or None on the pure-Python path (``HEARTBEATD_NO_EXTENSIONS=1``, or built without a
+#: compiler). It builds `Request` and calls the JSON functions the Python loop calls.
+_serve: Callable[..., int] | None = None
+if speedups is not None:
+    speedups.configure(
+        Request, envelope.decode_json_unchecked, envelope.encode_json, exceeds_depth
+    )
+    _serve = speedups.serve
+#: The int32 framing's header function: the C loop writes that header itself.
+_INT32_HEADER = Int32Framing.header
 
 
 def format_address(address: IAddress) -> str:
@@ -281,7 +295,18 @@ class Connection(Protocol):
         batch: list[bytes] = []
         self._batch = batch
         try:
-            if self._bare_type is None and self.fast_path and self._auth is None:
+            if self._bare_type is None and self.fast_path and self._auth is None and _serve:
+                # The hot path in C: the loop below, compiled (tests/test_speedups.py).
+                header = self._framing.header
+                self.frames_in += _serve(
+                    self,
+                    items,
+                    self.factory.registry.get,
+                    batch,
+                    self._max_depth,
+                    None if header is _INT32_HEADER else header,
+                )
+            elif self._bare_type is None and self.fast_path and self._auth is None:
                 # The hot path, inlined (one call less per read): well-formed envelopes with
                 # synchronous JSON results.  Anything unusual (a framing token, invalid JSON, a
                 # bad envelope, a reserved type, a Deferred or `Reply` result, a failing
@@ -479,6 +504,15 @@ class Connection(Protocol):
             self._emit(encode_error(e.code, e.message, e.id))
             return
         self._dispatch(message)
+
+    def _fast_failed(self, type_: str, id_: str | int | None, data: Any) -> None:
+        """The C hot path's handler (or its reply's encoding) raised: the exception being
+        handled is that one, as in the Python loop's ``except Exception:``."""
+        self._emit(self._error_frame(Failure(), envelope.Message(type_, id_, data)))
+
+    def _fast_result(self, type_: str, id_: str | int | None, data: Any, result: Any) -> None:
+        """The C hot path's handler returned something other than a plain JSON value."""
+        self._handle_result(envelope.Message(type_, id_, data), result)
 
     #: Most characters of a client's ``error`` frame a debug log line shows.
     MAX_LOGGED_ERROR = 200
