@@ -67,9 +67,7 @@ _ERROR = "error"
 #: compiler). It builds `Request` and calls the JSON functions the Python loop calls.
 _serve: Callable[..., int] | None = None
 if speedups is not None:
-    speedups.configure(
-        Request, envelope.decode_json_unchecked, envelope.encode_json, exceeds_depth
-    )
+    speedups.configure(Request, envelope.decode_json_unchecked, envelope.encode_json, exceeds_depth)
     _serve = speedups.serve
 #: The int32 framing's header function: the C loop writes that header itself.
 _INT32_HEADER = Int32Framing.header
@@ -298,7 +296,9 @@ class Connection(Protocol):
             if self._bare_type is None and self.fast_path and self._auth is None and _serve:
                 # The hot path in C: the loop below, compiled (tests/test_speedups.py).
                 header = self._framing.header
-                self.frames_in += _serve(
+                # Not `self.frames_in += _serve(...)`: the general path counts its own frames
+                # while the C loop runs, and `+=` would read the count before.
+                answered = _serve(
                     self,
                     items,
                     self.factory.registry.get,
@@ -306,6 +306,7 @@ class Connection(Protocol):
                     self._max_depth,
                     None if header is _INT32_HEADER else header,
                 )
+                self.frames_in += answered
             elif self._bare_type is None and self.fast_path and self._auth is None:
                 # The hot path, inlined (one call less per read): well-formed envelopes with
                 # synchronous JSON results.  Anything unusual (a framing token, invalid JSON, a
