@@ -39,8 +39,16 @@ test: test-newest test-oldest
 # Four pytest workers (pytest-xdist): the tests mostly wait on sockets and subprocesses.
 PYTEST_WORKERS ?= 4
 
+# The wire, protocol and fan-out tests run a second time on the pure-Python hot path
+# (HEARTBEATD_NO_EXTENSIONS=1): the first run is on the C one that the install compiled.
+PURE_PYTHON_TESTS := tests/test_framing.py tests/test_envelope.py tests/test_protocol.py \
+	tests/test_protocol_paths.py tests/test_borrowed_decoder.py tests/test_fuzz_server.py \
+	tests/test_hostile_peers.py tests/test_fanout.py tests/test_speedups.py
+
 test-newest: $(STAMP) redis-server js-deps chromium promtool
 	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS)
+	HEARTBEATD_NO_EXTENSIONS=1 $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) -p no:cacheprovider \
+		$(PURE_PYTHON_TESTS)
 
 test-oldest: $(OLDEST_STAMP) redis-server chromium promtool
 	HEARTBEATD_OLDEST=1 $(OLDEST)/bin/python -m pytest -q -n $(PYTEST_WORKERS) -p no:cacheprovider \
