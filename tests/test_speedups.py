@@ -173,6 +173,8 @@ def _run(stream: bytes, cuts: list[int], max_frame_bytes: int) -> tuple[Any, ...
     held: list[Deferred[Any]] = []
     registry = _registry()
     registry.add("hold", lambda r: held.append(Deferred()) or held[-1])
+    registry.add(ODD_TYPE, lambda r: [r.type, r.id, r.data])
+    registry.add("deep", _deep)
     factory = _FixedIdFactory(make_config(max_frame_bytes=max_frame_bytes), registry, Clock())
     transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
     protocol = factory.buildProtocol(transport.getPeer())
@@ -198,9 +200,27 @@ def _run(stream: bytes, cuts: list[int], max_frame_bytes: int) -> tuple[Any, ...
     )
 
 
+#: A message type whose JSON needs escapes (the C loop caches each type's encoding).
+ODD_TYPE = 'q"\\\x01\u2028é😀'
+
+
+def _deep(request: Any) -> Any:
+    """A result nested ``data`` levels deep: around the encoder's own limit (255)."""
+    value: Any = "x"
+    for _ in range(request.data if type(request.data) is int and 0 < request.data < 300 else 1):
+        value = [value]
+    return value
+
+
 @st.composite
 def _hot_bodies(draw: st.DrawFn) -> bytes:
-    kind = draw(st.integers(0, 6))
+    kind = draw(st.integers(0, 8))
+    if kind == 7:
+        return json.dumps({"type": "deep", "id": 1, "data": draw(st.integers(250, 258))}).encode()
+    if kind == 8:
+        ids = st.sampled_from([2**63 - 1, 2**63, 2**64 - 1, 2**64, -(2**63), -(2**63) - 1, 0])
+        id_ = draw(ids | st.text(max_size=4))
+        return json.dumps({"type": ODD_TYPE, "id": id_, "data": draw(st.text(max_size=4))}).encode()
     if kind == 0:  # deeper than limits.max_json_depth (64), or just within it
         depth = draw(st.integers(60, 70))
         return b'{"type":"echo","id":1,"data":' + b"[" * depth + b"]" * depth + b"}"
@@ -334,3 +354,42 @@ def test_the_daemon_says_which_path_runs(
     assert status == 200
     (info,) = [line for line in text.splitlines() if line.startswith("heartbeatd_build_info{")]
     assert f'accelerated="{expected}"' in info
+
+
+@needs_extension
+def test_the_c_loop_builds_requests_as_request_init_does() -> None:
+    """serve() fills Request's four slots itself rather than running __init__: that is right
+    only while __init__ does nothing else. If this fails, Request changed: either keep its
+    __init__ to these four stores, or let _speedups call the class (builds_requests False)."""
+    import ast
+    import inspect
+    import textwrap
+
+    from heartbeatd.server.handlers import Request
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(Request.__init__)))
+    body = [n for n in tree.body[0].body if not isinstance(n, ast.Expr)]  # type: ignore[attr-defined]
+    stores = [(n.targets[0].attr, n.value.id) for n in body]  # type: ignore[attr-defined]
+    assert stores == [
+        ("type", "type"),
+        ("id", "id"),
+        ("data", "data"),
+        ("_connection", "connection"),
+    ]
+    assert Request.__slots__ == ("_connection", "data", "id", "type")
+    with _c_path():
+        assert _speedups.builds_requests()
+        seen: list[Any] = []
+        registry = _registry()
+        registry.add("look", lambda r: seen.append(r) or "ok")
+        factory = _FixedIdFactory(make_config(), registry, Clock())
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+        protocol = factory.buildProtocol(transport.getPeer())
+        protocol.makeConnection(transport)
+        body = b'{"type":"look","id":"a","data":[1]}'
+        protocol.dataReceived(struct.pack("!I", len(body)) + body)
+    (request,) = seen
+    assert type(request) is Request
+    assert (request.type, request.id, request.data) == ("look", "a", [1])
+    assert request.session.session_id == protocol.session_id
+    assert repr(request) == "Request(type='look', id='a', data=[1])"

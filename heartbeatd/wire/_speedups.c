@@ -24,6 +24,14 @@ static PyObject *RequestType = NULL;
 static PyObject *json_loads = NULL;
 static PyObject *json_dumps = NULL;
 static PyObject *exceeds_depth = NULL;
+/* Request's four slots, filled directly when Request is the plain __slots__ class that
+ * handlers.py defines (its __init__ only stores its four arguments; a test checks that):
+ * the offsets of type, id, data, _connection, or request_fast == 0 to call the class. */
+static Py_ssize_t request_offsets[4];
+static int request_fast = 0;
+/* type string -> the reply's opening bytes, b'{"type":"echo"' (encoded by json_dumps). */
+static PyObject *reply_prefixes = NULL;
+#define MAX_REPLY_PREFIXES 1024
 /* Interned names. */
 static PyObject *s_type, *s_id, *s_data, *s_pending, *s_emit, *s_handle_item, *s_fast_failed,
     *s_fast_result;
@@ -445,6 +453,161 @@ frame_reply(PyObject *header, PyObject *body)
     return frame;
 }
 
+/* A Request(type_, id_, data, connection), as Request.__init__ would build it. */
+static PyObject *
+new_request(PyObject *type_, PyObject *id_, PyObject *data, PyObject *connection)
+{
+    PyObject *args[4] = {type_, id_, data, connection};
+    if (!request_fast)
+        return PyObject_Vectorcall(RequestType, args, 4, NULL);
+    PyTypeObject *tp = (PyTypeObject *)RequestType;
+    PyObject *request = tp->tp_alloc(tp, 0);
+    if (request == NULL)
+        return NULL;
+    for (int i = 0; i < 4; i++) {
+        Py_INCREF(args[i]);
+        *(PyObject **)((char *)request + request_offsets[i]) = args[i];
+    }
+    return request;
+}
+
+/* b'{"type":<type_>' for a reply, cached per message type (a type with a handler: as many
+ * as the application registers; the cache is emptied past MAX_REPLY_PREFIXES). */
+static PyObject *
+reply_prefix(PyObject *type_)
+{
+    PyObject *prefix = PyDict_GetItemWithError(reply_prefixes, type_);
+    if (prefix != NULL) {
+        Py_INCREF(prefix);
+        return prefix;
+    }
+    if (PyErr_Occurred())
+        return NULL;
+    PyObject *one = PyDict_New();
+    if (one == NULL)
+        return NULL;
+    if (PyDict_SetItem(one, s_type, type_) < 0) {
+        Py_DECREF(one);
+        return NULL;
+    }
+    PyObject *encoded = PyObject_CallOneArg(json_dumps, one); /* b'{"type":"echo"}' */
+    Py_DECREF(one);
+    if (encoded == NULL)
+        return NULL;
+    if (!PyBytes_CheckExact(encoded) || PyBytes_GET_SIZE(encoded) < 2) {
+        Py_DECREF(encoded);
+        PyErr_SetString(PyExc_TypeError, "the JSON encoder returned no bytes");
+        return NULL;
+    }
+    prefix = PyBytes_FromStringAndSize(PyBytes_AS_STRING(encoded), PyBytes_GET_SIZE(encoded) - 1);
+    Py_DECREF(encoded);
+    if (prefix == NULL)
+        return NULL;
+    if (PyDict_GET_SIZE(reply_prefixes) >= MAX_REPLY_PREFIXES)
+        PyDict_Clear(reply_prefixes);
+    if (PyDict_SetItem(reply_prefixes, type_, prefix) < 0) {
+        Py_DECREF(prefix);
+        return NULL;
+    }
+    return prefix;
+}
+
+/* The reply body {"type":..,"id":..,"data":..} as json_dumps would encode that dict, written
+ * after `room` spare bytes (for the int32 header).  Returns NULL with an exception if the
+ * encoder raised (the caller answers as for a failing handler), or NULL with no exception
+ * when this id is not one we format here (the caller encodes the dict instead). */
+static PyObject *
+encode_reply(PyObject *type_, PyObject *id_, PyObject *result, Py_ssize_t room)
+{
+    char number[32];
+    Py_ssize_t id_len = 0;
+    const char *id_text = NULL;
+    PyObject *id_encoded = NULL, *prefix, *wrapped, *data, *out = NULL;
+
+    if (id_ != NULL) {
+        if (PyLong_CheckExact(id_)) {
+            int overflow;
+            long long v = PyLong_AsLongLongAndOverflow(id_, &overflow);
+            if (v == -1 && PyErr_Occurred())
+                return NULL;
+            if (overflow)
+                return NULL; /* past 64 bits: the dict path, whose encoder decides */
+            id_len = (Py_ssize_t)snprintf(number, sizeof number, "%lld", v);
+            id_text = number;
+        }
+        else {
+            id_encoded = PyObject_CallOneArg(json_dumps, id_); /* a str */
+            if (id_encoded == NULL)
+                return NULL;
+            if (!PyBytes_CheckExact(id_encoded)) {
+                Py_DECREF(id_encoded);
+                PyErr_SetString(PyExc_TypeError, "the JSON encoder returned no bytes");
+                return NULL;
+            }
+            id_len = PyBytes_GET_SIZE(id_encoded);
+            id_text = PyBytes_AS_STRING(id_encoded);
+        }
+    }
+    /* [result]: the value at the depth it has inside the reply object, so the encoder's
+     * nesting limit refuses exactly what it would refuse in the dict. */
+    wrapped = PyList_New(1);
+    if (wrapped == NULL) {
+        Py_XDECREF(id_encoded);
+        return NULL;
+    }
+    Py_INCREF(result);
+    PyList_SET_ITEM(wrapped, 0, result);
+    data = PyObject_CallOneArg(json_dumps, wrapped);
+    Py_DECREF(wrapped);
+    if (data == NULL) {
+        Py_XDECREF(id_encoded);
+        return NULL;
+    }
+    prefix = reply_prefix(type_);
+    if (prefix == NULL || !PyBytes_CheckExact(data) || PyBytes_GET_SIZE(data) < 2) {
+        if (prefix != NULL)
+            PyErr_SetString(PyExc_TypeError, "the JSON encoder returned no bytes");
+        goto done;
+    }
+    {
+        static const char ID[] = ",\"id\":", DATA[] = ",\"data\":";
+        Py_ssize_t plen = PyBytes_GET_SIZE(prefix), dlen = PyBytes_GET_SIZE(data) - 2;
+        Py_ssize_t size = room + plen + (id_text ? (Py_ssize_t)sizeof ID - 1 + id_len : 0) +
+                          (Py_ssize_t)sizeof DATA - 1 + dlen + 1;
+        out = PyBytes_FromStringAndSize(NULL, size);
+        if (out == NULL)
+            goto done;
+        char *w = PyBytes_AS_STRING(out) + room;
+        memcpy(w, PyBytes_AS_STRING(prefix), (size_t)plen);
+        w += plen;
+        if (id_text) {
+            memcpy(w, ID, sizeof ID - 1);
+            w += sizeof ID - 1;
+            memcpy(w, id_text, (size_t)id_len);
+            w += id_len;
+        }
+        memcpy(w, DATA, sizeof DATA - 1);
+        w += sizeof DATA - 1;
+        memcpy(w, PyBytes_AS_STRING(data) + 1, (size_t)dlen);
+        w += dlen;
+        *w = '}';
+    }
+done:
+    Py_XDECREF(prefix);
+    Py_DECREF(data);
+    Py_XDECREF(id_encoded);
+    return out;
+}
+
+static inline void
+write_be32(unsigned char *out, uint32_t n)
+{
+    out[0] = (unsigned char)(n >> 24);
+    out[1] = (unsigned char)(n >> 16);
+    out[2] = (unsigned char)(n >> 8);
+    out[3] = (unsigned char)n;
+}
+
 /* One body: 1 answered on the fast path, 0 handed to the general path, -1 error. */
 static int
 serve_one(PyObject *connection, PyObject *item, PyObject *lookup, PyObject *batch,
@@ -504,8 +667,7 @@ serve_one(PyObject *connection, PyObject *item, PyObject *lookup, PyObject *batc
     }
     status = 1; /* answered, whatever the handler does */
     {
-        PyObject *args[4] = {type_, id_ ? id_ : Py_None, data, connection};
-        request = PyObject_Vectorcall(RequestType, args, 4, NULL);
+        request = new_request(type_, id_ ? id_ : Py_None, data, connection);
         if (request == NULL)
             goto failed;
         result = PyObject_CallOneArg(handler, request);
@@ -518,22 +680,9 @@ serve_one(PyObject *connection, PyObject *item, PyObject *lookup, PyObject *batc
             status = -1;
         goto done;
     }
-    reply = PyDict_New();
-    if (reply == NULL || PyDict_SetItem(reply, s_type, type_) < 0 ||
-        (id_ != NULL && PyDict_SetItem(reply, s_id, id_) < 0) ||
-        PyDict_SetItem(reply, s_data, result) < 0) {
-        status = -1;
-        goto done;
-    }
-    body = PyObject_CallOneArg(json_dumps, reply);
-    if (body == NULL)
-        goto failed;
-    if (!PyBytes_CheckExact(body)) {
-        PyErr_SetString(PyExc_TypeError, "the JSON encoder returned no bytes");
-        status = -1;
-        goto done;
-    }
     {
+        /* Where the reply goes: behind a reply still being computed (a handler in this
+         * read went asynchronous), or framed into the batch. */
         PyObject *pending = PyObject_GetAttr(connection, s_pending);
         if (pending == NULL) {
             status = -1;
@@ -545,13 +694,44 @@ serve_one(PyObject *connection, PyObject *item, PyObject *lookup, PyObject *batc
             status = -1;
             goto done;
         }
-        if (busy) { /* a handler in this read went asynchronous: reply behind it */
+        Py_ssize_t room = busy || header != Py_None ? 0 : 4;
+        body = encode_reply(type_, id_, result, room);
+        if (body == NULL && PyErr_Occurred())
+            goto failed;
+        if (body == NULL) { /* an id we do not format: encode the dict, as Python does */
+            room = 0;
+            reply = PyDict_New();
+            if (reply == NULL || PyDict_SetItem(reply, s_type, type_) < 0 ||
+                PyDict_SetItem(reply, s_id, id_) < 0 || PyDict_SetItem(reply, s_data, result) < 0) {
+                status = -1;
+                goto done;
+            }
+            body = PyObject_CallOneArg(json_dumps, reply);
+            if (body == NULL)
+                goto failed;
+            if (!PyBytes_CheckExact(body)) {
+                PyErr_SetString(PyExc_TypeError, "the JSON encoder returned no bytes");
+                status = -1;
+                goto done;
+            }
+        }
+        if (busy) {
             if (call_method(connection, s_emit, &body, 1) < 0)
                 status = -1;
             goto done;
         }
-    }
-    {
+        if (room) { /* the int32 header in the room left for it */
+            Py_ssize_t size = PyBytes_GET_SIZE(body) - 4;
+            if ((uint64_t)size > 0xFFFFFFFFu) {
+                PyErr_SetString(PyExc_OverflowError, "a reply longer than 4 GiB cannot be framed");
+                status = -1;
+                goto done;
+            }
+            write_be32((unsigned char *)PyBytes_AS_STRING(body), (uint32_t)size);
+            if (PyList_Append(batch, body) < 0)
+                status = -1;
+            goto done;
+        }
         PyObject *frame = frame_reply(header, body);
         if (frame == NULL || PyList_Append(batch, frame) < 0)
             status = -1;
@@ -648,6 +828,26 @@ configure(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     Py_INCREF(args[0]);
     Py_XSETREF(RequestType, args[0]);
+    if (reply_prefixes == NULL && (reply_prefixes = PyDict_New()) == NULL)
+        return NULL;
+    PyDict_Clear(reply_prefixes);
+    request_fast = 0;
+    if (PyType_Check(args[0])) {
+        static const char *names[4] = {"type", "id", "data", "_connection"};
+        PyTypeObject *tp = (PyTypeObject *)args[0];
+        int fast = tp->tp_new == PyBaseObject_Type.tp_new && tp->tp_dictoffset == 0 &&
+                   tp->tp_basicsize == (Py_ssize_t)(sizeof(PyObject) + 4 * sizeof(PyObject *));
+        for (int i = 0; fast && i < 4; i++) {
+            PyObject *descr = PyDict_GetItemString(tp->tp_dict, names[i]); /* borrowed */
+            if (descr == NULL || !Py_IS_TYPE(descr, &PyMemberDescr_Type) ||
+                ((PyMemberDescrObject *)descr)->d_member->type != T_OBJECT_EX) {
+                fast = 0;
+                break;
+            }
+            request_offsets[i] = ((PyMemberDescrObject *)descr)->d_member->offset;
+        }
+        request_fast = fast;
+    }
     Py_INCREF(args[1]);
     Py_XSETREF(json_loads, args[1]);
     Py_INCREF(args[2]);
@@ -657,9 +857,19 @@ configure(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+static PyObject *
+builds_requests(PyObject *module, PyObject *unused)
+{
+    (void)module;
+    (void)unused;
+    return PyBool_FromLong(request_fast);
+}
+
 static PyMethodDef module_methods[] = {
     {"serve", (PyCFunction)(void (*)(void))serve, METH_FASTCALL, serve_doc},
     {"configure", (PyCFunction)(void (*)(void))configure, METH_FASTCALL, configure_doc},
+    {"builds_requests", (PyCFunction)(void (*)(void))builds_requests, METH_NOARGS,
+     "True when serve() fills Request's slots itself (else it calls the class)."},
     {NULL},
 };
 
