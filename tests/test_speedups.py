@@ -393,3 +393,12 @@ def test_the_c_loop_builds_requests_as_request_init_does() -> None:
     assert (request.type, request.id, request.data) == ("look", "a", [1])
     assert request.session.session_id == protocol.session_id
     assert repr(request) == "Request(type='look', id='a', data=[1])"
+
+
+def test_the_doctor_says_which_path_runs() -> None:
+    from heartbeatd.daemon.doctor import check_hot_path
+    from heartbeatd.wire import ACCELERATED
+
+    (check,) = check_hot_path()
+    assert check.level == "ok"  # built here, or pure Python because the environment asks
+    assert ("compiled (C)" in check.text) == (ACCELERATED == "c")
