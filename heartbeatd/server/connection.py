@@ -293,89 +293,92 @@ class Connection(Protocol):
         batch: list[bytes] = []
         self._batch = batch
         try:
-            if self._bare_type is None and self.fast_path and self._auth is None and _serve:
-                # The hot path in C: the loop below, compiled (tests/test_speedups.py).
-                header = self._framing.header
-                # Not `self.frames_in += _serve(...)`: the general path counts its own frames
-                # while the C loop runs, and `+=` would read the count before.
-                answered = _serve(
-                    self,
-                    items,
-                    self.factory.registry.get,
-                    batch,
-                    self._max_depth,
-                    None if header is _INT32_HEADER else header,
-                )
-                self.frames_in += answered
-            elif self._bare_type is None and self.fast_path and self._auth is None:
-                # The hot path, inlined (one call less per read): well-formed envelopes with
-                # synchronous JSON results.  Anything unusual (a framing token, invalid JSON, a
-                # bad envelope, a reserved type, a Deferred or `Reply` result, a failing
-                # handler) takes the general path (`_handle_item`), which alone decides what
-                # goes on the wire, so both paths answer identically.
-                loads = envelope.decode_json_unchecked
-                dumps = envelope.encode_json
-                header = self._framing.header
-                answered = 0
-                lookup = self.factory.registry.get
-                max_depth = self._max_depth
-                # Nesting deeper than max_depth takes at least 2 * (max_depth + 1) bytes, so
-                # short bodies (most of them) skip the depth check altogether.
-                deep_enough = 2 * max_depth + 2
-                for item in items:
-                    if type(item) is not bytes:
-                        self._handle_item(item)  # a framing token
-                        continue
-                    try:
-                        value = loads(item)
-                    except ValueError:
-                        self._handle_item(item)
-                        continue
-                    if type(value) is not dict or (
-                        len(item) >= deep_enough and exceeds_depth(value, item, max_depth)
-                    ):
-                        self._handle_item(
-                            item
-                        )  # not an object, or too deep: the general path answers
-                        continue
-                    type_ = value.get("type")
-                    id_ = value.get("id")
-                    handler = lookup(type_) if type(type_) is str else None
-                    if handler is None or (
-                        id_ is not None and type(id_) is not str and type(id_) is not int
-                    ):
-                        self._handle_item(item)
-                        continue
-                    answered += 1
-                    data = value.get("data")
-                    try:
-                        result = handler(Request(type_, id_, data, self))
-                    except Exception:
-                        self._emit(self._error_frame(Failure(), envelope.Message(type_, id_, data)))
-                        continue
-                    if type(result) in _PLAIN_RESULTS:
-                        reply = (
-                            {"type": type_, "id": id_, "data": result}
-                            if id_ is not None
-                            else {
-                                "type": type_,
-                                "data": result,
-                            }
-                        )
+            if self._bare_type is None and self.fast_path and self._auth is None:
+                if _serve is not None:
+                    # The hot path in C: the loop below, compiled (tests/test_speedups.py).
+                    header = self._framing.header
+                    # Not `self.frames_in += _serve(...)`: the general path counts its own frames
+                    # while the C loop runs, and `+=` would read the count before.
+                    answered = _serve(
+                        self,
+                        items,
+                        factory.registry.get,
+                        batch,
+                        self._max_depth,
+                        None if header is _INT32_HEADER else header,
+                    )
+                    self.frames_in += answered
+                else:
+                    # The hot path, inlined (one call less per read): well-formed envelopes with
+                    # synchronous JSON results.  Anything unusual (a framing token, invalid JSON, a
+                    # bad envelope, a reserved type, a Deferred or `Reply` result, a failing
+                    # handler) takes the general path (`_handle_item`), which alone decides what
+                    # goes on the wire, so both paths answer identically.
+                    loads = envelope.decode_json_unchecked
+                    dumps = envelope.encode_json
+                    header = self._framing.header
+                    answered = 0
+                    lookup = factory.registry.get
+                    max_depth = self._max_depth
+                    # Nesting deeper than max_depth takes at least 2 * (max_depth + 1) bytes, so
+                    # short bodies (most of them) skip the depth check altogether.
+                    deep_enough = 2 * max_depth + 2
+                    for item in items:
+                        if type(item) is not bytes:
+                            self._handle_item(item)  # a framing token
+                            continue
                         try:
-                            body = dumps(reply)
+                            value = loads(item)
+                        except ValueError:
+                            self._handle_item(item)
+                            continue
+                        if type(value) is not dict or (
+                            len(item) >= deep_enough and exceeds_depth(value, item, max_depth)
+                        ):
+                            self._handle_item(
+                                item
+                            )  # not an object, or too deep: the general path answers
+                            continue
+                        type_ = value.get("type")
+                        id_ = value.get("id")
+                        handler = lookup(type_) if type(type_) is str else None
+                        if handler is None or (
+                            id_ is not None and type(id_) is not str and type(id_) is not int
+                        ):
+                            self._handle_item(item)
+                            continue
+                        answered += 1
+                        data = value.get("data")
+                        try:
+                            result = handler(Request(type_, id_, data, self))
                         except Exception:
                             self._emit(
                                 self._error_frame(Failure(), envelope.Message(type_, id_, data))
                             )
                             continue
-                        if self._pending:  # re-read: a handler in this read may have gone async
-                            self._emit(body)
+                        if type(result) in _PLAIN_RESULTS:
+                            reply = (
+                                {"type": type_, "id": id_, "data": result}
+                                if id_ is not None
+                                else {
+                                    "type": type_,
+                                    "data": result,
+                                }
+                            )
+                            try:
+                                body = dumps(reply)
+                            except Exception:
+                                self._emit(
+                                    self._error_frame(Failure(), envelope.Message(type_, id_, data))
+                                )
+                                continue
+                            if self._pending:  # re-read: a handler in this read may have gone async
+                                self._emit(body)
+                            else:
+                                batch.append(header(len(body)) + body)
                         else:
-                            batch.append(header(len(body)) + body)
-                    else:
-                        self._handle_result(envelope.Message(type_, id_, data), result)
-                self.frames_in += answered
+                            self._handle_result(envelope.Message(type_, id_, data), result)
+                    self.frames_in += answered
             else:
                 for item in items:
                     self._handle_item(item)

@@ -512,6 +512,25 @@ reply_prefix(PyObject *type_)
     return prefix;
 }
 
+/* `v` in decimal, as the encoder writes an integer; returns its length (at most 20). */
+static Py_ssize_t
+format_int(char *out, long long v)
+{
+    char digits[24];
+    int n = 0;
+    unsigned long long u = v < 0 ? 0ULL - (unsigned long long)v : (unsigned long long)v;
+    do {
+        digits[n++] = (char)('0' + (int)(u % 10));
+        u /= 10;
+    } while (u);
+    Py_ssize_t len = 0;
+    if (v < 0)
+        out[len++] = '-';
+    while (n)
+        out[len++] = digits[--n];
+    return len;
+}
+
 /* The reply body {"type":..,"id":..,"data":..} as json_dumps would encode that dict, written
  * after `room` spare bytes (for the int32 header).  Returns NULL with an exception if the
  * encoder raised (the caller answers as for a failing handler), or NULL with no exception
@@ -532,7 +551,7 @@ encode_reply(PyObject *type_, PyObject *id_, PyObject *result, Py_ssize_t room)
                 return NULL;
             if (overflow)
                 return NULL; /* past 64 bits: the dict path, whose encoder decides */
-            id_len = (Py_ssize_t)snprintf(number, sizeof number, "%lld", v);
+            id_len = format_int(number, v);
             id_text = number;
         }
         else {
