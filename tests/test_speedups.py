@@ -105,7 +105,9 @@ _frames = st.lists(
 
 @needs_extension
 @settings(max_examples=500, deadline=None)
-@given(_frames, st.data(), st.sampled_from([0, 10, 30, 2**32 - 1]), st.sampled_from([1, 8, 65536]))
+@given(
+    _frames, st.data(), st.sampled_from([-1, 0, 10, 30, 2**32 - 1]), st.sampled_from([1, 8, 65536])
+)
 def test_the_c_decoder_decodes_as_the_python_one(
     frames: list[bytes], data: Any, limit: int, large_body: int
 ) -> None:

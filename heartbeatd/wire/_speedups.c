@@ -119,6 +119,14 @@ decoder_refuse(Decoder *self, uint32_t length)
     return 0;
 }
 
+/* `length > max_frame_bytes`, compared as Python compares them (a negative limit refuses
+ * everything, as it does there). */
+static inline int
+too_large(Decoder *self, uint32_t length)
+{
+    return (long long)length > (long long)self->max_frame_bytes;
+}
+
 static inline uint32_t
 read_be32(const unsigned char *p)
 {
@@ -207,7 +215,7 @@ decoder_feed(Decoder *self, PyObject *arg)
                 goto done;
             }
             uint32_t length = read_be32(self->head);
-            if ((uint64_t)length > (uint64_t)self->max_frame_bytes) {
+            if (too_large(self, length)) {
                 if (decoder_refuse(self, length) < 0)
                     goto fail;
                 goto done;
@@ -245,7 +253,7 @@ decoder_feed(Decoder *self, PyObject *arg)
     /* Whole frames. */
     while (n - off >= 4) {
         uint32_t length = read_be32((const unsigned char *)p + off);
-        if ((uint64_t)length > (uint64_t)self->max_frame_bytes) {
+        if (too_large(self, length)) {
             if (decoder_refuse(self, length) < 0)
                 goto fail;
             goto done;
@@ -810,7 +818,9 @@ serve(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (depth == -1 && PyErr_Occurred())
         return NULL;
     /* Nesting deeper than max_depth takes at least 2 * (max_depth + 1) bytes. */
-    Py_ssize_t deep_enough = depth > PY_SSIZE_T_MAX / 2 - 2 ? PY_SSIZE_T_MAX : 2 * depth + 2;
+    Py_ssize_t deep_enough = depth > PY_SSIZE_T_MAX / 2 - 2 ? PY_SSIZE_T_MAX
+                             : depth < 0                    ? 0
+                                                            : 2 * depth + 2;
     Py_ssize_t answered = 0;
     Py_INCREF(items);
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(items); i++) {
