@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -33,6 +34,17 @@ def extension_name() -> str:
     return MODULE.rsplit("/", 1)[1] + (sysconfig.get_config_var("EXT_SUFFIX") or ".so")
 
 
+def compiler() -> list[str]:
+    """``CC`` if set, else the compiler Python was built with, else ``cc`` or ``gcc``."""
+    if os.environ.get("CC"):
+        return shlex.split(os.environ["CC"])
+    built_with = shlex.split(sysconfig.get_config_var("CC") or "")
+    for candidate in (built_with, ["cc"], ["gcc"]):
+        if candidate and shutil.which(candidate[0]):
+            return candidate
+    return built_with or ["cc"]
+
+
 def compile_extension(out_dir: Path) -> Path | None:
     """Compile the module into ``out_dir``; None (with a warning) when it cannot be."""
     if os.environ.get("HEARTBEATD_NO_EXTENSIONS"):
@@ -40,10 +52,12 @@ def compile_extension(out_dir: Path) -> Path | None:
         return None
     if sys.implementation.name != "cpython":
         return None
-    cc = shlex.split(os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc")
+    cc = compiler()
     include = sysconfig.get_paths()["include"]
     target = out_dir / extension_name()
     flags = [*FLAGS, *(["-Werror"] if os.environ.get("HEARTBEATD_STRICT_BUILD") else [])]
+    if sys.platform == "darwin":  # symbols resolve against the interpreter at load time
+        flags += ["-undefined", "dynamic_lookup"]
     command = [*cc, *flags, f"-I{include}", str(SOURCE), "-o", str(target)]
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=300)
