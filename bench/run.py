@@ -577,6 +577,7 @@ def main() -> None:
     if args.before:
         use_before(args.before)
     if args.quick:
+        PEERS.remove("heartbeatd-py")  # the smoke run checks the harness, not the two paths
         args.repeat, args.duration, args.warmup = 1, 0.3, 0.1
         args.idle_conns, args.idle_interval, args.pool_seconds = 50, 0.5, 0.5
         args.workers, args.workers_conns, args.workers_interval = 2, 200, 1.0

@@ -51,6 +51,7 @@ typedef struct {
     Py_ssize_t length;     /* the body length, once head_have == 4 */
     PyObject *body;        /* bytes being filled (capacity `cap`), or NULL */
     Py_ssize_t cap;
+    PyObject *chunks;      /* a large body's pieces (see decoder_append), or NULL */
     Py_ssize_t have;       /* body bytes received */
 } Decoder;
 
@@ -58,6 +59,7 @@ static void
 decoder_reset(Decoder *self)
 {
     Py_CLEAR(self->body);
+    Py_CLEAR(self->chunks);
     self->head_have = 0;
     self->length = 0;
     self->cap = 0;
@@ -84,6 +86,7 @@ static int
 decoder_traverse(Decoder *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->error);
+    Py_VISIT(self->chunks);
     Py_VISIT(Py_TYPE(self));
     return 0;
 }
@@ -93,6 +96,7 @@ decoder_clear(Decoder *self)
 {
     Py_CLEAR(self->error);
     Py_CLEAR(self->body);
+    Py_CLEAR(self->chunks);
     return 0;
 }
 
@@ -133,11 +137,56 @@ read_be32(const unsigned char *p)
     return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | (uint32_t)p[3];
 }
 
-/* Append `n` body bytes to the unfinished frame; the buffer grows to at most twice the bytes
- * received (never to the announced length at once: a peer's header costs us nothing). */
+/* Reads shorter than this are copied into the large body's trailing bytearray rather than
+ * kept as objects (int32.py's _SHORT_READ). */
+#define SHORT_READ (16 * 1024)
+
+/* A large body (at least large_body bytes), as int32.py gathers it: a long read of immutable
+ * bytes is kept by reference, as (read, start, size); short reads are copied into a trailing
+ * bytearray. The body is copied once, when it is complete: no buffer is grown and copied. */
 static int
-decoder_append(Decoder *self, const char *p, Py_ssize_t n)
+decoder_gather(Decoder *self, const char *p, Py_ssize_t n, PyObject *owner)
 {
+    if (n == 0)
+        return 0;
+    if (self->chunks == NULL && (self->chunks = PyList_New(0)) == NULL)
+        return -1;
+    Py_ssize_t k = PyList_GET_SIZE(self->chunks);
+    PyObject *piece;
+    if (n >= SHORT_READ && owner != NULL) {
+        Py_ssize_t start = (Py_ssize_t)(p - PyBytes_AS_STRING(owner));
+        piece = Py_BuildValue("(Onn)", owner, start, n);
+    }
+    else {
+        PyObject *last = k ? PyList_GET_ITEM(self->chunks, k - 1) : NULL;
+        if (last != NULL && PyByteArray_CheckExact(last)) {
+            Py_ssize_t size = PyByteArray_GET_SIZE(last);
+            if (PyByteArray_Resize(last, size + n) < 0)
+                return -1;
+            memcpy(PyByteArray_AS_STRING(last) + size, p, (size_t)n);
+            self->have += n;
+            return 0;
+        }
+        piece = PyByteArray_FromStringAndSize(p, n);
+    }
+    if (piece == NULL)
+        return -1;
+    int r = PyList_Append(self->chunks, piece);
+    Py_DECREF(piece);
+    if (r < 0)
+        return -1;
+    self->have += n;
+    return 0;
+}
+
+/* Append `n` body bytes (inside `owner`, when that is immutable bytes) to the unfinished
+ * frame. A body shorter than large_body is copied into a buffer that grows to at most twice
+ * the bytes received (never to the announced length at once: a header costs us nothing). */
+static int
+decoder_append(Decoder *self, const char *p, Py_ssize_t n, PyObject *owner)
+{
+    if (self->length >= self->large_body && self->length > 0)
+        return decoder_gather(self, p, n, owner);
     Py_ssize_t needed = self->have + n; /* <= length <= max_frame_bytes */
     if (needed > self->cap) {
         Py_ssize_t cap = self->cap > PY_SSIZE_T_MAX / 2 ? needed : self->cap * 2;
@@ -169,7 +218,37 @@ static PyObject *
 decoder_take(Decoder *self)
 {
     PyObject *body;
-    if (self->length == 0) {
+    if (self->chunks != NULL) {
+        body = PyBytes_FromStringAndSize(NULL, self->length);
+        if (body == NULL)
+            return NULL;
+        char *out = PyBytes_AS_STRING(body);
+        Py_ssize_t at = 0;
+        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(self->chunks); i++) {
+            PyObject *piece = PyList_GET_ITEM(self->chunks, i);
+            const char *from;
+            Py_ssize_t size;
+            if (PyByteArray_CheckExact(piece)) {
+                from = PyByteArray_AS_STRING(piece);
+                size = PyByteArray_GET_SIZE(piece);
+            }
+            else { /* (read, start, size) */
+                PyObject *owner = PyTuple_GET_ITEM(piece, 0);
+                Py_ssize_t start = PyLong_AsSsize_t(PyTuple_GET_ITEM(piece, 1));
+                size = PyLong_AsSsize_t(PyTuple_GET_ITEM(piece, 2));
+                from = PyBytes_AS_STRING(owner) + start;
+            }
+            if (size < 0 || size > self->length - at) { /* cannot happen: have == length */
+                Py_DECREF(body);
+                PyErr_SetString(PyExc_SystemError, "heartbeatd decoder: body pieces overflow");
+                return NULL;
+            }
+            memcpy(out + at, from, (size_t)size);
+            at += size;
+        }
+        Py_CLEAR(self->chunks);
+    }
+    else if (self->length == 0) {
         body = PyBytes_FromStringAndSize(NULL, 0);
     }
     else {
@@ -197,6 +276,8 @@ decoder_feed(Decoder *self, PyObject *arg)
         return NULL;
     p = (const char *)view.buf;
     n = view.len;
+    /* Immutable bytes may be kept by reference (a large body's long reads). */
+    PyObject *owner = PyBytes_CheckExact(arg) ? arg : NULL;
     frames = PyList_New(0);
     if (frames == NULL)
         goto fail;
@@ -225,7 +306,7 @@ decoder_feed(Decoder *self, PyObject *arg)
         Py_ssize_t take = self->length - self->have;
         if (take > n - off)
             take = n - off;
-        if (decoder_append(self, p + off, take) < 0) {
+        if (decoder_append(self, p + off, take, owner) < 0) {
             decoder_reset(self);
             goto fail;
         }
@@ -281,7 +362,7 @@ decoder_feed(Decoder *self, PyObject *arg)
             memcpy(self->head, p + off, 4);
             self->head_have = 4;
             self->length = (Py_ssize_t)read_be32(self->head); /* checked in the loop */
-            if (decoder_append(self, p + off + 4, tail - 4) < 0) {
+            if (decoder_append(self, p + off + 4, tail - 4, owner) < 0) {
                 decoder_reset(self);
                 goto fail;
             }
