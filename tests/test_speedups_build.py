@@ -66,7 +66,8 @@ def _probe(wheel: Path, site: Path) -> list[str]:
 
 
 def test_with_a_compiler_the_wheel_carries_the_c_hot_path(tmp_path: Path) -> None:
-    wheel = _build(tmp_path / "dist")
+    # Strict: a compiler warning (-Wall -Wextra) fails the build, so it fails this test.
+    wheel = _build(tmp_path / "dist", HEARTBEATD_STRICT_BUILD="1")
     assert not wheel.name.endswith("-py3-none-any.whl"), wheel.name  # a platform wheel
     names = zipfile.ZipFile(wheel).namelist()
     assert [n for n in names if n.startswith("heartbeatd/wire/_speedups.") and n.endswith(".so")]
