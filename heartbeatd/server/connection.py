@@ -6,9 +6,10 @@ writes with its framing (``_framing``: ``header``/``encode``).  Two adapters exi
 stream one (`heartbeatd.server.protocol.ServerProtocol`: int32 or seed framing, TCP, TLS,
 UNIX sockets) and the WebSocket one (`heartbeatd.websocket.protocol`).  What the core does:
 
-* dispatch: a hot path for plain synchronous requests (inlined in `_deliver`) and a general
-  path (`_handle_item`) that alone decides what goes on the wire for anything unusual, so
-  both answer identically (tests/test_protocol_paths.py);
+* dispatch: a hot path for plain synchronous requests (inlined in `_deliver`, with a C twin
+  in ``heartbeatd.wire._speedups`` that runs when built: tests/test_speedups.py) and a
+  general path (`_handle_item`) that alone decides what goes on the wire for anything
+  unusual, so all answer identically (tests/test_protocol_paths.py);
 * reply in request order, even when a later request finishes first (`_pending` slots), and
   write all replies produced by one read with a single write;
 * the auth gate's hooks (`auth_succeeded`, `auth_refused`), liveness and heartbeat

@@ -475,7 +475,7 @@ call_with_handled(PyObject *connection, PyObject *name, PyObject *const *args, s
 #if PY_VERSION_HEX >= 0x030C0000
     PyErr_SetHandledException(old);
     Py_XDECREF(old);
-    Py_DECREF(exc);
+    Py_XDECREF(exc);
 #else
     PyErr_SetExcInfo(ot, ov, otb); /* steals */
 #endif
