@@ -620,6 +620,32 @@ format_int(char *out, long long v)
     return len;
 }
 
+/* Strings up to this long that need no escape are written without calling the encoder (past
+ * it, the encoder's own vectorised scan is faster than ours). */
+#define PLAIN_STRING_MAX 4096
+
+/* 1 if `value` is a str the encoder would write as its own characters between quotes:
+ * printable ASCII (0x20-0x7e) without '"' or '\\'; 0 if not (the encoder writes it); -1 error. */
+static int
+plain_ascii(PyObject *value)
+{
+    if (!PyUnicode_CheckExact(value))
+        return 0;
+#if PY_VERSION_HEX < 0x030C0000
+    if (PyUnicode_READY(value) < 0)
+        return -1;
+#endif
+    if (!PyUnicode_IS_ASCII(value) || PyUnicode_GET_LENGTH(value) > PLAIN_STRING_MAX)
+        return 0;
+    const unsigned char *c = (const unsigned char *)PyUnicode_DATA(value);
+    Py_ssize_t n = PyUnicode_GET_LENGTH(value);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (c[i] < 0x20 || c[i] > 0x7e || c[i] == '"' || c[i] == '\\')
+            return 0;
+    }
+    return 1;
+}
+
 /* The reply body {"type":..,"id":..,"data":..} as json_dumps would encode that dict, written
  * after `room` spare bytes (for the int32 header).  Returns NULL with an exception if the
  * encoder raised (the caller answers as for a failing handler), or NULL with no exception
@@ -656,32 +682,51 @@ encode_reply(PyObject *type_, PyObject *id_, PyObject *result, Py_ssize_t room)
             id_text = PyBytes_AS_STRING(id_encoded);
         }
     }
-    /* [result]: the value at the depth it has inside the reply object, so the encoder's
-     * nesting limit refuses exactly what it would refuse in the dict. */
-    wrapped = PyList_New(1);
-    if (wrapped == NULL) {
+    const char *data_text;
+    Py_ssize_t dlen;
+    int quote = plain_ascii(result);
+    if (quote < 0) {
         Py_XDECREF(id_encoded);
         return NULL;
     }
-    Py_INCREF(result);
-    PyList_SET_ITEM(wrapped, 0, result);
-    data = PyObject_CallOneArg(json_dumps, wrapped);
-    Py_DECREF(wrapped);
-    if (data == NULL) {
-        Py_XDECREF(id_encoded);
-        return NULL;
+    if (quote) { /* written as the encoder writes it: between quotes, unchanged */
+        data = NULL;
+        data_text = (const char *)PyUnicode_DATA(result);
+        dlen = PyUnicode_GET_LENGTH(result);
+    }
+    else {
+        /* [result]: the value at the depth it has inside the reply object, so the encoder's
+         * nesting limit refuses exactly what it would refuse in the dict. */
+        wrapped = PyList_New(1);
+        if (wrapped == NULL) {
+            Py_XDECREF(id_encoded);
+            return NULL;
+        }
+        Py_INCREF(result);
+        PyList_SET_ITEM(wrapped, 0, result);
+        data = PyObject_CallOneArg(json_dumps, wrapped);
+        Py_DECREF(wrapped);
+        if (data == NULL) {
+            Py_XDECREF(id_encoded);
+            return NULL;
+        }
+        if (!PyBytes_CheckExact(data) || PyBytes_GET_SIZE(data) < 2) {
+            Py_DECREF(data);
+            Py_XDECREF(id_encoded);
+            PyErr_SetString(PyExc_TypeError, "the JSON encoder returned no bytes");
+            return NULL;
+        }
+        data_text = PyBytes_AS_STRING(data) + 1;
+        dlen = PyBytes_GET_SIZE(data) - 2;
     }
     prefix = reply_prefix(type_);
-    if (prefix == NULL || !PyBytes_CheckExact(data) || PyBytes_GET_SIZE(data) < 2) {
-        if (prefix != NULL)
-            PyErr_SetString(PyExc_TypeError, "the JSON encoder returned no bytes");
+    if (prefix == NULL)
         goto done;
-    }
     {
         static const char ID[] = ",\"id\":", DATA[] = ",\"data\":";
-        Py_ssize_t plen = PyBytes_GET_SIZE(prefix), dlen = PyBytes_GET_SIZE(data) - 2;
+        Py_ssize_t plen = PyBytes_GET_SIZE(prefix);
         Py_ssize_t size = room + plen + (id_text ? (Py_ssize_t)sizeof ID - 1 + id_len : 0) +
-                          (Py_ssize_t)sizeof DATA - 1 + dlen + 1;
+                          (Py_ssize_t)sizeof DATA - 1 + dlen + 2 * quote + 1;
         out = PyBytes_FromStringAndSize(NULL, size);
         if (out == NULL)
             goto done;
@@ -696,13 +741,17 @@ encode_reply(PyObject *type_, PyObject *id_, PyObject *result, Py_ssize_t room)
         }
         memcpy(w, DATA, sizeof DATA - 1);
         w += sizeof DATA - 1;
-        memcpy(w, PyBytes_AS_STRING(data) + 1, (size_t)dlen);
+        if (quote)
+            *w++ = '"';
+        memcpy(w, data_text, (size_t)dlen);
         w += dlen;
+        if (quote)
+            *w++ = '"';
         *w = '}';
     }
 done:
     Py_XDECREF(prefix);
-    Py_DECREF(data);
+    Py_XDECREF(data);
     Py_XDECREF(id_encoded);
     return out;
 }
