@@ -637,13 +637,19 @@ plain_ascii(PyObject *value)
 #endif
     if (!PyUnicode_IS_ASCII(value) || PyUnicode_GET_LENGTH(value) > PLAIN_STRING_MAX)
         return 0;
+    /* 1 for the ASCII bytes that are not written as themselves (or might not be: DEL). */
+    static unsigned char special[128];
+    if (!special[0]) {
+        for (int b = 0; b < 0x20; b++)
+            special[b] = 1;
+        special['"'] = special['\\'] = special[0x7f] = 1;
+    }
     const unsigned char *c = (const unsigned char *)PyUnicode_DATA(value);
     Py_ssize_t n = PyUnicode_GET_LENGTH(value);
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (c[i] < 0x20 || c[i] > 0x7e || c[i] == '"' || c[i] == '\\')
-            return 0;
-    }
-    return 1;
+    unsigned char any = 0;
+    for (Py_ssize_t i = 0; i < n; i++)
+        any |= special[c[i] & 0x7f]; /* ASCII: c[i] < 0x80 */
+    return !any;
 }
 
 /* The reply body {"type":..,"id":..,"data":..} as json_dumps would encode that dict, written
