@@ -8,9 +8,10 @@ OLDEST := .venv-oldest
 OLDEST_STAMP := $(OLDEST)/.installed-stamp
 CONFIG ?= config/heartbeatd.yaml
 
-.PHONY: run test test-newest test-oldest lint bench bench-fanout clean redis-server js-deps chromium promtool
+.PHONY: run test test-newest test-oldest lint bench bench-fanout clean redis-server js-deps chromium promtool c-toolchain
 
-$(STAMP): pyproject.toml twisted_plugins/heartbeatd_plugin.py
+# hatch_build.py compiles heartbeatd/wire/_speedups.c into the editable install (gcc).
+$(STAMP): pyproject.toml twisted_plugins/heartbeatd_plugin.py hatch_build.py heartbeatd/wire/_speedups.c | c-toolchain
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "heartbeatd needs Python 3.10+"'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
@@ -24,7 +25,7 @@ $(STAMP): pyproject.toml twisted_plugins/heartbeatd_plugin.py
 run: $(STAMP)
 	PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" $(BIN)/twistd --nodaemon --pidfile= --logger=heartbeatd.daemon.logs.observer heartbeatd --config $(CONFIG)
 
-$(OLDEST_STAMP): pyproject.toml twisted_plugins/heartbeatd_plugin.py tests/oldest-constraints.txt
+$(OLDEST_STAMP): pyproject.toml twisted_plugins/heartbeatd_plugin.py tests/oldest-constraints.txt hatch_build.py heartbeatd/wire/_speedups.c | c-toolchain
 	$(PYTHON) -m venv $(OLDEST)
 	$(OLDEST)/bin/python -m pip install --quiet --upgrade pip
 	$(OLDEST)/bin/python -m pip install --quiet -c tests/oldest-constraints.txt -e '.[test]'
@@ -38,8 +39,16 @@ test: test-newest test-oldest
 # Four pytest workers (pytest-xdist): the tests mostly wait on sockets and subprocesses.
 PYTEST_WORKERS ?= 4
 
+# The wire, protocol and fan-out tests run a second time on the pure-Python hot path
+# (HEARTBEATD_NO_EXTENSIONS=1): the first run is on the C one that the install compiled.
+PURE_PYTHON_TESTS := tests/test_framing.py tests/test_envelope.py tests/test_protocol.py \
+	tests/test_protocol_paths.py tests/test_borrowed_decoder.py tests/test_fuzz_server.py \
+	tests/test_hostile_peers.py tests/test_fanout.py tests/test_speedups.py
+
 test-newest: $(STAMP) redis-server js-deps chromium promtool
 	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS)
+	HEARTBEATD_NO_EXTENSIONS=1 $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) -p no:cacheprovider \
+		$(PURE_PYTHON_TESTS)
 
 test-oldest: $(OLDEST_STAMP) redis-server chromium promtool
 	HEARTBEATD_OLDEST=1 $(OLDEST)/bin/python -m pytest -q -n $(PYTEST_WORKERS) -p no:cacheprovider \
@@ -47,6 +56,16 @@ test-oldest: $(OLDEST_STAMP) redis-server chromium promtool
 		--ignore=tests/test_cluster_bench_smoke.py --ignore=tests/test_workers_bench_smoke.py \
 		--ignore=tests/test_fanout_bench_smoke.py --ignore=tests/test_soak_smoke.py \
 		--ignore=tests/test_js_client.py --ignore=tests/test_js_browser.py
+
+# The compiled hot path (hatch_build.py) needs a C compiler and Python's headers; without them
+# heartbeatd installs and runs its pure-Python twin, and tests/test_speedups.py says so. Debian:
+# gcc and python3-dev, installed when missing (as root); elsewhere, a warning.
+c-toolchain:
+	@{ command -v gcc >/dev/null 2>&1 && $(PYTHON) -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; } || { \
+	  echo "gcc or Python's headers are missing; installing gcc and python3-dev (needs root and apt-get)"; \
+	  (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=300 gcc python3-dev >/dev/null 2>&1 || \
+	   (apt-get update -qq -o DPkg::Lock::Timeout=300 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=300 gcc python3-dev >/dev/null 2>&1)) || \
+	  echo "Could not install them: heartbeatd runs its pure-Python hot path (docs/development.md)"; }
 
 # The cluster tests start their own redis-server (and, for failover, redis-sentinel); install
 # them when missing (as root, Debian).

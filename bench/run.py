@@ -21,6 +21,7 @@ Writes DIR/latest.json, DIR/latest.md and DIR/latest.png (if matplotlib is insta
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import queue
@@ -48,9 +49,12 @@ WORKLOADS = {
     "W2": {"conns": 50, "depth": 32, "size": 64, "what": "throughput: 50 conns, 32 in flight"},
     "W3": {"conns": 4, "depth": 4, "size": 262144, "what": "bandwidth: 4 conns, 4 x 256 KiB"},
 }
-PEERS = ["heartbeatd", "twisted", "node", "c"]
+PEERS = ["heartbeatd", "heartbeatd-py", "twisted", "node", "c"]
 LABELS = {
     "heartbeatd": "heartbeatd",
+    # The same daemon with HEARTBEATD_NO_EXTENSIONS=1, when the C hot path is built (the
+    # throughput phase only): docs/benchmarks.md, "The compiled hot path".
+    "heartbeatd-py": "heartbeatd, pure-Python hot path",
     "twisted": "plain Twisted + json",
     "node": "Node.js net",
     "c": "C reframe only",
@@ -96,7 +100,10 @@ class Server:
         self.name = name
         self.admin_port = 0
         self.lines: list[str] = []
-        if name in ("heartbeatd", "before"):
+        env = {k: v for k, v in os.environ.items() if k != "HEARTBEATD_NO_EXTENSIONS"}
+        if name == "heartbeatd-py":
+            env["HEARTBEATD_NO_EXTENSIONS"] = "1"
+        if name in ("heartbeatd", "heartbeatd-py", "before"):
             config: dict[str, Any] = {
                 "listen": "tcp:0:interface=127.0.0.1:backlog=1024",
                 "admin": {"listen": "tcp:0:interface=127.0.0.1"},
@@ -116,7 +123,7 @@ class Server:
                 config.pop("limits", None)  # older trees may not know every limit
             path = workdir / f"{name}-{heartbeat}-{quiet}.yaml"
             path.write_text(json.dumps(config))  # JSON is YAML
-            twistd = BIN / "twistd" if name == "heartbeatd" else BEFORE / ".venv/bin/twistd"  # type: ignore[operator]
+            twistd = BIN / "twistd" if name != "before" else BEFORE / ".venv/bin/twistd"  # type: ignore[operator]
             argv = [
                 str(twistd),
                 "--nodaemon",
@@ -133,7 +140,11 @@ class Server:
                 "c": [str(BUILD / "c_echo"), "0"],
             }[name] + extra
         self.process = subprocess.Popen(
-            pinned(SERVER_CORE, argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            pinned(SERVER_CORE, argv),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
         )
         self._queue: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._drain, daemon=True).start()
@@ -366,6 +377,8 @@ def run_workers(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 def available(name: str) -> bool:
     if name == "before":
         return BEFORE is not None
+    if name == "heartbeatd-py":  # beside the C path only: else it is "heartbeatd" again
+        return importlib.util.find_spec("heartbeatd.wire._speedups") is not None
     return name != "node" or shutil.which("node") is not None
 
 
@@ -564,6 +577,7 @@ def main() -> None:
     if args.before:
         use_before(args.before)
     if args.quick:
+        PEERS.remove("heartbeatd-py")  # the smoke run checks the harness, not the two paths
         args.repeat, args.duration, args.warmup = 1, 0.3, 0.1
         args.idle_conns, args.idle_interval, args.pool_seconds = 50, 0.5, 0.5
         args.workers, args.workers_conns, args.workers_interval = 2, 200, 1.0

@@ -26,6 +26,7 @@ from heartbeatd.daemon.channels_admin import ClusterBackend
 from heartbeatd.daemon.supervisor_admin import SupervisorBackend
 from heartbeatd.server.factory import ServerFactory
 from heartbeatd.server.handlers import HandlerError, default_registry
+from heartbeatd.wire import ACCELERATED
 
 TOKEN = "t0ken"
 
@@ -126,7 +127,10 @@ def test_metrics_have_process_build_info_and_zero_labels(factory: ServerFactory)
         'heartbeatd_foreign_protocol_total{kind="http"} 0.0',
     ):
         assert line in text.splitlines()
-    assert 'heartbeatd_build_info{python="' in text and 'version="' in text
+    (info,) = [line for line in text.splitlines() if line.startswith("heartbeatd_build_info{")]
+    assert 'python="' in info and 'version="' in info and 'twisted="' in info
+    # Which hot path runs: the compiled one, or pure Python (HEARTBEATD_NO_EXTENSIONS=1).
+    assert f'accelerated="{ACCELERATED}"' in info
     for name in (
         "process_cpu_seconds_total",
         "process_resident_memory_bytes",

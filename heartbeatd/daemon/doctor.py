@@ -37,6 +37,7 @@ from urllib.parse import unquote, urlsplit
 
 from heartbeatd.config import FD_RESERVE, Config, ConfigError
 from heartbeatd.daemon.config import load_config
+from heartbeatd.wire._accelerated import ACCELERATED, NO_EXTENSIONS
 
 __all__ = ["Check", "Machine", "diagnose", "main"]
 
@@ -402,8 +403,25 @@ def check_redis(config: Config, timeout: float = 2.0) -> list[Check]:
     return [Check(FAIL, "redis", f"cluster.redis {shown} answered PING with {reply!r}")]
 
 
+def check_hot_path() -> list[Check]:
+    """Which per-message path this install runs: the compiled one, or pure Python."""
+    if ACCELERATED == "c":
+        return [Check(OK, "hot path", "compiled (C): heartbeatd.wire._speedups")]
+    if NO_EXTENSIONS:
+        return [Check(OK, "hot path", "pure Python, as HEARTBEATD_NO_EXTENSIONS asks")]
+    return [
+        Check(
+            WARN,
+            "hot path",
+            "pure Python: the C hot path was not built (no compiler when heartbeatd was "
+            "installed?); reinstall with gcc and the Python headers (docs/development.md)",
+        )
+    ]
+
+
 def diagnose(config: Config, machine: Machine, sample: float = 0.0) -> list[Check]:
     return [
+        *check_hot_path(),
         *check_open_files(config, machine),
         *check_backlog(config, machine),
         *check_memory(config, machine),

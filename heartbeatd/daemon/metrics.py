@@ -27,7 +27,7 @@ from heartbeatd._version import __version__
 from heartbeatd.server.channels import UNAVAILABLE
 from heartbeatd.server.factory import ServerFactory
 from heartbeatd.server.resumable import RESUME_REASONS
-from heartbeatd.wire import envelope, sniff
+from heartbeatd.wire import ACCELERATED, envelope, sniff
 
 __all__ = ["ERROR_CODES", "EVICTION_REASONS", "FactoryCollector", "registry_for"]
 
@@ -111,9 +111,11 @@ class FactoryCollector(Collector):
         info = GaugeMetricFamily(
             "heartbeatd_build_info",
             "Versions this daemon runs (the value is always 1).",
-            labels=["version", "python", "twisted"],
+            labels=["version", "python", "twisted", "accelerated"],
         )
-        info.add_metric([__version__, platform.python_version(), twisted.__version__], 1)
+        info.add_metric(
+            [__version__, platform.python_version(), twisted.__version__, ACCELERATED], 1
+        )
         yield info
         yield GaugeMetricFamily(
             "heartbeatd_connections", "Clients connected now.", value=len(f.clients)

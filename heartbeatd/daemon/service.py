@@ -29,6 +29,10 @@ from heartbeatd.daemon.startup import LaunchStderr, StartupError
 from heartbeatd.server import leantcp
 from heartbeatd.server.connection import format_address
 from heartbeatd.server.factory import ServerFactory
+from heartbeatd.wire import ACCELERATED
+
+#: How the start-up line names the hot path (heartbeatd.wire.ACCELERATED).
+HOT_PATHS = {"c": "C", "python": "pure Python"}
 
 __all__ = ["ServerService"]
 
@@ -106,11 +110,14 @@ class ServerService(Service):
             guard.watch(result)
         limit, why, capped = describe_limit(config)
         log.info(
-            "heartbeatd {version} listening on {address} ({framing} framing, heartbeat every "
-            "{interval:g}s, timeout {timeout:g}s, up to {limit} connections ({why}))",
+            "heartbeatd {version} listening on {address} ({framing} framing, hot path in "
+            "{path}, heartbeat every {interval:g}s, timeout {timeout:g}s, up to {limit} "
+            "connections ({why}))",
             version=__version__,
             address=format_address(result.getHost()),
             framing=config.framing,
+            path=HOT_PATHS[ACCELERATED],
+            accelerated=ACCELERATED,
             interval=config.heartbeat.interval,
             timeout=config.heartbeat.timeout,
             limit=limit,

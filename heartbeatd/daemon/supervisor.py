@@ -33,9 +33,11 @@ from heartbeatd._version import __version__
 from heartbeatd.config import Config, ConfigError, private_unix_endpoint, worker_node_id
 from heartbeatd.daemon.config import load_config
 from heartbeatd.daemon.sdnotify import Notifier
+from heartbeatd.daemon.service import HOT_PATHS
 from heartbeatd.daemon.signals import ShutdownSignals
 from heartbeatd.daemon.worker import ADMIN_FD, LISTEN_FD, MAX_LINE, STATUS_FD, WORKER_ENV
 from heartbeatd.server.protocol import format_address
+from heartbeatd.wire import ACCELERATED
 
 __all__ = ["Supervisor", "WorkerProcess"]
 
@@ -181,11 +183,14 @@ class Supervisor(Service):
         self.port = _bind(endpoint, _SharedSocket(), config.listen, self.startup)
         self.port.stopReading()  # type: ignore[attr-defined]
         log.info(
-            "heartbeatd {version} listening on {address} ({count} workers, {framing} framing)",
+            "heartbeatd {version} listening on {address} ({count} workers, {framing} framing, "
+            "hot path in {path})",
             version=__version__,
             address=format_address(self.port.getHost()),
             count=self.count,
             framing=config.framing,
+            path=HOT_PATHS[ACCELERATED],
+            accelerated=ACCELERATED,
         )
         if config.admin.listen:
             from heartbeatd.daemon.admin import admin_policy

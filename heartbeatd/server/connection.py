@@ -6,9 +6,10 @@ writes with its framing (``_framing``: ``header``/``encode``).  Two adapters exi
 stream one (`heartbeatd.server.protocol.ServerProtocol`: int32 or seed framing, TCP, TLS,
 UNIX sockets) and the WebSocket one (`heartbeatd.websocket.protocol`).  What the core does:
 
-* dispatch: a hot path for plain synchronous requests (inlined in `_deliver`) and a general
-  path (`_handle_item`) that alone decides what goes on the wire for anything unusual, so
-  both answer identically (tests/test_protocol_paths.py);
+* dispatch: a hot path for plain synchronous requests (inlined in `_deliver`, with a C twin
+  in ``heartbeatd.wire._speedups`` that runs when built: tests/test_speedups.py) and a
+  general path (`_handle_item`) that alone decides what goes on the wire for anything
+  unusual, so all answer identically (tests/test_protocol_paths.py);
 * reply in request order, even when a later request finishes first (`_pending` slots), and
   write all replies produced by one read with a single write;
 * the auth gate's hooks (`auth_succeeded`, `auth_refused`), liveness and heartbeat
@@ -40,6 +41,7 @@ from heartbeatd.server.registry import ClientRegistry
 from heartbeatd.server.session import Session
 from heartbeatd.server.sockopts import configure_socket
 from heartbeatd.wire import envelope
+from heartbeatd.wire._accelerated import speedups
 from heartbeatd.wire.envelope import (
     ProtocolError,
     decode_message,
@@ -48,6 +50,7 @@ from heartbeatd.wire.envelope import (
     exceeds_depth,
 )
 from heartbeatd.wire.framing import HEARTBEAT, Framing, SharedFrame
+from heartbeatd.wire.int32 import Int32Framing
 
 __all__ = ["Connection", "format_address", "is_tls"]
 
@@ -59,6 +62,16 @@ _PLAIN_RESULTS = frozenset({dict, list, str, int, float, bool, type(None)})
 #: Types a client sends that answer *us*; they are never dispatched to handlers.
 _PONG = "pong"
 _ERROR = "error"
+
+#: The C twin of `Connection._deliver`'s hot-path loop (heartbeatd.wire._speedups.serve),
+#: or None on the pure-Python path (``HEARTBEATD_NO_EXTENSIONS=1``, or built without a
+#: compiler). It builds `Request` and calls the JSON functions the Python loop calls.
+_serve: Callable[..., int] | None = None
+if speedups is not None:
+    speedups.configure(Request, envelope.decode_json_unchecked, envelope.encode_json, exceeds_depth)
+    _serve = speedups.serve
+#: The int32 framing's header function: the C loop writes that header itself.
+_INT32_HEADER = Int32Framing.header
 
 
 #: Server message types never numbered on a resumable session: they belong to the
@@ -311,80 +324,97 @@ class Connection(Protocol):
         self._batch = batch
         try:
             if self._bare_type is None and self.fast_path and self._auth is None:
-                # The hot path, inlined (one call less per read): well-formed envelopes with
-                # synchronous JSON results.  Anything unusual (a framing token, invalid JSON, a
-                # bad envelope, a reserved type, a Deferred or `Reply` result, a failing
-                # handler) takes the general path (`_handle_item`), which alone decides what
-                # goes on the wire, so both paths answer identically.
-                loads = envelope.decode_json_unchecked
-                dumps = envelope.encode_json
-                header = self._framing.header
-                answered = 0
-                lookup = self.factory.registry.get
-                max_depth = self._max_depth
-                # Nesting deeper than max_depth takes at least 2 * (max_depth + 1) bytes, so
-                # short bodies (most of them) skip the depth check altogether.
-                deep_enough = 2 * max_depth + 2
-                pending_items = iter(items)
-                for item in pending_items:
-                    if type(item) is not bytes:
-                        self._handle_item(item)  # a framing token
-                        continue
-                    try:
-                        value = loads(item)
-                    except ValueError:
-                        self._handle_item(item)
-                        continue
-                    if type(value) is not dict or (
-                        len(item) >= deep_enough and exceeds_depth(value, item, max_depth)
-                    ):
-                        self._handle_item(
-                            item
-                        )  # not an object, or too deep: the general path answers
-                        continue
-                    type_ = value.get("type")
-                    id_ = value.get("id")
-                    handler = lookup(type_) if type(type_) is str else None
-                    if handler is None or (
-                        id_ is not None and type(id_) is not str and type(id_) is not int
-                    ):
-                        self._handle_item(item)
-                        if self._resumable is not None:
-                            # It started (or resumed) a resumable session: the rest of this
-                            # read is numbered, so it takes the general path.
-                            for rest in pending_items:
-                                self._handle_item(rest)
-                        continue
-                    answered += 1
-                    data = value.get("data")
-                    try:
-                        result = handler(Request(type_, id_, data, self))
-                    except Exception:
-                        self._emit(self._error_frame(Failure(), envelope.Message(type_, id_, data)))
-                        continue
-                    if type(result) in _PLAIN_RESULTS:
-                        reply = (
-                            {"type": type_, "id": id_, "data": result}
-                            if id_ is not None
-                            else {
-                                "type": type_,
-                                "data": result,
-                            }
-                        )
+                if _serve is not None:
+                    # The hot path in C: the loop below, compiled (tests/test_speedups.py).
+                    header = self._framing.header
+                    # Not `self.frames_in += _serve(...)`: the general path counts its own frames
+                    # while the C loop runs, and `+=` would read the count before.
+                    answered = _serve(
+                        self,
+                        items,
+                        factory.registry.get,
+                        batch,
+                        self._max_depth,
+                        None if header is _INT32_HEADER else header,
+                    )
+                    self.frames_in += answered
+                else:
+                    # The hot path, inlined (one call less per read): well-formed envelopes with
+                    # synchronous JSON results.  Anything unusual (a framing token, invalid JSON, a
+                    # bad envelope, a reserved type, a Deferred or `Reply` result, a failing
+                    # handler) takes the general path (`_handle_item`), which alone decides what
+                    # goes on the wire, so both paths answer identically.
+                    loads = envelope.decode_json_unchecked
+                    dumps = envelope.encode_json
+                    header = self._framing.header
+                    answered = 0
+                    lookup = factory.registry.get
+                    max_depth = self._max_depth
+                    # Nesting deeper than max_depth takes at least 2 * (max_depth + 1) bytes, so
+                    # short bodies (most of them) skip the depth check altogether.
+                    deep_enough = 2 * max_depth + 2
+                    pending_items = iter(items)
+                    for item in pending_items:
+                        if type(item) is not bytes:
+                            self._handle_item(item)  # a framing token
+                            continue
                         try:
-                            body = dumps(reply)
+                            value = loads(item)
+                        except ValueError:
+                            self._handle_item(item)
+                            continue
+                        if type(value) is not dict or (
+                            len(item) >= deep_enough and exceeds_depth(value, item, max_depth)
+                        ):
+                            self._handle_item(
+                                item
+                            )  # not an object, or too deep: the general path answers
+                            continue
+                        type_ = value.get("type")
+                        id_ = value.get("id")
+                        handler = lookup(type_) if type(type_) is str else None
+                        if handler is None or (
+                            id_ is not None and type(id_) is not str and type(id_) is not int
+                        ):
+                            self._handle_item(item)
+                            if not self.fast_path:
+                                # It started (or resumed) a resumable session: the rest of
+                                # this read is numbered, so it takes the general path.
+                                for rest in pending_items:
+                                    self._handle_item(rest)
+                            continue
+                        answered += 1
+                        data = value.get("data")
+                        try:
+                            result = handler(Request(type_, id_, data, self))
                         except Exception:
                             self._emit(
                                 self._error_frame(Failure(), envelope.Message(type_, id_, data))
                             )
                             continue
-                        if self._pending:  # re-read: a handler in this read may have gone async
-                            self._emit(body)
+                        if type(result) in _PLAIN_RESULTS:
+                            reply = (
+                                {"type": type_, "id": id_, "data": result}
+                                if id_ is not None
+                                else {
+                                    "type": type_,
+                                    "data": result,
+                                }
+                            )
+                            try:
+                                body = dumps(reply)
+                            except Exception:
+                                self._emit(
+                                    self._error_frame(Failure(), envelope.Message(type_, id_, data))
+                                )
+                                continue
+                            if self._pending:  # re-read: a handler in this read may have gone async
+                                self._emit(body)
+                            else:
+                                batch.append(header(len(body)) + body)
                         else:
-                            batch.append(header(len(body)) + body)
-                    else:
-                        self._handle_result(envelope.Message(type_, id_, data), result)
-                self.frames_in += answered
+                            self._handle_result(envelope.Message(type_, id_, data), result)
+                    self.frames_in += answered
             else:
                 for item in items:
                     self._handle_item(item)
@@ -517,6 +547,15 @@ class Connection(Protocol):
             self._emit(encode_error(e.code, e.message, e.id))
             return
         self._dispatch(message)
+
+    def _fast_failed(self, type_: str, id_: str | int | None, data: Any) -> None:
+        """The C hot path's handler (or its reply's encoding) raised: the exception being
+        handled is that one, as in the Python loop's ``except Exception:``."""
+        self._emit(self._error_frame(Failure(), envelope.Message(type_, id_, data)))
+
+    def _fast_result(self, type_: str, id_: str | int | None, data: Any, result: Any) -> None:
+        """The C hot path's handler returned something other than a plain JSON value."""
+        self._handle_result(envelope.Message(type_, id_, data), result)
 
     #: Most characters of a client's ``error`` frame a debug log line shows.
     MAX_LOGGED_ERROR = 200

@@ -1,12 +1,14 @@
 """The wire: bytes in, messages out.  Sans-IO, with no Twisted import (a test enforces it).
 
 Everything below the reactor uses this package: the server, the client, the pool and any
-fuzzer.  A framing says where one frame body ends and the next begins (`int32`, `seed`); the
+fuzzer.  `ACCELERATED` says which hot path runs: ``"c"`` (the optional extension) or
+``"python"``.  A framing says where one frame body ends and the next begins (`int32`, `seed`); the
 envelope says what a body means (``{"type", "id", "data"}``) and names the error codes.
 """
 
 from __future__ import annotations
 
+from heartbeatd.wire._accelerated import ACCELERATED
 from heartbeatd.wire.framing import (
     HEARTBEAT,
     FrameDecoder,
@@ -19,6 +21,7 @@ from heartbeatd.wire.int32 import Int32Decoder, Int32Framing
 from heartbeatd.wire.seed import SeedDecoder, SeedFraming
 
 __all__ = [
+    "ACCELERATED",
     "FRAMINGS",
     "HEARTBEAT",
     "FrameDecoder",

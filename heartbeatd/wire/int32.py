@@ -9,9 +9,10 @@ from __future__ import annotations
 import struct
 from typing import Final
 
+from heartbeatd.wire._accelerated import speedups
 from heartbeatd.wire.framing import FrameTooLarge, FramingError, Item
 
-__all__ = ["Int32Decoder", "Int32Framing"]
+__all__ = ["Int32Decoder", "Int32Framing", "PyInt32Decoder"]
 
 _UINT32 = struct.Struct("!I")
 _unpack_head = _UINT32.unpack_from
@@ -24,8 +25,12 @@ LARGE_BODY: Final = 64 * 1024
 _SHORT_READ: Final = 16 * 1024
 
 
-class Int32Decoder:
-    """Decoder for a 4-byte big-endian unsigned length followed by the body."""
+class PyInt32Decoder:
+    """Decoder for a 4-byte big-endian unsigned length followed by the body.
+
+    The reference: ``heartbeatd.wire._speedups.Int32Decoder`` (C) must behave exactly alike
+    (tests/test_speedups.py), and `Int32Decoder` is that one when it is built.
+    """
 
     __slots__ = (
         "_buffer",
@@ -158,6 +163,13 @@ class Int32Decoder:
         return frames, offset
 
 
+#: The decoder in use: the C one when built (and not ``HEARTBEATD_NO_EXTENSIONS``), else
+#: `PyInt32Decoder`.
+Int32Decoder: type[PyInt32Decoder] = (
+    speedups.Int32Decoder if speedups is not None else PyInt32Decoder
+)
+
+
 class Int32Framing:
     """The default framing: Twisted's ``Int32StringReceiver`` wire format."""
 
@@ -173,5 +185,5 @@ class Int32Framing:
         return _UINT32.pack(len(body)) + body
 
     @staticmethod
-    def decoder(max_frame_bytes: int) -> Int32Decoder:
+    def decoder(max_frame_bytes: int) -> PyInt32Decoder:
         return Int32Decoder(max_frame_bytes)

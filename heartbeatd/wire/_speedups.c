@@ -1,0 +1,1116 @@
+/* heartbeatd.wire._speedups: the int32 decoder and the connection's hot-path loop, in C.
+ *
+ * The pure-Python twins are the reference: heartbeatd/wire/int32.py (PyInt32Decoder) and the
+ * fast path inlined in heartbeatd/server/connection.py (Connection._deliver).  This module
+ * must answer byte for byte as they do (tests/test_speedups.py checks it for any frames and
+ * any read splits); HEARTBEATD_NO_EXTENSIONS=1 selects the Python twins.
+ *
+ * It parses hostile input: every length is checked against what is held before it is used,
+ * a header announcing more than max_frame_bytes is refused before a body byte is kept, and a
+ * body is held in a buffer that grows with the bytes received (at most twice them), never
+ * with the length a peer announces.  JSON itself is parsed by the JSON library the Python
+ * path uses (orjson), called from here: one parser, one set of edge cases.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+#include <stdint.h>
+#include <string.h>
+
+/* heartbeatd.wire.framing.FrameTooLarge, imported once at module init. */
+static PyObject *FrameTooLarge = NULL;
+/* Set by configure(): the Request class, the JSON functions, the depth check. */
+static PyObject *RequestType = NULL;
+static PyObject *json_loads = NULL;
+static PyObject *json_dumps = NULL;
+static PyObject *exceeds_depth = NULL;
+/* Request's four slots, filled directly when Request is the plain __slots__ class that
+ * handlers.py defines (its __init__ only stores its four arguments; a test checks that):
+ * the offsets of type, id, data, _connection, or request_fast == 0 to call the class. */
+static Py_ssize_t request_offsets[4];
+static int request_fast = 0;
+/* type string -> the reply's opening bytes, b'{"type":"echo"' (encoded by json_dumps). */
+static PyObject *reply_prefixes = NULL;
+#define MAX_REPLY_PREFIXES 1024
+/* Interned names. */
+static PyObject *s_type, *s_id, *s_data, *s_pending, *s_emit, *s_handle_item, *s_fast_failed,
+    *s_fast_result, *s_fast_path;
+
+/* ------------------------------------------------------------------------------------------ */
+/* Int32Decoder                                                                               */
+/* ------------------------------------------------------------------------------------------ */
+
+typedef struct {
+    PyObject_HEAD
+    Py_ssize_t max_frame_bytes;
+    Py_ssize_t large_body;
+    PyObject *error;       /* a FramingError, or None */
+    Py_ssize_t buffered;   /* bytes held for an unfinished frame (header included) */
+    unsigned char head[4]; /* an unfinished header */
+    Py_ssize_t head_have;  /* its bytes held (4: the header is complete) */
+    Py_ssize_t length;     /* the body length, once head_have == 4 */
+    PyObject *body;        /* bytes being filled (capacity `cap`), or NULL */
+    Py_ssize_t cap;
+    PyObject *chunks;      /* a large body's pieces (see decoder_append), or NULL */
+    Py_ssize_t have;       /* body bytes received */
+} Decoder;
+
+static void
+decoder_reset(Decoder *self)
+{
+    Py_CLEAR(self->body);
+    Py_CLEAR(self->chunks);
+    self->head_have = 0;
+    self->length = 0;
+    self->cap = 0;
+    self->have = 0;
+    self->buffered = 0;
+}
+
+static int
+decoder_init(Decoder *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"max_frame_bytes", "large_body", NULL};
+    Py_ssize_t max_frame_bytes, large_body = 64 * 1024;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "n|n", kwlist, &max_frame_bytes, &large_body))
+        return -1;
+    self->max_frame_bytes = max_frame_bytes;
+    self->large_body = large_body;
+    Py_INCREF(Py_None);
+    Py_XSETREF(self->error, Py_None);
+    decoder_reset(self);
+    return 0;
+}
+
+static int
+decoder_traverse(Decoder *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->error);
+    Py_VISIT(self->chunks);
+    Py_VISIT(Py_TYPE(self));
+    return 0;
+}
+
+static int
+decoder_clear(Decoder *self)
+{
+    Py_CLEAR(self->error);
+    Py_CLEAR(self->body);
+    Py_CLEAR(self->chunks);
+    return 0;
+}
+
+static void
+decoder_dealloc(Decoder *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    decoder_clear(self);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+/* Refuse a header: set `error` (as the Python decoder does) and drop what is held. */
+static int
+decoder_refuse(Decoder *self, uint32_t length)
+{
+    PyObject *error = PyObject_CallFunction(FrameTooLarge, "kn", (unsigned long)length,
+                                            self->max_frame_bytes);
+    if (error == NULL)
+        return -1;
+    Py_XSETREF(self->error, error);
+    decoder_reset(self);
+    return 0;
+}
+
+/* `length > max_frame_bytes`, compared as Python compares them (a negative limit refuses
+ * everything, as it does there). */
+static inline int
+too_large(Decoder *self, uint32_t length)
+{
+    return (long long)length > (long long)self->max_frame_bytes;
+}
+
+static inline uint32_t
+read_be32(const unsigned char *p)
+{
+    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | (uint32_t)p[3];
+}
+
+/* Reads shorter than this are copied into the large body's trailing bytearray rather than
+ * kept as objects (int32.py's _SHORT_READ). */
+#define SHORT_READ (16 * 1024)
+
+/* A large body (at least large_body bytes), as int32.py gathers it: a long read of immutable
+ * bytes is kept by reference, as (read, start, size); short reads are copied into a trailing
+ * bytearray. The body is copied once, when it is complete: no buffer is grown and copied. */
+static int
+decoder_gather(Decoder *self, const char *p, Py_ssize_t n, PyObject *owner)
+{
+    if (n == 0)
+        return 0;
+    if (self->chunks == NULL && (self->chunks = PyList_New(0)) == NULL)
+        return -1;
+    Py_ssize_t k = PyList_GET_SIZE(self->chunks);
+    PyObject *piece;
+    if (n >= SHORT_READ && owner != NULL) {
+        Py_ssize_t start = (Py_ssize_t)(p - PyBytes_AS_STRING(owner));
+        piece = Py_BuildValue("(Onn)", owner, start, n);
+    }
+    else {
+        PyObject *last = k ? PyList_GET_ITEM(self->chunks, k - 1) : NULL;
+        if (last != NULL && PyByteArray_CheckExact(last)) {
+            Py_ssize_t size = PyByteArray_GET_SIZE(last);
+            if (PyByteArray_Resize(last, size + n) < 0)
+                return -1;
+            memcpy(PyByteArray_AS_STRING(last) + size, p, (size_t)n);
+            self->have += n;
+            return 0;
+        }
+        piece = PyByteArray_FromStringAndSize(p, n);
+    }
+    if (piece == NULL)
+        return -1;
+    int r = PyList_Append(self->chunks, piece);
+    Py_DECREF(piece);
+    if (r < 0)
+        return -1;
+    self->have += n;
+    return 0;
+}
+
+/* Append `n` body bytes (inside `owner`, when that is immutable bytes) to the unfinished
+ * frame. A body shorter than large_body is copied into a buffer that grows to at most twice
+ * the bytes received (never to the announced length at once: a header costs us nothing). */
+static int
+decoder_append(Decoder *self, const char *p, Py_ssize_t n, PyObject *owner)
+{
+    if (self->length >= self->large_body && self->length > 0)
+        return decoder_gather(self, p, n, owner);
+    Py_ssize_t needed = self->have + n; /* <= length <= max_frame_bytes */
+    if (needed > self->cap) {
+        Py_ssize_t cap = self->cap > PY_SSIZE_T_MAX / 2 ? needed : self->cap * 2;
+        if (cap < needed)
+            cap = needed;
+        if (cap < 256)
+            cap = 256;
+        if (cap > self->length || self->length - cap < self->length / 8)
+            cap = self->length;
+        if (self->body == NULL) {
+            self->body = PyBytes_FromStringAndSize(NULL, cap);
+            if (self->body == NULL)
+                return -1;
+        }
+        else if (_PyBytes_Resize(&self->body, cap) < 0) {
+            return -1; /* body is NULL now */
+        }
+        self->cap = cap;
+    }
+    if (n) {
+        memcpy(PyBytes_AS_STRING(self->body) + self->have, p, (size_t)n);
+        self->have = needed;
+    }
+    return 0;
+}
+
+/* The finished body of the unfinished frame, handed over (new reference). */
+static PyObject *
+decoder_take(Decoder *self)
+{
+    PyObject *body;
+    if (self->chunks != NULL) {
+        body = PyBytes_FromStringAndSize(NULL, self->length);
+        if (body == NULL)
+            return NULL;
+        char *out = PyBytes_AS_STRING(body);
+        Py_ssize_t at = 0;
+        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(self->chunks); i++) {
+            PyObject *piece = PyList_GET_ITEM(self->chunks, i);
+            const char *from;
+            Py_ssize_t size;
+            if (PyByteArray_CheckExact(piece)) {
+                from = PyByteArray_AS_STRING(piece);
+                size = PyByteArray_GET_SIZE(piece);
+            }
+            else { /* (read, start, size) */
+                PyObject *owner = PyTuple_GET_ITEM(piece, 0);
+                Py_ssize_t start = PyLong_AsSsize_t(PyTuple_GET_ITEM(piece, 1));
+                size = PyLong_AsSsize_t(PyTuple_GET_ITEM(piece, 2));
+                from = PyBytes_AS_STRING(owner) + start;
+            }
+            if (size < 0 || size > self->length - at) { /* cannot happen: have == length */
+                Py_DECREF(body);
+                PyErr_SetString(PyExc_SystemError, "heartbeatd decoder: body pieces overflow");
+                return NULL;
+            }
+            memcpy(out + at, from, (size_t)size);
+            at += size;
+        }
+        Py_CLEAR(self->chunks);
+    }
+    else if (self->length == 0) {
+        body = PyBytes_FromStringAndSize(NULL, 0);
+    }
+    else {
+        body = self->body; /* cap == length == have here */
+        self->body = NULL;
+    }
+    self->head_have = 0;
+    self->length = 0;
+    self->cap = 0;
+    self->have = 0;
+    return body;
+}
+
+static PyObject *
+decoder_feed(Decoder *self, PyObject *arg)
+{
+    Py_buffer view;
+    PyObject *frames;
+    const char *p;
+    Py_ssize_t n, off = 0;
+
+    if (self->error != Py_None)
+        return PyList_New(0);
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    p = (const char *)view.buf;
+    n = view.len;
+    /* Immutable bytes may be kept by reference (a large body's long reads). */
+    PyObject *owner = PyBytes_CheckExact(arg) ? arg : NULL;
+    frames = PyList_New(0);
+    if (frames == NULL)
+        goto fail;
+
+    if (self->head_have) {
+        /* A frame begun in an earlier read. */
+        if (self->head_have < 4) {
+            Py_ssize_t take = 4 - self->head_have;
+            if (take > n)
+                take = n;
+            memcpy(self->head + self->head_have, p, (size_t)take);
+            self->head_have += take;
+            off = take;
+            if (self->head_have < 4) {
+                self->buffered = self->head_have;
+                goto done;
+            }
+            uint32_t length = read_be32(self->head);
+            if (too_large(self, length)) {
+                if (decoder_refuse(self, length) < 0)
+                    goto fail;
+                goto done;
+            }
+            self->length = (Py_ssize_t)length;
+        }
+        Py_ssize_t take = self->length - self->have;
+        if (take > n - off)
+            take = n - off;
+        if (decoder_append(self, p + off, take, owner) < 0) {
+            decoder_reset(self);
+            goto fail;
+        }
+        off += take;
+        if (self->have < self->length) {
+            self->buffered = 4 + self->have;
+            goto done;
+        }
+        /* As the Python decoder does, a buffered (not gathered) frame is checked again
+         * against the limit when it completes: a reload may have lowered it meanwhile. */
+        if (self->length < self->large_body && self->length > self->max_frame_bytes) {
+            if (decoder_refuse(self, (uint32_t)self->length) < 0)
+                goto fail;
+            goto done;
+        }
+        PyObject *body = decoder_take(self);
+        if (body == NULL)
+            goto fail;
+        int r = PyList_Append(frames, body);
+        Py_DECREF(body);
+        if (r < 0)
+            goto fail;
+    }
+
+    /* Whole frames. */
+    while (n - off >= 4) {
+        uint32_t length = read_be32((const unsigned char *)p + off);
+        if (too_large(self, length)) {
+            if (decoder_refuse(self, length) < 0)
+                goto fail;
+            goto done;
+        }
+        if ((Py_ssize_t)length > n - off - 4)
+            break;
+        PyObject *body = PyBytes_FromStringAndSize(p + off + 4, (Py_ssize_t)length);
+        if (body == NULL)
+            goto fail;
+        int r = PyList_Append(frames, body);
+        Py_DECREF(body);
+        if (r < 0)
+            goto fail;
+        off += 4 + (Py_ssize_t)length;
+    }
+
+    /* The start of a frame: keep it. */
+    if (off < n) {
+        Py_ssize_t tail = n - off;
+        if (tail < 4) {
+            memcpy(self->head, p + off, (size_t)tail);
+            self->head_have = tail;
+        }
+        else {
+            memcpy(self->head, p + off, 4);
+            self->head_have = 4;
+            self->length = (Py_ssize_t)read_be32(self->head); /* checked in the loop */
+            if (decoder_append(self, p + off + 4, tail - 4, owner) < 0) {
+                decoder_reset(self);
+                goto fail;
+            }
+        }
+        self->buffered = tail;
+    }
+    else {
+        self->buffered = 0;
+    }
+
+done:
+    PyBuffer_Release(&view);
+    return frames;
+fail:
+    PyBuffer_Release(&view);
+    Py_XDECREF(frames);
+    return NULL;
+}
+
+static PyObject *
+decoder_get_error(Decoder *self, void *closure)
+{
+    (void)closure;
+    Py_INCREF(self->error);
+    return self->error;
+}
+
+static int
+decoder_set_error(Decoder *self, PyObject *value, void *closure)
+{
+    (void)closure;
+    if (value == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "cannot delete error");
+        return -1;
+    }
+    Py_INCREF(value);
+    Py_XSETREF(self->error, value);
+    return 0;
+}
+
+static PyGetSetDef decoder_getset[] = {
+    {"error", (getter)decoder_get_error, (setter)decoder_set_error,
+     "Why the stream cannot be framed any more, or None.", NULL},
+    {NULL},
+};
+
+static PyMemberDef decoder_members[] = {
+    {"max_frame_bytes", T_PYSSIZET, offsetof(Decoder, max_frame_bytes), 0, NULL},
+    {"large_body", T_PYSSIZET, offsetof(Decoder, large_body), 0, NULL},
+    {"buffered", T_PYSSIZET, offsetof(Decoder, buffered), READONLY, NULL},
+    {NULL},
+};
+
+static PyMethodDef decoder_methods[] = {
+    {"feed", (PyCFunction)decoder_feed, METH_O,
+     "feed(data) -> the frame bodies this read completed, in order."},
+    {NULL},
+};
+
+static PyType_Slot decoder_slots[] = {
+    {Py_tp_doc, "The int32 decoder in C (heartbeatd.wire.int32.PyInt32Decoder is the reference)."},
+    {Py_tp_init, decoder_init},
+    {Py_tp_new, PyType_GenericNew},
+    {Py_tp_dealloc, decoder_dealloc},
+    {Py_tp_traverse, decoder_traverse},
+    {Py_tp_clear, decoder_clear},
+    {Py_tp_methods, decoder_methods},
+    {Py_tp_members, decoder_members},
+    {Py_tp_getset, decoder_getset},
+    {0, NULL},
+};
+
+static PyType_Spec decoder_spec = {
+    .name = "heartbeatd.wire._speedups.Int32Decoder",
+    .basicsize = sizeof(Decoder),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .slots = decoder_slots,
+};
+
+/* ------------------------------------------------------------------------------------------ */
+/* serve(): the connection's fast path (Connection._deliver's inlined loop)                   */
+/* ------------------------------------------------------------------------------------------ */
+
+/* Call connection.<name>(args...) with the exception being handled set to the one raised, so
+ * that Failure() there sees it (as it would in the Python path's `except Exception:`). */
+static int
+call_with_handled(PyObject *connection, PyObject *name, PyObject *const *args, size_t nargs)
+{
+    PyObject *r;
+#if PY_VERSION_HEX >= 0x030C0000
+    PyObject *exc = PyErr_GetRaisedException();
+    PyObject *old = PyErr_GetHandledException();
+    PyErr_SetHandledException(exc);
+#else
+    PyObject *et, *ev, *etb;
+    PyErr_Fetch(&et, &ev, &etb);
+    PyErr_NormalizeException(&et, &ev, &etb);
+    if (etb != NULL && ev != NULL)
+        PyException_SetTraceback(ev, etb);
+    PyObject *ot, *ov, *otb;
+    PyErr_GetExcInfo(&ot, &ov, &otb);
+    PyErr_SetExcInfo(et, ev, etb); /* steals */
+#endif
+    PyObject *stack[4];
+    stack[0] = connection;
+    for (size_t i = 0; i < nargs && i < 3; i++)
+        stack[i + 1] = args[i];
+    r = PyObject_VectorcallMethod(name, stack, (nargs + 1) | PY_VECTORCALL_ARGUMENTS_OFFSET,
+                                  NULL);
+#if PY_VERSION_HEX >= 0x030C0000
+    PyErr_SetHandledException(old);
+    Py_XDECREF(old);
+    Py_XDECREF(exc);
+#else
+    PyErr_SetExcInfo(ot, ov, otb); /* steals */
+#endif
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+static int
+call_method(PyObject *connection, PyObject *name, PyObject *const *args, size_t nargs)
+{
+    PyObject *stack[5];
+    stack[0] = connection;
+    for (size_t i = 0; i < nargs && i < 4; i++)
+        stack[i + 1] = args[i];
+    PyObject *r = PyObject_VectorcallMethod(
+        name, stack, (nargs + 1) | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+static inline int
+is_plain_result(PyObject *r)
+{
+    return r == Py_None || PyDict_CheckExact(r) || PyList_CheckExact(r) ||
+           PyUnicode_CheckExact(r) || PyLong_CheckExact(r) || PyFloat_CheckExact(r) ||
+           PyBool_Check(r);
+}
+
+/* The framed reply: a 4-byte big-endian length and the body, or header(len) + body. */
+static PyObject *
+frame_reply(PyObject *header, PyObject *body)
+{
+    Py_ssize_t size = PyBytes_GET_SIZE(body);
+    if (header != Py_None) {
+        PyObject *len = PyLong_FromSsize_t(size);
+        if (len == NULL)
+            return NULL;
+        PyObject *head = PyObject_CallOneArg(header, len);
+        Py_DECREF(len);
+        if (head == NULL)
+            return NULL;
+        PyObject *frame = PyNumber_Add(head, body);
+        Py_DECREF(head);
+        return frame;
+    }
+    if ((uint64_t)size > 0xFFFFFFFFu) {
+        PyErr_SetString(PyExc_OverflowError, "a reply longer than 4 GiB cannot be framed");
+        return NULL;
+    }
+    PyObject *frame = PyBytes_FromStringAndSize(NULL, size + 4);
+    if (frame == NULL)
+        return NULL;
+    unsigned char *out = (unsigned char *)PyBytes_AS_STRING(frame);
+    uint32_t n = (uint32_t)size;
+    out[0] = (unsigned char)(n >> 24);
+    out[1] = (unsigned char)(n >> 16);
+    out[2] = (unsigned char)(n >> 8);
+    out[3] = (unsigned char)n;
+    memcpy(out + 4, PyBytes_AS_STRING(body), (size_t)size);
+    return frame;
+}
+
+/* A Request(type_, id_, data, connection), as Request.__init__ would build it. */
+static PyObject *
+new_request(PyObject *type_, PyObject *id_, PyObject *data, PyObject *connection)
+{
+    PyObject *args[4] = {type_, id_, data, connection};
+    if (!request_fast)
+        return PyObject_Vectorcall(RequestType, args, 4, NULL);
+    PyTypeObject *tp = (PyTypeObject *)RequestType;
+    PyObject *request = tp->tp_alloc(tp, 0);
+    if (request == NULL)
+        return NULL;
+    for (int i = 0; i < 4; i++) {
+        Py_INCREF(args[i]);
+        *(PyObject **)((char *)request + request_offsets[i]) = args[i];
+    }
+    return request;
+}
+
+/* b'{"type":<type_>' for a reply, cached per message type (a type with a handler: as many
+ * as the application registers; the cache is emptied past MAX_REPLY_PREFIXES). */
+static PyObject *
+reply_prefix(PyObject *type_)
+{
+    PyObject *prefix = PyDict_GetItemWithError(reply_prefixes, type_);
+    if (prefix != NULL) {
+        Py_INCREF(prefix);
+        return prefix;
+    }
+    if (PyErr_Occurred())
+        return NULL;
+    PyObject *one = PyDict_New();
+    if (one == NULL)
+        return NULL;
+    if (PyDict_SetItem(one, s_type, type_) < 0) {
+        Py_DECREF(one);
+        return NULL;
+    }
+    PyObject *encoded = PyObject_CallOneArg(json_dumps, one); /* b'{"type":"echo"}' */
+    Py_DECREF(one);
+    if (encoded == NULL)
+        return NULL;
+    if (!PyBytes_CheckExact(encoded) || PyBytes_GET_SIZE(encoded) < 2) {
+        Py_DECREF(encoded);
+        PyErr_SetString(PyExc_TypeError, "the JSON encoder returned no bytes");
+        return NULL;
+    }
+    prefix = PyBytes_FromStringAndSize(PyBytes_AS_STRING(encoded), PyBytes_GET_SIZE(encoded) - 1);
+    Py_DECREF(encoded);
+    if (prefix == NULL)
+        return NULL;
+    if (PyDict_GET_SIZE(reply_prefixes) >= MAX_REPLY_PREFIXES)
+        PyDict_Clear(reply_prefixes);
+    if (PyDict_SetItem(reply_prefixes, type_, prefix) < 0) {
+        Py_DECREF(prefix);
+        return NULL;
+    }
+    return prefix;
+}
+
+/* `v` in decimal, as the encoder writes an integer; returns its length (at most 20). */
+static Py_ssize_t
+format_int(char *out, long long v)
+{
+    char digits[24];
+    int n = 0;
+    unsigned long long u = v < 0 ? 0ULL - (unsigned long long)v : (unsigned long long)v;
+    do {
+        digits[n++] = (char)('0' + (int)(u % 10));
+        u /= 10;
+    } while (u);
+    Py_ssize_t len = 0;
+    if (v < 0)
+        out[len++] = '-';
+    while (n)
+        out[len++] = digits[--n];
+    return len;
+}
+
+/* Strings up to this long that need no escape are written without calling the encoder (past
+ * it, the encoder's own vectorised scan is faster than ours). */
+#define PLAIN_STRING_MAX 4096
+
+/* 1 if `value` is a str the encoder would write as its own characters between quotes:
+ * printable ASCII (0x20-0x7e) without '"' or '\\'; 0 if not (the encoder writes it); -1 error. */
+static int
+plain_ascii(PyObject *value)
+{
+    if (!PyUnicode_CheckExact(value))
+        return 0;
+#if PY_VERSION_HEX < 0x030C0000
+    if (PyUnicode_READY(value) < 0)
+        return -1;
+#endif
+    if (!PyUnicode_IS_ASCII(value) || PyUnicode_GET_LENGTH(value) > PLAIN_STRING_MAX)
+        return 0;
+    /* 1 for the ASCII bytes that are not written as themselves (or might not be: DEL). */
+    static unsigned char special[128];
+    if (!special[0]) {
+        for (int b = 0; b < 0x20; b++)
+            special[b] = 1;
+        special['"'] = special['\\'] = special[0x7f] = 1;
+    }
+    const unsigned char *c = (const unsigned char *)PyUnicode_DATA(value);
+    Py_ssize_t n = PyUnicode_GET_LENGTH(value);
+    unsigned char any = 0;
+    for (Py_ssize_t i = 0; i < n; i++)
+        any |= special[c[i] & 0x7f]; /* ASCII: c[i] < 0x80 */
+    return !any;
+}
+
+/* The reply body {"type":..,"id":..,"data":..} as json_dumps would encode that dict, written
+ * after `room` spare bytes (for the int32 header).  Returns NULL with an exception if the
+ * encoder raised (the caller answers as for a failing handler), or NULL with no exception
+ * when this id is not one we format here (the caller encodes the dict instead). */
+static PyObject *
+encode_reply(PyObject *type_, PyObject *id_, PyObject *result, Py_ssize_t room)
+{
+    char number[32];
+    Py_ssize_t id_len = 0;
+    const char *id_text = NULL;
+    PyObject *id_encoded = NULL, *prefix, *wrapped, *data, *out = NULL;
+
+    if (id_ != NULL) {
+        if (PyLong_CheckExact(id_)) {
+            int overflow;
+            long long v = PyLong_AsLongLongAndOverflow(id_, &overflow);
+            if (v == -1 && PyErr_Occurred())
+                return NULL;
+            if (overflow)
+                return NULL; /* past 64 bits: the dict path, whose encoder decides */
+            id_len = format_int(number, v);
+            id_text = number;
+        }
+        else {
+            id_encoded = PyObject_CallOneArg(json_dumps, id_); /* a str */
+            if (id_encoded == NULL)
+                return NULL;
+            if (!PyBytes_CheckExact(id_encoded)) {
+                Py_DECREF(id_encoded);
+                PyErr_SetString(PyExc_TypeError, "the JSON encoder returned no bytes");
+                return NULL;
+            }
+            id_len = PyBytes_GET_SIZE(id_encoded);
+            id_text = PyBytes_AS_STRING(id_encoded);
+        }
+    }
+    const char *data_text;
+    Py_ssize_t dlen;
+    int quote = plain_ascii(result);
+    if (quote < 0) {
+        Py_XDECREF(id_encoded);
+        return NULL;
+    }
+    if (quote) { /* written as the encoder writes it: between quotes, unchanged */
+        data = NULL;
+        data_text = (const char *)PyUnicode_DATA(result);
+        dlen = PyUnicode_GET_LENGTH(result);
+    }
+    else {
+        /* [result]: the value at the depth it has inside the reply object, so the encoder's
+         * nesting limit refuses exactly what it would refuse in the dict. */
+        wrapped = PyList_New(1);
+        if (wrapped == NULL) {
+            Py_XDECREF(id_encoded);
+            return NULL;
+        }
+        Py_INCREF(result);
+        PyList_SET_ITEM(wrapped, 0, result);
+        data = PyObject_CallOneArg(json_dumps, wrapped);
+        Py_DECREF(wrapped);
+        if (data == NULL) {
+            Py_XDECREF(id_encoded);
+            return NULL;
+        }
+        if (!PyBytes_CheckExact(data) || PyBytes_GET_SIZE(data) < 2) {
+            Py_DECREF(data);
+            Py_XDECREF(id_encoded);
+            PyErr_SetString(PyExc_TypeError, "the JSON encoder returned no bytes");
+            return NULL;
+        }
+        data_text = PyBytes_AS_STRING(data) + 1;
+        dlen = PyBytes_GET_SIZE(data) - 2;
+    }
+    prefix = reply_prefix(type_);
+    if (prefix == NULL)
+        goto done;
+    {
+        static const char ID[] = ",\"id\":", DATA[] = ",\"data\":";
+        Py_ssize_t plen = PyBytes_GET_SIZE(prefix);
+        Py_ssize_t size = room + plen + (id_text ? (Py_ssize_t)sizeof ID - 1 + id_len : 0) +
+                          (Py_ssize_t)sizeof DATA - 1 + dlen + 2 * quote + 1;
+        out = PyBytes_FromStringAndSize(NULL, size);
+        if (out == NULL)
+            goto done;
+        char *w = PyBytes_AS_STRING(out) + room;
+        memcpy(w, PyBytes_AS_STRING(prefix), (size_t)plen);
+        w += plen;
+        if (id_text) {
+            memcpy(w, ID, sizeof ID - 1);
+            w += sizeof ID - 1;
+            memcpy(w, id_text, (size_t)id_len);
+            w += id_len;
+        }
+        memcpy(w, DATA, sizeof DATA - 1);
+        w += sizeof DATA - 1;
+        if (quote)
+            *w++ = '"';
+        memcpy(w, data_text, (size_t)dlen);
+        w += dlen;
+        if (quote)
+            *w++ = '"';
+        *w = '}';
+    }
+done:
+    Py_XDECREF(prefix);
+    Py_XDECREF(data);
+    Py_XDECREF(id_encoded);
+    return out;
+}
+
+static inline void
+write_be32(unsigned char *out, uint32_t n)
+{
+    out[0] = (unsigned char)(n >> 24);
+    out[1] = (unsigned char)(n >> 16);
+    out[2] = (unsigned char)(n >> 8);
+    out[3] = (unsigned char)n;
+}
+
+/* One body: 1 answered on the fast path, 0 handed to the general path, -1 error. */
+static int
+serve_one(PyObject *connection, PyObject *item, PyObject *lookup, PyObject *batch,
+          PyObject *max_depth, Py_ssize_t deep_enough, PyObject *header)
+{
+    PyObject *value = NULL, *handler = NULL, *request = NULL, *result = NULL, *reply = NULL,
+             *body = NULL;
+    PyObject *type_, *id_, *data;
+    int status = -1;
+
+    if (!PyBytes_CheckExact(item))
+        return call_method(connection, s_handle_item, &item, 1); /* a framing token */
+    value = PyObject_CallOneArg(json_loads, item);
+    if (value == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_ValueError))
+            return -1;
+        PyErr_Clear();
+        return call_method(connection, s_handle_item, &item, 1);
+    }
+    if (!PyDict_CheckExact(value))
+        goto general;
+    if (PyBytes_GET_SIZE(item) >= deep_enough) {
+        PyObject *args[3] = {value, item, max_depth};
+        PyObject *deep = PyObject_Vectorcall(exceeds_depth, args, 3, NULL);
+        if (deep == NULL)
+            goto done;
+        int is_deep = PyObject_IsTrue(deep);
+        Py_DECREF(deep);
+        if (is_deep < 0)
+            goto done;
+        if (is_deep)
+            goto general;
+    }
+    /* Borrowed: `value` holds them while we use them. */
+    type_ = PyDict_GetItemWithError(value, s_type);
+    if (type_ == NULL && PyErr_Occurred())
+        goto done;
+    id_ = PyDict_GetItemWithError(value, s_id);
+    if (id_ == NULL && PyErr_Occurred())
+        goto done;
+    if (type_ == NULL || !PyUnicode_CheckExact(type_))
+        goto general;
+    handler = PyObject_CallOneArg(lookup, type_);
+    if (handler == NULL)
+        goto done;
+    if (handler == Py_None)
+        goto general;
+    if (id_ == Py_None)
+        id_ = NULL;
+    if (id_ != NULL && !PyUnicode_CheckExact(id_) && !PyLong_CheckExact(id_))
+        goto general;
+    data = PyDict_GetItemWithError(value, s_data);
+    if (data == NULL) {
+        if (PyErr_Occurred())
+            goto done;
+        data = Py_None;
+    }
+    status = 1; /* answered, whatever the handler does */
+    {
+        request = new_request(type_, id_ ? id_ : Py_None, data, connection);
+        if (request == NULL)
+            goto failed;
+        result = PyObject_CallOneArg(handler, request);
+        if (result == NULL)
+            goto failed;
+    }
+    if (!is_plain_result(result)) {
+        PyObject *args[4] = {type_, id_ ? id_ : Py_None, data, result};
+        if (call_method(connection, s_fast_result, args, 4) < 0)
+            status = -1;
+        goto done;
+    }
+    {
+        /* Where the reply goes: behind a reply still being computed (a handler in this
+         * read went asynchronous), or framed into the batch. */
+        PyObject *pending = PyObject_GetAttr(connection, s_pending);
+        if (pending == NULL) {
+            status = -1;
+            goto done;
+        }
+        int busy = PyObject_IsTrue(pending);
+        Py_DECREF(pending);
+        if (busy < 0) {
+            status = -1;
+            goto done;
+        }
+        Py_ssize_t room = busy || header != Py_None ? 0 : 4;
+        body = encode_reply(type_, id_, result, room);
+        if (body == NULL && PyErr_Occurred())
+            goto failed;
+        if (body == NULL) { /* an id we do not format: encode the dict, as Python does */
+            room = 0;
+            reply = PyDict_New();
+            if (reply == NULL || PyDict_SetItem(reply, s_type, type_) < 0 ||
+                PyDict_SetItem(reply, s_id, id_) < 0 || PyDict_SetItem(reply, s_data, result) < 0) {
+                status = -1;
+                goto done;
+            }
+            body = PyObject_CallOneArg(json_dumps, reply);
+            if (body == NULL)
+                goto failed;
+            if (!PyBytes_CheckExact(body)) {
+                PyErr_SetString(PyExc_TypeError, "the JSON encoder returned no bytes");
+                status = -1;
+                goto done;
+            }
+        }
+        if (busy) {
+            if (call_method(connection, s_emit, &body, 1) < 0)
+                status = -1;
+            goto done;
+        }
+        if (room) { /* the int32 header in the room left for it */
+            Py_ssize_t size = PyBytes_GET_SIZE(body) - 4;
+            if ((uint64_t)size > 0xFFFFFFFFu) {
+                PyErr_SetString(PyExc_OverflowError, "a reply longer than 4 GiB cannot be framed");
+                status = -1;
+                goto done;
+            }
+            write_be32((unsigned char *)PyBytes_AS_STRING(body), (uint32_t)size);
+            if (PyList_Append(batch, body) < 0)
+                status = -1;
+            goto done;
+        }
+        PyObject *frame = frame_reply(header, body);
+        if (frame == NULL || PyList_Append(batch, frame) < 0)
+            status = -1;
+        Py_XDECREF(frame);
+    }
+    goto done;
+
+failed:
+    /* `except Exception:` in the Python path: an error frame; anything else propagates. */
+    if (!PyErr_ExceptionMatches(PyExc_Exception)) {
+        status = -1;
+    }
+    else {
+        PyObject *args[3] = {type_, id_ ? id_ : Py_None, data};
+        if (call_with_handled(connection, s_fast_failed, args, 3) < 0)
+            status = -1;
+    }
+    goto done;
+
+general:
+    status = call_method(connection, s_handle_item, &item, 1);
+done:
+    Py_XDECREF(body);
+    Py_XDECREF(reply);
+    Py_XDECREF(result);
+    Py_XDECREF(request);
+    Py_XDECREF(handler);
+    Py_XDECREF(value);
+    return status;
+}
+
+PyDoc_STRVAR(serve_doc,
+"serve(connection, items, lookup, batch, max_depth, header) -> bodies answered here\n\n"
+"The fast path of Connection._deliver for one read's bodies: plain synchronous requests are\n"
+"answered into `batch` (framed by `header`, or int32 when it is None); everything else goes\n"
+"to the connection's general path, as the Python loop does.");
+
+static PyObject *
+serve(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "serve() takes 6 arguments");
+        return NULL;
+    }
+    if (RequestType == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "serve() before configure()");
+        return NULL;
+    }
+    PyObject *connection = args[0], *items = args[1], *lookup = args[2], *batch = args[3],
+             *max_depth = args[4], *header = args[5];
+    if (!PyList_CheckExact(items) || !PyList_CheckExact(batch)) {
+        PyErr_SetString(PyExc_TypeError, "serve() needs lists of items and replies");
+        return NULL;
+    }
+    Py_ssize_t depth = PyLong_AsSsize_t(max_depth);
+    if (depth == -1 && PyErr_Occurred())
+        return NULL;
+    /* Nesting deeper than max_depth takes at least 2 * (max_depth + 1) bytes. */
+    Py_ssize_t deep_enough = depth > PY_SSIZE_T_MAX / 2 - 2 ? PY_SSIZE_T_MAX
+                             : depth < 0                    ? 0
+                                                            : 2 * depth + 2;
+    Py_ssize_t answered = 0;
+    Py_INCREF(items);
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(items); i++) {
+        PyObject *item = PyList_GET_ITEM(items, i);
+        Py_INCREF(item);
+        int r = serve_one(connection, item, lookup, batch, max_depth, deep_enough, header);
+        Py_DECREF(item);
+        if (r < 0) {
+            Py_DECREF(items);
+            return NULL;
+        }
+        answered += r;
+        if (r == 0) {
+            /* The general path may have switched the connection off the fast one (a
+             * resumable session started): the rest of this read goes there too. */
+            PyObject *on = PyObject_GetAttr(connection, s_fast_path);
+            int fast = on == NULL ? -1 : PyObject_IsTrue(on);
+            Py_XDECREF(on);
+            if (fast < 0) {
+                Py_DECREF(items);
+                return NULL;
+            }
+            if (!fast) {
+                for (i++; i < PyList_GET_SIZE(items); i++) {
+                    PyObject *rest = PyList_GET_ITEM(items, i);
+                    Py_INCREF(rest);
+                    int status = call_method(connection, s_handle_item, &rest, 1);
+                    Py_DECREF(rest);
+                    if (status < 0) {
+                        Py_DECREF(items);
+                        return NULL;
+                    }
+                }
+                break;
+            }
+        }
+    }
+    Py_DECREF(items);
+    return PyLong_FromSsize_t(answered);
+}
+
+PyDoc_STRVAR(configure_doc,
+"configure(request, loads, dumps, exceeds_depth): what serve() builds and calls.");
+
+static PyObject *
+configure(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "configure() takes 4 arguments");
+        return NULL;
+    }
+    for (int i = 0; i < 4; i++) {
+        if (!PyCallable_Check(args[i])) {
+            PyErr_SetString(PyExc_TypeError, "configure() takes 4 callables");
+            return NULL;
+        }
+    }
+    Py_INCREF(args[0]);
+    Py_XSETREF(RequestType, args[0]);
+    if (reply_prefixes == NULL && (reply_prefixes = PyDict_New()) == NULL)
+        return NULL;
+    PyDict_Clear(reply_prefixes);
+    request_fast = 0;
+    if (PyType_Check(args[0])) {
+        static const char *names[4] = {"type", "id", "data", "_connection"};
+        PyTypeObject *tp = (PyTypeObject *)args[0];
+        int fast = tp->tp_new == PyBaseObject_Type.tp_new && tp->tp_dictoffset == 0 &&
+                   tp->tp_basicsize == (Py_ssize_t)(sizeof(PyObject) + 4 * sizeof(PyObject *));
+        for (int i = 0; fast && i < 4; i++) {
+            PyObject *descr = PyDict_GetItemString(tp->tp_dict, names[i]); /* borrowed */
+            if (descr == NULL || !Py_IS_TYPE(descr, &PyMemberDescr_Type) ||
+                ((PyMemberDescrObject *)descr)->d_member->type != T_OBJECT_EX) {
+                fast = 0;
+                break;
+            }
+            request_offsets[i] = ((PyMemberDescrObject *)descr)->d_member->offset;
+        }
+        request_fast = fast;
+    }
+    Py_INCREF(args[1]);
+    Py_XSETREF(json_loads, args[1]);
+    Py_INCREF(args[2]);
+    Py_XSETREF(json_dumps, args[2]);
+    Py_INCREF(args[3]);
+    Py_XSETREF(exceeds_depth, args[3]);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+builds_requests(PyObject *module, PyObject *unused)
+{
+    (void)module;
+    (void)unused;
+    return PyBool_FromLong(request_fast);
+}
+
+static PyMethodDef module_methods[] = {
+    {"serve", (PyCFunction)(void (*)(void))serve, METH_FASTCALL, serve_doc},
+    {"configure", (PyCFunction)(void (*)(void))configure, METH_FASTCALL, configure_doc},
+    {"builds_requests", (PyCFunction)(void (*)(void))builds_requests, METH_NOARGS,
+     "True when serve() fills Request's slots itself (else it calls the class)."},
+    {NULL},
+};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "heartbeatd.wire._speedups",
+    .m_doc = "The int32 decoder and the connection's hot path in C (optional).",
+    .m_size = -1,
+    .m_methods = module_methods,
+};
+
+#define INTERN(var, text)                                                                    \
+    do {                                                                                     \
+        if ((var = PyUnicode_InternFromString(text)) == NULL)                                \
+            return NULL;                                                                     \
+    } while (0)
+
+PyMODINIT_FUNC
+PyInit__speedups(void)
+{
+    INTERN(s_type, "type");
+    INTERN(s_id, "id");
+    INTERN(s_data, "data");
+    INTERN(s_pending, "_pending");
+    INTERN(s_emit, "_emit");
+    INTERN(s_handle_item, "_handle_item");
+    INTERN(s_fast_failed, "_fast_failed");
+    INTERN(s_fast_result, "_fast_result");
+    INTERN(s_fast_path, "fast_path");
+    PyObject *framing = PyImport_ImportModule("heartbeatd.wire.framing");
+    if (framing == NULL)
+        return NULL;
+    FrameTooLarge = PyObject_GetAttrString(framing, "FrameTooLarge");
+    Py_DECREF(framing);
+    if (FrameTooLarge == NULL)
+        return NULL;
+    PyObject *module = PyModule_Create(&module_def);
+    if (module == NULL)
+        return NULL;
+    PyObject *decoder = PyType_FromSpec(&decoder_spec);
+    if (decoder == NULL) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    PyObject *four = PyLong_FromLong(4);
+    if (four == NULL || PyObject_SetAttrString(decoder, "prefix_length", four) < 0 ||
+        PyModule_AddObject(module, "Int32Decoder", decoder) < 0) {
+        Py_XDECREF(four);
+        Py_DECREF(decoder);
+        Py_DECREF(module);
+        return NULL;
+    }
+    Py_DECREF(four);
+    return module;
+}
