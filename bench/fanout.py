@@ -344,7 +344,12 @@ class Server:
 
     def rss(self) -> int:
         text = Path(f"/proc/{self.process.pid}/status").read_text()
-        return int(re.search(r"VmRSS:\s+(\d+) kB", text).group(1)) * 1024  # type: ignore[union-attr]
+        found = re.search(r"VmRSS:\s+(\d+) kB", text)
+        if found is None:  # a zombie: the server exited; say how, with what it printed
+            raise RuntimeError(
+                f"{self.name} exited with {self.process.wait()}:\n{''.join(self.lines)[-4000:]}"
+            )
+        return int(found.group(1)) * 1024
 
     def cpu(self) -> float:
         """CPU seconds used so far (user + system)."""
