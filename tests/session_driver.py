@@ -98,10 +98,18 @@ async def main(reactor: Any, options: dict[str, Any]) -> None:
     want_pushes = [i["n"] for i in work if i["push"]]
     want_pubs = [i["n"] for i in work if i["pub"]]
     deadline = reactor.seconds() + options.get("settle", 10.0)
-    while (len(pushes) < len(want_pushes) or len(pubs) < len(want_pubs)) and (
-        reactor.seconds() < deadline
-    ):
+
+    def missing() -> bool:  # by value: a handler run again (redelivered) repeats some
+        return bool(set(want_pushes) - set(pushes) or set(want_pubs) - {d for _, d in pubs})
+
+    while missing() and reactor.seconds() < deadline:
         await task.deferLater(reactor, 0.05, lambda: None)
+    probe = None
+    if missing():  # diagnosis: is the subscription live at all?
+        before = len(wire_pubs)
+        await client.request("work", {"n": -1, "pub": True})
+        await task.deferLater(reactor, 2.0, lambda: None)
+        probe = {"new_on_the_wire": wire_pubs[before:][-5:], "current": client.current}
     offsets = [o for o, _ in pubs]
     session = client.session
     assert session is not None
@@ -125,6 +133,7 @@ async def main(reactor: Any, options: dict[str, Any]) -> None:
         "unacked_left": len(session.state.unacked),
     }
     result["wire_pubs"] = len(wire_pubs)
+    result["probe"] = probe
     result["wire_pubs_last"] = wire_pubs[-3:]
     if options.get("raw"):
         result["raw_pushes"], result["raw_pubs"] = pushes, [d for _, d in pubs]

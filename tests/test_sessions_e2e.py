@@ -416,7 +416,7 @@ def test_chaos_on_a_three_node_cluster_with_one_node_killed(tmp_path: Path) -> N
                 f"a message was lost or out of order at {at}: got {firsts[at - 3 : at + 6]}, "
                 f"want {want[at - 3 : at + 6]}; missing {sorted(set(want) - set(got))[:10]}; "
                 f"on the wire {result['wire_pubs']} ending {result['wire_pubs_last']}; "
-                f"{result['events']}"
+                f"{result['events']}; a probe publication afterwards: {result['probe']}"
             )
         repeated = {n for n in got if got.count(n) > 1} if len(got) != len(want) else set()
         assert repeated <= may_repeat, (sorted(repeated - may_repeat)[:10], sorted(may_repeat))
