@@ -513,3 +513,16 @@ def test_after_a_takeover_requests_wait_for_the_next_session(clock: Clock) -> No
     assert (sent["type"], sent["seq"]) == ("later", 1)
     peer2.send({"type": "later", "id": 1, "seq": 1, "data": "ok"})
     assert successResultOf(later) == "ok"
+
+
+def test_goaway_waits_for_the_sessions_pending_requests_before_closing(clock: Clock) -> None:
+    """A draining daemon still answers what it was sent: closing before the replies came
+    would turn them into `SessionLost` when that daemon restarts without a cluster."""
+    client, _endpoint, _events, peer = first_connection(clock)
+    pending = client.request("work", timeout=30)
+    (sent,) = peer.written()
+    peer.send({"type": "goaway", "data": {"reason": "shutdown", "reconnect_after": 5}})
+    assert not peer.transport.disconnecting  # the numbered request is still in flight
+    peer.send({"type": "work", "id": sent["id"], "seq": 1, "ack": 1, "data": "done"})
+    assert successResultOf(pending) == "done"
+    assert peer.transport.disconnecting

@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.application.internet import ClientService
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
@@ -418,4 +418,7 @@ class ReconnectingClient:
             reason=data.get("reason", "no reason given"),
             delay=self._next_delay,
         )
-        conn.when_idle().addCallback(lambda _: conn.close())
+        idle = [conn.when_idle()]
+        if self.session is not None:  # numbered requests wait in the session, not the connection
+            idle.append(self.session.when_idle())
+        gatherResults(idle).addCallback(lambda _: conn.close())

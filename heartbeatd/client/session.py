@@ -84,6 +84,7 @@ class ClientSession:
         #: The connection the session is attached to (None between connections).
         self.connection: ClientConnection | None = None
         self._pending: dict[int, tuple[Deferred[Any], IDelayedCall]] = {}
+        self._idle_waiters: list[Deferred[None]] = []
         #: The highest seq written to a connection (above it: numbered, never sent yet).
         self._written = 0
         self._ack_timer: IDelayedCall | None = None
@@ -104,6 +105,22 @@ class ClientSession:
     def pending_requests(self) -> int:
         return len(self._pending)
 
+    def when_idle(self) -> Deferred[None]:
+        """Fires once no request of the session waits for its reply (at once if none does):
+        a goaway's drain waits for it, so a restarting daemon answers them before it goes."""
+        d: Deferred[None] = Deferred()
+        if self._pending:
+            self._idle_waiters.append(d)
+        else:
+            d.callback(None)
+        return d
+
+    def _maybe_idle(self) -> None:
+        if not self._pending and self._idle_waiters:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for d in waiters:
+                d.callback(None)
+
     def request(self, type: str, data: Any = OMIT, timeout: float = 10.0) -> Deferred[Any]:
         """Number and send a request (or keep it for the next connection); it fires with the
         reply's data, or fails with `RequestTimeout`, `ServerError` or `SessionLost`."""
@@ -120,6 +137,7 @@ class ClientSession:
             entry = self._pending.pop(seq, None)
             if entry is not None and entry[1].active():
                 entry[1].cancel()
+            self._maybe_idle()
 
         d: Deferred[Any] = Deferred(cancel)
         timer = self.clock.callLater(timeout, self._timed_out, seq, type, timeout)
@@ -278,6 +296,7 @@ class ClientSession:
                 d.errback(_server_error(message.data))
             else:
                 d.callback(message.data)
+            self._maybe_idle()
         elif request_id is None:
             conn._dispatch_push(message.type, message.data)
         # else: the reply to a request that timed out (or was cancelled): nobody waits
@@ -330,10 +349,12 @@ class ClientSession:
         pending, self._pending = self._pending, {}
         self._tell({"event": "session_lost", "reason": reason})
         self._fail(pending, SessionLost(reason))
+        self._maybe_idle()
 
     def _fail_pending(self, error: ClientError) -> None:
         pending, self._pending = self._pending, {}
         self._fail(pending, error)
+        self._maybe_idle()
 
     @staticmethod
     def _fail(pending: dict[int, tuple[Deferred[Any], IDelayedCall]], error: ClientError) -> None:
@@ -351,6 +372,7 @@ class ClientSession:
             entry[0].errback(NotConnected(f"not connected within {seconds:g}s"))
         else:
             entry[0].errback(RequestTimeout(f"no reply to {type!r} within {seconds:g}s"))
+        self._maybe_idle()
 
     def _tell(self, event: SessionEvent) -> None:
         for callback in list(self._callbacks):
