@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -194,3 +195,33 @@ def test_a_session_over_websocket_resumes_on_a_new_websocket(tmp_path: Path) -> 
             assert second.recv()["seq"] == 1
             second.send({"type": "echo", "id": 2, "seq": 2, "data": "again"})
             assert second.recv()["seq"] == 2
+
+
+def wait_detached(redis: RedisServer, sid: str) -> None:
+    """Until the node that lost the connection has recorded the session detached in Redis
+    (``c`` cleared: its presence leaves, sent before on the same link, are applied too)."""
+    deadline = time.monotonic() + 10
+    while redis.cli("HGET", f"heartbeatd:s:{sid}", "c") != "":
+        assert time.monotonic() < deadline, "the session was not detached in time"
+
+
+def test_a_subscription_to_an_empty_channel_resumes_elsewhere_without_resync(
+    tmp_path: Path,
+) -> None:
+    # Found by the JS client: the channel's record went with its last member (the detached
+    # session's), so the node resuming it found a new epoch and said history_lost at 0.
+    with RedisServer(tmp_path / "redis") as redis, nodes(tmp_path, redis, 2) as (a, b):
+        with SessionPeer(b.port) as peer:
+            peer.start()
+            sub = data_of(peer.reply(peer.request("subscribe", {"channel": "still-empty"})))
+            assert sub["offset"] == 0
+            peer.ack()
+        wait_detached(redis, peer.sid)
+        with peer.clone(a.port) as moved:
+            assert data_of(moved.resume())["resumed"] is True
+            # A round trip after the restore: anything it sent came before the echo's reply.
+            assert data_of(moved.reply(moved.request("echo", "after"))) == "after"
+            a.publish("still-empty", "first")
+            pub = moved.expect(lambda m: m["type"] == "publication")
+            assert data_of(pub)["offset"] == 1
+            assert [m for m in moved.inbox if m["type"] == "resync"] == []

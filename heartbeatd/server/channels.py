@@ -438,9 +438,16 @@ class ChannelHub:
 
     def _join(self, sub: _Sub) -> None:
         sub.joined = True
-        self.broker.join(sub.channel, self._info(sub.client)).addErrback(
+        self.broker.join(sub.channel, self._info(sub.client), self._keep(sub.client)).addErrback(
             _log_failure, "presence join", sub.channel
         )
+
+    @staticmethod
+    def _keep(client: Connection) -> int:
+        """Seconds the session ``client`` carries may come back to its subscriptions once
+        detached (0: no resumable session): the broker keeps the channels' epochs that long."""
+        attachment = getattr(client, "_resumable", None)
+        return 0 if attachment is None else attachment.sessions.channel_keep(attachment.state)
 
     def _take_subscribe_token(self, session: str) -> bool:
         """A token bucket per connection: every subscribe may create Redis state (issue 22)."""
@@ -473,7 +480,9 @@ class ChannelHub:
             del self._subs[channel]
             self.broker.unsubscribe(channel)
         if sub.joined:
-            self.broker.leave(channel, session).addErrback(_log_failure, "presence leave", channel)
+            self.broker.leave(channel, session, self._keep(sub.client)).addErrback(
+                _log_failure, "presence leave", channel
+            )
 
     # -- connections -------------------------------------------------------------------------
 

@@ -389,6 +389,11 @@ class Sessions:
     def attached(self) -> int:
         return len(self.states) - self.detached
 
+    def channel_keep(self, state: SessionState) -> int:
+        """Seconds a detached ``state`` may come back to its subscriptions (the channel
+        broker keeps their epochs that long: `heartbeatd.server.channels.ChannelHub._keep`)."""
+        return state.expiry
+
     def full(self, state: SessionState) -> bool:
         config = self.config
         return state.over(config.max_unacked_messages, config.max_unacked_bytes)

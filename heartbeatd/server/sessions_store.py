@@ -82,6 +82,11 @@ class ClusteredSessions(Sessions):
     def _ttl(self, state: SessionState) -> int:
         return state.expiry + EXTRA_TTL
 
+    def channel_keep(self, state: SessionState) -> int:
+        # As long as Redis may keep the session (a node killed while holding it: its keys
+        # live expiry + EXTRA_TTL after the last refresh).
+        return state.expiry + EXTRA_TTL
+
     def _failed(self, failure: Failure, what: str, state: SessionState | None) -> None:
         """A store write failed (Redis unreachable): the client cannot be given what Redis
         does not hold, so its connection is closed ``unavailable``; it resumes later."""
