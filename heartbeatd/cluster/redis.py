@@ -257,6 +257,16 @@ for _, n in ipairs(dead) do
     if redis.call('HGET', P..':sessions', s) == n then redis.call('HDEL', P..':sessions', s) end
   end
   redis.call('DEL', ck)
+  -- its resumable sessions are detached now (heartbeatd.cluster.sessions: P:s:d)
+  local ss = P..':node:'..n..':s'
+  for _, sid in ipairs(redis.call('SMEMBERS', ss)) do
+    local left = redis.call('PTTL', P..':s:'..sid)
+    if left > 0 and redis.call('HGET', P..':s:'..sid, 'n') == n then
+      redis.call('HSET', P..':s:'..sid, 'c', '')
+      redis.call('ZADD', P..':s:d', now + left, sid)
+    end
+  end
+  redis.call('DEL', ss)
   redis.call('ZREM', P..':nodes', n)
 end
 return dead

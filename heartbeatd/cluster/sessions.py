@@ -10,6 +10,11 @@ Keys, for a session id ``S`` (``P`` is ``cluster.namespace``):
 * ``P:s:S:i`` hash: client seq -> request (``{"t","i","d"}``) received but not yet answered;
 * ``P:s:S:c`` hash: channel -> ``"epoch offset join_leave"``, the subscriptions;
 * ``P:s:S:g`` string: why a session that ended early ended (``overflow``), for an hour.
+* ``P:s:d`` sorted set: the detached sessions, scored by when they expire (ms, Redis clock);
+  ``P:node:N:s`` set: the sessions node ``N`` holds (the reaper moves a dead node's to
+  ``P:s:d``).  A push to a session no live node carries, and a broadcast, are numbered into
+  its ``:o`` here (``PUSH``, ``BROADCAST``), bounded like the daemon's buffer (``b`` in the
+  hash counts its bytes): past the bound the session ends, ``overflow``.
 
 Every write names the epoch the writer holds: a script that finds another one writes nothing
 and answers -1 (the fence: a node whose session was resumed elsewhere learns it on its next
@@ -41,13 +46,54 @@ _FENCE = """
 if redis.call('HGET', h, 'e') ~= epoch then return -1 end
 """
 
+_NOW = """
+local tm = redis.call('TIME')
+local now = tonumber(tm[1]) * 1000 + math.floor(tonumber(tm[2]) / 1000)
+"""
+
+# Drop the numbered messages the client acknowledged (up to ``upto``), and their bytes.
+_TRIM = """
+local function trim(h, a, upto)
+  local gone, n = redis.call('LRANGE', h..':o', 0, upto - a - 1), 0
+  for _, v in ipairs(gone) do n = n + #v end
+  redis.call('LTRIM', h..':o', upto - a, -1)
+  redis.call('HSET', h, 'a', upto)
+  redis.call('HINCRBY', h, 'b', -n)
+end
+"""
+
+# Number ``body`` into a session no connection carries (kept for its replay; answering client
+# request ``cseq`` when not '0'); past the bounds the session ends ``overflow``.  The seq, or 0.
+_APPEND = """
+local function append(P, sid, h, body, cseq, maxn, maxb)
+  local f = redis.call('HMGET', h, 'o', 'a', 'b', 'w')
+  local seq, a, b = tonumber(f[1]) + 1, tonumber(f[2]), tonumber(f[3] or '0') or 0
+  local head = '{"seq":'..seq..','
+  if cseq ~= '0' then head = '{"seq":'..seq..',"ack":'..f[4]..',' end
+  local numbered = head..string.sub(body, 2)
+  if seq - a > maxn or b + #numbered > maxb then
+    redis.call('DEL', h, h..':o', h..':i', h..':c')
+    redis.call('SET', h..':g', 'overflow', 'EX', 3600)
+    redis.call('ZREM', P..':s:d', sid)
+    return 0
+  end
+  redis.call('RPUSH', h..':o', numbered)
+  local t = redis.call('PTTL', h)
+  if t > 0 then redis.call('PEXPIRE', h..':o', t) end
+  redis.call('HSET', h, 'o', seq, 'b', b + #numbered)
+  if cseq ~= '0' then redis.call('HDEL', h..':i', cseq) end
+  return seq
+end
+"""
+
 CREATE = (
     "local P, sid = ARGV[1], ARGV[2]\n"
     + _KEYS
     + """
 redis.call('DEL', h, h..':o', h..':i', h..':c', h..':g')
 redis.call('HSET', h, 'k', ARGV[3], 'u', ARGV[4], 'x', ARGV[5], 'e', 1, 'o', 0, 'a', 0,
-  'w', 0, 'n', ARGV[6], 'c', ARGV[7])
+  'w', 0, 'b', 0, 'n', ARGV[6], 'c', ARGV[7])
+redis.call('SADD', P..':node:'..ARGV[6]..':s', sid)
 ttl(tonumber(ARGV[8]))
 return 1
 """
@@ -70,8 +116,11 @@ OUT = (
     + _KEYS
     + _FENCE
     + """
+-- numbered here only while no one else numbers (a push stored while this node looked dead)
+if tonumber(redis.call('HGET', h, 'o')) + 1 ~= tonumber(ARGV[4]) then return -1 end
 redis.call('RPUSH', h..':o', ARGV[5])
 redis.call('HSET', h, 'o', ARGV[4])
+redis.call('HINCRBY', h, 'b', #ARGV[5])
 if ARGV[6] ~= '0' then redis.call('HDEL', h..':i', ARGV[6]) end
 if ARGV[8] == 'set' then
   redis.call('HSET', h..':c', ARGV[9], ARGV[10])
@@ -96,13 +145,11 @@ return 1
 ACK = (
     "local P, sid, epoch = ARGV[1], ARGV[2], ARGV[3]\n"
     + _KEYS
+    + _TRIM
     + _FENCE
     + """
 local a, upto = tonumber(redis.call('HGET', h, 'a')), tonumber(ARGV[4])
-if upto > a then
-  redis.call('LTRIM', h..':o', upto - a, -1)
-  redis.call('HSET', h, 'a', upto)
-end
+if upto > a then trim(h, a, upto) end
 return 1
 """
 )
@@ -110,6 +157,7 @@ return 1
 CLAIM = (
     "local P, sid = ARGV[1], ARGV[2]\n"
     + _KEYS
+    + _TRIM
     + """
 if redis.call('EXISTS', h) == 0 then
   return {redis.call('GET', h..':g') or 'unknown_session'}
@@ -120,11 +168,13 @@ if f[2] ~= ARGV[4] then return {'forbidden'} end
 local o, a, ack = tonumber(f[5]), tonumber(f[6]), tonumber(ARGV[5])
 if ack > o then return {'bad_ack', tostring(o)} end
 if ack > a then
-  redis.call('LTRIM', h..':o', ack - a, -1)
+  trim(h, a, ack)
   a = ack
-  redis.call('HSET', h, 'a', a)
 end
 local e = redis.call('HINCRBY', h, 'e', 1)
+if f[8] then redis.call('SREM', P..':node:'..f[8]..':s', sid) end
+redis.call('ZREM', P..':s:d', sid)
+redis.call('SADD', P..':node:'..ARGV[6]..':s', sid)
 redis.call('HSET', h, 'n', ARGV[6], 'c', ARGV[7])
 ttl(tonumber(f[3]) + tonumber(ARGV[8]))
 return {'ok', tostring(e), tostring(o), tostring(a), f[7], f[3], f[8] or '', f[9] or '',
@@ -136,11 +186,15 @@ return {'ok', tostring(e), tostring(o), tostring(a), f[7], f[3], f[8] or '', f[9
 DETACH = (
     "local P, sid, epoch = ARGV[1], ARGV[2], ARGV[3]\n"
     + _KEYS
+    + _NOW
     + _FENCE
     + """
 redis.call('DEL', h..':c')
 for i = 5, #ARGV, 2 do redis.call('HSET', h..':c', ARGV[i], ARGV[i + 1]) end
 redis.call('HSET', h, 'c', '')
+redis.call('SREM', P..':node:'..redis.call('HGET', h, 'n')..':s', sid)
+redis.call('ZREMRANGEBYSCORE', P..':s:d', '-inf', now)
+redis.call('ZADD', P..':s:d', now + tonumber(ARGV[4]) * 1000, sid)
 ttl(tonumber(ARGV[4]))
 return 1
 """
@@ -151,9 +205,85 @@ END = (
     + _KEYS
     + _FENCE
     + """
+local n = redis.call('HGET', h, 'n')
+if n then redis.call('SREM', P..':node:'..n..':s', sid) end
+redis.call('ZREM', P..':s:d', sid)
 redis.call('DEL', h, h..':o', h..':i', h..':c')
 if ARGV[4] ~= 'ended' then redis.call('SET', h..':g', ARGV[4], 'EX', 3600) end
 return 1
+"""
+)
+
+# A session held by a node whose lease ran out is as good as detached (nobody numbers it).
+_HELD = """
+local function held_by_live_node(P, n, c)
+  if not c or c == '' then return false end
+  local score = redis.call('ZSCORE', P..':nodes', n)
+  return score ~= false and tonumber(score) > now
+end
+"""
+
+# A push to session ARGV[2]: to its live node's connection when one carries it (that node
+# numbers it: one numberer at a time), else numbered into Redis for its replay.
+PUSH = (
+    "local P, sid, body, maxn, maxb = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), "
+    "tonumber(ARGV[5])\n"
+    "local hops, me = tonumber(ARGV[6]), ARGV[7]\n"
+    + _NOW
+    + _HELD
+    + _APPEND
+    + """
+local h = P..':s:'..sid
+if redis.call('EXISTS', h) == 0 then return 'gone' end
+local f = redis.call('HMGET', h, 'n', 'c')
+if held_by_live_node(P, f[1], f[2]) then
+  if f[1] == me then return 'here' end
+  if hops >= 3 then return 'lost' end
+  redis.call('PUBLISH', P..':node:'..f[1], cjson.encode({s = f[2], t = 'session_push',
+    d = {session = sid, body = body, hops = hops + 1}}))
+  return 'forwarded'
+end
+if append(P, sid, h, body, '0', maxn, maxb) == 0 then return 'overflow' end
+return 'stored'
+"""
+)
+
+# A reply finished by a node after its session detached (epoch-fenced): numbered in Redis.
+KEEP = (
+    "local P, sid, epoch = ARGV[1], ARGV[2], ARGV[3]\n"
+    + _KEYS
+    + _FENCE
+    + _APPEND
+    + """
+return append(P, sid, h, ARGV[4], ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7]))
+"""
+)
+
+# A broadcast, for the sessions no live node carries (ARGV[5]: only those last held by that
+# node, for one node's broadcast; '' for all).  Live nodes write it to their connections.
+BROADCAST = (
+    "local P, body, maxn, maxb, only = ARGV[1], ARGV[2], tonumber(ARGV[3]), "
+    "tonumber(ARGV[4]), ARGV[5]\n"
+    + _NOW
+    + _APPEND
+    + """
+redis.call('ZREMRANGEBYSCORE', P..':s:d', '-inf', now)
+local count = 0
+local function each(sid)
+  local h = P..':s:'..sid
+  local f = redis.call('HMGET', h, 'n', 'c')
+  if f[1] and (only == '' or f[1] == only) then
+    if append(P, sid, h, body, '0', maxn, maxb) > 0 then count = count + 1 end
+  end
+end
+for _, sid in ipairs(redis.call('ZRANGE', P..':s:d', 0, -1)) do each(sid) end
+if only == '' then
+  -- killed nodes not reaped yet: their sessions wait for a resume elsewhere
+  for _, n in ipairs(redis.call('ZRANGEBYSCORE', P..':nodes', '-inf', now)) do
+    for _, sid in ipairs(redis.call('SMEMBERS', P..':node:'..n..':s')) do each(sid) end
+  end
+end
+return count
 """
 )
 
@@ -187,6 +317,9 @@ _SCRIPTS = {
     "DETACH": DETACH,
     "END": END,
     "CHECK": CHECK,
+    "PUSH": PUSH,
+    "KEEP": KEEP,
+    "BROADCAST": BROADCAST,
     "REFRESH": REFRESH,
 }
 _SHAS = {name: hashlib.sha1(text.encode()).hexdigest() for name, text in _SCRIPTS.items()}
@@ -278,6 +411,29 @@ class RedisSessionStore:
 
     def check(self, sid: str, epoch: int) -> Deferred[Any]:
         return self._run("CHECK", sid, epoch)
+
+    def push(
+        self, sid: str, body: bytes, max_messages: int, max_bytes: int, hops: int = 0
+    ) -> Deferred[str]:
+        """A push to a session this node does not hold: ``forwarded`` (to the live node
+        holding it), ``stored`` (numbered into Redis), ``here`` (Redis says this node holds
+        it), ``gone``, ``overflow`` (the session ended) or ``lost`` (it kept moving)."""
+        d = self._run("PUSH", sid, body, max_messages, max_bytes, hops, self.node_id)
+        return d.addCallback(_text)
+
+    def keep(
+        self, sid: str, epoch: int, body: bytes, cseq: int, max_messages: int, max_bytes: int
+    ) -> Deferred[Any]:
+        """Number a message of a detached session in Redis: its seq, 0 (overflow: ended) or
+        -1 (fenced)."""
+        return self._run("KEEP", sid, epoch, body, cseq, max_messages, max_bytes)
+
+    def broadcast(
+        self, body: bytes, max_messages: int, max_bytes: int, only: str = ""
+    ) -> Deferred[Any]:
+        """Number a broadcast into every session no live node carries (``only``: those last
+        held by that node); how many took it."""
+        return self._run("BROADCAST", body, max_messages, max_bytes, only)
 
     def refresh(self, held: list[tuple[str, int]], extra_ttl: int) -> Deferred[Any]:
         flat: list[Any] = []

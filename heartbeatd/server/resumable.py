@@ -895,8 +895,10 @@ class Sessions:
         self.send_numbered(state, body, 0)
         return True
 
-    def broadcast_detached(self, body: bytes) -> None:
+    def broadcast_detached(self, body: bytes, everywhere: bool = False) -> None:
         """A broadcast reaches detached sessions too (it is in their replay)."""
+        if not self.detached:
+            return
         for state in [s for s in self.states.values() if s.attachment is None]:
             self.send_numbered(state, body, 0)
 

@@ -17,7 +17,13 @@
   connection), which checks the fence and closes it, so a quiet half-open connection does not
   wait for its next write.
 * Detached sessions live in Redis only (their keys expire after ``expiry``); this node keeps
-  one in memory only while replies it started are still being computed.
+  one in memory only while replies it started are still being computed, and numbers those
+  replies in Redis (``KEEP``), as pushes and broadcasts for it may be numbered there too.
+* One numberer at a time: the node whose connection carries a session numbers its messages;
+  a push to it from another node is forwarded there (``PUSH`` publishes it to that node).
+  A session no live node carries (detached, or its node's lease ran out) is numbered in
+  Redis: pushes (``PUSH``) and broadcasts (``BROADCAST``) wait there for its replay, bounded
+  by ``sessions.max_unacked_*`` (past them it ends, ``overflow``).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import re
 from collections import deque
 from typing import Any
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
@@ -48,6 +55,10 @@ log = get_logger(__name__)
 
 #: The `send` type a resuming node uses to tell the former holder's node (never a client's).
 KICK = "session_taken_over"
+#: The `send` type of a push forwarded to the node holding the session (``PUSH``).
+PUSHED = "session_push"
+#: A resumable session's id (32 hex digits; a connection's hello id has 16).
+_SESSION_ID = re.compile(r"[0-9a-f]{32}")
 #: Seconds between TTL refreshes of the sessions this node holds; attached keys live their
 #: expiry plus `EXTRA_TTL`, so a node that dies leaves them to expire like detached ones.
 REFRESH_EVERY = 15
@@ -220,6 +231,79 @@ class ClusteredSessions(Sessions):
                 attachment.raw(numbered)
 
         d.addCallbacks(stored, self._failed, errbackArgs=("out", state))
+
+    # -- pushes and broadcasts to sessions this node does not carry ----------------------
+
+    def send_numbered(self, state: SessionState, body: bytes, cseq: int) -> None:
+        if state.attachment is None and state.ended is None:
+            # Detached: pushes and broadcasts may be numbered in Redis meanwhile, so this
+            # node's count is stale; Redis numbers it.
+            self._keep(state, body, cseq)
+            return
+        super().send_numbered(state, body, cseq)
+
+    def _keep(self, state: SessionState, body: bytes, cseq: int) -> None:
+        config = self.config
+        epoch = state.epoch
+        d = self.redis.keep(
+            state.sid, epoch, body, cseq, config.max_unacked_messages, config.max_unacked_bytes
+        )
+
+        def kept(result: Any) -> None:
+            if not self._checked(result, state, epoch):
+                return
+            if int(result) == 0:  # past its bound: Redis ended it (overflow)
+                self.ended["overflow"] += 1
+                self._let_go(state)
+
+        d.addCallbacks(kept, self._failed, errbackArgs=("keep", None))
+
+    def push(self, sid: str, body: bytes, hops: int = 0) -> Deferred[bool] | None:
+        """A push to session ``sid`` wherever it is: this node's, another node's connection,
+        or Redis (kept for its replay).  None: ``sid`` is not a session id."""
+        state = self.states.get(sid)
+        if state is not None and state.ended is None:
+            self.send_numbered(state, body, 0)
+            return succeed(True)
+        if not _SESSION_ID.fullmatch(sid):
+            return None
+        config = self.config
+        d = self.redis.push(sid, body, config.max_unacked_messages, config.max_unacked_bytes, hops)
+
+        def pushed(status: str) -> bool:
+            self.counts[f"push_{status}"] += 1
+            if status == "here":  # a resume here was answered just before: it is ours now
+                state = self.states.get(sid)
+                if state is None or state.ended is not None:
+                    return False
+                self.send_numbered(state, body, 0)
+                return True
+            if status == "overflow":
+                self.ended["overflow"] += 1
+            if status == "lost" and self.factory.log_allowed("session_push_lost"):
+                log.warn("A push to session {sid} was dropped: it kept moving", sid=sid)
+            return status in ("forwarded", "stored")
+
+        return d.addCallback(pushed)
+
+    def pushed(self, data: Any) -> None:
+        """Another node forwarded a push to a session one of our connections carries."""
+        if not isinstance(data, dict):
+            return
+        sid, body, hops = data.get("session"), data.get("body"), data.get("hops")
+        if not isinstance(sid, str) or not isinstance(body, str) or type(hops) is not int:
+            return
+        d = self.push(sid, body.encode(), hops)
+        if d is not None:
+            d.addErrback(self._failed, "push", None)
+
+    def broadcast_detached(self, body: bytes, everywhere: bool = False) -> None:
+        """A broadcast reaches the sessions no live node carries, in Redis: every one for a
+        cluster's broadcast (``everywhere``), else those this node held last."""
+        config = self.config
+        only = "" if everywhere else self.redis.node_id
+        d = self.redis.broadcast(body, config.max_unacked_messages, config.max_unacked_bytes, only)
+        d.addErrback(self._failed, "broadcast", None)
 
     # -- resume, detach, end --------------------------------------------------------------
 
