@@ -50,9 +50,7 @@ def register(registry):
 
 
 @contextlib.contextmanager
-def nodes(
-    tmp_path: Path, redis: RedisServer, count: int, sessions: dict[str, Any] | None = None
-) -> Iterator[list[Node]]:
+def nodes(tmp_path: Path, redis: RedisServer, count: int, **sections: Any) -> Iterator[list[Node]]:
     (tmp_path / "sess_handlers.py").write_text(HANDLERS)
     with contextlib.ExitStack() as stack:
         found = []
@@ -64,12 +62,12 @@ def nodes(
                 "handlers": ["sess_handlers"],
                 "admin": {"listen": "tcp:0:interface=127.0.0.1"},
                 "channels": {"client_publish": True, "history_size": 50},
-                "sessions": sessions or {},
                 "cluster": {
                     "redis": redis.url,
                     "node_id": f"node{i}",
                     "node_timeout": NODE_TIMEOUT,
                 },
+                **sections,
             }
             daemon = Daemon(directory, config, env={"PYTHONPATH": str(tmp_path)})
             found.append(Node(stack.enter_context(daemon)))
@@ -346,3 +344,63 @@ def test_a_push_to_a_session_whose_node_was_killed_waits_in_redis(tmp_path: Path
             assert data_of(moved.resume())["replay"] == 2
             replay = [moved.next(), moved.next()]
             assert sorted(m["type"] for m in replay) == ["notice", "told"]
+
+
+def test_a_session_whose_keys_redis_expired_answers_expired(tmp_path: Path) -> None:
+    with RedisServer(tmp_path / "redis") as redis, nodes(tmp_path, redis, 2) as (a, b):
+        with SessionPeer(a.port) as peer:
+            peer.start(expiry=1)
+        wait_detached(redis, peer.sid)
+        deadline = time.monotonic() + 10  # Redis's own clock expires it (1 s)
+        while redis.cli("EXISTS", f"heartbeatd:s:{peer.sid}") != "0":
+            assert time.monotonic() < deadline
+        # A tombstone outlives it, bounded (sessions.max_expiry after the keys).
+        ttl = int(redis.cli("TTL", f"heartbeatd:s:{peer.sid}:g"))
+        assert 3500 < ttl <= 3601
+        with SessionPeer(b.port) as late:
+            assert data_of(late.resume(peer.sid, peer.key, 0)) == {
+                "resumed": False,
+                "reason": "expired",
+            }
+            # An ended one is forgotten: unknown_session, as on one daemon.
+            late.start()
+            late.reply(late.request("echo", 1))
+            late.reply(late.request("session_end"))
+        with SessionPeer(a.port) as again:
+            assert data_of(again.resume(late.sid, late.key, 0))["reason"] == "unknown_session"
+
+
+def test_max_per_identity_is_counted_across_the_cluster(tmp_path: Path) -> None:
+    (tmp_path / "tokens").write_text("alice:alice-1\nbob:bob-1\n")
+    auth = {"mode": "token", "tokens_file": str(tmp_path / "tokens")}
+    with (
+        RedisServer(tmp_path / "redis") as redis,
+        nodes(tmp_path, redis, 2, auth=auth, sessions={"max_per_identity": 2}) as (a, b),
+        contextlib.ExitStack() as stack,
+    ):
+
+        def authed(node: Node, token: str) -> SessionPeer:
+            peer = stack.enter_context(SessionPeer(node.port))
+            peer.send({"type": "auth", "id": "a", "data": {"token": token}})
+            assert peer.expect(lambda m: m.get("id") == "a")["type"] == "auth"
+            return peer
+
+        first, second = authed(a, "alice-1"), authed(b, "alice-1")
+        assert first.start()["type"] == second.start()["type"] == "session"
+        third = authed(a, "alice-1")
+        # Refused (one on each node: neither node alone is at the bound); numbered requests
+        # sent right behind the refused request are run as on a connection without one.
+        third.send({"type": "session", "id": "s"})
+        third.send({"type": "echo", "id": 9, "seq": 1, "data": "still served"})
+        refusal = third.expect(lambda m: m.get("id") == "s")
+        assert refusal["error"]["code"] == "too_many_sessions", refusal
+        assert "in the cluster" in refusal["error"]["message"]
+        assert third.expect(lambda m: m.get("id") == 9) == {
+            "type": "echo",
+            "id": 9,
+            "data": "still served",
+        }
+        assert authed(b, "bob-1").start()["type"] == "session"  # another identity
+        # One ends: room again, on either node.
+        second.reply(second.request("session_end"))
+        assert third.start()["type"] == "session"

@@ -9,7 +9,11 @@ Keys, for a session id ``S`` (``P`` is ``cluster.namespace``):
 * ``P:s:S:o`` list: the numbered messages ``a+1 .. o``, oldest first (trimmed on ack);
 * ``P:s:S:i`` hash: client seq -> request (``{"t","i","d"}``) received but not yet answered;
 * ``P:s:S:c`` hash: channel -> ``"epoch offset join_leave"``, the subscriptions;
-* ``P:s:S:g`` string: why a session that ended early ended (``overflow``), for an hour.
+* ``P:s:S:g`` string: why a session that ended early ended (``overflow``), for an hour; while
+  it lives, ``expired``, outliving its keys by ``sessions.max_expiry`` (set whenever their
+  TTL is: a resume after Redis expired them answers ``expired``, not ``unknown_session``);
+* ``P:s:u:I`` set: the sessions of identity ``I`` (``sessions.max_per_identity`` is counted
+  here, across the cluster; members whose keys expired are dropped when it is next counted).
 * ``P:s:d`` sorted set: the detached sessions, scored by when they expire (ms, Redis clock);
   ``P:node:N:s`` set: the sessions node ``N`` holds (the reaper moves a dead node's to
   ``P:s:d``).  A push to a session no live node carries, and a broadcast, are numbered into
@@ -39,6 +43,19 @@ local function ttl(t)
   redis.call('EXPIRE', h..':o', t)
   redis.call('EXPIRE', h..':i', t)
   redis.call('EXPIRE', h..':c', t)
+end
+"""
+
+# The session's keys got TTL ``t``: the tombstone (``:g``, read by CLAIM when they are gone)
+# and its identity's set outlive them by ``tomb`` seconds.
+_MARK = """
+local function mark(P, h, t, tomb)
+  redis.call('SET', h..':g', 'expired', 'EX', t + tomb)
+  local u = redis.call('HGET', h, 'u')
+  if u and u ~= '' then
+    local uk = P..':s:u:'..u
+    if redis.call('TTL', uk) < t + tomb then redis.call('EXPIRE', uk, t + tomb) end
+  end
 end
 """
 
@@ -89,12 +106,25 @@ end
 CREATE = (
     "local P, sid = ARGV[1], ARGV[2]\n"
     + _KEYS
+    + _MARK
     + """
+local limit = tonumber(ARGV[9])
+if limit > 0 and ARGV[4] ~= '' then
+  -- sessions.max_per_identity, across the cluster
+  local uk, held = P..':s:u:'..ARGV[4], 0
+  for _, other in ipairs(redis.call('SMEMBERS', uk)) do
+    if redis.call('EXISTS', P..':s:'..other) == 1 then held = held + 1
+    else redis.call('SREM', uk, other) end
+  end
+  if held >= limit then return 0 end
+end
+if ARGV[4] ~= '' then redis.call('SADD', P..':s:u:'..ARGV[4], sid) end
 redis.call('DEL', h, h..':o', h..':i', h..':c', h..':g')
 redis.call('HSET', h, 'k', ARGV[3], 'u', ARGV[4], 'x', ARGV[5], 'e', 1, 'o', 0, 'a', 0,
   'w', 0, 'b', 0, 'n', ARGV[6], 'c', ARGV[7])
 redis.call('SADD', P..':node:'..ARGV[6]..':s', sid)
 ttl(tonumber(ARGV[8]))
+mark(P, h, tonumber(ARGV[8]), tonumber(ARGV[10]))
 return 1
 """
 )
@@ -158,6 +188,7 @@ CLAIM = (
     "local P, sid = ARGV[1], ARGV[2]\n"
     + _KEYS
     + _TRIM
+    + _MARK
     + """
 if redis.call('EXISTS', h) == 0 then
   return {redis.call('GET', h..':g') or 'unknown_session'}
@@ -177,6 +208,7 @@ redis.call('ZREM', P..':s:d', sid)
 redis.call('SADD', P..':node:'..ARGV[6]..':s', sid)
 redis.call('HSET', h, 'n', ARGV[6], 'c', ARGV[7])
 ttl(tonumber(f[3]) + tonumber(ARGV[8]))
+mark(P, h, tonumber(f[3]) + tonumber(ARGV[8]), tonumber(ARGV[9]))
 return {'ok', tostring(e), tostring(o), tostring(a), f[7], f[3], f[8] or '', f[9] or '',
   redis.call('LRANGE', h..':o', 0, -1), redis.call('HGETALL', h..':i'),
   redis.call('HGETALL', h..':c')}
@@ -187,15 +219,17 @@ DETACH = (
     "local P, sid, epoch = ARGV[1], ARGV[2], ARGV[3]\n"
     + _KEYS
     + _NOW
+    + _MARK
     + _FENCE
     + """
 redis.call('DEL', h..':c')
-for i = 5, #ARGV, 2 do redis.call('HSET', h..':c', ARGV[i], ARGV[i + 1]) end
+for i = 6, #ARGV, 2 do redis.call('HSET', h..':c', ARGV[i], ARGV[i + 1]) end
 redis.call('HSET', h, 'c', '')
 redis.call('SREM', P..':node:'..redis.call('HGET', h, 'n')..':s', sid)
 redis.call('ZREMRANGEBYSCORE', P..':s:d', '-inf', now)
 redis.call('ZADD', P..':s:d', now + tonumber(ARGV[4]) * 1000, sid)
 ttl(tonumber(ARGV[4]))
+mark(P, h, tonumber(ARGV[4]), tonumber(ARGV[5]))
 return 1
 """
 )
@@ -205,10 +239,11 @@ END = (
     + _KEYS
     + _FENCE
     + """
-local n = redis.call('HGET', h, 'n')
-if n then redis.call('SREM', P..':node:'..n..':s', sid) end
+local f = redis.call('HMGET', h, 'n', 'u')
+if f[1] then redis.call('SREM', P..':node:'..f[1]..':s', sid) end
+if f[2] and f[2] ~= '' then redis.call('SREM', P..':s:u:'..f[2], sid) end
 redis.call('ZREM', P..':s:d', sid)
-redis.call('DEL', h, h..':o', h..':i', h..':c')
+redis.call('DEL', h, h..':o', h..':i', h..':c', h..':g')
 if ARGV[4] ~= 'ended' then redis.call('SET', h..':g', ARGV[4], 'EX', 3600) end
 return 1
 """
@@ -289,10 +324,12 @@ return count
 
 CHECK = "local P, sid, epoch = ARGV[1], ARGV[2], ARGV[3]\n" + _KEYS + _FENCE + "return 1\n"
 
-REFRESH = """
-local P, extra = ARGV[1], tonumber(ARGV[2])
+REFRESH = (
+    _MARK
+    + """
+local P, extra, tomb = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local n = 0
-for i = 3, #ARGV, 2 do
+for i = 4, #ARGV, 2 do
   local h = P..':s:'..ARGV[i]
   local f = redis.call('HMGET', h, 'e', 'x')
   if f[1] == ARGV[i + 1] then
@@ -301,11 +338,13 @@ for i = 3, #ARGV, 2 do
     redis.call('EXPIRE', h..':o', t)
     redis.call('EXPIRE', h..':i', t)
     redis.call('EXPIRE', h..':c', t)
+    mark(P, h, t, tomb)
     n = n + 1
   end
 end
 return n
 """
+)
 
 _SCRIPTS = {
     "CREATE": CREATE,
@@ -345,9 +384,21 @@ class RedisSessionStore:
         return self.broker.run_script(_SHAS[name], _SCRIPTS[name], *args)
 
     def create(
-        self, sid: str, digest: str, identity: str, expiry: int, conn: str, ttl: int
+        self,
+        sid: str,
+        digest: str,
+        identity: str,
+        expiry: int,
+        conn: str,
+        ttl: int,
+        limit: int = 0,
+        tomb: int = 0,
     ) -> Deferred[Any]:
-        return self._run("CREATE", sid, digest, identity, expiry, self.node_id, conn, ttl)
+        """Write a new session: 1, or 0 when ``identity`` already holds ``limit`` sessions
+        in the cluster (0: no limit).  ``tomb``: how long its tombstone outlives it."""
+        return self._run(
+            "CREATE", sid, digest, identity, expiry, self.node_id, conn, ttl, limit, tomb
+        )
 
     def received(self, sid: str, epoch: int, seq: int, request: str, ttl: int) -> Deferred[Any]:
         return self._run("RECV", sid, epoch, seq, request, ttl)
@@ -372,12 +423,19 @@ class RedisSessionStore:
         return self._run("ACK", sid, epoch, upto)
 
     def claim(
-        self, sid: str, digest: str, identity: str, ack: int, conn: str, extra_ttl: int
+        self,
+        sid: str,
+        digest: str,
+        identity: str,
+        ack: int,
+        conn: str,
+        extra_ttl: int,
+        tomb: int = 0,
     ) -> Deferred[dict[str, Any] | str]:
         """Take the session for ``conn`` (the epoch goes up: its former holder is fenced):
         its state, or why not (``unknown_session``, ``bad_key``, ``forbidden``, ``overflow``,
         ``bad_ack``)."""
-        d = self._run("CLAIM", sid, digest, identity, ack, self.node_id, conn, extra_ttl)
+        d = self._run("CLAIM", sid, digest, identity, ack, self.node_id, conn, extra_ttl, tomb)
 
         def parsed(r: list[Any]) -> dict[str, Any] | str:
             status = _text(r[0])
@@ -400,11 +458,13 @@ class RedisSessionStore:
 
         return d.addCallback(parsed)
 
-    def detach(self, sid: str, epoch: int, expiry: int, subs: dict[str, str]) -> Deferred[Any]:
+    def detach(
+        self, sid: str, epoch: int, expiry: int, subs: dict[str, str], tomb: int = 0
+    ) -> Deferred[Any]:
         flat: list[str] = []
         for channel, value in subs.items():
             flat += [channel, value]
-        return self._run("DETACH", sid, epoch, expiry, *flat)
+        return self._run("DETACH", sid, epoch, expiry, tomb, *flat)
 
     def end(self, sid: str, epoch: int, reason: str) -> Deferred[Any]:
         return self._run("END", sid, epoch, reason)
@@ -435,8 +495,8 @@ class RedisSessionStore:
         held by that node); how many took it."""
         return self._run("BROADCAST", body, max_messages, max_bytes, only)
 
-    def refresh(self, held: list[tuple[str, int]], extra_ttl: int) -> Deferred[Any]:
+    def refresh(self, held: list[tuple[str, int]], extra_ttl: int, tomb: int = 0) -> Deferred[Any]:
         flat: list[Any] = []
         for sid, epoch in held:
             flat += [sid, epoch]
-        return self._run("REFRESH", extra_ttl, *flat)
+        return self._run("REFRESH", extra_ttl, tomb, *flat)

@@ -450,7 +450,8 @@ class Sessions:
             self.resume(conn, message)
         return True
 
-    def start(self, conn: Connection, message: envelope.Message) -> None:
+    def granted_expiry(self, conn: Connection, message: envelope.Message) -> int | None:
+        """The expiry a ``session`` request gets, or None when refused (answered here)."""
         config = self.config
         data = message.data
         expiry = config.expiry
@@ -462,12 +463,18 @@ class Sessions:
                         BAD_REQUEST, 'expected data {"expiry": <seconds, 1 or more>}', message.id
                     )
                 )
-                return
+                return None
             expiry = min(asked, config.max_expiry)
         refusal = self._limit(conn.identity)
         if refusal is not None:
             conn.factory.count_error(TOO_MANY_SESSIONS)
             conn._emit(encode_error(TOO_MANY_SESSIONS, refusal, message.id))
+            return None
+        return expiry
+
+    def start(self, conn: Connection, message: envelope.Message) -> None:
+        expiry = self.granted_expiry(conn, message)
+        if expiry is None:
             return
         sid = _new_sid()
         key = _new_key()

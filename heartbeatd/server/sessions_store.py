@@ -41,10 +41,13 @@ from heartbeatd._logging import get_logger
 from heartbeatd.server.connection import Connection, body_type
 from heartbeatd.server.resumable import (
     SESSION_TAKEN_OVER,
+    TOO_MANY_SESSIONS,
     Attachment,
     Sessions,
     SessionState,
     _digest,
+    _new_key,
+    _new_sid,
 )
 from heartbeatd.wire import envelope
 from heartbeatd.wire.envelope import encode_error
@@ -75,6 +78,8 @@ class ClusteredSessions(Sessions):
     def __init__(self, factory: Any, store: Any) -> None:
         super().__init__(factory)
         self.redis = store
+        #: Sessions started here that Redis has not confirmed yet (their requests wait).
+        self._creating: set[str] = set()
         self.fenced = 0
         self.store_failures = 0
         self._refresher = LoopingCall(self._refresh)
@@ -88,7 +93,9 @@ class ClusteredSessions(Sessions):
     def _refresh(self) -> None:
         held = [(s.sid, s.epoch) for s in self.states.values() if s.attachment is not None]
         if held:
-            self.redis.refresh(held, EXTRA_TTL).addErrback(self._failed, "refresh", None)
+            self.redis.refresh(held, EXTRA_TTL, self.config.max_expiry).addErrback(
+                self._failed, "refresh", None
+            )
 
     def _ttl(self, state: SessionState) -> int:
         return state.expiry + EXTRA_TTL
@@ -147,31 +154,108 @@ class ClusteredSessions(Sessions):
 
     # -- the hooks of Sessions ------------------------------------------------------------
 
-    def created(self, state: SessionState) -> None:
-        attachment_conn = self._creating
-        self.redis.create(
-            state.sid,
-            state.key_digest.hex(),
-            state.identity or "",
-            state.expiry,
-            attachment_conn,
-            self._ttl(state),
-        ).addErrback(self._failed, "create", state)
-
-    _creating = ""
-
     def start(self, conn: Connection, message: envelope.Message) -> None:
+        """Answered once Redis wrote the session (``sessions.max_per_identity`` is counted
+        there, across the cluster); numbered requests sent meanwhile wait, as at the bound."""
         if not self.factory.channels.broker.up:
             conn.factory.count_error(UNAVAILABLE)
             conn._emit(
                 encode_error(UNAVAILABLE, "the cluster's session store is unreachable", message.id)
             )
             return
-        self._creating = conn.session_id
-        try:
-            super().start(conn, message)
-        finally:
-            self._creating = ""
+        expiry = self.granted_expiry(conn, message)
+        if expiry is None:
+            return
+        key = _new_key()
+        state = SessionState(_new_sid(), _digest(key), conn.identity, expiry)
+        self._add(state)
+        self._creating.add(state.sid)
+        attachment = self.attach(state, conn)
+        config = self.config
+        d = self.redis.create(
+            state.sid,
+            state.key_digest.hex(),
+            state.identity or "",
+            state.expiry,
+            conn.session_id,
+            self._ttl(state),
+            config.max_per_identity if state.identity is not None else 0,
+            config.max_expiry,
+        )
+        d.addCallbacks(
+            self._created,
+            self._create_failed,
+            callbackArgs=(attachment, message, key),
+            errbackArgs=(state,),
+        )
+
+    def _create_failed(self, failure: Failure, state: SessionState) -> None:
+        self._creating.discard(state.sid)
+        self._failed(failure, "create", state)
+
+    def _created(
+        self, result: Any, attachment: Attachment, message: envelope.Message, key: str
+    ) -> None:
+        state = attachment.state
+        self._creating.discard(state.sid)
+        if state.ended is not None:
+            return  # the connection left meanwhile (and the session with it)
+        conn = attachment.conn
+        if int(result) != 1:
+            self._refused(state, attachment, message)
+            return
+        self.started += 1
+        if attachment.current:
+            attachment.raw(
+                envelope.encode_message(
+                    "session",
+                    {"session": state.sid, "key": key, "expiry": state.expiry},
+                    message.id,
+                )
+            )
+            log.debug(
+                "Session {sid} started on {session} ({peer})",
+                sid=state.sid,
+                session=conn.session_id,
+                peer=conn.peer,
+            )
+            attachment.release_held()
+
+    def _refused(
+        self, state: SessionState, attachment: Attachment, message: envelope.Message
+    ) -> None:
+        """Redis counted ``sessions.max_per_identity`` sessions of this identity already:
+        the connection goes on without a session (what it sent meanwhile is run unnumbered,
+        as on a connection whose ``session`` request was refused)."""
+        conn = attachment.conn
+        held, state.held = state.held, []
+        self._forget(state)
+        state.ended = "refused"
+        state.attachment = None
+        if conn._resumable is attachment:
+            conn._resumable = None
+            conn.__dict__.pop("fast_path", None)
+            conn._pending = state.pending if state.pending else None
+        if not conn.connected or conn.close_reason is not None:
+            return
+        limit = self.config.max_per_identity
+        conn.factory.count_error(TOO_MANY_SESSIONS)
+        conn._emit(
+            encode_error(
+                TOO_MANY_SESSIONS,
+                f"{state.identity!r} already holds its maximum of {limit} "
+                "sessions in the cluster (sessions.max_per_identity)",
+                message.id,
+            )
+        )
+        for request, _seq in held:
+            if not conn.connected or conn.close_reason is not None:
+                return
+            conn._dispatch(request)
+        conn._resume_reading()
+
+    def full(self, state: SessionState) -> bool:
+        return state.sid in self._creating or super().full(state)
 
     def received(self, state: SessionState, seq: int, message: envelope.Message) -> None:
         request = json.dumps({"t": message.type, "i": message.id, "d": message.data})
@@ -222,13 +306,19 @@ class ClusteredSessions(Sessions):
         seq = state.out_seq
         change = self._subscription_change(state, body)
         d = self.redis.out(state.sid, epoch, seq, numbered, cseq, self._ttl(state), change)
+        holder = state.attachment
 
         def stored(result: Any) -> None:
             if not self._checked(result, state, epoch):
                 return
-            attachment = state.attachment
-            if attachment is not None and attachment.epoch == epoch:
-                attachment.raw(numbered)
+            # Still its connection; or the answer to session_end, which ended the session
+            # while Redis took the answer (the connection goes on without it).
+            if (
+                holder is not None
+                and holder.epoch == epoch
+                and (state.attachment is holder or state.ended == "ended")
+            ):
+                holder.raw(numbered)
 
         d.addCallbacks(stored, self._failed, errbackArgs=("out", state))
 
@@ -311,7 +401,13 @@ class ClusteredSessions(Sessions):
         self, conn: Connection, message: envelope.Message, sid: str, key: str, ack: int
     ) -> None:
         d = self.redis.claim(
-            sid, _digest(key).hex(), conn.identity or "", ack, conn.session_id, EXTRA_TTL
+            sid,
+            _digest(key).hex(),
+            conn.identity or "",
+            ack,
+            conn.session_id,
+            EXTRA_TTL,
+            self.config.max_expiry,
         )
         d.addCallbacks(
             self._claimed,
@@ -412,7 +508,7 @@ class ClusteredSessions(Sessions):
     def _detach_store(self, state: SessionState, subs: dict[str, tuple[str, int, bool]]) -> None:
         epoch = state.epoch
         values = {c: f"{e} {o} {int(j)}" for c, (e, o, j) in subs.items()}
-        d = self.redis.detach(state.sid, epoch, state.expiry, values)
+        d = self.redis.detach(state.sid, epoch, state.expiry, values, self.config.max_expiry)
         d.addCallbacks(
             self._checked, self._failed, callbackArgs=(state, epoch), errbackArgs=("detach", None)
         )
