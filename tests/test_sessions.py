@@ -254,6 +254,23 @@ def test_subscriptions_recover_publications_missed_while_detached(server: Server
     assert (data(missed)["data"], data(missed)["offset"]) == ("missed", 2)
 
 
+def test_a_subscription_to_a_quiet_channel_resumes_without_resync(server: Server) -> None:
+    # Detached longer than the channel's history_ttl (300 s), with nothing published: the
+    # broker keeps the channel's epoch for the session, so nothing is reported lost.
+    peer = server.connect()
+    peer.start(expiry=600)
+    assert data(peer.reply(peer.request("subscribe", {"channel": "quiet"})))["offset"] == 0
+    server.drop(peer)
+    server.clock.advance(400)
+    again = peer.clone(server.port.getHost().port)
+    server.peers.append(again)
+    assert data(again.resume())["resumed"] is True
+    assert data(again.reply(again.request("echo", "after"))) == "after"
+    server.factory.channels.publish("quiet", "first")
+    assert data(again.expect(is_type("publication")))["offset"] == 1
+    assert [m for m in again.inbox if m["type"] == "resync"] == []
+
+
 def test_a_resume_after_a_long_quiet_period(server: Server) -> None:
     peer = server.connect()
     peer.start(expiry=60)

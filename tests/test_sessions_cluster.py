@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,11 +36,21 @@ def register(registry):
         # A push to the session itself (its id outlives the connection).
         request.server.send(request.session.resumable, "told", request.data)
         return "ok"
+
+    @registry.handler("push_to")
+    def push_to(request):
+        # A push to another session, wherever it is.
+        return request.server.send(request.data["to"], "told", request.data["text"])
+
+    @registry.handler("shout")
+    def shout(request):
+        # A broadcast of this node (its clients, and the sessions it held last).
+        return request.server.broadcast("shout", request.data)
 """
 
 
 @contextlib.contextmanager
-def nodes(tmp_path: Path, redis: RedisServer, count: int) -> Iterator[list[Node]]:
+def nodes(tmp_path: Path, redis: RedisServer, count: int, **sections: Any) -> Iterator[list[Node]]:
     (tmp_path / "sess_handlers.py").write_text(HANDLERS)
     with contextlib.ExitStack() as stack:
         found = []
@@ -56,6 +67,7 @@ def nodes(tmp_path: Path, redis: RedisServer, count: int) -> Iterator[list[Node]
                     "node_id": f"node{i}",
                     "node_timeout": NODE_TIMEOUT,
                 },
+                **sections,
             }
             daemon = Daemon(directory, config, env={"PYTHONPATH": str(tmp_path)})
             found.append(Node(stack.enter_context(daemon)))
@@ -194,3 +206,201 @@ def test_a_session_over_websocket_resumes_on_a_new_websocket(tmp_path: Path) -> 
             assert second.recv()["seq"] == 1
             second.send({"type": "echo", "id": 2, "seq": 2, "data": "again"})
             assert second.recv()["seq"] == 2
+
+
+def wait_detached(redis: RedisServer, sid: str) -> None:
+    """Until the node that lost the connection has recorded the session detached in Redis
+    (``c`` cleared: its presence leaves, sent before on the same link, are applied too)."""
+    deadline = time.monotonic() + 10
+    while redis.cli("HGET", f"heartbeatd:s:{sid}", "c") != "":
+        assert time.monotonic() < deadline, "the session was not detached in time"
+
+
+def test_a_subscription_to_an_empty_channel_resumes_elsewhere_without_resync(
+    tmp_path: Path,
+) -> None:
+    # Found by the JS client: the channel's record went with its last member (the detached
+    # session's), so the node resuming it found a new epoch and said history_lost at 0.
+    with RedisServer(tmp_path / "redis") as redis, nodes(tmp_path, redis, 2) as (a, b):
+        with SessionPeer(b.port) as peer:
+            peer.start()
+            sub = data_of(peer.reply(peer.request("subscribe", {"channel": "still-empty"})))
+            assert sub["offset"] == 0
+            peer.ack()
+        wait_detached(redis, peer.sid)
+        with peer.clone(a.port) as moved:
+            assert data_of(moved.resume())["resumed"] is True
+            # A round trip after the restore: anything it sent came before the echo's reply.
+            assert data_of(moved.reply(moved.request("echo", "after"))) == "after"
+            a.publish("still-empty", "first")
+            pub = moved.expect(lambda m: m["type"] == "publication")
+            assert data_of(pub)["offset"] == 1
+            assert [m for m in moved.inbox if m["type"] == "resync"] == []
+
+
+def test_pushes_and_broadcasts_reach_a_session_on_any_node_or_in_redis(tmp_path: Path) -> None:
+    # aspnetcore #55575: a push through the backplane to a client between connections was lost.
+    with (
+        RedisServer(tmp_path / "redis") as redis,
+        nodes(tmp_path, redis, 2) as (a, b),
+        SessionPeer(a.port) as other,
+    ):
+        other.start()
+        with SessionPeer(b.port) as peer:
+            peer.start()
+            # (Its reply is written once Redis has it, so the session is in Redis now.)
+            assert data_of(peer.reply(peer.request("echo", 0))) == 0
+            # Attached on the other node: forwarded there, numbered by it.
+            assert data_of(other.reply(other.request("push_to", {"to": peer.sid, "text": "1"})))
+            told = peer.expect(lambda m: m["type"] == "told")
+            assert (told["seq"], told["data"]) == (2, "1")
+            peer.ack()
+        wait_detached(redis, peer.sid)
+        # Detached, on no node: numbered into Redis for its replay.
+        assert data_of(other.reply(other.request("push_to", {"to": peer.sid, "text": "2"})))
+        status, answer = a.http("POST", "/broadcast", {"type": "notice", "data": "all"})
+        assert status == 200, answer
+        with SessionPeer(b.port) as third:  # node b's own broadcast: b held the session last
+            third.start()
+            assert third.reply(third.request("shout", "b only"))
+        # The admin API's send reaches it too (and says so), and an unknown id is a 404.
+        status, answer = a.http("POST", f"/clients/{peer.sid}/send", {"type": "told", "data": "3"})
+        assert (status, answer) == (200, {"sent": 1})
+        status, _ = a.http("POST", f"/clients/{'0' * 32}/send", {"type": "told", "data": "x"})
+        assert status == 404
+        deadline = time.monotonic() + 10
+        while redis.cli("HGET", f"heartbeatd:s:{peer.sid}", "o") != "6":
+            assert time.monotonic() < deadline, redis.cli("HGETALL", f"heartbeatd:s:{peer.sid}")
+        with peer.clone(a.port) as moved:
+            answer = data_of(moved.resume())
+            assert (answer["resumed"], answer["replay"]) == (True, 4)
+            replay = [moved.next() for _ in range(4)]  # seq 3..6, checked consecutive
+            assert [m["seq"] for m in replay] == [3, 4, 5, 6]
+            assert sorted((m["type"], m["data"]) for m in replay) == [
+                ("notice", "all"),
+                ("shout", "b only"),
+                ("told", "2"),
+                ("told", "3"),
+            ]
+            # Attached again (on a): a push from b is forwarded here, after the replay.
+            assert third_push(b, peer.sid, "4")
+            assert data_of(moved.expect(lambda m: m["type"] == "told")) == "4"
+
+
+def third_push(node: Node, sid: str, text: str) -> bool:
+    with SessionPeer(node.port) as pusher:
+        pusher.start()
+        return bool(data_of(pusher.reply(pusher.request("push_to", {"to": sid, "text": text}))))
+
+
+def test_a_detached_session_past_its_bound_in_redis_ends_overflow(tmp_path: Path) -> None:
+    bound = {"max_unacked_messages": 3}
+    with (
+        RedisServer(tmp_path / "redis") as redis,
+        nodes(tmp_path, redis, 2, sessions=bound) as (a, b),
+    ):
+        with SessionPeer(b.port) as peer:
+            peer.start()
+        wait_detached(redis, peer.sid)
+        for n in range(3):
+            status, _ = a.http("POST", "/broadcast", {"type": "notice", "data": n})
+            assert status == 200
+        deadline = time.monotonic() + 10
+        while redis.cli("HGET", f"heartbeatd:s:{peer.sid}", "o") != "3":
+            assert time.monotonic() < deadline
+        with peer.clone(a.port) as moved:  # at the bound: still whole
+            assert data_of(moved.resume(ack=0))["replay"] == 3
+        wait_detached(redis, peer.sid)
+        for n in range(4):
+            status, _ = a.http("POST", "/broadcast", {"type": "notice", "data": n})
+            assert status == 200
+        deadline = time.monotonic() + 10
+        while redis.cli("EXISTS", f"heartbeatd:s:{peer.sid}") != "0":
+            assert time.monotonic() < deadline
+        with peer.clone(b.port) as late:
+            assert data_of(late.resume(ack=0)) == {"resumed": False, "reason": "overflow"}
+
+
+def test_a_push_to_a_session_whose_node_was_killed_waits_in_redis(tmp_path: Path) -> None:
+    # emqx #2032: the session died with its node; here a push meanwhile is kept for it.
+    with RedisServer(tmp_path / "redis") as redis, nodes(tmp_path, redis, 2) as (a, b):
+        with SessionPeer(b.port) as peer:
+            peer.start()
+            assert data_of(peer.reply(peer.request("echo", 1))) == 1
+            b.daemon.process.send_signal(signal.SIGKILL)
+            b.daemon.process.wait(10)
+        # Once b's lease ran out (a no longer lists its clients), a numbers pushes in Redis,
+        # even before the reaper marks the session detached, and broadcasts reach it too.
+        deadline = time.monotonic() + 10
+        while a.http("GET", "/clients")[1]["count"] != 0:
+            assert time.monotonic() < deadline
+        assert third_push(a, peer.sid, "while b is dead")
+        status, _ = a.http("POST", "/broadcast", {"type": "notice", "data": "all"})
+        assert status == 200
+        deadline = time.monotonic() + 10
+        while redis.cli("HGET", f"heartbeatd:s:{peer.sid}", "o") != "3":
+            assert time.monotonic() < deadline, redis.cli("HGETALL", f"heartbeatd:s:{peer.sid}")
+        with peer.clone(a.port) as moved:
+            assert data_of(moved.resume())["replay"] == 2
+            replay = [moved.next(), moved.next()]
+            assert sorted(m["type"] for m in replay) == ["notice", "told"]
+
+
+def test_a_session_whose_keys_redis_expired_answers_expired(tmp_path: Path) -> None:
+    with RedisServer(tmp_path / "redis") as redis, nodes(tmp_path, redis, 2) as (a, b):
+        with SessionPeer(a.port) as peer:
+            peer.start(expiry=1)
+        wait_detached(redis, peer.sid)
+        deadline = time.monotonic() + 10  # Redis's own clock expires it (1 s)
+        while redis.cli("EXISTS", f"heartbeatd:s:{peer.sid}") != "0":
+            assert time.monotonic() < deadline
+        # A tombstone outlives it, bounded (sessions.max_expiry after the keys).
+        ttl = int(redis.cli("TTL", f"heartbeatd:s:{peer.sid}:g"))
+        assert 3500 < ttl <= 3601
+        with SessionPeer(b.port) as late:
+            assert data_of(late.resume(peer.sid, peer.key, 0)) == {
+                "resumed": False,
+                "reason": "expired",
+            }
+            # An ended one is forgotten: unknown_session, as on one daemon.
+            late.start()
+            late.reply(late.request("echo", 1))
+            late.reply(late.request("session_end"))
+        with SessionPeer(a.port) as again:
+            assert data_of(again.resume(late.sid, late.key, 0))["reason"] == "unknown_session"
+
+
+def test_max_per_identity_is_counted_across_the_cluster(tmp_path: Path) -> None:
+    (tmp_path / "tokens").write_text("alice:alice-1\nbob:bob-1\n")
+    auth = {"mode": "token", "tokens_file": str(tmp_path / "tokens")}
+    with (
+        RedisServer(tmp_path / "redis") as redis,
+        nodes(tmp_path, redis, 2, auth=auth, sessions={"max_per_identity": 2}) as (a, b),
+        contextlib.ExitStack() as stack,
+    ):
+
+        def authed(node: Node, token: str) -> SessionPeer:
+            peer = stack.enter_context(SessionPeer(node.port))
+            peer.send({"type": "auth", "id": "a", "data": {"token": token}})
+            assert peer.expect(lambda m: m.get("id") == "a")["type"] == "auth"
+            return peer
+
+        first, second = authed(a, "alice-1"), authed(b, "alice-1")
+        assert first.start()["type"] == second.start()["type"] == "session"
+        third = authed(a, "alice-1")
+        # Refused (one on each node: neither node alone is at the bound); numbered requests
+        # sent right behind the refused request are run as on a connection without one.
+        third.send({"type": "session", "id": "s"})
+        third.send({"type": "echo", "id": 9, "seq": 1, "data": "still served"})
+        refusal = third.expect(lambda m: m.get("id") == "s")
+        assert refusal["error"]["code"] == "too_many_sessions", refusal
+        assert "in the cluster" in refusal["error"]["message"]
+        assert third.expect(lambda m: m.get("id") == 9) == {
+            "type": "echo",
+            "id": 9,
+            "data": "still served",
+        }
+        assert authed(b, "bob-1").start()["type"] == "session"  # another identity
+        # One ends: room again, on either node.
+        second.reply(second.request("session_end"))
+        assert third.start()["type"] == "session"

@@ -171,9 +171,15 @@ class Broker(Protocol):
 
     def unsubscribe(self, channel: str) -> None: ...
 
-    def join(self, channel: str, info: dict[str, Any]) -> Deferred[None]: ...
+    def join(self, channel: str, info: dict[str, Any], keep: int = 0) -> Deferred[None]:
+        """``info`` is a member of ``channel`` now.  ``keep`` > 0: a resumable session, which
+        counts on the channel's epoch and offset for ``keep`` seconds after it leaves (it may
+        come back to its subscription, see `leave`)."""
 
-    def leave(self, channel: str, session: str) -> Deferred[None]: ...
+    def leave(self, channel: str, session: str, keep: int = 0) -> Deferred[None]:
+        """``session`` left ``channel``; with ``keep`` > 0 the channel's epoch and offset
+        stay at least ``keep`` seconds even when nobody is left (a detached session restores
+        its subscription from them: a new epoch would tell it ``history_lost`` for nothing)."""
 
     def presence(self, channel: str) -> Deferred[list[dict[str, Any]]]: ...
 
@@ -198,13 +204,15 @@ class Broker(Protocol):
 
 
 class _Stream:
-    __slots__ = ("entries", "epoch", "last_used", "offset")
+    __slots__ = ("entries", "epoch", "kept_until", "last_used", "offset")
 
     def __init__(self, now: float) -> None:
         self.epoch = new_epoch()
         self.offset = 0
         self.entries: deque[str] = deque()
         self.last_used = now
+        #: A detached resumable session may come back to the epoch until then (`leave`).
+        self.kept_until = 0.0
 
 
 class MemoryBroker:
@@ -262,7 +270,7 @@ class MemoryBroker:
         if stream is None:
             stream = self._streams[channel] = _Stream(now)
         elif (ttl := self._history(channel)[1]) and now - stream.last_used > ttl:
-            if channel in self._listening:
+            if channel in self._listening or now < stream.kept_until:
                 stream.entries.clear()
                 stream.last_used = now
             else:
@@ -308,15 +316,20 @@ class MemoryBroker:
     def _unused(self, channel: str) -> None:
         # Without history, a channel nobody listens to needs no memory at all.
         if not self._history(channel)[0] and not self._presence.get(channel):
-            self._streams.pop(channel, None)
+            stream = self._streams.get(channel)
+            if stream is not None and stream.kept_until <= self.clock.seconds():
+                del self._streams[channel]
 
-    def join(self, channel: str, info: dict[str, Any]) -> Deferred[None]:
+    def join(self, channel: str, info: dict[str, Any], keep: int = 0) -> Deferred[None]:
         self._presence.setdefault(channel, {})[info["session"]] = info
         if self.listener is not None:
             self.listener.on_presence(channel, "join", info)
         return succeed(None)
 
-    def leave(self, channel: str, session: str) -> Deferred[None]:
+    def leave(self, channel: str, session: str, keep: int = 0) -> Deferred[None]:
+        stream = self._streams.get(channel)
+        if keep and stream is not None:
+            stream.kept_until = max(stream.kept_until, self.clock.seconds() + keep)
         members = self._presence.get(channel)
         info = members.pop(session, None) if members else None
         if members is not None and not members:

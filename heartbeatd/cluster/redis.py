@@ -3,9 +3,10 @@
 Imported only when ``cluster.redis`` is set.  What lives in Redis (``P`` is
 ``cluster.namespace``; docs/cluster.md has the full picture):
 
-* ``P:ch:{c}:m`` hash ``{e: epoch, s: latest offset}`` and ``P:ch:{c}:x`` stream (entry id
-  ``{offset}-0``, field ``d`` = the publication's JSON), trimmed with ``MAXLEN ~ history_size``
-  and expiring ``history_ttl`` after the last publication.  One Lua script increments the
+* ``P:ch:{c}:m`` hash ``{e: epoch, s: latest offset, k: seconds kept for sessions}`` and
+  ``P:ch:{c}:x`` stream (entry id ``{offset}-0``, field ``d`` = the publication's JSON),
+  trimmed with ``MAXLEN ~ history_size`` and expiring ``history_ttl`` after the last
+  publication.  One Lua script increments the
   offset, appends to the stream and PUBLISHes to ``P:ch:{c}``, atomically, so every node
   receives a channel's publications in offset order.
 * fan-out: Redis pub/sub.  A node SUBSCRIBEs to ``P:ch:{c}`` only while it has a local
@@ -141,8 +142,10 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
 JOIN = """
 local P, c, n, s, info = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local m, keep = P..':ch:'..c..':m', tonumber(ARGV[6]) or 0
 redis.call('HSET', P..':ch:'..c..':p', s, info)
-redis.call('PERSIST', P..':ch:'..c..':m')
+redis.call('PERSIST', m)
+if keep > tonumber(redis.call('HGET', m, 'k') or '0') then redis.call('HSET', m, 'k', keep) end
 redis.call('SADD', P..':node:'..n..':channels', c)
 redis.call('PUBLISH', P..':ch:'..c, 'j'..info)
 return 1
@@ -150,12 +153,22 @@ return 1
 
 # When a channel's last member leaves, its offset record (``:m``) goes with its history:
 # at once when there is none, else when the history expires (Redis never keeps a record per
-# channel name anyone ever subscribed to; issue 22).
+# channel name anyone ever subscribed to; issue 22).  A resumable session that joined counts
+# on the record (its epoch and offset) until it may come back: ``k`` in ``:m`` is the longest
+# such wait, in seconds (the session's expiry and the store's slack, so bounded by
+# ``sessions.max_expiry``), and the record lives at least that long after the last leave.
+# Without it, a detached session's subscription to a channel with no publication yet found
+# a new epoch on resume, and was told ``history_lost`` though nothing was missed.
 _TIDY = """
-local function tidy(P, c)
+local function tidy(P, c, keep)
   if redis.call('EXISTS', P..':ch:'..c..':p') == 0 then
     local m, left = P..':ch:'..c..':m', redis.call('PTTL', P..':ch:'..c..':x')
-    if left == -2 then redis.call('DEL', m) elseif left > 0 then redis.call('PEXPIRE', m, left) end
+    local k = math.max(tonumber(redis.call('HGET', m, 'k') or '0') or 0, keep) * 1000
+    if left == -2 then left = 0 end
+    if left >= 0 then
+      if k > left then left = k end
+      if left == 0 then redis.call('DEL', m) else redis.call('PEXPIRE', m, left) end
+    end
   end
 end
 """
@@ -171,7 +184,7 @@ if info then
   redis.call('PUBLISH', P..':ch:'..c, 'l'..info)
 end
 if last == '1' then redis.call('SREM', P..':node:'..n..':channels', c) end
-tidy(P, c)
+tidy(P, c, tonumber(ARGV[6]) or 0)
 return 1
 """
 )
@@ -235,7 +248,7 @@ for _, n in ipairs(dead) do
         redis.call('PUBLISH', P..':ch:'..c, 'l'..all[i + 1])
       end
     end
-    tidy(P, c)
+    tidy(P, c, 0)
   end
   redis.call('DEL', chk)
   local ck = P..':node:'..n..':clients'
@@ -244,6 +257,16 @@ for _, n in ipairs(dead) do
     if redis.call('HGET', P..':sessions', s) == n then redis.call('HDEL', P..':sessions', s) end
   end
   redis.call('DEL', ck)
+  -- its resumable sessions are detached now (heartbeatd.cluster.sessions: P:s:d)
+  local ss = P..':node:'..n..':s'
+  for _, sid in ipairs(redis.call('SMEMBERS', ss)) do
+    local left = redis.call('PTTL', P..':s:'..sid)
+    if left > 0 and redis.call('HGET', P..':s:'..sid, 'n') == n then
+      redis.call('HSET', P..':s:'..sid, 'c', '')
+      redis.call('ZADD', P..':s:d', now + left, sid)
+    end
+  end
+  redis.call('DEL', ss)
   redis.call('ZREM', P..':nodes', n)
 end
 return dead
@@ -983,19 +1006,19 @@ class RedisBroker:
 
     # -- presence and clients -------------------------------------------------------------------
 
-    def join(self, channel: str, info: dict[str, Any]) -> Deferred[None]:
+    def join(self, channel: str, info: dict[str, Any], keep: int = 0) -> Deferred[None]:
         text = json.dumps(info)
         self._presence.setdefault(channel, {})[info["session"]] = text
-        return self._eval("JOIN", channel, self.node_id, info["session"], text)
+        return self._eval("JOIN", channel, self.node_id, info["session"], text, keep)
 
-    def leave(self, channel: str, session: str) -> Deferred[None]:
+    def leave(self, channel: str, session: str, keep: int = 0) -> Deferred[None]:
         members = self._presence.get(channel)
         if members is not None:
             members.pop(session, None)
             if not members:
                 del self._presence[channel]
         last = "0" if self._presence.get(channel) else "1"  # drop it from our channel set
-        return self._eval("LEAVE", channel, session, self.node_id, last)
+        return self._eval("LEAVE", channel, session, self.node_id, last, keep)
 
     def presence(self, channel: str) -> Deferred[list[dict[str, Any]]]:
         d = self._eval("PRESENCE", channel)

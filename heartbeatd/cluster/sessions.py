@@ -9,7 +9,16 @@ Keys, for a session id ``S`` (``P`` is ``cluster.namespace``):
 * ``P:s:S:o`` list: the numbered messages ``a+1 .. o``, oldest first (trimmed on ack);
 * ``P:s:S:i`` hash: client seq -> request (``{"t","i","d"}``) received but not yet answered;
 * ``P:s:S:c`` hash: channel -> ``"epoch offset join_leave"``, the subscriptions;
-* ``P:s:S:g`` string: why a session that ended early ended (``overflow``), for an hour.
+* ``P:s:S:g`` string: why a session that ended early ended (``overflow``), for an hour; while
+  it lives, ``expired``, outliving its keys by ``sessions.max_expiry`` (set whenever their
+  TTL is: a resume after Redis expired them answers ``expired``, not ``unknown_session``);
+* ``P:s:u:I`` set: the sessions of identity ``I`` (``sessions.max_per_identity`` is counted
+  here, across the cluster; members whose keys expired are dropped when it is next counted).
+* ``P:s:d`` sorted set: the detached sessions, scored by when they expire (ms, Redis clock);
+  ``P:node:N:s`` set: the sessions node ``N`` holds (the reaper moves a dead node's to
+  ``P:s:d``).  A push to a session no live node carries, and a broadcast, are numbered into
+  its ``:o`` here (``PUSH``, ``BROADCAST``), bounded like the daemon's buffer (``b`` in the
+  hash counts its bytes): past the bound the session ends, ``overflow``.
 
 Every write names the epoch the writer holds: a script that finds another one writes nothing
 and answers -1 (the fence: a node whose session was resumed elsewhere learns it on its next
@@ -37,18 +46,85 @@ local function ttl(t)
 end
 """
 
+# The session's keys got TTL ``t``: the tombstone (``:g``, read by CLAIM when they are gone)
+# and its identity's set outlive them by ``tomb`` seconds.
+_MARK = """
+local function mark(P, h, t, tomb)
+  redis.call('SET', h..':g', 'expired', 'EX', t + tomb)
+  local u = redis.call('HGET', h, 'u')
+  if u and u ~= '' then
+    local uk = P..':s:u:'..u
+    if redis.call('TTL', uk) < t + tomb then redis.call('EXPIRE', uk, t + tomb) end
+  end
+end
+"""
+
 _FENCE = """
 if redis.call('HGET', h, 'e') ~= epoch then return -1 end
+"""
+
+_NOW = """
+local tm = redis.call('TIME')
+local now = tonumber(tm[1]) * 1000 + math.floor(tonumber(tm[2]) / 1000)
+"""
+
+# Drop the numbered messages the client acknowledged (up to ``upto``), and their bytes.
+_TRIM = """
+local function trim(h, a, upto)
+  local gone, n = redis.call('LRANGE', h..':o', 0, upto - a - 1), 0
+  for _, v in ipairs(gone) do n = n + #v end
+  redis.call('LTRIM', h..':o', upto - a, -1)
+  redis.call('HSET', h, 'a', upto)
+  redis.call('HINCRBY', h, 'b', -n)
+end
+"""
+
+# Number ``body`` into a session no connection carries (kept for its replay; answering client
+# request ``cseq`` when not '0'); past the bounds the session ends ``overflow``.  The seq, or 0.
+_APPEND = """
+local function append(P, sid, h, body, cseq, maxn, maxb)
+  local f = redis.call('HMGET', h, 'o', 'a', 'b', 'w')
+  local seq, a, b = tonumber(f[1]) + 1, tonumber(f[2]), tonumber(f[3] or '0') or 0
+  local head = '{"seq":'..seq..','
+  if cseq ~= '0' then head = '{"seq":'..seq..',"ack":'..f[4]..',' end
+  local numbered = head..string.sub(body, 2)
+  if seq - a > maxn or b + #numbered > maxb then
+    redis.call('DEL', h, h..':o', h..':i', h..':c')
+    redis.call('SET', h..':g', 'overflow', 'EX', 3600)
+    redis.call('ZREM', P..':s:d', sid)
+    return 0
+  end
+  redis.call('RPUSH', h..':o', numbered)
+  local t = redis.call('PTTL', h)
+  if t > 0 then redis.call('PEXPIRE', h..':o', t) end
+  redis.call('HSET', h, 'o', seq, 'b', b + #numbered)
+  if cseq ~= '0' then redis.call('HDEL', h..':i', cseq) end
+  return seq
+end
 """
 
 CREATE = (
     "local P, sid = ARGV[1], ARGV[2]\n"
     + _KEYS
+    + _MARK
     + """
+local limit = tonumber(ARGV[9])
+if limit > 0 and ARGV[4] ~= '' then
+  -- sessions.max_per_identity, across the cluster
+  local uk, held = P..':s:u:'..ARGV[4], 0
+  for _, other in ipairs(redis.call('SMEMBERS', uk)) do
+    if redis.call('EXISTS', P..':s:'..other) == 1 then held = held + 1
+    else redis.call('SREM', uk, other) end
+  end
+  if held >= limit then return 0 end
+end
+if ARGV[4] ~= '' then redis.call('SADD', P..':s:u:'..ARGV[4], sid) end
 redis.call('DEL', h, h..':o', h..':i', h..':c', h..':g')
 redis.call('HSET', h, 'k', ARGV[3], 'u', ARGV[4], 'x', ARGV[5], 'e', 1, 'o', 0, 'a', 0,
-  'w', 0, 'n', ARGV[6], 'c', ARGV[7])
+  'w', 0, 'b', 0, 'n', ARGV[6], 'c', ARGV[7])
+redis.call('SADD', P..':node:'..ARGV[6]..':s', sid)
 ttl(tonumber(ARGV[8]))
+mark(P, h, tonumber(ARGV[8]), tonumber(ARGV[10]))
 return 1
 """
 )
@@ -70,8 +146,11 @@ OUT = (
     + _KEYS
     + _FENCE
     + """
+-- numbered here only while no one else numbers (a push stored while this node looked dead)
+if tonumber(redis.call('HGET', h, 'o')) + 1 ~= tonumber(ARGV[4]) then return -1 end
 redis.call('RPUSH', h..':o', ARGV[5])
 redis.call('HSET', h, 'o', ARGV[4])
+redis.call('HINCRBY', h, 'b', #ARGV[5])
 if ARGV[6] ~= '0' then redis.call('HDEL', h..':i', ARGV[6]) end
 if ARGV[8] == 'set' then
   redis.call('HSET', h..':c', ARGV[9], ARGV[10])
@@ -96,13 +175,11 @@ return 1
 ACK = (
     "local P, sid, epoch = ARGV[1], ARGV[2], ARGV[3]\n"
     + _KEYS
+    + _TRIM
     + _FENCE
     + """
 local a, upto = tonumber(redis.call('HGET', h, 'a')), tonumber(ARGV[4])
-if upto > a then
-  redis.call('LTRIM', h..':o', upto - a, -1)
-  redis.call('HSET', h, 'a', upto)
-end
+if upto > a then trim(h, a, upto) end
 return 1
 """
 )
@@ -110,6 +187,8 @@ return 1
 CLAIM = (
     "local P, sid = ARGV[1], ARGV[2]\n"
     + _KEYS
+    + _TRIM
+    + _MARK
     + """
 if redis.call('EXISTS', h) == 0 then
   return {redis.call('GET', h..':g') or 'unknown_session'}
@@ -120,13 +199,16 @@ if f[2] ~= ARGV[4] then return {'forbidden'} end
 local o, a, ack = tonumber(f[5]), tonumber(f[6]), tonumber(ARGV[5])
 if ack > o then return {'bad_ack', tostring(o)} end
 if ack > a then
-  redis.call('LTRIM', h..':o', ack - a, -1)
+  trim(h, a, ack)
   a = ack
-  redis.call('HSET', h, 'a', a)
 end
 local e = redis.call('HINCRBY', h, 'e', 1)
+if f[8] then redis.call('SREM', P..':node:'..f[8]..':s', sid) end
+redis.call('ZREM', P..':s:d', sid)
+redis.call('SADD', P..':node:'..ARGV[6]..':s', sid)
 redis.call('HSET', h, 'n', ARGV[6], 'c', ARGV[7])
 ttl(tonumber(f[3]) + tonumber(ARGV[8]))
+mark(P, h, tonumber(f[3]) + tonumber(ARGV[8]), tonumber(ARGV[9]))
 return {'ok', tostring(e), tostring(o), tostring(a), f[7], f[3], f[8] or '', f[9] or '',
   redis.call('LRANGE', h..':o', 0, -1), redis.call('HGETALL', h..':i'),
   redis.call('HGETALL', h..':c')}
@@ -136,12 +218,18 @@ return {'ok', tostring(e), tostring(o), tostring(a), f[7], f[3], f[8] or '', f[9
 DETACH = (
     "local P, sid, epoch = ARGV[1], ARGV[2], ARGV[3]\n"
     + _KEYS
+    + _NOW
+    + _MARK
     + _FENCE
     + """
 redis.call('DEL', h..':c')
-for i = 5, #ARGV, 2 do redis.call('HSET', h..':c', ARGV[i], ARGV[i + 1]) end
+for i = 6, #ARGV, 2 do redis.call('HSET', h..':c', ARGV[i], ARGV[i + 1]) end
 redis.call('HSET', h, 'c', '')
+redis.call('SREM', P..':node:'..redis.call('HGET', h, 'n')..':s', sid)
+redis.call('ZREMRANGEBYSCORE', P..':s:d', '-inf', now)
+redis.call('ZADD', P..':s:d', now + tonumber(ARGV[4]) * 1000, sid)
 ttl(tonumber(ARGV[4]))
+mark(P, h, tonumber(ARGV[4]), tonumber(ARGV[5]))
 return 1
 """
 )
@@ -151,18 +239,97 @@ END = (
     + _KEYS
     + _FENCE
     + """
-redis.call('DEL', h, h..':o', h..':i', h..':c')
+local f = redis.call('HMGET', h, 'n', 'u')
+if f[1] then redis.call('SREM', P..':node:'..f[1]..':s', sid) end
+if f[2] and f[2] ~= '' then redis.call('SREM', P..':s:u:'..f[2], sid) end
+redis.call('ZREM', P..':s:d', sid)
+redis.call('DEL', h, h..':o', h..':i', h..':c', h..':g')
 if ARGV[4] ~= 'ended' then redis.call('SET', h..':g', ARGV[4], 'EX', 3600) end
 return 1
 """
 )
 
+# A session held by a node whose lease ran out is as good as detached (nobody numbers it).
+_HELD = """
+local function held_by_live_node(P, n, c)
+  if not c or c == '' then return false end
+  local score = redis.call('ZSCORE', P..':nodes', n)
+  return score ~= false and tonumber(score) > now
+end
+"""
+
+# A push to session ARGV[2]: to its live node's connection when one carries it (that node
+# numbers it: one numberer at a time), else numbered into Redis for its replay.
+PUSH = (
+    "local P, sid, body, maxn, maxb = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), "
+    "tonumber(ARGV[5])\n"
+    "local hops, me = tonumber(ARGV[6]), ARGV[7]\n"
+    + _NOW
+    + _HELD
+    + _APPEND
+    + """
+local h = P..':s:'..sid
+if redis.call('EXISTS', h) == 0 then return 'gone' end
+local f = redis.call('HMGET', h, 'n', 'c')
+if held_by_live_node(P, f[1], f[2]) then
+  if f[1] == me then return 'here' end
+  if hops >= 3 then return 'lost' end
+  redis.call('PUBLISH', P..':node:'..f[1], cjson.encode({s = f[2], t = 'session_push',
+    d = {session = sid, body = body, hops = hops + 1}}))
+  return 'forwarded'
+end
+if append(P, sid, h, body, '0', maxn, maxb) == 0 then return 'overflow' end
+return 'stored'
+"""
+)
+
+# A reply finished by a node after its session detached (epoch-fenced): numbered in Redis.
+KEEP = (
+    "local P, sid, epoch = ARGV[1], ARGV[2], ARGV[3]\n"
+    + _KEYS
+    + _FENCE
+    + _APPEND
+    + """
+return append(P, sid, h, ARGV[4], ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7]))
+"""
+)
+
+# A broadcast, for the sessions no live node carries (ARGV[5]: only those last held by that
+# node, for one node's broadcast; '' for all).  Live nodes write it to their connections.
+BROADCAST = (
+    "local P, body, maxn, maxb, only = ARGV[1], ARGV[2], tonumber(ARGV[3]), "
+    "tonumber(ARGV[4]), ARGV[5]\n"
+    + _NOW
+    + _APPEND
+    + """
+redis.call('ZREMRANGEBYSCORE', P..':s:d', '-inf', now)
+local count = 0
+local function each(sid)
+  local h = P..':s:'..sid
+  local f = redis.call('HMGET', h, 'n', 'c')
+  if f[1] and (only == '' or f[1] == only) then
+    if append(P, sid, h, body, '0', maxn, maxb) > 0 then count = count + 1 end
+  end
+end
+for _, sid in ipairs(redis.call('ZRANGE', P..':s:d', 0, -1)) do each(sid) end
+if only == '' then
+  -- killed nodes not reaped yet: their sessions wait for a resume elsewhere
+  for _, n in ipairs(redis.call('ZRANGEBYSCORE', P..':nodes', '-inf', now)) do
+    for _, sid in ipairs(redis.call('SMEMBERS', P..':node:'..n..':s')) do each(sid) end
+  end
+end
+return count
+"""
+)
+
 CHECK = "local P, sid, epoch = ARGV[1], ARGV[2], ARGV[3]\n" + _KEYS + _FENCE + "return 1\n"
 
-REFRESH = """
-local P, extra = ARGV[1], tonumber(ARGV[2])
+REFRESH = (
+    _MARK
+    + """
+local P, extra, tomb = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local n = 0
-for i = 3, #ARGV, 2 do
+for i = 4, #ARGV, 2 do
   local h = P..':s:'..ARGV[i]
   local f = redis.call('HMGET', h, 'e', 'x')
   if f[1] == ARGV[i + 1] then
@@ -171,11 +338,13 @@ for i = 3, #ARGV, 2 do
     redis.call('EXPIRE', h..':o', t)
     redis.call('EXPIRE', h..':i', t)
     redis.call('EXPIRE', h..':c', t)
+    mark(P, h, t, tomb)
     n = n + 1
   end
 end
 return n
 """
+)
 
 _SCRIPTS = {
     "CREATE": CREATE,
@@ -187,6 +356,9 @@ _SCRIPTS = {
     "DETACH": DETACH,
     "END": END,
     "CHECK": CHECK,
+    "PUSH": PUSH,
+    "KEEP": KEEP,
+    "BROADCAST": BROADCAST,
     "REFRESH": REFRESH,
 }
 _SHAS = {name: hashlib.sha1(text.encode()).hexdigest() for name, text in _SCRIPTS.items()}
@@ -212,9 +384,21 @@ class RedisSessionStore:
         return self.broker.run_script(_SHAS[name], _SCRIPTS[name], *args)
 
     def create(
-        self, sid: str, digest: str, identity: str, expiry: int, conn: str, ttl: int
+        self,
+        sid: str,
+        digest: str,
+        identity: str,
+        expiry: int,
+        conn: str,
+        ttl: int,
+        limit: int = 0,
+        tomb: int = 0,
     ) -> Deferred[Any]:
-        return self._run("CREATE", sid, digest, identity, expiry, self.node_id, conn, ttl)
+        """Write a new session: 1, or 0 when ``identity`` already holds ``limit`` sessions
+        in the cluster (0: no limit).  ``tomb``: how long its tombstone outlives it."""
+        return self._run(
+            "CREATE", sid, digest, identity, expiry, self.node_id, conn, ttl, limit, tomb
+        )
 
     def received(self, sid: str, epoch: int, seq: int, request: str, ttl: int) -> Deferred[Any]:
         return self._run("RECV", sid, epoch, seq, request, ttl)
@@ -239,12 +423,19 @@ class RedisSessionStore:
         return self._run("ACK", sid, epoch, upto)
 
     def claim(
-        self, sid: str, digest: str, identity: str, ack: int, conn: str, extra_ttl: int
+        self,
+        sid: str,
+        digest: str,
+        identity: str,
+        ack: int,
+        conn: str,
+        extra_ttl: int,
+        tomb: int = 0,
     ) -> Deferred[dict[str, Any] | str]:
         """Take the session for ``conn`` (the epoch goes up: its former holder is fenced):
         its state, or why not (``unknown_session``, ``bad_key``, ``forbidden``, ``overflow``,
         ``bad_ack``)."""
-        d = self._run("CLAIM", sid, digest, identity, ack, self.node_id, conn, extra_ttl)
+        d = self._run("CLAIM", sid, digest, identity, ack, self.node_id, conn, extra_ttl, tomb)
 
         def parsed(r: list[Any]) -> dict[str, Any] | str:
             status = _text(r[0])
@@ -267,11 +458,13 @@ class RedisSessionStore:
 
         return d.addCallback(parsed)
 
-    def detach(self, sid: str, epoch: int, expiry: int, subs: dict[str, str]) -> Deferred[Any]:
+    def detach(
+        self, sid: str, epoch: int, expiry: int, subs: dict[str, str], tomb: int = 0
+    ) -> Deferred[Any]:
         flat: list[str] = []
         for channel, value in subs.items():
             flat += [channel, value]
-        return self._run("DETACH", sid, epoch, expiry, *flat)
+        return self._run("DETACH", sid, epoch, expiry, tomb, *flat)
 
     def end(self, sid: str, epoch: int, reason: str) -> Deferred[Any]:
         return self._run("END", sid, epoch, reason)
@@ -279,8 +472,31 @@ class RedisSessionStore:
     def check(self, sid: str, epoch: int) -> Deferred[Any]:
         return self._run("CHECK", sid, epoch)
 
-    def refresh(self, held: list[tuple[str, int]], extra_ttl: int) -> Deferred[Any]:
+    def push(
+        self, sid: str, body: bytes, max_messages: int, max_bytes: int, hops: int = 0
+    ) -> Deferred[str]:
+        """A push to a session this node does not hold: ``forwarded`` (to the live node
+        holding it), ``stored`` (numbered into Redis), ``here`` (Redis says this node holds
+        it), ``gone``, ``overflow`` (the session ended) or ``lost`` (it kept moving)."""
+        d = self._run("PUSH", sid, body, max_messages, max_bytes, hops, self.node_id)
+        return d.addCallback(_text)
+
+    def keep(
+        self, sid: str, epoch: int, body: bytes, cseq: int, max_messages: int, max_bytes: int
+    ) -> Deferred[Any]:
+        """Number a message of a detached session in Redis: its seq, 0 (overflow: ended) or
+        -1 (fenced)."""
+        return self._run("KEEP", sid, epoch, body, cseq, max_messages, max_bytes)
+
+    def broadcast(
+        self, body: bytes, max_messages: int, max_bytes: int, only: str = ""
+    ) -> Deferred[Any]:
+        """Number a broadcast into every session no live node carries (``only``: those last
+        held by that node); how many took it."""
+        return self._run("BROADCAST", body, max_messages, max_bytes, only)
+
+    def refresh(self, held: list[tuple[str, int]], extra_ttl: int, tomb: int = 0) -> Deferred[Any]:
         flat: list[Any] = []
         for sid, epoch in held:
             flat += [sid, epoch]
-        return self._run("REFRESH", extra_ttl, *flat)
+        return self._run("REFRESH", extra_ttl, tomb, *flat)

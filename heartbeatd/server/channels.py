@@ -438,9 +438,16 @@ class ChannelHub:
 
     def _join(self, sub: _Sub) -> None:
         sub.joined = True
-        self.broker.join(sub.channel, self._info(sub.client)).addErrback(
+        self.broker.join(sub.channel, self._info(sub.client), self._keep(sub.client)).addErrback(
             _log_failure, "presence join", sub.channel
         )
+
+    @staticmethod
+    def _keep(client: Connection) -> int:
+        """Seconds the session ``client`` carries may come back to its subscriptions once
+        detached (0: no resumable session): the broker keeps the channels' epochs that long."""
+        attachment = getattr(client, "_resumable", None)
+        return 0 if attachment is None else attachment.sessions.channel_keep(attachment.state)
 
     def _take_subscribe_token(self, session: str) -> bool:
         """A token bucket per connection: every subscribe may create Redis state (issue 22)."""
@@ -473,7 +480,9 @@ class ChannelHub:
             del self._subs[channel]
             self.broker.unsubscribe(channel)
         if sub.joined:
-            self.broker.leave(channel, session).addErrback(_log_failure, "presence leave", channel)
+            self.broker.leave(channel, session, self._keep(sub.client)).addErrback(
+                _log_failure, "presence leave", channel
+            )
 
     # -- connections -------------------------------------------------------------------------
 
@@ -819,11 +828,16 @@ class ChannelHub:
             if kicked is not None:
                 kicked(session, data)
             return
+        if type == "session_push":  # a push to a session one of ours carries, forwarded
+            pushed = getattr(getattr(self.factory, "sessions", None), "pushed", None)
+            if pushed is not None:
+                pushed(data)
+            return
         with contextlib.suppress(HandlerError):  # not authenticated yet: dropped
             self.factory.send(session, type, data)
 
     def on_broadcast(self, type: str, data: Any) -> None:
-        self.factory.broadcast(type, data)
+        self.factory.broadcast(type, data, remote=True)
 
     def on_kick(self, session: str) -> None:
         self.kick_local(session)
@@ -864,7 +878,18 @@ class ChannelHub:
             return fail(e)
         if not self.broker.clustered:
             return succeed(False)
+        pushed = self._push_to_session(session, type, data)
+        if pushed is not None:
+            return pushed.addErrback(_as_unavailable)
         return self.broker.send(session, type, data).addErrback(_as_unavailable)
+
+    def _push_to_session(self, sid: str, type: str, data: Any) -> Deferred[bool] | None:
+        """A push to a resumable session of the cluster, wherever it is (kept in Redis for
+        its replay while no node carries it); None when ``sid`` is not a session's id."""
+        push = getattr(getattr(self.factory, "sessions", None), "push", None)
+        if push is None:
+            return None
+        return push(sid, encode_message(type, data))
 
     def kick_local(self, session: str) -> bool:
         """Disconnect a client of this node (eviction reason ``admin``); False if not here."""
@@ -886,6 +911,10 @@ class ChannelHub:
         """Send to a session of another node without waiting (False on one node)."""
         if not self.broker.clustered or not self.broker.up:
             return False
+        pushed = self._push_to_session(session, type, data)
+        if pushed is not None:
+            pushed.addErrback(_log_failure, "send", session)
+            return True
         self.broker.send(session, type, data).addErrback(_log_failure, "send", session)
         return True
 
@@ -893,7 +922,12 @@ class ChannelHub:
         """Push to every client of every node; fires with clients (one node) or nodes reached."""
         if not self.broker.clustered:
             return succeed(self.factory.broadcast(type, data))
-        return self.broker.broadcast(type, data).addErrback(_as_unavailable)
+        d = self.broker.broadcast(type, data).addErrback(_as_unavailable)
+        # Every node writes it to its connections; the sessions none carries get it in Redis.
+        sessions = getattr(self.factory, "sessions", None)
+        if sessions is not None:
+            sessions.broadcast_detached(encode_message(type, data), everywhere=True)
+        return d
 
     def clients(self, identity: str | None = None) -> Deferred[list[dict[str, Any]]]:
         """Every client of the cluster (of ``identity`` only, when given), with its ``node``."""

@@ -516,12 +516,16 @@ class ServerFactory(Factory):
         """Send to a session of another node of the cluster; False when there is none."""
         return self.channels.forward(session_id, type, data)
 
-    def broadcast(self, type: str, data: Any = OMIT, *, everyone: bool = False) -> int:
+    def broadcast(
+        self, type: str, data: Any = OMIT, *, everyone: bool = False, remote: bool = False
+    ) -> int:
         """Push a message to every authenticated client, framing it once per framing; the count.
 
         Connections still in their auth gate are skipped (``everyone``: the shutdown goaway).
         Written through the channel hub's delivery queue, ``channels.fanout_batch``
         connections per reactor turn (``ChannelHub.write_to_all``), except the goaway.
+        ``remote``: this node's part of a cluster's broadcast (whose origin numbered it into
+        the detached sessions in Redis).
         """
         frame = SharedFrame(encode_message(type, data))
         if self.gated and not everyone:
@@ -533,7 +537,7 @@ class ServerFactory(Factory):
                 client.write_shared(frame)
         else:  # in turns of channels.fanout_batch, as publications are (fairness)
             self.channels.write_to_all(frame, clients)
-            if self.sessions.detached:  # kept for the replay of sessions between connections
+            if not remote:  # kept for the replay of sessions between connections
                 self.sessions.broadcast_detached(frame.body)
         return len(clients)
 

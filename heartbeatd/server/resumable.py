@@ -29,11 +29,20 @@ import secrets
 from collections import Counter, OrderedDict, deque
 from typing import Any
 
+from twisted.python.failure import Failure
+
 from heartbeatd._logging import get_logger
 from heartbeatd.server.connection import CONNECTION_TYPES, Connection, _Slot
 from heartbeatd.server.handlers import Request
 from heartbeatd.wire import envelope
-from heartbeatd.wire.envelope import ProtocolError, as_message, decode_json, encode_error
+from heartbeatd.wire.envelope import (
+    Message,
+    ProtocolError,
+    as_message,
+    decode_json,
+    encode_error,
+    encode_message,
+)
 
 __all__ = [
     "CONNECTION_TYPES",
@@ -70,6 +79,11 @@ RESUME_REASONS = (
 
 #: Client message types the session layer answers itself (no application handler).
 SESSION_TYPES = frozenset({"session", "resume", "ack", "session_end"})
+
+#: Types `Connection._dispatch` handles itself before any handler.
+_DISPATCH_OWN = frozenset({"pong", "error"})
+#: Handler results answered by `Attachment._call` itself (anything else: the general path).
+_PLAIN = frozenset({dict, list, str, int, float, bool, type(None)})
 
 #: Largest seq accepted (JavaScript's safe integers: both clients can count that far).
 MAX_SEQ = 2**53 - 1
@@ -207,12 +221,28 @@ class Attachment:
 
     def receive(self, item: bytes) -> None:
         conn = self.conn
-        if not self.current or conn.close_reason is not None:
+        state = self.state
+        if (
+            state.attachment is not self
+            or state.epoch != self.epoch
+            or conn.close_reason is not None
+        ):
             return  # taken over, ended or closing while this read was under way
         conn.frames_in += 1
         try:
             value = decode_json(item, conn._max_depth)
-            message = as_message(value)
+            # as_message's checks, inlined for the usual envelope (it raises the errors).
+            type_ = value.get("type") if type(value) is dict else None
+            id_ = value.get("id", None) if type_ is not None else None
+            if (
+                type(type_) is str
+                and type_
+                and type_ != "error"
+                and (id_ is None or type(id_) is int or type(id_) is str)
+            ):
+                message = Message(type_, id_, value.get("data"))
+            else:
+                message = as_message(value)
         except ProtocolError as e:
             conn.factory.count_error(e.code)
             self.raw(encode_error(e.code, e.message, e.id))
@@ -225,7 +255,6 @@ class Attachment:
         if seq is None:
             conn._dispatch(message)  # an unnumbered message: handled, and answered, as today
             return
-        state = self.state
         if type(seq) is not int or not 0 < seq <= MAX_SEQ:
             self.sessions.counts["bad_seq"] += 1
             self.fail(BAD_SEQ, f"seq is an integer from 1 to {MAX_SEQ}", message.id)
@@ -237,7 +266,8 @@ class Attachment:
             self.sessions.counts["bad_seq"] += 1
             self.fail(BAD_SEQ, f"expected seq {state.in_hwm + 1}, got {seq} (a gap)", message.id)
             return
-        if state.held or self.sessions.full(state):
+        sessions = self.sessions
+        if state.held or sessions.full(state):
             limit = conn.factory.config.limits.max_pending_requests
             if len(state.held) >= 2 * limit:
                 # One read past the pause (below) can carry many more: not received (the hwm
@@ -257,8 +287,75 @@ class Attachment:
                 conn._pause_reading()
             return
         state.in_hwm = seq
-        self.sessions.received(state, seq, message)
+        if sessions.records:
+            sessions.received(state, seq, message)
+        if (
+            sessions.inline
+            and not state.pending
+            and conn._auth is None
+            and type_ not in _DISPATCH_OWN
+            and type_ != "session_end"
+        ):
+            handler = conn.factory.registry.get(type_)
+            if handler is not None:
+                self._answer(handler, message, seq)
+                return
         self.run(message, seq)
+
+    def _answer(self, handler: Any, message: envelope.Message, seq: int) -> None:
+        """`run`, `_call`, `emit` and `Sessions.send_numbered` fused for the usual numbered
+        request: a handler with a plain JSON result, nothing queued before it, the session's
+        own connection, within the bounds.  Anything else takes the general path."""
+        state = self.state
+        conn = self.conn
+        self.cseq = seq
+        self.replied = False
+        try:
+            try:
+                result = handler(Request(message.type, message.id, message.data, conn))
+            except Exception:
+                conn._emit(conn._error_frame(Failure(), message))
+            else:
+                if type(result) not in _PLAIN or state.pending:
+                    conn._handle_result(message, result)
+                else:
+                    try:
+                        body = encode_message(message.type, result, message.id)
+                    except Exception:  # not JSON after all: the general path's error
+                        conn._handle_result(message, result)
+                    else:
+                        self._numbered_reply(body, seq)
+        finally:
+            self.cseq = 0
+        if not self.replied and not state.pending and state.ended is None:
+            self.sessions.answered(state, seq)  # a notification (NO_REPLY): done already
+
+    def _numbered_reply(self, body: bytes, cseq: int) -> None:
+        state = self.state
+        if state.attachment is not self or state.epoch != self.epoch or state.ended is not None:
+            return
+        self.replied = True
+        sessions = self.sessions
+        if sessions.factory.config is not sessions._bounds_of:
+            sessions.bounds()
+        messages, size = sessions._bounds
+        unacked = state.unacked
+        # Near twice the bound the general path decides (it ends the session past it).
+        if len(unacked) + 1 >= 2 * messages or state.unacked_bytes + len(body) + 64 >= 2 * size:
+            sessions.send_numbered(state, body, cseq)
+            return
+        seq = state.out_seq = state.out_seq + 1
+        numbered = b'{"seq":%d,"ack":%d,' % (seq, state.in_hwm) + body[1:]
+        unacked.append((seq, numbered))
+        state.unacked_bytes += len(numbered)
+        conn = self.conn
+        if conn.connected:
+            framed = conn._framing.encode(numbered)
+            batch = conn._batch
+            if batch is not None:
+                batch.append(framed)
+            else:
+                conn._write_many([framed])
 
     def run(self, message: envelope.Message, seq: int, redelivered: bool = False) -> None:
         """Dispatch a numbered request; its reply (or error) is numbered with ``ack``."""
@@ -266,17 +363,46 @@ class Attachment:
         self.replied = False
         state = self.state
         queued = len(state.pending)
+        conn = self.conn
+        type_ = message.type
         try:
-            if message.type == "session_end":
+            if type_ == "session_end":
                 self.sessions.end_request(self, message)
             elif redelivered:
                 self._redeliver(message)
             else:
-                self.conn._dispatch(message)
+                # `Connection._dispatch` inlined for what it would hand to a handler (no
+                # auth gate, not pong/error): one call and three checks less per request.
+                handler = None
+                if conn._auth is None and type_ not in _DISPATCH_OWN:
+                    handler = conn.factory.registry.get(type_)
+                if handler is None:
+                    conn._dispatch(message)
+                else:
+                    self._call(handler, message)
         finally:
             self.cseq = 0
         if not self.replied and len(state.pending) == queued and state.ended is None:
             self.sessions.answered(state, seq)  # a notification (NO_REPLY): done already
+
+    def _call(self, handler: Any, message: envelope.Message) -> None:
+        """Run ``handler``; a plain JSON result is answered here, anything else (Deferred,
+        `Reply`, NO_REPLY, a coroutine) as `Connection._handle_result` does."""
+        conn = self.conn
+        try:
+            result = handler(Request(message.type, message.id, message.data, conn))
+        except Exception:
+            conn._emit(conn._error_frame(Failure(), message))
+            return
+        if type(result) in _PLAIN and not message.bare:
+            try:
+                body = encode_message(message.type, result, message.id)
+            except Exception:  # not JSON after all: the general path answers the error
+                conn._handle_result(message, result)
+                return
+            self.emit(body)
+        else:
+            conn._handle_result(message, result)
 
     def _redeliver(self, message: envelope.Message) -> None:
         conn = self.conn
@@ -287,8 +413,6 @@ class Attachment:
         try:
             result = handler(RedeliveredRequest(message.type, message.id, message.data, conn))
         except Exception:
-            from twisted.python.failure import Failure
-
             conn._emit(conn._error_frame(Failure(), message))
             return
         conn._handle_result(message, result)
@@ -333,14 +457,15 @@ class Attachment:
     def emit(self, body: bytes) -> None:
         """`Connection._emit`: a reply, numbered when it answers a numbered request."""
         state = self.state
-        if not self.current:
+        if state.attachment is not self or state.epoch != self.epoch:
             return  # taken over: nothing more on this connection, and nothing of it elsewhere
-        if self.cseq:
+        cseq = self.cseq
+        if cseq:
             self.replied = True
         if state.pending:
-            state.pending.append(_Slot(body, self.cseq))
-        elif self.cseq:
-            self.sessions.send_numbered(state, body, self.cseq)
+            state.pending.append(_Slot(body, cseq))
+        elif cseq:
+            self.sessions.send_numbered(state, body, cseq)
         else:
             self.raw(body)
 
@@ -380,6 +505,16 @@ class Sessions:
         self.ended: Counter[str] = Counter()
         #: Odd events (duplicates, bad_seq, late acks, bad acks).
         self.counts: Counter[str] = Counter()
+        self._bounds_of: Any = None
+        self._bounds = (0, 0)
+        #: `received` does something (the clustered store records requests in Redis).
+        self.records = type(self).received is not Sessions.received
+        #: Numbered replies may be written by `Attachment._answer` itself (not with a store
+        #: that keeps them elsewhere first).
+        self.inline = (
+            type(self).store is Sessions.store
+            and type(self).send_numbered is Sessions.send_numbered
+        )
 
     @property
     def config(self) -> Any:
@@ -389,9 +524,27 @@ class Sessions:
     def attached(self) -> int:
         return len(self.states) - self.detached
 
+    def channel_keep(self, state: SessionState) -> int:
+        """Seconds a detached ``state`` may come back to its subscriptions (the channel
+        broker keeps their epochs that long: `heartbeatd.server.channels.ChannelHub._keep`)."""
+        return state.expiry
+
+    def bounds(self) -> tuple[int, int]:
+        """(``max_unacked_messages``, ``max_unacked_bytes``), read again after a reload."""
+        config = self.factory.config
+        if config is not self._bounds_of:
+            self._bounds_of = config
+            self._bounds = (
+                config.sessions.max_unacked_messages,
+                config.sessions.max_unacked_bytes,
+            )
+        return self._bounds
+
     def full(self, state: SessionState) -> bool:
-        config = self.config
-        return state.over(config.max_unacked_messages, config.max_unacked_bytes)
+        if self.factory.config is not self._bounds_of:
+            self.bounds()
+        messages, size = self._bounds
+        return len(state.unacked) >= messages or state.unacked_bytes >= size
 
     # -- storage hooks (the clustered store overrides these) ------------------------------
 
@@ -445,7 +598,8 @@ class Sessions:
             self.resume(conn, message)
         return True
 
-    def start(self, conn: Connection, message: envelope.Message) -> None:
+    def granted_expiry(self, conn: Connection, message: envelope.Message) -> int | None:
+        """The expiry a ``session`` request gets, or None when refused (answered here)."""
         config = self.config
         data = message.data
         expiry = config.expiry
@@ -457,12 +611,18 @@ class Sessions:
                         BAD_REQUEST, 'expected data {"expiry": <seconds, 1 or more>}', message.id
                     )
                 )
-                return
+                return None
             expiry = min(asked, config.max_expiry)
         refusal = self._limit(conn.identity)
         if refusal is not None:
             conn.factory.count_error(TOO_MANY_SESSIONS)
             conn._emit(encode_error(TOO_MANY_SESSIONS, refusal, message.id))
+            return None
+        return expiry
+
+    def start(self, conn: Connection, message: envelope.Message) -> None:
+        expiry = self.granted_expiry(conn, message)
+        if expiry is None:
             return
         sid = _new_sid()
         key = _new_key()
@@ -740,17 +900,25 @@ class Sessions:
         (detached: keep it for the replay)."""
         if state.ended is not None:
             return
-        numbered = state.number(body, cseq)
+        # SessionState.number, inlined (once per numbered message).
+        seq = state.out_seq = state.out_seq + 1
+        if cseq:
+            numbered = b'{"seq":%d,"ack":%d,' % (seq, state.in_hwm) + body[1:]
+        else:
+            numbered = b'{"seq":%d,' % seq + body[1:]
+        unacked = state.unacked
+        unacked.append((seq, numbered))
+        state.unacked_bytes += len(numbered)
         attachment = state.attachment
-        config = self.config
+        config = self.factory.config
+        if config is not self._bounds_of:
+            self.bounds()
+        messages, size = self._bounds
         if attachment is None:
-            if (
-                len(state.unacked) > config.max_unacked_messages
-                or state.unacked_bytes > config.max_unacked_bytes
-            ):
+            if len(state.unacked) > messages or state.unacked_bytes > size:
                 self.end(state, "overflow")
                 return
-        elif state.over(config.max_unacked_messages, config.max_unacked_bytes, 2):
+        elif len(state.unacked) >= 2 * messages or state.unacked_bytes >= 2 * size:
             # Pushes still go out at the bound (requests wait); a client that reads them but
             # never acknowledges is not allowed to grow the buffer without end.
             attachment.fail(
@@ -766,8 +934,15 @@ class Sessions:
         """Keep and write a numbered message (the clustered store writes Redis first, and
         the connection once Redis has it)."""
         attachment = state.attachment
-        if attachment is not None:
-            attachment.raw(numbered)
+        if attachment is not None:  # Attachment.raw, inlined
+            conn = attachment.conn
+            if conn.connected:
+                framed = conn._framing.encode(numbered)
+                batch = conn._batch
+                if batch is not None:
+                    batch.append(framed)
+                else:
+                    conn._write_many([framed])
 
     def flush(self, state: SessionState) -> None:
         """Write (or, detached, keep) every finished reply at the head of the queue."""
@@ -890,8 +1065,10 @@ class Sessions:
         self.send_numbered(state, body, 0)
         return True
 
-    def broadcast_detached(self, body: bytes) -> None:
+    def broadcast_detached(self, body: bytes, everywhere: bool = False) -> None:
         """A broadcast reaches detached sessions too (it is in their replay)."""
+        if not self.detached:
+            return
         for state in [s for s in self.states.values() if s.attachment is None]:
             self.send_numbered(state, body, 0)
 

@@ -17,7 +17,13 @@
   connection), which checks the fence and closes it, so a quiet half-open connection does not
   wait for its next write.
 * Detached sessions live in Redis only (their keys expire after ``expiry``); this node keeps
-  one in memory only while replies it started are still being computed.
+  one in memory only while replies it started are still being computed, and numbers those
+  replies in Redis (``KEEP``), as pushes and broadcasts for it may be numbered there too.
+* One numberer at a time: the node whose connection carries a session numbers its messages;
+  a push to it from another node is forwarded there (``PUSH`` publishes it to that node).
+  A session no live node carries (detached, or its node's lease ran out) is numbered in
+  Redis: pushes (``PUSH``) and broadcasts (``BROADCAST``) wait there for its replay, bounded
+  by ``sessions.max_unacked_*`` (past them it ends, ``overflow``).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import re
 from collections import deque
 from typing import Any
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
@@ -34,10 +41,13 @@ from heartbeatd._logging import get_logger
 from heartbeatd.server.connection import Connection, body_type
 from heartbeatd.server.resumable import (
     SESSION_TAKEN_OVER,
+    TOO_MANY_SESSIONS,
     Attachment,
     Sessions,
     SessionState,
     _digest,
+    _new_key,
+    _new_sid,
 )
 from heartbeatd.wire import envelope
 from heartbeatd.wire.envelope import encode_error
@@ -48,6 +58,10 @@ log = get_logger(__name__)
 
 #: The `send` type a resuming node uses to tell the former holder's node (never a client's).
 KICK = "session_taken_over"
+#: The `send` type of a push forwarded to the node holding the session (``PUSH``).
+PUSHED = "session_push"
+#: A resumable session's id (32 hex digits; a connection's hello id has 16).
+_SESSION_ID = re.compile(r"[0-9a-f]{32}")
 #: Seconds between TTL refreshes of the sessions this node holds; attached keys live their
 #: expiry plus `EXTRA_TTL`, so a node that dies leaves them to expire like detached ones.
 REFRESH_EVERY = 15
@@ -64,6 +78,8 @@ class ClusteredSessions(Sessions):
     def __init__(self, factory: Any, store: Any) -> None:
         super().__init__(factory)
         self.redis = store
+        #: Sessions started here that Redis has not confirmed yet (their requests wait).
+        self._creating: set[str] = set()
         self.fenced = 0
         self.store_failures = 0
         self._refresher = LoopingCall(self._refresh)
@@ -77,9 +93,16 @@ class ClusteredSessions(Sessions):
     def _refresh(self) -> None:
         held = [(s.sid, s.epoch) for s in self.states.values() if s.attachment is not None]
         if held:
-            self.redis.refresh(held, EXTRA_TTL).addErrback(self._failed, "refresh", None)
+            self.redis.refresh(held, EXTRA_TTL, self.config.max_expiry).addErrback(
+                self._failed, "refresh", None
+            )
 
     def _ttl(self, state: SessionState) -> int:
+        return state.expiry + EXTRA_TTL
+
+    def channel_keep(self, state: SessionState) -> int:
+        # As long as Redis may keep the session (a node killed while holding it: its keys
+        # live expiry + EXTRA_TTL after the last refresh).
         return state.expiry + EXTRA_TTL
 
     def _failed(self, failure: Failure, what: str, state: SessionState | None) -> None:
@@ -131,31 +154,108 @@ class ClusteredSessions(Sessions):
 
     # -- the hooks of Sessions ------------------------------------------------------------
 
-    def created(self, state: SessionState) -> None:
-        attachment_conn = self._creating
-        self.redis.create(
-            state.sid,
-            state.key_digest.hex(),
-            state.identity or "",
-            state.expiry,
-            attachment_conn,
-            self._ttl(state),
-        ).addErrback(self._failed, "create", state)
-
-    _creating = ""
-
     def start(self, conn: Connection, message: envelope.Message) -> None:
+        """Answered once Redis wrote the session (``sessions.max_per_identity`` is counted
+        there, across the cluster); numbered requests sent meanwhile wait, as at the bound."""
         if not self.factory.channels.broker.up:
             conn.factory.count_error(UNAVAILABLE)
             conn._emit(
                 encode_error(UNAVAILABLE, "the cluster's session store is unreachable", message.id)
             )
             return
-        self._creating = conn.session_id
-        try:
-            super().start(conn, message)
-        finally:
-            self._creating = ""
+        expiry = self.granted_expiry(conn, message)
+        if expiry is None:
+            return
+        key = _new_key()
+        state = SessionState(_new_sid(), _digest(key), conn.identity, expiry)
+        self._add(state)
+        self._creating.add(state.sid)
+        attachment = self.attach(state, conn)
+        config = self.config
+        d = self.redis.create(
+            state.sid,
+            state.key_digest.hex(),
+            state.identity or "",
+            state.expiry,
+            conn.session_id,
+            self._ttl(state),
+            config.max_per_identity if state.identity is not None else 0,
+            config.max_expiry,
+        )
+        d.addCallbacks(
+            self._created,
+            self._create_failed,
+            callbackArgs=(attachment, message, key),
+            errbackArgs=(state,),
+        )
+
+    def _create_failed(self, failure: Failure, state: SessionState) -> None:
+        self._creating.discard(state.sid)
+        self._failed(failure, "create", state)
+
+    def _created(
+        self, result: Any, attachment: Attachment, message: envelope.Message, key: str
+    ) -> None:
+        state = attachment.state
+        self._creating.discard(state.sid)
+        if state.ended is not None:
+            return  # the connection left meanwhile (and the session with it)
+        conn = attachment.conn
+        if int(result) != 1:
+            self._refused(state, attachment, message)
+            return
+        self.started += 1
+        if attachment.current:
+            attachment.raw(
+                envelope.encode_message(
+                    "session",
+                    {"session": state.sid, "key": key, "expiry": state.expiry},
+                    message.id,
+                )
+            )
+            log.debug(
+                "Session {sid} started on {session} ({peer})",
+                sid=state.sid,
+                session=conn.session_id,
+                peer=conn.peer,
+            )
+            attachment.release_held()
+
+    def _refused(
+        self, state: SessionState, attachment: Attachment, message: envelope.Message
+    ) -> None:
+        """Redis counted ``sessions.max_per_identity`` sessions of this identity already:
+        the connection goes on without a session (what it sent meanwhile is run unnumbered,
+        as on a connection whose ``session`` request was refused)."""
+        conn = attachment.conn
+        held, state.held = state.held, []
+        self._forget(state)
+        state.ended = "refused"
+        state.attachment = None
+        if conn._resumable is attachment:
+            conn._resumable = None
+            conn.__dict__.pop("fast_path", None)
+            conn._pending = state.pending if state.pending else None
+        if not conn.connected or conn.close_reason is not None:
+            return
+        limit = self.config.max_per_identity
+        conn.factory.count_error(TOO_MANY_SESSIONS)
+        conn._emit(
+            encode_error(
+                TOO_MANY_SESSIONS,
+                f"{state.identity!r} already holds its maximum of {limit} "
+                "sessions in the cluster (sessions.max_per_identity)",
+                message.id,
+            )
+        )
+        for request, _seq in held:
+            if not conn.connected or conn.close_reason is not None:
+                return
+            conn._dispatch(request)
+        conn._resume_reading()
+
+    def full(self, state: SessionState) -> bool:
+        return state.sid in self._creating or super().full(state)
 
     def received(self, state: SessionState, seq: int, message: envelope.Message) -> None:
         request = json.dumps({"t": message.type, "i": message.id, "d": message.data})
@@ -206,15 +306,94 @@ class ClusteredSessions(Sessions):
         seq = state.out_seq
         change = self._subscription_change(state, body)
         d = self.redis.out(state.sid, epoch, seq, numbered, cseq, self._ttl(state), change)
+        holder = state.attachment
 
         def stored(result: Any) -> None:
             if not self._checked(result, state, epoch):
                 return
-            attachment = state.attachment
-            if attachment is not None and attachment.epoch == epoch:
-                attachment.raw(numbered)
+            # Still its connection; or the answer to session_end, which ended the session
+            # while Redis took the answer (the connection goes on without it).
+            if (
+                holder is not None
+                and holder.epoch == epoch
+                and (state.attachment is holder or state.ended == "ended")
+            ):
+                holder.raw(numbered)
 
         d.addCallbacks(stored, self._failed, errbackArgs=("out", state))
+
+    # -- pushes and broadcasts to sessions this node does not carry ----------------------
+
+    def send_numbered(self, state: SessionState, body: bytes, cseq: int) -> None:
+        if state.attachment is None and state.ended is None:
+            # Detached: pushes and broadcasts may be numbered in Redis meanwhile, so this
+            # node's count is stale; Redis numbers it.
+            self._keep(state, body, cseq)
+            return
+        super().send_numbered(state, body, cseq)
+
+    def _keep(self, state: SessionState, body: bytes, cseq: int) -> None:
+        config = self.config
+        epoch = state.epoch
+        d = self.redis.keep(
+            state.sid, epoch, body, cseq, config.max_unacked_messages, config.max_unacked_bytes
+        )
+
+        def kept(result: Any) -> None:
+            if not self._checked(result, state, epoch):
+                return
+            if int(result) == 0:  # past its bound: Redis ended it (overflow)
+                self.ended["overflow"] += 1
+                self._let_go(state)
+
+        d.addCallbacks(kept, self._failed, errbackArgs=("keep", None))
+
+    def push(self, sid: str, body: bytes, hops: int = 0) -> Deferred[bool] | None:
+        """A push to session ``sid`` wherever it is: this node's, another node's connection,
+        or Redis (kept for its replay).  None: ``sid`` is not a session id."""
+        state = self.states.get(sid)
+        if state is not None and state.ended is None:
+            self.send_numbered(state, body, 0)
+            return succeed(True)
+        if not _SESSION_ID.fullmatch(sid):
+            return None
+        config = self.config
+        d = self.redis.push(sid, body, config.max_unacked_messages, config.max_unacked_bytes, hops)
+
+        def pushed(status: str) -> bool:
+            self.counts[f"push_{status}"] += 1
+            if status == "here":  # a resume here was answered just before: it is ours now
+                state = self.states.get(sid)
+                if state is None or state.ended is not None:
+                    return False
+                self.send_numbered(state, body, 0)
+                return True
+            if status == "overflow":
+                self.ended["overflow"] += 1
+            if status == "lost" and self.factory.log_allowed("session_push_lost"):
+                log.warn("A push to session {sid} was dropped: it kept moving", sid=sid)
+            return status in ("forwarded", "stored")
+
+        return d.addCallback(pushed)
+
+    def pushed(self, data: Any) -> None:
+        """Another node forwarded a push to a session one of our connections carries."""
+        if not isinstance(data, dict):
+            return
+        sid, body, hops = data.get("session"), data.get("body"), data.get("hops")
+        if not isinstance(sid, str) or not isinstance(body, str) or type(hops) is not int:
+            return
+        d = self.push(sid, body.encode(), hops)
+        if d is not None:
+            d.addErrback(self._failed, "push", None)
+
+    def broadcast_detached(self, body: bytes, everywhere: bool = False) -> None:
+        """A broadcast reaches the sessions no live node carries, in Redis: every one for a
+        cluster's broadcast (``everywhere``), else those this node held last."""
+        config = self.config
+        only = "" if everywhere else self.redis.node_id
+        d = self.redis.broadcast(body, config.max_unacked_messages, config.max_unacked_bytes, only)
+        d.addErrback(self._failed, "broadcast", None)
 
     # -- resume, detach, end --------------------------------------------------------------
 
@@ -222,7 +401,13 @@ class ClusteredSessions(Sessions):
         self, conn: Connection, message: envelope.Message, sid: str, key: str, ack: int
     ) -> None:
         d = self.redis.claim(
-            sid, _digest(key).hex(), conn.identity or "", ack, conn.session_id, EXTRA_TTL
+            sid,
+            _digest(key).hex(),
+            conn.identity or "",
+            ack,
+            conn.session_id,
+            EXTRA_TTL,
+            self.config.max_expiry,
         )
         d.addCallbacks(
             self._claimed,
@@ -323,7 +508,7 @@ class ClusteredSessions(Sessions):
     def _detach_store(self, state: SessionState, subs: dict[str, tuple[str, int, bool]]) -> None:
         epoch = state.epoch
         values = {c: f"{e} {o} {int(j)}" for c, (e, o, j) in subs.items()}
-        d = self.redis.detach(state.sid, epoch, state.expiry, values)
+        d = self.redis.detach(state.sid, epoch, state.expiry, values, self.config.max_expiry)
         d.addCallbacks(
             self._checked, self._failed, callbackArgs=(state, epoch), errbackArgs=("detach", None)
         )
