@@ -124,8 +124,11 @@ static void flush_out(conn_t *c) {
     if (c->out_len == 0) watch(c, 0);
 }
 
+static unsigned long long requests_sent = 0;  /* warm-up included: were requests out at all */
+
 static void send_requests(conn_t *c, unsigned count) {
     uint64_t t = now_ns();
+    requests_sent += count;
     for (unsigned i = 0; i < count; i++) {
         c->sent_at[(c->head + c->inflight) % (unsigned)depth] = t;
         c->inflight++;
@@ -318,8 +321,9 @@ int main(int argc, char **argv) {
 #define PCT(p) (nsamples ? samples[(size_t)((double)(nsamples - 1) * (p))] / 1e4 : -1.0)
     printf("{\"mode\":\"echo\",\"connections\":%d,\"depth\":%d,\"size\":%d,\"seconds\":%.3f,"
            "\"replies\":%llu,\"msgs_per_s\":%.1f,\"mb_per_s\":%.3f,"
-           "\"p50_ms\":%.4f,\"p99_ms\":%.4f,\"p999_ms\":%.4f,\"unanswered\":%llu}\n",
+           "\"p50_ms\":%.4f,\"p99_ms\":%.4f,\"p999_ms\":%.4f,\"unanswered\":%llu,\"sent\":%llu}\n",
            opened, depth, size, duration, (unsigned long long)replies, replies / duration,
-           reply_bytes / duration / 1e6, PCT(0.5), PCT(0.99), PCT(0.999), unanswered);
+           reply_bytes / duration / 1e6, PCT(0.5), PCT(0.99), PCT(0.999), unanswered,
+           requests_sent);
     return 0;
 }
