@@ -29,6 +29,7 @@ import secrets
 from collections import Counter, OrderedDict, deque
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from heartbeatd._logging import get_logger
@@ -288,7 +289,13 @@ class Attachment:
             return
         state.in_hwm = seq
         if sessions.records:
-            sessions.received(state, seq, message)
+            # Run it once Redis holds its receipt, not before: a node killed in between has
+            # not run it either, so the client's resend runs it once; one killed after it ran
+            # leaves a receipt, and the next holder runs it again flagged ``redelivered``.
+            # Receipts are confirmed in order (one Redis link), so requests run in order.
+            recorded = sessions.received(state, seq, message)
+            recorded.addCallback(self._recorded, message, seq, self.epoch)
+            return
         if (
             sessions.inline
             and not state.pending
@@ -301,6 +308,19 @@ class Attachment:
                 self._answer(handler, message, seq)
                 return
         self.run(message, seq)
+
+    def _recorded(self, stored: Any, message: envelope.Message, seq: int, epoch: int) -> None:
+        """Redis holds a request's receipt: run it, unless the session moved on meanwhile (it
+        was taken over, ended, or its connection closed: whoever resumes it runs it again,
+        flagged ``redelivered``, from that receipt)."""
+        state = self.state
+        if (
+            stored is True
+            and state.attachment is self
+            and state.epoch == epoch == self.epoch
+            and self.conn.close_reason is None
+        ):
+            self.run(message, seq)
 
     def _answer(self, handler: Any, message: envelope.Message, seq: int) -> None:
         """`run`, `_call`, `emit` and `Sessions.send_numbered` fused for the usual numbered
@@ -548,7 +568,9 @@ class Sessions:
 
     # -- storage hooks (the clustered store overrides these) ------------------------------
 
-    def received(self, state: SessionState, seq: int, message: envelope.Message) -> None:
+    def received(
+        self, state: SessionState, seq: int, message: envelope.Message
+    ) -> Deferred[Any] | None:
         """A numbered request arrived (the clustered store records it until answered)."""
 
     def answered(self, state: SessionState, seq: int) -> None:

@@ -257,10 +257,11 @@ class ClusteredSessions(Sessions):
     def full(self, state: SessionState) -> bool:
         return state.sid in self._creating or super().full(state)
 
-    def received(self, state: SessionState, seq: int, message: envelope.Message) -> None:
+    def received(self, state: SessionState, seq: int, message: envelope.Message) -> Deferred[Any]:
+        """Record the request; fires True once Redis holds it (False: fenced, None: failed)."""
         request = json.dumps({"t": message.type, "i": message.id, "d": message.data})
         epoch = state.epoch
-        self.redis.received(state.sid, epoch, seq, request, self._ttl(state)).addCallbacks(
+        return self.redis.received(state.sid, epoch, seq, request, self._ttl(state)).addCallbacks(
             self._checked, self._failed, callbackArgs=(state, epoch), errbackArgs=("recv", state)
         )
 
