@@ -138,6 +138,48 @@ def test_cluster_broadcast_and_push_while_detached_are_replayed(tmp_path: Path) 
             assert (status, got[:2]) == (200, ["news", "told"]), (status, sent, resumed, got)
 
 
+JS_UNACKED_FLOOD = """
+const js = process.argv[2];
+const { Client } = await import(`${js}/index.js`);
+const { SessionServer } = await import(`${js}/test/helpers/session_server.js`);
+const server = await new SessionServer().start();
+server.loseOnWire.add('echo');  // a server that never acknowledges these requests
+const client = new Client(server.url, { resumable: true, minReconnectDelay: 10 });
+await client.open();
+let refused = 0;
+const waits = [];
+for (let i = 0; i < 12000; i++) {
+  try {
+    waits.push(client.request('echo', i, { timeout: 50 }).catch(() => {}));
+  } catch (e) { refused++; }
+}
+await Promise.all(waits);
+console.log(JSON.stringify({ buffered: client._session.buffer.length, refused }));
+await client.close();
+await server.stop();
+"""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the JS client's resend buffer has no bound (Python refuses past max_buffered "
+    "10000): a server that never acks grows it without end, timed-out requests included",
+)
+def test_js_client_resend_buffer_is_bounded(tmp_path: Path) -> None:
+    import json
+    import subprocess
+
+    from js_tools import JS, require_node
+
+    node = require_node()
+    script = tmp_path / "flood.mjs"
+    script.write_text(JS_UNACKED_FLOOD)
+    done = subprocess.run([node, str(script), str(JS)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["buffered"] <= 10_000, result
+
+
 # -- what holds up -------------------------------------------------------------------------
 
 
