@@ -180,6 +180,48 @@ def test_js_client_resend_buffer_is_bounded(tmp_path: Path) -> None:
     assert result["buffered"] <= 10_000, result
 
 
+class _FakeConnection:
+    """Just what `ClientSession` uses of a `ClientConnection` (a server that grants sessions)."""
+
+    closed = False
+    hello_timeout = 5.0
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self._session: Any = None
+
+    def _plain_request(self, type_: str, data: Any, timeout: float) -> Any:
+        from twisted.internet.defer import succeed
+
+        return succeed({"session": "ab" * 16, "key": "k" * 32, "expiry": 120})
+
+    def _write(self, body: bytes) -> None:
+        self.written.append(body)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a request failed with NotConnected (it never left) keeps its copy and is sent "
+    "when a connection comes: the server runs what the application was told had failed",
+)
+def test_python_client_does_not_send_a_request_it_failed_with_not_connected() -> None:
+    from twisted.internet.task import Clock
+
+    from heartbeatd.client.errors import NotConnected
+    from heartbeatd.client.session import ClientSession
+
+    clock = Clock()
+    session = ClientSession(clock)
+    failures: list[Any] = []
+    session.request("transfer", {"amount": 100}, timeout=1).addErrback(failures.append)
+    clock.advance(1)
+    assert failures and failures[0].check(NotConnected)  # the application may retry now
+    conn = _FakeConnection()
+    session.open(conn)  # type: ignore[arg-type]
+    sent = [b for b in conn.written if b"transfer" in b]
+    assert sent == [], f"a request that failed NotConnected was sent later: {sent}"
+
+
 # -- what holds up -------------------------------------------------------------------------
 
 
