@@ -184,6 +184,7 @@ class _FakeConnection:
     """Just what `ClientSession` uses of a `ClientConnection` (a server that grants sessions)."""
 
     closed = False
+    connected = True
     hello_timeout = 5.0
 
     def __init__(self) -> None:
@@ -220,6 +221,40 @@ def test_python_client_does_not_send_a_request_it_failed_with_not_connected() ->
     session.open(conn)  # type: ignore[arg-type]
     sent = [b for b in conn.written if b"transfer" in b]
     assert sent == [], f"a request that failed NotConnected was sent later: {sent}"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="ReconnectingClient.stop() (ClientSession.close) sends no session_end (the JS "
+    "client does): every clean stop leaves a detached session holding one of the identity's "
+    "sessions.max_per_identity slots for `expiry` seconds",
+)
+def test_python_client_clean_stop_ends_its_session() -> None:
+    from twisted.internet.task import Clock
+
+    from heartbeatd.client.session import ClientSession
+
+    session = ClientSession(Clock())
+    conn = _FakeConnection()
+    session.open(conn)  # type: ignore[arg-type]
+    session.close()
+    assert any(b'"session_end"' in body for body in conn.written), conn.written
+
+
+def test_clean_restarts_of_one_identity_run_out_of_sessions_within_expiry() -> None:
+    """What the missing session_end costs (server side, as designed): the 17th clean
+    restart of a service identity within ``expiry`` is refused a session."""
+    server = Server()
+    try:
+        kinds = []
+        for _ in range(17):
+            peer = server.connect()
+            server.connection(peer).identity = "worker"
+            kinds.append(peer.start()["type"])
+            server.drop(peer)  # a clean stop of the Python client: no session_end
+        assert kinds == ["session"] * 16 + ["error"]
+    finally:
+        server.close()
 
 
 # -- what holds up -------------------------------------------------------------------------
