@@ -373,3 +373,40 @@ def test_a_detached_session_flooded_with_pushes_ends_overflow_and_frees_memory()
         assert again.resume()["data"] == {"resumed": False, "reason": "overflow"}
     finally:
         server.close()
+
+
+def test_token_auth_a_session_is_only_for_its_identity_and_not_before_auth(
+    tmp_path: Path,
+) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("alice:alice-secret\nbob:bob-secret\n")
+    server = Server(auth={"mode": "token", "tokens_file": str(tokens)})
+    from heartbeatd.server.auth import load_authenticator
+
+    server.factory.authenticator = load_authenticator(server.factory.config.auth)
+    try:
+        stranger = server.connect()
+        stranger.send({"type": "session", "id": "s"})
+        answer = stranger.expect(lambda m: m.get("id") == "s")
+        assert answer["type"] == "error", answer  # no session before auth
+        alice = server.connect()
+        alice.send({"type": "auth", "id": "a", "data": {"token": "alice-secret"}})
+        alice.expect(lambda m: m.get("id") == "a")
+        alice.start()
+        alice.reply(alice.request("echo", "mine"))
+        server.drop(alice)
+        bob = alice.clone(server.port.getHost().port)
+        server.peers.append(bob)
+        bob.send({"type": "auth", "id": "a", "data": {"token": "bob-secret"}})
+        bob.expect(lambda m: m.get("id") == "a")
+        assert bob.resume()["data"] == {"resumed": False, "reason": "forbidden"}
+        # Unauthenticated, with alice's id and key: not resumed, and nothing replayed.
+        early = alice.clone(server.port.getHost().port)
+        server.peers.append(early)
+        early.send({"type": "resume", "id": "r", "data": {"session": alice.sid, "key": alice.key}})
+        answer = early.expect(lambda m: m.get("id") == "r")
+        assert answer["type"] == "error" or answer["data"]["resumed"] is False, answer
+        assert server.sessions.states[alice.sid].attachment is None
+        assert not [m for m in early.inbox if "seq" in m]
+    finally:
+        server.close()
