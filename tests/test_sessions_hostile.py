@@ -108,12 +108,6 @@ def test_cluster_session_limits_count_detached_sessions(tmp_path: Path) -> None:
             test_sessions_cluster.Daemon = original
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="with cluster.redis a detached session is not in Sessions.states, so "
-    "broadcast_detached and Sessions.send never reach it: a broadcast or a push to the "
-    "session id sent while the client is between connections is lost",
-)
 def test_cluster_broadcast_and_push_while_detached_are_replayed(tmp_path: Path) -> None:
     from test_sessions_cluster import nodes
 
