@@ -256,7 +256,9 @@ class SessionsConfig:
     )
     max_sessions: int = field(
         default=100_000,
-        metadata=check(int_range(1, 10_000_000), "sessions this daemon holds, attached or not"),
+        metadata=check(
+            int_range(1, 10_000_000), "sessions held, attached or not (per cluster with Redis)"
+        ),
     )
 
 

@@ -64,12 +64,6 @@ def _wait(done: Any, seconds: float = 10) -> None:
         assert time.monotonic() < deadline, "timed out"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="with cluster.redis a detached session is forgotten locally (kept in Redis "
-    "only), so sessions.max_sessions / max_per_identity count attached sessions only: "
-    "start, drop, repeat makes unbounded Redis sessions",
-)
 def test_cluster_session_limits_count_detached_sessions(tmp_path: Path) -> None:
     from test_sessions_cluster import nodes
 

@@ -14,6 +14,10 @@ Keys, for a session id ``S`` (``P`` is ``cluster.namespace``):
   TTL is: a resume after Redis expired them answers ``expired``, not ``unknown_session``);
 * ``P:s:u:I`` set: the sessions of identity ``I`` (``sessions.max_per_identity`` is counted
   here, across the cluster; members whose keys expired are dropped when it is next counted).
+* ``P:s:all`` sorted set: every session, scored by when its keys expire (ms, Redis clock;
+  set by ``CREATE``, ``CLAIM``, ``DETACH``, ``REFRESH``, removed by ``END`` and overflow):
+  ``sessions.max_sessions`` is counted here, across the cluster, after ``CREATE`` trims
+  the members whose time passed.
 * ``P:s:d`` sorted set: the detached sessions, scored by when they expire (ms, Redis clock);
   ``P:node:N:s`` set: the sessions node ``N`` holds (the reaper moves a dead node's to
   ``P:s:d``).  A push to a session no live node carries, and a broadcast, are numbered into
@@ -92,6 +96,7 @@ local function append(P, sid, h, body, cseq, maxn, maxb)
     redis.call('DEL', h, h..':o', h..':i', h..':c')
     redis.call('SET', h..':g', 'overflow', 'EX', 3600)
     redis.call('ZREM', P..':s:d', sid)
+    redis.call('ZREM', P..':s:all', sid)
     return 0
   end
   redis.call('RPUSH', h..':o', numbered)
@@ -106,6 +111,7 @@ end
 CREATE = (
     "local P, sid = ARGV[1], ARGV[2]\n"
     + _KEYS
+    + _NOW
     + _MARK
     + """
 local limit = tonumber(ARGV[9])
@@ -118,7 +124,14 @@ if limit > 0 and ARGV[4] ~= '' then
   end
   if held >= limit then return 0 end
 end
+local all, total = P..':s:all', tonumber(ARGV[11])
+if total > 0 then
+  -- sessions.max_sessions, across the cluster: those whose keys expired stop counting
+  redis.call('ZREMRANGEBYSCORE', all, '-inf', now)
+  if redis.call('ZCARD', all) >= total then return 2 end
+end
 if ARGV[4] ~= '' then redis.call('SADD', P..':s:u:'..ARGV[4], sid) end
+redis.call('ZADD', all, now + tonumber(ARGV[8]) * 1000, sid)
 redis.call('DEL', h, h..':o', h..':i', h..':c', h..':g')
 redis.call('HSET', h, 'k', ARGV[3], 'u', ARGV[4], 'x', ARGV[5], 'e', 1, 'o', 0, 'a', 0,
   'w', 0, 'b', 0, 'n', ARGV[6], 'c', ARGV[7])
@@ -187,6 +200,7 @@ return 1
 CLAIM = (
     "local P, sid = ARGV[1], ARGV[2]\n"
     + _KEYS
+    + _NOW
     + _TRIM
     + _MARK
     + """
@@ -208,6 +222,7 @@ redis.call('ZREM', P..':s:d', sid)
 redis.call('SADD', P..':node:'..ARGV[6]..':s', sid)
 redis.call('HSET', h, 'n', ARGV[6], 'c', ARGV[7])
 ttl(tonumber(f[3]) + tonumber(ARGV[8]))
+redis.call('ZADD', P..':s:all', now + (tonumber(f[3]) + tonumber(ARGV[8])) * 1000, sid)
 mark(P, h, tonumber(f[3]) + tonumber(ARGV[8]), tonumber(ARGV[9]))
 return {'ok', tostring(e), tostring(o), tostring(a), f[7], f[3], f[8] or '', f[9] or '',
   redis.call('LRANGE', h..':o', 0, -1), redis.call('HGETALL', h..':i'),
@@ -228,6 +243,7 @@ redis.call('HSET', h, 'c', '')
 redis.call('SREM', P..':node:'..redis.call('HGET', h, 'n')..':s', sid)
 redis.call('ZREMRANGEBYSCORE', P..':s:d', '-inf', now)
 redis.call('ZADD', P..':s:d', now + tonumber(ARGV[4]) * 1000, sid)
+redis.call('ZADD', P..':s:all', now + tonumber(ARGV[4]) * 1000, sid)
 ttl(tonumber(ARGV[4]))
 mark(P, h, tonumber(ARGV[4]), tonumber(ARGV[5]))
 return 1
@@ -243,6 +259,7 @@ local f = redis.call('HMGET', h, 'n', 'u')
 if f[1] then redis.call('SREM', P..':node:'..f[1]..':s', sid) end
 if f[2] and f[2] ~= '' then redis.call('SREM', P..':s:u:'..f[2], sid) end
 redis.call('ZREM', P..':s:d', sid)
+redis.call('ZREM', P..':s:all', sid)
 redis.call('DEL', h, h..':o', h..':i', h..':c', h..':g')
 if ARGV[4] ~= 'ended' then redis.call('SET', h..':g', ARGV[4], 'EX', 3600) end
 return 1
@@ -326,6 +343,7 @@ CHECK = "local P, sid, epoch = ARGV[1], ARGV[2], ARGV[3]\n" + _KEYS + _FENCE + "
 
 REFRESH = (
     _MARK
+    + _NOW
     + """
 local P, extra, tomb = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local n = 0
@@ -338,6 +356,7 @@ for i = 4, #ARGV, 2 do
     redis.call('EXPIRE', h..':o', t)
     redis.call('EXPIRE', h..':i', t)
     redis.call('EXPIRE', h..':c', t)
+    redis.call('ZADD', P..':s:all', now + t * 1000, ARGV[i])
     mark(P, h, t, tomb)
     n = n + 1
   end
@@ -393,11 +412,13 @@ class RedisSessionStore:
         ttl: int,
         limit: int = 0,
         tomb: int = 0,
+        total: int = 0,
     ) -> Deferred[Any]:
-        """Write a new session: 1, or 0 when ``identity`` already holds ``limit`` sessions
-        in the cluster (0: no limit).  ``tomb``: how long its tombstone outlives it."""
+        """Write a new session: 1, 0 when ``identity`` already holds ``limit`` sessions
+        in the cluster, or 2 when the cluster holds ``total`` sessions (0: no limit).
+        ``tomb``: how long its tombstone outlives it."""
         return self._run(
-            "CREATE", sid, digest, identity, expiry, self.node_id, conn, ttl, limit, tomb
+            "CREATE", sid, digest, identity, expiry, self.node_id, conn, ttl, limit, tomb, total
         )
 
     def received(self, sid: str, epoch: int, seq: int, request: str, ttl: int) -> Deferred[Any]:

@@ -155,8 +155,9 @@ class ClusteredSessions(Sessions):
     # -- the hooks of Sessions ------------------------------------------------------------
 
     def start(self, conn: Connection, message: envelope.Message) -> None:
-        """Answered once Redis wrote the session (``sessions.max_per_identity`` is counted
-        there, across the cluster); numbered requests sent meanwhile wait, as at the bound."""
+        """Answered once Redis wrote the session (``sessions.max_per_identity`` and
+        ``sessions.max_sessions`` are counted there, across the cluster: a detached session
+        lives in Redis only); numbered requests sent meanwhile wait, as at the bound."""
         if not self.factory.channels.broker.up:
             conn.factory.count_error(UNAVAILABLE)
             conn._emit(
@@ -181,6 +182,7 @@ class ClusteredSessions(Sessions):
             self._ttl(state),
             config.max_per_identity if state.identity is not None else 0,
             config.max_expiry,
+            config.max_sessions,
         )
         d.addCallbacks(
             self._created,
@@ -202,7 +204,7 @@ class ClusteredSessions(Sessions):
             return  # the connection left meanwhile (and the session with it)
         conn = attachment.conn
         if int(result) != 1:
-            self._refused(state, attachment, message)
+            self._refused(state, attachment, message, int(result))
             return
         self.started += 1
         if attachment.current:
@@ -222,11 +224,12 @@ class ClusteredSessions(Sessions):
             attachment.release_held()
 
     def _refused(
-        self, state: SessionState, attachment: Attachment, message: envelope.Message
+        self, state: SessionState, attachment: Attachment, message: envelope.Message, why: int
     ) -> None:
-        """Redis counted ``sessions.max_per_identity`` sessions of this identity already:
-        the connection goes on without a session (what it sent meanwhile is run unnumbered,
-        as on a connection whose ``session`` request was refused)."""
+        """Redis counted ``sessions.max_per_identity`` sessions of this identity (``why``
+        0) or ``sessions.max_sessions`` in the cluster (2) already: the connection goes on
+        without a session (what it sent meanwhile is run unnumbered, as on a connection
+        whose ``session`` request was refused)."""
         conn = attachment.conn
         held, state.held = state.held, []
         self._forget(state)
@@ -238,16 +241,19 @@ class ClusteredSessions(Sessions):
             conn._pending = state.pending if state.pending else None
         if not conn.connected or conn.close_reason is not None:
             return
-        limit = self.config.max_per_identity
-        conn.factory.count_error(TOO_MANY_SESSIONS)
-        conn._emit(
-            encode_error(
-                TOO_MANY_SESSIONS,
-                f"{state.identity!r} already holds its maximum of {limit} "
-                "sessions in the cluster (sessions.max_per_identity)",
-                message.id,
+        config = self.config
+        if why == 2:
+            text = (
+                f"the cluster holds its maximum of {config.max_sessions} sessions "
+                "(sessions.max_sessions)"
             )
-        )
+        else:
+            text = (
+                f"{state.identity!r} already holds its maximum of {config.max_per_identity} "
+                "sessions in the cluster (sessions.max_per_identity)"
+            )
+        conn.factory.count_error(TOO_MANY_SESSIONS)
+        conn._emit(encode_error(TOO_MANY_SESSIONS, text, message.id))
         for request, _seq in held:
             if not conn.connected or conn.close_reason is not None:
                 return
