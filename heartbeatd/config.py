@@ -254,6 +254,12 @@ class SessionsConfig:
         default=16,
         metadata=check(int_range(0, 1_000_000), "sessions one identity may hold; 0: no limit"),
     )
+    max_detached_bytes: int = field(
+        default=256 * 1024 * 1024,
+        metadata=check(
+            int_range(1024, 2**40), "bytes all detached sessions of this daemon keep for replay"
+        ),
+    )
     max_sessions: int = field(
         default=100_000,
         metadata=check(

@@ -404,3 +404,22 @@ def test_max_per_identity_is_counted_across_the_cluster(tmp_path: Path) -> None:
         # One ends: room again, on either node.
         second.reply(second.request("session_end"))
         assert third.start()["type"] == "session"
+
+
+def test_sessions_without_identity_are_counted_by_address_across_the_cluster(
+    tmp_path: Path,
+) -> None:
+    with (
+        RedisServer(tmp_path / "redis") as redis,
+        nodes(tmp_path, redis, 2, sessions={"max_per_identity": 1}) as (a, b),
+        contextlib.ExitStack() as stack,
+    ):
+        first = stack.enter_context(SessionPeer(a.port))
+        assert first.start()["type"] == "session"
+        second = stack.enter_context(SessionPeer(b.port))  # same address, other node
+        refusal = second.start()
+        assert refusal["error"]["code"] == "too_many_sessions", refusal
+        assert "address 127.0.0.1" in refusal["error"]["message"]
+        first.reply(first.request("session_end"))  # room again
+        assert second.start()["type"] == "session"
+        assert redis.cli("SMEMBERS", "heartbeatd:s:a:127.0.0.1").split() == [second.sid]

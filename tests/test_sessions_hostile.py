@@ -20,11 +20,6 @@ from test_sessions import Server, error_code, is_type
 # -- problems ------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="anonymous sessions (no identity) have no per-client bound: one client fills "
-    "sessions.max_sessions by starting a session per connection and dropping it",
-)
 def test_one_anonymous_client_cannot_take_every_session_slot() -> None:
     server = Server(sessions={"max_per_identity": 2, "max_sessions": 50})
     try:
@@ -336,12 +331,46 @@ def test_takeover_ping_pong_leaves_one_holder_and_bounded_state() -> None:
 
 
 def test_session_flood_from_many_connections_stops_at_max_sessions() -> None:
-    server = Server(sessions={"max_sessions": 20})
+    # From one address: max_per_identity (which counts clients without an identity by
+    # address) is off here, so this is max_sessions alone.
+    server = Server(sessions={"max_sessions": 20, "max_per_identity": 0})
     try:
         peers = [server.connect() for _ in range(40)]
         kinds = [p.start()["type"] for p in peers]
         assert kinds.count("session") == 20 and kinds.count("error") == 20
         assert len(server.sessions.states) == 20
+    finally:
+        server.close()
+
+
+def test_detached_sessions_together_stop_at_max_detached_bytes() -> None:
+    # Each session's own bound is far away; the daemon's bound for all detached ones is not.
+    server = Server(sessions={"max_detached_bytes": 5000, "max_per_identity": 0})
+    try:
+        peers = [server.connect() for _ in range(3)]
+        sids = []
+        for peer in peers:
+            peer.start()
+            sids.append(peer.sid)
+            server.drop(peer)
+        body = b'{"type":"x","data":"' + b"y" * 1000 + b'"}'
+        for _ in range(2):
+            server.factory.sessions.broadcast_detached(body)
+        # 6 x ~1 KB do not fit in 5000 bytes: the session for which one would not fit ended.
+        sessions = server.sessions
+        left = [sid for sid in sids if sid in sessions.states]
+        assert len(left) == 2, left
+        assert (
+            sessions.detached_bytes == sum(sessions.states[s].unacked_bytes for s in left) <= 5000
+        )
+        ended = next(sid for sid in sids if sid not in left)
+        again = peers[sids.index(ended)].clone(server.port.getHost().port)
+        server.peers.append(again)
+        assert again.resume()["data"] == {"resumed": False, "reason": "overflow"}
+        kept = peers[sids.index(left[0])].clone(server.port.getHost().port)
+        server.peers.append(kept)
+        assert kept.resume()["data"]["replay"] == 2
+        assert sessions.detached_bytes == sessions.states[left[1]].unacked_bytes
     finally:
         server.close()
 

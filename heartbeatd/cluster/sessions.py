@@ -13,7 +13,9 @@ Keys, for a session id ``S`` (``P`` is ``cluster.namespace``):
   it lives, ``expired``, outliving its keys by ``sessions.max_expiry`` (set whenever their
   TTL is: a resume after Redis expired them answers ``expired``, not ``unknown_session``);
 * ``P:s:u:I`` set: the sessions of identity ``I`` (``sessions.max_per_identity`` is counted
-  here, across the cluster; members whose keys expired are dropped when it is next counted).
+  here, across the cluster; members whose keys expired are dropped when it is next counted);
+  ``P:s:a:A`` the same for the sessions of clients without an identity from address ``A``
+  (the hash's ``l`` names the set a session counts in: ``u:I`` or ``a:A``).
 * ``P:s:all`` sorted set: every session, scored by when its keys expire (ms, Redis clock;
   set by ``CREATE``, ``CLAIM``, ``DETACH``, ``REFRESH``, removed by ``END`` and overflow):
   ``sessions.max_sessions`` is counted here, across the cluster, after ``CREATE`` trims
@@ -55,9 +57,9 @@ end
 _MARK = """
 local function mark(P, h, t, tomb)
   redis.call('SET', h..':g', 'expired', 'EX', t + tomb)
-  local u = redis.call('HGET', h, 'u')
-  if u and u ~= '' then
-    local uk = P..':s:u:'..u
+  local l = redis.call('HGET', h, 'l')
+  if l and l ~= '' then
+    local uk = P..':s:'..l
     if redis.call('TTL', uk) < t + tomb then redis.call('EXPIRE', uk, t + tomb) end
   end
 end
@@ -114,10 +116,10 @@ CREATE = (
     + _NOW
     + _MARK
     + """
-local limit = tonumber(ARGV[9])
-if limit > 0 and ARGV[4] ~= '' then
-  -- sessions.max_per_identity, across the cluster
-  local uk, held = P..':s:u:'..ARGV[4], 0
+local limit, group = tonumber(ARGV[9]), ARGV[12]
+if limit > 0 and group ~= '' then
+  -- sessions.max_per_identity (an identity, or an address without one), across the cluster
+  local uk, held = P..':s:'..group, 0
   for _, other in ipairs(redis.call('SMEMBERS', uk)) do
     if redis.call('EXISTS', P..':s:'..other) == 1 then held = held + 1
     else redis.call('SREM', uk, other) end
@@ -130,11 +132,11 @@ if total > 0 then
   redis.call('ZREMRANGEBYSCORE', all, '-inf', now)
   if redis.call('ZCARD', all) >= total then return 2 end
 end
-if ARGV[4] ~= '' then redis.call('SADD', P..':s:u:'..ARGV[4], sid) end
+if group ~= '' then redis.call('SADD', P..':s:'..group, sid) end
 redis.call('ZADD', all, now + tonumber(ARGV[8]) * 1000, sid)
 redis.call('DEL', h, h..':o', h..':i', h..':c', h..':g')
 redis.call('HSET', h, 'k', ARGV[3], 'u', ARGV[4], 'x', ARGV[5], 'e', 1, 'o', 0, 'a', 0,
-  'w', 0, 'b', 0, 'n', ARGV[6], 'c', ARGV[7])
+  'w', 0, 'b', 0, 'n', ARGV[6], 'c', ARGV[7], 'l', group)
 redis.call('SADD', P..':node:'..ARGV[6]..':s', sid)
 ttl(tonumber(ARGV[8]))
 mark(P, h, tonumber(ARGV[8]), tonumber(ARGV[10]))
@@ -255,9 +257,9 @@ END = (
     + _KEYS
     + _FENCE
     + """
-local f = redis.call('HMGET', h, 'n', 'u')
+local f = redis.call('HMGET', h, 'n', 'l')
 if f[1] then redis.call('SREM', P..':node:'..f[1]..':s', sid) end
-if f[2] and f[2] ~= '' then redis.call('SREM', P..':s:u:'..f[2], sid) end
+if f[2] and f[2] ~= '' then redis.call('SREM', P..':s:'..f[2], sid) end
 redis.call('ZREM', P..':s:d', sid)
 redis.call('ZREM', P..':s:all', sid)
 redis.call('DEL', h, h..':o', h..':i', h..':c', h..':g')
@@ -413,12 +415,25 @@ class RedisSessionStore:
         limit: int = 0,
         tomb: int = 0,
         total: int = 0,
+        group: str = "",
     ) -> Deferred[Any]:
         """Write a new session: 1, 0 when ``identity`` already holds ``limit`` sessions
         in the cluster, or 2 when the cluster holds ``total`` sessions (0: no limit).
-        ``tomb``: how long its tombstone outlives it."""
+        ``tomb``: how long its tombstone outlives it.  ``group``: what ``limit`` counts,
+        ``u:<identity>`` or ``a:<address>`` for a client without one ('': nothing)."""
         return self._run(
-            "CREATE", sid, digest, identity, expiry, self.node_id, conn, ttl, limit, tomb, total
+            "CREATE",
+            sid,
+            digest,
+            identity,
+            expiry,
+            self.node_id,
+            conn,
+            ttl,
+            limit,
+            tomb,
+            total,
+            group,
         )
 
     def received(self, sid: str, epoch: int, seq: int, request: str, ttl: int) -> Deferred[Any]:

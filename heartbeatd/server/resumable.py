@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import re
 import secrets
 from collections import Counter, OrderedDict, deque
@@ -107,6 +108,30 @@ def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
 
+def bucket_of(conn: Connection) -> str | None:
+    """What a session started on ``conn`` is counted under for ``sessions.max_per_identity``:
+    ``u:<identity>``, or for a connection without an identity its peer address
+    (``a:<IPv4>``, or ``a:<IPv6 network>`` of ``limits.ipv6_prefix_per_address`` bits, as
+    the per-address connection limits count), or None (not an IP: UNIX socket)."""
+    if conn.identity is not None:
+        return f"u:{conn.identity}"
+    transport = conn.transport
+    host = getattr(transport.getPeer(), "host", None) if transport is not None else None
+    if not isinstance(host, str):
+        return None
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    mapped = getattr(address, "ipv4_mapped", None)
+    if mapped is not None:
+        address = mapped
+    prefix = conn.factory.config.limits.ipv6_prefix_per_address
+    if address.version == 6 and prefix < 128:
+        return f"a:{ipaddress.ip_network(f'{address}/{prefix}', strict=False)}"
+    return f"a:{address}"
+
+
 class RedeliveredRequest(Request):
     """A request a node that crashed may have started: run again, flagged."""
 
@@ -120,6 +145,7 @@ class SessionState:
     __slots__ = (
         "acked",
         "attachment",
+        "bucket",
         "ended",
         "epoch",
         "expiry",
@@ -137,11 +163,20 @@ class SessionState:
         "unacked_bytes",
     )
 
-    def __init__(self, sid: str, key_digest: bytes, identity: str | None, expiry: int) -> None:
+    def __init__(
+        self,
+        sid: str,
+        key_digest: bytes,
+        identity: str | None,
+        expiry: int,
+        bucket: str | None = None,
+    ) -> None:
         self.sid = sid
         self.key_digest = key_digest
         self.identity = identity
         self.expiry = expiry
+        #: What it counts against ``sessions.max_per_identity`` (`bucket_of`).
+        self.bucket = bucket
         #: Bumped by every attach: a write checks the attachment's epoch is still this one.
         self.epoch = 0
         #: The last server seq given out, and the highest the client acknowledged.
@@ -513,8 +548,11 @@ class Sessions:
     def __init__(self, factory: Any) -> None:
         self.factory = factory
         self.states: dict[str, SessionState] = {}
-        #: identity -> sessions it holds (sessions.max_per_identity).
+        #: `bucket_of` (identity, or address without one) -> sessions it holds
+        #: (sessions.max_per_identity).
         self.per_identity: Counter[str] = Counter()
+        #: Bytes the detached sessions keep for their replay (sessions.max_detached_bytes).
+        self.detached_bytes = 0
         #: Session ids that ended for a reason a late resume is told (expired, overflow).
         self.gone: OrderedDict[str, str] = OrderedDict()
         self.detached = 0
@@ -527,6 +565,7 @@ class Sessions:
         self.counts: Counter[str] = Counter()
         self._bounds_of: Any = None
         self._bounds = (0, 0)
+        self._max_detached = 0
         #: `received` does something (the clustered store records requests in Redis).
         self.records = type(self).received is not Sessions.received
         #: Numbered replies may be written by `Attachment._answer` itself (not with a store
@@ -558,6 +597,7 @@ class Sessions:
                 config.sessions.max_unacked_messages,
                 config.sessions.max_unacked_bytes,
             )
+            self._max_detached = config.sessions.max_detached_bytes
         return self._bounds
 
     def full(self, state: SessionState) -> bool:
@@ -635,7 +675,7 @@ class Sessions:
                 )
                 return None
             expiry = min(asked, config.max_expiry)
-        refusal = self._limit(conn.identity)
+        refusal = self._limit(bucket_of(conn))
         if refusal is not None:
             conn.factory.count_error(TOO_MANY_SESSIONS)
             conn._emit(encode_error(TOO_MANY_SESSIONS, refusal, message.id))
@@ -648,7 +688,7 @@ class Sessions:
             return
         sid = _new_sid()
         key = _new_key()
-        state = SessionState(sid, _digest(key), conn.identity, expiry)
+        state = SessionState(sid, _digest(key), conn.identity, expiry, bucket_of(conn))
         self._add(state)
         self.started += 1
         self.created(state)
@@ -668,22 +708,22 @@ class Sessions:
     def created(self, state: SessionState) -> None:
         """A session was started (the clustered store writes it)."""
 
-    def _limit(self, identity: str | None) -> str | None:
+    def _limit(self, bucket: str | None) -> str | None:
         config = self.config
         if len(self.states) >= config.max_sessions:
             return f"the server holds its maximum of {config.max_sessions} sessions"
         limit = config.max_per_identity
-        if identity is not None and limit and self.per_identity[identity] >= limit:
+        if bucket is not None and limit and self.per_identity[bucket] >= limit:
+            who = repr(bucket[2:]) if bucket[0] == "u" else f"address {bucket[2:]} (no identity)"
             return (
-                f"{identity!r} already holds its maximum of {limit} "
-                "sessions (sessions.max_per_identity)"
+                f"{who} already holds its maximum of {limit} sessions (sessions.max_per_identity)"
             )
         return None
 
     def _add(self, state: SessionState) -> None:
         self.states[state.sid] = state
-        if state.identity is not None:
-            self.per_identity[state.identity] += 1
+        if state.bucket is not None:
+            self.per_identity[state.bucket] += 1
 
     def _forget(self, state: SessionState) -> None:
         if self.states.get(state.sid) is not state:
@@ -691,13 +731,14 @@ class Sessions:
         del self.states[state.sid]
         if state.attachment is None:
             self.detached -= 1
-        identity = state.identity
-        if identity is not None:
-            left = self.per_identity[identity] - 1
+            self.detached_bytes -= state.unacked_bytes
+        bucket = state.bucket
+        if bucket is not None:
+            left = self.per_identity[bucket] - 1
             if left > 0:
-                self.per_identity[identity] = left
+                self.per_identity[bucket] = left
             else:
-                del self.per_identity[identity]
+                del self.per_identity[bucket]
         if state.timer is not None and state.timer.active():
             state.timer.cancel()
         state.timer = None
@@ -788,6 +829,7 @@ class Sessions:
             self.take_over(old)
         else:
             self.detached -= 1
+            self.detached_bytes -= state.unacked_bytes
             if state.timer is not None and state.timer.active():
                 state.timer.cancel()
             state.timer = None
@@ -937,7 +979,14 @@ class Sessions:
             self.bounds()
         messages, size = self._bounds
         if attachment is None:
-            if len(state.unacked) > messages or state.unacked_bytes > size:
+            self.detached_bytes += len(numbered)
+            if (
+                len(state.unacked) > messages
+                or state.unacked_bytes > size
+                or self.detached_bytes > self._max_detached
+            ):
+                # Past its own bound, or the daemon's for every detached session
+                # (sessions.max_detached_bytes): it cannot be kept, so the session ends.
                 self.end(state, "overflow")
                 return
         elif len(state.unacked) >= 2 * messages or state.unacked_bytes >= 2 * size:
@@ -1033,6 +1082,7 @@ class Sessions:
             self.record_subscriptions(state, attachment.conn)
         state.attachment = None
         self.detached += 1
+        self.detached_bytes += state.unacked_bytes
         state.timer = self.factory.clock.callLater(state.expiry, self.expire, state)
         self.flush(state)  # replies finished meanwhile are numbered and kept
 
@@ -1098,6 +1148,7 @@ class Sessions:
         return {
             "attached": self.attached,
             "detached": self.detached,
+            "detached_bytes": self.detached_bytes,
             "started": self.started,
             "takeovers": self.takeovers,
             "replayed": self.replayed,

@@ -48,6 +48,7 @@ from heartbeatd.server.resumable import (
     _digest,
     _new_key,
     _new_sid,
+    bucket_of,
 )
 from heartbeatd.wire import envelope
 from heartbeatd.wire.envelope import encode_error
@@ -168,7 +169,7 @@ class ClusteredSessions(Sessions):
         if expiry is None:
             return
         key = _new_key()
-        state = SessionState(_new_sid(), _digest(key), conn.identity, expiry)
+        state = SessionState(_new_sid(), _digest(key), conn.identity, expiry, bucket_of(conn))
         self._add(state)
         self._creating.add(state.sid)
         attachment = self.attach(state, conn)
@@ -180,9 +181,10 @@ class ClusteredSessions(Sessions):
             state.expiry,
             conn.session_id,
             self._ttl(state),
-            config.max_per_identity if state.identity is not None else 0,
+            config.max_per_identity if state.bucket is not None else 0,
             config.max_expiry,
             config.max_sessions,
+            state.bucket or "",
         )
         d.addCallbacks(
             self._created,
@@ -242,6 +244,8 @@ class ClusteredSessions(Sessions):
         if not conn.connected or conn.close_reason is not None:
             return
         config = self.config
+        bucket = state.bucket or "u:"
+        who = repr(bucket[2:]) if bucket[0] == "u" else f"address {bucket[2:]} (no identity)"
         if why == 2:
             text = (
                 f"the cluster holds its maximum of {config.max_sessions} sessions "
@@ -249,7 +253,7 @@ class ClusteredSessions(Sessions):
             )
         else:
             text = (
-                f"{state.identity!r} already holds its maximum of {config.max_per_identity} "
+                f"{who} already holds its maximum of {config.max_per_identity} "
                 "sessions in the cluster (sessions.max_per_identity)"
             )
         conn.factory.count_error(TOO_MANY_SESSIONS)
@@ -482,6 +486,7 @@ class ClusteredSessions(Sessions):
         if not conn.connected or conn.close_reason is not None or conn._resumable is not None:
             # The client left while Redis answered: the session is detached again.
             self.detached += 1
+            self.detached_bytes += state.unacked_bytes
             self._detach_store(state, {})
             return
         if found["conn"] and local is None:
@@ -508,6 +513,7 @@ class ClusteredSessions(Sessions):
             subs = self.factory.channels.detach_subscriptions(attachment.conn)
         state.attachment = None
         self.detached += 1
+        self.detached_bytes += state.unacked_bytes
         self._detach_store(state, subs)
         self.flush(state)  # replies finished meanwhile go to Redis
         self._maybe_forget(state)
