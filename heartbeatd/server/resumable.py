@@ -629,6 +629,11 @@ class Sessions:
                 self.client_ack(attachment, message)
             return True  # an ack for a session already lost: ignored, as pongs are
         if attachment is not None:
+            if type_ == "session_end":
+                # Sent without seq (a numbered one is run by `Attachment.run`): it ends the
+                # session all the same, answered without seq, like any unnumbered request.
+                self.end_request(attachment, message)
+                return True
             conn._emit(
                 encode_error(
                     SESSION_EXISTS, "this connection already carries a session", message.id
