@@ -595,3 +595,27 @@ def test_numbered_requests_pipelined_behind_the_session_request_are_numbered(
     assert peer.next()["type"] == "session"
     replies = [peer.next(), peer.next()]
     assert [(m["id"], m["seq"], m["ack"]) for m in replies] == [(1, 1, 1), (2, 2, 2)]
+
+
+def test_sessions_without_identity_count_by_address_and_behind_a_proxy_by_its_client() -> None:
+    from types import SimpleNamespace
+
+    from twisted.internet.address import IPv4Address, IPv6Address
+
+    from heartbeatd.server.resumable import bucket_of
+
+    limits = SimpleNamespace(ipv6_prefix_per_address=64)
+    factory = SimpleNamespace(config=SimpleNamespace(limits=limits))
+
+    def conn(peer: Any, shown: str | None = None, identity: str | None = None) -> Any:
+        transport = SimpleNamespace(getPeer=lambda: peer)
+        return SimpleNamespace(identity=identity, _peer=shown, transport=transport, factory=factory)
+
+    v4 = IPv4Address("TCP", "192.0.2.5", 4000)
+    assert bucket_of(conn(v4, identity="alice")) == "u:alice"
+    assert bucket_of(conn(v4)) == "a:192.0.2.5"
+    assert bucket_of(conn(IPv6Address("TCP", "2001:db8::1:2", 1))) == "a:2001:db8::/64"
+    assert bucket_of(conn(IPv6Address("TCP", "::ffff:192.0.2.9", 1))) == "a:192.0.2.9"
+    proxied = conn(IPv4Address("TCP", "127.0.0.1", 1), "198.51.100.7 (via 127.0.0.1:1)")
+    assert bucket_of(proxied) == "a:198.51.100.7"
+    assert bucket_of(conn(SimpleNamespace(name="/run/hb.sock"))) is None

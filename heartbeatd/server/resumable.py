@@ -112,11 +112,18 @@ def bucket_of(conn: Connection) -> str | None:
     """What a session started on ``conn`` is counted under for ``sessions.max_per_identity``:
     ``u:<identity>``, or for a connection without an identity its peer address
     (``a:<IPv4>``, or ``a:<IPv6 network>`` of ``limits.ipv6_prefix_per_address`` bits, as
-    the per-address connection limits count), or None (not an IP: UNIX socket)."""
+    the per-address connection limits count), or None (not an IP: UNIX socket).  Behind a
+    trusted WebSocket proxy it is the client ``X-Forwarded-For`` named (the WebSocket
+    handshake records it as the connection's peer, ``"<client> (via <proxy>)"``), not the
+    proxy's own address, which every client would share."""
     if conn.identity is not None:
         return f"u:{conn.identity}"
-    transport = conn.transport
-    host = getattr(transport.getPeer(), "host", None) if transport is not None else None
+    shown = conn._peer
+    if shown is not None and " (via " in shown:
+        host: Any = shown.split(" (via ", 1)[0]
+    else:
+        transport = conn.transport
+        host = getattr(transport.getPeer(), "host", None) if transport is not None else None
     if not isinstance(host, str):
         return None
     try:
