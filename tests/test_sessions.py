@@ -573,6 +573,7 @@ def test_session_metrics(server: Server) -> None:
         "heartbeatd_session_takeovers_total 0.0",
         'heartbeatd_sessions_ended_total{reason="expired"} 0.0',
         "heartbeatd_session_unacked_messages 1.0",
+        "heartbeatd_session_detached_bytes 0.0",
     ):
         assert line in text, line
 

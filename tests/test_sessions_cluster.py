@@ -423,3 +423,37 @@ def test_sessions_without_identity_are_counted_by_address_across_the_cluster(
         first.reply(first.request("session_end"))  # room again
         assert second.start()["type"] == "session"
         assert redis.cli("SMEMBERS", "heartbeatd:s:a:127.0.0.1").split() == [second.sid]
+
+
+def test_max_sessions_is_counted_across_the_cluster_and_expired_ones_stop_counting(
+    tmp_path: Path,
+) -> None:
+    limits = {"max_sessions": 2, "max_per_identity": 0}
+    with (
+        RedisServer(tmp_path / "redis") as redis,
+        nodes(tmp_path, redis, 2, sessions=limits) as (a, b),
+        contextlib.ExitStack() as stack,
+    ):
+        first = stack.enter_context(SessionPeer(a.port))
+        assert first.start()["type"] == "session"
+        with SessionPeer(b.port) as brief:
+            assert brief.start(expiry=1)["type"] == "session"
+        # Detached (in Redis only) it still counts, on either node.
+        third = stack.enter_context(SessionPeer(a.port))
+        refusal = third.start()
+        assert refusal["error"]["code"] == "too_many_sessions", refusal
+        assert "sessions.max_sessions" in refusal["error"]["message"]
+        assert int(redis.cli("ZCARD", "heartbeatd:s:all")) == 2
+        # Once its keys expire it stops counting.
+        gone = f"heartbeatd:s:{brief.sid}"
+        _until(lambda: redis.cli("EXISTS", gone).strip() == "0")
+        assert third.start()["type"] == "session"
+        assert int(redis.cli("ZCARD", "heartbeatd:s:all")) == 2  # the expired one trimmed
+        first.reply(first.request("session_end"))
+        _until(lambda: int(redis.cli("ZCARD", "heartbeatd:s:all")) == 1)
+
+
+def _until(done: Any, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not done():
+        assert time.monotonic() < deadline, "timed out"

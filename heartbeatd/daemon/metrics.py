@@ -311,6 +311,12 @@ class FactoryCollector(Collector):
             "Server messages of this daemon's sessions waiting for the client's ack.",
             value=sum(len(s.unacked) for s in sessions.states.values()),
         )
+        yield GaugeMetricFamily(
+            "heartbeatd_session_detached_bytes",
+            "Bytes the detached sessions in this daemon keep for their replay "
+            "(bounded by sessions.max_detached_bytes).",
+            value=sessions.detached_bytes,
+        )
 
 
 def registry_for(
