@@ -126,7 +126,11 @@ def _connect(factory: ServerFactory, port: int) -> Any:
 
 
 def memory_per_session(count: int) -> dict[str, float]:
-    config = parse_config({"limits": {"max_connections": count * 2 + 10}})
+    # Every session comes from one address: sessions.max_per_identity (which counts
+    # clients without an identity by address) is off.
+    config = parse_config(
+        {"limits": {"max_connections": count * 2 + 10}, "sessions": {"max_per_identity": 0}}
+    )
     factory = ServerFactory(config, default_registry(), Clock())
     protos = [_connect(factory, 10000 + i) for i in range(count)]
     gc.collect()
@@ -232,6 +236,8 @@ def redis_bytes_per_session(count: int) -> dict[str, float]:
                     "listen": "tcp:0:interface=127.0.0.1",
                     "admin": {"listen": ""},
                     "limits": {"max_connections": count + 100},
+                    # one address for all: not bounded per address here
+                    "sessions": {"max_per_identity": 0},
                     "cluster": {"redis": f"redis://127.0.0.1:{redis_port}/0"},
                 }
             )
