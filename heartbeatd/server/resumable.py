@@ -27,6 +27,7 @@ import hmac
 import ipaddress
 import re
 import secrets
+import sys
 from collections import Counter, OrderedDict, deque
 from typing import Any
 
@@ -117,7 +118,7 @@ def bucket_of(conn: Connection) -> str | None:
     handshake records it as the connection's peer, ``"<client> (via <proxy>)"``), not the
     proxy's own address, which every client would share."""
     if conn.identity is not None:
-        return f"u:{conn.identity}"
+        return sys.intern(f"u:{conn.identity}")  # one string for all its sessions
     shown = conn._peer
     if shown is not None and " (via " in shown:
         host: Any = shown.split(" (via ", 1)[0]
@@ -135,8 +136,8 @@ def bucket_of(conn: Connection) -> str | None:
         address = mapped
     prefix = conn.factory.config.limits.ipv6_prefix_per_address
     if address.version == 6 and prefix < 128:
-        return f"a:{ipaddress.ip_network(f'{address}/{prefix}', strict=False)}"
-    return f"a:{address}"
+        return sys.intern(f"a:{ipaddress.ip_network(f'{address}/{prefix}', strict=False)}")
+    return sys.intern(f"a:{address}")
 
 
 class RedeliveredRequest(Request):

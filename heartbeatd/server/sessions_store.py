@@ -174,6 +174,9 @@ class ClusteredSessions(Sessions):
         self._creating.add(state.sid)
         attachment = self.attach(state, conn)
         config = self.config
+        # The set it counts in for max_per_identity, only while that bound is on (a set of
+        # every anonymous session from one address would cost Redis memory for nothing).
+        group = (state.bucket or "") if config.max_per_identity else ""
         d = self.redis.create(
             state.sid,
             state.key_digest.hex(),
@@ -181,10 +184,10 @@ class ClusteredSessions(Sessions):
             state.expiry,
             conn.session_id,
             self._ttl(state),
-            config.max_per_identity if state.bucket is not None else 0,
+            config.max_per_identity if group else 0,
             config.max_expiry,
             config.max_sessions,
-            state.bucket or "",
+            group,
         )
         d.addCallbacks(
             self._created,
