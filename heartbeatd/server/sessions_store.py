@@ -81,6 +81,8 @@ class ClusteredSessions(Sessions):
         self.redis = store
         #: Sessions started here that Redis has not confirmed yet (their requests wait).
         self._creating: set[str] = set()
+        #: Sessions a session_end is ending: Redis's END, which its answer waits for.
+        self._ending: dict[str, Deferred[Any]] = {}
         self.fenced = 0
         self.store_failures = 0
         self._refresher = LoopingCall(self._refresh)
@@ -327,12 +329,18 @@ class ClusteredSessions(Sessions):
                 return
             # Still its connection; or the answer to session_end, which ended the session
             # while Redis took the answer (the connection goes on without it).
-            if (
-                holder is not None
-                and holder.epoch == epoch
-                and (state.attachment is holder or state.ended == "ended")
-            ):
+            if holder is None or holder.epoch != epoch:
+                return
+            if state.attachment is holder:
                 holder.raw(numbered)
+            elif state.ended == "ended":
+                # The answer to session_end: written once Redis ended the session too, so
+                # a client told "ended" never resumes it on another node after all.
+                ending = self._ending.get(state.sid)
+                if ending is None:
+                    holder.raw(numbered)
+                else:
+                    ending.addBoth(lambda _: holder.raw(numbered))
 
         d.addCallbacks(stored, self._failed, errbackArgs=("out", state))
 
@@ -543,7 +551,17 @@ class ClusteredSessions(Sessions):
         if state.ended is not None:
             return
         epoch = state.epoch
-        self.redis.end(state.sid, epoch, reason).addErrback(self._failed, "end", None)
+        d = self.redis.end(state.sid, epoch, reason).addErrback(self._failed, "end", None)
+        if reason == "ended":
+            sid = state.sid
+            self._ending[sid] = d
+
+            def ended(result: Any) -> Any:
+                if self._ending.get(sid) is d:
+                    del self._ending[sid]
+                return result
+
+            d.addBoth(ended)
         super().end(state, reason)
 
     def kicked(self, conn_id: str, data: Any) -> None:
