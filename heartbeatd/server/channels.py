@@ -43,7 +43,7 @@ from twisted.python.failure import Failure
 from heartbeatd._logging import get_logger
 from heartbeatd.cluster.broker import Broker, BrokerUnavailable, History, Position
 from heartbeatd.config import ChannelsConfig, Config
-from heartbeatd.server.connection import Connection
+from heartbeatd.server.connection import Connection, SharedRun
 from heartbeatd.server.handlers import HandlerError, HandlerRegistry, Request
 from heartbeatd.server.permissions import Permissions, valid_personal
 from heartbeatd.wire.envelope import encode_json, encode_message
@@ -90,6 +90,14 @@ _NAME = re.compile(r"[A-Za-z0-9_.:@/#,-]+")
 #: Publications buffered for one subscription while it catches up; beyond, it resyncs.
 MAX_BUFFERED = 10_000
 
+#: A queued run of one channel's publications (each subscriber gets it in one write) takes
+#: no more once its bodies reach this size (below Twisted's 64 KiB write buffer, so a run
+#: alone never pauses a connection).
+MAX_RUN_BYTES = 32 * 1024
+
+#: Bytes of a write that cost as much of a turn's budget as one more write (`write_cost`).
+WRITE_UNIT_BYTES = 16 * 1024
+
 
 class _Sub:
     """One connection's subscription to one channel."""
@@ -124,10 +132,24 @@ class _Sub:
 
 
 class _Fanout:
-    """One publication waiting in (or going through) the hub's delivery queue; or a broadcast
-    (``channel`` None), whose connections are ``clients``."""
+    """What waits in (or goes through) the hub's delivery queue: a run of consecutive
+    publications of one channel (``offset`` the first, ``datas`` each one's JSON), which
+    each subscriber gets in one write; or a broadcast (``channel`` None), whose connections
+    are ``clients``."""
 
-    __slots__ = ("channel", "clients", "count", "data", "epoch", "frame", "next", "offset", "subs")
+    __slots__ = (
+        "channel",
+        "clients",
+        "cost",
+        "count",
+        "datas",
+        "epoch",
+        "frame",
+        "next",
+        "offset",
+        "run",
+        "subs",
+    )
 
     def __init__(
         self,
@@ -141,16 +163,27 @@ class _Fanout:
     ) -> None:
         self.channel = channel
         self.clients = clients
-        #: Subscribers when it was queued (what it added to the hub's ``queued``).
+        #: Deliveries it added to the hub's ``queued`` (subscribers when queued, times
+        #: publications).
         self.count = count
         self.epoch = epoch
         self.offset = offset
-        self.data = data
+        self.datas = [data]
         self.frame = frame
+        self.run = SharedRun([frame])
+        #: What one write of it costs of a turn's budget (set when it starts).
+        self.cost = 1
         #: The channel's subscribers, read when this fan-out starts (None until then).
         self.subs: list[_Sub] | None = None
         #: Index of the next subscriber to write to.
         self.next = 0
+
+
+def write_cost(size: int) -> int:
+    """What one write of ``size`` bytes costs of a turn's budget (``channels.fanout_batch``):
+    one, and one more per `WRITE_UNIT_BYTES` (docs/benchmarks.md, "where the time goes": a
+    ``send()`` costs about as much as copying 16-32 KiB more through loopback)."""
+    return 1 + size // WRITE_UNIT_BYTES
 
 
 def publication_body(channel: str, offset: int, data: str) -> bytes:
@@ -197,6 +230,9 @@ class ChannelHub:
         self.fanout_batches = 0
         #: Broadcast pushes written (``write_to_all``), apart from ``delivered`` publications.
         self.broadcast_written = 0
+        #: The budget spent in all (`write_cost` of every write the hub made): what each turn
+        #: bounds (``channels.fanout_batch``).
+        self.budget_spent = 0
         self._batch = 250
         #: Deliveries written at once in this reactor turn (bounded by ``_batch`` too); the
         #: turn's end (``_turn_ended``) gives the next turn a whole budget.
@@ -556,12 +592,15 @@ class ChannelHub:
             return
         frame = SharedFrame(publication_body(channel, offset, data))
         count = len(subs)
-        if not self._fanouts and self._spent + count <= self._batch:
+        fanouts = self._fanouts
+        cost = count * write_cost(len(frame.body))
+        if not fanouts and self._spent + cost <= self._batch:
             # Nothing queued and this turn's budget not spent (a small channel, now and then):
             # written now, as it always was.
             if self._turn_end is None:
                 self._turn_end = self.factory.clock.callLater(0, self._turn_ended)
-            self._spent += count
+            self._spent += cost
+            self.budget_spent += cost
             new_epoch: list[_Sub] = []
             for sub in list(subs.values()):
                 if sub.pending is None and sub.offset + 1 == offset and sub.epoch == epoch:
@@ -575,8 +614,23 @@ class ChannelHub:
             if new_epoch:
                 self._enter_epoch(channel, (epoch, offset, data), new_epoch)
             return
-        self._fanouts.append(_Fanout(channel, epoch, offset, data, frame, count))
         self.queued += count
+        if fanouts:
+            tail = fanouts[-1]
+            if (
+                tail.subs is None
+                and tail.channel == channel
+                and tail.epoch == epoch
+                and tail.offset + len(tail.datas) == offset
+                and tail.run.size + len(frame.body) <= MAX_RUN_BYTES
+            ):
+                # Coalesced: the queued run of this channel not started yet takes it, and
+                # each subscriber gets both in one write (module docstring, "Coalescing").
+                tail.datas.append(data)
+                tail.run.add(frame)
+                tail.count += count
+                return
+        fanouts.append(_Fanout(channel, epoch, offset, data, frame, count))
         if self._drain_call is None:
             self._drain_call = self.factory.clock.callLater(0, self._run_batch)
 
@@ -586,10 +640,12 @@ class ChannelHub:
         nothing queued, else queued (in order with publications, so a connection gets
         pushes and publications in the order they were made)."""
         count = len(clients)
-        if not self._fanouts and self._spent + count <= self._batch:
+        cost = count * write_cost(len(frame.body))
+        if not self._fanouts and self._spent + cost <= self._batch:
             if self._turn_end is None:
                 self._turn_end = self.factory.clock.callLater(0, self._turn_ended)
-            self._spent += count
+            self._spent += cost
+            self.budget_spent += cost
             for client in clients:
                 client.write_shared(frame)
             self.broadcast_written += count
@@ -605,60 +661,62 @@ class ChannelHub:
             self._spent = 0
 
     def _run_batch(self) -> None:
-        """Write up to ``fanout_batch`` queued deliveries; schedule the rest for next turn."""
+        """Write up to ``fanout_batch`` (in `write_cost`) of the queue; the rest next turn."""
         self._drain_call = None
         budget = self._batch
         fanouts = self._fanouts
-        deliver = self._deliver
         delivered = 0
         self.fanout_batches += 1
         while fanouts and budget > 0:
             fanout = fanouts[0]
             if fanout.channel is None:  # a broadcast: write_to_all
                 clients = fanout.clients or []
+                if fanout.next == 0:
+                    fanout.cost = write_cost(len(fanout.frame.body))
                 start = fanout.next
-                end = min(len(clients), start + budget)
+                end = min(len(clients), start + max(1, budget // fanout.cost))
                 frame = fanout.frame
                 for i in range(start, end):
                     clients[i].write_shared(frame)
                 self.broadcast_written += end - start
-                budget -= max(1, end - start)
+                budget -= max(1, end - start) * fanout.cost
                 self.queued -= end - start
                 fanout.next = end
                 if end >= len(clients):
                     fanouts.popleft()
                 continue
             subs = fanout.subs
+            runs = len(fanout.datas)
             if subs is None:
                 now = self._subs.get(fanout.channel)
                 subs = fanout.subs = list(now.values()) if now else []
                 # Counted with its channel's subscribers when queued; it has these now.
-                self.queued += len(subs) - fanout.count
+                self.queued += len(subs) * runs - fanout.count
+                fanout.cost = write_cost(fanout.run.size)
+            cost = fanout.cost
             start = fanout.next
-            end = min(len(subs), start + budget)
-            epoch, offset, frame = fanout.epoch, fanout.offset, fanout.frame
+            end = min(len(subs), start + max(1, budget // cost))
+            epoch, first, run = fanout.epoch, fanout.offset, fanout.run
+            last = first + runs - 1
             new_epoch: list[_Sub] = []
             for i in range(start, end):
                 sub = subs[i]
-                if sub.pending is None and sub.offset + 1 == offset and sub.epoch == epoch:
-                    sub.offset = offset
-                    sub.client.write_shared(frame)
-                    delivered += 1
-                elif sub.pending is None and sub.epoch != epoch and offset > 1 and not sub.removed:
-                    new_epoch.append(sub)
+                if sub.pending is None and sub.offset + 1 == first and sub.epoch == epoch:
+                    sub.offset = last
+                    sub.client.write_run(run)
+                    delivered += runs
                 else:
-                    deliver(sub, epoch, offset, fanout.data)
+                    delivered += self._deliver_run(sub, fanout, new_epoch)
             if new_epoch:
-                self._enter_epoch(fanout.channel, (epoch, offset, fanout.data), new_epoch)
+                self._enter_epoch(fanout.channel, (epoch, first, fanout.datas[0]), new_epoch)
             done = end - start
-            budget -= done
-            self.queued -= done
+            budget -= max(1, done) * cost
+            self.queued -= done * runs
             fanout.next = end
             if end >= len(subs):
                 fanouts.popleft()
-                if not done:
-                    budget -= 1  # an empty fan-out still costs a little: always progress
         self.delivered += delivered
+        self.budget_spent += self._batch - budget
         # What is left of this turn's budget goes to publications written at once (a
         # publication that finds it spent queues, and the next batch starts a new budget).
         self._spent = self._batch - budget
@@ -671,6 +729,43 @@ class ChannelHub:
             for waiter in waiters:
                 waiter.callback(None)
 
+    def _deliver_run(self, sub: _Sub, fanout: _Fanout, new_epoch: list[_Sub]) -> int:
+        """A queued run for a subscriber not simply at its start (catching up, subscribed
+        meanwhile, a gap, a new epoch): each publication on its own, in order, the ones it
+        takes as they come still in one write; how many were written."""
+        epoch, first, channel = fanout.epoch, fanout.offset, fanout.channel
+        frames = fanout.run.frames
+        ready: list[SharedFrame] = []
+        written = 0
+        for k, data in enumerate(fanout.datas):
+            offset = first + k
+            if sub.pending is None and sub.offset + 1 == offset and sub.epoch == epoch:
+                sub.offset = offset
+                ready.append(frames[k])
+                continue
+            if ready:
+                sub.client.write_run(SharedRun(ready))
+                written += len(ready)
+                ready = []
+            if sub.pending is None and sub.epoch != epoch and offset > 1 and not sub.removed:
+                # The new epoch's first publications may be in its history: one read for
+                # every subscriber of the run that meets it here (`_enter_epoch`); what
+                # follows of the run waits behind it.
+                sub.pending = [(epoch, offset, data)]
+                if k == 0:
+                    new_epoch.append(sub)
+                else:
+                    self._enter_epoch(channel or "", (epoch, offset, data), [sub])
+                continue
+            before = self.delivered
+            self._deliver(sub, epoch, offset, data)
+            written += self.delivered - before
+            self.delivered = before
+        if ready:
+            sub.client.write_run(SharedRun(ready))
+            written += len(ready)
+        return written
+
     def _enter_epoch(self, channel: str, first: tuple[str, int, str], subs: list[_Sub]) -> None:
         """Live subscriptions meet a new epoch past its first publication (Redis lost the
         stream, or failed over, and this node's pub/sub missed the start of the new one).
@@ -682,7 +777,8 @@ class ChannelHub:
         """
         epoch, offset, _ = first
         for sub in subs:
-            sub.pending = [first]
+            if sub.pending is None:
+                sub.pending = [first]
 
         def got(history: History) -> None:
             known = history.position.epoch == epoch and history.entries is not None

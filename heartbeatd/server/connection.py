@@ -49,7 +49,7 @@ from heartbeatd.wire.envelope import (
 )
 from heartbeatd.wire.framing import HEARTBEAT, Framing, SharedFrame
 
-__all__ = ["Connection", "format_address", "is_tls"]
+__all__ = ["Connection", "SharedRun", "format_address", "is_tls"]
 
 log = get_logger(__name__)
 
@@ -108,6 +108,37 @@ class _Slot:
     def __init__(self, frame: bytes | None = None, seq: int = 0) -> None:
         self.frame = frame
         self.seq = seq
+
+
+class SharedRun:
+    """Messages many connections get, written to each in one write (`Connection.write_run`):
+    joined at most once per framing, as `SharedFrame` frames one message."""
+
+    __slots__ = ("_framed", "frames", "size")
+
+    def __init__(self, frames: list[SharedFrame]) -> None:
+        self.frames = frames
+        #: Bytes of the bodies (framing headers not counted).
+        self.size = sum(len(frame.body) for frame in frames)
+        self._framed: dict[int, bytes] = {}
+
+    def add(self, frame: SharedFrame) -> None:
+        """One more message at the end (only before the run is first written)."""
+        self.frames.append(frame)
+        self.size += len(frame.body)
+
+    def framed(self, framing: Framing) -> bytes:
+        """The bytes to write on a connection that uses ``framing``."""
+        key = id(framing)
+        data = self._framed.get(key)
+        if data is None:
+            frames = self.frames
+            data = self._framed[key] = (
+                frames[0].framed(framing)
+                if len(frames) == 1
+                else b"".join([frame.framed(framing) for frame in frames])
+            )
+        return data
 
 
 class Connection(Protocol):
@@ -863,3 +894,31 @@ class Connection(Protocol):
             return
         if self.connected:
             self._write_many([frame.framed(self._framing)])
+
+    def write_run(self, run: SharedRun) -> None:
+        """Write several messages many connections get, in order, with one write (a fan-out's
+        publications queued for the same subscribers: one ``send()`` instead of one each).
+
+        On a resumable session each is numbered and kept on its own, in order.  The outbound
+        limit decides exactly as it would for one write per message: the run goes in one
+        write only when the transport has not asked us to pause and the bytes not yet sent
+        plus the run stay within ``limits.max_outbound_buffer_bytes`` (no message of it could
+        then have found the limit passed); otherwise each is written, and checked, alone.
+        """
+        frames = run.frames
+        if self._resumable is not None:
+            for frame in frames:
+                self.write_shared(frame)
+            return
+        if not self.connected:
+            return
+        framing = self._framing
+        data = run.framed(framing)
+        if not self._write_paused:
+            backlog = unsent_bytes(self.transport) or 0
+            if backlog + len(data) <= self.factory.config.limits.max_outbound_buffer_bytes:
+                self._write_many([data])
+                self.frames_out += len(frames) - 1
+                return
+        for frame in frames:
+            self._write_many([frame.framed(framing)])
