@@ -14,10 +14,23 @@ Publication frames are built once per publication and written to every local sub
 
 Fairness: fan-out is not written in one go (10,000 subscribers held the reactor ~90 ms, and a
 burst of publications from one client starved every other client for seconds).  A publication
-is written at once only while the queue is empty and the deliveries written since the last
-batch stay within ``channels.fanout_batch``; any other joins the hub's delivery queue, which
-writes ``fanout_batch`` deliveries per reactor turn (``callLater(0)``, as the heartbeat sweep
-does), so other connections are served between batches.  The queue is
+is written at once only while the queue is empty and the writes made since the last batch
+stay within ``channels.fanout_batch``; any other joins the hub's delivery queue, which makes
+``fanout_batch`` writes per reactor turn (``callLater(0)``, as the heartbeat sweep does), so
+other connections are served between batches.  What a turn is charged is what costs: a
+``send()`` per write, and one more per `WRITE_UNIT_BYTES` it carries (`write_cost`).  One
+client starts at most ``channels.publish_per_turn`` of its pipelined publishes per turn
+(`ChannelHub.publish_turn`); the rest start in the next turns, in order.
+
+Coalescing: a publication joining the queue right behind a queued publication of the same
+channel that has not started (the next offset, the same epoch) joins its *run* (up to
+`MAX_RUN_BYTES`), and a subscriber standing at the run's start gets all of it in one write
+(`Connection.write_run`), as NATS writes what is pending for a subscriber: a burst of 200
+publications to 10,000 subscribers is 10,000 writes, not 2,000,000.  Any other subscriber
+(catching up, subscribed meanwhile, a new epoch) takes the run one publication at a time.  A
+run is written where its first publication would have been, so everything a connection gets
+keeps the order it was made in; on a resumable session each publication is numbered on its
+own, in order; the outbound limit decides as it would for one write each.  The queue is
 first in, first out, and a publication arriving while it is not empty queues behind it (even
 for a small channel), so every subscriber gets publications in offset order, with no gap and
 none twice: a fan-out reads its channel's subscribers when it starts, a subscription removed
@@ -238,6 +251,13 @@ class ChannelHub:
         #: turn's end (``_turn_ended``) gives the next turn a whole budget.
         self._spent = 0
         self._turn_end: Any = None
+        #: Publish requests each connection started in this turn, and those waiting for a
+        #: later turn (``channels.publish_per_turn``; `publish_turn`), first in, first out.
+        self._publishes_started: dict[Connection, int] = {}
+        self._publishes_waiting: dict[Connection, deque[Deferred[None]]] = {}
+        self._publish_turn: Any = None
+        #: Publish requests that waited for a later turn (for metrics and tests).
+        self.publishes_deferred = 0
         self.reconfigure()
 
     def reconfigure(self) -> None:
@@ -270,6 +290,49 @@ class ChannelHub:
         waiter: Deferred[None] = Deferred()
         self._backlog_waiters.append(waiter)
         return waiter
+
+    def publish_turn(self, client: Connection) -> Deferred[None] | None:
+        """Fairness between clients: None when ``client`` may start a publish now, else a
+        Deferred that fires in a later reactor turn, in the order its publishes came.
+
+        A client pipelining publishes starts at most ``channels.publish_per_turn`` of them
+        per turn (each one's request handling, and the fan-out it queues); the others wait
+        for the next turns, after which other connections are read.  Their replies keep
+        request order; past ``limits.max_pending_requests`` the client is no longer read.
+        """
+        waiting = self._publishes_waiting.get(client)
+        if self._publish_turn is None:
+            self._publish_turn = self.factory.clock.callLater(0, self._next_publish_turn)
+        if waiting is None:
+            started = self._publishes_started.get(client, 0)
+            if started < self.config.publish_per_turn:
+                self._publishes_started[client] = started + 1
+                return None
+            waiting = self._publishes_waiting[client] = deque()
+        self.publishes_deferred += 1
+        turn: Deferred[None] = Deferred()
+        waiting.append(turn)
+        return turn
+
+    def _next_publish_turn(self) -> None:
+        """A new turn: each waiting client starts up to ``publish_per_turn`` publishes."""
+        self._publish_turn = None
+        self._publishes_started = {}
+        if not self._publishes_waiting:
+            return
+        limit = self.config.publish_per_turn
+        waiting_all, self._publishes_waiting = self._publishes_waiting, {}
+        for client, waiting in waiting_all.items():
+            started = 0
+            while waiting and started < limit:
+                started += 1
+                waiting.popleft().callback(None)
+            self._publishes_started[client] = started
+            if waiting:
+                # Anything it sends meanwhile queues behind these (setdefault: its own
+                # callbacks may have queued more already).
+                self._publishes_waiting.setdefault(client, deque()).extendleft(reversed(waiting))
+        self._publish_turn = self.factory.clock.callLater(0, self._next_publish_turn)
 
     def subscription_count(self) -> int:
         return sum(len(subs) for subs in self._by_client.values())
@@ -1088,7 +1151,11 @@ def _publish(request: Request) -> Deferred[dict[str, Any]]:
     channel = hub.check_channel(data.get("channel"))
     if "data" not in data:
         raise HandlerError(BAD_REQUEST, 'expected data {"channel": "...", "data": ...}')
-    checked = hub.permissions.check(_connection(request), "publish", channel, data["data"])
+    client = _connection(request)
+
+    def start(_: object = None) -> Any:
+        checked = hub.permissions.check(client, "publish", channel, data["data"])
+        return publish() if checked is None else checked.addCallback(publish)
 
     def publish(_: object = None) -> Deferred[dict[str, Any]]:
         d = hub.publish(channel, data["data"])
@@ -1102,7 +1169,8 @@ def _publish(request: Request) -> Deferred[dict[str, Any]]:
         # publishes reaches limits.max_pending_requests and is no longer read.
         return hub.when_drained().addCallback(lambda _: reply)
 
-    return publish() if checked is None else checked.addCallback(publish)
+    turn = hub.publish_turn(client)
+    return start() if turn is None else turn.addCallback(start)
 
 
 def _presence(request: Request) -> Deferred[dict[str, Any]]:
