@@ -761,12 +761,17 @@ class ChannelHub:
             end = min(len(subs), start + max(1, budget // cost))
             epoch, first, run = fanout.epoch, fanout.offset, fanout.run
             last = first + runs - 1
+            # A run of one (the publications of a quiet channel) is one frame: write_shared.
+            single = run.frames[0] if runs == 1 else None
             new_epoch: list[_Sub] = []
             for i in range(start, end):
                 sub = subs[i]
                 if sub.pending is None and sub.offset + 1 == first and sub.epoch == epoch:
                     sub.offset = last
-                    sub.client.write_run(run)
+                    if single is not None:
+                        sub.client.write_shared(single)
+                    else:
+                        sub.client.write_run(run)
                     delivered += runs
                 else:
                     delivered += self._deliver_run(sub, fanout, new_epoch)

@@ -196,11 +196,17 @@ class Connection(Protocol):
     )
 
     factory: ClientRegistry
+    #: `write_shared` may inline `_write_many` (False in an adapter that overrides it).
+    _plain_writes = True
     #: Answer plain, synchronous requests on the hot path inlined in `_deliver`.
     #: False sends everything through the general path; a test checks both write the same bytes.
     fast_path = True
     #: Which kind of listener accepted the connection (admin API, logs).
     listener = "stream"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._plain_writes = cls._write_many is Connection._write_many
 
     def __init__(self) -> None:
         self.transport: Any = None
@@ -892,8 +898,23 @@ class Connection(Protocol):
         per framing rather than once per connection."""
         if self._resumable is not None and not frame.ping and self._session_push(frame.body):
             return
-        if self.connected:
-            self._write_many([frame.framed(self._framing)])
+        if not self.connected:
+            return
+        data = frame.framed(self._framing)
+        if self._write_paused or not self._plain_writes:
+            self._write_many([data])
+            return
+        # `_write_many`'s steps for one frame, inlined: a fan-out makes one of these calls
+        # per delivery (docs/benchmarks.md, "Fan-out: where the time goes").
+        if self._direct_write:
+            write_direct(self.transport, data)
+        else:
+            self.transport.write(data)
+        self.frames_out += 1
+        size = len(data)
+        self.bytes_out += size
+        if self._write_paused:  # this write filled the transport's buffer
+            self._written_while_paused += size
 
     def write_run(self, run: SharedRun) -> None:
         """Write several messages many connections get, in order, with one write (a fan-out's
@@ -906,7 +927,7 @@ class Connection(Protocol):
         then have found the limit passed); otherwise each is written, and checked, alone.
         """
         frames = run.frames
-        if self._resumable is not None:
+        if self._resumable is not None or len(frames) == 1:
             for frame in frames:
                 self.write_shared(frame)
             return
