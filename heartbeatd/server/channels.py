@@ -24,7 +24,8 @@ client starts at most ``channels.publish_per_turn`` of its pipelined publishes p
 
 Coalescing: a publication joining the queue right behind a queued publication of the same
 channel that has not started (the next offset, the same epoch) joins its *run* (up to
-`MAX_RUN_BYTES`), and a subscriber standing at the run's start gets all of it in one write
+`MAX_RUN_BYTES`; a broadcast likewise joins a queued broadcast to the same connections),
+and a subscriber standing at the run's start gets all of it in one write
 (`Connection.write_run`), as NATS writes what is pending for a subscriber: a burst of 200
 publications to 10,000 subscribers is 10,000 writes, not 2,000,000.  Any other subscriber
 (catching up, subscribed meanwhile, a new epoch) takes the run one publication at a time.  A
@@ -713,8 +714,22 @@ class ChannelHub:
                 client.write_shared(frame)
             self.broadcast_written += count
             return
-        self._fanouts.append(_Fanout(None, "", 0, "", frame, count, clients))
         self.queued += count
+        fanouts = self._fanouts
+        if fanouts:
+            tail = fanouts[-1]
+            if (
+                tail.channel is None
+                and tail.next == 0
+                and tail.run.size + len(frame.body) <= MAX_RUN_BYTES
+                and tail.clients == clients
+            ):
+                # Coalesced: the same connections as the queued broadcast before it, which
+                # has not started: each gets both in one write.
+                tail.run.add(frame)
+                tail.count += count
+                return
+        fanouts.append(_Fanout(None, "", 0, "", frame, count, clients))
         if self._drain_call is None:
             self._drain_call = self.factory.clock.callLater(0, self._run_batch)
 
@@ -732,18 +747,24 @@ class ChannelHub:
         self.fanout_batches += 1
         while fanouts and budget > 0:
             fanout = fanouts[0]
-            if fanout.channel is None:  # a broadcast: write_to_all
+            if fanout.channel is None:  # broadcasts to the same connections: write_to_all
                 clients = fanout.clients or []
+                run = fanout.run
+                pushes = len(run.frames)
                 if fanout.next == 0:
-                    fanout.cost = write_cost(len(fanout.frame.body))
+                    fanout.cost = write_cost(run.size)
                 start = fanout.next
                 end = min(len(clients), start + max(1, budget // fanout.cost))
-                frame = fanout.frame
-                for i in range(start, end):
-                    clients[i].write_shared(frame)
-                self.broadcast_written += end - start
+                if pushes == 1:
+                    frame = fanout.frame
+                    for i in range(start, end):
+                        clients[i].write_shared(frame)
+                else:
+                    for i in range(start, end):
+                        clients[i].write_run(run)
+                self.broadcast_written += (end - start) * pushes
                 budget -= max(1, end - start) * fanout.cost
-                self.queued -= end - start
+                self.queued -= (end - start) * pushes
                 fanout.next = end
                 if end >= len(clients):
                     fanouts.popleft()
