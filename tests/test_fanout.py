@@ -72,11 +72,11 @@ def offsets(peer: Peer) -> list[int]:
 
 
 def turns(clock: Clock, hub: Any, limit: int = 10_000, counter: str = "delivered") -> list[int]:
-    """Run reactor turns until the queue is empty; the deliveries each wrote (``counter``
-    "budget_spent": the budget each spent, in writes)."""
+    """Run reactor turns until the queue is empty and no publish (or its reply) waits; the
+    deliveries each wrote (``counter`` "budget_spent": the budget each spent, in writes)."""
     written = []
     for _ in range(limit):
-        if not hub._fanouts:
+        if not (hub._fanouts or hub._backlog_waiters or hub._publishes_waiting):
             return written
         before = getattr(hub, counter)
         one_turn(clock)
@@ -662,3 +662,22 @@ def test_queued_broadcasts_to_the_same_connections_go_in_one_write(clock: Clock)
         assert pushes(peer) == list(range(11))
     assert pushes(newcomer) == [10]
     assert hub.broadcast_written == 3000 + 301 and hub.queued == 0
+
+
+def test_replies_that_waited_for_the_queue_are_released_a_few_a_turn(clock: Clock) -> None:
+    """Backpressure's replies come out ``publish_per_turn`` a turn once the queue drains
+    (200 in one turn held it ~5 ms), in request order."""
+    factory = make_factory(clock, fanout_batch=100, fanout_backlog=100, publish_per_turn=8)
+    hub = factory.channels
+    subscribers(factory, 300)
+    publisher = Peer(factory, 1)
+    publisher.send(*(publish_frame(i, i) for i in range(40)))
+    replies: list[int] = []
+    released = []
+    while hub._fanouts or hub._backlog_waiters or hub._publishes_waiting:
+        one_turn(clock)
+        got = [r["id"] for r in publisher.received()]
+        released.append(len(got))
+        replies += got
+    assert replies == list(range(40))
+    assert max(released) <= 8
