@@ -29,9 +29,11 @@ and a subscriber standing at the run's start gets all of it in one write
 (`Connection.write_run`), as NATS writes what is pending for a subscriber: a burst of 200
 publications to 10,000 subscribers is 10,000 writes, not 2,000,000.  Any other subscriber
 (catching up, subscribed meanwhile, a new epoch) takes the run one publication at a time.  A
-run is written where its first publication would have been, so everything a connection gets
-keeps the order it was made in; on a resumable session each publication is numbered on its
-own, in order; the outbound limit decides as it would for one write each.  The queue is
+run is written where its first publication would have been: its later publications come
+sooner than they would one by one, never ahead of anything queued before them, so
+publications and broadcasts keep their order on every connection.  On a resumable
+session each publication is numbered on its own, in order; the outbound limit decides as it
+would for one write each.  The queue is
 first in, first out, and a publication arriving while it is not empty queues behind it (even
 for a small channel), so every subscriber gets publications in offset order, with no gap and
 none twice: a fan-out reads its channel's subscribers when it starts, a subscription removed
