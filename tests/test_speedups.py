@@ -217,10 +217,17 @@ def _deep(request: Any) -> Any:
 @st.composite
 def _hot_bodies(draw: st.DrawFn) -> bytes:
     kind = draw(st.integers(0, 9))
-    if kind == 9:  # strings the C loop writes itself (plain ASCII up to 4096) and near misses
+    if kind == 9:  # strings the C loop writes itself (plain ASCII) and near misses
+        special = st.sampled_from(['"', "\\", "\x7f", "\x00", "\x1f", " ", "~", "\x80", "é"])
         text = draw(
-            st.text(st.characters(min_codepoint=0, max_codepoint=0x80), max_size=12)
+            st.text(st.characters(min_codepoint=0, max_codepoint=0x80), max_size=40)
             | st.sampled_from(["x" * 4096, "x" * 4097, "y" * 4095 + '"', "\x7f", "\\", ""])
+            | st.builds(  # one odd character anywhere in a long run (16-byte steps, tail)
+                lambda n, at, c: ("abc~ " * 200)[:n][:at] + c + ("abc~ " * 200)[:n][at:],
+                st.integers(0, 900),
+                st.integers(0, 900),
+                special,
+            )
         )
         return json.dumps({"type": "echo", "id": draw(st.integers(-3, 3)), "data": text}).encode()
     if kind == 7:

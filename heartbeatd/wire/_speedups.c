@@ -649,9 +649,54 @@ format_int(char *out, long long v)
     return len;
 }
 
+/* 1 for the ASCII bytes that are not written as themselves (or might not be: DEL). */
+static unsigned char special[128];
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+/* With SSE2 (every x86-64), the scan below takes 16 bytes a step, faster than the
+ * encoder's own: any plain string is written without calling it. */
+#define PLAIN_STRING_MAX PY_SSIZE_T_MAX
+#else
 /* Strings up to this long that need no escape are written without calling the encoder (past
  * it, the encoder's own vectorised scan is faster than ours). */
 #define PLAIN_STRING_MAX 4096
+#endif
+
+/* 1 if none of the `n` ASCII bytes at `c` is special. */
+static int
+plain_bytes(const unsigned char *c, Py_ssize_t n)
+{
+    Py_ssize_t i = 0;
+    unsigned char any = 0;
+#if defined(__SSE2__)
+    /* ASCII bytes are 0-0x7f, so the signed compare with 0x20 finds the control bytes. */
+    const __m128i space = _mm_set1_epi8(0x20), quote = _mm_set1_epi8('"'),
+                  backslash = _mm_set1_epi8('\\'), del = _mm_set1_epi8(0x7f);
+#define SPECIAL16(v)                                                                         \
+    _mm_or_si128(_mm_or_si128(_mm_cmplt_epi8(v, space), _mm_cmpeq_epi8(v, quote)),          \
+                 _mm_or_si128(_mm_cmpeq_epi8(v, backslash), _mm_cmpeq_epi8(v, del)))
+    for (; i + 64 <= n; i += 64) { /* one test per 64 bytes: long strings (W3) */
+        __m128i a = _mm_loadu_si128((const __m128i *)(c + i)),
+                b = _mm_loadu_si128((const __m128i *)(c + i + 16)),
+                d = _mm_loadu_si128((const __m128i *)(c + i + 32)),
+                e = _mm_loadu_si128((const __m128i *)(c + i + 48));
+        __m128i bad = _mm_or_si128(_mm_or_si128(SPECIAL16(a), SPECIAL16(b)),
+                                   _mm_or_si128(SPECIAL16(d), SPECIAL16(e)));
+        if (_mm_movemask_epi8(bad))
+            return 0;
+    }
+    for (; i + 16 <= n; i += 16) {
+        __m128i v = _mm_loadu_si128((const __m128i *)(c + i));
+        if (_mm_movemask_epi8(SPECIAL16(v)))
+            return 0;
+    }
+#undef SPECIAL16
+#endif
+    for (; i < n; i++)
+        any |= special[c[i] & 0x7f]; /* ASCII: c[i] < 0x80 */
+    return !any;
+}
 
 /* 1 if `value` is a str the encoder would write as its own characters between quotes:
  * printable ASCII (0x20-0x7e) without '"' or '\\'; 0 if not (the encoder writes it); -1 error. */
@@ -666,19 +711,7 @@ plain_ascii(PyObject *value)
 #endif
     if (!PyUnicode_IS_ASCII(value) || PyUnicode_GET_LENGTH(value) > PLAIN_STRING_MAX)
         return 0;
-    /* 1 for the ASCII bytes that are not written as themselves (or might not be: DEL). */
-    static unsigned char special[128];
-    if (!special[0]) {
-        for (int b = 0; b < 0x20; b++)
-            special[b] = 1;
-        special['"'] = special['\\'] = special[0x7f] = 1;
-    }
-    const unsigned char *c = (const unsigned char *)PyUnicode_DATA(value);
-    Py_ssize_t n = PyUnicode_GET_LENGTH(value);
-    unsigned char any = 0;
-    for (Py_ssize_t i = 0; i < n; i++)
-        any |= special[c[i] & 0x7f]; /* ASCII: c[i] < 0x80 */
-    return !any;
+    return plain_bytes((const unsigned char *)PyUnicode_DATA(value), PyUnicode_GET_LENGTH(value));
 }
 
 /* The reply body {"type":..,"id":..,"data":..} as json_dumps would encode that dict, written
@@ -1174,6 +1207,9 @@ static struct PyModuleDef module_def = {
 PyMODINIT_FUNC
 PyInit__speedups(void)
 {
+    for (int b = 0; b < 0x20; b++)
+        special[b] = 1;
+    special['"'] = special['\\'] = special[0x7f] = 1;
     INTERN(s_type, "type");
     INTERN(s_id, "id");
     INTERN(s_data, "data");
