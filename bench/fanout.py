@@ -279,6 +279,8 @@ class Server:
                 "heartbeat": {"interval": 3600, "timeout": 7200},
                 "channels": {"client_publish": True},
                 "handlers": ["fanout_handlers"],
+                # No admin API: its default port (9100) is one every other daemon wants too.
+                "admin": {"listen": ""},
             }
             if name == "heartbeatd-ws":
                 config["websocket"] = {"listen": "tcp:0:interface=127.0.0.1:backlog=4096"}

@@ -665,13 +665,22 @@ class ChannelsConfig:
     # -- fan-out fairness (heartbeatd.server.channels, docs/benchmarks.md#fan-out) --
     fanout_batch: int = field(
         default=250,
-        metadata=check(int_range(1, 1_000_000), "publication deliveries written per reactor turn"),
+        metadata=check(
+            int_range(1, 1_000_000), "writes of publications (and pushes) per reactor turn"
+        ),
     )
     fanout_backlog: int = field(
         default=20_000,
         metadata=check(
             int_range(0, 100_000_000),
             "queued deliveries beyond which publish replies wait (backpressure)",
+        ),
+    )
+    publish_per_turn: int = field(
+        default=32,
+        metadata=check(
+            int_range(1, 1_000_000),
+            "publish requests of one connection started per reactor turn",
         ),
     )
     # -- who may hear what (heartbeatd.server.permissions, docs/security.md#channels) --

@@ -206,6 +206,11 @@ def test_delete_identity_closes_its_sessions_on_every_node(tmp_path: Path) -> No
             assert sorted(c["node"] for c in listed["clients"]) == ["node0", "node1"]
             # The third alice anywhere is fine, the fourth is refused: counted cluster-wide.
             alices.append(authed(first.port, "alice-1"))
+            # The count is the cluster's registry in Redis: node1 sees the third alice once
+            # node0 has written it there (each answer is an event: no sleep).
+            deadline = time.monotonic() + 10
+            while http(admin1, "GET", "/clients?identity=alice")[1]["count"] != 3:
+                assert time.monotonic() < deadline
             fourth = RawClient(second.port)
             assert fourth.recv()["type"] == "hello"
             fourth.send({"type": "auth", "id": "a", "data": {"token": "alice-1"}})

@@ -217,10 +217,17 @@ def _deep(request: Any) -> Any:
 @st.composite
 def _hot_bodies(draw: st.DrawFn) -> bytes:
     kind = draw(st.integers(0, 9))
-    if kind == 9:  # strings the C loop writes itself (plain ASCII up to 4096) and near misses
+    if kind == 9:  # strings the C loop writes itself (plain ASCII) and near misses
+        special = st.sampled_from(['"', "\\", "\x7f", "\x00", "\x1f", " ", "~", "\x80", "é"])
         text = draw(
-            st.text(st.characters(min_codepoint=0, max_codepoint=0x80), max_size=12)
+            st.text(st.characters(min_codepoint=0, max_codepoint=0x80), max_size=40)
             | st.sampled_from(["x" * 4096, "x" * 4097, "y" * 4095 + '"', "\x7f", "\\", ""])
+            | st.builds(  # one odd character anywhere in a long run (16-byte steps, tail)
+                lambda n, at, c: ("abc~ " * 200)[:n][:at] + c + ("abc~ " * 200)[:n][at:],
+                st.integers(0, 900),
+                st.integers(0, 900),
+                special,
+            )
         )
         return json.dumps({"type": "echo", "id": draw(st.integers(-3, 3)), "data": text}).encode()
     if kind == 7:
@@ -410,3 +417,91 @@ def test_the_doctor_says_which_path_runs() -> None:
     (check,) = check_hot_path()
     assert check.level == "ok"  # built here, or pure Python because the environment asks
     assert ("compiled (C)" in check.text) == (ACCELERATED == "c")
+
+
+@needs_extension
+def test_the_c_loop_reuses_only_requests_nobody_kept() -> None:
+    """serve() fills a Request again for the next body only when the handler kept no
+    reference to it: kept ones keep their own values, and what a dropped one held is freed
+    when its handler is done, as on the Python path."""
+    import weakref
+
+    kept: list[Any] = []
+    freed: list[int] = []
+
+    class Data(dict):  # type: ignore[type-arg]
+        """orjson makes plain dicts; a subclass to watch the data's lifetime."""
+
+    def keep(request: Any) -> Any:
+        kept.append(request)
+        return request.id
+
+    def drop(request: Any) -> Any:
+        data = Data(n=request.id)
+        weakref.finalize(data, freed.append, request.id)
+        request.data = data  # the Request holds it; freed when the request is emptied
+        return request.id
+
+    registry = _registry()
+    registry.add("keep", keep)
+    registry.add("drop", drop)
+    with _c_path():
+        factory = _FixedIdFactory(make_config(), registry, Clock())
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+        protocol = factory.buildProtocol(transport.getPeer())
+        protocol.makeConnection(transport)
+        transport.clear()
+        bodies = [
+            json.dumps({"type": t, "id": i, "data": [i]}).encode()
+            for i, t in enumerate(["drop", "keep", "drop", "drop", "keep", "echo", "keep"])
+        ]
+        protocol.dataReceived(b"".join(struct.pack("!I", len(b)) + b for b in bodies))
+        assert freed == [0, 2, 3]
+    assert [(r.type, r.id, r.data) for r in kept] == [
+        ("keep", 1, [1]),
+        ("keep", 4, [4]),
+        ("keep", 6, [6]),
+    ]
+    assert len({id(r) for r in kept}) == 3
+    assert protocol.frames_in == 7 and transport.value().count(b'"id":') == 7
+
+
+@needs_extension
+def test_the_c_loop_with_any_lookup_and_a_pending_property() -> None:
+    """serve() reads a dict's ``get`` and the ``_pending`` slot directly; any other lookup
+    callable is called, and a subclass whose ``_pending`` is not the plain slot is asked
+    for it each time, with the same replies."""
+
+    class Watched(ServerProtocol):
+        reads = 0
+
+        @property  # type: ignore[misc]
+        def _pending(self) -> Any:
+            Watched.reads += 1
+            return None
+
+        @_pending.setter
+        def _pending(self, value: Any) -> None:
+            pass
+
+    bodies = [json.dumps({"type": "echo", "id": i, "data": "x" * i}).encode() for i in range(5)]
+    stream = b"".join(struct.pack("!I", len(b)) + b for b in bodies)
+
+    def replies(protocol_class: Any, wrap_lookup: bool) -> bytes:
+        factory = _FixedIdFactory(make_config(), _registry(), Clock())
+        factory.protocol = protocol_class
+        if wrap_lookup:
+            handlers = factory.registry.get
+            factory.registry.get = lambda type_: handlers(type_)  # type: ignore[method-assign]
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+        protocol = factory.buildProtocol(transport.getPeer())
+        protocol.makeConnection(transport)
+        protocol.dataReceived(stream)
+        return transport.value()
+
+    with _python_path():
+        expected = replies(ServerProtocol, False)
+    with _c_path():
+        assert replies(ServerProtocol, True) == expected
+        assert replies(Watched, False) == expected
+    assert Watched.reads >= len(bodies)

@@ -14,10 +14,26 @@ Publication frames are built once per publication and written to every local sub
 
 Fairness: fan-out is not written in one go (10,000 subscribers held the reactor ~90 ms, and a
 burst of publications from one client starved every other client for seconds).  A publication
-is written at once only while the queue is empty and the deliveries written since the last
-batch stay within ``channels.fanout_batch``; any other joins the hub's delivery queue, which
-writes ``fanout_batch`` deliveries per reactor turn (``callLater(0)``, as the heartbeat sweep
-does), so other connections are served between batches.  The queue is
+is written at once only while the queue is empty and the writes made since the last batch
+stay within ``channels.fanout_batch``; any other joins the hub's delivery queue, which makes
+``fanout_batch`` writes per reactor turn (``callLater(0)``, as the heartbeat sweep does), so
+other connections are served between batches.  What a turn is charged is what costs: a
+``send()`` per write, and one more per `WRITE_UNIT_BYTES` it carries (`write_cost`).  One
+client starts at most ``channels.publish_per_turn`` of its pipelined publishes per turn
+(`ChannelHub.publish_turn`); the rest start in the next turns, in order.
+
+Coalescing: a publication joining the queue right behind a queued publication of the same
+channel that has not started (the next offset, the same epoch) joins its *run* (up to
+`MAX_RUN_BYTES`; a broadcast likewise joins a queued broadcast to the same connections),
+and a subscriber standing at the run's start gets all of it in one write
+(`Connection.write_run`), as NATS writes what is pending for a subscriber: a burst of 200
+publications to 10,000 subscribers is 10,000 writes, not 2,000,000.  Any other subscriber
+(catching up, subscribed meanwhile, a new epoch) takes the run one publication at a time.  A
+run is written where its first publication would have been: its later publications come
+sooner than they would one by one, never ahead of anything queued before them, so
+publications and broadcasts keep their order on every connection.  On a resumable
+session each publication is numbered on its own, in order; the outbound limit decides as it
+would for one write each.  The queue is
 first in, first out, and a publication arriving while it is not empty queues behind it (even
 for a small channel), so every subscriber gets publications in offset order, with no gap and
 none twice: a fan-out reads its channel's subscribers when it starts, a subscription removed
@@ -43,7 +59,7 @@ from twisted.python.failure import Failure
 from heartbeatd._logging import get_logger
 from heartbeatd.cluster.broker import Broker, BrokerUnavailable, History, Position
 from heartbeatd.config import ChannelsConfig, Config
-from heartbeatd.server.connection import Connection
+from heartbeatd.server.connection import Connection, SharedRun
 from heartbeatd.server.handlers import HandlerError, HandlerRegistry, Request
 from heartbeatd.server.permissions import Permissions, valid_personal
 from heartbeatd.wire.envelope import encode_json, encode_message
@@ -90,6 +106,14 @@ _NAME = re.compile(r"[A-Za-z0-9_.:@/#,-]+")
 #: Publications buffered for one subscription while it catches up; beyond, it resyncs.
 MAX_BUFFERED = 10_000
 
+#: A queued run of one channel's publications (each subscriber gets it in one write) takes
+#: no more once its bodies reach this size (below Twisted's 64 KiB write buffer, so a run
+#: alone never pauses a connection).
+MAX_RUN_BYTES = 32 * 1024
+
+#: Bytes of a write that cost as much of a turn's budget as one more write (`write_cost`).
+WRITE_UNIT_BYTES = 16 * 1024
+
 
 class _Sub:
     """One connection's subscription to one channel."""
@@ -124,10 +148,24 @@ class _Sub:
 
 
 class _Fanout:
-    """One publication waiting in (or going through) the hub's delivery queue; or a broadcast
-    (``channel`` None), whose connections are ``clients``."""
+    """What waits in (or goes through) the hub's delivery queue: a run of consecutive
+    publications of one channel (``offset`` the first, ``datas`` each one's JSON), which
+    each subscriber gets in one write; or a broadcast (``channel`` None), whose connections
+    are ``clients``."""
 
-    __slots__ = ("channel", "clients", "count", "data", "epoch", "frame", "next", "offset", "subs")
+    __slots__ = (
+        "channel",
+        "clients",
+        "cost",
+        "count",
+        "datas",
+        "epoch",
+        "frame",
+        "next",
+        "offset",
+        "run",
+        "subs",
+    )
 
     def __init__(
         self,
@@ -141,16 +179,27 @@ class _Fanout:
     ) -> None:
         self.channel = channel
         self.clients = clients
-        #: Subscribers when it was queued (what it added to the hub's ``queued``).
+        #: Deliveries it added to the hub's ``queued`` (subscribers when queued, times
+        #: publications).
         self.count = count
         self.epoch = epoch
         self.offset = offset
-        self.data = data
+        self.datas = [data]
         self.frame = frame
+        self.run = SharedRun([frame])
+        #: What one write of it costs of a turn's budget (set when it starts).
+        self.cost = 1
         #: The channel's subscribers, read when this fan-out starts (None until then).
         self.subs: list[_Sub] | None = None
         #: Index of the next subscriber to write to.
         self.next = 0
+
+
+def write_cost(size: int) -> int:
+    """What one write of ``size`` bytes costs of a turn's budget (``channels.fanout_batch``):
+    one, and one more per `WRITE_UNIT_BYTES` (docs/benchmarks.md, "where the time goes": a
+    ``send()`` costs about as much as copying 16-32 KiB more through loopback)."""
+    return 1 + size // WRITE_UNIT_BYTES
 
 
 def publication_body(channel: str, offset: int, data: str) -> bytes:
@@ -193,15 +242,26 @@ class ChannelHub:
         self._drain_call: Any = None
         #: Replies to publish requests waiting for the queue to shrink (backpressure).
         self._backlog_waiters: list[Deferred[None]] = []
+        self._release_call: Any = None
         #: Fan-out batches run (for metrics and tests).
         self.fanout_batches = 0
         #: Broadcast pushes written (``write_to_all``), apart from ``delivered`` publications.
         self.broadcast_written = 0
+        #: The budget spent in all (`write_cost` of every write the hub made): what each turn
+        #: bounds (``channels.fanout_batch``).
+        self.budget_spent = 0
         self._batch = 250
         #: Deliveries written at once in this reactor turn (bounded by ``_batch`` too); the
         #: turn's end (``_turn_ended``) gives the next turn a whole budget.
         self._spent = 0
         self._turn_end: Any = None
+        #: Publish requests each connection started in this turn, and those waiting for a
+        #: later turn (``channels.publish_per_turn``; `publish_turn`), first in, first out.
+        self._publishes_started: dict[Connection, int] = {}
+        self._publishes_waiting: dict[Connection, deque[Deferred[None]]] = {}
+        self._publish_turn: Any = None
+        #: Publish requests that waited for a later turn (for metrics and tests).
+        self.publishes_deferred = 0
         self.reconfigure()
 
     def reconfigure(self) -> None:
@@ -218,9 +278,10 @@ class ChannelHub:
         return self.broker.start()
 
     def stop(self) -> Deferred[None]:
-        if self._drain_call is not None and self._drain_call.active():
-            self._drain_call.cancel()
-        self._drain_call = None
+        for call in (self._drain_call, self._release_call, self._publish_turn):
+            if call is not None and call.active():
+                call.cancel()
+        self._drain_call = self._release_call = self._publish_turn = None
         return self.broker.stop()
 
     def backlogged(self) -> bool:
@@ -234,6 +295,49 @@ class ChannelHub:
         waiter: Deferred[None] = Deferred()
         self._backlog_waiters.append(waiter)
         return waiter
+
+    def publish_turn(self, client: Connection) -> Deferred[None] | None:
+        """Fairness between clients: None when ``client`` may start a publish now, else a
+        Deferred that fires in a later reactor turn, in the order its publishes came.
+
+        A client pipelining publishes starts at most ``channels.publish_per_turn`` of them
+        per turn (each one's request handling, and the fan-out it queues); the others wait
+        for the next turns, after which other connections are read.  Their replies keep
+        request order; past ``limits.max_pending_requests`` the client is no longer read.
+        """
+        waiting = self._publishes_waiting.get(client)
+        if self._publish_turn is None:
+            self._publish_turn = self.factory.clock.callLater(0, self._next_publish_turn)
+        if waiting is None:
+            started = self._publishes_started.get(client, 0)
+            if started < self.config.publish_per_turn:
+                self._publishes_started[client] = started + 1
+                return None
+            waiting = self._publishes_waiting[client] = deque()
+        self.publishes_deferred += 1
+        turn: Deferred[None] = Deferred()
+        waiting.append(turn)
+        return turn
+
+    def _next_publish_turn(self) -> None:
+        """A new turn: each waiting client starts up to ``publish_per_turn`` publishes."""
+        self._publish_turn = None
+        self._publishes_started = {}
+        if not self._publishes_waiting:
+            return
+        limit = self.config.publish_per_turn
+        waiting_all, self._publishes_waiting = self._publishes_waiting, {}
+        for client, waiting in waiting_all.items():
+            started = 0
+            while waiting and started < limit:
+                started += 1
+                waiting.popleft().callback(None)
+            self._publishes_started[client] = started
+            if waiting:
+                # Anything it sends meanwhile queues behind these (setdefault: its own
+                # callbacks may have queued more already).
+                self._publishes_waiting.setdefault(client, deque()).extendleft(reversed(waiting))
+        self._publish_turn = self.factory.clock.callLater(0, self._next_publish_turn)
 
     def subscription_count(self) -> int:
         return sum(len(subs) for subs in self._by_client.values())
@@ -565,12 +669,15 @@ class ChannelHub:
             return
         frame = SharedFrame(publication_body(channel, offset, data))
         count = len(subs)
-        if not self._fanouts and self._spent + count <= self._batch:
+        fanouts = self._fanouts
+        cost = count * write_cost(len(frame.body))
+        if not fanouts and self._spent + cost <= self._batch:
             # Nothing queued and this turn's budget not spent (a small channel, now and then):
             # written now, as it always was.
             if self._turn_end is None:
                 self._turn_end = self.factory.clock.callLater(0, self._turn_ended)
-            self._spent += count
+            self._spent += cost
+            self.budget_spent += cost
             new_epoch: list[_Sub] = []
             for sub in list(subs.values()):
                 if sub.pending is None and sub.offset + 1 == offset and sub.epoch == epoch:
@@ -584,8 +691,23 @@ class ChannelHub:
             if new_epoch:
                 self._enter_epoch(channel, (epoch, offset, data), new_epoch)
             return
-        self._fanouts.append(_Fanout(channel, epoch, offset, data, frame, count))
         self.queued += count
+        if fanouts:
+            tail = fanouts[-1]
+            if (
+                tail.subs is None
+                and tail.channel == channel
+                and tail.epoch == epoch
+                and tail.offset + len(tail.datas) == offset
+                and tail.run.size + len(frame.body) <= MAX_RUN_BYTES
+            ):
+                # Coalesced: the queued run of this channel not started yet takes it, and
+                # each subscriber gets both in one write (module docstring, "Coalescing").
+                tail.datas.append(data)
+                tail.run.add(frame)
+                tail.count += count
+                return
+        fanouts.append(_Fanout(channel, epoch, offset, data, frame, count))
         if self._drain_call is None:
             self._drain_call = self.factory.clock.callLater(0, self._run_batch)
 
@@ -595,16 +717,32 @@ class ChannelHub:
         nothing queued, else queued (in order with publications, so a connection gets
         pushes and publications in the order they were made)."""
         count = len(clients)
-        if not self._fanouts and self._spent + count <= self._batch:
+        cost = count * write_cost(len(frame.body))
+        if not self._fanouts and self._spent + cost <= self._batch:
             if self._turn_end is None:
                 self._turn_end = self.factory.clock.callLater(0, self._turn_ended)
-            self._spent += count
+            self._spent += cost
+            self.budget_spent += cost
             for client in clients:
                 client.write_shared(frame)
             self.broadcast_written += count
             return
-        self._fanouts.append(_Fanout(None, "", 0, "", frame, count, clients))
         self.queued += count
+        fanouts = self._fanouts
+        if fanouts:
+            tail = fanouts[-1]
+            if (
+                tail.channel is None
+                and tail.next == 0
+                and tail.run.size + len(frame.body) <= MAX_RUN_BYTES
+                and tail.clients == clients
+            ):
+                # Coalesced: the same connections as the queued broadcast before it, which
+                # has not started: each gets both in one write.
+                tail.run.add(frame)
+                tail.count += count
+                return
+        fanouts.append(_Fanout(None, "", 0, "", frame, count, clients))
         if self._drain_call is None:
             self._drain_call = self.factory.clock.callLater(0, self._run_batch)
 
@@ -614,60 +752,73 @@ class ChannelHub:
             self._spent = 0
 
     def _run_batch(self) -> None:
-        """Write up to ``fanout_batch`` queued deliveries; schedule the rest for next turn."""
+        """Write up to ``fanout_batch`` (in `write_cost`) of the queue; the rest next turn."""
         self._drain_call = None
         budget = self._batch
         fanouts = self._fanouts
-        deliver = self._deliver
         delivered = 0
         self.fanout_batches += 1
         while fanouts and budget > 0:
             fanout = fanouts[0]
-            if fanout.channel is None:  # a broadcast: write_to_all
+            if fanout.channel is None:  # broadcasts to the same connections: write_to_all
                 clients = fanout.clients or []
+                run = fanout.run
+                pushes = len(run.frames)
+                if fanout.next == 0:
+                    fanout.cost = write_cost(run.size)
                 start = fanout.next
-                end = min(len(clients), start + budget)
-                frame = fanout.frame
-                for i in range(start, end):
-                    clients[i].write_shared(frame)
-                self.broadcast_written += end - start
-                budget -= max(1, end - start)
-                self.queued -= end - start
+                end = min(len(clients), start + max(1, budget // fanout.cost))
+                if pushes == 1:
+                    frame = fanout.frame
+                    for i in range(start, end):
+                        clients[i].write_shared(frame)
+                else:
+                    for i in range(start, end):
+                        clients[i].write_run(run)
+                self.broadcast_written += (end - start) * pushes
+                budget -= max(1, end - start) * fanout.cost
+                self.queued -= (end - start) * pushes
                 fanout.next = end
                 if end >= len(clients):
                     fanouts.popleft()
                 continue
             subs = fanout.subs
+            runs = len(fanout.datas)
             if subs is None:
                 now = self._subs.get(fanout.channel)
                 subs = fanout.subs = list(now.values()) if now else []
                 # Counted with its channel's subscribers when queued; it has these now.
-                self.queued += len(subs) - fanout.count
+                self.queued += len(subs) * runs - fanout.count
+                fanout.cost = write_cost(fanout.run.size)
+            cost = fanout.cost
             start = fanout.next
-            end = min(len(subs), start + budget)
-            epoch, offset, frame = fanout.epoch, fanout.offset, fanout.frame
+            end = min(len(subs), start + max(1, budget // cost))
+            epoch, first, run = fanout.epoch, fanout.offset, fanout.run
+            last = first + runs - 1
+            # A run of one (the publications of a quiet channel) is one frame: write_shared.
+            single = run.frames[0] if runs == 1 else None
             new_epoch: list[_Sub] = []
             for i in range(start, end):
                 sub = subs[i]
-                if sub.pending is None and sub.offset + 1 == offset and sub.epoch == epoch:
-                    sub.offset = offset
-                    sub.client.write_shared(frame)
-                    delivered += 1
-                elif sub.pending is None and sub.epoch != epoch and offset > 1 and not sub.removed:
-                    new_epoch.append(sub)
+                if sub.pending is None and sub.offset + 1 == first and sub.epoch == epoch:
+                    sub.offset = last
+                    if single is not None:
+                        sub.client.write_shared(single)
+                    else:
+                        sub.client.write_run(run)
+                    delivered += runs
                 else:
-                    deliver(sub, epoch, offset, fanout.data)
+                    delivered += self._deliver_run(sub, fanout, new_epoch)
             if new_epoch:
-                self._enter_epoch(fanout.channel, (epoch, offset, fanout.data), new_epoch)
+                self._enter_epoch(fanout.channel, (epoch, first, fanout.datas[0]), new_epoch)
             done = end - start
-            budget -= done
-            self.queued -= done
+            budget -= max(1, done) * cost
+            self.queued -= done * runs
             fanout.next = end
             if end >= len(subs):
                 fanouts.popleft()
-                if not done:
-                    budget -= 1  # an empty fan-out still costs a little: always progress
         self.delivered += delivered
+        self.budget_spent += self._batch - budget
         # What is left of this turn's budget goes to publications written at once (a
         # publication that finds it spent queues, and the next batch starts a new budget).
         self._spent = self._batch - budget
@@ -675,10 +826,60 @@ class ChannelHub:
             self._drain_call = self.factory.clock.callLater(0, self._run_batch)
         elif self._turn_end is None:
             self._turn_end = self.factory.clock.callLater(0, self._turn_ended)
-        if self._backlog_waiters and not self.backlogged():
-            waiters, self._backlog_waiters = self._backlog_waiters, []
-            for waiter in waiters:
-                waiter.callback(None)
+        if self._backlog_waiters and self._release_call is None and not self.backlogged():
+            self._release_waiters()
+
+    def _release_waiters(self) -> None:
+        """The queue has drained: answer the publish replies that waited for it, at most
+        ``channels.publish_per_turn`` a turn (200 at once held a turn ~5 ms), first in,
+        first out; the rest in the next turns."""
+        self._release_call = None
+        if not self._backlog_waiters or self.backlogged():
+            return  # a newer burst filled the queue again: the batches release them
+        limit = self.config.publish_per_turn
+        waiters = self._backlog_waiters[:limit]
+        del self._backlog_waiters[:limit]
+        for waiter in waiters:
+            waiter.callback(None)
+        if self._backlog_waiters and self._release_call is None:
+            self._release_call = self.factory.clock.callLater(0, self._release_waiters)
+
+    def _deliver_run(self, sub: _Sub, fanout: _Fanout, new_epoch: list[_Sub]) -> int:
+        """A queued run for a subscriber not simply at its start (catching up, subscribed
+        meanwhile, a gap, a new epoch): each publication on its own, in order, the ones it
+        takes as they come still in one write; how many were written."""
+        epoch, first, channel = fanout.epoch, fanout.offset, fanout.channel
+        frames = fanout.run.frames
+        ready: list[SharedFrame] = []
+        written = 0
+        for k, data in enumerate(fanout.datas):
+            offset = first + k
+            if sub.pending is None and sub.offset + 1 == offset and sub.epoch == epoch:
+                sub.offset = offset
+                ready.append(frames[k])
+                continue
+            if ready:
+                sub.client.write_run(SharedRun(ready))
+                written += len(ready)
+                ready = []
+            if sub.pending is None and sub.epoch != epoch and offset > 1 and not sub.removed:
+                # The new epoch's first publications may be in its history: one read for
+                # every subscriber of the run that meets it here (`_enter_epoch`); what
+                # follows of the run waits behind it.
+                sub.pending = [(epoch, offset, data)]
+                if k == 0:
+                    new_epoch.append(sub)
+                else:
+                    self._enter_epoch(channel or "", (epoch, offset, data), [sub])
+                continue
+            before = self.delivered
+            self._deliver(sub, epoch, offset, data)
+            written += self.delivered - before
+            self.delivered = before
+        if ready:
+            sub.client.write_run(SharedRun(ready))
+            written += len(ready)
+        return written
 
     def _enter_epoch(self, channel: str, first: tuple[str, int, str], subs: list[_Sub]) -> None:
         """Live subscriptions meet a new epoch past its first publication (Redis lost the
@@ -691,7 +892,8 @@ class ChannelHub:
         """
         epoch, offset, _ = first
         for sub in subs:
-            sub.pending = [first]
+            if sub.pending is None:
+                sub.pending = [first]
 
         def got(history: History) -> None:
             known = history.position.epoch == epoch and history.entries is not None
@@ -1026,7 +1228,11 @@ def _publish(request: Request) -> Deferred[dict[str, Any]]:
     channel = hub.check_channel(data.get("channel"))
     if "data" not in data:
         raise HandlerError(BAD_REQUEST, 'expected data {"channel": "...", "data": ...}')
-    checked = hub.permissions.check(_connection(request), "publish", channel, data["data"])
+    client = _connection(request)
+
+    def start(_: object = None) -> Any:
+        checked = hub.permissions.check(client, "publish", channel, data["data"])
+        return publish() if checked is None else checked.addCallback(publish)
 
     def publish(_: object = None) -> Deferred[dict[str, Any]]:
         d = hub.publish(channel, data["data"])
@@ -1040,7 +1246,8 @@ def _publish(request: Request) -> Deferred[dict[str, Any]]:
         # publishes reaches limits.max_pending_requests and is no longer read.
         return hub.when_drained().addCallback(lambda _: reply)
 
-    return publish() if checked is None else checked.addCallback(publish)
+    turn = hub.publish_turn(client)
+    return start() if turn is None else turn.addCallback(start)
 
 
 def _presence(request: Request) -> Deferred[dict[str, Any]]:

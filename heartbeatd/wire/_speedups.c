@@ -31,6 +31,8 @@ static Py_ssize_t request_offsets[4];
 static int request_fast = 0;
 /* type string -> the reply's opening bytes, b'{"type":"echo"' (encoded by json_dumps). */
 static PyObject *reply_prefixes = NULL;
+/* dict.get's C function: a `lookup` that is some dict's bound get is read directly. */
+static PyCFunction dict_get_function = NULL;
 #define MAX_REPLY_PREFIXES 1024
 /* Interned names. */
 static PyObject *s_type, *s_id, *s_data, *s_pending, *s_emit, *s_handle_item, *s_fast_failed,
@@ -542,22 +544,49 @@ frame_reply(PyObject *header, PyObject *body)
     return frame;
 }
 
-/* A Request(type_, id_, data, connection), as Request.__init__ would build it. */
+/* A Request(type_, id_, data, connection), as Request.__init__ would build it.  `*spare` is
+ * a Request this read built before whose handler kept no reference to it (only ours is
+ * left, and it has no weak references or dict): its slots were emptied, and it is filled
+ * again rather than freed and allocated anew (see release_request). */
 static PyObject *
-new_request(PyObject *type_, PyObject *id_, PyObject *data, PyObject *connection)
+new_request(PyObject *type_, PyObject *id_, PyObject *data, PyObject *connection,
+            PyObject **spare)
 {
     PyObject *args[4] = {type_, id_, data, connection};
     if (!request_fast)
         return PyObject_Vectorcall(RequestType, args, 4, NULL);
-    PyTypeObject *tp = (PyTypeObject *)RequestType;
-    PyObject *request = tp->tp_alloc(tp, 0);
-    if (request == NULL)
-        return NULL;
+    PyObject *request = *spare;
+    if (request != NULL) {
+        *spare = NULL;
+    }
+    else {
+        PyTypeObject *tp = (PyTypeObject *)RequestType;
+        request = tp->tp_alloc(tp, 0);
+        if (request == NULL)
+            return NULL;
+    }
     for (int i = 0; i < 4; i++) {
         Py_INCREF(args[i]);
         *(PyObject **)((char *)request + request_offsets[i]) = args[i];
     }
     return request;
+}
+
+/* Done with a request: if the handler kept no reference to it, empty its slots (what it
+ * held is freed now, as when it is deallocated) and keep it in `*spare` for the next body. */
+static void
+release_request(PyObject *request, PyObject **spare)
+{
+    if (request == NULL)
+        return;
+    if (!request_fast || *spare != NULL || Py_REFCNT(request) != 1 ||
+        Py_TYPE(request) != (PyTypeObject *)RequestType) {
+        Py_DECREF(request);
+        return;
+    }
+    for (int i = 0; i < 4; i++)
+        Py_CLEAR(*(PyObject **)((char *)request + request_offsets[i]));
+    *spare = request;
 }
 
 /* b'{"type":<type_>' for a reply, cached per message type (a type with a handler: as many
@@ -620,9 +649,54 @@ format_int(char *out, long long v)
     return len;
 }
 
+/* 1 for the ASCII bytes that are not written as themselves (or might not be: DEL). */
+static unsigned char special[128];
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+/* With SSE2 (every x86-64), the scan below takes 16 bytes a step, faster than the
+ * encoder's own: any plain string is written without calling it. */
+#define PLAIN_STRING_MAX PY_SSIZE_T_MAX
+#else
 /* Strings up to this long that need no escape are written without calling the encoder (past
  * it, the encoder's own vectorised scan is faster than ours). */
 #define PLAIN_STRING_MAX 4096
+#endif
+
+/* 1 if none of the `n` ASCII bytes at `c` is special. */
+static int
+plain_bytes(const unsigned char *c, Py_ssize_t n)
+{
+    Py_ssize_t i = 0;
+    unsigned char any = 0;
+#if defined(__SSE2__)
+    /* ASCII bytes are 0-0x7f, so the signed compare with 0x20 finds the control bytes. */
+    const __m128i space = _mm_set1_epi8(0x20), quote = _mm_set1_epi8('"'),
+                  backslash = _mm_set1_epi8('\\'), del = _mm_set1_epi8(0x7f);
+#define SPECIAL16(v)                                                                         \
+    _mm_or_si128(_mm_or_si128(_mm_cmplt_epi8(v, space), _mm_cmpeq_epi8(v, quote)),          \
+                 _mm_or_si128(_mm_cmpeq_epi8(v, backslash), _mm_cmpeq_epi8(v, del)))
+    for (; i + 64 <= n; i += 64) { /* one test per 64 bytes: long strings (W3) */
+        __m128i a = _mm_loadu_si128((const __m128i *)(c + i)),
+                b = _mm_loadu_si128((const __m128i *)(c + i + 16)),
+                d = _mm_loadu_si128((const __m128i *)(c + i + 32)),
+                e = _mm_loadu_si128((const __m128i *)(c + i + 48));
+        __m128i bad = _mm_or_si128(_mm_or_si128(SPECIAL16(a), SPECIAL16(b)),
+                                   _mm_or_si128(SPECIAL16(d), SPECIAL16(e)));
+        if (_mm_movemask_epi8(bad))
+            return 0;
+    }
+    for (; i + 16 <= n; i += 16) {
+        __m128i v = _mm_loadu_si128((const __m128i *)(c + i));
+        if (_mm_movemask_epi8(SPECIAL16(v)))
+            return 0;
+    }
+#undef SPECIAL16
+#endif
+    for (; i < n; i++)
+        any |= special[c[i] & 0x7f]; /* ASCII: c[i] < 0x80 */
+    return !any;
+}
 
 /* 1 if `value` is a str the encoder would write as its own characters between quotes:
  * printable ASCII (0x20-0x7e) without '"' or '\\'; 0 if not (the encoder writes it); -1 error. */
@@ -637,19 +711,7 @@ plain_ascii(PyObject *value)
 #endif
     if (!PyUnicode_IS_ASCII(value) || PyUnicode_GET_LENGTH(value) > PLAIN_STRING_MAX)
         return 0;
-    /* 1 for the ASCII bytes that are not written as themselves (or might not be: DEL). */
-    static unsigned char special[128];
-    if (!special[0]) {
-        for (int b = 0; b < 0x20; b++)
-            special[b] = 1;
-        special['"'] = special['\\'] = special[0x7f] = 1;
-    }
-    const unsigned char *c = (const unsigned char *)PyUnicode_DATA(value);
-    Py_ssize_t n = PyUnicode_GET_LENGTH(value);
-    unsigned char any = 0;
-    for (Py_ssize_t i = 0; i < n; i++)
-        any |= special[c[i] & 0x7f]; /* ASCII: c[i] < 0x80 */
-    return !any;
+    return plain_bytes((const unsigned char *)PyUnicode_DATA(value), PyUnicode_GET_LENGTH(value));
 }
 
 /* The reply body {"type":..,"id":..,"data":..} as json_dumps would encode that dict, written
@@ -771,11 +833,73 @@ write_be32(unsigned char *out, uint32_t n)
     out[3] = (unsigned char)n;
 }
 
+/* What serve() works with for one read. */
+typedef struct {
+    PyObject *connection, *lookup, *batch, *max_depth, *header;
+    /* `lookup`'s dict when it is that dict's bound get (read directly), else NULL. */
+    PyObject *handlers;
+    Py_ssize_t deep_enough;
+    /* The offset of the connection's `_pending` slot when it may be read directly, else 0. */
+    Py_ssize_t pending_offset;
+    PyObject *spare; /* an emptied Request to fill again (new_request), or NULL */
+} Serving;
+
+/* connection._pending, as `self._pending` reads it (new reference). */
+static PyObject *
+get_pending(Serving *sv)
+{
+    if (sv->pending_offset) {
+        PyObject *pending = *(PyObject **)((char *)sv->connection + sv->pending_offset);
+        if (pending != NULL) {
+            Py_INCREF(pending);
+            return pending;
+        }
+    }
+    return PyObject_GetAttr(sv->connection, s_pending); /* unset: raises as Python does */
+}
+
+/* The offset of `_pending` in `connection` when reading the slot is what reading the
+ * attribute does: a plain slot of its class, generic attribute access. Else 0. */
+static Py_ssize_t
+pending_slot(PyObject *connection)
+{
+    PyTypeObject *tp = Py_TYPE(connection);
+    if (tp->tp_getattro != PyObject_GenericGetAttr)
+        return 0;
+    PyObject *descr = _PyType_Lookup(tp, s_pending); /* borrowed */
+    if (descr == NULL || !Py_IS_TYPE(descr, &PyMemberDescr_Type))
+        return 0;
+    PyMemberDef *member = ((PyMemberDescrObject *)descr)->d_member;
+    if (member->type != T_OBJECT_EX || member->offset <= 0 ||
+        !PyObject_TypeCheck(connection, PyDescr_TYPE(descr)))
+        return 0;
+    return member->offset;
+}
+
+/* lookup(type_): the handler or None (new reference). */
+static PyObject *
+find_handler(Serving *sv, PyObject *type_)
+{
+    if (sv->handlers != NULL) {
+        PyObject *handler = PyDict_GetItemWithError(sv->handlers, type_);
+        if (handler == NULL) {
+            if (PyErr_Occurred())
+                return NULL;
+            handler = Py_None;
+        }
+        Py_INCREF(handler);
+        return handler;
+    }
+    return PyObject_CallOneArg(sv->lookup, type_);
+}
+
 /* One body: 1 answered on the fast path, 0 handed to the general path, -1 error. */
 static int
-serve_one(PyObject *connection, PyObject *item, PyObject *lookup, PyObject *batch,
-          PyObject *max_depth, Py_ssize_t deep_enough, PyObject *header)
+serve_one(Serving *sv, PyObject *item)
 {
+    PyObject *connection = sv->connection, *batch = sv->batch, *max_depth = sv->max_depth,
+             *header = sv->header;
+    Py_ssize_t deep_enough = sv->deep_enough;
     PyObject *value = NULL, *handler = NULL, *request = NULL, *result = NULL, *reply = NULL,
              *body = NULL;
     PyObject *type_, *id_, *data;
@@ -813,7 +937,7 @@ serve_one(PyObject *connection, PyObject *item, PyObject *lookup, PyObject *batc
         goto done;
     if (type_ == NULL || !PyUnicode_CheckExact(type_))
         goto general;
-    handler = PyObject_CallOneArg(lookup, type_);
+    handler = find_handler(sv, type_);
     if (handler == NULL)
         goto done;
     if (handler == Py_None)
@@ -830,7 +954,7 @@ serve_one(PyObject *connection, PyObject *item, PyObject *lookup, PyObject *batc
     }
     status = 1; /* answered, whatever the handler does */
     {
-        request = new_request(type_, id_ ? id_ : Py_None, data, connection);
+        request = new_request(type_, id_ ? id_ : Py_None, data, connection, &sv->spare);
         if (request == NULL)
             goto failed;
         result = PyObject_CallOneArg(handler, request);
@@ -846,7 +970,7 @@ serve_one(PyObject *connection, PyObject *item, PyObject *lookup, PyObject *batc
     {
         /* Where the reply goes: behind a reply still being computed (a handler in this
          * read went asynchronous), or framed into the batch. */
-        PyObject *pending = PyObject_GetAttr(connection, s_pending);
+        PyObject *pending = get_pending(sv);
         if (pending == NULL) {
             status = -1;
             goto done;
@@ -920,7 +1044,7 @@ done:
     Py_XDECREF(body);
     Py_XDECREF(reply);
     Py_XDECREF(result);
-    Py_XDECREF(request);
+    release_request(request, &sv->spare);
     Py_XDECREF(handler);
     Py_XDECREF(value);
     return status;
@@ -957,17 +1081,22 @@ serve(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t deep_enough = depth > PY_SSIZE_T_MAX / 2 - 2 ? PY_SSIZE_T_MAX
                              : depth < 0                    ? 0
                                                             : 2 * depth + 2;
+    Serving sv = {connection, lookup, batch, max_depth, header, NULL, deep_enough,
+                  pending_slot(connection), NULL};
+    if (PyCFunction_Check(lookup) && dict_get_function != NULL &&
+        PyCFunction_GET_FUNCTION(lookup) == dict_get_function &&
+        PyCFunction_GET_SELF(lookup) != NULL && PyDict_CheckExact(PyCFunction_GET_SELF(lookup)))
+        sv.handlers = PyCFunction_GET_SELF(lookup); /* held by `lookup` */
     Py_ssize_t answered = 0;
+    PyObject *result = NULL;
     Py_INCREF(items);
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(items); i++) {
         PyObject *item = PyList_GET_ITEM(items, i);
         Py_INCREF(item);
-        int r = serve_one(connection, item, lookup, batch, max_depth, deep_enough, header);
+        int r = serve_one(&sv, item);
         Py_DECREF(item);
-        if (r < 0) {
-            Py_DECREF(items);
-            return NULL;
-        }
+        if (r < 0)
+            goto finish;
         answered += r;
         if (r == 0) {
             /* The general path may have switched the connection off the fast one (a
@@ -975,27 +1104,26 @@ serve(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             PyObject *on = PyObject_GetAttr(connection, s_fast_path);
             int fast = on == NULL ? -1 : PyObject_IsTrue(on);
             Py_XDECREF(on);
-            if (fast < 0) {
-                Py_DECREF(items);
-                return NULL;
-            }
+            if (fast < 0)
+                goto finish;
             if (!fast) {
                 for (i++; i < PyList_GET_SIZE(items); i++) {
                     PyObject *rest = PyList_GET_ITEM(items, i);
                     Py_INCREF(rest);
                     int status = call_method(connection, s_handle_item, &rest, 1);
                     Py_DECREF(rest);
-                    if (status < 0) {
-                        Py_DECREF(items);
-                        return NULL;
-                    }
+                    if (status < 0)
+                        goto finish;
                 }
                 break;
             }
         }
     }
+    result = PyLong_FromSsize_t(answered);
+finish:
     Py_DECREF(items);
-    return PyLong_FromSsize_t(answered);
+    Py_XDECREF(sv.spare);
+    return result;
 }
 
 PyDoc_STRVAR(configure_doc,
@@ -1079,6 +1207,9 @@ static struct PyModuleDef module_def = {
 PyMODINIT_FUNC
 PyInit__speedups(void)
 {
+    for (int b = 0; b < 0x20; b++)
+        special[b] = 1;
+    special['"'] = special['\\'] = special[0x7f] = 1;
     INTERN(s_type, "type");
     INTERN(s_id, "id");
     INTERN(s_data, "data");
@@ -1095,6 +1226,14 @@ PyInit__speedups(void)
     Py_DECREF(framing);
     if (FrameTooLarge == NULL)
         return NULL;
+    PyObject *probe = PyDict_New();
+    PyObject *get = probe == NULL ? NULL : PyObject_GetAttrString(probe, "get");
+    Py_XDECREF(probe);
+    if (get == NULL)
+        return NULL;
+    if (PyCFunction_Check(get))
+        dict_get_function = PyCFunction_GET_FUNCTION(get);
+    Py_DECREF(get);
     PyObject *module = PyModule_Create(&module_def);
     if (module == NULL)
         return NULL;
