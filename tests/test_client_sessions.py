@@ -115,6 +115,22 @@ def test_lose_forgets_and_start_keeps_requests_numbered_meanwhile() -> None:
     assert list(state.unacked) == [1] and state.active
 
 
+def test_dropping_a_request_that_never_left_moves_the_later_ones_down() -> None:
+    state = SessionState()
+    for name in "abcd":
+        state.number(name, {"name": name})
+    state.drop_unsent(2)
+    assert list(state.unacked) == [1, 2, 3] and state.next_seq == 4
+    assert [decode_json(body) for body in state.unacked.values()] == [
+        {"type": t, "id": i, "seq": i, "data": {"name": t}}
+        for i, t in [(1, "a"), (2, "c"), (3, "d")]
+    ]
+    state.drop_unsent(3)  # the last one: nothing moves
+    assert list(state.unacked) == [1, 2] and state.next_seq == 3
+    state.drop_unsent(7)  # not held: nothing changes
+    assert state.next_seq == 3 and state.number("e")[0] == 3
+
+
 # -- one connection with a session, the test playing the server ---------------------------------
 
 
@@ -482,6 +498,56 @@ def test_a_request_never_sent_times_out_as_not_connected(clock: Clock) -> None:
     clock.advance(2)
     failureResultOf(sent, RequestTimeout)
     failureResultOf(unsent, NotConnected)
+
+
+def test_a_request_that_failed_not_connected_is_never_sent(clock: Clock) -> None:
+    """The application was told it failed (it may retry): no later connection sends it,
+    and the requests numbered after it keep consecutive seqs."""
+    client, endpoint, _ = make_client(clock)
+    doomed = client.request("transfer", {"amount": 100}, timeout=1)
+    later = client.request("later", timeout=5)
+    clock.advance(1)
+    failureResultOf(doomed, NotConnected)
+    peer = endpoint.accept()
+    (ask,) = peer.written()
+    peer.send({"type": "session", "id": ask["id"], "data": {"session": "sid1", "key": KEY}})
+    assert [(m["type"], m["id"], m["seq"]) for m in peer.written()] == [("later", 1, 1)]
+    peer.send({"type": "later", "id": 1, "seq": 1, "ack": 1, "data": "ok"})
+    assert successResultOf(later) == "ok"
+
+
+def test_after_a_drop_written_requests_keep_their_seq_and_unsent_ones_that_failed_go(
+    clock: Clock,
+) -> None:
+    client, endpoint, _, peer = first_connection(clock)
+    written = client.request("written", timeout=1)
+    assert [m["seq"] for m in peer.written()] == [1]
+    peer.drop()
+    doomed = client.request("doomed", timeout=1)  # seq 2, never sent
+    later = client.request("later", timeout=30)  # seq 3 -> 2
+    cancelled = client.request("cancelled", timeout=30)  # seq 4 -> 3, then dropped
+    cancelled.cancel()
+    failureResultOf(cancelled)
+    clock.advance(1)
+    failureResultOf(written, RequestTimeout)  # it left: the server may run it
+    failureResultOf(doomed, NotConnected)
+    peer2 = endpoint.accept()
+    (resume,) = peer2.written()
+    peer2.send({"type": "resume", "id": resume["id"], "data": {"resumed": True, "ack": 0}})
+    assert [(m["type"], m["seq"]) for m in peer2.written()] == [("written", 1), ("later", 2)]
+    assert [m["seq"] for m in [decode_json(b) for b in client.session.state.unacked.values()]] == [
+        1,
+        2,
+    ]
+    following = client.request("following", timeout=30)
+    assert [(m["type"], m["seq"]) for m in peer2.written()] == [("following", 3)]
+    peer2.send(
+        {"type": "written", "id": 1, "seq": 1, "ack": 3, "data": "late"},  # nobody waits
+        {"type": "later", "id": 2, "seq": 2, "data": "L"},
+        {"type": "following", "id": 3, "seq": 3, "data": "F"},
+    )
+    assert successResultOf(later) == "L" and successResultOf(following) == "F"
+    assert client.session.pending_requests == 0
 
 
 def test_an_unanswered_resume_drops_the_connection_and_the_next_one_resumes(clock: Clock) -> None:

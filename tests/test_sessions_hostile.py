@@ -194,11 +194,6 @@ class _FakeConnection:
         self.written.append(body)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a request failed with NotConnected (it never left) keeps its copy and is sent "
-    "when a connection comes: the server runs what the application was told had failed",
-)
 def test_python_client_does_not_send_a_request_it_failed_with_not_connected() -> None:
     from twisted.internet.task import Clock
 

@@ -8,7 +8,9 @@ server message through it, and detaches it when the connection is lost:
 
 - a request gets the next ``seq`` (its ``id`` too) and a copy is kept until the server
   acknowledges it; while detached it only waits in the buffer, and a resume resends, in
-  order and unchanged, every copy above the server's high-water mark;
+  order and unchanged, every copy above the server's high-water mark; one that times out
+  (or is cancelled) before it ever left is dropped, since the application was told it
+  failed (`NotConnected`), and the later unsent ones move down one seq;
 - a numbered server message at or below the last one delivered is a replayed duplicate and
   is dropped, so handlers see each message once and in order; one past the next is a gap
   and the connection is dropped (the resume that follows replays from what we have);
@@ -83,7 +85,7 @@ class ClientSession:
         self.state = SessionState()
         #: The connection the session is attached to (None between connections).
         self.connection: ClientConnection | None = None
-        self._pending: dict[int, tuple[Deferred[Any], IDelayedCall]] = {}
+        self._pending: dict[int, _Waiting] = {}
         self._idle_waiters: list[Deferred[None]] = []
         #: The highest seq written to a connection (above it: numbered, never sent yet).
         self._written = 0
@@ -132,16 +134,19 @@ class ClientSession:
                 )
             )
         seq, body = self.state.number(type, data)
+        waiting = _Waiting(seq)
 
         def cancel(_: Deferred[Any]) -> None:
-            entry = self._pending.pop(seq, None)
-            if entry is not None and entry[1].active():
-                entry[1].cancel()
+            if self._pending.get(waiting.seq) is waiting:
+                self._forget(waiting)
+            if waiting.timer.active():
+                waiting.timer.cancel()
             self._maybe_idle()
 
         d: Deferred[Any] = Deferred(cancel)
-        timer = self.clock.callLater(timeout, self._timed_out, seq, type, timeout)
-        self._pending[seq] = (d, timer)
+        waiting.d = d
+        waiting.timer = self.clock.callLater(timeout, self._timed_out, waiting, type, timeout)
+        self._pending[seq] = waiting
         if self.connection is not None:
             self.connection._write(body)
             self._written = seq
@@ -289,9 +294,10 @@ class ClientSession:
             return True
         request_id = message.id
         if type(request_id) is int and request_id in self._pending:
-            d, timer = self._pending.pop(request_id)
-            if timer.active():
-                timer.cancel()
+            waiting = self._pending.pop(request_id)
+            d = waiting.d
+            if waiting.timer.active():
+                waiting.timer.cancel()
             if message.type == "error":
                 d.errback(_server_error(message.data))
             else:
@@ -357,22 +363,38 @@ class ClientSession:
         self._maybe_idle()
 
     @staticmethod
-    def _fail(pending: dict[int, tuple[Deferred[Any], IDelayedCall]], error: ClientError) -> None:
-        for d, timer in pending.values():
-            if timer.active():
-                timer.cancel()
-            d.errback(error)
+    def _fail(pending: dict[int, _Waiting], error: ClientError) -> None:
+        for waiting in pending.values():
+            if waiting.timer.active():
+                waiting.timer.cancel()
+            waiting.d.errback(error)
 
-    def _timed_out(self, seq: int, type: str, seconds: float) -> None:
-        entry = self._pending.pop(seq, None)
-        if entry is None:
+    def _timed_out(self, waiting: _Waiting, type: str, seconds: float) -> None:
+        if self._pending.get(waiting.seq) is not waiting:
             return
-        # Its copy stays: seqs are consecutive, and it is sent (again) as it is.
-        if seq > self._written:  # it never left: no connection within its deadline
-            entry[0].errback(NotConnected(f"not connected within {seconds:g}s"))
+        unsent = waiting.seq > self._written  # no connection within its deadline
+        self._forget(waiting)
+        if unsent:
+            waiting.d.errback(NotConnected(f"not connected within {seconds:g}s"))
         else:
-            entry[0].errback(RequestTimeout(f"no reply to {type!r} within {seconds:g}s"))
+            waiting.d.errback(RequestTimeout(f"no reply to {type!r} within {seconds:g}s"))
         self._maybe_idle()
+
+    def _forget(self, waiting: _Waiting) -> None:
+        """Nobody waits for this request's reply any more (timed out, cancelled).  A copy
+        that was written stays: the server may have it, and a resume must resend it with
+        its seq (so it may still run: `RequestTimeout` says so).  A copy that never left is
+        dropped, so nothing ever runs what failed as `NotConnected`; the later ones, never
+        sent either, move down by one (seqs stay consecutive) and their waiters with them."""
+        seq = waiting.seq
+        del self._pending[seq]
+        if seq <= self._written or seq not in self.state.unacked:
+            return
+        self.state.drop_unsent(seq)
+        for later in sorted(s for s in self._pending if s > seq):
+            moved = self._pending.pop(later)
+            moved.seq = later - 1
+            self._pending[later - 1] = moved
 
     def _tell(self, event: SessionEvent) -> None:
         for callback in list(self._callbacks):
@@ -380,6 +402,18 @@ class ClientSession:
                 callback(dict(event))
             except Exception:
                 log.failure("An on_session callback failed")
+
+
+class _Waiting:
+    """A request of the session waiting for its reply; ``seq`` (its id too) moves down
+    when an earlier request that never left is dropped (`ClientSession._forget`)."""
+
+    __slots__ = ("d", "seq", "timer")
+
+    def __init__(self, seq: int) -> None:
+        self.seq = seq
+        self.d: Deferred[Any]
+        self.timer: IDelayedCall
 
 
 def _unanswered(conn: ClientConnection, what: str, failure: Failure) -> str:

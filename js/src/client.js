@@ -235,10 +235,19 @@ export class Client extends Emitter {
     });
   }
 
-  /** Number a session message, keep it for a resend, write it. */
+  /**
+   * Number a session message, keep it for a resend, write it.  If the write throws, the
+   * caller fails the message: its copy goes too, so no resume ever sends it (a message is
+   * numbered only when written, so one that failed before leaving is always the last).
+   */
   _sessionWrite(conn, type, data, id) {
-    const { text } = this._session.number((seq) => conn._checked(encodeMessage(type, data, id, seq)));
-    conn.sendText(text);
+    const { seq, text } = this._session.number((n) => conn._checked(encodeMessage(type, data, id, n)));
+    try {
+      conn.sendText(text);
+    } catch (error) {
+      this._session.unnumber(seq);
+      throw error;
+    }
   }
 
   _rejectSessionPending(error) {

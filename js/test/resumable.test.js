@@ -100,6 +100,37 @@ it('a pending request waits across reconnects until its own timeout; its late re
   }
 });
 
+it('a request that failed before it left is never sent: not connected in time, or a write that threw', async () => {
+  const client = await connect(server.url, { ...QUICK, minReconnectDelay: 300, maxReconnectDelay: 300 });
+  try {
+    assert.equal(await client.request('echo', 1), 1);
+    const lost = nextEvent(client, 'disconnected');
+    server.cut();
+    await lost;
+    // No connection within its timeout: the application is told, and may retry it.
+    await assert.rejects(client.request('transfer', { amount: 100 }, { timeout: 20 }), TimeoutError);
+    await nextEvent(client, 'resumed');
+    // The connection closes under a write: that request fails, its seq is not spent.
+    const conn = client.connection;
+    const sendText = conn.sendText;
+    conn.sendText = () => {
+      throw new ConnectionError('the connection is closed');
+    };
+    await assert.rejects(client.request('transfer', { amount: 200 }), ConnectionError);
+    conn.sendText = sendText;
+    assert.equal(await client.request('echo', 2), 2);
+    server.cut();
+    await nextEvent(client, 'resumed');
+    assert.equal(await client.request('echo', 3), 3);
+    assert.deepEqual(
+      received().filter(([type]) => type !== 'ack'),
+      [['session', undefined], ['echo', 1], ['resume', undefined], ['echo', 2], ['resume', undefined], ['echo', 3]],
+    );
+  } finally {
+    await client.close();
+  }
+});
+
 it('a request lost on the wire is resent with the same seq after the resume, and answered once', async () => {
   const client = await connect(server.url, QUICK);
   try {
