@@ -462,15 +462,61 @@ def test_takeover_reports_session_lost_and_never_resumes_it(clock: Clock) -> Non
     assert ask["type"] == "session"  # a fresh one, not a resume
 
 
-def test_stop_acks_and_fails_what_waits(clock: Clock) -> None:
-    client, _endpoint, _, peer = first_connection(clock)
+def test_stop_acks_fails_what_waits_and_ends_the_session(clock: Clock) -> None:
+    client, _endpoint, events, peer = first_connection(clock)
     peer.send({"type": "news", "seq": 1, "data": 1})
     pending = client.request("work", timeout=30)
     peer.written()
-    client.stop()
-    assert peer.written() == [{"type": "ack", "data": {"seq": 1}}]
+    stopped = client.stop()
+    assert peer.written() == [
+        {"type": "ack", "data": {"seq": 1}},
+        {"type": "session_end", "id": 2, "seq": 2},  # numbered, after what it sent before
+    ]
     failureResultOf(pending, ConnectionClosed)
+    failureResultOf(client.request("late", timeout=5), ConnectionClosed)  # not numbered
+    assertNoResult(stopped)  # it waits for the answer (the connection is still up)
+    assert not peer.transport.disconnecting
+    peer.send({"type": "session_end", "id": 2, "seq": 2, "ack": 2, "data": {}})
+    assert peer.transport.disconnecting  # answered: the client closes
+    assert not client.session.state.active and client.session.state.unacked == {}
+    assert [e["event"] for e in events] == ["started"]  # a stop is no session_lost
     peer.drop()
+    successResultOf(stopped)
+
+
+def test_stop_waits_for_session_end_at_most_its_timeout(clock: Clock) -> None:
+    client, _endpoint, _, peer = first_connection(clock)
+    stopped = client.stop()
+    (end,) = peer.written()
+    assert end["type"] == "session_end"
+    clock.advance(1.9)
+    assertNoResult(stopped)
+    clock.advance(0.1)  # session_end_timeout (2 s by default)
+    assert peer.transport.disconnecting and not client.session.state.active
+    peer.drop()
+    successResultOf(stopped)
+
+
+def test_stop_ends_at_once_when_the_connection_goes_first(clock: Clock) -> None:
+    client, _endpoint, _, peer = first_connection(clock)
+    stopped = client.stop()
+    assertNoResult(stopped)
+    peer.drop()
+    successResultOf(stopped)
+    assert not client.session.state.active
+
+
+def test_stop_while_detached_ends_at_once_and_a_restart_starts_a_new_session(
+    clock: Clock,
+) -> None:
+    client, endpoint, _events, peer = first_connection(clock)
+    peer.drop()
+    successResultOf(client.stop())  # no connection: nothing to send, nothing to wait for
+    client.start()
+    clock.advance(0)
+    peer2 = endpoint.accept()
+    (ask,) = peer2.written()
+    assert ask["type"] == "session"  # the old one is forgotten: not resumed
 
 
 def test_requests_before_the_first_session_keep_their_order(clock: Clock) -> None:

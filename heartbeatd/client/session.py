@@ -60,6 +60,8 @@ DEFAULT_ACK_DELAY = 0.2
 #: Requests a session keeps numbered and unacknowledged before `request` refuses more
 #: (a server that never acks, or a long outage with a busy application).
 DEFAULT_MAX_BUFFERED = 10_000
+#: How long a clean close waits for the answer to its ``session_end``.
+DEFAULT_END_TIMEOUT = 2.0
 
 TAKEN_OVER = "session_taken_over"
 
@@ -90,6 +92,8 @@ class ClientSession:
         #: The highest seq written to a connection (above it: numbered, never sent yet).
         self._written = 0
         self._ack_timer: IDelayedCall | None = None
+        #: The answer to `close`'s ``session_end``, while we wait for it.
+        self._ending: Deferred[Any] | None = None
         self._callbacks: list[Callable[[SessionEvent], object]] = []
         self.started = 0
         self.resumed = 0
@@ -126,6 +130,8 @@ class ClientSession:
     def request(self, type: str, data: Any = OMIT, timeout: float = 10.0) -> Deferred[Any]:
         """Number and send a request (or keep it for the next connection); it fires with the
         reply's data, or fails with `RequestTimeout`, `ServerError` or `SessionLost`."""
+        if self._ending is not None:  # numbered after session_end: the server has no session
+            return _failed(ConnectionClosed("the client is stopping"))
         if len(self.state.unacked) >= self.max_buffered:
             return _failed(
                 ConnectionClosed(
@@ -133,6 +139,9 @@ class ClientSession:
                     f"(max_buffered {self.max_buffered})"
                 )
             )
+        return self._send(type, data, timeout)
+
+    def _send(self, type: str, data: Any, timeout: float) -> Deferred[Any]:
         seq, body = self.state.number(type, data)
         waiting = _Waiting(seq)
 
@@ -152,10 +161,45 @@ class ClientSession:
             self._written = seq
         return d
 
-    def close(self, error: ClientError | None = None) -> None:
-        """The client is stopping: flush our ack, fail what waits (not resumed again)."""
+    def close(
+        self, error: ClientError | None = None, end_timeout: float = DEFAULT_END_TIMEOUT
+    ) -> Deferred[None]:
+        """The client is stopping: flush our ack, fail what waits, and end the session.
+
+        While attached, a numbered ``session_end`` tells the server nobody will resume the
+        session (so it does not hold one of the identity's ``sessions.max_per_identity``
+        slots for ``expiry`` seconds); the result fires once it is answered, or after
+        ``end_timeout`` seconds, or when the connection goes first; detached, at once.
+        Either way the session is forgotten (the next `open` starts a new one) and the
+        application is not told ``session_lost``: it asked for this.  Never fails."""
         self.flush_ack()
         self._fail_pending(error or ConnectionClosed("the client was stopped"))
+        conn = self.connection
+        if conn is None or not conn.connected or not self.state.active:
+            self._forget_session()
+            return _succeeded(None)
+        # Past max_buffered too: it frees the server's side of every buffered copy.
+        ended = self._send("session_end", OMIT, end_timeout)
+        self._ending = ended
+
+        def done(result: Any) -> None:
+            if isinstance(result, Failure):
+                log.info(
+                    "The session ended without an answer to session_end ({why})",
+                    why=result.getErrorMessage(),
+                )
+            if self._ending is ended:
+                self._ending = None
+                self._forget_session()
+
+        return ended.addBoth(done)
+
+    def _forget_session(self) -> None:
+        """Ended on purpose: forget it quietly (no ``session_lost``, nothing waits)."""
+        if self.connection is not None:
+            self.detach(self.connection)
+        self.state.lose()
+        self._written = 0
 
     # -- the connection's side ----------------------------------------------------------------
 
@@ -262,6 +306,10 @@ class ClientSession:
         if self.connection is conn:
             self.connection = None
             self._cancel_ack_timer()
+            ending, self._ending = self._ending, None
+            if ending is not None:  # stopping: no resume will bring its answer
+                self._forget_session()
+                self._fail_pending(ConnectionClosed("the connection closed before session_end"))
 
     def received(self, conn: ClientConnection, message: Any, seq: Any, ack: Any) -> bool:
         """A message on an attached connection: True when the session handled it, False
