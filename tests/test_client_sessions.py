@@ -638,3 +638,22 @@ def test_goaway_waits_for_the_sessions_pending_requests_before_closing(clock: Cl
     peer.send({"type": "work", "id": sent["id"], "seq": 1, "ack": 1, "data": "done"})
     assert successResultOf(pending) == "done"
     assert peer.transport.disconnecting
+
+
+def test_pool_config_resumable_gives_the_subscription_connection_a_session(clock: Clock) -> None:
+    from heartbeatd import ConfigError
+    from heartbeatd.client import Pool, PoolConfig, parse_pool_config
+
+    assert PoolConfig().resumable is False
+    config = parse_pool_config({"resumable": True, "min_idle": 0})
+    assert config.resumable is True
+    assert Pool(clock, config).subscriber_fn().session is not None
+    assert Pool(clock, config, resumable=False).subscriber_fn().session is None  # it wins
+    assert Pool(clock, PoolConfig(min_idle=0)).subscriber_fn().session is None
+    assert Pool(clock, PoolConfig(min_idle=0), resumable=True).subscriber_fn().session
+    try:
+        parse_pool_config({"resumable": "yes"})
+    except ConfigError as e:
+        assert "pool.resumable" in str(e)
+    else:
+        raise AssertionError("pool.resumable: 'yes' was accepted")

@@ -203,10 +203,12 @@ class Pool:
         random: Callable[[], float] = _random.random,
         connect_to: Callable[[Any], Deferred[ClientConnection]] | None = None,
         get_token: Callable[[], Any] | None = None,
-        resumable: bool = False,
+        resumable: bool | None = None,
     ) -> None:
         self.clock = reactor
         self.config = config = config or PoolConfig()
+        # The argument, when given, wins over the config's field (it came first).
+        resumable = config.resumable if resumable is None else resumable
         # Read once, so a missing file or a half TLS setting fails here, not at each connect.
         token = read_token(config.token_file) if config.token_file else None
         tls = client_tls(config)
