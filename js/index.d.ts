@@ -48,6 +48,11 @@ export interface ClientOptions extends TlsOptions {
   resumable?: boolean;
   /** With `resumable`: the session's expiry to ask for, in seconds (the server caps it). */
   sessionExpiry?: number;
+  /**
+   * With `resumable`: messages the session keeps until the server acknowledges them; past it
+   * a request rejects (and `send` throws) with QueueFullError. Default 10000.
+   */
+  maxBuffered?: number;
 }
 
 export interface SessionEvent {
@@ -226,7 +231,7 @@ export function connect(url: string, options?: ClientOptions): Promise<Client>;
 
 export const CLIENT_EVENTS: readonly string[];
 export const DEFAULTS: Readonly<Required<Pick<ClientOptions,
-  'timeout' | 'minReconnectDelay' | 'maxReconnectDelay' | 'reconnect' | 'framing' | 'maxQueuedRequests' | 'maxFrameBytes' | 'resumable'>>>;
+  'timeout' | 'minReconnectDelay' | 'maxReconnectDelay' | 'reconnect' | 'framing' | 'maxQueuedRequests' | 'maxFrameBytes' | 'resumable' | 'maxBuffered'>>>;
 
 export class ClientError extends Error {}
 export class ServerError extends ClientError {
@@ -241,6 +246,8 @@ export class SessionLost extends ConnectionError {
 }
 export class QueueFullError extends ClientError {
   readonly limit: number;
+  /** The bound reached: requests waiting for a connection, or a session's unacknowledged messages. */
+  readonly option: 'maxQueuedRequests' | 'maxBuffered';
 }
 export class MessageTooLargeError extends ClientError {
   readonly size: number;

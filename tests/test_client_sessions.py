@@ -115,6 +115,22 @@ def test_lose_forgets_and_start_keeps_requests_numbered_meanwhile() -> None:
     assert list(state.unacked) == [1] and state.active
 
 
+def test_dropping_a_request_that_never_left_moves_the_later_ones_down() -> None:
+    state = SessionState()
+    for name in "abcd":
+        state.number(name, {"name": name})
+    state.drop_unsent(2)
+    assert list(state.unacked) == [1, 2, 3] and state.next_seq == 4
+    assert [decode_json(body) for body in state.unacked.values()] == [
+        {"type": t, "id": i, "seq": i, "data": {"name": t}}
+        for i, t in [(1, "a"), (2, "c"), (3, "d")]
+    ]
+    state.drop_unsent(3)  # the last one: nothing moves
+    assert list(state.unacked) == [1, 2] and state.next_seq == 3
+    state.drop_unsent(7)  # not held: nothing changes
+    assert state.next_seq == 3 and state.number("e")[0] == 3
+
+
 # -- one connection with a session, the test playing the server ---------------------------------
 
 
@@ -446,15 +462,61 @@ def test_takeover_reports_session_lost_and_never_resumes_it(clock: Clock) -> Non
     assert ask["type"] == "session"  # a fresh one, not a resume
 
 
-def test_stop_acks_and_fails_what_waits(clock: Clock) -> None:
-    client, _endpoint, _, peer = first_connection(clock)
+def test_stop_acks_fails_what_waits_and_ends_the_session(clock: Clock) -> None:
+    client, _endpoint, events, peer = first_connection(clock)
     peer.send({"type": "news", "seq": 1, "data": 1})
     pending = client.request("work", timeout=30)
     peer.written()
-    client.stop()
-    assert peer.written() == [{"type": "ack", "data": {"seq": 1}}]
+    stopped = client.stop()
+    assert peer.written() == [
+        {"type": "ack", "data": {"seq": 1}},
+        {"type": "session_end", "id": 2, "seq": 2},  # numbered, after what it sent before
+    ]
     failureResultOf(pending, ConnectionClosed)
+    failureResultOf(client.request("late", timeout=5), ConnectionClosed)  # not numbered
+    assertNoResult(stopped)  # it waits for the answer (the connection is still up)
+    assert not peer.transport.disconnecting
+    peer.send({"type": "session_end", "id": 2, "seq": 2, "ack": 2, "data": {}})
+    assert peer.transport.disconnecting  # answered: the client closes
+    assert not client.session.state.active and client.session.state.unacked == {}
+    assert [e["event"] for e in events] == ["started"]  # a stop is no session_lost
     peer.drop()
+    successResultOf(stopped)
+
+
+def test_stop_waits_for_session_end_at_most_its_timeout(clock: Clock) -> None:
+    client, _endpoint, _, peer = first_connection(clock)
+    stopped = client.stop()
+    (end,) = peer.written()
+    assert end["type"] == "session_end"
+    clock.advance(1.9)
+    assertNoResult(stopped)
+    clock.advance(0.1)  # session_end_timeout (2 s by default)
+    assert peer.transport.disconnecting and not client.session.state.active
+    peer.drop()
+    successResultOf(stopped)
+
+
+def test_stop_ends_at_once_when_the_connection_goes_first(clock: Clock) -> None:
+    client, _endpoint, _, peer = first_connection(clock)
+    stopped = client.stop()
+    assertNoResult(stopped)
+    peer.drop()
+    successResultOf(stopped)
+    assert not client.session.state.active
+
+
+def test_stop_while_detached_ends_at_once_and_a_restart_starts_a_new_session(
+    clock: Clock,
+) -> None:
+    client, endpoint, _events, peer = first_connection(clock)
+    peer.drop()
+    successResultOf(client.stop())  # no connection: nothing to send, nothing to wait for
+    client.start()
+    clock.advance(0)
+    peer2 = endpoint.accept()
+    (ask,) = peer2.written()
+    assert ask["type"] == "session"  # the old one is forgotten: not resumed
 
 
 def test_requests_before_the_first_session_keep_their_order(clock: Clock) -> None:
@@ -482,6 +544,56 @@ def test_a_request_never_sent_times_out_as_not_connected(clock: Clock) -> None:
     clock.advance(2)
     failureResultOf(sent, RequestTimeout)
     failureResultOf(unsent, NotConnected)
+
+
+def test_a_request_that_failed_not_connected_is_never_sent(clock: Clock) -> None:
+    """The application was told it failed (it may retry): no later connection sends it,
+    and the requests numbered after it keep consecutive seqs."""
+    client, endpoint, _ = make_client(clock)
+    doomed = client.request("transfer", {"amount": 100}, timeout=1)
+    later = client.request("later", timeout=5)
+    clock.advance(1)
+    failureResultOf(doomed, NotConnected)
+    peer = endpoint.accept()
+    (ask,) = peer.written()
+    peer.send({"type": "session", "id": ask["id"], "data": {"session": "sid1", "key": KEY}})
+    assert [(m["type"], m["id"], m["seq"]) for m in peer.written()] == [("later", 1, 1)]
+    peer.send({"type": "later", "id": 1, "seq": 1, "ack": 1, "data": "ok"})
+    assert successResultOf(later) == "ok"
+
+
+def test_after_a_drop_written_requests_keep_their_seq_and_unsent_ones_that_failed_go(
+    clock: Clock,
+) -> None:
+    client, endpoint, _, peer = first_connection(clock)
+    written = client.request("written", timeout=1)
+    assert [m["seq"] for m in peer.written()] == [1]
+    peer.drop()
+    doomed = client.request("doomed", timeout=1)  # seq 2, never sent
+    later = client.request("later", timeout=30)  # seq 3 -> 2
+    cancelled = client.request("cancelled", timeout=30)  # seq 4 -> 3, then dropped
+    cancelled.cancel()
+    failureResultOf(cancelled)
+    clock.advance(1)
+    failureResultOf(written, RequestTimeout)  # it left: the server may run it
+    failureResultOf(doomed, NotConnected)
+    peer2 = endpoint.accept()
+    (resume,) = peer2.written()
+    peer2.send({"type": "resume", "id": resume["id"], "data": {"resumed": True, "ack": 0}})
+    assert [(m["type"], m["seq"]) for m in peer2.written()] == [("written", 1), ("later", 2)]
+    assert [m["seq"] for m in [decode_json(b) for b in client.session.state.unacked.values()]] == [
+        1,
+        2,
+    ]
+    following = client.request("following", timeout=30)
+    assert [(m["type"], m["seq"]) for m in peer2.written()] == [("following", 3)]
+    peer2.send(
+        {"type": "written", "id": 1, "seq": 1, "ack": 3, "data": "late"},  # nobody waits
+        {"type": "later", "id": 2, "seq": 2, "data": "L"},
+        {"type": "following", "id": 3, "seq": 3, "data": "F"},
+    )
+    assert successResultOf(later) == "L" and successResultOf(following) == "F"
+    assert client.session.pending_requests == 0
 
 
 def test_an_unanswered_resume_drops_the_connection_and_the_next_one_resumes(clock: Clock) -> None:
@@ -526,3 +638,22 @@ def test_goaway_waits_for_the_sessions_pending_requests_before_closing(clock: Cl
     peer.send({"type": "work", "id": sent["id"], "seq": 1, "ack": 1, "data": "done"})
     assert successResultOf(pending) == "done"
     assert peer.transport.disconnecting
+
+
+def test_pool_config_resumable_gives_the_subscription_connection_a_session(clock: Clock) -> None:
+    from heartbeatd import ConfigError
+    from heartbeatd.client import Pool, PoolConfig, parse_pool_config
+
+    assert PoolConfig().resumable is False
+    config = parse_pool_config({"resumable": True, "min_idle": 0})
+    assert config.resumable is True
+    assert Pool(clock, config).subscriber_fn().session is not None
+    assert Pool(clock, config, resumable=False).subscriber_fn().session is None  # it wins
+    assert Pool(clock, PoolConfig(min_idle=0)).subscriber_fn().session is None
+    assert Pool(clock, PoolConfig(min_idle=0), resumable=True).subscriber_fn().session
+    try:
+        parse_pool_config({"resumable": "yes"})
+    except ConfigError as e:
+        assert "pool.resumable" in str(e)
+    else:
+        raise AssertionError("pool.resumable: 'yes' was accepted")

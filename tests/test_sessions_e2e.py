@@ -462,3 +462,57 @@ def test_cli_watch_resumable_prints_what_was_pushed_while_it_was_cut_off(tmp_pat
             assert not any("session lost" in line for line in watch.err)
         assert proxy.cuts == 1
         assert daemon.stop() == 0
+
+
+#: A resumable client and a resumable pool's subscription connection, each stopped cleanly:
+#: prints the sessions they held, and how long each stop took.
+STOP_SCRIPT = """
+import json, sys
+from twisted.internet import task
+from twisted.internet.defer import ensureDeferred
+from heartbeatd.client import Pool, PoolConfig, ReconnectingClient
+
+async def main(reactor, port):
+    endpoint = f"tcp:host=127.0.0.1:port={port}"
+    client = ReconnectingClient(reactor, endpoint, resumable=True)
+    client.start()
+    await client.when_connected()
+    assert await client.request("work", {"n": 1}, timeout=10) == 1
+    held = [(client.session.state.sid, client.session.state.key)]
+    began = reactor.seconds()
+    await client.stop()
+    took = [reactor.seconds() - began]
+    pool = Pool(reactor, PoolConfig(endpoint=endpoint, min_idle=0), resumable=True)
+    await pool.subscribe("news", lambda data, offset, sub: None)
+    state = pool._subscriber.session.state
+    held.append((state.sid, state.key))
+    began = reactor.seconds()
+    await pool.close()
+    took.append(reactor.seconds() - began)
+    print(json.dumps({"held": held, "took": took, "active": state.active}))
+
+task.react(lambda reactor: ensureDeferred(main(reactor, int(sys.argv[1]))))
+"""
+
+
+def test_a_clean_stop_ends_the_session_on_the_server(tmp_path: Path) -> None:
+    """`ReconnectingClient.stop()` and `Pool.close()` send ``session_end`` and wait for its
+    answer: the session cannot be resumed afterwards, and holds no slot of the identity."""
+    from session_peer import SessionPeer
+
+    with session_daemon(tmp_path) as daemon:
+        run = subprocess.run(
+            [sys.executable, "-c", STOP_SCRIPT, str(daemon.port)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert run.returncode == 0, run.stderr[-3000:]
+        result = json.loads(run.stdout)
+        assert not result["active"], result
+        assert all(took < 1.5 for took in result["took"]), result  # answered, not timed out
+        for sid, key in result["held"]:
+            with SessionPeer(daemon.port) as peer:
+                answer = peer.resume(sid, key, ack=0)
+                assert answer["data"] == {"resumed": False, "reason": "unknown_session"}, answer
+        assert daemon.stop() == 0

@@ -145,11 +145,6 @@ await server.stop();
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the JS client's resend buffer has no bound (Python refuses past max_buffered "
-    "10000): a server that never acks grows it without end, timed-out requests included",
-)
 def test_js_client_resend_buffer_is_bounded(tmp_path: Path) -> None:
     import json
     import subprocess
@@ -185,11 +180,6 @@ class _FakeConnection:
         self.written.append(body)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a request failed with NotConnected (it never left) keeps its copy and is sent "
-    "when a connection comes: the server runs what the application was told had failed",
-)
 def test_python_client_does_not_send_a_request_it_failed_with_not_connected() -> None:
     from twisted.internet.task import Clock
 
@@ -208,12 +198,6 @@ def test_python_client_does_not_send_a_request_it_failed_with_not_connected() ->
     assert sent == [], f"a request that failed NotConnected was sent later: {sent}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ReconnectingClient.stop() (ClientSession.close) sends no session_end (the JS "
-    "client does): every clean stop leaves a detached session holding one of the identity's "
-    "sessions.max_per_identity slots for `expiry` seconds",
-)
 def test_python_client_clean_stop_ends_its_session() -> None:
     from twisted.internet.task import Clock
 
@@ -227,8 +211,9 @@ def test_python_client_clean_stop_ends_its_session() -> None:
 
 
 def test_clean_restarts_of_one_identity_run_out_of_sessions_within_expiry() -> None:
-    """What the missing session_end costs (server side, as designed): the 17th clean
-    restart of a service identity within ``expiry`` is refused a session."""
+    """What a client that stops without a session_end costs (server side, as designed):
+    the 17th such restart of a service identity within ``expiry`` is refused a session
+    (the Python and JS clients end their session on a clean stop)."""
     server = Server()
     try:
         kinds = []
@@ -236,7 +221,7 @@ def test_clean_restarts_of_one_identity_run_out_of_sessions_within_expiry() -> N
             peer = server.connect()
             server.connection(peer).identity = "worker"
             kinds.append(peer.start()["type"])
-            server.drop(peer)  # a clean stop of the Python client: no session_end
+            server.drop(peer)  # a stop with no session_end (a crash, or another client)
         assert kinds == ["session"] * 16 + ["error"]
     finally:
         server.close()

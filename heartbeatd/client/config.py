@@ -101,6 +101,12 @@ class PoolConfig:
         default=60.0,
         metadata=check(non_negative_number, "warn when a connection is held longer; 0 = never"),
     )
+    resumable: bool = field(
+        default=False,
+        metadata=check(
+            boolean, "the subscription connection keeps a resumable session across reconnects"
+        ),
+    )
     # -- TLS and authentication (heartbeatd.client.tls); '' = not used --
     tls_ca: str = field(
         default="", metadata=check(string, "PEM CA file: connect with TLS, verify the server")

@@ -203,10 +203,12 @@ class Pool:
         random: Callable[[], float] = _random.random,
         connect_to: Callable[[Any], Deferred[ClientConnection]] | None = None,
         get_token: Callable[[], Any] | None = None,
-        resumable: bool = False,
+        resumable: bool | None = None,
     ) -> None:
         self.clock = reactor
         self.config = config = config or PoolConfig()
+        # The argument, when given, wins over the config's field (it came first).
+        resumable = config.resumable if resumable is None else resumable
         # Read once, so a missing file or a half TLS setting fails here, not at each connect.
         token = read_token(config.token_file) if config.token_file else None
         tls = client_tls(config)
@@ -419,10 +421,12 @@ class Pool:
         return self._subscriber.unsubscribe(channel)
 
     def close(self) -> Deferred[None]:
-        """Fail every waiter, stop every connect, close every connection; fires once done."""
+        """Fail every waiter, stop every connect, close every connection; fires once done
+        (the subscription connection's session ended first, see `ReconnectingClient.stop`)."""
+        stopping: Deferred[None] | None = None
         if self._subscriber is not None:
             subscriber, self._subscriber = self._subscriber, None
-            subscriber.stop()
+            stopping = subscriber.stop()
         if not self._closed:
             self._closed = True
             _cancel(self._retry)
@@ -442,10 +446,13 @@ class Pool:
                     self.config.connect_timeout, self._abort_remaining
                 )
         if not self._members and not self._attempts:
-            return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._close_waiters.append(d)
-        return d
+            d: Deferred[None] = succeed(None)
+        else:
+            d = Deferred()
+            self._close_waiters.append(d)
+        if stopping is None:
+            return d
+        return stopping.addCallback(lambda _: d)
 
     # -- lending ----------------------------------------------------------------------------
 

@@ -47,7 +47,7 @@ from heartbeatd.client.connection import (
     PushHandler,
 )
 from heartbeatd.client.errors import ClientError, ConnectionFailed, NotConnected
-from heartbeatd.client.session import ClientSession, SessionEvent
+from heartbeatd.client.session import DEFAULT_END_TIMEOUT, ClientSession, SessionEvent
 from heartbeatd.client.tls import ClientTLS, wrap_client_endpoint
 from heartbeatd.wire.envelope import OMIT
 
@@ -112,6 +112,7 @@ class ReconnectingClient:
         get_token: Callable[[], Any] | None = None,
         resumable: bool = False,
         session_expiry: float | None = None,
+        session_end_timeout: float = DEFAULT_END_TIMEOUT,
     ) -> None:
         # TLS under every connection; the token is sent on each (``get_token`` is called
         # for a fresh one on each connection and each refresh, JWTs being short-lived).
@@ -137,6 +138,7 @@ class ReconnectingClient:
             ClientSession(reactor, expiry=session_expiry) if resumable else None
         )
         self._session_subs: set[Subscription] = set()
+        self._session_end_timeout = session_end_timeout
         self._stopping = False
         #: Failed attempts (refused, or no hello) since the last good handshake.
         self._failures = 0
@@ -156,12 +158,15 @@ class ReconnectingClient:
         self.service.startService()
 
     def stop(self) -> Deferred[None]:
-        """Stop reconnecting and close (a session acknowledges what it received first, and
-        its waiting requests fail with `ConnectionClosed`)."""
+        """Stop reconnecting and close.  A session acknowledges what it received, fails its
+        waiting requests with `ConnectionClosed`, and ends itself on the server (a numbered
+        ``session_end``, waiting up to ``session_end_timeout`` seconds for its answer), so
+        it does not hold one of the identity's sessions until it expires."""
         self._stopping = True
-        if self.session is not None:
-            self.session.close()
-        return self.service.stopService()
+        if self.session is None:
+            return self.service.stopService()
+        ended = self.session.close(end_timeout=self._session_end_timeout)
+        return ended.addCallback(lambda _: self.service.stopService())
 
     def on_session(self, callback: Callable[[SessionEvent], object]) -> None:
         """With ``resumable``: ``callback(event)`` for ``{"event": "started"}``,

@@ -8,7 +8,9 @@ server message through it, and detaches it when the connection is lost:
 
 - a request gets the next ``seq`` (its ``id`` too) and a copy is kept until the server
   acknowledges it; while detached it only waits in the buffer, and a resume resends, in
-  order and unchanged, every copy above the server's high-water mark;
+  order and unchanged, every copy above the server's high-water mark; one that times out
+  (or is cancelled) before it ever left is dropped, since the application was told it
+  failed (`NotConnected`), and the later unsent ones move down one seq;
 - a numbered server message at or below the last one delivered is a replayed duplicate and
   is dropped, so handlers see each message once and in order; one past the next is a gap
   and the connection is dropped (the resume that follows replays from what we have);
@@ -58,6 +60,8 @@ DEFAULT_ACK_DELAY = 0.2
 #: Requests a session keeps numbered and unacknowledged before `request` refuses more
 #: (a server that never acks, or a long outage with a busy application).
 DEFAULT_MAX_BUFFERED = 10_000
+#: How long a clean close waits for the answer to its ``session_end``.
+DEFAULT_END_TIMEOUT = 2.0
 
 TAKEN_OVER = "session_taken_over"
 
@@ -83,11 +87,13 @@ class ClientSession:
         self.state = SessionState()
         #: The connection the session is attached to (None between connections).
         self.connection: ClientConnection | None = None
-        self._pending: dict[int, tuple[Deferred[Any], IDelayedCall]] = {}
+        self._pending: dict[int, _Waiting] = {}
         self._idle_waiters: list[Deferred[None]] = []
         #: The highest seq written to a connection (above it: numbered, never sent yet).
         self._written = 0
         self._ack_timer: IDelayedCall | None = None
+        #: The answer to `close`'s ``session_end``, while we wait for it.
+        self._ending: Deferred[Any] | None = None
         self._callbacks: list[Callable[[SessionEvent], object]] = []
         self.started = 0
         self.resumed = 0
@@ -124,6 +130,8 @@ class ClientSession:
     def request(self, type: str, data: Any = OMIT, timeout: float = 10.0) -> Deferred[Any]:
         """Number and send a request (or keep it for the next connection); it fires with the
         reply's data, or fails with `RequestTimeout`, `ServerError` or `SessionLost`."""
+        if self._ending is not None:  # numbered after session_end: the server has no session
+            return _failed(ConnectionClosed("the client is stopping"))
         if len(self.state.unacked) >= self.max_buffered:
             return _failed(
                 ConnectionClosed(
@@ -131,26 +139,67 @@ class ClientSession:
                     f"(max_buffered {self.max_buffered})"
                 )
             )
+        return self._send(type, data, timeout)
+
+    def _send(self, type: str, data: Any, timeout: float) -> Deferred[Any]:
         seq, body = self.state.number(type, data)
+        waiting = _Waiting(seq)
 
         def cancel(_: Deferred[Any]) -> None:
-            entry = self._pending.pop(seq, None)
-            if entry is not None and entry[1].active():
-                entry[1].cancel()
+            if self._pending.get(waiting.seq) is waiting:
+                self._forget(waiting)
+            if waiting.timer.active():
+                waiting.timer.cancel()
             self._maybe_idle()
 
         d: Deferred[Any] = Deferred(cancel)
-        timer = self.clock.callLater(timeout, self._timed_out, seq, type, timeout)
-        self._pending[seq] = (d, timer)
+        waiting.d = d
+        waiting.timer = self.clock.callLater(timeout, self._timed_out, waiting, type, timeout)
+        self._pending[seq] = waiting
         if self.connection is not None:
             self.connection._write(body)
             self._written = seq
         return d
 
-    def close(self, error: ClientError | None = None) -> None:
-        """The client is stopping: flush our ack, fail what waits (not resumed again)."""
+    def close(
+        self, error: ClientError | None = None, end_timeout: float = DEFAULT_END_TIMEOUT
+    ) -> Deferred[None]:
+        """The client is stopping: flush our ack, fail what waits, and end the session.
+
+        While attached, a numbered ``session_end`` tells the server nobody will resume the
+        session (so it does not hold one of the identity's ``sessions.max_per_identity``
+        slots for ``expiry`` seconds); the result fires once it is answered, or after
+        ``end_timeout`` seconds, or when the connection goes first; detached, at once.
+        Either way the session is forgotten (the next `open` starts a new one) and the
+        application is not told ``session_lost``: it asked for this.  Never fails."""
         self.flush_ack()
         self._fail_pending(error or ConnectionClosed("the client was stopped"))
+        conn = self.connection
+        if conn is None or not conn.connected or not self.state.active:
+            self._forget_session()
+            return _succeeded(None)
+        # Past max_buffered too: it frees the server's side of every buffered copy.
+        ended = self._send("session_end", OMIT, end_timeout)
+        self._ending = ended
+
+        def done(result: Any) -> None:
+            if isinstance(result, Failure):
+                log.info(
+                    "The session ended without an answer to session_end ({why})",
+                    why=result.getErrorMessage(),
+                )
+            if self._ending is ended:
+                self._ending = None
+                self._forget_session()
+
+        return ended.addBoth(done)
+
+    def _forget_session(self) -> None:
+        """Ended on purpose: forget it quietly (no ``session_lost``, nothing waits)."""
+        if self.connection is not None:
+            self.detach(self.connection)
+        self.state.lose()
+        self._written = 0
 
     # -- the connection's side ----------------------------------------------------------------
 
@@ -257,6 +306,10 @@ class ClientSession:
         if self.connection is conn:
             self.connection = None
             self._cancel_ack_timer()
+            ending, self._ending = self._ending, None
+            if ending is not None:  # stopping: no resume will bring its answer
+                self._forget_session()
+                self._fail_pending(ConnectionClosed("the connection closed before session_end"))
 
     def received(self, conn: ClientConnection, message: Any, seq: Any, ack: Any) -> bool:
         """A message on an attached connection: True when the session handled it, False
@@ -289,9 +342,10 @@ class ClientSession:
             return True
         request_id = message.id
         if type(request_id) is int and request_id in self._pending:
-            d, timer = self._pending.pop(request_id)
-            if timer.active():
-                timer.cancel()
+            waiting = self._pending.pop(request_id)
+            d = waiting.d
+            if waiting.timer.active():
+                waiting.timer.cancel()
             if message.type == "error":
                 d.errback(_server_error(message.data))
             else:
@@ -357,22 +411,38 @@ class ClientSession:
         self._maybe_idle()
 
     @staticmethod
-    def _fail(pending: dict[int, tuple[Deferred[Any], IDelayedCall]], error: ClientError) -> None:
-        for d, timer in pending.values():
-            if timer.active():
-                timer.cancel()
-            d.errback(error)
+    def _fail(pending: dict[int, _Waiting], error: ClientError) -> None:
+        for waiting in pending.values():
+            if waiting.timer.active():
+                waiting.timer.cancel()
+            waiting.d.errback(error)
 
-    def _timed_out(self, seq: int, type: str, seconds: float) -> None:
-        entry = self._pending.pop(seq, None)
-        if entry is None:
+    def _timed_out(self, waiting: _Waiting, type: str, seconds: float) -> None:
+        if self._pending.get(waiting.seq) is not waiting:
             return
-        # Its copy stays: seqs are consecutive, and it is sent (again) as it is.
-        if seq > self._written:  # it never left: no connection within its deadline
-            entry[0].errback(NotConnected(f"not connected within {seconds:g}s"))
+        unsent = waiting.seq > self._written  # no connection within its deadline
+        self._forget(waiting)
+        if unsent:
+            waiting.d.errback(NotConnected(f"not connected within {seconds:g}s"))
         else:
-            entry[0].errback(RequestTimeout(f"no reply to {type!r} within {seconds:g}s"))
+            waiting.d.errback(RequestTimeout(f"no reply to {type!r} within {seconds:g}s"))
         self._maybe_idle()
+
+    def _forget(self, waiting: _Waiting) -> None:
+        """Nobody waits for this request's reply any more (timed out, cancelled).  A copy
+        that was written stays: the server may have it, and a resume must resend it with
+        its seq (so it may still run: `RequestTimeout` says so).  A copy that never left is
+        dropped, so nothing ever runs what failed as `NotConnected`; the later ones, never
+        sent either, move down by one (seqs stay consecutive) and their waiters with them."""
+        seq = waiting.seq
+        del self._pending[seq]
+        if seq <= self._written or seq not in self.state.unacked:
+            return
+        self.state.drop_unsent(seq)
+        for later in sorted(s for s in self._pending if s > seq):
+            moved = self._pending.pop(later)
+            moved.seq = later - 1
+            self._pending[later - 1] = moved
 
     def _tell(self, event: SessionEvent) -> None:
         for callback in list(self._callbacks):
@@ -380,6 +450,18 @@ class ClientSession:
                 callback(dict(event))
             except Exception:
                 log.failure("An on_session callback failed")
+
+
+class _Waiting:
+    """A request of the session waiting for its reply; ``seq`` (its id too) moves down
+    when an earlier request that never left is dropped (`ClientSession._forget`)."""
+
+    __slots__ = ("d", "seq", "timer")
+
+    def __init__(self, seq: int) -> None:
+        self.seq = seq
+        self.d: Deferred[Any]
+        self.timer: IDelayedCall
 
 
 def _unanswered(conn: ClientConnection, what: str, failure: Failure) -> str:

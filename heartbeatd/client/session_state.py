@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from heartbeatd.wire.envelope import OMIT, encode_json
+from heartbeatd.wire.envelope import OMIT, decode_json_unchecked, encode_json
 
 __all__ = ["DUPLICATE", "GAP", "NEW", "SessionState"]
 
@@ -90,6 +90,21 @@ class SessionState:
         self.unacked[seq] = body
         return seq, body
 
+    def drop_unsent(self, seq: int) -> None:
+        """Request ``seq`` never left and is abandoned (it failed as not connected): forget
+        its copy, so no connection ever sends what the application was told had failed.
+        Every later copy (never sent either) moves down by one, so the seqs the server sees
+        stay consecutive; the caller moves its own records the same way."""
+        unacked = self.unacked
+        if seq not in unacked:
+            return
+        later = [s for s in unacked if s > seq]
+        bodies = [unacked.pop(s) for s in later]
+        del unacked[seq]
+        for old, body in zip(later, bodies, strict=True):
+            unacked[old - 1] = _renumbered(body, old - 1)
+        self.next_seq -= 1
+
     def server_acked(self, ack: Any) -> None:
         """The server has every request up to ``ack``: drop their copies.  A value that is
         not a positive int, or below a previous one, changes nothing; one past what we sent
@@ -138,3 +153,11 @@ class SessionState:
         """The ``ack`` a resume carries; it acknowledges everything delivered."""
         self.acked = self.delivered
         return self.delivered
+
+
+def _renumbered(body: bytes, seq: int) -> bytes:
+    """A copy `SessionState.number` made, with ``seq`` as its id and seq (nothing else
+    changes: the application's data is the one it gave then)."""
+    envelope = decode_json_unchecked(body)
+    envelope["id"] = envelope["seq"] = seq
+    return encode_json(envelope)

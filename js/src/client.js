@@ -32,6 +32,7 @@ export const DEFAULTS = Object.freeze({
   maxQueuedRequests: 1000,
   maxFrameBytes: 16 * 1024 * 1024,
   resumable: false,
+  maxBuffered: 10_000,
 });
 
 /** setTimeout's longest delay: a session's subscribe waits for its answer across reconnects. */
@@ -76,6 +77,9 @@ function checkOptions(options) {
     if (!Number.isSafeInteger(o[key]) || o[key] < 0) {
       throw new RangeError(`options.${key} must be an integer >= 0, not ${o[key]}`);
     }
+  }
+  if (!Number.isSafeInteger(o.maxBuffered) || o.maxBuffered < 1) {
+    throw new RangeError(`options.maxBuffered must be an integer >= 1, not ${o.maxBuffered}`);
   }
   if (!Object.hasOwn(framings, o.framing)) {
     throw new RangeError(`options.framing must be "int32" or "seed", not ${JSON.stringify(o.framing)}`);
@@ -176,7 +180,7 @@ export class Client extends Emitter {
       // A clean end: ack what arrived, and end the session (nobody can resume it now).
       try {
         this._session.flushAck();
-        this._sessionWrite(conn0, 'session_end', undefined, ++this._lastId);
+        this._sessionWrite(conn0, 'session_end', undefined, ++this._lastId, false);
       } catch {
         // closing anyway
       }
@@ -235,10 +239,23 @@ export class Client extends Emitter {
     });
   }
 
-  /** Number a session message, keep it for a resend, write it. */
-  _sessionWrite(conn, type, data, id) {
-    const { text } = this._session.number((seq) => conn._checked(encodeMessage(type, data, id, seq)));
-    conn.sendText(text);
+  /**
+   * Number a session message, keep it for a resend, write it.  If the write throws, the
+   * caller fails the message: its copy goes too, so no resume ever sends it (a message is
+   * numbered only when written, so one that failed before leaving is always the last).
+   */
+  _sessionWrite(conn, type, data, id, bounded = true) {
+    // A server that never acknowledges (or a flood of requests) must not grow the resend
+    // buffer without end: timed-out requests keep their copies until the server acks them.
+    const buffered = this._session.buffer.length;
+    if (bounded && buffered >= this.options.maxBuffered) throw new QueueFullError(this.options.maxBuffered, 'maxBuffered');
+    const { seq, text } = this._session.number((n) => conn._checked(encodeMessage(type, data, id, n)));
+    try {
+      conn.sendText(text);
+    } catch (error) {
+      this._session.unnumber(seq);
+      throw error;
+    }
   }
 
   _rejectSessionPending(error) {

@@ -40,12 +40,22 @@ export class ConnectionError extends ClientError {
   }
 }
 
-/** `maxQueuedRequests` requests already wait for a connection: failing fast instead. */
+/**
+ * `maxQueuedRequests` requests already wait for a connection, or (`option` 'maxBuffered') a
+ * resumable session holds `maxBuffered` messages the server has not acknowledged: failing
+ * fast instead.
+ */
 export class QueueFullError extends ClientError {
-  constructor(limit) {
-    super(`${limit} requests already wait for a connection (maxQueuedRequests)`);
+  constructor(limit, option = 'maxQueuedRequests') {
+    super(
+      option === 'maxBuffered'
+        ? `${limit} session messages wait for the server's ack (maxBuffered)`
+        : `${limit} requests already wait for a connection (maxQueuedRequests)`,
+    );
     this.name = 'QueueFullError';
     this.limit = limit;
+    /** Which bound was reached: 'maxQueuedRequests' or 'maxBuffered'. */
+    this.option = option;
   }
 }
 

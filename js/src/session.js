@@ -84,6 +84,19 @@ export class SessionState {
   }
 
   /**
+   * The message numbered last could not be written (the connection closed under it): the
+   * caller fails it, so its copy must never be resent (the server would run what the
+   * application was told had failed), and its seq goes to the next message (no gap).
+   */
+  unnumber(seq) {
+    const last = this.buffer.at(-1);
+    if (last === undefined || last.seq !== seq || seq !== this.nextSeq - 1) return false;
+    this.buffer.pop();
+    this.nextSeq = seq;
+    return true;
+  }
+
+  /**
    * The server acknowledged every client seq up to `seq`: drop those copies.  An ack below a
    * previous one changes nothing; one above what was sent is the server's error, ignored
    * (false).

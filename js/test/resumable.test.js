@@ -6,7 +6,7 @@
 import assert from 'node:assert/strict';
 import { afterEach, beforeEach, it } from 'node:test';
 
-import { Client, connect, ConnectionError, SessionLost, TimeoutError } from '../index.js';
+import { Client, connect, ConnectionError, DEFAULTS, QueueFullError, SessionLost, TimeoutError } from '../index.js';
 import { nextEvent, until } from './helpers/daemon.js';
 import { SessionServer } from './helpers/session_server.js';
 
@@ -98,6 +98,64 @@ it('a pending request waits across reconnects until its own timeout; its late re
   } finally {
     await client.close();
   }
+});
+
+it('a request that failed before it left is never sent: not connected in time, or a write that threw', async () => {
+  const client = await connect(server.url, { ...QUICK, minReconnectDelay: 300, maxReconnectDelay: 300 });
+  try {
+    assert.equal(await client.request('echo', 1), 1);
+    const lost = nextEvent(client, 'disconnected');
+    server.cut();
+    await lost;
+    // No connection within its timeout: the application is told, and may retry it.
+    await assert.rejects(client.request('transfer', { amount: 100 }, { timeout: 20 }), TimeoutError);
+    await nextEvent(client, 'resumed');
+    // The connection closes under a write: that request fails, its seq is not spent.
+    const conn = client.connection;
+    const sendText = conn.sendText;
+    conn.sendText = () => {
+      throw new ConnectionError('the connection is closed');
+    };
+    await assert.rejects(client.request('transfer', { amount: 200 }), ConnectionError);
+    conn.sendText = sendText;
+    assert.equal(await client.request('echo', 2), 2);
+    server.cut();
+    await nextEvent(client, 'resumed');
+    assert.equal(await client.request('echo', 3), 3);
+    assert.deepEqual(
+      received().filter(([type]) => type !== 'ack'),
+      [['session', undefined], ['echo', 1], ['resume', undefined], ['echo', 2], ['resume', undefined], ['echo', 3]],
+    );
+  } finally {
+    await client.close();
+  }
+});
+
+it('maxBuffered bounds what waits for the server\'s ack: past it a request rejects, send throws', async () => {
+  const client = await connect(server.url, { ...QUICK, maxBuffered: 2 });
+  try {
+    assert.equal(client.options.maxBuffered, 2);
+    const held = [client.request('later', 1), client.request('later', 2)]; // run, not acked yet
+    await waitFor(() => server.session.later.length === 2);
+    const full = await client.request('echo', 3).catch((error) => error);
+    assert.ok(full instanceof QueueFullError, String(full));
+    assert.equal(full.option, 'maxBuffered');
+    assert.equal(full.limit, 2);
+    assert.throws(() => client.send('note', 'x'), QueueFullError);
+    assert.equal(client._session.buffer.length, 2);
+    server.answerLater(server.session); // the replies carry the server's ack: room again
+    assert.deepEqual(await Promise.all(held), [1, 2]);
+    assert.equal(await client.request('echo', 3), 3);
+    assert.deepEqual(
+      received().filter(([type]) => type !== 'ack'),
+      [['session', undefined], ['later', 1], ['later', 2], ['echo', 3]],
+    );
+  } finally {
+    await client.close();
+  }
+  assert.equal(DEFAULTS.maxBuffered, 10_000);
+  assert.throws(() => new Client(server.url, { resumable: true, maxBuffered: 0 }), RangeError);
+  assert.throws(() => new Client(server.url, { resumable: true, maxBuffered: 1.5 }), RangeError);
 });
 
 it('a request lost on the wire is resent with the same seq after the resume, and answered once', async () => {

@@ -78,6 +78,18 @@ test('a message that cannot be encoded does not use a seq (no gap for the server
   assert.deepEqual(s.buffer.map((e) => e.seq), [1, 2]);
 });
 
+test('a message that could not be written gives its seq back and leaves no copy to resend', () => {
+  const { s } = started();
+  request(s, 'a', 1);
+  const failed = request(s, 'b', 2);
+  assert.equal(s.unnumber(1), false); // not the last: only a write that just failed is undone
+  assert.equal(s.unnumber(failed.seq), true);
+  assert.equal(s.unnumber(failed.seq), false);
+  assert.deepEqual(s.buffer.map((e) => e.seq), [1]);
+  assert.equal(request(s, 'c', 3).seq, 2);
+  assert.deepEqual(s.resendAfter(0).map((text) => JSON.parse(text).type), ['a', 'c']);
+});
+
 test('server acks trim the resend buffer cumulatively; stale and bogus acks change nothing', () => {
   const { s } = started();
   for (let id = 1; id <= 5; id++) request(s, 'echo', id);
