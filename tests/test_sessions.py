@@ -608,15 +608,17 @@ def test_sessions_without_identity_count_by_address_and_behind_a_proxy_by_its_cl
     limits = SimpleNamespace(ipv6_prefix_per_address=64)
     factory = SimpleNamespace(config=SimpleNamespace(limits=limits))
 
-    def conn(peer: Any, shown: str | None = None, identity: str | None = None) -> Any:
+    def conn(peer: Any, forwarded: str | None = None, identity: str | None = None) -> Any:
         transport = SimpleNamespace(getPeer=lambda: peer)
-        return SimpleNamespace(identity=identity, _peer=shown, transport=transport, factory=factory)
+        return SimpleNamespace(
+            identity=identity, forwarded_client=forwarded, transport=transport, factory=factory
+        )
 
     v4 = IPv4Address("TCP", "192.0.2.5", 4000)
     assert bucket_of(conn(v4, identity="alice")) == "u:alice"
     assert bucket_of(conn(v4)) == "a:192.0.2.5"
     assert bucket_of(conn(IPv6Address("TCP", "2001:db8::1:2", 1))) == "a:2001:db8::/64"
     assert bucket_of(conn(IPv6Address("TCP", "::ffff:192.0.2.9", 1))) == "a:192.0.2.9"
-    proxied = conn(IPv4Address("TCP", "127.0.0.1", 1), "198.51.100.7 (via 127.0.0.1:1)")
+    proxied = conn(IPv4Address("TCP", "127.0.0.1", 1), "198.51.100.7")
     assert bucket_of(proxied) == "a:198.51.100.7"
     assert bucket_of(conn(SimpleNamespace(name="/run/hb.sock"))) is None

@@ -485,19 +485,26 @@ def test_trusted_proxies_name_the_client_for_limits_and_logs(tmp_path: Path) -> 
         "websocket": {**CONFIG["websocket"], "trusted_proxies": ["127.0.0.1"]},
         "limits": {"max_connections_per_address": 1, "per_address_exempt": []},
         "admin": {"listen": "tcp:0:interface=127.0.0.1"},
+        # Anonymous sessions are counted per client address: the named client's, not the
+        # proxy's, which every client behind it shares.
+        "sessions": {"max_per_identity": 1},
     }
     with Daemon(tmp_path, config) as daemon:
         via = {"X-Forwarded-For": "198.51.100.7, 127.0.0.1"}  # client, then a proxy of ours
         with client(daemon, headers=via) as first:
             first.send({"type": "echo", "id": 1})
             assert first.recv()["id"] == 1
+            first.send({"type": "session", "id": 2})
+            assert first.recv()["data"]["session"]
             # The same client again through the proxy: over its per-address limit.
             with WSClient(daemon.ws_port, path="/ws", headers=via) as second:
                 assert second.status == 429
                 assert b"198.51.100.7 holds 1 connections" in second.read_rest()
             # Another client through the same proxy is a different address.
             other = {"X-Forwarded-For": "203.0.113.9"}
-            with client(daemon, headers=other):
+            with client(daemon, headers=other) as third:
+                third.send({"type": "session", "id": 1})
+                assert third.recv()["data"]["session"], "counted under the proxy's address"
                 admin = int(daemon.wait_for(r"admin API listening on 127\.0\.0\.1:(\d+)")[1])
                 clients = json.loads(urlopen(f"http://127.0.0.1:{admin}/clients").read())
                 with RawClient(daemon.port) as tcp:

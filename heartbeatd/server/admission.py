@@ -27,6 +27,24 @@ PER_ADDRESS_RATE = "per_address_rate"
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+def parse_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The IP address ``host`` names (IPv4 on a dual-stack listener as IPv4), or None."""
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    mapped = getattr(address, "ipv4_mapped", None)
+    return mapped if mapped is not None else address
+
+
+def address_key(address: ipaddress.IPv4Address | ipaddress.IPv6Address, ipv6_prefix: int) -> str:
+    """What one client is counted under: its IPv4 address, or its IPv6 network of
+    ``ipv6_prefix`` bits (one host is given a whole /64)."""
+    if address.version == 6 and ipv6_prefix < 128:
+        return str(ipaddress.ip_network(f"{address}/{ipv6_prefix}", strict=False))
+    return str(address)
+
+
 class _Address:
     __slots__ = ("connections", "stamp", "tokens")
 
@@ -74,20 +92,11 @@ class Admission:
             return self._keys[host]
         except KeyError:
             pass
-        try:
-            address = ipaddress.ip_address(host.split("%", 1)[0])
-        except ValueError:
-            key = None  # not an IP (UNIX socket...): nothing to count per address
+        address = parse_address(host)
+        if address is None or any(address in n for n in self._exempt_networks):
+            key = None  # not an IP (UNIX socket...), or exempt: nothing to count per address
         else:
-            mapped = getattr(address, "ipv4_mapped", None)  # IPv4 on a dual-stack listener
-            if mapped is not None:
-                address = mapped
-            if any(address in n for n in self._exempt_networks):
-                key = None
-            elif address.version == 6 and self.ipv6_prefix < 128:
-                key = str(ipaddress.ip_network(f"{address}/{self.ipv6_prefix}", strict=False))
-            else:
-                key = str(address)
+            key = address_key(address, self.ipv6_prefix)
         if len(self._keys) > 4096:
             self._keys.clear()
         self._keys[host] = key

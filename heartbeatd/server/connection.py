@@ -216,6 +216,9 @@ class Connection(Protocol):
     fast_path = True
     #: Which kind of listener accepted the connection (admin API, logs).
     listener = "stream"
+    #: The client a trusted proxy named (``X-Forwarded-For``), set on such connections only:
+    #: what is counted per client address instead of the proxy's own.
+    forwarded_client: str | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import re
 import secrets
 import sys
@@ -35,6 +34,7 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from heartbeatd._logging import get_logger
+from heartbeatd.server.admission import address_key, parse_address
 from heartbeatd.server.connection import CONNECTION_TYPES, Connection, _Slot
 from heartbeatd.server.handlers import Request
 from heartbeatd.wire import envelope
@@ -111,33 +111,22 @@ def _digest(key: str) -> bytes:
 
 def bucket_of(conn: Connection) -> str | None:
     """What a session started on ``conn`` is counted under for ``sessions.max_per_identity``:
-    ``u:<identity>``, or for a connection without an identity its peer address
-    (``a:<IPv4>``, or ``a:<IPv6 network>`` of ``limits.ipv6_prefix_per_address`` bits, as
-    the per-address connection limits count), or None (not an IP: UNIX socket).  Behind a
-    trusted WebSocket proxy it is the client ``X-Forwarded-For`` named (the WebSocket
-    handshake records it as the connection's peer, ``"<client> (via <proxy>)"``), not the
-    proxy's own address, which every client would share."""
+    ``u:<identity>``, or for a connection without an identity its client's address as the
+    per-address connection limits count it (`admission.address_key`; loopback is not exempt
+    here), or None (not an IP: UNIX socket).  Behind a trusted WebSocket proxy the client is
+    the one ``X-Forwarded-For`` named (``conn.forwarded_client``), not the proxy, which
+    every client would share."""
     if conn.identity is not None:
         return sys.intern(f"u:{conn.identity}")  # one string for all its sessions
-    shown = conn._peer
-    if shown is not None and " (via " in shown:
-        host: Any = shown.split(" (via ", 1)[0]
-    else:
+    host = conn.forwarded_client
+    if host is None:
         transport = conn.transport
         host = getattr(transport.getPeer(), "host", None) if transport is not None else None
-    if not isinstance(host, str):
+    address = parse_address(host) if isinstance(host, str) else None
+    if address is None:
         return None
-    try:
-        address = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return None
-    mapped = getattr(address, "ipv4_mapped", None)
-    if mapped is not None:
-        address = mapped
     prefix = conn.factory.config.limits.ipv6_prefix_per_address
-    if address.version == 6 and prefix < 128:
-        return sys.intern(f"a:{ipaddress.ip_network(f'{address}/{prefix}', strict=False)}")
-    return sys.intern(f"a:{address}")
+    return sys.intern(f"a:{address_key(address, prefix)}")
 
 
 class RedeliveredRequest(Request):

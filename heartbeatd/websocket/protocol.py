@@ -342,6 +342,7 @@ class WebSocketProtocol(Connection):
                 return
             if client is not None:
                 self._peer = f"{client} (via {format_address(peer)})"
+                self.forwarded_client = client
             refusal, key = self.factory.admit(self.peer, client or host, limit_total=False)
             if refusal is not None:
                 self._refuse_upgrade(429, "refused", refusal, counted=True)
