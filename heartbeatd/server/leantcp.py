@@ -17,6 +17,10 @@ nothing (profile and figures in docs/benchmarks.md):
   other descriptor still goes through ``callWithLogger``), and logs what escapes it the
   same way. A plain read event, the commonest by far, takes the same steps one call
   shorter (`_read`, and `LeanServer.doRead` with Twisted's ``_dataReceived`` inlined).
+  With the C hot path built, a read event is one C call (``_speedups.read_event``): for
+  the commonest read (whole frames, a connection on the fast path) it does what
+  ``doRead``, ``dataReceived``, ``_deliver`` and the direct write do, and hands any other
+  read to ``dataReceived`` (`read_event`; tests/test_speedups.py compares the two).
 
 Both are switched by ``tcp.lean_transport`` (on by default). They apply only where they are
 known to fit: a plain ``tcp.Port`` whose transport class is Twisted's ``tcp.Server``, and
@@ -29,11 +33,14 @@ import errno
 import select
 import sys
 import types
+from collections.abc import Callable
 from typing import Any, Final
 
 from twisted.internet import tcp
 from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 from twisted.python import log as legacy_log
+
+from heartbeatd.wire._accelerated import speedups
 
 __all__ = ["LeanServer", "adopt", "install_dispatch", "uninstall_dispatch"]
 
@@ -148,6 +155,10 @@ def install_dispatch(reactor: Any) -> bool:
         return False
     if type(reactor) is not EPollReactor:
         return False
+    global _read_event, _read_event_configured
+    if not _read_event_configured:
+        _read_event = _configure_read_event()
+        _read_event_configured = True
     if "doIteration" not in vars(reactor):
         reactor.doIteration = types.MethodType(_lean_do_poll, reactor)
     return True
@@ -156,6 +167,26 @@ def install_dispatch(reactor: Any) -> bool:
 def uninstall_dispatch(reactor: Any) -> None:
     """Back to Twisted's own poll loop (tests switch between the two)."""
     vars(reactor).pop("doIteration", None)
+
+
+def _configure_read_event() -> Callable[[LeanServer], Any] | None:
+    """The C read path for `LeanServer` read events, or None (pure Python, or a class that
+    is not the one it was written for): then ``doRead`` runs."""
+    if speedups is None or not hasattr(speedups, "configure_reads"):
+        return None
+    from heartbeatd.server.protocol import ServerProtocol
+    from heartbeatd.wire.int32 import Int32Framing
+
+    configured = speedups.configure_reads(
+        ServerProtocol, LeanServer.doRead, Int32Framing.header, CONNECTION_DONE, CONNECTION_LOST
+    )
+    return speedups.read_event if configured else None
+
+
+#: What a `LeanServer` read event calls: ``read_event(connection) -> why``, set by the first
+#: `install_dispatch` (importing the protocol module here would be circular).
+_read_event: Callable[[LeanServer], Any] | None = None
+_read_event_configured = False
 
 
 def _lean_do_poll(self: Any, timeout: float | None) -> None:
@@ -203,7 +234,7 @@ def _read(reactor: Any, connection: LeanServer) -> None:
     ``connectionLost``, after the reactor has forgotten it.
     """
     try:
-        why = connection.doRead()
+        why = connection.doRead() if _read_event is None else _read_event(connection)
     except BaseException:
         why = sys.exc_info()[1]
         legacy_log.err()

@@ -16,6 +16,14 @@
 #include <structmember.h>
 #include <stdint.h>
 #include <string.h>
+#include <errno.h>
+#ifndef _WIN32
+#include <sys/socket.h>
+#define HAVE_READ_EVENT 1
+#endif
+#ifndef MSG_NOSIGNAL
+#define MSG_NOSIGNAL 0 /* Python ignores SIGPIPE anyway */
+#endif
 
 /* heartbeatd.wire.framing.FrameTooLarge, imported once at module init. */
 static PyObject *FrameTooLarge = NULL;
@@ -1056,6 +1064,64 @@ PyDoc_STRVAR(serve_doc,
 "answered into `batch` (framed by `header`, or int32 when it is None); everything else goes\n"
 "to the connection's general path, as the Python loop does.");
 
+/* serve()'s loop: the bodies answered here, or -1 with an exception set. */
+static Py_ssize_t
+serve_items(PyObject *connection, PyObject *items, PyObject *lookup, PyObject *batch,
+            PyObject *max_depth, PyObject *header)
+{
+    Py_ssize_t depth = PyLong_AsSsize_t(max_depth);
+    if (depth == -1 && PyErr_Occurred())
+        return -1;
+    /* Nesting deeper than max_depth takes at least 2 * (max_depth + 1) bytes. */
+    Py_ssize_t deep_enough = depth > PY_SSIZE_T_MAX / 2 - 2 ? PY_SSIZE_T_MAX
+                             : depth < 0                    ? 0
+                                                            : 2 * depth + 2;
+    Serving sv = {connection, lookup, batch, max_depth, header, NULL, deep_enough,
+                  pending_slot(connection), NULL};
+    if (PyCFunction_Check(lookup) && dict_get_function != NULL &&
+        PyCFunction_GET_FUNCTION(lookup) == dict_get_function &&
+        PyCFunction_GET_SELF(lookup) != NULL && PyDict_CheckExact(PyCFunction_GET_SELF(lookup)))
+        sv.handlers = PyCFunction_GET_SELF(lookup); /* held by `lookup` */
+    Py_ssize_t answered = 0;
+    Py_INCREF(items);
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(items); i++) {
+        PyObject *item = PyList_GET_ITEM(items, i);
+        Py_INCREF(item);
+        int r = serve_one(&sv, item);
+        Py_DECREF(item);
+        if (r < 0)
+            goto failed;
+        answered += r;
+        if (r == 0) {
+            /* The general path may have switched the connection off the fast one (a
+             * resumable session started): the rest of this read goes there too. */
+            PyObject *on = PyObject_GetAttr(connection, s_fast_path);
+            int fast = on == NULL ? -1 : PyObject_IsTrue(on);
+            Py_XDECREF(on);
+            if (fast < 0)
+                goto failed;
+            if (!fast) {
+                for (i++; i < PyList_GET_SIZE(items); i++) {
+                    PyObject *rest = PyList_GET_ITEM(items, i);
+                    Py_INCREF(rest);
+                    int status = call_method(connection, s_handle_item, &rest, 1);
+                    Py_DECREF(rest);
+                    if (status < 0)
+                        goto failed;
+                }
+                break;
+            }
+        }
+    }
+    Py_DECREF(items);
+    Py_XDECREF(sv.spare);
+    return answered;
+failed:
+    Py_DECREF(items);
+    Py_XDECREF(sv.spare);
+    return -1;
+}
+
 static PyObject *
 serve(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -1068,63 +1134,489 @@ serve(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_RuntimeError, "serve() before configure()");
         return NULL;
     }
-    PyObject *connection = args[0], *items = args[1], *lookup = args[2], *batch = args[3],
-             *max_depth = args[4], *header = args[5];
-    if (!PyList_CheckExact(items) || !PyList_CheckExact(batch)) {
+    if (!PyList_CheckExact(args[1]) || !PyList_CheckExact(args[3])) {
         PyErr_SetString(PyExc_TypeError, "serve() needs lists of items and replies");
         return NULL;
     }
-    Py_ssize_t depth = PyLong_AsSsize_t(max_depth);
-    if (depth == -1 && PyErr_Occurred())
-        return NULL;
-    /* Nesting deeper than max_depth takes at least 2 * (max_depth + 1) bytes. */
-    Py_ssize_t deep_enough = depth > PY_SSIZE_T_MAX / 2 - 2 ? PY_SSIZE_T_MAX
-                             : depth < 0                    ? 0
-                                                            : 2 * depth + 2;
-    Serving sv = {connection, lookup, batch, max_depth, header, NULL, deep_enough,
-                  pending_slot(connection), NULL};
-    if (PyCFunction_Check(lookup) && dict_get_function != NULL &&
-        PyCFunction_GET_FUNCTION(lookup) == dict_get_function &&
-        PyCFunction_GET_SELF(lookup) != NULL && PyDict_CheckExact(PyCFunction_GET_SELF(lookup)))
-        sv.handlers = PyCFunction_GET_SELF(lookup); /* held by `lookup` */
-    Py_ssize_t answered = 0;
-    PyObject *result = NULL;
-    Py_INCREF(items);
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(items); i++) {
-        PyObject *item = PyList_GET_ITEM(items, i);
-        Py_INCREF(item);
-        int r = serve_one(&sv, item);
-        Py_DECREF(item);
-        if (r < 0)
-            goto finish;
-        answered += r;
-        if (r == 0) {
-            /* The general path may have switched the connection off the fast one (a
-             * resumable session started): the rest of this read goes there too. */
-            PyObject *on = PyObject_GetAttr(connection, s_fast_path);
-            int fast = on == NULL ? -1 : PyObject_IsTrue(on);
-            Py_XDECREF(on);
-            if (fast < 0)
-                goto finish;
-            if (!fast) {
-                for (i++; i < PyList_GET_SIZE(items); i++) {
-                    PyObject *rest = PyList_GET_ITEM(items, i);
-                    Py_INCREF(rest);
-                    int status = call_method(connection, s_handle_item, &rest, 1);
-                    Py_DECREF(rest);
-                    if (status < 0)
-                        goto finish;
-                }
-                break;
+    Py_ssize_t answered = serve_items(args[0], args[1], args[2], args[3], args[4], args[5]);
+    return answered < 0 ? NULL : PyLong_FromSsize_t(answered);
+}
+
+#ifdef HAVE_READ_EVENT /* POSIX sockets (the epoll reactor is Linux-only anyway) */
+/* ------------------------------------------------------------------------------------------ */
+/* read_event(): a read event of a LeanServer connection, whole                               */
+/* ------------------------------------------------------------------------------------------ */
+
+/* What LeanServer.doRead, ServerProtocol.dataReceived, Connection._deliver, _write_many and
+ * write_direct do for the commonest read, in one call: the read holds whole frames, the
+ * connection holds nothing unfinished and is on the fast path.  Every other read is handed,
+ * as bytes, to the protocol's dataReceived: the Python code stays the one place that
+ * decides anything unusual (tests/test_speedups.py compares the two for any reads).
+ * configure_reads() says which classes and objects it works with; until then, or when the
+ * classes are not what it was written for, read_event() is never called. */
+
+static PyTypeObject *ReadProtocolType = NULL; /* ServerProtocol, exactly (no subclass) */
+static PyObject *lean_do_read = NULL;         /* LeanServer.doRead (the function) */
+static PyObject *int32_header = NULL;         /* Int32Framing.header */
+static PyObject *connection_done = NULL, *connection_lost = NULL;
+
+/* ServerProtocol's slots that read_event() reads or sets, as offsets in the instance. */
+enum {
+    P_DECODER, P_SNIFF_HEAD, P_BARE_TYPE, P_AUTH, P_HELD, P_FRAME_STARTED, P_AWAITING,
+    P_WRITE_PAUSED, P_DIRECT_WRITE, P_FRAMING, P_MAX_DEPTH, P_FACTORY, P_BYTES_IN,
+    P_FRAMES_IN, P_FRAMES_OUT, P_BYTES_OUT, P_LAST_SEEN, P_PINGS, P_BATCH, P_SLOTS
+};
+static const char *slot_names[P_SLOTS] = {
+    "_decoder", "_sniff_head", "_bare_type", "_auth", "_held", "frame_started",
+    "awaiting_first_frame", "_write_paused", "_direct_write", "_framing", "_max_depth",
+    "factory", "bytes_in", "frames_in", "frames_out", "bytes_out", "last_seen",
+    "pings_unanswered", "_batch",
+};
+static Py_ssize_t slot_offsets[P_SLOTS];
+
+static PyObject *s_protocol, *s_socket, *s_fileno, *s_buffer_size, *s_data_received,
+    *s_do_read, *s_now, *s_touch, *s_registry, *s_get, *s_config, *s_max_frame_bytes,
+    *s_header, *s_write_many, *s_write, *s_temp_data_len, *s_offset, *s_data_buffer,
+    *s_disconnecting, *s_connected_attr, *s_tls, *s_write_disconnected;
+
+/* A slot's value (borrowed), or NULL when unset (then the Python code would raise). */
+#define SLOT(obj, i) (*(PyObject **)((char *)(obj) + slot_offsets[i]))
+
+static void
+set_slot(PyObject *obj, int i, PyObject *value)
+{
+    PyObject **field = (PyObject **)((char *)obj + slot_offsets[i]);
+    Py_INCREF(value);
+    Py_XSETREF(*field, value);
+}
+
+/* slot += n for an int slot; -1 on error. */
+static int
+add_to_slot(PyObject *obj, int i, Py_ssize_t n)
+{
+    PyObject *old = SLOT(obj, i);
+    if (old == NULL) {
+        PyErr_Format(PyExc_AttributeError, "%s", slot_names[i]);
+        return -1;
+    }
+    PyObject *amount = PyLong_FromSsize_t(n);
+    if (amount == NULL)
+        return -1;
+    PyObject *sum = PyNumber_Add(old, amount);
+    Py_DECREF(amount);
+    if (sum == NULL)
+        return -1;
+    Py_XSETREF(*(PyObject **)((char *)obj + slot_offsets[i]), sum);
+    return 0;
+}
+
+/* An attribute's truth, -1 on error. */
+static int
+attr_true(PyObject *obj, PyObject *name)
+{
+    PyObject *value = PyObject_GetAttr(obj, name);
+    if (value == NULL)
+        return -1;
+    int truth = PyObject_IsTrue(value);
+    Py_DECREF(value);
+    return truth;
+}
+
+/* An attribute as a Py_ssize_t, -1 with an exception on error. */
+static Py_ssize_t
+attr_size(PyObject *obj, PyObject *name)
+{
+    PyObject *value = PyObject_GetAttr(obj, name);
+    if (value == NULL)
+        return -1;
+    Py_ssize_t n = PyLong_AsSsize_t(value);
+    Py_DECREF(value);
+    return n;
+}
+
+/* The socket's descriptor now (-1 once closed), or -2 with an exception. */
+static int
+socket_fd(PyObject *sock)
+{
+    PyObject *fd = PyObject_CallMethodNoArgs(sock, s_fileno);
+    if (fd == NULL)
+        return -2;
+    long n = PyLong_AsLong(fd);
+    Py_DECREF(fd);
+    if (n == -1 && PyErr_Occurred())
+        return -2;
+    return n < 0 || n > INT32_MAX ? -1 : (int)n;
+}
+
+/* Is the protocol between frames, on the fast path, with nothing that changes a read's
+ * meaning (sniffing, a decoder holding bytes, seed framing, an auth gate)?  -1: error. */
+static int
+protocol_is_plain(PyObject *protocol)
+{
+    for (int i = 0; i < P_SLOTS; i++)
+        if (SLOT(protocol, i) == NULL)
+            return 0; /* an unset slot: the Python code says what that means */
+    if (SLOT(protocol, P_DECODER) != Py_None || SLOT(protocol, P_SNIFF_HEAD) != Py_None ||
+        SLOT(protocol, P_BARE_TYPE) != Py_None || SLOT(protocol, P_AUTH) != Py_None)
+        return 0;
+    PyObject *held = SLOT(protocol, P_HELD);
+    if (!PyLong_CheckExact(held) || PyLong_AsSsize_t(held) != 0)
+        return PyErr_Occurred() ? -1 : 0;
+    PyObject *header = PyObject_GetAttr(SLOT(protocol, P_FRAMING), s_header);
+    if (header == NULL)
+        return -1;
+    int int32 = header == int32_header;
+    Py_DECREF(header);
+    if (!int32)
+        return 0;
+    return attr_true(protocol, s_fast_path);
+}
+
+/* The number of whole frames `p[0:n]` holds when it is nothing but whole frames of at most
+ * `limit` bytes each, else 0 (the decoder decides what anything else means). */
+static Py_ssize_t
+whole_frames(const unsigned char *p, Py_ssize_t n, Py_ssize_t limit)
+{
+    Py_ssize_t at = 0, count = 0;
+    while (n - at >= 4) {
+        uint32_t length = read_be32(p + at);
+        if ((Py_ssize_t)length > limit || (Py_ssize_t)length > n - at - 4)
+            return 0;
+        at += 4 + (Py_ssize_t)length;
+        count++;
+    }
+    return at == n ? count : 0;
+}
+
+/* write_direct(transport, data): send now when nothing is queued, queue the rest. */
+static int
+write_through(PyObject *transport, PyObject *sock, PyObject *data)
+{
+    int direct = 1;
+    Py_ssize_t queued = attr_size(transport, s_temp_data_len);
+    if (queued == -1 && PyErr_Occurred())
+        return -1;
+    if (queued)
+        direct = 0;
+    if (direct) {
+        Py_ssize_t offset = attr_size(transport, s_offset);
+        if (offset == -1 && PyErr_Occurred())
+            return -1;
+        PyObject *buffer = PyObject_GetAttr(transport, s_data_buffer);
+        if (buffer == NULL)
+            return -1;
+        Py_ssize_t held = PyObject_Length(buffer);
+        Py_DECREF(buffer);
+        if (held < 0)
+            return -1;
+        direct = offset == held;
+    }
+    static PyObject **flags[4] = {&s_disconnecting, &s_connected_attr, &s_tls,
+                                  &s_write_disconnected};
+    for (int i = 0; direct && i < 4; i++) {
+        int truth = attr_true(transport, *flags[i]);
+        if (truth < 0)
+            return -1;
+        direct = i == 1 ? truth : !truth; /* connected must be true, the others false */
+    }
+    Py_ssize_t size = PyBytes_GET_SIZE(data), sent = 0;
+    if (direct) {
+        int fd = socket_fd(sock);
+        if (fd == -2)
+            return -1;
+        if (fd < 0)
+            direct = 0;
+        else {
+            sent = send(fd, PyBytes_AS_STRING(data), (size_t)size, MSG_NOSIGNAL);
+            if (sent < 0) {
+                if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
+                    direct = 0; /* failed: Twisted's own write path reports it */
+                sent = 0;
             }
         }
     }
-    result = PyLong_FromSsize_t(answered);
-finish:
-    Py_DECREF(items);
-    Py_XDECREF(sv.spare);
+    if (direct && sent == size)
+        return 0;
+    PyObject *rest = direct && sent ? PyBytes_FromStringAndSize(PyBytes_AS_STRING(data) + sent,
+                                                                size - sent)
+                                    : Py_NewRef(data);
+    if (rest == NULL)
+        return -1;
+    PyObject *r = PyObject_CallMethodOneArg(transport, s_write, rest);
+    Py_DECREF(rest);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+/* _deliver() for bodies that all completed in this read (the decoder holds nothing), then
+ * _write_many(): 0, or -1 with an exception. */
+static int
+deliver_whole(PyObject *protocol, PyObject *transport, PyObject *sock, PyObject *items)
+{
+    PyObject *factory = SLOT(protocol, P_FACTORY);
+    Py_INCREF(factory);
+    PyObject *batch = NULL, *lookup = NULL, *data = NULL;
+    int status = -1;
+
+    PyObject *now = PyObject_CallMethodNoArgs(factory, s_now);
+    if (now == NULL)
+        goto done;
+    set_slot(protocol, P_LAST_SEEN, now);
+    Py_DECREF(now);
+    PyObject *zero = PyLong_FromLong(0);
+    set_slot(protocol, P_PINGS, zero);
+    Py_DECREF(zero);
+    PyObject *r = PyObject_CallMethodOneArg(factory, s_touch, protocol);
+    if (r == NULL)
+        goto done;
+    Py_DECREF(r);
+    if (SLOT(protocol, P_FRAME_STARTED) != NULL && SLOT(protocol, P_FRAME_STARTED) != Py_None)
+        set_slot(protocol, P_FRAME_STARTED, Py_None);
+    if (SLOT(protocol, P_AWAITING) != NULL) {
+        int awaiting = PyObject_IsTrue(SLOT(protocol, P_AWAITING));
+        if (awaiting < 0)
+            goto done;
+        if (awaiting)
+            set_slot(protocol, P_AWAITING, Py_False);
+    }
+    if ((batch = PyList_New(0)) == NULL)
+        goto done;
+    set_slot(protocol, P_BATCH, batch);
+    PyObject *registry = PyObject_GetAttr(factory, s_registry);
+    if (registry == NULL)
+        goto unbatch;
+    lookup = PyObject_GetAttr(registry, s_get);
+    Py_DECREF(registry);
+    if (lookup == NULL)
+        goto unbatch;
+    PyObject *max_depth = SLOT(protocol, P_MAX_DEPTH);
+    if (max_depth == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "_max_depth");
+        goto unbatch;
+    }
+    Py_INCREF(max_depth);
+    Py_ssize_t answered = serve_items(protocol, items, lookup, batch, max_depth, Py_None);
+    Py_DECREF(max_depth);
+    if (answered < 0)
+        goto unbatch;
+    if (add_to_slot(protocol, P_FRAMES_IN, answered) < 0)
+        goto unbatch;
+    set_slot(protocol, P_BATCH, Py_None);
+    Py_ssize_t frames = PyList_GET_SIZE(batch);
+    if (frames == 0) {
+        status = 0;
+        goto done;
+    }
+    int paused = SLOT(protocol, P_WRITE_PAUSED) == NULL
+                     ? -1
+                     : PyObject_IsTrue(SLOT(protocol, P_WRITE_PAUSED));
+    int direct = SLOT(protocol, P_DIRECT_WRITE) == NULL
+                     ? -1
+                     : PyObject_IsTrue(SLOT(protocol, P_DIRECT_WRITE));
+    if (paused < 0 || direct < 0) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_AttributeError, "_write_paused");
+        goto done;
+    }
+    if (paused || !direct) { /* backpressure or another transport: the Python write */
+        r = PyObject_CallMethodOneArg(protocol, s_write_many, batch);
+        if (r == NULL)
+            goto done;
+        Py_DECREF(r);
+        status = 0;
+        goto done;
+    }
+    if (frames == 1)
+        data = Py_NewRef(PyList_GET_ITEM(batch, 0));
+    else {
+        PyObject *empty = PyBytes_FromStringAndSize(NULL, 0);
+        if (empty == NULL)
+            goto done;
+        data = _PyBytes_Join(empty, batch);
+        Py_DECREF(empty);
+        if (data == NULL)
+            goto done;
+    }
+    if (write_through(transport, sock, data) < 0)
+        goto done;
+    if (add_to_slot(protocol, P_FRAMES_OUT, frames) < 0 ||
+        add_to_slot(protocol, P_BYTES_OUT, PyBytes_GET_SIZE(data)) < 0)
+        goto done;
+    status = 0;
+    goto done;
+
+unbatch:
+    set_slot(protocol, P_BATCH, Py_None); /* the Python `finally:` */
+done:
+    Py_XDECREF(data);
+    Py_XDECREF(lookup);
+    Py_XDECREF(batch);
+    Py_DECREF(factory);
+    return status;
+}
+
+PyDoc_STRVAR(read_event_doc,
+"read_event(transport) -> None, or why the connection is done\n\n"
+"LeanServer.doRead for a read event, with the commonest read (whole frames, a plain\n"
+"connection) delivered and answered here; any other read goes to dataReceived as bytes.");
+
+static PyObject *
+read_event(PyObject *module, PyObject *transport)
+{
+    (void)module;
+    if (ReadProtocolType == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "read_event() before configure_reads()");
+        return NULL;
+    }
+    /* What `transport.doRead()` would run: an instance may have replaced it (Twisted's
+     * abortConnection does, with a no-op), and then that runs. */
+    PyObject *do_read = PyObject_GetAttr(transport, s_do_read);
+    if (do_read == NULL)
+        return NULL;
+    if (!PyMethod_Check(do_read) || PyMethod_GET_FUNCTION(do_read) != lean_do_read ||
+        PyMethod_GET_SELF(do_read) != transport) {
+        PyObject *why = PyObject_CallNoArgs(do_read);
+        Py_DECREF(do_read);
+        return why;
+    }
+    Py_DECREF(do_read);
+    PyObject *sock = PyObject_GetAttr(transport, s_socket);
+    if (sock == NULL)
+        return NULL;
+    PyObject *protocol = NULL, *data = NULL, *items = NULL, *result = NULL;
+    Py_ssize_t size = attr_size(transport, s_buffer_size);
+    if (size == -1 && PyErr_Occurred())
+        goto done;
+    if (size <= 0) {
+        PyErr_SetString(PyExc_ValueError, "bufferSize must be positive");
+        goto done;
+    }
+    int fd = socket_fd(sock);
+    if (fd == -2)
+        goto done;
+    if (fd < 0) {
+        result = Py_NewRef(connection_lost); /* as recv() on a closed socket fails */
+        goto done;
+    }
+    if ((data = PyBytes_FromStringAndSize(NULL, size)) == NULL)
+        goto done;
+    Py_ssize_t n;
+    n = recv(fd, PyBytes_AS_STRING(data), (size_t)size, 0);
+    if (n < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK)
+            result = Py_NewRef(Py_None);
+        else if (errno == EINTR) /* a signal: its handler runs; epoll reports the data again */
+            result = PyErr_CheckSignals() < 0 ? NULL : Py_NewRef(Py_None);
+        else
+            result = Py_NewRef(connection_lost);
+        goto done;
+    }
+    if (n == 0) {
+        result = Py_NewRef(connection_done);
+        goto done;
+    }
+    if (n < size && _PyBytes_Resize(&data, n) < 0)
+        goto done;
+    if ((protocol = PyObject_GetAttr(transport, s_protocol)) == NULL)
+        goto done;
+    int plain = Py_IS_TYPE(protocol, ReadProtocolType) ? protocol_is_plain(protocol) : 0;
+    if (plain < 0)
+        goto done;
+    Py_ssize_t frames = 0;
+    if (plain) {
+        PyObject *factory = SLOT(protocol, P_FACTORY), *config;
+        Py_ssize_t limit = -1;
+        if ((config = PyObject_GetAttr(factory, s_config)) != NULL) {
+            limit = attr_size(config, s_max_frame_bytes);
+            Py_DECREF(config);
+        }
+        if (limit == -1 && PyErr_Occurred())
+            goto done;
+        frames = whole_frames((const unsigned char *)PyBytes_AS_STRING(data), n, limit);
+    }
+    if (frames == 0) { /* anything else: dataReceived decides, as LeanServer.doRead does */
+        PyObject *r = PyObject_CallMethodOneArg(protocol, s_data_received, data);
+        if (r == NULL)
+            goto done;
+        Py_DECREF(r);
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    /* ServerProtocol.dataReceived: count the bytes, cut the frames. */
+    if (add_to_slot(protocol, P_BYTES_IN, n) < 0)
+        goto done;
+    if ((items = PyList_New(frames)) == NULL)
+        goto done;
+    const char *p = PyBytes_AS_STRING(data);
+    for (Py_ssize_t i = 0, at = 0; i < frames; i++) {
+        Py_ssize_t length = (Py_ssize_t)read_be32((const unsigned char *)p + at);
+        PyObject *body = PyBytes_FromStringAndSize(p + at + 4, length);
+        if (body == NULL)
+            goto done;
+        PyList_SET_ITEM(items, i, body);
+        at += 4 + length;
+    }
+    Py_CLEAR(data); /* the read's bytes are not needed any more */
+    if (deliver_whole(protocol, transport, sock, items) < 0)
+        goto done;
+    result = Py_NewRef(Py_None);
+done:
+    Py_XDECREF(items);
+    Py_XDECREF(data);
+    Py_XDECREF(protocol);
+    Py_DECREF(sock);
     return result;
 }
+
+PyDoc_STRVAR(configure_reads_doc,
+"configure_reads(protocol_class, lean_do_read, int32_header, done, lost) -> bool\n\n"
+"What read_event() works with; False (and read_event() must not be used) when\n"
+"protocol_class's slots are not the plain ones it reads and writes.");
+
+static PyObject *
+configure_reads(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 5 || !PyType_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "configure_reads() takes a class and 4 objects");
+        return NULL;
+    }
+    PyTypeObject *tp = (PyTypeObject *)args[0];
+    Py_CLEAR(ReadProtocolType);
+    if (tp->tp_getattro != PyObject_GenericGetAttr || tp->tp_setattro != PyObject_GenericSetAttr)
+        Py_RETURN_FALSE;
+    for (int i = 0; i < P_SLOTS; i++) {
+        PyObject *name = PyUnicode_InternFromString(slot_names[i]);
+        if (name == NULL)
+            return NULL;
+        PyObject *descr = _PyType_Lookup(tp, name); /* borrowed */
+        Py_DECREF(name);
+        if (descr == NULL || !Py_IS_TYPE(descr, &PyMemberDescr_Type))
+            Py_RETURN_FALSE;
+        PyMemberDef *member = ((PyMemberDescrObject *)descr)->d_member;
+        if (member->type != T_OBJECT_EX || member->offset <= 0 || (member->flags & READONLY))
+            Py_RETURN_FALSE;
+        slot_offsets[i] = member->offset;
+    }
+    /* Its writes must be Connection's own (a subclass overriding _write_many says False). */
+    PyObject *plain = PyObject_GetAttrString(args[0], "_plain_writes");
+    if (plain == NULL)
+        return NULL;
+    int plain_writes = PyObject_IsTrue(plain);
+    Py_DECREF(plain);
+    if (plain_writes <= 0)
+        return plain_writes < 0 ? NULL : Py_NewRef(Py_False);
+    Py_XSETREF(lean_do_read, Py_NewRef(args[1]));
+    Py_XSETREF(int32_header, Py_NewRef(args[2]));
+    Py_XSETREF(connection_done, Py_NewRef(args[3]));
+    Py_XSETREF(connection_lost, Py_NewRef(args[4]));
+    Py_INCREF(tp);
+    ReadProtocolType = tp;
+    Py_RETURN_TRUE;
+}
+#endif /* HAVE_READ_EVENT */
 
 PyDoc_STRVAR(configure_doc,
 "configure(request, loads, dumps, exceeds_depth): what serve() builds and calls.");
@@ -1185,6 +1677,11 @@ builds_requests(PyObject *module, PyObject *unused)
 static PyMethodDef module_methods[] = {
     {"serve", (PyCFunction)(void (*)(void))serve, METH_FASTCALL, serve_doc},
     {"configure", (PyCFunction)(void (*)(void))configure, METH_FASTCALL, configure_doc},
+#ifdef HAVE_READ_EVENT
+    {"read_event", (PyCFunction)read_event, METH_O, read_event_doc},
+    {"configure_reads", (PyCFunction)(void (*)(void))configure_reads, METH_FASTCALL,
+     configure_reads_doc},
+#endif
     {"builds_requests", (PyCFunction)(void (*)(void))builds_requests, METH_NOARGS,
      "True when serve() fills Request's slots itself (else it calls the class)."},
     {NULL},
@@ -1219,6 +1716,30 @@ PyInit__speedups(void)
     INTERN(s_fast_failed, "_fast_failed");
     INTERN(s_fast_result, "_fast_result");
     INTERN(s_fast_path, "fast_path");
+#ifdef HAVE_READ_EVENT
+    INTERN(s_protocol, "protocol");
+    INTERN(s_socket, "socket");
+    INTERN(s_fileno, "fileno");
+    INTERN(s_buffer_size, "bufferSize");
+    INTERN(s_data_received, "dataReceived");
+    INTERN(s_do_read, "doRead");
+    INTERN(s_now, "now");
+    INTERN(s_touch, "touch");
+    INTERN(s_registry, "registry");
+    INTERN(s_get, "get");
+    INTERN(s_config, "config");
+    INTERN(s_max_frame_bytes, "max_frame_bytes");
+    INTERN(s_header, "header");
+    INTERN(s_write_many, "_write_many");
+    INTERN(s_write, "write");
+    INTERN(s_temp_data_len, "_tempDataLen");
+    INTERN(s_offset, "offset");
+    INTERN(s_data_buffer, "dataBuffer");
+    INTERN(s_disconnecting, "disconnecting");
+    INTERN(s_connected_attr, "connected");
+    INTERN(s_tls, "TLS");
+    INTERN(s_write_disconnected, "_writeDisconnected");
+#endif
     PyObject *framing = PyImport_ImportModule("heartbeatd.wire.framing");
     if (framing == NULL)
         return NULL;

@@ -1,0 +1,308 @@
+"""The C read path (``_speedups.read_event``) answers exactly as ``LeanServer.doRead``.
+
+`heartbeatd.server.leantcp` hands a `LeanServer` read event to one C call when the module
+is built: for a read of whole frames on a plain connection it does what ``doRead``,
+``dataReceived``, ``_deliver`` and the direct write do, and gives every other read to
+``dataReceived``.  Here the same byte stream, cut into the same reads, goes through a real
+loopback socket into a daemon factory on the real epoll reactor, once with the C read path
+and once with Python's: the client must get the same bytes, and the connection must count
+the same frames, bytes, errors and close decision.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+from helpers import make_config
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_lean_transport import spin_until
+from test_protocol_paths import _FixedIdFactory, _registry
+from test_speedups import ODD_TYPE, _deep, _hot_bodies
+from twisted.internet.defer import Deferred
+
+from heartbeatd.server import leantcp
+from heartbeatd.server.factory import ServerFactory
+from heartbeatd.server.protocol import ServerProtocol
+
+try:
+    from heartbeatd.wire import _speedups  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - test_speedups.test_the_extension_is_built says so
+    _speedups = None
+
+reactor: Any
+from twisted.internet import reactor  # noqa: E402  (the test drives the real reactor by hand)
+
+pytestmark = [
+    pytest.mark.skipif(_speedups is None, reason="the C module is not built"),
+    pytest.mark.skipif(
+        type(reactor).__name__ != "EPollReactor", reason="the lean dispatch is for epoll"
+    ),
+]
+
+END = b'{"type":"echo","id":"end"}'
+
+
+@contextmanager
+def read_path(c: bool) -> Iterator[list[int]]:
+    """Read events through the C path (``c``) or ``doRead``; yields a count of C calls."""
+    calls = [0]
+    saved = leantcp._read_event, leantcp._read_event_configured
+    real = leantcp._configure_read_event()
+    assert real is not None, "configure_reads refused ServerProtocol"
+
+    def counted(connection: Any) -> Any:
+        calls[0] += 1
+        return real(connection)
+
+    leantcp._read_event, leantcp._read_event_configured = (counted if c else None), True
+    try:
+        yield calls
+    finally:
+        leantcp._read_event, leantcp._read_event_configured = saved
+
+
+def run(stream: bytes, cuts: list[int], max_frame_bytes: int) -> tuple[Any, ...]:
+    """Send ``stream`` in reads cut at ``cuts``, each read taken by the server before the
+    next is sent; then everything the client got and what the connection counted."""
+    held: list[Deferred[Any]] = []
+    registry = _registry()
+    registry.add("hold", lambda r: held.append(Deferred()) or held[-1])
+    registry.add(ODD_TYPE, lambda r: [r.type, r.id, r.data])
+    registry.add("deep", _deep)
+    config = make_config(
+        max_frame_bytes=max_frame_bytes, heartbeat={"interval": 3600, "timeout": 7200}
+    )
+    factory = _FixedIdFactory(config, registry, reactor)  # the same session id in both runs
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    assert leantcp.adopt(port)
+    client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10)
+    client.setblocking(False)
+    received = bytearray()
+    closed = [False]
+
+    def drain() -> None:
+        while not closed[0]:
+            try:
+                chunk = client.recv(1 << 20)
+            except BlockingIOError:
+                return
+            if not chunk:
+                closed[0] = True
+            received.extend(chunk)
+
+    try:
+        spin_until(lambda: bool(factory.clients))
+        (protocol,) = factory.clients.values()
+        stream += struct.pack("!I", len(END)) + END
+        start = 0
+        for cut in [*sorted(set(cuts)), len(stream)]:
+            if cut <= start:
+                continue
+            client.sendall(stream[start:cut])
+            target = protocol.bytes_in + cut - start
+            spin_until(lambda target=target: protocol.bytes_in >= target or not protocol.connected)
+            start = cut
+            if held and cut % 3 == 0:  # some replies finish between reads, some after
+                held.pop(0).callback({"late": cut})
+            if not protocol.connected:
+                break
+
+        def finished() -> bool:
+            while held:  # the end marker's reply comes after every held one
+                held.pop(0).callback("late")
+            drain()
+            return closed[0] or received.endswith(END[:-1] + b',"data":null}')
+
+        spin_until(finished)
+        return (
+            bytes(received),
+            protocol.close_reason,
+            protocol.frames_in,
+            protocol.frames_out,
+            protocol.bytes_in,
+            protocol.bytes_out,
+            protocol.pings_unanswered,
+            protocol.awaiting_first_frame,
+            dict(factory.errors),
+            factory.partial_bytes,
+        )
+    finally:
+        for d in held:
+            d.callback("late")
+        client.close()
+        spin_until(lambda: not factory.clients)
+        port.stopListening()
+        spin_until(lambda: not port.connected)
+        leantcp.uninstall_dispatch(reactor)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(_hot_bodies(), min_size=1, max_size=12),
+    st.data(),
+    st.sampled_from([None, 8, 4096]),
+)
+def test_the_c_read_path_answers_as_do_read(
+    bodies: list[bytes], data: Any, tail: int | None
+) -> None:
+    stream = b"".join(struct.pack("!I", len(b)) + b for b in bodies)
+    if tail is not None:  # a header past max_frame_bytes (1000 here) ends the stream
+        stream += struct.pack("!I", 1000 + tail) + b"x" * min(tail, 20)
+    cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=6))
+    with read_path(c=False):
+        expected = run(stream, cuts, 1000)
+    with read_path(c=True) as calls:
+        got = run(stream, cuts, 1000)
+    assert calls[0] > 0
+    assert got == expected
+
+
+def test_whole_frames_never_reach_data_received(monkeypatch: Any) -> None:
+    """Guards the comparison above: the C path does take whole-frame reads itself, and gives
+    a read that ends inside a frame to ``dataReceived``."""
+    reads: list[bytes] = []
+    original = ServerProtocol.dataReceived
+
+    def spy(self: ServerProtocol, data: bytes) -> None:
+        reads.append(data)
+        original(self, data)
+
+    monkeypatch.setattr(ServerProtocol, "dataReceived", spy)
+    echo = struct.pack("!I", 31) + b'{"type":"echo","id":1,"data":2}'
+    size = len(echo)
+    with read_path(c=True) as calls:
+        got = run(echo * 4, [size, size * 3, size * 3 + 7], 1000)
+    assert calls[0] >= 4
+    # The first read is the sniffing one (dataReceived); the second, two whole frames, is
+    # answered in C; the third ends inside a frame and the fourth completes it: both go to
+    # dataReceived (the decoder holds bytes in between).
+    assert reads[0] == echo
+    assert reads[1:] == [echo[:7], echo[7:] + struct.pack("!I", len(END)) + END]
+    assert got[2] == 5  # four echoes and the end marker answered
+    assert got[1] is None
+
+
+def test_an_aborted_connection_reads_nothing_more() -> None:
+    """Twisted's abortConnection replaces ``doRead`` with a no-op on the instance: a read
+    event already returned by epoll must run that, not read and answer."""
+    config = make_config(heartbeat={"interval": 3600, "timeout": 7200})
+    factory = ServerFactory(config, _registry(), reactor)
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    assert leantcp.adopt(port)
+    client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10)
+    try:
+        with read_path(c=True):
+            spin_until(lambda: bool(factory.clients))
+            (protocol,) = factory.clients.values()
+            transport = protocol.transport
+            echo = struct.pack("!I", 31) + b'{"type":"echo","id":1,"data":2}'
+            client.sendall(echo)  # the sniffing read first, then a plain one
+            spin_until(lambda: protocol.frames_in == 1)
+            frames = protocol.frames_in
+            client.sendall(echo)
+            transport.abortConnection()
+            assert leantcp._read_event is not None
+            assert leantcp._read_event(transport) is None
+            assert protocol.frames_in == frames
+    finally:
+        client.close()
+        spin_until(lambda: not factory.clients)
+        port.stopListening()
+        spin_until(lambda: not port.connected)
+        leantcp.uninstall_dispatch(reactor)
+
+
+def test_a_subclass_is_read_by_its_own_data_received() -> None:
+    """``configure_reads`` is for ServerProtocol exactly: a subclass's overrides run."""
+
+    class Counting(ServerProtocol):
+        seen = 0
+
+        def dataReceived(self, data: bytes) -> None:
+            Counting.seen += 1
+            super().dataReceived(data)
+
+    config = make_config(heartbeat={"interval": 3600, "timeout": 7200})
+    factory = ServerFactory(config, _registry(), reactor)
+    factory.protocol = Counting
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    assert leantcp.adopt(port)
+    client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10)
+    try:
+        with read_path(c=True) as calls:
+            spin_until(lambda: bool(factory.clients))
+            (protocol,) = factory.clients.values()
+            echo = struct.pack("!I", 31) + b'{"type":"echo","id":1,"data":2}'
+            for n in (1, 2, 3):
+                client.sendall(echo)
+                spin_until(lambda n=n: protocol.frames_in == n)
+            assert calls[0] >= 3 and Counting.seen == 3
+    finally:
+        client.close()
+        spin_until(lambda: not factory.clients)
+        port.stopListening()
+        spin_until(lambda: not port.connected)
+        leantcp.uninstall_dispatch(reactor)
+
+
+def test_the_c_read_path_leaks_no_references(monkeypatch: Any) -> None:
+    """Thousands of C-path reads (answered, failing, refused and unparsable bodies, several
+    frames a read) keep the interpreter's allocated blocks flat: a reference leaked per read
+    would keep thousands more."""
+    import gc
+    import sys
+
+    monkeypatch.setattr(ServerFactory, "log_allowed", lambda self, cause: False)
+    bodies = [
+        b'{"type":"echo","id":1,"data":"x"}',
+        b'{"type":"crash","id":2}',
+        b'{"type":"unencodable","id":3}',
+        b"not json",
+        b'{"type":"nosuch","id":4}',
+        b'{"type":"echo","id":5,"data":{"a":[1,2]}}',
+    ]
+    reads = [struct.pack("!I", len(b)) + b for b in bodies]
+    reads.append(reads[0] * 3)
+    config = make_config(heartbeat={"interval": 3600, "timeout": 7200})
+    factory = ServerFactory(config, _registry(), reactor)
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    assert leantcp.adopt(port)
+    client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10)
+    client.setblocking(False)
+
+    def send(rounds: int) -> None:
+        for _ in range(rounds):
+            for data in reads:
+                target = protocol.bytes_in + len(data)
+                client.sendall(data)
+                spin_until(lambda target=target: protocol.bytes_in >= target)
+                try:
+                    while client.recv(1 << 16):
+                        pass
+                except BlockingIOError:
+                    pass
+
+    try:
+        with read_path(c=True) as calls:
+            spin_until(lambda: bool(factory.clients))
+            (protocol,) = factory.clients.values()
+            send(50)
+            gc.collect()
+            before = sys.getallocatedblocks()
+            send(400)
+            gc.collect()
+            grown = sys.getallocatedblocks() - before
+            assert calls[0] >= 400 * len(reads) and protocol.connected
+            assert grown < 1000, grown
+    finally:
+        client.close()
+        spin_until(lambda: not factory.clients)
+        port.stopListening()
+        spin_until(lambda: not port.connected)
+        leantcp.uninstall_dispatch(reactor)
