@@ -11,6 +11,7 @@ the same frames, bytes, errors and close decision.
 
 from __future__ import annotations
 
+import json
 import socket
 import struct
 from collections.abc import Iterator
@@ -67,6 +68,19 @@ def read_path(c: bool) -> Iterator[list[int]]:
         leantcp._read_event, leantcp._read_event_configured = saved
 
 
+def send_all(client: socket.socket, data: bytes, drain: Any) -> None:
+    """``sendall`` on a non-blocking socket, the reactor (and the client's reads) running
+    while the kernel's buffers are full."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[client.send(view) :]
+        except BlockingIOError:
+            drain()
+            reactor.runUntilCurrent()
+            reactor.doIteration(0.001)
+
+
 def run(stream: bytes, cuts: list[int], max_frame_bytes: int) -> tuple[Any, ...]:
     """Send ``stream`` in reads cut at ``cuts``, each read taken by the server before the
     next is sent; then everything the client got and what the connection counted."""
@@ -104,7 +118,7 @@ def run(stream: bytes, cuts: list[int], max_frame_bytes: int) -> tuple[Any, ...]
         for cut in [*sorted(set(cuts)), len(stream)]:
             if cut <= start:
                 continue
-            client.sendall(stream[start:cut])
+            send_all(client, stream[start:cut], drain)
             target = protocol.bytes_in + cut - start
             spin_until(lambda target=target: protocol.bytes_in >= target or not protocol.connected)
             start = cut
@@ -161,6 +175,52 @@ def test_the_c_read_path_answers_as_do_read(
         got = run(stream, cuts, 1000)
     assert calls[0] > 0
     assert got == expected
+
+
+@st.composite
+def _large_bodies(draw: st.DrawFn) -> bytes:
+    """Echo requests around and above the decoder's large-body size (64 KiB), which the C
+    path receives straight into the body once its first read has come."""
+    size = draw(st.sampled_from([65_530, 65_536, 70_000, 200_000, 262_144, 300_000]))
+    text = draw(st.sampled_from(["x", "ab~ ", 'q"\\', "é"])) * (size // 4)
+    body = json.dumps({"type": "echo", "id": draw(st.integers(0, 9)), "data": text}).encode()
+    return body if draw(st.booleans()) else body[:-1]  # invalid JSON too
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(_large_bodies() | _hot_bodies(), min_size=1, max_size=4),
+    st.data(),
+)
+def test_large_bodies_on_the_c_read_path_answer_as_do_read(bodies: list[bytes], data: Any) -> None:
+    stream = b"".join(struct.pack("!I", len(b)) + b for b in bodies)
+    cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=6))
+    with read_path(c=False):
+        expected = run(stream, cuts, 1 << 20)
+    with read_path(c=True):
+        got = run(stream, cuts, 1 << 20)
+    assert got == expected
+
+
+def test_a_large_body_is_received_into_place(monkeypatch: Any) -> None:
+    """After its first read, the rest of a large body does not pass through dataReceived:
+    the C path receives it into the decoder's buffer, and the echo comes back whole."""
+    reads: list[int] = []
+    original = ServerProtocol.dataReceived
+
+    def spy(self: ServerProtocol, data: bytes) -> None:
+        reads.append(len(data))
+        original(self, data)
+
+    monkeypatch.setattr(ServerProtocol, "dataReceived", spy)
+    body = json.dumps({"type": "echo", "id": 1, "data": "y" * 300_000}).encode()
+    frame = struct.pack("!I", len(body)) + body
+    with read_path(c=True):
+        got = run(frame * 3, [], 1 << 20)
+    assert got[1] is None and got[2] == 4  # three echoes and the end marker
+    assert got[0].count(b"y" * 300_000) == 3
+    assert got[4] == len(frame) * 3 + 4 + len(END)
+    assert sum(reads) < len(frame) * 3 // 2, reads
 
 
 def test_whole_frames_never_reach_data_received(monkeypatch: Any) -> None:

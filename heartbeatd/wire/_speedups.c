@@ -18,6 +18,7 @@
 #include <string.h>
 #include <errno.h>
 #ifndef _WIN32
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #define HAVE_READ_EVENT 1
 #endif
@@ -27,6 +28,8 @@
 
 /* heartbeatd.wire.framing.FrameTooLarge, imported once at module init. */
 static PyObject *FrameTooLarge = NULL;
+/* The Int32Decoder class (read_event works on its instances directly). */
+static PyTypeObject *DecoderType = NULL;
 /* Set by configure(): the Request class, the JSON functions, the depth check. */
 static PyObject *RequestType = NULL;
 static PyObject *json_loads = NULL;
@@ -195,8 +198,8 @@ decoder_gather(Decoder *self, const char *p, Py_ssize_t n, PyObject *owner)
 static int
 decoder_append(Decoder *self, const char *p, Py_ssize_t n, PyObject *owner)
 {
-    if (self->length >= self->large_body && self->length > 0)
-        return decoder_gather(self, p, n, owner);
+    if (self->length >= self->large_body && self->length > 0 && self->body == NULL)
+        return decoder_gather(self, p, n, owner); /* (read_into_body may have made `body`) */
     Py_ssize_t needed = self->have + n; /* <= length <= max_frame_bytes */
     if (needed > self->cap) {
         Py_ssize_t cap = self->cap > PY_SSIZE_T_MAX / 2 ? needed : self->cap * 2;
@@ -1177,7 +1180,8 @@ static Py_ssize_t slot_offsets[P_SLOTS];
 static PyObject *s_protocol, *s_socket, *s_fileno, *s_buffer_size, *s_data_received,
     *s_do_read, *s_now, *s_touch, *s_registry, *s_get, *s_config, *s_max_frame_bytes,
     *s_header, *s_write_many, *s_write, *s_temp_data_len, *s_offset, *s_data_buffer,
-    *s_disconnecting, *s_connected_attr, *s_tls, *s_write_disconnected;
+    *s_disconnecting, *s_connected_attr, *s_tls, *s_write_disconnected, *s_spare_decoder,
+    *s_deliver;
 
 /* A slot's value (borrowed), or NULL when unset (then the Python code would raise). */
 #define SLOT(obj, i) (*(PyObject **)((char *)(obj) + slot_offsets[i]))
@@ -1457,6 +1461,130 @@ done:
     return status;
 }
 
+/* The rest of a large body straight into the decoder's buffer, for a connection whose
+ * decoder is gathering one (ServerProtocol.dataReceived's steps for that read, with the
+ * read going where the body is kept rather than into a new bytes object gathered later):
+ * 1 when it took the read event (*why: None or why the connection is done), 0 when this read
+ * is not one for it, -1 on error.  The buffer grows to at most twice the bytes received, as
+ * decoder_append grows it, and never past the frame: the next frame is the next read's. */
+static int
+read_into_body(PyObject *protocol, int fd, PyObject **why)
+{
+    PyObject *decoder_obj = SLOT(protocol, P_DECODER);
+    if (decoder_obj == NULL || !Py_IS_TYPE(decoder_obj, DecoderType) ||
+        SLOT(protocol, P_SNIFF_HEAD) != Py_None || SLOT(protocol, P_FACTORY) == NULL)
+        return 0;
+    Decoder *d = (Decoder *)decoder_obj;
+    if (d->error != Py_None || d->head_have != 4 || d->length < d->large_body || d->length <= 0 ||
+        d->have >= d->length)
+        return 0;
+    int avail = 0;
+    if (ioctl(fd, FIONREAD, &avail) < 0 || avail <= 0)
+        return 0; /* nothing queued (or the end): the ordinary read says what it means */
+    Py_ssize_t want = d->length - d->have;
+    if (want > avail)
+        want = avail;
+    Py_INCREF(decoder_obj);
+    PyObject *items = NULL;
+    int status = -1;
+    if (d->body == NULL || d->cap < d->have + want) {
+        Py_ssize_t cap = d->have + want;
+        cap = cap > d->length / 2 ? d->length : cap * 2; /* <= twice what will be held */
+        PyObject *body = PyBytes_FromStringAndSize(NULL, cap);
+        if (body == NULL)
+            goto done;
+        char *out = PyBytes_AS_STRING(body);
+        Py_ssize_t at = 0;
+        if (d->body != NULL)
+            memcpy(out, PyBytes_AS_STRING(d->body), (size_t)d->have);
+        else if (d->chunks != NULL) {
+            for (Py_ssize_t i = 0; i < PyList_GET_SIZE(d->chunks); i++) {
+                PyObject *piece = PyList_GET_ITEM(d->chunks, i);
+                const char *from;
+                Py_ssize_t size;
+                if (PyByteArray_CheckExact(piece)) {
+                    from = PyByteArray_AS_STRING(piece);
+                    size = PyByteArray_GET_SIZE(piece);
+                }
+                else { /* (read, start, size) */
+                    from = PyBytes_AS_STRING(PyTuple_GET_ITEM(piece, 0)) +
+                           PyLong_AsSsize_t(PyTuple_GET_ITEM(piece, 1));
+                    size = PyLong_AsSsize_t(PyTuple_GET_ITEM(piece, 2));
+                }
+                if (size < 0 || size > d->have - at) { /* cannot happen: they sum to have */
+                    Py_DECREF(body);
+                    PyErr_SetString(PyExc_SystemError, "heartbeatd decoder: pieces overflow");
+                    goto done;
+                }
+                memcpy(out + at, from, (size_t)size);
+                at += size;
+            }
+        }
+        Py_CLEAR(d->chunks);
+        Py_XSETREF(d->body, body);
+        d->cap = cap;
+    }
+    Py_ssize_t n = recv(fd, PyBytes_AS_STRING(d->body) + d->have, (size_t)want, 0);
+    if (n <= 0) {
+        if (n == 0)
+            *why = Py_NewRef(connection_done);
+        else if (errno == EAGAIN || errno == EWOULDBLOCK)
+            *why = Py_NewRef(Py_None);
+        else if (errno == EINTR) {
+            if (PyErr_CheckSignals() < 0)
+                goto done;
+            *why = Py_NewRef(Py_None);
+        }
+        else
+            *why = Py_NewRef(connection_lost);
+        status = 1;
+        goto done;
+    }
+    /* ServerProtocol.dataReceived from here: count, take a finished body, hand the decoder
+     * back as the factory's spare once it holds nothing, deliver. */
+    if (add_to_slot(protocol, P_BYTES_IN, n) < 0)
+        goto done;
+    d->have += n;
+    d->buffered = 4 + d->have;
+    if ((items = PyList_New(0)) == NULL)
+        goto done;
+    if (d->have == d->length) {
+        PyObject *body = decoder_take(d);
+        d->buffered = 0;
+        if (body == NULL)
+            goto done;
+        int r = PyList_Append(items, body);
+        Py_DECREF(body);
+        if (r < 0)
+            goto done;
+        set_slot(protocol, P_DECODER, Py_None);
+        PyObject *factory = SLOT(protocol, P_FACTORY);
+        PyObject *spare = PyObject_GetAttr(factory, s_spare_decoder);
+        if (spare == NULL)
+            goto done;
+        int none = spare == Py_None;
+        Py_DECREF(spare);
+        if (none && PyObject_SetAttr(factory, s_spare_decoder, decoder_obj) < 0)
+            goto done;
+    }
+    PyObject *held = PyLong_FromSsize_t(d->buffered);
+    if (held == NULL)
+        goto done;
+    PyObject *args[4] = {protocol, items, held, Py_None};
+    PyObject *r = PyObject_VectorcallMethod(s_deliver, args, 4 | PY_VECTORCALL_ARGUMENTS_OFFSET,
+                                            NULL);
+    Py_DECREF(held);
+    if (r == NULL)
+        goto done;
+    Py_DECREF(r);
+    *why = Py_NewRef(Py_None);
+    status = 1;
+done:
+    Py_XDECREF(items);
+    Py_DECREF(decoder_obj);
+    return status;
+}
+
 PyDoc_STRVAR(read_event_doc,
 "read_event(transport) -> None, or why the connection is done\n\n"
 "LeanServer.doRead for a read event, with the commonest read (whole frames, a plain\n"
@@ -1500,6 +1628,13 @@ read_event(PyObject *module, PyObject *transport)
         result = Py_NewRef(connection_lost); /* as recv() on a closed socket fails */
         goto done;
     }
+    if ((protocol = PyObject_GetAttr(transport, s_protocol)) == NULL)
+        goto done;
+    if (Py_IS_TYPE(protocol, ReadProtocolType)) {
+        int taken = read_into_body(protocol, fd, &result);
+        if (taken < 0 || taken == 1)
+            goto done;
+    }
     if ((data = PyBytes_FromStringAndSize(NULL, size)) == NULL)
         goto done;
     Py_ssize_t n;
@@ -1518,8 +1653,6 @@ read_event(PyObject *module, PyObject *transport)
         goto done;
     }
     if (n < size && _PyBytes_Resize(&data, n) < 0)
-        goto done;
-    if ((protocol = PyObject_GetAttr(transport, s_protocol)) == NULL)
         goto done;
     int plain = Py_IS_TYPE(protocol, ReadProtocolType) ? protocol_is_plain(protocol) : 0;
     if (plain < 0)
@@ -1739,6 +1872,8 @@ PyInit__speedups(void)
     INTERN(s_connected_attr, "connected");
     INTERN(s_tls, "TLS");
     INTERN(s_write_disconnected, "_writeDisconnected");
+    INTERN(s_spare_decoder, "spare_decoder");
+    INTERN(s_deliver, "_deliver");
 #endif
     PyObject *framing = PyImport_ImportModule("heartbeatd.wire.framing");
     if (framing == NULL)
@@ -1763,6 +1898,7 @@ PyInit__speedups(void)
         Py_DECREF(module);
         return NULL;
     }
+    DecoderType = (PyTypeObject *)decoder; /* the module holds it */
     PyObject *four = PyLong_FromLong(4);
     if (four == NULL || PyObject_SetAttrString(decoder, "prefix_length", four) < 0 ||
         PyModule_AddObject(module, "Int32Decoder", decoder) < 0) {
