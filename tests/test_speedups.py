@@ -222,10 +222,11 @@ def _hot_bodies(draw: st.DrawFn) -> bytes:
         text = draw(
             st.text(st.characters(min_codepoint=0, max_codepoint=0x80), max_size=40)
             | st.sampled_from(["x" * 4096, "x" * 4097, "y" * 4095 + '"', "\x7f", "\\", ""])
-            | st.builds(  # one odd character anywhere in a long run (16-byte steps, tail)
-                lambda n, at, c: ("abc~ " * 200)[:n][:at] + c + ("abc~ " * 200)[:n][at:],
-                st.integers(0, 900),
-                st.integers(0, 900),
+            | st.builds(  # one odd character anywhere in a long run (16- and 64-byte steps,
+                # the tail; from 1,024 characters on, the string is checked while copied)
+                lambda n, at, c: ("abc~ " * 700)[:n][:at] + c + ("abc~ " * 700)[:n][at:],
+                st.integers(0, 3000),
+                st.integers(0, 3000),
                 special,
             )
         )
