@@ -1240,7 +1240,7 @@ static PyObject *s_protocol, *s_socket, *s_fileno, *s_buffer_size, *s_data_recei
     *s_do_read, *s_now, *s_touch, *s_registry, *s_get, *s_config, *s_max_frame_bytes,
     *s_header, *s_write_many, *s_write, *s_temp_data_len, *s_offset, *s_data_buffer,
     *s_disconnecting, *s_connected_attr, *s_tls, *s_write_disconnected, *s_spare_decoder,
-    *s_deliver;
+    *s_deliver, *s_partial_bytes, *s_limits, *s_max_partial_frame_bytes;
 
 /* A slot's value (borrowed), or NULL when unset (then the Python code would raise). */
 #define SLOT(obj, i) (*(PyObject **)((char *)(obj) + slot_offsets[i]))
@@ -1526,8 +1526,30 @@ done:
  * 1 when it took the read event (*why: None or why the connection is done), 0 when this read
  * is not one for it, -1 on error.  The buffer grows to at most twice the bytes received, as
  * decoder_append grows it, and never past the frame: the next frame is the next read's. */
+/* What limits.max_partial_frame_bytes leaves of the factory's partial-byte total (negative
+ * when past it), or -1 with an exception. */
+static Py_ssize_t
+partial_room(PyObject *factory)
+{
+    Py_ssize_t held = attr_size(factory, s_partial_bytes);
+    if (held == -1 && PyErr_Occurred())
+        return -1;
+    PyObject *config = PyObject_GetAttr(factory, s_config);
+    if (config == NULL)
+        return -1;
+    PyObject *limits = PyObject_GetAttr(config, s_limits);
+    Py_DECREF(config);
+    if (limits == NULL)
+        return -1;
+    Py_ssize_t limit = attr_size(limits, s_max_partial_frame_bytes);
+    Py_DECREF(limits);
+    if (limit == -1 && PyErr_Occurred())
+        return -1;
+    return limit - held; /* both at least 0 (the config and _deliver keep them so) */
+}
+
 static int
-read_into_body(PyObject *protocol, int fd, PyObject **why)
+read_into_body(PyObject *protocol, int fd, Py_ssize_t read_size, PyObject **why)
 {
     PyObject *decoder_obj = SLOT(protocol, P_DECODER);
     if (decoder_obj == NULL || !Py_IS_TYPE(decoder_obj, DecoderType) ||
@@ -1546,6 +1568,16 @@ read_into_body(PyObject *protocol, int fd, PyObject **why)
     Py_INCREF(decoder_obj);
     PyObject *items = NULL;
     int status = -1;
+    if (want > read_size) {
+        /* _deliver checks max_partial_frame_bytes after each read, and doRead's reads are
+         * at most bufferSize: past what the limit leaves, read no more than doRead would, so
+         * a peer gets no further past the limit (nor more memory) than on the Python path. */
+        Py_ssize_t room = partial_room(SLOT(protocol, P_FACTORY));
+        if (room == -1 && PyErr_Occurred())
+            goto done;
+        if (want > room)
+            want = room > read_size ? room : read_size;
+    }
     if (d->body == NULL || d->cap < d->have + want) {
         Py_ssize_t cap = d->have + want;
         cap = cap > d->length / 2 ? d->length : cap * 2; /* <= twice what will be held */
@@ -1690,7 +1722,7 @@ read_event(PyObject *module, PyObject *transport)
     if ((protocol = PyObject_GetAttr(transport, s_protocol)) == NULL)
         goto done;
     if (Py_IS_TYPE(protocol, ReadProtocolType)) {
-        int taken = read_into_body(protocol, fd, &result);
+        int taken = read_into_body(protocol, fd, size, &result);
         if (taken < 0 || taken == 1)
             goto done;
     }
@@ -1933,6 +1965,9 @@ PyInit__speedups(void)
     INTERN(s_write_disconnected, "_writeDisconnected");
     INTERN(s_spare_decoder, "spare_decoder");
     INTERN(s_deliver, "_deliver");
+    INTERN(s_partial_bytes, "partial_bytes");
+    INTERN(s_limits, "limits");
+    INTERN(s_max_partial_frame_bytes, "max_partial_frame_bytes");
 #endif
     PyObject *framing = PyImport_ImportModule("heartbeatd.wire.framing");
     if (framing == NULL)

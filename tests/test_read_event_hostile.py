@@ -1,0 +1,171 @@
+"""The C read path (``_speedups.read_event``) against a hostile peer: what it reads, holds and
+counts must stay what ``LeanServer.doRead`` would (tests/test_read_event.py compares ordinary
+streams; here are the reads a hostile peer chooses, and connections a handler changes
+mid-read).
+
+Real loopback sockets, the real epoll reactor driven by hand (as in tests/test_read_event.py),
+and each test runs the same peer on both paths where the comparison is the point.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+from helpers import make_config
+from test_lean_transport import spin_until
+from test_protocol_paths import _registry
+from test_read_event import read_path
+
+from heartbeatd.server import leantcp
+from heartbeatd.server.factory import ServerFactory
+from heartbeatd.server.protocol import ServerProtocol
+
+try:
+    from heartbeatd.wire import _speedups  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - test_speedups.test_the_extension_is_built says so
+    _speedups = None
+
+reactor: Any
+from twisted.internet import reactor  # noqa: E402  (the test drives the real reactor by hand)
+
+pytestmark = [
+    pytest.mark.skipif(_speedups is None, reason="the C module is not built"),
+    pytest.mark.skipif(
+        type(reactor).__name__ != "EPollReactor", reason="the lean dispatch is for epoll"
+    ),
+]
+
+#: LeanServer's (Twisted's) read size: what one doRead takes at most.
+BUFFER_SIZE = 65536
+
+
+def framed(body: bytes) -> bytes:
+    return struct.pack("!I", len(body)) + body
+
+
+def echo(data: Any, id_: Any = 1) -> bytes:
+    return framed(json.dumps({"type": "echo", "id": id_, "data": data}).encode())
+
+
+class Peer:
+    """A client socket on a listening factory, and the server side's protocol."""
+
+    def __init__(self, factory: ServerFactory, client: socket.socket) -> None:
+        self.factory = factory
+        self.client = client
+        spin_until(lambda: bool(factory.clients))
+        (self.protocol,) = factory.clients.values()
+        self.received = bytearray()
+        self.eof = False
+
+    def drain(self) -> None:
+        while not self.eof:
+            try:
+                chunk = self.client.recv(1 << 20)
+            except BlockingIOError:
+                return
+            if not chunk:
+                self.eof = True
+            self.received.extend(chunk)
+
+    def send(self, data: bytes) -> None:
+        """Send all of ``data``, the reactor running while the kernel's buffers are full,
+        then wait until the server has read it (or closed)."""
+        protocol = self.protocol
+        target = protocol.bytes_in + len(data)
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[self.client.send(view) :]
+            except BlockingIOError:
+                self.drain()
+                reactor.runUntilCurrent()
+                reactor.doIteration(0.001)
+        spin_until(lambda: protocol.bytes_in >= target or not protocol.connected)
+
+    def stuff(self, data: bytes) -> int:
+        """Put as much of ``data`` into the kernel's buffers as they take, the server not
+        reading meanwhile: how many bytes went."""
+        sent = 0
+        while sent < len(data):
+            try:
+                sent += self.client.send(data[sent:])
+            except BlockingIOError:
+                break
+        return sent
+
+    def frames(self) -> list[bytes]:
+        """The bodies received so far (the hello first)."""
+        self.drain()
+        out, at = [], 0
+        data = bytes(self.received)
+        while len(data) - at >= 4:
+            (n,) = struct.unpack_from("!I", data, at)
+            if len(data) - at - 4 < n:
+                break
+            out.append(data[at + 4 : at + 4 + n])
+            at += 4 + n
+        return out
+
+
+@contextmanager
+def serving(c: bool, registry: Any = None, **sections: Any) -> Iterator[Peer]:
+    """A factory on 127.0.0.1 port 0 with its reads on the C path (``c``) or ``doRead``, and
+    one connected peer."""
+    sections.setdefault("heartbeat", {"interval": 3600, "timeout": 7200})
+    config = make_config(**sections)
+    factory = ServerFactory(config, registry or _registry(), reactor)
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    assert leantcp.adopt(port)
+    client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10)
+    client.setblocking(False)
+    try:
+        with read_path(c) as calls:
+            peer = Peer(factory, client)
+            peer.calls = calls  # type: ignore[attr-defined]
+            yield peer
+    finally:
+        client.close()
+        spin_until(lambda: not factory.clients)
+        port.stopListening()
+        spin_until(lambda: not port.connected)
+        leantcp.uninstall_dispatch(reactor)
+
+
+# -- memory: a large body read into place -------------------------------------------------------
+
+
+@pytest.mark.parametrize("c", [False, True], ids=["doRead", "C"])
+def test_a_large_body_never_overshoots_the_partial_limit_by_more_than_a_read(
+    c: bool, monkeypatch: Any
+) -> None:
+    """``limits.max_partial_frame_bytes`` is checked after each read: doRead's reads are at
+    most 64 KiB, so a peer gets at most that past the limit before it is closed.  The C path's
+    FIONREAD-sized read of a body must not let the peer park megabytes first."""
+    held: list[int] = []
+    original = ServerProtocol._deliver
+
+    def spy(self: ServerProtocol, items: list[Any], now_held: int, error: Any = None) -> None:
+        held.append(now_held)
+        original(self, items, now_held, error)
+
+    monkeypatch.setattr(ServerProtocol, "_deliver", spy)
+    limit = 100_000
+    with serving(c, max_frame_bytes=64 << 20, limits={"max_partial_frame_bytes": limit}) as peer:
+        protocol = peer.protocol
+        head = struct.pack("!I", 32 << 20) + b'{"type":"echo","data":"'
+        peer.send(head + b"x" * 1000)  # the sniffed first read: the decoder holds the body
+        assert protocol._held == len(head) + 1000
+        # A window as large as autotuning opens on a fast link after a few reads.
+        protocol.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        stuffed = peer.stuff(b"x" * (8 << 20))  # all the kernel takes, unread
+        assert stuffed > 4 * BUFFER_SIZE
+        spin_until(lambda: not protocol.connected)
+        assert protocol.close_reason == "overloaded"
+    assert max(held) <= limit + BUFFER_SIZE, (max(held), stuffed)
