@@ -169,3 +169,56 @@ def test_a_large_body_never_overshoots_the_partial_limit_by_more_than_a_read(
         spin_until(lambda: not protocol.connected)
         assert protocol.close_reason == "overloaded"
     assert max(held) <= limit + BUFFER_SIZE, (max(held), stuffed)
+
+
+# -- the same peer on both paths -----------------------------------------------------------------
+
+
+def counters(peer: Peer) -> tuple[Any, ...]:
+    p = peer.protocol
+    return (
+        p.close_reason,
+        p.connected,
+        p.frames_in,
+        p.frames_out,
+        p.bytes_in,
+        p.bytes_out,
+        p.pings_unanswered,
+        p.awaiting_first_frame,
+        p.frame_started is None,
+        p._held,
+        p._write_paused,
+        p._written_while_paused,
+        dict(peer.factory.errors),
+        dict(peer.factory.closes),
+        peer.factory.partial_bytes,
+    )
+
+
+def both_paths(script: Any, registry: Any = None, **sections: Any) -> None:
+    """Run ``script(peer)`` on doRead and on the C path: the peer must get the same frames,
+    and the connection and factory must count the same."""
+    results = []
+    for c in (False, True):
+        with serving(c, registry, **sections) as peer:
+            script(peer)
+            results.append((peer.frames()[1:], counters(peer)))  # (the hello's id differs)
+            assert not c or peer.calls[0] > 0  # type: ignore[attr-defined]
+    assert results[1] == results[0]
+
+
+def test_a_reply_that_fills_the_socket_counts_as_written_while_paused() -> None:
+    """A reply the kernel takes only part of, with more than bufferSize left, pauses the
+    connection (Twisted's buffer is full) during the write itself: _write_many then counts
+    it in ``_written_while_paused`` (the backlog estimate), and so must the C write."""
+
+    registry = _registry()
+    registry.add("big", lambda r: "y" * 3_000_000)
+
+    def script(peer: Peer) -> None:
+        peer.send(echo("a"))  # the sniffed first read
+        peer.protocol.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 16)
+        peer.send(framed(b'{"type":"big","id":2}'))  # the client reads nothing meanwhile
+        assert peer.protocol._write_paused
+
+    both_paths(script, registry)

@@ -1240,7 +1240,7 @@ static PyObject *s_protocol, *s_socket, *s_fileno, *s_buffer_size, *s_data_recei
     *s_do_read, *s_now, *s_touch, *s_registry, *s_get, *s_config, *s_max_frame_bytes,
     *s_header, *s_write_many, *s_write, *s_temp_data_len, *s_offset, *s_data_buffer,
     *s_disconnecting, *s_connected_attr, *s_tls, *s_write_disconnected, *s_spare_decoder,
-    *s_deliver, *s_partial_bytes, *s_limits, *s_max_partial_frame_bytes;
+    *s_deliver, *s_partial_bytes, *s_limits, *s_max_partial_frame_bytes, *s_written_while_paused;
 
 /* A slot's value (borrowed), or NULL when unset (then the Python code would raise). */
 #define SLOT(obj, i) (*(PyObject **)((char *)(obj) + slot_offsets[i]))
@@ -1507,6 +1507,29 @@ deliver_whole(PyObject *protocol, PyObject *transport, PyObject *sock, PyObject 
     if (add_to_slot(protocol, P_FRAMES_OUT, frames) < 0 ||
         add_to_slot(protocol, P_BYTES_OUT, PyBytes_GET_SIZE(data)) < 0)
         goto done;
+    /* The write itself may have filled the transport's buffer (it paused us): _write_many
+     * then counts it in the backlog estimate, and so does this. */
+    PyObject *now_paused = SLOT(protocol, P_WRITE_PAUSED);
+    if (now_paused != NULL && now_paused != Py_False) {
+        int truth = PyObject_IsTrue(now_paused);
+        if (truth < 0)
+            goto done;
+        if (truth) {
+            PyObject *old = PyObject_GetAttr(protocol, s_written_while_paused);
+            if (old == NULL)
+                goto done;
+            PyObject *size = PyLong_FromSsize_t(PyBytes_GET_SIZE(data));
+            PyObject *sum = size == NULL ? NULL : PyNumber_Add(old, size);
+            Py_DECREF(old);
+            Py_XDECREF(size);
+            if (sum == NULL)
+                goto done;
+            int set = PyObject_SetAttr(protocol, s_written_while_paused, sum);
+            Py_DECREF(sum);
+            if (set < 0)
+                goto done;
+        }
+    }
     status = 0;
     goto done;
 
@@ -1968,6 +1991,7 @@ PyInit__speedups(void)
     INTERN(s_partial_bytes, "partial_bytes");
     INTERN(s_limits, "limits");
     INTERN(s_max_partial_frame_bytes, "max_partial_frame_bytes");
+    INTERN(s_written_while_paused, "_written_while_paused");
 #endif
     PyObject *framing = PyImport_ImportModule("heartbeatd.wire.framing");
     if (framing == NULL)
