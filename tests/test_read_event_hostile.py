@@ -70,6 +70,8 @@ class Peer:
                 chunk = self.client.recv(1 << 20)
             except BlockingIOError:
                 return
+            except ConnectionResetError:  # aborted: what came before the reset is kept
+                chunk = b""
             if not chunk:
                 self.eof = True
             self.received.extend(chunk)
@@ -222,3 +224,95 @@ def test_a_reply_that_fills_the_socket_counts_as_written_while_paused() -> None:
         assert peer.protocol._write_paused
 
     both_paths(script, registry)
+
+
+def _changing_registry(holder: list[Any]) -> Any:
+    """Handlers that change the connection or the server in the middle of a read."""
+    registry = _registry()
+    registry.add("close", lambda r: r.session.close("bye"))
+    registry.add("evict", lambda r: r._connection.evict("kicked"))  # abortConnection
+
+    def reload(r: Any) -> str:
+        factory = holder[0]
+        factory.apply_config(make_config(max_frame_bytes=200, heartbeat=factory.config.heartbeat))
+        return "reloaded"
+
+    registry.add("reload", reload)
+    return registry
+
+
+def _request(type_: str, id_: Any) -> bytes:
+    return framed(json.dumps({"type": type_, "id": id_}).encode())
+
+
+@pytest.mark.parametrize("kind", ["close", "evict", "reload"])
+def test_a_handler_that_changes_the_connection_mid_read(kind: str) -> None:
+    """Frames after the one whose handler closes, aborts or reloads (lowering
+    max_frame_bytes below the next frames), in the same read and the next one."""
+    holder: list[Any] = []
+    registry = _changing_registry(holder)
+
+    def script(peer: Peer) -> None:
+        holder[:] = [peer.factory]
+        peer.send(echo("a"))
+        long = echo("z" * 400, 9)
+        peer.send(echo(1, 2) + _request(kind, 3) + echo(2, 4) + long + echo(3, 5))
+        if peer.protocol.connected and kind == "reload":
+            peer.send(echo(4, 6) + long)
+        spin_until(lambda: peer.protocol.close_reason is None or not peer.protocol.connected)
+        peer.drain()
+
+    both_paths(script, registry, max_frame_bytes=1000)
+
+
+def test_zero_length_frames_and_a_read_ending_at_a_header() -> None:
+    def script(peer: Peer) -> None:
+        peer.send(echo("a"))
+        peer.send(framed(b"") * 3 + echo(1))
+        peer.send(echo(2) + struct.pack("!I", 0))
+        peer.send(echo(3) + struct.pack("!I", 31))  # a header, its body in the next read
+        peer.send(b'{"type":"echo","id":1,"data":2}' + echo(4))
+
+    both_paths(script)
+
+
+def test_a_large_body_trickled_then_frames_after_it() -> None:
+    """A peer trickles a large body a few bytes a read (FIONREAD small), then completes it
+    with whole frames and a too-large header behind it in the same write."""
+    body = json.dumps({"type": "echo", "id": 7, "data": "t" * 70_000}).encode()
+    frame = framed(body)
+
+    def script(peer: Peer) -> None:
+        peer.send(echo("a"))
+        peer.send(frame[:100])
+        for at in range(100, 160):
+            peer.send(frame[at : at + 1])
+        peer.send(frame[160:50_000])
+        for at in range(50_000, 50_010):
+            peer.send(frame[at : at + 1])
+        peer.send(frame[50_010:] + echo(8) + struct.pack("!I", 1 << 30) + b"x")
+        spin_until(lambda: not peer.protocol.connected)
+
+    both_paths(script, max_frame_bytes=1 << 20)
+
+
+def test_a_session_started_mid_read() -> None:
+    """A read that starts a resumable session in its first frame: the rest of it is numbered
+    (the general path), on both paths alike."""
+
+    def script(peer: Peer) -> None:
+        peer.send(echo("a"))
+        start = framed(b'{"type":"session","id":"s"}')
+        peer.send(echo(1) + start + echo(2) + echo(3))
+        peer.send(echo(4) + echo(5))
+
+    results = []
+    for c in (False, True):
+        with serving(c) as peer:
+            script(peer)
+            frames = [json.loads(f) for f in peer.frames()[1:]]
+            for f in frames:  # the session's id and key are random
+                if f.get("type") == "session":
+                    f["data"] = sorted(f["data"])
+            results.append((frames, counters(peer)[2:]))
+    assert results[1] == results[0]
