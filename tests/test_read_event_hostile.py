@@ -316,3 +316,45 @@ def test_a_session_started_mid_read() -> None:
                     f["data"] = sorted(f["data"])
             results.append((frames, counters(peer)[2:]))
     assert results[1] == results[0]
+
+
+@pytest.mark.parametrize("c", [False, True], ids=["doRead", "C"])
+def test_a_huge_announced_body_costs_only_the_bytes_received(c: bool) -> None:
+    """A header announcing 256 MiB, then 300 kB of body in reads of every size (a few
+    bytes, FIONREAD-sized): memory grows with the bytes received, not with the announcement."""
+    import tracemalloc
+
+    with serving(c, max_frame_bytes=256 << 20) as peer:
+        peer.send(echo("a"))
+        tracemalloc.start()
+        try:
+            peer.send(struct.pack("!I", 256 << 20) + b'{"type":"echo","data":"')
+            for size in (1, 2, 3, 100, 5000, 70_000, 1, 200_000, 7, 30_000):
+                peer.send(b"x" * size)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peer.protocol._held == 4 + 23 + 305_114
+        assert peak < 3 * 305_114 + (1 << 20), peak
+
+
+def test_a_reply_that_is_not_bytes_is_written_as_its_bytes() -> None:
+    """Whatever code appends to the connection's batch (a bytearray here, through the private
+    attribute) is written as _write_many writes it: its contents, never the object's memory
+    read as if it were bytes."""
+    from heartbeatd.server.handlers import NO_REPLY
+
+    registry = _registry()
+
+    def raw(r: Any) -> Any:
+        r._connection._batch.append(bytearray(framed(b'{"type":"raw"}')))
+        return NO_REPLY
+
+    registry.add("raw", raw)
+
+    def script(peer: Peer) -> None:
+        peer.send(echo("a"))
+        peer.send(_request("raw", 1))
+        peer.send(_request("raw", 2) + echo(3))
+
+    both_paths(script, registry)

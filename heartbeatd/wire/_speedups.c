@@ -1491,8 +1491,8 @@ deliver_whole(PyObject *protocol, PyObject *transport, PyObject *sock, PyObject 
         status = 0;
         goto done;
     }
-    if (frames == 1)
-        data = Py_NewRef(PyList_GET_ITEM(batch, 0));
+    if (frames == 1 && PyBytes_CheckExact(PyList_GET_ITEM(batch, 0)))
+        data = Py_NewRef(PyList_GET_ITEM(batch, 0)); /* (else the join checks and copies) */
     else {
         PyObject *empty = PyBytes_FromStringAndSize(NULL, 0);
         if (empty == NULL)
