@@ -358,3 +358,43 @@ def test_a_reply_that_is_not_bytes_is_written_as_its_bytes() -> None:
         peer.send(_request("raw", 2) + echo(3))
 
     both_paths(script, registry)
+
+
+def test_bodies_received_into_place_leak_nothing() -> None:
+    """Many large bodies received into place (read_into_body, the spare decoder handed back,
+    _deliver called from C), answered and refused: traced memory stays flat."""
+    import gc
+    import sys
+    import tracemalloc
+
+    body = json.dumps({"type": "echo", "id": 1, "data": "q" * 70_000}).encode()
+    frame = framed(body)
+    bad = framed(body[:-1])  # invalid JSON: the general path answers it
+
+    with serving(True, max_frame_bytes=1 << 20) as peer:
+        peer.send(echo("a"))
+
+        def rounds(n: int) -> None:
+            for _ in range(n):
+                for f in (frame, bad):
+                    peer.send(f[:1000])
+                    peer.send(f[1000:40_000])
+                    peer.send(f[40_000:])
+                peer.frames()
+                peer.received.clear()
+
+        rounds(5)
+        tracemalloc.start()
+        try:
+            gc.collect()
+            before = tracemalloc.get_traced_memory()[0], sys.getallocatedblocks()
+            rounds(40)  # 240 reads: one object leaked a read would show
+            gc.collect()
+            grown = (
+                tracemalloc.get_traced_memory()[0] - before[0],
+                sys.getallocatedblocks() - before[1],
+            )
+        finally:
+            tracemalloc.stop()
+        assert peer.protocol.connected and peer.protocol.frames_in == 1 + 45 * 2
+        assert grown[0] < 32 * 1024 and grown[1] < 120, grown
