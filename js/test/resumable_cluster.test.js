@@ -14,6 +14,7 @@ import { daemonFor, endpoint } from './helpers/transports.js';
 
 /** A test that outlives this fails on its own (the wrapper's 240 s is for the whole file). */
 const STEP = { timeout: 60_000 };
+const REDIS_UP = /Redis link up/;
 
 const tmp = tempDir();
 let redis;
@@ -32,6 +33,10 @@ before(async () => {
   nodeB = daemonFor(false, cluster('node-b'), { dir: tmp.path });
   nodeC = daemonFor(false, cluster('node-c'), { dir: tmp.path });
   await Promise.all([nodeA.start(), nodeB.start(), nodeC.start()]);
+  // "ready" comes before a node's Redis link is up, and until it is the node refuses
+  // sessions (`unavailable`): connect() fails fast on that.  Only the restarted-node test
+  // meets a node still settling, on purpose.
+  await Promise.all([nodeA, nodeB, nodeC].map((node) => node.log.waitFor(REDIS_UP)));
 });
 
 after(async () => {
@@ -41,11 +46,15 @@ after(async () => {
 });
 
 it('goaway (the node drains): the client acks, closes, and resumes on another node', STEP, async () => {
+  // Whatever fails, the finally closes what was opened: a proxy or a client left open keeps
+  // the test process alive after the last test, until the wrapper's 240 s timeout.
   const proxy = await new CutProxy(nodeC.port).start();
   const [url, options] = endpoint('tcp', { port: proxy.port }, null, { resumable: true, minReconnectDelay: 20, maxReconnectDelay: 100 });
-  const client = await connect(url, options);
-  const publisher = await connect(...endpoint('tcp', nodeB, null));
+  let client;
+  let publisher;
   try {
+    client = await connect(url, options);
+    publisher = await connect(...endpoint('tcp', nodeB, null));
     const events = [];
     client.on('goaway', () => events.push('goaway'));
     client.on('resumed', () => events.push('resumed'));
@@ -72,7 +81,7 @@ it('goaway (the node drains): the client acks, closes, and resumes on another no
     assert.deepEqual(events, ['goaway', 'resumed']);
     await stopping;
   } finally {
-    await Promise.all([client.close(), publisher.close()]);
+    await Promise.all([client?.close(), publisher?.close()]);
     await proxy.stop();
   }
 });
@@ -84,9 +93,11 @@ it('kill -9 of the node holding the session: resumed on another node, nothing lo
     minReconnectDelay: 20,
     maxReconnectDelay: 100,
   });
-  const client = await connect(url, options);
-  const publisher = await connect(...endpoint('tcp', nodeB, null));
+  let client;
+  let publisher;
   try {
+    client = await connect(url, options);
+    publisher = await connect(...endpoint('tcp', nodeB, null));
     const events = [];
     client.on('resumed', () => events.push('resumed'));
     client.on('session_lost', ({ reason }) => events.push(`session_lost ${reason}`));
@@ -119,7 +130,7 @@ it('kill -9 of the node holding the session: resumed on another node, nothing lo
     assert.equal(subscribed.length, 1);
     assert.equal(await client.request('echo', 'on B'), 'on B');
   } finally {
-    await Promise.all([client.close(), publisher.close()]);
+    await Promise.all([client?.close(), publisher?.close()]);
     await proxy.stop();
   }
 });
@@ -172,8 +183,9 @@ it('a node restarted after kill -9: a session on it holds', STEP, async (t) => {
 it('a resumed subscription to an empty channel needs no resync', STEP, async () => {
   const proxy = await new CutProxy(nodeB.port).start();
   const [url, options] = endpoint('tcp', { port: proxy.port }, null, { resumable: true, minReconnectDelay: 20, maxReconnectDelay: 100 });
-  const client = await connect(url, options);
+  let client;
   try {
+    client = await connect(url, options);
     const resyncs = [];
     const sub = client.subscribe('still-empty', { onResync: (r) => resyncs.push(r.reason) });
     await sub.ready();
@@ -184,7 +196,7 @@ it('a resumed subscription to an empty channel needs no resync', STEP, async () 
     for (let n = 0; n < 30; n++) assert.equal(await client.request('echo', n), n);
     assert.deepEqual(resyncs, []);
   } finally {
-    await client.close();
+    await client?.close();
     await proxy.stop();
   }
 });
