@@ -652,8 +652,10 @@ export class Client extends Emitter {
     let delay = this._nextDelay ?? reconnectDelay(this._attempts, minReconnectDelay, maxReconnectDelay, random);
     this._nextDelay = null;
     if (this._unavailableSince !== null) {
-      // The last try of a session refused as unavailable comes at its deadline, not after.
-      delay = Math.min(delay, Math.max(this._unavailableSince + sessionRetryTimeout - now(), 0));
+      // The last try of a session refused as unavailable comes at its deadline, not after
+      // (past it, an attempt that failed otherwise, say a refused connect, backs off as usual).
+      const left = this._unavailableSince + sessionRetryTimeout - now();
+      if (left > 0) delay = Math.min(delay, left);
     }
     this.state = 'disconnected';
     this._retryTimer = setTimeout(() => this._attempt(), delay);

@@ -453,6 +453,26 @@ it('an unavailable spell shorter than sessionRetryTimeout: the session resumes, 
   }
 });
 
+it('past sessionRetryTimeout, attempts that fail otherwise back off as usual (no busy loop)', { timeout: 10_000 }, async () => {
+  const client = await connect(server.url, { ...QUICK, minReconnectDelay: 50, maxReconnectDelay: 60, sessionRetryTimeout: 100 });
+  try {
+    server.resumeUnavailable = 1;
+    const refused = nextEvent(client, 'error');
+    server.cut();
+    assert.match((await refused).message, /unavailable/);
+    const deadline = performance.now() + 100;
+    await server.stop(); // from now on every connect is refused: no unavailable answer ends it
+    const attempts = [];
+    client.on('connecting', () => attempts.push(performance.now()));
+    const after = () => attempts.filter((t) => t > deadline);
+    await until(() => after().length >= 4, client, ['connecting'], 5000);
+    const late = after();
+    for (let i = 1; i < late.length; i++) assert.ok(late[i] - late[i - 1] >= 45, `attempts ${Math.round(late[i] - late[i - 1])} ms apart`);
+  } finally {
+    await client.close();
+  }
+});
+
 it('sessionRetryTimeout is checked: a number of ms, or Infinity', () => {
   assert.equal(DEFAULTS.sessionRetryTimeout, 60_000);
   for (const bad of [0, -1, NaN, '5', 2 ** 31]) {
