@@ -53,6 +53,13 @@ export interface ClientOptions extends TlsOptions {
    * a request rejects (and `send` throws) with QueueFullError. Default 10000.
    */
   maxBuffered?: number;
+  /**
+   * With `resumable`: ms the client keeps retrying (with the reconnect backoff) while the
+   * server answers a session start or a resume `unavailable`, from the first such answer;
+   * then it stops with SessionUnavailableError (open() rejects; a held session is lost,
+   * reason `unavailable`). `Infinity`: never gives up. Default 60000.
+   */
+  sessionRetryTimeout?: number;
 }
 
 export interface SessionEvent {
@@ -75,6 +82,8 @@ export interface SessionLostEvent {
    * `sessions_disabled`...), or `session_taken_over`.
    */
   reason: string;
+  /** Set when the client gave the session up itself (`unavailable` past `sessionRetryTimeout`). */
+  error?: SessionUnavailableError;
 }
 
 export interface Hello {
@@ -231,7 +240,7 @@ export function connect(url: string, options?: ClientOptions): Promise<Client>;
 
 export const CLIENT_EVENTS: readonly string[];
 export const DEFAULTS: Readonly<Required<Pick<ClientOptions,
-  'timeout' | 'minReconnectDelay' | 'maxReconnectDelay' | 'reconnect' | 'framing' | 'maxQueuedRequests' | 'maxFrameBytes' | 'resumable' | 'maxBuffered'>>>;
+  'timeout' | 'minReconnectDelay' | 'maxReconnectDelay' | 'reconnect' | 'framing' | 'maxQueuedRequests' | 'maxFrameBytes' | 'resumable' | 'maxBuffered' | 'sessionRetryTimeout'>>>;
 
 export class ClientError extends Error {}
 export class ServerError extends ClientError {
@@ -243,6 +252,19 @@ export class ConnectionError extends ClientError {}
 /** A resumable client's session ended while the request waited: whether it ran is unknown. */
 export class SessionLost extends ConnectionError {
   readonly reason: string;
+}
+/**
+ * The server answered every session start or resume `unavailable` for `sessionRetryTimeout`
+ * ms: the client stopped trying (open() starts again).
+ */
+export class SessionUnavailableError extends ConnectionError {
+  readonly reason: 'unavailable';
+  /** ms from the first `unavailable` answer to the last. */
+  readonly elapsed: number;
+  /** Attempts answered `unavailable`. */
+  readonly attempts: number;
+  /** The sessionRetryTimeout that ran out, ms. */
+  readonly limit: number;
 }
 export class QueueFullError extends ClientError {
   readonly limit: number;

@@ -10,6 +10,7 @@ export {
   QueueFullError,
   ServerError,
   SessionLost,
+  SessionUnavailableError,
   TimeoutError,
 } from './src/errors.js';
 export { Emitter } from './src/emitter.js';

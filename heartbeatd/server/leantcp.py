@@ -16,11 +16,12 @@ nothing (profile and figures in docs/benchmarks.md):
   that calls Twisted's own ``_doReadOrWrite`` directly for `LeanServer` connections (every
   other descriptor still goes through ``callWithLogger``), and logs what escapes it the
   same way. A plain read event, the commonest by far, takes the same steps one call
-  shorter (`_read`, and `LeanServer.doRead` with Twisted's ``_dataReceived`` inlined).
+  shorter (inlined in the loop, and `LeanServer.doRead` with Twisted's ``_dataReceived``
+  inlined).
   With the C hot path built, a read event is one C call (``_speedups.read_event``): for
   the commonest read (whole frames, a connection on the fast path) it does what
   ``doRead``, ``dataReceived``, ``_deliver`` and the direct write do, and hands any other
-  read to ``dataReceived`` (`read_event`; tests/test_speedups.py compares the two).
+  read to ``dataReceived`` (tests/test_read_event.py compares the two over real sockets).
 
 Both are switched by ``tcp.lean_transport`` (on by default). They apply only where they are
 known to fit: a plain ``tcp.Port`` whose transport class is Twisted's ``tcp.Server``, and
@@ -201,6 +202,7 @@ def _lean_do_poll(self: Any, timeout: float | None) -> None:
         raise
     selectables = self._selectables
     handle = self._doReadOrWrite
+    read_event = _read_event
     for fd, event in events:
         selectable = selectables.get(fd)
         if selectable is None:
@@ -211,7 +213,18 @@ def _lean_do_poll(self: Any, timeout: float | None) -> None:
             # callWithLogger does, so one connection cannot stop the reactor.
             try:
                 if event == _EPOLLIN:
-                    _read(self, selectable)
+                    # ``_doReadOrWrite`` for a plain read event (no hang-up, error or write
+                    # bit), inlined. It skips Twisted's ``fileno() == -1`` check, which guards
+                    # against descriptors that closed without telling the reactor: a
+                    # `LeanServer` loses its socket only in ``connectionLost``, after the
+                    # reactor has forgotten it.
+                    try:
+                        why = selectable.doRead() if read_event is None else read_event(selectable)
+                    except BaseException:
+                        why = sys.exc_info()[1]
+                        legacy_log.err()
+                    if why:
+                        self._disconnectSelectable(selectable, why, True)
                 else:
                     handle(selectable, fd, event)
             except KeyboardInterrupt:
@@ -223,20 +236,3 @@ def _lean_do_poll(self: Any, timeout: float | None) -> None:
 
 
 _EPOLLIN: Final = select.EPOLLIN if hasattr(select, "EPOLLIN") else 1
-
-
-def _read(reactor: Any, connection: LeanServer) -> None:
-    """``_doReadOrWrite`` for a plain read event (no hang-up, error or write bit) on a
-    `LeanServer`: the same steps, one Python call and its flag tests fewer.
-
-    It skips Twisted's ``fileno() == -1`` check, which guards against descriptors that
-    closed without telling the reactor: a `LeanServer` loses its socket only in
-    ``connectionLost``, after the reactor has forgotten it.
-    """
-    try:
-        why = connection.doRead() if _read_event is None else _read_event(connection)
-    except BaseException:
-        why = sys.exc_info()[1]
-        legacy_log.err()
-    if why:
-        reactor._disconnectSelectable(connection, why, True)

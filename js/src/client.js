@@ -16,7 +16,15 @@ import { goawayDelay, reconnectDelay } from './backoff.js';
 import { Connection, now } from './connection.js';
 import { Emitter } from './emitter.js';
 import { encodeMessage } from './envelope.js';
-import { ClientError, ConnectionError, QueueFullError, ServerError, SessionLost, TimeoutError } from './errors.js';
+import {
+  ClientError,
+  ConnectionError,
+  QueueFullError,
+  ServerError,
+  SessionLost,
+  SessionUnavailableError,
+  TimeoutError,
+} from './errors.js';
 import { framings } from './framing.js';
 import { serverError } from './connection.js';
 import { SessionState } from './session.js';
@@ -33,7 +41,14 @@ export const DEFAULTS = Object.freeze({
   maxFrameBytes: 16 * 1024 * 1024,
   resumable: false,
   maxBuffered: 10_000,
+  sessionRetryTimeout: 60_000,
 });
+
+/**
+ * The refusals `sessionRetryTimeout` counts: an attempt whose session start or resume the
+ * server answered `unavailable` (its error is put here by `_establish`).
+ */
+const refusedUnavailable = new WeakSet();
 
 /** setTimeout's longest delay: a session's subscribe waits for its answer across reconnects. */
 const FOREVER = 2_147_483_647;
@@ -80,6 +95,10 @@ function checkOptions(options) {
   }
   if (!Number.isSafeInteger(o.maxBuffered) || o.maxBuffered < 1) {
     throw new RangeError(`options.maxBuffered must be an integer >= 1, not ${o.maxBuffered}`);
+  }
+  const retry = o.sessionRetryTimeout;
+  if (retry !== Infinity && (typeof retry !== 'number' || !(retry > 0) || retry > 2_147_483_647)) {
+    throw new RangeError(`options.sessionRetryTimeout must be a number of ms in 1..2147483647, or Infinity, not ${retry}`);
   }
   if (!Object.hasOwn(framings, o.framing)) {
     throw new RangeError(`options.framing must be "int32" or "seed", not ${JSON.stringify(o.framing)}`);
@@ -132,6 +151,9 @@ export class Client extends Emitter {
     /** Requests numbered in the session, by id: they wait for their reply across reconnects. */
     this._sessionPending = new Map();
     this._sessionIdleWaiters = [];
+    /** When the first of the attempts answered `unavailable` in a row was refused (now()). */
+    this._unavailableSince = null;
+    this._unavailableAttempts = 0;
   }
 
   /** The session's id while the client holds one (resumable: true), else null. */
@@ -146,8 +168,9 @@ export class Client extends Emitter {
 
   /**
    * Start connecting (and reconnecting) if not already; resolves once connected, with this
-   * client.  It waits through failed attempts; it rejects only when the client is closed, or
-   * an attempt fails with `reconnect: false`.
+   * client.  It waits through failed attempts; it rejects only when the client is closed, an
+   * attempt fails with `reconnect: false`, or (`resumable`) the server answered every session
+   * start or resume `unavailable` for `sessionRetryTimeout` ms (SessionUnavailableError).
    */
   open() {
     if (this.state === 'closed') return Promise.reject(new ConnectionError('the client is closed'));
@@ -310,6 +333,10 @@ export class Client extends Emitter {
     if (this.state === 'disconnected' && !this.options.reconnect) {
       return Promise.reject(new ConnectionError('not connected, and reconnect is off', { cause: this.lastError }));
     }
+    if (this.state === 'disconnected' && this._retryTimer === null && this.lastError instanceof SessionUnavailableError) {
+      // It gave up (sessionRetryTimeout): nothing would send this until open() is called.
+      return Promise.reject(new ConnectionError('not connected: gave up on an unavailable session store; call open()', { cause: this.lastError }));
+    }
     if (this._queue.length >= this.options.maxQueuedRequests) {
       return Promise.reject(new QueueFullError(this.options.maxQueuedRequests));
     }
@@ -425,6 +452,7 @@ export class Client extends Emitter {
     this._requestOn(conn, 'subscribe', sub._request(), timeout).then(
       (answer) => {
         if (!current()) return;
+        sub._attempts = 0; // the next unavailable spell backs off from the start again
         if (!sub._answered(answer)) this.connection?.abort(new ConnectionError('a malformed subscribe answer'));
       },
       (error) => {
@@ -520,6 +548,8 @@ export class Client extends Emitter {
       return;
     }
     this._attempts = 0;
+    this._unavailableSince = null;
+    this._unavailableAttempts = 0;
     this.lastError = null;
     this.state = 'connected';
     this.identity = conn.identity;
@@ -551,6 +581,17 @@ export class Client extends Emitter {
     if (this.state === 'closed') return;
     this.lastError = error;
     this.emit('error', error);
+    if (refusedUnavailable.has(error) && !this._failFast) {
+      // Retried with the usual backoff, but not for ever: a node that never gets its store
+      // back would hold open() (and the session's requests) with no end and no reason.
+      const t = now();
+      this._unavailableSince ??= t;
+      this._unavailableAttempts += 1;
+      if (t - this._unavailableSince >= this.options.sessionRetryTimeout) {
+        this._giveUpUnavailable(t - this._unavailableSince, error);
+        return;
+      }
+    }
     if (this._failFast || !this.options.reconnect) {
       this.state = 'disconnected';
       this._settleOpen(error);
@@ -559,6 +600,24 @@ export class Client extends Emitter {
       return;
     }
     this._schedule();
+  }
+
+  /**
+   * Every session start or resume for `sessionRetryTimeout` ms was answered `unavailable`:
+   * stop trying (as with `reconnect: false`; `open()` starts again).  A held session is lost
+   * (`session_lost`, reason `unavailable`): it cannot be resumed now, and its requests would
+   * otherwise wait for a store that does not come back.
+   */
+  _giveUpUnavailable(elapsed, cause) {
+    const error = new SessionUnavailableError(elapsed, this._unavailableAttempts, this.options.sessionRetryTimeout, cause);
+    this._unavailableSince = null;
+    this._unavailableAttempts = 0;
+    this.state = 'disconnected';
+    this.lastError = error;
+    if (this._session.started) this._loseSession('unavailable', error);
+    this.emit('error', error);
+    this._settleOpen(error);
+    this._rejectQueue(error);
   }
 
   _lost(conn, reason) {
@@ -589,9 +648,15 @@ export class Client extends Emitter {
   }
 
   _schedule() {
-    const { minReconnectDelay, maxReconnectDelay, random } = this.options;
-    const delay = this._nextDelay ?? reconnectDelay(this._attempts, minReconnectDelay, maxReconnectDelay, random);
+    const { minReconnectDelay, maxReconnectDelay, random, sessionRetryTimeout } = this.options;
+    let delay = this._nextDelay ?? reconnectDelay(this._attempts, minReconnectDelay, maxReconnectDelay, random);
     this._nextDelay = null;
+    if (this._unavailableSince !== null) {
+      // The last try of a session refused as unavailable comes at its deadline, not after
+      // (past it, an attempt that failed otherwise, say a refused connect, backs off as usual).
+      const left = this._unavailableSince + sessionRetryTimeout - now();
+      if (left > 0) delay = Math.min(delay, left);
+    }
     this.state = 'disconnected';
     this._retryTimer = setTimeout(() => this._attempt(), delay);
   }
@@ -645,9 +710,12 @@ export class Client extends Emitter {
       }
       const reason = typeof answer?.reason === 'string' ? answer.reason : 'unknown';
       if (reason === 'unavailable') {
-        // The cluster's store is down, the session may well be there: try again later.
+        // The cluster's store is down, the session may well be there: try again later
+        // (for sessionRetryTimeout ms at most).
         conn.release();
-        throw new ConnectionError('the session store is unavailable: resuming later');
+        const error = new ConnectionError('the session store is unavailable: resuming later');
+        refusedUnavailable.add(error);
+        throw error;
       }
       this._loseSession(reason);
       conn.release();
@@ -661,7 +729,9 @@ export class Client extends Emitter {
       conn.release();
       if (error.code === 'unavailable') {
         // The cluster's session store is not reachable (yet): this attempt fails, the next
-        // one (after the backoff) asks again.  A plain connection would give no guarantee.
+        // one (after the backoff) asks again, for sessionRetryTimeout ms at most.  A plain
+        // connection would give no guarantee.
+        refusedUnavailable.add(error);
         throw error;
       }
       // sessions_disabled, too_many_sessions, an older server's unknown_type: no session on
@@ -695,8 +765,11 @@ export class Client extends Emitter {
     if (this._live(conn)) this._attach(conn, sub);
   }
 
-  /** A session ended for good: its waiting requests fail, the application is told. */
-  _loseSession(reason) {
+  /**
+   * A session ended for good: its waiting requests fail, the application is told (`error`:
+   * why the client gave it up itself, when it did).
+   */
+  _loseSession(reason, error = undefined) {
     const s = this._session;
     const session = s.id;
     s.forget();
@@ -704,7 +777,7 @@ export class Client extends Emitter {
     this._sessionEpoch += 1;
     this._rejectSessionPending(new SessionLost(reason));
     for (const sub of this._subs.values()) sub._disconnected();
-    this.emit('session_lost', { session, reason });
+    this.emit('session_lost', error === undefined ? { session, reason } : { session, reason, error });
   }
 
   /** A message with a seq or an ack (or an ack message): false drops it. */

@@ -80,3 +80,27 @@ export class SessionLost extends ConnectionError {
     this.reason = reason;
   }
 }
+
+/**
+ * The server kept answering a session start or a resume with `unavailable` (a cluster whose
+ * Redis is down, or a node that has no link to it yet) for `sessionRetryTimeout` ms: the
+ * client stopped trying (`open()` rejects with this; a held session is lost, reason
+ * `unavailable`).  `open()` starts trying again.
+ */
+export class SessionUnavailableError extends ConnectionError {
+  constructor(elapsed, attempts, limit, cause) {
+    super(
+      `the server answered "unavailable" to every session start or resume for ${Math.round(elapsed)} ms ` +
+        `(${attempts} attempts; sessionRetryTimeout is ${limit} ms): gave up`,
+      { cause },
+    );
+    this.name = 'SessionUnavailableError';
+    this.reason = 'unavailable';
+    /** ms from the first `unavailable` answer to the last. */
+    this.elapsed = elapsed;
+    /** Attempts answered `unavailable`. */
+    this.attempts = attempts;
+    /** The `sessionRetryTimeout` that ran out, ms. */
+    this.limit = limit;
+  }
+}

@@ -6,7 +6,16 @@
 import assert from 'node:assert/strict';
 import { afterEach, beforeEach, it } from 'node:test';
 
-import { Client, connect, ConnectionError, DEFAULTS, QueueFullError, SessionLost, TimeoutError } from '../index.js';
+import {
+  Client,
+  connect,
+  ConnectionError,
+  DEFAULTS,
+  QueueFullError,
+  SessionLost,
+  SessionUnavailableError,
+  TimeoutError,
+} from '../index.js';
 import { nextEvent, until } from './helpers/daemon.js';
 import { SessionServer } from './helpers/session_server.js';
 
@@ -355,6 +364,121 @@ it('session start refused as unavailable: the attempt fails and the next one get
   }
   server.unavailable = 1;
   await assert.rejects(connect(server.url, QUICK), (e) => e.code === 'unavailable'); // fail fast
+});
+
+// A node whose session store never comes back must not hold open() or the session's requests
+// for ever: after sessionRetryTimeout ms of `unavailable` the client gives up, with a reason.
+// (A deadline of 300 ms and reconnect delays of 10-50 ms keep these fast; no sleeps.)
+
+it('resumes answered unavailable for sessionRetryTimeout: session_lost and a typed error, no more tries', { timeout: 10_000 }, async () => {
+  const client = await connect(server.url, { ...QUICK, sessionRetryTimeout: 300 });
+  try {
+    assert.equal(await client.request('echo', 1), 1);
+    const pending = client.request('later', 'never answered', { timeout: 10_000 });
+    await waitFor(() => server.session.later.length === 1);
+    server.resumeUnavailable = Infinity; // the store is down for good
+    const errors = [];
+    client.on('error', (e) => errors.push(e));
+    const lost = nextEvent(client, 'session_lost', 5000);
+    const started = Date.now();
+    server.cut();
+    const event = await lost;
+    const elapsed = Date.now() - started;
+    assert.equal(event.reason, 'unavailable');
+    assert.ok(event.error instanceof SessionUnavailableError);
+    assert.ok(event.error instanceof ConnectionError);
+    assert.equal(event.error.reason, 'unavailable');
+    assert.equal(event.error.limit, 300);
+    assert.ok(event.error.attempts >= 2, `only ${event.error.attempts} attempts`);
+    assert.ok(event.error.elapsed >= 300, `gave up after ${event.error.elapsed} ms`);
+    assert.ok(elapsed >= 300 && elapsed < 3000, `gave up ${elapsed} ms after the cut`);
+    assert.match(event.error.message, /unavailable.*sessionRetryTimeout is 300 ms/);
+    // The request that waited in the session fails, saying why; the client stopped trying.
+    await assert.rejects(pending, (e) => e instanceof SessionLost && e.reason === 'unavailable');
+    assert.equal(client.state, 'disconnected');
+    assert.equal(client.session, null);
+    assert.ok(client.lastError instanceof SessionUnavailableError);
+    assert.ok(errors.at(-1) instanceof SessionUnavailableError);
+    const resumes = server.log.filter((e) => e.message.type === 'resume').length;
+    assert.equal(resumes, event.error.attempts);
+    await assert.rejects(client.request('echo', 2), (e) => e instanceof ConnectionError && e.cause === client.lastError);
+    // open() starts again: the store is back, a new session.
+    server.resumeUnavailable = 0;
+    const fresh = nextEvent(client, 'session');
+    await client.open();
+    await fresh;
+    assert.equal(await client.request('echo', 3), 3);
+    assert.equal(server.log.filter((e) => e.message.type === 'resume').length, resumes);
+  } finally {
+    await client.close();
+  }
+});
+
+it('session starts answered unavailable for sessionRetryTimeout: open() rejects with SessionUnavailableError', { timeout: 10_000 }, async () => {
+  server.unavailable = Infinity;
+  const client = new Client(server.url, { ...QUICK, sessionRetryTimeout: 200 });
+  const queued = client.request('echo', 'queued', { timeout: 10_000 });
+  const started = Date.now();
+  try {
+    const error = await client.open().then(
+      () => assert.fail('open() resolved'),
+      (e) => e,
+    );
+    assert.ok(error instanceof SessionUnavailableError, String(error));
+    assert.ok(Date.now() - started < 3000);
+    assert.ok(error.attempts >= 2);
+    assert.equal(error.cause?.code, 'unavailable'); // the server's last answer
+    await assert.rejects(queued, (e) => e === error);
+    assert.equal(server.connections, error.attempts);
+  } finally {
+    await client.close();
+  }
+});
+
+it('an unavailable spell shorter than sessionRetryTimeout: the session resumes, nothing lost', { timeout: 10_000 }, async () => {
+  const client = await connect(server.url, { ...QUICK, sessionRetryTimeout: 5000 });
+  try {
+    const lost = [];
+    client.on('session_lost', ({ reason }) => lost.push(reason));
+    assert.equal(await client.request('echo', 1), 1);
+    server.resumeUnavailable = 3;
+    const resumed = nextEvent(client, 'resumed');
+    server.cut();
+    await resumed;
+    assert.equal(await client.request('echo', 2), 2);
+    assert.deepEqual(lost, []);
+    assert.equal(server.log.filter((e) => e.message.type === 'resume').length, 4);
+  } finally {
+    await client.close();
+  }
+});
+
+it('past sessionRetryTimeout, attempts that fail otherwise back off as usual (no busy loop)', { timeout: 10_000 }, async () => {
+  const client = await connect(server.url, { ...QUICK, minReconnectDelay: 50, maxReconnectDelay: 60, sessionRetryTimeout: 100 });
+  try {
+    server.resumeUnavailable = 1;
+    const refused = nextEvent(client, 'error');
+    server.cut();
+    assert.match((await refused).message, /unavailable/);
+    const deadline = performance.now() + 100;
+    await server.stop(); // from now on every connect is refused: no unavailable answer ends it
+    const attempts = [];
+    client.on('connecting', () => attempts.push(performance.now()));
+    const after = () => attempts.filter((t) => t > deadline);
+    await until(() => after().length >= 4, client, ['connecting'], 5000);
+    const late = after();
+    for (let i = 1; i < late.length; i++) assert.ok(late[i] - late[i - 1] >= 45, `attempts ${Math.round(late[i] - late[i - 1])} ms apart`);
+  } finally {
+    await client.close();
+  }
+});
+
+it('sessionRetryTimeout is checked: a number of ms, or Infinity', () => {
+  assert.equal(DEFAULTS.sessionRetryTimeout, 60_000);
+  for (const bad of [0, -1, NaN, '5', 2 ** 31]) {
+    assert.throws(() => new Client(server.url, { ...QUICK, sessionRetryTimeout: bad }), RangeError);
+  }
+  new Client(server.url, { ...QUICK, sessionRetryTimeout: Infinity }); // never gives up
 });
 
 it('a server without sessions: the client goes on as a plain one', async () => {

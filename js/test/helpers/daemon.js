@@ -251,3 +251,23 @@ export function until(predicate, emitter, events, timeout = 10_000) {
     }
   });
 }
+
+/**
+ * `promise`, within `ms`: a step that hangs fails here with what it was (`what`) and, from
+ * `why()`, what the test saw meanwhile, instead of running into the runner's timeout with no
+ * reason.  A rejection gets the same context.
+ */
+export function within(promise, ms, what, why = () => '') {
+  let timer;
+  const context = () => {
+    const seen = why();
+    return seen ? `\n${seen}` : '';
+  };
+  const deadline = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`${what}: not done within ${ms} ms${context()}`)), ms);
+  });
+  const step = Promise.resolve(promise).catch((error) => {
+    throw new Error(`${what} failed: ${error?.message ?? error}${context()}`, { cause: error });
+  });
+  return Promise.race([step, deadline]).finally(() => clearTimeout(timer));
+}

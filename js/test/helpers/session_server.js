@@ -27,6 +27,8 @@ export class SessionServer {
     this.gapOnce = false;
     /** Refuse this many session starts with `unavailable` (the cluster's Redis is down). */
     this.unavailable = 0;
+    /** Answer this many resumes `resumed: false, reason: unavailable` (Infinity: every one). */
+    this.resumeUnavailable = 0;
     this.server = net.createServer((socket) => this._accept(socket));
   }
 
@@ -141,6 +143,10 @@ export class SessionServer {
       return reply({ session: session.id, key: session.key, expiry: session.expiry });
     }
     if (m.type === 'resume') {
+      if (this.resumeUnavailable > 0) {
+        this.resumeUnavailable -= 1;
+        return reply({ resumed: false, reason: 'unavailable' });
+      }
       const session = this.sessions.get(m.data?.session);
       if (!session) return reply({ resumed: false, reason: 'unknown_session' });
       if (session.key !== m.data.key) return reply({ resumed: false, reason: 'bad_key' });
