@@ -1413,6 +1413,36 @@ write_through(PyObject *transport, PyObject *sock, PyObject *data)
     return 0;
 }
 
+/* b"".join(batch): copied here when every item is bytes, else by bytes.join (which checks
+ * the items and says what is wrong), as _write_many joins. */
+static PyObject *
+join_batch(PyObject *batch)
+{
+    Py_ssize_t total = 0, count = PyList_GET_SIZE(batch);
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *item = PyList_GET_ITEM(batch, i);
+        if (!PyBytes_CheckExact(item) || PyBytes_GET_SIZE(item) > PY_SSIZE_T_MAX - total) {
+            PyObject *empty = PyBytes_FromStringAndSize(NULL, 0);
+            if (empty == NULL)
+                return NULL;
+            PyObject *joined = PyObject_CallMethod(empty, "join", "O", batch);
+            Py_DECREF(empty);
+            return joined;
+        }
+        total += PyBytes_GET_SIZE(item);
+    }
+    PyObject *data = PyBytes_FromStringAndSize(NULL, total);
+    if (data == NULL)
+        return NULL;
+    char *out = PyBytes_AS_STRING(data);
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *item = PyList_GET_ITEM(batch, i);
+        memcpy(out, PyBytes_AS_STRING(item), (size_t)PyBytes_GET_SIZE(item));
+        out += PyBytes_GET_SIZE(item);
+    }
+    return data;
+}
+
 /* _deliver() for bodies that all completed in this read (the decoder holds nothing), then
  * _write_many(): 0, or -1 with an exception. */
 static int
@@ -1494,11 +1524,7 @@ deliver_whole(PyObject *protocol, PyObject *transport, PyObject *sock, PyObject 
     if (frames == 1 && PyBytes_CheckExact(PyList_GET_ITEM(batch, 0)))
         data = Py_NewRef(PyList_GET_ITEM(batch, 0)); /* (else the join checks and copies) */
     else {
-        PyObject *empty = PyBytes_FromStringAndSize(NULL, 0);
-        if (empty == NULL)
-            goto done;
-        data = _PyBytes_Join(empty, batch);
-        Py_DECREF(empty);
+        data = join_batch(batch);
         if (data == NULL)
             goto done;
     }
