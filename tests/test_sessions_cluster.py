@@ -495,6 +495,7 @@ def test_a_node_restarted_with_its_node_id_does_not_inherit_its_sessions(
             a.daemon.process.send_signal(signal.SIGKILL)
             a.daemon.process.wait(10)
         again = restart(a, stack)
+        again.daemon.wait_for(r"replaces an earlier one .*; 1 resumable sessions it held")
         lease = float(redis.cli("ZSCORE", "heartbeatd:nodes", "node0"))
         assert lease > float(redis.cli("TIME").split()[0]) * 1000  # never lapsed
         # The new process holds none of its predecessor's sessions: this one waits in Redis.
@@ -516,3 +517,37 @@ def test_a_node_restarted_with_its_node_id_does_not_inherit_its_sessions(
             assert (told["seq"], told["data"]) == (4, "live")
             assert data_of(moved.reply(moved.request("echo", 2))) == 2
             assert [m for m in moved.inbox if m.get("type") in ("told", "notice")] == []
+
+
+def test_two_live_processes_with_one_node_id_are_logged_and_fenced(tmp_path: Path) -> None:
+    # A configuration mistake: the second process takes the node id over (the first one's
+    # sessions are detached in Redis), the first logs it; neither doubles what it writes.
+    with (
+        RedisServer(tmp_path / "redis") as redis,
+        nodes(tmp_path, redis, 2) as (a, b),
+        contextlib.ExitStack() as stack,
+        SessionPeer(a.port) as peer,
+    ):
+        peer.start()
+        assert data_of(peer.reply(peer.request("echo", 1))) == 1
+        twin = restart(a, stack)  # a still runs
+        twin.daemon.wait_for(r"replaces an earlier one .*; 1 resumable sessions it held")
+        a.daemon.wait_for(r"node id node0 is used by another live process too")
+        assert redis.cli("HGET", f"heartbeatd:s:{peer.sid}", "c") == ""
+        # a still carries the connection and numbers for it while nothing else did...
+        assert data_of(peer.reply(peer.request("echo", 2))) == 2
+        # ...but a push numbered in Redis meanwhile fences it: its next write is refused, its
+        # connection is told and closed, and the session resumes elsewhere with that push.
+        assert third_push(b, peer.sid, "to the detached copy")
+        _until(lambda: redis.cli("HGET", f"heartbeatd:s:{peer.sid}", "o") == "3")
+        peer.request("echo", 3)
+        rest = peer.closed()
+        assert [m.get("error", {}).get("code") for m in rest] == ["session_taken_over"], rest
+        a.daemon.stop()
+        assert a.daemon.log.count("is used by another live process too") == 1
+        with peer.clone(b.port) as moved:
+            answer = data_of(moved.resume())
+            assert (answer["resumed"], answer["replay"]) == (True, 1), answer
+            assert data_of(moved.next()) == "to the detached copy"
+            echo = moved.expect(lambda m: m.get("type") == "echo")
+            assert echo["data"] == 3
