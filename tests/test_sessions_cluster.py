@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+import yaml
 from daemon import Daemon
 from redis_server import RedisServer
 from session_peer import SessionPeer
@@ -50,7 +52,13 @@ def register(registry):
 
 
 @contextlib.contextmanager
-def nodes(tmp_path: Path, redis: RedisServer, count: int, **sections: Any) -> Iterator[list[Node]]:
+def nodes(
+    tmp_path: Path,
+    redis: RedisServer,
+    count: int,
+    node_timeout: float = NODE_TIMEOUT,
+    **sections: Any,
+) -> Iterator[list[Node]]:
     (tmp_path / "sess_handlers.py").write_text(HANDLERS)
     with contextlib.ExitStack() as stack:
         found = []
@@ -65,7 +73,7 @@ def nodes(tmp_path: Path, redis: RedisServer, count: int, **sections: Any) -> It
                 "cluster": {
                     "redis": redis.url,
                     "node_id": f"node{i}",
-                    "node_timeout": NODE_TIMEOUT,
+                    "node_timeout": node_timeout,
                 },
                 **sections,
             }
@@ -457,3 +465,89 @@ def _until(done: Any, seconds: float = 10) -> None:
     deadline = time.monotonic() + seconds
     while not done():
         assert time.monotonic() < deadline, "timed out"
+
+
+def restart(node: Node, stack: contextlib.ExitStack) -> Node:
+    """Node ``node``'s daemon again (same config, so the same node_id) after it was killed."""
+    old = node.daemon
+    config = yaml.safe_load(old.config_path.read_text())
+    daemon = stack.enter_context(Daemon(old.config_path.parent, config, env=old.env))
+    daemon.wait_for(LINK_UP)
+    return Node(daemon)
+
+
+@pytest.mark.parametrize("resume_on", ["other", "restarted"])
+def test_a_node_restarted_with_its_node_id_does_not_inherit_its_sessions(
+    tmp_path: Path, resume_on: str
+) -> None:
+    # Found by the JS client: the new process renewed its predecessor's lease, so the reaper
+    # never detached the killed process's sessions, and a push to one was forwarded to the
+    # new process, which does not hold it: dropped, though the sender was told it went out.
+    # A lease of 5 s: the new process renews it before it runs out.
+    with (
+        RedisServer(tmp_path / "redis") as redis,
+        nodes(tmp_path, redis, 2, node_timeout=10) as (a, b),
+        contextlib.ExitStack() as stack,
+    ):
+        with SessionPeer(a.port) as peer:
+            peer.start()
+            assert data_of(peer.reply(peer.request("echo", 1))) == 1
+            a.daemon.process.send_signal(signal.SIGKILL)
+            a.daemon.process.wait(10)
+        again = restart(a, stack)
+        again.daemon.wait_for(r"replaces an earlier one .*; 1 resumable sessions it held")
+        lease = float(redis.cli("ZSCORE", "heartbeatd:nodes", "node0"))
+        assert lease > float(redis.cli("TIME").split()[0]) * 1000  # never lapsed
+        # The new process holds none of its predecessor's sessions: this one waits in Redis.
+        assert third_push(b, peer.sid, "after the restart")
+        status, _ = b.http("POST", "/broadcast", {"type": "notice", "data": "all"})
+        assert status == 200
+        _until(lambda: redis.cli("HGET", f"heartbeatd:s:{peer.sid}", "o") == "3")
+        with peer.clone((b if resume_on == "other" else again).port) as moved:
+            answer = data_of(moved.resume())
+            assert (answer["resumed"], answer["replay"]) == (True, 2), answer
+            replay = [moved.next(), moved.next()]  # seq 2, 3: checked consecutive
+            assert sorted((m["type"], m["data"]) for m in replay) == [
+                ("notice", "all"),
+                ("told", "after the restart"),
+            ]
+            # Attached again: a push now is numbered by its node, once, after the replay.
+            assert third_push(b if resume_on == "restarted" else again, peer.sid, "live")
+            told = moved.expect(lambda m: m["type"] == "told")
+            assert (told["seq"], told["data"]) == (4, "live")
+            assert data_of(moved.reply(moved.request("echo", 2))) == 2
+            assert [m for m in moved.inbox if m.get("type") in ("told", "notice")] == []
+
+
+def test_two_live_processes_with_one_node_id_are_logged_and_fenced(tmp_path: Path) -> None:
+    # A configuration mistake: the second process takes the node id over (the first one's
+    # sessions are detached in Redis), the first logs it; neither doubles what it writes.
+    with (
+        RedisServer(tmp_path / "redis") as redis,
+        nodes(tmp_path, redis, 2) as (a, b),
+        contextlib.ExitStack() as stack,
+        SessionPeer(a.port) as peer,
+    ):
+        peer.start()
+        assert data_of(peer.reply(peer.request("echo", 1))) == 1
+        twin = restart(a, stack)  # a still runs
+        twin.daemon.wait_for(r"replaces an earlier one .*; 1 resumable sessions it held")
+        a.daemon.wait_for(r"node id node0 is used by another live process too")
+        assert redis.cli("HGET", f"heartbeatd:s:{peer.sid}", "c") == ""
+        # a still carries the connection and numbers for it while nothing else did...
+        assert data_of(peer.reply(peer.request("echo", 2))) == 2
+        # ...but a push numbered in Redis meanwhile fences it: its next write is refused, its
+        # connection is told and closed, and the session resumes elsewhere with that push.
+        assert third_push(b, peer.sid, "to the detached copy")
+        _until(lambda: redis.cli("HGET", f"heartbeatd:s:{peer.sid}", "o") == "3")
+        peer.request("echo", 3)
+        rest = peer.closed()
+        assert [m.get("error", {}).get("code") for m in rest] == ["session_taken_over"], rest
+        a.daemon.stop()
+        assert a.daemon.log.count("is used by another live process too") == 1
+        with peer.clone(b.port) as moved:
+            answer = data_of(moved.resume())
+            assert (answer["resumed"], answer["replay"]) == (True, 1), answer
+            assert data_of(moved.next()) == "to the detached copy"
+            echo = moved.expect(lambda m: m.get("type") == "echo")
+            assert echo["data"] == 3

@@ -210,10 +210,45 @@ return out
 """
 )
 
+# Renew node ``n``'s lease, for the process (incarnation ``inc``) that holds it now.
+# ``P:node:{n}:i`` names that process.  A process new under this node id (a restart after
+# kill -9 renews its predecessor's lease before it runs out, so the reaper never sees it
+# dead) takes the lease over in its first beat, which runs before anything else it sends
+# to Redis: the resumable sessions an earlier process held (``P:node:{n}:s``, recorded with
+# another incarnation ``i``) are detached here, as the reaper would have (pushes and
+# broadcasts to them then wait in Redis for their replay).  A record naming another
+# process after this one's first beat means two live processes share the node id (a
+# configuration mistake): nothing is taken back (they would take turns detaching each
+# other's sessions), the answer says so and the node logs it.
+# Answers {added (ZADD), 'ok'} | {added, 'adopted', detached, previous} | {added, 'other', it}.
 HEARTBEAT = (
-    "local P, n, expire = ARGV[1], ARGV[2], tonumber(ARGV[3])\n"
+    "local P, n, expire, inc, first = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]\n"
     + _NOW
-    + "return redis.call('ZADD', P..':nodes', now + expire, n)\n"
+    + """
+local added = redis.call('ZADD', P..':nodes', now + expire, n)
+local ik = P..':node:'..n..':i'
+local was = redis.call('GET', ik)
+if was == inc then return {added, 'ok'} end
+if was and first ~= '1' then return {added, 'other', was} end
+redis.call('SET', ik, inc)
+local ss, count = P..':node:'..n..':s', 0
+for _, sid in ipairs(redis.call('SMEMBERS', ss)) do
+  local h = P..':s:'..sid
+  local f = redis.call('HMGET', h, 'n', 'i')
+  if f[1] ~= n then
+    redis.call('SREM', ss, sid)  -- its keys expired
+  elseif f[2] ~= inc then
+    local left = redis.call('PTTL', h)
+    if left > 0 then
+      redis.call('HSET', h, 'c', '')
+      redis.call('ZADD', P..':s:d', now + left, sid)
+      count = count + 1
+    end
+    redis.call('SREM', ss, sid)
+  end
+end
+return {added, 'adopted', count, was or ''}
+"""
 )
 
 #: Each identity's sessions, in a set kept beside the clients (``{P}:id:{identity}``): the
@@ -267,6 +302,7 @@ for _, n in ipairs(dead) do
     end
   end
   redis.call('DEL', ss)
+  redis.call('DEL', P..':node:'..n..':i')
   redis.call('ZREM', P..':nodes', n)
 end
 return dead
@@ -535,6 +571,14 @@ class RedisBroker:
     def __init__(self, reactor: Any, cluster: ClusterConfig, channels: ChannelsConfig) -> None:
         self.reactor = reactor
         self.node_id = cluster.node_id or default_node_id()
+        #: This process, among those that ever ran as ``node_id`` (see HEARTBEAT): sessions it
+        #: starts or resumes are recorded with it, so a successor knows they are not its own.
+        self.incarnation = os.urandom(8).hex()
+        #: False until a heartbeat took the node id over for this process (HEARTBEAT).
+        self._adopted = False
+        #: Heartbeats that found another live process using this node id.
+        self.duplicates = 0
+        self._duplicate = ("", 0.0)  # the other process last logged, and when
         self.prefix = cluster.namespace
         self.node_timeout = cluster.node_timeout
         self.configure_history(channels.history_size, channels.history_ttl)
@@ -636,7 +680,7 @@ class RedisBroker:
         if self._cmd is not None and self._cmd.connected:
             self._presence.clear()
             d = self._register(leaving=True).addCallback(
-                lambda _: self._eval("HEARTBEAT", self.node_id, -10_000_000)
+                lambda _: self._eval("HEARTBEAT", self.node_id, -10_000_000, self.incarnation, 0)
             )
             d.addCallback(lambda _: self._eval("REAP"))
             d.addErrback(lambda f: log.warn("Leaving the cluster: {why}", why=f.getErrorMessage()))
@@ -830,10 +874,34 @@ class RedisBroker:
 
     def _heartbeat_now(self) -> Deferred[Any]:
         expire_ms = int(self.node_timeout * 1000 / 2)
-        d = self._eval("HEARTBEAT", self.node_id, expire_ms)
+        first = 0 if self._adopted else 1
+        d = self._eval("HEARTBEAT", self.node_id, expire_ms, self.incarnation, first)
 
-        def beat(added: Any) -> Any:
-            if int(added) == 1 and self._cmd is not None:
+        def beat(answer: Any) -> Any:
+            added, status = int(answer[0]), _text(answer[1])
+            if status == "adopted":
+                self._adopted = True
+                detached, previous = int(answer[2]), _text(answer[3])
+                if previous or detached:
+                    log.warn(
+                        "Cluster node {node}: this process replaces an earlier one of the same "
+                        "node id; {n} resumable sessions it held are detached",
+                        node=self.node_id,
+                        n=detached,
+                    )
+            elif status == "other":
+                self.duplicates += 1
+                # Logged when another process shows up, then once a minute while both run.
+                other, now = _text(answer[2]), self.reactor.seconds()
+                if other != self._duplicate[0] or now - self._duplicate[1] >= 60:
+                    self._duplicate = (other, now)
+                    log.error(
+                        "Cluster node id {node} is used by another live process too: give "
+                        "every daemon its own cluster.node_id (sessions, clients and presence "
+                        "of this node id are unreliable while both run)",
+                        node=self.node_id,
+                    )
+            if added == 1 and self._cmd is not None:
                 log.info("Cluster node {node} registered", node=self.node_id)
                 return self._register()
             return None
@@ -1134,6 +1202,10 @@ def _peer(proto: Any) -> tuple[str, int] | None:
         return None
     peer = transport.getPeer()
     return (getattr(peer, "host", ""), getattr(peer, "port", 0))
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _ignore(failure: Failure) -> None:

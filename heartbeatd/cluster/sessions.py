@@ -5,7 +5,9 @@ Keys, for a session id ``S`` (``P`` is ``cluster.namespace``):
 * ``P:s:S`` hash: ``k`` SHA-256 of the key (hex; the key itself is never stored), ``u`` the
   identity (``""`` for none), ``x`` expiry seconds, ``e`` the epoch, ``o`` the last server
   seq, ``a`` the last seq the client acknowledged, ``w`` the client high-water mark, ``n``/``c``
-  the node and connection holding it;
+  the node and connection holding it, ``i`` the process of that node (its incarnation: a
+  process restarted under the same node id detaches what an earlier one held, see
+  ``HEARTBEAT`` in heartbeatd.cluster.redis);
 * ``P:s:S:o`` list: the numbered messages ``a+1 .. o``, oldest first (trimmed on ack);
 * ``P:s:S:i`` hash: client seq -> request (``{"t","i","d"}``) received but not yet answered;
 * ``P:s:S:c`` hash: channel -> ``"epoch offset join_leave"``, the subscriptions;
@@ -136,7 +138,7 @@ if group ~= '' then redis.call('SADD', P..':s:'..group, sid) end
 redis.call('ZADD', all, now + tonumber(ARGV[8]) * 1000, sid)
 redis.call('DEL', h, h..':o', h..':i', h..':c', h..':g')
 redis.call('HSET', h, 'k', ARGV[3], 'u', ARGV[4], 'x', ARGV[5], 'e', 1, 'o', 0, 'a', 0,
-  'w', 0, 'b', 0, 'n', ARGV[6], 'c', ARGV[7], 'l', group)
+  'w', 0, 'b', 0, 'n', ARGV[6], 'c', ARGV[7], 'l', group, 'i', ARGV[13])
 redis.call('SADD', P..':node:'..ARGV[6]..':s', sid)
 ttl(tonumber(ARGV[8]))
 mark(P, h, tonumber(ARGV[8]), tonumber(ARGV[10]))
@@ -222,7 +224,7 @@ local e = redis.call('HINCRBY', h, 'e', 1)
 if f[8] then redis.call('SREM', P..':node:'..f[8]..':s', sid) end
 redis.call('ZREM', P..':s:d', sid)
 redis.call('SADD', P..':node:'..ARGV[6]..':s', sid)
-redis.call('HSET', h, 'n', ARGV[6], 'c', ARGV[7])
+redis.call('HSET', h, 'n', ARGV[6], 'c', ARGV[7], 'i', ARGV[10])
 ttl(tonumber(f[3]) + tonumber(ARGV[8]))
 redis.call('ZADD', P..':s:all', now + (tonumber(f[3]) + tonumber(ARGV[8])) * 1000, sid)
 mark(P, h, tonumber(f[3]) + tonumber(ARGV[8]), tonumber(ARGV[9]))
@@ -400,6 +402,8 @@ class RedisSessionStore:
     def __init__(self, broker: Any) -> None:
         self.broker = broker
         self.node_id = broker.node_id
+        #: The process holding the sessions this node starts or resumes (``i`` in the hash).
+        self.incarnation = broker.incarnation
 
     def _run(self, name: str, *args: Any) -> Deferred[Any]:
         return self.broker.run_script(_SHAS[name], _SCRIPTS[name], *args)
@@ -434,6 +438,7 @@ class RedisSessionStore:
             tomb,
             total,
             group,
+            self.incarnation,
         )
 
     def received(self, sid: str, epoch: int, seq: int, request: str, ttl: int) -> Deferred[Any]:
@@ -471,7 +476,18 @@ class RedisSessionStore:
         """Take the session for ``conn`` (the epoch goes up: its former holder is fenced):
         its state, or why not (``unknown_session``, ``bad_key``, ``forbidden``, ``overflow``,
         ``bad_ack``)."""
-        d = self._run("CLAIM", sid, digest, identity, ack, self.node_id, conn, extra_ttl, tomb)
+        d = self._run(
+            "CLAIM",
+            sid,
+            digest,
+            identity,
+            ack,
+            self.node_id,
+            conn,
+            extra_ttl,
+            tomb,
+            self.incarnation,
+        )
 
         def parsed(r: list[Any]) -> dict[str, Any] | str:
             status = _text(r[0])
