@@ -279,6 +279,14 @@ def test_the_c_loop_answers_as_the_python_loop(
     with _c_path():
         got = _run(stream, cuts, 1000)
     assert got == expected
+    # Long strings are checked while copied with AVX2 where the CPU has it, else SSE2:
+    # both must write what the encoder writes.
+    _speedups.use_avx2(False)
+    try:
+        with _c_path():
+            assert _run(stream, cuts, 1000) == expected
+    finally:
+        _speedups.use_avx2(True)  # the default: on where the CPU has it
 
 
 @needs_extension
@@ -506,3 +514,34 @@ def test_the_c_loop_with_any_lookup_and_a_pending_property() -> None:
         assert replies(ServerProtocol, True) == expected
         assert replies(Watched, False) == expected
     assert Watched.reads >= len(bodies)
+
+
+@needs_extension
+@pytest.mark.parametrize("avx2", [True, False], ids=["avx2", "sse2"])
+def test_a_long_string_with_one_odd_character_anywhere_is_written_as_the_encoder_writes_it(
+    avx2: bool,
+) -> None:
+    """From 1,024 characters on, a string result is checked while it is copied (64 bytes a
+    step, AVX2 or SSE2, then the tail): one character needing an escape, at any position of
+    the first and last blocks and of a block in the middle, must send it to the encoder."""
+    stream = b""
+    for length in (1024, 1100):
+        base = ("abc~ " * 1000)[:length]
+        positions = {  # the first two blocks, two in the middle, the last one and the tail
+            *range(0, 130),
+            *range(length // 2 - 64, length // 2 + 64),
+            *range(length - 80, length),
+        }
+        for odd in ['"', "\\", "\x7f", "\x00", "\x1f", "\x80", "é"]:
+            for at in sorted(positions):
+                text = base[:at] + odd + base[at + 1 :]
+                body = json.dumps({"type": "echo", "id": at, "data": text}).encode()
+                stream += struct.pack("!I", len(body)) + body
+    with _python_path():
+        expected = _run(stream, [], 1 << 20)
+    _speedups.use_avx2(avx2)
+    try:
+        with _c_path():
+            assert _run(stream, [], 1 << 20) == expected
+    finally:
+        _speedups.use_avx2(True)
