@@ -81,6 +81,31 @@ def send_all(client: socket.socket, data: bytes, drain: Any) -> None:
             reactor.doIteration(0.001)
 
 
+@contextmanager
+def connected(factory: ServerFactory) -> Iterator[tuple[socket.socket, ServerProtocol]]:
+    """``factory`` listening on a lean port of 127.0.0.1, one client connected to it: the
+    client's socket and the server's protocol; all closed afterwards."""
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    assert leantcp.adopt(port)
+    client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10)
+    try:
+        spin_until(lambda: bool(factory.clients))
+        (protocol,) = factory.clients.values()
+        yield client, protocol
+    finally:
+        client.close()
+        spin_until(lambda: not factory.clients)
+        port.stopListening()
+        spin_until(lambda: not port.connected)
+        leantcp.uninstall_dispatch(reactor)
+
+
+def quiet_factory(registry: Any = None) -> ServerFactory:
+    """A factory whose heartbeat never pings during a test."""
+    config = make_config(heartbeat={"interval": 3600, "timeout": 7200})
+    return ServerFactory(config, registry or _registry(), reactor)
+
+
 def run(stream: bytes, cuts: list[int], max_frame_bytes: int) -> tuple[Any, ...]:
     """Send ``stream`` in reads cut at ``cuts``, each read taken by the server before the
     next is sent; then everything the client got and what the connection counted."""
@@ -93,9 +118,23 @@ def run(stream: bytes, cuts: list[int], max_frame_bytes: int) -> tuple[Any, ...]
         max_frame_bytes=max_frame_bytes, heartbeat={"interval": 3600, "timeout": 7200}
     )
     factory = _FixedIdFactory(config, registry, reactor)  # the same session id in both runs
-    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
-    assert leantcp.adopt(port)
-    client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10)
+    with connected(factory) as (client, protocol):
+        try:
+            return _send_cut(factory, client, protocol, held, stream, cuts)
+        finally:
+            for d in held:
+                d.callback("late")
+
+
+def _send_cut(
+    factory: ServerFactory,
+    client: socket.socket,
+    protocol: ServerProtocol,
+    held: list[Deferred[Any]],
+    stream: bytes,
+    cuts: list[int],
+) -> tuple[Any, ...]:
+    """`run`'s steps once connected."""
     client.setblocking(False)
     received = bytearray()
     closed = [False]
@@ -110,50 +149,39 @@ def run(stream: bytes, cuts: list[int], max_frame_bytes: int) -> tuple[Any, ...]
                 closed[0] = True
             received.extend(chunk)
 
-    try:
-        spin_until(lambda: bool(factory.clients))
-        (protocol,) = factory.clients.values()
-        stream += struct.pack("!I", len(END)) + END
-        start = 0
-        for cut in [*sorted(set(cuts)), len(stream)]:
-            if cut <= start:
-                continue
-            send_all(client, stream[start:cut], drain)
-            target = protocol.bytes_in + cut - start
-            spin_until(lambda target=target: protocol.bytes_in >= target or not protocol.connected)
-            start = cut
-            if held and cut % 3 == 0:  # some replies finish between reads, some after
-                held.pop(0).callback({"late": cut})
-            if not protocol.connected:
-                break
+    stream += struct.pack("!I", len(END)) + END
+    start = 0
+    for cut in [*sorted(set(cuts)), len(stream)]:
+        if cut <= start:
+            continue
+        send_all(client, stream[start:cut], drain)
+        target = protocol.bytes_in + cut - start
+        spin_until(lambda target=target: protocol.bytes_in >= target or not protocol.connected)
+        start = cut
+        if held and cut % 3 == 0:  # some replies finish between reads, some after
+            held.pop(0).callback({"late": cut})
+        if not protocol.connected:
+            break
 
-        def finished() -> bool:
-            while held:  # the end marker's reply comes after every held one
-                held.pop(0).callback("late")
-            drain()
-            return closed[0] or received.endswith(END[:-1] + b',"data":null}')
+    def finished() -> bool:
+        while held:  # the end marker's reply comes after every held one
+            held.pop(0).callback("late")
+        drain()
+        return closed[0] or received.endswith(END[:-1] + b',"data":null}')
 
-        spin_until(finished)
-        return (
-            bytes(received),
-            protocol.close_reason,
-            protocol.frames_in,
-            protocol.frames_out,
-            protocol.bytes_in,
-            protocol.bytes_out,
-            protocol.pings_unanswered,
-            protocol.awaiting_first_frame,
-            dict(factory.errors),
-            factory.partial_bytes,
-        )
-    finally:
-        for d in held:
-            d.callback("late")
-        client.close()
-        spin_until(lambda: not factory.clients)
-        port.stopListening()
-        spin_until(lambda: not port.connected)
-        leantcp.uninstall_dispatch(reactor)
+    spin_until(finished)
+    return (
+        bytes(received),
+        protocol.close_reason,
+        protocol.frames_in,
+        protocol.frames_out,
+        protocol.bytes_in,
+        protocol.bytes_out,
+        protocol.pings_unanswered,
+        protocol.awaiting_first_frame,
+        dict(factory.errors),
+        factory.partial_bytes,
+    )
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -251,31 +279,17 @@ def test_whole_frames_never_reach_data_received(monkeypatch: Any) -> None:
 def test_an_aborted_connection_reads_nothing_more() -> None:
     """Twisted's abortConnection replaces ``doRead`` with a no-op on the instance: a read
     event already returned by epoll must run that, not read and answer."""
-    config = make_config(heartbeat={"interval": 3600, "timeout": 7200})
-    factory = ServerFactory(config, _registry(), reactor)
-    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
-    assert leantcp.adopt(port)
-    client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10)
-    try:
-        with read_path(c=True):
-            spin_until(lambda: bool(factory.clients))
-            (protocol,) = factory.clients.values()
-            transport = protocol.transport
-            echo = struct.pack("!I", 31) + b'{"type":"echo","id":1,"data":2}'
-            client.sendall(echo)  # the sniffing read first, then a plain one
-            spin_until(lambda: protocol.frames_in == 1)
-            frames = protocol.frames_in
-            client.sendall(echo)
-            transport.abortConnection()
-            assert leantcp._read_event is not None
-            assert leantcp._read_event(transport) is None
-            assert protocol.frames_in == frames
-    finally:
-        client.close()
-        spin_until(lambda: not factory.clients)
-        port.stopListening()
-        spin_until(lambda: not port.connected)
-        leantcp.uninstall_dispatch(reactor)
+    with read_path(c=True), connected(quiet_factory()) as (client, protocol):
+        transport = protocol.transport
+        echo = struct.pack("!I", 31) + b'{"type":"echo","id":1,"data":2}'
+        client.sendall(echo)  # the sniffing read first, then a plain one
+        spin_until(lambda: protocol.frames_in == 1)
+        frames = protocol.frames_in
+        client.sendall(echo)
+        transport.abortConnection()
+        assert leantcp._read_event is not None
+        assert leantcp._read_event(transport) is None
+        assert protocol.frames_in == frames
 
 
 def test_a_subclass_is_read_by_its_own_data_received() -> None:
@@ -288,27 +302,14 @@ def test_a_subclass_is_read_by_its_own_data_received() -> None:
             Counting.seen += 1
             super().dataReceived(data)
 
-    config = make_config(heartbeat={"interval": 3600, "timeout": 7200})
-    factory = ServerFactory(config, _registry(), reactor)
+    factory = quiet_factory()
     factory.protocol = Counting
-    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
-    assert leantcp.adopt(port)
-    client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10)
-    try:
-        with read_path(c=True) as calls:
-            spin_until(lambda: bool(factory.clients))
-            (protocol,) = factory.clients.values()
-            echo = struct.pack("!I", 31) + b'{"type":"echo","id":1,"data":2}'
-            for n in (1, 2, 3):
-                client.sendall(echo)
-                spin_until(lambda n=n: protocol.frames_in == n)
-            assert calls[0] >= 3 and Counting.seen == 3
-    finally:
-        client.close()
-        spin_until(lambda: not factory.clients)
-        port.stopListening()
-        spin_until(lambda: not port.connected)
-        leantcp.uninstall_dispatch(reactor)
+    with read_path(c=True) as calls, connected(factory) as (client, protocol):
+        echo = struct.pack("!I", 31) + b'{"type":"echo","id":1,"data":2}'
+        for n in (1, 2, 3):
+            client.sendall(echo)
+            spin_until(lambda n=n: protocol.frames_in == n)
+        assert calls[0] >= 3 and Counting.seen == 3
 
 
 def test_the_c_read_path_leaks_no_references(monkeypatch: Any) -> None:
@@ -329,14 +330,8 @@ def test_the_c_read_path_leaks_no_references(monkeypatch: Any) -> None:
     ]
     reads = [struct.pack("!I", len(b)) + b for b in bodies]
     reads.append(reads[0] * 3)
-    config = make_config(heartbeat={"interval": 3600, "timeout": 7200})
-    factory = ServerFactory(config, _registry(), reactor)
-    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
-    assert leantcp.adopt(port)
-    client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10)
-    client.setblocking(False)
 
-    def send(rounds: int) -> None:
+    def send(client: socket.socket, protocol: ServerProtocol, rounds: int) -> None:
         for _ in range(rounds):
             for data in reads:
                 target = protocol.bytes_in + len(data)
@@ -348,21 +343,13 @@ def test_the_c_read_path_leaks_no_references(monkeypatch: Any) -> None:
                 except BlockingIOError:
                     pass
 
-    try:
-        with read_path(c=True) as calls:
-            spin_until(lambda: bool(factory.clients))
-            (protocol,) = factory.clients.values()
-            send(50)
-            gc.collect()
-            before = sys.getallocatedblocks()
-            send(400)
-            gc.collect()
-            grown = sys.getallocatedblocks() - before
-            assert calls[0] >= 400 * len(reads) and protocol.connected
-            assert grown < 1000, grown
-    finally:
-        client.close()
-        spin_until(lambda: not factory.clients)
-        port.stopListening()
-        spin_until(lambda: not port.connected)
-        leantcp.uninstall_dispatch(reactor)
+    with read_path(c=True) as calls, connected(quiet_factory()) as (client, protocol):
+        client.setblocking(False)
+        send(client, protocol, 50)
+        gc.collect()
+        before = sys.getallocatedblocks()
+        send(client, protocol, 400)
+        gc.collect()
+        grown = sys.getallocatedblocks() - before
+        assert calls[0] >= 400 * len(reads) and protocol.connected
+        assert grown < 1000, grown

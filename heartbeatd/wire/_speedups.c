@@ -226,6 +226,37 @@ decoder_append(Decoder *self, const char *p, Py_ssize_t n, PyObject *owner)
     return 0;
 }
 
+/* Copy a large body's gathered pieces (decoder_gather) into `out`, which has room for
+ * `room` bytes: 0, or -1 with an exception if they do not fit (they always do: they sum to
+ * `have`, and callers give at least that). */
+static int
+copy_pieces(Decoder *self, char *out, Py_ssize_t room)
+{
+    Py_ssize_t at = 0;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(self->chunks); i++) {
+        PyObject *piece = PyList_GET_ITEM(self->chunks, i);
+        const char *from;
+        Py_ssize_t size;
+        if (PyByteArray_CheckExact(piece)) {
+            from = PyByteArray_AS_STRING(piece);
+            size = PyByteArray_GET_SIZE(piece);
+        }
+        else { /* (read, start, size) */
+            PyObject *owner = PyTuple_GET_ITEM(piece, 0);
+            Py_ssize_t start = PyLong_AsSsize_t(PyTuple_GET_ITEM(piece, 1));
+            size = PyLong_AsSsize_t(PyTuple_GET_ITEM(piece, 2));
+            from = PyBytes_AS_STRING(owner) + start;
+        }
+        if (size < 0 || size > room - at) {
+            PyErr_SetString(PyExc_SystemError, "heartbeatd decoder: body pieces overflow");
+            return -1;
+        }
+        memcpy(out + at, from, (size_t)size);
+        at += size;
+    }
+    return 0;
+}
+
 /* The finished body of the unfinished frame, handed over (new reference). */
 static PyObject *
 decoder_take(Decoder *self)
@@ -235,29 +266,9 @@ decoder_take(Decoder *self)
         body = PyBytes_FromStringAndSize(NULL, self->length);
         if (body == NULL)
             return NULL;
-        char *out = PyBytes_AS_STRING(body);
-        Py_ssize_t at = 0;
-        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(self->chunks); i++) {
-            PyObject *piece = PyList_GET_ITEM(self->chunks, i);
-            const char *from;
-            Py_ssize_t size;
-            if (PyByteArray_CheckExact(piece)) {
-                from = PyByteArray_AS_STRING(piece);
-                size = PyByteArray_GET_SIZE(piece);
-            }
-            else { /* (read, start, size) */
-                PyObject *owner = PyTuple_GET_ITEM(piece, 0);
-                Py_ssize_t start = PyLong_AsSsize_t(PyTuple_GET_ITEM(piece, 1));
-                size = PyLong_AsSsize_t(PyTuple_GET_ITEM(piece, 2));
-                from = PyBytes_AS_STRING(owner) + start;
-            }
-            if (size < 0 || size > self->length - at) { /* cannot happen: have == length */
-                Py_DECREF(body);
-                PyErr_SetString(PyExc_SystemError, "heartbeatd decoder: body pieces overflow");
-                return NULL;
-            }
-            memcpy(out + at, from, (size_t)size);
-            at += size;
+        if (copy_pieces(self, PyBytes_AS_STRING(body), self->length) < 0) {
+            Py_DECREF(body);
+            return NULL;
         }
         Py_CLEAR(self->chunks);
     }
@@ -1671,32 +1682,11 @@ read_into_body(PyObject *protocol, int fd, Py_ssize_t read_size, PyObject **why)
         PyObject *body = PyBytes_FromStringAndSize(NULL, cap);
         if (body == NULL)
             goto done;
-        char *out = PyBytes_AS_STRING(body);
-        Py_ssize_t at = 0;
         if (d->body != NULL)
-            memcpy(out, PyBytes_AS_STRING(d->body), (size_t)d->have);
-        else if (d->chunks != NULL) {
-            for (Py_ssize_t i = 0; i < PyList_GET_SIZE(d->chunks); i++) {
-                PyObject *piece = PyList_GET_ITEM(d->chunks, i);
-                const char *from;
-                Py_ssize_t size;
-                if (PyByteArray_CheckExact(piece)) {
-                    from = PyByteArray_AS_STRING(piece);
-                    size = PyByteArray_GET_SIZE(piece);
-                }
-                else { /* (read, start, size) */
-                    from = PyBytes_AS_STRING(PyTuple_GET_ITEM(piece, 0)) +
-                           PyLong_AsSsize_t(PyTuple_GET_ITEM(piece, 1));
-                    size = PyLong_AsSsize_t(PyTuple_GET_ITEM(piece, 2));
-                }
-                if (size < 0 || size > d->have - at) { /* cannot happen: they sum to have */
-                    Py_DECREF(body);
-                    PyErr_SetString(PyExc_SystemError, "heartbeatd decoder: pieces overflow");
-                    goto done;
-                }
-                memcpy(out + at, from, (size_t)size);
-                at += size;
-            }
+            memcpy(PyBytes_AS_STRING(body), PyBytes_AS_STRING(d->body), (size_t)d->have);
+        else if (d->chunks != NULL && copy_pieces(d, PyBytes_AS_STRING(body), d->have) < 0) {
+            Py_DECREF(body);
+            goto done;
         }
         Py_CLEAR(d->chunks);
         Py_XSETREF(d->body, body);
