@@ -20,26 +20,17 @@ import pytest
 from helpers import make_config
 from test_lean_transport import spin_until
 from test_protocol_paths import _registry
+from test_read_event import pytestmark as read_event_pytestmark
 from test_read_event import read_path
 
 from heartbeatd.server import leantcp
 from heartbeatd.server.factory import ServerFactory
 from heartbeatd.server.protocol import ServerProtocol
 
-try:
-    from heartbeatd.wire import _speedups  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - test_speedups.test_the_extension_is_built says so
-    _speedups = None
-
 reactor: Any
 from twisted.internet import reactor  # noqa: E402  (the test drives the real reactor by hand)
 
-pytestmark = [
-    pytest.mark.skipif(_speedups is None, reason="the C module is not built"),
-    pytest.mark.skipif(
-        type(reactor).__name__ != "EPollReactor", reason="the lean dispatch is for epoll"
-    ),
-]
+pytestmark = read_event_pytestmark  # the C module built, the epoll reactor
 
 #: LeanServer's (Twisted's) read size: what one doRead takes at most.
 BUFFER_SIZE = 65536

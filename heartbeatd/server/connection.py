@@ -760,10 +760,18 @@ class Connection(Protocol):
             return
         if self._pending:
             self._pending.append(_Slot(body))
-        elif self._batch is not None:
-            self._batch.append(self._framing.encode(body))
         else:
-            self._write_many([self._framing.encode(body)])
+            self._write_body(body)
+
+    def _write_body(self, body: bytes) -> None:
+        """Frame ``body`` and write it: into the open read's batch (all replies of one read
+        go out in one write), or now."""
+        framed = self._framing.encode(body)
+        batch = self._batch
+        if batch is not None:
+            batch.append(framed)
+        else:
+            self._write_many([framed])
 
     # -- writing -----------------------------------------------------------------------------
 

@@ -402,12 +402,7 @@ class Attachment:
         state.unacked_bytes += len(numbered)
         conn = self.conn
         if conn.connected:
-            framed = conn._framing.encode(numbered)
-            batch = conn._batch
-            if batch is not None:
-                batch.append(framed)
-            else:
-                conn._write_many([framed])
+            conn._write_body(numbered)
 
     def run(self, message: envelope.Message, seq: int, redelivered: bool = False) -> None:
         """Dispatch a numbered request; its reply (or error) is numbered with ``ack``."""
@@ -497,14 +492,8 @@ class Attachment:
 
     def raw(self, body: bytes) -> None:
         """Write a connection-level body (never numbered, never replayed)."""
-        conn = self.conn
-        if not conn.connected:
-            return
-        framed = conn._framing.encode(body)
-        if conn._batch is not None:
-            conn._batch.append(framed)
-        else:
-            conn._write_many([framed])
+        if self.conn.connected:
+            self.conn._write_body(body)
 
     def emit(self, body: bytes) -> None:
         """`Connection._emit`: a reply, numbered when it answers a numbered request."""
@@ -1007,15 +996,8 @@ class Sessions:
         """Keep and write a numbered message (the clustered store writes Redis first, and
         the connection once Redis has it)."""
         attachment = state.attachment
-        if attachment is not None:  # Attachment.raw, inlined
-            conn = attachment.conn
-            if conn.connected:
-                framed = conn._framing.encode(numbered)
-                batch = conn._batch
-                if batch is not None:
-                    batch.append(framed)
-                else:
-                    conn._write_many([framed])
+        if attachment is not None:
+            attachment.raw(numbered)
 
     def flush(self, state: SessionState) -> None:
         """Write (or, detached, keep) every finished reply at the head of the queue."""
