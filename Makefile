@@ -10,8 +10,8 @@ CONFIG ?= config/heartbeatd.yaml
 
 .PHONY: run test test-newest test-oldest lint bench bench-fanout clean redis-server js-deps chromium promtool c-toolchain
 
-# hatch_build.py compiles heartbeatd/wire/_speedups.c into the editable install (gcc).
-$(STAMP): pyproject.toml twisted_plugins/heartbeatd_plugin.py hatch_build.py heartbeatd/wire/_speedups.c | c-toolchain
+# hatch_build.py compiles heartbeatd/wire/_speedups.c (with _lift.h) into the editable install (gcc).
+$(STAMP): pyproject.toml twisted_plugins/heartbeatd_plugin.py hatch_build.py heartbeatd/wire/_speedups.c heartbeatd/wire/_lift.h | c-toolchain
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "heartbeatd needs Python 3.10+"'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml twisted_plugins/heartbeatd_plugin.py hatch_build.py hea
 run: $(STAMP)
 	PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" $(BIN)/twistd --nodaemon --pidfile= --logger=heartbeatd.daemon.logs.observer heartbeatd --config $(CONFIG)
 
-$(OLDEST_STAMP): pyproject.toml twisted_plugins/heartbeatd_plugin.py tests/oldest-constraints.txt hatch_build.py heartbeatd/wire/_speedups.c | c-toolchain
+$(OLDEST_STAMP): pyproject.toml twisted_plugins/heartbeatd_plugin.py tests/oldest-constraints.txt hatch_build.py heartbeatd/wire/_speedups.c heartbeatd/wire/_lift.h | c-toolchain
 	$(PYTHON) -m venv $(OLDEST)
 	$(OLDEST)/bin/python -m pip install --quiet --upgrade pip
 	$(OLDEST)/bin/python -m pip install --quiet -c tests/oldest-constraints.txt -e '.[test]'

@@ -47,6 +47,7 @@ __all__ = [
     "JwtConfig",
     "LimitsConfig",
     "LogConfig",
+    "MallocConfig",
     "NamespaceConfig",
     "SeedConfig",
     "SentinelConfig",
@@ -187,6 +188,31 @@ class TcpConfig:
     user_timeout: float = field(
         default=60.0,
         metadata=check(non_negative_number, "TCP_USER_TIMEOUT seconds for unacked data"),
+    )
+
+
+#: glibc's ceiling for M_MMAP_THRESHOLD on 64-bit (HEAP_MAX_SIZE / 2), where its own sliding
+#: threshold stops.
+MALLOC_MMAP_THRESHOLD_MAX = 32 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class MallocConfig:
+    """glibc's malloc thresholds, set at start (heartbeatd.daemon.malloc says why)."""
+
+    mmap_threshold: int = field(
+        default=MALLOC_MMAP_THRESHOLD_MAX,
+        metadata=check(
+            int_range(0, MALLOC_MMAP_THRESHOLD_MAX),
+            "bytes; smaller blocks come from the heap and are reused (0: glibc's own)",
+        ),
+    )
+    trim_threshold: int = field(
+        default=2 * MALLOC_MMAP_THRESHOLD_MAX,
+        metadata=check(
+            int_range(0, 2**31 - 1),
+            "free bytes the heap keeps before it gives them back (0: glibc's own)",
+        ),
     )
 
 
@@ -820,6 +846,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     tcp: TcpConfig = field(default_factory=TcpConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    malloc: MallocConfig = field(default_factory=MallocConfig)
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
     seed: SeedConfig = field(default_factory=SeedConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
@@ -851,6 +878,7 @@ _SECTIONS: dict[str, type] = {
     "limits": LimitsConfig,
     "tcp": TcpConfig,
     "log": LogConfig,
+    "malloc": MallocConfig,
     "shutdown": ShutdownConfig,
     "seed": SeedConfig,
     "admin": AdminConfig,

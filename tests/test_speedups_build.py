@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -24,7 +25,7 @@ PROBE = (
 )
 
 
-def _build(out: Path, **env: str) -> Path:
+def _build(out: Path, source: Path = ROOT, **env: str) -> Path:
     environ = {k: v for k, v in os.environ.items() if k != "HEARTBEATD_NO_EXTENSIONS"}
     result = subprocess.run(
         [
@@ -36,7 +37,7 @@ def _build(out: Path, **env: str) -> Path:
             "--no-build-isolation",
             "--wheel-dir",
             str(out),
-            str(ROOT),
+            str(source),
         ],
         capture_output=True,
         text=True,
@@ -71,6 +72,7 @@ def test_with_a_compiler_the_wheel_carries_the_c_hot_path(tmp_path: Path) -> Non
     assert not wheel.name.endswith("-py3-none-any.whl"), wheel.name  # a platform wheel
     names = zipfile.ZipFile(wheel).namelist()
     assert [n for n in names if n.startswith("heartbeatd/wire/_speedups.") and n.endswith(".so")]
+    assert not [n for n in names if n.endswith((".c", ".h"))]  # sources stay in the sdist
     assert "twisted/plugins/heartbeatd_plugin.py" in names
     assert _probe(wheel, tmp_path / "site") == ["c", "heartbeatd.wire._speedups"]
 
@@ -87,3 +89,24 @@ def test_without_a_compiler_the_wheel_is_pure_python_and_runs(tmp_path: Path) ->
 def test_heartbeatd_no_extensions_at_build_time_builds_pure_python(tmp_path: Path) -> None:
     wheel = _build(tmp_path / "dist", HEARTBEATD_NO_EXTENSIONS="1")
     assert wheel.name.endswith("-py3-none-any.whl"), wheel.name
+
+
+def test_the_sdist_carries_the_c_sources_and_its_wheel_the_c_hot_path(tmp_path: Path) -> None:
+    """pip installs from the sdist where no wheel fits: both C files must be in it."""
+    result = subprocess.run(
+        [sys.executable, "-m", "hatchling", "build", "-t", "sdist", "-d", str(tmp_path / "sd")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    (sdist,) = (tmp_path / "sd").glob("heartbeatd-*.tar.gz")
+    with tarfile.open(sdist) as archive:
+        names = {name.split("/", 1)[1] for name in archive.getnames()}
+        assert {"heartbeatd/wire/_speedups.c", "heartbeatd/wire/_lift.h"} <= names
+        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        archive.extractall(tmp_path / "src", **safe)  # type: ignore[arg-type]
+    (tree,) = (tmp_path / "src").iterdir()
+    wheel = _build(tmp_path / "dist", source=tree, HEARTBEATD_STRICT_BUILD="1")
+    assert _probe(wheel, tmp_path / "site") == ["c", "heartbeatd.wire._speedups"]

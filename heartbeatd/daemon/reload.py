@@ -27,7 +27,16 @@ __all__ = ["Reloader", "config_diff"]
 log = get_logger(__name__)
 
 #: Keys bound at start: changing them needs a restart.
-FIXED_KEYS = ("listen", "framing", "handlers", "admin", "cluster", "workers", "websocket")
+FIXED_KEYS = (
+    "listen",
+    "framing",
+    "handlers",
+    "admin",
+    "cluster",
+    "workers",
+    "websocket",
+    "malloc",
+)
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:

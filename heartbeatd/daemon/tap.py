@@ -18,6 +18,7 @@ from heartbeatd.config import Config, ConfigError, private_unix_endpoint
 from heartbeatd.daemon.config import load_config
 from heartbeatd.daemon.fdlimit import raise_open_file_limit
 from heartbeatd.daemon.logs import set_destination, set_format
+from heartbeatd.daemon.malloc import tune_malloc
 from heartbeatd.daemon.reload import Reloader
 from heartbeatd.daemon.sdnotify import Notifier
 from heartbeatd.daemon.service import ServerService
@@ -208,6 +209,7 @@ def makeService(options: Options) -> IService:
     set_level(config.log.level)
     set_format(config.log.format)
     raise_open_file_limit()
+    log.info("glibc malloc: {what}", what=tune_malloc(config.malloc))
     reactor = _reactor()
     install_excepthook()
     if options.worker is not None:  # logs go to the supervisor (worker_observer)

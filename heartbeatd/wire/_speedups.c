@@ -798,6 +798,9 @@ copy_plain(char *out, const unsigned char *c, Py_ssize_t n)
     return 1;
 }
 
+/* Long plain strings lifted out of a body before the JSON parser sees it (lift_loads). */
+#include "_lift.h"
+
 /* 1 if `value` is a str the encoder would write as its own characters between quotes:
  * printable ASCII (0x20-0x7e) without '"' or '\\'; 0 if not (the encoder writes it); -1 error. */
 static int
@@ -1026,7 +1029,7 @@ serve_one(Serving *sv, PyObject *item)
 
     if (!PyBytes_CheckExact(item))
         return call_method(connection, s_handle_item, &item, 1); /* a framing token */
-    value = PyObject_CallOneArg(json_loads, item);
+    value = lift_loads(item);
     if (value == NULL) {
         if (!PyErr_ExceptionMatches(PyExc_ValueError))
             return -1;
@@ -1994,7 +1997,57 @@ use_avx2(PyObject *module, PyObject *on)
 #endif
 }
 
+PyDoc_STRVAR(loads_doc,
+"loads(body) -> the JSON value of `body` (bytes), parsed as serve() parses it: long plain\n"
+"strings lifted out first (heartbeatd/wire/_lift.h), the same value or error as loads alone.");
+
+static PyObject *
+loads(PyObject *module, PyObject *body)
+{
+    (void)module;
+    if (json_loads == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "loads() before configure()");
+        return NULL;
+    }
+    if (!PyBytes_CheckExact(body)) {
+        PyErr_SetString(PyExc_TypeError, "loads() takes bytes");
+        return NULL;
+    }
+    return lift_loads(body);
+}
+
+PyDoc_STRVAR(lift_stats_doc,
+"lift_stats() -> (lifted, refused): bodies whose long strings were lifted out, and bodies\n"
+"parsed whole after a lift was tried (for tests).");
+
+static PyObject *
+lift_stats(PyObject *module, PyObject *unused)
+{
+    (void)module;
+    (void)unused;
+    return Py_BuildValue("(KK)", lift_lifted, lift_refused);
+}
+
+PyDoc_STRVAR(lift_token_doc,
+"lift_token(i) -> str: the token run i is replaced by (secret from peers; for tests that\n"
+"play a peer who guessed it).");
+
+static PyObject *
+lift_token(PyObject *module, PyObject *index)
+{
+    (void)module;
+    Py_ssize_t i = PyLong_AsSsize_t(index);
+    if (i == -1 && PyErr_Occurred())
+        return NULL;
+    char token[LIFT_TOKEN_LEN];
+    lift_write_token(token, (size_t)i);
+    return PyUnicode_FromStringAndSize(token, LIFT_TOKEN_LEN);
+}
+
 static PyMethodDef module_methods[] = {
+    {"loads", (PyCFunction)loads, METH_O, loads_doc},
+    {"lift_stats", (PyCFunction)lift_stats, METH_NOARGS, lift_stats_doc},
+    {"lift_token", (PyCFunction)lift_token, METH_O, lift_token_doc},
     {"use_avx2", (PyCFunction)use_avx2, METH_O, use_avx2_doc},
     {"serve", (PyCFunction)(void (*)(void))serve, METH_FASTCALL, serve_doc},
     {"configure", (PyCFunction)(void (*)(void))configure, METH_FASTCALL, configure_doc},
@@ -2031,6 +2084,8 @@ PyInit__speedups(void)
     have_avx2 = __builtin_cpu_supports("avx2");
 #endif
     special['"'] = special['\\'] = special[0x7f] = 1;
+    if (lift_init() < 0)
+        return NULL;
     INTERN(s_type, "type");
     INTERN(s_id, "id");
     INTERN(s_data, "data");

@@ -1,0 +1,61 @@
+"""glibc's malloc thresholds (``malloc.*``), set once at start.
+
+A large message takes several blocks of about its size: the frame's body, the strings parsed
+from it, the reply.  glibc hands a block above ``M_MMAP_THRESHOLD`` its own mapping, and gives
+the heap's top back to the kernel once more than ``M_TRIM_THRESHOLD`` of it is free; its
+defaults (128 KiB, 256 KiB) only slide up after a mapped block is freed.  Left so, a 256 KiB
+echo gave back and took again its three blocks at every message: ``brk`` four times and a page
+fault per 4 KiB, a third of the daemon's time (docs/benchmarks.md).  Set here, the blocks stay
+in the heap and are reused.  The defaults are where glibc's own sliding thresholds end.
+
+Where the C library is not glibc, or the environment already sets these (``MALLOC_*_``
+variables, ``GLIBC_TUNABLES``: the operator's choice wins), nothing is changed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+
+from heartbeatd._logging import get_logger
+from heartbeatd.config import MallocConfig
+
+__all__ = ["ENVIRONMENT_KEYS", "tune_malloc"]
+
+log = get_logger(__name__)
+
+#: mallopt(3) parameters.
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+#: Environment variables through which glibc reads the same settings at exec.
+ENVIRONMENT_KEYS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+
+
+def tune_malloc(config: MallocConfig, environ: dict[str, str] | None = None) -> str:
+    """Apply ``config`` with mallopt(3) and return what was done, in words (logged at start)."""
+    environ = dict(os.environ) if environ is None else environ
+    if not (config.mmap_threshold or config.trim_threshold):
+        return "glibc's own (malloc.* are 0)"
+    if platform.libc_ver()[0] != "glibc":
+        return "left alone (not glibc)"
+    from_environment = [key for key in ENVIRONMENT_KEYS if key in environ]
+    if "glibc.malloc." in environ.get("GLIBC_TUNABLES", ""):
+        from_environment.append("GLIBC_TUNABLES")
+    if from_environment:
+        return f"left to the environment ({', '.join(from_environment)})"
+    mallopt = ctypes.CDLL(None).mallopt  # the C library this process runs on
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    mallopt.restype = ctypes.c_int
+    done = []
+    for name, option, value in (
+        ("mmap_threshold", M_MMAP_THRESHOLD, config.mmap_threshold),
+        ("trim_threshold", M_TRIM_THRESHOLD, config.trim_threshold),
+    ):
+        if not value:
+            continue
+        if mallopt(option, value) != 1:
+            log.warn("glibc refused malloc.{name} {value}", name=name, value=value)
+            continue
+        done.append(f"{name} {value}")
+    return ", ".join(done) if done else "unchanged (glibc refused every value)"

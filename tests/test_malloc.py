@@ -1,0 +1,114 @@
+"""glibc's malloc thresholds, set at start (``malloc.*``, heartbeatd.daemon.malloc).
+
+The blocks of a large message (body, string, reply) must stay in the heap: measured as page
+faults, in a process that runs the allocation pattern of a 256 KiB echo, and in the daemon
+answering real 256 KiB echoes.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from daemon import Daemon, RawClient
+
+from heartbeatd.config import ConfigError, MallocConfig, parse_config
+from heartbeatd.daemon.malloc import tune_malloc
+
+glibc_only = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+
+#: A 256 KiB echo's blocks, allocated and freed as the daemon did (body, text, reply; then the
+#: text, the reply, the body), 300 times: prints the page faults taken.
+PATTERN = """
+import resource, sys
+from heartbeatd.config import MallocConfig
+from heartbeatd.daemon.malloc import tune_malloc
+if sys.argv[1] == "tuned":
+    assert tune_malloc(MallocConfig(), environ={}).startswith("mmap_threshold")
+def echo():
+    body = bytearray(262209); text = bytearray(262193); reply = bytearray(262213)
+    del text, reply, body
+for _ in range(50):
+    echo()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(300):
+    echo()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def _faults(mode: str) -> int:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env.pop("GLIBC_TUNABLES", None)
+    out = subprocess.run(
+        [sys.executable, "-c", PATTERN, mode], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    return int(out.stdout)
+
+
+@glibc_only
+def test_a_large_messages_blocks_stay_in_the_heap() -> None:
+    # glibc's own thresholds give the blocks back and take them again: a fault per page.
+    assert _faults("plain") > 300 * 32
+    assert _faults("tuned") < 300
+
+
+def test_the_environment_and_zero_leave_glibc_alone() -> None:
+    config = MallocConfig()
+    if platform.libc_ver()[0] == "glibc":
+        assert tune_malloc(config, {"MALLOC_TRIM_THRESHOLD_": "1"}) == (
+            "left to the environment (MALLOC_TRIM_THRESHOLD_)"
+        )
+        assert tune_malloc(config, {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1"}) == (
+            "left to the environment (GLIBC_TUNABLES)"
+        )
+    else:  # pragma: no cover - CI runs on glibc
+        assert tune_malloc(config, {}) == "left alone (not glibc)"
+    assert tune_malloc(MallocConfig(0, 0), {}) == "glibc's own (malloc.* are 0)"
+
+
+def test_a_threshold_glibc_would_refuse_is_a_config_error() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"malloc": {"mmap_threshold": 64 * 1024 * 1024}})
+    (line,) = caught.value.errors
+    assert line.startswith("malloc.mmap_threshold: 67108864 is not allowed; expected")
+    assert "33554432" in line
+
+
+def _minor_faults(pid: int) -> int:
+    # /proc/PID/stat: the 10th field is minflt (the name, field 2, may hold spaces).
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[7])
+
+
+@glibc_only
+def test_the_daemon_sets_them_and_answers_large_echoes_without_page_faults(
+    tmp_path: Path,
+) -> None:
+    config = {"max_frame_bytes": 1 << 20}
+    daemon = Daemon(tmp_path, config)
+    for key in [k for k in daemon.env if k.startswith("MALLOC_")] + ["GLIBC_TUNABLES"]:
+        daemon.env.pop(key, None)
+    text = "x" * 262144
+    with daemon:
+        daemon.wait_for(r"glibc malloc: mmap_threshold 33554432, trim_threshold 67108864")
+        assert daemon.process is not None
+        with RawClient(daemon.port) as client:
+            assert client.recv()["type"] == "hello"
+
+            def echoes(n: int) -> None:
+                for i in range(n):  # one at a time: the client reads as it sends
+                    client.send({"type": "echo", "id": i, "data": text})
+                    assert client.recv() == {"type": "echo", "id": i, "data": text}
+
+            echoes(20)  # warm: buffers, arenas, the first blocks
+            before = _minor_faults(daemon.process.pid)
+            echoes(200)
+            faults = _minor_faults(daemon.process.pid) - before
+    # Without the thresholds, each echo took about 190 faults (three 256 KiB blocks).
+    assert faults < 200, faults
