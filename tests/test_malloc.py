@@ -80,6 +80,24 @@ def test_a_threshold_glibc_would_refuse_is_a_config_error() -> None:
     assert "33554432" in line
 
 
+@pytest.mark.parametrize(("mmap", "trim"), [(0, 1 << 26), (1 << 25, 0), (1 << 20, 0)])
+def test_one_threshold_without_the_other_is_a_config_error(mmap: int, trim: int) -> None:
+    """Once either is set, glibc stops sliding the other: the one left at 0 stays at glibc's
+    starting value, and 300 echoes of 256 KiB took more page faults than with both left to
+    glibc (mmap_threshold alone 48,300, trim_threshold alone 58,500; glibc's own 28,800; both
+    set 0).  So both are set, or neither."""
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"malloc": {"mmap_threshold": mmap, "trim_threshold": trim}})
+    (line,) = caught.value.errors
+    zero, other = (
+        ("mmap_threshold", "trim_threshold") if not mmap else ("trim_threshold", "mmap_threshold")
+    )
+    assert line.startswith(f"malloc.{zero}: 0 is not allowed with malloc.{other} set"), line
+    assert parse_config({"malloc": {"mmap_threshold": 0, "trim_threshold": 0}}).malloc == (
+        MallocConfig(0, 0)
+    )
+
+
 def _minor_faults(pid: int) -> int:
     # /proc/PID/stat: the 10th field is minflt (the name, field 2, may hold spaces).
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
