@@ -204,14 +204,14 @@ class MallocConfig:
         default=MALLOC_MMAP_THRESHOLD_MAX,
         metadata=check(
             int_range(0, MALLOC_MMAP_THRESHOLD_MAX),
-            "bytes; smaller blocks come from the heap and are reused (0: glibc's own)",
+            "bytes; smaller blocks come from the heap and are reused (0, with trim 0: glibc's)",
         ),
     )
     trim_threshold: int = field(
         default=2 * MALLOC_MMAP_THRESHOLD_MAX,
         metadata=check(
             int_range(0, 2**31 - 1),
-            "free bytes the heap keeps before it gives them back (0: glibc's own)",
+            "free bytes the heap keeps before it gives them back (0, with mmap 0: glibc's)",
         ),
     )
 
@@ -947,6 +947,16 @@ def _cross_checks(config: Config, errors: list[str]) -> None:
         errors.append(
             "auth.authenticator: '' is not allowed with auth.mode custom; expected "
             "'module:function'"
+        )
+
+    malloc = config.malloc
+    if bool(malloc.mmap_threshold) != bool(malloc.trim_threshold):
+        zero, other = ("malloc.mmap_threshold", "malloc.trim_threshold")
+        if malloc.mmap_threshold:
+            zero, other = other, zero
+        errors.append(
+            f"{zero}: 0 is not allowed with {other} set; expected both set or both 0 (once "
+            "either is set, glibc stops sliding the other, which then stays at its start)"
         )
 
     sessions = config.sessions

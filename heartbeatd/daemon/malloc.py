@@ -3,7 +3,7 @@
 A large message takes several blocks of about its size: the frame's body, the strings parsed
 from it, the reply.  glibc hands a block above ``M_MMAP_THRESHOLD`` its own mapping, and gives
 the heap's top back to the kernel once more than ``M_TRIM_THRESHOLD`` of it is free; its
-defaults (128 KiB, 256 KiB) only slide up after a mapped block is freed.  Left so, a 256 KiB
+defaults (128 KiB each) only slide up after a mapped block is freed.  Left so, a 256 KiB
 echo gave back and took again its three blocks at every message: ``brk`` four times and a page
 fault per 4 KiB, a third of the daemon's time (docs/benchmarks.md).  Set here, the blocks stay
 in the heap and are reused.  The defaults are where glibc's own sliding thresholds end.
