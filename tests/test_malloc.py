@@ -17,7 +17,7 @@ import pytest
 from daemon import Daemon, RawClient
 
 from heartbeatd.config import ConfigError, MallocConfig, parse_config
-from heartbeatd.daemon.malloc import tune_malloc
+from heartbeatd.daemon.malloc import set_by_environment, tune_malloc
 
 glibc_only = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 
@@ -70,6 +70,24 @@ def test_the_environment_and_zero_leave_glibc_alone() -> None:
     else:  # pragma: no cover - CI runs on glibc
         assert tune_malloc(config, {}) == "left alone (not glibc)"
     assert tune_malloc(MallocConfig(0, 0), {}) == "glibc's own (malloc.* are 0)"
+
+
+def test_only_the_environment_s_own_thresholds_leave_glibc_alone() -> None:
+    """An operator's arena or tcache tunables say nothing about the thresholds: with
+    ``glibc.malloc.arena_max`` (common in containers) they were dropped all the same."""
+    assert set_by_environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}) == []
+    assert (
+        set_by_environment({"GLIBC_TUNABLES": "glibc.malloc.tcache_count=0:glibc.rtld.x=1"}) == []
+    )
+    assert set_by_environment({"MALLOC_ARENA_MAX": "2"}) == []
+    assert set_by_environment(
+        {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.mmap_threshold=1"}
+    ) == ["GLIBC_TUNABLES"]
+    assert set_by_environment({"GLIBC_TUNABLES": "glibc.malloc.top_pad=0"}) == ["GLIBC_TUNABLES"]
+    assert set_by_environment({"MALLOC_MMAP_MAX_": "0", "MALLOC_TOP_PAD_": "0"}) == [
+        "MALLOC_MMAP_MAX_",
+        "MALLOC_TOP_PAD_",
+    ]
 
 
 def test_a_threshold_glibc_would_refuse_is_a_config_error() -> None:
