@@ -85,8 +85,8 @@ def test_only_the_environment_s_own_thresholds_leave_glibc_alone() -> None:
     ) == ["GLIBC_TUNABLES"]
     assert set_by_environment({"GLIBC_TUNABLES": "glibc.malloc.top_pad=0"}) == ["GLIBC_TUNABLES"]
     assert set_by_environment({"MALLOC_MMAP_MAX_": "0", "MALLOC_TOP_PAD_": "0"}) == [
-        "MALLOC_MMAP_MAX_",
         "MALLOC_TOP_PAD_",
+        "MALLOC_MMAP_MAX_",
     ]
 
 

@@ -9,7 +9,8 @@ fault per 4 KiB, a third of the daemon's time (docs/benchmarks.md).  Set here, t
 in the heap and are reused.  The defaults are where glibc's own sliding thresholds end.
 
 Where the C library is not glibc, or the environment already sets these (``MALLOC_*_``
-variables, ``GLIBC_TUNABLES``: the operator's choice wins), nothing is changed.
+variables, or their names in ``GLIBC_TUNABLES``: the operator's choice wins), nothing is
+changed.
 """
 
 from __future__ import annotations
@@ -21,15 +22,33 @@ import platform
 from heartbeatd._logging import get_logger
 from heartbeatd.config import MallocConfig
 
-__all__ = ["ENVIRONMENT_KEYS", "tune_malloc"]
+__all__ = ["ENVIRONMENT_KEYS", "set_by_environment", "tune_malloc"]
 
 log = get_logger(__name__)
 
 #: mallopt(3) parameters.
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
-#: Environment variables through which glibc reads the same settings at exec.
-ENVIRONMENT_KEYS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+#: Environment variables through which glibc reads the same settings at exec (each of them
+#: also stops glibc's sliding thresholds).
+ENVIRONMENT_KEYS = (
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TRIM_THRESHOLD_",
+    "MALLOC_TOP_PAD_",
+    "MALLOC_MMAP_MAX_",
+)
+#: The same, as GLIBC_TUNABLES names (``name=value`` pairs joined by ``:``).
+TUNABLES = tuple(f"glibc.malloc.{key[len('MALLOC_') : -1].lower()}" for key in ENVIRONMENT_KEYS)
+
+
+def set_by_environment(environ: dict[str, str]) -> list[str]:
+    """The variables of ``environ`` that already set what ``malloc.*`` sets (the operator's
+    choice wins); other malloc settings (``glibc.malloc.arena_max``, say) do not count."""
+    found = [key for key in ENVIRONMENT_KEYS if key in environ]
+    pairs = environ.get("GLIBC_TUNABLES", "").split(":")
+    if any(pair.split("=", 1)[0] in TUNABLES for pair in pairs):
+        found.append("GLIBC_TUNABLES")
+    return found
 
 
 def tune_malloc(config: MallocConfig, environ: dict[str, str] | None = None) -> str:
@@ -39,9 +58,7 @@ def tune_malloc(config: MallocConfig, environ: dict[str, str] | None = None) -> 
         return "glibc's own (malloc.* are 0)"
     if platform.libc_ver()[0] != "glibc":
         return "left alone (not glibc)"
-    from_environment = [key for key in ENVIRONMENT_KEYS if key in environ]
-    if "glibc.malloc." in environ.get("GLIBC_TUNABLES", ""):
-        from_environment.append("GLIBC_TUNABLES")
+    from_environment = set_by_environment(environ)
     if from_environment:
         return f"left to the environment ({', '.join(from_environment)})"
     mallopt = ctypes.CDLL(None).mallopt  # the C library this process runs on
