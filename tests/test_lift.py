@@ -156,7 +156,9 @@ def test_an_escaped_backslash_before_the_quote_leaves_a_string_to_lift() -> None
     ["value", "key", "twice", "beyond", "in a longer string", "in place of another"],
 )
 def test_a_peer_who_knows_a_token_gets_the_whole_parse(where: str) -> None:
-    """The token is secret; were it guessed, the answer would still be the parser's own."""
+    """The token is secret.  A peer who guessed it still gets the parser's answer here (refused,
+    or its token left where the parser put it); where it would not, and why that rests on the
+    nonce staying secret: test_lift_hostile.test_the_answer_rests_on_the_nonce_being_secret."""
     token = _speedups.lift_token(0)
     text = "y" * 20000
     value: Any = {
