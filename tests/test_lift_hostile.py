@@ -157,3 +157,30 @@ def test_the_answer_rests_on_the_nonce_being_secret() -> None:
         f'{{"a": "{text}", "a": 1, "b": "{token}"}}',  # run 0 is dropped by a duplicate key
     ):
         assert _lifted(body.encode()) != parsed(body.encode())
+
+
+def test_no_path_leaks() -> None:
+    """Lifted, refused after the walk, refused by the parser, the body one string, and a
+    token seen twice: a thousand of each leave no memory behind (refcounts on every path)."""
+    import tracemalloc
+
+    text = run(MIN_RUN + 7)
+    bodies = [
+        json.dumps({"a": [text, {"b": text}], "c": text, "d": [1, {"e": text}]}).encode(),
+        json.dumps({text: 1, "x": [text] * 3}).encode(),
+        json.dumps([text] * 4).encode()[:-1],
+        json.dumps(text * 4).encode(),
+        json.dumps([text] * 4 + [_speedups.lift_token(2)]).encode(),
+    ]
+    tracemalloc.start()
+    try:
+        for round_ in range(3):
+            for _ in range(300):
+                for body in bodies:
+                    _lifted(body)
+            if round_ == 0:
+                before = tracemalloc.get_traced_memory()[0]
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 16 * 1024, grown  # a 40-byte token lost per body would be 50 KiB
