@@ -223,6 +223,8 @@ lift_restore(Lift *lift, PyObject *value, int depth)
                     return r;
                 continue;
             }
+            if (!PyUnicode_CheckExact(item) || PyUnicode_GET_LENGTH(item) != LIFT_TOKEN_LEN)
+                continue; /* no token: the walk's common case, kept to two compares */
             PyObject *text = lift_replacement(lift, item, &refused);
             if (text == NULL) {
                 if (PyErr_Occurred())
@@ -247,6 +249,8 @@ lift_restore(Lift *lift, PyObject *value, int depth)
                     return r;
                 continue;
             }
+            if (!PyUnicode_CheckExact(item) || PyUnicode_GET_LENGTH(item) != LIFT_TOKEN_LEN)
+                continue; /* no token: the walk's common case, kept to two compares */
             PyObject *text = lift_replacement(lift, item, &refused);
             if (text == NULL) {
                 if (PyErr_Occurred())
