@@ -149,7 +149,7 @@ def test_no_value_carries_the_nonce_out(body: bytes) -> None:
 def test_the_answer_rests_on_the_nonce_being_secret() -> None:
     """A peer who knew a token could place it where the parser keeps it while the run's own
     token is dropped, or sits in a longer string: the lift would then answer otherwise.  So
-    the nonce is 128 random bits, never sent, and different in every process."""
+    the nonce is 128 bits from os.urandom, and never sent (test_no_value_carries_the_nonce_out)."""
     token, text = _speedups.lift_token(0), "y" * 20000
     for body in (
         json.dumps(['"' + text, token]),  # run 0 ends a longer string
