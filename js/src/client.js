@@ -496,6 +496,14 @@ export class Client extends Emitter {
         if (!current()) return;
         if (error instanceof ServerError && error.code === 'unavailable') {
           this._subscribeUnavailable(sub, error, current);
+        } else if (inSession && error instanceof ServerError && error.code === 'not_subscribed' && this._sessionConn !== conn) {
+          // Answered after a resume: the server dropped the subscribe when the session's
+          // connection went, before it was settled (heartbeatd: "unsubscribed meanwhile").
+          // Not a refusal: subscribe again, at most once per connection.
+          sub._early = null;
+          sub._sessionEpoch = null;
+          const live = this.connection;
+          if (this._live(live)) this._attach(live, sub);
         } else if (error instanceof ServerError) {
           this._subs.delete(sub.channel); // refused for good (bad_channel, too_many_channels...)
           sub._failed(error);

@@ -620,6 +620,47 @@ it('a session subscribe across a reconnect longer than timeout: no false timeout
   }
 });
 
+it('a session subscribe the server dropped when the connection went (not_subscribed in the replay): subscribed again', { timeout: 10_000 }, async () => {
+  // heartbeatd answers a subscribe still locating its channel when the session detaches with
+  // not_subscribed ("unsubscribed meanwhile"), replayed on resume: not a refusal.
+  const client = await connect(server.url, QUICK);
+  try {
+    server.subscribeSilent = 1;
+    const errors = [];
+    const sub = client.subscribe('room', { onError: (e) => errors.push(e.code) });
+    await waitFor(() => server.session.heldSubscribes.length === 1);
+    const lost = nextEvent(client, 'disconnected');
+    server.cut();
+    await lost;
+    server.failSubscribes(server.session, 'not_subscribed'); // kept for the replay
+    const context = await nextEvent(sub, 'subscribed', 5000);
+    assert.equal(context.channel, 'room');
+    assert.equal(sub.state, 'subscribed');
+    assert.deepEqual(errors, []);
+    assert.deepEqual(
+      server.log.filter((e) => ['subscribe', 'unsubscribe', 'resume'].includes(e.message.type)).map((e) => [e.conn, e.message.type]),
+      [[1, 'subscribe'], [2, 'resume'], [2, 'subscribe']],
+    );
+  } finally {
+    await client.close();
+  }
+});
+
+it('not_subscribed to a subscribe on its own connection is a refusal: the subscription fails', { timeout: 10_000 }, async () => {
+  const client = await connect(server.url, QUICK);
+  try {
+    server.subscribeSilent = 1;
+    const sub = client.subscribe('room');
+    await waitFor(() => server.session.heldSubscribes.length === 1);
+    server.failSubscribes(server.session, 'not_subscribed');
+    await assert.rejects(sub.ready(), (e) => e instanceof ServerError && e.code === 'not_subscribed');
+    assert.equal(sub.state, 'failed');
+    assert.equal(server.log.filter((e) => e.message.type === 'subscribe').length, 1);
+  } finally {
+    await client.close();
+  }
+});
+
 it('subscribeRetryTimeout is checked: a number of ms, or Infinity', () => {
   assert.equal(DEFAULTS.subscribeRetryTimeout, 60_000);
   for (const bad of [0, -1, NaN, '5', 2 ** 31]) {

@@ -82,6 +82,14 @@ export class SessionServer {
     }
   }
 
+  /** Answer every subscribe held so far with error `code` (the channel is not subscribed). */
+  failSubscribes(session, code) {
+    for (const m of session.heldSubscribes.splice(0)) {
+      session.channels.delete(m.data.channel);
+      this._numbered(session, { type: 'error', id: m.id, error: { code, message: 'unsubscribed meanwhile' }, ack: session.inHigh });
+    }
+  }
+
   /** Say goaway on the session's connection (the server drains). */
   goaway(session, reconnectAfter = 0) {
     this._write(session.socket, { type: 'goaway', data: { reason: 'shutdown', reconnect_after: reconnectAfter } });
