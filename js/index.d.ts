@@ -57,9 +57,17 @@ export interface ClientOptions extends TlsOptions {
    * With `resumable`: ms the client keeps retrying (with the reconnect backoff) while the
    * server answers a session start or a resume `unavailable`, from the first such answer;
    * then it stops with SessionUnavailableError (open() rejects; a held session is lost,
-   * reason `unavailable`). `Infinity`: never gives up. Default 60000.
+   * reason `unavailable`). `Infinity`: never gives up. Default 60000. Only `open()` waits
+   * through such answers: `connect()` makes one attempt and rejects with its ServerError.
    */
   sessionRetryTimeout?: number;
+  /**
+   * ms a subscription keeps subscribing again (with the reconnect backoff) while the server
+   * answers `unavailable` (its broker is down), from the first such answer; then it fails
+   * with SubscriptionUnavailableError (`ready()` rejects, `state` 'failed', no more tries).
+   * `Infinity`: never gives up. Default 60000.
+   */
+  subscribeRetryTimeout?: number;
 }
 
 export interface SessionEvent {
@@ -190,6 +198,10 @@ export class Subscription extends Emitter {
   readonly offset: number;
   readonly position: Position;
   readonly recovered: boolean;
+  /**
+   * Resolves once subscribed; rejects with the ServerError of a refused subscribe
+   * (SubscriptionUnavailableError after `subscribeRetryTimeout` of `unavailable`).
+   */
   ready(): Promise<SubscribedContext>;
   unsubscribe(): Promise<void>;
   on(event: 'publication', listener: (publication: PublicationContext) => void): () => void;
@@ -236,11 +248,15 @@ export class Client extends Emitter {
   on(type: string, listener: (data: any) => void): () => void;
 }
 
+/**
+ * One attempt: resolves with a connected client, or rejects with that attempt's error (with
+ * `resumable`, a session start answered `unavailable` too) and leaves nothing running.
+ */
 export function connect(url: string, options?: ClientOptions): Promise<Client>;
 
 export const CLIENT_EVENTS: readonly string[];
 export const DEFAULTS: Readonly<Required<Pick<ClientOptions,
-  'timeout' | 'minReconnectDelay' | 'maxReconnectDelay' | 'reconnect' | 'framing' | 'maxQueuedRequests' | 'maxFrameBytes' | 'resumable' | 'maxBuffered' | 'sessionRetryTimeout'>>>;
+  'timeout' | 'minReconnectDelay' | 'maxReconnectDelay' | 'reconnect' | 'framing' | 'maxQueuedRequests' | 'maxFrameBytes' | 'resumable' | 'maxBuffered' | 'sessionRetryTimeout' | 'subscribeRetryTimeout'>>>;
 
 export class ClientError extends Error {}
 export class ServerError extends ClientError {
@@ -265,6 +281,22 @@ export class SessionUnavailableError extends ConnectionError {
   readonly attempts: number;
   /** The sessionRetryTimeout that ran out, ms. */
   readonly limit: number;
+}
+/**
+ * Every subscribe to `channel` was answered `unavailable` for `subscribeRetryTimeout` ms: the
+ * subscription failed (subscribe again to retry). A ServerError with code `unavailable`.
+ */
+export class SubscriptionUnavailableError extends ServerError {
+  readonly code: 'unavailable';
+  readonly channel: string;
+  /** ms from the first `unavailable` answer to the last. */
+  readonly elapsed: number;
+  /** Subscribes answered `unavailable`. */
+  readonly attempts: number;
+  /** The subscribeRetryTimeout that ran out, ms. */
+  readonly limit: number;
+  /** The server's last `unavailable` answer. */
+  readonly cause: ServerError;
 }
 export class QueueFullError extends ClientError {
   readonly limit: number;

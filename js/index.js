@@ -11,6 +11,7 @@ export {
   ServerError,
   SessionLost,
   SessionUnavailableError,
+  SubscriptionUnavailableError,
   TimeoutError,
 } from './src/errors.js';
 export { Emitter } from './src/emitter.js';

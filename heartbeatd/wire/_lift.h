@@ -265,15 +265,19 @@ lift_restore(Lift *lift, PyObject *value, int depth)
     return 1;
 }
 
-/* `body` (bytes) parsed by json_loads, as if whole, with its long plain strings lifted out
- * first (see the top of this file).  A new reference, or NULL with json_loads's error. */
-static PyObject *
-lift_loads(PyObject *body)
+#if defined(__GNUC__) || defined(__clang__)
+#define LIFT_NOINLINE __attribute__((noinline))
+#else
+#define LIFT_NOINLINE
+#endif
+
+/* lift_loads for a body of LIFT_MIN_BODY bytes or more.  Apart, so that the small bodies'
+ * call does not pay for its stack frame (the runs' array). */
+static LIFT_NOINLINE PyObject *
+lift_loads_large(PyObject *body)
 {
     Py_ssize_t n = PyBytes_GET_SIZE(body);
     const unsigned char *c = (const unsigned char *)PyBytes_AS_STRING(body);
-    if (n < LIFT_MIN_BODY)
-        return PyObject_CallOneArg(json_loads, body);
     /* On the stack for bodies up to 1 MiB: a heap block allocated between the body and its
      * strings made glibc give back and take again the heap's top at every echo (brk twice,
      * a page fault per page: a third of W3's time). */
@@ -353,6 +357,16 @@ failed:
     if (runs != local)
         PyMem_Free(runs);
     return NULL;
+}
+
+/* `body` (bytes) parsed by json_loads, as if whole, with its long plain strings lifted out
+ * first (see the top of this file).  A new reference, or NULL with json_loads's error. */
+static PyObject *
+lift_loads(PyObject *body)
+{
+    if (PyBytes_GET_SIZE(body) < LIFT_MIN_BODY)
+        return PyObject_CallOneArg(json_loads, body);
+    return lift_loads_large(body);
 }
 
 /* Import-time set-up: the nonce, from os.urandom.  -1 with an error if it cannot be had. */

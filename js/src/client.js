@@ -23,6 +23,7 @@ import {
   ServerError,
   SessionLost,
   SessionUnavailableError,
+  SubscriptionUnavailableError,
   TimeoutError,
 } from './errors.js';
 import { framings } from './framing.js';
@@ -42,6 +43,7 @@ export const DEFAULTS = Object.freeze({
   resumable: false,
   maxBuffered: 10_000,
   sessionRetryTimeout: 60_000,
+  subscribeRetryTimeout: 60_000,
 });
 
 /**
@@ -49,9 +51,6 @@ export const DEFAULTS = Object.freeze({
  * server answered `unavailable` (its error is put here by `_establish`).
  */
 const refusedUnavailable = new WeakSet();
-
-/** setTimeout's longest delay: a session's subscribe waits for its answer across reconnects. */
-const FOREVER = 2_147_483_647;
 
 /** Events the client emits itself; a push of one of these types reaches `onPush` only. */
 export const CLIENT_EVENTS = Object.freeze([
@@ -96,9 +95,11 @@ function checkOptions(options) {
   if (!Number.isSafeInteger(o.maxBuffered) || o.maxBuffered < 1) {
     throw new RangeError(`options.maxBuffered must be an integer >= 1, not ${o.maxBuffered}`);
   }
-  const retry = o.sessionRetryTimeout;
-  if (retry !== Infinity && (typeof retry !== 'number' || !(retry > 0) || retry > 2_147_483_647)) {
-    throw new RangeError(`options.sessionRetryTimeout must be a number of ms in 1..2147483647, or Infinity, not ${retry}`);
+  for (const key of ['sessionRetryTimeout', 'subscribeRetryTimeout']) {
+    const retry = o[key];
+    if (retry !== Infinity && (typeof retry !== 'number' || !(retry > 0) || retry > 2_147_483_647)) {
+      throw new RangeError(`options.${key} must be a number of ms in 1..2147483647, or Infinity, not ${retry}`);
+    }
   }
   if (!Object.hasOwn(framings, o.framing)) {
     throw new RangeError(`options.framing must be "int32" or "seed", not ${JSON.stringify(o.framing)}`);
@@ -242,8 +243,13 @@ export class Client extends Emitter {
     return this._enqueue((c, left) => this._requestOn(c, type, data, left), ms);
   }
 
-  /** A request on `conn`: numbered in the session when it carries one. */
-  _requestOn(conn, type, data, ms) {
+  /**
+   * A request on `conn`: numbered in the session when it carries one.  A session request's
+   * `ms` runs from when it is sent, across reconnects; with `perConnection` it runs only
+   * while the session is attached, afresh on each connection (`_pauseDeadlines`,
+   * `_armDeadlines`), so the time spent reconnecting never times it out.
+   */
+  _requestOn(conn, type, data, ms, perConnection = false) {
     if (this._sessionConn !== conn) return conn.request(type, data, { timeout: ms });
     return new Promise((resolve, reject) => {
       const id = ++this._lastId;
@@ -253,13 +259,35 @@ export class Client extends Emitter {
         reject(error);
         return;
       }
-      const timer = setTimeout(() => {
-        this._sessionPending.delete(id);
-        reject(new TimeoutError(`no reply to ${JSON.stringify(type)} within ${ms} ms`));
-        this._maybeSessionIdle();
-      }, ms);
-      this._sessionPending.set(id, { resolve, reject, timer });
+      const entry = { resolve, reject, timer: null, perConnection, arm: null };
+      entry.arm = () => {
+        entry.timer = setTimeout(() => {
+          this._sessionPending.delete(id);
+          const where = perConnection ? ' on a connection' : '';
+          reject(new TimeoutError(`no reply to ${JSON.stringify(type)} within ${ms} ms${where}`));
+          this._maybeSessionIdle();
+        }, ms);
+      };
+      entry.arm();
+      this._sessionPending.set(id, entry);
     });
+  }
+
+  /** The session was detached: per-connection deadlines stop until it is attached again. */
+  _pauseDeadlines() {
+    for (const entry of this._sessionPending.values()) {
+      if (entry.perConnection) {
+        clearTimeout(entry.timer);
+        entry.timer = null;
+      }
+    }
+  }
+
+  /** The session is attached again (after its replay was handled): they start afresh. */
+  _armDeadlines() {
+    for (const entry of this._sessionPending.values()) {
+      if (entry.perConnection && entry.timer === null) entry.arm();
+    }
   }
 
   /**
@@ -441,43 +469,91 @@ export class Client extends Emitter {
   _attach(conn, sub) {
     clearTimeout(sub._retryTimer);
     sub._retryTimer = null;
-    // In a session the answer comes whatever the reconnects (until the session is lost);
-    // without one, it comes on this connection or never.
+    // In a session the answer comes whatever the reconnects (until the session is lost): its
+    // `timeout` counts only while the session is attached, afresh on each connection, so a
+    // reconnect and resume never time it out; without one, it comes on this connection or never.
     const inSession = this._sessionConn === conn;
     const epoch = this._sessionEpoch;
     sub._sessionEpoch = inSession ? epoch : null;
     const current = () =>
       this._subs.get(sub.channel) === sub && sub.active && (inSession ? this._sessionEpoch === epoch : this.connection === conn);
-    const timeout = inSession ? FOREVER : this.options.timeout;
-    this._requestOn(conn, 'subscribe', sub._request(), timeout).then(
+    if (inSession && sub._unsureEpoch === epoch) {
+      // A subscribe of this session timed out: the server may hold it.  Unsubscribe first
+      // (numbered: the server handles it before the subscribe), or the subscribe would be
+      // answered `already_subscribed`.  Either answer will do.
+      this._requestOn(conn, 'unsubscribe', { channel: sub.channel }, this.options.timeout).catch(() => {});
+    }
+    sub._unsureEpoch = null;
+    this._requestOn(conn, 'subscribe', sub._request(), this.options.timeout, inSession).then(
       (answer) => {
         if (!current()) return;
         sub._attempts = 0; // the next unavailable spell backs off from the start again
+        sub._unavailableSince = null;
+        sub._unavailableAttempts = 0;
         if (!sub._answered(answer)) this.connection?.abort(new ConnectionError('a malformed subscribe answer'));
       },
       (error) => {
         if (!current()) return;
-        if (error instanceof ServerError && error.code !== 'unavailable') {
+        if (error instanceof ServerError && error.code === 'unavailable') {
+          this._subscribeUnavailable(sub, error, current);
+        } else if (inSession && error instanceof ServerError && error.code === 'not_subscribed' && this._sessionConn !== conn) {
+          // Answered after a resume: the server dropped the subscribe when the session's
+          // connection went, before it was settled (heartbeatd: "unsubscribed meanwhile").
+          // Not a refusal: subscribe again, at most once per connection.
+          sub._early = null;
+          sub._sessionEpoch = null;
+          const live = this.connection;
+          if (this._live(live)) this._attach(live, sub);
+        } else if (error instanceof ServerError) {
           this._subs.delete(sub.channel); // refused for good (bad_channel, too_many_channels...)
           sub._failed(error);
-        } else if (error instanceof ServerError) {
-          // The cluster's broker is down: try again on this connection, backing off.
-          sub._early = null;
-          sub.emit('error', error);
-          sub._attempts = (sub._attempts ?? 0) + 1;
-          const delay = reconnectDelay(sub._attempts, this.options.minReconnectDelay, this.options.maxReconnectDelay, this.options.random);
-          sub._retryTimer = setTimeout(() => {
-            const now = this.connection;
-            if (current() && this._live(now)) this._attach(now, sub);
-          }, delay);
         } else if (error instanceof TimeoutError) {
           // A late answer would leave the server subscribed to what we asked again: start
-          // over on a fresh connection instead.
+          // over on a fresh connection instead.  A session outlives the connection, and may
+          // hold the subscription: after the resume, unsubscribe and subscribe again.
           sub.emit('error', error);
-          conn.abort(new ConnectionError(`subscribing to ${sub.channel} timed out`));
+          if (inSession) {
+            sub._sessionEpoch = null;
+            sub._unsureEpoch = epoch;
+          }
+          (inSession ? this._sessionConn : conn)?.abort(new ConnectionError(`subscribing to ${sub.channel} timed out`));
         } // a ConnectionError: the next connection subscribes again
       },
     );
+  }
+
+  /**
+   * A subscribe answered `unavailable` (the cluster's broker is down): try again on this
+   * connection, backing off, but not for ever: after `subscribeRetryTimeout` ms of nothing but
+   * `unavailable` (from the first, across reconnects) the subscription fails.
+   */
+  _subscribeUnavailable(sub, error, current) {
+    const t = now();
+    sub._unavailableSince ??= t;
+    sub._unavailableAttempts = (sub._unavailableAttempts ?? 0) + 1;
+    sub._early = null;
+    const limit = this.options.subscribeRetryTimeout;
+    const elapsed = t - sub._unavailableSince;
+    if (elapsed >= limit) {
+      this._subs.delete(sub.channel);
+      sub._failed(new SubscriptionUnavailableError(sub.channel, elapsed, sub._unavailableAttempts, limit, error));
+      return;
+    }
+    sub.emit('error', error);
+    // The session does not hold it: a resume before the retry must subscribe it again.
+    sub._sessionEpoch = null;
+    sub._attempts = (sub._attempts ?? 0) + 1;
+    const { minReconnectDelay, maxReconnectDelay, random } = this.options;
+    // The last try comes at the deadline, not after.
+    const delay = Math.min(
+      reconnectDelay(sub._attempts, minReconnectDelay, maxReconnectDelay, random),
+      sub._unavailableSince + limit - t,
+    );
+    sub._retryTimer = setTimeout(() => {
+      sub._retryTimer = null;
+      const conn = this.connection;
+      if (current() && this._live(conn)) this._attach(conn, sub);
+    }, delay);
   }
 
   async _unsubscribe(sub) {
@@ -543,6 +619,7 @@ export class Client extends Emitter {
       if (this._sessionConn === conn) {
         this._sessionConn = null;
         this._session.detach();
+        this._pauseDeadlines();
       }
       this._attemptFailed(error);
       return;
@@ -553,6 +630,7 @@ export class Client extends Emitter {
     this.lastError = null;
     this.state = 'connected';
     this.identity = conn.identity;
+    if (this._sessionConn === conn) this._armDeadlines();
     for (const sub of this._subs.values()) {
       // A resumed session still holds its subscriptions: only those never sent in it go out.
       if (sub.active && (outcome !== 'resumed' || sub._sessionEpoch !== this._sessionEpoch)) this._attach(conn, sub);
@@ -628,6 +706,7 @@ export class Client extends Emitter {
     if (this._sessionConn === conn) {
       this._sessionConn = null;
       this._session.detach();
+      this._pauseDeadlines();
     }
     this._maybeSessionIdle(true); // a goaway's wait ends with its connection
     this._hello = conn.hello;

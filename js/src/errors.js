@@ -104,3 +104,32 @@ export class SessionUnavailableError extends ConnectionError {
     this.limit = limit;
   }
 }
+
+/**
+ * The server answered every subscribe to `channel` with `unavailable` (the cluster's broker,
+ * its Redis, is down) for `subscribeRetryTimeout` ms: the subscription failed (its `ready()`
+ * rejects with this, `state` is 'failed') and no more subscribes are sent for it.  A
+ * ServerError, code `unavailable`, as the refusal it ends with; subscribe again to retry.
+ */
+export class SubscriptionUnavailableError extends ServerError {
+  constructor(channel, elapsed, attempts, limit, cause) {
+    super(
+      'unavailable',
+      `the server answered "unavailable" to every subscribe to ${channel} for ${Math.round(elapsed)} ms ` +
+        `(${attempts} attempts; subscribeRetryTimeout is ${limit} ms): gave up`,
+    );
+    this.name = 'SubscriptionUnavailableError';
+    this.cause = cause;
+    this.channel = channel;
+    /** ms from the first `unavailable` answer to the last. */
+    this.elapsed = elapsed;
+    /** Subscribes answered `unavailable`. */
+    this.attempts = attempts;
+    /** The `subscribeRetryTimeout` that ran out, ms. */
+    this.limit = limit;
+  }
+
+  toString() {
+    return `SubscriptionUnavailableError: ${this.message}`;
+  }
+}

@@ -12,8 +12,10 @@ import {
   ConnectionError,
   DEFAULTS,
   QueueFullError,
+  ServerError,
   SessionLost,
   SessionUnavailableError,
+  SubscriptionUnavailableError,
   TimeoutError,
 } from '../index.js';
 import { nextEvent, until } from './helpers/daemon.js';
@@ -479,6 +481,192 @@ it('sessionRetryTimeout is checked: a number of ms, or Infinity', () => {
     assert.throws(() => new Client(server.url, { ...QUICK, sessionRetryTimeout: bad }), RangeError);
   }
   new Client(server.url, { ...QUICK, sessionRetryTimeout: Infinity }); // never gives up
+});
+
+// Every wait of a subscription has a deadline: a subscribe answered `unavailable` (the
+// cluster's broker is down) is retried for subscribeRetryTimeout ms, not for ever; a subscribe
+// in a session gets `timeout` ms on each connection, and a resume in the middle is no timeout.
+
+for (const resumable of [false, true]) {
+  it(`subscribes answered unavailable for subscribeRetryTimeout: the subscription fails, typed, no more tries (resumable: ${resumable})`, { timeout: 10_000 }, async () => {
+    const client = await connect(server.url, { ...QUICK, resumable, subscribeRetryTimeout: 300 });
+    try {
+      server.subscribeUnavailable = Infinity; // the broker is down for good
+      const errors = [];
+      const started = Date.now();
+      const sub = client.subscribe('room', { onError: (e) => errors.push(e) });
+      const error = await sub.ready().then(
+        () => assert.fail('ready() resolved'),
+        (e) => e,
+      );
+      const elapsed = Date.now() - started;
+      assert.ok(error instanceof SubscriptionUnavailableError, String(error));
+      assert.ok(error instanceof ServerError); // as a refused subscribe is
+      assert.equal(error.code, 'unavailable');
+      assert.equal(error.channel, 'room');
+      assert.equal(error.limit, 300);
+      assert.ok(error.attempts >= 2, `only ${error.attempts} attempts`);
+      assert.ok(error.elapsed >= 300, `gave up after ${error.elapsed} ms`);
+      assert.ok(elapsed >= 300 && elapsed < 3000, `gave up ${elapsed} ms after subscribing`);
+      assert.equal(error.cause?.code, 'unavailable'); // the server's last answer
+      assert.match(error.message, /unavailable.*room.*subscribeRetryTimeout is 300 ms/);
+      assert.equal(sub.state, 'failed');
+      await assert.rejects(sub.ready(), (e) => e === error);
+      // Each refusal was an error event; the last one is the typed error.
+      assert.equal(errors.length, error.attempts);
+      assert.ok(errors.slice(0, -1).every((e) => e.code === 'unavailable' && !(e instanceof SubscriptionUnavailableError)));
+      assert.equal(errors.at(-1), error);
+      // No retry is planned, none was sent after the last refusal; the connection is fine.
+      assert.equal(sub._retryTimer, null);
+      const subscribes = () => server.log.filter((e) => e.message.type === 'subscribe').length;
+      assert.equal(subscribes(), error.attempts);
+      assert.equal(await client.request('echo', 'still up'), 'still up');
+      assert.equal(subscribes(), error.attempts);
+      assert.equal(client.state, 'connected');
+      // Subscribing again is the application's call: the broker is back, it works.
+      server.subscribeUnavailable = 0;
+      const again = client.subscribe('room');
+      assert.equal((await again.ready()).channel, 'room');
+      assert.equal(subscribes(), error.attempts + 1);
+    } finally {
+      await client.close();
+    }
+  });
+}
+
+it('an unavailable spell shorter than subscribeRetryTimeout: subscribed, and the count starts afresh', { timeout: 10_000 }, async () => {
+  const client = await connect(server.url, { ...QUICK, resumable: false, subscribeRetryTimeout: 5000 });
+  try {
+    const errors = [];
+    server.subscribeUnavailable = 3;
+    const sub = client.subscribe('room', { onError: (e) => errors.push(e.code) });
+    await sub.ready();
+    assert.deepEqual(errors, ['unavailable', 'unavailable', 'unavailable']);
+    assert.equal(sub._unavailableSince, null);
+    assert.equal(sub._unavailableAttempts, 0);
+  } finally {
+    await client.close();
+  }
+});
+
+it('a subscribe answered unavailable, then a resume before its retry: it is subscribed on the resumed connection', { timeout: 10_000 }, async () => {
+  // The retry (after 155 ms) falls while the client is away (a goaway: back after 500 ms);
+  // the resumed session does not hold the subscription, so the resume must subscribe it.
+  const client = await connect(server.url, { ...QUICK, minReconnectDelay: 150, maxReconnectDelay: 160, random: () => 0.5 });
+  try {
+    server.subscribeUnavailable = 1;
+    const sub = client.subscribe('room');
+    const refused = nextEvent(sub, 'error');
+    sub.on('error', () => server.goaway(server.session, 1));
+    assert.equal((await refused).code, 'unavailable');
+    await nextEvent(client, 'resumed', 5000);
+    const context = await nextEvent(sub, 'subscribed', 5000);
+    assert.equal(context.channel, 'room');
+    const subscribes = server.log.filter((e) => e.message.type === 'subscribe').map((e) => e.conn);
+    assert.deepEqual(subscribes, [1, 2]);
+  } finally {
+    await client.close();
+  }
+});
+
+it('a subscribe in a session the server never answers: TimeoutError, a new connection, unsubscribed and subscribed again', { timeout: 10_000 }, async () => {
+  const client = await connect(server.url, { ...QUICK, timeout: 300 });
+  try {
+    server.subscribeSilent = 1; // taken, never answered
+    const errors = [];
+    const sub = client.subscribe('room', { onError: (e) => errors.push(e) });
+    const started = Date.now();
+    const timedOut = nextEvent(sub, 'error', 5000);
+    const resumed = nextEvent(client, 'resumed', 5000);
+    const error = await timedOut;
+    assert.ok(error instanceof TimeoutError, String(error));
+    assert.ok(Date.now() - started >= 290);
+    await resumed;
+    await nextEvent(sub, 'subscribed', 5000);
+    assert.equal(sub.state, 'subscribed');
+    assert.deepEqual(errors, [error]); // no already_subscribed: the server had it
+    // The same session, resumed; the server holds one subscription to room.
+    assert.equal(server.sessions.size, 1);
+    assert.deepEqual([...server.session.channels], ['room']);
+    assert.deepEqual(
+      server.log.filter((e) => !['ack', 'ping'].includes(e.message.type)).map((e) => [e.conn, e.message.type]),
+      [[1, 'session'], [1, 'subscribe'], [2, 'resume'], [2, 'unsubscribe'], [2, 'subscribe']],
+    );
+  } finally {
+    await client.close();
+  }
+});
+
+it('a session subscribe across a reconnect longer than timeout: no false timeout, subscribed once', { timeout: 10_000 }, async () => {
+  // Away 400 ms with a timeout of 300: the deadline counts only while the session is attached.
+  const client = await connect(server.url, { ...QUICK, timeout: 300, minReconnectDelay: 400, maxReconnectDelay: 400 });
+  try {
+    server.subscribeSilent = 1;
+    const errors = [];
+    const sub = client.subscribe('room', { onError: (e) => errors.push(e) });
+    await waitFor(() => server.session.heldSubscribes.length === 1);
+    const resumed = nextEvent(client, 'resumed', 5000);
+    server.cut();
+    await resumed;
+    server.answerSubscribes(server.session); // the answer comes on the resumed connection
+    await nextEvent(sub, 'subscribed', 5000);
+    assert.deepEqual(errors, []);
+    assert.deepEqual(
+      server.log.filter((e) => ['subscribe', 'unsubscribe', 'resume'].includes(e.message.type)).map((e) => [e.conn, e.message.type]),
+      [[1, 'subscribe'], [2, 'resume']],
+    );
+  } finally {
+    await client.close();
+  }
+});
+
+it('a session subscribe the server dropped when the connection went (not_subscribed in the replay): subscribed again', { timeout: 10_000 }, async () => {
+  // heartbeatd answers a subscribe still locating its channel when the session detaches with
+  // not_subscribed ("unsubscribed meanwhile"), replayed on resume: not a refusal.
+  const client = await connect(server.url, QUICK);
+  try {
+    server.subscribeSilent = 1;
+    const errors = [];
+    const sub = client.subscribe('room', { onError: (e) => errors.push(e.code) });
+    await waitFor(() => server.session.heldSubscribes.length === 1);
+    const lost = nextEvent(client, 'disconnected');
+    server.cut();
+    await lost;
+    server.failSubscribes(server.session, 'not_subscribed'); // kept for the replay
+    const context = await nextEvent(sub, 'subscribed', 5000);
+    assert.equal(context.channel, 'room');
+    assert.equal(sub.state, 'subscribed');
+    assert.deepEqual(errors, []);
+    assert.deepEqual(
+      server.log.filter((e) => ['subscribe', 'unsubscribe', 'resume'].includes(e.message.type)).map((e) => [e.conn, e.message.type]),
+      [[1, 'subscribe'], [2, 'resume'], [2, 'subscribe']],
+    );
+  } finally {
+    await client.close();
+  }
+});
+
+it('not_subscribed to a subscribe on its own connection is a refusal: the subscription fails', { timeout: 10_000 }, async () => {
+  const client = await connect(server.url, QUICK);
+  try {
+    server.subscribeSilent = 1;
+    const sub = client.subscribe('room');
+    await waitFor(() => server.session.heldSubscribes.length === 1);
+    server.failSubscribes(server.session, 'not_subscribed');
+    await assert.rejects(sub.ready(), (e) => e instanceof ServerError && e.code === 'not_subscribed');
+    assert.equal(sub.state, 'failed');
+    assert.equal(server.log.filter((e) => e.message.type === 'subscribe').length, 1);
+  } finally {
+    await client.close();
+  }
+});
+
+it('subscribeRetryTimeout is checked: a number of ms, or Infinity', () => {
+  assert.equal(DEFAULTS.subscribeRetryTimeout, 60_000);
+  for (const bad of [0, -1, NaN, '5', 2 ** 31]) {
+    assert.throws(() => new Client(server.url, { ...QUICK, subscribeRetryTimeout: bad }), RangeError);
+  }
+  new Client(server.url, { ...QUICK, subscribeRetryTimeout: Infinity }); // never gives up
 });
 
 it('a server without sessions: the client goes on as a plain one', async () => {

@@ -2,7 +2,8 @@
 // framing on loopback, for the resumable client's tests: the test decides when connections
 // drop, what is lost on the wire, and when replies come, so each path runs deterministically.
 // It speaks just enough: hello, session, resume (with takeover), numbered requests (`echo`,
-// `later`: answered when the test says, `subscribe`, `session_end`), acks both ways, pushes.
+// `later`: answered when the test says, `subscribe` and `unsubscribe`: the session's channels,
+// `already_subscribed` as heartbeatd answers, `session_end`), acks both ways, pushes.
 
 import { randomBytes } from 'node:crypto';
 import net from 'node:net';
@@ -29,6 +30,10 @@ export class SessionServer {
     this.unavailable = 0;
     /** Answer this many resumes `resumed: false, reason: unavailable` (Infinity: every one). */
     this.resumeUnavailable = 0;
+    /** Answer this many subscribes `unavailable` (the cluster's broker is down; Infinity: all). */
+    this.subscribeUnavailable = 0;
+    /** Take this many subscribes (subscribed, acked) and never answer them (Infinity: all). */
+    this.subscribeSilent = 0;
     this.server = net.createServer((socket) => this._accept(socket));
   }
 
@@ -60,6 +65,7 @@ export class SessionServer {
 
   /** A numbered push in `session`, written now if attached, kept until acked. */
   push(session, type, data) {
+    if (type === 'subscription_lost') session.channels.delete(data.channel); // not restored
     this._numbered(session, { type, data });
   }
 
@@ -69,9 +75,24 @@ export class SessionServer {
     for (const m of held) this._numbered(session, { type: m.type, id: m.id, data: m.data, ack: session.inHigh });
   }
 
+  /** Answer every subscribe held so far (subscribeSilent), in order. */
+  answerSubscribes(session) {
+    for (const m of session.heldSubscribes.splice(0)) {
+      this._numbered(session, { type: m.type, id: m.id, data: { channel: m.data.channel, epoch: 'e1', offset: 0 }, ack: session.inHigh });
+    }
+  }
+
+  /** Answer every subscribe held so far with error `code` (the channel is not subscribed). */
+  failSubscribes(session, code) {
+    for (const m of session.heldSubscribes.splice(0)) {
+      session.channels.delete(m.data.channel);
+      this._numbered(session, { type: 'error', id: m.id, error: { code, message: 'unsubscribed meanwhile' }, ack: session.inHigh });
+    }
+  }
+
   /** Say goaway on the session's connection (the server drains). */
-  goaway(session) {
-    this._write(session.socket, { type: 'goaway', data: { reason: 'shutdown', reconnect_after: 0 } });
+  goaway(session, reconnectAfter = 0) {
+    this._write(session.socket, { type: 'goaway', data: { reason: 'shutdown', reconnect_after: reconnectAfter } });
   }
 
   /** Send `session_taken_over` to the session's live connection and close it. */
@@ -87,6 +108,7 @@ export class SessionServer {
   _accept(socket) {
     const conn = ++this.connections;
     this.sockets.add(socket);
+    socket.setNoDelay(true); // what the test writes goes now (not after the client's delayed ack)
     socket.on('error', () => {});
     socket.on('close', () => {
       this.sockets.delete(socket);
@@ -135,6 +157,8 @@ export class SessionServer {
         out: [],
         inHigh: 0,
         later: [],
+        channels: new Set(),
+        heldSubscribes: [],
         acks: [],
         socket,
       };
@@ -157,8 +181,6 @@ export class SessionServer {
       reply({ resumed: true, session: session.id, ack: session.inHigh, replay: session.out.length, expiry: session.expiry });
       if (this.gapOnce) {
         this.gapOnce = false;
-    /** Refuse this many session starts with `unavailable` (the cluster's Redis is down). */
-    this.unavailable = 0;
         this._write(socket, { type: 'bogus', seq: session.outSeq + 5 }); // a seq skipped
       }
       for (const o of session.out) this._write(socket, o);
@@ -172,7 +194,15 @@ export class SessionServer {
       }
       return undefined;
     }
-    if (session === null || m.seq === undefined) return reply(m.data); // connection-level echo
+    if (session === null || m.seq === undefined) {
+      // Without a session: a plain subscribe, else a connection-level echo.
+      if (m.type !== 'subscribe') return reply(m.data);
+      if (this.subscribeUnavailable > 0) {
+        this.subscribeUnavailable -= 1;
+        return error('unavailable', "the cluster's broker is unreachable");
+      }
+      return reply({ channel: m.data.channel, epoch: 'e1', offset: 0 });
+    }
     if (m.seq <= session.inHigh) return undefined; // a duplicate: its reply is in the stream
     if (m.seq > session.inHigh + 1) {
       error('bad_seq', `expected ${session.inHigh + 1}`);
@@ -186,12 +216,31 @@ export class SessionServer {
     const answer = (data, type = m.type) => {
       if (m.id !== undefined) this._numbered(session, { type, id: m.id, data, ack: session.inHigh });
     };
+    const answerError = (code, message) => {
+      if (m.id !== undefined) this._numbered(session, { type: 'error', id: m.id, error: { code, message }, ack: session.inHigh });
+    };
     switch (m.type) {
       case 'later':
         session.later.push(m);
         return undefined;
-      case 'subscribe':
-        return answer({ channel: m.data.channel, epoch: 'e1', offset: 0, recovered: false });
+      case 'subscribe': {
+        const channel = m.data.channel;
+        if (this.subscribeUnavailable > 0) {
+          this.subscribeUnavailable -= 1;
+          return answerError('unavailable', "the cluster's broker is unreachable");
+        }
+        if (session.channels.has(channel)) return answerError('already_subscribed', `already subscribed to ${channel}`);
+        session.channels.add(channel);
+        if (this.subscribeSilent > 0) {
+          this.subscribeSilent -= 1;
+          session.heldSubscribes.push(m); // a server that does not answer (slow, a bug, or hostile)
+          return undefined;
+        }
+        return answer({ channel, epoch: 'e1', offset: 0, recovered: false });
+      }
+      case 'unsubscribe':
+        if (!session.channels.delete(m.data.channel)) return answerError('not_subscribed', `not subscribed to ${m.data.channel}`);
+        return answer({ channel: m.data.channel });
       case 'session_end':
         answer({});
         this.sessions.delete(session.id);
