@@ -23,6 +23,7 @@ from heartbeatd._validation import (
     hidden,
     int_range,
     ip_networks,
+    is_int,
     module_names,
     non_empty_string,
     non_negative_int,
@@ -194,6 +195,16 @@ class TcpConfig:
 #: glibc's ceiling for M_MMAP_THRESHOLD on 64-bit (HEAP_MAX_SIZE / 2), where its own sliding
 #: threshold stops.
 MALLOC_MMAP_THRESHOLD_MAX = 32 * 1024 * 1024
+#: glibc's own starting M_MMAP_THRESHOLD: below it, more blocks would be mapped, not fewer.
+MALLOC_MMAP_THRESHOLD_MIN = 128 * 1024
+
+
+def _mmap_threshold(value: Any) -> str | None:
+    if is_int(value) and (
+        value == 0 or MALLOC_MMAP_THRESHOLD_MIN <= value <= MALLOC_MMAP_THRESHOLD_MAX
+    ):
+        return None
+    return f"0, or an integer {MALLOC_MMAP_THRESHOLD_MIN}..{MALLOC_MMAP_THRESHOLD_MAX}"
 
 
 @dataclass(frozen=True)
@@ -203,7 +214,7 @@ class MallocConfig:
     mmap_threshold: int = field(
         default=MALLOC_MMAP_THRESHOLD_MAX,
         metadata=check(
-            int_range(0, MALLOC_MMAP_THRESHOLD_MAX),
+            _mmap_threshold,
             "bytes; smaller blocks come from the heap and are reused (0, with trim 0: glibc's)",
         ),
     )
