@@ -205,61 +205,61 @@ lift_replacement(Lift *lift, PyObject *value, int *refused)
     return lift_run_text(lift, index);
 }
 
+static int lift_restore(Lift *lift, PyObject *value, int depth);
+
+/* lift_visit's answers besides 0 (refused) and -1 (error). */
+enum { LIFT_KEEP = 1, LIFT_PUT = 2 };
+
+/* One item of a dict or a list, `depth` deep: LIFT_KEEP (nothing to change; a container is
+ * walked), or LIFT_PUT with *text a new reference to the run's text to put in its place. */
+static int
+lift_visit(Lift *lift, PyObject *item, int depth, PyObject **text)
+{
+    int refused = 0;
+    if (PyDict_CheckExact(item) || PyList_CheckExact(item))
+        return lift_restore(lift, item, depth + 1);
+    if (!PyUnicode_CheckExact(item) || PyUnicode_GET_LENGTH(item) != LIFT_TOKEN_LEN)
+        return LIFT_KEEP; /* no token: the walk's common case, kept to two compares */
+    *text = lift_replacement(lift, item, &refused);
+    if (*text != NULL)
+        return LIFT_PUT;
+    if (PyErr_Occurred())
+        return -1;
+    return refused ? 0 : LIFT_KEEP;
+}
+
 /* Put each run's text where its token was parsed, in `value` (a dict or a list).
  * 1 done (whatever was found), 0 refused (a token seen twice, or too deep), -1 error. */
 static int
 lift_restore(Lift *lift, PyObject *value, int depth)
 {
-    int refused = 0;
     if (depth > LIFT_MAX_DEPTH)
         return 0;
     if (PyDict_CheckExact(value)) {
         Py_ssize_t pos = 0;
         PyObject *key, *item;
         while (PyDict_Next(value, &pos, &key, &item)) {
-            if (PyDict_CheckExact(item) || PyList_CheckExact(item)) {
-                int r = lift_restore(lift, item, depth + 1);
-                if (r <= 0)
-                    return r;
-                continue;
+            PyObject *text = NULL;
+            int r = lift_visit(lift, item, depth, &text);
+            if (r == LIFT_PUT) {
+                /* The key is there already: the dict keeps its size, so the walk may go on. */
+                r = PyDict_SetItem(value, key, text) < 0 ? -1 : LIFT_KEEP;
+                Py_DECREF(text);
             }
-            if (!PyUnicode_CheckExact(item) || PyUnicode_GET_LENGTH(item) != LIFT_TOKEN_LEN)
-                continue; /* no token: the walk's common case, kept to two compares */
-            PyObject *text = lift_replacement(lift, item, &refused);
-            if (text == NULL) {
-                if (PyErr_Occurred())
-                    return -1;
-                if (refused)
-                    return 0;
-                continue;
-            }
-            /* The key is there already: the dict keeps its size, so the walk may go on. */
-            int r = PyDict_SetItem(value, key, text);
-            Py_DECREF(text);
-            if (r < 0)
-                return -1;
+            if (r <= 0)
+                return r;
         }
     }
     else if (PyList_CheckExact(value)) {
         for (Py_ssize_t i = 0; i < PyList_GET_SIZE(value); i++) {
-            PyObject *item = PyList_GET_ITEM(value, i);
-            if (PyDict_CheckExact(item) || PyList_CheckExact(item)) {
-                int r = lift_restore(lift, item, depth + 1);
-                if (r <= 0)
-                    return r;
-                continue;
+            PyObject *text = NULL;
+            int r = lift_visit(lift, PyList_GET_ITEM(value, i), depth, &text);
+            if (r == LIFT_PUT) {
+                PyList_SetItem(value, i, text); /* steals `text`, releases the token */
+                r = LIFT_KEEP;
             }
-            if (!PyUnicode_CheckExact(item) || PyUnicode_GET_LENGTH(item) != LIFT_TOKEN_LEN)
-                continue; /* no token: the walk's common case, kept to two compares */
-            PyObject *text = lift_replacement(lift, item, &refused);
-            if (text == NULL) {
-                if (PyErr_Occurred())
-                    return -1;
-                if (refused)
-                    return 0;
-                continue;
-            }
-            PyList_SetItem(value, i, text); /* steals `text`, releases the token */
+            if (r <= 0)
+                return r;
         }
     }
     return 1;
