@@ -128,7 +128,8 @@ class ReconnectingClient:
     ) -> None:
         if not subscribe_retry_timeout > 0:  # NaN too; math.inf: retry for ever
             raise ValueError(
-                f"subscribe_retry_timeout must be a positive number, not {subscribe_retry_timeout!r}"
+                "subscribe_retry_timeout must be a positive number of seconds, "
+                f"not {subscribe_retry_timeout!r}"
             )
         # TLS under every connection; the token is sent on each (``get_token`` is called
         # for a fresh one on each connection and each refresh, JWTs being short-lived).
