@@ -773,3 +773,19 @@ def test_a_session_subscribe_unanswered_on_a_connection_unsubscribes_and_subscri
     peer2.send({"type": "unsubscribe", "id": unsub["id"], "seq": 1, "ack": 2, "data": {}})
     answer_subscribe(peer2, again, seq=2)
     assert successResultOf(subscribed).channel == "news"
+
+
+def test_a_subscription_the_resume_could_not_restore_is_subscribed_again(clock: Clock) -> None:
+    client, endpoint, _, peer = first_connection(clock)
+    subscribed = client.subscribe("news", lambda *a: None)
+    (ask,) = peer.written()
+    answer_subscribe(peer, ask, seq=1, offset=7)
+    successResultOf(subscribed)
+    peer2 = reconnect(clock, endpoint, peer)
+    resume(peer2, 1)
+    assert peer2.written() == []  # held by the session
+    lost = {"channel": "news", "reason": "unavailable"}
+    peer2.send({"type": "subscription_lost", "seq": 2, "data": lost})
+    (again,) = peer2.written()
+    assert again["type"] == "subscribe" and again["seq"] == 2
+    assert again["data"] == {"channel": "news", "since": {"epoch": "e", "offset": 7}}
