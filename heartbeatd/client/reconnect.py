@@ -516,6 +516,27 @@ class ReconnectingClient:
             if channels.subscriptions.get(sub.channel) is sub:
                 del channels.subscriptions[sub.channel]
 
+    def _subscription_lost(self, data: Any, conn: ClientConnection) -> None:
+        """The resumed session could not restore a subscription (its broker was down):
+        subscribe again, with ``since`` (an ``unavailable`` answer is retried, bounded)."""
+        channel = data.get("channel") if isinstance(data, dict) else None
+        sub = next((s for s in self._subscriptions if s.channel == channel and s.active), None)
+        if sub is None:
+            return
+        log.warn(
+            "The session's subscription to {channel} was not restored ({reason}); subscribing "
+            "again",
+            channel=sub.channel,
+            reason=data.get("reason"),
+        )
+        self._session_subs.discard(sub)
+        self._session_sent.discard(sub)
+        self._unroute(sub)
+        live = self._current
+        if live is not None and live.usable:
+            self._attach(live, sub)
+        # else: neither held nor sent, so the next connection subscribes it
+
     def _resubscribe(self, conn: ClientConnection) -> None:
         channels = channels_of(conn)
         resumed = conn.session_outcome == "resumed"
@@ -565,6 +586,7 @@ class ReconnectingClient:
         for type_, handler in self._handlers:
             conn.on(type_, handler)
         conn.on_goaway(self._goaway)
+        conn.on("subscription_lost", self._subscription_lost)
         conn.when_ready().addCallbacks(self._handshake_done, self._handshake_failed)
         self._current = conn
         return conn
