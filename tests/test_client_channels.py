@@ -304,3 +304,62 @@ def test_reconnecting_subscribe_unavailable_fails_after_subscribe_retry_timeout(
     clock.advance(60)
     endpoint.flush()
     assert len(asked) == 7 and factory.channels.subscription_count() == 0
+
+
+def resumable(factory: ServerFactory, clock: Clock) -> tuple[ReconnectingClient, IosimEndpoint]:
+    endpoint = IosimEndpoint(factory, clock)
+    client = ReconnectingClient(
+        clock, endpoint, backoff_initial=1, backoff_max=1, random=lambda: 0.5, resumable=True
+    )
+    events: list[Any] = []
+    client.on_session(events.append)
+    client.start()
+    endpoint.flush()
+    assert events == [{"event": "started"}]
+    return client, endpoint
+
+
+def test_a_session_subscribe_answered_unavailable_is_subscribed_after_the_resume(
+    clock: Clock,
+) -> None:
+    factory = server(clock)
+    client, endpoint = resumable(factory, clock)
+    got: list[int] = []
+    factory.channels.broker.up = False
+    d = client.subscribe("news", lambda data, offset, sub: got.append(offset))
+    endpoint.flush()
+    assertNoResult(d)
+    drop(endpoint, clock)
+    factory.channels.broker.up = True
+    clock.advance(1)  # reconnects and resumes: the session does not hold it, so it is sent
+    endpoint.flush()
+    assert successResultOf(d).channel == "news"
+    publish(factory, "a")
+    endpoint.flush()
+    assert got == [1] and factory.channels.subscription_count() == 1
+
+
+def test_a_session_subscribe_the_server_dropped_at_the_detach_is_subscribed_again(
+    clock: Clock,
+) -> None:
+    """heartbeatd answers a subscribe still locating its channel when the session's connection
+    went with ``not_subscribed`` (numbered: it comes in the resume's replay)."""
+    factory = server(clock)
+    client, endpoint = resumable(factory, clock)
+    broker = factory.channels.broker
+    locating: list[Deferred[Any]] = []
+    position = broker.position
+    broker.position = lambda channel: locating.append(Deferred()) or locating[-1]  # type: ignore[method-assign]
+    got: list[int] = []
+    d = client.subscribe("news", lambda data, offset, sub: got.append(offset))
+    endpoint.flush()
+    assert len(locating) == 1
+    drop(endpoint, clock)
+    broker.position = position  # type: ignore[method-assign]
+    position("news").chainDeferred(locating[0])  # settles after the detach: not_subscribed
+    clock.advance(1)
+    endpoint.flush()
+    assert successResultOf(d).channel == "news"
+    publish(factory, "a")
+    endpoint.flush()
+    assert got == [1] and factory.channels.subscription_count() == 1
