@@ -789,3 +789,24 @@ def test_a_subscription_the_resume_could_not_restore_is_subscribed_again(clock: 
     (again,) = peer2.written()
     assert again["type"] == "subscribe" and again["seq"] == 2
     assert again["data"] == {"channel": "news", "since": {"epoch": "e", "offset": 7}}
+
+
+def test_a_plain_subscribe_unanswered_drops_the_connection_and_the_next_one_subscribes(
+    clock: Clock,
+) -> None:
+    endpoint = FakeEndpoint()
+    client = ReconnectingClient(
+        clock, endpoint, backoff_initial=1, backoff_max=1, random=lambda: 0.5
+    )
+    client.start()
+    peer = endpoint.accept()
+    subscribed = client.subscribe("news", lambda *a: None)
+    (ask,) = peer.written()
+    assert "seq" not in ask
+    clock.advance(10)  # request_timeout: a late answer would leave the server subscribed
+    assert peer.transport.disconnecting
+    peer2 = reconnect(clock, endpoint, peer)
+    (again,) = peer2.written()
+    assert again["type"] == "subscribe" and again["data"] == {"channel": "news"}
+    peer2.send({"type": "subscribe", "id": again["id"], "data": {"epoch": "e", "offset": 0}})
+    assert successResultOf(subscribed).channel == "news"
