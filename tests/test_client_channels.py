@@ -363,3 +363,17 @@ def test_a_session_subscribe_the_server_dropped_at_the_detach_is_subscribed_agai
     publish(factory, "a")
     endpoint.flush()
     assert got == [1] and factory.channels.subscription_count() == 1
+
+
+def test_pool_subscribe_refused_fails_with_the_servers_error(clock: Clock) -> None:
+    from heartbeatd.client import Pool, PoolConfig
+
+    factory = server(clock)
+    endpoint = IosimEndpoint(factory, clock)
+    pool = Pool(clock, PoolConfig(min_idle=0))
+    pool.subscriber_fn = lambda: ReconnectingClient(clock, endpoint)
+    d = pool.subscribe("bad name", lambda *a: None)
+    endpoint.flush()
+    assert failureResultOf(d, ServerError).value.code == "bad_channel"
+    pool.close()
+    endpoint.flush()
