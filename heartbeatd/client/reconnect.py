@@ -14,14 +14,20 @@ attempt and not a backoff delay.  A connection that works resets the count.
 With ``resumable=True`` the client keeps a resumable session (`heartbeatd.client.session`):
 it starts one after its first handshake and resumes it after every reconnect, so requests
 survive a lost connection until their own timeout, pushes reach the handlers exactly once and
-in order, and subscriptions carry on without being sent again.  ``on_session`` hears
+in order, and subscriptions carry on without being sent again (a subscription counts as
+held by the session only once its subscribe was answered; one refused, unavailable or lost
+meanwhile is sent again).  ``on_session`` hears
 ``started``, ``resumed`` and ``session_lost``; after a lost session the client starts a new
 one and subscribes again with ``since``, as without sessions.
 
 Every wait has a deadline and every failure is a `ClientError`: ``request(timeout=N)`` spends
 at most N seconds in all, waiting for a connection included, and fails with `NotConnected`
 while the server is down; ``when_connected`` fails with `ConnectionFailed` or `NotConnected`,
-never with Twisted's own connection errors.
+never with Twisted's own connection errors.  ``subscribe`` fails with the server's
+`ServerError` when it refuses, and with `SubscriptionUnavailable` after answering
+``unavailable`` for ``subscribe_retry_timeout`` seconds (retried with backoff until then); a
+subscribe's ``request_timeout`` counts only while connected (in a session, afresh on each
+connection).
 """
 
 from __future__ import annotations
