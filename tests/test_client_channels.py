@@ -377,3 +377,20 @@ def test_pool_subscribe_refused_fails_with_the_servers_error(clock: Clock) -> No
     assert failureResultOf(d, ServerError).value.code == "bad_channel"
     pool.close()
     endpoint.flush()
+
+
+def test_a_rate_limited_subscribe_is_retried_with_backoff_not_given_up(clock: Clock) -> None:
+    """``rate_limited`` is not a refusal for good: a client with more subscriptions than
+    ``channels.subscribe_burst`` re-subscribes them all after a reconnect, a little later."""
+    factory = server(clock, subscribe_rate=1, subscribe_burst=1)
+    client, endpoint = reconnecting(factory, clock)
+    first = client.subscribe("news", lambda *a: None)
+    second = client.subscribe("sport", lambda *a: None)
+    endpoint.flush()
+    assert successResultOf(first).channel == "news"
+    assertNoResult(second)  # rate_limited: tried again after the backoff
+    for _ in range(2):
+        clock.advance(0.5)
+        endpoint.flush()
+    assert successResultOf(second).channel == "sport"
+    assert factory.channels.subscription_count() == 2
