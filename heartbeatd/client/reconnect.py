@@ -71,6 +71,10 @@ log = get_logger(__name__)
 
 #: How long a subscription keeps subscribing again while the server answers ``unavailable``.
 DEFAULT_SUBSCRIBE_RETRY_TIMEOUT = 60.0
+#: Answers to a subscribe that say "not now", not "no": retried with backoff, bounded.
+#: ``rate_limited`` too: a client with more subscriptions than the server's
+#: ``channels.subscribe_burst`` re-subscribes them all after each reconnect.
+RETRIED = frozenset({"unavailable", "rate_limited"})
 
 
 @implementer(IStreamClientEndpoint)
@@ -345,10 +349,11 @@ class ReconnectingClient:
         The result fires with the `Subscription` once the server accepted it (it waits for
         a connection as long as it takes).  It fails, and the subscription is forgotten (never
         sent again), with the server's `ServerError` when it refuses (``bad_channel``,
-        ``too_many_channels``, ``forbidden``, ``rate_limited``...), or with
-        `SubscriptionUnavailable` when it answered ``unavailable`` (its channel broker is
-        down) to every subscribe for ``subscribe_retry_timeout`` seconds: until then each
-        ``unavailable`` is retried with the reconnect backoff, on the same connection.  A
+        ``too_many_channels``, ``forbidden``...), or with `SubscriptionUnavailable` when it
+        answered ``unavailable`` (its channel broker is down) to every subscribe for
+        ``subscribe_retry_timeout`` seconds: until then each ``unavailable`` is retried with
+        the reconnect backoff, on the same connection (``rate_limited`` too, failing with
+        that `ServerError` at the bound).  A
         subscribe with no answer within ``request_timeout`` drops the connection (a late
         answer would leave the server subscribed while we are not): the next one subscribes
         again.  A refusal on a later re-subscribe (after a reconnect) is logged."""
@@ -431,7 +436,7 @@ class ReconnectingClient:
         error = failure.value
         if isinstance(error, ServerError):
             self._unroute(sub)
-            if error.code == "unavailable":
+            if error.code in RETRIED:
                 self._subscribe_unavailable(sub, error)
             elif (
                 error.code == "not_subscribed"
@@ -464,9 +469,10 @@ class ReconnectingClient:
         # else ConnectionClosed, SessionLost: the next connection (or session) subscribes again
 
     def _subscribe_unavailable(self, sub: Subscription, error: ServerError) -> None:
-        """``unavailable`` (the cluster's broker is down): subscribe again on this connection,
-        backing off, for ``subscribe_retry_timeout`` seconds from the first such answer
-        (across reconnects; the last try comes at the deadline), then fail."""
+        """``unavailable`` (the cluster's broker is down) or ``rate_limited``: subscribe
+        again on this connection, backing off, for ``subscribe_retry_timeout`` seconds from
+        the first such answer (across reconnects; the last try comes at the deadline), then
+        fail: `SubscriptionUnavailable`, or the ``rate_limited`` error itself."""
         now = self._reactor.seconds()
         if sub._unavailable_since is None:
             sub._unavailable_since = now
@@ -480,6 +486,9 @@ class ReconnectingClient:
         since, limit = sub._unavailable_since, self._subscribe_retry_timeout
         elapsed = now - since
         if elapsed >= limit:
+            if error.code != "unavailable":
+                self._give_up(sub, Failure(error))
+                return
             gave_up = SubscriptionUnavailable(
                 sub.channel, elapsed, sub._unavailable_attempts, limit
             )
