@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from helpers import failureResultOf, iosim, make_config, successResultOf
+from helpers import assertNoResult, failureResultOf, iosim, make_config, successResultOf
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.task import Clock
 from zope.interface import implementer
 
+from heartbeatd.client.errors import ServerError, SubscriptionUnavailable
 from heartbeatd.client.reconnect import ReconnectingClient
 from heartbeatd.server.factory import ServerFactory
 from heartbeatd.testing import ServerClientPair
@@ -208,3 +209,188 @@ def test_pool_subscriptions_reconnect_and_recover_exactly_once(clock: Clock) -> 
     publish(factory, 5)
     endpoint.flush()
     assert got == [1, 2, 3, 4]
+
+
+# -- every subscribe has an outcome: a refusal fails it, ``unavailable`` is retried, bounded --
+
+
+def counting_subscribes(factory: ServerFactory) -> list[str]:
+    """The channels the server was asked to subscribe to, in order (refused ones too)."""
+    asked: list[str] = []
+    original = factory.channels.subscribe
+
+    def subscribe(client: Any, channel: str, *args: Any, **kwargs: Any) -> Any:
+        asked.append(channel)
+        return original(client, channel, *args, **kwargs)
+
+    factory.channels.subscribe = subscribe  # type: ignore[method-assign]
+    return asked
+
+
+def test_reconnecting_subscribe_refused_fails_with_the_servers_error_and_is_forgotten(
+    clock: Clock,
+) -> None:
+    factory = server(clock, max_per_connection=1)
+    client, endpoint = reconnecting(factory, clock)
+    bad = client.subscribe("bad name", lambda *a: None)
+    endpoint.flush()
+    assert failureResultOf(bad, ServerError).value.code == "bad_channel"
+    first = client.subscribe("news", lambda *a: None)
+    second = client.subscribe("sport", lambda *a: None)
+    endpoint.flush()
+    assert successResultOf(first).channel == "news"
+    assert failureResultOf(second, ServerError).value.code == "too_many_channels"
+    asked = counting_subscribes(factory)
+    drop(endpoint, clock)
+    clock.advance(1)
+    endpoint.flush()
+    assert asked == ["news"]  # the refused ones are not sent again after a reconnect
+
+
+def test_reconnecting_subscribe_unavailable_is_retried_with_backoff_until_it_works(
+    clock: Clock,
+) -> None:
+    factory = server(clock)
+    client, endpoint = reconnecting(factory, clock)
+    asked = counting_subscribes(factory)
+    factory.channels.broker.up = False
+    d = client.subscribe("news", lambda *a: None)
+    endpoint.flush()
+    assertNoResult(d)
+    assert asked == ["news"]
+    clock.advance(0.5)  # the backoff: random 0.5 of backoff_initial 1
+    endpoint.flush()
+    assert asked == ["news", "news"]
+    assertNoResult(d)
+    factory.channels.broker.up = True
+    clock.advance(0.5)
+    endpoint.flush()
+    assert successResultOf(d).channel == "news"
+    assert factory.channels.subscription_count() == 1
+    clock.advance(60)
+    endpoint.flush()
+    assert len(asked) == 3  # nothing more once it worked
+
+
+def test_reconnecting_subscribe_unavailable_fails_after_subscribe_retry_timeout(
+    clock: Clock,
+) -> None:
+    factory = server(clock)
+    endpoint = IosimEndpoint(factory, clock)
+    client = ReconnectingClient(
+        clock,
+        endpoint,
+        backoff_initial=1,
+        backoff_max=1,
+        random=lambda: 0.5,
+        subscribe_retry_timeout=3,
+    )
+    client.start()
+    endpoint.flush()
+    asked = counting_subscribes(factory)
+    factory.channels.broker.up = False
+    d = client.subscribe("news", lambda *a: None)
+    endpoint.flush()
+    for _ in range(10):
+        clock.advance(0.5)
+        endpoint.flush()
+    error = failureResultOf(d, SubscriptionUnavailable).value
+    assert isinstance(error, ServerError) and error.code == "unavailable"
+    assert (error.channel, error.attempts, error.limit) == ("news", 7, 3)
+    assert error.elapsed == 3.0  # the last try came at the deadline, not after
+    assert isinstance(error.__cause__, ServerError)
+    factory.channels.broker.up = True
+    drop(endpoint, clock)
+    clock.advance(60)
+    endpoint.flush()
+    assert len(asked) == 7 and factory.channels.subscription_count() == 0
+
+
+def resumable(factory: ServerFactory, clock: Clock) -> tuple[ReconnectingClient, IosimEndpoint]:
+    endpoint = IosimEndpoint(factory, clock)
+    client = ReconnectingClient(
+        clock, endpoint, backoff_initial=1, backoff_max=1, random=lambda: 0.5, resumable=True
+    )
+    events: list[Any] = []
+    client.on_session(events.append)
+    client.start()
+    endpoint.flush()
+    assert events == [{"event": "started"}]
+    return client, endpoint
+
+
+def test_a_session_subscribe_answered_unavailable_is_subscribed_after_the_resume(
+    clock: Clock,
+) -> None:
+    factory = server(clock)
+    client, endpoint = resumable(factory, clock)
+    got: list[int] = []
+    factory.channels.broker.up = False
+    d = client.subscribe("news", lambda data, offset, sub: got.append(offset))
+    endpoint.flush()
+    assertNoResult(d)
+    drop(endpoint, clock)
+    factory.channels.broker.up = True
+    clock.advance(1)  # reconnects and resumes: the session does not hold it, so it is sent
+    endpoint.flush()
+    assert successResultOf(d).channel == "news"
+    publish(factory, "a")
+    endpoint.flush()
+    assert got == [1] and factory.channels.subscription_count() == 1
+
+
+def test_a_session_subscribe_the_server_dropped_at_the_detach_is_subscribed_again(
+    clock: Clock,
+) -> None:
+    """heartbeatd answers a subscribe still locating its channel when the session's connection
+    went with ``not_subscribed`` (numbered: it comes in the resume's replay)."""
+    factory = server(clock)
+    client, endpoint = resumable(factory, clock)
+    broker = factory.channels.broker
+    locating: list[Deferred[Any]] = []
+    position = broker.position
+    broker.position = lambda channel: locating.append(Deferred()) or locating[-1]  # type: ignore[method-assign]
+    got: list[int] = []
+    d = client.subscribe("news", lambda data, offset, sub: got.append(offset))
+    endpoint.flush()
+    assert len(locating) == 1
+    drop(endpoint, clock)
+    broker.position = position  # type: ignore[method-assign]
+    position("news").chainDeferred(locating[0])  # settles after the detach: not_subscribed
+    clock.advance(1)
+    endpoint.flush()
+    assert successResultOf(d).channel == "news"
+    publish(factory, "a")
+    endpoint.flush()
+    assert got == [1] and factory.channels.subscription_count() == 1
+
+
+def test_pool_subscribe_refused_fails_with_the_servers_error(clock: Clock) -> None:
+    from heartbeatd.client import Pool, PoolConfig
+
+    factory = server(clock)
+    endpoint = IosimEndpoint(factory, clock)
+    pool = Pool(clock, PoolConfig(min_idle=0))
+    pool.subscriber_fn = lambda: ReconnectingClient(clock, endpoint)
+    d = pool.subscribe("bad name", lambda *a: None)
+    endpoint.flush()
+    assert failureResultOf(d, ServerError).value.code == "bad_channel"
+    pool.close()
+    endpoint.flush()
+
+
+def test_a_rate_limited_subscribe_is_retried_with_backoff_not_given_up(clock: Clock) -> None:
+    """``rate_limited`` is not a refusal for good: a client with more subscriptions than
+    ``channels.subscribe_burst`` re-subscribes them all after a reconnect, a little later."""
+    factory = server(clock, subscribe_rate=1, subscribe_burst=1)
+    client, endpoint = reconnecting(factory, clock)
+    first = client.subscribe("news", lambda *a: None)
+    second = client.subscribe("sport", lambda *a: None)
+    endpoint.flush()
+    assert successResultOf(first).channel == "news"
+    assertNoResult(second)  # rate_limited: tried again after the backoff
+    for _ in range(2):
+        clock.advance(0.5)
+        endpoint.flush()
+    assert successResultOf(second).channel == "sport"
+    assert factory.channels.subscription_count() == 2

@@ -657,3 +657,156 @@ def test_pool_config_resumable_gives_the_subscription_connection_a_session(clock
         assert "pool.resumable" in str(e)
     else:
         raise AssertionError("pool.resumable: 'yes' was accepted")
+
+
+# -- session subscribes: held only once answered, sent again when not, bounded per connection --
+
+
+def answer_subscribe(peer: Peer, request: dict, seq: int, offset: int = 0) -> None:
+    data = {"channel": request["data"]["channel"], "epoch": "e", "offset": offset}
+    peer.send(
+        {"type": "subscribe", "id": request["id"], "seq": seq, "ack": request["seq"], "data": data}
+    )
+
+
+def resume(peer: Peer, ack: int, *replay: dict) -> None:
+    (ask,) = peer.written()
+    assert ask["type"] == "resume"
+    answer = {"resumed": True, "ack": ack, "replay": len(replay)}
+    peer.send({"type": "resume", "id": ask["id"], "data": answer}, *replay)
+
+
+def test_a_session_subscribe_answered_unavailable_is_sent_again_after_a_resume(
+    clock: Clock,
+) -> None:
+    client, endpoint, _, peer = first_connection(clock)
+    subscribed = client.subscribe("news", lambda *a: None)
+    (ask,) = peer.written()
+    error = {"code": "unavailable", "message": "the broker is down"}
+    peer.send({"type": "error", "id": ask["id"], "seq": 1, "ack": 1, "error": error})
+    assertNoResult(subscribed)
+    peer2 = reconnect(clock, endpoint, peer)  # the retry's timer finds no connection
+    resume(peer2, ack=1)
+    (again,) = peer2.written()  # the resumed session does not hold it: subscribed again
+    assert (again["type"], again["data"]["channel"], again["seq"]) == ("subscribe", "news", 2)
+    answer_subscribe(peer2, again, seq=2)
+    assert successResultOf(subscribed).epoch == "e"
+    clock.advance(60)
+    assert [m["type"] for m in peer2.written()] == ["ack"]  # no subscribe
+
+
+def test_a_session_subscribe_refused_fails_and_is_not_sent_after_a_resume(clock: Clock) -> None:
+    client, endpoint, _, peer = first_connection(clock)
+    subscribed = client.subscribe("news", lambda *a: None)
+    (ask,) = peer.written()
+    error = {"code": "too_many_channels", "message": "at most 0"}
+    peer.send({"type": "error", "id": ask["id"], "seq": 1, "ack": 1, "error": error})
+    assert failureResultOf(subscribed, ServerError).value.code == "too_many_channels"
+    peer2 = reconnect(clock, endpoint, peer)
+    resume(peer2, ack=1)
+    assert peer2.written() == []
+
+
+def test_a_session_subscribe_dropped_unsettled_at_the_detach_is_sent_again(clock: Clock) -> None:
+    client, endpoint, _, peer = first_connection(clock)
+    subscribed = client.subscribe("news", lambda *a: None)
+    (ask,) = peer.written()
+    peer2 = reconnect(clock, endpoint, peer)  # the connection went before the answer
+    # heartbeatd answers the subscribe it dropped, unsettled, with not_subscribed, replayed.
+    error = {"code": "not_subscribed", "message": "unsubscribed meanwhile"}
+    resume(peer2, 1, {"type": "error", "id": ask["id"], "seq": 1, "ack": 1, "error": error})
+    (again,) = peer2.written()
+    assert (again["type"], again["data"]["channel"], again["seq"]) == ("subscribe", "news", 2)
+    assertNoResult(subscribed)
+    answer_subscribe(peer2, again, seq=2)
+    assert successResultOf(subscribed).channel == "news"
+
+
+def test_a_session_subscribe_in_flight_at_a_resume_is_not_sent_twice(clock: Clock) -> None:
+    client, endpoint, _, peer = first_connection(clock)
+    pubs: list = []
+    subscribed = client.subscribe("news", lambda data, offset, sub: pubs.append(offset))
+    (ask,) = peer.written()
+    peer2 = reconnect(clock, endpoint, peer)
+    resume(peer2, 0)  # the server never got it: the session resends the same copy
+    (resent,) = peer2.written()
+    assert (resent["type"], resent["seq"], resent["id"]) == ("subscribe", 1, ask["id"])
+    answer_subscribe(peer2, resent, seq=1)
+    peer2.send({"type": "publication", "seq": 2, "data": {"channel": "news", "offset": 1}})
+    assert successResultOf(subscribed).channel == "news" and pubs == [1]
+    peer3 = reconnect(clock, endpoint, peer2)
+    resume(peer3, 1)
+    assert peer3.written() == []  # held by the session now: not sent again
+
+
+def test_a_session_subscribe_deadline_counts_only_while_connected(clock: Clock) -> None:
+    client, endpoint, _, peer = first_connection(clock)  # request_timeout: 10 s
+    subscribed = client.subscribe("news", lambda *a: None)
+    peer.written()
+    clock.advance(6)
+    peer.drop()
+    clock.advance(20)  # a long outage: the server is down
+    peer2 = endpoint.accept()
+    resume(peer2, 0)
+    (resent,) = peer2.written()
+    clock.advance(9)  # 35 s since it was sent, 9 s on this connection
+    assertNoResult(subscribed)
+    answer_subscribe(peer2, resent, seq=1)
+    assert successResultOf(subscribed).channel == "news"
+
+
+def test_a_session_subscribe_unanswered_on_a_connection_unsubscribes_and_subscribes_again(
+    clock: Clock,
+) -> None:
+    client, endpoint, _, peer = first_connection(clock)
+    subscribed = client.subscribe("news", lambda *a: None)
+    peer.written()
+    peer.send({"type": "ack", "data": {"seq": 1}})  # the server has it, and no answer comes
+    clock.advance(10)  # request_timeout on this connection: the client drops it
+    assert peer.transport.disconnecting
+    assert "no answer to the subscribe" in peer.proto.close_reason.getErrorMessage()
+    peer2 = reconnect(clock, endpoint, peer)
+    resume(peer2, 1)
+    unsub, again = peer2.written()  # the server may hold it: unsubscribe first
+    assert (unsub["type"], unsub["data"], unsub["seq"]) == ("unsubscribe", {"channel": "news"}, 2)
+    assert (again["type"], again["data"]["channel"], again["seq"]) == ("subscribe", "news", 3)
+    peer2.send({"type": "unsubscribe", "id": unsub["id"], "seq": 1, "ack": 2, "data": {}})
+    answer_subscribe(peer2, again, seq=2)
+    assert successResultOf(subscribed).channel == "news"
+
+
+def test_a_subscription_the_resume_could_not_restore_is_subscribed_again(clock: Clock) -> None:
+    client, endpoint, _, peer = first_connection(clock)
+    subscribed = client.subscribe("news", lambda *a: None)
+    (ask,) = peer.written()
+    answer_subscribe(peer, ask, seq=1, offset=7)
+    successResultOf(subscribed)
+    peer2 = reconnect(clock, endpoint, peer)
+    resume(peer2, 1)
+    assert peer2.written() == []  # held by the session
+    lost = {"channel": "news", "reason": "unavailable"}
+    peer2.send({"type": "subscription_lost", "seq": 2, "data": lost})
+    (again,) = peer2.written()
+    assert again["type"] == "subscribe" and again["seq"] == 2
+    assert again["data"] == {"channel": "news", "since": {"epoch": "e", "offset": 7}}
+
+
+def test_a_plain_subscribe_unanswered_drops_the_connection_and_the_next_one_subscribes(
+    clock: Clock,
+) -> None:
+    endpoint = FakeEndpoint()
+    client = ReconnectingClient(
+        clock, endpoint, backoff_initial=1, backoff_max=1, random=lambda: 0.5
+    )
+    client.start()
+    peer = endpoint.accept()
+    subscribed = client.subscribe("news", lambda *a: None)
+    (ask,) = peer.written()
+    assert "seq" not in ask
+    clock.advance(10)  # request_timeout: a late answer would leave the server subscribed
+    assert peer.transport.disconnecting
+    peer2 = reconnect(clock, endpoint, peer)
+    (again,) = peer2.written()
+    assert again["type"] == "subscribe" and again["data"] == {"channel": "news"}
+    peer2.send({"type": "subscribe", "id": again["id"], "data": {"epoch": "e", "offset": 0}})
+    assert successResultOf(subscribed).channel == "news"

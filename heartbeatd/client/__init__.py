@@ -25,6 +25,7 @@ from heartbeatd.client.errors import (
     RequestTimeout,
     ServerError,
     SessionLost,
+    SubscriptionUnavailable,
 )
 from heartbeatd.client.pool import Pool
 from heartbeatd.client.reconnect import ReconnectingClient
@@ -50,6 +51,7 @@ __all__ = [
     "ServerError",
     "SessionLost",
     "Subscription",
+    "SubscriptionUnavailable",
     "connect",
     "load_pool_config",
     "parse_pool_config",

@@ -64,6 +64,14 @@ class Subscription:
         self.not_recovered = 0
         #: Fired with this subscription after its next successful subscribe.
         self.waiters: list[Deferred[Subscription]] = []
+        #: The reconnecting client's bookkeeping (`heartbeatd.client.reconnect`): the
+        #: latest subscribe sent, the ``unavailable`` spell (since when, answers so far,
+        #: the retry timer) and the session that may hold a subscribe that timed out.
+        self._attempt = 0
+        self._unavailable_since: float | None = None
+        self._unavailable_attempts = 0
+        self._retry_timer: Any = None
+        self._unsure_in: str | None = None
 
     def _not_recovered(self, reason: str) -> None:
         self.not_recovered += 1
@@ -117,8 +125,11 @@ class ChannelClient:
         connection.on("join", lambda data, conn: self._on_presence("join", data))
         connection.on("leave", lambda data, conn: self._on_presence("leave", data))
 
-    def attach(self, sub: Subscription) -> Deferred[Subscription]:
-        """Subscribe ``sub`` here, with ``since`` when it has a position already."""
+    def attach(
+        self, sub: Subscription, send: Callable[[str, Any], Deferred[Any]] | None = None
+    ) -> Deferred[Subscription]:
+        """Subscribe ``sub`` here, with ``since`` when it has a position already; ``send(type,
+        data)`` sends the request (default: the connection's ``request``)."""
         request: dict[str, Any] = {"channel": sub.channel}
         asked_since = bool(sub.epoch)
         if asked_since:
@@ -138,7 +149,9 @@ class ChannelClient:
                 del self.subscriptions[sub.channel]
             return failure
 
-        return self.connection.request("subscribe", request).addCallbacks(answered, failed)
+        if send is None:
+            send = self.connection.request
+        return send("subscribe", request).addCallbacks(answered, failed)
 
     def subscribe(
         self,

@@ -20,6 +20,7 @@ __all__ = [
     "RequestTimeout",
     "ServerError",
     "SessionLost",
+    "SubscriptionUnavailable",
 ]
 
 
@@ -34,6 +35,27 @@ class ServerError(ClientError):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+
+
+class SubscriptionUnavailable(ServerError):
+    """The server answered ``unavailable`` (its channel broker is down) to every subscribe
+    to ``channel`` for ``subscribe_retry_timeout`` seconds: the reconnecting client gave up.
+
+    ``elapsed``: seconds from the first such answer to the last; ``attempts``: subscribes
+    answered ``unavailable``; ``limit``: the ``subscribe_retry_timeout`` that ran out.  Its
+    ``__cause__`` is the last ``unavailable`` `ServerError`.
+    """
+
+    def __init__(self, channel: str, elapsed: float, attempts: int, limit: float) -> None:
+        super().__init__(
+            "unavailable",
+            f"the server answered unavailable to every subscribe to {channel!r} for "
+            f"{elapsed:g}s ({attempts} attempts; subscribe_retry_timeout is {limit:g}s): gave up",
+        )
+        self.channel = channel
+        self.elapsed = elapsed
+        self.attempts = attempts
+        self.limit = limit
 
 
 class RequestTimeout(ClientError):

@@ -396,6 +396,8 @@ class Pool:
         (`ReconnectingClient.subscribe`).  It is not counted in ``max_size``.  With
         ``Pool(..., resumable=True)`` it keeps a resumable session: after a reconnect it
         resumes (nothing is subscribed again, nothing missed or repeated), see `on_session`.
+        The result fails with the server's `ServerError` when it refuses the subscription,
+        or with `SubscriptionUnavailable` after 60 s of ``unavailable`` answers.
         """
         if self._closed:
             return fail(PoolClosed("the pool is closed"))

@@ -14,14 +14,20 @@ attempt and not a backoff delay.  A connection that works resets the count.
 With ``resumable=True`` the client keeps a resumable session (`heartbeatd.client.session`):
 it starts one after its first handshake and resumes it after every reconnect, so requests
 survive a lost connection until their own timeout, pushes reach the handlers exactly once and
-in order, and subscriptions carry on without being sent again.  ``on_session`` hears
+in order, and subscriptions carry on without being sent again (a subscription counts as
+held by the session only once its subscribe was answered; one refused, unavailable or lost
+meanwhile is sent again).  ``on_session`` hears
 ``started``, ``resumed`` and ``session_lost``; after a lost session the client starts a new
 one and subscribes again with ``since``, as without sessions.
 
 Every wait has a deadline and every failure is a `ClientError`: ``request(timeout=N)`` spends
 at most N seconds in all, waiting for a connection included, and fails with `NotConnected`
 while the server is down; ``when_connected`` fails with `ConnectionFailed` or `NotConnected`,
-never with Twisted's own connection errors.
+never with Twisted's own connection errors.  ``subscribe`` fails with the server's
+`ServerError` when it refuses, and with `SubscriptionUnavailable` after answering
+``unavailable`` for ``subscribe_retry_timeout`` seconds (retried with backoff until then); a
+subscribe's ``request_timeout`` counts only while connected (in a session, afresh on each
+connection).
 """
 
 from __future__ import annotations
@@ -46,14 +52,29 @@ from heartbeatd.client.connection import (
     ClientConnection,
     PushHandler,
 )
-from heartbeatd.client.errors import ClientError, ConnectionFailed, NotConnected
+from heartbeatd.client.errors import (
+    ClientError,
+    ConnectionClosed,
+    ConnectionFailed,
+    NotConnected,
+    RequestTimeout,
+    ServerError,
+    SubscriptionUnavailable,
+)
 from heartbeatd.client.session import DEFAULT_END_TIMEOUT, ClientSession, SessionEvent
 from heartbeatd.client.tls import ClientTLS, wrap_client_endpoint
 from heartbeatd.wire.envelope import OMIT
 
-__all__ = ["ReconnectingClient", "full_jitter_backoff"]
+__all__ = ["DEFAULT_SUBSCRIBE_RETRY_TIMEOUT", "ReconnectingClient", "full_jitter_backoff"]
 
 log = get_logger(__name__)
+
+#: How long a subscription keeps subscribing again while the server answers ``unavailable``.
+DEFAULT_SUBSCRIBE_RETRY_TIMEOUT = 60.0
+#: Answers to a subscribe that say "not now", not "no": retried with backoff, bounded.
+#: ``rate_limited`` too: a client with more subscriptions than the server's
+#: ``channels.subscribe_burst`` re-subscribes them all after each reconnect.
+RETRIED = frozenset({"unavailable", "rate_limited"})
 
 
 @implementer(IStreamClientEndpoint)
@@ -113,7 +134,13 @@ class ReconnectingClient:
         resumable: bool = False,
         session_expiry: float | None = None,
         session_end_timeout: float = DEFAULT_END_TIMEOUT,
+        subscribe_retry_timeout: float = DEFAULT_SUBSCRIBE_RETRY_TIMEOUT,
     ) -> None:
+        if not subscribe_retry_timeout > 0:  # NaN too; math.inf: retry for ever
+            raise ValueError(
+                "subscribe_retry_timeout must be a positive number of seconds, "
+                f"not {subscribe_retry_timeout!r}"
+            )
         # TLS under every connection; the token is sent on each (``get_token`` is called
         # for a fresh one on each connection and each refresh, JWTs being short-lived).
         endpoints = endpoint_list(reactor, endpoint, tls)
@@ -128,16 +155,20 @@ class ReconnectingClient:
         self._hello_timeout = hello_timeout
         self._random = random
         self._backoff = full_jitter_backoff(backoff_initial, backoff_max, random)
+        self._subscribe_retry_timeout = subscribe_retry_timeout
         self._handlers: list[tuple[str, PushHandler]] = []
         self._next_delay: float | None = None
         self._current: ClientConnection | None = None
         self._subscriptions: list[Subscription] = []
-        #: The resumable session (None without ``resumable``), and the subscriptions it holds
-        #: server-side (a resume restores them; they are not sent again).
+        #: The resumable session (None without ``resumable``); the subscriptions it holds
+        #: server-side (answered: a resume restores them, they are not sent again), and those
+        #: sent in it and not answered yet (the answer comes after a resume, by the resend or
+        #: the replay: they are not sent again either, unless it says ``not_subscribed``).
         self.session: ClientSession | None = (
             ClientSession(reactor, expiry=session_expiry) if resumable else None
         )
         self._session_subs: set[Subscription] = set()
+        self._session_sent: set[Subscription] = set()
         self._session_end_timeout = session_end_timeout
         self._stopping = False
         #: Failed attempts (refused, or no hello) since the last good handshake.
@@ -163,6 +194,8 @@ class ReconnectingClient:
         ``session_end``, waiting up to ``session_end_timeout`` seconds for its answer), so
         it does not hold one of the identity's sessions until it expires."""
         self._stopping = True
+        for sub in self._subscriptions:
+            _cancel_retry(sub)
         if self.session is None:
             return self.service.stopService()
         ended = self.session.close(end_timeout=self._session_end_timeout)
@@ -311,7 +344,19 @@ class ReconnectingClient:
     ) -> Deferred[Subscription]:
         """Subscribe now and after every reconnect, with ``since``: each publication is
         delivered exactly once, or ``on_not_recovered(subscription, reason)`` says some were
-        lost (see `heartbeatd.client.channels`)."""
+        lost (see `heartbeatd.client.channels`).
+
+        The result fires with the `Subscription` once the server accepted it (it waits for
+        a connection as long as it takes).  It fails, and the subscription is forgotten (never
+        sent again), with the server's `ServerError` when it refuses (``bad_channel``,
+        ``too_many_channels``, ``forbidden``...), or with `SubscriptionUnavailable` when it
+        answered ``unavailable`` (its channel broker is down) to every subscribe for
+        ``subscribe_retry_timeout`` seconds: until then each ``unavailable`` is retried with
+        the reconnect backoff, on the same connection (``rate_limited`` too, failing with
+        that `ServerError` at the bound).  A
+        subscribe with no answer within ``request_timeout`` drops the connection (a late
+        answer would leave the server subscribed while we are not): the next one subscribes
+        again.  A refusal on a later re-subscribe (after a reconnect) is logged."""
         sub = Subscription(channel, on_publication, on_not_recovered, **options)
         self._subscriptions.append(sub)
         first: Deferred[Subscription] = Deferred()
@@ -319,46 +364,211 @@ class ReconnectingClient:
         conn = self._current
         if conn is not None and conn.usable:
             self._attach(conn, sub)
-            if conn._session is not None:
-                self._session_subs.add(sub)
         return first
 
     def unsubscribe(self, channel: str) -> Deferred[Any]:
         """Stop a subscription here and on every future connection."""
         for sub in [s for s in self._subscriptions if s.channel == channel]:
             sub.active = False
+            _cancel_retry(sub)
             self._subscriptions.remove(sub)
             self._session_subs.discard(sub)
+            self._session_sent.discard(sub)
         conn = self._current
         if conn is not None and conn.usable and channel in channels_of(conn).subscriptions:
             return channels_of(conn).unsubscribe(channel)
         return succeed(None)
 
     def _attach(self, conn: ClientConnection, sub: Subscription) -> None:
-        def failed(failure: Any) -> None:
+        """Send ``sub``'s subscribe on ``conn`` (numbered in the session when one is attached
+        there); its answer decides what comes next (`_subscribed`, `_subscribe_failed`)."""
+        _cancel_retry(sub)
+        sub._attempt += 1
+        attempt = sub._attempt
+        session = conn._session
+        send = None
+        if session is not None:
+            self._session_sent.add(sub)
+            timeout = self._request_timeout
+            if sub._unsure_in is not None and sub._unsure_in == session.state.sid:
+                # A subscribe of this session timed out: the server may hold it, and would
+                # answer this one already_subscribed.  Unsubscribe first (numbered: handled
+                # before the subscribe); either answer will do.
+                session.request(
+                    "unsubscribe", {"channel": sub.channel}, timeout, per_connection=True
+                ).addErrback(lambda _: None)
+
+            # Its deadline runs only while connected, afresh on each connection: the answer
+            # comes after a resume (the resend or the replay), however long the reconnect.
+            def send(type: str, data: Any) -> Deferred[Any]:
+                return session.request(type, data, timeout, per_connection=True)
+
+        sub._unsure_in = None
+        channels_of(conn).attach(sub, send).addCallbacks(
+            lambda _: self._subscribed(sub, attempt, session),
+            lambda failure: self._subscribe_failed(failure, conn, sub, attempt, session),
+        )
+
+    def _current_attempt(self, sub: Subscription, attempt: int) -> bool:
+        # Unsubscribed or given up: ``active`` is False (and the sub out of our list).
+        return sub._attempt == attempt and sub.active and not self._stopping
+
+    def _subscribed(self, sub: Subscription, attempt: int, session: ClientSession | None) -> None:
+        if not self._current_attempt(sub, attempt):
+            return
+        sub._unavailable_since = None  # the next unavailable spell counts from its start
+        sub._unavailable_attempts = 0
+        if session is not None:
+            self._session_sent.discard(sub)
+            self._session_subs.add(sub)  # held by the session: a resume restores it
+
+    def _subscribe_failed(
+        self,
+        failure: Failure,
+        conn: ClientConnection,
+        sub: Subscription,
+        attempt: int,
+        session: ClientSession | None,
+    ) -> None:
+        if not self._current_attempt(sub, attempt):
+            return
+        self._session_sent.discard(sub)
+        error = failure.value
+        if isinstance(error, ServerError):
+            self._unroute(sub)
+            if error.code in RETRIED:
+                self._subscribe_unavailable(sub, error)
+            elif (
+                error.code == "not_subscribed"
+                and session is not None
+                and session.connection is not conn
+            ):
+                # Answered in a resume's replay: the server dropped the subscribe when the
+                # session's connection went, before it was settled.  Not a refusal: send it
+                # again (at most once per connection); if none is up, the next one does.
+                live = self._current
+                if live is not None and live.usable and live._session is session:
+                    self._attach(live, sub)
+            else:  # refused for good: bad_channel, too_many_channels, forbidden...
+                self._give_up(sub, failure)
+        elif isinstance(error, RequestTimeout):
+            # A late answer would leave the server subscribed while we are not: drop the
+            # connection, the next one subscribes again.  A session outlives it and may hold
+            # the subscription: after the resume, unsubscribe first (`_attach`).
             log.warn(
-                "Subscribing to {channel} failed: {why}",
+                "No answer to the subscribe to {channel}: {why}; dropping the connection",
                 channel=sub.channel,
                 why=failure.getErrorMessage(),
             )
+            target = conn
+            if session is not None:
+                sub._unsure_in = session.state.sid
+                target = session.connection
+            if target is not None:
+                target.abort(ConnectionClosed(f"no answer to the subscribe to {sub.channel!r}"))
+        # else ConnectionClosed, SessionLost: the next connection (or session) subscribes again
 
-        channels_of(conn).attach(sub).addErrback(failed)
+    def _subscribe_unavailable(self, sub: Subscription, error: ServerError) -> None:
+        """``unavailable`` (the cluster's broker is down) or ``rate_limited``: subscribe
+        again on this connection, backing off, for ``subscribe_retry_timeout`` seconds from
+        the first such answer (across reconnects; the last try comes at the deadline), then
+        fail: `SubscriptionUnavailable`, or the ``rate_limited`` error itself."""
+        now = self._reactor.seconds()
+        if sub._unavailable_since is None:
+            sub._unavailable_since = now
+            log.warn(
+                "The server cannot subscribe to {channel} now ({why}); retrying for {limit:g}s",
+                channel=sub.channel,
+                why=error.message,
+                limit=self._subscribe_retry_timeout,
+            )
+        sub._unavailable_attempts += 1
+        since, limit = sub._unavailable_since, self._subscribe_retry_timeout
+        elapsed = now - since
+        if elapsed >= limit:
+            if error.code != "unavailable":
+                self._give_up(sub, Failure(error))
+                return
+            gave_up = SubscriptionUnavailable(
+                sub.channel, elapsed, sub._unavailable_attempts, limit
+            )
+            gave_up.__cause__ = error
+            self._give_up(sub, Failure(gave_up))
+            return
+        delay = min(self._backoff(sub._unavailable_attempts), since + limit - now)
+        sub._retry_timer = self._reactor.callLater(delay, self._retry_subscribe, sub)
+
+    def _retry_subscribe(self, sub: Subscription) -> None:
+        sub._retry_timer = None
+        conn = self._current
+        if self._current_attempt(sub, sub._attempt) and conn is not None and conn.usable:
+            self._attach(conn, sub)
+        # else: the next connection subscribes it (neither held nor sent in a session)
+
+    def _give_up(self, sub: Subscription, failure: Failure) -> None:
+        """The subscription failed for good: forget it, and tell whoever waits for it."""
+        sub.active = False
+        _cancel_retry(sub)
+        self._subscriptions = [s for s in self._subscriptions if s is not sub]
+        self._session_subs.discard(sub)
+        self._session_sent.discard(sub)
+        self._unroute(sub)
+        waiters, sub.waiters = sub.waiters, []
+        if not waiters:
+            log.warn(
+                "Subscribing to {channel} again failed, the subscription ends: {why}",
+                channel=sub.channel,
+                why=failure.getErrorMessage(),
+            )
+        for waiter in waiters:
+            waiter.errback(failure)
+
+    def _unroute(self, sub: Subscription) -> None:
+        """The current connection no longer routes ``sub``'s publications."""
+        conn = self._current
+        if conn is not None:
+            channels = channels_of(conn)
+            if channels.subscriptions.get(sub.channel) is sub:
+                del channels.subscriptions[sub.channel]
+
+    def _subscription_lost(self, data: Any, conn: ClientConnection) -> None:
+        """The resumed session could not restore a subscription (its broker was down):
+        subscribe again, with ``since`` (an ``unavailable`` answer is retried, bounded)."""
+        channel = data.get("channel") if isinstance(data, dict) else None
+        sub = next((s for s in self._subscriptions if s.channel == channel and s.active), None)
+        if sub is None:
+            return
+        log.warn(
+            "The session's subscription to {channel} was not restored ({reason}); subscribing "
+            "again",
+            channel=sub.channel,
+            reason=data.get("reason"),
+        )
+        self._session_subs.discard(sub)
+        self._session_sent.discard(sub)
+        self._unroute(sub)
+        live = self._current
+        if live is not None and live.usable:
+            self._attach(live, sub)
+        # else: neither held nor sent, so the next connection subscribes it
 
     def _resubscribe(self, conn: ClientConnection) -> None:
         channels = channels_of(conn)
-        outcome = conn.session_outcome
-        if outcome != "resumed":
-            self._session_subs.clear()  # a new session (or none) holds no subscription
-        for sub in self._subscriptions:
+        resumed = conn.session_outcome == "resumed"
+        if not resumed:  # a new session (or none) holds no subscription
+            self._session_subs.clear()
+            self._session_sent.clear()
+        for sub in list(self._subscriptions):
             if not sub.active:
                 continue
-            if sub in self._session_subs:
-                # The resumed session still has it server-side: route its publications here.
+            if resumed and (sub in self._session_subs or sub in self._session_sent):
+                # The resumed session still has it server-side (or will answer it, by the
+                # resend or the replay): route its publications here; nothing is sent.
                 channels.subscriptions[sub.channel] = sub
             elif sub.channel not in channels.subscriptions:
+                if not resumed:
+                    sub._unsure_in = None
                 self._attach(conn, sub)
-                if outcome is not None:
-                    self._session_subs.add(sub)
 
     def _attempt_failed(self, failure: Failure) -> Failure:
         """Remember why (for our errors), move to the next endpoint, pass the failure on."""
@@ -391,6 +601,7 @@ class ReconnectingClient:
         for type_, handler in self._handlers:
             conn.on(type_, handler)
         conn.on_goaway(self._goaway)
+        conn.on("subscription_lost", self._subscription_lost)
         conn.when_ready().addCallbacks(self._handshake_done, self._handshake_failed)
         self._current = conn
         return conn
@@ -427,3 +638,9 @@ class ReconnectingClient:
         if self.session is not None:  # numbered requests wait in the session, not the connection
             idle.append(self.session.when_idle())
         gatherResults(idle).addCallback(lambda _: conn.close())
+
+
+def _cancel_retry(sub: Subscription) -> None:
+    timer, sub._retry_timer = sub._retry_timer, None
+    if timer is not None and timer.active():
+        timer.cancel()

@@ -127,9 +127,21 @@ class ClientSession:
             for d in waiters:
                 d.callback(None)
 
-    def request(self, type: str, data: Any = OMIT, timeout: float = 10.0) -> Deferred[Any]:
+    def request(
+        self,
+        type: str,
+        data: Any = OMIT,
+        timeout: float = 10.0,
+        *,
+        per_connection: bool = False,
+    ) -> Deferred[Any]:
         """Number and send a request (or keep it for the next connection); it fires with the
-        reply's data, or fails with `RequestTimeout`, `ServerError` or `SessionLost`."""
+        reply's data, or fails with `RequestTimeout`, `ServerError` or `SessionLost`.
+
+        ``timeout`` runs from now, across reconnects; with ``per_connection`` it runs only
+        while the session is attached to a connection, afresh on each one (a subscribe: the
+        time spent reconnecting and resuming must not time it out, its answer comes by the
+        resend or the replay)."""
         if self._ending is not None:  # numbered after session_end: the server has no session
             return _failed(ConnectionClosed("the client is stopping"))
         if len(self.state.unacked) >= self.max_buffered:
@@ -139,22 +151,24 @@ class ClientSession:
                     f"(max_buffered {self.max_buffered})"
                 )
             )
-        return self._send(type, data, timeout)
+        return self._send(type, data, timeout, per_connection)
 
-    def _send(self, type: str, data: Any, timeout: float) -> Deferred[Any]:
+    def _send(
+        self, type: str, data: Any, timeout: float, per_connection: bool = False
+    ) -> Deferred[Any]:
         seq, body = self.state.number(type, data)
-        waiting = _Waiting(seq)
+        waiting = _Waiting(seq, type, timeout, per_connection)
 
         def cancel(_: Deferred[Any]) -> None:
             if self._pending.get(waiting.seq) is waiting:
                 self._forget(waiting)
-            if waiting.timer.active():
-                waiting.timer.cancel()
+            waiting.disarm()
             self._maybe_idle()
 
         d: Deferred[Any] = Deferred(cancel)
         waiting.d = d
-        waiting.timer = self.clock.callLater(timeout, self._timed_out, waiting, type, timeout)
+        if not per_connection or self.connection is not None:
+            self._arm(waiting)
         self._pending[seq] = waiting
         if self.connection is not None:
             self.connection._write(body)
@@ -298,6 +312,15 @@ class ClientSession:
     def _attach(self, conn: ClientConnection) -> None:
         self.connection = conn
         conn._session = self
+        # Per-connection deadlines start afresh (the resend and the replay follow at once).
+        for waiting in list(self._pending.values()):
+            if waiting.per_connection and waiting.timer is None:
+                self._arm(waiting)
+
+    def _arm(self, waiting: _Waiting) -> None:
+        waiting.timer = self.clock.callLater(
+            waiting.timeout, self._timed_out, waiting, waiting.type, waiting.timeout
+        )
 
     def detach(self, conn: ClientConnection) -> None:
         """The connection is gone; the session waits for the next one."""
@@ -306,6 +329,9 @@ class ClientSession:
         if self.connection is conn:
             self.connection = None
             self._cancel_ack_timer()
+            for waiting in self._pending.values():
+                if waiting.per_connection:  # paused until the session is attached again
+                    waiting.disarm()
             ending, self._ending = self._ending, None
             if ending is not None:  # stopping: no resume will bring its answer
                 self._forget_session()
@@ -344,8 +370,7 @@ class ClientSession:
         if type(request_id) is int and request_id in self._pending:
             waiting = self._pending.pop(request_id)
             d = waiting.d
-            if waiting.timer.active():
-                waiting.timer.cancel()
+            waiting.disarm()
             if message.type == "error":
                 d.errback(_server_error(message.data))
             else:
@@ -413,19 +438,20 @@ class ClientSession:
     @staticmethod
     def _fail(pending: dict[int, _Waiting], error: ClientError) -> None:
         for waiting in pending.values():
-            if waiting.timer.active():
-                waiting.timer.cancel()
+            waiting.disarm()
             waiting.d.errback(error)
 
     def _timed_out(self, waiting: _Waiting, type: str, seconds: float) -> None:
         if self._pending.get(waiting.seq) is not waiting:
             return
+        waiting.timer = None
         unsent = waiting.seq > self._written  # no connection within its deadline
         self._forget(waiting)
         if unsent:
             waiting.d.errback(NotConnected(f"not connected within {seconds:g}s"))
         else:
-            waiting.d.errback(RequestTimeout(f"no reply to {type!r} within {seconds:g}s"))
+            where = " on a connection" if waiting.per_connection else ""
+            waiting.d.errback(RequestTimeout(f"no reply to {type!r} within {seconds:g}s{where}"))
         self._maybe_idle()
 
     def _forget(self, waiting: _Waiting) -> None:
@@ -454,14 +480,23 @@ class ClientSession:
 
 class _Waiting:
     """A request of the session waiting for its reply; ``seq`` (its id too) moves down
-    when an earlier request that never left is dropped (`ClientSession._forget`)."""
+    when an earlier request that never left is dropped (`ClientSession._forget`).  Its
+    ``timer`` is None while a ``per_connection`` deadline is paused (detached)."""
 
-    __slots__ = ("d", "seq", "timer")
+    __slots__ = ("d", "per_connection", "seq", "timeout", "timer", "type")
 
-    def __init__(self, seq: int) -> None:
+    def __init__(self, seq: int, type: str, timeout: float, per_connection: bool) -> None:
         self.seq = seq
+        self.type = type
+        self.timeout = timeout
+        self.per_connection = per_connection
         self.d: Deferred[Any]
-        self.timer: IDelayedCall
+        self.timer: IDelayedCall | None = None
+
+    def disarm(self) -> None:
+        timer, self.timer = self.timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
 
 
 def _unanswered(conn: ClientConnection, what: str, failure: Failure) -> str:
