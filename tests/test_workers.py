@@ -177,8 +177,12 @@ def nodes_of(daemon: Daemon, clients: list[Client]) -> dict[str, str]:
         while (reply := client.request("presence", {"channel": "sync"}))["type"] != "presence":
             assert reply["error"]["code"] == "unavailable", reply
             assert time.monotonic() < deadline, reply
+    # The clients may all be on one worker: the one the supervisor asks (worker 0) must be
+    # linked too, or it answers `unavailable` (503), as a busy machine showed.
+    for index in worker_pids(daemon):
+        daemon.wait_for(rf"Cluster node wk-w{index} registered", timeout=20)
     status, body = http(daemon.admin, "GET", "/clients")  # type: ignore[attr-defined]
-    assert status == 200
+    assert status == 200, body
     found = {c["session"]: c["node"] for c in body["clients"]}
     assert wanted <= set(found)
     return found
