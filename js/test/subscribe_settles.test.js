@@ -89,6 +89,30 @@ describe('against the scripted server', () => {
     }
   });
 
+  it('reconnect: false, resumable: after open() resumes, subscribing again to a failed channel works', async () => {
+    const client = await connect(server.url, { ...QUICK, reconnect: false, resumable: true });
+    try {
+      const sub = client.subscribe('news');
+      await sub.ready();
+      const lost = new Promise((resolve) => client.once('disconnected', resolve));
+      server.cut();
+      await lost;
+      const cutError = (await settles(sub.ready(), 'ready() after the cut')).error;
+      assert.ok(cutError instanceof ConnectionError, String(cutError));
+      const resumed = new Promise((resolve) => client.once('resumed', resolve));
+      await client.open();
+      await resumed; // the session (and its subscription to news, on the server) lives on
+      const again = client.subscribe('news');
+      const { value, error } = await settles(again.ready(), 'ready() of the new subscription');
+      assert.equal(error, undefined, String(error)); // not already_subscribed: unsubscribed first
+      assert.equal(value.channel, 'news');
+      const sent = server.log.filter((e) => e.conn === 2 && e.message.channel !== null).map((e) => e.message.type);
+      assert.deepEqual(sent.filter((t) => t === 'unsubscribe' || t === 'subscribe'), ['unsubscribe', 'subscribe']);
+    } finally {
+      await client.close();
+    }
+  });
+
   it('reconnect: false: a subscribe whose connection attempt fails fails too', async () => {
     const gone = server.url;
     await server.stop();
