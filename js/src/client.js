@@ -489,7 +489,8 @@ export class Client extends Emitter {
     const dropped = this._dropped.get(sub.channel);
     this._dropped.delete(sub.channel);
     if (inSession && (sub._unsureEpoch === epoch || dropped === epoch)) {
-      // A subscribe of this session timed out: the server may hold it.  Unsubscribe first
+      // A subscribe of this session timed out, or its subscription failed when the client
+      // stopped connecting (_failSubscriptions): the server may hold it.  Unsubscribe first
       // (numbered: the server handles it before the subscribe), or the subscribe would be
       // answered `already_subscribed`.  Either answer will do.
       this._requestOn(conn, 'unsubscribe', { channel: sub.channel }, this.options.timeout).catch(() => {});
@@ -655,6 +656,7 @@ export class Client extends Emitter {
       // A resumed session still holds its subscriptions: only those never sent in it go out.
       if (sub.active && (outcome !== 'resumed' || sub._sessionEpoch !== this._sessionEpoch)) this._attach(conn, sub);
     }
+    if (outcome === 'resumed') this._unsubscribeDropped(conn);
     this._flushQueue(conn);
     this.emit('connected', { url: this.url, hello: conn.hello, identity: conn.identity });
     this._settleOpen(null);
@@ -764,6 +766,15 @@ export class Client extends Emitter {
       sub._retryTimer = null;
       this._subs.delete(sub.channel);
       sub._failed(error);
+    }
+  }
+
+  /** Resumed: the session's subscriptions that failed meanwhile, not subscribed again, go. */
+  _unsubscribeDropped(conn) {
+    for (const [channel, epoch] of [...this._dropped]) {
+      if (epoch !== this._sessionEpoch || this._subs.has(channel)) continue;
+      this._dropped.delete(channel);
+      this._requestOn(conn, 'unsubscribe', { channel }, this.options.timeout).catch(() => {});
     }
   }
 

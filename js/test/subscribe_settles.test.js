@@ -89,25 +89,34 @@ describe('against the scripted server', () => {
     }
   });
 
-  it('reconnect: false, resumable: after open() resumes, subscribing again to a failed channel works', async () => {
+  it('reconnect: false, resumable: after open() resumes, failed subscriptions are unsubscribed; subscribing again works', async () => {
     const client = await connect(server.url, { ...QUICK, reconnect: false, resumable: true });
     try {
-      const sub = client.subscribe('news');
-      await sub.ready();
+      const news = client.subscribe('news');
+      const other = client.subscribe('other');
+      await Promise.all([news.ready(), other.ready()]);
       const lost = new Promise((resolve) => client.once('disconnected', resolve));
       server.cut();
       await lost;
-      const cutError = (await settles(sub.ready(), 'ready() after the cut')).error;
-      assert.ok(cutError instanceof ConnectionError, String(cutError));
+      for (const sub of [news, other]) {
+        const { error } = await settles(sub.ready(), `ready() of ${sub.channel} after the cut`);
+        assert.ok(error instanceof ConnectionError, String(error));
+      }
+      // The session (and its subscriptions, on the server) lives on: open() resumes it.
       const resumed = new Promise((resolve) => client.once('resumed', resolve));
-      await client.open();
-      await resumed; // the session (and its subscription to news, on the server) lives on
-      const again = client.subscribe('news');
+      const opened = client.open();
+      const again = client.subscribe('news'); // while connecting: sent once resumed
+      await opened;
+      await resumed;
       const { value, error } = await settles(again.ready(), 'ready() of the new subscription');
       assert.equal(error, undefined, String(error)); // not already_subscribed: unsubscribed first
       assert.equal(value.channel, 'news');
-      const sent = server.log.filter((e) => e.conn === 2 && e.message.channel !== null).map((e) => e.message.type);
-      assert.deepEqual(sent.filter((t) => t === 'unsubscribe' || t === 'subscribe'), ['unsubscribe', 'subscribe']);
+      await waitFor(() => !server.session.channels.has('other')); // not resubscribed: unsubscribed
+      const sent = server.log.filter((e) => e.conn === 2).map((e) => [e.message.type, e.message.data?.channel]);
+      assert.deepEqual(
+        sent.filter(([type]) => type === 'unsubscribe' || type === 'subscribe'),
+        [['unsubscribe', 'news'], ['subscribe', 'news'], ['unsubscribe', 'other']],
+      );
     } finally {
       await client.close();
     }
