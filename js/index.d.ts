@@ -27,7 +27,10 @@ export interface ClientOptions extends TlsOptions {
   /** Reconnect delays in ms: full jitter between min and min(max, min * 2^attempt). Defaults 500, 20000. */
   minReconnectDelay?: number;
   maxReconnectDelay?: number;
-  /** Reconnect after a lost connection or a goaway. Default true. */
+  /**
+   * Reconnect after a lost connection or a goaway. Default true. False: once the connection
+   * is lost (or an attempt fails) requests and subscriptions fail with ConnectionError.
+   */
   reconnect?: boolean;
   /** tcp:// and tls:// only: 'int32' (default) or 'seed' (the seed tutorial's servers). */
   framing?: 'int32' | 'seed';
@@ -50,7 +53,8 @@ export interface ClientOptions extends TlsOptions {
   sessionExpiry?: number;
   /**
    * With `resumable`: messages the session keeps until the server acknowledges them; past it
-   * a request rejects (and `send` throws) with QueueFullError. Default 10000.
+   * a request rejects (and `send` throws) with QueueFullError, and a subscribe fails with it
+   * (`ready()` rejects, `state` 'failed'). Default 10000.
    */
   maxBuffered?: number;
   /**
@@ -63,9 +67,10 @@ export interface ClientOptions extends TlsOptions {
   sessionRetryTimeout?: number;
   /**
    * ms a subscription keeps subscribing again (with the reconnect backoff) while the server
-   * answers `unavailable` (its broker is down), from the first such answer; then it fails
-   * with SubscriptionUnavailableError (`ready()` rejects, `state` 'failed', no more tries).
-   * `Infinity`: never gives up. Default 60000.
+   * answers `unavailable` (its broker is down) or `rate_limited` (heartbeatd's per-connection
+   * subscribe budget), from the first such answer; then it fails with
+   * SubscriptionUnavailableError or SubscriptionRateLimitedError, after the last answer
+   * (`ready()` rejects, `state` 'failed', no more tries). `Infinity`: never gives up. Default 60000.
    */
   subscribeRetryTimeout?: number;
 }
@@ -200,7 +205,10 @@ export class Subscription extends Emitter {
   readonly recovered: boolean;
   /**
    * Resolves once subscribed; rejects with the ServerError of a refused subscribe
-   * (SubscriptionUnavailableError after `subscribeRetryTimeout` of `unavailable`).
+   * (SubscriptionUnavailableError or SubscriptionRateLimitedError after
+   * `subscribeRetryTimeout` of `unavailable` or `rate_limited`), QueueFullError (a session's
+   * `maxBuffered`), or ConnectionError (the client was closed, or stopped connecting:
+   * `reconnect: false`, SessionUnavailableError). Then `state` is 'failed'.
    */
   ready(): Promise<SubscribedContext>;
   unsubscribe(): Promise<void>;
@@ -296,6 +304,23 @@ export class SubscriptionUnavailableError extends ServerError {
   /** The subscribeRetryTimeout that ran out, ms. */
   readonly limit: number;
   /** The server's last `unavailable` answer. */
+  readonly cause: ServerError;
+}
+/**
+ * Every subscribe to `channel` was refused (the last as `rate_limited`: heartbeatd's
+ * `channels.subscribe_rate`) for `subscribeRetryTimeout` ms: the subscription failed
+ * (subscribe again to retry). A ServerError with code `rate_limited`.
+ */
+export class SubscriptionRateLimitedError extends ServerError {
+  readonly code: 'rate_limited';
+  readonly channel: string;
+  /** ms from the first refusal to the last. */
+  readonly elapsed: number;
+  /** Subscribes refused. */
+  readonly attempts: number;
+  /** The subscribeRetryTimeout that ran out, ms. */
+  readonly limit: number;
+  /** The server's last `rate_limited` answer. */
   readonly cause: ServerError;
 }
 export class QueueFullError extends ClientError {

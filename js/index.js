@@ -11,6 +11,7 @@ export {
   ServerError,
   SessionLost,
   SessionUnavailableError,
+  SubscriptionRateLimitedError,
   SubscriptionUnavailableError,
   TimeoutError,
 } from './src/errors.js';

@@ -23,6 +23,7 @@ import {
   ServerError,
   SessionLost,
   SessionUnavailableError,
+  SubscriptionRateLimitedError,
   SubscriptionUnavailableError,
   TimeoutError,
 } from './errors.js';
@@ -152,6 +153,8 @@ export class Client extends Emitter {
     /** Requests numbered in the session, by id: they wait for their reply across reconnects. */
     this._sessionPending = new Map();
     this._sessionIdleWaiters = [];
+    /** Channels of subscriptions failed while the session (of this epoch) may hold them. */
+    this._dropped = new Map();
     /** When the first of the attempts answered `unavailable` in a row was refused (now()). */
     this._unavailableSince = null;
     this._unavailableAttempts = 0;
@@ -451,6 +454,12 @@ export class Client extends Emitter {
     const conn = this.connection;
     if (this._live(conn)) this._attach(conn, sub);
     else if (this.state === 'idle') this._attempt();
+    else if (this.state === 'disconnected' && this._retryTimer === null) {
+      // Nothing would send it (reconnect: false, or it gave up on an unavailable session
+      // store) until open() is called: it fails now, as a request would.
+      this._subs.delete(channel);
+      sub._failed(new ConnectionError(`not connected (${this._stopped()}): call open(), then subscribe`, { cause: this.lastError }));
+    }
     return sub;
   }
 
@@ -477,8 +486,11 @@ export class Client extends Emitter {
     sub._sessionEpoch = inSession ? epoch : null;
     const current = () =>
       this._subs.get(sub.channel) === sub && sub.active && (inSession ? this._sessionEpoch === epoch : this.connection === conn);
-    if (inSession && sub._unsureEpoch === epoch) {
-      // A subscribe of this session timed out: the server may hold it.  Unsubscribe first
+    const dropped = this._dropped.get(sub.channel);
+    this._dropped.delete(sub.channel);
+    if (inSession && (sub._unsureEpoch === epoch || dropped === epoch)) {
+      // A subscribe of this session timed out, or its subscription failed when the client
+      // stopped connecting (_failSubscriptions): the server may hold it.  Unsubscribe first
       // (numbered: the server handles it before the subscribe), or the subscribe would be
       // answered `already_subscribed`.  Either answer will do.
       this._requestOn(conn, 'unsubscribe', { channel: sub.channel }, this.options.timeout).catch(() => {});
@@ -494,8 +506,8 @@ export class Client extends Emitter {
       },
       (error) => {
         if (!current()) return;
-        if (error instanceof ServerError && error.code === 'unavailable') {
-          this._subscribeUnavailable(sub, error, current);
+        if (error instanceof ServerError && (error.code === 'unavailable' || error.code === 'rate_limited')) {
+          this._subscribeRefused(sub, error, current);
         } else if (inSession && error instanceof ServerError && error.code === 'not_subscribed' && this._sessionConn !== conn) {
           // Answered after a resume: the server dropped the subscribe when the session's
           // connection went, before it was settled (heartbeatd: "unsubscribed meanwhile").
@@ -517,17 +529,25 @@ export class Client extends Emitter {
             sub._unsureEpoch = epoch;
           }
           (inSession ? this._sessionConn : conn)?.abort(new ConnectionError(`subscribing to ${sub.channel} timed out`));
-        } // a ConnectionError: the next connection subscribes again
+        } else if (!(error instanceof ConnectionError)) {
+          // Refused before it left: QueueFullError (a session holds maxBuffered unacked
+          // messages), MessageTooLargeError.  A request fails at once with these, and nothing
+          // here would send the subscribe again before the session is lost: fail it too.
+          this._subs.delete(sub.channel);
+          sub._failed(error);
+        } // a ConnectionError: the next connection subscribes again (reconnect: false: _lost fails it)
       },
     );
   }
 
   /**
-   * A subscribe answered `unavailable` (the cluster's broker is down): try again on this
-   * connection, backing off, but not for ever: after `subscribeRetryTimeout` ms of nothing but
-   * `unavailable` (from the first, across reconnects) the subscription fails.
+   * A subscribe answered `unavailable` (the cluster's broker is down) or `rate_limited` (the
+   * daemon's per-connection subscribe budget, a token bucket that refills by itself; it sends
+   * no retry-after hint): try again on this connection, backing off, but not for ever: after
+   * `subscribeRetryTimeout` ms of nothing but these refusals (from the first, across
+   * reconnects) the subscription fails, with the typed error of the last one.
    */
-  _subscribeUnavailable(sub, error, current) {
+  _subscribeRefused(sub, error, current) {
     const t = now();
     sub._unavailableSince ??= t;
     sub._unavailableAttempts = (sub._unavailableAttempts ?? 0) + 1;
@@ -536,7 +556,8 @@ export class Client extends Emitter {
     const elapsed = t - sub._unavailableSince;
     if (elapsed >= limit) {
       this._subs.delete(sub.channel);
-      sub._failed(new SubscriptionUnavailableError(sub.channel, elapsed, sub._unavailableAttempts, limit, error));
+      const GaveUp = error.code === 'rate_limited' ? SubscriptionRateLimitedError : SubscriptionUnavailableError;
+      sub._failed(new GaveUp(sub.channel, elapsed, sub._unavailableAttempts, limit, error));
       return;
     }
     sub.emit('error', error);
@@ -635,6 +656,7 @@ export class Client extends Emitter {
       // A resumed session still holds its subscriptions: only those never sent in it go out.
       if (sub.active && (outcome !== 'resumed' || sub._sessionEpoch !== this._sessionEpoch)) this._attach(conn, sub);
     }
+    if (outcome === 'resumed') this._unsubscribeDropped(conn);
     this._flushQueue(conn);
     this.emit('connected', { url: this.url, hello: conn.hello, identity: conn.identity });
     this._settleOpen(null);
@@ -673,8 +695,10 @@ export class Client extends Emitter {
     if (this._failFast || !this.options.reconnect) {
       this.state = 'disconnected';
       this._settleOpen(error);
-      this._rejectQueue(new ConnectionError(`could not connect: ${error.message}`, { cause: error }));
+      const failed = new ConnectionError(`could not connect: ${error.message}`, { cause: error });
+      this._rejectQueue(failed);
       if (this._failFast) this.close();
+      else this._failSubscriptions(failed);
       return;
     }
     this._schedule();
@@ -696,6 +720,7 @@ export class Client extends Emitter {
     this.emit('error', error);
     this._settleOpen(error);
     this._rejectQueue(error);
+    this._failSubscriptions(error);
   }
 
   _lost(conn, reason) {
@@ -721,9 +746,41 @@ export class Client extends Emitter {
       const error = new ConnectionError(`disconnected: ${reason.message}`, { cause: reason });
       this._rejectQueue(error);
       this._rejectSessionPending(error);
+      this._failSubscriptions(error);
       return;
     }
     this._schedule();
+  }
+
+  /**
+   * The client stopped connecting (reconnect: false): no subscription would be sent again, so
+   * each fails with `error` (a ConnectionError).  One a session held may still be held there:
+   * a later subscribe to its channel in that session unsubscribes first.
+   */
+  _failSubscriptions(error) {
+    const held = this._session.started;
+    for (const sub of [...this._subs.values()]) {
+      if (!sub.active) continue;
+      if (held) this._dropped.set(sub.channel, this._sessionEpoch);
+      clearTimeout(sub._retryTimer);
+      sub._retryTimer = null;
+      this._subs.delete(sub.channel);
+      sub._failed(error);
+    }
+  }
+
+  /** Resumed: the session's subscriptions that failed meanwhile, not subscribed again, go. */
+  _unsubscribeDropped(conn) {
+    for (const [channel, epoch] of [...this._dropped]) {
+      if (epoch !== this._sessionEpoch || this._subs.has(channel)) continue;
+      this._dropped.delete(channel);
+      this._requestOn(conn, 'unsubscribe', { channel }, this.options.timeout).catch(() => {});
+    }
+  }
+
+  /** Why a disconnected client with no retry planned is not connecting. */
+  _stopped() {
+    return this.lastError instanceof SessionUnavailableError ? 'gave up on an unavailable session store' : 'reconnect is off';
   }
 
   _schedule() {
@@ -855,6 +912,7 @@ export class Client extends Emitter {
     this._sessionConn = null;
     this._sessionEpoch += 1;
     this._rejectSessionPending(new SessionLost(reason));
+    this._dropped.clear();
     for (const sub of this._subs.values()) sub._disconnected();
     this.emit('session_lost', error === undefined ? { session, reason } : { session, reason, error });
   }

@@ -133,3 +133,34 @@ export class SubscriptionUnavailableError extends ServerError {
     return `SubscriptionUnavailableError: ${this.message}`;
   }
 }
+
+/**
+ * The server answered every subscribe to `channel` with `rate_limited` (heartbeatd's
+ * per-connection subscribe budget, `channels.subscribe_rate` and `channels.subscribe_burst`,
+ * which refills by itself: the client asks again with the reconnect backoff) for
+ * `subscribeRetryTimeout` ms: the subscription failed (its `ready()` rejects with this,
+ * `state` is 'failed') and no more subscribes are sent for it.  A ServerError, code
+ * `rate_limited`, as the refusal it ends with; subscribe again to retry.
+ */
+export class SubscriptionRateLimitedError extends ServerError {
+  constructor(channel, elapsed, attempts, limit, cause) {
+    super(
+      'rate_limited',
+      `the server refused every subscribe to ${channel} (the last as "rate_limited") for ${Math.round(elapsed)} ms ` +
+        `(${attempts} attempts; subscribeRetryTimeout is ${limit} ms): gave up`,
+    );
+    this.name = 'SubscriptionRateLimitedError';
+    this.cause = cause;
+    this.channel = channel;
+    /** ms from the first refusal to the last. */
+    this.elapsed = elapsed;
+    /** Subscribes refused (`rate_limited` or `unavailable`). */
+    this.attempts = attempts;
+    /** The `subscribeRetryTimeout` that ran out, ms. */
+    this.limit = limit;
+  }
+
+  toString() {
+    return `SubscriptionRateLimitedError: ${this.message}`;
+  }
+}

@@ -133,6 +133,11 @@ export class Subscription extends Emitter {
   }
 
   _ended(error) {
+    if (this.active) {
+      // The client was closed: ready() rejects with why from now on.
+      this.state = 'failed';
+      this._failure = error;
+    }
     this._early = null;
     clearTimeout(this._retryTimer);
     this._retryTimer = null;
