@@ -145,6 +145,27 @@ def test_sweep_handles_due_clients_in_batches(clock: Clock, registry: HandlerReg
     assert factory.heartbeat.pings_sent == 5
 
 
+def test_after_sweep_runs_once_a_sweep_is_done_and_its_failure_stops_nothing(
+    clock: Clock, registry: HandlerRegistry
+) -> None:
+    """The daemon gives back the memory a sweep freed there (malloc.*): once per sweep, after
+    its last batch, whatever it raises."""
+    factory = started(clock, registry, sweep_batch=2)
+    peers = [Peer(factory, 10 + i) for i in range(5)]
+    seen: list[int] = []
+
+    def after() -> None:
+        seen.append(factory.heartbeat.pings_sent)
+        raise RuntimeError("boom")
+
+    factory.heartbeat.after_sweep = after
+    clock.advance(10)
+    assert seen == [5]  # after the third batch, not after each
+    clock.advance(10)  # silent still: each is pinged again
+    assert seen == [5, 10] and factory.heartbeat.running
+    assert all(len(pings(p)) == 2 for p in peers)
+
+
 def test_sweep_touches_only_due_clients(clock: Clock, registry: HandlerRegistry) -> None:
     factory = started(clock, registry)
     peers = [Peer(factory, i) for i in range(100)]

@@ -150,3 +150,36 @@ def test_the_daemon_sets_them_and_answers_large_echoes_without_page_faults(
             faults = _minor_faults(daemon.process.pid) - before
     # Without the thresholds, each echo took about 190 faults (three 256 KiB blocks).
     assert faults < 200, faults
+
+
+#: 40 MiB freed at the heap's top stays there under trim_threshold (64 MiB); malloc_trim gives
+#: it back. Prints RSS in MiB: after the free, then after give_back_free_memory (and its answer).
+GIVE_BACK = """
+import sys
+from heartbeatd.config import MallocConfig
+from heartbeatd.daemon.malloc import give_back_free_memory, tune_malloc
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 // 2**20
+if sys.argv[1] == "tuned":
+    tune_malloc(MallocConfig(), environ={})
+blocks = [bytearray(256 * 1024) for _ in range(160)]
+del blocks
+kept = rss()
+print(kept, give_back_free_memory(), rss())
+"""
+
+
+@glibc_only
+@pytest.mark.parametrize("mode", ["tuned", "plain"])
+def test_what_a_sweep_freed_is_given_back_while_the_thresholds_keep_it(mode: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env.pop("GLIBC_TUNABLES", None)
+    out = subprocess.run(
+        [sys.executable, "-c", GIVE_BACK, mode], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    kept, gave, after = out.stdout.split()
+    if mode == "tuned":  # kept in the heap until given back
+        assert (gave, int(kept) - int(after) >= 30) == ("True", True), out.stdout
+    else:  # glibc's own thresholds: the blocks were mapped and went back when freed
+        assert gave == "False" and int(kept) - int(after) < 5, out.stdout

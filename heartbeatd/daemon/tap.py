@@ -18,7 +18,7 @@ from heartbeatd.config import Config, ConfigError, private_unix_endpoint
 from heartbeatd.daemon.config import load_config
 from heartbeatd.daemon.fdlimit import raise_open_file_limit
 from heartbeatd.daemon.logs import set_destination, set_format
-from heartbeatd.daemon.malloc import tune_malloc
+from heartbeatd.daemon.malloc import give_back_free_memory, tune_malloc
 from heartbeatd.daemon.reload import Reloader
 from heartbeatd.daemon.sdnotify import Notifier
 from heartbeatd.daemon.service import ServerService
@@ -312,6 +312,7 @@ def _factory(factory_type: type[ServerFactoryT], options: Options, reactor: Any)
         broker = RedisBroker(reactor, config.cluster, config.channels)
     factory = factory_type(config, options.registry, reactor, broker)
     factory.noisy = False  # no "Starting factory <...ServerFactory object at 0x...>" lines
+    factory.heartbeat.after_sweep = give_back_free_memory  # a no-op unless malloc.* is set
     factory.authenticator = options.authenticator
     factory.token_verifier = load_token_verifier(config.auth)
     return factory

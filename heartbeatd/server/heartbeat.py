@@ -76,6 +76,7 @@ class HeartbeatMonitor:
         frame_timeout: float = 60.0,
         first_frame_timeout: float = 0.0,
         on_sweep: Callable[[], object] | None = None,
+        after_sweep: Callable[[], object] | None = None,
     ) -> None:
         self._clients = clients
         self._clock = clock
@@ -86,6 +87,9 @@ class HeartbeatMonitor:
         self.frame_timeout = frame_timeout
         self.first_frame_timeout = first_frame_timeout
         self._on_sweep = on_sweep
+        #: Called once each sweep's last batch is done (the daemon gives back the memory the
+        #: sweep freed: heartbeatd.daemon.malloc.give_back_free_memory).
+        self.after_sweep = after_sweep
         self._loop: LoopingCall | None = None
         #: Connections that have not sent a frame yet, oldest first.  Their start is their
         #: ``last_seen`` (set on connect, and moved only by a frame, which ends the wait), so
@@ -293,4 +297,9 @@ class HeartbeatMonitor:
         if end < len(due):
             clock.callLater(0, self._run_batch, due, end, frame, done)
         else:
+            if self.after_sweep is not None:
+                try:
+                    self.after_sweep()
+                except Exception:
+                    log.failure("The after-sweep step failed; the sweep goes on")
             done.callback(None)
