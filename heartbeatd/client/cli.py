@@ -776,7 +776,7 @@ async def presence(ctx: Context) -> int:
 
 
 #: Pause before asking again when a re-subscribe is answered ``unavailable`` (a cluster whose
-#: Redis is coming back), doubled up to the cap.
+#: Redis is coming back), doubled up to the cap; for ``--reconnect-timeout`` seconds at most.
 RESUBSCRIBE_RETRY = (0.5, 5.0)
 
 

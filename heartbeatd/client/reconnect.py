@@ -27,7 +27,8 @@ never with Twisted's own connection errors.  ``subscribe`` fails with the server
 `ServerError` when it refuses, and with `SubscriptionUnavailable` after answering
 ``unavailable`` for ``subscribe_retry_timeout`` seconds (retried with backoff until then); a
 subscribe's ``request_timeout`` counts only while connected (in a session, afresh on each
-connection).
+connection); ``stop`` fails the subscribes still waiting with `ConnectionClosed`.  In a
+session, ``unsubscribe`` is numbered: made while disconnected, the resume sends it.
 """
 
 from __future__ import annotations
