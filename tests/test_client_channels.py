@@ -421,3 +421,22 @@ def test_stop_fails_the_subscribes_still_waiting_and_a_restart_sends_only_the_he
     clock.advance(1)
     endpoint.flush()
     assert asked == ["news"]  # the failed one is forgotten
+
+
+def test_a_session_unsubscribe_made_while_disconnected_reaches_the_server(clock: Clock) -> None:
+    factory = server(clock)
+    client, endpoint = resumable(factory, clock)
+    got: list[int] = []
+    successful = client.subscribe("news", lambda data, offset, sub: got.append(offset))
+    endpoint.flush()
+    successResultOf(successful)
+    drop(endpoint, clock)
+    done = client.unsubscribe("news")
+    assertNoResult(done)
+    clock.advance(1)  # reconnects; the resume sends the unsubscribe
+    endpoint.flush()
+    successResultOf(done)
+    assert factory.channels.subscription_count() == 0
+    publish(factory, "a")
+    endpoint.flush()
+    assert got == []
