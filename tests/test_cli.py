@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 from daemon import Daemon
+from helpers import parse_frames
 from test_admin import ADMIN, http
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.error import ConnectionDone, DNSLookupError
@@ -197,6 +198,52 @@ def test_ctrl_c_during_a_request_is_130() -> None:
     assert result == []  # the request is in flight
     interrupt.fire()
     assert result == [130] and err.getvalue() == "heartbeat: interrupted\n"
+
+
+def test_subscribe_gives_up_on_unavailable_after_reconnect_timeout() -> None:
+    """A re-subscribe answered ``unavailable`` is retried, but not for ever: for
+    ``--reconnect-timeout`` seconds from the first such answer (like the library's
+    ``subscribe_retry_timeout``), the last try at the deadline; then exit 1."""
+    reactor, result, _out, err, attempts = start(
+        ["subscribe", "127.0.0.1:9000", "news", "--reconnect-timeout", "3"]
+    )
+
+    def accept() -> tuple[Any, StringTransport]:
+        protocol = attempts[-1][2].buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(frame(HELLO))
+        return protocol, transport
+
+    def answer(protocol: Any, transport: StringTransport, **reply: Any) -> None:
+        (ask,) = parse_frames(transport.value())
+        transport.clear()
+        assert ask["type"] == "subscribe"
+        protocol.dataReceived(frame({"type": "subscribe", "id": ask["id"], **reply}))
+
+    protocol, transport = accept()
+    answer(protocol, transport, data={"epoch": "e", "offset": 0})
+    protocol.connectionLost(Failure(ConnectionDone("gone")))
+    reactor.advance(0)  # reconnects at once (no goaway window)
+    protocol, transport = accept()
+    unavailable = {"code": "unavailable", "message": "the broker is down"}
+    tries = 0
+    while not result:
+        for ask in parse_frames(transport.value()):
+            assert ask["type"] == "subscribe"
+            protocol.dataReceived(frame({"type": "error", "id": ask["id"], "error": unavailable}))
+            tries += 1
+        transport.clear()
+        if not result:
+            reactor.advance(0.5)
+        assert reactor.seconds() < 10, err.getvalue()  # before the bound: for ever
+    assert result == [1] and reactor.seconds() == 3
+    assert tries == 4  # at 0, 0.5, 1.5 (the pause doubles) and 3 (the deadline, not 3.5)
+    last = err.getvalue().splitlines()[-1]
+    assert last == (
+        "heartbeat: server error unavailable: the broker is down (every subscribe to news "
+        "for 3s; --reconnect-timeout is 3s)"
+    )
 
 
 # -- the real command against a real daemon -------------------------------------------------------

@@ -11,7 +11,7 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.task import Clock
 from zope.interface import implementer
 
-from heartbeatd.client.errors import ServerError, SubscriptionUnavailable
+from heartbeatd.client.errors import ConnectionClosed, ServerError, SubscriptionUnavailable
 from heartbeatd.client.reconnect import ReconnectingClient
 from heartbeatd.server.factory import ServerFactory
 from heartbeatd.testing import ServerClientPair
@@ -394,3 +394,49 @@ def test_a_rate_limited_subscribe_is_retried_with_backoff_not_given_up(clock: Cl
         endpoint.flush()
     assert successResultOf(second).channel == "sport"
     assert factory.channels.subscription_count() == 2
+
+
+def test_stop_fails_the_subscribes_still_waiting_and_a_restart_sends_only_the_held_ones(
+    clock: Clock,
+) -> None:
+    """A subscribe whose Deferred has not fired (here: retrying ``unavailable``) fails at
+    `stop` with `ConnectionClosed`, as a waiting request does; one the server accepted is
+    nobody's wait, so nothing fails (nor is logged) for it, and a restart subscribes it again."""
+    factory = server(clock)
+    client, endpoint = reconnecting(factory, clock)
+    held = client.subscribe("news", lambda *a: None)
+    endpoint.flush()
+    successResultOf(held)
+    factory.channels.broker.up = False
+    waiting = client.subscribe("sport", lambda *a: None)
+    endpoint.flush()
+    assertNoResult(waiting)
+    client.stop()
+    endpoint.flush()
+    error = failureResultOf(waiting, ConnectionClosed).value
+    assert "stopped before the subscribe to 'sport'" in str(error)
+    factory.channels.broker.up = True
+    asked = counting_subscribes(factory)
+    client.start()
+    clock.advance(1)
+    endpoint.flush()
+    assert asked == ["news"]  # the failed one is forgotten
+
+
+def test_a_session_unsubscribe_made_while_disconnected_reaches_the_server(clock: Clock) -> None:
+    factory = server(clock)
+    client, endpoint = resumable(factory, clock)
+    got: list[int] = []
+    successful = client.subscribe("news", lambda data, offset, sub: got.append(offset))
+    endpoint.flush()
+    successResultOf(successful)
+    drop(endpoint, clock)
+    done = client.unsubscribe("news")
+    assertNoResult(done)
+    clock.advance(1)  # reconnects; the resume sends the unsubscribe
+    endpoint.flush()
+    successResultOf(done)
+    assert factory.channels.subscription_count() == 0
+    publish(factory, "a")
+    endpoint.flush()
+    assert got == []

@@ -18,6 +18,7 @@ from zope.interface import implementer
 
 from heartbeatd.client import (
     ClientConnection,
+    ClientError,
     ConnectionClosed,
     NotConnected,
     RequestTimeout,
@@ -810,3 +811,122 @@ def test_a_plain_subscribe_unanswered_drops_the_connection_and_the_next_one_subs
     assert again["type"] == "subscribe" and again["data"] == {"channel": "news"}
     peer2.send({"type": "subscribe", "id": again["id"], "data": {"epoch": "e", "offset": 0}})
     assert successResultOf(subscribed).channel == "news"
+
+
+# -- stop and unsubscribe settle what waits; an unsubscribe reaches a session's server ---------
+
+
+def test_stop_fails_a_session_subscribe_still_waiting_for_its_answer(clock: Clock) -> None:
+    client, _endpoint, _, peer = first_connection(clock)
+    held = client.subscribe("news", lambda *a: None)
+    (ask,) = peer.written()
+    answer_subscribe(peer, ask, seq=1)
+    successResultOf(held)
+    waiting = client.subscribe("sport", lambda *a: None)
+    peer.written()
+    stopped = client.stop()
+    error = failureResultOf(waiting, ConnectionClosed).value
+    assert "stopped before the subscribe to 'sport'" in str(error)
+    peer.drop()
+    successResultOf(stopped)
+
+
+def test_stop_fails_a_subscribe_made_while_disconnected(clock: Clock) -> None:
+    client, _endpoint, _, peer = first_connection(clock)
+    peer.drop()
+    waiting = client.subscribe("news", lambda *a: None)
+    assertNoResult(waiting)
+    successResultOf(client.stop())
+    failureResultOf(waiting, ConnectionClosed)
+
+
+def held_subscription(clock: Clock) -> tuple[ReconnectingClient, FakeEndpoint, list, list]:
+    """A session client subscribed to news (offset 0), its connection just dropped."""
+    client, endpoint, events, peer = first_connection(clock)
+    pubs: list = []
+    subscribed = client.subscribe("news", lambda data, offset, sub: pubs.append(offset))
+    (ask,) = peer.written()
+    answer_subscribe(peer, ask, seq=1)
+    successResultOf(subscribed)
+    peer.drop()
+    return client, endpoint, events, pubs
+
+
+def reconnect_accept(clock: Clock, endpoint: FakeEndpoint) -> Peer:
+    clock.advance(0.5)  # the backoff
+    return endpoint.accept()
+
+
+def test_an_unsubscribe_while_disconnected_is_sent_by_the_resume(clock: Clock) -> None:
+    client, endpoint, _, pubs = held_subscription(clock)
+    done = client.unsubscribe("news")
+    assertNoResult(done)  # the resumed session would still hold it: the server must hear it
+    clock.advance(20)  # a long outage does not time it out: its deadline runs while connected
+    peer2 = endpoint.accept()
+    resume(peer2, ack=1)
+    (unsub,) = peer2.written()
+    assert (unsub["type"], unsub["data"], unsub["seq"]) == ("unsubscribe", {"channel": "news"}, 2)
+    # Published before the server handled it: not delivered, it is unsubscribed here.
+    peer2.send({"type": "publication", "seq": 2, "data": {"channel": "news", "offset": 1}})
+    assertNoResult(done)
+    peer2.send({"type": "unsubscribe", "id": unsub["id"], "seq": 3, "ack": 2, "data": {}})
+    assert successResultOf(done) == {}
+    assert pubs == []
+
+
+def test_an_unsubscribe_then_a_subscribe_while_disconnected_reach_the_server_in_order(
+    clock: Clock,
+) -> None:
+    client, endpoint, _, _pubs = held_subscription(clock)
+    done = client.unsubscribe("news")
+    again = client.subscribe("news", lambda *a: None)
+    peer2 = reconnect_accept(clock, endpoint)
+    resume(peer2, ack=1)
+    unsub, sub = peer2.written()
+    assert [(m["type"], m["seq"]) for m in (unsub, sub)] == [("unsubscribe", 2), ("subscribe", 3)]
+    peer2.send({"type": "unsubscribe", "id": unsub["id"], "seq": 2, "ack": 2, "data": {}})
+    answer_subscribe(peer2, sub, seq=3)
+    assert successResultOf(done) == {} and successResultOf(again).channel == "news"
+
+
+def test_an_unsubscribe_waiting_for_a_lost_session_fires_the_server_forgot_it(
+    clock: Clock,
+) -> None:
+    client, endpoint, events, _pubs = held_subscription(clock)
+    done = client.unsubscribe("news")
+    peer2 = reconnect_accept(clock, endpoint)
+    (ask,) = peer2.written()
+    peer2.send({"type": "resume", "id": ask["id"], "data": {"resumed": False, "reason": "expired"}})
+    assert successResultOf(done) is None
+    assert events[-1] == {"event": "session_lost", "reason": "expired"}
+    (start,) = peer2.written()
+    assert start["type"] == "session"  # and nothing for news in the new session
+    peer2.send({"type": "session", "id": start["id"], "data": {"session": "sid2", "key": KEY}})
+    assert peer2.written() == []
+
+
+def test_an_unsubscribe_waiting_at_stop_fires(clock: Clock) -> None:
+    client, _endpoint, _, _pubs = held_subscription(clock)
+    done = client.unsubscribe("news")
+    successResultOf(client.stop())  # the session ends: the server no longer holds news for us
+    assert successResultOf(done) is None
+
+
+def test_an_unsubscribe_unanswered_on_a_connection_fails_with_request_timeout(
+    clock: Clock,
+) -> None:
+    client, endpoint, _, _pubs = held_subscription(clock)
+    done = client.unsubscribe("news")
+    peer2 = reconnect_accept(clock, endpoint)
+    resume(peer2, ack=1)
+    peer2.written()
+    clock.advance(10)  # request_timeout on this connection
+    failureResultOf(done, RequestTimeout)
+
+
+def test_an_unsubscribe_fails_the_subscribe_still_waiting_for_its_answer(clock: Clock) -> None:
+    client, _endpoint, _ = make_client(clock)  # never connected
+    waiting = client.subscribe("news", lambda *a: None)
+    assert successResultOf(client.unsubscribe("news")) is None
+    error = failureResultOf(waiting, ClientError).value
+    assert "unsubscribed from 'news'" in str(error)

@@ -418,7 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive,
         default=60.0,
         metavar="SECONDS",
-        help="give up (exit 3) if no reconnect succeeded by then (default 60)",
+        help="give up (exit 3) if no reconnect succeeded by then, or (exit 1) if the server "
+        "answered unavailable to every subscribe again for that long (default 60)",
     )
     pub = command(
         "publish",
@@ -775,7 +776,7 @@ async def presence(ctx: Context) -> int:
 
 
 #: Pause before asking again when a re-subscribe is answered ``unavailable`` (a cluster whose
-#: Redis is coming back), doubled up to the cap.
+#: Redis is coming back), doubled up to the cap; for ``--reconnect-timeout`` seconds at most.
 RESUBSCRIBE_RETRY = (0.5, 5.0)
 
 
@@ -812,6 +813,7 @@ async def subscribe(ctx: Context) -> int:
         sub.epoch, sub.offset = args.since
     conn = await connect_any(ctx, targets)
     first, retry = True, RESUBSCRIBE_RETRY[0]
+    unavailable_since: float | None = None  # the first unavailable answer of this spell
     while True:
         end: Deferred[str] = Deferred()
         ended.append(end)
@@ -825,8 +827,22 @@ async def subscribe(ctx: Context) -> int:
             if first or e.code != "unavailable":
                 conn.close()
                 raise CliError(EXIT_SERVER_ERROR, f"server error {e.code}: {e.message}") from None
-            ctx.note(f"subscribing to {channel} again: {e.message}; retrying in {retry:g}s")
-            interrupted, _ = await ctx.interrupt.until(ctx.sleep(retry))
+            # Bounded like the library's subscribe_retry_timeout: --reconnect-timeout from
+            # the first unavailable answer (across reconnects), the last try at the deadline.
+            now = ctx.reactor.seconds()
+            if unavailable_since is None:
+                unavailable_since = now
+            elapsed, limit = now - unavailable_since, args.reconnect_timeout
+            if elapsed >= limit:
+                conn.close()
+                raise CliError(
+                    EXIT_SERVER_ERROR,
+                    f"server error {e.code}: {e.message} (every subscribe to {channel} for "
+                    f"{elapsed:g}s; --reconnect-timeout is {limit:g}s)",
+                ) from None
+            wait = min(retry, unavailable_since + limit - now)
+            ctx.note(f"subscribing to {channel} again: {e.message}; retrying in {wait:g}s")
+            interrupted, _ = await ctx.interrupt.until(ctx.sleep(wait))
             retry = min(retry * 2, RESUBSCRIBE_RETRY[1])
             if interrupted:
                 conn.close()
@@ -846,7 +862,7 @@ async def subscribe(ctx: Context) -> int:
             if interrupted:
                 conn.close()
                 return EXIT_OK
-            retry = RESUBSCRIBE_RETRY[0]
+            retry, unavailable_since = RESUBSCRIBE_RETRY[0], None
             where = f"{sub.epoch}:{sub.offset}"
             if asked is None:
                 ctx.note(f"subscribed to {channel} at {where}")

@@ -397,7 +397,8 @@ class Pool:
         ``Pool(..., resumable=True)`` it keeps a resumable session: after a reconnect it
         resumes (nothing is subscribed again, nothing missed or repeated), see `on_session`.
         The result fails with the server's `ServerError` when it refuses the subscription,
-        or with `SubscriptionUnavailable` after 60 s of ``unavailable`` answers.
+        with `SubscriptionUnavailable` after 60 s of ``unavailable`` answers, or with
+        `ConnectionClosed` when `close` comes first (`ReconnectingClient.stop`).
         """
         if self._closed:
             return fail(PoolClosed("the pool is closed"))

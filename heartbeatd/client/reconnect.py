@@ -27,7 +27,8 @@ never with Twisted's own connection errors.  ``subscribe`` fails with the server
 `ServerError` when it refuses, and with `SubscriptionUnavailable` after answering
 ``unavailable`` for ``subscribe_retry_timeout`` seconds (retried with backoff until then); a
 subscribe's ``request_timeout`` counts only while connected (in a session, afresh on each
-connection).
+connection); ``stop`` fails the subscribes still waiting with `ConnectionClosed`.  In a
+session, ``unsubscribe`` is numbered: made while disconnected, the resume sends it.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ from heartbeatd.client.errors import (
     NotConnected,
     RequestTimeout,
     ServerError,
+    SessionLost,
     SubscriptionUnavailable,
 )
 from heartbeatd.client.session import DEFAULT_END_TIMEOUT, ClientSession, SessionEvent
@@ -192,10 +194,25 @@ class ReconnectingClient:
         """Stop reconnecting and close.  A session acknowledges what it received, fails its
         waiting requests with `ConnectionClosed`, and ends itself on the server (a numbered
         ``session_end``, waiting up to ``session_end_timeout`` seconds for its answer), so
-        it does not hold one of the identity's sessions until it expires."""
+        it does not hold one of the identity's sessions until it expires.
+
+        A `subscribe` whose Deferred has not fired yet (no answer, or retrying
+        ``unavailable``) fails with `ConnectionClosed`, as a waiting request does, and is
+        forgotten.  Subscriptions the server accepted stay: a later `start` subscribes them
+        again (with ``since``)."""
         self._stopping = True
-        for sub in self._subscriptions:
+        for sub in list(self._subscriptions):
             _cancel_retry(sub)
+            if sub.waiters:  # only a Deferred someone holds: nothing is logged for the rest
+                self._give_up(
+                    sub,
+                    Failure(
+                        ConnectionClosed(
+                            f"the client was stopped before the subscribe to {sub.channel!r} "
+                            "was answered"
+                        )
+                    ),
+                )
         if self.session is None:
             return self.service.stopService()
         ended = self.session.close(end_timeout=self._session_end_timeout)
@@ -362,22 +379,80 @@ class ReconnectingClient:
         first: Deferred[Subscription] = Deferred()
         sub.waiters.append(first)
         conn = self._current
-        if conn is not None and conn.usable:
+        if conn is not None and conn.usable and not self._stopping:
             self._attach(conn, sub)
+        # else: the next connection (after `start`, once stopped) subscribes it
         return first
 
     def unsubscribe(self, channel: str) -> Deferred[Any]:
-        """Stop a subscription here and on every future connection."""
-        for sub in [s for s in self._subscriptions if s.channel == channel]:
+        """Stop a subscription here and on every future connection.
+
+        The result fires once the server no longer sends the channel's publications here:
+
+        - on a connection without a session, with the server's answer (at once, with None,
+          while disconnected: the server forgot the subscription with its connection);
+        - in a session that holds the subscription (or was sent its subscribe), with the
+          answer to a numbered ``unsubscribe``: while disconnected it is sent by the resume,
+          in order with what was asked before and after (a `subscribe` to the same channel
+          made meanwhile comes after it), and its ``request_timeout`` counts only while
+          connected, as a subscribe's does.  It fires with None if the server answers
+          ``not_subscribed``, or if the session ends first (lost, or `stop`): the server no
+          longer holds the subscription then either.  It fails with `RequestTimeout` when a
+          connection gives no answer within ``request_timeout`` (the server may still send
+          the channel's publications; they are dropped here).
+
+        A `subscribe` to ``channel`` still waiting for its answer fails with a `ClientError`
+        ("unsubscribed ...")."""
+        subs = [s for s in self._subscriptions if s.channel == channel]
+        session = self.session
+        held = (
+            session is not None
+            and session.state.active
+            and any(
+                s in self._session_subs
+                or s in self._session_sent
+                or s._unsure_in == session.state.sid
+                for s in subs
+            )
+        )
+        waiters: list[Deferred[Subscription]] = []
+        for sub in subs:
             sub.active = False
             _cancel_retry(sub)
             self._subscriptions.remove(sub)
             self._session_subs.discard(sub)
             self._session_sent.discard(sub)
+            waiters += sub.waiters
+            sub.waiters = []
         conn = self._current
-        if conn is not None and conn.usable and channel in channels_of(conn).subscriptions:
-            return channels_of(conn).unsubscribe(channel)
-        return succeed(None)
+        if held and session is not None:
+            for sub in subs:
+                self._unroute(sub)
+            done = self._unsubscribe_in_session(session, channel)
+        elif conn is not None and conn.usable and channel in channels_of(conn).subscriptions:
+            done = channels_of(conn).unsubscribe(channel)
+        else:
+            done = succeed(None)
+        # After the unsubscribe is numbered: a subscribe made from these errbacks follows it.
+        for waiter in waiters:
+            waiter.errback(ClientError(f"unsubscribed from {channel!r} before the server answered"))
+        return done
+
+    def _unsubscribe_in_session(self, session: ClientSession, channel: str) -> Deferred[Any]:
+        """A numbered ``unsubscribe``, sent now or by the resume; see `unsubscribe`."""
+
+        def settled(failure: Failure) -> Any:
+            if failure.check(SessionLost) or (
+                failure.check(ServerError) and failure.value.code == "not_subscribed"
+            ):
+                return None  # the server holds no such subscription (any more)
+            if failure.check(ConnectionClosed) and self._stopping:
+                return None  # `stop` ends the session, and the subscription with it
+            return failure
+
+        timeout = self._request_timeout
+        request = session.request("unsubscribe", {"channel": channel}, timeout, per_connection=True)
+        return request.addErrback(settled)
 
     def _attach(self, conn: ClientConnection, sub: Subscription) -> None:
         """Send ``sub``'s subscribe on ``conn`` (numbered in the session when one is attached
