@@ -41,14 +41,20 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-def _faults(mode: str) -> int:
+def _run(script: str, mode: str) -> str:
+    """``script`` run with ``mode`` in a fresh interpreter whose environment sets no malloc
+    setting of its own; its output."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     env.pop("GLIBC_TUNABLES", None)
     out = subprocess.run(
-        [sys.executable, "-c", PATTERN, mode], env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", script, mode], env=env, capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 0, out.stderr
-    return int(out.stdout)
+    return out.stdout
+
+
+def _faults(mode: str) -> int:
+    return int(_run(PATTERN, mode))
 
 
 @glibc_only
@@ -172,14 +178,9 @@ print(kept, give_back_free_memory(), rss())
 @glibc_only
 @pytest.mark.parametrize("mode", ["tuned", "plain"])
 def test_what_a_sweep_freed_is_given_back_while_the_thresholds_keep_it(mode: str) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    env.pop("GLIBC_TUNABLES", None)
-    out = subprocess.run(
-        [sys.executable, "-c", GIVE_BACK, mode], env=env, capture_output=True, text=True, timeout=60
-    )
-    assert out.returncode == 0, out.stderr
-    kept, gave, after = out.stdout.split()
+    out = _run(GIVE_BACK, mode)
+    kept, gave, after = out.split()
     if mode == "tuned":  # kept in the heap until given back
-        assert (gave, int(kept) - int(after) >= 30) == ("True", True), out.stdout
+        assert (gave, int(kept) - int(after) >= 30) == ("True", True), out
     else:  # glibc's own thresholds: the blocks were mapped and went back when freed
-        assert gave == "False" and int(kept) - int(after) < 5, out.stdout
+        assert gave == "False" and int(kept) - int(after) < 5, out

@@ -106,61 +106,53 @@ export class SessionUnavailableError extends ConnectionError {
 }
 
 /**
- * The server answered every subscribe to `channel` with `unavailable` (the cluster's broker,
- * its Redis, is down) for `subscribeRetryTimeout` ms: the subscription failed (its `ready()`
- * rejects with this, `state` is 'failed') and no more subscribes are sent for it.  A
- * ServerError, code `unavailable`, as the refusal it ends with; subscribe again to retry.
+ * What SubscriptionUnavailableError and SubscriptionRateLimitedError share: a subscription
+ * refused for `subscribeRetryTimeout` ms, given up (its `ready()` rejects with this, `state` is
+ * 'failed') with no more subscribes sent for it.  A ServerError with the code of the refusal it
+ * ends with; subscribe again to retry.  Not exported: catch either, or ServerError.
  */
-export class SubscriptionUnavailableError extends ServerError {
-  constructor(channel, elapsed, attempts, limit, cause) {
+class SubscriptionGaveUpError extends ServerError {
+  constructor(name, code, refused, channel, elapsed, attempts, limit, cause) {
     super(
-      'unavailable',
-      `the server answered "unavailable" to every subscribe to ${channel} for ${Math.round(elapsed)} ms ` +
+      code,
+      `the server ${refused} to ${channel} for ${Math.round(elapsed)} ms ` +
         `(${attempts} attempts; subscribeRetryTimeout is ${limit} ms): gave up`,
     );
-    this.name = 'SubscriptionUnavailableError';
-    this.cause = cause;
-    this.channel = channel;
-    /** ms from the first `unavailable` answer to the last. */
-    this.elapsed = elapsed;
-    /** Subscribes answered `unavailable`. */
-    this.attempts = attempts;
-    /** The `subscribeRetryTimeout` that ran out, ms. */
-    this.limit = limit;
-  }
-
-  toString() {
-    return `SubscriptionUnavailableError: ${this.message}`;
-  }
-}
-
-/**
- * The server answered every subscribe to `channel` with `rate_limited` (heartbeatd's
- * per-connection subscribe budget, `channels.subscribe_rate` and `channels.subscribe_burst`,
- * which refills by itself: the client asks again with the reconnect backoff) for
- * `subscribeRetryTimeout` ms: the subscription failed (its `ready()` rejects with this,
- * `state` is 'failed') and no more subscribes are sent for it.  A ServerError, code
- * `rate_limited`, as the refusal it ends with; subscribe again to retry.
- */
-export class SubscriptionRateLimitedError extends ServerError {
-  constructor(channel, elapsed, attempts, limit, cause) {
-    super(
-      'rate_limited',
-      `the server refused every subscribe to ${channel} (the last as "rate_limited") for ${Math.round(elapsed)} ms ` +
-        `(${attempts} attempts; subscribeRetryTimeout is ${limit} ms): gave up`,
-    );
-    this.name = 'SubscriptionRateLimitedError';
+    this.name = name;
     this.cause = cause;
     this.channel = channel;
     /** ms from the first refusal to the last. */
     this.elapsed = elapsed;
-    /** Subscribes refused (`rate_limited` or `unavailable`). */
+    /** Subscribes refused. */
     this.attempts = attempts;
     /** The `subscribeRetryTimeout` that ran out, ms. */
     this.limit = limit;
   }
 
   toString() {
-    return `SubscriptionRateLimitedError: ${this.message}`;
+    return `${this.name}: ${this.message}`;
+  }
+}
+
+/**
+ * The server answered every subscribe to `channel` with `unavailable` (the cluster's broker,
+ * its Redis, is down) for `subscribeRetryTimeout` ms (SubscriptionGaveUpError above).
+ */
+export class SubscriptionUnavailableError extends SubscriptionGaveUpError {
+  constructor(channel, elapsed, attempts, limit, cause) {
+    super('SubscriptionUnavailableError', 'unavailable', 'answered "unavailable" to every subscribe', channel, elapsed, attempts, limit, cause);
+  }
+}
+
+/**
+ * The server refused every subscribe to `channel`, the last with `rate_limited` (heartbeatd's
+ * per-connection subscribe budget, `channels.subscribe_rate` and `channels.subscribe_burst`,
+ * which refills by itself: the client asks again with the reconnect backoff), for
+ * `subscribeRetryTimeout` ms (SubscriptionGaveUpError above).  `attempts` counts the
+ * `rate_limited` and `unavailable` refusals alike.
+ */
+export class SubscriptionRateLimitedError extends SubscriptionGaveUpError {
+  constructor(channel, elapsed, attempts, limit, cause) {
+    super('SubscriptionRateLimitedError', 'rate_limited', 'refused every subscribe (the last as "rate_limited")', channel, elapsed, attempts, limit, cause);
   }
 }
