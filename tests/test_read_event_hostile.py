@@ -20,10 +20,9 @@ import pytest
 from helpers import make_config
 from test_lean_transport import spin_until
 from test_protocol_paths import _registry
+from test_read_event import connected, read_path
 from test_read_event import pytestmark as read_event_pytestmark
-from test_read_event import read_path
 
-from heartbeatd.server import leantcp
 from heartbeatd.server.factory import ServerFactory
 from heartbeatd.server.protocol import ServerProtocol
 
@@ -114,21 +113,11 @@ def serving(c: bool, registry: Any = None, **sections: Any) -> Iterator[Peer]:
     sections.setdefault("heartbeat", {"interval": 3600, "timeout": 7200})
     config = make_config(**sections)
     factory = ServerFactory(config, registry or _registry(), reactor)
-    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
-    assert leantcp.adopt(port)
-    client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10)
-    client.setblocking(False)
-    try:
-        with read_path(c) as calls:
-            peer = Peer(factory, client)
-            peer.calls = calls  # type: ignore[attr-defined]
-            yield peer
-    finally:
-        client.close()
-        spin_until(lambda: not factory.clients)
-        port.stopListening()
-        spin_until(lambda: not port.connected)
-        leantcp.uninstall_dispatch(reactor)
+    with connected(factory) as (client, _protocol), read_path(c) as calls:
+        client.setblocking(False)
+        peer = Peer(factory, client)
+        peer.calls = calls  # type: ignore[attr-defined]
+        yield peer
 
 
 # -- memory: a large body read into place -------------------------------------------------------
