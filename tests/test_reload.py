@@ -39,10 +39,12 @@ def test_sighup_applies_new_heartbeat_to_live_connections(tmp_path: Path) -> Non
                 **config,
                 "listen": "tcp:1:interface=127.0.0.1",
                 "heartbeat": {"interval": 0.2, "timeout": 0.5},
+                "malloc": {"mmap_threshold": 1 << 20, "trim_threshold": 1 << 22},
             }
             daemon.config_path.write_text(yaml.safe_dump(new))
             daemon.process.send_signal(signal.SIGHUP)
             daemon.wait_for("listen cannot change while running")
+            daemon.wait_for("malloc cannot change while running")  # set once, at start
             daemon.wait_for(
                 r"Configuration reloaded from .*heartbeat\.interval 60\.0 -> 0\.2; "
                 r"heartbeat\.timeout 120\.0 -> 0\.5"
