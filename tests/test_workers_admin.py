@@ -408,6 +408,8 @@ def test_kick_reaches_the_worker_holding_the_client_and_the_rest_is_forwarded(
                 if target is not None:
                     break
             assert target is not None
+            for index in (0, 1):  # each worker sets glibc's thresholds itself (malloc.*)
+                daemon.wait_for(rf"\[worker {index}\].*glibc malloc: mmap_threshold 33554432")
             status, body = http(daemon.admin, "DELETE", f"/clients/{target.session}")
             assert (status, body) == (200, {"disconnected": target.session, "worker": 1})
             while target.raw.recv() is not None:
