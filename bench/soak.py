@@ -493,6 +493,9 @@ async def take_sample(
     redis: RedisServer | None,
     last_errors: Counter[str],
 ) -> dict[str, Any]:
+    # Read before the request too: answering it, the supervisor holds a connection to us and
+    # one to each worker for a moment, and their close may lag our read by a reactor turn.
+    fds_before = {name: open_fds(pid) for name, pid in pids.items()}
     metrics = await deferToThread(http_get, admin, "/metrics")
     per_worker = server_counts(metrics)
     server: Counter[str] = Counter()
@@ -506,12 +509,14 @@ async def take_sample(
     p99 = percentile(rtts, 0.99)
     fds = {name: open_fds(pid) for name, pid in pids.items()}
     # A serving process's fds minus its open connections: what would show a leak, whatever
-    # the share of clients each worker happens to hold at the moment.
-    overhead = dict(fds)
+    # the share of clients each worker happens to hold at the moment.  A process that holds
+    # no clients (the supervisor) counts the smaller of its two readings: a leak shows in
+    # both, the request's own connections in one.
+    overhead = {name: min(n, fds_before.get(name, n)) for name, n in fds.items()}
     for label, counts in per_worker.items():
         name = f"worker{label}" if f"worker{label}" in fds else "daemon"
         if name in overhead:
-            overhead[name] -= int(counts.get("connections", 0))
+            overhead[name] = fds[name] - int(counts.get("connections", 0))
     return {
         "rss_mb": {name: round(rss(pid) / 2**20, 1) for name, pid in pids.items()},
         "fds": fds,

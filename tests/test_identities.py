@@ -231,8 +231,13 @@ def test_delete_identity_closes_its_sessions_on_every_node(tmp_path: Path) -> No
             bob.send({"type": "ping", "id": 1})
             assert bob.recv() == {"type": "pong", "id": 1}
             second.wait_for(r"Closing client .*alice\): admin")
-            status, listed = http(admin0, "GET", "/clients?identity=alice")
-            assert listed["count"] == 0
+            # node1 writes the departure to Redis in the reactor turn after the close, which
+            # may come after node0's listing: wait for it (each answer is an event: no sleep).
+            deadline = time.monotonic() + 10
+            while http(admin0, "GET", "/clients?identity=alice")[1]["count"] != 0:
+                assert time.monotonic() < deadline
+            status, listed = http(admin1, "GET", "/clients?identity=alice")
+            assert (status, listed["count"]) == (200, 0)
         finally:
             for c in [*alices, bob]:
                 c.__exit__()
