@@ -142,12 +142,13 @@ def losses(
 ) -> dict[str, Any]:
     """Check every acknowledged publication against every subscriber.
 
-    A publication acknowledged before ``told_after`` (the moment data could be lost, e.g. a
+    A publication of the history that could be lost at ``told_after`` (e.g. the moment of a
     kill -9 of the master) that a subscriber lacks is *told* when that subscriber received a
     ``resync`` with ``recovered: false`` after that moment; anything else missing is lost
     silently.  Duplicates are ids received twice.
     """
     acked = {pid: t for p in publishers for pid, (t, _) in p.acked.items()}
+    at_risk = {pid for p in publishers for pid in _of_the_lost_history(p, told_after)}
     result: dict[str, Any] = {"acked": len(acked), "lost_silently": [], "told": 0, "dup": 0}
     result["subscribers"] = [
         {
@@ -164,11 +165,26 @@ def losses(
         told = told_after is not None and any(
             t > told_after and not r["recovered"] for t, r in sub.resyncs()
         )
-        for pid, t in acked.items():
+        for pid in acked:
             if pid in got:
                 continue
-            if told and told_after is not None and t <= told_after:
+            if told and pid in at_risk:
                 result["told"] += 1
             else:
                 result["lost_silently"].append((sub.session, pid))
     return result
+
+
+def _of_the_lost_history(publisher: Publisher, moment: float | None) -> list[str]:
+    """The publications acknowledged in the history current at ``moment``: those answered
+    before it, and after it until the offsets start again (a new history).  An answer read
+    after ``moment`` may still come from the killed master (it was in the socket)."""
+    if moment is None:
+        return []
+    found, previous = [], 0
+    for pid, (t, offset) in sorted(publisher.acked.items(), key=lambda item: item[1][0]):
+        if t > moment and offset < previous:
+            break
+        found.append(pid)
+        previous = offset
+    return found

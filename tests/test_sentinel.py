@@ -154,19 +154,6 @@ def test_failover_under_load(tmp_path: Path) -> None:
         refused = [code for pub in pubs for _, code in pub.refused]
         assert refused and set(refused) == {"unavailable"}, refused
         result = losses(subs, pubs, told_after=killed)
-        import json
-
-        Path("/tmp/failover-debug.json").write_text(
-            json.dumps(
-                {
-                    **result,
-                    "lost_silently": result["lost_silently"][:5],
-                    "killed": killed,
-                    "n": len(result["lost_silently"]),
-                },
-                default=str,
-            )
-        )
         assert result["lost_silently"] == [] and result["dup"] == 0, result
         for sub in subs:  # the new master's data is a new generation: each was told once
             told = [r for t, r in sub.resyncs() if t > killed]
