@@ -33,7 +33,8 @@ $(OLDEST_STAMP): pyproject.toml twisted_plugins/heartbeatd_plugin.py tests/oldes
 	touch $(OLDEST_STAMP)
 
 # The whole suite on the newest releases, then again on the oldest ones we claim to support
-# (tests/oldest-constraints.txt), less what does not depend on them (lint, the bench harness).
+# (tests/oldest-constraints.txt), less what does not depend on them (lint, the bench harness)
+# and the long scenarios (`scenario` marker) whose library calls shorter tests make too.
 test: test-newest test-oldest
 
 # Four pytest workers (pytest-xdist): the tests mostly wait on sockets and subprocesses.
@@ -51,7 +52,7 @@ test-newest: $(STAMP) redis-server js-deps chromium promtool
 		$(PURE_PYTHON_TESTS)
 
 test-oldest: $(OLDEST_STAMP) redis-server chromium promtool
-	HEARTBEATD_OLDEST=1 $(OLDEST)/bin/python -m pytest -q -n $(PYTEST_WORKERS) -p no:cacheprovider \
+	HEARTBEATD_OLDEST=1 $(OLDEST)/bin/python -m pytest -q -n $(PYTEST_WORKERS) -p no:cacheprovider -m "not scenario" \
 		--ignore=tests/test_lint.py --ignore=tests/test_bench_smoke.py \
 		--ignore=tests/test_cluster_bench_smoke.py --ignore=tests/test_workers_bench_smoke.py \
 		--ignore=tests/test_fanout_bench_smoke.py --ignore=tests/test_soak_smoke.py \

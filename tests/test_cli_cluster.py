@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
 from daemon import Daemon
 from helpers import failureResultOf, successResultOf
 from redis_server import RedisServer
@@ -148,6 +149,7 @@ def test_admin_verbs_against_a_two_node_cluster(tmp_path: Path) -> None:
             assert node.daemon.stop() == 0
 
 
+@pytest.mark.scenario
 def test_admin_verbs_against_workers_and_a_node_beside_them(tmp_path: Path) -> None:
     (tmp_path / "solo").mkdir()
     solo_config = {

@@ -88,6 +88,7 @@ def spent(clock: Clock, hub: Any) -> list[int]:
     return turns(clock, hub, counter="budget_spent")
 
 
+@pytest.mark.scenario
 def test_ten_thousand_subscribers_are_served_in_bounded_batches_in_order(clock: Clock) -> None:
     factory = make_factory(clock, fanout_batch=1000)
     hub = factory.channels

@@ -15,6 +15,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
+import pytest
 from daemon import Daemon
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -98,6 +99,7 @@ def _read_frames(sock: socket.socket) -> tuple[list[Any], str]:
         buffer += chunk
 
 
+@pytest.mark.scenario
 def test_fuzzed_streams_get_envelopes_typed_closes_and_no_traceback(tmp_path: Path) -> None:
     config = {"max_frame_bytes": MAX_FRAME}
     sentinel = json.dumps({"type": "ping", "id": SENTINEL_ID}).encode()

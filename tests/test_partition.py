@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 from cluster_load import Publisher, Subscriber, losses, publication_of
 from daemon import Daemon, RawClient
 from redis_server import RedisServer
@@ -54,6 +55,7 @@ def request(raw: RawClient, type_: str, data: Any, id_: int) -> dict[str, Any]:
     return reply
 
 
+@pytest.mark.scenario
 def test_a_node_cut_off_from_redis_serves_what_it_can_and_comes_back(tmp_path: Path) -> None:
     with (
         RedisServer(tmp_path / "redis") as redis,

@@ -190,6 +190,7 @@ def _send_cut(
     st.data(),
     st.sampled_from([None, 8, 4096]),
 )
+@pytest.mark.scenario
 def test_the_c_read_path_answers_as_do_read(
     bodies: list[bytes], data: Any, tail: int | None
 ) -> None:

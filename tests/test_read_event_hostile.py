@@ -340,6 +340,7 @@ def test_a_reply_that_is_not_bytes_is_written_as_its_bytes() -> None:
     both_paths(script, registry)
 
 
+@pytest.mark.scenario
 def test_bodies_received_into_place_leak_nothing() -> None:
     """Many large bodies received into place (read_into_body, the spare decoder handed back,
     _deliver called from C), answered and refused: traced memory stays flat."""

@@ -104,6 +104,7 @@ def nodes_on(tmp_path: Path, ha: SentinelCluster, count: int) -> Iterator[list[N
         yield nodes
 
 
+@pytest.mark.scenario
 def test_failover_under_load(tmp_path: Path) -> None:
     with SentinelCluster(tmp_path / "redis") as ha, nodes_on(tmp_path, ha, 2) as nodes:
         master = f"127.0.0.1:{ha.ports[0]}"

@@ -13,6 +13,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
+import pytest
 from daemon import Daemon
 from redis_server import RedisServer
 from session_peer import SessionPeer
@@ -136,6 +137,7 @@ def test_random_cuts_lose_nothing_and_run_nothing_twice(tmp_path: Path) -> None:
         assert chaos.pushes == list(range(1, COUNT + 1))
 
 
+@pytest.mark.scenario
 def test_random_cuts_on_three_nodes_with_one_killed(tmp_path: Path) -> None:
     (tmp_path / "chaos_handlers.py").write_text(HANDLERS)
     with RedisServer(tmp_path / "redis") as redis, contextlib.ExitStack() as stack:

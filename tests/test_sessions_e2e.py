@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 from daemon import Daemon
 from session_driver import plan
 from tcp_proxy import ChaosProxy
@@ -112,6 +113,7 @@ def assert_exactly_once(result: dict[str, Any], count: int, seed: int) -> None:
     assert result["unacked_left"] == 0
 
 
+@pytest.mark.scenario
 def test_chaos_every_message_exactly_once_in_order_both_ways(tmp_path: Path) -> None:
     """The issue's chaos test: 10,000 requests one way; their replies, pushes and
     publications the other; the connection reset every 50-500 ms (seeded)."""
@@ -321,6 +323,7 @@ def test_the_pool_subscription_connection_resumes(tmp_path: Path) -> None:
     assert result["resumed"] >= 1 and cuts >= 1, (result, cuts)
 
 
+@pytest.mark.scenario
 def test_chaos_on_a_three_node_cluster_with_one_node_killed(tmp_path: Path) -> None:
     """The chaos test again, on three nodes sharing sessions through Redis, each behind its
     own chaos proxy; mid-way the node holding the session is killed (-9)."""

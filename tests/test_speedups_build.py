@@ -14,6 +14,8 @@ import tarfile
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 #: Imports the unpacked wheel and pushes two frames through the decoder it selected.
@@ -66,6 +68,7 @@ def _probe(wheel: Path, site: Path) -> list[str]:
     return [accelerated, module]
 
 
+@pytest.mark.scenario
 def test_with_a_compiler_the_wheel_carries_the_c_hot_path(tmp_path: Path) -> None:
     # Strict: a compiler warning (-Wall -Wextra) fails the build, so it fails this test.
     wheel = _build(tmp_path / "dist", HEARTBEATD_STRICT_BUILD="1")
@@ -91,6 +94,7 @@ def test_heartbeatd_no_extensions_at_build_time_builds_pure_python(tmp_path: Pat
     assert wheel.name.endswith("-py3-none-any.whl"), wheel.name
 
 
+@pytest.mark.scenario
 def test_the_sdist_carries_the_c_sources_and_its_wheel_the_c_hot_path(tmp_path: Path) -> None:
     """pip installs from the sdist where no wheel fits: both C files must be in it."""
     result = subprocess.run(

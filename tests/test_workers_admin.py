@@ -16,6 +16,7 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
@@ -335,6 +336,7 @@ def per_worker(found: dict[Any, float], name: str) -> dict[str, float]:
     return {dict(labels)["worker"]: v for (n, labels), v in found.items() if n == name}
 
 
+@pytest.mark.scenario
 def test_metrics_and_health_cover_every_worker_through_a_stop_and_a_kill(tmp_path: Path) -> None:
     with RedisServer(tmp_path / "redis") as redis, workers(tmp_path, redis, 3) as daemon:
         # READY comes once every worker serves; each links to Redis in the background.
