@@ -144,7 +144,7 @@ class ClientSession:
         time spent reconnecting and resuming must not time it out, its answer comes by the
         resend or the replay)."""
         if self._ending is not None:  # numbered after session_end: the server has no session
-            return _failed(ClientStopped("the client is stopping"))
+            return _failed(ClientStopped("the client was stopped (its session is ending)"))
         if len(self.state.unacked) >= self.max_buffered:
             return _failed(
                 ConnectionClosed(
