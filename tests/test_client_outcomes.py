@@ -249,9 +249,7 @@ def test_a_connection_unsubscribe_answered_not_subscribed_fires(clock: Clock) ->
 # -- rate_limited with retry_after -----------------------------------------------------------
 
 
-def rate_limited_once(
-    clock: Clock, **error: Any
-) -> tuple[ReconnectingClient, Peer, Deferred[Any]]:
+def rate_limited_once(clock: Clock, **error: Any) -> tuple[ReconnectingClient, Peer, Deferred[Any]]:
     """A subscribe answered rate_limited (with ``error``'s extra fields), retry pending."""
     client, _endpoint, peer = connected(clock)
     subscribed = client.subscribe("news", lambda *a: None)
@@ -302,8 +300,8 @@ def test_a_non_finite_retry_after_cannot_stall_the_subscribe(clock: Clock, hint:
     client, endpoint, peer = connected(clock)
     client.subscribe("news", lambda *a: None)
     (ask,) = peer.written()
-    error = '{"code": "rate_limited", "message": "slow", "retry_after": %s}' % hint
-    peer.send(b'{"type": "error", "id": %d, "error": %s}' % (ask["id"], error.encode()))
+    error = f'{{"code": "rate_limited", "message": "slow", "retry_after": {hint}}}'
+    peer.send(f'{{"type": "error", "id": {ask["id"]}, "error": {error}}}'.encode())
     clock.advance(9.99)
     assert peer.written() == [] and not peer.transport.disconnecting
     clock.advance(0.01)

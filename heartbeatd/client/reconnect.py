@@ -388,7 +388,8 @@ class ReconnectingClient:
         answered ``unavailable`` (its channel broker is down) to every subscribe for
         ``subscribe_retry_timeout`` seconds: until then each ``unavailable`` is retried with
         the reconnect backoff, on the same connection (``rate_limited`` too, failing with
-        that `ServerError` at the bound).  A
+        that `ServerError` at the bound; a try waits at least the answer's ``retry_after``,
+        up to `MAX_RETRY_AFTER`).  It fails with `ClientStopped` when `stop` comes first.  A
         subscribe with no answer within ``request_timeout`` drops the connection (a late
         answer would leave the server subscribed while we are not): the next one subscribes
         again.  A refusal on a later re-subscribe (after a reconnect) is logged."""
