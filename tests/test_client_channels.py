@@ -440,3 +440,25 @@ def test_a_session_unsubscribe_made_while_disconnected_reaches_the_server(clock:
     publish(factory, "a")
     endpoint.flush()
     assert got == []
+
+
+def test_a_plain_unsubscribe_the_server_answers_not_subscribed_is_done(clock: Clock) -> None:
+    """The server dropped the subscription first (here: its own unsubscribe): the answer is
+    ``not_subscribed``, and the state asked for holds, so the Deferred fires."""
+    factory = server(clock)
+    client, endpoint = reconnecting(factory, clock)
+    got: list[int] = []
+    successful = client.subscribe("news", lambda data, offset, sub: got.append(offset))
+    endpoint.flush()
+    successResultOf(successful)
+    (conn,) = factory.clients.values()
+    factory.channels.unsubscribe(conn, "news")
+    done = client.unsubscribe("news")
+    endpoint.flush()
+    assert successResultOf(done) is None
+    drop(endpoint, clock)
+    clock.advance(1)
+    endpoint.flush()
+    publish(factory, "a")
+    endpoint.flush()
+    assert got == [] and factory.channels.subscription_count() == 0

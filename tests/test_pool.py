@@ -375,6 +375,32 @@ def test_pool_config_from_yaml(tmp_path) -> None:
         parse_pool_config({"max_sise": 2})
 
 
+def test_pool_config_subscribe_retry_timeout_reaches_the_subscription_connection(
+    tmp_path, clock: Clock
+) -> None:
+    """Checked like ReconnectingClient's argument (seconds > 0; infinity: never give up)."""
+    import math
+
+    from heartbeatd.client.reconnect import DEFAULT_SUBSCRIBE_RETRY_TIMEOUT
+
+    assert PoolConfig().subscribe_retry_timeout == DEFAULT_SUBSCRIBE_RETRY_TIMEOUT == 60
+    default = Pool(clock, PoolConfig(min_idle=0)).subscriber_fn()
+    assert default._subscribe_retry_timeout == DEFAULT_SUBSCRIBE_RETRY_TIMEOUT
+    path = tmp_path / "client.yaml"
+    path.write_text("pool:\n  subscribe_retry_timeout: 2.5\n")
+    config = load_pool_config(path)
+    assert config.subscribe_retry_timeout == 2.5
+    assert Pool(clock, config).subscriber_fn()._subscribe_retry_timeout == 2.5
+    path.write_text("pool:\n  subscribe_retry_timeout: .inf\n")
+    forever = load_pool_config(path)
+    assert forever.subscribe_retry_timeout == math.inf
+    assert Pool(clock, forever).subscriber_fn()._subscribe_retry_timeout == math.inf
+    assert parse_pool_config({"subscribe_retry_timeout": 1}).subscribe_retry_timeout == 1.0
+    for bad in (0, -1, math.nan, "60", True, None):
+        with pytest.raises(ConfigError, match=r"pool\.subscribe_retry_timeout: .* is not allowed"):
+            parse_pool_config({"subscribe_retry_timeout": bad})
+
+
 def test_request_multiplexes_over_idle_connections(clock: Clock) -> None:
     h = Harness(clock, min_idle=2, max_size=2)
     h.pool.start()

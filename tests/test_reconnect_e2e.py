@@ -67,4 +67,5 @@ def test_every_wait_of_the_reconnecting_client_ends_typed() -> None:
     assert "refused" in result["request"]
     assert result["fail_after"].startswith("ConnectionFailed: could not connect: ")
     assert result["timeout"].startswith("NotConnected: not connected within 0.5s")
-    assert result["stopped"].startswith("NotConnected: the client was stopped")
+    # ClientStopped is a NotConnected (and a ConnectionClosed): one error for every wait stop ends
+    assert result["stopped"].startswith("ClientStopped: the client was stopped")

@@ -13,6 +13,7 @@ from heartbeatd.client.config import PoolConfig, load_pool_config, parse_pool_co
 from heartbeatd.client.connection import ClientConnection, connect
 from heartbeatd.client.errors import (
     ClientError,
+    ClientStopped,
     ConnectionClosed,
     ConnectionFailed,
     HandshakeTimeout,
@@ -34,6 +35,7 @@ from heartbeatd.client.tls import ClientTLS
 __all__ = [
     "ClientConnection",
     "ClientError",
+    "ClientStopped",
     "ClientTLS",
     "ConnectionClosed",
     "ConnectionFailed",

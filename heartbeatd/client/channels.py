@@ -17,8 +17,10 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 
 from heartbeatd._logging import get_logger
+from heartbeatd.client.errors import ServerError
 
 __all__ = ["ChannelClient", "Subscription", "channels_of"]
 
@@ -169,10 +171,15 @@ class ChannelClient:
         return self.attach(sub)
 
     def unsubscribe(self, channel: str) -> Deferred[Any]:
+        """Stop ``channel`` here (its publications are no longer routed at once).  Fires
+        with the server's answer, or with None when it answers ``not_subscribed``: it holds
+        no such subscription, which is the state asked for."""
         sub = self.subscriptions.pop(channel, None)
         if sub is not None:
             sub.active = False
-        return self.connection.request("unsubscribe", {"channel": channel})
+        return self.connection.request("unsubscribe", {"channel": channel}).addErrback(
+            _not_subscribed_is_done
+        )
 
     def _on_publication(self, data: Any, connection: Any) -> None:
         if not isinstance(data, dict):
@@ -197,6 +204,12 @@ class ChannelClient:
         sub = self.subscriptions.get(data.get("channel"))  # type: ignore[arg-type]
         if sub is not None and sub.on_presence is not None:
             _call_safely(sub.on_presence, event, data)
+
+
+def _not_subscribed_is_done(failure: Failure) -> Failure | None:
+    if failure.check(ServerError) and failure.value.code == "not_subscribed":
+        return None
+    return failure
 
 
 def channels_of(connection: Any) -> ChannelClient:

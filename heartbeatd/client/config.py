@@ -107,6 +107,14 @@ class PoolConfig:
             boolean, "the subscription connection keeps a resumable session across reconnects"
         ),
     )
+    subscribe_retry_timeout: float = field(
+        default=60.0,  # reconnect.DEFAULT_SUBSCRIBE_RETRY_TIMEOUT (a test keeps them equal)
+        metadata=check(
+            positive_number,
+            "seconds a subscribe answered unavailable or rate_limited is retried before it "
+            "fails; .inf = for ever",
+        ),
+    )
     # -- TLS and authentication (heartbeatd.client.tls); '' = not used --
     tls_ca: str = field(
         default="", metadata=check(string, "PEM CA file: connect with TLS, verify the server")

@@ -26,6 +26,7 @@ from heartbeatd._logging import get_logger
 from heartbeatd.client.channels import Subscription, channels_of
 from heartbeatd.client.errors import (
     ClientError,
+    ClientStopped,
     ConnectionClosed,
     ConnectionFailed,
     HandshakeTimeout,
@@ -187,12 +188,14 @@ class ClientConnection(Protocol):
         if self._session is not None:  # its requests wait for the next connection
             self._session.detach(self)
         message = _describe(why)
+        # Closed by a stopping ReconnectingClient: its requests say so (still ConnectionClosed).
+        lost = ClientStopped if why is not None and why.check(ClientStopped) else ConnectionClosed
         pending, self._pending = self._pending, {}
         bare, self._bare_pending = self._bare_pending, deque()
         for d, timer in [*pending.values(), *bare]:
             if timer.active():
                 timer.cancel()
-            d.errback(ConnectionClosed(f"connection lost before the reply: {message}"))
+            d.errback(lost(f"connection lost before the reply: {message}"))
         if not self._ready.called:
             self._ready.errback(_as_client_failure(why))
             # Its waiters have had it; unobserved, it would log "Unhandled error" when freed.
@@ -411,14 +414,14 @@ class ClientConnection(Protocol):
             if type_ == "hello" and isinstance(message.data, dict):
                 self._hello_received(message.data)
             elif type_ == "error":  # refused before the hello (e.g. too_many_connections)
-                self.abort(_server_error(message.data))
+                self.abort(ServerError.from_wire(message.data))
             return
         if request_id is not None and request_id in self._pending:
             d, timer = self._pending.pop(request_id)
             if timer.active():
                 timer.cancel()
             if type_ == "error":
-                d.errback(_server_error(message.data))
+                d.errback(ServerError.from_wire(message.data))
             else:
                 d.callback(message.data)
             self._maybe_idle()
@@ -571,13 +574,6 @@ class ClientConnection(Protocol):
 
 
 _PING = encode_message("ping")
-
-
-def _server_error(error: Any) -> ServerError:
-    """A `ServerError` from an error frame's ``{"code", "message"}`` object."""
-    if not isinstance(error, dict):
-        error = {}
-    return ServerError(str(error.get("code", "unknown")), str(error.get("message", "")))
 
 
 def _describe(failure: Failure | None) -> str:

@@ -6,8 +6,12 @@ reconnecting client or the pool can fail with; the subclasses say which.
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 __all__ = [
     "ClientError",
+    "ClientStopped",
     "ConnectionClosed",
     "ConnectionFailed",
     "HandshakeTimeout",
@@ -29,12 +33,40 @@ class ClientError(Exception):
 
 
 class ServerError(ClientError):
-    """The server answered with an error frame."""
+    """The server answered with an error frame.
 
-    def __init__(self, code: str, message: str) -> None:
+    ``retry_after``: the frame's hint, in seconds, of when to try again (heartbeatd sends it
+    with ``rate_limited``); None when absent or not a finite number >= 0.
+    """
+
+    def __init__(self, code: str, message: str, retry_after: float | None = None) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.retry_after = retry_after
+
+    @classmethod
+    def from_wire(cls, error: Any) -> ServerError:
+        """The error from an error frame's ``error`` object (``{"code", "message",
+        "retry_after"?}``); anything malformed becomes ``unknown`` or is left out."""
+        if not isinstance(error, dict):
+            error = {}
+        return cls(
+            str(error.get("code", "unknown")),
+            str(error.get("message", "")),
+            _seconds(error.get("retry_after")),
+        )
+
+
+def _seconds(value: Any) -> float | None:
+    """A finite number >= 0 as a float, else None (a bool, NaN, infinity, 10**400...)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int beyond any float
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
 class SubscriptionUnavailable(ServerError):
@@ -88,7 +120,18 @@ class ConnectionFailed(ClientError):
 
 
 class NotConnected(ConnectionFailed):
-    """No connection was ready within the wait's deadline (or the client was stopped)."""
+    """No connection was ready within the wait's deadline (or the client was stopped:
+    `ClientStopped`)."""
+
+
+class ClientStopped(ConnectionClosed, NotConnected):
+    """The reconnecting client was stopped (`ReconnectingClient.stop`, or `Pool.close` for
+    the pool's subscription connection) while this waited: a request waiting for a
+    connection or for its reply, a ``when_connected``, a ``subscribe`` not answered yet.
+
+    Both a `ConnectionClosed` and a `NotConnected` (what such waits failed with before it
+    existed), so code that catches either still catches it.
+    """
 
 
 class PoolError(ClientError):

@@ -244,6 +244,7 @@ class Pool:
             token=token,
             get_token=get_token,
             resumable=resumable,
+            subscribe_retry_timeout=config.subscribe_retry_timeout,
         )
         self._subscriber: ReconnectingClient | None = None
         #: ``on_session`` callbacks for the subscription connection (``resumable``).
@@ -397,8 +398,9 @@ class Pool:
         ``Pool(..., resumable=True)`` it keeps a resumable session: after a reconnect it
         resumes (nothing is subscribed again, nothing missed or repeated), see `on_session`.
         The result fails with the server's `ServerError` when it refuses the subscription,
-        with `SubscriptionUnavailable` after 60 s of ``unavailable`` answers, or with
-        `ConnectionClosed` when `close` comes first (`ReconnectingClient.stop`).
+        with `SubscriptionUnavailable` after ``subscribe_retry_timeout`` seconds of
+        ``unavailable`` answers (``rate_limited`` ones: that error), or with `ClientStopped`
+        (a `ConnectionClosed`) when `close` comes first (`ReconnectingClient.stop`).
         """
         if self._closed:
             return fail(PoolClosed("the pool is closed"))

@@ -27,7 +27,8 @@ never with Twisted's own connection errors.  ``subscribe`` fails with the server
 `ServerError` when it refuses, and with `SubscriptionUnavailable` after answering
 ``unavailable`` for ``subscribe_retry_timeout`` seconds (retried with backoff until then); a
 subscribe's ``request_timeout`` counts only while connected (in a session, afresh on each
-connection); ``stop`` fails the subscribes still waiting with `ConnectionClosed`.  In a
+connection).  ``stop`` fails everything still waiting (requests, ``when_connected``,
+subscribes) with `ClientStopped`, both a `ConnectionClosed` and a `NotConnected`.  In a
 session, ``unsubscribe`` is numbered: made while disconnected, the resume sends it.
 """
 
@@ -55,6 +56,7 @@ from heartbeatd.client.connection import (
 )
 from heartbeatd.client.errors import (
     ClientError,
+    ClientStopped,
     ConnectionClosed,
     ConnectionFailed,
     NotConnected,
@@ -67,7 +69,12 @@ from heartbeatd.client.session import DEFAULT_END_TIMEOUT, ClientSession, Sessio
 from heartbeatd.client.tls import ClientTLS, wrap_client_endpoint
 from heartbeatd.wire.envelope import OMIT
 
-__all__ = ["DEFAULT_SUBSCRIBE_RETRY_TIMEOUT", "ReconnectingClient", "full_jitter_backoff"]
+__all__ = [
+    "DEFAULT_SUBSCRIBE_RETRY_TIMEOUT",
+    "MAX_RETRY_AFTER",
+    "ReconnectingClient",
+    "full_jitter_backoff",
+]
 
 log = get_logger(__name__)
 
@@ -77,6 +84,9 @@ DEFAULT_SUBSCRIBE_RETRY_TIMEOUT = 60.0
 #: ``rate_limited`` too: a client with more subscriptions than the server's
 #: ``channels.subscribe_burst`` re-subscribes them all after each reconnect.
 RETRIED = frozenset({"unavailable", "rate_limited"})
+#: The longest ``retry_after`` hint (in a ``rate_limited`` answer) a retry waits for: a
+#: larger one is ignored (the backoff applies), so a hostile server cannot stall it for ever.
+MAX_RETRY_AFTER = 60.0
 
 
 @implementer(IStreamClientEndpoint)
@@ -196,10 +206,11 @@ class ReconnectingClient:
         ``session_end``, waiting up to ``session_end_timeout`` seconds for its answer), so
         it does not hold one of the identity's sessions until it expires.
 
-        A `subscribe` whose Deferred has not fired yet (no answer, or retrying
-        ``unavailable``) fails with `ConnectionClosed`, as a waiting request does, and is
-        forgotten.  Subscriptions the server accepted stay: a later `start` subscribes them
-        again (with ``since``)."""
+        Everything still waiting fails with `ClientStopped` (both a `ConnectionClosed` and a
+        `NotConnected`): a request waiting for a connection or for its reply (in a session
+        too), a `when_connected`, and a `subscribe` whose Deferred has not fired yet (no
+        answer, or retrying ``unavailable``), which is forgotten.  Subscriptions the server
+        accepted stay: a later `start` subscribes them again (with ``since``)."""
         self._stopping = True
         for sub in list(self._subscriptions):
             _cancel_retry(sub)
@@ -207,15 +218,21 @@ class ReconnectingClient:
                 self._give_up(
                     sub,
                     Failure(
-                        ConnectionClosed(
+                        ClientStopped(
                             f"the client was stopped before the subscribe to {sub.channel!r} "
                             "was answered"
                         )
                     ),
                 )
+        conn = self._current
+        if conn is not None and not conn.closed and conn.close_reason is None:
+            # Its requests in flight fail with ClientStopped when it is gone.
+            conn.close_reason = Failure(ClientStopped("the client was stopped"))
         if self.session is None:
             return self.service.stopService()
-        ended = self.session.close(end_timeout=self._session_end_timeout)
+        ended = self.session.close(
+            ClientStopped("the client was stopped"), end_timeout=self._session_end_timeout
+        )
         return ended.addCallback(lambda _: self.service.stopService())
 
     def on_session(self, callback: Callable[[SessionEvent], object]) -> None:
@@ -231,7 +248,8 @@ class ReconnectingClient:
         """The current connection, once connected and past the server's hello.
 
         Fails with `ConnectionFailed` after ``fail_after`` failed attempts (refused, or no
-        hello), with `NotConnected` after ``timeout`` seconds or when the client is stopped.
+        hello), with `NotConnected` after ``timeout`` seconds, and with `ClientStopped` (a
+        `NotConnected`) when the client is stopped.
         With neither, it waits for as long as it takes (`request` always has a deadline).
         """
         finished: list[str] = []  # set once: "done", "timeout" or "cancelled"
@@ -336,8 +354,8 @@ class ReconnectingClient:
         last = f" (last attempt: {self.last_error})" if self.last_error else ""
         if how == "timeout":
             error: ClientError = NotConnected(f"not connected within {timeout:g}s{last}")
-        elif failure.check(CancelledError):
-            error = NotConnected(f"the client was stopped before it connected{last}")
+        elif failure.check(CancelledError):  # ClientService's: stopped (a caller's returns early)
+            error = ClientStopped(f"the client was stopped before it connected{last}")
         elif how == "handshake" or not isinstance(failure.value, ClientError):
             message = failure.getErrorMessage() or type(failure.value).__name__
             error = ConnectionFailed(f"could not connect: {message}")
@@ -370,7 +388,8 @@ class ReconnectingClient:
         answered ``unavailable`` (its channel broker is down) to every subscribe for
         ``subscribe_retry_timeout`` seconds: until then each ``unavailable`` is retried with
         the reconnect backoff, on the same connection (``rate_limited`` too, failing with
-        that `ServerError` at the bound).  A
+        that `ServerError` at the bound; a try waits at least the answer's ``retry_after``,
+        up to `MAX_RETRY_AFTER`).  It fails with `ClientStopped` when `stop` comes first.  A
         subscribe with no answer within ``request_timeout`` drops the connection (a late
         answer would leave the server subscribed while we are not): the next one subscribes
         again.  A refusal on a later re-subscribe (after a reconnect) is logged."""
@@ -389,8 +408,10 @@ class ReconnectingClient:
 
         The result fires once the server no longer sends the channel's publications here:
 
-        - on a connection without a session, with the server's answer (at once, with None,
-          while disconnected: the server forgot the subscription with its connection);
+        - on a connection without a session, with the server's answer; with None at once
+          while disconnected, and with None when the server answers ``not_subscribed`` or
+          the connection goes before the answer (`stop` too): the server holds no such
+          subscription, or forgot it with its connection;
         - in a session that holds the subscription (or was sent its subscribe), with the
           answer to a numbered ``unsubscribe``: while disconnected it is sent by the resume,
           in order with what was asked before and after (a `subscribe` to the same channel
@@ -430,7 +451,8 @@ class ReconnectingClient:
                 self._unroute(sub)
             done = self._unsubscribe_in_session(session, channel)
         elif conn is not None and conn.usable and channel in channels_of(conn).subscriptions:
-            done = channels_of(conn).unsubscribe(channel)
+            # not_subscribed is settled there (None); a lost connection is settled here.
+            done = channels_of(conn).unsubscribe(channel).addErrback(_forgotten_with_connection)
         else:
             done = succeed(None)
         # After the unsubscribe is numbered: a subscribe made from these errbacks follows it.
@@ -547,7 +569,9 @@ class ReconnectingClient:
         """``unavailable`` (the cluster's broker is down) or ``rate_limited``: subscribe
         again on this connection, backing off, for ``subscribe_retry_timeout`` seconds from
         the first such answer (across reconnects; the last try comes at the deadline), then
-        fail: `SubscriptionUnavailable`, or the ``rate_limited`` error itself."""
+        fail: `SubscriptionUnavailable`, or the ``rate_limited`` error itself.  An answer's
+        ``retry_after`` (up to `MAX_RETRY_AFTER` seconds; a larger one is ignored) is the
+        shortest wait before the next try, even when that is past the deadline."""
         now = self._reactor.seconds()
         if sub._unavailable_since is None:
             sub._unavailable_since = now
@@ -571,6 +595,10 @@ class ReconnectingClient:
             self._give_up(sub, Failure(gave_up))
             return
         delay = min(self._backoff(sub._unavailable_attempts), since + limit - now)
+        hint = error.retry_after  # the server says when it will take one: never sooner
+        if hint is not None and hint <= MAX_RETRY_AFTER:
+            # Even past the deadline (by MAX_RETRY_AFTER at most): a try before it is refused.
+            delay = max(delay, hint)
         sub._retry_timer = self._reactor.callLater(delay, self._retry_subscribe, sub)
 
     def _retry_subscribe(self, sub: Subscription) -> None:
@@ -713,6 +741,12 @@ class ReconnectingClient:
         if self.session is not None:  # numbered requests wait in the session, not the connection
             idle.append(self.session.when_idle())
         gatherResults(idle).addCallback(lambda _: conn.close())
+
+
+def _forgotten_with_connection(failure: Failure) -> Failure | None:
+    """A plain unsubscribe whose connection went (or `stop`): the server dropped every
+    subscription of that connection, this one included."""
+    return None if failure.check(ConnectionClosed) else failure
 
 
 def _cancel_retry(sub: Subscription) -> None:

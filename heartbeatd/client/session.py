@@ -34,6 +34,7 @@ from twisted.python.failure import Failure
 from heartbeatd._logging import get_logger
 from heartbeatd.client.errors import (
     ClientError,
+    ClientStopped,
     ConnectionClosed,
     NotConnected,
     RequestTimeout,
@@ -143,7 +144,7 @@ class ClientSession:
         time spent reconnecting and resuming must not time it out, its answer comes by the
         resend or the replay)."""
         if self._ending is not None:  # numbered after session_end: the server has no session
-            return _failed(ConnectionClosed("the client is stopping"))
+            return _failed(ClientStopped("the client was stopped (its session is ending)"))
         if len(self.state.unacked) >= self.max_buffered:
             return _failed(
                 ConnectionClosed(
@@ -187,7 +188,7 @@ class ClientSession:
         Either way the session is forgotten (the next `open` starts a new one) and the
         application is not told ``session_lost``: it asked for this.  Never fails."""
         self.flush_ack()
-        self._fail_pending(error or ConnectionClosed("the client was stopped"))
+        self._fail_pending(error or ClientStopped("the client was stopped"))
         conn = self.connection
         if conn is None or not conn.connected or not self.state.active:
             self._forget_session()
@@ -372,7 +373,7 @@ class ClientSession:
             d = waiting.d
             waiting.disarm()
             if message.type == "error":
-                d.errback(_server_error(message.data))
+                d.errback(ServerError.from_wire(message.data))
             else:
                 d.callback(message.data)
             self._maybe_idle()
@@ -504,12 +505,6 @@ def _unanswered(conn: ClientConnection, what: str, failure: Failure) -> str:
     may have done it, so this connection is not used without the session; drop it."""
     conn.abort(ConnectionClosed(f"no answer to {what}: {failure.getErrorMessage()}"))
     return "failed"
-
-
-def _server_error(error: Any) -> ServerError:
-    if not isinstance(error, dict):
-        error = {}
-    return ServerError(str(error.get("code", "unknown")), str(error.get("message", "")))
 
 
 def _failed(error: Exception) -> Deferred[Any]:
