@@ -27,9 +27,9 @@ from twisted.internet.task import Clock
 
 from heartbeatd.client.errors import ServerError
 from heartbeatd.server import leantcp
-from heartbeatd.server.channels import retry_after
 from heartbeatd.server.factory import ServerFactory
 from heartbeatd.server.handlers import HandlerError, HandlerRegistry, default_registry
+from heartbeatd.server.ratelimit import retry_after
 from heartbeatd.testing import ServerClientPair
 from heartbeatd.wire.envelope import encode_error
 
@@ -344,3 +344,50 @@ def test_the_daemon_answers_retry_after_on_the_wall_clock(tmp_path: Path) -> Non
             90 < error["retry_after"] <= 100
             and round(error["retry_after"], 3) == (error["retry_after"])
         )
+
+
+# -- the per-address accept bucket ---------------------------------------------------------------
+
+
+def test_a_connection_refused_by_the_accept_rate_says_when_to_come_back(clock: Clock) -> None:
+    """The other token bucket of the server: ``limits.accepts_per_second_per_address``.  Its
+    refusal is ``too_many_connections`` (then closed), with ``retry_after``; the refusals of a
+    count (per address, in total) carry none."""
+    limits = {
+        "accepts_per_second_per_address": 2,
+        "accept_burst_per_address": 1,
+        "max_connections_per_address": 2,
+        "per_address_exempt": [],
+    }
+    factory = ServerFactory(make_config(limits=limits), default_registry(), clock)
+    first = Peer(factory, 40000)
+    refused = Peer(factory, 40001)
+    message = (
+        "127.0.0.1 opens connections too fast for the per-address limit "
+        "(limits.accepts_per_second_per_address is 2, burst 1)"
+    )
+    body = (
+        '{"type":"error","id":null,"error":{"code":"too_many_connections",'
+        f'"message":"{message}","retry_after":0.5}}}}'
+    ).encode()
+    assert refused.transport.value() == struct.pack("!I", len(body)) + body
+    assert refused.transport.disconnecting
+    clock.advance(0.3)
+    error = json.loads(Peer(factory, 40002).transport.value()[4:])["error"]
+    assert error["retry_after"] == 0.2  # the bucket's real wait
+    clock.advance(0.2)  # exactly then: admitted
+    second = Peer(factory, 40003)
+    assert second.hello is not None
+    clock.advance(10)  # the bucket is full again; the address holds its 2 connections
+    error = json.loads(Peer(factory, 40004).transport.value()[4:])["error"]
+    assert error["code"] == "too_many_connections" and "retry_after" not in error
+    assert factory.refusals == {"per_address_rate": 2, "per_address_connections": 1}
+    first.disconnect()
+    second.disconnect()
+
+
+def test_the_total_connection_limit_carries_no_retry_after(clock: Clock) -> None:
+    factory = ServerFactory(make_config(limits={"max_connections": 1}), default_registry(), clock)
+    Peer(factory, 40000)
+    error = json.loads(Peer(factory, 40001).transport.value()[4:])["error"]
+    assert error["code"] == "too_many_connections" and "retry_after" not in error

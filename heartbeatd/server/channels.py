@@ -48,7 +48,6 @@ in order with publications.
 from __future__ import annotations
 
 import contextlib
-import math
 import re
 from collections import deque
 from collections.abc import Callable
@@ -63,6 +62,7 @@ from heartbeatd.config import ChannelsConfig, Config
 from heartbeatd.server.connection import Connection, SharedRun
 from heartbeatd.server.handlers import HandlerError, HandlerRegistry, Request
 from heartbeatd.server.permissions import Permissions, valid_personal
+from heartbeatd.server.ratelimit import has_token, retry_after
 from heartbeatd.wire.envelope import encode_json, encode_message
 from heartbeatd.wire.framing import SharedFrame
 
@@ -101,20 +101,6 @@ PUBLICATION_TOO_LARGE = "publication_too_large"
 ALREADY_SUBSCRIBED = "already_subscribed"
 NOT_SUBSCRIBED = "not_subscribed"
 RATE_LIMITED = "rate_limited"
-
-#: Tokens a bucket may lack and still give one: a client that waits exactly `retry_after`
-#: must get its token, whatever the float arithmetic of the refill rounded.
-TOKEN_SLACK = 1e-9
-
-
-def retry_after(tokens: float, rate: float) -> float:
-    """Seconds until a token bucket holding ``tokens`` (fewer than one) and refilled at
-    ``rate`` per second gives a token, rounded up to the millisecond (at least 0.001).
-
-    The ``error`` object's ``retry_after``: a client that waits that long is not refused by
-    this bucket again (unless it spent the token meanwhile)."""
-    milliseconds = (1.0 - TOKEN_SLACK - tokens) * 1000.0 / rate
-    return max(1, math.ceil(milliseconds)) / 1000
 
 
 _NAME = re.compile(r"[A-Za-z0-9_.:@/#,-]+")
@@ -579,7 +565,7 @@ class ChannelHub:
         config = self.config
         tokens, last = self._subscribe_buckets.get(session, (float(config.subscribe_burst), now))
         tokens = min(float(config.subscribe_burst), tokens + (now - last) * config.subscribe_rate)
-        if tokens < 1.0 - 2 * TOKEN_SLACK:
+        if not has_token(tokens):
             self._subscribe_buckets[session] = (tokens, now)
             return retry_after(tokens, config.subscribe_rate)
         self._subscribe_buckets[session] = (max(0.0, tokens - 1.0), now)
