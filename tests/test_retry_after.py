@@ -202,6 +202,29 @@ def test_the_resume_flood_refusal_is_not_time_based_and_has_no_retry_after(
     assert errors[-1]["code"] == "rate_limited" and "retry_after" not in errors[-1]
 
 
+def test_a_numbered_subscribe_of_a_session_is_refused_with_retry_after(clock: Clock) -> None:
+    """A resumable session's requests take the general path and are numbered: the same
+    error object, with seq and ack around it."""
+    peer = Peer(factory_on(clock, rate=4.0, burst=1, sessions={"enabled": True}))
+    peer.send({"type": "session", "id": 1, "data": {}})
+    clock.advance(0)
+    assert peer.received()[0]["type"] == "session"
+    peer.send(
+        {"type": "subscribe", "id": 2, "seq": 1, "data": {"channel": "a"}},
+        {"type": "subscribe", "id": 3, "seq": 2, "data": {"channel": "b"}},
+    )
+    clock.advance(0)
+    answer, refused = peer.received()
+    assert answer["type"] == "subscribe"
+    assert refused == {
+        "seq": 2,
+        "ack": 2,
+        "type": "error",
+        "id": 3,
+        "error": {"code": "rate_limited", "message": MESSAGE.format(rate="4"), "retry_after": 0.25},
+    }
+
+
 # -- clients that ignore the field ---------------------------------------------------------------
 
 
