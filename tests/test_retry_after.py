@@ -3,10 +3,11 @@
 The per-connection subscribe bucket (``channels.subscribe_rate``, ``subscribe_burst``) is the
 server's token bucket that answers requests ``rate_limited``: its error object carries
 ``retry_after``, the seconds until the bucket's next token rounded up to the millisecond.
-Refusals that do not refill with time (16 resume attempts, requests held past twice
-``limits.max_pending_requests``) carry none.  Driven on a Clock over StringTransport, and over
-real loopback sockets into a factory on a Clock (both transports of the daemon), so every value
-is exact.
+The per-address accept bucket (``limits.accepts_per_second_per_address``) says it in its
+``too_many_connections`` refusal the same way.  Refusals that do not refill with time (16 resume
+attempts, a count of connections or channels reached) carry none.  Driven on a Clock over
+StringTransport, and over real loopback sockets into a factory on a Clock (both transports of
+the daemon), so every value is exact.
 """
 
 from __future__ import annotations
