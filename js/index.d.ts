@@ -71,6 +71,8 @@ export interface ClientOptions extends TlsOptions {
    * subscribe budget), from the first such answer; then it fails with
    * SubscriptionUnavailableError or SubscriptionRateLimitedError, after the last answer
    * (`ready()` rejects, `state` 'failed', no more tries). `Infinity`: never gives up. Default 60000.
+   * A `rate_limited` answer's `retry_after` (0 to 60 s) is the least wait before the next
+   * subscribe on that connection; ending past this deadline, the subscription fails at it.
    */
   subscribeRetryTimeout?: number;
 }
@@ -268,8 +270,14 @@ export const DEFAULTS: Readonly<Required<Pick<ClientOptions,
 
 export class ClientError extends Error {}
 export class ServerError extends ClientError {
-  constructor(code: string, message: string);
+  constructor(code: string, message: string, retryAfter?: number | null);
   readonly code: string;
+  /**
+   * The error's `retry_after` in ms (heartbeatd sends it with `rate_limited` from a token
+   * bucket: the wait until the same request would be accepted); null without one, or when it
+   * is not a number from 0 to 60 seconds.
+   */
+  readonly retryAfter: number | null;
 }
 export class TimeoutError extends ClientError {}
 export class ConnectionError extends ClientError {}
@@ -297,10 +305,14 @@ export class SessionUnavailableError extends ConnectionError {
 export class SubscriptionUnavailableError extends ServerError {
   readonly code: 'unavailable';
   readonly channel: string;
-  /** ms from the first `unavailable` answer to the last. */
+  /** ms from the first refusal to the last. */
   readonly elapsed: number;
-  /** Subscribes answered `unavailable`. */
+  /** Subscribes refused, both kinds: `unavailableAttempts + rateLimitedAttempts`. */
   readonly attempts: number;
+  /** Subscribes answered `unavailable`. */
+  readonly unavailableAttempts: number;
+  /** Subscribes answered `rate_limited` (before the broker went, or between its outages). */
+  readonly rateLimitedAttempts: number;
   /** The subscribeRetryTimeout that ran out, ms. */
   readonly limit: number;
   /** The server's last `unavailable` answer. */
@@ -314,10 +326,17 @@ export class SubscriptionUnavailableError extends ServerError {
 export class SubscriptionRateLimitedError extends ServerError {
   readonly code: 'rate_limited';
   readonly channel: string;
-  /** ms from the first refusal to the last. */
+  /**
+   * ms from the first refusal to the last, or to the deadline when the last refusal's
+   * `retry_after` ended after it (the client then gave up without asking again).
+   */
   readonly elapsed: number;
-  /** Subscribes refused. */
+  /** Subscribes refused, both kinds: `unavailableAttempts + rateLimitedAttempts`. */
   readonly attempts: number;
+  /** Subscribes answered `unavailable`. */
+  readonly unavailableAttempts: number;
+  /** Subscribes answered `rate_limited`. */
+  readonly rateLimitedAttempts: number;
   /** The subscribeRetryTimeout that ran out, ms. */
   readonly limit: number;
   /** The server's last `rate_limited` answer. */

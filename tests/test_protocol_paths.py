@@ -45,6 +45,7 @@ def _registry() -> HandlerRegistry:
     registry.add("const", lambda r: {"n": 1, "s": "é", "l": [1.5, None, True]})
     registry.add("later", lambda r: succeed(r.data))
     registry.add("refuse", _refuse)
+    registry.add("slow_down", _slow_down)
     registry.add("crash", _crash)
     registry.add("unencodable", lambda r: {1, 2})
     registry.add("who", lambda r: r.session.session_id)
@@ -53,6 +54,11 @@ def _registry() -> HandlerRegistry:
 
 def _refuse(request: Request) -> Any:
     raise HandlerError("nope", "refused on purpose")
+
+
+def _slow_down(request: Request) -> Any:
+    """A refusal of a rate: its error frame carries ``retry_after`` on both paths."""
+    raise HandlerError("rate_limited", "slow down", retry_after=0.25)
 
 
 def _crash(request: Request) -> Any:
@@ -64,7 +70,18 @@ _json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner),
     max_leaves=6,
 )
-_handled = ["echo", "ping", "quiet", "const", "later", "refuse", "crash", "unencodable", "who"]
+_handled = [
+    "echo",
+    "ping",
+    "quiet",
+    "const",
+    "later",
+    "refuse",
+    "slow_down",
+    "crash",
+    "unencodable",
+    "who",
+]
 _types = st.sampled_from([*_handled, "nosuch", "pong", "error", ""])
 _ids = st.none() | st.integers(-5, 5) | st.text(max_size=3) | st.just(True) | st.just(1.5)
 

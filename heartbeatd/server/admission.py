@@ -18,6 +18,8 @@ from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 
+from heartbeatd.server.ratelimit import has_token, retry_after
+
 __all__ = ["Admission"]
 
 # Reasons a connection is refused (the factory counts them; /metrics shows them by reason).
@@ -125,16 +127,24 @@ class Admission:
                 f"(limits.max_connections_per_address is {self.max_connections})",
             )
         if self.rate:
-            if entry.tokens < 1.0:
+            if not has_token(entry.tokens):
                 return (
                     PER_ADDRESS_RATE,
                     f"{host} opens connections too fast for the per-address limit "
                     f"(limits.accepts_per_second_per_address is {self.rate:g}, "
                     f"burst {self.burst:g})",
                 )
-            entry.tokens -= 1.0
+            entry.tokens = max(0.0, entry.tokens - 1.0)
         entry.connections += 1
         return None
+
+    def wait(self, key: str | None) -> float | None:
+        """Seconds until ``key``'s accept bucket gives a token (`retry_after`: rounded up to
+        the millisecond), after `admit` refused it ``per_address_rate``; None when it has one."""
+        entry = self._addresses.get(key) if key is not None else None
+        if entry is None or not self.rate or has_token(entry.tokens):
+            return None
+        return retry_after(entry.tokens, self.rate)
 
     def release(self, key: str | None) -> None:
         """A connection that `admit` counted under ``key`` has closed."""

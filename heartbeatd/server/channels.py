@@ -62,6 +62,7 @@ from heartbeatd.config import ChannelsConfig, Config
 from heartbeatd.server.connection import Connection, SharedRun
 from heartbeatd.server.handlers import HandlerError, HandlerRegistry, Request
 from heartbeatd.server.permissions import Permissions, valid_personal
+from heartbeatd.server.ratelimit import has_token, retry_after
 from heartbeatd.wire.envelope import encode_json, encode_message
 from heartbeatd.wire.framing import SharedFrame
 
@@ -100,6 +101,7 @@ PUBLICATION_TOO_LARGE = "publication_too_large"
 ALREADY_SUBSCRIBED = "already_subscribed"
 NOT_SUBSCRIBED = "not_subscribed"
 RATE_LIMITED = "rate_limited"
+
 
 _NAME = re.compile(r"[A-Za-z0-9_.:@/#,-]+")
 
@@ -427,13 +429,15 @@ class ChannelHub:
             return fail(
                 HandlerError(TOO_MANY_CHANNELS, f"a connection may join at most {limit} channels")
             )
-        if not restore and not self._take_subscribe_token(session):
+        wait = None if restore else self._take_subscribe_token(session)
+        if wait is not None:
             rate = self.config.subscribe_rate
             return fail(
                 HandlerError(
                     RATE_LIMITED,
                     f"too many subscribes: at most {rate:g} per second "
                     f"(channels.subscribe_rate, burst channels.subscribe_burst)",
+                    retry_after=wait,
                 )
             )
         if not self.broker.up:
@@ -553,17 +557,19 @@ class ChannelHub:
         attachment = getattr(client, "_resumable", None)
         return 0 if attachment is None else attachment.sessions.channel_keep(attachment.state)
 
-    def _take_subscribe_token(self, session: str) -> bool:
-        """A token bucket per connection: every subscribe may create Redis state (issue 22)."""
+    def _take_subscribe_token(self, session: str) -> float | None:
+        """A token bucket per connection: every subscribe may create Redis state (issue 22).
+
+        None: a token was taken; else the seconds until the next one (`retry_after`)."""
         now = self.factory.clock.seconds()
         config = self.config
         tokens, last = self._subscribe_buckets.get(session, (float(config.subscribe_burst), now))
         tokens = min(float(config.subscribe_burst), tokens + (now - last) * config.subscribe_rate)
-        if tokens < 1.0:
+        if not has_token(tokens):
             self._subscribe_buckets[session] = (tokens, now)
-            return False
-        self._subscribe_buckets[session] = (tokens - 1.0, now)
-        return True
+            return retry_after(tokens, config.subscribe_rate)
+        self._subscribe_buckets[session] = (max(0.0, tokens - 1.0), now)
+        return None
 
     def _remove(self, sub: _Sub) -> None:
         """Forget a subscription; the last local one of a channel stops its fan-out here."""

@@ -707,7 +707,7 @@ class Connection(Protocol):
         if failure.check(HandlerError):
             error: HandlerError = failure.value  # type: ignore[assignment]
             self.factory.count_error(error.code)
-            return encode_error(error.code, error.message, message.id)
+            return encode_error(error.code, error.message, message.id, error.retry_after)
         self.factory.count_error(envelope.INTERNAL_ERROR)
         if self.factory.log_allowed("handler_failed"):
             log.failure(

@@ -23,7 +23,7 @@ from heartbeatd._version import __version__
 from heartbeatd.cluster.broker import Broker, MemoryBroker
 from heartbeatd.config import Config
 from heartbeatd.server import channels, signed_tokens
-from heartbeatd.server.admission import Admission
+from heartbeatd.server.admission import PER_ADDRESS_RATE, Admission
 from heartbeatd.server.auth import Authenticator
 from heartbeatd.server.connection import Connection, format_address
 from heartbeatd.server.handlers import HandlerError, HandlerRegistry, default_registry
@@ -255,9 +255,9 @@ class ServerFactory(Factory):
             stop()
 
     def buildProtocol(self, addr: IAddress) -> Protocol:
-        refusal, key = self.admit(format_address(addr), getattr(addr, "host", None))
+        refusal, key, wait = self._admit(format_address(addr), getattr(addr, "host", None))
         if refusal is not None:
-            body = encode_error(TOO_MANY_CONNECTIONS, refusal)
+            body = encode_error(TOO_MANY_CONNECTIONS, refusal, retry_after=wait)
             refused = RefusedProtocol(self.framing.encode(body))
             refused.factory = self
             return refused
@@ -272,6 +272,14 @@ class ServerFactory(Factory):
         admission key (`Admission.release` it when it closes); ``(why, None)``: no, counted
         and logged (rate-limited).  ``limit_total``: also check ``limits.max_connections``
         (every listener's connections together, handshakes included)."""
+        refusal, key, _ = self._admit(peer, host, limit_total=limit_total)
+        return refusal, key
+
+    def _admit(
+        self, peer: str, host: str | None, *, limit_total: bool = True
+    ) -> tuple[str | None, str | None, float | None]:
+        """`admit`, and the seconds until a refusal of the per-address accept rate would not
+        happen again (the error frame's ``retry_after``; None for the other refusals)."""
         if limit_total and len(self.clients) + self.handshaking >= self.max_connections:
             self.refused += 1
             self.refusals["max_connections"] += 1
@@ -283,17 +291,18 @@ class ServerFactory(Factory):
                     count=len(self.clients) + self.handshaking,
                     limit=self.max_connections,
                 )
-            return f"the server holds its maximum of {self.max_connections} connections", None
+            return f"the server holds its maximum of {self.max_connections} connections", None, None
         key = self.admission.key(host)
         refusal = self.admission.admit(key)
         if refusal is None:
-            return None, key
+            return None, key, None
         reason, message = refusal
         self.refused += 1
         self.refusals[reason] += 1
         if self.log_limiter.allow("refused:" + reason):
             log.warn("Refused a connection from {peer}: {message}", peer=peer, message=message)
-        return message, None
+        wait = self.admission.wait(key) if reason == PER_ADDRESS_RATE else None
+        return message, None, wait
 
     # -- the registry -------------------------------------------------------------------------
 

@@ -59,12 +59,20 @@ class Reply:
 
 
 class HandlerError(Exception):
-    """Raise from a handler to send ``{"type": "error", "error": {code, message}}``."""
+    """Raise from a handler to send ``{"type": "error", "error": {code, message}}``.
 
-    def __init__(self, code: str, message: str) -> None:
+    ``retry_after`` (seconds, a number): when the refusal is of a rate that refills with
+    time, how long until the request would be accepted; the ``error`` object then carries it
+    (docs/protocol.md, "Errors")."""
+
+    #: Also the value for a subclass whose ``__init__`` does not call this one.
+    retry_after: float | None = None
+
+    def __init__(self, code: str, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.retry_after = retry_after
 
 
 class Request:

@@ -311,13 +311,18 @@ def after_login(client: Any, verified: Verified) -> None:
         d.addCallbacks(
             lambda answer: client.send("subscribed", answer),
             lambda failure, channel=name: client.send(
-                "subscribe_refused",
-                {
-                    "channel": channel,
-                    "code": getattr(failure.value, "code", "unavailable"),
-                },
+                "subscribe_refused", _refused(channel, failure.value)
             ),
         )
+
+
+def _refused(channel: str, error: BaseException) -> dict[str, Any]:
+    """A claimed channel's ``subscribe_refused`` push (``retry_after`` with ``rate_limited``)."""
+    refused: dict[str, Any] = {"channel": channel, "code": getattr(error, "code", "unavailable")}
+    wait = getattr(error, "retry_after", None)
+    if wait is not None:
+        refused["retry_after"] = wait
+    return refused
 
 
 # -- the refresh message -----------------------------------------------------------------

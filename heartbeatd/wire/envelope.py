@@ -248,6 +248,14 @@ def encode_message(type: str, data: Any = OMIT, id: str | int | None = None) -> 
     return _dumps(envelope)
 
 
-def encode_error(code: str, message: str, id: str | int | None = None) -> bytes:
-    """Encode an error envelope; ``id`` is null when the request's id is unknown."""
-    return _dumps({"type": "error", "id": id, "error": {"code": code, "message": message}})
+def encode_error(
+    code: str, message: str, id: str | int | None = None, retry_after: float | None = None
+) -> bytes:
+    """Encode an error envelope; ``id`` is null when the request's id is unknown.
+
+    ``retry_after``: seconds until a refusal of a rate (``rate_limited``) would not happen
+    again; the ``error`` object carries it only when given."""
+    error: dict[str, Any] = {"code": code, "message": message}
+    if retry_after is not None:
+        error["retry_after"] = retry_after
+    return _dumps({"type": "error", "id": id, "error": error})

@@ -47,3 +47,16 @@ export function goawayDelay(data, random = Math.random) {
   const seconds = typeof window === 'number' && Number.isFinite(window) && window > 0 ? Math.min(window, 300) : 0;
   return random() * seconds * 1000;
 }
+
+/** The longest `retry_after` the client honours, in seconds. */
+export const MAX_RETRY_AFTER = 60;
+
+/**
+ * An error object's `retry_after` (seconds until the server would not refuse the same way
+ * again: heartbeatd sends it with `rate_limited` from a token bucket), in ms; null when there
+ * is none, or it is not a finite number from 0 to MAX_RETRY_AFTER: a hostile or broken server
+ * must not stall the client (or make it spin with a negative wait).
+ */
+export function retryAfterDelay(value) {
+  return typeof value === 'number' && Number.isFinite(value) && value >= 0 && value <= MAX_RETRY_AFTER ? value * 1000 : null;
+}

@@ -501,7 +501,7 @@ export class Client extends Emitter {
         if (!current()) return;
         sub._attempts = 0; // the next unavailable spell backs off from the start again
         sub._unavailableSince = null;
-        sub._unavailableAttempts = 0;
+        sub._refusals = null;
         if (!sub._answered(answer)) this.connection?.abort(new ConnectionError('a malformed subscribe answer'));
       },
       (error) => {
@@ -542,22 +542,29 @@ export class Client extends Emitter {
 
   /**
    * A subscribe answered `unavailable` (the cluster's broker is down) or `rate_limited` (the
-   * daemon's per-connection subscribe budget, a token bucket that refills by itself; it sends
-   * no retry-after hint): try again on this connection, backing off, but not for ever: after
-   * `subscribeRetryTimeout` ms of nothing but these refusals (from the first, across
-   * reconnects) the subscription fails, with the typed error of the last one.
+   * daemon's per-connection subscribe budget, a token bucket that refills by itself): try
+   * again on this connection, backing off, but not for ever: after `subscribeRetryTimeout` ms
+   * of nothing but these refusals (from the first, across reconnects) the subscription fails,
+   * with the typed error of the last one.  A `rate_limited` answer's `retry_after` (honoured
+   * from 0 to 60 s, see retryAfterDelay) is the least wait: no subscribe goes out on this
+   * connection before it, and when it ends past the deadline the subscription fails at the
+   * deadline instead of asking again (a reconnect, with a fresh budget, asks at once).
    */
   _subscribeRefused(sub, error, current) {
     const t = now();
     sub._unavailableSince ??= t;
-    sub._unavailableAttempts = (sub._unavailableAttempts ?? 0) + 1;
+    const refusals = (sub._refusals ??= { unavailable: 0, rate_limited: 0 });
+    refusals[error.code] += 1;
     sub._early = null;
     const limit = this.options.subscribeRetryTimeout;
     const elapsed = t - sub._unavailableSince;
-    if (elapsed >= limit) {
+    const giveUp = (at) => {
       this._subs.delete(sub.channel);
       const GaveUp = error.code === 'rate_limited' ? SubscriptionRateLimitedError : SubscriptionUnavailableError;
-      sub._failed(new GaveUp(sub.channel, elapsed, sub._unavailableAttempts, limit, error));
+      sub._failed(new GaveUp(sub.channel, at, { ...refusals }, limit, error));
+    };
+    if (elapsed >= limit) {
+      giveUp(elapsed);
       return;
     }
     sub.emit('error', error);
@@ -565,15 +572,20 @@ export class Client extends Emitter {
     sub._sessionEpoch = null;
     sub._attempts = (sub._attempts ?? 0) + 1;
     const { minReconnectDelay, maxReconnectDelay, random } = this.options;
-    // The last try comes at the deadline, not after.
-    const delay = Math.min(
-      reconnectDelay(sub._attempts, minReconnectDelay, maxReconnectDelay, random),
-      sub._unavailableSince + limit - t,
-    );
+    const left = sub._unavailableSince + limit - t;
+    const least = error.code === 'rate_limited' ? (error.retryAfter ?? 0) : 0;
+    // The last try comes at the deadline, not after; none comes before the server's retry_after.
+    const tooLate = least > left;
+    const delay = Math.min(Math.max(reconnectDelay(sub._attempts, minReconnectDelay, maxReconnectDelay, random), least), left);
     sub._retryTimer = setTimeout(() => {
       sub._retryTimer = null;
+      if (!current()) return;
+      if (tooLate) {
+        giveUp(now() - sub._unavailableSince); // this connection's budget comes back after the deadline
+        return;
+      }
       const conn = this.connection;
-      if (current() && this._live(conn)) this._attach(conn, sub);
+      if (this._live(conn)) this._attach(conn, sub);
     }, delay);
   }
 

@@ -7,7 +7,7 @@
 // answers pings, pings a quiet server, and aborts one silent past the timeout, so a half-open
 // connection is found from this side too.
 
-import { heartbeatTerms } from './backoff.js';
+import { heartbeatTerms, retryAfterDelay } from './backoff.js';
 import { decodeMessage, encodeMessage } from './envelope.js';
 import { ConnectionError, MessageTooLargeError, ServerError, TimeoutError } from './errors.js';
 import { HEARTBEAT } from './framing.js';
@@ -22,10 +22,10 @@ export const now = () => globalThis.performance?.now?.() ?? Date.now();
 
 const isObject = (value) => value !== null && typeof value === 'object' && !Array.isArray(value);
 
-/** A ServerError from an error envelope's `{"code", "message"}`. */
+/** A ServerError from an error envelope's `{"code", "message", "retry_after"?}`. */
 export function serverError(error) {
   const e = isObject(error) ? error : {};
-  return new ServerError(String(e.code ?? 'unknown'), String(e.message ?? ''));
+  return new ServerError(String(e.code ?? 'unknown'), String(e.message ?? ''), retryAfterDelay(e.retry_after));
 }
 
 export class Connection {

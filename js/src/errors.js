@@ -9,14 +9,19 @@ export class ClientError extends Error {
   }
 }
 
-/** The server answered with an error envelope: `code` is its machine-readable code. */
+/**
+ * The server answered with an error envelope: `code` is its machine-readable code;
+ * `retryAfter` the ms its `retry_after` asks to wait before trying again (null: none, or not a
+ * number from 0 to 60 s).
+ */
 export class ServerError extends ClientError {
-  constructor(code, message) {
+  constructor(code, message, retryAfter = null) {
     super(`${code}: ${message}`);
     this.name = 'ServerError';
     this.code = code;
     // The server's own text, without the code (Error's message keeps both for logs).
     this.message = message;
+    this.retryAfter = retryAfter;
   }
 
   toString() {
@@ -112,19 +117,27 @@ export class SessionUnavailableError extends ConnectionError {
  * ends with; subscribe again to retry.  Not exported: catch either, or ServerError.
  */
 class SubscriptionGaveUpError extends ServerError {
-  constructor(name, code, refused, channel, elapsed, attempts, limit, cause) {
+  constructor(name, code, refused, channel, elapsed, refusals, limit, cause) {
+    const { unavailable = 0, rate_limited: rateLimited = 0 } = refusals;
+    const attempts = unavailable + rateLimited;
     super(
       code,
       `the server ${refused} to ${channel} for ${Math.round(elapsed)} ms ` +
-        `(${attempts} attempts; subscribeRetryTimeout is ${limit} ms): gave up`,
+        `(${attempts} attempts: ${unavailable} unavailable, ${rateLimited} rate_limited; ` +
+        `subscribeRetryTimeout is ${limit} ms): gave up`,
+      cause?.retryAfter ?? null,
     );
     this.name = name;
     this.cause = cause;
     this.channel = channel;
-    /** ms from the first refusal to the last. */
+    /** ms from the first refusal to the last (or to the deadline, see rateLimitedAttempts). */
     this.elapsed = elapsed;
-    /** Subscribes refused. */
+    /** Subscribes refused, both kinds: unavailableAttempts + rateLimitedAttempts. */
     this.attempts = attempts;
+    /** Subscribes answered `unavailable`. */
+    this.unavailableAttempts = unavailable;
+    /** Subscribes answered `rate_limited`. */
+    this.rateLimitedAttempts = rateLimited;
     /** The `subscribeRetryTimeout` that ran out, ms. */
     this.limit = limit;
   }
@@ -139,20 +152,25 @@ class SubscriptionGaveUpError extends ServerError {
  * its Redis, is down) for `subscribeRetryTimeout` ms (SubscriptionGaveUpError above).
  */
 export class SubscriptionUnavailableError extends SubscriptionGaveUpError {
-  constructor(channel, elapsed, attempts, limit, cause) {
-    super('SubscriptionUnavailableError', 'unavailable', 'answered "unavailable" to every subscribe', channel, elapsed, attempts, limit, cause);
+  /** `refusals`: `{unavailable, rate_limited}`, the subscribes answered each way (a number: all `unavailable`). */
+  constructor(channel, elapsed, refusals, limit, cause) {
+    const counts = typeof refusals === 'number' ? { unavailable: refusals } : refusals;
+    super('SubscriptionUnavailableError', 'unavailable', 'answered "unavailable" to every subscribe', channel, elapsed, counts, limit, cause);
   }
 }
 
 /**
  * The server refused every subscribe to `channel`, the last with `rate_limited` (heartbeatd's
  * per-connection subscribe budget, `channels.subscribe_rate` and `channels.subscribe_burst`,
- * which refills by itself: the client asks again with the reconnect backoff), for
- * `subscribeRetryTimeout` ms (SubscriptionGaveUpError above).  `attempts` counts the
- * `rate_limited` and `unavailable` refusals alike.
+ * which refills by itself: the client asks again with the reconnect backoff, and never before
+ * the refusal's `retry_after`), for `subscribeRetryTimeout` ms (SubscriptionGaveUpError
+ * above).  `attempts` counts both kinds of refusal; `rateLimitedAttempts` and
+ * `unavailableAttempts` each.
  */
 export class SubscriptionRateLimitedError extends SubscriptionGaveUpError {
-  constructor(channel, elapsed, attempts, limit, cause) {
-    super('SubscriptionRateLimitedError', 'rate_limited', 'refused every subscribe (the last as "rate_limited")', channel, elapsed, attempts, limit, cause);
+  /** `refusals`: `{unavailable, rate_limited}`, the subscribes answered each way (a number: all `rate_limited`). */
+  constructor(channel, elapsed, refusals, limit, cause) {
+    const counts = typeof refusals === 'number' ? { rate_limited: refusals } : refusals;
+    super('SubscriptionRateLimitedError', 'rate_limited', 'refused every subscribe (the last as "rate_limited")', channel, elapsed, counts, limit, cause);
   }
 }

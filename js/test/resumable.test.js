@@ -543,7 +543,7 @@ it('an unavailable spell shorter than subscribeRetryTimeout: subscribed, and the
     await sub.ready();
     assert.deepEqual(errors, ['unavailable', 'unavailable', 'unavailable']);
     assert.equal(sub._unavailableSince, null);
-    assert.equal(sub._unavailableAttempts, 0);
+    assert.equal(sub._refusals, null); // the counts of each kind of refusal
   } finally {
     await client.close();
   }

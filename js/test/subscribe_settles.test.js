@@ -2,7 +2,8 @@
 // lost connection (or a failed attempt) fails it with a ConnectionError; a session subscribe
 // refused by `maxBuffered` fails with the QueueFullError; a subscribe answered `rate_limited`
 // (the daemon's per-connection token bucket, channels.subscribe_rate) is asked again with the
-// reconnect backoff, for subscribeRetryTimeout ms, then fails with SubscriptionRateLimitedError.
+// reconnect backoff, never before its retry_after, for subscribeRetryTimeout ms, then fails
+// with SubscriptionRateLimitedError.
 
 import assert from 'node:assert/strict';
 import { after, afterEach, before, beforeEach, describe, it } from 'node:test';
@@ -208,7 +209,8 @@ describe('against heartbeatd (channels.subscribe_rate 2/s, burst 1)', () => {
   });
 
   it('rate_limited for subscribeRetryTimeout: SubscriptionRateLimitedError, no more tries', { timeout: 20_000 }, async () => {
-    // The token comes back after 500 ms; the client gives up after 100.
+    // The token comes back after 500 ms (the refusal's retry_after says so); the client gives
+    // up after 100, at the deadline, without asking again before the token is back.
     const client = await connect(daemon.url, { ...QUICK, minReconnectDelay: 10, maxReconnectDelay: 20, subscribeRetryTimeout: 100 });
     try {
       await client.subscribe('first').ready();
@@ -221,9 +223,15 @@ describe('against heartbeatd (channels.subscribe_rate 2/s, burst 1)', () => {
       assert.equal(error.channel, 'second');
       assert.equal(error.cause?.code, 'rate_limited');
       assert.equal(error.limit, 100);
-      assert.ok(error.attempts >= 2, `only ${error.attempts} attempts`);
+      assert.equal(error.attempts, 1);
+      assert.equal(error.rateLimitedAttempts, 1);
+      assert.equal(error.unavailableAttempts, 0);
+      assert.ok(error.cause.retryAfter > 300 && error.cause.retryAfter <= 500, String(error.cause.retryAfter));
+      assert.ok(error.elapsed >= 95, `gave up after ${error.elapsed} ms`);
       assert.equal(sub.state, 'failed');
-      assert.equal(refusals.length, error.attempts);
+      // The answer's own event, then (no answer at the deadline) the error it failed with.
+      assert.equal(refusals.length, error.attempts + 1);
+      assert.equal(refusals[0], error.cause);
       assert.equal(refusals.at(-1), error);
       assert.equal(sub._retryTimer, null);
       assert.equal(await client.request('echo', 'still here'), 'still here');

@@ -3,7 +3,8 @@
 // drop, what is lost on the wire, and when replies come, so each path runs deterministically.
 // It speaks just enough: hello, session, resume (with takeover), numbered requests (`echo`,
 // `later`: answered when the test says, `subscribe` and `unsubscribe`: the session's channels,
-// `already_subscribed` as heartbeatd answers, `session_end`), acks both ways, pushes.
+// `already_subscribed` as heartbeatd answers, `session_end`), acks both ways, pushes; and
+// subscribe refusals on demand (`unavailable`, `rate_limited` with any `retry_after`).
 
 import { randomBytes } from 'node:crypto';
 import net from 'node:net';
@@ -32,6 +33,11 @@ export class SessionServer {
     this.resumeUnavailable = 0;
     /** Answer this many subscribes `unavailable` (the cluster's broker is down; Infinity: all). */
     this.subscribeUnavailable = 0;
+    /**
+     * Answer the next subscribes `rate_limited` (after any `subscribeUnavailable`), one per
+     * entry, taken in order: the entry is the error's `retry_after` (undefined: none).
+     */
+    this.subscribeRateLimited = [];
     /** Take this many subscribes (subscribed, acked) and never answer them (Infinity: all). */
     this.subscribeSilent = 0;
     this.server = net.createServer((socket) => this._accept(socket));
@@ -120,7 +126,7 @@ export class SessionServer {
       for (const body of decoder.feed(chunk)) {
         if (socket.destroyed) return;
         const message = JSON.parse(new TextDecoder().decode(body));
-        this.log.push({ conn, message });
+        this.log.push({ conn, message, at: performance.now() });
         this._message(socket, state, message);
       }
     });
@@ -136,6 +142,13 @@ export class SessionServer {
     const numbered = { ...message, seq: session.outSeq };
     session.out.push(numbered);
     this._write(session.socket, numbered);
+  }
+
+  _rateLimited() {
+    const retryAfter = this.subscribeRateLimited.shift();
+    const error = { code: 'rate_limited', message: 'too many subscribes' };
+    if (retryAfter !== undefined) error.retry_after = retryAfter;
+    return error;
   }
 
   _message(socket, state, m) {
@@ -201,6 +214,7 @@ export class SessionServer {
         this.subscribeUnavailable -= 1;
         return error('unavailable', "the cluster's broker is unreachable");
       }
+      if (this.subscribeRateLimited.length > 0) return this._write(socket, { type: 'error', id: m.id, error: this._rateLimited() });
       return reply({ channel: m.data.channel, epoch: 'e1', offset: 0 });
     }
     if (m.seq <= session.inHigh) return undefined; // a duplicate: its reply is in the stream
@@ -228,6 +242,10 @@ export class SessionServer {
         if (this.subscribeUnavailable > 0) {
           this.subscribeUnavailable -= 1;
           return answerError('unavailable', "the cluster's broker is unreachable");
+        }
+        if (this.subscribeRateLimited.length > 0) {
+          if (m.id !== undefined) this._numbered(session, { type: 'error', id: m.id, error: this._rateLimited(), ack: session.inHigh });
+          return undefined;
         }
         if (session.channels.has(channel)) return answerError('already_subscribed', `already subscribed to ${channel}`);
         session.channels.add(channel);
