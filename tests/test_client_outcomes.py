@@ -25,6 +25,7 @@ from heartbeatd.client import (
     Pool,
     PoolConfig,
     ServerError,
+    SubscriptionUnavailable,
 )
 from heartbeatd.client.reconnect import MAX_RETRY_AFTER, ReconnectingClient
 
@@ -312,18 +313,35 @@ def test_a_non_finite_retry_after_cannot_stall_the_subscribe(clock: Clock, hint:
     assert again["type"] == "subscribe"
 
 
-def test_retry_after_is_honoured_past_subscribe_retry_timeout_then_it_gives_up(
+def test_a_retry_after_past_subscribe_retry_timeout_fails_at_the_deadline_without_a_try(
     clock: Clock,
 ) -> None:
-    """The deadline does not make a try come before the server said it would take one."""
+    """No try the server said it would refuse; the caller's deadline holds (as in JS)."""
     client, _endpoint, peer = connected(clock, subscribe_retry_timeout=3)
     subscribed = client.subscribe("news", lambda *a: None)
     (ask,) = peer.written()
     peer.refuse(ask, "rate_limited", retry_after=5)
-    again = retried_after(clock, peer, 5)  # not at the deadline (3 s): the server said 5
-    peer.refuse(again, "rate_limited", retry_after=5)
+    clock.advance(2.99)
+    assertNoResult(subscribed)
+    clock.advance(0.01)
     error = failureResultOf(subscribed, ServerError).value
     assert error.code == "rate_limited" and error.retry_after == 5.0
+    assert peer.written() == []  # no doomed try
+    clock.advance(10)
+    assert [m for m in peer.written() if m["type"] == "subscribe"] == []
+
+
+def test_an_unavailable_hint_past_the_deadline_fails_with_subscription_unavailable(
+    clock: Clock,
+) -> None:
+    client, _endpoint, peer = connected(clock, subscribe_retry_timeout=3)
+    subscribed = client.subscribe("news", lambda *a: None)
+    (ask,) = peer.written()
+    peer.refuse(ask, "unavailable", retry_after=5)
+    clock.advance(3)
+    gave_up = failureResultOf(subscribed, SubscriptionUnavailable).value
+    assert gave_up.__cause__.code == "unavailable"
+    assert peer.written() == []
 
 
 def test_retry_after_applies_to_a_session_subscribe_too(clock: Clock) -> None:

@@ -571,7 +571,8 @@ class ReconnectingClient:
         the first such answer (across reconnects; the last try comes at the deadline), then
         fail: `SubscriptionUnavailable`, or the ``rate_limited`` error itself.  An answer's
         ``retry_after`` (up to `MAX_RETRY_AFTER` seconds; a larger one is ignored) is the
-        shortest wait before the next try, even when that is past the deadline."""
+        shortest wait before the next try; when it ends past the deadline, the subscription
+        fails at the deadline without a try the server said it would refuse (as in JS)."""
         now = self._reactor.seconds()
         if sub._unavailable_since is None:
             sub._unavailable_since = now
@@ -583,23 +584,33 @@ class ReconnectingClient:
             )
         sub._unavailable_attempts += 1
         since, limit = sub._unavailable_since, self._subscribe_retry_timeout
-        elapsed = now - since
-        if elapsed >= limit:
-            if error.code != "unavailable":
-                self._give_up(sub, Failure(error))
-                return
-            gave_up = SubscriptionUnavailable(
-                sub.channel, elapsed, sub._unavailable_attempts, limit
-            )
-            gave_up.__cause__ = error
-            self._give_up(sub, Failure(gave_up))
+        if now - since >= limit:
+            self._stop_retrying(sub, error)
             return
-        delay = min(self._backoff(sub._unavailable_attempts), since + limit - now)
+        left = since + limit - now
+        delay = min(self._backoff(sub._unavailable_attempts), left)
         hint = error.retry_after  # the server says when it will take one: never sooner
         if hint is not None and hint <= MAX_RETRY_AFTER:
-            # Even past the deadline (by MAX_RETRY_AFTER at most): a try before it is refused.
+            if hint > left:  # every try before the deadline would be refused
+                sub._retry_timer = self._reactor.callLater(left, self._stop_retrying, sub, error)
+                return
             delay = max(delay, hint)
         sub._retry_timer = self._reactor.callLater(delay, self._retry_subscribe, sub)
+
+    def _stop_retrying(self, sub: Subscription, error: ServerError) -> None:
+        """``subscribe_retry_timeout`` ran out: `SubscriptionUnavailable`, or the
+        ``rate_limited`` error itself."""
+        sub._retry_timer = None
+        if error.code != "unavailable":
+            self._give_up(sub, Failure(error))
+            return
+        since = sub._unavailable_since
+        elapsed = self._reactor.seconds() - (since if since is not None else 0.0)
+        gave_up = SubscriptionUnavailable(
+            sub.channel, elapsed, sub._unavailable_attempts, self._subscribe_retry_timeout
+        )
+        gave_up.__cause__ = error
+        self._give_up(sub, Failure(gave_up))
 
     def _retry_subscribe(self, sub: Subscription) -> None:
         sub._retry_timer = None
