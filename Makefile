@@ -44,7 +44,8 @@ PYTEST_WORKERS ?= 4
 # (HEARTBEATD_NO_EXTENSIONS=1): the first run is on the C one that the install compiled.
 PURE_PYTHON_TESTS := tests/test_framing.py tests/test_envelope.py tests/test_protocol.py \
 	tests/test_protocol_paths.py tests/test_borrowed_decoder.py tests/test_fuzz_server.py \
-	tests/test_hostile_peers.py tests/test_fanout.py tests/test_speedups.py
+	tests/test_hostile_peers.py tests/test_fanout.py tests/test_speedups.py \
+	tests/test_retry_after.py
 
 test-newest: $(STAMP) redis-server js-deps chromium promtool
 	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS)
