@@ -34,6 +34,8 @@ from wsclient import (
     handshake_request,
 )
 
+from heartbeatd.websocket.protocol import retry_after_header
+
 ORIGIN = "http://127.0.0.1:8000"
 CONFIG = {
     "websocket": {
@@ -515,6 +517,36 @@ def test_trusted_proxies_name_the_client_for_limits_and_logs(tmp_path: Path) -> 
         peers = sorted(c["peer"] for c in clients["clients"])
         assert peers[0].startswith("198.51.100.7 (via 127.0.0.1:")
         assert peers[1].startswith("203.0.113.9 (via 127.0.0.1:")
+
+
+def test_a_refusal_of_the_accept_rate_says_when_to_retry(tmp_path: Path) -> None:
+    # HTTP's Retry-After (whole seconds, rounded up) for the per-address accept rate, on the
+    # 503 before the handshake; none for a refusal that waiting does not lift.
+    config = {
+        **CONFIG,
+        "limits": {
+            "accepts_per_second_per_address": 0.5,
+            "accept_burst_per_address": 1,
+            "max_connections_per_address": 0,
+            "per_address_exempt": [],
+        },
+    }
+    with (
+        Daemon(tmp_path, config) as daemon,
+        socket.create_connection(("127.0.0.1", daemon.ws_port), timeout=10) as held,
+    ):
+        held.sendall(handshake_request("/ws"))
+        with socket.create_connection(("127.0.0.1", daemon.ws_port), timeout=10) as s:
+            answer = read_all(s)
+    head = answer.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+    assert head[0].startswith(b"HTTP/1.1 503 "), answer
+    assert [h for h in head if h.lower().startswith(b"retry-after:")] in (
+        [b"Retry-After: 1"],
+        [b"Retry-After: 2"],
+    ), answer
+    assert retry_after_header(None) == b""
+    assert retry_after_header(0.001) == b"Retry-After: 1\r\n"
+    assert retry_after_header(1.2) == b"Retry-After: 2\r\n"
 
 
 def test_forwarded_for_with_ports_repeated_headers_and_junk(tmp_path: Path) -> None:

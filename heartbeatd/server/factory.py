@@ -255,7 +255,7 @@ class ServerFactory(Factory):
             stop()
 
     def buildProtocol(self, addr: IAddress) -> Protocol:
-        refusal, key, wait = self._admit(format_address(addr), getattr(addr, "host", None))
+        refusal, key, wait = self.admit_with_wait(format_address(addr), getattr(addr, "host", None))
         if refusal is not None:
             body = encode_error(TOO_MANY_CONNECTIONS, refusal, retry_after=wait)
             refused = RefusedProtocol(self.framing.encode(body))
@@ -272,10 +272,10 @@ class ServerFactory(Factory):
         admission key (`Admission.release` it when it closes); ``(why, None)``: no, counted
         and logged (rate-limited).  ``limit_total``: also check ``limits.max_connections``
         (every listener's connections together, handshakes included)."""
-        refusal, key, _ = self._admit(peer, host, limit_total=limit_total)
+        refusal, key, _ = self.admit_with_wait(peer, host, limit_total=limit_total)
         return refusal, key
 
-    def _admit(
+    def admit_with_wait(
         self, peer: str, host: str | None, *, limit_total: bool = True
     ) -> tuple[str | None, str | None, float | None]:
         """`admit`, and the seconds until a refusal of the per-address accept rate would not

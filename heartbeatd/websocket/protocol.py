@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
+import math
 import re
 import zlib
 from collections import deque
@@ -124,6 +125,14 @@ def http_response(status: int, text: str, extra: bytes = b"") -> bytes:
     )
 
 
+def retry_after_header(wait: float | None) -> bytes:
+    """``Retry-After`` for a refusal of the per-address accept rate (``wait`` seconds, whole
+    seconds in HTTP: rounded up); nothing for the other refusals."""
+    if wait is None:
+        return b""
+    return b"Retry-After: %d\r\n" % max(1, math.ceil(wait))
+
+
 class BoundedDeflate(PerMessageDeflate):
     """permessage-deflate whose inflated message is capped at ``limit`` bytes (1009 past it):
     wsproto would inflate a small frame into any size (a zip bomb)."""
@@ -215,9 +224,9 @@ class WebSocketSite(Factory):
         # Behind a trusted proxy the client is known only from its request's headers: the
         # per-address limits wait for them (the total limit applies now).
         proxied = self.trusted(host)
-        refusal, key = server.admit(format_address(addr), None if proxied else host)
+        refusal, key, wait = server.admit_with_wait(format_address(addr), None if proxied else host)
         if refusal is not None:
-            refused = RefusedProtocol(http_response(503, refusal))
+            refused = RefusedProtocol(http_response(503, refusal, retry_after_header(wait)))
             refused.factory = server
             return refused
         protocol = WebSocketProtocol(self)
@@ -343,9 +352,12 @@ class WebSocketProtocol(Connection):
             if client is not None:
                 self._peer = f"{client} (via {format_address(peer)})"
                 self.forwarded_client = client
-            refusal, key = self.factory.admit(self.peer, client or host, limit_total=False)
+            refusal, key, wait = self.factory.admit_with_wait(
+                self.peer, client or host, limit_total=False
+            )
             if refusal is not None:
-                self._refuse_upgrade(429, "refused", refusal, counted=True)
+                extra = retry_after_header(wait)
+                self._refuse_upgrade(429, "refused", refusal, extra, counted=True)
                 return
             self.admitted_host = key
         extensions = []
