@@ -6,15 +6,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from fake_server import HELLO, FakeEndpoint, Peer
 from helpers import frame, parse_frames
-from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface import implementer
 
 from heartbeatd.client import (
     ClientConnection,
@@ -37,7 +35,6 @@ successResultOf, failureResultOf, assertNoResult = (
     _sync.assertNoResult,
 )
 
-HELLO = {"type": "hello", "data": {"session": "c1", "heartbeat": {"interval": 10, "timeout": 30}}}
 KEY = "k" * 24
 
 
@@ -280,43 +277,6 @@ def test_bad_seq_values_drop_the_connection(clock: Clock) -> None:
 
 
 # -- the reconnecting client: resume, resend, replay, lost, takeover -----------------------------
-
-
-@implementer(IStreamClientEndpoint)
-class FakeEndpoint:
-    def __init__(self) -> None:
-        self.attempts: list[tuple[Any, Deferred]] = []
-
-    def connect(self, factory: Any) -> Deferred:
-        d: Deferred = Deferred()
-        self.attempts.append((factory, d))
-        return d
-
-    def accept(self) -> Peer:
-        factory, d = self.attempts[-1]
-        proto = factory.buildProtocol(None)
-        transport = StringTransport()
-        proto.makeConnection(transport)
-        d.callback(proto)
-        peer = Peer(proto, transport)
-        peer.send(HELLO)
-        return peer
-
-
-class Peer:
-    def __init__(self, proto: ClientConnection, transport: StringTransport) -> None:
-        self.proto, self.transport = proto, transport
-
-    def send(self, *objs: Any) -> None:
-        self.proto.dataReceived(b"".join(frame(o) for o in objs))
-
-    def written(self) -> list[Any]:
-        data = self.transport.value()
-        self.transport.clear()
-        return parse_frames(data)
-
-    def drop(self) -> None:
-        self.proto.connectionLost(Failure(ConnectionDone("gone")))
 
 
 def make_client(clock: Clock) -> tuple[ReconnectingClient, FakeEndpoint, list]:
