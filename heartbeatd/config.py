@@ -69,6 +69,9 @@ CLIENT_IDENTITIES = ("subject", "issuer_and_subject")
 #: File descriptors kept back from the connection limit: listeners, logs, the admin API and
 #: its connections, Redis, the reactor's own, and refused connections still being answered.
 FD_RESERVE = 64
+#: With ``limits.max_connections`` 0, fewer connections than this from the open-file limit is
+#: most likely a forgotten ``LimitNOFILE=`` (or a shell's ``ulimit -n`` of 1024): warned of.
+LOW_CONNECTION_LIMIT = 1024
 #: Most worker processes (``workers``); far more than cores is never useful.
 MAX_WORKERS = 256
 #: Listeners a worker can adopt from its supervisor: plain stream sockets (see workers.py).

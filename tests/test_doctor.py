@@ -18,10 +18,11 @@ import yaml
 from daemon import Daemon
 from redis_server import RedisServer
 
-from heartbeatd.config import parse_config
+from heartbeatd.config import LOW_CONNECTION_LIMIT, parse_config
 from heartbeatd.daemon.doctor import FAIL, OK, WARN, Machine, diagnose
 
 HEARTBEAT = str(Path(sys.executable).parent / "heartbeat")
+SHIPPED = Path(__file__).resolve().parent.parent / "config" / "heartbeatd.yaml"
 
 
 def doctor(
@@ -58,6 +59,17 @@ def test_a_low_ulimit_fails_the_open_files_check(tmp_path: Path) -> None:
     assert "open-file limit 256" in line and "cap it to 192" in line
     assert "LimitNOFILE" in line and "1,064" in line
     assert "1 problem(s) would break the daemon" in result.stdout
+
+
+def test_a_low_ulimit_warns_with_the_shipped_config(tmp_path: Path) -> None:
+    # limits.max_connections 0 (the shipped default) takes its count from the open-file
+    # limit: 192 connections is a forgotten LimitNOFILE, said as a warning (exit 0: it works).
+    shipped = yaml.safe_load(SHIPPED.read_text())
+    result = doctor(tmp_path, shipped, nofile=256)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (line,) = lines(result, WARN, "open files")
+    assert "only 192 connections per process" in line and "LimitNOFILE" in line
+    assert not lines(result, OK, "open files")
 
 
 def test_the_same_config_passes_under_a_sufficient_limit(tmp_path: Path) -> None:
@@ -146,6 +158,16 @@ def test_a_backlog_above_somaxconn_is_capped_silently_and_said() -> None:
         parse_config({"listen": "tcp:0", "limits": {"max_connections": 50_000}}), machine()
     )
     assert "reconnect storm" in next(c.text for c in small if c.topic == "backlog")
+
+
+def test_max_connections_0_warns_below_the_low_mark_only() -> None:
+    auto = parse_config({})
+    low = [c for c in diagnose(auto, machine(nofile=1000), sample=0) if c.topic == "open files"]
+    assert [c.level for c in low] == [WARN] and "only 936 connections" in low[0].text
+    fine = diagnose(auto, machine(nofile=LOW_CONNECTION_LIMIT + 64), sample=0)
+    assert levels(fine, "open files") == [OK]
+    chosen = parse_config({"limits": {"max_connections": 500}})
+    assert levels(diagnose(chosen, machine(nofile=1000), sample=0), "open files") == [OK]
 
 
 def test_workers_multiply_the_memory_and_the_descriptors() -> None:

@@ -7,6 +7,7 @@ limit applies and why, and refuse every client beyond it with the typed frame, c
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import struct
@@ -80,6 +81,22 @@ def test_open_file_limit_caps_max_connections_and_every_refusal_is_answered(
                 sock.close()
         assert daemon.stop() == 0
     assert "EMFILE" not in daemon.log
+
+
+def test_a_low_open_file_limit_with_max_connections_0_is_warned_of(tmp_path: Path) -> None:
+    # The shipped default (0: from the open-file limit) under a forgotten LimitNOFILE: the
+    # daemon serves what it can, and says so as a warning, not only in the start-up line.
+    config = {"limits": {"max_connections": 0}, "log": {"format": "json"}}
+    with Daemon(tmp_path, config, nofile=64) as daemon:
+        started = json.loads(daemon.wait_for(r".*listening on .*up to 1 connections.*").group(0))
+        assert started["level"] == "info"
+        line = daemon.wait_for(r".*Connection limit 1: limits\.max_connections 0: only .*")
+        warning = json.loads(line.group(0))
+        assert warning["level"] == "warn", warning
+        text = warning["text"]
+        assert "open-file limit (64) less 64" in text and "but at least 1" in text
+        assert "raise LimitNOFILE or ulimit -n (hard limit 64)" in text
+        assert daemon.stop() == 0
 
 
 def test_reload_says_which_limit_applies(tmp_path: Path) -> None:

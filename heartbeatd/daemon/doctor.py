@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from heartbeatd.config import FD_RESERVE, Config, ConfigError
+from heartbeatd.config import FD_RESERVE, LOW_CONNECTION_LIMIT, Config, ConfigError
 from heartbeatd.daemon.config import load_config
 from heartbeatd.wire._accelerated import ACCELERATED, NO_EXTENSIONS
 
@@ -161,13 +161,20 @@ def check_open_files(config: Config, machine: Machine) -> list[Check]:
     )
     checks = []
     if not configured:
+        low = room < LOW_CONNECTION_LIMIT
         checks.append(
             Check(
-                OK,
+                WARN if low else OK,
                 "open files",
-                f"limits.max_connections 0: {_count(room)} connections per process from the "
-                f"{where}, less {FD_RESERVE}"
-                + (f"; {_count(room * workers)} for {workers} workers" if workers > 1 else ""),
+                f"limits.max_connections 0: {'only ' if low else ''}{_count(room)} connections "
+                f"per process from the {where}, less {FD_RESERVE}"
+                + (f"; {_count(room * workers)} for {workers} workers" if workers > 1 else "")
+                + (
+                    f". Raise LimitNOFILE= in the unit (or ulimit -n) well above "
+                    f"{_count(LOW_CONNECTION_LIMIT + FD_RESERVE)}, or set limits.max_connections"
+                    if low
+                    else ""
+                ),
             )
         )
     elif configured > room:

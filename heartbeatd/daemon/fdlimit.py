@@ -23,7 +23,7 @@ from typing import Any
 from twisted.logger import Logger, globalLogPublisher
 
 from heartbeatd._logging import get_logger
-from heartbeatd.config import FD_RESERVE, Config
+from heartbeatd.config import FD_RESERVE, LOW_CONNECTION_LIMIT, Config
 
 __all__ = [
     "ACCEPT_ERRORS",
@@ -70,7 +70,8 @@ def raise_open_file_limit() -> tuple[int, int]:
 
 
 def describe_limit(config: Config) -> tuple[int, str, bool]:
-    """The connection limit, why it is that, and whether the open-file limit capped it."""
+    """The connection limit, why it is that, and whether to warn of it: the open-file limit
+    capped ``limits.max_connections``, or (with 0) leaves fewer than `LOW_CONNECTION_LIMIT`."""
     limit = config.effective_max_connections()
     configured = config.limits.max_connections
     soft, hard = open_file_limit()
@@ -78,13 +79,17 @@ def describe_limit(config: Config) -> tuple[int, str, bool]:
         return limit, "limits.max_connections", False
     files = "unlimited" if soft == resource.RLIM_INFINITY else str(soft)
     room = f"the open-file limit ({files}) less {FD_RESERVE} kept for {_RESERVE_FOR}"
-    if not configured:
-        return limit, f"limits.max_connections 0: {room}", False
+    if soft != resource.RLIM_INFINITY and soft - FD_RESERVE < 1:
+        room += ", but at least 1"
     raise_it = (
         f"raise LimitNOFILE or ulimit -n (hard limit {hard})"
         if soft == hard
         else f"the hard limit is {hard}"
     )
+    if not configured:
+        if limit < LOW_CONNECTION_LIMIT:
+            return limit, f"limits.max_connections 0: only {room}; {raise_it}", True
+        return limit, f"limits.max_connections 0: {room}", False
     return limit, f"limits.max_connections {configured} is capped by {room}; {raise_it}", True
 
 
