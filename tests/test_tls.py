@@ -479,7 +479,8 @@ def test_a_plain_cli_against_a_tls_port_is_told_to_give_tls_ca(
         assert plain.returncode == 4
         assert plain.stderr == (
             f"heartbeat: timed out connecting to 127.0.0.1:{daemon.port}: no hello from the "
-            "server within 0.5s; is it a TLS port? give --tls-ca\n"
+            "server within 0.5s; is it a TLS port (give --tls-ca), or an HTTP one (WebSocket, "
+            "admin API: give the listen port)?\n"
         )
         secure = subprocess.run(
             [HEARTBEAT, "ping", f"localhost:{daemon.port}", "-c", "1", f"--tls-ca={certs.ca_file}"],

@@ -221,8 +221,11 @@ def _silence(stream: TextIO) -> None:
 
 
 #: Said when a plaintext client heard no hello: a TLS server says nothing until the client's
-#: ClientHello, so a plain client and a TLS port wait on each other in silence.
-TLS_HINT = "is it a TLS port? give --tls-ca"
+#: ClientHello, and an HTTP one (the WebSocket listener, the admin API) until its request, so
+#: each waits on the other in silence.
+TLS_HINT = (
+    "is it a TLS port (give --tls-ca), or an HTTP one (WebSocket, admin API: give the listen port)?"
+)
 
 
 def connect_failure(e: BaseException, target: str, tls_hint: bool = False) -> CliError:
