@@ -12,6 +12,7 @@ import os
 import select
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -181,6 +182,8 @@ def test_daemonized_start_writes_json_to_logfile_and_sigusr1_reopens_it(tmp_path
         # file's (both handlers queue their work for the reactor, first come first served).
         stop_daemon(tmp_path)
     after = [json.loads(line) for line in log.read_text().splitlines()]
+    # The new file has the first one's mode, not what twistd's daemon umask (077) gives.
+    assert stat.S_IMODE(log.stat().st_mode) == stat.S_IMODE((tmp_path / "hb.log.1").stat().st_mode)
     assert any("stopped after" in r["text"] for r in after)
     assert not any("is ready" in r["text"] for r in after)
     assert "stopped after" not in (tmp_path / "hb.log.1").read_text()

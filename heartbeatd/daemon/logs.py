@@ -14,8 +14,10 @@ The file is never rotated by us: SIGUSR1 reopens it, for logrotate (see docs/dep
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
+import stat
 import sys
 from datetime import datetime, timezone
 from typing import Any, TextIO
@@ -82,8 +84,18 @@ class ReopeningFile:
         self._file.flush()
 
     def reopen(self) -> None:
+        """Open the file of that name again.  One we create gets the old file's mode: the
+        first was opened before twistd daemonized, under the shell's umask, not twistd's
+        077 (logrotate's ``create`` makes the file itself, with its own mode: kept)."""
         try:
-            new = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open
+            mode = stat.S_IMODE(os.fstat(self._file.fileno()).st_mode)
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+            try:
+                fd = os.open(self.path, flags | os.O_EXCL, mode)
+                os.fchmod(fd, mode)
+            except FileExistsError:
+                fd = os.open(self.path, flags)
+            new = open(fd, "a", encoding="utf-8")  # noqa: SIM115 - kept open
         except OSError:
             return  # keep writing the old file rather than lose lines
         old, self._file = self._file, new
