@@ -552,3 +552,41 @@ def test_two_live_processes_with_one_node_id_are_logged_and_fenced(tmp_path: Pat
             assert data_of(moved.next()) == "to the detached copy"
             echo = moved.expect(lambda m: m.get("type") == "echo")
             assert echo["data"] == 3
+
+
+def test_a_node_counted_out_while_it_stalled_takes_its_sessions_back(tmp_path: Path) -> None:
+    # Its reactor stalls past its lease (as in a Sentinel failover, or a partition): another
+    # node reaps it, which detaches its sessions in Redis though its connections still carry
+    # them.  When it comes back it writes them back as its own (pushes reach them live
+    # again), except one Redis numbered a push into meanwhile: that connection is closed
+    # `unavailable` (nobody took the session over) and the session resumes with the push.
+    with RedisServer(tmp_path / "redis") as redis, nodes(tmp_path, redis, 2) as (a, b):
+        with SessionPeer(b.port) as kept, SessionPeer(b.port) as written:
+            for peer in (kept, written):
+                peer.start()
+                assert data_of(peer.reply(peer.request("echo", 1))) == 1
+            process = b.daemon.process
+            assert process is not None
+            process.send_signal(signal.SIGSTOP)
+            try:
+                a.daemon.wait_for(r"Cluster nodes gone .*'node1'")
+                assert redis.cli("HGET", f"heartbeatd:s:{kept.sid}", "c") == ""
+                assert third_push(a, written.sid, "while b stalled")  # kept in Redis
+                assert redis.cli("HGET", f"heartbeatd:s:{written.sid}", "o") == "2"
+            finally:
+                process.send_signal(signal.SIGCONT)
+            b.daemon.wait_for(r"Cluster node node1 registered", count=2)
+            _until(lambda: redis.cli("HGET", f"heartbeatd:s:{kept.sid}", "c") != "")
+            assert redis.cli("HGET", f"heartbeatd:s:{written.sid}", "c") == ""
+            assert third_push(a, kept.sid, "live again")  # forwarded to b, numbered there
+            assert data_of(kept.expect(lambda m: m["type"] == "told")) == "live again"
+            assert data_of(kept.reply(kept.request("echo", 2))) == 2
+            written.request("echo", 2)
+            rest = written.closed()
+            assert [m.get("error", {}).get("code") for m in rest] == ["unavailable"], rest
+        with written.clone(a.port) as moved:
+            answer = data_of(moved.resume())
+            # The echo was recorded, and run, but its reply was refused: it runs again here.
+            assert (answer["resumed"], answer["ack"], answer["replay"]) == (True, 2, 1), answer
+            assert data_of(moved.next()) == "while b stalled"
+            assert data_of(moved.expect(lambda m: m.get("type") == "echo")) == 2
