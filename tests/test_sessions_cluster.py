@@ -590,3 +590,19 @@ def test_a_node_counted_out_while_it_stalled_takes_its_sessions_back(tmp_path: P
             assert (answer["resumed"], answer["ack"], answer["replay"]) == (True, 2, 1), answer
             assert data_of(moved.next()) == "while b stalled"
             assert data_of(moved.expect(lambda m: m.get("type") == "echo")) == 2
+
+
+def test_a_resume_past_what_redis_kept_is_refused(tmp_path: Path) -> None:
+    # An asynchronous failover can lose the last writes (docs/cluster.md, "What a failover
+    # costs"): here the reply the client read is gone from Redis, as if never replicated.
+    with RedisServer(tmp_path / "redis") as redis, nodes(tmp_path, redis, 2) as (a, b):
+        with SessionPeer(a.port) as peer:
+            peer.start()
+            assert data_of(peer.reply(peer.request("echo", 1))) == 1
+        wait_detached(redis, peer.sid)
+        key = f"heartbeatd:s:{peer.sid}"
+        redis.cli("HSET", key, "o", "0", "b", "0")
+        redis.cli("DEL", f"{key}:o")
+        with peer.clone(b.port) as moved:
+            refused = moved.resume()  # ack 1: past the session's last message
+            assert (refused["type"], refused["error"]["code"]) == ("error", "bad_request")
