@@ -140,6 +140,8 @@ class ClusteredSessions(Sessions):
         numbered (this node's own record may be ahead of what Redis took)."""
         if sid not in self._undetached and len(self._undetached) < self.config.max_sessions:
             self._undetached[sid] = (epoch, expiry, self.factory.clock.seconds())
+        if self.factory.channels.broker.up:
+            self.on_link(True)  # a write refused while the link stays up: try at once
 
     def on_link(self, up: bool) -> None:
         """The broker's link changed; when it is back, the detaches it missed are made.  Each
