@@ -377,15 +377,16 @@ return n
 )
 
 # A node wrote its clients back (a reconnect, or after the others reaped it): the sessions
-# its connections still carry are its own again, unless one was resumed elsewhere (another
-# epoch) or numbered in Redis meanwhile (its ``o`` moved: the node's next write finds out, and
-# the client resumes).  ARGV: P, node, incarnation, tomb, then (sid, epoch, o, conn, ttl)...
+# its connections still carry are its own again, unless one was resumed elsewhere or ended
+# (another epoch, or gone: answered 'lost') or numbered in Redis meanwhile (its ``o`` moved:
+# 'moved', the client is to resume).  ARGV: P, node, incarnation, tomb, then (sid, epoch, o,
+# conn, ttl)...  Answers {sid, why, ...} for those it did not take back.
 REATTACH = (
     _MARK
     + _NOW
     + """
 local P, n, inc, tomb = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
-local count = 0
+local out = {}
 for i = 5, #ARGV, 5 do
   local sid, t = ARGV[i], tonumber(ARGV[i + 4])
   local h = P..':s:'..sid
@@ -401,10 +402,12 @@ for i = 5, #ARGV, 5 do
     redis.call('EXPIRE', h..':c', t)
     redis.call('ZADD', P..':s:all', now + t * 1000, sid)
     mark(P, h, t, tomb)
-    count = count + 1
+  else
+    out[#out + 1] = sid
+    out[#out + 1] = (f[1] == ARGV[i + 1]) and 'moved' or 'lost'
   end
 end
-return count
+return out
 """
 )
 
@@ -591,11 +594,18 @@ class RedisSessionStore:
 
     def reattach(self, held: list[tuple[str, int, int, str, int]], tomb: int = 0) -> Deferred[Any]:
         """Record (sid, epoch, last seq, connection, ttl) as this node's again, each only if
-        Redis still has that epoch and last seq; how many were."""
+        Redis still has that epoch and last seq; fires with {sid: why} for the others
+        (``lost``: resumed elsewhere or gone; ``moved``: numbered in Redis meanwhile)."""
         flat: list[Any] = []
         for entry in held:
             flat += list(entry)
-        return self._run("REATTACH", self.node_id, self.incarnation, tomb, *flat)
+        d = self._run("REATTACH", self.node_id, self.incarnation, tomb, *flat)
+
+        def parsed(r: list[Any]) -> dict[str, str]:
+            texts = [_text(v) for v in r or []]
+            return {texts[i]: texts[i + 1] for i in range(0, len(texts) - 1, 2)}
+
+        return d.addCallback(parsed)
 
     def refresh(self, held: list[tuple[str, int]], extra_ttl: int, tomb: int = 0) -> Deferred[Any]:
         flat: list[Any] = []

@@ -72,6 +72,8 @@ _SESSION_ID = re.compile(r"[0-9a-f]{32}")
 REFRESH_EVERY = 15
 EXTRA_TTL = 3 * REFRESH_EVERY
 UNAVAILABLE = "unavailable"
+#: Sessions written back per REATTACH script (a node with many keeps each call short).
+REATTACH_BATCH = 1000
 
 _PUBLICATION = re.compile(rb'\{"type":"publication","data":\{"channel":"([^"\\]*)","offset":\d+,')
 _SUB_TYPES = frozenset({b"subscribe", b"unsubscribe", b"resync", b"subscription_lost"})
@@ -199,17 +201,30 @@ class ClusteredSessions(Sessions):
     def reattach(self) -> None:
         """The broker wrote this node's clients back to Redis (a reconnect, or after the other
         nodes reaped it): the sessions its connections carry are recorded as its own again,
-        so pushes are forwarded here rather than kept in Redis (each only if nothing was
-        resumed or numbered elsewhere meanwhile; else its next write finds out)."""
+        so pushes are forwarded here rather than kept in Redis.  One resumed elsewhere (or
+        gone) meanwhile is lost to its connection, as at a fenced write; one Redis numbered
+        pushes into has its connection closed ``unavailable``, to resume (at once, not at
+        its next write: an idle client would wait for ever)."""
         held = [
             (s.sid, s.epoch, s.out_seq, s.attachment.conn.session_id, self._ttl(s))
             for s in self.states.values()
             if s.attachment is not None and s.sid not in self._creating
         ]
-        if held:
-            self.redis.reattach(held, self.config.max_expiry).addErrback(
-                self._failed, "reattach", None
+        for start in range(0, len(held), REATTACH_BATCH):
+            batch = held[start : start + REATTACH_BATCH]
+            d = self.redis.reattach(batch, self.config.max_expiry)
+            d.addCallbacks(
+                self._reattached,
+                self._failed,
+                callbackArgs=({sid: epoch for sid, epoch, *_ in batch},),
+                errbackArgs=("reattach", None),
             )
+
+    def _reattached(self, refused: dict[str, str], epochs: dict[str, int]) -> None:
+        for sid, why in refused.items():
+            state = self.states.get(sid)
+            if state is not None and sid in epochs:
+                self._checked(-2 if why == "moved" else -1, state, epochs[sid])
 
     def _lost(self, state: SessionState) -> None:
         """Another node resumed the session: stop writing, tell our connection, forget it."""
