@@ -537,12 +537,13 @@ def test_two_live_processes_with_one_node_id_are_logged_and_fenced(tmp_path: Pat
         # a still carries the connection and numbers for it while nothing else did...
         assert data_of(peer.reply(peer.request("echo", 2))) == 2
         # ...but a push numbered in Redis meanwhile fences it: its next write is refused, its
-        # connection is told and closed, and the session resumes elsewhere with that push.
+        # connection is told (unavailable: nobody took the session over, it is to be
+        # resumed) and closed, and the session resumes elsewhere with that push.
         assert third_push(b, peer.sid, "to the detached copy")
         _until(lambda: redis.cli("HGET", f"heartbeatd:s:{peer.sid}", "o") == "3")
         peer.request("echo", 3)
         rest = peer.closed()
-        assert [m.get("error", {}).get("code") for m in rest] == ["session_taken_over"], rest
+        assert [m.get("error", {}).get("code") for m in rest] == ["unavailable"], rest
         a.daemon.stop()
         assert a.daemon.log.count("is used by another live process too") == 1
         with peer.clone(b.port) as moved:
@@ -551,3 +552,56 @@ def test_two_live_processes_with_one_node_id_are_logged_and_fenced(tmp_path: Pat
             assert data_of(moved.next()) == "to the detached copy"
             echo = moved.expect(lambda m: m.get("type") == "echo")
             assert echo["data"] == 3
+
+
+def test_a_node_counted_out_while_it_stalled_takes_its_sessions_back(tmp_path: Path) -> None:
+    # Its reactor stalls past its lease (as in a Sentinel failover, or a partition): another
+    # node reaps it, which detaches its sessions in Redis though its connections still carry
+    # them.  When it comes back it writes them back as its own (pushes reach them live
+    # again), except one Redis numbered a push into meanwhile: that connection is closed
+    # `unavailable` at once, though its client is idle (nobody took the session over), and
+    # the session resumes with the push.
+    with RedisServer(tmp_path / "redis") as redis, nodes(tmp_path, redis, 2) as (a, b):
+        with SessionPeer(b.port) as kept, SessionPeer(b.port) as written:
+            for peer in (kept, written):
+                peer.start()
+                assert data_of(peer.reply(peer.request("echo", 1))) == 1
+            process = b.daemon.process
+            assert process is not None
+            process.send_signal(signal.SIGSTOP)
+            try:
+                a.daemon.wait_for(r"Cluster nodes gone .*'node1'")
+                assert redis.cli("HGET", f"heartbeatd:s:{kept.sid}", "c") == ""
+                assert third_push(a, written.sid, "while b stalled")  # kept in Redis
+                assert redis.cli("HGET", f"heartbeatd:s:{written.sid}", "o") == "2"
+            finally:
+                process.send_signal(signal.SIGCONT)
+            b.daemon.wait_for(r"Cluster node node1 registered", count=2)
+            _until(lambda: redis.cli("HGET", f"heartbeatd:s:{kept.sid}", "c") != "")
+            assert redis.cli("HGET", f"heartbeatd:s:{written.sid}", "c") == ""
+            assert third_push(a, kept.sid, "live again")  # forwarded to b, numbered there
+            assert data_of(kept.expect(lambda m: m["type"] == "told")) == "live again"
+            assert data_of(kept.reply(kept.request("echo", 2))) == 2
+            rest = written.closed()
+            assert [m.get("error", {}).get("code") for m in rest] == ["unavailable"], rest
+        with written.clone(a.port) as moved:
+            answer = data_of(moved.resume())
+            assert (answer["resumed"], answer["ack"], answer["replay"]) == (True, 1, 1), answer
+            assert data_of(moved.next()) == "while b stalled"
+            assert data_of(moved.reply(moved.request("echo", 2))) == 2
+
+
+def test_a_resume_past_what_redis_kept_is_refused(tmp_path: Path) -> None:
+    # An asynchronous failover can lose the last writes (docs/cluster.md, "What a failover
+    # costs"): here the reply the client read is gone from Redis, as if never replicated.
+    with RedisServer(tmp_path / "redis") as redis, nodes(tmp_path, redis, 2) as (a, b):
+        with SessionPeer(a.port) as peer:
+            peer.start()
+            assert data_of(peer.reply(peer.request("echo", 1))) == 1
+        wait_detached(redis, peer.sid)
+        key = f"heartbeatd:s:{peer.sid}"
+        redis.cli("HSET", key, "o", "0", "b", "0")
+        redis.cli("DEL", f"{key}:o")
+        with peer.clone(b.port) as moved:
+            refused = moved.resume()  # ack 1: past the session's last message
+            assert (refused["type"], refused["error"]["code"]) == ("error", "bad_request")

@@ -131,6 +131,11 @@ class BrokerListener(Protocol):
     def on_link(self, up: bool) -> None:
         """The broker's link went down or came back (after which subscribers catch up)."""
 
+    def on_register(self) -> None:
+        """A clustered broker wrote this node's clients and presence back (after its link
+        returned, or after the other nodes reaped it): the node's resumable sessions are
+        written back too (optional: a listener without it is not asked)."""
+
     def local_clients(self) -> dict[str, dict[str, Any]]:
         """Every client of this node now, session -> info (as given to `client_connected`).
 

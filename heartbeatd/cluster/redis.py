@@ -939,7 +939,11 @@ class RedisBroker:
             self._cancel_client_flush()
             clients = {s: json.dumps(info) for s, info in self.listener.local_clients().items()}
         presence = {c: dict(members) for c, members in self._presence.items()}
-        return self._eval("REGISTER", self.node_id, json.dumps(clients), json.dumps(presence))
+        d = self._eval("REGISTER", self.node_id, json.dumps(clients), json.dumps(presence))
+        on_register = getattr(self.listener, "on_register", None)
+        if not leaving and on_register is not None:
+            on_register()  # its resumable sessions, right behind REGISTER on the same link
+        return d
 
     # -- channels -------------------------------------------------------------------------------
 

@@ -30,9 +30,13 @@ Keys, for a session id ``S`` (``P`` is ``cluster.namespace``):
 
 Every write names the epoch the writer holds: a script that finds another one writes nothing
 and answers -1 (the fence: a node whose session was resumed elsewhere learns it on its next
-write, and never writes to its connection what Redis did not take).  Keys live ``expiry``
-seconds once detached; while attached they are refreshed (``REFRESH``) by their node, so a
-node that dies leaves its sessions to expire like detached ones.
+write, and never writes to its connection what Redis did not take).  ``OUT`` answers -2 when
+the epoch is the writer's but Redis numbered messages meanwhile (pushes and broadcasts kept
+while the node's lease had run out): the client resumes to get them in order.  ``REATTACH``
+makes a node's sessions its own again when it writes its clients back after a reconnect.
+
+Keys live ``expiry`` seconds once detached; while attached they are refreshed (``REFRESH``)
+by their node, so a node that dies leaves its sessions to expire like detached ones.
 """
 
 from __future__ import annotations
@@ -163,8 +167,9 @@ OUT = (
     + _KEYS
     + _FENCE
     + """
--- numbered here only while no one else numbers (a push stored while this node looked dead)
-if tonumber(redis.call('HGET', h, 'o')) + 1 ~= tonumber(ARGV[4]) then return -1 end
+-- numbered here only while no one else numbers (a push stored while this node looked dead:
+-- -2, the session is the client's still, to resume; -1 is for a session resumed elsewhere)
+if tonumber(redis.call('HGET', h, 'o')) + 1 ~= tonumber(ARGV[4]) then return -2 end
 redis.call('RPUSH', h..':o', ARGV[5])
 redis.call('HSET', h, 'o', ARGV[4])
 redis.call('HINCRBY', h, 'b', #ARGV[5])
@@ -241,8 +246,10 @@ DETACH = (
     + _MARK
     + _FENCE
     + """
-redis.call('DEL', h..':c')
-for i = 6, #ARGV, 2 do redis.call('HSET', h..':c', ARGV[i], ARGV[i + 1]) end
+if ARGV[6] == '1' then
+  redis.call('DEL', h..':c')
+  for i = 7, #ARGV, 2 do redis.call('HSET', h..':c', ARGV[i], ARGV[i + 1]) end
+end
 redis.call('HSET', h, 'c', '')
 redis.call('SREM', P..':node:'..redis.call('HGET', h, 'n')..':s', sid)
 redis.call('ZREMRANGEBYSCORE', P..':s:d', '-inf', now)
@@ -369,6 +376,41 @@ return n
 """
 )
 
+# A node wrote its clients back (a reconnect, or after the others reaped it): the sessions
+# its connections still carry are its own again, unless one was resumed elsewhere or ended
+# (another epoch, or gone: answered 'lost') or numbered in Redis meanwhile (its ``o`` moved:
+# 'moved', the client is to resume).  ARGV: P, node, incarnation, tomb, then (sid, epoch, o,
+# conn, ttl)...  Answers {sid, why, ...} for those it did not take back.
+REATTACH = (
+    _MARK
+    + _NOW
+    + """
+local P, n, inc, tomb = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local out = {}
+for i = 5, #ARGV, 5 do
+  local sid, t = ARGV[i], tonumber(ARGV[i + 4])
+  local h = P..':s:'..sid
+  local f = redis.call('HMGET', h, 'e', 'o', 'n')
+  if f[1] == ARGV[i + 1] and f[2] == ARGV[i + 2] then
+    if f[3] and f[3] ~= n then redis.call('SREM', P..':node:'..f[3]..':s', sid) end
+    redis.call('HSET', h, 'n', n, 'c', ARGV[i + 3], 'i', inc)
+    redis.call('SADD', P..':node:'..n..':s', sid)
+    redis.call('ZREM', P..':s:d', sid)
+    redis.call('EXPIRE', h, t)
+    redis.call('EXPIRE', h..':o', t)
+    redis.call('EXPIRE', h..':i', t)
+    redis.call('EXPIRE', h..':c', t)
+    redis.call('ZADD', P..':s:all', now + t * 1000, sid)
+    mark(P, h, t, tomb)
+  else
+    out[#out + 1] = sid
+    out[#out + 1] = (f[1] == ARGV[i + 1]) and 'moved' or 'lost'
+  end
+end
+return out
+"""
+)
+
 _SCRIPTS = {
     "CREATE": CREATE,
     "RECV": RECV,
@@ -383,6 +425,7 @@ _SCRIPTS = {
     "KEEP": KEEP,
     "BROADCAST": BROADCAST,
     "REFRESH": REFRESH,
+    "REATTACH": REATTACH,
 }
 _SHAS = {name: hashlib.sha1(text.encode()).hexdigest() for name, text in _SCRIPTS.items()}
 
@@ -511,10 +554,12 @@ class RedisSessionStore:
         return d.addCallback(parsed)
 
     def detach(
-        self, sid: str, epoch: int, expiry: int, subs: dict[str, str], tomb: int = 0
+        self, sid: str, epoch: int, expiry: int, subs: dict[str, str] | None, tomb: int = 0
     ) -> Deferred[Any]:
-        flat: list[str] = []
-        for channel, value in subs.items():
+        """The session's connection is gone: it lives ``expiry`` seconds, with ``subs`` as
+        its subscriptions (None: those Redis recorded as its messages were numbered)."""
+        flat: list[str] = ["0" if subs is None else "1"]
+        for channel, value in (subs or {}).items():
             flat += [channel, value]
         return self._run("DETACH", sid, epoch, expiry, tomb, *flat)
 
@@ -546,6 +591,21 @@ class RedisSessionStore:
         """Number a broadcast into every session no live node carries (``only``: those last
         held by that node); how many took it."""
         return self._run("BROADCAST", body, max_messages, max_bytes, only)
+
+    def reattach(self, held: list[tuple[str, int, int, str, int]], tomb: int = 0) -> Deferred[Any]:
+        """Record (sid, epoch, last seq, connection, ttl) as this node's again, each only if
+        Redis still has that epoch and last seq; fires with {sid: why} for the others
+        (``lost``: resumed elsewhere or gone; ``moved``: numbered in Redis meanwhile)."""
+        flat: list[Any] = []
+        for entry in held:
+            flat += list(entry)
+        d = self._run("REATTACH", self.node_id, self.incarnation, tomb, *flat)
+
+        def parsed(r: list[Any]) -> dict[str, str]:
+            texts = [_text(v) for v in r or []]
+            return {texts[i]: texts[i + 1] for i in range(0, len(texts) - 1, 2)}
+
+        return d.addCallback(parsed)
 
     def refresh(self, held: list[tuple[str, int]], extra_ttl: int, tomb: int = 0) -> Deferred[Any]:
         flat: list[Any] = []

@@ -450,10 +450,30 @@ class ChannelHub:
         reply: Deferred[dict[str, Any]] = Deferred()
         returned = False  # set once the caller holds ``reply`` (and waits on it)
 
+        #: Set when a restored subscription's epoch is gone and it starts at the new one's 0.
+        restarted: list[bool] = []
+
         def locate(_: object) -> Deferred[Any]:
             if since is None:
                 return self.broker.position(channel)
-            return self.broker.history(channel, since[0], since[1])
+            d = self.broker.history(channel, since[0], since[1])
+            return d.addCallback(new_epoch) if restore else d
+
+        def new_epoch(history: History) -> Any:
+            """A resumed session's channel has a new epoch (a failover, or Redis lost the
+            stream): the old one is gone, but the new one's publications so far may all be
+            in its history, as for a live subscription (`_fetch_gaps`)."""
+            position = history.position
+            if history.entries is not None or position.epoch == since[0] or not position.offset:
+                return history
+
+            def fresh(start: History) -> History:
+                if start.entries is None:
+                    return history  # its start is gone too: a gap it cannot fill
+                restarted.append(True)
+                return start
+
+            return self.broker.history(channel, position.epoch, 0).addCallback(fresh)
 
         def located(result: Position | History) -> None:
             if not self._is_current(sub):
@@ -462,7 +482,7 @@ class ChannelHub:
             backlog: list[str] = []
             if isinstance(result, History):
                 position, entries = result
-                recovered = entries is not None
+                recovered = entries is not None and not restarted
                 self.recoveries["recovered" if recovered else "not_recovered"] += 1
             else:
                 position, recovered, entries = result, False, None
@@ -475,7 +495,13 @@ class ChannelHub:
             }
             if since is not None:
                 answer["recovered"] = recovered
-                if entries is not None:
+                if restarted:  # from the new epoch's start (only a restore gets here)
+                    answer["offset"] = sub.offset = 0
+                    answer["reason"] = "epoch_changed"
+                    backlog = entries or []
+                    if backlog:
+                        self.gaps_filled += 1
+                elif entries is not None:
                     backlog = entries
                     sub.offset = since[1]
             # The reply goes out before any publication: when the protocol is already waiting
@@ -1050,12 +1076,21 @@ class ChannelHub:
     def on_kick(self, session: str) -> None:
         self.kick_local(session)
 
+    def on_register(self) -> None:
+        """The broker wrote this node's clients back to Redis: its sessions go back too."""
+        reattach = getattr(getattr(self.factory, "sessions", None), "reattach", None)
+        if reattach is not None:
+            reattach()
+
     def on_link(self, up: bool) -> None:
         """After the broker's link returns, every subscription checks for a gap.
 
         Subscriptions of one channel at the same position share one history read (after a
         Redis blip, a node with 10,000 subscribers of a channel asks once, not 10,000 times).
         """
+        sessions_on_link = getattr(getattr(self.factory, "sessions", None), "on_link", None)
+        if sessions_on_link is not None:
+            sessions_on_link(up)  # detaches Redis missed while it was unreachable
         if not up:
             self._link_was_down = True
             log.warn("The cluster broker is unreachable; publish answers unavailable")

@@ -927,7 +927,7 @@ class Sessions:
                         "epoch": answer["epoch"],
                         "offset": answer["offset"],
                         "recovered": False,
-                        "reason": "history_lost",
+                        "reason": answer.get("reason", "history_lost"),
                     },
                 ),
                 0,

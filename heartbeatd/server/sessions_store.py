@@ -19,6 +19,10 @@
 * Detached sessions live in Redis only (their keys expire after ``expiry``); this node keeps
   one in memory only while replies it started are still being computed, and numbers those
   replies in Redis (``KEEP``), as pushes and broadcasts for it may be numbered there too.
+* A connection that closes while Redis is unreachable leaves its session recorded as
+  attached to it (the ``DETACH`` failed): pushes to it would be forwarded to this node, which
+  no longer carries it, and broadcasts would skip it.  Such detaches are made when the link
+  returns (`on_link`), epoch-fenced, so a resume meanwhile wins.
 * One numberer at a time: the node whose connection carries a session numbers its messages;
   a push to it from another node is forwarded there (``PUSH`` publishes it to that node).
   A session no live node carries (detached, or its node's lease ran out) is numbered in
@@ -68,6 +72,8 @@ _SESSION_ID = re.compile(r"[0-9a-f]{32}")
 REFRESH_EVERY = 15
 EXTRA_TTL = 3 * REFRESH_EVERY
 UNAVAILABLE = "unavailable"
+#: Sessions written back per REATTACH script (a node with many keeps each call short).
+REATTACH_BATCH = 1000
 
 _PUBLICATION = re.compile(rb'\{"type":"publication","data":\{"channel":"([^"\\]*)","offset":\d+,')
 _SUB_TYPES = frozenset({b"subscribe", b"unsubscribe", b"resync", b"subscription_lost"})
@@ -85,6 +91,9 @@ class ClusteredSessions(Sessions):
         self._ending: dict[str, Deferred[Any]] = {}
         self.fenced = 0
         self.store_failures = 0
+        #: sid -> (epoch, expiry, when its connection went) of the sessions whose detach
+        #: Redis did not take (unreachable): detached when the link returns (`on_link`).
+        self._undetached: dict[str, tuple[int, int, float]] = {}
         self._refresher = LoopingCall(self._refresh)
         self._refresher.clock = factory.clock
         self._refresher.start(REFRESH_EVERY, now=False)
@@ -108,9 +117,12 @@ class ClusteredSessions(Sessions):
         # live expiry + EXTRA_TTL after the last refresh).
         return state.expiry + EXTRA_TTL
 
-    def _failed(self, failure: Failure, what: str, state: SessionState | None) -> None:
+    def _failed(
+        self, failure: Failure, what: str, state: SessionState | None, detach: bool = True
+    ) -> None:
         """A store write failed (Redis unreachable): the client cannot be given what Redis
-        does not hold, so its connection is closed ``unavailable``; it resumes later."""
+        does not hold, so its connection is closed ``unavailable``; it resumes later (and
+        Redis records the session detached once the link is back)."""
         self.store_failures += 1
         if self.factory.log_allowed("session_store"):
             log.warn(
@@ -118,17 +130,101 @@ class ClusteredSessions(Sessions):
             )
         if state is not None and state.attachment is not None:
             attachment = state.attachment
+            if detach:
+                self._detach_later(state.sid, state.epoch, state.expiry)
             self._let_go(state)
             attachment.fail(UNAVAILABLE, "the cluster's session store is unreachable")
 
+    def _detach_later(self, sid: str, epoch: int, expiry: int) -> None:
+        """Redis still says a connection of this node carries the session (pushes to it would
+        be forwarded here and dropped, broadcasts would skip it): detach it there once the
+        link is back (`on_link`), with the subscriptions Redis recorded as its messages were
+        numbered (this node's own record may be ahead of what Redis took)."""
+        if sid not in self._undetached and len(self._undetached) < self.config.max_sessions:
+            self._undetached[sid] = (epoch, expiry, self.factory.clock.seconds())
+        if self.factory.channels.broker.up:
+            self.on_link(True)  # a write refused while the link stays up: try at once
+
+    def on_link(self, up: bool) -> None:
+        """The broker's link changed; when it is back, the detaches it missed are made.  Each
+        names the epoch it had, so a session resumed meanwhile (its epoch raised) is left as
+        it is; each keeps what remains of its expiry."""
+        if not up or not self._undetached:
+            return
+        again, self._undetached = self._undetached, {}
+        now = self.factory.clock.seconds()
+        for sid, (epoch, expiry, at) in again.items():
+            left = max(1, int(expiry - (now - at)))
+            d = self.redis.detach(sid, epoch, left, None, self.config.max_expiry)
+            d.addErrback(self._detach_failed, sid, epoch, expiry, at)
+
+    def _detach_failed(
+        self, failure: Failure, sid: str, epoch: int, expiry: int, at: float
+    ) -> None:
+        if sid not in self._undetached and len(self._undetached) < self.config.max_sessions:
+            self._undetached[sid] = (epoch, expiry, at)
+        self._failed(failure, "detach", None)
+
     def _checked(self, result: Any, state: SessionState, epoch: int) -> bool:
-        """True when the write was taken; else the session was resumed elsewhere."""
+        """True when the write was taken; else the session was resumed elsewhere (-1), or
+        Redis numbered messages for it while this node's lease had run out (-2)."""
         if result == -1 or result == b"-1":
             self.fenced += 1
             if state.epoch == epoch and self.states.get(state.sid) is state:
                 self._lost(state)
             return False
+        if result == -2 or result == b"-2":
+            self.counts["numbered_elsewhere"] += 1
+            if state.epoch == epoch and self.states.get(state.sid) is state:
+                self._numbered_elsewhere(state)
+            return False
         return True
+
+    def _numbered_elsewhere(self, state: SessionState) -> None:
+        """The other nodes counted this one out (its lease ran out: a partition, a failover)
+        and Redis numbered pushes or broadcasts into the session meanwhile.  It is still the
+        client's: Redis records it detached, and the connection is closed ``unavailable``,
+        so the client resumes and gets everything in order (not ``session_taken_over``:
+        nobody else resumed it)."""
+        attachment = state.attachment
+        sid, epoch, expiry = state.sid, state.epoch, state.expiry
+        d = self.redis.detach(sid, epoch, expiry, None, self.config.max_expiry)
+        d.addErrback(self._detach_failed, sid, epoch, expiry, self.factory.clock.seconds())
+        self._let_go(state)
+        if attachment is not None:
+            attachment.fail(
+                UNAVAILABLE,
+                "this node was counted out of the cluster and the session was written to "
+                "meanwhile; resume it",
+            )
+
+    def reattach(self) -> None:
+        """The broker wrote this node's clients back to Redis (a reconnect, or after the other
+        nodes reaped it): the sessions its connections carry are recorded as its own again,
+        so pushes are forwarded here rather than kept in Redis.  One resumed elsewhere (or
+        gone) meanwhile is lost to its connection, as at a fenced write; one Redis numbered
+        pushes into has its connection closed ``unavailable``, to resume (at once, not at
+        its next write: an idle client would wait for ever)."""
+        held = [
+            (s.sid, s.epoch, s.out_seq, s.attachment.conn.session_id, self._ttl(s))
+            for s in self.states.values()
+            if s.attachment is not None and s.sid not in self._creating
+        ]
+        for start in range(0, len(held), REATTACH_BATCH):
+            batch = held[start : start + REATTACH_BATCH]
+            d = self.redis.reattach(batch, self.config.max_expiry)
+            d.addCallbacks(
+                self._reattached,
+                self._failed,
+                callbackArgs=({sid: epoch for sid, epoch, *_ in batch},),
+                errbackArgs=("reattach", None),
+            )
+
+    def _reattached(self, refused: dict[str, str], epochs: dict[str, int]) -> None:
+        for sid, why in refused.items():
+            state = self.states.get(sid)
+            if state is not None and sid in epochs:
+                self._checked(-2 if why == "moved" else -1, state, epochs[sid])
 
     def _lost(self, state: SessionState) -> None:
         """Another node resumed the session: stop writing, tell our connection, forget it."""
@@ -200,7 +296,7 @@ class ClusteredSessions(Sessions):
 
     def _create_failed(self, failure: Failure, state: SessionState) -> None:
         self._creating.discard(state.sid)
-        self._failed(failure, "create", state)
+        self._failed(failure, "create", state, detach=False)  # nobody can resume it
 
     def _created(
         self, result: Any, attachment: Attachment, message: envelope.Message, key: str
@@ -534,7 +630,10 @@ class ClusteredSessions(Sessions):
         values = {c: f"{e} {o} {int(j)}" for c, (e, o, j) in subs.items()}
         d = self.redis.detach(state.sid, epoch, state.expiry, values, self.config.max_expiry)
         d.addCallbacks(
-            self._checked, self._failed, callbackArgs=(state, epoch), errbackArgs=("detach", None)
+            self._checked,
+            self._detach_failed,
+            callbackArgs=(state, epoch),
+            errbackArgs=(state.sid, epoch, state.expiry, self.factory.clock.seconds()),
         )
 
     def _maybe_forget(self, state: SessionState) -> None:
