@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from redis_sentinel import SentinelCluster
 from session_peer import SessionPeer
 from test_cluster import LINK_DOWN, LINK_UP, Node
@@ -62,6 +63,7 @@ def send(node: Node, sid: str, text: str) -> None:
     assert (status, answer) == (200, {"sent": 1}), answer
 
 
+@pytest.mark.scenario
 def test_a_session_lives_through_a_sentinel_failover(tmp_path: Path) -> None:
     with (
         SentinelCluster(tmp_path / "redis") as ha,
