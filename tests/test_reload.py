@@ -58,6 +58,7 @@ def test_sighup_applies_new_heartbeat_to_live_connections(tmp_path: Path) -> Non
                 "listen": "tcp:1:interface=127.0.0.1",
                 "heartbeat": {"interval": 0.2, "timeout": 0.5},
                 "malloc": {"mmap_threshold": 1 << 20, "trim_threshold": 1 << 22},
+                "tcp": {"lean_transport": False},
             }
             daemon.config_path.write_text(yaml.safe_dump(new))
             daemon.process.send_signal(signal.SIGHUP)
@@ -67,9 +68,14 @@ def test_sighup_applies_new_heartbeat_to_live_connections(tmp_path: Path) -> Non
                 r"\(restart to use 1048576\)"
             )
             daemon.wait_for(
+                r"tcp\.lean_transport cannot change while running; keeping True "
+                r"\(restart to use False\)"
+            )
+            reloaded = daemon.wait_for(
                 r"Configuration reloaded from .*heartbeat\.interval 60\.0 -> 0\.2; "
                 r"heartbeat\.timeout 120\.0 -> 0\.5"
             )
+            assert "lean_transport" not in reloaded.string  # the diff claims no kept key
             # The same connection now gets pings at the new interval, then is evicted by the
             # new timeout: it was never dropped by the reload itself.
             received = []
