@@ -19,6 +19,12 @@ from test_admin import ADMIN, ADMIN_ON
 
 def raw_http(port: int, request: bytes) -> tuple[int, Any]:
     """Send ``request`` as is; the status and the decoded JSON body."""
+    status, _, body = raw_http_head(port, request)
+    return status, body
+
+
+def raw_http_head(port: int, request: bytes) -> tuple[int, bytes, Any]:
+    """Send ``request`` as is; the status, the raw head and the decoded JSON body."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(request)
         chunks = []
@@ -32,7 +38,8 @@ def raw_http(port: int, request: bytes) -> tuple[int, Any]:
             size, _, rest = rest.partition(b"\r\n")
             n = int(size, 16)
             body, rest = body + rest[:n], rest[n + 2 :]
-    return status, json.loads(body) if b"application/json" in head.lower() else body.decode()
+    decoded = json.loads(body) if b"application/json" in head.lower() else body.decode()
+    return status, head, decoded
 
 
 def request(method: str, path: str, host: str, body: bytes = b"", **headers: str) -> bytes:
@@ -116,6 +123,30 @@ def test_body_must_be_json(admin: Any) -> None:
     assert raw_http(port, ok) == (200, {"sent": 0})
 
 
+def assert_wrong_methods_get_405(port: int) -> None:
+    """docs/admin.md: a wrong method is a JSON 405 with ``Allow``, whatever its body's type
+    (``curl -X POST .../healthz`` got 415 before the review's fix)."""
+    host = f"127.0.0.1:{port}"
+    for method, kind in [("POST", ""), ("PUT", "text/plain"), ("PATCH", ""), ("DELETE", "")]:
+        headers = {"Content_Type": kind} if kind else {}
+        status, head, answer = raw_http_head(
+            port, request(method, "/healthz", host, b"x" if kind else b"", **headers)
+        )
+        assert (status, answer) == (
+            405,
+            {"error": f"method {method} not allowed; allowed: GET, HEAD"},
+        ), method
+        assert b"\r\nallow: get, head\r\n" in head.lower(), head
+    assert raw_http(port, request("POST", "/nope", host, b"x", Content_Type="text/plain")) == (
+        404,
+        {"error": "no such resource: /nope"},
+    )
+
+
+def test_a_wrong_method_gets_405_not_415(admin: Any) -> None:
+    assert_wrong_methods_get_405(admin[1])
+
+
 PAGE = """<!doctype html><html><body><p id="out">waiting</p><script>
 fetch("http://127.0.0.1:%(port)d/broadcast", {
   method: "POST", mode: "no-cors", body: JSON.stringify({type: "evil", data: 1})
@@ -168,6 +199,7 @@ def test_the_workers_supervisor_admin_is_guarded_too(tmp_path: Path) -> None:
         assert raw_http(port, origin)[1]["code"] == "forbidden_origin"
         plain = request("POST", "/broadcast", host, BROADCAST, Content_Type="text/plain")
         assert raw_http(port, plain)[0] == 415
+        assert_wrong_methods_get_405(port)
         ok = request("POST", "/broadcast", host, BROADCAST, Content_Type="application/json")
         assert raw_http(port, ok)[0] == 200  # forwarded to a worker over its private socket
         assert raw_http(port, request("GET", "/clients", host))[0] == 200

@@ -87,9 +87,26 @@ def test_unknown_paths_and_wrong_methods_answer_json(factory: ServerFactory) -> 
     assert call(root, "GET", "/nope") == (404, {"error": "no such resource: /nope"})
     assert call(root, "GET", "/clients/abc/nope")[0] == 404
     status, body = call(root, "PUT", "/healthz")
-    assert status == 405 and "allowed" in body["error"]
+    assert (status, body) == (405, {"error": "method PUT not allowed; allowed: GET, HEAD"})
     assert call(root, "GET", "/broadcast")[0] == 405
     assert call(root, "GET", "/")[1]["paths"][0] == "/healthz"
+
+
+def test_a_wrong_method_is_not_asked_for_a_json_content_type() -> None:
+    """The header stage asks for ``Content-Type: application/json`` only where a route takes
+    the method: ``POST /healthz`` goes on to its 405 (review finding), ``POST /broadcast``
+    without it is still refused with 415."""
+    from twisted.web.http import Headers
+
+    policy = AdminPolicy()
+    plain = Headers({b"host": [b"127.0.0.1"], b"content-type": [b"text/plain"]})
+    for method in (b"POST", b"PUT", b"PATCH", b"DELETE"):
+        assert policy.refusal(method, b"/healthz", plain, 2) is None, method
+        assert policy.refusal(method, b"/healthz?x=1", Headers(), None) is None, method
+    assert policy.refusal(b"POST", b"/nope", plain, 2) is None  # its 404
+    assert policy.refusal(b"POST", b"/broadcast", plain, 2)[:1] == (415,)  # type: ignore[index]
+    assert policy.refusal(b"POST", b"/broadcast", Headers(), 0)[:1] == (415,)  # type: ignore[index]
+    assert policy.refusal(b"GET", b"/healthz", plain, 2)[:1] == (415,)  # type: ignore[index]
 
 
 def test_clients_send_kick_and_evictions_say_session(factory: ServerFactory) -> None:

@@ -37,6 +37,7 @@ from heartbeatd.daemon.admin_routes import (
     Backend,
     Call,
     index_answer,
+    routed,
 )
 from heartbeatd.daemon.metrics import registry_for
 from heartbeatd.server.factory import EvictionRecord, NotAuthenticated, ServerFactory
@@ -100,7 +101,7 @@ class AdminPolicy:
 
         ``listener`` is the address the request came in on (``transport.getHost()``).
         """
-        refused = self.guard.refusal(method, headers, length, listener)
+        refused = self.guard.refusal(method, headers, length, listener, routed(method, path))
         if refused is not None:
             return refused
         if not self.authorized(method, path, headers):

@@ -11,9 +11,10 @@ byte of the body, for the daemon's admin site and the supervisor's alike:
   one of ``admin.allowed_hosts`` (the port is not compared); else 421 ``forbidden_host``;
 - ``Origin``, when present, must be this very listener (``http(s)://`` + the ``Host`` header);
   else 403 ``forbidden_origin``;
-- a request with a body (or any ``POST``/``PUT``/``PATCH``) must say
+- a request with a body (or any ``POST``/``PUT``/``PATCH``) that a route takes must say
   ``Content-Type: application/json``: a page cannot send that cross-site without a CORS
-  preflight, which we never grant; else 415 ``unsupported_media_type``.
+  preflight, which we never grant; else 415 ``unsupported_media_type``.  A method no route
+  takes at that path does nothing: it goes on to its JSON 405 (or 404), body unread.
 
 UNIX-socket listeners skip the ``Host`` check: a browser cannot reach them.
 """
@@ -70,9 +71,19 @@ class AdminGuard:
         return bound is not None and host == str(bound).lower() and bound not in ("0.0.0.0", "::")
 
     def refusal(
-        self, method: bytes, headers: Headers, length: int | None, listener: Any = None
+        self,
+        method: bytes,
+        headers: Headers,
+        length: int | None,
+        listener: Any = None,
+        routed: bool = True,
     ) -> Refusal | None:
-        """``(status, message, code)`` when the request must be refused, else None."""
+        """``(status, message, code)`` when the request must be refused, else None.
+
+        ``routed`` is False when no route takes ``method`` at the request's path
+        (`heartbeatd.daemon.admin_routes.routed`): it then answers 405 or 404 and runs
+        nothing, so its ``Content-Type`` does not matter.
+        """
         raw_host = (headers.getRawHeaders(b"host") or [b""])[0].decode("latin-1")
         if isinstance(listener, (IPv4Address, IPv6Address)):
             host, _ = split_host(raw_host)
@@ -95,7 +106,7 @@ class AdminGuard:
                     "forbidden_origin",
                 )
         has_body = bool(length) or headers.hasHeader(b"transfer-encoding")
-        if method in _BODY_METHODS or has_body:
+        if routed and (method in _BODY_METHODS or has_body):
             kind = (headers.getRawHeaders(b"content-type") or [b""])[0]
             if kind.split(b";", 1)[0].strip().lower() != b"application/json":
                 return (

@@ -37,7 +37,7 @@ from heartbeatd._logging import get_logger
 from heartbeatd.daemon.admin_guard import BadBody, parse_body
 from heartbeatd.server.handlers import HandlerError
 
-__all__ = ["ROUTES", "AdminApi", "Answer", "ApiError", "Backend", "Call", "Route"]
+__all__ = ["ROUTES", "AdminApi", "Answer", "ApiError", "Backend", "Call", "Route", "routed"]
 
 log = get_logger(__name__)
 
@@ -172,6 +172,29 @@ def _segments(path: bytes) -> list[str]:
     return [unquote_to_bytes(s).decode("utf-8", "replace") for s in raw.split(b"/")[1:]]
 
 
+def _route(method: str, path: bytes) -> tuple[Route | None, dict[str, str], list[str]]:
+    """The route answering ``method`` at ``path`` and its parameters; else the methods the
+    path takes (``HEAD`` with ``GET``), sorted: none for an unknown path."""
+    segments = _segments(path)
+    allowed = []
+    for route in ROUTES:
+        params = route.match(segments)
+        if params is None:
+            continue
+        if route.method == method or (method == "HEAD" and route.method == "GET"):
+            return route, params, []
+        allowed.append(route.method)
+    if "GET" in allowed:
+        allowed.append("HEAD")
+    return None, {}, sorted(allowed)
+
+
+def routed(method: bytes, path: bytes) -> bool:
+    """True when a route takes ``method`` at ``path``: otherwise the request gets its 404 or
+    405 whatever its body, so the header stage does not ask for a JSON ``Content-Type``."""
+    return _route(method.decode("ascii", "replace"), path)[0] is not None
+
+
 class AdminApi(Resource):
     """The admin API's one resource: token, routing table, backend, JSON answers."""
 
@@ -188,24 +211,17 @@ class AdminApi(Resource):
             return _write(request, Answer({"error": "missing or wrong bearer token"}, 401))
         method = request.method.decode("ascii", "replace")
         path = request.path if request.path is not None else request.uri
-        segments = _segments(path)
-        allowed = []
-        for route in ROUTES:
-            params = route.match(segments)
-            if params is None:
-                continue
-            if route.method == method or (method == "HEAD" and route.method == "GET"):
-                return self._answer(request, route, params)
-            allowed.append(route.method)
+        found, params, allowed = _route(method, path)
+        if found is not None:
+            return self._answer(request, found, params)
         if not allowed:
             where = path.split(b"?", 1)[0].decode("utf-8", "replace")
             return _write(request, Answer({"error": f"no such resource: {where}"}, 404))
-        if "GET" in allowed:
-            allowed.append("HEAD")
-        allowed.sort()
-        request.setHeader(b"allow", ", ".join(allowed).encode())
-        error = f"method {method} not allowed; allowed: {allowed}"
-        return _write(request, Answer({"error": error}, 405))
+        shown = ", ".join(allowed)
+        request.setHeader(b"allow", shown.encode())
+        return _write(
+            request, Answer({"error": f"method {method} not allowed; allowed: {shown}"}, 405)
+        )
 
     def _answer(self, request: Request, route: Route, params: dict[str, str]) -> Any:
         try:

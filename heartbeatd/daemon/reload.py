@@ -1,8 +1,9 @@
 """Live reload (SIGHUP): re-read the YAML file and apply it without dropping a connection.
 
 Heartbeat interval and timeout, limits, log level and the like apply at once, to existing and
-new connections (protocols read the factory's config on use).  Keys that cannot change while
-listening (``listen``, ``framing``, ``handlers``) keep their running value and are reported.
+new connections (protocols read the factory's config on use).  Keys bound at start
+(`FIXED_KEYS`: ``listen``, ``tcp.lean_transport``, ``admin.*`` ...) keep their running value,
+each reported with the restart it needs; the diff line lists only what changed.
 An invalid file is rejected with the same message as at start; the daemon keeps running on
 the configuration it had.
 """
@@ -14,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from heartbeatd._logging import get_logger, set_level
+from heartbeatd._validation import hidden
 from heartbeatd.config import Config, ConfigError
 from heartbeatd.daemon.config import load_config
 from heartbeatd.daemon.fdlimit import describe_limit
@@ -22,21 +24,77 @@ from heartbeatd.daemon.tls import ServerTLS
 from heartbeatd.server.factory import ServerFactory
 from heartbeatd.server.signed_tokens import load_authenticator, load_token_verifier
 
-__all__ = ["Reloader", "config_diff"]
+__all__ = ["FIXED_KEYS", "Reloader", "config_diff", "keep_restart_keys", "restart_only"]
 
 log = get_logger(__name__)
 
-#: Keys bound at start: changing them needs a restart.
+#: Keys bound at start: changing them needs a restart.  A dotted name is one key; a section's
+#: name (``admin``) covers each of its keys.  docs/deployment.md#reload lists the same
+#: (tests/test_reload.py compares them).
 FIXED_KEYS = (
     "listen",
     "framing",
     "handlers",
+    "workers",
+    "tcp.lean_transport",
+    "log.format",
+    "malloc",
     "admin",
     "cluster",
-    "workers",
     "websocket",
-    "malloc",
 )
+
+_SECRET = object()  # a `Field.shown` that hides the value (`heartbeatd._validation.hidden`)
+_MISSING = object()  # a key one side has not (a channels.namespaces entry)
+
+
+def restart_only(key: str) -> bool:
+    """True for a dotted key a reload keeps (`FIXED_KEYS`, or a key of a section there)."""
+    return any(key == fixed or key.startswith(fixed + ".") for fixed in FIXED_KEYS)
+
+
+def _leaves(value: Any, prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """Every dotted key of a config object: its value, and how a log line may show it."""
+    out: dict[str, tuple[Any, Any]] = {}
+    for f in dataclasses.fields(value):
+        inner = getattr(value, f.name)
+        if dataclasses.is_dataclass(inner):
+            out.update(_leaves(inner, f"{prefix}{f.name}."))
+        else:
+            shown = f.metadata.get("shown", repr)
+            out[prefix + f.name] = (inner, _SECRET if shown is hidden else shown)
+    return out
+
+
+def _show(value: Any, shown: Any = repr) -> str:
+    """A value as a log line shows it: lists as in YAML's flow style, secrets as ``'***'``."""
+    if shown is _SECRET:
+        return "'***'" if value else "''"
+    if isinstance(value, tuple):
+        return repr(list(value))
+    return str(shown(value))
+
+
+def _replace(config: Any, key: str, value: Any) -> Any:
+    """``config`` with the dotted ``key`` set to ``value`` (frozen dataclasses all the way)."""
+    name, _, rest = key.partition(".")
+    if rest:
+        value = _replace(getattr(config, name), rest, value)
+    return dataclasses.replace(config, **{name: value})
+
+
+def keep_restart_keys(old: Config, new: Config) -> tuple[Config, list[tuple[str, str, str]]]:
+    """``new`` with the running value of every restart-only key that differs, and for each
+    ``(dotted key, old value, new value)`` as a log line shows them (secrets as ``'***'``)."""
+    before, after = _leaves(old), _leaves(new)
+    kept = []
+    for key, (value, shown) in after.items():
+        was = before[key][0]
+        if value == was or not restart_only(key):
+            continue
+        kept.append((key, _show(was, shown), _show(value, shown)))
+        new = _replace(new, key, was)
+    return new, kept
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -49,15 +107,20 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_diff(old: Config, new: Config) -> list[str]:
-    """``key old -> new`` for every key that differs (secrets shown as ``***``)."""
+    """``key old -> new`` for every key that differs (secrets: ``key changed``)."""
+    secrets = {key for key, (_, shown) in _leaves(new).items() if shown is not repr}
     before, after = _flatten(old.to_dict()), _flatten(new.to_dict())
     lines = []
-    for key in sorted(after):
-        if before[key] != after[key]:
-            if key in ("admin.token", "cluster.redis"):  # secrets, or URLs holding one
-                lines.append(f"{key} changed")
-            else:
-                lines.append(f"{key} {before[key]!r} -> {after[key]!r}")
+    for key in sorted(after.keys() | before.keys()):
+        was, now = before.get(key, _MISSING), after.get(key, _MISSING)
+        if was == now:
+            continue
+        if key in secrets:  # secrets, or URLs holding one
+            lines.append(f"{key} changed")
+        elif was is _MISSING or now is _MISSING:  # a channels.namespaces entry came or went
+            lines.append(f"{key} {'added' if was is _MISSING else 'removed'}")
+        else:
+            lines.append(f"{key} {_show(was)} -> {_show(now)}")
     return lines
 
 
@@ -99,17 +162,14 @@ class Reloader:
             )
             return False
         old = self.factory.config
-        fixed = {
-            key: getattr(old, key) for key in FIXED_KEYS if getattr(new, key) != getattr(old, key)
-        }
-        for key, value in fixed.items():
+        new, kept = keep_restart_keys(old, new)
+        for key, was, value in kept:
             log.warn(
-                "{key} cannot change while running; keeping {old!r} (restart to use {new!r})",
+                "{key} cannot change while running; keeping {old} (restart to use {new})",
                 key=key,
-                old=value,
-                new=getattr(new, key),
+                old=was,
+                new=value,
             )
-        new = dataclasses.replace(new, **fixed)
         try:
             new = self._reload_security(old, new)
         except ConfigError as e:
