@@ -37,6 +37,22 @@ def test_invalid_json_or_utf8_is_bad_json(body: bytes) -> None:
 
 
 @pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"\xff\xfe", "body is not valid UTF-8: byte 0xff at offset 0"),
+        (b'{"type": "\xc3\x28"}', "body is not valid UTF-8: byte 0xc3 at offset 10"),
+        (b'{"type": "\\ud800"}', "body is not valid UTF-8 JSON: "),  # an escape, not a byte
+        (b"{bad", "body is not valid UTF-8 JSON: "),
+    ],
+)
+def test_bad_json_says_which_byte_is_not_utf8(body: bytes, message: str) -> None:
+    with pytest.raises(ProtocolError) as info:
+        decode_message(body)
+    assert info.value.code == "bad_json" and str(info.value.message).startswith(message)
+    assert "surrogates not allowed" not in str(info.value.message)
+
+
+@pytest.mark.parametrize(
     ("body", "id"),
     [
         (b"[1,2]", None),

@@ -184,12 +184,22 @@ def decode_json(body: bytes, max_depth: int = DEFAULT_MAX_JSON_DEPTH) -> Any:
         # ("recursion depth exceeded" in 3.9.15, "depth limit exceeded" later).
         if "depth" in str(e):
             raise _parser_depth_error(max_depth) from None
-        raise ProtocolError(BAD_JSON, f"body is not valid UTF-8 JSON: {e}") from None
+        raise ProtocolError(BAD_JSON, _bad_json_message(body, e)) from None
     if exceeds_depth(value, body, max_depth):
         raise ProtocolError(
             TOO_DEEP, f"JSON nests deeper than {max_depth} levels (the limit)", _id_of(value)
         )
     return value
+
+
+def _bad_json_message(body: bytes, error: Exception) -> str:
+    """What is wrong with a body the parser refused.  Bytes that are not UTF-8 are named by
+    offset: orjson says "surrogates not allowed" of any of them."""
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return f"body is not valid UTF-8: byte 0x{body[e.start]:02x} at offset {e.start}"
+    return f"body is not valid UTF-8 JSON: {error}"
 
 
 def _parser_depth_error(max_depth: int) -> ProtocolError:
