@@ -96,8 +96,18 @@ def ip_networks(value: Any) -> str | None:
     return None
 
 
+def as_written(value: Any) -> str:
+    """A bad value as the YAML file spells it where Python's repr would not (``true``, not
+    ``True``; ``null``, not ``None``); anything else as its repr (strings quoted)."""
+    if value is True or value is False:
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    return repr(value)
+
+
 def check(
-    fn: Callable[[Any], str | None], doc: str, shown: Callable[[Any], str] = repr
+    fn: Callable[[Any], str | None], doc: str, shown: Callable[[Any], str] = as_written
 ) -> dict[str, Any]:
     """A field's check and doc; ``shown`` renders a bad value in the error (secrets: `hidden`)."""
     return {"check": fn, "doc": doc, "shown": shown}
@@ -162,7 +172,7 @@ def build(
             continue
         expected = f.metadata["check"](value)
         if expected is not None:
-            shown = f.metadata.get("shown", repr)(value)
+            shown = f.metadata.get("shown", as_written)(value)
             errors.append(f"{path}: {shown} is not allowed; expected {expected}")
             continue
         if isinstance(value, list) and isinstance(f.default, tuple):

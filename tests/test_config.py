@@ -83,7 +83,10 @@ def test_invalid_yaml_names_the_path(tmp_path: Path) -> None:
         ),
         ({"heartbeat": {"interval": 0}}, "heartbeat.interval: 0 is not allowed"),
         ({"heartbeat": {"interval": "10"}}, "heartbeat.interval: '10' is not allowed"),
-        ({"heartbeat": {"interval": True}}, "heartbeat.interval: True is not allowed"),
+        # As the YAML file spells the value: true, not Python's True; null, not None.
+        ({"heartbeat": {"interval": True}}, "heartbeat.interval: true is not allowed"),
+        ({"heartbeat": {"interval": None}}, "heartbeat.interval: null is not allowed"),
+        ({"max_frame_bytes": False}, "max_frame_bytes: false is not allowed"),
         ({"max_frame_bytes": 1.5}, "max_frame_bytes: 1.5 is not allowed; expected an integer"),
         ({"framing": "xml"}, "framing: 'xml' is not allowed; expected one of int32"),
         ({"log": {"level": "loud"}}, "log.level: 'loud' is not allowed; expected one of debug"),

@@ -68,8 +68,8 @@ def test_sighup_applies_new_heartbeat_to_live_connections(tmp_path: Path) -> Non
                 r"\(restart to use 1048576\)"
             )
             daemon.wait_for(
-                r"tcp\.lean_transport cannot change while running; keeping True "
-                r"\(restart to use False\)"
+                r"tcp\.lean_transport cannot change while running; keeping true "
+                r"\(restart to use false\)"
             )
             reloaded = daemon.wait_for(
                 r"Configuration reloaded from .*heartbeat\.interval 60\.0 -> 0\.2; "
@@ -128,9 +128,9 @@ def test_restart_only_keys_keep_their_running_value_per_key(tmp_path: Path) -> N
     assert config.log.format == "text" and config.heartbeat.interval == 5
     text = "\n".join(lines)
     for line in (
-        "tcp.lean_transport cannot change while running; keeping True (restart to use False)",
+        "tcp.lean_transport cannot change while running; keeping true (restart to use false)",
         "admin.token cannot change while running; keeping '***' (restart to use '***')",
-        "admin.access_log cannot change while running; keeping False (restart to use True)",
+        "admin.access_log cannot change while running; keeping false (restart to use true)",
         "handlers cannot change while running; keeping [] (restart to use ['json'])",
         "websocket.path cannot change while running; keeping '/' (restart to use '/ws')",
         "malloc.trim_threshold cannot change while running; keeping 67108864 "
@@ -139,7 +139,7 @@ def test_restart_only_keys_keep_their_running_value_per_key(tmp_path: Path) -> N
     ):
         assert line in lines, text
     (reloaded,) = [line for line in lines if line.startswith("Configuration reloaded")]
-    assert reloaded.endswith(": heartbeat.interval 10.0 -> 5.0; tcp.nodelay True -> False")
+    assert reloaded.endswith(": heartbeat.interval 10.0 -> 5.0; tcp.nodelay true -> false")
     assert "s3cret" not in text and "AdminConfig(" not in text and "('" not in text, text
 
 

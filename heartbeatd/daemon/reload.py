@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from heartbeatd._logging import get_logger, set_level
-from heartbeatd._validation import hidden
+from heartbeatd._validation import as_written, hidden
 from heartbeatd.config import Config, ConfigError
 from heartbeatd.daemon.config import load_config
 from heartbeatd.daemon.fdlimit import describe_limit
@@ -61,12 +61,12 @@ def _leaves(value: Any, prefix: str = "") -> dict[str, tuple[Any, Any]]:
         if dataclasses.is_dataclass(inner):
             out.update(_leaves(inner, f"{prefix}{f.name}."))
         else:
-            shown = f.metadata.get("shown", repr)
+            shown = f.metadata.get("shown", as_written)
             out[prefix + f.name] = (inner, _SECRET if shown is hidden else shown)
     return out
 
 
-def _show(value: Any, shown: Any = repr) -> str:
+def _show(value: Any, shown: Any = as_written) -> str:
     """A value as a log line shows it: lists as in YAML's flow style, secrets as ``'***'``."""
     if shown is _SECRET:
         return "'***'" if value else "''"
@@ -108,7 +108,7 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 def config_diff(old: Config, new: Config) -> list[str]:
     """``key old -> new`` for every key that differs (secrets: ``key changed``)."""
-    secrets = {key for key, (_, shown) in _leaves(new).items() if shown is not repr}
+    secrets = {key for key, (_, shown) in _leaves(new).items() if shown is not as_written}
     before, after = _flatten(old.to_dict()), _flatten(new.to_dict())
     lines = []
     for key in sorted(after.keys() | before.keys()):
