@@ -376,7 +376,11 @@ class ClientSession:
             # Told as a refused start is (``session_lost``); what was numbered for the session
             # is dropped with it, never sent later.
             self._lose(UNAVAILABLE, error)
-        conn.abort(ConnectionClosed(f"the server answered unavailable to {what}: trying again"))
+        conn.abort(
+            ConnectionClosed(
+                f"the server answered unavailable to {what} (its session store is unreachable)"
+            )
+        )
         return "failed"
 
     def _refused(self, reason: str) -> None:
