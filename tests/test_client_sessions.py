@@ -17,11 +17,13 @@ from twisted.trial.unittest import SynchronousTestCase
 from heartbeatd.client import (
     ClientConnection,
     ClientError,
+    ClientStopped,
     ConnectionClosed,
     NotConnected,
     RequestTimeout,
     ServerError,
     SessionLost,
+    SessionUnavailable,
 )
 from heartbeatd.client.reconnect import ReconnectingClient
 from heartbeatd.client.session import ClientSession
@@ -890,3 +892,235 @@ def test_an_unsubscribe_fails_the_subscribe_still_waiting_for_its_answer(clock: 
     assert successResultOf(client.unsubscribe("news")) is None
     error = failureResultOf(waiting, ClientError).value
     assert "unsubscribed from 'news'" in str(error)
+
+
+# -- resume and start answered unavailable: retried for session_retry_timeout -----------------
+
+UNAVAILABLE_RESUME = {"resumed": False, "reason": "unavailable"}
+
+
+def unavailable_client(
+    clock: Clock, **options: Any
+) -> tuple[ReconnectingClient, FakeEndpoint, list]:
+    """A session client whose backoff is ``random() * min(2^(n-1), 100)`` with random 1.0:
+    the retries after answers ``unavailable`` come 1, 2, 4... seconds apart."""
+    endpoint = FakeEndpoint()
+    options = {"backoff_initial": 1, "backoff_max": 100, "random": lambda: 1.0, **options}
+    client = ReconnectingClient(clock, endpoint, resumable=True, **options)
+    events: list = []
+    client.on_session(events.append)
+    client.start()
+    return client, endpoint, events
+
+
+def grant(peer: Peer, sid: str = "sid1") -> None:
+    (ask,) = peer.written()
+    assert ask["type"] == "session"
+    peer.send({"type": "session", "id": ask["id"], "data": {"session": sid, "key": KEY}})
+
+
+def refuse_resume(peer: Peer, as_error: bool = False) -> None:
+    """Answer the resume ``unavailable``: as ``resumed: false`` (heartbeatd) or an error."""
+    (ask,) = peer.written()
+    assert ask["type"] == "resume"
+    assert ask["data"]["session"] == "sid1" and ask["data"]["key"] == KEY  # the same session
+    if as_error:
+        peer.refuse(ask, "unavailable")
+    else:
+        peer.answer(ask, UNAVAILABLE_RESUME)
+    assert peer.transport.disconnecting  # this connection is dropped; the next one asks again
+    peer.drop()
+
+
+def next_peer(clock: Clock, endpoint: FakeEndpoint, after: float) -> Peer:
+    """The next connect comes exactly ``after`` seconds later (the capped backoff)."""
+    attempts = len(endpoint.attempts)
+    clock.advance(after - 0.001)
+    assert len(endpoint.attempts) == attempts
+    clock.advance(0.001)
+    assert len(endpoint.attempts) == attempts + 1
+    return endpoint.accept()
+
+
+def test_a_resume_answered_unavailable_is_retried_and_the_session_resumes_whole(
+    clock: Clock,
+) -> None:
+    """The server kept the session (a Redis failover): answered unavailable three times,
+    the fourth resume continues it: no session_lost, the request the server lacked is resent
+    once, the one made meanwhile follows, the held subscription is not sent again."""
+    client, endpoint, events = unavailable_client(clock)
+    ready = client.when_connected()
+    peer = endpoint.accept()
+    grant(peer)
+    successResultOf(ready)
+    subscribed = client.subscribe("news", lambda data, offset, sub: None)
+    (sub_req,) = peer.written()
+    answer_subscribe(peer, sub_req, seq=1)
+    successResultOf(subscribed)
+    first = client.request("work", {"n": 1}, timeout=60)
+    (sent,) = peer.written()
+    assert (sent["type"], sent["seq"]) == ("work", 2)
+    peer.drop()
+    peer = next_peer(clock, endpoint, 1)  # the backoff after a connection that worked
+    refuse_resume(peer)
+    peer = next_peer(clock, endpoint, 1)
+    refuse_resume(peer, as_error=True)
+    second = client.request("more", timeout=60)  # waits, numbered after the first
+    peer = next_peer(clock, endpoint, 2)
+    refuse_resume(peer)
+    assert client.session.unavailable_attempts == 3 and client.session.state.sid == "sid1"
+    assertNoResult(first)
+    assertNoResult(second)
+    peer = next_peer(clock, endpoint, 4)
+    (ask,) = peer.written()
+    assert ask["data"] == {"session": "sid1", "key": KEY, "ack": 1}
+    peer.answer(ask, {"resumed": True, "ack": 1, "replay": 0})  # it lacks seq 2
+    resent = peer.written()
+    assert [(m["type"], m["seq"]) for m in resent] == [("work", 2), ("more", 3)]
+    peer.send(
+        {"type": "work", "id": 2, "seq": 2, "ack": 3, "data": "W"},
+        {"type": "more", "id": 3, "seq": 3, "data": "M"},
+    )
+    assert (successResultOf(first), successResultOf(second)) == ("W", "M")
+    assert events == [{"event": "started"}, {"event": "resumed", "replayed": 0}]
+    assert client.session.unavailable_since is None and client.session.unavailable == 3
+    assert client.session.lost == 0
+    clock.advance(60)
+    assert [m["type"] for m in peer.written()] == ["ack"]  # nothing subscribed again
+
+
+def test_a_resume_unavailable_until_the_deadline_loses_the_session_typed(clock: Clock) -> None:
+    """The last try comes at the deadline (not a backoff step after it); its answer gives
+    up: session_lost (reason unavailable), SessionUnavailable for what waited, which old
+    ``except SessionLost`` and ``except ConnectionClosed`` clauses catch; then a new session."""
+    client, endpoint, events = unavailable_client(clock, session_retry_timeout=2.5)
+    ready = client.when_connected()
+    peer = endpoint.accept()
+    grant(peer)
+    successResultOf(ready)
+    pending = client.request("work", timeout=600)
+    peer.written()
+    peer.drop()
+    peer = next_peer(clock, endpoint, 1)
+    refuse_resume(peer)  # t=1: the spell starts
+    peer = next_peer(clock, endpoint, 1)
+    refuse_resume(peer)  # t=2
+    assert client.session.retry_deadline == 3.5
+    peer = next_peer(clock, endpoint, 1.5)  # backoff 4, capped: t=3.5, the deadline
+    assertNoResult(pending)
+    refuse_resume(peer)
+    error = failureResultOf(pending, SessionUnavailable).value
+    assert isinstance(error, SessionLost) and isinstance(error, ConnectionClosed)
+    assert (error.reason, error.elapsed, error.attempts, error.limit) == (
+        "unavailable",
+        2.5,
+        3,
+        2.5,
+    )
+    assert "session_retry_timeout is 2.5s" in str(error)
+    assert events == [{"event": "started"}, {"event": "session_lost", "reason": "unavailable"}]
+    assert not client.session.state.active and client.session.retry_deadline is None
+    peer = next_peer(clock, endpoint, 4)  # the backoff goes on, no longer capped
+    grant(peer, "sid2")  # a new session, not a resume
+    assert events[-1] == {"event": "started"}
+
+
+def test_stop_during_the_retries_fails_what_waits_with_client_stopped(clock: Clock) -> None:
+    client, endpoint, events = unavailable_client(clock)
+    ready = client.when_connected()
+    peer = endpoint.accept()
+    grant(peer)
+    successResultOf(ready)
+    pending = client.request("work", timeout=600)
+    peer.drop()
+    peer = next_peer(clock, endpoint, 1)
+    refuse_resume(peer)
+    waiting = client.when_connected()
+    later = client.request("later", timeout=600)
+    successResultOf(client.stop())
+    clock.advance(0)  # when_connected hears ClientService's answer a moment later
+    for d in (pending, waiting, later):
+        assert "stopped" in str(failureResultOf(d, ClientStopped).value)
+    assert events == [{"event": "started"}]  # it asked for this: no session_lost
+    assert client.session.retry_deadline is None
+    clock.advance(120)
+    assert len(endpoint.attempts) == 2  # no more attempts
+
+
+def test_a_session_start_answered_unavailable_is_retried_not_given_up(clock: Clock) -> None:
+    """Not a connection without a session (today's refusals): the next connection asks
+    again, and requests made meanwhile are the new session's first ones."""
+    client, endpoint, events = unavailable_client(clock)
+    ready = client.when_connected(timeout=30)
+    early = client.request("early", timeout=30)
+    peer = endpoint.accept()
+    (ask,) = peer.written()
+    assert ask["type"] == "session"
+    peer.refuse(ask, "unavailable")
+    assert peer.transport.disconnecting
+    peer.drop()
+    assertNoResult(ready)
+    assert "unavailable to session" in client.last_error
+    peer = next_peer(clock, endpoint, 1)
+    (ask,) = peer.written()
+    peer.refuse(ask, "unavailable")
+    peer.drop()
+    peer = next_peer(clock, endpoint, 2)
+    grant(peer)
+    assert successResultOf(ready).session_outcome == "started"
+    (sent,) = peer.written()
+    assert (sent["type"], sent["seq"]) == ("early", 1)
+    peer.send({"type": "early", "id": 1, "seq": 1, "data": "E"})
+    assert successResultOf(early) == "E"
+    assert events == [{"event": "started"}]
+
+
+def test_a_session_start_unavailable_until_the_deadline_fails_what_waits(clock: Clock) -> None:
+    client, endpoint, events = unavailable_client(clock, session_retry_timeout=1)
+    early = client.request("early", timeout=600)
+    for after in (0, 1):  # t=0, then t=1: the deadline
+        peer = next_peer(clock, endpoint, after) if after else endpoint.accept()
+        (ask,) = peer.written()
+        peer.refuse(ask, "unavailable")
+        peer.drop()
+    error = failureResultOf(early, SessionUnavailable).value
+    assert (error.elapsed, error.attempts) == (1, 2)
+    assert events == [{"event": "session_lost", "reason": "unavailable"}]
+    peer = next_peer(clock, endpoint, 2)
+    grant(peer)  # the store is back: the session starts, without the failed request
+    assert peer.written() == [] and events[-1] == {"event": "started"}
+
+
+def test_session_retry_timeout_is_checked_and_reaches_the_pool(clock: Clock) -> None:
+    import math
+
+    import pytest
+
+    from heartbeatd import ConfigError
+    from heartbeatd.client import Pool, PoolConfig, parse_pool_config
+    from heartbeatd.client.reconnect import DEFAULT_SESSION_RETRY_TIMEOUT
+
+    for bad in (0, -1, math.nan):
+        with pytest.raises(ValueError, match="session_retry_timeout must be a positive"):
+            ReconnectingClient(clock, FakeEndpoint(), session_retry_timeout=bad)
+    forever, endpoint, events = unavailable_client(
+        clock, session_retry_timeout=math.inf, backoff_max=1
+    )
+    peer = endpoint.accept()
+    grant(peer)
+    pending = forever.request("work", timeout=10**8)
+    peer.drop()
+    for _ in range(3):  # a million seconds apart: never gives up
+        clock.advance(10**6)
+        peer = endpoint.accept()
+        refuse_resume(peer)
+    assertNoResult(pending)
+    assert events == [{"event": "started"}] and forever.session.state.sid == "sid1"
+    assert PoolConfig().session_retry_timeout == DEFAULT_SESSION_RETRY_TIMEOUT == 60
+    config = parse_pool_config({"session_retry_timeout": 2.5, "resumable": True, "min_idle": 0})
+    assert Pool(clock, config).subscriber_fn().session.retry_timeout == 2.5
+    inf = parse_pool_config({"session_retry_timeout": math.inf, "resumable": True})
+    assert Pool(clock, inf).subscriber_fn().session.retry_timeout == math.inf
+    for bad in (0, -1, math.nan, "60", True, None):
+        with pytest.raises(ConfigError, match=r"pool\.session_retry_timeout: .* is not allowed"):
+            parse_pool_config({"session_retry_timeout": bad})

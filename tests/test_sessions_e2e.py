@@ -519,3 +519,83 @@ def test_a_clean_stop_ends_the_session_on_the_server(tmp_path: Path) -> None:
                 answer = peer.resume(sid, key, ack=0)
                 assert answer["data"] == {"resumed": False, "reason": "unknown_session"}, answer
         assert daemon.stop() == 0
+
+
+#: Run as a script: a resumable client; once its session started it says so and waits for a
+#: line on stdin (the test has stopped Redis), then asks ``echo``; it says "unavailable" once
+#: a resume was answered so (the test restarts Redis), and prints what it saw at the end.
+UNAVAILABLE_DRIVER = """
+import json, sys
+from twisted.internet import defer, task, threads
+from heartbeatd.client import ReconnectingClient
+
+async def main(reactor, endpoint):
+    client = ReconnectingClient(reactor, endpoint, resumable=True, backoff_initial=0.05,
+                                backoff_max=0.2, session_retry_timeout=20)
+    events = []
+    client.on_session(events.append)
+    client.start()
+    await client.when_connected(timeout=10)
+    print("started", client.session.state.sid, flush=True)
+    await threads.deferToThread(sys.stdin.readline)  # Redis is down now
+    reply = client.request("echo", "kept", timeout=20)
+    told = task.LoopingCall(lambda: client.session.unavailable and told.stop())
+    await told.start(0.02)
+    print("unavailable", flush=True)
+    answer = await reply
+    session = client.session
+    print(json.dumps({"reply": answer, "events": events, "unavailable": session.unavailable,
+                      "lost": session.lost, "sid": session.state.sid}), flush=True)
+    await client.stop()
+
+task.react(lambda r: defer.ensureDeferred(main(r, sys.argv[1])))
+"""
+
+
+def line_within(stream: Any, seconds: float) -> str:
+    """The next line of a subprocess's output, or "" if none came within ``seconds``."""
+    import select
+
+    readable, _, _ = select.select([stream], [], [], seconds)
+    return stream.readline() if readable else ""
+
+
+def test_a_session_survives_its_redis_being_stopped_and_restarted(tmp_path: Path) -> None:
+    """The Python client against a cluster node whose Redis goes away: the request it makes
+    then closes its connection (``unavailable``), its resumes are answered ``unavailable``
+    and retried, and once Redis is back (from its snapshot) the same session resumes: no
+    ``session_lost``, the request answered once."""
+    from redis_server import RedisServer
+    from test_cluster import LINK_UP
+
+    with RedisServer(tmp_path / "redis") as redis:
+        cluster = {"redis": redis.url, "node_id": "node0"}
+        with Daemon(tmp_path, {"cluster": cluster}) as daemon:
+            daemon.wait_for(LINK_UP)
+            endpoint = f"tcp:host=127.0.0.1:port={daemon.port}"
+            with subprocess.Popen(
+                [sys.executable, "-c", UNAVAILABLE_DRIVER, endpoint],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            ) as driver:
+                try:
+                    assert driver.stdout is not None and driver.stdin is not None
+                    started, sid = line_within(driver.stdout, 15).split()
+                    assert started == "started"
+                    assert redis.cli("SAVE") == "OK"  # the session, for the restart
+                    redis.stop()
+                    driver.stdin.write("go\n")
+                    driver.stdin.flush()
+                    assert line_within(driver.stdout, 15) == "unavailable\n"
+                    redis.start()
+                    out, err = driver.communicate(timeout=30)
+                finally:
+                    if driver.poll() is None:
+                        driver.kill()
+                assert driver.returncode == 0, err[-3000:]
+    result = json.loads(out.splitlines()[-1])
+    assert result["reply"] == "kept"
+    assert result["events"] == [{"event": "started"}, {"event": "resumed", "replayed": 0}]
+    assert result["unavailable"] >= 1 and result["lost"] == 0 and result["sid"] == sid

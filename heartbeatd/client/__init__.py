@@ -26,6 +26,7 @@ from heartbeatd.client.errors import (
     RequestTimeout,
     ServerError,
     SessionLost,
+    SessionUnavailable,
     SubscriptionUnavailable,
 )
 from heartbeatd.client.pool import Pool
@@ -52,6 +53,7 @@ __all__ = [
     "RequestTimeout",
     "ServerError",
     "SessionLost",
+    "SessionUnavailable",
     "Subscription",
     "SubscriptionUnavailable",
     "connect",

@@ -115,6 +115,14 @@ class PoolConfig:
             "fails; .inf = for ever",
         ),
     )
+    session_retry_timeout: float = field(
+        default=60.0,  # session.DEFAULT_RETRY_TIMEOUT (a test keeps them equal)
+        metadata=check(
+            positive_number,
+            "seconds a resume or session start answered unavailable is retried before what "
+            "waits in the session fails; .inf = for ever",
+        ),
+    )
     # -- TLS and authentication (heartbeatd.client.tls); '' = not used --
     tls_ca: str = field(
         default="", metadata=check(string, "PEM CA file: connect with TLS, verify the server")

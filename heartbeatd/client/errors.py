@@ -24,6 +24,7 @@ __all__ = [
     "RequestTimeout",
     "ServerError",
     "SessionLost",
+    "SessionUnavailable",
     "SubscriptionUnavailable",
 ]
 
@@ -109,6 +110,27 @@ class SessionLost(ConnectionClosed):
     def __init__(self, reason: str, message: str = "") -> None:
         super().__init__(message or f"the session was lost ({reason})")
         self.reason = reason
+
+
+class SessionUnavailable(SessionLost):
+    """The server answered ``unavailable`` (a cluster whose session store, Redis, is
+    unreachable) to every resume or session start for ``session_retry_timeout`` seconds: the
+    reconnecting client gave up waiting for it.  A `SessionLost` (``reason``
+    ``unavailable``), so ``except SessionLost`` and ``except ConnectionClosed`` catch it.
+
+    ``elapsed``: seconds from the first such answer to the last; ``attempts``: answers
+    ``unavailable``; ``limit``: the ``session_retry_timeout`` that ran out.
+    """
+
+    def __init__(self, elapsed: float, attempts: int, limit: float) -> None:
+        super().__init__(
+            "unavailable",
+            "the server answered unavailable to every session start or resume for "
+            f"{elapsed:g}s ({attempts} attempts; session_retry_timeout is {limit:g}s): gave up",
+        )
+        self.elapsed = elapsed
+        self.attempts = attempts
+        self.limit = limit
 
 
 class ConnectionFailed(ClientError):

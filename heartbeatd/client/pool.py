@@ -245,6 +245,7 @@ class Pool:
             get_token=get_token,
             resumable=resumable,
             subscribe_retry_timeout=config.subscribe_retry_timeout,
+            session_retry_timeout=config.session_retry_timeout,
         )
         self._subscriber: ReconnectingClient | None = None
         #: ``on_session`` callbacks for the subscription connection (``resumable``).

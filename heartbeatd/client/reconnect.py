@@ -18,7 +18,13 @@ in order, and subscriptions carry on without being sent again (a subscription co
 held by the session only once its subscribe was answered; one refused, unavailable or lost
 meanwhile is sent again).  ``on_session`` hears
 ``started``, ``resumed`` and ``session_lost``; after a lost session the client starts a new
-one and subscribes again with ``since``, as without sessions.
+one and subscribes again with ``since``, as without sessions.  A resume or a session start
+answered ``unavailable`` (a cluster whose Redis is unreachable: the server may well hold the
+session still) loses nothing: the client reconnects with its backoff and asks again, the
+session and its waiting requests kept, for ``session_retry_timeout`` seconds from the first
+such answer (the last try at the deadline); then what waits fails with
+`SessionUnavailable` (a `SessionLost`), ``on_session`` hears ``session_lost`` (reason
+``unavailable``), and the client goes on trying, a new session.
 
 Every wait has a deadline and every failure is a `ClientError`: ``request(timeout=N)`` spends
 at most N seconds in all, waiting for a connection included, and fails with `NotConnected`
@@ -65,11 +71,17 @@ from heartbeatd.client.errors import (
     SessionLost,
     SubscriptionUnavailable,
 )
-from heartbeatd.client.session import DEFAULT_END_TIMEOUT, ClientSession, SessionEvent
+from heartbeatd.client.session import (
+    DEFAULT_END_TIMEOUT,
+    DEFAULT_RETRY_TIMEOUT,
+    ClientSession,
+    SessionEvent,
+)
 from heartbeatd.client.tls import ClientTLS, wrap_client_endpoint
 from heartbeatd.wire.envelope import OMIT
 
 __all__ = [
+    "DEFAULT_SESSION_RETRY_TIMEOUT",
     "DEFAULT_SUBSCRIBE_RETRY_TIMEOUT",
     "MAX_RETRY_AFTER",
     "ReconnectingClient",
@@ -80,6 +92,8 @@ log = get_logger(__name__)
 
 #: How long a subscription keeps subscribing again while the server answers ``unavailable``.
 DEFAULT_SUBSCRIBE_RETRY_TIMEOUT = 60.0
+#: How long a session keeps resuming (or starting) while the server answers ``unavailable``.
+DEFAULT_SESSION_RETRY_TIMEOUT = DEFAULT_RETRY_TIMEOUT
 #: Answers to a subscribe that say "not now", not "no": retried with backoff, bounded.
 #: ``rate_limited`` too: a client with more subscriptions than the server's
 #: ``channels.subscribe_burst`` re-subscribes them all after each reconnect.
@@ -147,12 +161,14 @@ class ReconnectingClient:
         session_expiry: float | None = None,
         session_end_timeout: float = DEFAULT_END_TIMEOUT,
         subscribe_retry_timeout: float = DEFAULT_SUBSCRIBE_RETRY_TIMEOUT,
+        session_retry_timeout: float = DEFAULT_SESSION_RETRY_TIMEOUT,
     ) -> None:
-        if not subscribe_retry_timeout > 0:  # NaN too; math.inf: retry for ever
-            raise ValueError(
-                "subscribe_retry_timeout must be a positive number of seconds, "
-                f"not {subscribe_retry_timeout!r}"
-            )
+        for name, seconds in (
+            ("subscribe_retry_timeout", subscribe_retry_timeout),
+            ("session_retry_timeout", session_retry_timeout),
+        ):
+            if not seconds > 0:  # NaN too; math.inf: retry for ever
+                raise ValueError(f"{name} must be a positive number of seconds, not {seconds!r}")
         # TLS under every connection; the token is sent on each (``get_token`` is called
         # for a fresh one on each connection and each refresh, JWTs being short-lived).
         endpoints = endpoint_list(reactor, endpoint, tls)
@@ -177,7 +193,9 @@ class ReconnectingClient:
         #: sent in it and not answered yet (the answer comes after a resume, by the resend or
         #: the replay: they are not sent again either, unless it says ``not_subscribed``).
         self.session: ClientSession | None = (
-            ClientSession(reactor, expiry=session_expiry) if resumable else None
+            ClientSession(reactor, expiry=session_expiry, retry_timeout=session_retry_timeout)
+            if resumable
+            else None
         )
         self._session_subs: set[Subscription] = set()
         self._session_sent: set[Subscription] = set()
@@ -731,10 +749,19 @@ class ReconnectingClient:
         failures = self._failures
         count = len(self.endpoints)
         if not failures:
-            return self._backoff(1)
-        if failures % count:
-            return 0.0  # the next endpoint of this round, at once
-        return self._backoff(failures // count)  # a full round failed: one backoff step
+            delay = self._backoff(1)
+        elif failures % count:
+            delay = 0.0  # the next endpoint of this round, at once
+        else:
+            delay = self._backoff(failures // count)  # a full round failed: one backoff step
+        deadline = None if self.session is None else self.session.retry_deadline
+        if deadline is not None:
+            # Resuming a session the server answered unavailable: the last try comes at
+            # session_retry_timeout, not a backoff step after it.
+            left = deadline - self._reactor.seconds()
+            if left > 0:
+                delay = min(delay, left)
+        return delay
 
     def _goaway(self, conn: ClientConnection, data: dict[str, Any]) -> None:
         self.goaways += 1

@@ -17,7 +17,13 @@ server message through it, and detaches it when the connection is lost:
 - acks are batched: one after ``ack_batch`` messages or ``ack_delay`` seconds after the
   first unacknowledged one, and one before a clean close;
 - ``resumed: false`` (or ``session_taken_over`` on a live connection) fails the waiting
-  requests with `SessionLost`, tells the application ``session_lost`` and starts afresh.
+  requests with `SessionLost`, tells the application ``session_lost`` and starts afresh;
+- ``unavailable`` to a resume or a start (a cluster whose Redis is unreachable, say during a
+  Sentinel failover: the server may well still hold the session) is not a loss: the
+  connection is dropped and the next one asks again (the reconnect backoff), keeping the
+  session and what waits in it, for ``retry_timeout`` seconds from the first such answer;
+  then what waits fails with `SessionUnavailable` (a held session is lost, reason
+  ``unavailable``) and the client goes on trying, a new session.
 
 The wire contract is docs/protocol.md, "Sessions".
 """
@@ -40,6 +46,7 @@ from heartbeatd.client.errors import (
     RequestTimeout,
     ServerError,
     SessionLost,
+    SessionUnavailable,
 )
 from heartbeatd.client.session_state import DUPLICATE, GAP, SessionState
 from heartbeatd.wire.envelope import OMIT, encode_message
@@ -47,7 +54,7 @@ from heartbeatd.wire.envelope import OMIT, encode_message
 #: A `heartbeatd.client.connection.ClientConnection` (not imported: it imports this module).
 ClientConnection = Any
 
-__all__ = ["ClientSession", "SessionEvent"]
+__all__ = ["DEFAULT_RETRY_TIMEOUT", "ClientSession", "SessionEvent"]
 
 log = get_logger(__name__)
 
@@ -63,8 +70,12 @@ DEFAULT_ACK_DELAY = 0.2
 DEFAULT_MAX_BUFFERED = 10_000
 #: How long a clean close waits for the answer to its ``session_end``.
 DEFAULT_END_TIMEOUT = 2.0
+#: How long resumes (and session starts) answered ``unavailable`` are retried before what
+#: waits in the session fails (`SessionUnavailable`).
+DEFAULT_RETRY_TIMEOUT = 60.0
 
 TAKEN_OVER = "session_taken_over"
+UNAVAILABLE = "unavailable"
 
 
 class ClientSession:
@@ -78,13 +89,23 @@ class ClientSession:
         ack_batch: int = DEFAULT_ACK_BATCH,
         ack_delay: float = DEFAULT_ACK_DELAY,
         max_buffered: int = DEFAULT_MAX_BUFFERED,
+        retry_timeout: float = DEFAULT_RETRY_TIMEOUT,
     ) -> None:
+        if not retry_timeout > 0:  # NaN too; math.inf: retry for ever
+            raise ValueError(
+                f"session_retry_timeout must be a positive number of seconds, not {retry_timeout!r}"
+            )
         self.clock = clock
         #: Asked for in ``session`` (None: the server's default).
         self.expiry = expiry
         self.ack_batch = ack_batch
         self.ack_delay = ack_delay
         self.max_buffered = max_buffered
+        self.retry_timeout = retry_timeout
+        #: When the first of the resumes (or starts) answered ``unavailable`` in a row was
+        #: (the reactor's clock; None: the last one was not), and how many were.
+        self.unavailable_since: float | None = None
+        self.unavailable_attempts = 0
         self.state = SessionState()
         #: The connection the session is attached to (None between connections).
         self.connection: ClientConnection | None = None
@@ -99,6 +120,7 @@ class ClientSession:
         self.started = 0
         self.resumed = 0
         self.lost = 0
+        self.unavailable = 0
         self.replayed = 0
         self.duplicates = 0
 
@@ -111,6 +133,13 @@ class ClientSession:
     @property
     def pending_requests(self) -> int:
         return len(self._pending)
+
+    @property
+    def retry_deadline(self) -> float | None:
+        """While the server answers ``unavailable``: when the client gives up (the reactor's
+        clock); the last try comes then.  None otherwise."""
+        since = self.unavailable_since
+        return None if since is None else since + self.retry_timeout
 
     def when_idle(self) -> Deferred[None]:
         """Fires once no request of the session waits for its reply (at once if none does):
@@ -215,17 +244,26 @@ class ClientSession:
             self.detach(self.connection)
         self.state.lose()
         self._written = 0
+        self._available()
 
     # -- the connection's side ----------------------------------------------------------------
 
     def open(self, conn: ClientConnection) -> Deferred[str | None]:
         """Start or resume the session on a connection past its handshake.  Fires with
         "started", "resumed", None when the server refused a session (the connection is
-        then used without one), or "failed" when it did not answer (the connection is
-        dropped); never fails."""
-        if self.state.active:
-            return self._resume(conn)
-        return self._start(conn)
+        then used without one), or "failed" when it did not answer or answered
+        ``unavailable`` (the connection is dropped); never fails."""
+        opened = self._resume(conn) if self.state.active else self._start(conn)
+        return opened.addCallback(self._opened)
+
+    def _opened(self, outcome: str | None) -> str | None:
+        if outcome != "failed":  # answered, and not unavailable: the next spell starts afresh
+            self._available()
+        return outcome
+
+    def _available(self) -> None:
+        self.unavailable_since = None
+        self.unavailable_attempts = 0
 
     def _resume(self, conn: ClientConnection) -> Deferred[str | None]:
         state = self.state
@@ -239,6 +277,8 @@ class ClientSession:
         def answered(answer: Any) -> Any:
             if not isinstance(answer, dict) or answer.get("resumed") is not True:
                 reason = answer.get("reason") if isinstance(answer, dict) else None
+                if reason == UNAVAILABLE:  # the store is down: the session may well be there
+                    return self._unavailable(conn, "resume")
                 self._lose(reason if isinstance(reason, str) and reason else "bad_answer")
                 return self._start(conn)
             if conn.closed:
@@ -261,6 +301,8 @@ class ClientSession:
             return "resumed"
 
         def failed(failure: Failure) -> Any:
+            if failure.check(ServerError) and failure.value.code == UNAVAILABLE:
+                return self._unavailable(conn, "resume")
             if failure.check(ServerError):  # session_exists, unknown_type (an older server)
                 self._lose(failure.value.code)
                 return self._start(conn)
@@ -294,6 +336,10 @@ class ClientSession:
             return "started"
 
         def failed(failure: Failure) -> str | None:
+            if failure.check(ServerError) and failure.value.code == UNAVAILABLE:
+                # Not a refusal: a session cannot be stored now.  A plain connection would
+                # silently drop what the application asked for: ask again (bounded).
+                return self._unavailable(conn, "session")
             if failure.check(ServerError):  # sessions_disabled, too_many_sessions...
                 log.warn(
                     "The server refused a session ({why}): this connection is not resumable",
@@ -304,6 +350,38 @@ class ClientSession:
             return _unanswered(conn, "session", failure)
 
         return d.addCallbacks(answered, failed)
+
+    def _unavailable(self, conn: ClientConnection, what: str) -> str:
+        """``resume`` or ``session`` answered ``unavailable``: drop this connection, so the
+        next one (after the reconnect backoff, capped at `retry_deadline`) asks again,
+        the session and what waits in it kept, for ``retry_timeout`` seconds from the first
+        such answer.  An answer at or past the deadline gives up: what waits fails with
+        `SessionUnavailable`, the application hears ``session_lost`` (reason
+        ``unavailable``), and the next connection starts a new session (a new spell)."""
+        now = self.clock.seconds()
+        self.unavailable += 1
+        if self.unavailable_since is None:
+            self.unavailable_since = now
+            log.warn(
+                "The server cannot {what} the session now (its store is unavailable); "
+                "retrying for {limit:g}s",
+                what="resume" if what == "resume" else "start",
+                limit=self.retry_timeout,
+            )
+        self.unavailable_attempts += 1
+        elapsed = now - self.unavailable_since
+        if elapsed >= self.retry_timeout:
+            error = SessionUnavailable(elapsed, self.unavailable_attempts, self.retry_timeout)
+            self._available()
+            # Told as a refused start is (``session_lost``); what was numbered for the session
+            # is dropped with it, never sent later.
+            self._lose(UNAVAILABLE, error)
+        conn.abort(
+            ConnectionClosed(
+                f"the server answered unavailable to {what} (its session store is unreachable)"
+            )
+        )
+        return "failed"
 
     def _refused(self, reason: str) -> None:
         """No session on this connection: requests numbered for one cannot be sent; the
@@ -417,7 +495,7 @@ class ClientSession:
         # The server closes it; until then nothing may use it (the next one has a session).
         conn.abort(ConnectionClosed("the session was taken over by another connection"))
 
-    def _lose(self, reason: str) -> None:
+    def _lose(self, reason: str, error: SessionLost | None = None) -> None:
         self.lost += 1
         if self.connection is not None:
             self.detach(self.connection)
@@ -428,7 +506,7 @@ class ClientSession:
         # makes from its callback belongs to the next session).
         pending, self._pending = self._pending, {}
         self._tell({"event": "session_lost", "reason": reason})
-        self._fail(pending, SessionLost(reason))
+        self._fail(pending, error or SessionLost(reason))
         self._maybe_idle()
 
     def _fail_pending(self, error: ClientError) -> None:
