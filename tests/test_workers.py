@@ -288,7 +288,11 @@ def test_a_killed_worker_is_replaced_sighup_reloads_all_and_orphans_stop(tmp_pat
 def test_a_full_worker_stops_accepting_so_another_takes_the_client(tmp_path: Path) -> None:
     with (
         RedisServer(tmp_path / "redis") as redis,
-        workers(tmp_path, redis, 2, limits={"max_connections": 20}) as daemon,
+        # The clients stay silent until all are in: on a loaded machine that took longer than
+        # first_frame_timeout (10 s), and the first ones were closed under the test.
+        workers(
+            tmp_path, redis, 2, limits={"max_connections": 20, "first_frame_timeout": 0}
+        ) as daemon,
     ):
         clients: list[Client] = []
         try:
