@@ -119,6 +119,7 @@ def test_restart_only_keys_keep_their_running_value_per_key(tmp_path: Path) -> N
         "websocket": {"path": "/ws"},
         "malloc": {"mmap_threshold": 1 << 20, "trim_threshold": 1 << 22},
         "log": {"format": "json"},
+        "name": "renamed",
     }
     factory, lines = reload_to(tmp_path, running, raw)
     config = factory.config
@@ -126,9 +127,11 @@ def test_restart_only_keys_keep_their_running_value_per_key(tmp_path: Path) -> N
     assert config.admin == running.admin and config.websocket == running.websocket
     assert config.malloc == running.malloc and config.handlers == ()
     assert config.log.format == "text" and config.heartbeat.interval == 5
+    assert config.name == "heartbeatd"
     text = "\n".join(lines)
     for line in (
         "tcp.lean_transport cannot change while running; keeping true (restart to use false)",
+        "name cannot change while running; keeping 'heartbeatd' (restart to use 'renamed')",
         "admin.token cannot change while running; keeping '***' (restart to use '***')",
         "admin.access_log cannot change while running; keeping false (restart to use true)",
         "handlers cannot change while running; keeping [] (restart to use ['json'])",

@@ -32,6 +32,7 @@ log = get_logger(__name__)
 #: name (``admin``) covers each of its keys.  docs/deployment.md#reload lists the same
 #: (tests/test_reload.py compares them).
 FIXED_KEYS = (
+    "name",  # the embedded broker's node name (presence) is bound at start; hello would differ
     "listen",
     "framing",
     "handlers",
