@@ -20,6 +20,7 @@ from heartbeatd.client import (
     Pool,
     PoolConfig,
     ServerError,
+    SubscriptionRateLimited,
     SubscriptionUnavailable,
 )
 from heartbeatd.client.reconnect import MAX_RETRY_AFTER, ReconnectingClient
@@ -272,8 +273,11 @@ def test_a_retry_after_past_subscribe_retry_timeout_fails_at_the_deadline_withou
     clock.advance(2.99)
     assertNoResult(subscribed)
     clock.advance(0.01)
-    error = failureResultOf(subscribed, ServerError).value
+    error = failureResultOf(subscribed, SubscriptionRateLimited).value
+    assert isinstance(error, ServerError)  # what callers caught before it had its own type
     assert error.code == "rate_limited" and error.retry_after == 5.0
+    assert (error.channel, error.attempts, error.limit, error.elapsed) == ("news", 1, 3, 3)
+    assert error.__cause__.code == "rate_limited"
     assert peer.written() == []  # no doomed try
     clock.advance(10)
     assert [m for m in peer.written() if m["type"] == "subscribe"] == []

@@ -27,6 +27,7 @@ from heartbeatd.client.errors import (
     ServerError,
     SessionLost,
     SessionUnavailable,
+    SubscriptionRateLimited,
     SubscriptionUnavailable,
 )
 from heartbeatd.client.pool import Pool
@@ -55,6 +56,7 @@ __all__ = [
     "SessionLost",
     "SessionUnavailable",
     "Subscription",
+    "SubscriptionRateLimited",
     "SubscriptionUnavailable",
     "connect",
     "load_pool_config",

@@ -91,6 +91,34 @@ class SubscriptionUnavailable(ServerError):
         self.limit = limit
 
 
+class SubscriptionRateLimited(ServerError):
+    """The server answered ``rate_limited`` (too many subscribes on this connection) until
+    ``subscribe_retry_timeout`` ran out: the reconnecting client gave up.  As
+    `SubscriptionUnavailable`, with ``.code`` ``rate_limited`` and the last answer's
+    ``retry_after``; its ``__cause__`` is that answer's `ServerError`.
+    """
+
+    def __init__(
+        self,
+        channel: str,
+        elapsed: float,
+        attempts: int,
+        limit: float,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(
+            "rate_limited",
+            f"the server answered rate_limited to the subscribe to {channel!r} until "
+            f"subscribe_retry_timeout ({limit:g}s) ran out, after {elapsed:g}s "
+            f"({attempts} refusals): gave up",
+            retry_after,
+        )
+        self.channel = channel
+        self.elapsed = elapsed
+        self.attempts = attempts
+        self.limit = limit
+
+
 class RequestTimeout(ClientError):
     """No reply within the request's timeout."""
 

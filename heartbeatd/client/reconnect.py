@@ -69,6 +69,7 @@ from heartbeatd.client.errors import (
     RequestTimeout,
     ServerError,
     SessionLost,
+    SubscriptionRateLimited,
     SubscriptionUnavailable,
 )
 from heartbeatd.client.session import (
@@ -616,17 +617,19 @@ class ReconnectingClient:
         sub._retry_timer = self._reactor.callLater(delay, self._retry_subscribe, sub)
 
     def _stop_retrying(self, sub: Subscription, error: ServerError) -> None:
-        """``subscribe_retry_timeout`` ran out: `SubscriptionUnavailable`, or the
-        ``rate_limited`` error itself."""
+        """``subscribe_retry_timeout`` ran out: `SubscriptionUnavailable` or
+        `SubscriptionRateLimited`, caused by the last answer."""
         sub._retry_timer = None
-        if error.code != "unavailable":
-            self._give_up(sub, Failure(error))
-            return
         since = sub._unavailable_since
         elapsed = self._reactor.seconds() - (since if since is not None else 0.0)
-        gave_up = SubscriptionUnavailable(
-            sub.channel, elapsed, sub._unavailable_attempts, self._subscribe_retry_timeout
-        )
+        attempts, limit = sub._unavailable_attempts, self._subscribe_retry_timeout
+        gave_up: ServerError
+        if error.code == "unavailable":
+            gave_up = SubscriptionUnavailable(sub.channel, elapsed, attempts, limit)
+        else:
+            gave_up = SubscriptionRateLimited(
+                sub.channel, elapsed, attempts, limit, error.retry_after
+            )
         gave_up.__cause__ = error
         self._give_up(sub, Failure(gave_up))
 
