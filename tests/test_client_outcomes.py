@@ -136,13 +136,18 @@ def test_pool_close_fails_a_subscribe_still_waiting_with_client_stopped(clock: C
     stopped_error(waiting)
 
 
-def test_a_plain_unsubscribe_in_flight_at_stop_is_done(clock: Clock) -> None:
-    """The server forgets a connection's subscriptions with it: what was asked holds."""
-    client, _endpoint, peer = connected(clock)
-    subscribed = client.subscribe("news", lambda *a: None)
+def subscribed_to_news(client: ReconnectingClient, peer: Peer, on_publication: Any = None) -> None:
+    """``client`` subscribes to ``news`` and ``peer`` grants it."""
+    subscribed = client.subscribe("news", on_publication or (lambda *a: None))
     (ask,) = peer.written()
     peer.answer(ask, {"channel": "news", "epoch": "e", "offset": 0})
     successResultOf(subscribed)
+
+
+def test_a_plain_unsubscribe_in_flight_at_stop_is_done(clock: Clock) -> None:
+    """The server forgets a connection's subscriptions with it: what was asked holds."""
+    client, _endpoint, peer = connected(clock)
+    subscribed_to_news(client, peer)
     done = client.unsubscribe("news")
     (unsub,) = peer.written()
     assert unsub["type"] == "unsubscribe"
@@ -160,10 +165,7 @@ def test_a_plain_unsubscribe_answered_not_subscribed_fires_and_drops_the_subscri
 ) -> None:
     client, endpoint, peer = connected(clock)
     got: list[Any] = []
-    subscribed = client.subscribe("news", lambda data, offset, sub: got.append(data))
-    (ask,) = peer.written()
-    peer.answer(ask, {"channel": "news", "epoch": "e", "offset": 0})
-    successResultOf(subscribed)
+    subscribed_to_news(client, peer, lambda data, offset, sub: got.append(data))
     done = client.unsubscribe("news")
     (unsub,) = peer.written()
     peer.refuse(unsub, "not_subscribed")  # the server had dropped it already
@@ -178,10 +180,7 @@ def test_a_plain_unsubscribe_answered_not_subscribed_fires_and_drops_the_subscri
 
 def test_a_plain_unsubscribe_fails_on_any_other_refusal(clock: Clock) -> None:
     client, _endpoint, peer = connected(clock)
-    subscribed = client.subscribe("news", lambda *a: None)
-    (ask,) = peer.written()
-    peer.answer(ask, {"channel": "news", "epoch": "e", "offset": 0})
-    successResultOf(subscribed)
+    subscribed_to_news(client, peer)
     done = client.unsubscribe("news")
     (unsub,) = peer.written()
     peer.refuse(unsub, "internal_error")
