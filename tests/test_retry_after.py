@@ -30,7 +30,7 @@ from heartbeatd.client.errors import ServerError
 from heartbeatd.server import leantcp
 from heartbeatd.server.factory import ServerFactory
 from heartbeatd.server.handlers import HandlerError, HandlerRegistry, default_registry
-from heartbeatd.server.ratelimit import retry_after
+from heartbeatd.server.ratelimit import MAX_RETRY_AFTER, refill, retry_after
 from heartbeatd.testing import ServerClientPair
 from heartbeatd.wire.envelope import encode_error
 
@@ -92,6 +92,8 @@ def answered(data: bytes) -> str:
         (0.0, 0.01, 100.0),
         (0.0, 1e9, 0.001),  # never 0: "now" would be a busy loop
         (1.0 - 1e-6, 1.0, 0.001),
+        (0.0, 1e-306, MAX_RETRY_AFTER),  # an absurd rate: capped (was an OverflowError)
+        (0.0, 1e-5, MAX_RETRY_AFTER),
     ],
 )
 def test_retry_after_is_the_wait_for_one_token_rounded_up_to_the_millisecond(
@@ -144,6 +146,35 @@ def test_waiting_retry_after_always_gets_the_token(clock: Clock) -> None:
         clock.advance(wait)
         assert answered(subscribe(peer, 1000 + id, f"d{id}")) == "subscribe", (id, wait)
         peer.send({"type": "unsubscribe", "id": 2000 + id, "data": {"channel": f"d{id}"}})
+
+
+def test_waiting_retry_after_gets_the_token_at_epoch_time_too(clock: Clock) -> None:
+    """At today's epoch seconds the clock's float steps are about 2.4e-7 s: a wait of exactly
+    retry_after must still find the token (a review measured 5 refusals in 200,000)."""
+    clock.advance(1.7e9)
+    peer = Peer(factory_on(clock, rate=7.0, burst=1))
+    assert answered(subscribe(peer, 1, "c1")) == "subscribe"
+    for id in range(2, 400):
+        clock.advance([0.0, 0.0123, 0.05][id % 3])
+        data = subscribe(peer, id, f"c{id}")
+        if answered(data) == "subscribe":
+            continue
+        clock.advance(json.loads(data[4:])["error"]["retry_after"])
+        assert answered(subscribe(peer, 1000 + id, f"d{id}")) == "subscribe", id
+        peer.send({"type": "unsubscribe", "id": 2000 + id, "data": {"channel": f"d{id}"}})
+
+
+def test_a_clock_stepped_back_empties_no_bucket(clock: Clock) -> None:
+    """reactor.seconds() is the wall clock: an NTP step back of an hour used to leave every
+    bucket 3,600 s x rate tokens short, and refusals said retry_after 3595."""
+    clock.advance(10_000)
+    peer = Peer(factory_on(clock, rate=4.0, burst=1))
+    assert answered(subscribe(peer, 1, "a")) == "subscribe"
+    clock.rightNow -= 3600  # the step back
+    assert subscribe(peer, 2, "b") == refusal(2, 0.25)  # the bucket's own wait, no more
+    clock.advance(0.25)
+    assert answered(subscribe(peer, 3, "b")) == "subscribe"
+    assert refill(0.5, 1.0, 4.0, -3600) == 0.5
 
 
 def test_other_subscribe_refusals_carry_no_retry_after(clock: Clock) -> None:

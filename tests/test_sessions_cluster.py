@@ -605,3 +605,56 @@ def test_a_resume_past_what_redis_kept_is_refused(tmp_path: Path) -> None:
         with peer.clone(b.port) as moved:
             refused = moved.resume()  # ack 1: past the session's last message
             assert (refused["type"], refused["error"]["code"]) == ("error", "bad_request")
+
+
+# -- Redis refusing writes, or restarted empty (a hostile review's findings) ---------------
+
+
+def evalsha_calls(redis: RedisServer) -> int:
+    stats = redis.cli("INFO", "commandstats")
+    return int(stats.split("cmdstat_evalsha:calls=", 1)[1].split(",", 1)[0])
+
+
+def test_redis_refusing_writes_costs_each_failing_session_its_own_detach(tmp_path: Path) -> None:
+    # Out of memory (a failed save, BUSY: the same), the link up: each session whose write
+    # fails is closed `unavailable` and detached once.  Each used to send again the detach of
+    # every session refused before it: Redis calls grew with the square of the sessions.
+    with (
+        RedisServer(tmp_path / "redis") as redis,
+        nodes(tmp_path, redis, 1) as (a,),
+        contextlib.ExitStack() as stack,
+    ):
+        peers = [stack.enter_context(SessionPeer(a.port)) for _ in range(12)]
+        for peer in peers:
+            peer.start()
+        assert redis.cli("CONFIG", "SET", "maxmemory", "1") == "OK"
+        costs = []
+        for peer in peers:  # one client at a time writes, and is closed
+            before = evalsha_calls(redis)
+            peer.request("echo", 1)
+            rest = peer.closed()
+            assert rest[-1]["error"]["code"] == "unavailable", rest
+            costs.append(evalsha_calls(redis) - before)
+        assert max(costs) <= 3, costs  # its write, its detach (and one refresh at most)
+    # Every command failed alike: the log said so a few times, not once a command.
+    assert 0 < a.daemon.log.count("Redis refused a command") <= 10
+
+
+def test_a_session_redis_lost_is_not_said_taken_over(tmp_path: Path) -> None:
+    # Redis restarted empty (or a failover to a replica without the key): nobody resumed
+    # the session, so its connection is closed `unavailable`, and its resume learns the rest.
+    with RedisServer(tmp_path / "redis") as redis, nodes(tmp_path, redis, 1) as (a,):
+        with SessionPeer(a.port) as peer:
+            peer.start()
+            sid, key = peer.sid, peer.key
+            assert data_of(peer.reply(peer.request("echo", 1))) == 1
+            redis.stop()
+            redis.start()  # no SAVE: Redis comes back empty
+            rest = peer.closed()
+            codes = [m.get("error", {}).get("code") for m in rest]
+            assert codes[-1:] == ["unavailable"] and "session_taken_over" not in codes, rest
+            assert "no longer has this session" in rest[-1]["error"]["message"]
+        with SessionPeer(a.port) as again:
+            answer = again.resume(sid, key, ack=1)
+            assert answer["data"]["resumed"] is False, answer
+            assert answer["data"]["reason"] == "unknown_session", answer

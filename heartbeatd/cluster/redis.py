@@ -861,7 +861,7 @@ class RedisBroker:
         """A command failed: ``unavailable``; a replica's READONLY means the master moved."""
         if failure.check(txredisapi.ResponseError) and str(failure.value).startswith("READONLY"):
             self._master_moved(proto)
-        return _unavailable(failure)
+        return _unavailable(failure, self.log_limiter)
 
     def _master_moved(self, proto: Any) -> None:
         """The server we write to is no longer the master: reconnect both links (to the master
@@ -1150,7 +1150,11 @@ class RedisBroker:
         if proto is None or not proto.connected:
             return fail(BrokerUnavailable("Redis is unreachable"))
         d = maybeDeferred(proto.execute_command, "SMEMBERS", f"{self.prefix}:id:{identity}")
-        return d.addCallbacks(lambda members: sorted(str(m) for m in members or ()), _unavailable)
+        return d.addCallbacks(
+            lambda members: sorted(str(m) for m in members or ()),
+            _unavailable,
+            errbackArgs=(self.log_limiter,),
+        )
 
     def send(self, session: str, type: str, data: Any) -> Deferred[bool]:
         self._flush_clients()
@@ -1169,7 +1173,7 @@ class RedisBroker:
             return fail(BrokerUnavailable("Redis is unreachable"))
         payload = json.dumps({"t": type, "d": data})
         d = maybeDeferred(proto.execute_command, "PUBLISH", f"{self.prefix}:all", payload)
-        return d.addCallbacks(int, _unavailable)
+        return d.addCallbacks(int, _unavailable, errbackArgs=(self.log_limiter,))
 
 
 _SCRIPTS = {
@@ -1189,13 +1193,16 @@ _SCRIPTS = {
 }
 
 
-def _unavailable(failure: Failure) -> Failure:
+def _unavailable(failure: Failure, limiter: LogLimiter | None = None) -> Failure:
+    """A failed command as `BrokerUnavailable`.  A refusal (out of memory, a failed save)
+    is logged, through ``limiter`` when given: every command fails alike then."""
     if failure.check(BrokerUnavailable):
         return failure
     if failure.check(txredisapi.ConnectionError, ConnectionError, txredisapi.TimeoutError):
         return Failure(BrokerUnavailable(f"Redis: {failure.getErrorMessage()}"))
     if failure.check(txredisapi.ResponseError):
-        log.error("Redis refused a command: {why}", why=failure.getErrorMessage())
+        if limiter is None or limiter.allow("redis_refused"):
+            log.error("Redis refused a command: {why}", why=failure.getErrorMessage())
         return Failure(BrokerUnavailable(f"Redis: {failure.getErrorMessage()}"))
     return failure
 

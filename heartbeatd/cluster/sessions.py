@@ -378,8 +378,9 @@ return n
 
 # A node wrote its clients back (a reconnect, or after the others reaped it): the sessions
 # its connections still carry are its own again, unless one was resumed elsewhere or ended
-# (another epoch, or gone: answered 'lost') or numbered in Redis meanwhile (its ``o`` moved:
-# 'moved', the client is to resume).  ARGV: P, node, incarnation, tomb, then (sid, epoch, o,
+# (another epoch: answered 'lost'; its key gone, Redis restarted empty or a replica without
+# it: 'gone') or numbered in Redis meanwhile (its ``o`` moved: 'moved', the client is to
+# resume).  ARGV: P, node, incarnation, tomb, then (sid, epoch, o,
 # conn, ttl)...  Answers {sid, why, ...} for those it did not take back.
 REATTACH = (
     _MARK
@@ -404,7 +405,9 @@ for i = 5, #ARGV, 5 do
     mark(P, h, t, tomb)
   else
     out[#out + 1] = sid
-    out[#out + 1] = (f[1] == ARGV[i + 1]) and 'moved' or 'lost'
+    if not f[1] then out[#out + 1] = 'gone'
+    elseif f[1] == ARGV[i + 1] then out[#out + 1] = 'moved'
+    else out[#out + 1] = 'lost' end
   end
 end
 return out
@@ -595,7 +598,8 @@ class RedisSessionStore:
     def reattach(self, held: list[tuple[str, int, int, str, int]], tomb: int = 0) -> Deferred[Any]:
         """Record (sid, epoch, last seq, connection, ttl) as this node's again, each only if
         Redis still has that epoch and last seq; fires with {sid: why} for the others
-        (``lost``: resumed elsewhere or gone; ``moved``: numbered in Redis meanwhile)."""
+        (``lost``: resumed elsewhere; ``gone``: no longer in Redis; ``moved``: numbered in
+        Redis meanwhile)."""
         flat: list[Any] = []
         for entry in held:
             flat += list(entry)

@@ -18,7 +18,7 @@ from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 
-from heartbeatd.server.ratelimit import has_token, retry_after
+from heartbeatd.server.ratelimit import has_token, refill, retry_after
 
 __all__ = ["Admission"]
 
@@ -118,7 +118,7 @@ class Admission:
         else:
             self._addresses.move_to_end(host)
             if self.rate:
-                entry.tokens = min(self.burst, entry.tokens + (now - entry.stamp) * self.rate)
+                entry.tokens = refill(entry.tokens, self.burst, self.rate, now - entry.stamp)
             entry.stamp = now
         if self.max_connections and entry.connections >= self.max_connections:
             return (
@@ -127,7 +127,7 @@ class Admission:
                 f"(limits.max_connections_per_address is {self.max_connections})",
             )
         if self.rate:
-            if not has_token(entry.tokens):
+            if not has_token(entry.tokens, self.rate):
                 return (
                     PER_ADDRESS_RATE,
                     f"{host} opens connections too fast for the per-address limit "
@@ -142,7 +142,7 @@ class Admission:
         """Seconds until ``key``'s accept bucket gives a token (`retry_after`: rounded up to
         the millisecond), after `admit` refused it ``per_address_rate``; None when it has one."""
         entry = self._addresses.get(key) if key is not None else None
-        if entry is None or not self.rate or has_token(entry.tokens):
+        if entry is None or not self.rate or has_token(entry.tokens, self.rate):
             return None
         return retry_after(entry.tokens, self.rate)
 

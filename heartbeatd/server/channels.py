@@ -62,7 +62,7 @@ from heartbeatd.config import ChannelsConfig, Config
 from heartbeatd.server.connection import Connection, SharedRun
 from heartbeatd.server.handlers import HandlerError, HandlerRegistry, Request
 from heartbeatd.server.permissions import Permissions, valid_personal
-from heartbeatd.server.ratelimit import has_token, retry_after
+from heartbeatd.server.ratelimit import has_token, refill, retry_after
 from heartbeatd.wire.envelope import encode_json, encode_message
 from heartbeatd.wire.framing import SharedFrame
 
@@ -590,8 +590,8 @@ class ChannelHub:
         now = self.factory.clock.seconds()
         config = self.config
         tokens, last = self._subscribe_buckets.get(session, (float(config.subscribe_burst), now))
-        tokens = min(float(config.subscribe_burst), tokens + (now - last) * config.subscribe_rate)
-        if not has_token(tokens):
+        tokens = refill(tokens, float(config.subscribe_burst), config.subscribe_rate, now - last)
+        if not has_token(tokens, config.subscribe_rate):
             self._subscribe_buckets[session] = (tokens, now)
             return retry_after(tokens, config.subscribe_rate)
         self._subscribe_buckets[session] = (max(0.0, tokens - 1.0), now)

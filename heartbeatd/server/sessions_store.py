@@ -108,6 +108,8 @@ class ClusteredSessions(Sessions):
             self.redis.refresh(held, EXTRA_TTL, self.config.max_expiry).addErrback(
                 self._failed, "refresh", None
             )
+        if self.factory.channels.broker.up:
+            self.on_link(True)  # detaches Redis refused with its link up (OOM...): once a period
 
     def _ttl(self, state: SessionState) -> int:
         return state.expiry + EXTRA_TTL
@@ -137,13 +139,22 @@ class ClusteredSessions(Sessions):
 
     def _detach_later(self, sid: str, epoch: int, expiry: int) -> None:
         """Redis still says a connection of this node carries the session (pushes to it would
-        be forwarded here and dropped, broadcasts would skip it): detach it there once the
-        link is back (`on_link`), with the subscriptions Redis recorded as its messages were
-        numbered (this node's own record may be ahead of what Redis took)."""
-        if sid not in self._undetached and len(self._undetached) < self.config.max_sessions:
-            self._undetached[sid] = (epoch, expiry, self.factory.clock.seconds())
+        be forwarded here and dropped, broadcasts would skip it): detach it there, with the
+        subscriptions Redis recorded as its messages were numbered (this node's own record
+        may be ahead of what Redis took).  With the link up (a write refused: Redis out of
+        memory, a failed save) this one is tried at once; otherwise, and if that fails, when
+        the link is back (`on_link`) or at the next refresh period, never all at each failure
+        (which made a storm of retries grow with the square of the sessions)."""
+        at = self.factory.clock.seconds()
         if self.factory.channels.broker.up:
-            self.on_link(True)  # a write refused while the link stays up: try at once
+            d = self.redis.detach(sid, epoch, expiry, None, self.config.max_expiry)
+            d.addErrback(self._detach_failed, sid, epoch, expiry, at)
+        else:
+            self._remember_detach(sid, epoch, expiry, at)
+
+    def _remember_detach(self, sid: str, epoch: int, expiry: int, at: float) -> None:
+        if sid not in self._undetached and len(self._undetached) < self.config.max_sessions:
+            self._undetached[sid] = (epoch, expiry, at)
 
     def on_link(self, up: bool) -> None:
         """The broker's link changed; when it is back, the detaches it missed are made.  Each
@@ -161,8 +172,7 @@ class ClusteredSessions(Sessions):
     def _detach_failed(
         self, failure: Failure, sid: str, epoch: int, expiry: int, at: float
     ) -> None:
-        if sid not in self._undetached and len(self._undetached) < self.config.max_sessions:
-            self._undetached[sid] = (epoch, expiry, at)
+        self._remember_detach(sid, epoch, expiry, at)
         self._failed(failure, "detach", None)
 
     def _checked(self, result: Any, state: SessionState, epoch: int) -> bool:
@@ -223,8 +233,24 @@ class ClusteredSessions(Sessions):
     def _reattached(self, refused: dict[str, str], epochs: dict[str, int]) -> None:
         for sid, why in refused.items():
             state = self.states.get(sid)
-            if state is not None and sid in epochs:
+            if state is None or sid not in epochs:
+                continue
+            if why == "gone":
+                self._gone(state, epochs[sid])
+            else:
                 self._checked(-2 if why == "moved" else -1, state, epochs[sid])
+
+    def _gone(self, state: SessionState, epoch: int) -> None:
+        """Redis lost the session (restarted empty, or failed over to a replica without it):
+        nobody took it over, so not ``session_taken_over``.  Its connection is closed
+        ``unavailable``; the client's resume then learns the session is unknown."""
+        if state.epoch != epoch or self.states.get(state.sid) is not state:
+            return
+        self.counts["lost_by_the_store"] += 1
+        attachment = state.attachment
+        self._let_go(state)
+        if attachment is not None:
+            attachment.fail(UNAVAILABLE, "the cluster's session store no longer has this session")
 
     def _lost(self, state: SessionState) -> None:
         """Another node resumed the session: stop writing, tell our connection, forget it."""
