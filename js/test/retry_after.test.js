@@ -6,12 +6,12 @@
 // and `rate_limited` refusals apart.
 
 import assert from 'node:assert/strict';
-import { after, afterEach, before, beforeEach, describe, it } from 'node:test';
+import { afterEach, beforeEach, describe, it } from 'node:test';
 
 import { connect, ServerError, SubscriptionRateLimitedError, SubscriptionUnavailableError } from '../index.js';
 import { MAX_RETRY_AFTER, retryAfterDelay } from '../src/backoff.js';
 import { serverError } from '../src/connection.js';
-import { Daemon, tempDir } from './helpers/daemon.js';
+import { suiteDaemon } from './helpers/daemon.js';
 import { SessionServer } from './helpers/session_server.js';
 
 const FAST = { minReconnectDelay: 10, maxReconnectDelay: 20, timeout: 5000 };
@@ -164,19 +164,10 @@ describe('against the scripted server', () => {
 });
 
 describe('against heartbeatd (channels.subscribe_rate 2/s, burst 1)', () => {
-  const tmp = tempDir();
-  let daemon;
-  before(async () => {
-    daemon = new Daemon({ channels: { subscribe_rate: 2.0, subscribe_burst: 1 } }, { dir: tmp.path });
-    await daemon.start();
-  });
-  after(async () => {
-    await daemon?.kill();
-    tmp.cleanup();
-  });
+  const suite = suiteDaemon({ channels: { subscribe_rate: 2.0, subscribe_burst: 1 } });
 
   it('the daemon\'s retry_after is the wait: one refusal, then subscribed', { timeout: 20_000 }, async () => {
-    const client = await connect(daemon.url, FAST);
+    const client = await connect(suite.daemon.url, FAST);
     try {
       await client.subscribe('first').ready(); // the bucket's only token
       const refusals = [];

@@ -6,7 +6,7 @@
 // with SubscriptionRateLimitedError.
 
 import assert from 'node:assert/strict';
-import { after, afterEach, before, beforeEach, describe, it } from 'node:test';
+import { afterEach, beforeEach, describe, it } from 'node:test';
 
 import {
   Client,
@@ -17,7 +17,7 @@ import {
   SessionUnavailableError,
   SubscriptionRateLimitedError,
 } from '../index.js';
-import { Daemon, tempDir } from './helpers/daemon.js';
+import { suiteDaemon } from './helpers/daemon.js';
 import { SessionServer } from './helpers/session_server.js';
 
 const QUICK = { minReconnectDelay: 10, maxReconnectDelay: 50, timeout: 5000 };
@@ -180,19 +180,10 @@ describe('against the scripted server', () => {
 });
 
 describe('against heartbeatd (channels.subscribe_rate 2/s, burst 1)', () => {
-  const tmp = tempDir();
-  let daemon;
-  before(async () => {
-    daemon = new Daemon({ channels: { subscribe_rate: 2.0, subscribe_burst: 1 } }, { dir: tmp.path });
-    await daemon.start();
-  });
-  after(async () => {
-    await daemon?.kill();
-    tmp.cleanup();
-  });
+  const suite = suiteDaemon({ channels: { subscribe_rate: 2.0, subscribe_burst: 1 } });
 
   it('a subscribe answered rate_limited is asked again after a backoff, and subscribes', { timeout: 20_000 }, async () => {
-    const client = await connect(daemon.url, { ...QUICK, minReconnectDelay: 50, maxReconnectDelay: 200 });
+    const client = await connect(suite.daemon.url, { ...QUICK, minReconnectDelay: 50, maxReconnectDelay: 200 });
     try {
       await client.subscribe('first').ready(); // the bucket's only token
       const refusals = [];
@@ -211,7 +202,7 @@ describe('against heartbeatd (channels.subscribe_rate 2/s, burst 1)', () => {
   it('rate_limited for subscribeRetryTimeout: SubscriptionRateLimitedError, no more tries', { timeout: 20_000 }, async () => {
     // The token comes back after 500 ms (the refusal's retry_after says so); the client gives
     // up after 100, at the deadline, without asking again before the token is back.
-    const client = await connect(daemon.url, { ...QUICK, minReconnectDelay: 10, maxReconnectDelay: 20, subscribeRetryTimeout: 100 });
+    const client = await connect(suite.daemon.url, { ...QUICK, minReconnectDelay: 10, maxReconnectDelay: 20, subscribeRetryTimeout: 100 });
     try {
       await client.subscribe('first').ready();
       const refusals = [];

@@ -8,6 +8,7 @@
 import { spawn, spawnSync } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
+import { after, before } from 'node:test';
 import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -32,6 +33,22 @@ export function hasWebSocket() {
 export function tempDir(prefix = 'heartbeatd-js-') {
   const path = mkdtempSync(join(tmpdir(), prefix));
   return { path, cleanup: () => rmSync(path, { recursive: true, force: true }) };
+}
+
+/** A daemon with `config` for the enclosing describe(): started before its tests, killed
+ * (and its directory removed) after them. Its `.daemon` is set once started. */
+export function suiteDaemon(config) {
+  const tmp = tempDir();
+  const suite = { daemon: null };
+  before(async () => {
+    suite.daemon = new Daemon(config, { dir: tmp.path });
+    await suite.daemon.start();
+  });
+  after(async () => {
+    await suite.daemon?.kill();
+    tmp.cleanup();
+  });
+  return suite;
 }
 
 /** Wait for `regex` in the lines a process writes; the match, or an error with the log. */
