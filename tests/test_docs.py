@@ -299,6 +299,22 @@ def test_yaml_blocks_are_valid_configuration() -> None:
             parse_config(yaml.safe_load(block.code))  # raises ConfigError naming the key
 
 
+def test_readme_names_every_port_the_shipped_config_opens() -> None:
+    """README says what `make run` opens: the shipped config's three listeners, loopback."""
+    readme = (ROOT / "README.md").read_text()
+    config = yaml.safe_load((ROOT / "config" / "heartbeatd.yaml").read_text())
+    listeners = {
+        "TCP": config["listen"],
+        "WebSocket": config["websocket"]["listen"],
+        "admin API": config["admin"]["listen"],
+    }
+    for what, endpoint in listeners.items():
+        port = re.match(r"tcp:(\d+):", endpoint)
+        assert port and "interface=127.0.0.1" in endpoint, (what, endpoint)
+        said = rf"127\.0\.0\.1:{port[1]}\b|\b{port[1]} \({re.escape(what)}\)"
+        assert re.search(said, readme), f"README does not name {what} port {port[1]}"
+
+
 def test_readme_stays_short_and_its_doc_links_resolve() -> None:
     readme = (ROOT / "README.md").read_text()
     assert len(readme.encode()) < 4000, "README.md is the two-minute read; move detail to docs/"
